@@ -1,0 +1,76 @@
+"""Worker and reaper settings: frozen dataclasses with named defaults and ``validate()``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pgqueue.errors import ConfigError
+
+DEFAULT_CONCURRENCY = 10
+DEFAULT_LEASE_SECONDS = 30.0
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_POLL_INTERVAL = 5.0
+DEFAULT_REAPER_INTERVAL = 5.0
+DEFAULT_RETENTION_SECONDS = 24 * 3600.0
+DEFAULT_REAPER_BATCH = 1000
+DEFAULT_RECONNECT_MAX_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    dsn: str
+    queues: tuple[str, ...] = ()
+    concurrency: int = DEFAULT_CONCURRENCY
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    # Heartbeats run every lease_seconds / 3 unless set, so two can be lost in a row.
+    heartbeat_seconds: float | None = None
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    # The safety-net poll, for a notification missed while reconnecting.
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    reconnect_max_seconds: float = DEFAULT_RECONNECT_MAX_SECONDS
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.heartbeat_seconds or self.lease_seconds / 3.0
+
+    def validate(self) -> WorkerConfig:
+        if not self.dsn:
+            raise ConfigError("no database: pass --dsn or set PGQUEUE_DSN")
+        if self.concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
+        if not self.lease_seconds >= 1:
+            raise ConfigError(f"lease must be >= 1 second, got {self.lease_seconds}")
+        if not 0 < self.heartbeat_interval < self.lease_seconds:
+            raise ConfigError("heartbeat interval must be > 0 and shorter than the lease")
+        if self.shutdown_timeout < 0:
+            raise ConfigError("shutdown timeout must be >= 0")
+        if not self.poll_interval > 0:
+            raise ConfigError("poll interval must be > 0")
+        for queue in self.queues:
+            if not queue.strip() or len(queue) > 128:
+                raise ConfigError(f"bad queue name {queue!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class ReaperConfig:
+    dsn: str
+    interval: float = DEFAULT_REAPER_INTERVAL
+    retention_seconds: float = DEFAULT_RETENTION_SECONDS
+    batch_size: int = DEFAULT_REAPER_BATCH
+    backoff_base_seconds: float = 1.0
+    backoff_max_seconds: float = 3600.0
+    reconnect_max_seconds: float = DEFAULT_RECONNECT_MAX_SECONDS
+
+    def validate(self) -> ReaperConfig:
+        if not self.dsn:
+            raise ConfigError("no database: pass --dsn or set PGQUEUE_DSN")
+        if not self.interval > 0:
+            raise ConfigError(f"interval must be > 0 seconds, got {self.interval}")
+        if self.retention_seconds < 0:
+            raise ConfigError("retention must be >= 0 seconds")
+        if self.batch_size < 1:
+            raise ConfigError("batch size must be >= 1")
+        if self.backoff_base_seconds < 0 or self.backoff_max_seconds < 0:
+            raise ConfigError("backoff seconds must be >= 0")
+        return self

@@ -1,0 +1,42 @@
+"""The current job, readable from inside a handler (sync or async) via ``current_job()``."""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+from datetime import datetime
+
+from pgqueue.errors import PgQueueError
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a handler may know about the job it runs."""
+
+    id: int
+    task: str
+    queue: str
+    attempt: int
+    max_attempts: int
+    priority: int
+    created_at: datetime
+    worker_id: str
+
+
+_current: contextvars.ContextVar[JobContext] = contextvars.ContextVar("pgqueue_job")
+
+
+def current_job() -> JobContext:
+    """The job being run; raises ``PgQueueError`` outside a handler."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise PgQueueError("current_job() called outside a pgqueue handler") from None
+
+
+def set_current(ctx: JobContext) -> contextvars.Token[JobContext]:
+    return _current.set(ctx)
+
+
+def reset_current(token: contextvars.Token[JobContext]) -> None:
+    _current.reset(token)

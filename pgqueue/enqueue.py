@@ -1,0 +1,235 @@
+"""Enqueue jobs on the caller's connection, so they commit or roll back with its work.
+
+``enqueue`` and ``enqueue_many`` take a sync ``psycopg.Connection`` (and return ids) or
+an ``AsyncConnection`` (and return an awaitable). Input is checked before anything is
+sent: bad input raises ``ValidationError`` and leaves the caller's transaction intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, overload
+
+import psycopg
+
+from pgqueue import store
+from pgqueue.errors import ConfigError, SerializationError, ValidationError
+from pgqueue.registry import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_PRIORITY,
+    DEFAULT_QUEUE,
+    MAX_NAME_LENGTH,
+    MAX_QUEUE_LENGTH,
+    check_name,
+    known_options,
+)
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job for ``enqueue_many``; unset fields take the task's or the global defaults."""
+
+    task: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+    queue: str | None = None
+    priority: int | None = None
+    run_at: datetime | None = None
+    delay: float | timedelta | None = None
+    max_attempts: int | None = None
+    idempotency_key: str | None = None
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _dump_args(args: Any) -> str:
+    if not isinstance(args, Mapping):
+        raise SerializationError(f"args must be a mapping (a JSON object), got {type(args).__name__}")
+    try:
+        text = json.dumps(dict(args), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"args are not JSON-serialisable: {exc}") from exc
+    # jsonb cannot hold U+0000; look closer only when the text suggests one.
+    if "\\u0000" in text and _has_nul(args):
+        raise SerializationError("args must not contain NUL (U+0000) characters")
+    return text
+
+
+def _prepare(spec: JobSpec) -> dict[str, Any]:
+    try:
+        task = check_name("task", spec.task, MAX_NAME_LENGTH)
+        options = known_options(task)
+        queue = check_name(
+            "queue",
+            spec.queue if spec.queue is not None else (options.queue if options else DEFAULT_QUEUE),
+            MAX_QUEUE_LENGTH,
+        )
+    except ConfigError as exc:
+        raise ValidationError(str(exc)) from None
+    priority = spec.priority if spec.priority is not None else (
+        options.priority if options else DEFAULT_PRIORITY
+    )
+    if isinstance(priority, bool) or not isinstance(priority, int) or not -32768 <= priority <= 32767:
+        raise ValidationError(f"priority must be an integer in -32768..32767, got {priority!r}")
+    max_attempts = spec.max_attempts if spec.max_attempts is not None else (
+        options.max_attempts if options else DEFAULT_MAX_ATTEMPTS
+    )
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
+        raise ValidationError(f"max_attempts must be an integer, got {max_attempts!r}")
+    if not 1 <= max_attempts <= 2**31 - 1:
+        raise ValidationError(f"max_attempts must be >= 1, got {max_attempts}")
+    if spec.run_at is not None and spec.delay is not None:
+        raise ValidationError("give run_at or delay, not both")
+    if spec.run_at is not None:
+        if not isinstance(spec.run_at, datetime) or spec.run_at.tzinfo is None:
+            raise ValidationError("run_at must be a timezone-aware datetime")
+    delay = spec.delay.total_seconds() if isinstance(spec.delay, timedelta) else spec.delay
+    if delay is None:
+        delay = 0.0
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or not math.isfinite(delay):
+        raise ValidationError(f"delay must be a finite number of seconds, got {spec.delay!r}")
+    key = spec.idempotency_key
+    if key is not None and (
+        not isinstance(key, str)
+        or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH
+        or "\x00" in key
+    ):
+        raise ValidationError(
+            f"idempotency_key must be a string of 1..{MAX_IDEMPOTENCY_KEY_LENGTH} characters"
+            " without NUL"
+        )
+    return {
+        "task": task,
+        "args": _dump_args(spec.args),
+        "queue": queue,
+        "priority": priority,
+        "run_at": spec.run_at,
+        "delay_seconds": float(delay),
+        "max_attempts": max_attempts,
+        "idempotency_key": key,
+    }
+
+
+def _batch_params(specs: Sequence[JobSpec]) -> dict[str, Any]:
+    prepared = [_prepare(s) for s in specs]
+    return {
+        "tasks": [p["task"] for p in prepared],
+        "args": [p["args"] for p in prepared],
+        "queues": [p["queue"] for p in prepared],
+        "priorities": [p["priority"] for p in prepared],
+        "run_ats": [p["run_at"] for p in prepared],
+        "delays": [p["delay_seconds"] for p in prepared],
+        "max_attempts": [p["max_attempts"] for p in prepared],
+        "idempotency_keys": [p["idempotency_key"] for p in prepared],
+    }
+
+
+@overload
+def enqueue(
+    conn: psycopg.Connection[Any],
+    task: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    queue: str | None = None,
+    priority: int | None = None,
+    run_at: datetime | None = None,
+    delay: float | timedelta | None = None,
+    max_attempts: int | None = None,
+    idempotency_key: str | None = None,
+) -> int: ...
+
+
+@overload
+def enqueue(
+    conn: psycopg.AsyncConnection[Any],
+    task: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    queue: str | None = None,
+    priority: int | None = None,
+    run_at: datetime | None = None,
+    delay: float | timedelta | None = None,
+    max_attempts: int | None = None,
+    idempotency_key: str | None = None,
+) -> Awaitable[int]: ...
+
+
+def enqueue(
+    conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+    task: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    queue: str | None = None,
+    priority: int | None = None,
+    run_at: datetime | None = None,
+    delay: float | timedelta | None = None,
+    max_attempts: int | None = None,
+    idempotency_key: str | None = None,
+) -> int | Awaitable[int]:
+    """Enqueue one job in ``conn``'s current transaction and return its id.
+
+    Defaults come from the task's registration when this process registered it, else
+    queue 'default', priority 0, 20 attempts. ``run_at`` (aware datetime) or ``delay``
+    (seconds, on the database's clock) schedule it later. With an ``idempotency_key``
+    already held by a retained job, nothing is inserted and that job's id is returned.
+    Raises ``ValidationError`` (nothing sent) on bad input.
+    """
+    params = _prepare(
+        JobSpec(
+            task=task,
+            args=args if args is not None else {},
+            queue=queue,
+            priority=priority,
+            run_at=run_at,
+            delay=delay,
+            max_attempts=max_attempts,
+            idempotency_key=idempotency_key,
+        )
+    )
+    if isinstance(conn, psycopg.AsyncConnection):
+        return store.enqueue_job_async(conn, params)
+    return store.enqueue_job(conn, params)
+
+
+@overload
+def enqueue_many(
+    conn: psycopg.Connection[Any], jobs: Sequence[JobSpec | str]
+) -> list[int]: ...
+
+
+@overload
+def enqueue_many(
+    conn: psycopg.AsyncConnection[Any], jobs: Sequence[JobSpec | str]
+) -> Awaitable[list[int]]: ...
+
+
+def enqueue_many(
+    conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+    jobs: Sequence[JobSpec | str],
+) -> list[int] | Awaitable[list[int]]:
+    """Enqueue many jobs in one round trip; returns their ids in input order.
+
+    Each item is a ``JobSpec`` (or a bare task name). Every item is checked before
+    anything is sent: one bad item raises ``ValidationError`` and enqueues none.
+    """
+    specs = [JobSpec(task=j) if isinstance(j, str) else j for j in jobs]
+    for spec in specs:
+        if not isinstance(spec, JobSpec):
+            raise ValidationError(f"enqueue_many takes JobSpec items, got {type(spec).__name__}")
+    params = _batch_params(specs)
+    if isinstance(conn, psycopg.AsyncConnection):
+        return store.enqueue_jobs_async(conn, params)
+    return store.enqueue_jobs(conn, params)

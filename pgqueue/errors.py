@@ -1,0 +1,65 @@
+"""The pgqueue exception tree, and the control signals a handler may raise.
+
+Every error pgqueue raises on purpose is a ``PgQueueError``; each class's docstring is
+its default message. ``PermanentError`` and ``Snooze`` are not errors of pgqueue's:
+handlers raise them to steer what happens to their job.
+"""
+
+from __future__ import annotations
+
+
+class PgQueueError(Exception):
+    """pgqueue error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__class__.__doc__ or "").strip())
+
+
+class ConfigError(PgQueueError, ValueError):
+    """Invalid configuration."""
+
+
+class ValidationError(PgQueueError, ValueError):
+    """Invalid job: nothing was enqueued."""
+
+
+class SerializationError(ValidationError):
+    """Job arguments are not a JSON object of JSON-serialisable values."""
+
+
+class UnknownTask(PgQueueError, LookupError):
+    """No handler is registered under this task name."""
+
+
+class MigrationError(PgQueueError):
+    """A migration failed; the database was left at the last applied version."""
+
+
+class AppImportError(ConfigError):
+    """The --app module or registry could not be imported."""
+
+
+class JobNotFound(PgQueueError, LookupError):
+    """No job with this id, in pgqueue.jobs or pgqueue.dead_jobs."""
+
+
+class LeaseLost(PgQueueError):
+    """The job's lease expired and was taken over: this worker's result was discarded."""
+
+
+class PermanentError(Exception):
+    """Raise from a handler to dead-letter its job now, without further retries."""
+
+
+class Snooze(Exception):  # noqa: N818 - a control signal, not an error
+    """Raise from a handler to run its job again later without counting a failed attempt."""
+
+    def __init__(self, seconds: float) -> None:
+        if not seconds >= 0:
+            raise ValueError(f"Snooze seconds must be >= 0, got {seconds!r}")
+        super().__init__(f"snoozed for {seconds}s")
+        self.seconds = float(seconds)
+
+
+# The name the style guide (and Oban/River users) reach for.
+RetryLater = Snooze

@@ -1,0 +1,97 @@
+"""Applies the numbered SQL files of ``migrations/`` in order, each once.
+
+Concurrent migrators serialise on an advisory lock; each file and its record commit
+together, so a failure leaves the database at the last good version. An applied file
+whose text changed is refused: released migrations are never edited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from pgqueue import store
+from pgqueue.errors import MigrationError
+
+_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode("utf-8")).hexdigest()
+
+
+def _migrations_dir() -> Traversable:
+    # In a wheel the files live in pgqueue/migrations; in a source checkout (editable
+    # install) they are the top-level migrations/ folder next to the package.
+    packaged = resources.files("pgqueue") / "migrations"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "migrations"
+
+
+def load_migrations() -> list[Migration]:
+    """All migration files, sorted by version; raises ``MigrationError`` on a bad set."""
+    found: list[Migration] = []
+    for entry in _migrations_dir().iterdir():
+        match = _FILE.match(entry.name)
+        if match is None:
+            continue
+        found.append(Migration(int(match.group(1)), match.group(2), entry.read_text("utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if not found:
+        raise MigrationError("no migration files found")
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"duplicate migration versions in {versions}")
+    return found
+
+
+def migrate(conninfo: str, **kwargs: Any) -> list[Migration]:
+    """Apply the missing migrations; returns those applied (empty when up to date)."""
+    migrations = load_migrations()
+    applied_now: list[Migration] = []
+    with psycopg.connect(conninfo, autocommit=True, **kwargs) as conn:
+        store.lock_migrations(conn)
+        try:
+            store.create_migrations_table(conn)
+            applied = store.applied_migrations(conn)
+            for migration in migrations:
+                if migration.version in applied:
+                    if applied[migration.version] != migration.checksum:
+                        raise MigrationError(
+                            f"migration {migration.version:04d}_{migration.name} was changed "
+                            "after it was applied; released migrations must not be edited"
+                        )
+                    continue
+                try:
+                    store.run_migration(
+                        conn,
+                        version=migration.version,
+                        name=migration.name,
+                        checksum=migration.checksum,
+                        sql=migration.sql,
+                    )
+                except psycopg.Error as exc:
+                    raise MigrationError(
+                        f"migration {migration.version:04d}_{migration.name} failed: {exc}"
+                    ) from exc
+                applied_now.append(migration)
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                store.unlock_migrations(conn)
+    return applied_now

@@ -1,0 +1,78 @@
+"""Data that crosses module boundaries: jobs as read from rows, states, outcomes."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+class JobState(enum.StrEnum):
+    """Mirrors the SQL enum ``pgqueue.job_state``; ``DEAD`` means "in pgqueue.dead_jobs"."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    CANCELLED = "cancelled"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job this worker claimed: what it needs to run it and to fence its writes."""
+
+    id: int
+    queue: str
+    task: str
+    args: dict[str, Any]
+    priority: int
+    attempt: int
+    max_attempts: int
+    run_at: datetime
+    created_at: datetime
+    lease_token: uuid.UUID
+    lease_expires_at: datetime
+
+
+class OutcomeKind(enum.StrEnum):
+    SUCCEEDED = "succeeded"
+    RETRIED = "retried"
+    DEAD = "dead"
+    SNOOZED = "snoozed"
+    RELEASED = "released"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one attempt; written by the completer, fenced by ``lease_token``."""
+
+    job: Job
+    kind: OutcomeKind
+    duration: float = 0.0
+    delay_seconds: float = 0.0
+    error: dict[str, Any] | None = None
+    dead_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A job as ``pgqueue status`` shows it, from either table."""
+
+    id: int
+    queue: str
+    task: str
+    state: JobState
+    attempts: int
+    max_attempts: int
+    priority: int
+    run_at: datetime
+    created_at: datetime
+    attempted_at: datetime | None
+    finished_at: datetime | None
+    lease_expires_at: datetime | None
+    leased_by: str | None
+    idempotency_key: str | None
+    errors: list[dict[str, Any]]
+    dead_reason: str | None = None

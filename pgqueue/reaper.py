@@ -1,0 +1,133 @@
+"""The Reaper keeps the queue healthy: requeues jobs whose lease expired (with backoff),
+dead-letters those with no attempts left, and prunes finished jobs past retention.
+
+Every statement it runs is conditional and uses SKIP LOCKED, so several reapers may run
+at once, and a pass interrupted anywhere leaves nothing half-done. It shares only
+``store`` with the worker.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import psycopg
+
+from pgqueue import store
+from pgqueue.config import ReaperConfig
+from pgqueue.log import get_logger
+from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
+
+log = get_logger("pgqueue.reaper")
+
+
+@dataclass(frozen=True)
+class ReapResult:
+    requeued: list[int]
+    dead: list[int]
+    pruned: int
+
+
+class Reaper:
+    def __init__(self, config: ReaperConfig) -> None:
+        self.config = config.validate()
+        self._stop = threading.Event()
+        self._conn: psycopg.Connection[Any] | None = None
+        self.backoff = ReconnectBackoff(config.reconnect_max_seconds)
+
+    def stop(self) -> None:
+        """Finish the current statement and exit the loop; idempotent."""
+        self._stop.set()
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = psycopg.connect(
+                self.config.dsn, autocommit=True, application_name="pgqueue-reaper"
+            )
+        return self._conn
+
+    def run_once(self) -> ReapResult:
+        """One pass: requeue expired, dead-letter exhausted, prune; batch by batch."""
+        conn = self._connection()
+        requeued: list[int] = []
+        dead: list[int] = []
+        pruned = 0
+        cfg = self.config
+        while not self._stop.is_set():
+            rows = store.requeue_expired(
+                conn,
+                batch_size=cfg.batch_size,
+                backoff_base_seconds=cfg.backoff_base_seconds,
+                backoff_max_seconds=cfg.backoff_max_seconds,
+            )
+            for row in rows:
+                log.warning(
+                    "reaper.requeued",
+                    job_id=row["id"],
+                    task=row["task"],
+                    queue=row["queue"],
+                    attempt=row["attempts"],
+                    worker=row["leased_by"],
+                )
+            requeued.extend(r["id"] for r in rows)
+            if len(rows) < cfg.batch_size:
+                break
+        while not self._stop.is_set():
+            rows = store.dead_letter_expired(conn, batch_size=cfg.batch_size)
+            for row in rows:
+                log.error(
+                    "job.dead",
+                    job_id=row["id"],
+                    task=row["task"],
+                    queue=row["queue"],
+                    attempt=row["attempts"],
+                    reason="lease_expired",
+                )
+            dead.extend(r["id"] for r in rows)
+            if len(rows) < cfg.batch_size:
+                break
+        while not self._stop.is_set():
+            count = store.prune_finished(
+                conn, retention_seconds=cfg.retention_seconds, batch_size=cfg.batch_size
+            )
+            pruned += count
+            if count < cfg.batch_size:
+                break
+        if pruned:
+            log.info("reaper.pruned", jobs=pruned)
+        return ReapResult(requeued, dead, pruned)
+
+    def run(self, *, handle_signals: bool = True) -> None:
+        """Pass every ``interval`` seconds until stopped (SIGTERM/SIGINT)."""
+        if handle_signals:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        log.info("reaper.started", interval=self.config.interval)
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+                if self.backoff.failures:
+                    log.info("reaper.reconnected")
+                self.backoff.reset()
+                wait = self.config.interval
+            except CONNECTION_ERRORS as exc:
+                wait = self.backoff.next_delay()
+                log.warning("reaper.disconnected", error=str(exc).strip(), retry_in=round(wait, 2))
+                self._close()
+            self._stop.wait(wait)
+        self._close()
+        log.info("reaper.stopped")
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("reaper.stopping", signal=signal.Signals(signum).name)
+        self.stop()

@@ -1,0 +1,150 @@
+"""The task registry: task names mapped to handlers and their options.
+
+A ``Registry`` is what ``pgqueue-worker --app module:registry`` loads. Every task also
+lands in a process-wide index of options, so that ``enqueue(conn, "name")`` in a
+producer that imported the tasks module uses the task's queue, priority and
+``max_attempts`` without being handed the registry.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from pgqueue.errors import ConfigError, UnknownTask
+from pgqueue.retry import Backoff
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+MAX_NAME_LENGTH = 255
+MAX_QUEUE_LENGTH = 128
+DEFAULT_QUEUE = "default"
+DEFAULT_MAX_ATTEMPTS = 20
+DEFAULT_PRIORITY = 0
+
+
+def check_name(kind: str, value: object, max_length: int) -> str:
+    """Return ``value`` if it is a usable task or queue name, else raise ``ConfigError``."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{kind} name must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ConfigError(f"{kind} name must not be empty")
+    if len(value) > max_length:
+        raise ConfigError(f"{kind} name is longer than {max_length} characters")
+    if "\x00" in value:
+        raise ConfigError(f"{kind} name must not contain NUL characters")
+    return value
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Per-task defaults for enqueue and execution."""
+
+    queue: str = DEFAULT_QUEUE
+    priority: int = DEFAULT_PRIORITY
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    timeout: float | None = None
+    backoff: Backoff = field(default_factory=Backoff)
+
+    def __post_init__(self) -> None:
+        check_name("queue", self.queue, MAX_QUEUE_LENGTH)
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if not -32768 <= self.priority <= 32767:
+            raise ConfigError(f"priority must fit a smallint, got {self.priority}")
+
+
+class Task(Generic[P, R]):
+    """A registered handler. Calling it calls the function directly (handy in tests)."""
+
+    def __init__(self, name: str, fn: Callable[P, R], options: TaskOptions) -> None:
+        self.name = name
+        self.fn = fn
+        self.options = options
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.signature = inspect.signature(fn)
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.options.queue}>"
+
+
+# name -> options of every task registered in this process, for enqueue's defaults.
+_known_options: dict[str, TaskOptions] = {}
+
+
+def known_options(name: str) -> TaskOptions | None:
+    """Options of a task registered anywhere in this process, if any."""
+    return _known_options.get(name)
+
+
+class Registry:
+    """Task name -> handler. Create one per application and point the worker at it."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, Task[Any, Any]] = {}
+
+    def task(
+        self,
+        name: str | None = None,
+        *,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = DEFAULT_PRIORITY,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        timeout: float | None = None,
+        backoff: Backoff | None = None,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]:
+        """Register the decorated function (sync or ``async def``) as a task.
+
+        ``name`` defaults to ``module.qualname``. Registering a name twice raises
+        ``ConfigError``; so do bad options.
+        """
+        options = TaskOptions(
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            backoff=backoff or Backoff(),
+        )
+
+        def decorate(fn: Callable[P, R]) -> Task[P, R]:
+            task_name = check_name(
+                "task", name or f"{fn.__module__}.{fn.__qualname__}", MAX_NAME_LENGTH
+            )
+            if task_name in self._tasks:
+                raise ConfigError(f"task {task_name!r} is already registered")
+            registered: Task[P, R] = Task(task_name, fn, options)
+            self._tasks[task_name] = registered
+            _known_options[task_name] = options
+            return registered
+
+        return decorate
+
+    def get(self, name: str) -> Task[Any, Any]:
+        """The task registered as ``name``; ``UnknownTask`` if there is none."""
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise UnknownTask(f"no task named {name!r} is registered") from None
+
+    def queues(self) -> list[str]:
+        """The queues this registry's tasks declare, sorted, always including 'default'."""
+        return sorted({DEFAULT_QUEUE, *(t.options.queue for t in self._tasks.values())})
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __iter__(self) -> Iterator[Task[Any, Any]]:
+        return iter(self._tasks.values())
+
+    def __len__(self) -> int:
+        return len(self._tasks)

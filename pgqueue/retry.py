@@ -1,0 +1,36 @@
+"""Retry backoff: pure functions from an attempt number to a delay.
+
+Jitter comes from an injected random source so tests can pin it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+DEFAULT_BASE_SECONDS = 1.0
+DEFAULT_MAX_SECONDS = 3600.0
+DEFAULT_JITTER = 0.25
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff: ``base * 2**(attempt-1)``, capped at ``max``, times a jitter
+    factor drawn uniformly from ``[1-jitter, 1+jitter)``."""
+
+    base_seconds: float = DEFAULT_BASE_SECONDS
+    max_seconds: float = DEFAULT_MAX_SECONDS
+    jitter: float = DEFAULT_JITTER
+
+    def __post_init__(self) -> None:
+        if self.base_seconds < 0 or self.max_seconds < 0:
+            raise ValueError("backoff seconds must be >= 0")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError("backoff jitter must be between 0 and 1")
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to wait before the attempt after ``attempt`` (1-based) failed."""
+        exponent = min(max(attempt, 1) - 1, 60)
+        raw = min(self.max_seconds, self.base_seconds * (2.0**exponent))
+        return float(raw * (1.0 - self.jitter + 2.0 * self.jitter * rand()))

@@ -1,0 +1,18 @@
+-- name: enqueue_job
+-- Enqueues one job through pgqueue.enqueue (one round trip, in the caller's transaction);
+-- an idempotency key already held returns the holder's id and inserts nothing. A delay
+-- is added to the database's clock, not the producer's.
+SELECT pgqueue.enqueue(
+    %(task)s, %(args)s::jsonb, %(queue)s, %(priority)s,
+    coalesce(%(run_at)s::timestamptz, now() + make_interval(secs => %(delay_seconds)s)),
+    %(max_attempts)s, %(idempotency_key)s) AS id;
+
+-- name: enqueue_jobs
+-- Enqueues many jobs in one round trip through pgqueue.enqueue_many; ids in input order.
+SELECT pgqueue.enqueue_many(
+    %(tasks)s::text[], %(args)s::jsonb[], %(queues)s::text[], %(priorities)s::int[],
+    ARRAY(SELECT coalesce(t.run_at, now() + make_interval(secs => t.delay_seconds))
+          FROM unnest(%(run_ats)s::timestamptz[], %(delays)s::float8[])
+              WITH ORDINALITY AS t(run_at, delay_seconds, k)
+          ORDER BY t.k),
+    %(max_attempts)s::int[], %(idempotency_keys)s::text[]) AS ids;

@@ -1,0 +1,23 @@
+-- name: lock_migrations
+-- Serialises concurrent migrators: a session advisory lock, held until unlock_migrations.
+SELECT pg_advisory_lock(hashtext('pgqueue.migrate'));
+
+-- name: unlock_migrations
+SELECT pg_advisory_unlock(hashtext('pgqueue.migrate'));
+
+-- name: create_migrations_table
+-- The record of applied migrations; created before the first migration runs.
+CREATE SCHEMA IF NOT EXISTS pgqueue;
+CREATE TABLE IF NOT EXISTS pgqueue.schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    checksum    text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: applied_migrations
+SELECT version, name, checksum FROM pgqueue.schema_migrations ORDER BY version;
+
+-- name: record_migration
+INSERT INTO pgqueue.schema_migrations (version, name, checksum)
+VALUES (%(version)s, %(name)s, %(checksum)s);

@@ -1,0 +1,68 @@
+-- name: requeue_expired
+-- Requeues, with backoff, running jobs whose lease expired and that have attempts left
+-- (the attempt was counted at claim). A batch at a time, SKIP LOCKED so several reapers
+-- never act on the same row; the UPDATE re-checks the expiry on the locked row, so a
+-- heartbeat that landed in between wins.
+WITH expired AS MATERIALIZED (
+    SELECT j.id FROM pgqueue.jobs AS j
+    WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts < j.max_attempts
+    ORDER BY j.id
+    LIMIT %(batch_size)s
+    FOR UPDATE SKIP LOCKED
+), updated AS (
+    UPDATE pgqueue.jobs AS j
+    SET state = 'queued',
+        run_at = now() + pgqueue.backoff_delay(j.attempts, %(backoff_base_seconds)s,
+                                               %(backoff_max_seconds)s),
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        errors = j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempts, 'at', now(), 'worker', j.leased_by, 'kind', 'lease_expired',
+            'error', 'lease expired: its worker stopped heartbeating (crashed, killed or cut off)'))
+    FROM expired
+    WHERE j.id = expired.id AND j.state = 'running' AND j.lease_expires_at < now()
+    RETURNING j.id, j.task, j.queue, j.attempts, j.leased_by
+)
+SELECT u.id, u.task, u.queue, u.attempts, u.leased_by
+FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
+
+-- name: dead_letter_expired
+-- Moves running jobs whose lease expired and whose attempts are used up to the
+-- dead-letter table (reason 'lease_expired'), atomically, a batch at a time.
+WITH expired AS MATERIALIZED (
+    SELECT j.id FROM pgqueue.jobs AS j
+    WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts >= j.max_attempts
+    ORDER BY j.id
+    LIMIT %(batch_size)s
+    FOR UPDATE SKIP LOCKED
+), moved AS (
+    DELETE FROM pgqueue.jobs AS j
+    USING expired
+    WHERE j.id = expired.id AND j.state = 'running' AND j.lease_expires_at < now()
+    RETURNING j.*
+)
+INSERT INTO pgqueue.dead_jobs AS d
+    (id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
+     created_at, attempted_at, errors, reason)
+SELECT id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
+       created_at, attempted_at,
+       errors || jsonb_build_array(jsonb_build_object(
+           'attempt', attempts, 'at', now(), 'worker', leased_by, 'kind', 'lease_expired',
+           'error', 'lease expired: its worker stopped heartbeating (crashed, killed or cut off)')),
+       'lease_expired'
+FROM moved
+RETURNING d.id, d.task, d.queue, d.attempts;
+
+-- name: prune_finished
+-- Deletes succeeded and cancelled jobs finished more than %(retention_seconds)s ago, a
+-- batch at a time (jobs_finished_idx), freeing their idempotency keys.
+DELETE FROM pgqueue.jobs AS j
+WHERE j.id IN (
+    SELECT f.id FROM pgqueue.jobs AS f
+    WHERE f.state IN ('succeeded', 'cancelled')
+      AND f.finished_at < now() - make_interval(secs => %(retention_seconds)s)
+    ORDER BY f.finished_at
+    LIMIT %(batch_size)s
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING j.id;

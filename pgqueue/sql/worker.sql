@@ -1,0 +1,147 @@
+-- name: claim_jobs
+-- Claims up to %(limit)s due jobs from the given queues for one worker, in one statement:
+-- marks them running, counts the attempt, sets a fresh lease token and expiry.
+-- Per queue, a LATERAL index scan of jobs_claim_idx (shaped like the ORDER BY) with
+-- FOR UPDATE SKIP LOCKED, so concurrent claimers never wait on or take each other's rows;
+-- MATERIALIZED keeps the planner from updating more rows than the limit. Rows locked by
+-- the per-queue scans but cut by the outer LIMIT are unlocked when the statement commits.
+WITH picked AS MATERIALIZED (
+    SELECT c.id
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.priority, j.run_at
+        FROM pgqueue.jobs AS j
+        WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= now()
+        ORDER BY j.priority, j.run_at, j.id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    ORDER BY c.priority, c.run_at, c.id
+    LIMIT %(limit)s
+)
+UPDATE pgqueue.jobs AS j
+SET state = 'running',
+    attempts = j.attempts + 1,
+    lease_token = gen_random_uuid(),
+    leased_by = %(worker_id)s,
+    attempted_at = now(),
+    lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+FROM picked
+WHERE j.id = picked.id AND j.state = 'queued'
+RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, j.run_at,
+          j.created_at, j.lease_token, j.lease_expires_at;
+
+-- name: seconds_until_due
+-- Seconds until the earliest future run_at of a queued job in the given queues (NULL if
+-- none), on the database's clock, so an idle worker sleeps exactly until then. A loose index scan: one index descent per distinct
+-- priority of each queue, never a scan of the whole backlog of future jobs.
+SELECT extract(epoch FROM min(n.run_at) - now())::float8 AS seconds
+FROM unnest(%(queues)s::text[]) AS q(name)
+CROSS JOIN LATERAL (
+    WITH RECURSIVE prio AS (
+        (SELECT j.priority FROM pgqueue.jobs AS j
+         WHERE j.queue = q.name AND j.state = 'queued'
+         ORDER BY j.priority LIMIT 1)
+        UNION ALL
+        SELECT (SELECT j.priority FROM pgqueue.jobs AS j
+                WHERE j.queue = q.name AND j.state = 'queued' AND j.priority > prio.priority
+                ORDER BY j.priority LIMIT 1)
+        FROM prio WHERE prio.priority IS NOT NULL
+    )
+    SELECT (SELECT j.run_at FROM pgqueue.jobs AS j
+            WHERE j.queue = q.name AND j.state = 'queued' AND j.priority = prio.priority
+              AND j.run_at > now()
+            ORDER BY j.run_at LIMIT 1) AS run_at
+    FROM prio WHERE prio.priority IS NOT NULL
+) AS n;
+
+-- name: extend_leases
+-- Heartbeat: extends the leases of all the jobs one worker holds, in one statement.
+-- Only rows still running under the token this worker got at claim time change; a job
+-- missing from the result has been taken away (lease lost). An expired lease that the
+-- reaper has not acted on yet is extended: the worker is alive after all.
+UPDATE pgqueue.jobs AS j
+SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS h(id, token)
+WHERE j.id = h.id AND j.state = 'running' AND j.lease_token = h.token
+RETURNING j.id;
+
+-- name: complete_jobs
+-- Marks jobs succeeded, each only if still running under the given lease token;
+-- returns the ids that changed (a missing id means the lease was lost).
+UPDATE pgqueue.jobs AS j
+SET state = 'succeeded', finished_at = now(), lease_token = NULL, lease_expires_at = NULL
+FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS c(id, token)
+WHERE j.id = c.id AND j.state = 'running' AND j.lease_token = c.token
+RETURNING j.id;
+
+-- name: retry_jobs
+-- Puts failed jobs back in the queue after their backoff, appending the attempt's error,
+-- each only if still running under the given lease token. The attempt stays counted.
+-- Notifies each queue (Postgres folds identical notifications in one transaction) so
+-- idle workers recompute when to wake up.
+WITH updated AS (
+    UPDATE pgqueue.jobs AS j
+    SET state = 'queued',
+        run_at = now() + make_interval(secs => r.delay_seconds),
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        errors = j.errors || jsonb_build_array(r.error)
+    FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(delays)s::float8[],
+                %(errors)s::jsonb[]) AS r(id, token, delay_seconds, error)
+    WHERE j.id = r.id AND j.state = 'running' AND j.lease_token = r.token
+    RETURNING j.id, j.queue
+)
+SELECT u.id FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
+
+-- name: snooze_jobs
+-- Reschedules jobs that asked to run later, without counting the attempt (attempts goes
+-- back down by the one the claim added), each only if still running under its token.
+WITH updated AS (
+    UPDATE pgqueue.jobs AS j
+    SET state = 'queued',
+        attempts = j.attempts - 1,
+        run_at = now() + make_interval(secs => s.delay_seconds),
+        lease_token = NULL,
+        lease_expires_at = NULL
+    FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(delays)s::float8[])
+        AS s(id, token, delay_seconds)
+    WHERE j.id = s.id AND j.state = 'running' AND j.lease_token = s.token
+    RETURNING j.id, j.queue
+)
+SELECT u.id FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
+
+-- name: release_jobs
+-- Graceful shutdown: returns unfinished jobs to the queue, runnable now, without counting
+-- the attempt, each only if still running under its token; wakes the other workers.
+WITH updated AS (
+    UPDATE pgqueue.jobs AS j
+    SET state = 'queued',
+        attempts = j.attempts - 1,
+        run_at = now(),
+        lease_token = NULL,
+        lease_expires_at = NULL
+    FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS r(id, token)
+    WHERE j.id = r.id AND j.state = 'running' AND j.lease_token = r.token
+    RETURNING j.id, j.queue
+)
+SELECT u.id FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
+
+-- name: dead_letter_jobs
+-- Moves jobs to pgqueue.dead_jobs with their error history plus this attempt's error,
+-- atomically (one statement: the delete and the insert commit together), each only if
+-- still running under the given lease token.
+WITH moved AS (
+    DELETE FROM pgqueue.jobs AS j
+    USING unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(errors)s::jsonb[],
+                 %(reasons)s::text[]) AS d(id, token, error, reason)
+    WHERE j.id = d.id AND j.state = 'running' AND j.lease_token = d.token
+    RETURNING j.*, d.error AS last_error, d.reason AS dead_reason
+)
+INSERT INTO pgqueue.dead_jobs
+    (id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
+     created_at, attempted_at, errors, reason)
+SELECT id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
+       created_at, attempted_at, errors || jsonb_build_array(last_error), dead_reason
+FROM moved
+RETURNING id;

@@ -1,0 +1,279 @@
+"""The only module that runs named queries: one small typed function per query.
+
+Worker-side functions are async (the daemon runs on asyncio); the reaper, the admin CLI
+and the sync producer API use the sync ones. Every state change is conditional on the
+lease token its caller holds and reports which rows it changed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from pgqueue.models import Job, JobState, JobStatus
+from pgqueue.sql import QUERIES
+
+Row = dict[str, Any]
+AsyncConn = psycopg.AsyncConnection[Any]
+SyncConn = psycopg.Connection[Any]
+
+
+def _job_from_row(row: Row) -> Job:
+    return Job(
+        id=row["id"],
+        queue=row["queue"],
+        task=row["task"],
+        args=row["args"],
+        priority=row["priority"],
+        attempt=row["attempts"],
+        max_attempts=row["max_attempts"],
+        run_at=row["run_at"],
+        created_at=row["created_at"],
+        lease_token=row["lease_token"],
+        lease_expires_at=row["lease_expires_at"],
+    )
+
+
+async def _fetch_async(conn: AsyncConn, name: str, params: dict[str, Any]) -> list[Row]:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(QUERIES[name], params)
+        return await cur.fetchall()
+
+
+def _fetch(conn: SyncConn, name: str, params: dict[str, Any]) -> list[Row]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(QUERIES[name], params)
+        return cur.fetchall()
+
+
+# --- worker -----------------------------------------------------------------------------
+
+
+async def claim_jobs(
+    conn: AsyncConn, *, queues: Sequence[str], limit: int, worker_id: str, lease_seconds: float
+) -> list[Job]:
+    rows = await _fetch_async(
+        conn,
+        "claim_jobs",
+        {
+            "queues": list(queues),
+            "limit": limit,
+            "worker_id": worker_id,
+            "lease_seconds": lease_seconds,
+        },
+    )
+    jobs = [_job_from_row(r) for r in rows]
+    jobs.sort(key=lambda j: (j.priority, j.run_at, j.id))
+    return jobs
+
+
+async def seconds_until_due(conn: AsyncConn, *, queues: Sequence[str]) -> float | None:
+    rows = await _fetch_async(conn, "seconds_until_due", {"queues": list(queues)})
+    value: float | None = rows[0]["seconds"] if rows else None
+    return value
+
+
+async def extend_leases(
+    conn: AsyncConn, *, ids: Sequence[int], tokens: Sequence[uuid.UUID], lease_seconds: float
+) -> set[int]:
+    rows = await _fetch_async(
+        conn,
+        "extend_leases",
+        {"ids": list(ids), "tokens": list(tokens), "lease_seconds": lease_seconds},
+    )
+    return {r["id"] for r in rows}
+
+
+async def complete_jobs(
+    conn: AsyncConn, *, ids: Sequence[int], tokens: Sequence[uuid.UUID]
+) -> set[int]:
+    rows = await _fetch_async(conn, "complete_jobs", {"ids": list(ids), "tokens": list(tokens)})
+    return {r["id"] for r in rows}
+
+
+async def retry_jobs(
+    conn: AsyncConn,
+    *,
+    ids: Sequence[int],
+    tokens: Sequence[uuid.UUID],
+    delays: Sequence[float],
+    errors: Sequence[dict[str, Any]],
+) -> set[int]:
+    rows = await _fetch_async(
+        conn,
+        "retry_jobs",
+        {
+            "ids": list(ids),
+            "tokens": list(tokens),
+            "delays": list(delays),
+            "errors": [Jsonb(e) for e in errors],
+        },
+    )
+    return {r["id"] for r in rows}
+
+
+async def snooze_jobs(
+    conn: AsyncConn, *, ids: Sequence[int], tokens: Sequence[uuid.UUID], delays: Sequence[float]
+) -> set[int]:
+    rows = await _fetch_async(
+        conn, "snooze_jobs", {"ids": list(ids), "tokens": list(tokens), "delays": list(delays)}
+    )
+    return {r["id"] for r in rows}
+
+
+async def release_jobs(
+    conn: AsyncConn, *, ids: Sequence[int], tokens: Sequence[uuid.UUID]
+) -> set[int]:
+    rows = await _fetch_async(conn, "release_jobs", {"ids": list(ids), "tokens": list(tokens)})
+    return {r["id"] for r in rows}
+
+
+async def dead_letter_jobs(
+    conn: AsyncConn,
+    *,
+    ids: Sequence[int],
+    tokens: Sequence[uuid.UUID],
+    errors: Sequence[dict[str, Any]],
+    reasons: Sequence[str],
+) -> set[int]:
+    rows = await _fetch_async(
+        conn,
+        "dead_letter_jobs",
+        {
+            "ids": list(ids),
+            "tokens": list(tokens),
+            "errors": [Jsonb(e) for e in errors],
+            "reasons": list(reasons),
+        },
+    )
+    return {r["id"] for r in rows}
+
+
+# --- reaper -----------------------------------------------------------------------------
+
+
+def requeue_expired(
+    conn: SyncConn, *, batch_size: int, backoff_base_seconds: float, backoff_max_seconds: float
+) -> list[Row]:
+    return _fetch(
+        conn,
+        "requeue_expired",
+        {
+            "batch_size": batch_size,
+            "backoff_base_seconds": backoff_base_seconds,
+            "backoff_max_seconds": backoff_max_seconds,
+        },
+    )
+
+
+def dead_letter_expired(conn: SyncConn, *, batch_size: int) -> list[Row]:
+    return _fetch(conn, "dead_letter_expired", {"batch_size": batch_size})
+
+
+def prune_finished(conn: SyncConn, *, retention_seconds: float, batch_size: int) -> int:
+    rows = _fetch(
+        conn,
+        "prune_finished",
+        {"retention_seconds": retention_seconds, "batch_size": batch_size},
+    )
+    return len(rows)
+
+
+# --- producers ----------------------------------------------------------------------------
+
+
+def enqueue_job(conn: SyncConn, params: dict[str, Any]) -> int:
+    with conn.cursor() as cur:
+        cur.execute(QUERIES["enqueue_job"], params)
+        row = cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def enqueue_job_async(conn: AsyncConn, params: dict[str, Any]) -> int:
+    async with conn.cursor() as cur:
+        await cur.execute(QUERIES["enqueue_job"], params)
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def enqueue_jobs(conn: SyncConn, params: dict[str, Any]) -> list[int]:
+    with conn.cursor() as cur:
+        cur.execute(QUERIES["enqueue_jobs"], params)
+        row = cur.fetchone()
+    assert row is not None
+    return [int(i) for i in row[0]]
+
+
+async def enqueue_jobs_async(conn: AsyncConn, params: dict[str, Any]) -> list[int]:
+    async with conn.cursor() as cur:
+        await cur.execute(QUERIES["enqueue_jobs"], params)
+        row = await cur.fetchone()
+    assert row is not None
+    return [int(i) for i in row[0]]
+
+
+# --- admin ----------------------------------------------------------------------------------
+
+
+def job_status(conn: SyncConn, *, job_id: int) -> JobStatus | None:
+    rows = _fetch(conn, "job_status", {"id": job_id})
+    if not rows:
+        return None
+    r = rows[0]
+    return JobStatus(
+        id=r["id"],
+        queue=r["queue"],
+        task=r["task"],
+        state=JobState(r["state"]),
+        attempts=r["attempts"],
+        max_attempts=r["max_attempts"],
+        priority=r["priority"],
+        run_at=r["run_at"],
+        created_at=r["created_at"],
+        attempted_at=r["attempted_at"],
+        finished_at=r["finished_at"],
+        lease_expires_at=r["lease_expires_at"],
+        leased_by=r["leased_by"],
+        idempotency_key=r["idempotency_key"],
+        errors=list(r["errors"] or []),
+        dead_reason=r["dead_reason"],
+    )
+
+
+# --- migrations ---------------------------------------------------------------------------
+
+
+def lock_migrations(conn: SyncConn) -> None:
+    conn.execute(QUERIES["lock_migrations"])
+
+
+def unlock_migrations(conn: SyncConn) -> None:
+    conn.execute(QUERIES["unlock_migrations"])
+
+
+def create_migrations_table(conn: SyncConn) -> None:
+    conn.execute(QUERIES["create_migrations_table"])
+
+
+def applied_migrations(conn: SyncConn) -> dict[int, str]:
+    """version -> checksum of every applied migration."""
+    return {r["version"]: r["checksum"] for r in _fetch(conn, "applied_migrations", {})}
+
+
+def run_migration(conn: SyncConn, *, version: int, name: str, checksum: str, sql: str) -> None:
+    """Applies one migration file and records it, in one transaction."""
+    with conn.transaction():
+        # Migration files ship inside the package; they are the one place where SQL text
+        # is not a named query, by design (numbered, reviewed, never edited).
+        conn.execute(sql.encode("utf-8"))
+        conn.execute(
+            QUERIES["record_migration"], {"version": version, "name": name, "checksum": checksum}
+        )

@@ -1,0 +1,110 @@
+"""``pgqueue-worker --processes N``: runs N worker processes, forwards SIGTERM/SIGINT to
+them, and replaces a child that dies (with a backoff if it keeps dying at start-up).
+
+Each child is a full worker (``python -m pgqueue worker ... --processes 1``); the
+supervisor itself never touches the database.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+
+from pgqueue.log import get_logger
+
+log = get_logger("pgqueue.supervisor")
+
+RESTART_MIN_SECONDS = 1.0
+RESTART_MAX_SECONDS = 30.0
+# A child that lived at least this long before dying is restarted without delay growth.
+HEALTHY_SECONDS = 10.0
+
+
+@dataclass
+class _Child:
+    slot: int
+    proc: subprocess.Popen[bytes]
+    started: float
+    restart_delay: float = RESTART_MIN_SECONDS
+    restart_at: float | None = None
+    exits: list[int] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, child_argv: Sequence[str], processes: int, shutdown_timeout: float) -> None:
+        self.child_argv = list(child_argv)
+        self.processes = processes
+        self.shutdown_timeout = shutdown_timeout
+        self.children: list[_Child] = []
+        self._signals: list[int] = []
+
+    def _spawn(self, slot: int) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, PGQUEUE_WORKER_SLOT=str(slot))
+        proc = subprocess.Popen(self.child_argv, env=env)
+        log.info("supervisor.spawned", slot=slot, pid=proc.pid)
+        return proc
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals.append(signum)
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signum)
+
+    def run(self) -> int:
+        """Supervise until a signal stops the children; returns the exit code."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        now = time.monotonic()
+        self.children = [_Child(i, self._spawn(i), now) for i in range(self.processes)]
+        log.info("supervisor.started", processes=self.processes, pid=os.getpid())
+        while not self._signals:
+            now = time.monotonic()
+            for child in self.children:
+                code = child.proc.poll()
+                if code is not None and child.restart_at is None:
+                    lived = now - child.started
+                    if lived >= HEALTHY_SECONDS:
+                        child.restart_delay = RESTART_MIN_SECONDS
+                    child.restart_at = now + child.restart_delay
+                    log.error(
+                        "supervisor.child_died",
+                        slot=child.slot,
+                        pid=child.proc.pid,
+                        exit_code=code,
+                        restart_in=round(child.restart_delay, 2),
+                    )
+                    child.restart_delay = min(RESTART_MAX_SECONDS, child.restart_delay * 2)
+                if child.restart_at is not None and now >= child.restart_at and not self._signals:
+                    child.proc = self._spawn(child.slot)
+                    child.started = now
+                    child.restart_at = None
+            time.sleep(0.1)
+        return self._wait_children()
+
+    def _wait_children(self) -> int:
+        log.info("supervisor.stopping", signal=signal.Signals(self._signals[0]).name)
+        # Children got the signal in _on_signal; give them their grace period plus a margin.
+        deadline = time.monotonic() + self.shutdown_timeout + 15.0
+        codes: list[int] = []
+        for child in self.children:
+            if child.restart_at is not None:
+                continue  # dead and not restarted: nothing to wait for
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                codes.append(child.proc.wait(timeout=remaining))
+            except subprocess.TimeoutExpired:
+                log.error("supervisor.child_killed", slot=child.slot, pid=child.proc.pid)
+                child.proc.kill()
+                codes.append(child.proc.wait())
+        log.info("supervisor.stopped", exit_codes=codes)
+        return 0 if all(c == 0 for c in codes) else 1
+
+
+def child_command(args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "pgqueue", "worker", *args]

@@ -1,0 +1,129 @@
+"""Writes outcomes to the database, batched: whatever finished while the previous batch
+was being written goes out in the next one, all kinds in one transaction.
+
+Every write is conditional on the lease token the worker got at claim time; an outcome
+whose row did not change was fenced off (its lease was lost) and is reported as such.
+A batch that fails on a broken connection is kept and retried with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from psycopg_pool import AsyncConnectionPool
+
+from pgqueue import store
+from pgqueue.log import get_logger
+from pgqueue.models import Outcome, OutcomeKind
+from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
+
+log = get_logger("pgqueue.completer")
+
+# (outcome, written): written is False when the lease was lost and nothing changed.
+OnWritten = Callable[[Outcome, bool], None]
+
+
+class Completer:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        lock: asyncio.Lock,
+        on_written: OnWritten,
+        *,
+        reconnect_max_seconds: float,
+    ) -> None:
+        self.pool = pool
+        self.lock = lock
+        self.on_written = on_written
+        self.backoff = ReconnectBackoff(reconnect_max_seconds)
+        self._pending: list[Outcome] = []
+        self._ready = asyncio.Event()
+
+    def submit(self, outcome: Outcome) -> None:
+        self._pending.append(outcome)
+        self._ready.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def run(self) -> None:
+        """Write batches until cancelled."""
+        while True:
+            await self._ready.wait()
+            try:
+                await self.run_once()
+                self.backoff.reset()
+            except CONNECTION_ERRORS as exc:
+                delay = self.backoff.next_delay()
+                log.warning("completer.disconnected", error=str(exc).strip(), retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
+
+    async def run_once(self) -> int:
+        """Write everything pending now, in one transaction; returns how many outcomes."""
+        batch, self._pending = self._pending, []
+        self._ready.clear()
+        if not batch:
+            return 0
+        try:
+            changed = await self._write(batch)
+        except BaseException:
+            # Keep them, in order, ahead of anything submitted meanwhile.
+            self._pending = batch + self._pending
+            self._ready.set()
+            raise
+        for outcome in batch:
+            self.on_written(outcome, outcome.job.id in changed)
+        return len(batch)
+
+    async def flush(self, timeout: float) -> bool:
+        """Write everything pending, retrying on connection errors, for up to ``timeout``
+        seconds; True if nothing is left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._pending:
+            try:
+                await asyncio.wait_for(self.run_once(), max(0.01, deadline - loop.time()))
+            except (TimeoutError, *CONNECTION_ERRORS) as exc:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    log.error("completer.flush_failed", pending=len(self._pending), error=str(exc))
+                    return False
+                await asyncio.sleep(min(remaining, self.backoff.next_delay()))
+        return True
+
+    async def _write(self, batch: list[Outcome]) -> set[int]:
+        by_kind: dict[OutcomeKind, list[Outcome]] = {}
+        for outcome in batch:
+            by_kind.setdefault(outcome.kind, []).append(outcome)
+        changed: set[int] = set()
+        async with self.lock, self.pool.connection() as conn, conn.transaction():
+            for kind, items in by_kind.items():
+                ids = [o.job.id for o in items]
+                tokens = [o.job.lease_token for o in items]
+                if kind is OutcomeKind.SUCCEEDED:
+                    changed |= await store.complete_jobs(conn, ids=ids, tokens=tokens)
+                elif kind is OutcomeKind.RETRIED:
+                    changed |= await store.retry_jobs(
+                        conn,
+                        ids=ids,
+                        tokens=tokens,
+                        delays=[o.delay_seconds for o in items],
+                        errors=[o.error or {} for o in items],
+                    )
+                elif kind is OutcomeKind.SNOOZED:
+                    changed |= await store.snooze_jobs(
+                        conn, ids=ids, tokens=tokens, delays=[o.delay_seconds for o in items]
+                    )
+                elif kind is OutcomeKind.RELEASED:
+                    changed |= await store.release_jobs(conn, ids=ids, tokens=tokens)
+                elif kind is OutcomeKind.DEAD:
+                    changed |= await store.dead_letter_jobs(
+                        conn,
+                        ids=ids,
+                        tokens=tokens,
+                        errors=[o.error or {} for o in items],
+                        reasons=[o.dead_reason or "exhausted" for o in items],
+                    )
+        return changed

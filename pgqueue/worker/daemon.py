@@ -1,0 +1,291 @@
+"""The Worker: wires listener, fetcher, executor, heartbeat and completer on one event
+loop, owns the slot count, and runs the graceful shutdown.
+
+Life of a job here: claimed (held, leased) -> running in a slot -> outcome queued ->
+outcome written (no longer held). Leases of held jobs are extended by the heartbeat
+until their outcome is written, so a slow flush never lets a finished job expire.
+Shutdown: stop claiming, wait up to ``shutdown_timeout`` for running jobs, cancel and
+release the rest (without counting the attempt), flush outcomes, close connections.
+See docs/worker.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+
+from psycopg_pool import AsyncConnectionPool
+
+from pgqueue import store
+from pgqueue.config import WorkerConfig
+from pgqueue.log import get_logger
+from pgqueue.models import Job, Outcome, OutcomeKind
+from pgqueue.registry import Registry
+from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
+from pgqueue.worker.completer import Completer
+from pgqueue.worker.executor import Executor
+from pgqueue.worker.heartbeat import Heartbeat
+from pgqueue.worker.listener import Listener
+
+log = get_logger("pgqueue.worker")
+
+# How long shutdown keeps trying to write outcomes when the database is unreachable;
+# after that, leases (and the reaper) take care of what was not written.
+FLUSH_TIMEOUT_SECONDS = 10.0
+
+
+def make_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class Worker:
+    """Runs jobs from ``config.queues`` (default: the registry's queues) until stopped."""
+
+    def __init__(
+        self, registry: Registry, config: WorkerConfig, *, worker_id: str | None = None
+    ) -> None:
+        self.registry = registry
+        self.config = config.validate()
+        self.queues: tuple[str, ...] = config.queues or tuple(registry.queues())
+        self.worker_id = worker_id or make_worker_id()
+        self.pool = AsyncConnectionPool(
+            config.dsn,
+            min_size=1,
+            max_size=3,
+            open=False,
+            timeout=5.0,
+            # Keep trying for as long as the daemon lives; loops back off on their own.
+            reconnect_timeout=365 * 24 * 3600.0,
+            kwargs={"autocommit": True, "application_name": "pgqueue-worker"},
+            name="pgqueue-worker",
+        )
+        self.executor = Executor(registry, self.worker_id, threads=config.concurrency)
+        self._lock = asyncio.Lock()
+        self._held: dict[int, Job] = {}
+        self._lost: set[int] = set()
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._signals = 0
+        self.completer = Completer(
+            self.pool,
+            self._lock,
+            self._on_written,
+            reconnect_max_seconds=config.reconnect_max_seconds,
+        )
+        self.heartbeat = Heartbeat(
+            self.pool,
+            self._lock,
+            lambda: list(self._held.values()),
+            self._on_lost,
+            interval=config.heartbeat_interval,
+            lease_seconds=config.lease_seconds,
+        )
+        self.listener = Listener(
+            config.dsn,
+            self.queues,
+            self._wake,
+            reconnect_max_seconds=config.reconnect_max_seconds,
+        )
+        self._backoff = ReconnectBackoff(config.reconnect_max_seconds)
+
+    # --- public ---------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def stop(self) -> None:
+        """Ask for a graceful shutdown; idempotent."""
+        self._stopping.set()
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Run until ``stop()`` (or SIGTERM/SIGINT), then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        await self.pool.open(wait=False)
+        log.info(
+            "worker.started",
+            worker_id=self.worker_id,
+            queues=list(self.queues),
+            concurrency=self.config.concurrency,
+            lease_seconds=self.config.lease_seconds,
+        )
+        services = [
+            asyncio.create_task(self.listener.run(), name="listener"),
+            asyncio.create_task(self.heartbeat.run(), name="heartbeat"),
+            asyncio.create_task(self.completer.run(), name="completer"),
+        ]
+        fetcher = asyncio.create_task(self._fetch_loop(), name="fetcher")
+        try:
+            await self._stopping.wait()
+        finally:
+            await self._shutdown(fetcher, services)
+
+    async def run_once(self, limit: int | None = None) -> list[Job]:
+        """Claim up to ``limit`` (default: free slots) jobs and start them; returns them."""
+        free = self.config.concurrency - len(self._running)
+        limit = free if limit is None else min(limit, free)
+        if limit <= 0:
+            return []
+        async with self.pool.connection() as conn:
+            jobs = await store.claim_jobs(
+                conn,
+                queues=self.queues,
+                limit=limit,
+                worker_id=self.worker_id,
+                lease_seconds=self.config.lease_seconds,
+            )
+        for job in jobs:
+            self._start(job)
+        return jobs
+
+    # --- fetcher --------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        while not self._stopping.is_set():
+            free = self.config.concurrency - len(self._running)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._wait_for(self._slot_freed, None)
+                continue
+            self._wake.clear()
+            try:
+                jobs = await self.run_once(free)
+                self._backoff.reset()
+            except CONNECTION_ERRORS as exc:
+                delay = self._backoff.next_delay()
+                log.warning("fetcher.disconnected", error=str(exc).strip(), retry_in=round(delay, 2))
+                await self._wait_for(self._stopping, delay)
+                continue
+            if len(jobs) == free:
+                # Probably more waiting: claim again as soon as a slot frees up. The
+                # yield lets completions that are already due coalesce into one claim.
+                await asyncio.sleep(0)
+                continue
+            await self._wait_for(self._wake, await self._idle_timeout())
+
+    async def _idle_timeout(self) -> float:
+        """Sleep until the next scheduled job is due, or the safety-net poll."""
+        try:
+            async with self.pool.connection() as conn:
+                seconds = await store.seconds_until_due(conn, queues=self.queues)
+        except CONNECTION_ERRORS:
+            return self.config.poll_interval
+        if seconds is None:
+            return self.config.poll_interval
+        return min(self.config.poll_interval, max(0.0, seconds) + 0.001)
+
+    async def _wait_for(self, event: asyncio.Event, timeout: float | None) -> None:
+        """Wait for ``event``, the stop request, or the timeout, whichever comes first."""
+        waiters = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(self._stopping.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    # --- jobs -----------------------------------------------------------------------
+
+    def _start(self, job: Job) -> None:
+        self._held[job.id] = job
+        log.debug("job.claimed", job_id=job.id, task=job.task, queue=job.queue, attempt=job.attempt)
+        self._running[job.id] = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
+
+    async def _run_job(self, job: Job) -> None:
+        try:
+            outcome = await self.executor.execute(job)
+        except asyncio.CancelledError:
+            outcome = Outcome(job, OutcomeKind.RELEASED)
+        finally:
+            self._running.pop(job.id, None)
+            self._slot_freed.set()
+        if job.id in self._lost:
+            # Fenced already: the heartbeat found the lease gone. Nothing to write.
+            self._lost.discard(job.id)
+            return
+        self.completer.submit(outcome)
+
+    def _on_written(self, outcome: Outcome, written: bool) -> None:
+        job = outcome.job
+        self._held.pop(job.id, None)
+        fields = {
+            "job_id": job.id,
+            "task": job.task,
+            "queue": job.queue,
+            "attempt": job.attempt,
+            "duration": round(outcome.duration, 6),
+        }
+        if not written:
+            log.warning("lease.lost", outcome=outcome.kind.value, **fields)
+        elif outcome.kind is OutcomeKind.SUCCEEDED:
+            log.info("job.succeeded", **fields)
+        elif outcome.kind is OutcomeKind.RETRIED:
+            error = outcome.error or {}
+            log.warning(
+                "job.retried",
+                error=error.get("error"),
+                kind=error.get("kind"),
+                retry_in=round(outcome.delay_seconds, 3),
+                **fields,
+            )
+        elif outcome.kind is OutcomeKind.DEAD:
+            error = outcome.error or {}
+            log.error("job.dead", reason=outcome.dead_reason, error=error.get("error"), **fields)
+        elif outcome.kind is OutcomeKind.SNOOZED:
+            log.info("job.snoozed", snooze_seconds=outcome.delay_seconds, **fields)
+        else:
+            log.info("job.released", **fields)
+
+    def _on_lost(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._held.pop(job.id, None)
+            if job.id in self._running:
+                self._lost.add(job.id)
+            log.warning(
+                "lease.lost", job_id=job.id, task=job.task, queue=job.queue, attempt=job.attempt
+            )
+
+    # --- shutdown -------------------------------------------------------------------
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("worker.killed", signal=sig.name, running=len(self._running))
+            os._exit(1)
+        log.info("worker.stopping", signal=sig.name, running=len(self._running))
+        self.stop()
+
+    async def _shutdown(
+        self, fetcher: asyncio.Task[None], services: list[asyncio.Task[None]]
+    ) -> None:
+        self._stopping.set()
+        fetcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await fetcher
+        running = list(self._running.values())
+        if running:
+            _, late = await asyncio.wait(running, timeout=self.config.shutdown_timeout)
+            if late:
+                log.warning("worker.releasing", jobs=len(late))
+                for task in late:
+                    task.cancel()
+                await asyncio.wait(late)
+        # Outcomes (including releases) go out before the heartbeat stops: until then
+        # the leases of jobs with unwritten outcomes must stay alive.
+        flushed = await self.completer.flush(FLUSH_TIMEOUT_SECONDS)
+        for task in services:
+            task.cancel()
+        for task in services:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.pool.close()
+        self.executor.shutdown()
+        log.info("worker.stopped", worker_id=self.worker_id, flushed=flushed)

@@ -1,0 +1,159 @@
+"""Runs one job: finds its task, calls it, times it, and turns what happened into an Outcome.
+
+``async def`` handlers are awaited on the event loop under ``asyncio.timeout``; plain
+functions run in a bounded thread pool. A thread cannot be killed: when a sync handler
+overruns its timeout the attempt fails and the worker moves on, but the thread runs on to
+its end (its result is discarded). Nothing a handler raises can crash the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from pgqueue.context import JobContext, reset_current, set_current
+from pgqueue.errors import PermanentError, Snooze, UnknownTask
+from pgqueue.models import Job, Outcome, OutcomeKind
+from pgqueue.registry import Registry
+from pgqueue.retry import Backoff
+
+MAX_TRACEBACK_CHARS = 16_000
+MAX_ERROR_CHARS = 2_000
+_DEFAULT_BACKOFF = Backoff()
+
+
+def error_record(
+    job: Job, worker_id: str, kind: str, exc: BaseException | None, message: str | None = None
+) -> dict[str, Any]:
+    """The JSON object stored for one failed attempt."""
+    if message is None:
+        assert exc is not None
+        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    record: dict[str, Any] = {
+        "attempt": job.attempt,
+        "at": datetime.now(UTC).isoformat(),
+        "worker": worker_id,
+        "kind": kind,
+        "error": message[:MAX_ERROR_CHARS],
+    }
+    if exc is not None and exc.__traceback__ is not None:
+        tb = "".join(traceback.format_exception(exc))
+        record["traceback"] = tb[-MAX_TRACEBACK_CHARS:]
+    return record
+
+
+class Executor:
+    def __init__(self, registry: Registry, worker_id: str, threads: int) -> None:
+        self.registry = registry
+        self.worker_id = worker_id
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pgqueue-job")
+
+    async def execute(self, job: Job) -> Outcome:
+        """Run ``job`` once. Cancellation (shutdown) propagates as ``CancelledError``."""
+        started = time.monotonic()
+        backoff = _DEFAULT_BACKOFF
+        try:
+            task = self.registry.get(job.task)
+            backoff = task.options.backoff
+            try:
+                task.signature.bind(**job.args)
+            except TypeError as exc:
+                raise _BadArgs(f"args do not fit {job.task}{task.signature}: {exc}") from None
+            ctx = JobContext(
+                id=job.id,
+                task=job.task,
+                queue=job.queue,
+                attempt=job.attempt,
+                max_attempts=job.max_attempts,
+                priority=job.priority,
+                created_at=job.created_at,
+                worker_id=self.worker_id,
+            )
+            token = set_current(ctx)
+            try:
+                await self._call(task.fn, task.is_async, job.args, task.options.timeout)
+            finally:
+                reset_current(token)
+        except asyncio.CancelledError:
+            raise
+        except Snooze as snooze:
+            return Outcome(
+                job, OutcomeKind.SNOOZED, time.monotonic() - started, delay_seconds=snooze.seconds
+            )
+        except PermanentError as exc:
+            return Outcome(
+                job,
+                OutcomeKind.DEAD,
+                time.monotonic() - started,
+                error=error_record(job, self.worker_id, "permanent", exc),
+                dead_reason="permanent",
+            )
+        except _TimedOut as exc:
+            return self._failed(job, started, backoff, "timeout", None, str(exc))
+        except UnknownTask as exc:
+            return self._failed(job, started, backoff, "unknown_task", exc, str(exc))
+        except _BadArgs as exc:
+            return self._failed(job, started, backoff, "bad_args", None, str(exc))
+        except BaseException as exc:  # noqa: BLE001 - a handler must never take the worker down
+            return self._failed(job, started, backoff, "error", exc)
+        return Outcome(job, OutcomeKind.SUCCEEDED, time.monotonic() - started)
+
+    async def _call(
+        self, fn: Any, is_async: bool, args: dict[str, Any], timeout: float | None
+    ) -> None:
+        if is_async:
+            try:
+                async with asyncio.timeout(timeout) as scope:
+                    await fn(**args)
+            except TimeoutError:
+                if scope.expired():
+                    raise _TimedOut(f"timed out after {timeout}s") from None
+                raise
+            return
+        call = functools.partial(contextvars.copy_context().run, fn, **args)
+        future = asyncio.get_running_loop().run_in_executor(self.pool, call)
+        try:
+            done, _ = await asyncio.wait({future}, timeout=timeout)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        if not done:
+            # The thread runs on; its result is dropped (see the module docstring).
+            future.cancel()
+            raise _TimedOut(f"timed out after {timeout}s (the thread runs on to its end)")
+        future.result()
+
+    def _failed(
+        self,
+        job: Job,
+        started: float,
+        backoff: Backoff,
+        kind: str,
+        exc: BaseException | None,
+        message: str | None = None,
+    ) -> Outcome:
+        duration = time.monotonic() - started
+        error = error_record(job, self.worker_id, kind, exc, message)
+        if job.attempt >= job.max_attempts:
+            return Outcome(job, OutcomeKind.DEAD, duration, error=error, dead_reason="exhausted")
+        return Outcome(
+            job, OutcomeKind.RETRIED, duration, delay_seconds=backoff.delay(job.attempt), error=error
+        )
+
+    def shutdown(self) -> None:
+        # Threads still running a handler are left to finish; the process does not wait.
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _BadArgs(Exception):
+    pass
+
+
+class _TimedOut(Exception):
+    pass

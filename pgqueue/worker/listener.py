@@ -1,0 +1,63 @@
+"""The LISTEN connection: sets the wake-up event when a job for our queues is enqueued.
+
+It owns one dedicated connection (LISTEN needs a session), reconnects with backoff when
+it breaks, and wakes the fetcher after every reconnect, since notifications sent while
+it was away are lost. It never claims anything itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection
+
+import psycopg
+
+from pgqueue.log import get_logger
+from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
+
+CHANNEL = "pgqueue_jobs"
+log = get_logger("pgqueue.listener")
+
+
+class Listener:
+    def __init__(
+        self,
+        dsn: str,
+        queues: Collection[str],
+        wake: asyncio.Event,
+        *,
+        reconnect_max_seconds: float,
+    ) -> None:
+        self.dsn = dsn
+        self.queues = frozenset(queues)
+        self.wake = wake
+        self.backoff = ReconnectBackoff(reconnect_max_seconds)
+        self.connected = asyncio.Event()
+        self._conn: psycopg.AsyncConnection[object] | None = None
+
+    async def run(self) -> None:
+        """Listen until cancelled."""
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.dsn, autocommit=True
+                ) as conn:
+                    self._conn = conn
+                    await conn.execute("LISTEN pgqueue_jobs")
+                    if self.backoff.failures:
+                        log.info("listener.reconnected")
+                    self.backoff.reset()
+                    self.connected.set()
+                    # Anything enqueued while we were not listening: go and look.
+                    self.wake.set()
+                    async for note in conn.notifies():
+                        if note.payload in self.queues:
+                            self.wake.set()
+            except CONNECTION_ERRORS as exc:
+                self.connected.clear()
+                delay = self.backoff.next_delay()
+                log.warning("listener.disconnected", error=str(exc).strip(), retry_in=round(delay, 2))
+                self.wake.set()
+                await asyncio.sleep(delay)
+            finally:
+                self._conn = None

@@ -1,0 +1,72 @@
+"""Tasks used by the tests' worker processes. Each records its executions in
+public.executions through its own connection (PGQUEUE_DSN), so tests can count runs
+from the database alone, including runs whose job result was later lost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import psycopg
+
+from pgqueue import PermanentError, Registry, Snooze, current_job
+from pgqueue.retry import Backoff
+
+registry = Registry()
+FAST = Backoff(base_seconds=0.05, max_seconds=0.2)
+
+
+def _record(note: str = "") -> None:
+    job = current_job()
+    with psycopg.connect(os.environ["PGQUEUE_DSN"], autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO public.executions (job_id, attempt, pid, note) VALUES (%s, %s, %s, %s)",
+            (job.id, job.attempt, os.getpid(), note),
+        )
+
+
+@registry.task(name="record", backoff=FAST)
+def record(note: str = "") -> None:
+    _record(note)
+
+
+@registry.task(name="async_record", queue="async", backoff=FAST)
+async def async_record(note: str = "") -> None:
+    await asyncio.to_thread(_record, note)
+
+
+@registry.task(name="sleep", backoff=FAST)
+def sleep(seconds: float, note: str = "") -> None:
+    _record("start " + note)
+    time.sleep(seconds)
+    _record("end " + note)
+
+
+@registry.task(name="fail", max_attempts=3, backoff=FAST)
+def fail() -> None:
+    _record()
+    raise RuntimeError("this task always fails")
+
+
+@registry.task(name="crash", max_attempts=2, backoff=FAST)
+def crash() -> None:
+    _record()
+    os._exit(3)
+
+
+@registry.task(name="snooze_once", backoff=FAST)
+def snooze_once() -> None:
+    _record()
+    job = current_job()
+    with psycopg.connect(os.environ["PGQUEUE_DSN"], autocommit=True) as conn:
+        runs = conn.execute(
+            "SELECT count(*) FROM public.executions WHERE job_id = %s", (job.id,)
+        ).fetchone()
+    if runs is not None and runs[0] == 1:
+        raise Snooze(0.1)
+
+
+@registry.task(name="permanent", backoff=FAST)
+def permanent() -> None:
+    raise PermanentError("cannot ever work")

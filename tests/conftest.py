@@ -1,0 +1,188 @@
+"""Test fixtures: a real Postgres, a migrated template database, one clone per test.
+
+The server is PGQUEUE_TEST_DSN if set, else 127.0.0.1:5432 if it answers, else a
+testcontainers Postgres where a Docker engine answers, else an embedded server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from pgqueue.devdb import LOCAL_DSN, EmbeddedPostgres, reachable
+from pgqueue.migrate import migrate
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+EXECUTIONS_DDL = """
+CREATE TABLE public.executions (
+    id bigserial PRIMARY KEY,
+    job_id bigint NOT NULL,
+    attempt integer NOT NULL,
+    pid integer NOT NULL,
+    note text NOT NULL DEFAULT '',
+    at timestamptz NOT NULL DEFAULT clock_timestamp()
+)
+"""
+
+
+def _docker_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def server_dsn() -> Iterator[str]:
+    """A maintenance DSN (database 'postgres') on the server the tests use."""
+    explicit = os.environ.get("PGQUEUE_TEST_DSN")
+    if explicit:
+        yield explicit
+        return
+    if reachable(LOCAL_DSN):
+        yield LOCAL_DSN
+        return
+    if _docker_answers():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16", driver=None) as container:
+            yield container.get_connection_url()
+        return
+    data_dir = Path(tempfile.mkdtemp(prefix="pgqueue-test-pg-"))
+    server = EmbeddedPostgres(data_dir)
+    try:
+        yield server.dsn
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _admin(server_dsn: str, sql: str) -> None:
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(sql)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def template_db(server_dsn: str) -> Iterator[str]:
+    """A migrated template database, made once per test session."""
+    name = f"pgqueue_tpl_{uuid.uuid4().hex[:10]}"
+    _admin(server_dsn, f'CREATE DATABASE "{name}"')
+    try:
+        dsn = make_conninfo(server_dsn, dbname=name)
+        migrate(dsn)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(EXECUTIONS_DDL)  # type: ignore[arg-type]
+        yield name
+    finally:
+        _admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def dsn(server_dsn: str, template_db: str) -> Iterator[str]:
+    """A fresh database cloned from the template, dropped after the test."""
+    name = f"pgqueue_t_{uuid.uuid4().hex[:10]}"
+    _admin(server_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    try:
+        yield make_conninfo(server_dsn, dbname=name)
+    finally:
+        _admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        yield c
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)
+
+
+def scalar(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> Any:
+    row = conn.execute(sql, params).fetchone()  # type: ignore[arg-type]
+    return None if row is None else row[0]
+
+
+class Daemons:
+    """Starts pgqueue daemons as subprocesses and guarantees they are gone at teardown."""
+
+    def __init__(self, dsn: str, tmp: Path) -> None:
+        self.dsn = dsn
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, command: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"{command}-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        full_env = {**os.environ, "PGQUEUE_DSN": self.dsn, "PYTHONPATH": str(ROOT), **(env or {})}
+        proc = subprocess.Popen(
+            [str(BIN / command), *args],
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        proc.log_path = log.name  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def worker(self, *args: str, app: str = "tests.apps.sample:registry") -> subprocess.Popen[bytes]:
+        return self.start("pgqueue-worker", "--app", app, "--log-format", "json", *args)
+
+    def reaper(self, *args: str) -> subprocess.Popen[bytes]:
+        return self.start("pgqueue-reaper", "--log-format", "json", *args)
+
+    @staticmethod
+    def output(proc: subprocess.Popen[bytes]) -> str:
+        return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            # Children of a supervisor live in the same session: make sure they are gone.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+@pytest.fixture
+def daemons(dsn: str, tmp_path: Path) -> Iterator[Daemons]:
+    d = Daemons(dsn, tmp_path)
+    try:
+        yield d
+    finally:
+        d.stop_all()
