@@ -190,7 +190,9 @@ def status(job_id: int, as_json: bool, dsn: str | None) -> None:
         if job.attempted_at:
             rows.append(("attempted_at", job.attempted_at.isoformat()))
         if job.finished_at:
-            rows.append(("died_at" if job.dead_reason else "finished_at", job.finished_at.isoformat()))
+            rows.append(
+                ("died_at" if job.dead_reason else "finished_at", job.finished_at.isoformat())
+            )
         if job.lease_expires_at:
             rows.append(("lease_expires_at", job.lease_expires_at.isoformat()))
             rows.append(("leased_by", job.leased_by or ""))
@@ -215,17 +217,50 @@ def status(job_id: int, as_json: bool, dsn: str | None) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--app", required=True, metavar="MODULE:REGISTRY", help="Where the task Registry lives.")
+@click.option(
+    "--app", required=True, metavar="MODULE:REGISTRY", help="Where the task Registry lives."
+)
 @click.option(
     "--queues",
     metavar="A,B",
-    help="Comma-separated queues to serve (default: every queue the registry's tasks use, and 'default').",
+    help="Comma-separated queues to serve"
+    " (default: every queue the registry's tasks use, and 'default').",
 )
-@click.option("--concurrency", type=click.IntRange(min=1), default=DEFAULT_CONCURRENCY, show_default=True, help="Jobs run at once per process.")
-@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes under one supervisor.")
-@click.option("--lease-seconds", type=click.FloatRange(min=1), default=DEFAULT_LEASE_SECONDS, show_default=True, help="Lease per claim; heartbeats extend it every third of it.")
-@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=DEFAULT_SHUTDOWN_TIMEOUT, show_default=True, help="Seconds running jobs get to finish after SIGTERM before they are released.")
-@click.option("--poll-interval", type=click.FloatRange(min=0.01), default=DEFAULT_POLL_INTERVAL, show_default=True, help="Safety-net poll when no notification arrives (seconds).")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CONCURRENCY,
+    show_default=True,
+    help="Jobs run at once per process.",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes under one supervisor.",
+)
+@click.option(
+    "--lease-seconds",
+    type=click.FloatRange(min=1),
+    default=DEFAULT_LEASE_SECONDS,
+    show_default=True,
+    help="Lease per claim; heartbeats extend it every third of it.",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_SHUTDOWN_TIMEOUT,
+    show_default=True,
+    help="Seconds running jobs get to finish after SIGTERM before they are released.",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0.01),
+    default=DEFAULT_POLL_INTERVAL,
+    show_default=True,
+    help="Safety-net poll when no notification arrives (seconds).",
+)
 @dsn_option
 @log_options
 @click.version_option(__version__, prog_name="pgqueue-worker")
@@ -299,10 +334,28 @@ def _exit_after(body: Callable[[], int | None]) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--interval", type=click.FloatRange(min=0.01), default=DEFAULT_REAPER_INTERVAL, show_default=True, help="Seconds between passes.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.01),
+    default=DEFAULT_REAPER_INTERVAL,
+    show_default=True,
+    help="Seconds between passes.",
+)
 @click.option("--once", is_flag=True, help="Run one pass, print what it did, and exit.")
-@click.option("--retention-seconds", type=click.FloatRange(min=0), default=DEFAULT_RETENTION_SECONDS, show_default=True, help="How long succeeded and cancelled jobs are kept.")
-@click.option("--backoff-base-seconds", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Backoff base for jobs requeued after their lease expired.")
+@click.option(
+    "--retention-seconds",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_RETENTION_SECONDS,
+    show_default=True,
+    help="How long succeeded and cancelled jobs are kept.",
+)
+@click.option(
+    "--backoff-base-seconds",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Backoff base for jobs requeued after their lease expired.",
+)
 @dsn_option
 @log_options
 @click.version_option(__version__, prog_name="pgqueue-reaper")

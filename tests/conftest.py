@@ -6,6 +6,7 @@ testcontainers Postgres where a Docker engine answers, else an embedded server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -136,7 +137,9 @@ class Daemons:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, command: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, command: str, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{command}-{len(self.procs)}.log", "wb")  # noqa: SIM115
         full_env = {**os.environ, "PGQUEUE_DSN": self.dsn, "PYTHONPATH": str(ROOT), **(env or {})}
         proc = subprocess.Popen(
@@ -151,7 +154,9 @@ class Daemons:
         self.procs.append(proc)
         return proc
 
-    def worker(self, *args: str, app: str = "tests.apps.sample:registry") -> subprocess.Popen[bytes]:
+    def worker(
+        self, *args: str, app: str = "tests.apps.sample:registry"
+    ) -> subprocess.Popen[bytes]:
         return self.start("pgqueue-worker", "--app", app, "--log-format", "json", *args)
 
     def reaper(self, *args: str) -> subprocess.Popen[bytes]:
@@ -163,20 +168,11 @@ class Daemons:
 
     def stop_all(self) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            # Children of a supervisor live in the same session: make sure they are gone.
-            try:
+            # killpg: the children of a supervisor live in its process group.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
 
 
 @pytest.fixture

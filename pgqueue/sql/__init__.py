@@ -52,7 +52,7 @@ def _load() -> Mapping[str, LiteralString]:
             if name in found:
                 raise ValueError(f"{entry.name}: query {name!r} is also defined elsewhere")
             # The text comes from files shipped in this package, never from input.
-            found[name] = cast(LiteralString, body)
+            found[name] = cast(LiteralString, body)  # type: ignore[redundant-cast]
     return MappingProxyType(found)
 
 

@@ -28,7 +28,7 @@ class ReconnectBackoff:
     def next_delay(self) -> float:
         self.failures += 1
         raw = min(self.max_seconds, self.first_seconds * 2 ** min(self.failures - 1, 20))
-        return raw * (0.5 + random.random() / 2)
+        return float(raw * (0.5 + random.random() / 2))
 
     def reset(self) -> None:
         self.failures = 0

@@ -22,6 +22,7 @@ log = get_logger("pgqueue.completer")
 
 # (outcome, written): written is False when the lease was lost and nothing changed.
 OnWritten = Callable[[Outcome, bool], None]
+_FLUSH_RETRYABLE: tuple[type[BaseException], ...] = (TimeoutError, *CONNECTION_ERRORS)
 
 
 class Completer:
@@ -39,6 +40,8 @@ class Completer:
         self.backoff = ReconnectBackoff(reconnect_max_seconds)
         self._pending: list[Outcome] = []
         self._ready = asyncio.Event()
+        # One batch in flight at a time: flush() must wait for the run loop's batch.
+        self._writing = asyncio.Lock()
 
     def submit(self, outcome: Outcome) -> None:
         self._pending.append(outcome)
@@ -57,22 +60,25 @@ class Completer:
                 self.backoff.reset()
             except CONNECTION_ERRORS as exc:
                 delay = self.backoff.next_delay()
-                log.warning("completer.disconnected", error=str(exc).strip(), retry_in=round(delay, 2))
+                log.warning(
+                    "completer.disconnected", error=str(exc).strip(), retry_in=round(delay, 2)
+                )
                 await asyncio.sleep(delay)
 
     async def run_once(self) -> int:
         """Write everything pending now, in one transaction; returns how many outcomes."""
-        batch, self._pending = self._pending, []
-        self._ready.clear()
-        if not batch:
-            return 0
-        try:
-            changed = await self._write(batch)
-        except BaseException:
-            # Keep them, in order, ahead of anything submitted meanwhile.
-            self._pending = batch + self._pending
-            self._ready.set()
-            raise
+        async with self._writing:
+            batch, self._pending = self._pending, []
+            self._ready.clear()
+            if not batch:
+                return 0
+            try:
+                changed = await self._write(batch)
+            except BaseException:
+                # Keep them, in order, ahead of anything submitted meanwhile.
+                self._pending = batch + self._pending
+                self._ready.set()
+                raise
         for outcome in batch:
             self.on_written(outcome, outcome.job.id in changed)
         return len(batch)
@@ -82,10 +88,10 @@ class Completer:
         seconds; True if nothing is left."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self._pending:
+        while self._pending or self._writing.locked():
             try:
                 await asyncio.wait_for(self.run_once(), max(0.01, deadline - loop.time()))
-            except (TimeoutError, *CONNECTION_ERRORS) as exc:
+            except _FLUSH_RETRYABLE as exc:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     log.error("completer.flush_failed", pending=len(self._pending), error=str(exc))

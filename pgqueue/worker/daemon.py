@@ -162,7 +162,9 @@ class Worker:
                 self._backoff.reset()
             except CONNECTION_ERRORS as exc:
                 delay = self._backoff.next_delay()
-                log.warning("fetcher.disconnected", error=str(exc).strip(), retry_in=round(delay, 2))
+                log.warning(
+                    "fetcher.disconnected", error=str(exc).strip(), retry_in=round(delay, 2)
+                )
                 await self._wait_for(self._stopping, delay)
                 continue
             if len(jobs) == free:
@@ -185,7 +187,10 @@ class Worker:
 
     async def _wait_for(self, event: asyncio.Event, timeout: float | None) -> None:
         """Wait for ``event``, the stop request, or the timeout, whichever comes first."""
-        waiters = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(self._stopping.wait())}
+        waiters = {
+            asyncio.ensure_future(event.wait()),
+            asyncio.ensure_future(self._stopping.wait()),
+        }
         try:
             await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:

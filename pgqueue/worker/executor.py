@@ -100,7 +100,7 @@ class Executor:
             return self._failed(job, started, backoff, "unknown_task", exc, str(exc))
         except _BadArgs as exc:
             return self._failed(job, started, backoff, "bad_args", None, str(exc))
-        except BaseException as exc:  # noqa: BLE001 - a handler must never take the worker down
+        except BaseException as exc:
             return self._failed(job, started, backoff, "error", exc)
         return Outcome(job, OutcomeKind.SUCCEEDED, time.monotonic() - started)
 
@@ -143,7 +143,11 @@ class Executor:
         if job.attempt >= job.max_attempts:
             return Outcome(job, OutcomeKind.DEAD, duration, error=error, dead_reason="exhausted")
         return Outcome(
-            job, OutcomeKind.RETRIED, duration, delay_seconds=backoff.delay(job.attempt), error=error
+            job,
+            OutcomeKind.RETRIED,
+            duration,
+            delay_seconds=backoff.delay(job.attempt),
+            error=error,
         )
 
     def shutdown(self) -> None:

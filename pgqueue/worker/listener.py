@@ -39,9 +39,7 @@ class Listener:
         """Listen until cancelled."""
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    self.dsn, autocommit=True
-                ) as conn:
+                async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
                     self._conn = conn
                     await conn.execute("LISTEN pgqueue_jobs")
                     if self.backoff.failures:
@@ -56,7 +54,9 @@ class Listener:
             except CONNECTION_ERRORS as exc:
                 self.connected.clear()
                 delay = self.backoff.next_delay()
-                log.warning("listener.disconnected", error=str(exc).strip(), retry_in=round(delay, 2))
+                log.warning(
+                    "listener.disconnected", error=str(exc).strip(), retry_in=round(delay, 2)
+                )
                 self.wake.set()
                 await asyncio.sleep(delay)
             finally:

@@ -1,0 +1,284 @@
+"""Enqueue from Python (sync and async) and from SQL: defaults, transactions,
+idempotency, bulk, notifications, and bad input that writes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from pgqueue import JobSpec, Registry, SerializationError, ValidationError, enqueue, enqueue_many
+from tests.conftest import scalar
+
+
+def job_row(conn, job_id):
+    return conn.execute(
+        "SELECT task, queue, args, priority, state, attempts, max_attempts, run_at,"
+        " idempotency_key, created_at FROM pgqueue.jobs WHERE id = %s",
+        (job_id,),
+    ).fetchone()
+
+
+def count_jobs(conn) -> int:
+    return scalar(conn, "SELECT count(*) FROM pgqueue.jobs")
+
+
+def test_enqueue_returns_id_and_fills_defaults(conn):
+    job_id = enqueue(conn, "emails.send", args={"to": "a@b.c", "subject": "hi"})
+    task, queue, args, priority, state, attempts, max_attempts, run_at, key, _ = job_row(
+        conn, job_id
+    )
+    assert (task, queue, args, priority, state, attempts, max_attempts, key) == (
+        "emails.send",
+        "default",
+        {"to": "a@b.c", "subject": "hi"},
+        0,
+        "queued",
+        0,
+        20,
+        None,
+    )
+    assert run_at <= datetime.now(UTC) + timedelta(seconds=1)
+
+
+def test_enqueue_uses_registered_task_options(conn):
+    registry = Registry()
+
+    @registry.task(name="opts.task", queue="emails", max_attempts=5, priority=3)
+    def handler() -> None: ...
+
+    # enqueue by name picks up the options of a task registered in this process...
+    job_id = enqueue(conn, "opts.task")
+    assert job_row(conn, job_id)[1] == "emails"
+    assert job_row(conn, job_id)[3] == 3
+    assert job_row(conn, job_id)[6] == 5
+    # ...and explicit arguments win over them.
+    other = enqueue(conn, "opts.task", queue="other", max_attempts=1)
+    assert (job_row(conn, other)[1], job_row(conn, other)[6]) == ("other", 1)
+
+
+def test_enqueue_options_are_stored(conn):
+    at = datetime.now(UTC) + timedelta(hours=1)
+    job_id = enqueue(
+        conn, "t", {"a": 1}, queue="q", priority=-5, run_at=at, max_attempts=2, idempotency_key="k1"
+    )
+    _, queue, _, priority, _, _, max_attempts, run_at, key, _ = job_row(conn, job_id)
+    assert (queue, priority, max_attempts, key) == ("q", -5, 2, "k1")
+    assert abs((run_at - at).total_seconds()) < 0.001
+
+
+def test_enqueue_delay_is_added_to_the_database_clock(conn):
+    job_id = enqueue(conn, "t", delay=timedelta(minutes=10))
+    seconds = scalar(
+        conn,
+        "SELECT extract(epoch FROM run_at - created_at) FROM pgqueue.jobs WHERE id = %s",
+        (job_id,),
+    )
+    assert 599 <= float(seconds) <= 601
+
+
+def test_rollback_removes_the_job(dsn):
+    with psycopg.connect(dsn) as conn:
+        with conn.transaction(force_rollback=True):
+            job_id = enqueue(conn, "t")
+            assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs WHERE id = %s", (job_id,)) == 1
+        assert count_jobs(conn) == 0
+
+
+def test_enqueue_joins_the_callers_transaction_and_commits_with_it(dsn):
+    with psycopg.connect(dsn) as conn:
+        with conn.transaction():
+            conn.execute("CREATE TABLE orders (id int)")
+            conn.execute("INSERT INTO orders VALUES (1)")
+            job_id = enqueue(conn, "orders.ship", {"order": 1})
+            with psycopg.connect(dsn) as other:
+                # Not visible to anyone before the caller commits.
+                assert scalar(other, "SELECT count(*) FROM pgqueue.jobs") == 0
+        with psycopg.connect(dsn) as other:
+            assert scalar(other, "SELECT id FROM pgqueue.jobs") == job_id
+
+
+def test_plain_sql_insert_is_a_complete_enqueue(conn):
+    conn.execute("INSERT INTO pgqueue.jobs (task, args) VALUES ('x', '{}')")
+    row = conn.execute(
+        "SELECT queue, state, attempts, max_attempts, priority, run_at IS NOT NULL,"
+        " created_at IS NOT NULL FROM pgqueue.jobs"
+    ).fetchone()
+    assert row == ("default", "queued", 0, 20, 0, True, True)
+
+
+def test_sql_enqueue_function_defaults_and_named_arguments(conn):
+    first = scalar(conn, "SELECT pgqueue.enqueue('a')")
+    second = scalar(
+        conn,
+        "SELECT pgqueue.enqueue('b', '{\"x\": 1}', 'q', 2, now() + interval '1 hour', 3, 'key')",
+    )
+    third = scalar(conn, "SELECT pgqueue.enqueue('c', max_attempts => 7)")
+    assert first < second < third
+    assert job_row(conn, second)[1:4] == ("q", {"x": 1}, 2)
+    assert job_row(conn, third)[6] == 7
+
+
+def test_idempotency_key_returns_existing_job_and_inserts_nothing(conn):
+    first = enqueue(conn, "t", {"n": 1}, idempotency_key="order-42")
+    second = enqueue(conn, "t", {"n": 2}, idempotency_key="order-42")
+    via_sql = scalar(conn, "SELECT pgqueue.enqueue('t', idempotency_key => 'order-42')")
+    assert first == second == via_sql
+    assert count_jobs(conn) == 1
+    assert job_row(conn, first)[2] == {"n": 1}
+
+
+def test_idempotency_key_holds_while_finished_job_is_retained(conn):
+    first = enqueue(conn, "t", idempotency_key="once")
+    conn.execute(
+        "UPDATE pgqueue.jobs SET state = 'succeeded', finished_at = now() WHERE id = %s", (first,)
+    )
+    assert enqueue(conn, "t", idempotency_key="once") == first
+    conn.execute("DELETE FROM pgqueue.jobs WHERE id = %s", (first,))  # pruned
+    assert enqueue(conn, "t", idempotency_key="once") != first
+
+
+def test_concurrent_enqueues_with_one_key_make_one_job(dsn):
+    barrier = threading.Barrier(8)
+    ids: list[int] = []
+    lock = threading.Lock()
+
+    def producer() -> None:
+        with psycopg.connect(dsn) as conn:
+            barrier.wait()
+            with conn.transaction():
+                job_id = enqueue(conn, "t", idempotency_key="race")
+            with lock:
+                ids.append(job_id)
+
+    threads = [threading.Thread(target=producer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 1
+    with psycopg.connect(dsn) as conn:
+        assert count_jobs(conn) == 1
+
+
+def test_enqueue_many_returns_ids_in_order_in_one_statement(conn):
+    specs = [JobSpec("t", {"i": i}, queue="bulk") for i in range(500)] + ["bare"]
+    ids = enqueue_many(conn, specs)
+    assert len(ids) == 501 and len(set(ids)) == 501
+    rows = dict(conn.execute("SELECT id, args FROM pgqueue.jobs").fetchall())
+    assert [rows[i] for i in ids[:500]] == [{"i": i} for i in range(500)]
+    assert rows[ids[500]] == {}
+
+
+def test_enqueue_many_with_idempotency_keys_dedupes_within_and_across_batches(conn):
+    existing = enqueue(conn, "t", idempotency_key="a")
+    ids = enqueue_many(
+        conn,
+        [
+            JobSpec("t", idempotency_key="a"),
+            JobSpec("t", idempotency_key="b"),
+            JobSpec("t", idempotency_key="b"),
+            JobSpec("t"),
+        ],
+    )
+    assert ids[0] == existing
+    assert ids[1] == ids[2] != existing
+    assert count_jobs(conn) == 3
+
+
+def test_enqueue_many_empty_is_a_noop(conn):
+    assert enqueue_many(conn, []) == []
+
+
+def test_async_enqueue_and_enqueue_many(dsn):
+    async def main() -> tuple[int, list[int]]:
+        async with await psycopg.AsyncConnection.connect(dsn) as aconn:
+            async with aconn.transaction():
+                one = await enqueue(aconn, "t", {"a": 1})
+                many = await enqueue_many(aconn, [JobSpec("t"), JobSpec("u")])
+            return one, many
+
+    one, many = asyncio.run(main())
+    with psycopg.connect(dsn) as conn:
+        assert sorted(r[0] for r in conn.execute("SELECT id FROM pgqueue.jobs")) == sorted(
+            [one, *many]
+        )
+
+
+def test_bulk_insert_sends_one_notification_per_queue(dsn):
+    with psycopg.connect(dsn, autocommit=True) as listener, psycopg.connect(dsn) as producer:
+        listener.execute("LISTEN pgqueue_jobs")
+        with producer.transaction():
+            producer.execute(
+                "INSERT INTO pgqueue.jobs (task, queue) SELECT 't', 'q' || (g % 2)"
+                " FROM generate_series(1, 5000) g"
+            )
+            enqueue_many(producer, [JobSpec("t", queue="q0") for _ in range(100)])
+        payloads = [n.payload for n in listener.notifies(timeout=1.0)]
+    # Postgres folds identical notifications of one transaction: one per queue.
+    assert sorted(payloads) == ["q0", "q1"]
+
+
+BAD_INPUTS = [
+    ({"task": ""}, ValidationError),
+    ({"task": "   "}, ValidationError),
+    ({"task": "x" * 256}, ValidationError),
+    ({"task": "a\x00b"}, ValidationError),
+    ({"task": "t", "queue": ""}, ValidationError),
+    ({"task": "t", "queue": "q" * 129}, ValidationError),
+    ({"task": "t", "args": [1, 2]}, SerializationError),
+    ({"task": "t", "args": "{}"}, SerializationError),
+    ({"task": "t", "args": {"when": datetime.now(UTC)}}, SerializationError),
+    ({"task": "t", "args": {"x": float("nan")}}, SerializationError),
+    ({"task": "t", "args": {"s": "nul\x00"}}, SerializationError),
+    ({"task": "t", "max_attempts": 0}, ValidationError),
+    ({"task": "t", "priority": 40000}, ValidationError),
+    ({"task": "t", "run_at": datetime(2030, 1, 1)}, ValidationError),
+    ({"task": "t", "delay": 5, "run_at": datetime.now(UTC)}, ValidationError),
+    ({"task": "t", "idempotency_key": ""}, ValidationError),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error"), BAD_INPUTS)
+def test_bad_input_raises_and_writes_nothing_and_keeps_the_transaction(dsn, kwargs, error):
+    with psycopg.connect(dsn) as conn:
+        with conn.transaction():
+            good = enqueue(conn, "good")
+            task = kwargs.pop("task")
+            args = kwargs.pop("args", {})
+            with pytest.raises(error):
+                enqueue(conn, task, args, **kwargs)
+            # The caller's transaction is still usable: the error was raised before SQL.
+            assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 1
+        assert scalar(conn, "SELECT id FROM pgqueue.jobs") == good
+
+
+def test_enqueue_many_with_one_bad_item_enqueues_none(conn):
+    with pytest.raises(ValidationError):
+        enqueue_many(conn, [JobSpec("ok"), JobSpec("")])
+    assert count_jobs(conn) == 0
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "INSERT INTO pgqueue.jobs (task) VALUES ('')",
+        "INSERT INTO pgqueue.jobs (task, args) VALUES ('t', '[1]')",
+        "INSERT INTO pgqueue.jobs (task, args) VALUES ('t', '\"s\"')",
+        "INSERT INTO pgqueue.jobs (task, max_attempts) VALUES ('t', 0)",
+        "INSERT INTO pgqueue.jobs (task, queue) VALUES ('t', '')",
+        "INSERT INTO pgqueue.jobs (task) VALUES (repeat('x', 256))",
+        "SELECT pgqueue.enqueue('')",
+        "SELECT pgqueue.enqueue('t', '[]')",
+        "SELECT pgqueue.enqueue('t', max_attempts => 0)",
+        "SELECT pgqueue.enqueue('t', queue => repeat('q', 200))",
+        "INSERT INTO pgqueue.jobs (task, state) VALUES ('t', 'running')",
+    ],
+)
+def test_sql_constraints_reject_bad_jobs(conn, sql):
+    with pytest.raises(psycopg.errors.IntegrityError):
+        conn.execute(sql)
+    assert count_jobs(conn) == 0

@@ -1,0 +1,451 @@
+"""The worker in-process against a real database: execution, retries, dead-letter,
+snooze, timeouts, wake-ups, leases and fencing, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgqueue import (
+    Backoff,
+    PermanentError,
+    Reaper,
+    ReaperConfig,
+    Registry,
+    Snooze,
+    Worker,
+    WorkerConfig,
+    current_job,
+    enqueue,
+)
+
+FAST = Backoff(base_seconds=0.01, max_seconds=0.05)
+
+
+@asynccontextmanager
+async def running_worker(registry: Registry, dsn: str, **config: Any) -> AsyncIterator[Worker]:
+    config.setdefault("poll_interval", 0.5)
+    worker = Worker(registry, WorkerConfig(dsn=dsn, **config))
+    task = asyncio.create_task(worker.run(handle_signals=False))
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def wait_for_db(dsn: str, sql: str, params: Any = None, timeout: float = 15.0) -> Any:
+    """Poll ``sql`` until its first column is truthy; return it."""
+    deadline = time.monotonic() + timeout
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        while True:
+            row = await (await conn.execute(sql, params)).fetchone()
+            if row and row[0]:
+                return row[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not true within {timeout}s: {sql}")
+            await asyncio.sleep(0.02)
+
+
+def sql_enqueue(dsn: str, task: str, args: dict[str, Any] | None = None, **kw: Any) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return enqueue(conn, task, args or {}, **kw)
+
+
+def fetch(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def run(coro_fn: Callable[[], Any]) -> Any:
+    return asyncio.run(coro_fn())
+
+
+def test_runs_sync_and_async_handlers_with_job_context(dsn):
+    registry = Registry()
+    seen: list[tuple[str, int, int, str]] = []
+
+    @registry.task(name="sync")
+    def sync_handler(x: int) -> None:
+        job = current_job()
+        seen.append(("sync", x, job.attempt, job.queue))
+
+    @registry.task(name="async", queue="other")
+    async def async_handler(x: int) -> None:
+        await asyncio.sleep(0)
+        seen.append(("async", x, current_job().attempt, current_job().queue))
+
+    a = sql_enqueue(dsn, "sync", {"x": 1})
+    b = sql_enqueue(dsn, "async", {"x": 2}, queue="other")
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            await wait_for_db(
+                dsn, "SELECT count(*) = 2 FROM pgqueue.jobs WHERE state = 'succeeded'"
+            )
+
+    run(main)
+    assert sorted(seen) == [("async", 2, 1, "other"), ("sync", 1, 1, "default")]
+    rows = fetch(
+        dsn,
+        "SELECT id, attempts, lease_token, finished_at IS NOT NULL FROM pgqueue.jobs ORDER BY id",
+    )
+    assert rows == [(a, 1, None, True), (b, 1, None, True)]
+
+
+def test_never_runs_more_than_concurrency_handlers(dsn):
+    registry = Registry()
+    lock = threading.Lock()
+    active = 0
+    peak = 0
+
+    @registry.task(name="busy")
+    def busy() -> None:
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        time.sleep(0.1)
+        with lock:
+            active -= 1
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO pgqueue.jobs (task) SELECT 'busy' FROM generate_series(1, 15)")
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, concurrency=3):
+            await wait_for_db(
+                dsn, "SELECT count(*) = 15 FROM pgqueue.jobs WHERE state = 'succeeded'"
+            )
+
+    run(main)
+    assert peak == 3
+
+
+def test_claims_in_priority_then_run_at_order(dsn):
+    registry = Registry()
+    order: list[str] = []
+
+    @registry.task(name="o")
+    def o(name: str) -> None:
+        order.append(name)
+
+    sql_enqueue(dsn, "o", {"name": "low"}, priority=5)
+    sql_enqueue(dsn, "o", {"name": "high-late"}, priority=-1)
+    sql_enqueue(dsn, "o", {"name": "mid"}, priority=0)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE pgqueue.jobs SET run_at = run_at - interval '1 minute'"
+            " WHERE args->>'name' = 'mid'"
+        )
+    sql_enqueue(dsn, "o", {"name": "mid-later"}, priority=0)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, concurrency=1):
+            await wait_for_db(
+                dsn, "SELECT count(*) = 4 FROM pgqueue.jobs WHERE state = 'succeeded'"
+            )
+
+    run(main)
+    assert order == ["high-late", "mid", "mid-later", "low"]
+
+
+def test_failures_retry_with_backoff_then_dead_letter_with_full_history(dsn):
+    registry = Registry()
+
+    @registry.task(name="boom", max_attempts=3, backoff=Backoff(base_seconds=0.05, jitter=0))
+    def boom() -> None:
+        raise ValueError(f"boom on attempt {current_job().attempt}")
+
+    job_id = sql_enqueue(dsn, "boom", max_attempts=3)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.dead_jobs")
+
+    run(main)
+    assert fetch(dsn, "SELECT count(*) FROM pgqueue.jobs") == [(0,)]
+    ((dead_id, attempts, reason, errors),) = fetch(
+        dsn, "SELECT id, attempts, reason, errors FROM pgqueue.dead_jobs"
+    )
+    assert (dead_id, attempts, reason) == (job_id, 3, "exhausted")
+    assert [e["attempt"] for e in errors] == [1, 2, 3]
+    assert [e["error"] for e in errors] == [f"ValueError: boom on attempt {i}" for i in (1, 2, 3)]
+    assert all("Traceback" in e["traceback"] and e["kind"] == "error" for e in errors)
+
+
+def test_retry_waits_for_its_backoff(dsn):
+    registry = Registry()
+    runs: list[float] = []
+
+    @registry.task(name="flaky", backoff=Backoff(base_seconds=1.0, jitter=0))
+    def flaky() -> None:
+        runs.append(time.monotonic())
+        if len(runs) == 1:
+            raise RuntimeError("first time fails")
+
+    sql_enqueue(dsn, "flaky")
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'")
+
+    run(main)
+    assert len(runs) == 2
+    # The second run is scheduled by run_at on the database: never earlier than the delay.
+    assert runs[1] - runs[0] >= 0.95
+    ((attempts, errors),) = fetch(dsn, "SELECT attempts, errors FROM pgqueue.jobs")
+    assert attempts == 2 and len(errors) == 1
+
+
+def test_permanent_error_dead_letters_at_once(dsn):
+    registry = Registry()
+
+    @registry.task(name="perm", max_attempts=10)
+    def perm() -> None:
+        raise PermanentError("bad request, never retry")
+
+    sql_enqueue(dsn, "perm", max_attempts=10)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.dead_jobs")
+
+    run(main)
+    ((attempts, reason, errors),) = fetch(
+        dsn, "SELECT attempts, reason, errors FROM pgqueue.dead_jobs"
+    )
+    assert (attempts, reason) == (1, "permanent")
+    assert errors[0]["kind"] == "permanent"
+
+
+def test_snooze_reschedules_without_counting_an_attempt(dsn):
+    registry = Registry()
+    attempts_seen: list[int] = []
+
+    @registry.task(name="later", max_attempts=1)
+    def later() -> None:
+        attempts_seen.append(current_job().attempt)
+        if len(attempts_seen) < 3:
+            raise Snooze(0.05)
+
+    sql_enqueue(dsn, "later", max_attempts=1)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'")
+
+    run(main)
+    # max_attempts=1 and three runs: snoozes did not use up the attempt.
+    assert attempts_seen == [1, 1, 1]
+    assert fetch(dsn, "SELECT attempts, errors FROM pgqueue.jobs") == [(1, [])]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_timeout_fails_the_attempt(dsn, kind):
+    registry = Registry()
+
+    if kind == "sync":
+
+        @registry.task(name="slow", timeout=0.2, max_attempts=1)
+        def slow() -> None:
+            time.sleep(1.0)
+
+    else:
+
+        @registry.task(name="slow", timeout=0.2, max_attempts=1)
+        async def slow_async() -> None:
+            await asyncio.sleep(30)
+
+    sql_enqueue(dsn, "slow", max_attempts=1)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.dead_jobs")
+
+    run(main)
+    ((errors,),) = fetch(dsn, "SELECT errors FROM pgqueue.dead_jobs")
+    assert errors[0]["kind"] == "timeout"
+    assert "timed out after 0.2s" in errors[0]["error"]
+
+
+def test_unknown_task_and_bad_args_fail_the_attempt_and_retry(dsn):
+    registry = Registry()
+
+    @registry.task(name="typed", backoff=FAST)
+    def typed(a: int) -> None: ...
+
+    sql_enqueue(dsn, "no.such.task", max_attempts=2)
+    sql_enqueue(dsn, "typed", {"b": 1}, max_attempts=2)
+
+    async def main() -> Worker:
+        async with running_worker(registry, dsn) as worker:
+            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.dead_jobs")
+            return worker
+
+    worker = run(main)
+    rows = fetch(dsn, "SELECT task, attempts, errors FROM pgqueue.dead_jobs ORDER BY task")
+    assert [(t, a, [e["kind"] for e in errs]) for t, a, errs in rows] == [
+        ("no.such.task", 2, ["unknown_task", "unknown_task"]),
+        ("typed", 2, ["bad_args", "bad_args"]),
+    ]
+    assert "args do not fit" in rows[1][2][0]["error"]
+    assert worker.running == 0
+
+
+def test_handler_exceptions_never_stop_the_worker(dsn):
+    registry = Registry()
+
+    @registry.task(name="exit", max_attempts=1)
+    def exits() -> None:
+        raise SystemExit(3)
+
+    @registry.task(name="interrupt", max_attempts=1)
+    async def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    @registry.task(name="fine")
+    def fine() -> None: ...
+
+    for task in ("exit", "interrupt"):
+        sql_enqueue(dsn, task, max_attempts=1)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.dead_jobs")
+            sql_enqueue(dsn, "fine")
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'")
+
+    run(main)
+
+
+def test_notification_wakes_an_idle_worker_long_before_the_poll(dsn):
+    registry = Registry()
+
+    @registry.task(name="ping")
+    def ping() -> None: ...
+
+    async def main() -> float:
+        async with running_worker(registry, dsn, poll_interval=60) as worker:
+            await asyncio.wait_for(worker.listener.connected.wait(), 10)
+            await asyncio.sleep(0.2)  # the worker has polled once and is idle now
+            start = time.monotonic()
+            await asyncio.to_thread(sql_enqueue, dsn, "ping")
+            await wait_for_db(
+                dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'", timeout=20
+            )
+            return time.monotonic() - start
+
+    elapsed = run(main)
+    # With a 60 s poll, running at all within the 20 s wait proves the notification.
+    assert elapsed < 20
+
+
+def test_scheduled_job_wakes_the_worker_when_due_without_polling(dsn):
+    registry = Registry()
+
+    @registry.task(name="later")
+    def later() -> None: ...
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, poll_interval=60) as worker:
+            await asyncio.wait_for(worker.listener.connected.wait(), 10)
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(sql_enqueue, dsn, "later", delay=1.0)
+            await wait_for_db(
+                dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'", timeout=20
+            )
+
+    run(main)
+    ((ok,),) = fetch(dsn, "SELECT attempted_at >= run_at FROM pgqueue.jobs")
+    assert ok
+
+
+def test_heartbeat_keeps_a_long_job_leased_past_its_lease(dsn):
+    registry = Registry()
+
+    @registry.task(name="long")
+    async def long() -> None:
+        await asyncio.sleep(3.5)
+
+    job_id = sql_enqueue(dsn, "long")
+    reaper = Reaper(ReaperConfig(dsn=dsn))
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, lease_seconds=1.2):
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'running'")
+            for _ in range(6):  # 3 s: more than twice the lease
+                await asyncio.sleep(0.5)
+                result = await asyncio.to_thread(reaper.run_once)
+                assert result.requeued == [] and result.dead == []
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'")
+
+    run(main)
+    assert fetch(dsn, "SELECT id, attempts, errors FROM pgqueue.jobs") == [(job_id, 1, [])]
+
+
+def test_stale_worker_cannot_overwrite_a_newer_attempt(dsn):
+    """The job's lease is taken over while the handler runs: its result changes nothing."""
+    registry = Registry()
+    new_token = uuid.uuid4()
+
+    @registry.task(name="stale")
+    def stale() -> None:
+        # What a reaper requeue plus another worker's claim would leave behind.
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE pgqueue.jobs SET lease_token = %s, leased_by = 'other', attempts = 2"
+                " WHERE id = %s",
+                (new_token, current_job().id),
+            )
+
+    job_id = sql_enqueue(dsn, "stale")
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            await wait_for_db(dsn, "SELECT attempts = 2 FROM pgqueue.jobs WHERE id = %s", (job_id,))
+            await asyncio.sleep(0.5)  # let the stale worker try to record its success
+
+    run(main)
+    assert fetch(dsn, "SELECT state, attempts, leased_by, lease_token FROM pgqueue.jobs") == [
+        ("running", 2, "other", new_token)
+    ]
+
+
+def test_stop_releases_jobs_that_outlive_the_shutdown_timeout(dsn):
+    registry = Registry()
+    finished: list[int] = []
+
+    @registry.task(name="quick")
+    async def quick() -> None:
+        await asyncio.sleep(0.3)
+        finished.append(1)
+
+    @registry.task(name="endless")
+    async def endless() -> None:
+        await asyncio.sleep(60)
+
+    quick_id = sql_enqueue(dsn, "quick")
+    endless_id = sql_enqueue(dsn, "endless")
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, shutdown_timeout=1.0):
+            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.jobs WHERE state = 'running'")
+
+    run(main)
+    rows = dict(
+        (r[0], r[1:])
+        for r in fetch(dsn, "SELECT id, state, attempts, lease_token, errors FROM pgqueue.jobs")
+    )
+    assert rows[quick_id] == ("succeeded", 1, None, [])
+    # Released: back in the queue, the attempt not counted, nothing half-written.
+    assert rows[endless_id] == ("queued", 0, None, [])
+    assert finished == [1]
