@@ -51,6 +51,7 @@ class Listener:
                     async for note in conn.notifies():
                         if note.payload in self.queues:
                             self.wake.set()
+                raise psycopg.OperationalError("the notification stream ended")
             except CONNECTION_ERRORS as exc:
                 self.connected.clear()
                 delay = self.backoff.next_delay()
