@@ -7,6 +7,9 @@ handlers raise them to steer what happens to their job.
 
 from __future__ import annotations
 
+# The longest delay a retry or snooze may ask for: ten years.
+MAX_DELAY_SECONDS = 10 * 365 * 24 * 3600.0
+
 
 class PgQueueError(Exception):
     """pgqueue error."""
@@ -55,8 +58,10 @@ class Snooze(Exception):
     """Raise from a handler to run its job again later without counting a failed attempt."""
 
     def __init__(self, seconds: float) -> None:
-        if not seconds >= 0:
-            raise ValueError(f"Snooze seconds must be >= 0, got {seconds!r}")
+        if not 0 <= seconds <= MAX_DELAY_SECONDS:
+            raise ValueError(
+                f"Snooze seconds must be within 0..{MAX_DELAY_SECONDS}, got {seconds!r}"
+            )
         super().__init__(f"snoozed for {seconds}s")
         self.seconds = float(seconds)
 

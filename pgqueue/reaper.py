@@ -117,6 +117,10 @@ class Reaper:
                 wait = self.backoff.next_delay()
                 log.warning("reaper.disconnected", error=str(exc).strip(), retry_in=round(wait, 2))
                 self._close()
+            except Exception:
+                # The database refused a statement (say, the schema is not migrated yet).
+                wait = self.backoff.next_delay()
+                log.exception("reaper.failed", retry_in=round(wait, 2))
             self._stop.wait(wait)
         self._close()
         log.info("reaper.stopped")

@@ -9,6 +9,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pgqueue.errors import MAX_DELAY_SECONDS
+
 DEFAULT_BASE_SECONDS = 1.0
 DEFAULT_MAX_SECONDS = 3600.0
 DEFAULT_JITTER = 0.25
@@ -24,8 +26,10 @@ class Backoff:
     jitter: float = DEFAULT_JITTER
 
     def __post_init__(self) -> None:
-        if self.base_seconds < 0 or self.max_seconds < 0:
-            raise ValueError("backoff seconds must be >= 0")
+        if not 0 <= self.base_seconds <= MAX_DELAY_SECONDS:
+            raise ValueError(f"backoff base must be within 0..{MAX_DELAY_SECONDS} seconds")
+        if not 0 <= self.max_seconds <= MAX_DELAY_SECONDS:
+            raise ValueError(f"backoff max must be within 0..{MAX_DELAY_SECONDS} seconds")
         if not 0 <= self.jitter <= 1:
             raise ValueError("backoff jitter must be between 0 and 1")
 

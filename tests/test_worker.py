@@ -449,3 +449,62 @@ def test_stop_releases_jobs_that_outlive_the_shutdown_timeout(dsn):
     # Released: back in the queue, the attempt not counted, nothing half-written.
     assert rows[endless_id] == ("queued", 0, None, [])
     assert finished == [1]
+
+
+def test_error_text_that_jsonb_cannot_hold_is_recorded_cleanly(dsn):
+    registry = Registry()
+
+    @registry.task(name="nasty", max_attempts=2, backoff=FAST)
+    def nasty() -> None:
+        raise ValueError("nul \x00 and a lone surrogate \udcff")
+
+    sql_enqueue(dsn, "nasty", max_attempts=2)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.dead_jobs")
+
+    run(main)
+    ((errors,),) = fetch(dsn, "SELECT errors FROM pgqueue.dead_jobs")
+    assert [e["attempt"] for e in errors] == [1, 2]
+    assert errors[0]["error"] == "ValueError: nul \\0 and a lone surrogate \\udcff"
+
+
+def test_snooze_and_backoff_refuse_delays_beyond_ten_years():
+    with pytest.raises(ValueError):
+        Snooze(1e12)
+    with pytest.raises(ValueError):
+        Snooze(-1)
+    with pytest.raises(ValueError):
+        Backoff(max_seconds=1e300)
+
+
+def test_worker_started_before_migrate_waits_and_then_works(server_dsn):
+    name = f"pgqueue_empty_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = psycopg.conninfo.make_conninfo(server_dsn, dbname=name)
+    registry = Registry()
+    ran: list[int] = []
+
+    @registry.task(name="hello")
+    def hello() -> None:
+        ran.append(1)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, poll_interval=0.2):
+            await asyncio.sleep(1.0)  # the schema is missing: the worker keeps trying
+            from pgqueue import migrate
+
+            await asyncio.to_thread(migrate, dsn)
+            await asyncio.to_thread(sql_enqueue, dsn, "hello")
+            await wait_for_db(
+                dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'", timeout=30
+            )
+
+    try:
+        run(main)
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    assert ran == [1]

@@ -9,6 +9,7 @@ A batch that fails on a broken connection is kept and retried with backoff.
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import Callable
 
 from psycopg_pool import AsyncConnectionPool
@@ -20,8 +21,17 @@ from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
 
 log = get_logger("pgqueue.completer")
 
-# (outcome, written): written is False when the lease was lost and nothing changed.
-OnWritten = Callable[[Outcome, bool], None]
+
+class WriteResult(enum.Enum):
+    WRITTEN = "written"
+    # The row did not change: the lease was lost (fenced off).
+    FENCED = "fenced"
+    # The database refused this outcome (not a connection problem); it was dropped so
+    # that the job's lease can expire and the reaper retries it.
+    FAILED = "failed"
+
+
+OnWritten = Callable[[Outcome, WriteResult], None]
 _FLUSH_RETRYABLE: tuple[type[BaseException], ...] = (TimeoutError, *CONNECTION_ERRORS)
 
 
@@ -64,6 +74,39 @@ class Completer:
                     "completer.disconnected", error=str(exc).strip(), retry_in=round(delay, 2)
                 )
                 await asyncio.sleep(delay)
+            except Exception:
+                # Not a connection problem: some outcome in the batch is refused. Write
+                # them one by one so one bad outcome cannot block the others.
+                log.exception("completer.batch_failed", outcomes=len(self._pending))
+                await self._write_singly()
+
+    async def _write_singly(self) -> None:
+        async with self._writing:
+            batch, self._pending = self._pending, []
+            self._ready.clear()
+            for index, outcome in enumerate(batch):
+                try:
+                    changed = await self._write([outcome])
+                except CONNECTION_ERRORS:
+                    self._pending = batch[index:] + self._pending
+                    self._ready.set()
+                    raise
+                except Exception:
+                    log.exception(
+                        "outcome.failed",
+                        job_id=outcome.job.id,
+                        task=outcome.job.task,
+                        queue=outcome.job.queue,
+                        attempt=outcome.job.attempt,
+                        outcome=outcome.kind.value,
+                    )
+                    self.on_written(outcome, WriteResult.FAILED)
+                    continue
+                self._report(outcome, changed)
+
+    def _report(self, outcome: Outcome, changed: set[int]) -> None:
+        written = outcome.job.id in changed
+        self.on_written(outcome, WriteResult.WRITTEN if written else WriteResult.FENCED)
 
     async def run_once(self) -> int:
         """Write everything pending now, in one transaction; returns how many outcomes."""
@@ -80,7 +123,7 @@ class Completer:
                 self._ready.set()
                 raise
         for outcome in batch:
-            self.on_written(outcome, outcome.job.id in changed)
+            self._report(outcome, changed)
         return len(batch)
 
     async def flush(self, timeout: float) -> bool:

@@ -26,7 +26,7 @@ from pgqueue.log import get_logger
 from pgqueue.models import Job, Outcome, OutcomeKind
 from pgqueue.registry import Registry
 from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
-from pgqueue.worker.completer import Completer
+from pgqueue.worker.completer import Completer, WriteResult
 from pgqueue.worker.executor import Executor
 from pgqueue.worker.heartbeat import Heartbeat
 from pgqueue.worker.listener import Listener
@@ -167,6 +167,13 @@ class Worker:
                 )
                 await self._wait_for(self._stopping, delay)
                 continue
+            except Exception:
+                # A claim the database refuses (say, the schema is not migrated yet):
+                # say so loudly and keep trying; never die silently.
+                delay = self._backoff.next_delay()
+                log.exception("fetcher.failed", retry_in=round(delay, 2))
+                await self._wait_for(self._stopping, delay)
+                continue
             if len(jobs) == free:
                 # Probably more waiting: claim again as soon as a slot frees up. The
                 # yield lets completions that are already due coalesce into one claim.
@@ -179,7 +186,7 @@ class Worker:
         try:
             async with self.pool.connection() as conn:
                 seconds = await store.seconds_until_due(conn, queues=self.queues)
-        except CONNECTION_ERRORS:
+        except Exception:
             return self.config.poll_interval
         if seconds is None:
             return self.config.poll_interval
@@ -218,7 +225,7 @@ class Worker:
             return
         self.completer.submit(outcome)
 
-    def _on_written(self, outcome: Outcome, written: bool) -> None:
+    def _on_written(self, outcome: Outcome, result: WriteResult) -> None:
         job = outcome.job
         self._held.pop(job.id, None)
         fields = {
@@ -228,7 +235,9 @@ class Worker:
             "attempt": job.attempt,
             "duration": round(outcome.duration, 6),
         }
-        if not written:
+        if result is WriteResult.FAILED:
+            return  # logged by the completer; the lease now expires and the reaper retries
+        if result is WriteResult.FENCED:
             log.warning("lease.lost", outcome=outcome.kind.value, **fields)
         elif outcome.kind is OutcomeKind.SUCCEEDED:
             log.info("job.succeeded", **fields)

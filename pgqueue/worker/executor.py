@@ -28,6 +28,11 @@ MAX_ERROR_CHARS = 2_000
 _DEFAULT_BACKOFF = Backoff()
 
 
+def clean_text(text: str) -> str:
+    """Text safe for jsonb: no NUL, no lone surrogates."""
+    return text.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_record(
     job: Job, worker_id: str, kind: str, exc: BaseException | None, message: str | None = None
 ) -> dict[str, Any]:
@@ -40,11 +45,11 @@ def error_record(
         "at": datetime.now(UTC).isoformat(),
         "worker": worker_id,
         "kind": kind,
-        "error": message[:MAX_ERROR_CHARS],
+        "error": clean_text(message[:MAX_ERROR_CHARS]),
     }
     if exc is not None and exc.__traceback__ is not None:
         tb = "".join(traceback.format_exception(exc))
-        record["traceback"] = tb[-MAX_TRACEBACK_CHARS:]
+        record["traceback"] = clean_text(tb[-MAX_TRACEBACK_CHARS:])
     return record
 
 

@@ -47,6 +47,8 @@ class Heartbeat:
                 await self.run_once()
             except CONNECTION_ERRORS as exc:
                 log.warning("heartbeat.failed", error=str(exc).strip())
+            except Exception:
+                log.exception("heartbeat.failed")
 
     async def run_once(self) -> tuple[int, list[Job]]:
         """Extend all held leases; returns (extended, lost)."""

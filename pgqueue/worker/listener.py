@@ -52,12 +52,15 @@ class Listener:
                         if note.payload in self.queues:
                             self.wake.set()
                 raise psycopg.OperationalError("the notification stream ended")
-            except CONNECTION_ERRORS as exc:
+            except Exception as exc:
                 self.connected.clear()
                 delay = self.backoff.next_delay()
-                log.warning(
-                    "listener.disconnected", error=str(exc).strip(), retry_in=round(delay, 2)
-                )
+                if isinstance(exc, CONNECTION_ERRORS):
+                    log.warning(
+                        "listener.disconnected", error=str(exc).strip(), retry_in=round(delay, 2)
+                    )
+                else:
+                    log.exception("listener.failed", retry_in=round(delay, 2))
                 self.wake.set()
                 await asyncio.sleep(delay)
             finally:
