@@ -508,3 +508,22 @@ def test_worker_started_before_migrate_waits_and_then_works(server_dsn):
         with psycopg.connect(server_dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     assert ran == [1]
+
+
+def test_poll_finds_a_job_whose_notification_was_missed(dsn):
+    registry = Registry()
+
+    @registry.task(name="quiet")
+    def quiet() -> None: ...
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE pgqueue.jobs DISABLE TRIGGER jobs_notify_inserted")
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, poll_interval=0.3) as worker:
+            await asyncio.wait_for(worker.listener.connected.wait(), 10)
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(sql_enqueue, dsn, "quiet")  # no NOTIFY is sent
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'")
+
+    run(main)
