@@ -312,8 +312,9 @@ def worker_command(
             return Supervisor(child_command(child_args), processes, shutdown_timeout).run()
         from pgqueue.worker import Worker
 
-        asyncio.run(Worker(registry, config).run())
-        return 0
+        worker = Worker(registry, config)
+        asyncio.run(worker.run())
+        return 1 if worker.failed else 0
 
     _exit_after(body)
 

@@ -72,6 +72,8 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._signals = 0
+        # True when the worker stopped because one of its parts died (exit code 1).
+        self.failed = False
         self.completer = Completer(
             self.pool,
             self._lock,
@@ -124,10 +126,21 @@ class Worker:
             asyncio.create_task(self.completer.run(), name="completer"),
         ]
         fetcher = asyncio.create_task(self._fetch_loop(), name="fetcher")
+        for task in (*services, fetcher):
+            task.add_done_callback(self._on_component_done)
         try:
             await self._stopping.wait()
         finally:
             await self._shutdown(fetcher, services)
+
+    def _on_component_done(self, task: asyncio.Task[None]) -> None:
+        # Every loop catches its own errors, so a component that ends while the worker
+        # is not stopping is a bug: stop (exit code 1) rather than run half-deaf.
+        if self._stopping.is_set() or task.cancelled():
+            return
+        log.error("worker.component_died", component=task.get_name(), error=repr(task.exception()))
+        self.failed = True
+        self.stop()
 
     async def run_once(self, limit: int | None = None) -> list[Job]:
         """Claim up to ``limit`` (default: free slots) jobs and start them; returns them."""
@@ -281,8 +294,13 @@ class Worker:
         self, fetcher: asyncio.Task[None], services: list[asyncio.Task[None]]
     ) -> None:
         self._stopping.set()
+        # The fetcher notices the stop at its next wait; a claim in flight completes, so
+        # its jobs get the same grace (or release) as the others instead of being left
+        # claimed until their lease expires.
+        with contextlib.suppress(TimeoutError, Exception):
+            await asyncio.wait_for(asyncio.shield(fetcher), FLUSH_TIMEOUT_SECONDS)
         fetcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await fetcher
         running = list(self._running.values())
         if running:
