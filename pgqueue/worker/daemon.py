@@ -297,7 +297,7 @@ class Worker:
         # The fetcher notices the stop at its next wait; a claim in flight completes, so
         # its jobs get the same grace (or release) as the others instead of being left
         # claimed until their lease expires.
-        with contextlib.suppress(TimeoutError, Exception):
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(fetcher), FLUSH_TIMEOUT_SECONDS)
         fetcher.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
