@@ -30,7 +30,9 @@ def test_daemons_survive_postgres_restarts_and_lose_nothing(cluster: PgCluster, 
         enqueue_many(conn, [JobSpec("sleep", {"seconds": 0.05}) for _ in range(60)])
     daemons = Daemons(cluster.dsn, tmp_path)
     try:
-        worker = daemons.worker("--lease-seconds", "3", "--concurrency", "4", "--poll-interval", "1")
+        worker = daemons.worker(
+            "--lease-seconds", "3", "--concurrency", "4", "--poll-interval", "1"
+        )
         reaper = daemons.reaper("--interval", "0.5")
 
         def succeeded() -> int:

@@ -56,8 +56,10 @@ RETURNING d.id, d.task, d.queue, d.attempts;
 -- name: prune_finished
 -- Deletes succeeded and cancelled jobs finished more than %(retention_seconds)s ago, a
 -- batch at a time (jobs_finished_idx), freeing their idempotency keys.
-DELETE FROM pgqueue.jobs AS j
-WHERE j.id IN (
+-- Planner trap: `DELETE … WHERE id IN (subquery)` is planned as a hash semi-join over a
+-- sequential scan of the whole table once the batch is large; an id array from a
+-- materialised batch makes it primary-key lookups.
+WITH batch AS MATERIALIZED (
     SELECT f.id FROM pgqueue.jobs AS f
     WHERE f.state IN ('succeeded', 'cancelled')
       AND f.finished_at < now() - make_interval(secs => %(retention_seconds)s)
@@ -65,4 +67,6 @@ WHERE j.id IN (
     LIMIT %(batch_size)s
     FOR UPDATE SKIP LOCKED
 )
+DELETE FROM pgqueue.jobs AS j
+WHERE j.id = ANY (ARRAY(SELECT id FROM batch))
 RETURNING j.id;

@@ -50,7 +50,8 @@ class Worker:
     ) -> None:
         self.registry = registry
         self.config = config.validate()
-        self.queues: tuple[str, ...] = config.queues or tuple(registry.queues())
+        # Deduplicated: the claim scans each queue once per name it is given.
+        self.queues: tuple[str, ...] = tuple(dict.fromkeys(config.queues or registry.queues()))
         self.worker_id = worker_id or make_worker_id()
         self.pool = AsyncConnectionPool(
             config.dsn,

@@ -1,0 +1,194 @@
+"""Migrations: a fresh database gets the schema, a second run is a no-op, concurrent
+migrators serialise, an edited migration is refused, and the CLI reports in one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from pgqueue.errors import MigrationError
+from pgqueue.migrate import Migration, load_migrations, migrate
+from tests.conftest import scalar
+
+ROOT = Path(__file__).resolve().parent.parent
+PGQUEUE = Path(sys.executable).parent / "pgqueue"
+
+
+@pytest.fixture
+def empty_dsn(server_dsn: str) -> Iterator[str]:
+    """A brand-new, unmigrated database, dropped afterwards."""
+    name = f"pgqueue_empty_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_conninfo(server_dsn, dbname=name)
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+def schema_snapshot(dsn: str) -> dict[str, Any]:
+    """Everything in schema pgqueue, and the record of applied migrations."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        relations = c.execute(
+            "SELECT c.relname, c.relkind, c.oid FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = 'pgqueue' ORDER BY 1"
+        ).fetchall()
+        functions = c.execute(
+            "SELECT p.oid::regprocedure::text, p.oid FROM pg_proc p"
+            " JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = 'pgqueue' ORDER BY 1"
+        ).fetchall()
+        migrations = c.execute(
+            "SELECT version, name, checksum, applied_at FROM pgqueue.schema_migrations"
+            " ORDER BY version"
+        ).fetchall()
+    return {"relations": relations, "functions": functions, "migrations": migrations}
+
+
+def versions(migrations: list[Migration]) -> list[int]:
+    return [m.version for m in migrations]
+
+
+def test_migrating_a_fresh_database_creates_the_schema(empty_dsn):
+    applied = migrate(empty_dsn)
+
+    assert versions(applied) == versions(load_migrations())
+    assert versions(applied)[0] == 1
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        for table in ("jobs", "dead_jobs", "schema_migrations"):
+            assert scalar(c, "SELECT to_regclass(%s)::text", (f"pgqueue.{table}",)) == (
+                f"pgqueue.{table}"
+            )
+        assert scalar(c, "SELECT count(*) FROM pg_proc WHERE oid = 'pgqueue.enqueue'::regproc")
+        recorded = c.execute(
+            "SELECT version, name, checksum FROM pgqueue.schema_migrations ORDER BY version"
+        ).fetchall()
+        # The schema works: a job can be enqueued.
+        job_id = scalar(c, "SELECT pgqueue.enqueue('t')")
+        assert scalar(c, "SELECT state::text FROM pgqueue.jobs WHERE id = %s", (job_id,)) == (
+            "queued"
+        )
+    assert recorded == [(m.version, m.name, m.checksum) for m in load_migrations()]
+
+
+def test_migrating_an_up_to_date_database_applies_nothing_and_changes_nothing(empty_dsn):
+    migrate(empty_dsn)
+    before = schema_snapshot(empty_dsn)
+
+    assert migrate(empty_dsn) == []
+
+    assert schema_snapshot(empty_dsn) == before
+
+
+def test_concurrent_migrators_apply_each_migration_exactly_once(empty_dsn):
+    start = threading.Barrier(2)
+    results: list[list[Migration]] = []
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        try:
+            start.wait(timeout=30)
+            applied = migrate(empty_dsn)
+            with lock:
+                results.append(applied)
+        except BaseException as exc:  # reported below, not lost in the thread
+            with lock:
+                failures.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+    assert not any(t.is_alive() for t in threads)
+    assert failures == []
+    assert len(results) == 2
+    expected = versions(load_migrations())
+    assert sorted(versions(results[0]) + versions(results[1])) == expected
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        rows = c.execute("SELECT version FROM pgqueue.schema_migrations ORDER BY 1").fetchall()
+    assert [r[0] for r in rows] == expected
+
+
+def test_an_applied_migration_whose_checksum_changed_is_refused(dsn, conn):
+    conn.execute("UPDATE pgqueue.schema_migrations SET checksum = 'x' WHERE version = 1")
+    before = schema_snapshot(dsn)
+
+    with pytest.raises(MigrationError, match="0001"):
+        migrate(dsn)
+
+    assert schema_snapshot(dsn) == before
+    # The refusal released the migration lock: the next migrator is refused too, not stuck.
+    with pytest.raises(MigrationError):
+        migrate(dsn)
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PGQUEUE_DSN"}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(PGQUEUE), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cli_migrate_applies_then_says_up_to_date(empty_dsn):
+    first = run_cli("migrate", "--dsn", empty_dsn, env=cli_env())
+
+    assert first.returncode == 0, first.stderr
+    assert [line for line in first.stdout.splitlines() if line] == [
+        f"applied {m.version:04d}_{m.name}" for m in load_migrations()
+    ]
+
+    second = run_cli("migrate", "--dsn", empty_dsn, env=cli_env())
+
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() == "pgqueue schema is up to date"
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        assert scalar(c, "SELECT count(*) FROM pgqueue.schema_migrations") == len(load_migrations())
+
+
+def test_cli_migrate_reads_the_dsn_from_pgqueue_dsn(empty_dsn):
+    result = run_cli("migrate", env=cli_env(PGQUEUE_DSN=empty_dsn))
+
+    assert result.returncode == 0, result.stderr
+    assert "applied 0001_" in result.stdout
+
+
+def test_cli_migrate_without_a_dsn_fails_with_one_line_and_no_traceback():
+    result = run_cli("migrate", env=cli_env())
+
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "PGQUEUE_DSN" in lines[0] or "--dsn" in lines[0]
+    assert result.stdout == ""

@@ -1,0 +1,773 @@
+"""The named queries, called through ``pgqueue.store`` against a real Postgres.
+
+Times are checked against the database's own clock: a value written as ``now() + x`` by a
+statement must lie between ``x`` after a clock reading taken just before the statement
+and ``x`` after one taken just after it. No test sleeps or measures durations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from pgqueue import store
+from pgqueue.sql import QUERIES
+from tests.conftest import scalar
+
+AsyncConn = psycopg.AsyncConnection[Any]
+WORKER = "worker-1"
+LEASE = 30.0
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def db_clock(conn: psycopg.Connection[Any]) -> datetime:
+    """The database's wall clock now (not the transaction start)."""
+    value: datetime = scalar(conn, "SELECT clock_timestamp()")
+    return value
+
+
+def make_job(conn: psycopg.Connection[Any], **columns: Any) -> int:
+    """Insert one row into pgqueue.jobs, in any state, straight through SQL; returns its id.
+
+    A running job gets a fresh lease token and a lease expiring in 30 s unless given.
+    """
+    columns.setdefault("task", "t")
+    if columns.get("state") == "running":
+        columns.setdefault("lease_token", uuid.uuid4())
+        columns.setdefault("leased_by", WORKER)
+        columns.setdefault("lease_expires_at", db_clock(conn) + timedelta(seconds=LEASE))
+        columns.setdefault("attempts", 1)
+    values = {k: Jsonb(v) if isinstance(v, dict | list) else v for k, v in columns.items()}
+    query = sql.SQL("INSERT INTO pgqueue.jobs ({}) VALUES ({}) RETURNING id").format(
+        sql.SQL(", ").join(sql.Identifier(k) for k in values),
+        sql.SQL(", ").join(sql.Placeholder(k) for k in values),
+    )
+    job_id: int = scalar(conn, query, values)
+    return job_id
+
+
+def job_row(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute("SELECT * FROM pgqueue.jobs WHERE id = %s", (job_id,))
+        return cur.fetchone()
+
+
+def dead_row(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute("SELECT * FROM pgqueue.dead_jobs WHERE id = %s", (job_id,))
+        return cur.fetchone()
+
+
+def run_async(dsn: str, fn: Callable[..., Awaitable[Any]], **kwargs: Any) -> Any:
+    """Run one async store function on a fresh autocommit AsyncConnection."""
+
+    async def go() -> Any:
+        aconn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        async with aconn:
+            return await fn(aconn, **kwargs)
+
+    return asyncio.run(go())
+
+
+def claim(dsn: str, queues: list[str], limit: int, **kwargs: Any) -> list[Any]:
+    kwargs.setdefault("worker_id", WORKER)
+    kwargs.setdefault("lease_seconds", LEASE)
+    jobs: list[Any] = run_async(dsn, store.claim_jobs, queues=queues, limit=limit, **kwargs)
+    return jobs
+
+
+ERROR_1 = {"attempt": 1, "kind": "error", "error": "first failure"}
+ERROR_2 = {"attempt": 2, "kind": "error", "error": "second failure"}
+
+# Each fenced operation, called with the given ids and tokens and otherwise fixed arguments.
+FENCED_OPS: dict[str, Callable[[AsyncConn, list[int], list[uuid.UUID]], Awaitable[set[int]]]] = {
+    "complete_jobs": lambda c, ids, tokens: store.complete_jobs(c, ids=ids, tokens=tokens),
+    "retry_jobs": lambda c, ids, tokens: store.retry_jobs(
+        c, ids=ids, tokens=tokens, delays=[5.0] * len(ids), errors=[ERROR_2] * len(ids)
+    ),
+    "snooze_jobs": lambda c, ids, tokens: store.snooze_jobs(
+        c, ids=ids, tokens=tokens, delays=[5.0] * len(ids)
+    ),
+    "release_jobs": lambda c, ids, tokens: store.release_jobs(c, ids=ids, tokens=tokens),
+    "dead_letter_jobs": lambda c, ids, tokens: store.dead_letter_jobs(
+        c, ids=ids, tokens=tokens, errors=[ERROR_2] * len(ids), reasons=["permanent"] * len(ids)
+    ),
+    "extend_leases": lambda c, ids, tokens: store.extend_leases(
+        c, ids=ids, tokens=tokens, lease_seconds=600.0
+    ),
+}
+
+
+def fenced(dsn: str, op: str, ids: list[int], tokens: list[uuid.UUID]) -> set[int]:
+    async def go() -> set[int]:
+        aconn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        async with aconn:
+            return await FENCED_OPS[op](aconn, ids, tokens)
+
+    return asyncio.run(go())
+
+
+# --- claim --------------------------------------------------------------------------------
+
+
+def test_claim_takes_jobs_in_priority_then_run_at_then_id_order_across_queues(conn, dsn):
+    base = db_clock(conn) - timedelta(hours=1)
+    # (queue, priority, run_at offset in seconds); inserted so that id order disagrees
+    # with claim order, with ties on priority and run_at broken by id.
+    specs = [
+        ("a", 2, 0),
+        ("b", 0, 30),
+        ("a", 0, 30),
+        ("b", 0, 10),
+        ("a", -1, 50),
+        ("b", 0, 10),
+        ("a", 1, 5),
+        ("b", -1, 60),
+    ]
+    rows = []
+    for queue, priority, offset in specs:
+        job_id = make_job(
+            conn, queue=queue, priority=priority, run_at=base + timedelta(seconds=offset)
+        )
+        rows.append((priority, offset, job_id))
+    expected = [job_id for _, _, job_id in sorted(rows)]
+    assert expected != sorted(job_id for _, _, job_id in rows)
+
+    claimed_one_by_one = []
+    for _ in specs:
+        jobs = claim(dsn, ["a", "b"], limit=1)
+        assert len(jobs) == 1
+        claimed_one_by_one.append(jobs[0].id)
+
+    assert claimed_one_by_one == expected
+    assert claim(dsn, ["a", "b"], limit=1) == []
+
+
+def test_claim_takes_at_most_limit_jobs_across_all_queues(conn, dsn):
+    ids = [make_job(conn, queue=q) for q in ("a", "b") for _ in range(5)]
+
+    jobs = claim(dsn, ["a", "b"], limit=3)
+
+    assert len(jobs) == 3
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'running'") == 3
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'queued'") == 7
+    assert {j.id for j in jobs} <= set(ids)
+
+
+def test_claim_does_not_take_jobs_whose_run_at_is_in_the_future(conn, dsn):
+    now = db_clock(conn)
+    due = make_job(conn, run_at=now - timedelta(seconds=1))
+    future = make_job(conn, run_at=now + timedelta(hours=1))
+
+    jobs = claim(dsn, ["default"], limit=10)
+
+    assert [j.id for j in jobs] == [due]
+    future_row = job_row(conn, future)
+    assert future_row is not None
+    assert future_row["state"] == "queued"
+    assert future_row["attempts"] == 0
+    assert future_row["lease_token"] is None
+
+
+def test_claim_takes_only_jobs_of_the_given_queues(conn, dsn):
+    wanted = {make_job(conn, queue="a"), make_job(conn, queue="b")}
+    other = make_job(conn, queue="c")
+
+    jobs = claim(dsn, ["a", "b"], limit=10)
+
+    assert {j.id for j in jobs} == wanted
+    assert {j.queue for j in jobs} == {"a", "b"}
+    other_row = job_row(conn, other)
+    assert other_row is not None
+    assert other_row["state"] == "queued"
+
+
+def test_claim_does_not_take_running_or_finished_jobs(conn, dsn):
+    make_job(conn, state="running")
+    make_job(conn, state="succeeded", finished_at=db_clock(conn))
+    make_job(conn, state="cancelled", finished_at=db_clock(conn))
+
+    assert claim(dsn, ["default"], limit=10) == []
+
+
+def test_claim_marks_running_counts_the_attempt_and_sets_a_lease(conn, dsn):
+    job_id = make_job(conn, attempts=2, args={"x": 1})
+    before = db_clock(conn)
+
+    jobs = claim(dsn, ["default"], limit=1, worker_id="w-42", lease_seconds=45.0)
+
+    after = db_clock(conn)
+    assert len(jobs) == 1
+    job = jobs[0]
+    assert job.id == job_id
+    assert job.attempt == 3
+    assert job.args == {"x": 1}
+    row = job_row(conn, job_id)
+    assert row is not None
+    assert row["state"] == "running"
+    assert row["attempts"] == 3
+    assert isinstance(row["lease_token"], uuid.UUID)
+    assert row["lease_token"] == job.lease_token
+    assert row["leased_by"] == "w-42"
+    assert before <= row["attempted_at"] <= after
+    assert row["lease_expires_at"] - row["attempted_at"] == timedelta(seconds=45)
+    assert job.lease_expires_at == row["lease_expires_at"]
+
+
+def test_each_claim_gets_a_different_lease_token(conn, dsn):
+    for _ in range(3):
+        make_job(conn)
+
+    jobs = claim(dsn, ["default"], limit=3)
+
+    assert len({j.lease_token for j in jobs}) == 3
+
+
+def test_concurrent_claimers_never_get_the_same_job(conn, dsn):
+    ids = {make_job(conn) for _ in range(10)}
+
+    async def go() -> tuple[list[Any], list[Any]]:
+        a = await psycopg.AsyncConnection.connect(dsn)
+        b = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        async with a, b:
+            # A safety net only: without SKIP LOCKED, B would wait on A's row locks.
+            await b.execute("SET lock_timeout = '10s'")
+            async with a.transaction():
+                jobs_a = await store.claim_jobs(
+                    a, queues=["default"], limit=5, worker_id="A", lease_seconds=LEASE
+                )
+                # A has not committed: its five rows are locked and still look queued.
+                jobs_b = await store.claim_jobs(
+                    b, queues=["default"], limit=10, worker_id="B", lease_seconds=LEASE
+                )
+            return jobs_a, jobs_b
+
+    jobs_a, jobs_b = asyncio.run(go())
+
+    ids_a = {j.id for j in jobs_a}
+    ids_b = {j.id for j in jobs_b}
+    assert len(ids_a) == 5
+    assert len(ids_b) == 5
+    assert ids_a.isdisjoint(ids_b)
+    assert ids_a | ids_b == ids
+    with conn.cursor() as cur:
+        cur.execute("SELECT leased_by, count(*) FROM pgqueue.jobs GROUP BY leased_by")
+        assert dict(cur.fetchall()) == {"A": 5, "B": 5}
+    assert scalar(conn, "SELECT max(attempts) FROM pgqueue.jobs") == 1
+
+
+# --- fencing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", sorted(FENCED_OPS))
+@pytest.mark.parametrize("wrong", ["random token", "another job's token"])
+def test_fenced_operation_with_a_wrong_token_changes_nothing(conn, dsn, op, wrong):
+    job_id = make_job(conn, state="running", errors=[ERROR_1])
+    other_token = uuid.uuid4()
+    make_job(conn, state="running", lease_token=other_token)
+    token = uuid.uuid4() if wrong == "random token" else other_token
+    before = job_row(conn, job_id)
+
+    changed = fenced(dsn, op, [job_id], [token])
+
+    assert changed == set()
+    assert job_row(conn, job_id) == before
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 0
+
+
+@pytest.mark.parametrize("op", sorted(FENCED_OPS))
+def test_fenced_operation_with_a_stale_token_after_reclaim_changes_nothing(conn, dsn, op):
+    job_id = make_job(conn)
+    (first,) = claim(dsn, ["default"], limit=1, worker_id="first")
+    # The first lease is lost: the job goes back to the queue and is claimed again.
+    conn.execute(
+        "UPDATE pgqueue.jobs SET state = 'queued', lease_token = NULL,"
+        " lease_expires_at = NULL WHERE id = %s",
+        (job_id,),
+    )
+    (second,) = claim(dsn, ["default"], limit=1, worker_id="second")
+    assert second.id == job_id
+    assert second.lease_token != first.lease_token
+    before = job_row(conn, job_id)
+
+    changed = fenced(dsn, op, [job_id], [first.lease_token])
+
+    assert changed == set()
+    after = job_row(conn, job_id)
+    assert after == before
+    assert after is not None
+    assert after["state"] == "running"
+    assert after["attempts"] == 2
+    assert after["lease_token"] == second.lease_token
+    assert after["leased_by"] == "second"
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 0
+    # The current holder's token still works (the wrong-token result is not vacuous).
+    assert fenced(dsn, op, [job_id], [second.lease_token]) == {job_id}
+
+
+@pytest.mark.parametrize("op", sorted(FENCED_OPS))
+def test_fenced_operation_in_a_batch_changes_only_rows_whose_token_matches(conn, dsn, op):
+    good_token = uuid.uuid4()
+    good = make_job(conn, state="running", lease_token=good_token)
+    bad = make_job(conn, state="running")
+    bad_before = job_row(conn, bad)
+
+    changed = fenced(dsn, op, [good, bad], [good_token, uuid.uuid4()])
+
+    assert changed == {good}
+    assert job_row(conn, bad) == bad_before
+
+
+# --- outcomes -----------------------------------------------------------------------------
+
+
+def test_complete_marks_succeeded_sets_finished_at_and_clears_the_lease(conn, dsn):
+    make_job(conn)
+    (job,) = claim(dsn, ["default"], limit=1)
+    before = db_clock(conn)
+
+    changed = run_async(dsn, store.complete_jobs, ids=[job.id], tokens=[job.lease_token])
+
+    after = db_clock(conn)
+    assert changed == {job.id}
+    row = job_row(conn, job.id)
+    assert row is not None
+    assert row["state"] == "succeeded"
+    assert before <= row["finished_at"] <= after
+    assert row["lease_token"] is None
+    assert row["lease_expires_at"] is None
+    assert row["attempts"] == 1
+
+
+def test_retry_requeues_after_the_delay_appends_the_error_and_keeps_attempts(conn, dsn):
+    token = uuid.uuid4()
+    job_id = make_job(conn, state="running", lease_token=token, attempts=2, errors=[ERROR_1])
+    before = db_clock(conn)
+
+    changed = run_async(
+        dsn, store.retry_jobs, ids=[job_id], tokens=[token], delays=[90.0], errors=[ERROR_2]
+    )
+
+    after = db_clock(conn)
+    assert changed == {job_id}
+    row = job_row(conn, job_id)
+    assert row is not None
+    assert row["state"] == "queued"
+    assert row["attempts"] == 2
+    delay = timedelta(seconds=90)
+    assert before + delay <= row["run_at"] <= after + delay
+    assert row["errors"] == [ERROR_1, ERROR_2]
+    assert row["lease_token"] is None
+    assert row["lease_expires_at"] is None
+
+
+def test_snooze_requeues_after_the_delay_and_gives_the_attempt_back(conn, dsn):
+    token = uuid.uuid4()
+    job_id = make_job(conn, state="running", lease_token=token, attempts=2, errors=[ERROR_1])
+    before = db_clock(conn)
+
+    changed = run_async(dsn, store.snooze_jobs, ids=[job_id], tokens=[token], delays=[120.0])
+
+    after = db_clock(conn)
+    assert changed == {job_id}
+    row = job_row(conn, job_id)
+    assert row is not None
+    assert row["state"] == "queued"
+    assert row["attempts"] == 1
+    delay = timedelta(seconds=120)
+    assert before + delay <= row["run_at"] <= after + delay
+    assert row["errors"] == [ERROR_1]
+    assert row["lease_token"] is None
+    assert row["lease_expires_at"] is None
+
+
+def test_release_requeues_runnable_now_and_gives_the_attempt_back(conn, dsn):
+    token = uuid.uuid4()
+    job_id = make_job(
+        conn,
+        state="running",
+        lease_token=token,
+        attempts=2,
+        run_at=db_clock(conn) - timedelta(hours=1),
+    )
+    before = db_clock(conn)
+
+    changed = run_async(dsn, store.release_jobs, ids=[job_id], tokens=[token])
+
+    after = db_clock(conn)
+    assert changed == {job_id}
+    row = job_row(conn, job_id)
+    assert row is not None
+    assert row["state"] == "queued"
+    assert row["attempts"] == 1
+    assert before <= row["run_at"] <= after
+    assert row["lease_token"] is None
+    assert row["lease_expires_at"] is None
+    # Released jobs are claimable again at once.
+    assert [j.id for j in claim(dsn, ["default"], limit=1)] == [job_id]
+
+
+def test_dead_letter_moves_the_job_to_dead_jobs_with_its_errors_and_reason(conn, dsn):
+    token = uuid.uuid4()
+    job_id = make_job(
+        conn,
+        state="running",
+        lease_token=token,
+        attempts=3,
+        max_attempts=5,
+        queue="q",
+        task="send",
+        args={"to": "x"},
+        priority=4,
+        idempotency_key="key-1",
+        errors=[ERROR_1],
+    )
+    original = job_row(conn, job_id)
+    assert original is not None
+
+    changed = run_async(
+        dsn,
+        store.dead_letter_jobs,
+        ids=[job_id],
+        tokens=[token],
+        errors=[ERROR_2],
+        reasons=["permanent"],
+    )
+
+    assert changed == {job_id}
+    assert job_row(conn, job_id) is None
+    dead = dead_row(conn, job_id)
+    assert dead is not None
+    assert dead["errors"] == [ERROR_1, ERROR_2]
+    assert dead["reason"] == "permanent"
+    for column in (
+        "queue",
+        "task",
+        "args",
+        "priority",
+        "attempts",
+        "max_attempts",
+        "run_at",
+        "idempotency_key",
+        "created_at",
+        "attempted_at",
+    ):
+        assert dead[column] == original[column], column
+
+
+def test_dead_letter_that_cannot_insert_the_dead_row_leaves_the_job_in_place(conn, dsn):
+    token = uuid.uuid4()
+    job_id = make_job(conn, state="running", lease_token=token)
+    # A dead row with the same id already exists: the insert half of the move must fail,
+    # and so must the delete half.
+    conn.execute(
+        "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts,"
+        " max_attempts, run_at, created_at, reason)"
+        " VALUES (%s, 'default', 't', '{}', 0, 1, 1, now(), now(), 'permanent')",
+        (job_id,),
+    )
+    before = job_row(conn, job_id)
+
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        run_async(
+            dsn,
+            store.dead_letter_jobs,
+            ids=[job_id],
+            tokens=[token],
+            errors=[ERROR_2],
+            reasons=["permanent"],
+        )
+
+    assert job_row(conn, job_id) == before
+
+
+# --- heartbeats ---------------------------------------------------------------------------
+
+
+def test_extend_leases_extends_only_rows_held_under_the_given_tokens(conn, dsn):
+    now = db_clock(conn)
+    soon = now + timedelta(seconds=5)
+    held_token, expired_token = uuid.uuid4(), uuid.uuid4()
+    held = make_job(conn, state="running", lease_token=held_token, lease_expires_at=soon)
+    # Expired, but not reaped yet: the worker is alive after all, so it is extended too.
+    expired = make_job(
+        conn,
+        state="running",
+        lease_token=expired_token,
+        lease_expires_at=now - timedelta(seconds=5),
+    )
+    wrong = make_job(conn, state="running", lease_expires_at=soon)
+    not_asked = make_job(conn, state="running", lease_expires_at=soon)
+    untouched = {i: job_row(conn, i) for i in (wrong, not_asked)}
+    before = db_clock(conn)
+
+    changed = run_async(
+        dsn,
+        store.extend_leases,
+        ids=[held, expired, wrong],
+        tokens=[held_token, expired_token, uuid.uuid4()],
+        lease_seconds=300.0,
+    )
+
+    after = db_clock(conn)
+    assert changed == {held, expired}
+    lease = timedelta(seconds=300)
+    for job_id in (held, expired):
+        row = job_row(conn, job_id)
+        assert row is not None
+        assert before + lease <= row["lease_expires_at"] <= after + lease
+        assert row["state"] == "running"
+    for job_id, row in untouched.items():
+        assert job_row(conn, job_id) == row
+
+
+def test_extend_leases_with_no_jobs_returns_an_empty_set(dsn):
+    assert run_async(dsn, store.extend_leases, ids=[], tokens=[], lease_seconds=30.0) == set()
+
+
+# --- seconds_until_due --------------------------------------------------------------------
+
+
+def test_seconds_until_due_is_the_earliest_future_queued_job_across_queues_and_priorities(
+    conn, dsn
+):
+    t0 = db_clock(conn)
+
+    def at(seconds: float) -> datetime:
+        return t0 + timedelta(seconds=seconds)
+
+    make_job(conn, queue="a", priority=0, run_at=at(-60))  # due: not in the future
+    make_job(conn, queue="a", priority=0, run_at=at(600))
+    make_job(conn, queue="a", priority=5, run_at=at(300))
+    make_job(conn, queue="b", priority=-3, run_at=at(400))
+    make_job(conn, queue="b", priority=7, run_at=at(90))  # the earliest
+    make_job(conn, queue="b", priority=7, run_at=at(200))
+    make_job(conn, queue="c", priority=0, run_at=at(10))  # another queue
+    make_job(conn, queue="a", state="running", run_at=at(20))  # not queued
+    make_job(conn, queue="a", state="succeeded", finished_at=t0, run_at=at(30))
+
+    seconds = run_async(dsn, store.seconds_until_due, queues=["a", "b"])
+
+    elapsed = (db_clock(conn) - t0).total_seconds()
+    assert seconds is not None
+    assert 90 - elapsed <= seconds <= 90
+
+
+def test_seconds_until_due_is_none_without_a_future_queued_job_in_the_queues(conn, dsn):
+    assert run_async(dsn, store.seconds_until_due, queues=["a"]) is None
+
+    t0 = db_clock(conn)
+    make_job(conn, queue="a", run_at=t0 - timedelta(seconds=1))
+    make_job(conn, queue="b", run_at=t0 + timedelta(hours=1))
+    make_job(conn, queue="a", state="running", run_at=t0 + timedelta(hours=1))
+
+    assert run_async(dsn, store.seconds_until_due, queues=["a"]) is None
+
+
+# --- notify trigger -----------------------------------------------------------------------
+
+
+def test_bulk_insert_notifies_once_per_queue_not_once_per_row(conn, dsn):
+    sentinel = f"sentinel-{uuid.uuid4()}"
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN pgqueue_jobs")
+        with conn.transaction():
+            conn.execute("SET LOCAL track_functions = 'pl'")
+            conn.execute(
+                "INSERT INTO pgqueue.jobs (queue, task)"
+                " SELECT CASE WHEN i % 2 = 0 THEN 'q-even' ELSE 'q-odd' END, 't'"
+                " FROM generate_series(1, 1000) AS i"
+            )
+            trigger_calls = scalar(
+                conn,
+                "SELECT calls FROM pg_stat_xact_user_functions"
+                " WHERE schemaname = 'pgqueue' AND funcname = 'notify_inserted'",
+            )
+        # Committed after the insert, so delivered after all of its notifications.
+        conn.execute("SELECT pg_notify('pgqueue_jobs', %s)", (sentinel,))
+
+        received = []
+        # The timeout is a safety net: the loop ends at the sentinel.
+        for notify in listener.notifies(timeout=30):
+            if notify.payload == sentinel:
+                break
+            received.append(notify)
+        else:
+            pytest.fail("the sentinel notification never arrived")
+
+    assert sorted(n.payload for n in received) == ["q-even", "q-odd"]
+    assert {n.channel for n in received} == {"pgqueue_jobs"}
+    # Postgres folds identical notifications within a transaction, so the count above
+    # alone would not tell a per-row trigger from a per-statement one; the call count does.
+    assert trigger_calls == 1
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 1000
+
+
+def test_inserting_only_finished_jobs_notifies_nothing(conn, dsn):
+    sentinel = f"sentinel-{uuid.uuid4()}"
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN pgqueue_jobs")
+        conn.execute(
+            "INSERT INTO pgqueue.jobs (queue, task, state, finished_at)"
+            " SELECT 'q-done', 't', 'succeeded', now() FROM generate_series(1, 10)"
+        )
+        conn.execute("SELECT pg_notify('pgqueue_jobs', %s)", (sentinel,))
+        payloads = []
+        for notify in listener.notifies(timeout=30):
+            if notify.payload == sentinel:
+                break
+            payloads.append(notify.payload)
+        else:
+            pytest.fail("the sentinel notification never arrived")
+
+    assert payloads == []
+
+
+# --- plan guards --------------------------------------------------------------------------
+
+SEED_SQL = [
+    # 20,000 due queued jobs across 3 queues and 2 priorities.
+    """
+    INSERT INTO pgqueue.jobs (queue, task, priority, run_at)
+    SELECT 'q' || (i % 3), 't', CASE WHEN i % 2 = 0 THEN 0 ELSE 10 END,
+           now() - interval '1 hour' + i * interval '10 ms'
+    FROM generate_series(1, 20000) AS i
+    """,
+    # 20,000 succeeded jobs, finished over the last ~2.3 days.
+    """
+    INSERT INTO pgqueue.jobs (queue, task, state, attempts, run_at, attempted_at, finished_at)
+    SELECT 'q' || (i % 3), 't', 'succeeded', 1, now() - interval '3 days',
+           now() - i * interval '10 s', now() - i * interval '10 s'
+    FROM generate_series(1, 20000) AS i
+    """,
+    # 5,000 future jobs.
+    """
+    INSERT INTO pgqueue.jobs (queue, task, priority, run_at)
+    SELECT 'q' || (i % 3), 't', CASE WHEN i % 2 = 0 THEN 0 ELSE 10 END,
+           now() + i * interval '1 s'
+    FROM generate_series(1, 5000) AS i
+    """,
+    # 100 running jobs, 20 of them with an expired lease.
+    """
+    INSERT INTO pgqueue.jobs (queue, task, state, attempts, lease_token, leased_by,
+                              lease_expires_at, attempted_at)
+    SELECT 'q' || (i % 3), 't', 'running', 1, gen_random_uuid(), 'w' || (i % 10),
+           CASE WHEN i <= 20 THEN now() - interval '1 minute'
+                ELSE now() + interval '1 minute' END,
+           now() - interval '2 minutes'
+    FROM generate_series(1, 100) AS i
+    """,
+    "ANALYZE pgqueue.jobs",
+]
+
+
+@pytest.fixture(scope="module")
+def seeded_dsn(server_dsn: str, template_db: str) -> Iterator[str]:
+    """One migrated database for the module, seeded with a realistic mix, analysed."""
+    name = f"pgqueue_plan_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template_db)
+            )
+        )
+    try:
+        dsn = make_conninfo(server_dsn, dbname=name)
+        with psycopg.connect(dsn, autocommit=True) as c:
+            for statement in SEED_SQL:
+                c.execute(statement)  # type: ignore[call-overload]
+        yield dsn
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+def explain(dsn: str, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plan nodes of a named query with its parameters bound by psycopg."""
+    with psycopg.connect(dsn, autocommit=True) as c, c.cursor() as cur:
+        cur.execute("EXPLAIN (FORMAT JSON) " + QUERIES[name], params)  # type: ignore[operator]
+        row = cur.fetchone()
+    assert row is not None
+    return list(_plan_nodes(row[0][0]["Plan"]))
+
+
+def _running_ids_and_tokens(dsn: str, n: int) -> tuple[list[int], list[uuid.UUID]]:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        rows = c.execute(
+            "SELECT id, lease_token FROM pgqueue.jobs WHERE state = 'running' ORDER BY id LIMIT %s",
+            (n,),
+        ).fetchall()
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def _plan_params(dsn: str, name: str) -> dict[str, Any]:
+    queues = ["q0", "q1", "q2"]
+    if name == "claim_jobs":
+        return {"queues": queues, "limit": 10, "worker_id": WORKER, "lease_seconds": LEASE}
+    if name == "seconds_until_due":
+        return {"queues": queues}
+    if name in ("extend_leases", "complete_jobs"):
+        ids, tokens = _running_ids_and_tokens(dsn, 5)
+        params: dict[str, Any] = {"ids": ids, "tokens": tokens}
+        if name == "extend_leases":
+            params["lease_seconds"] = LEASE
+        return params
+    if name == "requeue_expired":
+        return {"batch_size": 1000, "backoff_base_seconds": 1.0, "backoff_max_seconds": 3600.0}
+    if name == "prune_finished":
+        return {"retention_seconds": 86400.0, "batch_size": 1000}
+    raise AssertionError(name)
+
+
+def _seq_scans_on_jobs(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        n
+        for n in nodes
+        if n["Node Type"] == "Seq Scan"
+        and n.get("Relation Name") == "jobs"
+        and n.get("Schema", "pgqueue") == "pgqueue"
+    ]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "claim_jobs",
+        "seconds_until_due",
+        "extend_leases",
+        "complete_jobs",
+        "requeue_expired",
+        "prune_finished",
+    ],
+)
+def test_hot_query_plan_never_seq_scans_the_jobs_table(seeded_dsn, name):
+    nodes = explain(seeded_dsn, name, _plan_params(seeded_dsn, name))
+
+    assert _seq_scans_on_jobs(nodes) == [], nodes
+
+
+@pytest.mark.parametrize("name", ["claim_jobs", "seconds_until_due"])
+def test_claim_side_query_plan_uses_the_claim_index(seeded_dsn, name):
+    nodes = explain(seeded_dsn, name, _plan_params(seeded_dsn, name))
+
+    assert "jobs_claim_idx" in {n.get("Index Name") for n in nodes}, nodes

@@ -1,0 +1,257 @@
+"""The Reaper against a real Postgres: requeue expired leases, dead-letter exhausted
+jobs, prune finished ones; several reapers at once never act twice on a job.
+
+Expired and finished rows are written straight into the table with timestamps relative
+to the database's clock, so nothing waits for a lease to run out.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+
+from pgqueue import store
+from pgqueue.config import ReaperConfig
+from pgqueue.reaper import Reaper, ReapResult
+from tests.conftest import scalar
+from tests.test_queries import db_clock, dead_row, job_row, make_job, run_async
+
+
+@contextmanager
+def reaper(dsn: str, **options: Any) -> Iterator[Reaper]:
+    r = Reaper(ReaperConfig(dsn=dsn, **options))
+    try:
+        yield r
+    finally:
+        r._close()  # the Reaper keeps its connection between passes
+
+
+def run_once(dsn: str, **options: Any) -> ReapResult:
+    with reaper(dsn, **options) as r:
+        return r.run_once()
+
+
+def expired_job(conn: psycopg.Connection[Any], **columns: Any) -> int:
+    columns.setdefault("lease_expires_at", db_clock(conn) - timedelta(seconds=10))
+    return make_job(conn, state="running", **columns)
+
+
+def insert_expired(conn: psycopg.Connection[Any], n: int, attempts: int = 1) -> list[int]:
+    rows = conn.execute(
+        "INSERT INTO pgqueue.jobs (task, state, attempts, max_attempts, lease_token, leased_by,"
+        " lease_expires_at, attempted_at)"
+        " SELECT 't', 'running', %s, 5, gen_random_uuid(), 'gone',"
+        "        now() - interval '1 minute', now() - interval '2 minutes'"
+        " FROM generate_series(1, %s) RETURNING id",
+        (attempts, n),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+# --- expired leases -----------------------------------------------------------------------
+
+
+def test_expired_job_with_attempts_left_is_requeued_once_with_backoff(conn, dsn):
+    job_id = expired_job(conn, attempts=3, max_attempts=5, leased_by="dead-worker")
+    before = db_clock(conn)
+
+    result = run_once(dsn, backoff_base_seconds=10.0, backoff_max_seconds=3600.0)
+
+    after = db_clock(conn)
+    assert result.requeued == [job_id]
+    assert result.dead == []
+    row = job_row(conn, job_id)
+    assert row is not None
+    assert row["state"] == "queued"
+    assert row["attempts"] == 3
+    assert row["lease_token"] is None
+    assert row["lease_expires_at"] is None
+    # backoff_delay(3, base 10) = 10 * 2^2 = 40 s, times a jitter in [0.75, 1.25).
+    assert before + timedelta(seconds=30) <= row["run_at"] <= after + timedelta(seconds=50)
+    assert len(row["errors"]) == 1
+    error = row["errors"][0]
+    assert error["kind"] == "lease_expired"
+    assert error["attempt"] == 3
+    assert error["worker"] == "dead-worker"
+    assert error["error"]
+
+    # A second pass finds nothing: the job is queued, not running under an expired lease.
+    again = run_once(dsn, backoff_base_seconds=10.0)
+    assert again.requeued == []
+    assert again.dead == []
+    assert job_row(conn, job_id) == row
+
+
+def test_running_job_whose_lease_has_not_expired_is_untouched(conn, dsn):
+    job_id = make_job(conn, state="running", lease_expires_at=db_clock(conn) + timedelta(minutes=5))
+    before = job_row(conn, job_id)
+
+    result = run_once(dsn)
+
+    assert result == ReapResult(requeued=[], dead=[], pruned=0)
+    assert job_row(conn, job_id) == before
+
+
+def test_job_whose_expired_lease_was_extended_by_a_heartbeat_is_untouched(conn, dsn):
+    token = uuid.uuid4()
+    job_id = expired_job(conn, lease_token=token)
+    # The worker was slow, not dead: its heartbeat lands before the reaper's pass.
+    extended = run_async(dsn, store.extend_leases, ids=[job_id], tokens=[token], lease_seconds=60.0)
+    assert extended == {job_id}
+    before = job_row(conn, job_id)
+
+    result = run_once(dsn)
+
+    assert result.requeued == []
+    assert result.dead == []
+    after = job_row(conn, job_id)
+    assert after == before
+    assert after is not None
+    assert after["state"] == "running"
+    assert after["lease_token"] == token
+
+
+def test_expired_job_with_no_attempts_left_is_dead_lettered_as_lease_expired(conn, dsn):
+    job_id = expired_job(
+        conn, attempts=3, max_attempts=3, leased_by="dead-worker", errors=[{"kind": "error"}]
+    )
+    live = expired_job(conn, attempts=1, max_attempts=3)
+
+    result = run_once(dsn)
+
+    assert result.dead == [job_id]
+    assert result.requeued == [live]
+    assert job_row(conn, job_id) is None
+    dead = dead_row(conn, job_id)
+    assert dead is not None
+    assert dead["reason"] == "lease_expired"
+    assert dead["attempts"] == 3
+    assert len(dead["errors"]) == 2
+    assert dead["errors"][0] == {"kind": "error"}
+    assert dead["errors"][1]["kind"] == "lease_expired"
+    assert dead["errors"][1]["worker"] == "dead-worker"
+    assert dead["errors"][1]["attempt"] == 3
+
+
+def test_two_concurrent_reapers_requeue_each_expired_job_exactly_once(conn, dsn):
+    ids = insert_expired(conn, 500)
+    start = threading.Barrier(2)
+    results: list[ReapResult] = []
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def reap() -> None:
+        try:
+            with reaper(dsn, batch_size=25) as r:
+                r._connection()  # connect before the barrier, so both start together
+                start.wait(timeout=30)
+                result = r.run_once()
+            with lock:
+                results.append(result)
+        except BaseException as exc:  # reported below, not lost in the thread
+            with lock:
+                failures.append(exc)
+
+    threads = [threading.Thread(target=reap) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+    assert not any(t.is_alive() for t in threads)
+    assert failures == []
+    assert len(results) == 2
+    requeued = results[0].requeued + results[1].requeued
+    assert len(requeued) == len(set(requeued))
+    assert sorted(requeued) == sorted(ids)
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'queued'") == 500
+    assert (
+        scalar(
+            conn,
+            "SELECT count(*) FROM pgqueue.jobs"
+            " WHERE jsonb_array_length(errors) <> 1 OR attempts <> 1",
+        )
+        == 0
+    )
+
+
+def test_one_pass_works_through_every_batch(conn, dsn):
+    requeue = insert_expired(conn, 35, attempts=1)
+    dead = insert_expired(conn, 35, attempts=5)
+    conn.execute(
+        "INSERT INTO pgqueue.jobs (task, state, finished_at)"
+        " SELECT 't', 'succeeded', now() - interval '2 days' FROM generate_series(1, 35)"
+    )
+
+    result = run_once(dsn, batch_size=10, retention_seconds=3600.0)
+
+    assert sorted(result.requeued) == sorted(requeue)
+    assert sorted(result.dead) == sorted(dead)
+    assert result.pruned == 35
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs WHERE state <> 'queued'") == 0
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 35
+
+
+# --- pruning ------------------------------------------------------------------------------
+
+
+def test_prune_deletes_only_finished_jobs_older_than_retention(conn, dsn):
+    now = db_clock(conn)
+    old = now - timedelta(hours=2)
+    recent = now - timedelta(minutes=10)
+    pruned = {
+        make_job(conn, state="succeeded", finished_at=old),
+        make_job(conn, state="cancelled", finished_at=old),
+    }
+    kept = {
+        make_job(conn, state="succeeded", finished_at=recent),
+        make_job(conn, state="cancelled", finished_at=recent),
+        # Unfinished jobs stay whatever their timestamps say (a finished_at on them is
+        # not something the library writes; it makes the state check the only guard).
+        make_job(conn, state="queued", run_at=old, created_at=old, finished_at=old),
+        make_job(
+            conn,
+            state="running",
+            created_at=old,
+            finished_at=old,
+            lease_expires_at=now + timedelta(minutes=5),
+        ),
+    }
+
+    result = run_once(dsn, retention_seconds=3600.0)
+
+    assert result.pruned == 2
+    remaining = {r[0] for r in conn.execute("SELECT id FROM pgqueue.jobs").fetchall()}
+    assert remaining == kept
+    assert remaining.isdisjoint(pruned)
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 0
+
+
+def test_pruning_a_finished_job_frees_its_idempotency_key(conn, dsn):
+    holder = make_job(
+        conn,
+        state="succeeded",
+        finished_at=db_clock(conn) - timedelta(days=2),
+        idempotency_key="order-17",
+    )
+    enqueue = "SELECT pgqueue.enqueue('t', idempotency_key => %s)"
+    # While retained, the key is held: enqueue returns the holder and inserts nothing.
+    assert scalar(conn, enqueue, ("order-17",)) == holder
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 1
+
+    result = run_once(dsn, retention_seconds=3600.0)
+
+    assert result.pruned == 1
+    new_id = scalar(conn, enqueue, ("order-17",))
+    assert new_id != holder
+    row = job_row(conn, new_id)
+    assert row is not None
+    assert row["state"] == "queued"
+    assert row["idempotency_key"] == "order-17"
+    assert job_row(conn, holder) is None
