@@ -28,6 +28,8 @@ class WorkerConfig:
     # The safety-net poll, for a notification missed while reconnecting.
     poll_interval: float = DEFAULT_POLL_INTERVAL
     reconnect_max_seconds: float = DEFAULT_RECONNECT_MAX_SECONDS
+    # Log each job's args with job.claimed (off: args may hold personal data).
+    log_args: bool = False
 
     @property
     def heartbeat_interval(self) -> float:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from pgqueue.errors import PgQueueError
@@ -21,6 +22,13 @@ class JobContext:
     priority: int
     created_at: datetime
     worker_id: str
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once an operator asked to cancel this job (``pgqueue cancel``). The
+        handler decides what to do; a failed attempt of a cancelled job is not retried."""
+        return self._cancel.is_set()
 
 
 _current: contextvars.ContextVar[JobContext] = contextvars.ContextVar("pgqueue_job")

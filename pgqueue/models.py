@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -34,6 +35,13 @@ class Job:
     created_at: datetime
     lease_token: uuid.UUID
     lease_expires_at: datetime
+    cancel_requested: bool = False
+    # Set when an operator asks to cancel the job while it runs (seen by the heartbeat).
+    cancel: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.cancel_requested:
+            self.cancel.set()
 
 
 class OutcomeKind(enum.StrEnum):
@@ -75,4 +83,6 @@ class JobStatus:
     leased_by: str | None
     idempotency_key: str | None
     errors: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    cancel_requested_at: datetime | None = None
     dead_reason: str | None = None

@@ -36,6 +36,7 @@ def _job_from_row(row: Row) -> Job:
         created_at=row["created_at"],
         lease_token=row["lease_token"],
         lease_expires_at=row["lease_expires_at"],
+        cancel_requested=row["cancel_requested"],
     )
 
 
@@ -43,6 +44,10 @@ async def _fetch_async(conn: AsyncConn, name: str, params: dict[str, Any]) -> li
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(QUERIES[name], params)
         return await cur.fetchall()
+
+
+async def _execute_async(conn: AsyncConn, name: str, params: dict[str, Any]) -> None:
+    await conn.execute(QUERIES[name], params)
 
 
 def _fetch(conn: SyncConn, name: str, params: dict[str, Any]) -> list[Row]:
@@ -80,20 +85,33 @@ async def seconds_until_due(conn: AsyncConn, *, queues: Sequence[str]) -> float 
 
 async def extend_leases(
     conn: AsyncConn, *, ids: Sequence[int], tokens: Sequence[uuid.UUID], lease_seconds: float
-) -> set[int]:
+) -> dict[int, bool]:
+    """Extends the leases still held; returns {id: cancel requested} for those."""
     rows = await _fetch_async(
         conn,
         "extend_leases",
         {"ids": list(ids), "tokens": list(tokens), "lease_seconds": lease_seconds},
     )
-    return {r["id"] for r in rows}
+    return {r["id"]: r["cancel_requested"] for r in rows}
+
+
+# The outcome writers return {id: state the job is in now} for the rows they changed; a
+# job missing from the result was fenced off (its lease was lost).
 
 
 async def complete_jobs(
-    conn: AsyncConn, *, ids: Sequence[int], tokens: Sequence[uuid.UUID]
-) -> set[int]:
-    rows = await _fetch_async(conn, "complete_jobs", {"ids": list(ids), "tokens": list(tokens)})
-    return {r["id"] for r in rows}
+    conn: AsyncConn,
+    *,
+    ids: Sequence[int],
+    tokens: Sequence[uuid.UUID],
+    durations: Sequence[float],
+) -> dict[int, str]:
+    rows = await _fetch_async(
+        conn,
+        "complete_jobs",
+        {"ids": list(ids), "tokens": list(tokens), "durations": list(durations)},
+    )
+    return {r["id"]: r["state"] for r in rows}
 
 
 async def retry_jobs(
@@ -103,7 +121,8 @@ async def retry_jobs(
     tokens: Sequence[uuid.UUID],
     delays: Sequence[float],
     errors: Sequence[dict[str, Any]],
-) -> set[int]:
+    durations: Sequence[float],
+) -> dict[int, str]:
     rows = await _fetch_async(
         conn,
         "retry_jobs",
@@ -112,25 +131,46 @@ async def retry_jobs(
             "tokens": list(tokens),
             "delays": list(delays),
             "errors": [Jsonb(e) for e in errors],
+            "durations": list(durations),
         },
     )
-    return {r["id"] for r in rows}
+    return {r["id"]: r["state"] for r in rows}
 
 
 async def snooze_jobs(
-    conn: AsyncConn, *, ids: Sequence[int], tokens: Sequence[uuid.UUID], delays: Sequence[float]
-) -> set[int]:
+    conn: AsyncConn,
+    *,
+    ids: Sequence[int],
+    tokens: Sequence[uuid.UUID],
+    delays: Sequence[float],
+    durations: Sequence[float],
+) -> dict[int, str]:
     rows = await _fetch_async(
-        conn, "snooze_jobs", {"ids": list(ids), "tokens": list(tokens), "delays": list(delays)}
+        conn,
+        "snooze_jobs",
+        {
+            "ids": list(ids),
+            "tokens": list(tokens),
+            "delays": list(delays),
+            "durations": list(durations),
+        },
     )
-    return {r["id"] for r in rows}
+    return {r["id"]: r["state"] for r in rows}
 
 
 async def release_jobs(
-    conn: AsyncConn, *, ids: Sequence[int], tokens: Sequence[uuid.UUID]
-) -> set[int]:
-    rows = await _fetch_async(conn, "release_jobs", {"ids": list(ids), "tokens": list(tokens)})
-    return {r["id"] for r in rows}
+    conn: AsyncConn,
+    *,
+    ids: Sequence[int],
+    tokens: Sequence[uuid.UUID],
+    durations: Sequence[float],
+) -> dict[int, str]:
+    rows = await _fetch_async(
+        conn,
+        "release_jobs",
+        {"ids": list(ids), "tokens": list(tokens), "durations": list(durations)},
+    )
+    return {r["id"]: r["state"] for r in rows}
 
 
 async def dead_letter_jobs(
@@ -140,7 +180,8 @@ async def dead_letter_jobs(
     tokens: Sequence[uuid.UUID],
     errors: Sequence[dict[str, Any]],
     reasons: Sequence[str],
-) -> set[int]:
+    durations: Sequence[float],
+) -> dict[int, str]:
     rows = await _fetch_async(
         conn,
         "dead_letter_jobs",
@@ -149,9 +190,42 @@ async def dead_letter_jobs(
             "tokens": list(tokens),
             "errors": [Jsonb(e) for e in errors],
             "reasons": list(reasons),
+            "durations": list(durations),
         },
     )
-    return {r["id"] for r in rows}
+    return {r["id"]: r["state"] for r in rows}
+
+
+async def register_worker(
+    conn: AsyncConn,
+    *,
+    worker_id: str,
+    host: str,
+    pid: int,
+    queues: Sequence[str],
+    concurrency: int,
+    running: int,
+    heartbeat_seconds: float,
+    version: str,
+) -> None:
+    await _execute_async(
+        conn,
+        "register_worker",
+        {
+            "id": worker_id,
+            "host": host,
+            "pid": pid,
+            "queues": list(queues),
+            "concurrency": concurrency,
+            "running": running,
+            "heartbeat_seconds": heartbeat_seconds,
+            "version": version,
+        },
+    )
+
+
+async def deregister_worker(conn: AsyncConn, *, worker_id: str) -> None:
+    await _execute_async(conn, "deregister_worker", {"id": worker_id})
 
 
 # --- reaper -----------------------------------------------------------------------------
@@ -173,6 +247,10 @@ def requeue_expired(
 
 def dead_letter_expired(conn: SyncConn, *, batch_size: int) -> list[Row]:
     return _fetch(conn, "dead_letter_expired", {"batch_size": batch_size})
+
+
+def delete_stale_workers(conn: SyncConn) -> list[Row]:
+    return _fetch(conn, "delete_stale_workers", {})
 
 
 def prune_finished(conn: SyncConn, *, retention_seconds: float, batch_size: int) -> int:
@@ -243,8 +321,90 @@ def job_status(conn: SyncConn, *, job_id: int) -> JobStatus | None:
         leased_by=r["leased_by"],
         idempotency_key=r["idempotency_key"],
         errors=list(r["errors"] or []),
+        history=list(r["history"] or []),
+        cancel_requested_at=r["cancel_requested_at"],
         dead_reason=r["dead_reason"],
     )
+
+
+def queue_stats(conn: SyncConn) -> list[Row]:
+    return _fetch(conn, "queue_stats", {})
+
+
+def list_workers(conn: SyncConn) -> list[Row]:
+    return _fetch(conn, "list_workers", {})
+
+
+def list_jobs(
+    conn: SyncConn, *, state: str | None, queue: str | None, task: str | None, limit: int
+) -> list[Row]:
+    return _fetch(conn, "list_jobs", {"state": state, "queue": queue, "task": task, "limit": limit})
+
+
+def list_dead(conn: SyncConn, *, queue: str | None, task: str | None, limit: int) -> list[Row]:
+    return _fetch(conn, "list_dead", {"queue": queue, "task": task, "limit": limit})
+
+
+def get_dead(conn: SyncConn, *, job_id: int) -> Row | None:
+    rows = _fetch(conn, "get_dead", {"id": job_id})
+    return rows[0] if rows else None
+
+
+def retry_dead(
+    conn: SyncConn,
+    *,
+    ids: Sequence[int] | None,
+    queue: str | None,
+    task: str | None,
+    limit: int,
+) -> list[int]:
+    rows = _fetch(
+        conn,
+        "retry_dead",
+        {
+            "ids": list(ids) if ids is not None else None,
+            "queue": queue,
+            "task": task,
+            "limit": limit,
+        },
+    )
+    return [r["id"] for r in rows]
+
+
+def purge_dead(
+    conn: SyncConn,
+    *,
+    older_than_seconds: float | None,
+    queue: str | None,
+    task: str | None,
+    limit: int,
+) -> int:
+    rows = _fetch(
+        conn,
+        "purge_dead",
+        {
+            "older_than_seconds": older_than_seconds,
+            "queue": queue,
+            "task": task,
+            "limit": limit,
+        },
+    )
+    return len(rows)
+
+
+def cancel_job(conn: SyncConn, *, job_id: int) -> str | None:
+    """Cancel or flag a job; returns its state afterwards, None if it was neither queued
+    nor running."""
+    rows = _fetch(conn, "cancel_job", {"id": job_id})
+    return rows[0]["state"] if rows else None
+
+
+def pause_queue(conn: SyncConn, *, name: str) -> None:
+    _fetch(conn, "pause_queue", {"name": name})
+
+
+def resume_queue(conn: SyncConn, *, name: str) -> None:
+    _fetch(conn, "resume_queue", {"name": name})
 
 
 # --- migrations ---------------------------------------------------------------------------

@@ -70,15 +70,29 @@ def dead_row(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | Non
         return cur.fetchone()
 
 
+# Outcome writers take each attempt's duration and return {id: state now}.
+WRITERS = {
+    store.complete_jobs,
+    store.retry_jobs,
+    store.snooze_jobs,
+    store.release_jobs,
+    store.dead_letter_jobs,
+}
+
+
 def run_async(dsn: str, fn: Callable[..., Awaitable[Any]], **kwargs: Any) -> Any:
-    """Run one async store function on a fresh autocommit AsyncConnection."""
+    """Run one async store function on a fresh autocommit AsyncConnection. For outcome
+    writers, durations default to 0.01 s each and the result is the set of changed ids."""
+    if fn in WRITERS:
+        kwargs.setdefault("durations", [0.01] * len(kwargs["ids"]))
 
     async def go() -> Any:
         aconn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
         async with aconn:
             return await fn(aconn, **kwargs)
 
-    return asyncio.run(go())
+    result = asyncio.run(go())
+    return set(result) if isinstance(result, dict) else result
 
 
 def claim(dsn: str, queues: list[str], limit: int, **kwargs: Any) -> list[Any]:
@@ -92,17 +106,31 @@ ERROR_1 = {"attempt": 1, "kind": "error", "error": "first failure"}
 ERROR_2 = {"attempt": 2, "kind": "error", "error": "second failure"}
 
 # Each fenced operation, called with the given ids and tokens and otherwise fixed arguments.
-FENCED_OPS: dict[str, Callable[[AsyncConn, list[int], list[uuid.UUID]], Awaitable[set[int]]]] = {
-    "complete_jobs": lambda c, ids, tokens: store.complete_jobs(c, ids=ids, tokens=tokens),
+FENCED_OPS: dict[str, Callable[[AsyncConn, list[int], list[uuid.UUID]], Awaitable[Any]]] = {
+    "complete_jobs": lambda c, ids, tokens: store.complete_jobs(
+        c, ids=ids, tokens=tokens, durations=[0.01] * len(ids)
+    ),
     "retry_jobs": lambda c, ids, tokens: store.retry_jobs(
-        c, ids=ids, tokens=tokens, delays=[5.0] * len(ids), errors=[ERROR_2] * len(ids)
+        c,
+        ids=ids,
+        tokens=tokens,
+        delays=[5.0] * len(ids),
+        errors=[ERROR_2] * len(ids),
+        durations=[0.01] * len(ids),
     ),
     "snooze_jobs": lambda c, ids, tokens: store.snooze_jobs(
-        c, ids=ids, tokens=tokens, delays=[5.0] * len(ids)
+        c, ids=ids, tokens=tokens, delays=[5.0] * len(ids), durations=[0.01] * len(ids)
     ),
-    "release_jobs": lambda c, ids, tokens: store.release_jobs(c, ids=ids, tokens=tokens),
+    "release_jobs": lambda c, ids, tokens: store.release_jobs(
+        c, ids=ids, tokens=tokens, durations=[0.01] * len(ids)
+    ),
     "dead_letter_jobs": lambda c, ids, tokens: store.dead_letter_jobs(
-        c, ids=ids, tokens=tokens, errors=[ERROR_2] * len(ids), reasons=["permanent"] * len(ids)
+        c,
+        ids=ids,
+        tokens=tokens,
+        errors=[ERROR_2] * len(ids),
+        reasons=["permanent"] * len(ids),
+        durations=[0.01] * len(ids),
     ),
     "extend_leases": lambda c, ids, tokens: store.extend_leases(
         c, ids=ids, tokens=tokens, lease_seconds=600.0
@@ -114,7 +142,7 @@ def fenced(dsn: str, op: str, ids: list[int], tokens: list[uuid.UUID]) -> set[in
     async def go() -> set[int]:
         aconn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
         async with aconn:
-            return await FENCED_OPS[op](aconn, ids, tokens)
+            return set(await FENCED_OPS[op](aconn, ids, tokens))
 
     return asyncio.run(go())
 
@@ -731,6 +759,8 @@ def _plan_params(dsn: str, name: str) -> dict[str, Any]:
         params: dict[str, Any] = {"ids": ids, "tokens": tokens}
         if name == "extend_leases":
             params["lease_seconds"] = LEASE
+        else:
+            params["durations"] = [0.01] * len(ids)
         return params
     if name == "requeue_expired":
         return {"batch_size": 1000, "backoff_base_seconds": 1.0, "backoff_max_seconds": 3600.0}

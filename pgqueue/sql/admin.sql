@@ -2,9 +2,166 @@
 -- One job by id, from the jobs table or, if it died, from the dead-letter table.
 SELECT id, queue, task, state::text AS state, attempts, max_attempts, priority, run_at,
        created_at, attempted_at, finished_at, lease_expires_at, leased_by, idempotency_key,
-       errors, NULL::text AS dead_reason
+       errors, history, cancel_requested_at, NULL::text AS dead_reason
 FROM pgqueue.jobs WHERE id = %(id)s
 UNION ALL
 SELECT id, queue, task, 'dead', attempts, max_attempts, priority, run_at,
-       created_at, attempted_at, died_at, NULL, NULL, idempotency_key, errors, reason
+       created_at, attempted_at, died_at, NULL, NULL, idempotency_key, errors, history,
+       NULL, reason
 FROM pgqueue.dead_jobs WHERE id = %(id)s;
+
+-- name: queue_stats
+-- Per queue: ready, scheduled and running counts, age of the oldest ready job, jobs
+-- finished in the last minute, dead jobs, paused. Stays cheap with millions of jobs:
+-- distinct queues by a loose index scan of jobs_claim_idx, counts by index-only scans of
+-- the partial indexes, the oldest ready job by one index descent per priority.
+WITH RECURSIVE queued_queues AS (
+    (SELECT j.queue FROM pgqueue.jobs AS j WHERE j.state = 'queued' ORDER BY j.queue LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.queue FROM pgqueue.jobs AS j
+            WHERE j.state = 'queued' AND j.queue > qq.queue ORDER BY j.queue LIMIT 1)
+    FROM queued_queues AS qq WHERE qq.queue IS NOT NULL
+), names AS (
+    SELECT queue AS name FROM queued_queues WHERE queue IS NOT NULL
+    UNION SELECT name FROM pgqueue.queues
+    UNION SELECT queue FROM pgqueue.jobs WHERE state = 'running'
+    UNION SELECT queue FROM pgqueue.dead_jobs
+    UNION SELECT queue FROM pgqueue.jobs
+          WHERE state IN ('succeeded', 'cancelled') AND finished_at > now() - interval '1 minute'
+)
+SELECT n.name AS queue,
+       (SELECT count(*) FROM pgqueue.jobs AS j
+        WHERE j.queue = n.name AND j.state = 'queued' AND j.run_at <= now()) AS ready,
+       (SELECT count(*) FROM pgqueue.jobs AS j
+        WHERE j.queue = n.name AND j.state = 'queued' AND j.run_at > now()) AS scheduled,
+       (SELECT count(*) FROM pgqueue.jobs AS j
+        WHERE j.queue = n.name AND j.state = 'running') AS running,
+       (SELECT extract(epoch FROM now() - min(o.run_at))::float8
+        FROM (WITH RECURSIVE prio AS (
+                  (SELECT j.priority FROM pgqueue.jobs AS j
+                   WHERE j.queue = n.name AND j.state = 'queued' ORDER BY j.priority LIMIT 1)
+                  UNION ALL
+                  SELECT (SELECT j.priority FROM pgqueue.jobs AS j
+                          WHERE j.queue = n.name AND j.state = 'queued'
+                            AND j.priority > prio.priority
+                          ORDER BY j.priority LIMIT 1)
+                  FROM prio WHERE prio.priority IS NOT NULL)
+              SELECT (SELECT j.run_at FROM pgqueue.jobs AS j
+                      WHERE j.queue = n.name AND j.state = 'queued'
+                        AND j.priority = prio.priority
+                      ORDER BY j.run_at LIMIT 1) AS run_at
+              FROM prio WHERE prio.priority IS NOT NULL) AS o
+        WHERE o.run_at <= now()) AS oldest_ready_age_seconds,
+       (SELECT count(*) FROM pgqueue.jobs AS j
+        WHERE j.queue = n.name AND j.state IN ('succeeded', 'cancelled')
+          AND j.finished_at > now() - interval '1 minute') AS finished_last_minute,
+       (SELECT count(*) FROM pgqueue.dead_jobs AS d WHERE d.queue = n.name) AS dead,
+       coalesce((SELECT p.paused_at IS NOT NULL FROM pgqueue.queues AS p
+                 WHERE p.name = n.name), false) AS paused
+FROM names AS n
+ORDER BY n.name;
+
+-- name: list_workers
+-- Registered workers, most recent first, with seconds since their last heartbeat.
+SELECT id, host, pid, queues, concurrency, running, version, started_at, last_heartbeat_at,
+       extract(epoch FROM now() - last_heartbeat_at)::float8 AS heartbeat_age_seconds
+FROM pgqueue.workers
+ORDER BY started_at DESC, id;
+
+-- name: list_jobs
+-- Jobs, newest first, filtered by state, queue and task when given (NULL = any).
+SELECT id, queue, task, state::text AS state, attempts, max_attempts, priority, run_at,
+       created_at, finished_at, leased_by
+FROM pgqueue.jobs
+WHERE (%(state)s::pgqueue.job_state IS NULL OR state = %(state)s::pgqueue.job_state)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+  AND (%(task)s::text IS NULL OR task = %(task)s)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: list_dead
+-- Dead jobs, most recently dead first, filtered by queue and task when given.
+SELECT id, queue, task, attempts, max_attempts, reason, died_at,
+       errors->-1->>'error' AS last_error
+FROM pgqueue.dead_jobs
+WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
+  AND (%(task)s::text IS NULL OR task = %(task)s)
+ORDER BY died_at DESC, id DESC
+LIMIT %(limit)s;
+
+-- name: get_dead
+-- One dead job with everything it carries.
+SELECT id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
+       created_at, attempted_at, errors, history, reason, died_at
+FROM pgqueue.dead_jobs WHERE id = %(id)s;
+
+-- name: retry_dead
+-- Moves dead jobs back to the queue with fresh attempts, atomically (the delete and the
+-- insert are one statement), runnable now; the insert trigger wakes the workers. Their
+-- errors and history stay. An idempotency key taken meanwhile by a new job is dropped
+-- from the revived one rather than failing the move. Selects by ids, or by filters
+-- (NULL = any) when ids is NULL, at most %(limit)s rows per call.
+WITH moved AS (
+    DELETE FROM pgqueue.dead_jobs AS d
+    WHERE d.id IN (
+        SELECT x.id FROM pgqueue.dead_jobs AS x
+        WHERE (%(ids)s::bigint[] IS NULL OR x.id = ANY (%(ids)s::bigint[]))
+          AND (%(queue)s::text IS NULL OR x.queue = %(queue)s)
+          AND (%(task)s::text IS NULL OR x.task = %(task)s)
+        ORDER BY x.id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED)
+    RETURNING d.*
+)
+INSERT INTO pgqueue.jobs AS j
+    (id, queue, task, args, priority, state, attempts, max_attempts, run_at,
+     idempotency_key, created_at, errors, history)
+SELECT m.id, m.queue, m.task, m.args, m.priority, 'queued', 0, m.max_attempts, now(),
+       CASE WHEN EXISTS (SELECT 1 FROM pgqueue.jobs AS k
+                         WHERE k.idempotency_key = m.idempotency_key)
+            THEN NULL ELSE m.idempotency_key END,
+       m.created_at, m.errors, m.history
+FROM moved AS m
+RETURNING j.id;
+
+-- name: purge_dead
+-- Deletes dead jobs that died more than %(older_than_seconds)s ago (all when NULL),
+-- filtered by queue and task when given, at most %(limit)s per call.
+DELETE FROM pgqueue.dead_jobs AS d
+WHERE d.id IN (
+    SELECT x.id FROM pgqueue.dead_jobs AS x
+    WHERE (%(older_than_seconds)s::float8 IS NULL
+           OR x.died_at < now() - make_interval(secs => %(older_than_seconds)s::float8))
+      AND (%(queue)s::text IS NULL OR x.queue = %(queue)s)
+      AND (%(task)s::text IS NULL OR x.task = %(task)s)
+    ORDER BY x.id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED)
+RETURNING d.id;
+
+-- name: cancel_job
+-- Cancels a job: a queued one becomes cancelled now; a running one is flagged
+-- (cancel_requested_at), which its worker's heartbeat hands to the handler and which
+-- keeps a failed attempt from being retried. Returns nothing for a job that is neither.
+UPDATE pgqueue.jobs AS j
+SET state = CASE WHEN j.state = 'queued' THEN 'cancelled'::pgqueue.job_state ELSE j.state END,
+    finished_at = CASE WHEN j.state = 'queued' THEN now() ELSE j.finished_at END,
+    cancel_requested_at = coalesce(j.cancel_requested_at, now())
+WHERE j.id = %(id)s AND j.state IN ('queued', 'running')
+RETURNING j.id, j.state::text AS state;
+
+-- name: pause_queue
+-- Pauses a queue: workers claim nothing more from it (running jobs finish).
+INSERT INTO pgqueue.queues AS q (name, paused_at) VALUES (%(name)s, now())
+ON CONFLICT (name) DO UPDATE
+SET paused_at = coalesce(q.paused_at, now()), updated_at = now()
+RETURNING q.name, q.paused_at;
+
+-- name: resume_queue
+-- Resumes a queue and wakes its workers at once.
+WITH upserted AS (
+    INSERT INTO pgqueue.queues AS q (name, paused_at) VALUES (%(name)s, NULL)
+    ON CONFLICT (name) DO UPDATE SET paused_at = NULL, updated_at = now()
+    RETURNING q.name
+)
+SELECT u.name FROM upserted AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.name)) AS n;

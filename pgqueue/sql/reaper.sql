@@ -11,19 +11,24 @@ WITH expired AS MATERIALIZED (
     FOR UPDATE SKIP LOCKED
 ), updated AS (
     UPDATE pgqueue.jobs AS j
-    SET state = 'queued',
+    SET state = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued'
+                     ELSE 'cancelled' END::pgqueue.job_state,
+        finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
         run_at = now() + pgqueue.backoff_delay(j.attempts, %(backoff_base_seconds)s,
                                                %(backoff_max_seconds)s),
         lease_token = NULL,
         lease_expires_at = NULL,
         errors = j.errors || jsonb_build_array(jsonb_build_object(
             'attempt', j.attempts, 'at', now(), 'worker', j.leased_by, 'kind', 'lease_expired',
-            'error', 'lease expired: its worker stopped heartbeating (crashed, killed or cut off)'))
+            'error', 'lease expired: its worker stopped heartbeating (crashed, killed or cut off)')),
+        history = j.history || pgqueue.history_entry(
+            j.attempts, j.leased_by, j.attempted_at, NULL, 'lease_expired',
+            'lease expired: its worker stopped heartbeating (crashed, killed or cut off)')
     FROM expired
     WHERE j.id = expired.id AND j.state = 'running' AND j.lease_expires_at < now()
-    RETURNING j.id, j.task, j.queue, j.attempts, j.leased_by
+    RETURNING j.id, j.task, j.queue, j.attempts, j.leased_by, j.state
 )
-SELECT u.id, u.task, u.queue, u.attempts, u.leased_by
+SELECT u.id, u.task, u.queue, u.attempts, u.leased_by, u.state::text AS state
 FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
 
 -- name: dead_letter_expired
@@ -43,13 +48,16 @@ WITH expired AS MATERIALIZED (
 )
 INSERT INTO pgqueue.dead_jobs AS d
     (id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
-     created_at, attempted_at, errors, reason)
+     created_at, attempted_at, errors, reason, history)
 SELECT id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
        created_at, attempted_at,
        errors || jsonb_build_array(jsonb_build_object(
            'attempt', attempts, 'at', now(), 'worker', leased_by, 'kind', 'lease_expired',
            'error', 'lease expired: its worker stopped heartbeating (crashed, killed or cut off)')),
-       'lease_expired'
+       'lease_expired',
+       history || pgqueue.history_entry(
+           attempts, leased_by, attempted_at, NULL, 'lease_expired',
+           'lease expired: its worker stopped heartbeating (crashed, killed or cut off)')
 FROM moved
 RETURNING d.id, d.task, d.queue, d.attempts;
 
@@ -70,3 +78,9 @@ WITH batch AS MATERIALIZED (
 DELETE FROM pgqueue.jobs AS j
 WHERE j.id = ANY (ARRAY(SELECT id FROM batch))
 RETURNING j.id;
+
+-- name: delete_stale_workers
+-- Forgets workers that missed three heartbeats in a row (they died without deregistering).
+DELETE FROM pgqueue.workers
+WHERE last_heartbeat_at < now() - make_interval(secs => 3 * heartbeat_seconds)
+RETURNING id, host, pid;

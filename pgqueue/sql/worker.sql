@@ -16,6 +16,8 @@ WITH picked AS MATERIALIZED (
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
     ) AS c
+    WHERE NOT EXISTS (
+        SELECT 1 FROM pgqueue.queues AS p WHERE p.name = q.name AND p.paused_at IS NOT NULL)
     ORDER BY c.priority, c.run_at, c.id
     LIMIT %(limit)s
 )
@@ -29,14 +31,17 @@ SET state = 'running',
 FROM picked
 WHERE j.id = picked.id AND j.state = 'queued'
 RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, j.run_at,
-          j.created_at, j.lease_token, j.lease_expires_at;
+          j.created_at, j.lease_token, j.lease_expires_at,
+          j.cancel_requested_at IS NOT NULL AS cancel_requested;
 
 -- name: seconds_until_due
 -- Seconds until the earliest future run_at of a queued job in the given queues (NULL if
 -- none), on the database's clock, so an idle worker sleeps exactly until then. A loose index scan: one index descent per distinct
 -- priority of each queue, never a scan of the whole backlog of future jobs.
 SELECT extract(epoch FROM min(n.run_at) - now())::float8 AS seconds
-FROM unnest(%(queues)s::text[]) AS q(name)
+FROM (SELECT u.name FROM unnest(%(queues)s::text[]) AS u(name)
+      WHERE NOT EXISTS (SELECT 1 FROM pgqueue.queues AS p
+                        WHERE p.name = u.name AND p.paused_at IS NOT NULL)) AS q
 CROSS JOIN LATERAL (
     WITH RECURSIVE prio AS (
         (SELECT j.priority FROM pgqueue.jobs AS j
@@ -64,84 +69,127 @@ UPDATE pgqueue.jobs AS j
 SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
 FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS h(id, token)
 WHERE j.id = h.id AND j.state = 'running' AND j.lease_token = h.token
-RETURNING j.id;
+RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested;
 
 -- name: complete_jobs
--- Marks jobs succeeded, each only if still running under the given lease token;
--- returns the ids that changed (a missing id means the lease was lost).
+-- Marks jobs succeeded and records the attempt in their history, each only if still
+-- running under the given lease token; returns the ids that changed (a missing id means
+-- the lease was lost).
 UPDATE pgqueue.jobs AS j
-SET state = 'succeeded', finished_at = now(), lease_token = NULL, lease_expires_at = NULL
-FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS c(id, token)
+SET state = 'succeeded', finished_at = now(), lease_token = NULL, lease_expires_at = NULL,
+    history = j.history || pgqueue.history_entry(
+        j.attempts, j.leased_by, j.attempted_at, c.duration, 'succeeded')
+FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(durations)s::float8[])
+    AS c(id, token, duration)
 WHERE j.id = c.id AND j.state = 'running' AND j.lease_token = c.token
-RETURNING j.id;
+RETURNING j.id, j.state::text AS state;
 
 -- name: retry_jobs
--- Puts failed jobs back in the queue after their backoff, appending the attempt's error,
--- each only if still running under the given lease token. The attempt stays counted.
+-- Puts failed jobs back in the queue after their backoff, appending the attempt's error
+-- and history entry, each only if still running under the given lease token. The attempt
+-- stays counted. A job whose cancellation was requested is cancelled instead of retried.
 -- Notifies each queue (Postgres folds identical notifications in one transaction) so
 -- idle workers recompute when to wake up.
 WITH updated AS (
     UPDATE pgqueue.jobs AS j
-    SET state = 'queued',
+    SET state = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued'
+                     ELSE 'cancelled' END::pgqueue.job_state,
+        finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
         run_at = now() + make_interval(secs => r.delay_seconds),
         lease_token = NULL,
         lease_expires_at = NULL,
-        errors = j.errors || jsonb_build_array(r.error)
+        errors = j.errors || jsonb_build_array(r.error),
+        history = j.history || pgqueue.history_entry(
+            j.attempts, j.leased_by, j.attempted_at, r.duration,
+            CASE WHEN j.cancel_requested_at IS NULL THEN 'retried' ELSE 'failed' END,
+            r.error->>'error')
     FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(delays)s::float8[],
-                %(errors)s::jsonb[]) AS r(id, token, delay_seconds, error)
+                %(errors)s::jsonb[], %(durations)s::float8[])
+        AS r(id, token, delay_seconds, error, duration)
     WHERE j.id = r.id AND j.state = 'running' AND j.lease_token = r.token
-    RETURNING j.id, j.queue
+    RETURNING j.id, j.queue, j.state
 )
-SELECT u.id FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
+SELECT u.id, u.state::text AS state
+FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
 
 -- name: snooze_jobs
 -- Reschedules jobs that asked to run later, without counting the attempt (attempts goes
 -- back down by the one the claim added), each only if still running under its token.
+-- A job whose cancellation was requested is cancelled instead.
 WITH updated AS (
     UPDATE pgqueue.jobs AS j
-    SET state = 'queued',
+    SET state = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued'
+                     ELSE 'cancelled' END::pgqueue.job_state,
+        finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
         attempts = j.attempts - 1,
         run_at = now() + make_interval(secs => s.delay_seconds),
         lease_token = NULL,
-        lease_expires_at = NULL
-    FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(delays)s::float8[])
-        AS s(id, token, delay_seconds)
+        lease_expires_at = NULL,
+        history = j.history || pgqueue.history_entry(
+            j.attempts, j.leased_by, j.attempted_at, s.duration, 'snoozed')
+    FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(delays)s::float8[],
+                %(durations)s::float8[]) AS s(id, token, delay_seconds, duration)
     WHERE j.id = s.id AND j.state = 'running' AND j.lease_token = s.token
-    RETURNING j.id, j.queue
+    RETURNING j.id, j.queue, j.state
 )
-SELECT u.id FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
+SELECT u.id, u.state::text AS state
+FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
 
 -- name: release_jobs
 -- Graceful shutdown: returns unfinished jobs to the queue, runnable now, without counting
 -- the attempt, each only if still running under its token; wakes the other workers.
+-- A job whose cancellation was requested is cancelled instead.
 WITH updated AS (
     UPDATE pgqueue.jobs AS j
-    SET state = 'queued',
+    SET state = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued'
+                     ELSE 'cancelled' END::pgqueue.job_state,
+        finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
         attempts = j.attempts - 1,
         run_at = now(),
         lease_token = NULL,
-        lease_expires_at = NULL
-    FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS r(id, token)
+        lease_expires_at = NULL,
+        history = j.history || pgqueue.history_entry(
+            j.attempts, j.leased_by, j.attempted_at, r.duration, 'released')
+    FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(durations)s::float8[])
+        AS r(id, token, duration)
     WHERE j.id = r.id AND j.state = 'running' AND j.lease_token = r.token
-    RETURNING j.id, j.queue
+    RETURNING j.id, j.queue, j.state
 )
-SELECT u.id FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
+SELECT u.id, u.state::text AS state
+FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
 
 -- name: dead_letter_jobs
--- Moves jobs to pgqueue.dead_jobs with their error history plus this attempt's error,
--- atomically (one statement: the delete and the insert commit together), each only if
--- still running under the given lease token.
+-- Moves jobs to pgqueue.dead_jobs with their error history plus this attempt's error and
+-- history entry, atomically (one statement: the delete and the insert commit together),
+-- each only if still running under the given lease token.
 WITH moved AS (
     DELETE FROM pgqueue.jobs AS j
     USING unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(errors)s::jsonb[],
-                 %(reasons)s::text[]) AS d(id, token, error, reason)
+                 %(reasons)s::text[], %(durations)s::float8[])
+        AS d(id, token, error, reason, duration)
     WHERE j.id = d.id AND j.state = 'running' AND j.lease_token = d.token
-    RETURNING j.*, d.error AS last_error, d.reason AS dead_reason
+    RETURNING j.*, d.error AS last_error, d.reason AS dead_reason, d.duration AS last_duration
 )
 INSERT INTO pgqueue.dead_jobs
     (id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
-     created_at, attempted_at, errors, reason)
+     created_at, attempted_at, errors, reason, history)
 SELECT id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
-       created_at, attempted_at, errors || jsonb_build_array(last_error), dead_reason
+       created_at, attempted_at, errors || jsonb_build_array(last_error), dead_reason,
+       history || pgqueue.history_entry(
+           attempts, leased_by, attempted_at, last_duration, 'dead', last_error->>'error')
 FROM moved
-RETURNING id;
+RETURNING id, 'dead' AS state;
+
+-- name: register_worker
+-- Registers this worker process, or refreshes its row (last heartbeat, running jobs);
+-- an upsert, so a worker whose row the reaper removed during an outage comes back.
+INSERT INTO pgqueue.workers AS w
+    (id, host, pid, queues, concurrency, running, heartbeat_seconds, version)
+VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s, %(running)s,
+        %(heartbeat_seconds)s, %(version)s)
+ON CONFLICT (id) DO UPDATE
+SET running = excluded.running, last_heartbeat_at = now();
+
+-- name: deregister_worker
+-- Removes this worker's row on a clean exit.
+DELETE FROM pgqueue.workers WHERE id = %(id)s;

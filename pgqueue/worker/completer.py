@@ -31,7 +31,8 @@ class WriteResult(enum.Enum):
     FAILED = "failed"
 
 
-OnWritten = Callable[[Outcome, WriteResult], None]
+# (outcome, result, the job's state after the write: None unless WRITTEN)
+OnWritten = Callable[[Outcome, WriteResult, str | None], None]
 _FLUSH_RETRYABLE: tuple[type[BaseException], ...] = (TimeoutError, *CONNECTION_ERRORS)
 
 
@@ -100,13 +101,14 @@ class Completer:
                         attempt=outcome.job.attempt,
                         outcome=outcome.kind.value,
                     )
-                    self.on_written(outcome, WriteResult.FAILED)
+                    self.on_written(outcome, WriteResult.FAILED, None)
                     continue
                 self._report(outcome, changed)
 
-    def _report(self, outcome: Outcome, changed: set[int]) -> None:
-        written = outcome.job.id in changed
-        self.on_written(outcome, WriteResult.WRITTEN if written else WriteResult.FENCED)
+    def _report(self, outcome: Outcome, changed: dict[int, str]) -> None:
+        state = changed.get(outcome.job.id)
+        result = WriteResult.FENCED if state is None else WriteResult.WRITTEN
+        self.on_written(outcome, result, state)
 
     async def run_once(self) -> int:
         """Write everything pending now, in one transaction; returns how many outcomes."""
@@ -142,17 +144,20 @@ class Completer:
                 await asyncio.sleep(min(remaining, self.backoff.next_delay()))
         return True
 
-    async def _write(self, batch: list[Outcome]) -> set[int]:
+    async def _write(self, batch: list[Outcome]) -> dict[int, str]:
         by_kind: dict[OutcomeKind, list[Outcome]] = {}
         for outcome in batch:
             by_kind.setdefault(outcome.kind, []).append(outcome)
-        changed: set[int] = set()
+        changed: dict[int, str] = {}
         async with self.lock, self.pool.connection() as conn, conn.transaction():
             for kind, items in by_kind.items():
                 ids = [o.job.id for o in items]
                 tokens = [o.job.lease_token for o in items]
+                durations = [o.duration for o in items]
                 if kind is OutcomeKind.SUCCEEDED:
-                    changed |= await store.complete_jobs(conn, ids=ids, tokens=tokens)
+                    changed |= await store.complete_jobs(
+                        conn, ids=ids, tokens=tokens, durations=durations
+                    )
                 elif kind is OutcomeKind.RETRIED:
                     changed |= await store.retry_jobs(
                         conn,
@@ -160,13 +165,20 @@ class Completer:
                         tokens=tokens,
                         delays=[o.delay_seconds for o in items],
                         errors=[o.error or {} for o in items],
+                        durations=durations,
                     )
                 elif kind is OutcomeKind.SNOOZED:
                     changed |= await store.snooze_jobs(
-                        conn, ids=ids, tokens=tokens, delays=[o.delay_seconds for o in items]
+                        conn,
+                        ids=ids,
+                        tokens=tokens,
+                        delays=[o.delay_seconds for o in items],
+                        durations=durations,
                     )
                 elif kind is OutcomeKind.RELEASED:
-                    changed |= await store.release_jobs(conn, ids=ids, tokens=tokens)
+                    changed |= await store.release_jobs(
+                        conn, ids=ids, tokens=tokens, durations=durations
+                    )
                 elif kind is OutcomeKind.DEAD:
                     changed |= await store.dead_letter_jobs(
                         conn,
@@ -174,5 +186,6 @@ class Completer:
                         tokens=tokens,
                         errors=[o.error or {} for o in items],
                         reasons=[o.dead_reason or "exhausted" for o in items],
+                        durations=durations,
                     )
         return changed

@@ -17,10 +17,13 @@ import os
 import secrets
 import signal
 import socket
+import time
+from typing import Any
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from pgqueue import store
+from pgqueue import __version__, metrics, store
 from pgqueue.config import WorkerConfig
 from pgqueue.log import get_logger
 from pgqueue.models import Job, Outcome, OutcomeKind
@@ -86,6 +89,7 @@ class Worker:
             self._lock,
             lambda: list(self._held.values()),
             self._on_lost,
+            self._register,
             interval=config.heartbeat_interval,
             lease_seconds=config.lease_seconds,
         )
@@ -114,6 +118,7 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
         await self.pool.open(wait=False)
+        metrics.WORKER_INFO.labels(__version__, ",".join(self.queues)).set(1)
         log.info(
             "worker.started",
             worker_id=self.worker_id,
@@ -220,28 +225,45 @@ class Worker:
 
     # --- jobs -----------------------------------------------------------------------
 
+    def _task_label(self, job: Job) -> str:
+        # Bounded label values: a task this worker does not know could be any string.
+        return job.task if job.task in self.registry else "unknown"
+
     def _start(self, job: Job) -> None:
         self._held[job.id] = job
-        log.debug("job.claimed", job_id=job.id, task=job.task, queue=job.queue, attempt=job.attempt)
+        task = self._task_label(job)
+        metrics.JOBS_CLAIMED.labels(job.queue, task).inc()
+        metrics.JOBS_RUNNING.labels(job.queue).inc()
+        extra = {"args": job.args} if self.config.log_args else {}
+        log.debug(
+            "job.claimed", job_id=job.id, task=job.task, queue=job.queue, attempt=job.attempt,
+            **extra,
+        )  # fmt: skip
         self._running[job.id] = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
 
     async def _run_job(self, job: Job) -> None:
+        started = time.monotonic()
         try:
             outcome = await self.executor.execute(job)
         except asyncio.CancelledError:
-            outcome = Outcome(job, OutcomeKind.RELEASED)
+            outcome = Outcome(job, OutcomeKind.RELEASED, time.monotonic() - started)
         finally:
             self._running.pop(job.id, None)
+            metrics.JOBS_RUNNING.labels(job.queue).dec()
             self._slot_freed.set()
+        metrics.JOB_DURATION.labels(job.queue, self._task_label(job)).observe(outcome.duration)
         if job.id in self._lost:
             # Fenced already: the heartbeat found the lease gone. Nothing to write.
             self._lost.discard(job.id)
             return
         self.completer.submit(outcome)
 
-    def _on_written(self, outcome: Outcome, result: WriteResult) -> None:
+    def _on_written(self, outcome: Outcome, result: WriteResult, state: str | None) -> None:
+        # Logs and metrics for an outcome come from here alone, so they cannot disagree.
         job = outcome.job
         self._held.pop(job.id, None)
+        if result is WriteResult.FAILED:
+            return  # logged by the completer; the lease now expires and the reaper retries
         fields = {
             "job_id": job.id,
             "task": job.task,
@@ -249,14 +271,20 @@ class Worker:
             "attempt": job.attempt,
             "duration": round(outcome.duration, 6),
         }
-        if result is WriteResult.FAILED:
-            return  # logged by the completer; the lease now expires and the reaper retries
+        error = outcome.error or {}
         if result is WriteResult.FENCED:
+            label = "lease_lost"
             log.warning("lease.lost", outcome=outcome.kind.value, **fields)
+        elif state == "cancelled":
+            label = "failed" if outcome.kind is OutcomeKind.RETRIED else outcome.kind.value
+            log.warning(
+                "job.cancelled", outcome=outcome.kind.value, error=error.get("error"), **fields
+            )
         elif outcome.kind is OutcomeKind.SUCCEEDED:
+            label = "succeeded"
             log.info("job.succeeded", **fields)
         elif outcome.kind is OutcomeKind.RETRIED:
-            error = outcome.error or {}
+            label = "retried"
             log.warning(
                 "job.retried",
                 error=error.get("error"),
@@ -265,21 +293,38 @@ class Worker:
                 **fields,
             )
         elif outcome.kind is OutcomeKind.DEAD:
-            error = outcome.error or {}
+            label = "dead"
             log.error("job.dead", reason=outcome.dead_reason, error=error.get("error"), **fields)
         elif outcome.kind is OutcomeKind.SNOOZED:
+            label = "snoozed"
             log.info("job.snoozed", snooze_seconds=outcome.delay_seconds, **fields)
         else:
+            label = "released"
             log.info("job.released", **fields)
+        metrics.JOBS_COMPLETED.labels(job.queue, self._task_label(job), label).inc()
 
     def _on_lost(self, jobs: list[Job]) -> None:
         for job in jobs:
             self._held.pop(job.id, None)
             if job.id in self._running:
                 self._lost.add(job.id)
+            metrics.JOBS_COMPLETED.labels(job.queue, self._task_label(job), "lease_lost").inc()
             log.warning(
                 "lease.lost", job_id=job.id, task=job.task, queue=job.queue, attempt=job.attempt
             )
+
+    async def _register(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await store.register_worker(
+            conn,
+            worker_id=self.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queues=self.queues,
+            concurrency=self.config.concurrency,
+            running=len(self._running),
+            heartbeat_seconds=self.config.heartbeat_interval,
+            version=__version__,
+        )
 
     # --- shutdown -------------------------------------------------------------------
 
@@ -319,6 +364,12 @@ class Worker:
         for task in services:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        try:
+            async with self.pool.connection(timeout=2.0) as conn:
+                await store.deregister_worker(conn, worker_id=self.worker_id)
+        except Exception as exc:  # the reaper forgets it after three missed heartbeats
+            log.warning("worker.deregister_failed", error=str(exc).strip())
         await self.pool.close()
         self.executor.shutdown()
+        metrics.WORKER_INFO.labels(__version__, ",".join(self.queues)).set(0)
         log.info("worker.stopped", worker_id=self.worker_id, flushed=flushed)

@@ -79,6 +79,7 @@ class Executor:
                 priority=job.priority,
                 created_at=job.created_at,
                 worker_id=self.worker_id,
+                _cancel=job.cancel,
             )
             token = set_current(ctx)
             try:

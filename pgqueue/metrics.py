@@ -1,0 +1,208 @@
+"""Every Prometheus metric pgqueue exports, defined in one place, and the HTTP endpoint
+that serves ``/metrics`` and ``/healthz`` for a daemon.
+
+Label sets are bounded: queue, task (tasks a worker does not know are reported as
+"unknown"), outcome. Never job ids. With ``--processes N`` the children write their
+samples to PROMETHEUS_MULTIPROC_DIR and the supervisor serves the sum.
+Database-wide gauges (queue depth, oldest ready job, dead jobs, live workers) are
+collected by the reaper from the database, cached between scrapes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import psycopg
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pgqueue import __version__, store
+from pgqueue.log import get_logger
+
+log = get_logger("pgqueue.metrics")
+
+OUTCOMES = ("succeeded", "failed", "retried", "dead", "snoozed", "released", "lease_lost")
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+JOBS_CLAIMED = Counter("pgqueue_jobs_claimed", "Jobs claimed by workers.", ["queue", "task"])
+JOBS_COMPLETED = Counter(
+    "pgqueue_jobs_completed",
+    "Attempts finished, by outcome: succeeded, retried (failed, will run again), dead"
+    " (dead-lettered), failed (failed, not retried: cancelled), snoozed, released"
+    " (returned at shutdown), lease_lost (result discarded: the lease was taken over).",
+    ["queue", "task", "outcome"],
+)
+JOB_DURATION = Histogram(
+    "pgqueue_job_duration_seconds",
+    "Handler run time per attempt.",
+    ["queue", "task"],
+    buckets=DURATION_BUCKETS,
+)
+JOBS_RUNNING = Gauge(
+    "pgqueue_jobs_running",
+    "Handlers running now in this worker (summed over processes).",
+    ["queue"],
+    multiprocess_mode="livesum",
+)
+WORKER_INFO = Gauge(
+    "pgqueue_worker_info",
+    "1 per live worker process, with its version and queues.",
+    ["version", "queues"],
+    multiprocess_mode="livesum",
+)
+BUILD_INFO = Gauge("pgqueue_build_info", "pgqueue version.", ["version"], multiprocess_mode="max")
+LEASES_EXPIRED = Counter(
+    "pgqueue_leases_expired",
+    "Running jobs whose lease expired, found by the reaper (requeued or dead-lettered).",
+    ["queue"],
+)
+JOBS_PRUNED = Counter("pgqueue_jobs_pruned", "Finished jobs deleted after retention.")
+BUILD_INFO.labels(__version__).set(1)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class QueueStatsCollector(Collector):
+    """Database-wide gauges, from one cheap query, cached for ``ttl`` seconds."""
+
+    def __init__(self, dsn: str, ttl: float = 10.0) -> None:
+        self.dsn = dsn
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._at = 0.0
+        self._metrics: list[Metric] = []
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            if time.monotonic() - self._at > self.ttl:
+                try:
+                    self._metrics = self._query()
+                except psycopg.Error as exc:
+                    log.warning("metrics.stats_failed", error=str(exc).strip())
+                self._at = time.monotonic()
+            yield from self._metrics
+
+    def _query(self) -> list[Metric]:
+        depth = GaugeMetricFamily(
+            "pgqueue_queue_depth",
+            "Jobs per queue and state: ready (due now), scheduled (due later), running.",
+            labels=["queue", "state"],
+        )
+        oldest = GaugeMetricFamily(
+            "pgqueue_queue_oldest_ready_age_seconds",
+            "Age of the oldest job that is due and not yet claimed, per queue.",
+            labels=["queue"],
+        )
+        dead = GaugeMetricFamily(
+            "pgqueue_dead_jobs", "Jobs in the dead-letter table, per queue.", labels=["queue"]
+        )
+        workers = GaugeMetricFamily("pgqueue_workers", "Live registered worker processes.")
+        paused = GaugeMetricFamily(
+            "pgqueue_queue_paused", "1 if the queue is paused.", labels=["queue"]
+        )
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+            for row in store.queue_stats(conn):
+                q = row["queue"]
+                depth.add_metric([q, "ready"], row["ready"])
+                depth.add_metric([q, "scheduled"], row["scheduled"])
+                depth.add_metric([q, "running"], row["running"])
+                oldest.add_metric([q], row["oldest_ready_age_seconds"] or 0.0)
+                dead.add_metric([q], row["dead"])
+                paused.add_metric([q], 1.0 if row["paused"] else 0.0)
+            workers.add_metric([], float(len(store.list_workers(conn))))
+        return [depth, oldest, dead, workers, paused]
+
+
+Health = Callable[[], tuple[bool, str]]
+
+
+def database_health(dsn: str) -> Health:
+    """A health check that answers whether ``dsn`` takes a connection and a query now."""
+
+    def check() -> tuple[bool, str]:
+        try:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=2) as conn:
+                conn.execute("SELECT 1")
+        except psycopg.Error as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return False, f"database unreachable: {first}"
+        return True, "ok"
+
+    return check
+
+
+class MetricsServer:
+    """Serves /metrics and /healthz on a daemon thread; ``stop()`` shuts it down."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health) -> None:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    body = generate_latest(server.registry)
+                    self._send(200, body, CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    ok, detail = server.health()
+                    self._send(200 if ok else 503, (detail + "\n").encode(), "text/plain")
+                else:
+                    self._send(404, b"not found\n", "text/plain")
+
+            def _send(self, code: int, body: bytes, content_type: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # scrapes are not worth a log line each
+
+        self.registry = registry
+        self.health = health
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self.port = int(self._httpd.server_address[1])
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="pgqueue-metrics", daemon=True
+        )
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        log.info("metrics.listening", port=self.port)
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def process_registry() -> CollectorRegistry:
+    """The registry a single daemon process serves: the default one."""
+    return REGISTRY
+
+
+def multiprocess_registry(path: str) -> CollectorRegistry:
+    """A registry that sums the samples written by every process under ``path``."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    return registry
