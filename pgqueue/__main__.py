@@ -1,5 +1,5 @@
 """``python -m pgqueue`` runs the CLI."""
 
-from pgqueue.cli import main
+from pgqueue.cli import run
 
-main(prog_name="pgqueue")
+run()

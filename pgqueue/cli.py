@@ -10,6 +10,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable
@@ -30,7 +31,14 @@ from pgqueue.config import (
     ReaperConfig,
     WorkerConfig,
 )
-from pgqueue.errors import AppImportError, ConfigError, JobNotFound, PgQueueError
+from pgqueue.errors import MAX_DELAY_SECONDS, AppImportError, ConfigError, JobNotFound, PgQueueError
+from pgqueue.metrics import (
+    DEFAULT_METRICS_HOST,
+    MetricsServer,
+    QueueStatsCollector,
+    process_registry,
+)
+from pgqueue.models import JobState
 from pgqueue.registry import Registry
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -63,7 +71,7 @@ def log_options(fn: F) -> F:
         default="auto",
         show_default=True,
         envvar="PGQUEUE_LOG_FORMAT",
-        help="auto: JSON lines unless stderr is a terminal.",
+        help="auto: JSON lines unless stdout is a terminal.",
     )(fn)
 
 
@@ -198,9 +206,27 @@ def status(job_id: int, as_json: bool, dsn: str | None) -> None:
             rows.append(("leased_by", job.leased_by or ""))
         if job.idempotency_key:
             rows.append(("idempotency_key", job.idempotency_key))
+        if job.cancel_requested_at:
+            rows.append(("cancel_requested_at", job.cancel_requested_at.isoformat()))
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
             click.echo(f"{key:<{width}}  {value}")
+        if job.history:
+            click.echo("attempts:")
+            _table(
+                [
+                    {
+                        "attempt": h.get("attempt"),
+                        "outcome": h.get("outcome"),
+                        "worker": h.get("worker"),
+                        "started_at": h.get("started_at"),
+                        "duration": h.get("duration"),
+                        "error": h.get("error", ""),
+                    }
+                    for h in job.history
+                ],
+                indent="  ",
+            )
         if job.errors:
             click.echo("errors:")
             for err in job.errors:
@@ -214,6 +240,22 @@ def status(job_id: int, as_json: bool, dsn: str | None) -> None:
 
 
 # --- worker -------------------------------------------------------------------------------
+
+
+def metrics_options(fn: F) -> F:
+    fn = click.option(
+        "--metrics-port",
+        type=click.IntRange(0, 65535),
+        envvar="PGQUEUE_METRICS_PORT",
+        help="Serve /metrics (Prometheus) and /healthz on this port (default: none).",
+    )(fn)
+    return click.option(
+        "--metrics-host",
+        default=DEFAULT_METRICS_HOST,
+        show_default=True,
+        envvar="PGQUEUE_METRICS_HOST",
+        help="Address for --metrics-port.",
+    )(fn)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -261,6 +303,10 @@ def status(job_id: int, as_json: bool, dsn: str | None) -> None:
     show_default=True,
     help="Safety-net poll when no notification arrives (seconds).",
 )
+@click.option(
+    "--log-args", is_flag=True, help="Log each job's args (off: they may hold personal data)."
+)
+@metrics_options
 @dsn_option
 @log_options
 @click.version_option(__version__, prog_name="pgqueue-worker")
@@ -272,6 +318,9 @@ def worker_command(
     lease_seconds: float,
     shutdown_timeout: float,
     poll_interval: float,
+    log_args: bool,
+    metrics_port: int | None,
+    metrics_host: str,
     dsn: str | None,
     log_level: str,
     log_format: str,
@@ -291,6 +340,7 @@ def worker_command(
             lease_seconds=lease_seconds,
             shutdown_timeout=shutdown_timeout,
             poll_interval=poll_interval,
+            log_args=log_args,
         ).validate()
         registry = load_registry(app)
         if processes > 1:
@@ -303,17 +353,34 @@ def worker_command(
                 "--lease-seconds", str(lease_seconds),
                 "--shutdown-timeout", str(shutdown_timeout),
                 "--poll-interval", str(poll_interval),
-                "--dsn", config.dsn,
                 "--log-level", log_level,
                 "--log-format", log_format,
             ]  # fmt: skip
             if queues:
                 child_args += ["--queues", queues]
-            return Supervisor(child_command(child_args), processes, shutdown_timeout).run()
+            if log_args:
+                child_args.append("--log-args")
+            return Supervisor(
+                child_command(child_args),
+                processes,
+                shutdown_timeout,
+                dsn=config.dsn,
+                metrics_host=metrics_host,
+                metrics_port=metrics_port,
+            ).run()
         from pgqueue.worker import Worker
 
         worker = Worker(registry, config)
-        asyncio.run(worker.run())
+        server = None
+        if metrics_port is not None:
+            server = MetricsServer(
+                metrics_host, metrics_port, process_registry(), worker.health
+            ).start()
+        try:
+            asyncio.run(worker.run())
+        finally:
+            if server is not None:
+                server.stop()
         return 1 if worker.failed else 0
 
     _exit_after(body)
@@ -352,11 +419,12 @@ def _exit_after(body: Callable[[], int | None]) -> None:
 )
 @click.option(
     "--backoff-base-seconds",
-    type=click.FloatRange(min=0),
+    type=click.FloatRange(min=0, max=MAX_DELAY_SECONDS),
     default=1.0,
     show_default=True,
     help="Backoff base for jobs requeued after their lease expired.",
 )
+@metrics_options
 @dsn_option
 @log_options
 @click.version_option(__version__, prog_name="pgqueue-reaper")
@@ -365,11 +433,15 @@ def reaper_command(
     once: bool,
     retention_seconds: float,
     backoff_base_seconds: float,
+    metrics_port: int | None,
+    metrics_host: str,
     dsn: str | None,
     log_level: str,
     log_format: str,
 ) -> None:
-    """Requeue jobs whose lease expired, dead-letter exhausted ones, prune finished jobs.
+    """Requeue jobs whose lease expired, dead-letter exhausted ones, prune finished jobs,
+    forget dead workers. With --metrics-port it also exports the database-wide gauges
+    (queue depth, oldest ready job, dead jobs, live workers).
 
     Several reapers may run at once. SIGTERM or SIGINT ends the loop after the current
     statement.
@@ -378,14 +450,13 @@ def reaper_command(
     from pgqueue.reaper import Reaper
 
     def body() -> int:
-        reaper = Reaper(
-            ReaperConfig(
-                dsn=_require_dsn(dsn),
-                interval=interval,
-                retention_seconds=retention_seconds,
-                backoff_base_seconds=backoff_base_seconds,
-            )
+        config = ReaperConfig(
+            dsn=_require_dsn(dsn),
+            interval=interval,
+            retention_seconds=retention_seconds,
+            backoff_base_seconds=backoff_base_seconds,
         )
+        reaper = Reaper(config)
         if once:
             result = reaper.run_once()
             click.echo(
@@ -393,19 +464,362 @@ def reaper_command(
                 f" pruned {result.pruned}"
             )
             return 0
-        reaper.run()
+        server = None
+        if metrics_port is not None:
+            registry = process_registry()
+            registry.register(QueueStatsCollector(config.dsn))
+            server = MetricsServer(metrics_host, metrics_port, registry, reaper.health).start()
+        try:
+            reaper.run()
+        finally:
+            if server is not None:
+                server.stop()
         return 0
 
     _exit_after(body)
+
+
+# --- admin ------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: str) -> float:
+    """'90', '90s', '15m', '24h', '7d', '2w' -> seconds; ConfigError otherwise."""
+    match = _DURATION.match(value)
+    if match is None:
+        raise ConfigError(f"bad duration {value!r}: use a number with s, m, h, d or w")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _table(rows: list[dict[str, Any]], *, indent: str = "") -> None:
+    """Print dicts as an aligned table (the columns of the first row)."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    click.echo(
+        indent
+        + "  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()
+    )
+    for row in cells:
+        click.echo(
+            indent + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def _emit(rows: list[dict[str, Any]], as_json: bool, empty: str) -> None:
+    if as_json:
+        click.echo(json.dumps(_jsonable(rows), indent=2))
+    elif rows:
+        _table(rows)
+    else:
+        click.echo(empty)
+
+
+def json_option(fn: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(
+        fn
+    )
+
+
+def _connect(dsn: str | None) -> psycopg.Connection[Any]:
+    return psycopg.connect(_require_dsn(dsn), autocommit=True, connect_timeout=10)
+
+
+@main.command()
+@json_option
+@dsn_option
+def stats(as_json: bool, dsn: str | None) -> None:
+    """Per queue: jobs ready, scheduled and running, oldest ready age, finished in the last
+    minute, dead, paused."""
+
+    def body() -> int:
+        with _connect(dsn) as conn:
+            rows = store.queue_stats(conn)
+        _emit(rows, as_json, "no queues yet")
+        return 0
+
+    _guard(body)
+
+
+@main.group()
+def jobs() -> None:
+    """Inspect jobs."""
+
+
+@jobs.command("list")
+@click.option("--state", type=click.Choice([s.value for s in JobState if s is not JobState.DEAD]))
+@click.option("--queue", help="Only this queue.")
+@click.option("--task", help="Only this task.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@json_option
+@dsn_option
+def jobs_list(
+    state: str | None,
+    queue: str | None,
+    task: str | None,
+    limit: int,
+    as_json: bool,
+    dsn: str | None,
+) -> None:
+    """List jobs, newest first (dead jobs: `pgqueue dead list`)."""
+
+    def body() -> int:
+        with _connect(dsn) as conn:
+            rows = store.list_jobs(conn, state=state, queue=queue, task=task, limit=limit)
+        _emit(rows, as_json, "no jobs match")
+        return 0
+
+    _guard(body)
+
+
+@main.command()
+@click.argument("job_id", type=int)
+@dsn_option
+def cancel(job_id: int, dsn: str | None) -> None:
+    """Cancel a job: a queued one is cancelled now; a running one is flagged (its handler
+    can see it) and is not retried if its attempt fails."""
+
+    def body() -> int:
+        with _connect(dsn) as conn:
+            state = store.cancel_job(conn, job_id=job_id)
+            if state is None:
+                job = store.job_status(conn, job_id=job_id)
+                if job is None:
+                    raise JobNotFound(f"no job with id {job_id}")
+                raise PgQueueError(f"job {job_id} is {job.state.value}: nothing to cancel")
+        if state == "cancelled":
+            click.echo(f"job {job_id} cancelled")
+        else:
+            click.echo(f"job {job_id} is running: cancellation requested")
+        return 0
+
+    _guard(body)
+
+
+@main.group()
+def dead() -> None:
+    """The dead-letter table: list, show, retry, purge."""
+
+
+@dead.command("list")
+@click.option("--queue", help="Only this queue.")
+@click.option("--task", help="Only this task.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@json_option
+@dsn_option
+def dead_list(
+    queue: str | None, task: str | None, limit: int, as_json: bool, dsn: str | None
+) -> None:
+    """List dead jobs, most recent first, with their last error."""
+
+    def body() -> int:
+        with _connect(dsn) as conn:
+            rows = store.list_dead(conn, queue=queue, task=task, limit=limit)
+        _emit(rows, as_json, "no dead jobs")
+        return 0
+
+    _guard(body)
+
+
+@dead.command("show")
+@click.argument("job_id", type=int)
+@json_option
+@dsn_option
+def dead_show(job_id: int, as_json: bool, dsn: str | None) -> None:
+    """Show one dead job: args, reason, every attempt and its traceback."""
+
+    def body() -> int:
+        with _connect(dsn) as conn:
+            row = store.get_dead(conn, job_id=job_id)
+        if row is None:
+            raise JobNotFound(f"no dead job with id {job_id}")
+        if as_json:
+            click.echo(json.dumps(_jsonable(row), indent=2))
+            return 0
+        for key in ("id", "task", "queue", "reason", "attempts", "max_attempts", "died_at",
+                    "created_at", "idempotency_key"):  # fmt: skip
+            click.echo(f"{key:<16}{_cell(row[key])}")
+        click.echo(f"{'args':<16}{json.dumps(row['args'])}")
+        for err in row["errors"]:
+            click.echo(f"--- attempt {err.get('attempt')} [{err.get('kind')}] {err.get('at')}")
+            click.echo(err.get("traceback") or err.get("error"))
+        return 0
+
+    _guard(body)
+
+
+RETRY_BATCH = 1000
+
+
+@dead.command("retry")
+@click.argument("job_ids", type=int, nargs=-1)
+@click.option("--all", "retry_all", is_flag=True, help="Retry every dead job (with the filters).")
+@click.option("--queue", help="With --all: only this queue.")
+@click.option("--task", help="With --all: only this task.")
+@dsn_option
+def dead_retry(
+    job_ids: tuple[int, ...],
+    retry_all: bool,
+    queue: str | None,
+    task: str | None,
+    dsn: str | None,
+) -> None:
+    """Move dead jobs back to the queue with fresh attempts (atomically: nothing is lost in
+    between). Give ids, or --all [--queue Q] [--task T]."""
+
+    def body() -> int:
+        if bool(job_ids) == retry_all:
+            raise ConfigError("give job ids or --all, not both and not neither")
+        if job_ids and (queue or task):
+            raise ConfigError("--queue and --task go with --all")
+        moved: list[int] = []
+        with _connect(dsn) as conn:
+            if job_ids:
+                moved = store.retry_dead(
+                    conn, ids=list(job_ids), queue=None, task=None, limit=len(job_ids)
+                )
+                missing = sorted(set(job_ids) - set(moved))
+                if missing:
+                    click.echo(f"retried {len(moved)}; not in the dead-letter table: {missing}")
+                    return 1
+            else:
+                while True:
+                    batch = store.retry_dead(
+                        conn, ids=None, queue=queue, task=task, limit=RETRY_BATCH
+                    )
+                    moved += batch
+                    if len(batch) < RETRY_BATCH:
+                        break
+        click.echo(f"retried {len(moved)} dead job(s)")
+        return 0
+
+    _guard(body)
+
+
+@dead.command("purge")
+@click.option("--older-than", help="Only jobs that died longer ago than this (e.g. 7d, 12h).")
+@click.option("--queue", help="Only this queue.")
+@click.option("--task", help="Only this task.")
+@dsn_option
+def dead_purge(
+    older_than: str | None, queue: str | None, task: str | None, dsn: str | None
+) -> None:
+    """Delete dead jobs for good (all of them, unless filtered)."""
+
+    def body() -> int:
+        seconds = parse_duration(older_than) if older_than is not None else None
+        total = 0
+        with _connect(dsn) as conn:
+            while True:
+                count = store.purge_dead(
+                    conn, older_than_seconds=seconds, queue=queue, task=task, limit=RETRY_BATCH
+                )
+                total += count
+                if count < RETRY_BATCH:
+                    break
+        click.echo(f"purged {total} dead job(s)")
+        return 0
+
+    _guard(body)
+
+
+@main.group()
+def queue() -> None:
+    """Pause and resume queues."""
+
+
+def _queue_name(name: str) -> str:
+    if not name.strip() or len(name) > 128:
+        raise ConfigError(f"bad queue name {name!r}")
+    return name
+
+
+@queue.command("pause")
+@click.argument("name")
+@dsn_option
+def queue_pause(name: str, dsn: str | None) -> None:
+    """Stop workers claiming from NAME (running jobs finish)."""
+
+    def body() -> int:
+        with _connect(dsn) as conn:
+            store.pause_queue(conn, name=_queue_name(name))
+        click.echo(f"queue {name} paused")
+        return 0
+
+    _guard(body)
+
+
+@queue.command("resume")
+@click.argument("name")
+@dsn_option
+def queue_resume(name: str, dsn: str | None) -> None:
+    """Let workers claim from NAME again, at once."""
+
+    def body() -> int:
+        with _connect(dsn) as conn:
+            store.resume_queue(conn, name=_queue_name(name))
+        click.echo(f"queue {name} resumed")
+        return 0
+
+    _guard(body)
+
+
+@main.command()
+@json_option
+@dsn_option
+def workers(as_json: bool, dsn: str | None) -> None:
+    """Live workers: host, pid, queues, running jobs, last heartbeat."""
+
+    def body() -> int:
+        with _connect(dsn) as conn:
+            rows = store.list_workers(conn)
+        _emit(rows, as_json, "no live workers")
+        return 0
+
+    _guard(body)
 
 
 main.add_command(worker_command, name="worker")
 main.add_command(reaper_command, name="reaper")
 
 
+def _run(command: click.Command, prog_name: str) -> None:
+    """Run a click command; a usage error (bad option, bad filter value) is one line on
+    stderr and exit code 2, not click's usage screen."""
+    try:
+        command.main(prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("aborted")
+    except click.ClickException as exc:
+        _fail(exc.format_message().replace("\n", " "), exc.exit_code)
+
+
+def run() -> None:
+    """The `pgqueue` command."""
+    _run(main, "pgqueue")
+
+
 def worker_main() -> None:
-    worker_command(prog_name="pgqueue-worker")
+    """The `pgqueue-worker` command."""
+    _run(worker_command, "pgqueue-worker")
 
 
 def reaper_main() -> None:
-    reaper_command(prog_name="pgqueue-reaper")
+    """The `pgqueue-reaper` command."""
+    _run(reaper_command, "pgqueue-reaper")

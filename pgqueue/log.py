@@ -1,4 +1,5 @@
-"""structlog set-up: JSON lines when stdout is not a terminal, readable output on one.
+"""structlog set-up, to stdout: JSON lines when stdout is not a terminal, readable colour
+output on one.
 
 Events are named ``noun.verb`` in the past tense (``job.claimed``, ``lease.lost``) and
 carry ``job_id``, ``task``, ``queue`` and ``attempt``; never a job's arguments.
@@ -18,11 +19,11 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     )
     structlog.configure(
         processors=[
@@ -35,7 +36,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,
     )
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from pgqueue import store
+from pgqueue import metrics, store
 from pgqueue.config import ReaperConfig
 from pgqueue.log import get_logger
 from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
@@ -37,6 +37,15 @@ class Reaper:
         self._stop = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
         self.backoff = ReconnectBackoff(config.reconnect_max_seconds)
+        self._looping = False
+        self._database_health = metrics.database_health(config.dsn)
+
+    def health(self) -> tuple[bool, str]:
+        """For /healthz (called from the metrics thread): is the loop running and does
+        the database answer?"""
+        if not self._looping:
+            return False, "not running"
+        return self._database_health()
 
     def stop(self) -> None:
         """Finish the current statement and exit the loop; idempotent."""
@@ -64,6 +73,7 @@ class Reaper:
                 backoff_max_seconds=cfg.backoff_max_seconds,
             )
             for row in rows:
+                metrics.LEASES_EXPIRED.labels(row["queue"]).inc()
                 log.warning(
                     "reaper.requeued",
                     job_id=row["id"],
@@ -78,6 +88,7 @@ class Reaper:
         while not self._stop.is_set():
             rows = store.dead_letter_expired(conn, batch_size=cfg.batch_size)
             for row in rows:
+                metrics.LEASES_EXPIRED.labels(row["queue"]).inc()
                 log.error(
                     "job.dead",
                     job_id=row["id"],
@@ -97,7 +108,10 @@ class Reaper:
             if count < cfg.batch_size:
                 break
         if pruned:
+            metrics.JOBS_PRUNED.inc(pruned)
             log.info("reaper.pruned", jobs=pruned)
+        for row in store.delete_stale_workers(conn):
+            log.warning("reaper.worker_gone", worker_id=row["id"], host=row["host"], pid=row["pid"])
         return ReapResult(requeued, dead, pruned)
 
     def run(self, *, handle_signals: bool = True) -> None:
@@ -106,6 +120,7 @@ class Reaper:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
         log.info("reaper.started", interval=self.config.interval)
+        self._looping = True
         while not self._stop.is_set():
             try:
                 self.run_once()
@@ -122,6 +137,7 @@ class Reaper:
                 wait = self.backoff.next_delay()
                 log.exception("reaper.failed", retry_in=round(wait, 2))
             self._stop.wait(wait)
+        self._looping = False
         self._close()
         log.info("reaper.stopped")
 

@@ -1,22 +1,32 @@
 """``pgqueue-worker --processes N``: runs N worker processes, forwards SIGTERM/SIGINT to
 them, and replaces a child that dies (with a backoff if it keeps dying at start-up).
 
-Each child is a full worker (``python -m pgqueue worker ... --processes 1``); the
-supervisor itself never touches the database.
+Each child is a full worker (``python -m pgqueue worker ... --processes 1``). With
+``--metrics-port`` the supervisor serves the children's metrics summed (prometheus-client
+multiprocess mode, one directory of samples per supervisor) and a /healthz that is 200
+while every child is up and the database answers.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
 from pgqueue.log import get_logger
+from pgqueue.metrics import (
+    DEFAULT_METRICS_HOST,
+    MetricsServer,
+    database_health,
+    multiprocess_registry,
+)
 
 log = get_logger("pgqueue.supervisor")
 
@@ -37,15 +47,31 @@ class _Child:
 
 
 class Supervisor:
-    def __init__(self, child_argv: Sequence[str], processes: int, shutdown_timeout: float) -> None:
+    def __init__(
+        self,
+        child_argv: Sequence[str],
+        processes: int,
+        shutdown_timeout: float,
+        *,
+        dsn: str,
+        metrics_host: str | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
         self.child_argv = list(child_argv)
         self.processes = processes
         self.shutdown_timeout = shutdown_timeout
+        self.dsn = dsn
+        self.metrics_host = metrics_host
+        self.metrics_port = metrics_port
+        self.metrics_dir: str | None = None
         self.children: list[_Child] = []
         self._signals: list[int] = []
 
     def _spawn(self, slot: int) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, PGQUEUE_WORKER_SLOT=str(slot))
+        # The DSN goes by environment, not argv: `ps` would show a password.
+        env = dict(os.environ, PGQUEUE_WORKER_SLOT=str(slot), PGQUEUE_DSN=self.dsn)
+        if self.metrics_dir:
+            env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         proc = subprocess.Popen(self.child_argv, env=env)
         log.info("supervisor.spawned", slot=slot, pid=proc.pid)
         return proc
@@ -56,10 +82,36 @@ class Supervisor:
             if child.proc.poll() is None:
                 child.proc.send_signal(signum)
 
+    def healthy(self) -> tuple[bool, str]:
+        down = [
+            c.slot for c in self.children if c.restart_at is not None or c.proc.poll() is not None
+        ]
+        if down:
+            return False, f"worker processes down: {down}"
+        return database_health(self.dsn)()
+
     def run(self) -> int:
         """Supervise until a signal stops the children; returns the exit code."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        server: MetricsServer | None = None
+        if self.metrics_port is not None:
+            self.metrics_dir = tempfile.mkdtemp(prefix="pgqueue-metrics-")
+            server = MetricsServer(
+                self.metrics_host or DEFAULT_METRICS_HOST,
+                self.metrics_port,
+                multiprocess_registry(self.metrics_dir),
+                self.healthy,
+            ).start()
+        try:
+            return self._supervise()
+        finally:
+            if server is not None:
+                server.stop()
+            if self.metrics_dir:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def _supervise(self) -> int:
         now = time.monotonic()
         self.children = [_Child(i, self._spawn(i), now) for i in range(self.processes)]
         log.info("supervisor.started", processes=self.processes, pid=os.getpid())
@@ -80,6 +132,11 @@ class Supervisor:
                         restart_in=round(child.restart_delay, 2),
                     )
                     child.restart_delay = min(RESTART_MAX_SECONDS, child.restart_delay * 2)
+                    if self.metrics_dir:
+                        # Its live gauges (running jobs, worker info) must stop counting.
+                        from prometheus_client import multiprocess
+
+                        multiprocess.mark_process_dead(child.proc.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
                 if child.restart_at is not None and now >= child.restart_at and not self._signals:
                     child.proc = self._spawn(child.slot)
                     child.started = now

@@ -78,6 +78,8 @@ class Worker:
         self._signals = 0
         # True when the worker stopped because one of its parts died (exit code 1).
         self.failed = False
+        self._started = False
+        self._database_health = metrics.database_health(config.dsn)
         self.completer = Completer(
             self.pool,
             self._lock,
@@ -111,6 +113,17 @@ class Worker:
         """Ask for a graceful shutdown; idempotent."""
         self._stopping.set()
 
+    def health(self) -> tuple[bool, str]:
+        """For /healthz (called from the metrics thread): are the loops alive and does
+        the database answer?"""
+        if self.failed:
+            return False, "a worker component died"
+        if not self._started:
+            return False, "starting"
+        if self._stopping.is_set():
+            return False, "stopping"
+        return self._database_health()
+
     async def run(self, *, handle_signals: bool = True) -> None:
         """Run until ``stop()`` (or SIGTERM/SIGINT), then shut down gracefully."""
         loop = asyncio.get_running_loop()
@@ -134,6 +147,7 @@ class Worker:
         fetcher = asyncio.create_task(self._fetch_loop(), name="fetcher")
         for task in (*services, fetcher):
             task.add_done_callback(self._on_component_done)
+        self._started = True
         try:
             await self._stopping.wait()
         finally:
