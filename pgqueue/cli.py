@@ -370,7 +370,7 @@ def worker_command(
             ).run()
         from pgqueue.worker import Worker
 
-        worker = Worker(registry, config)
+        worker = Worker(registry, config, supervised=os.environ.get("PGQUEUE_SUPERVISED") == "1")
         server = None
         if metrics_port is not None:
             server = MetricsServer(

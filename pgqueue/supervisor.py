@@ -30,6 +30,8 @@ from pgqueue.metrics import (
 
 log = get_logger("pgqueue.supervisor")
 
+# Set in each child's environment: the worker then treats signals as a supervised child.
+SUPERVISED_ENV = "PGQUEUE_SUPERVISED"
 RESTART_MIN_SECONDS = 1.0
 RESTART_MAX_SECONDS = 30.0
 # A child that lived at least this long before dying is restarted without delay growth.
@@ -70,6 +72,7 @@ class Supervisor:
     def _spawn(self, slot: int) -> subprocess.Popen[bytes]:
         # The DSN goes by environment, not argv: `ps` would show a password.
         env = dict(os.environ, PGQUEUE_WORKER_SLOT=str(slot), PGQUEUE_DSN=self.dsn)
+        env[SUPERVISED_ENV] = "1"
         if self.metrics_dir:
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         proc = subprocess.Popen(self.child_argv, env=env)
@@ -78,9 +81,13 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals.append(signum)
+        # First signal: pass it on (graceful stop). Any later one means "now": SIGQUIT,
+        # which the children honour at once; they ignore a repeated SIGTERM/SIGINT, since
+        # that is usually the first stop arriving twice (cgroup or process-group kill).
+        forward = signum if len(self._signals) == 1 else signal.SIGQUIT
         for child in self.children:
             if child.proc.poll() is None:
-                child.proc.send_signal(signum)
+                child.proc.send_signal(forward)
 
     def healthy(self) -> tuple[bool, str]:
         down = [
@@ -160,7 +167,10 @@ class Supervisor:
                 child.proc.kill()
                 codes.append(child.proc.wait())
         log.info("supervisor.stopped", exit_codes=codes)
-        return 0 if all(c == 0 for c in codes) else 1
+        # A child killed by the stop signal itself did not get to install its handlers
+        # (still starting) or had already finished (handlers gone): it held no jobs.
+        clean = {0, -signal.SIGTERM, -signal.SIGINT}
+        return 0 if all(c in clean for c in codes) else 1
 
 
 def child_command(args: Sequence[str]) -> list[str]:

@@ -49,9 +49,16 @@ class Worker:
     """Runs jobs from ``config.queues`` (default: the registry's queues) until stopped."""
 
     def __init__(
-        self, registry: Registry, config: WorkerConfig, *, worker_id: str | None = None
+        self,
+        registry: Registry,
+        config: WorkerConfig,
+        *,
+        worker_id: str | None = None,
+        supervised: bool = False,
     ) -> None:
         self.registry = registry
+        # Run by a --processes supervisor: see _on_signal.
+        self.supervised = supervised
         self.config = config.validate()
         # Deduplicated: the claim scans each queue once per name it is given.
         self.queues: tuple[str, ...] = tuple(dict.fromkeys(config.queues or registry.queues()))
@@ -128,7 +135,7 @@ class Worker:
         """Run until ``stop()`` (or SIGTERM/SIGINT), then shut down gracefully."""
         loop = asyncio.get_running_loop()
         if handle_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
         await self.pool.open(wait=False)
         metrics.WORKER_INFO.labels(__version__, ",".join(self.queues)).set(1)
@@ -344,9 +351,15 @@ class Worker:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
-        if self._signals > 1:
+        if sig is signal.SIGQUIT or (self._signals > 1 and not self.supervised):
             log.warning("worker.killed", signal=sig.name, running=len(self._running))
             os._exit(1)
+        if self._signals > 1:
+            # Under a supervisor a repeated SIGTERM/SIGINT is usually the same stop reaching
+            # us twice (systemd's cgroup kill, Ctrl-C to the process group, plus the
+            # supervisor's forward); the supervisor sends SIGQUIT for "exit now".
+            log.info("worker.signal_repeated", signal=sig.name)
+            return
         log.info("worker.stopping", signal=sig.name, running=len(self._running))
         self.stop()
 

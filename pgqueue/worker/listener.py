@@ -39,7 +39,9 @@ class Listener:
         """Listen until cancelled."""
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+                async with await psycopg.AsyncConnection.connect(
+                    self.dsn, autocommit=True, application_name="pgqueue-worker"
+                ) as conn:
                     self._conn = conn
                     await conn.execute("LISTEN pgqueue_jobs")
                     if self.backoff.failures:

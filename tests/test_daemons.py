@@ -1,0 +1,561 @@
+"""End-to-end tests of the daemons: real pgqueue-worker / pgqueue-reaper / pgqueue
+subprocesses, real signals, and assertions on what ended up in the database.
+
+Nothing here sleeps and hopes: every wait polls the database (or a process) through
+``wait_until`` or ``Popen.wait``. Leases are short (2 s) and the reaper runs every 0.2 s,
+so recovery paths finish in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from typing import Any
+
+import psutil
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from pgqueue import enqueue
+from tests.conftest import BIN, ROOT, Daemons, scalar, wait_until
+
+FAST_REAPER = ("--interval", "0.2", "--backoff-base-seconds", "0.1")
+
+# Backends of the worker processes of the test's database: the pool connections (named
+# 'pgqueue-worker') and the LISTEN connection (found by its query: it sets no name).
+WORKER_BACKENDS = """
+    SELECT pid FROM pg_stat_activity
+    WHERE datname = current_database() AND pid <> pg_backend_pid()
+      AND (application_name = 'pgqueue-worker' OR query = 'LISTEN pgqueue_jobs')
+"""
+LISTEN_BACKENDS = """
+    SELECT pid FROM pg_stat_activity
+    WHERE datname = current_database() AND pid <> pg_backend_pid()
+      AND query = 'LISTEN pgqueue_jobs'
+"""
+POOL_BACKENDS = """
+    SELECT pid FROM pg_stat_activity
+    WHERE datname = current_database() AND pid <> pg_backend_pid()
+      AND application_name = 'pgqueue-worker'
+"""
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def job(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute("SELECT * FROM pgqueue.jobs WHERE id = %s", (job_id,)).fetchone()
+
+
+def dead_job(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute("SELECT * FROM pgqueue.dead_jobs WHERE id = %s", (job_id,)).fetchone()
+
+
+def state(conn: psycopg.Connection[Any], job_id: int) -> str | None:
+    return scalar(conn, "SELECT state::text FROM pgqueue.jobs WHERE id = %s", (job_id,))
+
+
+def all_succeeded(conn: psycopg.Connection[Any], ids: list[int]) -> bool:
+    done = scalar(
+        conn,
+        "SELECT count(*) FROM pgqueue.jobs WHERE id = ANY(%s) AND state = 'succeeded'",
+        (ids,),
+    )
+    return bool(done == len(ids))
+
+
+def executions(conn: psycopg.Connection[Any], job_id: int, note_prefix: str = "") -> int:
+    return int(
+        scalar(
+            conn,
+            "SELECT count(*) FROM public.executions WHERE job_id = %s AND note LIKE %s",
+            (job_id, note_prefix + "%"),
+        )
+    )
+
+
+def pids(conn: psycopg.Connection[Any], sql: str) -> set[int]:
+    return {row[0] for row in conn.execute(sql).fetchall()}  # type: ignore[arg-type]
+
+
+def events(daemons: Daemons, proc: subprocess.Popen[bytes]) -> list[dict[str, Any]]:
+    """The JSON log lines a daemon wrote so far."""
+    found = []
+    for line in daemons.output(proc).splitlines():
+        if line.startswith("{"):
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue
+    return found
+
+
+def logged(daemons: Daemons, proc: subprocess.Popen[bytes], event: str) -> list[dict[str, Any]]:
+    return [e for e in events(daemons, proc) if e.get("event") == event]
+
+
+def started_workers(daemons: Daemons, proc: subprocess.Popen[bytes]) -> set[int]:
+    """Pids of the worker processes that logged worker.started into ``proc``'s log."""
+    return {int(e["worker_id"].rsplit(":", 2)[1]) for e in logged(daemons, proc, "worker.started")}
+
+
+def up_children(daemons: Daemons, supervisor: subprocess.Popen[bytes], n: int) -> set[int]:
+    """The supervisor's live children if there are ``n`` and all have logged worker.started."""
+    now = children(supervisor.pid)
+    return now if len(now) == n and now <= started_workers(daemons, supervisor) else set()
+
+
+def children(pid: int) -> set[int]:
+    """Live (non-zombie) child processes of ``pid``."""
+    try:
+        kids = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return set()
+    alive = set()
+    for kid in kids:
+        try:
+            if kid.status() != psutil.STATUS_ZOMBIE:
+                alive.add(kid.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def run_cli(dsn: str, *args: str, command: str = "pgqueue") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PGQUEUE_DSN": dsn, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [str(BIN / command), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def one_line_error(output: str) -> str:
+    lines = output.strip().splitlines()
+    assert len(lines) == 1, output
+    assert "Traceback" not in output
+    return lines[0]
+
+
+def make_expired(
+    conn: psycopg.Connection[Any], *, attempts: int, max_attempts: int, count: int = 1
+) -> list[int]:
+    """Insert ``count`` running jobs whose lease expired a minute ago (a dead worker's)."""
+    rows = conn.execute(
+        """
+        INSERT INTO pgqueue.jobs (task, state, attempts, max_attempts, lease_token, leased_by,
+                                  lease_expires_at, attempted_at)
+        SELECT 'record', 'running', %s, %s, gen_random_uuid(), 'ghost:1:abc',
+               now() - interval '1 minute', now() - interval '2 minutes'
+        FROM generate_series(1, %s)
+        RETURNING id
+        """,
+        (attempts, max_attempts, count),
+    ).fetchall()
+    return sorted(r[0] for r in rows)
+
+
+# --- tests ----------------------------------------------------------------------------------
+
+
+def test_worker_runs_jobs_enqueued_by_sql_and_python(conn, daemons):
+    by_function = scalar(conn, "SELECT pgqueue.enqueue('record', '{\"note\": \"fn\"}')")
+    by_insert = scalar(
+        conn, "INSERT INTO pgqueue.jobs (task, args) VALUES ('record', '{}') RETURNING id"
+    )
+    by_python = enqueue(conn, "record", {"note": "py"})
+    on_async_queue = enqueue(conn, "async_record", {"note": "async"}, queue="async")
+    ids = [by_function, by_insert, by_python, on_async_queue]
+
+    worker = daemons.worker("--lease-seconds", "3", "--poll-interval", "0.5")
+
+    wait_until(lambda: all_succeeded(conn, ids), timeout=20)
+    for job_id in ids:
+        assert executions(conn, job_id) == 1
+        row = job(conn, job_id)
+        assert row is not None
+        assert row["attempts"] == 1
+        assert row["errors"] == []
+        assert row["lease_token"] is None and row["lease_expires_at"] is None
+    assert worker.poll() is None
+
+
+def test_sigkill_mid_job_is_recovered_after_lease(conn, daemons):
+    job_id = enqueue(conn, "sleep", {"seconds": 30, "note": "k"})
+    worker_a = daemons.worker("--lease-seconds", "2", "--poll-interval", "0.5")
+    wait_until(lambda: executions(conn, job_id, "start") == 1)
+
+    os.kill(worker_a.pid, signal.SIGKILL)
+    assert worker_a.wait(timeout=10) == -signal.SIGKILL
+    assert state(conn, job_id) == "running"
+    # The next attempt should be short: args is plain jsonb.
+    conn.execute(
+        "UPDATE pgqueue.jobs SET args = %s WHERE id = %s",
+        (Jsonb({"seconds": 0.1, "note": "k"}), job_id),
+    )
+    daemons.reaper(*FAST_REAPER)
+    daemons.worker("--lease-seconds", "2", "--poll-interval", "0.5")
+
+    wait_until(lambda: state(conn, job_id) == "succeeded", timeout=30)
+    row = job(conn, job_id)
+    assert row is not None
+    assert row["attempts"] == 2
+    assert [e["kind"] for e in row["errors"]] == ["lease_expired"]
+    assert row["errors"][0]["attempt"] == 1
+    assert executions(conn, job_id, "start") == 2
+    assert executions(conn, job_id, "end") == 1
+
+
+def test_sigterm_waits_for_running_job_then_exits_zero(conn, daemons):
+    job_id = enqueue(conn, "sleep", {"seconds": 2, "note": "g"})
+    worker = daemons.worker("--shutdown-timeout", "10", "--lease-seconds", "3")
+    wait_until(lambda: executions(conn, job_id, "start") == 1)
+
+    worker.send_signal(signal.SIGTERM)
+
+    assert worker.wait(timeout=30) == 0, daemons.output(worker)
+    # The signal arrived while the job was running, and the job finished in the grace period.
+    assert [e["running"] for e in logged(daemons, worker, "worker.stopping")] == [1]
+    assert executions(conn, job_id, "end") == 1
+    row = job(conn, job_id)
+    assert row is not None
+    assert row["state"] == "succeeded", (row, daemons.output(worker))
+    assert row["attempts"] == 1
+    assert row["errors"] == []
+
+
+def test_sigterm_releases_job_that_outlives_shutdown_timeout(conn, daemons):
+    job_id = enqueue(conn, "sleep", {"seconds": 20, "note": "r"})
+    worker = daemons.worker("--shutdown-timeout", "0.5", "--lease-seconds", "3")
+    wait_until(lambda: executions(conn, job_id, "start") == 1)
+
+    worker.send_signal(signal.SIGTERM)
+
+    assert worker.wait(timeout=20) == 0, daemons.output(worker)
+    assert executions(conn, job_id, "end") == 0
+    row = job(conn, job_id)
+    assert row is not None
+    assert row["state"] == "queued", (row, daemons.output(worker))
+    assert row["attempts"] == 0  # a release does not count the attempt
+    assert row["errors"] == []
+    assert row["lease_token"] is None
+    assert row["lease_expires_at"] is None
+
+
+def test_second_signal_exits_at_once(conn, daemons):
+    job_id = enqueue(conn, "sleep", {"seconds": 20, "note": "twice"})
+    worker = daemons.worker("--shutdown-timeout", "30", "--lease-seconds", "2")
+    wait_until(lambda: executions(conn, job_id, "start") == 1)
+
+    worker.send_signal(signal.SIGTERM)
+    # Make sure the first signal was handled before the second one is sent.
+    wait_until(lambda: logged(daemons, worker, "worker.stopping"), timeout=10)
+    worker.send_signal(signal.SIGTERM)
+
+    code = worker.wait(timeout=10)
+    assert code not in (0, None)
+    assert code > 0  # exited on its own, not killed by the signal's default action
+    # Nothing was written: the job still runs under its (soon expired) lease.
+    assert state(conn, job_id) == "running"
+    assert executions(conn, job_id, "end") == 0
+
+    conn.execute(
+        "UPDATE pgqueue.jobs SET args = %s WHERE id = %s",
+        (Jsonb({"seconds": 0.1, "note": "twice"}), job_id),
+    )
+    daemons.reaper(*FAST_REAPER)
+    daemons.worker("--lease-seconds", "2", "--poll-interval", "0.5")
+
+    wait_until(lambda: state(conn, job_id) == "succeeded", timeout=30)
+    row = job(conn, job_id)
+    assert row is not None
+    assert row["attempts"] == 2
+    assert [e["kind"] for e in row["errors"]] == ["lease_expired"]
+    assert executions(conn, job_id, "start") == 2
+
+
+def test_worker_survives_pg_terminate_backend(conn, daemons):
+    worker = daemons.worker("--poll-interval", "0.5", "--lease-seconds", "3")
+    first = wait_until(lambda: pids(conn, LISTEN_BACKENDS) and pids(conn, WORKER_BACKENDS))
+
+    for _ in range(2):
+        before = pids(conn, WORKER_BACKENDS)
+        conn.execute(f"SELECT pg_terminate_backend(pid) FROM ({WORKER_BACKENDS}) AS w")
+        # Wait until it has connected again: a new LISTEN backend and a new pool backend.
+        wait_until(
+            lambda b=before: pids(conn, LISTEN_BACKENDS) - b and pids(conn, POOL_BACKENDS) - b
+        )
+    assert not (pids(conn, WORKER_BACKENDS) & first)
+
+    ids = [enqueue(conn, "record", {"note": f"after-{i}"}) for i in range(20)]
+
+    wait_until(lambda: all_succeeded(conn, ids), timeout=30)
+    for job_id in ids:
+        assert executions(conn, job_id) == 1
+    assert worker.poll() is None
+    output = daemons.output(worker)
+    assert "listener.disconnected" in output
+    assert "listener.reconnected" in output
+    assert "Traceback" not in output
+
+
+def test_worker_wakes_on_notify_after_listener_reconnect(conn, daemons):
+    # A 60 s safety-net poll: within the test's 20 s, only a notification (or the wake-up
+    # right after a reconnect) can make the idle worker claim.
+    worker = daemons.worker("--poll-interval", "60", "--lease-seconds", "3")
+    old = wait_until(lambda: pids(conn, LISTEN_BACKENDS))
+
+    conn.execute(f"SELECT pg_terminate_backend(pid) FROM ({WORKER_BACKENDS}) AS w")
+    wait_until(lambda: pids(conn, LISTEN_BACKENDS) - old, timeout=20)
+    # The first job may still be caught by the post-reconnect wake-up; once it is done the
+    # fetcher is idle again, so the second one can only be claimed through its NOTIFY
+    # arriving on the new LISTEN connection.
+    first = enqueue(conn, "record", {"note": "first"})
+    wait_until(lambda: state(conn, first) == "succeeded", timeout=20)
+    second = enqueue(conn, "record", {"note": "second"})
+
+    wait_until(lambda: state(conn, second) == "succeeded", timeout=20)
+    assert executions(conn, second) == 1
+    assert worker.poll() is None
+    assert logged(daemons, worker, "listener.reconnected")
+
+
+def test_listen_connection_is_named_pgqueue_worker(conn, daemons):
+    daemons.worker("--poll-interval", "0.5")
+    wait_until(lambda: pids(conn, LISTEN_BACKENDS))
+    names = {
+        row[0]
+        for row in conn.execute(
+            "SELECT application_name FROM pg_stat_activity"
+            " WHERE datname = current_database() AND query = 'LISTEN pgqueue_jobs'"
+        )
+    }
+    assert names == {"pgqueue-worker"}
+
+
+@pytest.mark.parametrize(
+    ("app", "mentions"),
+    [
+        ("missing.module:x", "missing.module"),
+        ("tests.apps.sample:nothing", "tests.apps.sample:nothing"),
+        ("nocolon", "nocolon"),
+    ],
+)
+def test_bad_app_exits_nonzero_with_one_line(daemons, app, mentions):
+    proc = daemons.worker(app=app)
+    code = proc.wait(timeout=30)
+    output = daemons.output(proc)
+    assert code != 0
+    line = one_line_error(output)
+    assert mentions in line
+    assert line.startswith("pgqueue: ")
+
+
+def test_processes_supervisor_replaces_dead_child_and_forwards_sigterm(conn, daemons):
+    supervisor = daemons.worker(
+        "--processes", "2", "--poll-interval", "0.5", "--lease-seconds", "3",
+        "--shutdown-timeout", "5",
+    )  # fmt: skip
+    first = wait_until(lambda: up_children(daemons, supervisor, 2))
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> set[int]:
+        now = up_children(daemons, supervisor, 2)
+        return now if victim not in now else set()
+
+    current = wait_until(replaced)
+    assert len(current & first) == 1  # one survivor, one replacement
+    assert supervisor.poll() is None
+    ids = [enqueue(conn, "record", {"note": f"s{i}"}) for i in range(10)]
+    wait_until(lambda: all_succeeded(conn, ids), timeout=30)
+    ran_in = pids(conn, "SELECT DISTINCT pid FROM public.executions")
+    assert ran_in <= current
+
+    supervisor.send_signal(signal.SIGTERM)
+
+    assert supervisor.wait(timeout=30) == 0, daemons.output(supervisor)
+    assert all(gone(pid) for pid in current | first)
+    assert children(supervisor.pid) == set()
+    assert logged(daemons, supervisor, "supervisor.child_died")
+
+
+def test_sigterm_to_supervisor_process_group_shuts_down_gracefully(conn, daemons):
+    # systemd (KillMode=control-group) and Ctrl-C in a terminal signal the whole group:
+    # every process gets its own copy. This is the interleaving in which the children
+    # handle theirs before the supervisor handles its copy (os.killpg leaves the order
+    # to the scheduler; sending the copies one by one makes it deterministic).
+    supervisor = daemons.worker(
+        "--processes", "2", "--poll-interval", "0.5", "--lease-seconds", "3",
+        "--shutdown-timeout", "10",
+    )  # fmt: skip
+    kids = wait_until(lambda: up_children(daemons, supervisor, 2))
+    job_id = enqueue(conn, "sleep", {"seconds": 2, "note": "pg"})
+    wait_until(lambda: executions(conn, job_id, "start") == 1)
+
+    for kid in kids:
+        os.kill(kid, signal.SIGTERM)
+    wait_until(lambda: len(logged(daemons, supervisor, "worker.stopping")) == 2)
+    supervisor.send_signal(signal.SIGTERM)
+
+    code = supervisor.wait(timeout=30)
+    assert executions(conn, job_id, "end") == 1
+    assert state(conn, job_id) == "succeeded"
+    assert code == 0
+
+
+def test_sigterm_while_children_start_exits_zero(conn, daemons):
+    supervisor = daemons.worker("--processes", "2", "--shutdown-timeout", "5")
+    # Signal it as soon as its children exist, before they are up.
+    kids = wait_until(lambda: len(now := children(supervisor.pid)) == 2 and now, interval=0.005)
+
+    supervisor.send_signal(signal.SIGTERM)
+
+    code = supervisor.wait(timeout=30)
+    assert all(gone(pid) for pid in kids)
+    assert code == 0, daemons.output(supervisor)
+
+
+def test_reaper_once_requeues_expired_lease_and_dead_letters_exhausted(conn, dsn):
+    (retryable,) = make_expired(conn, attempts=1, max_attempts=3)
+    (exhausted,) = make_expired(conn, attempts=3, max_attempts=3)
+
+    result = run_cli(dsn, "--once", "--log-format", "json", command="pgqueue-reaper")
+
+    assert result.returncode == 0, result.stderr
+    assert "requeued 1, dead-lettered 1" in result.stdout
+    row = job(conn, retryable)
+    assert row is not None
+    assert row["state"] == "queued"
+    assert row["attempts"] == 1
+    assert row["lease_token"] is None and row["lease_expires_at"] is None
+    assert [(e["kind"], e["attempt"]) for e in row["errors"]] == [("lease_expired", 1)]
+    assert job(conn, exhausted) is None
+    dead = dead_job(conn, exhausted)
+    assert dead is not None
+    assert dead["reason"] == "lease_expired"
+    assert dead["attempts"] == 3
+    assert [e["kind"] for e in dead["errors"]] == ["lease_expired"]
+
+
+def test_two_reapers_at_once_requeue_each_expired_job_exactly_once(conn, dsn):
+    ids = make_expired(conn, attempts=1, max_attempts=5, count=200)
+    env = {**os.environ, "PGQUEUE_DSN": dsn, "PYTHONPATH": str(ROOT)}
+    reapers = [
+        subprocess.Popen(
+            [str(BIN / "pgqueue-reaper"), "--once", "--log-format", "json"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [r.communicate(timeout=60)[0] for r in reapers]
+
+    assert [r.returncode for r in reapers] == [0, 0]
+    counts = [int(out.split("requeued ")[1].split(",")[0]) for out in outputs]
+    assert sum(counts) == 200, outputs
+    lengths = conn.execute(
+        "SELECT state::text, jsonb_array_length(errors), count(*) FROM pgqueue.jobs"
+        " WHERE id = ANY(%s) GROUP BY 1, 2",
+        (ids,),
+    ).fetchall()
+    assert lengths == [("queued", 1, 200)]
+
+
+def test_reaper_daemon_exits_zero_on_sigterm(conn, daemons):
+    (job_id,) = make_expired(conn, attempts=1, max_attempts=3)
+    # A long interval: the process must not wait for its next pass to stop.
+    reaper = daemons.reaper("--interval", "30")
+    wait_until(lambda: state(conn, job_id) == "queued", timeout=20)
+    wait_until(lambda: logged(daemons, reaper, "reaper.started"))
+
+    reaper.send_signal(signal.SIGTERM)
+
+    assert reaper.wait(timeout=10) == 0, daemons.output(reaper)
+    assert logged(daemons, reaper, "reaper.stopped")
+    assert "Traceback" not in daemons.output(reaper)
+
+
+def test_status_command(conn, dsn, daemons):
+    queued = enqueue(conn, "record", {"note": "q"}, delay=3600)
+    dead = enqueue(conn, "fail", max_attempts=3)
+    worker = daemons.worker("--poll-interval", "0.5")
+    wait_until(lambda: dead_job(conn, dead) is not None, timeout=30)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=20) == 0
+
+    shown = run_cli(dsn, "status", str(queued))
+    assert shown.returncode == 0, shown.stderr
+    lines = dict(line.split(None, 1) for line in shown.stdout.splitlines() if "  " in line)
+    assert lines["state"].strip() == "queued"
+    assert lines["attempts"].strip() == "0/20"
+    assert "errors:" not in shown.stdout
+
+    shown = run_cli(dsn, "status", str(dead))
+    assert shown.returncode == 0, shown.stderr
+    assert "dead (exhausted)" in shown.stdout
+    assert "3/3" in shown.stdout
+    error_lines = [line for line in shown.stdout.splitlines() if line.startswith("  attempt ")]
+    assert [line.split()[1] for line in error_lines] == ["1", "2", "3"]
+    assert all("RuntimeError: this task always fails" in line for line in error_lines)
+
+    as_json = run_cli(dsn, "status", str(dead), "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert {"state", "attempts", "errors"} <= data.keys()
+    assert data["state"] == "dead"
+    assert data["attempts"] == 3
+    assert [e["attempt"] for e in data["errors"]] == [1, 2, 3]
+
+    missing = run_cli(dsn, "status", "987654321")
+    assert missing.returncode == 1
+    assert missing.stdout == ""
+    assert "987654321" in one_line_error(missing.stderr)
+
+    unreachable = run_cli("postgresql://postgres@127.0.0.1:1/x", "status", str(queued))
+    assert unreachable.returncode != 0
+    assert unreachable.stdout == ""
+    assert "cannot reach the database" in one_line_error(unreachable.stderr)
+
+
+def test_poison_job_dead_letters_after_max_attempts(conn, daemons):
+    poison = enqueue(conn, "crash", max_attempts=2)
+    healthy = [enqueue(conn, "record", {"note": f"h{i}"}) for i in range(5)]
+    supervisor = daemons.worker(
+        "--processes", "2", "--lease-seconds", "2", "--poll-interval", "0.5",
+        "--shutdown-timeout", "2",
+    )  # fmt: skip
+    daemons.reaper(*FAST_REAPER)
+
+    wait_until(lambda: dead_job(conn, poison) is not None, timeout=40)
+    wait_until(lambda: all_succeeded(conn, healthy), timeout=40)
+
+    dead = dead_job(conn, poison)
+    assert dead is not None
+    assert dead["reason"] == "lease_expired"
+    assert dead["attempts"] == 2
+    assert [e["kind"] for e in dead["errors"]] == ["lease_expired", "lease_expired"]
+    assert job(conn, poison) is None
+    assert executions(conn, poison) == 2
+    # The supervisor replaced the children the poison job killed.
+    assert len(logged(daemons, supervisor, "supervisor.child_died")) >= 2
+    assert supervisor.poll() is None
