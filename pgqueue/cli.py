@@ -99,6 +99,9 @@ def _guard(fn: Callable[[], int | None]) -> None:
         _fail(f"cannot reach the database: {first}")
     except psycopg.errors.UndefinedTable:
         _fail("the pgqueue schema is missing: run `pgqueue migrate` first")
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _fail(f"database error: {first}")
     else:
         sys.exit(code or 0)
 
@@ -461,7 +464,7 @@ def reaper_command(
             result = reaper.run_once()
             click.echo(
                 f"requeued {len(result.requeued)}, dead-lettered {len(result.dead)},"
-                f" pruned {result.pruned}"
+                f" cancelled {len(result.cancelled)}, pruned {result.pruned}"
             )
             return 0
         server = None

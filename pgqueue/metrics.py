@@ -31,6 +31,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from pgqueue import __version__, store
+from pgqueue.errors import ConfigError
 from pgqueue.log import get_logger
 
 log = get_logger("pgqueue.metrics")
@@ -88,6 +89,10 @@ class QueueStatsCollector(Collector):
         self._lock = threading.Lock()
         self._at = 0.0
         self._metrics: list[Metric] = []
+
+    def describe(self) -> list[Metric]:
+        # Registration must not query the database (it would cache a stale first read).
+        return []
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
@@ -178,7 +183,10 @@ class MetricsServer:
 
         self.registry = registry
         self.health = health
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._httpd = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc
         self._httpd.daemon_threads = True
         self.port = int(self._httpd.server_address[1])
         self._thread = threading.Thread(

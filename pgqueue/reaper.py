@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -29,6 +29,9 @@ class ReapResult:
     requeued: list[int]
     dead: list[int]
     pruned: int
+    # Jobs whose lease expired after an operator asked to cancel them: cancelled, not
+    # requeued.
+    cancelled: list[int] = field(default_factory=list)
 
 
 class Reaper:
@@ -62,6 +65,7 @@ class Reaper:
         """One pass: requeue expired, dead-letter exhausted, prune; batch by batch."""
         conn = self._connection()
         requeued: list[int] = []
+        cancelled: list[int] = []
         dead: list[int] = []
         pruned = 0
         cfg = self.config
@@ -74,6 +78,18 @@ class Reaper:
             )
             for row in rows:
                 metrics.LEASES_EXPIRED.labels(row["queue"]).inc()
+                if row["state"] == "cancelled":
+                    log.warning(
+                        "job.cancelled",
+                        job_id=row["id"],
+                        task=row["task"],
+                        queue=row["queue"],
+                        attempt=row["attempts"],
+                        worker=row["leased_by"],
+                        reason="lease_expired",
+                    )
+                    cancelled.append(row["id"])
+                    continue
                 log.warning(
                     "reaper.requeued",
                     job_id=row["id"],
@@ -82,7 +98,7 @@ class Reaper:
                     attempt=row["attempts"],
                     worker=row["leased_by"],
                 )
-            requeued.extend(r["id"] for r in rows)
+            requeued.extend(r["id"] for r in rows if r["state"] != "cancelled")
             if len(rows) < cfg.batch_size:
                 break
         while not self._stop.is_set():
@@ -112,7 +128,7 @@ class Reaper:
             log.info("reaper.pruned", jobs=pruned)
         for row in store.delete_stale_workers(conn):
             log.warning("reaper.worker_gone", worker_id=row["id"], host=row["host"], pid=row["pid"])
-        return ReapResult(requeued, dead, pruned)
+        return ReapResult(requeued, dead, pruned, cancelled)
 
     def run(self, *, handle_signals: bool = True) -> None:
         """Pass every ``interval`` seconds until stopped (SIGTERM/SIGINT)."""

@@ -328,6 +328,7 @@ def job_status(conn: SyncConn, *, job_id: int) -> JobStatus | None:
 
 
 def queue_stats(conn: SyncConn) -> list[Row]:
+    conn.execute(QUERIES["disable_jit"])
     return _fetch(conn, "queue_stats", {})
 
 

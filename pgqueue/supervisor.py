@@ -72,6 +72,9 @@ class Supervisor:
     def _spawn(self, slot: int) -> subprocess.Popen[bytes]:
         # The DSN goes by environment, not argv: `ps` would show a password.
         env = dict(os.environ, PGQUEUE_WORKER_SLOT=str(slot), PGQUEUE_DSN=self.dsn)
+        # The supervisor serves the metrics port; a child must not try to bind it too.
+        env.pop("PGQUEUE_METRICS_PORT", None)
+        env.pop("PGQUEUE_METRICS_HOST", None)
         env[SUPERVISED_ENV] = "1"
         if self.metrics_dir:
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
@@ -120,7 +123,10 @@ class Supervisor:
 
     def _supervise(self) -> int:
         now = time.monotonic()
-        self.children = [_Child(i, self._spawn(i), now) for i in range(self.processes)]
+        for slot in range(self.processes):
+            if self._signals:
+                break
+            self.children.append(_Child(slot, self._spawn(slot), now))
         log.info("supervisor.started", processes=self.processes, pid=os.getpid())
         while not self._signals:
             now = time.monotonic()
@@ -152,7 +158,13 @@ class Supervisor:
         return self._wait_children()
 
     def _wait_children(self) -> int:
-        log.info("supervisor.stopping", signal=signal.Signals(self._signals[0]).name)
+        first = signal.Signals(self._signals[0])
+        log.info("supervisor.stopping", signal=first.name)
+        # Again to every live child: one spawned while the signal was being handled may
+        # have missed it. Children ignore a repeated stop signal, so this is harmless.
+        for child in self.children:
+            if child.proc.poll() is None and len(self._signals) == 1:
+                child.proc.send_signal(first)
         # Children got the signal in _on_signal; give them their grace period plus a margin.
         deadline = time.monotonic() + self.shutdown_timeout + 15.0
         codes: list[int] = []

@@ -801,3 +801,50 @@ def test_claim_side_query_plan_uses_the_claim_index(seeded_dsn, name):
     nodes = explain(seeded_dsn, name, _plan_params(seeded_dsn, name))
 
     assert "jobs_claim_idx" in {n.get("Index Name") for n in nodes}, nodes
+
+
+# --- cancellation -------------------------------------------------------------------------
+
+
+def test_dead_letter_of_a_cancel_requested_job_cancels_it_instead(conn, dsn):
+    token = uuid.uuid4()
+    job_id = make_job(
+        conn, state="running", lease_token=token, attempts=3, max_attempts=3,
+        cancel_requested_at=db_clock(conn),
+    )  # fmt: skip
+    other_token = uuid.uuid4()
+    other = make_job(conn, state="running", lease_token=other_token, attempts=3, max_attempts=3)
+
+    async def go() -> dict[int, str]:
+        aconn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        async with aconn:
+            return await store.dead_letter_jobs(
+                aconn,
+                ids=[job_id, other],
+                tokens=[token, other_token],
+                errors=[ERROR_2, ERROR_2],
+                reasons=["exhausted", "exhausted"],
+                durations=[0.1, 0.1],
+            )
+
+    assert asyncio.run(go()) == {job_id: "cancelled", other: "dead"}
+    row = job_row(conn, job_id)
+    assert row is not None and row["state"] == "cancelled" and row["lease_token"] is None
+    assert [h["outcome"] for h in row["history"]] == ["failed"]
+    assert dead_row(conn, job_id) is None
+    assert dead_row(conn, other) is not None
+
+
+def test_reaper_cancels_an_exhausted_expired_job_whose_cancel_was_requested(conn, dsn):
+    from pgqueue import Reaper, ReaperConfig
+
+    past = db_clock(conn) - timedelta(seconds=5)
+    job_id = make_job(
+        conn, state="running", lease_expires_at=past, attempts=2, max_attempts=2,
+        cancel_requested_at=past,
+    )  # fmt: skip
+    result = Reaper(ReaperConfig(dsn=dsn)).run_once()
+    assert (result.requeued, result.dead, result.cancelled) == ([], [], [job_id])
+    row = job_row(conn, job_id)
+    assert row is not None and row["state"] == "cancelled"
+    assert dead_row(conn, job_id) is None

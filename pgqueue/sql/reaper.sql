@@ -1,11 +1,12 @@
 -- name: requeue_expired
 -- Requeues, with backoff, running jobs whose lease expired and that have attempts left
--- (the attempt was counted at claim). A batch at a time, SKIP LOCKED so several reapers
+-- (the attempt was counted at claim); cancels those whose cancellation was requested. A batch at a time, SKIP LOCKED so several reapers
 -- never act on the same row; the UPDATE re-checks the expiry on the locked row, so a
 -- heartbeat that landed in between wins.
 WITH expired AS MATERIALIZED (
     SELECT j.id FROM pgqueue.jobs AS j
-    WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts < j.max_attempts
+    WHERE j.state = 'running' AND j.lease_expires_at < now()
+      AND (j.attempts < j.max_attempts OR j.cancel_requested_at IS NOT NULL)
     ORDER BY j.id
     LIMIT %(batch_size)s
     FOR UPDATE SKIP LOCKED
@@ -37,6 +38,7 @@ FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
 WITH expired AS MATERIALIZED (
     SELECT j.id FROM pgqueue.jobs AS j
     WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts >= j.max_attempts
+      AND j.cancel_requested_at IS NULL
     ORDER BY j.id
     LIMIT %(batch_size)s
     FOR UPDATE SKIP LOCKED

@@ -161,24 +161,43 @@ FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
 -- name: dead_letter_jobs
 -- Moves jobs to pgqueue.dead_jobs with their error history plus this attempt's error and
 -- history entry, atomically (one statement: the delete and the insert commit together),
--- each only if still running under the given lease token.
-WITH moved AS (
-    DELETE FROM pgqueue.jobs AS j
-    USING unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(errors)s::jsonb[],
-                 %(reasons)s::text[], %(durations)s::float8[])
+-- each only if still running under the given lease token. A job whose cancellation was
+-- requested is cancelled instead (it stays in pgqueue.jobs, so `dead retry` cannot revive
+-- it by accident). Returns each changed id with the state it ended in.
+WITH batch AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(errors)s::jsonb[],
+                         %(reasons)s::text[], %(durations)s::float8[])
         AS d(id, token, error, reason, duration)
-    WHERE j.id = d.id AND j.state = 'running' AND j.lease_token = d.token
-    RETURNING j.*, d.error AS last_error, d.reason AS dead_reason, d.duration AS last_duration
+), cancelled AS (
+    UPDATE pgqueue.jobs AS j
+    SET state = 'cancelled', finished_at = now(), lease_token = NULL, lease_expires_at = NULL,
+        errors = j.errors || jsonb_build_array(b.error),
+        history = j.history || pgqueue.history_entry(
+            j.attempts, j.leased_by, j.attempted_at, b.duration, 'failed', b.error->>'error')
+    FROM batch AS b
+    WHERE j.id = b.id AND j.state = 'running' AND j.lease_token = b.token
+      AND j.cancel_requested_at IS NOT NULL
+    RETURNING j.id
+), moved AS (
+    DELETE FROM pgqueue.jobs AS j
+    USING batch AS b
+    WHERE j.id = b.id AND j.state = 'running' AND j.lease_token = b.token
+      AND j.cancel_requested_at IS NULL
+    RETURNING j.*, b.error AS last_error, b.reason AS dead_reason, b.duration AS last_duration
+), inserted AS (
+    INSERT INTO pgqueue.dead_jobs
+        (id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
+         created_at, attempted_at, errors, reason, history)
+    SELECT id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
+           created_at, attempted_at, errors || jsonb_build_array(last_error), dead_reason,
+           history || pgqueue.history_entry(
+               attempts, leased_by, attempted_at, last_duration, 'dead', last_error->>'error')
+    FROM moved
+    RETURNING id
 )
-INSERT INTO pgqueue.dead_jobs
-    (id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
-     created_at, attempted_at, errors, reason, history)
-SELECT id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
-       created_at, attempted_at, errors || jsonb_build_array(last_error), dead_reason,
-       history || pgqueue.history_entry(
-           attempts, leased_by, attempted_at, last_duration, 'dead', last_error->>'error')
-FROM moved
-RETURNING id, 'dead' AS state;
+SELECT id, 'dead' AS state FROM inserted
+UNION ALL
+SELECT id, 'cancelled' AS state FROM cancelled;
 
 -- name: register_worker
 -- Registers this worker process, or refreshes its row (last heartbeat, running jobs);

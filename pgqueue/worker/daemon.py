@@ -293,11 +293,18 @@ class Worker:
             "duration": round(outcome.duration, 6),
         }
         error = outcome.error or {}
+        if result is WriteResult.FENCED and job.id in self._lost:
+            self._lost.discard(job.id)  # the heartbeat already reported this lease lost
+            return
         if result is WriteResult.FENCED:
             label = "lease_lost"
             log.warning("lease.lost", outcome=outcome.kind.value, **fields)
         elif state == "cancelled":
-            label = "failed" if outcome.kind is OutcomeKind.RETRIED else outcome.kind.value
+            # A cancel-requested job: a failed attempt is not retried ("failed"); a
+            # snooze, release or last failure ends it too ("cancelled").
+            label = (
+                "failed" if outcome.kind in (OutcomeKind.RETRIED, OutcomeKind.DEAD) else "cancelled"
+            )
             log.warning(
                 "job.cancelled", outcome=outcome.kind.value, error=error.get("error"), **fields
             )
@@ -327,8 +334,10 @@ class Worker:
     def _on_lost(self, jobs: list[Job]) -> None:
         for job in jobs:
             self._held.pop(job.id, None)
-            if job.id in self._running:
-                self._lost.add(job.id)
+            # Counted and logged here, once: a running handler's result is then dropped
+            # (_run_job), and a result already waiting in the completer will be fenced
+            # off quietly (_on_written).
+            self._lost.add(job.id)
             metrics.JOBS_COMPLETED.labels(job.queue, self._task_label(job), "lease_lost").inc()
             log.warning(
                 "lease.lost", job_id=job.id, task=job.task, queue=job.queue, attempt=job.attempt

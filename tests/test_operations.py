@@ -1,0 +1,1064 @@
+"""Operating pgqueue: Prometheus metrics and /healthz of the worker, the supervisor and the
+reaper; the admin CLI (stats, jobs list, status, cancel, dead ..., queue pause/resume,
+workers) against a real database; execution history; structured logs.
+
+Daemons and CLI commands run as real subprocesses. Nothing sleeps and hopes: every wait
+polls (the database, a process, or an HTTP endpoint) through ``wait_until``. The one
+exception is the paused-queue test, which must show that something does *not* happen
+and so watches a job stay queued for a short, bounded time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from pgqueue import (
+    JobSpec,
+    Reaper,
+    ReaperConfig,
+    Registry,
+    Worker,
+    WorkerConfig,
+    enqueue,
+    enqueue_many,
+    migrate,
+    store,
+)
+from tests.conftest import BIN, EXECUTIONS_DDL, ROOT, Daemons, scalar, wait_until
+from tests.pgcluster import PgCluster
+
+APP = "tests.apps.sample:registry"
+LOCAL = ("--metrics-host", "127.0.0.1")
+FAST_REAPER = ("--interval", "0.2", "--backoff-base-seconds", "0.1")
+UNREACHABLE_DSN = "postgresql://postgres@127.0.0.1:1/x"
+
+
+# --- helpers: processes -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli(dsn: str | None, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``pgqueue ARGS`` with PGQUEUE_DSN=dsn (unset when None)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGQUEUE_")}
+    if dsn is not None:
+        env["PGQUEUE_DSN"] = dsn
+    return subprocess.run(
+        [str(BIN / "pgqueue"), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    assert result.stderr == "", result.stderr
+    return result.stdout
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The failed command's stderr, which must be exactly one line and no traceback."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("pgqueue: "), lines[0]
+    return lines[0]
+
+
+def spawn_split(
+    daemons: Daemons, tmp: Path, command: str, *args: str
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """Start a daemon with stdout and stderr in separate files (killed at teardown)."""
+    name = f"{command}-{len(daemons.procs)}"
+    out, err = tmp / f"{name}.out", tmp / f"{name}.err"
+    env = {**os.environ, "PGQUEUE_DSN": daemons.dsn, "PYTHONPATH": str(ROOT)}
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        proc = subprocess.Popen(
+            [str(BIN / command), *args],
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+    proc.log_path = str(out)  # type: ignore[attr-defined]
+    daemons.procs.append(proc)
+    return proc, out, err
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def events(daemons: Daemons, proc: subprocess.Popen[bytes], event: str) -> list[dict[str, Any]]:
+    found = []
+    for line in Daemons.output(proc).splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("event") == event:
+                found.append(entry)
+    return found
+
+
+def terminate(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=30)
+
+
+# --- helpers: HTTP and metrics -----------------------------------------------------------------
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    url = f"http://127.0.0.1:{port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def http_status(port: int, path: str) -> int | None:
+    """The status code, or None while nothing listens on the port."""
+    try:
+        return http_get(port, path)[0]
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+def wait_listening(port: int) -> None:
+    wait_until(lambda: http_status(port, "/metrics") == 200)
+
+
+def scrape(port: int) -> list[Sample]:
+    status, body = http_get(port, "/metrics")
+    assert status == 200, body
+    return [s for family in text_string_to_metric_families(body) for s in family.samples]
+
+
+def total(samples: list[Sample], name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(
+        s.value
+        for s in samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def named(samples: list[Sample], name: str) -> list[Sample]:
+    return [s for s in samples if s.name == name]
+
+
+# --- helpers: database -------------------------------------------------------------------------
+
+
+def job_row(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute("SELECT * FROM pgqueue.jobs WHERE id = %s", (job_id,)).fetchone()
+
+
+def dead_row(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute("SELECT * FROM pgqueue.dead_jobs WHERE id = %s", (job_id,)).fetchone()
+
+
+def state(conn: psycopg.Connection[Any], job_id: int) -> str | None:
+    return scalar(conn, "SELECT state::text FROM pgqueue.jobs WHERE id = %s", (job_id,))
+
+
+def executions(conn: psycopg.Connection[Any], job_id: int, note_prefix: str = "") -> int:
+    return int(
+        scalar(
+            conn,
+            "SELECT count(*) FROM public.executions WHERE job_id = %s AND note LIKE %s",
+            (job_id, note_prefix + "%"),
+        )
+    )
+
+
+def count(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> int:
+    return int(scalar(conn, sql, params))
+
+
+def insert_job(
+    conn: psycopg.Connection[Any],
+    *,
+    queue: str = "default",
+    task: str = "record",
+    run_in: float = 0.0,
+    max_attempts: int = 20,
+) -> int:
+    """A queued job whose run_at is ``run_in`` seconds from now (negative: in the past)."""
+    return int(
+        scalar(
+            conn,
+            "INSERT INTO pgqueue.jobs (queue, task, run_at, max_attempts)"
+            " VALUES (%s, %s, now() + make_interval(secs => %s), %s) RETURNING id",
+            (queue, task, run_in, max_attempts),
+        )
+    )
+
+
+def make_running(
+    conn: psycopg.Connection[Any], job_id: int, *, lease_in: float, worker: str = "gone:1:abc"
+) -> uuid.UUID:
+    """Claim ``job_id`` by hand for a worker that holds it with a lease ending in
+    ``lease_in`` seconds (negative: already expired); returns the lease token."""
+    token = uuid.uuid4()
+    conn.execute(
+        "UPDATE pgqueue.jobs SET state = 'running', attempts = attempts + 1,"
+        " lease_token = %s, leased_by = %s, attempted_at = now(),"
+        " lease_expires_at = now() + make_interval(secs => %s) WHERE id = %s",
+        (token, worker, lease_in, job_id),
+    )
+    return token
+
+
+def insert_dead(
+    conn: psycopg.Connection[Any],
+    *,
+    queue: str = "default",
+    task: str = "fail",
+    died_ago: float = 0.0,
+    message: str = "RuntimeError: boom",
+) -> int:
+    """A dead-letter row as a worker leaves it after three failed attempts."""
+    errors = [
+        {
+            "attempt": n,
+            "at": "2024-01-01T00:00:00+00:00",
+            "worker": "host:1:abc",
+            "kind": "error",
+            "error": message,
+            "traceback": "Traceback (most recent call last):\n"
+            f'  File "app.py", line {n}, in {task}\n{message}\n',
+        }
+        for n in (1, 2, 3)
+    ]
+    history = [
+        {"attempt": n, "worker": "host:1:abc", "outcome": outcome, "error": message}
+        for n, outcome in ((1, "retried"), (2, "retried"), (3, "dead"))
+    ]
+    return int(
+        scalar(
+            conn,
+            "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts,"
+            " max_attempts, run_at, created_at, attempted_at, errors, history, reason, died_at)"
+            " VALUES (nextval(pg_get_serial_sequence('pgqueue.jobs', 'id')), %s, %s, %s, 0, 3,"
+            " 3, now(), now() - interval '1 day', now(), %s, %s, 'exhausted',"
+            " now() - make_interval(secs => %s)) RETURNING id",
+            (queue, task, Jsonb({"n": 1}), Jsonb(errors), Jsonb(history), died_ago),
+        )
+    )
+
+
+def listening(conn: psycopg.Connection[Any]) -> int:
+    """How many LISTEN connections (one per worker process) this database has."""
+    return count(
+        conn,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND query = 'LISTEN pgqueue_jobs'",
+    )
+
+
+def parse_table(text: str) -> list[dict[str, str]]:
+    """Rows of a table printed by the CLI (header in capitals, columns aligned)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    header = lines[0]
+    starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
+    names = header.split()
+    bounds = [*starts[1:], None]
+    return [
+        {
+            name.lower(): line[start:end].strip()
+            for name, start, end in zip(names, starts, bounds, strict=True)
+        }
+        for line in lines[1:]
+    ]
+
+
+# --- 1. worker metrics ---------------------------------------------------------------------
+
+
+def test_worker_metrics_count_every_claimed_attempt_and_outcome(conn, daemons):
+    port = free_port()
+    worker = daemons.worker("--concurrency", "4", "--metrics-port", str(port), *LOCAL)
+    wait_listening(port)
+    before = scrape(port)
+    assert total(before, "pgqueue_jobs_claimed_total") == 0
+
+    records = enqueue_many(conn, [JobSpec("record", {"note": f"m{i}"}) for i in range(5)])
+    failing = enqueue_many(conn, [JobSpec("fail", max_attempts=3) for _ in range(2)])
+    snoozing = enqueue(conn, "snooze_once")
+    permanent = enqueue(conn, "permanent")
+
+    ids = [*records, snoozing]
+    dead_ids = [*failing, permanent]
+    wait_until(
+        lambda: count(
+            conn, "SELECT count(*) FROM pgqueue.jobs WHERE id = ANY(%s) AND state = 'succeeded'",
+            (ids,),
+        ) == len(ids)
+        and count(conn, "SELECT count(*) FROM pgqueue.dead_jobs WHERE id = ANY(%s)", (dead_ids,))
+        == len(dead_ids),
+        timeout=30,
+    )  # fmt: skip
+    # Outcome counters move once the outcome is written: wait for the last ones.
+    # 5 record + 3x2 fail + 2 snooze_once (snoozed, then succeeded) + 1 permanent = 14.
+    samples = wait_until(
+        lambda: (s := scrape(port)) and total(s, "pgqueue_jobs_completed_total") == 14 and s
+    )
+
+    assert total(samples, "pgqueue_jobs_claimed_total") == 14
+    assert total(samples, "pgqueue_jobs_claimed_total", task="record") == 5
+    assert total(samples, "pgqueue_jobs_claimed_total", task="fail") == 6
+    assert total(samples, "pgqueue_jobs_claimed_total", task="snooze_once") == 2
+    assert total(samples, "pgqueue_jobs_claimed_total", task="permanent") == 1
+    completed = "pgqueue_jobs_completed_total"
+    assert total(samples, completed, outcome="succeeded") == 6  # 5 record + snooze_once
+    assert total(samples, completed, outcome="retried") == 4  # attempts 1, 2 of each fail
+    assert total(samples, completed, outcome="dead") == 3  # 2 exhausted + 1 permanent
+    assert total(samples, completed, outcome="snoozed") == 1
+    assert total(samples, completed, outcome="dead", task="permanent") == 1
+    assert total(samples, completed, outcome="failed") == 0
+    assert total(samples, completed, outcome="lease_lost") == 0
+    assert total(samples, "pgqueue_job_duration_seconds_count") == 14
+    assert total(samples, "pgqueue_job_duration_seconds_count", task="fail") == 6
+    assert named(samples, "pgqueue_jobs_running")
+    assert total(samples, "pgqueue_jobs_running") == 0
+    info = named(samples, "pgqueue_worker_info")
+    assert len(info) == 1 and info[0].value == 1
+    assert info[0].labels["version"] and "default" in info[0].labels["queues"].split(",")
+    assert all("job_id" not in s.labels for s in samples)
+    assert all(set(s.labels) <= {"queue", "task", "outcome", "le", "version", "queues"}
+               for s in samples if s.name.startswith("pgqueue_"))  # fmt: skip
+    assert worker.poll() is None
+
+
+# --- 2. reaper metrics -----------------------------------------------------------------------
+
+
+def test_reaper_metrics_report_database_wide_queue_gauges(conn, dsn, daemons):
+    insert_job(conn, queue="a", run_in=-60)  # ready, waiting for a minute
+    insert_job(conn, queue="a", run_in=-5)  # ready
+    insert_job(conn, queue="a", run_in=3600)  # scheduled
+    make_running(conn, insert_job(conn, queue="b"), lease_in=3600)  # running, lease fine
+    expired = insert_job(conn, queue="c", max_attempts=5)
+    make_running(conn, expired, lease_in=-10)  # its worker vanished
+    insert_dead(conn, queue="a")
+    insert_dead(conn, queue="a")
+    conn.execute(
+        "INSERT INTO pgqueue.workers (id, host, pid, queues, concurrency, heartbeat_seconds,"
+        " version) VALUES ('h:1:x', 'h', 1, '{a}', 1, 3600, '0')"
+    )
+    ok(cli(dsn, "queue", "pause", "b"))
+
+    port = free_port()
+    # A long backoff keeps the requeued job scheduled (not ready) while we look.
+    reaper = daemons.reaper(
+        "--interval", "0.2", "--backoff-base-seconds", "600", "--metrics-port", str(port), *LOCAL
+    )
+    wait_until(lambda: state(conn, expired) == "queued")
+    # The lease counter is the reaper's own; it moves right after the requeue commits.
+    samples = wait_until(
+        lambda: (
+            http_status(port, "/metrics") == 200
+            and (s := scrape(port))
+            and total(s, "pgqueue_leases_expired_total", queue="c") == 1
+            and s
+        )
+    )
+
+    # The database-wide gauges are cached for 10 s from the reaper's start-up (see the
+    # report): queue c shows its job running (before the reaper's first pass) or
+    # scheduled (after), never both and never ready.
+    depth = "pgqueue_queue_depth"
+    assert total(samples, depth, queue="a", state="ready") == 2
+    assert total(samples, depth, queue="a", state="scheduled") == 1
+    assert total(samples, depth, queue="a", state="running") == 0
+    assert total(samples, depth, queue="b", state="running") == 1
+    assert total(samples, depth, queue="b", state="ready") == 0
+    assert total(samples, depth, queue="c", state="ready") == 0
+    c_depth = total(samples, depth, queue="c", state="running") + total(
+        samples, depth, queue="c", state="scheduled"
+    )
+    assert c_depth == 1
+    oldest = total(samples, "pgqueue_queue_oldest_ready_age_seconds", queue="a")
+    assert 59 <= oldest < 3600
+    assert total(samples, "pgqueue_queue_oldest_ready_age_seconds", queue="b") == 0
+    assert total(samples, "pgqueue_dead_jobs", queue="a") == 2
+    assert total(samples, "pgqueue_dead_jobs", queue="b") == 0
+    assert total(samples, "pgqueue_queue_paused", queue="b") == 1
+    assert total(samples, "pgqueue_queue_paused", queue="a") == 0
+    assert named(samples, "pgqueue_workers") and total(samples, "pgqueue_workers") == 1
+    assert all("job_id" not in s.labels for s in samples)
+    assert reaper.poll() is None
+
+
+# --- 3. /healthz -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cluster() -> Iterator[PgCluster]:
+    c = PgCluster()
+    try:
+        c.start()
+        yield c
+    finally:
+        c.destroy()
+
+
+def test_healthz_follows_the_database_for_worker_and_reaper(cluster, tmp_path):
+    migrate(cluster.dsn)
+    with psycopg.connect(cluster.dsn, autocommit=True) as c:
+        c.execute(EXECUTIONS_DDL)  # type: ignore[arg-type]
+    daemons = Daemons(cluster.dsn, tmp_path)
+    try:
+        worker_port, reaper_port = free_port(), free_port()
+        worker = daemons.worker("--metrics-port", str(worker_port), *LOCAL)
+        reaper = daemons.reaper("--interval", "0.5", "--metrics-port", str(reaper_port), *LOCAL)
+        ports = (worker_port, reaper_port)
+        for port in ports:
+            wait_until(lambda p=port: http_status(p, "/healthz") == 200)
+            assert http_get(port, "/healthz")[1].strip() == "ok"
+            assert http_status(port, "/nope") == 404
+
+        cluster.stop()
+        for port in ports:
+            wait_until(lambda p=port: http_status(p, "/healthz") == 503)
+            assert "database unreachable" in http_get(port, "/healthz")[1]
+            assert http_status(port, "/metrics") == 200  # metrics still served
+
+        cluster.start()
+        for port in ports:
+            wait_until(lambda p=port: http_status(p, "/healthz") == 200, timeout=30)
+        assert worker.poll() is None and reaper.poll() is None
+    finally:
+        daemons.stop_all()
+
+
+# --- 4. supervisor ------------------------------------------------------------------------------
+
+
+def test_supervisor_serves_metrics_summed_over_its_processes(conn, daemons):
+    port = free_port()
+    supervisor = daemons.worker("--processes", "2", "--metrics-port", str(port), *LOCAL)
+    wait_until(lambda: listening(conn) == 2)
+    ids = enqueue_many(conn, [JobSpec("record", {"note": f"s{i}"}) for i in range(20)])
+
+    wait_until(
+        lambda: count(
+            conn, "SELECT count(*) FROM pgqueue.jobs WHERE id = ANY(%s) AND state = 'succeeded'",
+            (ids,),
+        ) == 20,
+        timeout=30,
+    )  # fmt: skip
+    samples = wait_until(
+        lambda: (
+            (s := scrape(port))
+            and total(s, "pgqueue_jobs_completed_total", outcome="succeeded") == 20
+            and s
+        )
+    )
+    assert total(samples, "pgqueue_jobs_claimed_total") == 20
+    assert total(samples, "pgqueue_job_duration_seconds_count") == 20
+    assert total(samples, "pgqueue_worker_info") == 2
+    assert total(samples, "pgqueue_jobs_running") == 0
+    assert http_get(port, "/healthz")[0] == 200
+    assert supervisor.poll() is None
+    assert not events(daemons, supervisor, "supervisor.child_died")
+
+    # A child dies: /healthz says so until it is replaced; the dead child's counters stay
+    # in the sum, its live gauges do not.
+    children = {c.pid for c in psutil.Process(supervisor.pid).children()}
+    assert len(children) == 2
+    victim = min(children)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: http_status(port, "/healthz") == 503)
+    wait_until(lambda: http_status(port, "/healthz") == 200)
+    replaced = {c.pid for c in psutil.Process(supervisor.pid).children()}
+    assert victim not in replaced and len(replaced) == 2
+    [newcomer] = replaced - children
+    # Registered by its first heartbeat, which comes after it set its worker_info.
+    wait_until(lambda: count(conn, "SELECT count(*) FROM pgqueue.workers WHERE pid = %s",
+                             (newcomer,)))  # fmt: skip
+    samples = scrape(port)
+    assert total(samples, "pgqueue_worker_info") == 2
+    assert total(samples, "pgqueue_jobs_completed_total", outcome="succeeded") == 20
+    assert total(samples, "pgqueue_jobs_claimed_total") == 20
+
+
+def test_supervisor_children_do_not_bind_a_metrics_port_given_by_environment(conn, daemons):
+    port = free_port()
+    supervisor = daemons.start(
+        "pgqueue-worker", "--app", APP, "--log-format", "json", "--processes", "2",
+        env={"PGQUEUE_METRICS_PORT": str(port), "PGQUEUE_METRICS_HOST": "127.0.0.1"},
+    )  # fmt: skip
+    job_id = enqueue(conn, "record")
+    wait_until(
+        lambda: (
+            state(conn, job_id) == "succeeded"
+            or events(daemons, supervisor, "supervisor.child_died")
+        )
+    )
+    assert not events(daemons, supervisor, "supervisor.child_died"), Daemons.output(supervisor)
+    assert "Traceback" not in Daemons.output(supervisor)
+
+
+# --- 5. stats, jobs list, cancel ---------------------------------------------------------------
+
+
+def test_stats_prints_each_queue_with_its_counts_as_table_and_json(conn, dsn):
+    assert ok(cli(dsn, "stats")).strip() == "no queues yet"
+    insert_job(conn, queue="alpha", run_in=-30)
+    insert_job(conn, queue="alpha")
+    insert_job(conn, queue="alpha", run_in=600)
+    make_running(conn, insert_job(conn, queue="beta"), lease_in=600)
+    finished = insert_job(conn, queue="beta")
+    conn.execute(
+        "UPDATE pgqueue.jobs SET state = 'succeeded', finished_at = now() WHERE id = %s",
+        (finished,),
+    )
+    insert_dead(conn, queue="gamma")
+    ok(cli(dsn, "queue", "pause", "gamma"))
+
+    rows = {r["queue"]: r for r in parse_table(ok(cli(dsn, "stats")))}
+    assert set(rows) == {"alpha", "beta", "gamma"}
+    assert (rows["alpha"]["ready"], rows["alpha"]["scheduled"], rows["alpha"]["running"]) == (
+        "2", "1", "0",
+    )  # fmt: skip
+    assert float(rows["alpha"]["oldest_ready_age_seconds"]) >= 29
+    assert (rows["beta"]["running"], rows["beta"]["finished_last_minute"]) == ("1", "1")
+    assert rows["beta"]["oldest_ready_age_seconds"] == ""
+    assert (rows["gamma"]["dead"], rows["gamma"]["paused"]) == ("1", "True")
+    assert rows["alpha"]["paused"] == "False"
+
+    data = {r["queue"]: r for r in json.loads(ok(cli(dsn, "stats", "--json")))}
+    keys = {"queue", "ready", "scheduled", "running", "dead", "paused",
+            "oldest_ready_age_seconds", "finished_last_minute"}  # fmt: skip
+    assert all(set(r) == keys for r in data.values())
+    assert data["alpha"] | {"oldest_ready_age_seconds": None} == {
+        "queue": "alpha", "ready": 2, "scheduled": 1, "running": 0, "dead": 0, "paused": False,
+        "oldest_ready_age_seconds": None, "finished_last_minute": 0,
+    }  # fmt: skip
+    assert data["alpha"]["oldest_ready_age_seconds"] >= 29
+    assert data["beta"]["running"] == 1 and data["beta"]["finished_last_minute"] == 1
+    assert data["beta"]["oldest_ready_age_seconds"] is None
+    assert data["gamma"]["dead"] == 1 and data["gamma"]["paused"] is True
+
+
+def test_jobs_list_applies_state_queue_task_filters_and_limit(conn, dsn):
+    wanted = [insert_job(conn, queue="q", task="t") for _ in range(3)]
+    insert_job(conn, queue="q", task="other")
+    insert_job(conn, queue="r", task="t")
+    make_running(conn, insert_job(conn, queue="q", task="t"), lease_in=600)
+
+    args = ("jobs", "list", "--state", "queued", "--queue", "q", "--task", "t", "--limit", "2")
+    rows = json.loads(ok(cli(dsn, *args, "--json")))
+    assert [r["id"] for r in rows] == sorted(wanted, reverse=True)[:2]  # newest first
+    assert all((r["state"], r["queue"], r["task"]) == ("queued", "q", "t") for r in rows)
+
+    table = parse_table(ok(cli(dsn, *args)))
+    assert [int(r["id"]) for r in table] == sorted(wanted, reverse=True)[:2]
+    assert all((r["state"], r["queue"], r["task"]) == ("queued", "q", "t") for r in table)
+
+    running = json.loads(ok(cli(dsn, "jobs", "list", "--state", "running", "--json")))
+    assert [r["task"] for r in running] == ["t"]
+    assert len(json.loads(ok(cli(dsn, "jobs", "list", "--json")))) == 6
+    assert ok(cli(dsn, "jobs", "list", "--queue", "nowhere")).strip() == "no jobs match"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("jobs", "list", "--state", "bogus"),
+        ("jobs", "list", "--state", "dead"),
+        ("jobs", "list", "--limit", "0"),
+        ("dead", "purge", "--older-than", "soon"),
+        ("dead", "retry"),
+        ("queue", "pause", " "),
+    ],
+)
+def test_bad_admin_arguments_exit_2_with_one_line(dsn, args):
+    result = cli(dsn, *args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    one_line_error(result)
+
+
+def test_cancel_of_queued_job_cancels_it_and_no_worker_runs_it(conn, dsn, daemons):
+    target = enqueue(conn, "record", {"note": "never"})
+    marker = enqueue(conn, "record", {"note": "marker"})
+
+    assert ok(cli(dsn, "cancel", str(target))).strip() == f"job {target} cancelled"
+    row = job_row(conn, target)
+    assert row is not None
+    assert row["state"] == "cancelled"
+    assert row["finished_at"] is not None and row["cancel_requested_at"] is not None
+
+    daemons.worker()
+    wait_until(lambda: state(conn, marker) == "succeeded")
+    assert state(conn, target) == "cancelled"
+    assert executions(conn, target) == 0
+
+
+def test_cancel_of_running_job_flags_it_and_a_finishing_attempt_still_succeeds(conn, dsn, daemons):
+    """Cancelling a running job is a request: the handler may see it, nothing kills it,
+    and an attempt that succeeds anyway leaves the job succeeded."""
+    job_id = enqueue(conn, "sleep", {"seconds": 1.5, "note": "c"})
+    daemons.worker("--lease-seconds", "3")
+    wait_until(lambda: executions(conn, job_id, "start") == 1)
+
+    out = ok(cli(dsn, "cancel", str(job_id)))
+    assert out.strip() == f"job {job_id} is running: cancellation requested"
+    row = job_row(conn, job_id)
+    assert row is not None
+    assert row["state"] == "running" and row["cancel_requested_at"] is not None
+
+    wait_until(lambda: state(conn, job_id) == "succeeded")
+    assert executions(conn, job_id, "end") == 1
+    status = json.loads(ok(cli(dsn, "status", str(job_id), "--json")))
+    assert status["cancel_requested_at"] is not None
+    assert [h["outcome"] for h in status["history"]] == ["succeeded"]
+
+
+def test_cancel_requested_job_released_at_shutdown_is_cancelled_not_requeued(conn, dsn, daemons):
+    job_id = enqueue(conn, "sleep", {"seconds": 60, "note": "r"})
+    port = free_port()
+    worker = daemons.worker(
+        "--shutdown-timeout", "3", "--lease-seconds", "3", "--metrics-port", str(port), *LOCAL
+    )  # fmt: skip
+    wait_until(lambda: executions(conn, job_id, "start") == 1)
+    assert http_get(port, "/healthz")[0] == 200
+    assert "cancellation requested" in ok(cli(dsn, "cancel", str(job_id)))
+
+    worker.send_signal(signal.SIGTERM)
+    # While it waits for the job (up to --shutdown-timeout), it is not healthy.
+    wait_until(lambda: http_status(port, "/healthz") == 503)
+    assert http_get(port, "/healthz")[1].strip() == "stopping"
+    assert worker.wait(timeout=30) == 0, Daemons.output(worker)
+
+    row = job_row(conn, job_id)
+    assert row is not None
+    assert row["state"] == "cancelled", row
+    assert row["finished_at"] is not None and row["lease_token"] is None
+    assert row["attempts"] == 0  # a release does not count the attempt
+    assert [h["outcome"] for h in row["history"]] == ["released"]
+    assert [e["job_id"] for e in events(daemons, worker, "job.cancelled")] == [job_id]
+    assert executions(conn, job_id, "end") == 0
+
+
+def test_failed_attempt_of_a_cancel_requested_job_is_not_retried(conn, dsn):
+    # Two running jobs with attempts left, their cancellation requested through the CLI:
+    # one fails (the worker's retry write), one loses its worker (the reaper's requeue).
+    failing = insert_job(conn, max_attempts=5)
+    token = make_running(conn, failing, lease_in=600)
+    vanished = insert_job(conn, max_attempts=5)
+    make_running(conn, vanished, lease_in=-5)
+    for job_id in (failing, vanished):
+        out = ok(cli(dsn, "cancel", str(job_id)))
+        assert "cancellation requested" in out
+
+    async def fail_attempt() -> dict[int, str]:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
+            return await store.retry_jobs(
+                aconn, ids=[failing], tokens=[token], delays=[0.0],
+                errors=[{"attempt": 1, "kind": "error", "error": "RuntimeError: x"}],
+                durations=[0.1],
+            )  # fmt: skip
+
+    assert asyncio.run(fail_attempt()) == {failing: "cancelled"}
+    reaped = subprocess.run(
+        [str(BIN / "pgqueue-reaper"), "--once", "--log-format", "json"],
+        env={**os.environ, "PGQUEUE_DSN": dsn}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert reaped.returncode == 0, reaped.stderr
+    # Reported as cancelled, not as requeued.
+    assert "requeued 0, dead-lettered 0, cancelled 1" in reaped.stdout
+
+    for job_id, outcome in ((failing, "failed"), (vanished, "lease_expired")):
+        row = job_row(conn, job_id)
+        assert row is not None
+        assert row["state"] == "cancelled", row
+        assert row["finished_at"] is not None and row["lease_token"] is None
+        assert [h["outcome"] for h in row["history"]] == [outcome]
+
+
+def test_cancel_refuses_unknown_and_finished_jobs_with_exit_1(conn, dsn):
+    done = insert_job(conn)
+    conn.execute(
+        "UPDATE pgqueue.jobs SET state = 'succeeded', finished_at = now() WHERE id = %s", (done,)
+    )
+    dead = insert_dead(conn)
+
+    unknown = cli(dsn, "cancel", "987654321")
+    assert unknown.returncode == 1 and unknown.stdout == ""
+    assert one_line_error(unknown) == "pgqueue: no job with id 987654321"
+
+    finished = cli(dsn, "cancel", str(done))
+    assert finished.returncode == 1 and finished.stdout == ""
+    assert one_line_error(finished) == f"pgqueue: job {done} is succeeded: nothing to cancel"
+    assert state(conn, done) == "succeeded"
+
+    died = cli(dsn, "cancel", str(dead))
+    assert died.returncode == 1
+    assert one_line_error(died) == f"pgqueue: job {dead} is dead: nothing to cancel"
+
+
+# --- 6. dead-letter commands ---------------------------------------------------------------
+
+
+def test_dead_list_and_show_print_jobs_and_tracebacks(conn, dsn):
+    assert ok(cli(dsn, "dead", "list")).strip() == "no dead jobs"
+    first = insert_dead(conn, task="fail", message="RuntimeError: first", died_ago=60)
+    second = insert_dead(conn, queue="other", task="crash", message="ValueError: second")
+
+    rows = parse_table(ok(cli(dsn, "dead", "list")))
+    assert [int(r["id"]) for r in rows] == [second, first]  # most recently dead first
+    assert rows[1]["last_error"] == "RuntimeError: first"
+    listed = json.loads(ok(cli(dsn, "dead", "list", "--task", "crash", "--json")))
+    assert [(r["id"], r["queue"], r["reason"]) for r in listed] == [(second, "other", "exhausted")]
+
+    shown = ok(cli(dsn, "dead", "show", str(first)))
+    assert "Traceback (most recent call last)" in shown
+    assert shown.count("RuntimeError: first") >= 3
+    assert [line.split()[2] for line in shown.splitlines() if line.startswith("--- attempt")] == [
+        "1", "2", "3",
+    ]  # fmt: skip
+    assert '{"n": 1}' in shown
+    data = json.loads(ok(cli(dsn, "dead", "show", str(first), "--json")))
+    assert data["id"] == first and len(data["errors"]) == 3 and data["reason"] == "exhausted"
+
+    missing = cli(dsn, "dead", "show", "987654321")
+    assert missing.returncode == 1
+    assert "987654321" in one_line_error(missing)
+
+
+def test_dead_retry_moves_jobs_back_to_the_queue_keeping_their_history(conn, dsn):
+    one = insert_dead(conn, task="fail")
+    more = [insert_dead(conn, task="fail") for _ in range(2)]
+    other = insert_dead(conn, task="crash")
+    before = dead_row(conn, one)
+    assert before is not None
+
+    assert ok(cli(dsn, "dead", "retry", str(one))).strip() == "retried 1 dead job(s)"
+    assert dead_row(conn, one) is None
+    revived = job_row(conn, one)
+    assert revived is not None
+    assert (revived["state"], revived["attempts"], revived["max_attempts"]) == ("queued", 0, 3)
+    assert revived["errors"] == before["errors"] and revived["history"] == before["history"]
+    assert revived["args"] == before["args"] and revived["task"] == "fail"
+    assert revived["run_at"] <= scalar(conn, "SELECT now()")
+
+    again = cli(dsn, "dead", "retry", str(one))
+    assert again.returncode == 1
+    assert f"not in the dead-letter table: [{one}]" in again.stdout
+    assert state(conn, one) == "queued"
+
+    assert ok(cli(dsn, "dead", "retry", "--all", "--task", "fail")).strip() == (
+        "retried 2 dead job(s)"
+    )
+    assert all(state(conn, i) == "queued" and dead_row(conn, i) is None for i in more)
+    assert dead_row(conn, other) is not None and job_row(conn, other) is None
+
+    both = cli(dsn, "dead", "retry", str(other), "--all")
+    assert both.returncode == 2
+    one_line_error(both)
+    assert dead_row(conn, other) is not None
+
+
+def test_dead_purge_deletes_older_ones_or_all(conn, dsn):
+    old = [insert_dead(conn, died_ago=7200) for _ in range(2)]
+    recent = [insert_dead(conn, died_ago=60) for _ in range(3)]
+
+    assert ok(cli(dsn, "dead", "purge", "--older-than", "1h")).strip() == "purged 2 dead job(s)"
+    assert all(dead_row(conn, i) is None for i in old)
+    assert all(dead_row(conn, i) is not None for i in recent)
+
+    assert ok(cli(dsn, "dead", "purge")).strip() == "purged 3 dead job(s)"
+    assert count(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 0
+    assert count(conn, "SELECT count(*) FROM pgqueue.jobs") == 0
+
+
+# --- 7. pause and resume ------------------------------------------------------------------------
+
+
+def test_paused_queue_is_not_claimed_from_until_resumed(conn, dsn, daemons):
+    # A long safety-net poll: only the notifications can wake the worker in time.
+    daemons.worker("--queues", "q,other", "--poll-interval", "60")
+    wait_until(lambda: listening(conn) == 1)
+    assert ok(cli(dsn, "queue", "pause", "q")).strip() == "queue q paused"
+
+    held = enqueue(conn, "record", {"note": "held"}, queue="q")
+    free = enqueue(conn, "record", {"note": "free"}, queue="other")
+    wait_until(lambda: state(conn, free) == "succeeded")
+    # Absence cannot be awaited: watch the paused job stay queued for a short while.
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        assert state(conn, held) == "queued"
+        time.sleep(0.1)
+    assert executions(conn, held) == 0
+    stats = {r["queue"]: r for r in json.loads(ok(cli(dsn, "stats", "--json")))}
+    assert stats["q"]["paused"] is True and stats["q"]["ready"] == 1
+
+    assert ok(cli(dsn, "queue", "resume", "q")).strip() == "queue q resumed"
+    wait_until(lambda: state(conn, held) == "succeeded", timeout=15)
+    assert executions(conn, held) == 1
+
+
+# --- 8. workers ---------------------------------------------------------------------------------
+
+
+def test_workers_lists_live_workers_and_forgets_them_when_they_go(conn, dsn, daemons):
+    first = daemons.worker("--queues", "default,extra", "--lease-seconds", "1.5")
+    second = daemons.worker("--lease-seconds", "1.5", "--concurrency", "3")
+    wait_until(lambda: len(json.loads(ok(cli(dsn, "workers", "--json")))) == 2)
+
+    rows = {r["pid"]: r for r in json.loads(ok(cli(dsn, "workers", "--json")))}
+    assert set(rows) == {first.pid, second.pid}
+    host = socket.gethostname()
+    assert all(r["host"] == host and r["id"].startswith(f"{host}:{r['pid']}:")
+               for r in rows.values())  # fmt: skip
+    assert rows[first.pid]["queues"] == ["default", "extra"]
+    assert rows[second.pid]["concurrency"] == 3
+    assert all(r["running"] == 0 and r["last_heartbeat_at"] for r in rows.values())
+    table = parse_table(ok(cli(dsn, "workers")))
+    assert {int(r["pid"]) for r in table} == {first.pid, second.pid}
+    assert {r["queues"] for r in table} == {"default,extra", "async,default"}
+    assert all(r["last_heartbeat_at"] for r in table)
+
+    assert terminate(first) == 0
+    # Deregistered on the way out: gone at once, no reaper needed.
+    assert [r["pid"] for r in json.loads(ok(cli(dsn, "workers", "--json")))] == [second.pid]
+
+    os.kill(second.pid, signal.SIGKILL)
+    assert second.wait(timeout=10) == -signal.SIGKILL
+    assert [r["pid"] for r in json.loads(ok(cli(dsn, "workers", "--json")))] == [second.pid]
+    reaper = daemons.reaper(*FAST_REAPER)
+    wait_until(lambda: json.loads(ok(cli(dsn, "workers", "--json"))) == [])
+    assert ok(cli(dsn, "workers")).strip() == "no live workers"
+    gone = wait_until(lambda: events(daemons, reaper, "reaper.worker_gone"))
+    assert [e["pid"] for e in gone] == [second.pid]
+
+
+# --- 9. execution history ---------------------------------------------------------------------
+
+
+def test_status_shows_each_attempt_in_the_history(conn, dsn, daemons):
+    failing = enqueue(conn, "fail", max_attempts=3)
+    fine = enqueue(conn, "record", {"note": "h"})
+    worker = daemons.worker()
+    wait_until(lambda: dead_row(conn, failing) is not None and state(conn, fine) == "succeeded")
+    worker_prefix = f"{socket.gethostname()}:{worker.pid}:"
+
+    data = json.loads(ok(cli(dsn, "status", str(failing), "--json")))
+    assert data["state"] == "dead" and data["dead_reason"] == "exhausted"
+    history = data["history"]
+    assert [h["attempt"] for h in history] == [1, 2, 3]
+    assert [h["outcome"] for h in history] == ["retried", "retried", "dead"]
+    for entry in history:
+        assert entry["worker"].startswith(worker_prefix)
+        started = datetime.fromisoformat(entry["started_at"])
+        ended = datetime.fromisoformat(entry["ended_at"])
+        assert started <= ended
+        assert entry["duration"] >= 0
+        assert entry["error"] == "RuntimeError: this task always fails"
+
+    data = json.loads(ok(cli(dsn, "status", str(fine), "--json")))
+    assert data["state"] == "succeeded"
+    assert len(data["history"]) == 1
+    entry = data["history"][0]
+    assert (entry["attempt"], entry["outcome"]) == (1, "succeeded")
+    assert entry["worker"].startswith(worker_prefix) and "error" not in entry
+    assert entry["started_at"] and entry["ended_at"]
+
+    human = ok(cli(dsn, "status", str(failing)))
+    lines = human.splitlines()
+    at = lines.index("attempts:")
+    table = parse_table("\n".join(line[2:] for line in lines[at + 1 : at + 5]))
+    assert [(r["attempt"], r["outcome"]) for r in table] == [
+        ("1", "retried"), ("2", "retried"), ("3", "dead"),
+    ]  # fmt: skip
+    assert all(r["worker"].startswith(worker_prefix) for r in table)
+    assert all(r["error"] == "RuntimeError: this task always fails" for r in table)
+
+    shown = ok(cli(dsn, "dead", "show", str(failing)))
+    assert shown.count("Traceback (most recent call last)") == 3
+    assert "RuntimeError: this task always fails" in shown
+
+
+# --- 10. logs -----------------------------------------------------------------------------------
+
+
+def test_worker_logs_json_lines_without_job_args_unless_asked(conn, daemons, tmp_path):
+    fine = enqueue(conn, "record", {"note": "hunter2"})
+    # Args that do not fit the handler: the error must not quote them either.
+    bad = enqueue(conn, "fail", {"secret": "hunter2"}, max_attempts=2)
+    worker, out, err = spawn_split(daemons, tmp_path, "pgqueue-worker", "--app", APP,
+                                   "--log-format", "json")  # fmt: skip
+    wait_until(lambda: state(conn, fine) == "succeeded" and dead_row(conn, bad) is not None)
+
+    def logged(event: str) -> list[dict[str, Any]]:
+        return [e for e in json_lines(out.read_text()) if e["event"] == event]
+
+    wait_until(lambda: logged("job.succeeded") and logged("job.dead"))
+    assert terminate(worker) == 0
+    assert err.read_text() == ""
+    lines = json_lines(out.read_text())  # every line is JSON
+    assert {"worker.started", "job.succeeded", "job.retried", "job.dead", "worker.stopped"} <= {
+        e["event"] for e in lines
+    }
+    [succeeded] = logged("job.succeeded")
+    assert {k: succeeded[k] for k in ("job_id", "task", "queue", "attempt")} == {
+        "job_id": fine, "task": "record", "queue": "default", "attempt": 1,
+    }  # fmt: skip
+    assert isinstance(succeeded["duration"], float) and succeeded["level"] == "info"
+    [retried] = logged("job.retried")
+    assert (retried["job_id"], retried["attempt"], retried["kind"]) == (bad, 1, "bad_args")
+    [dead] = logged("job.dead")
+    assert (dead["job_id"], dead["attempt"], dead["reason"]) == (bad, 2, "exhausted")
+    assert not logged("job.claimed")  # a debug event
+    assert "hunter2" not in out.read_text()
+    assert all("args" not in e for e in lines)
+
+    shown = enqueue(conn, "record", {"note": "hunter2"})
+    verbose, out, err = spawn_split(daemons, tmp_path, "pgqueue-worker", "--app", APP,
+                                    "--log-format", "json", "--log-args",
+                                    "--log-level", "debug")  # fmt: skip
+    wait_until(lambda: state(conn, shown) == "succeeded")
+    assert terminate(verbose) == 0
+    claimed = [e for e in json_lines(out.read_text()) if e["event"] == "job.claimed"]
+    assert [(e["job_id"], e["args"], e["level"]) for e in claimed] == [
+        (shown, {"note": "hunter2"}, "debug")
+    ]
+
+
+# --- lease-lost accounting ----------------------------------------------------------------
+
+
+def test_a_lost_lease_is_counted_once_when_found_before_the_outcome_is_written(conn, dsn):
+    registry = Registry()
+
+    @registry.task(name="ops_noop")
+    def noop() -> None:
+        pass
+
+    job_id = enqueue(conn, "ops_noop")
+    labels = {"queue": "default", "task": "ops_noop", "outcome": "lease_lost"}
+
+    def lost() -> float:
+        return REGISTRY.get_sample_value("pgqueue_jobs_completed_total", labels) or 0.0
+
+    async def scenario() -> None:
+        # The worker's own parts, driven one step at a time in the order an outage
+        # produces: the attempt ends but its outcome is not written yet (the completer
+        # is not running, as when its connection is down), the lease expires and the
+        # reaper requeues the job, then the heartbeat runs before the completer does.
+        worker = Worker(registry, WorkerConfig(dsn=dsn, lease_seconds=5, concurrency=1))
+        await worker.pool.open(wait=True)
+        try:
+            assert [j.id for j in await worker.run_once()] == [job_id]
+            for _ in range(1000):  # the handler runs in a thread: let it finish
+                if worker.completer.pending:
+                    break
+                await asyncio.sleep(0.01)
+            assert worker.completer.pending == 1
+            conn.execute(
+                "UPDATE pgqueue.jobs SET lease_expires_at = now() - interval '1 second'"
+                " WHERE id = %s",
+                (job_id,),
+            )
+            reaper = Reaper(ReaperConfig(dsn=dsn))
+            try:
+                assert reaper.run_once().requeued == [job_id]
+            finally:
+                reaper.stop()
+                reaper._close()
+            _, lost_jobs = await worker.heartbeat.run_once()
+            assert [j.id for j in lost_jobs] == [job_id]
+            assert await worker.completer.run_once() == 1  # fenced: nothing written
+        finally:
+            await worker.pool.close()
+            worker.executor.shutdown()
+
+    before = lost()
+    asyncio.run(scenario())
+    assert state(conn, job_id) == "queued"
+    assert lost() - before == 1
+
+
+# --- 11. unreachable database, bad DSN, busy port -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("stats",),
+        ("jobs", "list"),
+        ("status", "1"),
+        ("cancel", "1"),
+        ("dead", "list"),
+        ("dead", "retry", "--all"),
+        ("dead", "purge"),
+        ("queue", "pause", "q"),
+        ("workers", "--json"),
+    ],
+)
+def test_admin_commands_report_an_unreachable_database_in_one_line(args):
+    result = cli(None, *args, "--dsn", UNREACHABLE_DSN)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "cannot reach the database" in one_line_error(result)
+
+
+def test_admin_commands_without_a_dsn_exit_2_with_one_line():
+    result = cli(None, "stats")
+    assert result.returncode == 2
+    assert "PGQUEUE_DSN" in one_line_error(result)
+
+
+def test_admin_command_with_a_malformed_dsn_exits_with_one_line():
+    result = cli(None, "stats", "--dsn", "not a dsn")
+    assert result.returncode != 0
+    one_line_error(result)
+
+
+def test_worker_with_a_busy_metrics_port_exits_with_one_line(dsn, daemons):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        worker = daemons.worker("--metrics-port", str(port), *LOCAL)
+        code = worker.wait(timeout=30)
+    output = Daemons.output(worker)
+    assert code != 0
+    assert "Traceback" not in output, output
