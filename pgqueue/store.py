@@ -77,6 +77,22 @@ async def claim_jobs(
     return jobs
 
 
+async def claim_rescued_job(
+    conn: AsyncConn, *, queues: Sequence[str], worker_id: str, lease_seconds: float
+) -> Job | None:
+    rows = await _fetch_async(
+        conn,
+        "claim_rescued_job",
+        {"queues": list(queues), "worker_id": worker_id, "lease_seconds": lease_seconds},
+    )
+    return _job_from_row(rows[0]) if rows else None
+
+
+async def rescued_waiting(conn: AsyncConn, *, queues: Sequence[str]) -> bool:
+    rows = await _fetch_async(conn, "rescued_waiting", {"queues": list(queues)})
+    return bool(rows and rows[0]["waiting"])
+
+
 async def seconds_until_due(conn: AsyncConn, *, queues: Sequence[str]) -> float | None:
     rows = await _fetch_async(conn, "seconds_until_due", {"queues": list(queues)})
     value: float | None = rows[0]["seconds"] if rows else None

@@ -215,9 +215,13 @@ def test_sigkill_mid_job_is_recovered_after_lease(conn, daemons):
     wait_until(lambda: state(conn, job_id) == "succeeded", timeout=30)
     row = job(conn, job_id)
     assert row is not None
-    assert row["attempts"] == 2
+    # The crash was not counted (the job may have been an innocent neighbour); it then
+    # ran alone, as a rescued job, and that attempt counted.
+    assert row["attempts"] == 1
+    assert row["rescued"] is True
     assert [e["kind"] for e in row["errors"]] == ["lease_expired"]
     assert row["errors"][0]["attempt"] == 1
+    assert row["errors"][0]["counted"] is False
     assert executions(conn, job_id, "start") == 2
     assert executions(conn, job_id, "end") == 1
 
@@ -285,7 +289,7 @@ def test_second_signal_exits_at_once(conn, daemons):
     wait_until(lambda: state(conn, job_id) == "succeeded", timeout=30)
     row = job(conn, job_id)
     assert row is not None
-    assert row["attempts"] == 2
+    assert row["attempts"] == 1  # the crash was not counted; the rescued run was
     assert [e["kind"] for e in row["errors"]] == ["lease_expired"]
     assert executions(conn, job_id, "start") == 2
 
@@ -435,6 +439,8 @@ def test_sigterm_while_children_start_exits_zero(conn, daemons):
 def test_reaper_once_requeues_expired_lease_and_dead_letters_exhausted(conn, dsn):
     (retryable,) = make_expired(conn, attempts=1, max_attempts=3)
     (exhausted,) = make_expired(conn, attempts=3, max_attempts=3)
+    # Only a job that ran alone (rescued) has its crash counted and can be exhausted.
+    conn.execute("UPDATE pgqueue.jobs SET rescued = true WHERE id = %s", (exhausted,))
 
     result = run_cli(dsn, "--once", "--log-format", "json", command="pgqueue-reaper")
 
@@ -443,7 +449,7 @@ def test_reaper_once_requeues_expired_lease_and_dead_letters_exhausted(conn, dsn
     row = job(conn, retryable)
     assert row is not None
     assert row["state"] == "queued"
-    assert row["attempts"] == 1
+    assert row["attempts"] == 0 and row["rescued"] is True
     assert row["lease_token"] is None and row["lease_expires_at"] is None
     assert [(e["kind"], e["attempt"]) for e in row["errors"]] == [("lease_expired", 1)]
     assert job(conn, exhausted) is None
@@ -539,23 +545,32 @@ def test_status_command(conn, dsn, daemons):
 
 def test_poison_job_dead_letters_after_max_attempts(conn, daemons):
     poison = enqueue(conn, "crash", max_attempts=2)
+    # Innocent neighbours with a single attempt each, long enough to be running in the
+    # same process when the poison job kills it.
+    innocents = [
+        enqueue(conn, "sleep", {"seconds": 0.5, "note": f"i{i}"}, max_attempts=1) for i in range(6)
+    ]
     healthy = [enqueue(conn, "record", {"note": f"h{i}"}) for i in range(5)]
     supervisor = daemons.worker(
-        "--processes", "2", "--lease-seconds", "2", "--poll-interval", "0.5",
-        "--shutdown-timeout", "2",
+        "--processes", "2", "--concurrency", "4", "--lease-seconds", "2",
+        "--poll-interval", "0.5", "--shutdown-timeout", "2",
     )  # fmt: skip
     daemons.reaper(*FAST_REAPER)
 
-    wait_until(lambda: dead_job(conn, poison) is not None, timeout=40)
-    wait_until(lambda: all_succeeded(conn, healthy), timeout=40)
+    wait_until(lambda: dead_job(conn, poison) is not None, timeout=60)
+    wait_until(lambda: all_succeeded(conn, healthy + innocents), timeout=60)
 
     dead = dead_job(conn, poison)
     assert dead is not None
     assert dead["reason"] == "lease_expired"
     assert dead["attempts"] == 2
-    assert [e["kind"] for e in dead["errors"]] == ["lease_expired", "lease_expired"]
+    # First crash beside its neighbours: not counted. Then it ran alone, twice: counted.
+    assert [e["kind"] for e in dead["errors"]] == ["lease_expired"] * 3
+    assert [e["counted"] for e in dead["errors"]] == [False, True, True]
     assert job(conn, poison) is None
-    assert executions(conn, poison) == 2
+    assert executions(conn, poison) == 3
+    # Nothing else was dead-lettered for the poison job's crashes.
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 1
     # The supervisor replaced the children the poison job killed.
     assert len(logged(daemons, supervisor, "supervisor.child_died")) >= 2
     assert supervisor.poll() is None

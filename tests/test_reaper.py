@@ -42,14 +42,16 @@ def expired_job(conn: psycopg.Connection[Any], **columns: Any) -> int:
     return make_job(conn, state="running", **columns)
 
 
-def insert_expired(conn: psycopg.Connection[Any], n: int, attempts: int = 1) -> list[int]:
+def insert_expired(
+    conn: psycopg.Connection[Any], n: int, attempts: int = 1, rescued: bool = True
+) -> list[int]:
     rows = conn.execute(
         "INSERT INTO pgqueue.jobs (task, state, attempts, max_attempts, lease_token, leased_by,"
-        " lease_expires_at, attempted_at)"
+        " lease_expires_at, attempted_at, rescued)"
         " SELECT 't', 'running', %s, 5, gen_random_uuid(), 'gone',"
-        "        now() - interval '1 minute', now() - interval '2 minutes'"
+        "        now() - interval '1 minute', now() - interval '2 minutes', %s"
         " FROM generate_series(1, %s) RETURNING id",
-        (attempts, n),
+        (attempts, rescued, n),
     ).fetchall()
     return [r[0] for r in rows]
 
@@ -58,7 +60,8 @@ def insert_expired(conn: psycopg.Connection[Any], n: int, attempts: int = 1) -> 
 
 
 def test_expired_job_with_attempts_left_is_requeued_once_with_backoff(conn, dsn):
-    job_id = expired_job(conn, attempts=3, max_attempts=5, leased_by="dead-worker")
+    # A rescued job ran alone: its attempt counts (see the isolation tests below).
+    job_id = expired_job(conn, attempts=3, max_attempts=5, leased_by="dead-worker", rescued=True)
     before = db_clock(conn)
 
     result = run_once(dsn, backoff_base_seconds=10.0, backoff_max_seconds=3600.0)
@@ -119,9 +122,14 @@ def test_job_whose_expired_lease_was_extended_by_a_heartbeat_is_untouched(conn, 
 
 def test_expired_job_with_no_attempts_left_is_dead_lettered_as_lease_expired(conn, dsn):
     job_id = expired_job(
-        conn, attempts=3, max_attempts=3, leased_by="dead-worker", errors=[{"kind": "error"}]
+        conn,
+        attempts=3,
+        max_attempts=3,
+        leased_by="dead-worker",
+        errors=[{"kind": "error"}],
+        rescued=True,
     )
-    live = expired_job(conn, attempts=1, max_attempts=3)
+    live = expired_job(conn, attempts=1, max_attempts=3, rescued=True)
 
     result = run_once(dsn)
 
@@ -255,3 +263,34 @@ def test_pruning_a_finished_job_frees_its_idempotency_key(conn, dsn):
     assert row["state"] == "queued"
     assert row["idempotency_key"] == "order-17"
     assert job_row(conn, holder) is None
+
+
+# --- isolation of rescued jobs (migration 0003) ---------------------------------------------
+
+
+def test_first_expiry_is_not_counted_and_marks_the_job_to_run_alone(conn, dsn):
+    # A job whose worker died under it, beside others: maybe not the culprit.
+    job_id = expired_job(conn, attempts=1, max_attempts=1, leased_by="dead-worker")
+    before = db_clock(conn)
+
+    result = run_once(dsn, backoff_base_seconds=60.0)
+
+    assert (result.requeued, result.dead) == ([job_id], [])
+    row = job_row(conn, job_id)
+    assert row is not None
+    # Not dead-lettered although attempts == max_attempts: the crash is not counted...
+    assert (row["state"], row["attempts"], row["rescued"]) == ("queued", 0, True)
+    # ...and it is runnable at once (no backoff), alone.
+    assert row["run_at"] <= db_clock(conn) and row["run_at"] >= before
+    assert row["errors"][0]["kind"] == "lease_expired"
+    assert row["errors"][0]["counted"] is False
+
+
+def test_expiry_of_a_rescued_job_counts_and_ends_in_the_dead_letter_table(conn, dsn):
+    job_id = expired_job(conn, attempts=2, max_attempts=2, rescued=True)
+
+    result = run_once(dsn)
+
+    assert result.dead == [job_id]
+    dead = dead_row(conn, job_id)
+    assert dead is not None and dead["attempts"] == 2 and dead["reason"] == "lease_expired"

@@ -527,3 +527,52 @@ def test_poll_finds_a_job_whose_notification_was_missed(dsn):
             await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'")
 
     run(main)
+
+
+def test_a_rescued_job_runs_alone_and_is_not_starved_by_a_busy_worker(dsn):
+    registry = Registry()
+    lock = threading.Lock()
+    active: set[str] = set()
+    seen_beside_rescued: set[str] = set()
+
+    def track(name: str, seconds: float) -> None:
+        with lock:
+            active.add(name)
+            if "rescued" in active:
+                seen_beside_rescued.update(active - {"rescued"})
+        time.sleep(seconds)
+        with lock:
+            active.discard(name)
+
+    @registry.task(name="busy")
+    def busy(n: int) -> None:
+        track(f"busy{n}", 0.1)
+
+    @registry.task(name="rescued")
+    def rescued() -> None:
+        track("rescued", 0.5)
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO pgqueue.jobs (task, args)"
+            " SELECT 'busy', jsonb_build_object('n', g) FROM generate_series(1, 60) g"
+        )
+        # What the reaper leaves after a crash: queued, runnable, marked rescued.
+        conn.execute("INSERT INTO pgqueue.jobs (task, rescued) VALUES ('rescued', true)")
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, concurrency=4, poll_interval=0.2):
+            await wait_for_db(
+                dsn, "SELECT count(*) = 61 FROM pgqueue.jobs WHERE state = 'succeeded'"
+            )
+
+    run(main)
+    # It ran, and nothing ran beside it in this worker.
+    assert seen_beside_rescued == set()
+    # Not starved: it ran before the backlog of 60 busy jobs (15 rounds of 0.1 s) was done.
+    ((rescued_end, last_busy_end),) = fetch(
+        dsn,
+        "SELECT (SELECT finished_at FROM pgqueue.jobs WHERE task = 'rescued'),"
+        " (SELECT max(finished_at) FROM pgqueue.jobs WHERE task = 'busy')",
+    )
+    assert rescued_end < last_busy_end

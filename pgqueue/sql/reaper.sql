@@ -1,12 +1,15 @@
 -- name: requeue_expired
--- Requeues, with backoff, running jobs whose lease expired and that have attempts left
--- (the attempt was counted at claim); cancels those whose cancellation was requested. A batch at a time, SKIP LOCKED so several reapers
--- never act on the same row; the UPDATE re-checks the expiry on the locked row, so a
--- heartbeat that landed in between wins.
+-- Requeues running jobs whose lease expired. A job that was not running alone (not
+-- `rescued`) is requeued at once without counting the attempt its worker's death cost it,
+-- and marked rescued so that its next run is alone (migration 0003). A rescued job's
+-- attempt counts: it is requeued with backoff if it has attempts left. Jobs whose
+-- cancellation was requested are cancelled. A batch at a time, SKIP LOCKED so several
+-- reapers never act on the same row; the UPDATE re-checks the expiry on the locked row,
+-- so a heartbeat that landed in between wins.
 WITH expired AS MATERIALIZED (
     SELECT j.id FROM pgqueue.jobs AS j
     WHERE j.state = 'running' AND j.lease_expires_at < now()
-      AND (j.attempts < j.max_attempts OR j.cancel_requested_at IS NOT NULL)
+      AND (NOT j.rescued OR j.attempts < j.max_attempts OR j.cancel_requested_at IS NOT NULL)
     ORDER BY j.id
     LIMIT %(batch_size)s
     FOR UPDATE SKIP LOCKED
@@ -15,30 +18,36 @@ WITH expired AS MATERIALIZED (
     SET state = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued'
                      ELSE 'cancelled' END::pgqueue.job_state,
         finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
-        run_at = now() + pgqueue.backoff_delay(j.attempts, %(backoff_base_seconds)s,
-                                               %(backoff_max_seconds)s),
+        attempts = CASE WHEN j.rescued THEN j.attempts ELSE j.attempts - 1 END,
+        rescued = true,
+        run_at = CASE WHEN j.rescued
+                      THEN now() + pgqueue.backoff_delay(j.attempts, %(backoff_base_seconds)s,
+                                                         %(backoff_max_seconds)s)
+                      ELSE now() END,
         lease_token = NULL,
         lease_expires_at = NULL,
         errors = j.errors || jsonb_build_array(jsonb_build_object(
             'attempt', j.attempts, 'at', now(), 'worker', j.leased_by, 'kind', 'lease_expired',
+            'counted', j.rescued,
             'error', 'lease expired: its worker stopped heartbeating (crashed, killed or cut off)')),
         history = j.history || pgqueue.history_entry(
             j.attempts, j.leased_by, j.attempted_at, NULL, 'lease_expired',
             'lease expired: its worker stopped heartbeating (crashed, killed or cut off)')
     FROM expired
     WHERE j.id = expired.id AND j.state = 'running' AND j.lease_expires_at < now()
-    RETURNING j.id, j.task, j.queue, j.attempts, j.leased_by, j.state
+    RETURNING j.id, j.task, j.queue, j.attempts, j.leased_by, j.state, j.run_at
 )
 SELECT u.id, u.task, u.queue, u.attempts, u.leased_by, u.state::text AS state
 FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
 
 -- name: dead_letter_expired
--- Moves running jobs whose lease expired and whose attempts are used up to the
--- dead-letter table (reason 'lease_expired'), atomically, a batch at a time.
+-- Moves rescued running jobs (they ran alone) whose lease expired and whose attempts are
+-- used up to the dead-letter table (reason 'lease_expired'), atomically, a batch at a
+-- time.
 WITH expired AS MATERIALIZED (
     SELECT j.id FROM pgqueue.jobs AS j
     WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts >= j.max_attempts
-      AND j.cancel_requested_at IS NULL
+      AND j.rescued AND j.cancel_requested_at IS NULL
     ORDER BY j.id
     LIMIT %(batch_size)s
     FOR UPDATE SKIP LOCKED
@@ -55,6 +64,7 @@ SELECT id, queue, task, args, priority, attempts, max_attempts, run_at, idempote
        created_at, attempted_at,
        errors || jsonb_build_array(jsonb_build_object(
            'attempt', attempts, 'at', now(), 'worker', leased_by, 'kind', 'lease_expired',
+           'counted', true,
            'error', 'lease expired: its worker stopped heartbeating (crashed, killed or cut off)')),
        'lease_expired',
        history || pgqueue.history_entry(

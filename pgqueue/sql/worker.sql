@@ -12,6 +12,9 @@ WITH picked AS MATERIALIZED (
         SELECT j.id, j.priority, j.run_at
         FROM pgqueue.jobs AS j
         WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= now()
+          -- Rescued jobs run alone (claim_rescued_job); they are few, so filtering them
+          -- on the heap rows the claim visits anyway costs next to nothing.
+          AND NOT j.rescued
         ORDER BY j.priority, j.run_at, j.id
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
@@ -33,6 +36,51 @@ WHERE j.id = picked.id AND j.state = 'queued'
 RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, j.run_at,
           j.created_at, j.lease_token, j.lease_expires_at,
           j.cancel_requested_at IS NOT NULL AS cancel_requested;
+
+-- name: claim_rescued_job
+-- Claims one rescued job (see migration 0003) for a worker that has nothing else running;
+-- the worker then claims nothing more until it is done. Same shape as claim_jobs, over
+-- jobs_rescued_idx.
+WITH picked AS MATERIALIZED (
+    SELECT c.id
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.priority, j.run_at
+        FROM pgqueue.jobs AS j
+        WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= now()
+          AND j.rescued
+        ORDER BY j.priority, j.run_at, j.id
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    WHERE NOT EXISTS (
+        SELECT 1 FROM pgqueue.queues AS p WHERE p.name = q.name AND p.paused_at IS NOT NULL)
+    ORDER BY c.priority, c.run_at, c.id
+    LIMIT 1
+)
+UPDATE pgqueue.jobs AS j
+SET state = 'running',
+    attempts = j.attempts + 1,
+    lease_token = gen_random_uuid(),
+    leased_by = %(worker_id)s,
+    attempted_at = now(),
+    lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+FROM picked
+WHERE j.id = picked.id AND j.state = 'queued'
+RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, j.run_at,
+          j.created_at, j.lease_token, j.lease_expires_at,
+          j.cancel_requested_at IS NOT NULL AS cancel_requested;
+
+-- name: rescued_waiting
+-- Whether a rescued job is due in one of the given (unpaused) queues: a busy worker that
+-- sees one stops claiming until it is idle, then takes it alone (no starvation).
+SELECT EXISTS (
+    SELECT 1 FROM unnest(%(queues)s::text[]) AS q(name)
+    JOIN pgqueue.jobs AS j ON j.queue = q.name
+    WHERE j.state = 'queued' AND j.rescued AND j.run_at <= now()
+      AND NOT EXISTS (SELECT 1 FROM pgqueue.queues AS p
+                      WHERE p.name = q.name AND p.paused_at IS NOT NULL)
+) AS waiting;
 
 -- name: seconds_until_due
 -- Seconds until the earliest future run_at of a queued job in the given queues (NULL if

@@ -86,6 +86,11 @@ class Worker:
         # True when the worker stopped because one of its parts died (exit code 1).
         self.failed = False
         self._started = False
+        # Rescued-job isolation (see run_once): the job running alone, whether a rescued
+        # job waits, and when to look again.
+        self._isolated: int | None = None
+        self._rescue_pending = False
+        self._next_rescue_check = 0.0
         self._database_health = metrics.database_health(config.dsn)
         self.completer = Completer(
             self.pool,
@@ -170,12 +175,36 @@ class Worker:
         self.stop()
 
     async def run_once(self, limit: int | None = None) -> list[Job]:
-        """Claim up to ``limit`` (default: free slots) jobs and start them; returns them."""
-        free = self.config.concurrency - len(self._running)
+        """Claim and start jobs; returns them. Normally up to ``limit`` (default: the free
+        slots). A rescued job (its last worker died under it) is claimed alone, once
+        nothing else runs here, and nothing is claimed beside it (migration 0003)."""
+        free = self._free_slots()
         limit = free if limit is None else min(limit, free)
         if limit <= 0:
             return []
+        loop = asyncio.get_running_loop()
         async with self.pool.connection() as conn:
+            if loop.time() >= self._next_rescue_check:
+                self._rescue_pending = await store.rescued_waiting(conn, queues=self.queues)
+                self._next_rescue_check = loop.time() + self.config.poll_interval
+            if self._rescue_pending:
+                if self._running:
+                    return []  # drain: the rescued job must run alone
+                rescued = await store.claim_rescued_job(
+                    conn,
+                    queues=self.queues,
+                    worker_id=self.worker_id,
+                    lease_seconds=self.config.lease_seconds,
+                )
+                self._rescue_pending = False
+                if rescued is not None:
+                    self._isolated = rescued.id
+                    log.info(
+                        "job.isolated", job_id=rescued.id, task=rescued.task,
+                        queue=rescued.queue, attempt=rescued.attempt,
+                    )  # fmt: skip
+                    self._start(rescued)
+                    return [rescued]
             jobs = await store.claim_jobs(
                 conn,
                 queues=self.queues,
@@ -189,9 +218,14 @@ class Worker:
 
     # --- fetcher --------------------------------------------------------------------
 
+    def _free_slots(self) -> int:
+        if self._isolated is not None:
+            return 0
+        return self.config.concurrency - len(self._running)
+
     async def _fetch_loop(self) -> None:
         while not self._stopping.is_set():
-            free = self.config.concurrency - len(self._running)
+            free = self._free_slots()
             if free <= 0:
                 self._slot_freed.clear()
                 await self._wait_for(self._slot_freed, None)
@@ -213,6 +247,13 @@ class Worker:
                 delay = self._backoff.next_delay()
                 log.exception("fetcher.failed", retry_in=round(delay, 2))
                 await self._wait_for(self._stopping, delay)
+                continue
+            if self._rescue_pending and self._running:
+                # Draining so that a rescued job can run alone: wait for a slot.
+                self._slot_freed.clear()
+                await self._wait_for(self._slot_freed, self.config.poll_interval)
+                continue
+            if self._isolated is not None:
                 continue
             if len(jobs) == free:
                 # Probably more waiting: claim again as soon as a slot frees up. The
@@ -271,6 +312,9 @@ class Worker:
         finally:
             self._running.pop(job.id, None)
             metrics.JOBS_RUNNING.labels(job.queue).dec()
+            if self._isolated == job.id:
+                self._isolated = None
+                self._next_rescue_check = 0.0  # more rescued jobs may be waiting
             self._slot_freed.set()
         metrics.JOB_DURATION.labels(job.queue, self._task_label(job)).observe(outcome.duration)
         if job.id in self._lost:
