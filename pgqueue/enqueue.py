@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -17,7 +18,7 @@ from typing import Any, overload
 import psycopg
 
 from pgqueue import store
-from pgqueue.errors import ConfigError, SerializationError, ValidationError
+from pgqueue.errors import ConfigError, PayloadTooLarge, SerializationError, ValidationError
 from pgqueue.registry import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_PRIORITY,
@@ -29,6 +30,20 @@ from pgqueue.registry import (
 )
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+# The database's own limit is the setting pgqueue.max_args_bytes (migration 0004); keep
+# the two equal so oversized args are refused before anything is sent.
+DEFAULT_MAX_ARGS_BYTES = 1024 * 1024
+
+
+def max_args_bytes() -> int:
+    """The args size limit in bytes: PGQUEUE_MAX_ARGS_BYTES, else 1 MiB."""
+    raw = os.environ.get("PGQUEUE_MAX_ARGS_BYTES")
+    if not raw:
+        return DEFAULT_MAX_ARGS_BYTES
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"PGQUEUE_MAX_ARGS_BYTES must be an integer, got {raw!r}") from None
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,10 @@ def _dump_args(args: Any) -> str:
     # jsonb cannot hold U+0000; look closer only when the text suggests one.
     if "\\u0000" in text and _has_nul(args):
         raise SerializationError("args must not contain NUL (U+0000) characters")
+    size = len(text.encode("utf-8"))
+    limit = max_args_bytes()
+    if size > limit:
+        raise PayloadTooLarge(f"args are {size} bytes, over the limit of {limit} bytes")
     return text
 
 

@@ -30,6 +30,10 @@ class SerializationError(ValidationError):
     """Job arguments are not a JSON object of JSON-serialisable values."""
 
 
+class PayloadTooLarge(ValidationError):
+    """Job arguments are over the size limit (PGQUEUE_MAX_ARGS_BYTES / pgqueue.max_args_bytes)."""
+
+
 class UnknownTask(PgQueueError, LookupError):
     """No handler is registered under this task name."""
 

@@ -7,14 +7,16 @@ lease token its caller holds and reports which rows it changed.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from pgqueue.errors import PayloadTooLarge
 from pgqueue.models import Job, JobState, JobStatus
 from pgqueue.sql import QUERIES
 
@@ -281,8 +283,17 @@ def prune_finished(conn: SyncConn, *, retention_seconds: float, batch_size: int)
 # --- producers ----------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _payload_limit() -> Iterator[None]:
+    """The database's own args size limit (migration 0004) as pgqueue's error."""
+    try:
+        yield
+    except psycopg.errors.ProgramLimitExceeded as exc:
+        raise PayloadTooLarge(str(exc).strip().splitlines()[0]) from exc
+
+
 def enqueue_job(conn: SyncConn, params: dict[str, Any]) -> int:
-    with conn.cursor() as cur:
+    with conn.cursor() as cur, _payload_limit():
         cur.execute(QUERIES["enqueue_job"], params)
         row = cur.fetchone()
     assert row is not None
@@ -291,14 +302,15 @@ def enqueue_job(conn: SyncConn, params: dict[str, Any]) -> int:
 
 async def enqueue_job_async(conn: AsyncConn, params: dict[str, Any]) -> int:
     async with conn.cursor() as cur:
-        await cur.execute(QUERIES["enqueue_job"], params)
+        with _payload_limit():
+            await cur.execute(QUERIES["enqueue_job"], params)
         row = await cur.fetchone()
     assert row is not None
     return int(row[0])
 
 
 def enqueue_jobs(conn: SyncConn, params: dict[str, Any]) -> list[int]:
-    with conn.cursor() as cur:
+    with conn.cursor() as cur, _payload_limit():
         cur.execute(QUERIES["enqueue_jobs"], params)
         row = cur.fetchone()
     assert row is not None
@@ -307,7 +319,8 @@ def enqueue_jobs(conn: SyncConn, params: dict[str, Any]) -> list[int]:
 
 async def enqueue_jobs_async(conn: AsyncConn, params: dict[str, Any]) -> list[int]:
     async with conn.cursor() as cur:
-        await cur.execute(QUERIES["enqueue_jobs"], params)
+        with _payload_limit():
+            await cur.execute(QUERIES["enqueue_jobs"], params)
         row = await cur.fetchone()
     assert row is not None
     return [int(i) for i in row[0]]

@@ -282,3 +282,43 @@ def test_sql_constraints_reject_bad_jobs(conn, sql):
     with pytest.raises(psycopg.errors.IntegrityError):
         conn.execute(sql)
     assert count_jobs(conn) == 0
+
+
+def test_args_over_the_size_limit_are_refused_before_anything_is_sent(dsn, monkeypatch):
+    from pgqueue import PayloadTooLarge
+
+    monkeypatch.setenv("PGQUEUE_MAX_ARGS_BYTES", "1000")
+    with psycopg.connect(dsn) as conn:
+        with conn.transaction():
+            with pytest.raises(PayloadTooLarge, match="over the limit of 1000 bytes"):
+                enqueue(conn, "t", {"blob": "x" * 2000})
+            with pytest.raises(PayloadTooLarge):
+                enqueue_many(conn, [JobSpec("t"), JobSpec("t", {"blob": "x" * 2000})])
+            # The caller's transaction is intact and nothing was written.
+            assert count_jobs(conn) == 0
+        enqueue(conn, "t", {"blob": "x" * 900})
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT pgqueue.enqueue('t', jsonb_build_object('blob', repeat('x', 3000)))",
+        "INSERT INTO pgqueue.jobs (task, args)"
+        " SELECT 't', jsonb_build_object('blob', repeat('x', g * 1000))"
+        " FROM generate_series(1, 3) g",
+    ],
+)
+def test_database_refuses_oversized_args_on_every_path(conn, sql):
+    conn.execute("SET pgqueue.max_args_bytes = '2000'")
+    with pytest.raises(psycopg.errors.ProgramLimitExceeded, match="over the limit of 2000"):
+        conn.execute(sql)
+    assert count_jobs(conn) == 0  # the whole statement was refused
+
+
+def test_database_limit_surfaces_as_payload_too_large_in_python(conn):
+    from pgqueue import PayloadTooLarge
+
+    conn.execute("SET pgqueue.max_args_bytes = '100'")
+    with pytest.raises(PayloadTooLarge, match="over the limit of 100"):
+        enqueue(conn, "t", {"blob": "x" * 500})
+    assert count_jobs(conn) == 0
