@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Callable
+from typing import Any
 
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import store
@@ -149,43 +151,49 @@ class Completer:
         for outcome in batch:
             by_kind.setdefault(outcome.kind, []).append(outcome)
         changed: dict[int, str] = {}
-        async with self.lock, self.pool.connection() as conn, conn.transaction():
-            for kind, items in by_kind.items():
-                ids = [o.job.id for o in items]
-                tokens = [o.job.lease_token for o in items]
-                durations = [o.duration for o in items]
-                if kind is OutcomeKind.SUCCEEDED:
-                    changed |= await store.complete_jobs(
-                        conn, ids=ids, tokens=tokens, durations=durations
-                    )
-                elif kind is OutcomeKind.RETRIED:
-                    changed |= await store.retry_jobs(
-                        conn,
-                        ids=ids,
-                        tokens=tokens,
-                        delays=[o.delay_seconds for o in items],
-                        errors=[o.error or {} for o in items],
-                        durations=durations,
-                    )
-                elif kind is OutcomeKind.SNOOZED:
-                    changed |= await store.snooze_jobs(
-                        conn,
-                        ids=ids,
-                        tokens=tokens,
-                        delays=[o.delay_seconds for o in items],
-                        durations=durations,
-                    )
-                elif kind is OutcomeKind.RELEASED:
-                    changed |= await store.release_jobs(
-                        conn, ids=ids, tokens=tokens, durations=durations
-                    )
-                elif kind is OutcomeKind.DEAD:
-                    changed |= await store.dead_letter_jobs(
-                        conn,
-                        ids=ids,
-                        tokens=tokens,
-                        errors=[o.error or {} for o in items],
-                        reasons=[o.dead_reason or "exhausted" for o in items],
-                        durations=durations,
-                    )
+        async with self.lock, self.pool.connection() as conn:
+            if len(by_kind) == 1:
+                # One statement is atomic by itself: no BEGIN and COMMIT round trips.
+                ((kind, items),) = by_kind.items()
+                return await self._write_kind(conn, kind, items)
+            async with conn.transaction():
+                for kind, items in by_kind.items():
+                    changed |= await self._write_kind(conn, kind, items)
         return changed
+
+    @staticmethod
+    async def _write_kind(
+        conn: AsyncConnection[Any], kind: OutcomeKind, items: list[Outcome]
+    ) -> dict[int, str]:
+        ids = [o.job.id for o in items]
+        tokens = [o.job.lease_token for o in items]
+        durations = [o.duration for o in items]
+        if kind is OutcomeKind.SUCCEEDED:
+            return await store.complete_jobs(conn, ids=ids, tokens=tokens, durations=durations)
+        if kind is OutcomeKind.RETRIED:
+            return await store.retry_jobs(
+                conn,
+                ids=ids,
+                tokens=tokens,
+                delays=[o.delay_seconds for o in items],
+                errors=[o.error or {} for o in items],
+                durations=durations,
+            )
+        if kind is OutcomeKind.SNOOZED:
+            return await store.snooze_jobs(
+                conn,
+                ids=ids,
+                tokens=tokens,
+                delays=[o.delay_seconds for o in items],
+                durations=durations,
+            )
+        if kind is OutcomeKind.RELEASED:
+            return await store.release_jobs(conn, ids=ids, tokens=tokens, durations=durations)
+        return await store.dead_letter_jobs(
+            conn,
+            ids=ids,
+            tokens=tokens,
+            errors=[o.error or {} for o in items],
+            reasons=[o.dead_reason or "exhausted" for o in items],
+            durations=durations,
+        )
