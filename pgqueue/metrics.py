@@ -10,6 +10,7 @@ collected by the reaper from the database, cached between scrapes.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -74,6 +75,13 @@ LEASES_EXPIRED = Counter(
 )
 JOBS_PRUNED = Counter("pgqueue_jobs_pruned", "Finished jobs deleted after retention.")
 BUILD_INFO.labels(__version__).set(1)
+
+
+@functools.lru_cache(maxsize=8192)
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, cached: the lookup is the costliest part of counting a
+    job on the hot path, and label sets are bounded (queue, task, outcome)."""
+    return metric.labels(*labels)
 
 
 def multiprocess_dir() -> str | None:

@@ -294,8 +294,8 @@ class Worker:
     def _start(self, job: Job) -> None:
         self._held[job.id] = job
         task = self._task_label(job)
-        metrics.JOBS_CLAIMED.labels(job.queue, task).inc()
-        metrics.JOBS_RUNNING.labels(job.queue).inc()
+        metrics.child(metrics.JOBS_CLAIMED, job.queue, task).inc()
+        metrics.child(metrics.JOBS_RUNNING, job.queue).inc()
         extra = {"args": job.args} if self.config.log_args else {}
         log.debug(
             "job.claimed", job_id=job.id, task=job.task, queue=job.queue, attempt=job.attempt,
@@ -311,12 +311,14 @@ class Worker:
             outcome = Outcome(job, OutcomeKind.RELEASED, time.monotonic() - started)
         finally:
             self._running.pop(job.id, None)
-            metrics.JOBS_RUNNING.labels(job.queue).dec()
+            metrics.child(metrics.JOBS_RUNNING, job.queue).dec()
             if self._isolated == job.id:
                 self._isolated = None
                 self._next_rescue_check = 0.0  # more rescued jobs may be waiting
             self._slot_freed.set()
-        metrics.JOB_DURATION.labels(job.queue, self._task_label(job)).observe(outcome.duration)
+        metrics.child(metrics.JOB_DURATION, job.queue, self._task_label(job)).observe(
+            outcome.duration
+        )
         if job.id in self._lost:
             # Fenced already: the heartbeat found the lease gone. Nothing to write.
             self._lost.discard(job.id)
@@ -373,7 +375,7 @@ class Worker:
         else:
             label = "released"
             log.info("job.released", **fields)
-        metrics.JOBS_COMPLETED.labels(job.queue, self._task_label(job), label).inc()
+        metrics.child(metrics.JOBS_COMPLETED, job.queue, self._task_label(job), label).inc()
 
     def _on_lost(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -382,7 +384,9 @@ class Worker:
             # (_run_job), and a result already waiting in the completer will be fenced
             # off quietly (_on_written).
             self._lost.add(job.id)
-            metrics.JOBS_COMPLETED.labels(job.queue, self._task_label(job), "lease_lost").inc()
+            metrics.child(
+                metrics.JOBS_COMPLETED, job.queue, self._task_label(job), "lease_lost"
+            ).inc()
             log.warning(
                 "lease.lost", job_id=job.id, task=job.task, queue=job.queue, attempt=job.attempt
             )
