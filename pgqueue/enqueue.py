@@ -151,8 +151,7 @@ def _prepare(spec: JobSpec) -> dict[str, Any]:
     }
 
 
-def _batch_params(specs: Sequence[JobSpec]) -> dict[str, Any]:
-    prepared = [_prepare(s) for s in specs]
+def _batch_params(prepared: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "tasks": [p["task"] for p in prepared],
         "args": [p["args"] for p in prepared],
@@ -249,13 +248,33 @@ def enqueue_many(
     """Enqueue many jobs in one round trip; returns their ids in input order.
 
     Each item is a ``JobSpec`` (or a bare task name). Every item is checked before
-    anything is sent: one bad item raises ``ValidationError`` and enqueues none.
+    anything is sent: one bad item raises ``ValidationError`` and enqueues none. Batches
+    without idempotency keys or delays go in by COPY.
     """
     specs = [JobSpec(task=j) if isinstance(j, str) else j for j in jobs]
     for spec in specs:
         if not isinstance(spec, JobSpec):
             raise ValidationError(f"enqueue_many takes JobSpec items, got {type(spec).__name__}")
-    params = _batch_params(specs)
+    prepared = [_prepare(s) for s in specs]
+    # COPY when it can express the batch: no idempotency keys (they need ON CONFLICT) and
+    # no delays (they need the database's clock; 'now' below is its transaction time,
+    # exactly what the column default gives).
+    if prepared and all(p["idempotency_key"] is None and not p["delay_seconds"] for p in prepared):
+        rows = [
+            (
+                p["task"],
+                p["args"],
+                p["queue"],
+                p["priority"],
+                p["run_at"] if p["run_at"] is not None else "now",
+                p["max_attempts"],
+            )
+            for p in prepared
+        ]
+        if isinstance(conn, psycopg.AsyncConnection):
+            return store.copy_jobs_async(conn, rows)
+        return store.copy_jobs(conn, rows)
+    params = _batch_params(prepared)
     if isinstance(conn, psycopg.AsyncConnection):
         return store.enqueue_jobs_async(conn, params)
     return store.enqueue_jobs(conn, params)

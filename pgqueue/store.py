@@ -317,6 +317,32 @@ def enqueue_jobs(conn: SyncConn, params: dict[str, Any]) -> list[int]:
     return [int(i) for i in row[0]]
 
 
+def copy_jobs(conn: SyncConn, rows: Sequence[tuple[Any, ...]]) -> list[int]:
+    """COPY rows of (task, args_json, queue, priority, run_at, max_attempts); ids in order."""
+    with conn.cursor() as cur, _payload_limit():
+        cur.execute(QUERIES["reserve_job_ids"], {"n": len(rows)})
+        fetched = cur.fetchone()
+        assert fetched is not None
+        ids: list[int] = fetched[0]
+        with cur.copy(QUERIES["copy_jobs"]) as copy:
+            for job_id, row in zip(ids, rows, strict=True):
+                copy.write_row((job_id, *row))
+    return ids
+
+
+async def copy_jobs_async(conn: AsyncConn, rows: Sequence[tuple[Any, ...]]) -> list[int]:
+    async with conn.cursor() as cur:
+        with _payload_limit():
+            await cur.execute(QUERIES["reserve_job_ids"], {"n": len(rows)})
+            fetched = await cur.fetchone()
+            assert fetched is not None
+            ids: list[int] = fetched[0]
+            async with cur.copy(QUERIES["copy_jobs"]) as copy:
+                for job_id, row in zip(ids, rows, strict=True):
+                    await copy.write_row((job_id, *row))
+    return ids
+
+
 async def enqueue_jobs_async(conn: AsyncConn, params: dict[str, Any]) -> list[int]:
     async with conn.cursor() as cur:
         with _payload_limit():

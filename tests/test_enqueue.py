@@ -322,3 +322,19 @@ def test_database_limit_surfaces_as_payload_too_large_in_python(conn):
     with pytest.raises(PayloadTooLarge, match="over the limit of 100"):
         enqueue(conn, "t", {"blob": "x" * 500})
     assert count_jobs(conn) == 0
+
+
+def test_enqueue_many_schedules_by_run_at_and_delay_on_both_paths(conn):
+    at = datetime.now(UTC) + timedelta(hours=2)
+    # No keys, no delays: the COPY path; 'now' for the unscheduled one.
+    copied = enqueue_many(conn, [JobSpec("t", run_at=at), JobSpec("t")])
+    # A delay needs the database clock: the INSERT path.
+    inserted = enqueue_many(conn, [JobSpec("t", delay=600), JobSpec("t", run_at=at)])
+    rows = dict(
+        conn.execute(
+            "SELECT id, extract(epoch FROM run_at - created_at) FROM pgqueue.jobs"
+        ).fetchall()
+    )
+    assert abs(float(rows[copied[1]])) < 1 and abs(float(rows[inserted[1]]) - 7200) < 5
+    assert abs(float(rows[copied[0]]) - 7200) < 5
+    assert 599 <= float(rows[inserted[0]]) <= 601
