@@ -124,6 +124,9 @@ class Executor:
             return
         call = functools.partial(contextvars.copy_context().run, fn, **args)
         future = asyncio.get_running_loop().run_in_executor(self.pool, call)
+        if timeout is None:
+            await future  # cancellation (shutdown) propagates; the thread runs on
+            return
         try:
             done, _ = await asyncio.wait({future}, timeout=timeout)
         except asyncio.CancelledError:
