@@ -280,6 +280,17 @@ def status(job_id: int, as_json: bool, dsn: str | None) -> None:
 # --- worker -------------------------------------------------------------------------------
 
 
+def prepared_option(fn: F) -> F:
+    return click.option(
+        "--no-prepared-statements",
+        "no_prepared_statements",
+        is_flag=True,
+        envvar="PGQUEUE_NO_PREPARED_STATEMENTS",
+        help="Do not use server-side prepared statements (PgBouncer in transaction mode"
+        " before 1.21).",
+    )(fn)
+
+
 def metrics_options(fn: F) -> F:
     fn = click.option(
         "--metrics-port",
@@ -344,6 +355,7 @@ def metrics_options(fn: F) -> F:
 @click.option(
     "--log-args", is_flag=True, help="Log each job's args (off: they may hold personal data)."
 )
+@prepared_option
 @metrics_options
 @dsn_option
 @log_options
@@ -357,6 +369,7 @@ def worker_command(
     shutdown_timeout: float,
     poll_interval: float,
     log_args: bool,
+    no_prepared_statements: bool,
     metrics_port: int | None,
     metrics_host: str,
     dsn: str | None,
@@ -379,6 +392,7 @@ def worker_command(
             shutdown_timeout=shutdown_timeout,
             poll_interval=poll_interval,
             log_args=log_args,
+            prepared_statements=not no_prepared_statements,
         ).validate()
         registry = load_registry(app)
         if processes > 1:
@@ -398,6 +412,8 @@ def worker_command(
                 child_args += ["--queues", queues]
             if log_args:
                 child_args.append("--log-args")
+            if no_prepared_statements:
+                child_args.append("--no-prepared-statements")
             return Supervisor(
                 child_command(child_args),
                 processes,
@@ -462,6 +478,7 @@ def _exit_after(body: Callable[[], int | None]) -> None:
     show_default=True,
     help="Backoff base for jobs requeued after their lease expired.",
 )
+@prepared_option
 @metrics_options
 @dsn_option
 @log_options
@@ -471,6 +488,7 @@ def reaper_command(
     once: bool,
     retention_seconds: float,
     backoff_base_seconds: float,
+    no_prepared_statements: bool,
     metrics_port: int | None,
     metrics_host: str,
     dsn: str | None,
@@ -493,6 +511,7 @@ def reaper_command(
             interval=interval,
             retention_seconds=retention_seconds,
             backoff_base_seconds=backoff_base_seconds,
+            prepared_statements=not no_prepared_statements,
         )
         reaper = Reaper(config)
         if once:

@@ -30,6 +30,9 @@ class WorkerConfig:
     reconnect_max_seconds: float = DEFAULT_RECONNECT_MAX_SECONDS
     # Log each job's args with job.claimed (off: args may hold personal data).
     log_args: bool = False
+    # Server-side prepared statements (psycopg prepares a query after 5 runs). Off for
+    # PgBouncer in transaction pooling mode before 1.21.
+    prepared_statements: bool = True
 
     @property
     def heartbeat_interval(self) -> float:
@@ -63,6 +66,7 @@ class ReaperConfig:
     backoff_base_seconds: float = 1.0
     backoff_max_seconds: float = 3600.0
     reconnect_max_seconds: float = DEFAULT_RECONNECT_MAX_SECONDS
+    prepared_statements: bool = True
 
     def validate(self) -> ReaperConfig:
         if not self.dsn:

@@ -147,15 +147,18 @@ Health = Callable[[], tuple[bool, str]]
 
 
 def database_health(dsn: str) -> Health:
-    """A health check that answers whether ``dsn`` takes a connection and a query now."""
+    """A health check: does ``dsn`` take a connection and a query now, and is the pgqueue
+    schema there (a daemon pointed at an unmigrated database is not ready)?"""
 
     def check() -> tuple[bool, str]:
         try:
             with psycopg.connect(dsn, autocommit=True, connect_timeout=2) as conn:
-                conn.execute("SELECT 1")
+                ready = store.schema_ready(conn)
         except psycopg.Error as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             return False, f"database unreachable: {first}"
+        if not ready:
+            return False, "the pgqueue schema is missing: run `pgqueue migrate`"
         return True, "ok"
 
     return check

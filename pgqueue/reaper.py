@@ -57,7 +57,10 @@ class Reaper:
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = psycopg.connect(
-                self.config.dsn, autocommit=True, application_name="pgqueue-reaper"
+                self.config.dsn,
+                autocommit=True,
+                application_name="pgqueue-reaper",
+                prepare_threshold=5 if self.config.prepared_statements else None,
             )
         return self._conn
 

@@ -382,6 +382,11 @@ def job_status(conn: SyncConn, *, job_id: int) -> JobStatus | None:
     )
 
 
+def schema_ready(conn: SyncConn) -> bool:
+    rows = _fetch(conn, "schema_ready", {})
+    return bool(rows and rows[0]["ready"])
+
+
 def queue_stats(conn: SyncConn) -> list[Row]:
     conn.execute(QUERIES["disable_jit"])
     return _fetch(conn, "queue_stats", {})

@@ -31,6 +31,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -463,6 +464,25 @@ def test_healthz_follows_the_database_for_worker_and_reaper(cluster, tmp_path):
         assert worker.poll() is None and reaper.poll() is None
     finally:
         daemons.stop_all()
+
+
+def test_healthz_is_503_until_the_schema_is_migrated(server_dsn, tmp_path):
+    name = f"pgqueue_unmigrated_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = make_conninfo(server_dsn, dbname=name)
+    daemons = Daemons(dsn, tmp_path)
+    try:
+        port = free_port()
+        daemons.worker("--metrics-port", str(port), *LOCAL)
+        wait_until(lambda: http_status(port, "/healthz") == 503)
+        assert "schema is missing" in http_get(port, "/healthz")[1]
+        migrate(dsn)
+        wait_until(lambda: http_status(port, "/healthz") == 200, timeout=30)
+    finally:
+        daemons.stop_all()
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # --- 4. supervisor ------------------------------------------------------------------------------

@@ -576,3 +576,24 @@ def test_a_rescued_job_runs_alone_and_is_not_starved_by_a_busy_worker(dsn):
         " (SELECT max(finished_at) FROM pgqueue.jobs WHERE task = 'busy')",
     )
     assert rescued_end < last_busy_end
+
+
+def test_worker_without_prepared_statements_runs_jobs(dsn):
+    registry = Registry()
+
+    @registry.task(name="plain")
+    def plain() -> None: ...
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO pgqueue.jobs (task) SELECT 'plain' FROM generate_series(1, 30)")
+
+    async def main() -> Worker:
+        async with running_worker(registry, dsn, prepared_statements=False) as worker:
+            await wait_for_db(
+                dsn, "SELECT count(*) = 30 FROM pgqueue.jobs WHERE state = 'succeeded'"
+            )
+            return worker
+
+    worker = run(main)
+    # For PgBouncer in transaction mode: psycopg never prepares on these connections.
+    assert worker.pool.kwargs["prepare_threshold"] is None

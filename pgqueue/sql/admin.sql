@@ -170,3 +170,7 @@ WITH upserted AS (
     RETURNING q.name
 )
 SELECT u.name FROM upserted AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.name)) AS n;
+
+-- name: schema_ready
+-- For /healthz: the database answers and the pgqueue schema is migrated.
+SELECT to_regclass('pgqueue.jobs') IS NOT NULL AS ready;

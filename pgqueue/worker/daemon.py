@@ -71,7 +71,11 @@ class Worker:
             timeout=5.0,
             # Keep trying for as long as the daemon lives; loops back off on their own.
             reconnect_timeout=365 * 24 * 3600.0,
-            kwargs={"autocommit": True, "application_name": "pgqueue-worker"},
+            kwargs={
+                "autocommit": True,
+                "application_name": "pgqueue-worker",
+                "prepare_threshold": 5 if config.prepared_statements else None,
+            },
             name="pgqueue-worker",
         )
         self.executor = Executor(registry, self.worker_id, threads=config.concurrency)
