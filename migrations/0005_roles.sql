@@ -53,8 +53,6 @@ END
 $$;
 
 DO $$
-DECLARE
-    jobs_seq text := pg_catalog.pg_get_serial_sequence('pgqueue.jobs', 'id');
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgqueue_producer') THEN
         GRANT USAGE ON SCHEMA pgqueue TO pgqueue_producer;
@@ -66,7 +64,8 @@ BEGIN
         GRANT INSERT (id, task, args, queue, priority, run_at, max_attempts, idempotency_key)
             ON pgqueue.jobs TO pgqueue_producer;
         GRANT SELECT ON pgqueue.jobs, pgqueue.dead_jobs TO pgqueue_producer;
-        EXECUTE format('GRANT USAGE ON SEQUENCE %s TO pgqueue_producer', jobs_seq);
+        EXECUTE format('GRANT USAGE ON SEQUENCE %s TO pgqueue_producer',
+                       pg_catalog.pg_get_serial_sequence('pgqueue.jobs', 'id'));
     END IF;
 
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgqueue_worker') THEN
