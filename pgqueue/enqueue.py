@@ -30,8 +30,10 @@ from pgqueue.registry import (
 )
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
-# The database's own limit is the setting pgqueue.max_args_bytes (migration 0004); keep
-# the two equal so oversized args are refused before anything is sent.
+# The database's own limit is the setting pgqueue.max_args_bytes (migration 0004). It
+# measures args::text, which is a little longer than our compact JSON (spaces after : and
+# ,), so keep it at or above this one; the database error is turned into PayloadTooLarge
+# anyway.
 DEFAULT_MAX_ARGS_BYTES = 1024 * 1024
 
 
@@ -60,14 +62,39 @@ class JobSpec:
     idempotency_key: str | None = None
 
 
-def _has_nul(value: Any) -> bool:
+# Deeper than this, a worker's JSON decoder may give up (Python's recursion limit is
+# 1000 frames; the handler's own code needs some of them too).
+MAX_ARGS_DEPTH = 500
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_value(value: Any, depth: int = 0) -> None:
+    """Refuse what json.dumps would change silently (non-string keys), what jsonb cannot
+    hold (NUL), and nesting a worker could not decode."""
+    if depth > MAX_ARGS_DEPTH:
+        raise SerializationError(f"args nest deeper than {MAX_ARGS_DEPTH} levels")
     if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_has_nul(v) for v in value)
-    return False
+        if "\x00" in value:
+            raise SerializationError("args must not contain NUL (U+0000) characters")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise SerializationError(
+                    f"args keys must be strings, got {type(key).__name__} {key!r}"
+                )
+            if "\x00" in key:
+                raise SerializationError("args must not contain NUL (U+0000) characters")
+            _check_value(item, depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_value(item, depth + 1)
 
 
 def _dump_args(args: Any) -> str:
@@ -75,14 +102,12 @@ def _dump_args(args: Any) -> str:
         raise SerializationError(
             f"args must be a mapping (a JSON object), got {type(args).__name__}"
         )
+    _check_value(dict(args))
     try:
         text = json.dumps(dict(args), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
+        size = len(text.encode("utf-8"))
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError (lone surrogates) included
         raise SerializationError(f"args are not JSON-serialisable: {exc}") from exc
-    # jsonb cannot hold U+0000; look closer only when the text suggests one.
-    if "\\u0000" in text and _has_nul(args):
-        raise SerializationError("args must not contain NUL (U+0000) characters")
-    size = len(text.encode("utf-8"))
     limit = max_args_bytes()
     if size > limit:
         raise PayloadTooLarge(f"args are {size} bytes, over the limit of {limit} bytes")
@@ -133,11 +158,14 @@ def _prepare(spec: JobSpec) -> dict[str, Any]:
         raise ValidationError(f"delay must be a finite number of seconds, got {spec.delay!r}")
     key = spec.idempotency_key
     if key is not None and (
-        not isinstance(key, str) or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or "\x00" in key
+        not isinstance(key, str)
+        or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH
+        or "\x00" in key
+        or not _utf8(key)
     ):
         raise ValidationError(
             f"idempotency_key must be a string of 1..{MAX_IDEMPOTENCY_KEY_LENGTH} characters"
-            " without NUL"
+            " of valid UTF-8 without NUL"
         )
     return {
         "task": task,

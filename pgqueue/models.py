@@ -20,6 +20,16 @@ class JobState(enum.StrEnum):
     DEAD = "dead"
 
 
+class UndecodableArgs(dict[str, Any]):
+    """Stands in for a job's args that Python cannot decode (a JSON number of thousands of
+    digits, nesting deeper than the recursion limit: both possible from SQL). The job
+    fails permanently with ``error`` instead of breaking the claim of its whole batch."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__()
+        self.error = error
+
+
 @dataclass(frozen=True)
 class Job:
     """A job this worker claimed: what it needs to run it and to fence its writes."""

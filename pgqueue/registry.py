@@ -36,6 +36,10 @@ def check_name(kind: str, value: object, max_length: int) -> str:
         raise ConfigError(f"{kind} name is longer than {max_length} characters")
     if "\x00" in value:
         raise ConfigError(f"{kind} name must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{kind} name is not valid UTF-8 (a lone surrogate)") from None
     return value
 
 

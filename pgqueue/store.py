@@ -8,21 +8,35 @@ lease token its caller holds and reports which rows it changed.
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 
 from pgqueue.errors import PayloadTooLarge
-from pgqueue.models import Job, JobState, JobStatus
+from pgqueue.models import Job, JobState, JobStatus, UndecodableArgs
 from pgqueue.sql import QUERIES
 
 Row = dict[str, Any]
 AsyncConn = psycopg.AsyncConnection[Any]
 SyncConn = psycopg.Connection[Any]
+
+
+def _lenient_json_loads(data: str | bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        return UndecodableArgs(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+async def configure_worker_connection(conn: AsyncConn) -> None:
+    """JSON that Python cannot decode becomes UndecodableArgs on this connection instead
+    of an exception that would strand a whole claimed batch."""
+    set_json_loads(_lenient_json_loads, conn)
 
 
 def _job_from_row(row: Row) -> Job:

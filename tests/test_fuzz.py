@@ -55,6 +55,7 @@ from pgqueue import (
     store,
 )
 from pgqueue.enqueue import max_args_bytes
+from pgqueue.models import UndecodableArgs
 from tests.conftest import BIN, ROOT, scalar
 
 FUZZ = settings(
@@ -227,6 +228,8 @@ class Db:
         self.conn = psycopg.connect(dsn, autocommit=True)
         self.runner = asyncio.Runner()
         self.aconn = self.runner.run(psycopg.AsyncConnection.connect(dsn, autocommit=True))
+        # What the worker's pool does to each of its connections.
+        self.runner.run(store.configure_worker_connection(self.aconn))
 
     def close(self) -> None:
         self.runner.run(self.aconn.close())
@@ -581,12 +584,6 @@ def test_python_only_types_are_converted_not_kept(db):
 # --- bugs found (strict xfails: each turns into a failure once fixed, so remove the mark) ---
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG pgqueue/enqueue.py _dump_args: json.dumps silently turns non-string keys "
-    "into strings ({1: 'a'} is stored as {'1': 'a'}), and keys that collide after that "
-    "({None: 1, 'null': 2}) lose a value without any error",
-)
 def test_non_string_keys_are_refused(db):
     for args in ({1: "a"}, {None: 1, "null": 2}, {"nested": {True: 1}}, {1.5: 0}):
         with pytest.raises(SerializationError):
@@ -594,23 +591,12 @@ def test_non_string_keys_are_refused(db):
     assert db.count() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG pgqueue/enqueue.py _dump_args: deeply nested args (~1000 levels) raise "
-    "RecursionError from json.dumps, not SerializationError (only TypeError/ValueError "
-    "are caught)",
-)
 def test_python_enqueue_refuses_too_deep_args_cleanly(db):
     with pytest.raises(ValidationError):
         enqueue(db.conn, "t", {"deep": _nest(5000, 1)})
     assert db.count() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG pgqueue/enqueue.py: a lone surrogate in args, task, queue or key raises "
-    "UnicodeEncodeError (from the size check or from psycopg), not ValidationError",
-)
 @pytest.mark.parametrize("where", ["args", "key", "task", "queue"])
 def test_python_enqueue_refuses_lone_surrogates_cleanly(db, where):
     bad = "x\ud800"
@@ -636,21 +622,22 @@ UNDECODABLE = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: pgqueue.enqueue / INSERT store args that no Python worker can decode; "
-    "store.claim_jobs then raises in psycopg's jsonb loader after the claim UPDATE has "
-    "committed, so the whole claimed batch is left running with nobody holding it",
-)
 @pytest.mark.parametrize("text", list(UNDECODABLE.values()), ids=list(UNDECODABLE))
-def test_sql_args_are_refused_or_reach_the_handler(db, text):
+def test_sql_args_no_python_worker_can_decode_do_not_strand_their_batch(db, text):
+    """JSON that Postgres stores but Python cannot decode (a number of thousands of digits,
+    nesting past the recursion limit) must not break the claim of the jobs beside it:
+    it arrives as UndecodableArgs, which the executor dead-letters as bad_args."""
+    good = enqueue(db.conn, "t", {"ok": 1})
     try:
         db.conn.execute("SELECT pgqueue.enqueue('t', %s::jsonb)", (text,))
     except SQL_REFUSALS:
-        assert db.count() == 0
+        assert db.count() == 1
         return
-    (job,) = db.claim("default")
-    assert job.args == json.loads(text)
+    jobs = {j.id: j for j in db.claim("default")}
+    assert len(jobs) == 2
+    assert jobs[good].args == {"ok": 1}
+    (bad,) = [j for j in jobs.values() if j.id != good]
+    assert isinstance(bad.args, UndecodableArgs) and bad.args.error
 
 
 # --- injection ------------------------------------------------------------------------------

@@ -597,3 +597,34 @@ def test_worker_without_prepared_statements_runs_jobs(dsn):
     worker = run(main)
     # For PgBouncer in transaction mode: psycopg never prepares on these connections.
     assert worker.pool.kwargs["prepare_threshold"] is None
+
+
+def test_args_no_python_can_decode_are_dead_lettered_and_spare_their_batch(dsn):
+    registry = Registry()
+    ran: list[int] = []
+
+    @registry.task(name="t")
+    def t(**kwargs: Any) -> None:
+        ran.append(1)
+
+    good = sql_enqueue(dsn, "t", {"ok": 1})
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # Valid JSON for Postgres, but a 5,000-digit number: Python's decoder refuses it.
+        bad = conn.execute(
+            "SELECT pgqueue.enqueue('t', ('{\"n\": 1' || repeat('0', 5000) || '}')::jsonb)"
+        ).fetchone()[0]
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.dead_jobs")
+            await wait_for_db(
+                dsn, "SELECT state = 'succeeded' FROM pgqueue.jobs WHERE id = %s", (good,)
+            )
+
+    run(main)
+    ((dead_id, reason, attempts, errors),) = fetch(
+        dsn, "SELECT id, reason, attempts, errors FROM pgqueue.dead_jobs"
+    )
+    assert (dead_id, reason, attempts) == (bad, "permanent", 1)
+    assert errors[0]["kind"] == "bad_args" and "cannot be decoded" in errors[0]["error"]
+    assert ran == [1]

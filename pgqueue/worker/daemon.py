@@ -71,6 +71,7 @@ class Worker:
             timeout=5.0,
             # Keep trying for as long as the daemon lives; loops back off on their own.
             reconnect_timeout=365 * 24 * 3600.0,
+            configure=store.configure_worker_connection,
             kwargs={
                 "autocommit": True,
                 "application_name": "pgqueue-worker",

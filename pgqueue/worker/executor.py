@@ -19,7 +19,7 @@ from typing import Any
 
 from pgqueue.context import JobContext, reset_current, set_current
 from pgqueue.errors import PermanentError, Snooze, UnknownTask
-from pgqueue.models import Job, Outcome, OutcomeKind
+from pgqueue.models import Job, Outcome, OutcomeKind, UndecodableArgs
 from pgqueue.registry import Registry
 from pgqueue.retry import Backoff
 
@@ -63,6 +63,21 @@ class Executor:
         """Run ``job`` once. Cancellation (shutdown) propagates as ``CancelledError``."""
         started = time.monotonic()
         backoff = _DEFAULT_BACKOFF
+        if isinstance(job.args, UndecodableArgs):
+            # Stored by SQL, undecodable by any Python worker: retrying cannot help.
+            return Outcome(
+                job,
+                OutcomeKind.DEAD,
+                0.0,
+                error=error_record(
+                    job,
+                    self.worker_id,
+                    "bad_args",
+                    None,
+                    f"args cannot be decoded: {job.args.error}",
+                ),
+                dead_reason="permanent",
+            )
         try:
             task = self.registry.get(job.task)
             backoff = task.options.backoff
