@@ -36,7 +36,23 @@ test-fast: $(STAMP) ## Run the tests that need no daemon subprocesses
 demo: $(STAMP) ## Migrate, run a worker and a reaper on a sample app, print a summary
 	$(BIN)/python examples/demo.py
 
+# The long fault-injection run (tests/faults/driver.py); `make test` runs a short one.
+# Override, e.g.: make chaos CHAOS_ARGS="--jobs 10000 --duration 120 --repeat 2 --seed 7"
+CHAOS_ARGS ?= --jobs 100000 --duration 540 --repeat 8 --poison 24 --seed 1
+.PHONY: chaos
+chaos: $(STAMP) ## Long fault-injection run: 100,000 jobs, every fault repeated (~10 min)
+	$(BIN)/python -m tests.faults.driver $(CHAOS_ARGS)
+
 ci: lint test ## What CI runs
+
+.PHONY: bench
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) ## Benchmark vs PgQueuer, procrastinate, Oban, Celery (BENCH_ARGS=--quick)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean: ## Remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
