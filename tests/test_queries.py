@@ -752,8 +752,12 @@ def _plan_params(dsn: str, name: str) -> dict[str, Any]:
     queues = ["q0", "q1", "q2"]
     if name == "claim_jobs":
         return {"queues": queues, "limit": 10, "worker_id": WORKER, "lease_seconds": LEASE}
-    if name == "seconds_until_due":
+    if name == "claim_rescued_job":
+        return {"queues": queues, "worker_id": WORKER, "lease_seconds": LEASE}
+    if name in ("seconds_until_due", "rescued_waiting"):
         return {"queues": queues}
+    if name == "queue_stats":
+        return {}
     if name in ("extend_leases", "complete_jobs"):
         ids, tokens = _running_ids_and_tokens(dsn, 5)
         params: dict[str, Any] = {"ids": ids, "tokens": tokens}
@@ -783,11 +787,14 @@ def _seq_scans_on_jobs(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     "name",
     [
         "claim_jobs",
+        "claim_rescued_job",
+        "rescued_waiting",
         "seconds_until_due",
         "extend_leases",
         "complete_jobs",
         "requeue_expired",
         "prune_finished",
+        "queue_stats",
     ],
 )
 def test_hot_query_plan_never_seq_scans_the_jobs_table(seeded_dsn, name):
