@@ -97,7 +97,7 @@ def _check_value(value: Any, depth: int = 0) -> None:
             _check_value(item, depth + 1)
 
 
-def _dump_args(args: Any) -> str:
+def _dump_args(args: Any, limit: int) -> str:
     if not isinstance(args, Mapping):
         raise SerializationError(
             f"args must be a mapping (a JSON object), got {type(args).__name__}"
@@ -108,13 +108,12 @@ def _dump_args(args: Any) -> str:
         size = len(text.encode("utf-8"))
     except (TypeError, ValueError) as exc:  # UnicodeEncodeError (lone surrogates) included
         raise SerializationError(f"args are not JSON-serialisable: {exc}") from exc
-    limit = max_args_bytes()
     if size > limit:
         raise PayloadTooLarge(f"args are {size} bytes, over the limit of {limit} bytes")
     return text
 
 
-def _prepare(spec: JobSpec) -> dict[str, Any]:
+def _prepare(spec: JobSpec, max_bytes: int | None = None) -> dict[str, Any]:
     try:
         task = check_name("task", spec.task, MAX_NAME_LENGTH)
         options = known_options(task)
@@ -169,7 +168,7 @@ def _prepare(spec: JobSpec) -> dict[str, Any]:
         )
     return {
         "task": task,
-        "args": _dump_args(spec.args),
+        "args": _dump_args(spec.args, max_bytes if max_bytes is not None else max_args_bytes()),
         "queue": queue,
         "priority": priority,
         "run_at": spec.run_at,
@@ -283,7 +282,8 @@ def enqueue_many(
     for spec in specs:
         if not isinstance(spec, JobSpec):
             raise ValidationError(f"enqueue_many takes JobSpec items, got {type(spec).__name__}")
-    prepared = [_prepare(s) for s in specs]
+    limit = max_args_bytes()
+    prepared = [_prepare(s, limit) for s in specs]
     # COPY when it can express the batch: no idempotency keys (they need ON CONFLICT) and
     # no delays (they need the database's clock; 'now' below is its transaction time,
     # exactly what the column default gives).
