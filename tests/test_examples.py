@@ -67,7 +67,11 @@ def check_producer(
 
     # A real worker runs the committed job, and only that one.
     worker = daemons.worker("--queues", "emails", "--poll-interval", "0.2", app=APP)
-    wait_until(lambda: get(order_id)["confirmed"] or worker.poll() is not None, timeout=30)
+    # The handler's side effect lands before its job's outcome is written: wait for both.
+    wait_until(
+        lambda: get(order_id)["job_state"] == "succeeded" or worker.poll() is not None,
+        timeout=30,
+    )
     assert worker.poll() is None, Daemons.output(worker)
     assert get(order_id) == {"order_id": order_id, "confirmed": True, "job_state": "succeeded"}
     assert counts(conn) == (1, 1)
