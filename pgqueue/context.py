@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextvars
-import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from pgqueue.errors import PgQueueError
+from pgqueue.models import CancelFlag
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class JobContext:
     priority: int
     created_at: datetime
     worker_id: str
-    _cancel: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+    _cancel: CancelFlag = field(default_factory=CancelFlag, repr=False, compare=False)
 
     @property
     def cancel_requested(self) -> bool:

@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import enum
-import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+
+class CancelFlag:
+    """Set once an operator asks to cancel a running job; read by its handler from any
+    thread. A plain attribute (assignment is atomic): a threading.Event per job cost more
+    than the rest of the claim bookkeeping."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 class JobState(enum.StrEnum):
@@ -47,7 +63,7 @@ class Job:
     lease_expires_at: datetime
     cancel_requested: bool = False
     # Set when an operator asks to cancel the job while it runs (seen by the heartbeat).
-    cancel: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
+    cancel: CancelFlag = field(default_factory=CancelFlag, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.cancel_requested:
