@@ -31,7 +31,7 @@ test: $(STAMP) ## Run the whole test suite against a real Postgres (see README)
 	$(BIN)/pytest
 
 test-fast: $(STAMP) ## Run the tests that need no daemon subprocesses
-	$(BIN)/pytest --ignore=tests/test_daemons.py
+	$(BIN)/pytest --ignore=tests/test_daemons.py --ignore=tests/faults
 
 demo: $(STAMP) ## Migrate, run a worker and a reaper on a sample app, print a summary
 	$(BIN)/python examples/demo.py
