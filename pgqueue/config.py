@@ -14,6 +14,9 @@ DEFAULT_REAPER_INTERVAL = 5.0
 DEFAULT_RETENTION_SECONDS = 24 * 3600.0
 DEFAULT_REAPER_BATCH = 1000
 DEFAULT_RECONNECT_MAX_SECONDS = 10.0
+# How long shutdown waits for an in-flight claim, and again for writing outcomes when the
+# database is slow or away; after that, leases (and the reaper) take care of the rest.
+FLUSH_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
+from pgqueue.config import FLUSH_TIMEOUT_SECONDS
 from pgqueue.log import get_logger
 from pgqueue.metrics import (
     DEFAULT_METRICS_HOST,
@@ -165,8 +166,10 @@ class Supervisor:
         for child in self.children:
             if child.proc.poll() is None and len(self._signals) == 1:
                 child.proc.send_signal(first)
-        # Children got the signal in _on_signal; give them their grace period plus a margin.
-        deadline = time.monotonic() + self.shutdown_timeout + 15.0
+        # Children got the signal in _on_signal. A child may take its grace period plus
+        # up to FLUSH_TIMEOUT_SECONDS waiting for an in-flight claim and as long again
+        # flushing outcomes; killing it sooner would lose those outcomes.
+        deadline = time.monotonic() + self.shutdown_timeout + 2 * FLUSH_TIMEOUT_SECONDS + 5.0
         codes: list[int] = []
         for child in self.children:
             if child.restart_at is not None:

@@ -628,3 +628,33 @@ def test_args_no_python_can_decode_are_dead_lettered_and_spare_their_batch(dsn):
     assert (dead_id, reason, attempts) == (bad, "permanent", 1)
     assert errors[0]["kind"] == "bad_args" and "cannot be decoded" in errors[0]["error"]
     assert ran == [1]
+
+
+def test_a_thread_still_running_a_timed_out_handler_is_not_handed_a_new_job(dsn):
+    registry = Registry()
+    ran: list[str] = []
+
+    @registry.task(name="stuck", timeout=0.2, max_attempts=1)
+    def stuck() -> None:
+        time.sleep(1.5)  # outlives its timeout: the thread runs on
+
+    @registry.task(name="quick", timeout=0.5, max_attempts=1)
+    def quick() -> None:
+        ran.append("quick")
+
+    first = sql_enqueue(dsn, "stuck", max_attempts=1)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, concurrency=1):
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.dead_jobs")
+            # The only pool thread is still busy: a job claimed now would time out waiting
+            # for it without ever running. It must wait for the thread instead.
+            await asyncio.to_thread(sql_enqueue, dsn, "quick", max_attempts=1)
+            await wait_for_db(
+                dsn,
+                "SELECT count(*) FROM pgqueue.jobs WHERE task = 'quick' AND state = 'succeeded'",
+            )
+
+    run(main)
+    assert ran == ["quick"]
+    assert fetch(dsn, "SELECT id FROM pgqueue.dead_jobs") == [(first,)]

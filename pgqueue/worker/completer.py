@@ -81,7 +81,14 @@ class Completer:
                 # Not a connection problem: some outcome in the batch is refused. Write
                 # them one by one so one bad outcome cannot block the others.
                 log.exception("completer.batch_failed", outcomes=len(self._pending))
-                await self._write_singly()
+                try:
+                    await self._write_singly()
+                except CONNECTION_ERRORS as exc:
+                    delay = self.backoff.next_delay()
+                    log.warning(
+                        "completer.disconnected", error=str(exc).strip(), retry_in=round(delay, 2)
+                    )
+                    await asyncio.sleep(delay)
 
     async def _write_singly(self) -> None:
         async with self._writing:
@@ -139,9 +146,24 @@ class Completer:
             try:
                 await asyncio.wait_for(self.run_once(), max(0.01, deadline - loop.time()))
             except _FLUSH_RETRYABLE as exc:
+                error: BaseException | None = exc
+            except Exception:
+                # A refused outcome: write the rest one by one (the refused one is dropped
+                # and its lease left to expire), as the run loop would.
+                log.exception("completer.batch_failed", outcomes=len(self._pending))
+                try:
+                    await self._write_singly()
+                    error = None
+                except _FLUSH_RETRYABLE as exc:
+                    error = exc
+            else:
+                error = None
+            if error is not None:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    log.error("completer.flush_failed", pending=len(self._pending), error=str(exc))
+                    log.error(
+                        "completer.flush_failed", pending=len(self._pending), error=str(error)
+                    )
                     return False
                 await asyncio.sleep(min(remaining, self.backoff.next_delay()))
         return True

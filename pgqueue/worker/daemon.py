@@ -18,13 +18,14 @@ import secrets
 import signal
 import socket
 import time
+import uuid
 from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import __version__, metrics, store
-from pgqueue.config import WorkerConfig
+from pgqueue.config import FLUSH_TIMEOUT_SECONDS, WorkerConfig
 from pgqueue.log import get_logger
 from pgqueue.models import Job, Outcome, OutcomeKind
 from pgqueue.registry import Registry
@@ -35,10 +36,6 @@ from pgqueue.worker.heartbeat import Heartbeat
 from pgqueue.worker.listener import Listener
 
 log = get_logger("pgqueue.worker")
-
-# How long shutdown keeps trying to write outcomes when the database is unreachable;
-# after that, leases (and the reaper) take care of what was not written.
-FLUSH_TIMEOUT_SECONDS = 10.0
 
 
 def make_worker_id() -> str:
@@ -79,10 +76,14 @@ class Worker:
             },
             name="pgqueue-worker",
         )
-        self.executor = Executor(registry, self.worker_id, threads=config.concurrency)
+        self.executor = Executor(
+            registry, self.worker_id, threads=config.concurrency, on_thread_freed=self._thread_freed
+        )
         self._lock = asyncio.Lock()
         self._held: dict[int, Job] = {}
-        self._lost: set[int] = set()
+        # (id, lease token) of attempts whose lease the heartbeat found lost: keyed by
+        # token too, since this worker may claim the same job again meanwhile.
+        self._lost: set[tuple[int, uuid.UUID]] = set()
         self._running: dict[int, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -144,6 +145,7 @@ class Worker:
     async def run(self, *, handle_signals: bool = True) -> None:
         """Run until ``stop()`` (or SIGTERM/SIGINT), then shut down gracefully."""
         loop = asyncio.get_running_loop()
+        self._loop = loop
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
@@ -226,7 +228,10 @@ class Worker:
     def _free_slots(self) -> int:
         if self._isolated is not None:
             return 0
-        return self.config.concurrency - len(self._running)
+        # Threads still running handlers the worker gave up on (timed out, released)
+        # hold pool threads: count them, so a claimed sync job always gets a thread at
+        # once and its timeout never starts while it waits for one.
+        return self.config.concurrency - len(self._running) - self.executor.abandoned
 
     async def _fetch_loop(self) -> None:
         while not self._stopping.is_set():
@@ -292,6 +297,11 @@ class Worker:
 
     # --- jobs -----------------------------------------------------------------------
 
+    def _thread_freed(self) -> None:
+        """Called from a pool thread when an abandoned handler finally returns."""
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            self._loop.call_soon_threadsafe(self._slot_freed.set)
+
     def _task_label(self, job: Job) -> str:
         # Bounded label values: a task this worker does not know could be any string.
         return job.task if job.task in self.registry else "unknown"
@@ -324,16 +334,16 @@ class Worker:
         metrics.child(metrics.JOB_DURATION, job.queue, self._task_label(job)).observe(
             outcome.duration
         )
-        if job.id in self._lost:
+        if (job.id, job.lease_token) in self._lost:
             # Fenced already: the heartbeat found the lease gone. Nothing to write.
-            self._lost.discard(job.id)
+            self._lost.discard((job.id, job.lease_token))
             return
         self.completer.submit(outcome)
 
     def _on_written(self, outcome: Outcome, result: WriteResult, state: str | None) -> None:
         # Logs and metrics for an outcome come from here alone, so they cannot disagree.
         job = outcome.job
-        self._held.pop(job.id, None)
+        self._release_hold(job)
         if result is WriteResult.FAILED:
             return  # logged by the completer; the lease now expires and the reaper retries
         fields = {
@@ -344,8 +354,9 @@ class Worker:
             "duration": round(outcome.duration, 6),
         }
         error = outcome.error or {}
-        if result is WriteResult.FENCED and job.id in self._lost:
-            self._lost.discard(job.id)  # the heartbeat already reported this lease lost
+        if result is WriteResult.FENCED and (job.id, job.lease_token) in self._lost:
+            # The heartbeat already reported this lease lost.
+            self._lost.discard((job.id, job.lease_token))
             return
         if result is WriteResult.FENCED:
             label = "lease_lost"
@@ -382,13 +393,18 @@ class Worker:
             log.info("job.released", **fields)
         metrics.child(metrics.JOBS_COMPLETED, job.queue, self._task_label(job), label).inc()
 
+    def _release_hold(self, job: Job) -> None:
+        # Only this attempt's hold: the same job may have been claimed again since.
+        if self._held.get(job.id) is job:
+            del self._held[job.id]
+
     def _on_lost(self, jobs: list[Job]) -> None:
         for job in jobs:
-            self._held.pop(job.id, None)
+            self._release_hold(job)
             # Counted and logged here, once: a running handler's result is then dropped
             # (_run_job), and a result already waiting in the completer will be fenced
             # off quietly (_on_written).
-            self._lost.add(job.id)
+            self._lost.add((job.id, job.lease_token))
             metrics.child(
                 metrics.JOBS_COMPLETED, job.queue, self._task_label(job), "lease_lost"
             ).inc()

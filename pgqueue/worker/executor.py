@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -54,10 +56,21 @@ def error_record(
 
 
 class Executor:
-    def __init__(self, registry: Registry, worker_id: str, threads: int) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        worker_id: str,
+        threads: int,
+        on_thread_freed: Callable[[], None] | None = None,
+    ) -> None:
         self.registry = registry
         self.worker_id = worker_id
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pgqueue-job")
+        # Pool threads still running a handler whose job was given up on (timed out,
+        # released at shutdown); the worker counts them against its free slots.
+        self.abandoned = 0
+        self._abandon_lock = threading.Lock()
+        self._on_thread_freed = on_thread_freed
 
     async def execute(self, job: Job) -> Outcome:
         """Run ``job`` once. Cancellation (shutdown) propagates as ``CancelledError``."""
@@ -137,21 +150,41 @@ class Executor:
                     raise _TimedOut(f"timed out after {timeout}s") from None
                 raise
             return
-        call = functools.partial(contextvars.copy_context().run, fn, **args)
+        state = _ThreadState()
+        call = functools.partial(
+            self._in_thread, state, functools.partial(contextvars.copy_context().run, fn, **args)
+        )
         future = asyncio.get_running_loop().run_in_executor(self.pool, call)
-        if timeout is None:
-            await future  # cancellation (shutdown) propagates; the thread runs on
-            return
         try:
             done, _ = await asyncio.wait({future}, timeout=timeout)
         except asyncio.CancelledError:
+            self._abandon(state)
             future.cancel()
             raise
         if not done:
             # The thread runs on; its result is dropped (see the module docstring).
+            self._abandon(state)
             future.cancel()
             raise _TimedOut(f"timed out after {timeout}s (the thread runs on to its end)")
         future.result()
+
+    def _in_thread(self, state: _ThreadState, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        finally:
+            with self._abandon_lock:
+                state.done = True
+                freed = state.abandoned
+                if freed:
+                    self.abandoned -= 1
+            if freed and self._on_thread_freed is not None:
+                self._on_thread_freed()
+
+    def _abandon(self, state: _ThreadState) -> None:
+        with self._abandon_lock:
+            if not state.done and not state.abandoned:
+                state.abandoned = True
+                self.abandoned += 1
 
     def _failed(
         self,
@@ -177,6 +210,14 @@ class Executor:
     def shutdown(self) -> None:
         # Threads still running a handler are left to finish; the process does not wait.
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _ThreadState:
+    __slots__ = ("abandoned", "done")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.abandoned = False
 
 
 class _BadArgs(Exception):
