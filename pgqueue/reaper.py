@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -64,48 +65,46 @@ class Reaper:
             )
         return self._conn
 
+    def _batches(self, fetch: Callable[[], list[Any]]) -> Iterator[list[Any]]:
+        """Run ``fetch`` batch after batch until a short batch (or stop): a huge backlog
+        never becomes one giant transaction."""
+        while not self._stop.is_set():
+            rows = fetch()
+            yield rows
+            if len(rows) < self.config.batch_size:
+                return
+
     def run_once(self) -> ReapResult:
         """One pass: requeue expired, dead-letter exhausted, prune; batch by batch."""
         conn = self._connection()
         requeued: list[int] = []
         cancelled: list[int] = []
         dead: list[int] = []
-        pruned = 0
         cfg = self.config
-        while not self._stop.is_set():
-            rows = store.requeue_expired(
+        for rows in self._batches(
+            lambda: store.requeue_expired(
                 conn,
                 batch_size=cfg.batch_size,
                 backoff_base_seconds=cfg.backoff_base_seconds,
                 backoff_max_seconds=cfg.backoff_max_seconds,
             )
+        ):
             for row in rows:
                 metrics.LEASES_EXPIRED.labels(row["queue"]).inc()
-                if row["state"] == "cancelled":
-                    log.warning(
-                        "job.cancelled",
-                        job_id=row["id"],
-                        task=row["task"],
-                        queue=row["queue"],
-                        attempt=row["attempts"],
-                        worker=row["leased_by"],
-                        reason="lease_expired",
-                    )
-                    cancelled.append(row["id"])
-                    continue
+                was_cancelled = row["state"] == "cancelled"
+                (cancelled if was_cancelled else requeued).append(row["id"])
                 log.warning(
-                    "reaper.requeued",
+                    "job.cancelled" if was_cancelled else "reaper.requeued",
                     job_id=row["id"],
                     task=row["task"],
                     queue=row["queue"],
                     attempt=row["attempts"],
                     worker=row["leased_by"],
+                    reason="lease_expired",
                 )
-            requeued.extend(r["id"] for r in rows if r["state"] != "cancelled")
-            if len(rows) < cfg.batch_size:
-                break
-        while not self._stop.is_set():
-            rows = store.dead_letter_expired(conn, batch_size=cfg.batch_size)
+        for rows in self._batches(
+            lambda: store.dead_letter_expired(conn, batch_size=cfg.batch_size)
+        ):
             for row in rows:
                 metrics.LEASES_EXPIRED.labels(row["queue"]).inc()
                 log.error(
@@ -116,16 +115,15 @@ class Reaper:
                     attempt=row["attempts"],
                     reason="lease_expired",
                 )
-            dead.extend(r["id"] for r in rows)
-            if len(rows) < cfg.batch_size:
-                break
-        while not self._stop.is_set():
-            count = store.prune_finished(
-                conn, retention_seconds=cfg.retention_seconds, batch_size=cfg.batch_size
+                dead.append(row["id"])
+        pruned = sum(
+            len(ids)
+            for ids in self._batches(
+                lambda: store.prune_finished(
+                    conn, retention_seconds=cfg.retention_seconds, batch_size=cfg.batch_size
+                )
             )
-            pruned += count
-            if count < cfg.batch_size:
-                break
+        )
         if pruned:
             metrics.JOBS_PRUNED.inc(pruned)
             log.info("reaper.pruned", jobs=pruned)

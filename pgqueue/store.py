@@ -285,13 +285,13 @@ def delete_stale_workers(conn: SyncConn) -> list[Row]:
     return _fetch(conn, "delete_stale_workers", {})
 
 
-def prune_finished(conn: SyncConn, *, retention_seconds: float, batch_size: int) -> int:
+def prune_finished(conn: SyncConn, *, retention_seconds: float, batch_size: int) -> list[int]:
     rows = _fetch(
         conn,
         "prune_finished",
         {"retention_seconds": retention_seconds, "batch_size": batch_size},
     )
-    return len(rows)
+    return [r["id"] for r in rows]
 
 
 # --- producers ----------------------------------------------------------------------------
