@@ -46,7 +46,10 @@ class UndecodableArgs(dict[str, Any]):
         self.error = error
 
 
-@dataclass(frozen=True)
+# Job and Outcome are made for every job: slotted and not frozen, since a frozen
+# dataclass's __init__ costs several times as much (object.__setattr__ per field).
+# Treat them as read-only all the same.
+@dataclass(slots=True, eq=False)
 class Job:
     """A job this worker claimed: what it needs to run it and to fence its writes."""
 
@@ -78,7 +81,7 @@ class OutcomeKind(enum.StrEnum):
     RELEASED = "released"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, eq=False)
 class Outcome:
     """What happened to one attempt; written by the completer, fenced by ``lease_token``."""
 

@@ -63,6 +63,17 @@ class TaskOptions:
             raise ConfigError(f"priority must fit a smallint, got {self.priority}")
 
 
+def _binds_any_kwargs(signature: inspect.Signature) -> bool:
+    params = signature.parameters.values()
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        return False
+    return all(
+        p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        or (p.kind is not p.POSITIONAL_ONLY and p.default is not p.empty)
+        for p in params
+    )
+
+
 class Task(Generic[P, R]):
     """A registered handler. Calling it calls the function directly (handy in tests)."""
 
@@ -72,6 +83,9 @@ class Task(Generic[P, R]):
         self.options = options
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = inspect.signature(fn)
+        # Whether every JSON object binds (only **kwargs and parameters with defaults that
+        # can be passed by keyword): the worker then skips the per-job signature check.
+        self.binds_any_kwargs = _binds_any_kwargs(self.signature)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 

@@ -56,6 +56,21 @@ def _job_from_row(row: Row) -> Job:
     )
 
 
+def _job_from_tuple(row: tuple[Any, ...]) -> Job:
+    # The claim queries' RETURNING order: id, queue, task, args, priority, attempts,
+    # max_attempts, run_at, created_at, lease_token, lease_expires_at, cancel_requested.
+    return Job(*row)
+
+
+async def _fetch_tuples_async(
+    conn: AsyncConn, name: str, params: dict[str, Any]
+) -> list[tuple[Any, ...]]:
+    # Plain tuples: a dict per row costs more than the rest of reading it (hot path).
+    async with conn.cursor() as cur:
+        await cur.execute(QUERIES[name], params)
+        return await cur.fetchall()
+
+
 async def _fetch_async(conn: AsyncConn, name: str, params: dict[str, Any]) -> list[Row]:
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(QUERIES[name], params)
@@ -78,7 +93,7 @@ def _fetch(conn: SyncConn, name: str, params: dict[str, Any]) -> list[Row]:
 async def claim_jobs(
     conn: AsyncConn, *, queues: Sequence[str], limit: int, worker_id: str, lease_seconds: float
 ) -> list[Job]:
-    rows = await _fetch_async(
+    rows = await _fetch_tuples_async(
         conn,
         "claim_jobs",
         {
@@ -88,7 +103,7 @@ async def claim_jobs(
             "lease_seconds": lease_seconds,
         },
     )
-    jobs = [_job_from_row(r) for r in rows]
+    jobs = [_job_from_tuple(r) for r in rows]
     jobs.sort(key=lambda j: (j.priority, j.run_at, j.id))
     return jobs
 
@@ -138,12 +153,12 @@ async def complete_jobs(
     tokens: Sequence[uuid.UUID],
     durations: Sequence[float],
 ) -> dict[int, str]:
-    rows = await _fetch_async(
+    rows = await _fetch_tuples_async(
         conn,
         "complete_jobs",
         {"ids": list(ids), "tokens": list(tokens), "durations": list(durations)},
     )
-    return {r["id"]: r["state"] for r in rows}
+    return dict(rows)
 
 
 async def retry_jobs(
@@ -155,7 +170,7 @@ async def retry_jobs(
     errors: Sequence[dict[str, Any]],
     durations: Sequence[float],
 ) -> dict[int, str]:
-    rows = await _fetch_async(
+    rows = await _fetch_tuples_async(
         conn,
         "retry_jobs",
         {
@@ -166,7 +181,7 @@ async def retry_jobs(
             "durations": list(durations),
         },
     )
-    return {r["id"]: r["state"] for r in rows}
+    return dict(rows)
 
 
 async def snooze_jobs(
@@ -177,7 +192,7 @@ async def snooze_jobs(
     delays: Sequence[float],
     durations: Sequence[float],
 ) -> dict[int, str]:
-    rows = await _fetch_async(
+    rows = await _fetch_tuples_async(
         conn,
         "snooze_jobs",
         {
@@ -187,7 +202,7 @@ async def snooze_jobs(
             "durations": list(durations),
         },
     )
-    return {r["id"]: r["state"] for r in rows}
+    return dict(rows)
 
 
 async def release_jobs(
@@ -197,12 +212,12 @@ async def release_jobs(
     tokens: Sequence[uuid.UUID],
     durations: Sequence[float],
 ) -> dict[int, str]:
-    rows = await _fetch_async(
+    rows = await _fetch_tuples_async(
         conn,
         "release_jobs",
         {"ids": list(ids), "tokens": list(tokens), "durations": list(durations)},
     )
-    return {r["id"]: r["state"] for r in rows}
+    return dict(rows)
 
 
 async def dead_letter_jobs(
@@ -214,7 +229,7 @@ async def dead_letter_jobs(
     reasons: Sequence[str],
     durations: Sequence[float],
 ) -> dict[int, str]:
-    rows = await _fetch_async(
+    rows = await _fetch_tuples_async(
         conn,
         "dead_letter_jobs",
         {
@@ -225,7 +240,7 @@ async def dead_letter_jobs(
             "durations": list(durations),
         },
     )
-    return {r["id"]: r["state"] for r in rows}
+    return dict(rows)
 
 
 async def register_worker(

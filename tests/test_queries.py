@@ -810,6 +810,103 @@ def test_claim_side_query_plan_uses_the_claim_index(seeded_dsn, name):
     assert "jobs_claim_idx" in {n.get("Index Name") for n in nodes}, nodes
 
 
+# The lease-fenced writers as the worker runs them: prepared (psycopg prepares a statement
+# after 5 executions) and then planned generically, with statistics taken while no job was
+# running (autovacuum may be off or behind; the queue goes from idle to busy in seconds).
+# Such a plan once joined the whole running set against every id of the batch (a nested
+# loop over jobs_running_idx: quadratic, 8 ms for a batch of 100 among 200 running). The
+# statements now fence on the lease token alone (a token is only ever set on a running
+# row, by CHECK constraint), which leaves the planner only the primary key.
+LEASE_FENCED = {
+    "extend_leases": {"lease_seconds": LEASE},
+    "complete_jobs": {"durations": "float8"},
+    "retry_jobs": {"delays": "float8", "errors": "jsonb", "durations": "float8"},
+    "snooze_jobs": {"delays": "float8", "durations": "float8"},
+    "release_jobs": {"durations": "float8"},
+    "dead_letter_jobs": {"errors": "jsonb", "reasons": "text", "durations": "float8"},
+}
+
+
+@pytest.fixture(scope="module")
+def busy_after_idle_dsn(server_dsn: str, template_db: str) -> Iterator[str]:
+    """20,000 queued jobs analysed, then 300 of them running (statistics not refreshed)."""
+    name = f"pgqueue_plan_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template_db)
+            )
+        )
+    try:
+        dsn = make_conninfo(server_dsn, dbname=name)
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(
+                "INSERT INTO pgqueue.jobs (task) SELECT 't' FROM generate_series(1, 20000)"
+            )
+            c.execute("ANALYZE pgqueue.jobs")
+            c.execute(
+                "UPDATE pgqueue.jobs SET state = 'running', attempts = 1,"
+                " lease_token = gen_random_uuid(), leased_by = 'w', attempted_at = now(),"
+                " lease_expires_at = now() + interval '1 minute' WHERE id <= 300"
+            )
+        yield dsn
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+def _generic_plan(dsn: str, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The generic plan of a named query, prepared server-side; its parameters are
+    numbered in order of appearance (every one of them carries a cast in the query)."""
+    order: list[str] = []
+
+    def number(match: Any) -> str:
+        if match.group(1) not in order:
+            order.append(match.group(1))
+        return f"${order.index(match.group(1)) + 1}"
+
+    import re
+
+    text = re.sub(r"%\((\w+)\)s", number, QUERIES[name])
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("SET plan_cache_mode = force_generic_plan")
+        c.execute("PREPARE fenced AS " + text)  # type: ignore[operator]
+        cur = psycopg.ClientCursor(c)
+        placeholders = ", ".join(["%s"] * len(order))
+        cur.execute(
+            "EXPLAIN (FORMAT JSON) EXECUTE fenced(" + placeholders + ")",  # type: ignore[arg-type]
+            [params[key] for key in order],
+        )
+        row = cur.fetchone()
+    assert row is not None
+    return list(_plan_nodes(row[0][0]["Plan"]))
+
+
+@pytest.mark.parametrize("name", sorted(LEASE_FENCED))
+def test_lease_fenced_writers_find_rows_by_primary_key_in_their_generic_plan(
+    busy_after_idle_dsn, name
+):
+    ids, tokens = _running_ids_and_tokens(busy_after_idle_dsn, 100)
+    params: dict[str, Any] = {"ids": ids, "tokens": tokens}
+    for key, kind in LEASE_FENCED[name].items():
+        if kind == "float8":
+            params[key] = [0.01] * len(ids)
+        elif kind == "jsonb":
+            params[key] = [Jsonb({"error": "x"})] * len(ids)
+        elif kind == "text":
+            params[key] = ["exhausted"] * len(ids)
+        else:
+            params[key] = kind
+
+    nodes = _generic_plan(busy_after_idle_dsn, name, params)
+
+    scans = [n for n in nodes if n.get("Relation Name") == "jobs" and "Scan" in n["Node Type"]]
+    assert scans, nodes
+    assert {n.get("Index Name") for n in scans} == {"jobs_pkey"}, scans
+
+
 # --- cancellation -------------------------------------------------------------------------
 
 

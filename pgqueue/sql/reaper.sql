@@ -34,7 +34,7 @@ WITH expired AS MATERIALIZED (
             j.attempts, j.leased_by, j.attempted_at, NULL, 'lease_expired',
             'lease expired: its worker stopped heartbeating (crashed, killed or cut off)')
     FROM expired
-    WHERE j.id = expired.id AND j.state = 'running' AND j.lease_expires_at < now()
+    WHERE j.id = expired.id AND j.lease_expires_at < now()
     RETURNING j.id, j.task, j.queue, j.attempts, j.leased_by, j.state, j.run_at
 )
 SELECT u.id, u.task, u.queue, u.attempts, u.leased_by, u.state::text AS state
@@ -54,7 +54,7 @@ WITH expired AS MATERIALIZED (
 ), moved AS (
     DELETE FROM pgqueue.jobs AS j
     USING expired
-    WHERE j.id = expired.id AND j.state = 'running' AND j.lease_expires_at < now()
+    WHERE j.id = expired.id AND j.lease_expires_at < now()
     RETURNING j.*
 )
 INSERT INTO pgqueue.dead_jobs AS d

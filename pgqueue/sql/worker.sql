@@ -108,6 +108,14 @@ CROSS JOIN LATERAL (
     FROM prio WHERE prio.priority IS NOT NULL
 ) AS n;
 
+-- The lease-fenced statements below match rows on (id, lease_token) and nothing else:
+-- a token is only ever set on a running row (CHECK jobs_lease_check), and a new claim
+-- sets a new one, so the token alone proves "still running under this lease". Adding
+-- `state = 'running'` would be redundant and harmful: it lets the planner scan
+-- jobs_running_idx and join the whole running set against every id of the batch, which a
+-- prepared statement's generic plan does as soon as statistics say few jobs run
+-- (tests/test_queries.py guards the plans).
+
 -- name: extend_leases
 -- Heartbeat: extends the leases of all the jobs one worker holds, in one statement.
 -- Only rows still running under the token this worker got at claim time change; a job
@@ -116,7 +124,7 @@ CROSS JOIN LATERAL (
 UPDATE pgqueue.jobs AS j
 SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
 FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS h(id, token)
-WHERE j.id = h.id AND j.state = 'running' AND j.lease_token = h.token
+WHERE j.id = h.id AND j.lease_token = h.token
 RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested;
 
 -- name: complete_jobs
@@ -129,7 +137,7 @@ SET state = 'succeeded', finished_at = now(), lease_token = NULL, lease_expires_
         j.attempts, j.leased_by, j.attempted_at, c.duration, 'succeeded')
 FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(durations)s::float8[])
     AS c(id, token, duration)
-WHERE j.id = c.id AND j.state = 'running' AND j.lease_token = c.token
+WHERE j.id = c.id AND j.lease_token = c.token
 RETURNING j.id, j.state::text AS state;
 
 -- name: retry_jobs
@@ -154,7 +162,7 @@ WITH updated AS (
     FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(delays)s::float8[],
                 %(errors)s::jsonb[], %(durations)s::float8[])
         AS r(id, token, delay_seconds, error, duration)
-    WHERE j.id = r.id AND j.state = 'running' AND j.lease_token = r.token
+    WHERE j.id = r.id AND j.lease_token = r.token
     RETURNING j.id, j.queue, j.state
 )
 SELECT u.id, u.state::text AS state
@@ -177,7 +185,7 @@ WITH updated AS (
             j.attempts, j.leased_by, j.attempted_at, s.duration, 'snoozed')
     FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(delays)s::float8[],
                 %(durations)s::float8[]) AS s(id, token, delay_seconds, duration)
-    WHERE j.id = s.id AND j.state = 'running' AND j.lease_token = s.token
+    WHERE j.id = s.id AND j.lease_token = s.token
     RETURNING j.id, j.queue, j.state
 )
 SELECT u.id, u.state::text AS state
@@ -200,7 +208,7 @@ WITH updated AS (
             j.attempts, j.leased_by, j.attempted_at, r.duration, 'released')
     FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(durations)s::float8[])
         AS r(id, token, duration)
-    WHERE j.id = r.id AND j.state = 'running' AND j.lease_token = r.token
+    WHERE j.id = r.id AND j.lease_token = r.token
     RETURNING j.id, j.queue, j.state
 )
 SELECT u.id, u.state::text AS state
@@ -223,13 +231,13 @@ WITH batch AS (
         history = j.history || pgqueue.history_entry(
             j.attempts, j.leased_by, j.attempted_at, b.duration, 'failed', b.error->>'error')
     FROM batch AS b
-    WHERE j.id = b.id AND j.state = 'running' AND j.lease_token = b.token
+    WHERE j.id = b.id AND j.lease_token = b.token
       AND j.cancel_requested_at IS NOT NULL
     RETURNING j.id
 ), moved AS (
     DELETE FROM pgqueue.jobs AS j
     USING batch AS b
-    WHERE j.id = b.id AND j.state = 'running' AND j.lease_token = b.token
+    WHERE j.id = b.id AND j.lease_token = b.token
       AND j.cancel_requested_at IS NULL
     RETURNING j.*, b.error AS last_error, b.reason AS dead_reason, b.duration AS last_duration
 ), inserted AS (

@@ -120,6 +120,9 @@ class Worker:
             reconnect_max_seconds=config.reconnect_max_seconds,
         )
         self._backoff = ReconnectBackoff(config.reconnect_max_seconds)
+        # The per-job events go through a bound logger: the module-level proxy resolves
+        # itself again on every call.
+        self._log = log.bind()
 
     # --- public ---------------------------------------------------------------------
 
@@ -219,8 +222,14 @@ class Worker:
                 worker_id=self.worker_id,
                 lease_seconds=self.config.lease_seconds,
             )
+        claimed: dict[tuple[str, str], int] = {}
         for job in jobs:
-            self._start(job)
+            key = (job.queue, self._task_label(job))
+            claimed[key] = claimed.get(key, 0) + 1
+            self._start(job, count=False)
+        for (queue, task), count in claimed.items():
+            metrics.child(metrics.JOBS_CLAIMED, queue, task).inc(count)
+            metrics.child(metrics.JOBS_RUNNING, queue).inc(count)
         return jobs
 
     # --- fetcher --------------------------------------------------------------------
@@ -306,13 +315,14 @@ class Worker:
         # Bounded label values: a task this worker does not know could be any string.
         return job.task if job.task in self.registry else "unknown"
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job, *, count: bool = True) -> None:
         self._held[job.id] = job
-        task = self._task_label(job)
-        metrics.child(metrics.JOBS_CLAIMED, job.queue, task).inc()
-        metrics.child(metrics.JOBS_RUNNING, job.queue).inc()
+        if count:  # else counted per claim batch by run_once
+            task = self._task_label(job)
+            metrics.child(metrics.JOBS_CLAIMED, job.queue, task).inc()
+            metrics.child(metrics.JOBS_RUNNING, job.queue).inc()
         extra = {"args": job.args} if self.config.log_args else {}
-        log.debug(
+        self._log.debug(
             "job.claimed", job_id=job.id, task=job.task, queue=job.queue, attempt=job.attempt,
             **extra,
         )  # fmt: skip
@@ -360,22 +370,22 @@ class Worker:
             return
         if result is WriteResult.FENCED:
             label = "lease_lost"
-            log.warning("lease.lost", outcome=outcome.kind.value, **fields)
+            self._log.warning("lease.lost", outcome=outcome.kind.value, **fields)
         elif state == "cancelled":
             # A cancel-requested job: a failed attempt is not retried ("failed"); a
             # snooze, release or last failure ends it too ("cancelled").
             label = (
                 "failed" if outcome.kind in (OutcomeKind.RETRIED, OutcomeKind.DEAD) else "cancelled"
             )
-            log.warning(
+            self._log.warning(
                 "job.cancelled", outcome=outcome.kind.value, error=error.get("error"), **fields
             )
         elif outcome.kind is OutcomeKind.SUCCEEDED:
             label = "succeeded"
-            log.info("job.succeeded", **fields)
+            self._log.info("job.succeeded", **fields)
         elif outcome.kind is OutcomeKind.RETRIED:
             label = "retried"
-            log.warning(
+            self._log.warning(
                 "job.retried",
                 error=error.get("error"),
                 kind=error.get("kind"),
@@ -384,13 +394,15 @@ class Worker:
             )
         elif outcome.kind is OutcomeKind.DEAD:
             label = "dead"
-            log.error("job.dead", reason=outcome.dead_reason, error=error.get("error"), **fields)
+            self._log.error(
+                "job.dead", reason=outcome.dead_reason, error=error.get("error"), **fields
+            )
         elif outcome.kind is OutcomeKind.SNOOZED:
             label = "snoozed"
-            log.info("job.snoozed", snooze_seconds=outcome.delay_seconds, **fields)
+            self._log.info("job.snoozed", snooze_seconds=outcome.delay_seconds, **fields)
         else:
             label = "released"
-            log.info("job.released", **fields)
+            self._log.info("job.released", **fields)
         metrics.child(metrics.JOBS_COMPLETED, job.queue, self._task_label(job), label).inc()
 
     def _release_hold(self, job: Job) -> None:

@@ -94,10 +94,11 @@ class Executor:
         try:
             task = self.registry.get(job.task)
             backoff = task.options.backoff
-            try:
-                task.signature.bind(**job.args)
-            except TypeError as exc:
-                raise _BadArgs(f"args do not fit {job.task}{task.signature}: {exc}") from None
+            if not task.binds_any_kwargs:
+                try:
+                    task.signature.bind(**job.args)
+                except TypeError as exc:
+                    raise _BadArgs(f"args do not fit {job.task}{task.signature}: {exc}") from None
             ctx = JobContext(
                 id=job.id,
                 task=job.task,
@@ -141,6 +142,9 @@ class Executor:
     async def _call(
         self, fn: Any, is_async: bool, args: dict[str, Any], timeout: float | None
     ) -> None:
+        if is_async and timeout is None:
+            await fn(**args)
+            return
         if is_async:
             try:
                 async with asyncio.timeout(timeout) as scope:
