@@ -97,15 +97,23 @@ def _check_value(value: Any, depth: int = 0) -> None:
             _check_value(item, depth + 1)
 
 
+# One encoder for every job: json.dumps with options builds a new one per call.
+_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def _dump_args(args: Any, limit: int) -> str:
     if not isinstance(args, Mapping):
         raise SerializationError(
             f"args must be a mapping (a JSON object), got {type(args).__name__}"
         )
-    _check_value(dict(args))
+    if type(args) is not dict:
+        args = dict(args)
+    _check_value(args)
     try:
-        text = json.dumps(dict(args), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        size = len(text.encode("utf-8"))
+        text = _JSON.encode(args)
+        # ASCII text is its own UTF-8; anything else is encoded, which also refuses lone
+        # surrogates.
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
     except (TypeError, ValueError) as exc:  # UnicodeEncodeError (lone surrogates) included
         raise SerializationError(f"args are not JSON-serialisable: {exc}") from exc
     if size > limit:

@@ -26,8 +26,27 @@ DEFAULT_MAX_ATTEMPTS = 20
 DEFAULT_PRIORITY = 0
 
 
+# Names already found usable, per (kind, max length): enqueue checks the same few task and
+# queue names for every job. Bounded: names are user input.
+_checked: dict[tuple[str, int], set[str]] = {}
+_CHECKED_MAX = 4096
+
+
 def check_name(kind: str, value: object, max_length: int) -> str:
     """Return ``value`` if it is a usable task or queue name, else raise ``ConfigError``."""
+    known = _checked.get((kind, max_length))
+    if known is not None and type(value) is str and value in known:
+        return value
+    _check_name(kind, value, max_length)
+    assert isinstance(value, str)
+    if known is None:
+        known = _checked.setdefault((kind, max_length), set())
+    if len(known) < _CHECKED_MAX:
+        known.add(value)
+    return value
+
+
+def _check_name(kind: str, value: object, max_length: int) -> None:
     if not isinstance(value, str):
         raise ConfigError(f"{kind} name must be a string, got {type(value).__name__}")
     if not value.strip():
@@ -40,7 +59,6 @@ def check_name(kind: str, value: object, max_length: int) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise ConfigError(f"{kind} name is not valid UTF-8 (a lone surrogate)") from None
-    return value
 
 
 @dataclass(frozen=True)

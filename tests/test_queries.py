@@ -840,9 +840,7 @@ def busy_after_idle_dsn(server_dsn: str, template_db: str) -> Iterator[str]:
     try:
         dsn = make_conninfo(server_dsn, dbname=name)
         with psycopg.connect(dsn, autocommit=True) as c:
-            c.execute(
-                "INSERT INTO pgqueue.jobs (task) SELECT 't' FROM generate_series(1, 20000)"
-            )
+            c.execute("INSERT INTO pgqueue.jobs (task) SELECT 't' FROM generate_series(1, 20000)")
             c.execute("ANALYZE pgqueue.jobs")
             c.execute(
                 "UPDATE pgqueue.jobs SET state = 'running', attempts = 1,"
