@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import importlib
 import json
 import os
@@ -425,6 +426,11 @@ def worker_command(
         from pgqueue.worker import Worker
 
         worker = Worker(registry, config, supervised=os.environ.get("PGQUEUE_SUPERVISED") == "1")
+        # This process exists to run the worker: what is allocated by now (modules, the
+        # app, settings) lives as long as it does. Collect once, then keep it out of the
+        # collector's full passes, which would walk it again and again while jobs wait.
+        gc.collect()
+        gc.freeze()
         server = None
         if metrics_port is not None:
             server = MetricsServer(

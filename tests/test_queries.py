@@ -905,6 +905,25 @@ def test_lease_fenced_writers_find_rows_by_primary_key_in_their_generic_plan(
     assert {n.get("Index Name") for n in scans} == {"jobs_pkey"}, scans
 
 
+@pytest.mark.parametrize(
+    "assignment",
+    [
+        "state = 'queued', lease_expires_at = NULL",  # the token left behind
+        "state = 'queued', lease_token = NULL",  # the expiry left behind
+        "lease_token = NULL",  # running without a token
+    ],
+)
+def test_lease_columns_are_set_exactly_while_running(conn, assignment):
+    # Fencing on (id, lease_token) alone relies on this (migration 0007).
+    job_id = make_job(conn, state="running", lease_token=uuid.uuid4())
+
+    with pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute(
+            "UPDATE pgqueue.jobs SET " + assignment + " WHERE id = %s",  # type: ignore[operator]
+            (job_id,),
+        )
+
+
 # --- cancellation -------------------------------------------------------------------------
 
 

@@ -109,8 +109,9 @@ CROSS JOIN LATERAL (
 ) AS n;
 
 -- The lease-fenced statements below match rows on (id, lease_token) and nothing else:
--- a token is only ever set on a running row (CHECK jobs_lease_check), and a new claim
--- sets a new one, so the token alone proves "still running under this lease". Adding
+-- a token is only ever set on a running row (CHECK jobs_lease_token_check, migration
+-- 0007), and a new claim sets a new one, so the token alone proves "still running under
+-- this lease". Adding
 -- `state = 'running'` would be redundant and harmful: it lets the planner scan
 -- jobs_running_idx and join the whole running set against every id of the batch, which a
 -- prepared statement's generic plan does as soon as statistics say few jobs run

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import secrets
 import signal
@@ -124,9 +123,9 @@ class Worker:
             reconnect_max_seconds=config.reconnect_max_seconds,
         )
         self._backoff = ReconnectBackoff(config.reconnect_max_seconds)
-        # The per-job events go through a bound logger: the module-level proxy resolves
-        # itself again on every call.
-        self._log = log.bind()
+        # The per-job events go through a logger bound in run() (after the caller has
+        # configured logging): the module-level proxy resolves itself on every call.
+        self._log = log
 
     # --- public ---------------------------------------------------------------------
 
@@ -156,11 +155,8 @@ class Worker:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+        self._log = log.bind()
         await self.pool.open(wait=False)
-        # Everything allocated so far (modules, the app, settings) lives as long as the
-        # process: keep it out of the garbage collector's full passes, which would
-        # otherwise walk it all again and again while jobs wait (latency spikes).
-        gc.freeze()
         metrics.WORKER_INFO.labels(__version__, ",".join(self.queues)).set(1)
         log.info(
             "worker.started",
