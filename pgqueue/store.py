@@ -39,26 +39,10 @@ async def configure_worker_connection(conn: AsyncConn) -> None:
     set_json_loads(_lenient_json_loads, conn)
 
 
-def _job_from_row(row: Row) -> Job:
-    return Job(
-        id=row["id"],
-        queue=row["queue"],
-        task=row["task"],
-        args=row["args"],
-        priority=row["priority"],
-        attempt=row["attempts"],
-        max_attempts=row["max_attempts"],
-        run_at=row["run_at"],
-        created_at=row["created_at"],
-        lease_token=row["lease_token"],
-        lease_expires_at=row["lease_expires_at"],
-        cancel_requested=row["cancel_requested"],
-    )
-
-
 def _job_from_tuple(row: tuple[Any, ...]) -> Job:
-    # The claim queries' RETURNING order: id, queue, task, args, priority, attempts,
-    # max_attempts, run_at, created_at, lease_token, lease_expires_at, cancel_requested.
+    # The RETURNING order of claim_jobs and claim_rescued_job: id, queue, task, args,
+    # priority, attempts, max_attempts, run_at, created_at, lease_token, lease_expires_at,
+    # cancel_requested (Job's fields, in order; tests/test_queries.py checks it).
     return Job(*row)
 
 
@@ -111,12 +95,12 @@ async def claim_jobs(
 async def claim_rescued_job(
     conn: AsyncConn, *, queues: Sequence[str], worker_id: str, lease_seconds: float
 ) -> Job | None:
-    rows = await _fetch_async(
+    rows = await _fetch_tuples_async(
         conn,
         "claim_rescued_job",
         {"queues": list(queues), "worker_id": worker_id, "lease_seconds": lease_seconds},
     )
-    return _job_from_row(rows[0]) if rows else None
+    return _job_from_tuple(rows[0]) if rows else None
 
 
 async def rescued_waiting(conn: AsyncConn, *, queues: Sequence[str]) -> bool:

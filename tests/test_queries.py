@@ -8,6 +8,9 @@ and ``x`` after one taken just after it. No test sleeps or measures durations.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
@@ -21,6 +24,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pgqueue import store
+from pgqueue.models import Job
 from pgqueue.sql import QUERIES
 from tests.conftest import scalar
 
@@ -701,9 +705,10 @@ SEED_SQL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def seeded_dsn(server_dsn: str, template_db: str) -> Iterator[str]:
-    """One migrated database for the module, seeded with a realistic mix, analysed."""
+@contextlib.contextmanager
+def scratch_database(server_dsn: str, template_db: str, statements: list[str]) -> Iterator[str]:
+    """A migrated database of its own (from the template), set up by ``statements``,
+    dropped at the end."""
     name = f"pgqueue_plan_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(server_dsn, autocommit=True) as admin:
         admin.execute(
@@ -714,7 +719,7 @@ def seeded_dsn(server_dsn: str, template_db: str) -> Iterator[str]:
     try:
         dsn = make_conninfo(server_dsn, dbname=name)
         with psycopg.connect(dsn, autocommit=True) as c:
-            for statement in SEED_SQL:
+            for statement in statements:
                 c.execute(statement)  # type: ignore[call-overload]
         yield dsn
     finally:
@@ -722,6 +727,13 @@ def seeded_dsn(server_dsn: str, template_db: str) -> Iterator[str]:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+@pytest.fixture(scope="module")
+def seeded_dsn(server_dsn: str, template_db: str) -> Iterator[str]:
+    """One migrated database for the module, seeded with a realistic mix, analysed."""
+    with scratch_database(server_dsn, template_db, SEED_SQL) as dsn:
+        yield dsn
 
 
 def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -830,29 +842,15 @@ LEASE_FENCED = {
 @pytest.fixture(scope="module")
 def busy_after_idle_dsn(server_dsn: str, template_db: str) -> Iterator[str]:
     """20,000 queued jobs analysed, then 300 of them running (statistics not refreshed)."""
-    name = f"pgqueue_plan_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server_dsn, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(template_db)
-            )
-        )
-    try:
-        dsn = make_conninfo(server_dsn, dbname=name)
-        with psycopg.connect(dsn, autocommit=True) as c:
-            c.execute("INSERT INTO pgqueue.jobs (task) SELECT 't' FROM generate_series(1, 20000)")
-            c.execute("ANALYZE pgqueue.jobs")
-            c.execute(
-                "UPDATE pgqueue.jobs SET state = 'running', attempts = 1,"
-                " lease_token = gen_random_uuid(), leased_by = 'w', attempted_at = now(),"
-                " lease_expires_at = now() + interval '1 minute' WHERE id <= 300"
-            )
+    statements = [
+        "INSERT INTO pgqueue.jobs (task) SELECT 't' FROM generate_series(1, 20000)",
+        "ANALYZE pgqueue.jobs",
+        "UPDATE pgqueue.jobs SET state = 'running', attempts = 1,"
+        " lease_token = gen_random_uuid(), leased_by = 'w', attempted_at = now(),"
+        " lease_expires_at = now() + interval '1 minute' WHERE id <= 300",
+    ]
+    with scratch_database(server_dsn, template_db, statements) as dsn:
         yield dsn
-    finally:
-        with psycopg.connect(server_dsn, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 def _generic_plan(dsn: str, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -864,8 +862,6 @@ def _generic_plan(dsn: str, name: str, params: dict[str, Any]) -> list[dict[str,
         if match.group(1) not in order:
             order.append(match.group(1))
         return f"${order.index(match.group(1)) + 1}"
-
-    import re
 
     text = re.sub(r"%\((\w+)\)s", number, QUERIES[name])
     with psycopg.connect(dsn, autocommit=True) as c:
@@ -922,6 +918,22 @@ def test_lease_columns_are_set_exactly_while_running(conn, assignment):
             "UPDATE pgqueue.jobs SET " + assignment + " WHERE id = %s",  # type: ignore[operator]
             (job_id,),
         )
+
+
+@pytest.mark.parametrize("name", ["claim_jobs", "claim_rescued_job"])
+def test_claim_returns_the_job_fields_in_order(conn, name):
+    # store builds Job(*row) from a claim's row: the columns must be Job's fields, in order.
+    make_job(conn, queue="q0", rescued=name == "claim_rescued_job")
+    params = {"queues": ["q0"], "worker_id": WORKER, "lease_seconds": LEASE, "limit": 5}
+    with conn.cursor() as cur:
+        cur.execute(QUERIES[name], params)  # type: ignore[arg-type]
+        assert cur.fetchall()
+        columns = [d.name for d in cur.description]
+
+    renamed = {"attempts": "attempt"}
+    assert [renamed.get(c, c) for c in columns] == [
+        f.name for f in dataclasses.fields(Job) if f.name != "cancel"
+    ]
 
 
 # --- cancellation -------------------------------------------------------------------------

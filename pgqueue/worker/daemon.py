@@ -218,6 +218,7 @@ class Worker:
                         queue=rescued.queue, attempt=rescued.attempt,
                     )  # fmt: skip
                     self._start(rescued)
+                    self._count_claimed([rescued])
                     return [rescued]
             jobs = await store.claim_jobs(
                 conn,
@@ -226,15 +227,20 @@ class Worker:
                 worker_id=self.worker_id,
                 lease_seconds=self.config.lease_seconds,
             )
+        for job in jobs:
+            self._start(job)
+        self._count_claimed(jobs)
+        return jobs
+
+    def _count_claimed(self, jobs: list[Job]) -> None:
+        # Per (queue, task) of a claim batch, not per job: metrics are a hot-path cost.
         claimed: dict[tuple[str, str], int] = {}
         for job in jobs:
             key = (job.queue, self._task_label(job))
             claimed[key] = claimed.get(key, 0) + 1
-            self._start(job, count=False)
         for (queue, task), count in claimed.items():
             metrics.child(metrics.JOBS_CLAIMED, queue, task).inc(count)
             metrics.child(metrics.JOBS_RUNNING, queue).inc(count)
-        return jobs
 
     # --- fetcher --------------------------------------------------------------------
 
@@ -319,12 +325,8 @@ class Worker:
         # Bounded label values: a task this worker does not know could be any string.
         return job.task if job.task in self.registry else "unknown"
 
-    def _start(self, job: Job, *, count: bool = True) -> None:
+    def _start(self, job: Job) -> None:
         self._held[job.id] = job
-        if count:  # else counted per claim batch by run_once
-            task = self._task_label(job)
-            metrics.child(metrics.JOBS_CLAIMED, job.queue, task).inc()
-            metrics.child(metrics.JOBS_RUNNING, job.queue).inc()
         extra = {"args": job.args} if self.config.log_args else {}
         self._log.debug(
             "job.claimed", job_id=job.id, task=job.task, queue=job.queue, attempt=job.attempt,
