@@ -39,6 +39,15 @@ async def configure_worker_connection(conn: AsyncConn) -> None:
     set_json_loads(_lenient_json_loads, conn)
 
 
+async def configure_prepared_worker_connection(conn: AsyncConn) -> None:
+    """As configure_worker_connection, and prepared statements always run their generic
+    plan. Left to itself Postgres re-plans a prepared claim now and then to compare costs,
+    and a claim's plan takes longer to make (about 1 ms) than to run; every worker
+    statement has a generic plan that finds rows by index (tests/test_queries.py)."""
+    set_json_loads(_lenient_json_loads, conn)
+    await conn.execute("SET plan_cache_mode = force_generic_plan")
+
+
 def _job_from_tuple(row: tuple[Any, ...]) -> Job:
     # The RETURNING order of claim_jobs and claim_rescued_job: id, queue, task, args,
     # priority, attempts, max_attempts, run_at, created_at, lease_token, lease_expires_at,

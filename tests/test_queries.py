@@ -901,6 +901,44 @@ def test_lease_fenced_writers_find_rows_by_primary_key_in_their_generic_plan(
     assert {n.get("Index Name") for n in scans} == {"jobs_pkey"}, scans
 
 
+@pytest.fixture(scope="module")
+def queued_after_idle_dsn(server_dsn: str, template_db: str) -> Iterator[str]:
+    """Statistics taken while nothing was queued, then a burst of 20,000 queued jobs."""
+    statements = [
+        "INSERT INTO pgqueue.jobs (task, state, finished_at)"
+        " SELECT 't', 'succeeded', now() FROM generate_series(1, 2000)",
+        "ANALYZE pgqueue.jobs",
+        "INSERT INTO pgqueue.jobs (task, queue)"
+        " SELECT 't', 'q' || (g % 3) FROM generate_series(1, 20000) AS g",
+    ]
+    with scratch_database(server_dsn, template_db, statements) as dsn:
+        yield dsn
+
+
+# The claims as the worker runs them (prepared, generic plans: see
+# configure_worker_connection) after statistics said the queue was empty: the rows they
+# update must be found by primary key. With a state check in the UPDATE's own WHERE, this
+# plan scanned every queued job for each picked id.
+@pytest.mark.parametrize(
+    ("name", "claim_index"),
+    [("claim_jobs", "jobs_claim_idx"), ("claim_rescued_job", "jobs_rescued_idx")],
+)
+def test_claims_update_picked_rows_by_primary_key_in_their_generic_plan(
+    queued_after_idle_dsn, name, claim_index
+):
+    params: dict[str, Any] = {"queues": ["q0", "q1", "q2"], "worker_id": WORKER}
+    params["lease_seconds"] = LEASE
+    if name == "claim_jobs":
+        params["limit"] = 100
+
+    nodes = _generic_plan(queued_after_idle_dsn, name, params)
+
+    scans = [n for n in nodes if n.get("Relation Name") == "jobs" and "Scan" in n["Node Type"]]
+    kinds = {(n["Node Type"], n.get("Index Name")) for n in scans}
+    assert ("Index Scan", "jobs_pkey") in kinds, scans
+    assert kinds <= {("Index Scan", "jobs_pkey"), ("Index Scan", claim_index)}, scans
+
+
 @pytest.mark.parametrize(
     "assignment",
     [

@@ -5,6 +5,9 @@
 -- FOR UPDATE SKIP LOCKED, so concurrent claimers never wait on or take each other's rows;
 -- MATERIALIZED keeps the planner from updating more rows than the limit. Rows locked by
 -- the per-queue scans but cut by the outer LIMIT are unlocked when the statement commits.
+-- The UPDATE matches on id alone: every picked row is locked by this statement and was
+-- rechecked as queued when locked, so nothing can change it in between; a state check
+-- there would let a generic plan scan the whole queued set for every picked id.
 WITH picked AS MATERIALIZED (
     SELECT c.id
     FROM unnest(%(queues)s::text[]) AS q(name)
@@ -32,7 +35,7 @@ SET state = 'running',
     attempted_at = now(),
     lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
 FROM picked
-WHERE j.id = picked.id AND j.state = 'queued'
+WHERE j.id = picked.id
 RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, j.run_at,
           j.created_at, j.lease_token, j.lease_expires_at,
           j.cancel_requested_at IS NOT NULL AS cancel_requested;
@@ -66,7 +69,7 @@ SET state = 'running',
     attempted_at = now(),
     lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
 FROM picked
-WHERE j.id = picked.id AND j.state = 'queued'
+WHERE j.id = picked.id
 RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, j.run_at,
           j.created_at, j.lease_token, j.lease_expires_at,
           j.cancel_requested_at IS NOT NULL AS cancel_requested;

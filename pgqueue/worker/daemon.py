@@ -71,7 +71,11 @@ class Worker:
             timeout=5.0,
             # Keep trying for as long as the daemon lives; loops back off on their own.
             reconnect_timeout=365 * 24 * 3600.0,
-            configure=store.configure_worker_connection,
+            configure=(
+                store.configure_prepared_worker_connection
+                if config.prepared_statements
+                else store.configure_worker_connection
+            ),
             kwargs={
                 "autocommit": True,
                 "application_name": "pgqueue-worker",
@@ -289,6 +293,8 @@ class Worker:
                 # yield lets completions that are already due coalesce into one claim.
                 await asyncio.sleep(0)
                 continue
+            # Let the jobs just started begin before the next round trip (job latency).
+            await asyncio.sleep(0)
             await self._wait_for(self._wake, await self._idle_timeout())
 
     async def _idle_timeout(self) -> float:
