@@ -940,6 +940,17 @@ def test_claims_update_picked_rows_by_primary_key_in_their_generic_plan(
 
 
 @pytest.mark.parametrize(
+    "name",
+    ["claim_jobs", "claim_rescued_job", "rescued_waiting", "seconds_until_due", "extend_leases",
+     "complete_jobs"],
+)  # fmt: skip
+def test_worker_statement_generic_plan_never_seq_scans_the_jobs_table(queued_after_idle_dsn, name):
+    nodes = _generic_plan(queued_after_idle_dsn, name, _plan_params(queued_after_idle_dsn, name))
+
+    assert _seq_scans_on_jobs(nodes) == [], nodes
+
+
+@pytest.mark.parametrize(
     "assignment",
     [
         "state = 'queued', lease_expires_at = NULL",  # the token left behind
