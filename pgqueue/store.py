@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
+from psycopg import pq
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb, set_json_loads
 
@@ -339,27 +340,47 @@ def enqueue_jobs(conn: SyncConn, params: dict[str, Any]) -> list[int]:
     return [int(i) for i in row[0]]
 
 
-def copy_jobs(conn: SyncConn, rows: Sequence[tuple[Any, ...]]) -> list[int]:
-    """COPY rows of (task, args_json, queue, priority, run_at, max_attempts); ids in order."""
+def _in_transaction(conn: SyncConn | AsyncConn) -> bool:
+    return conn.info.transaction_status != pq.TransactionStatus.IDLE
+
+
+def copy_jobs(
+    conn: SyncConn, rows: Iterable[tuple[Any, ...]], count: int, *, checked_first: bool
+) -> list[int]:
+    """COPY ``count`` rows of (task, args_json, queue, priority, run_at, max_attempts);
+    ids in order. Rows that are checked as they are produced (not ``checked_first``) may
+    raise half-way: the COPY then fails, inside a savepoint when the caller is in a
+    transaction, so nothing is inserted and that transaction goes on."""
     with conn.cursor() as cur, _payload_limit():
-        cur.execute(QUERIES["reserve_job_ids"], {"n": len(rows)})
+        # In the caller's transaction if there is one (this statement may begin it).
+        cur.execute(QUERIES["reserve_job_ids"], {"n": count})
         fetched = cur.fetchone()
         assert fetched is not None
         ids: list[int] = fetched[0]
-        with cur.copy(QUERIES["copy_jobs"]) as copy:
+        guard = _in_transaction(conn) and not checked_first
+        with (
+            conn.transaction() if guard else contextlib.nullcontext(),
+            cur.copy(QUERIES["copy_jobs"]) as copy,
+        ):
             for job_id, row in zip(ids, rows, strict=True):
                 copy.write_row((job_id, *row))
     return ids
 
 
-async def copy_jobs_async(conn: AsyncConn, rows: Sequence[tuple[Any, ...]]) -> list[int]:
+async def copy_jobs_async(
+    conn: AsyncConn, rows: Iterable[tuple[Any, ...]], count: int, *, checked_first: bool
+) -> list[int]:
     async with conn.cursor() as cur:
         with _payload_limit():
-            await cur.execute(QUERIES["reserve_job_ids"], {"n": len(rows)})
+            await cur.execute(QUERIES["reserve_job_ids"], {"n": count})
             fetched = await cur.fetchone()
             assert fetched is not None
             ids: list[int] = fetched[0]
-            async with cur.copy(QUERIES["copy_jobs"]) as copy:
+            guard = _in_transaction(conn) and not checked_first
+            async with (
+                conn.transaction() if guard else contextlib.nullcontext(),
+                cur.copy(QUERIES["copy_jobs"]) as copy,
+            ):
                 for job_id, row in zip(ids, rows, strict=True):
                     await copy.write_row((job_id, *row))
     return ids

@@ -4,6 +4,7 @@ idempotency, bulk, notifications, and bad input that writes nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -11,6 +12,7 @@ import psycopg
 import pytest
 
 from pgqueue import JobSpec, Registry, SerializationError, ValidationError, enqueue, enqueue_many
+from pgqueue.enqueue import STREAM_COPY_FROM
 from tests.conftest import scalar
 
 
@@ -260,6 +262,66 @@ def test_enqueue_many_with_one_bad_item_enqueues_none(conn):
     with pytest.raises(ValidationError):
         enqueue_many(conn, [JobSpec("ok"), JobSpec("")])
     assert count_jobs(conn) == 0
+
+
+# Above STREAM_COPY_FROM jobs, each job is checked while the COPY streams: a bad one
+# found late must still leave nothing behind, and the caller's transaction usable.
+BIG = STREAM_COPY_FROM + 500
+
+
+def big_batch(bad_at: int | None) -> list[JobSpec]:
+    specs = [JobSpec("t", {"i": i}, queue="bulk") for i in range(BIG)]
+    if bad_at is not None:
+        specs[bad_at] = JobSpec("t", {"when": datetime.now(UTC)})  # not JSON
+    return specs
+
+
+def test_big_enqueue_many_returns_ids_in_order(conn):
+    ids = enqueue_many(conn, big_batch(None))
+
+    rows = dict(conn.execute("SELECT id, args FROM pgqueue.jobs").fetchall())
+    assert [rows[i] for i in ids] == [{"i": i} for i in range(BIG)]
+
+
+@pytest.mark.parametrize("bad_at", [0, BIG // 2, BIG - 1])
+def test_big_enqueue_many_with_a_bad_item_enqueues_none_in_autocommit(conn, bad_at):
+    with pytest.raises(SerializationError):
+        enqueue_many(conn, big_batch(bad_at))
+
+    assert count_jobs(conn) == 0
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["transaction-block", "implicit"])
+def test_big_enqueue_many_with_a_bad_item_keeps_the_callers_transaction(dsn, explicit):
+    with psycopg.connect(dsn, autocommit=explicit) as conn:
+        with conn.transaction() if explicit else contextlib.nullcontext():
+            before = enqueue(conn, "business")
+            with pytest.raises(SerializationError):
+                enqueue_many(conn, big_batch(BIG - 1))
+            after = enqueue_many(conn, big_batch(None))
+        if not explicit:
+            conn.commit()
+    with psycopg.connect(dsn) as check:
+        assert count_jobs(check) == 1 + BIG
+        assert scalar(check, "SELECT count(*) FROM pgqueue.jobs WHERE id = %s", (before,)) == 1
+        assert scalar(check, "SELECT min(id) FROM pgqueue.jobs WHERE queue = 'bulk'") == min(after)
+
+
+def test_big_async_enqueue_many_with_a_bad_item_keeps_the_callers_transaction(dsn):
+    async def main() -> list[int]:
+        async with await psycopg.AsyncConnection.connect(dsn) as aconn:
+            async with aconn.transaction():
+                await enqueue(aconn, "business")
+                with pytest.raises(SerializationError):
+                    await enqueue_many(aconn, big_batch(BIG // 2))
+                return await enqueue_many(aconn, big_batch(None))
+
+    ids = asyncio.run(main())
+    with psycopg.connect(dsn) as check:
+        assert count_jobs(check) == 1 + BIG
+        rows = dict(check.execute("SELECT id, args FROM pgqueue.jobs").fetchall())
+        assert [rows[i] for i in ids] == [{"i": i} for i in range(BIG)]
 
 
 @pytest.mark.parametrize(
