@@ -310,12 +310,11 @@ def test_big_enqueue_many_with_a_bad_item_keeps_the_callers_transaction(dsn, exp
 
 def test_big_async_enqueue_many_with_a_bad_item_keeps_the_callers_transaction(dsn):
     async def main() -> list[int]:
-        async with await psycopg.AsyncConnection.connect(dsn) as aconn:
-            async with aconn.transaction():
-                await enqueue(aconn, "business")
-                with pytest.raises(SerializationError):
-                    await enqueue_many(aconn, big_batch(BIG // 2))
-                return await enqueue_many(aconn, big_batch(None))
+        async with await psycopg.AsyncConnection.connect(dsn) as aconn, aconn.transaction():
+            await enqueue(aconn, "business")
+            with pytest.raises(SerializationError):
+                await enqueue_many(aconn, big_batch(BIG // 2))
+            return await enqueue_many(aconn, big_batch(None))
 
     ids = asyncio.run(main())
     with psycopg.connect(dsn) as check:
