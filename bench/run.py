@@ -38,7 +38,10 @@ from bench.systems import ALL, BENCH_DIR, Context, System
 
 FIGURES = ("enqueue", "drain", "latency", "sustained", "backlog", "footprint", "ceiling")
 QUICK_FIGURES = ("enqueue", "drain", "latency", "ceiling")
-DEFAULT_BEST = "pgqueue=100,pgqueuer=100,procrastinate=10,oban=100,celery=10"
+# Each system's best concurrency (or batch size) for no-op drains: a sweep of 10, 100, 300
+# and 1000 with 2 processes on 2026-11-28 (pgqueue 1000 ~ 300 > 100; PgQueuer rises to 1000;
+# procrastinate and Celery are best at 10; Oban at 1000).
+DEFAULT_BEST = "pgqueue=1000,pgqueuer=1000,procrastinate=10,oban=1000,celery=10"
 OBAN_VENV = BENCH_DIR / ".venvs" / "oban"
 OBAN_REQUIREMENT = "oban>=0.7"
 

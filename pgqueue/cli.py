@@ -323,7 +323,8 @@ def metrics_options(fn: F) -> F:
     type=click.IntRange(min=1),
     default=DEFAULT_CONCURRENCY,
     show_default=True,
-    help="Jobs run at once per process.",
+    help="Jobs run at once per process; also the most one claim takes (hundreds suit"
+    " many short async jobs).",
 )
 @click.option(
     "--processes",
