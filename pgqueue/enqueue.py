@@ -187,9 +187,9 @@ def _prepare(spec: JobSpec, max_bytes: int | None = None) -> dict[str, Any]:
 
 
 # From this many jobs, enqueue_many checks and encodes each job while the COPY streams
-# (a bad one ends the COPY inside a savepoint) instead of all of them before sending:
-# bulk enqueue of 50,000 jobs 37k -> 52k jobs/s. Below it, the savepoint's two round
-# trips would cost more than the overlap gains.
+# (a bad one ends the COPY inside a savepoint) instead of all of them before sending, so
+# that Python and Postgres work at once: 50,000 jobs in one call went from about 42k to
+# 50k jobs/s. Below it, the savepoint's two round trips would cost more than that gains.
 STREAM_COPY_FROM = 1000
 
 
