@@ -304,8 +304,9 @@ def enqueue_many(
 ) -> list[int] | Awaitable[list[int]]:
     """Enqueue many jobs in one round trip; returns their ids in input order.
 
-    Each item is a ``JobSpec`` (or a bare task name). One bad item raises
-    ``ValidationError`` and enqueues none; the caller's transaction stays usable. Batches
+    Each item is a ``JobSpec`` (or a bare task name). One item that fails the checks
+    raises ``ValidationError`` and enqueues none; the caller's transaction stays usable
+    (an error from the database itself aborts it, as any failed statement does). Batches
     without idempotency keys or delays go in by COPY; large ones are checked while they
     stream, so that Python and Postgres work at the same time.
     """

@@ -357,39 +357,54 @@ def copy_jobs(
     """COPY ``count`` rows of (task, args_json, queue, priority, run_at, max_attempts);
     ids in order. Rows that are checked as they are produced (not ``checked_first``) may
     raise half-way: the COPY then fails, inside a savepoint when the caller is in a
-    transaction, so nothing is inserted and that transaction goes on."""
+    transaction (which goes on), else with nothing of the caller's to keep, and the
+    connection is left as it was found."""
+    streaming, caller_in_transaction = not checked_first, _in_transaction(conn)
     with conn.cursor() as cur, _payload_limit():
-        # In the caller's transaction if there is one (this statement may begin it).
-        cur.execute(QUERIES["reserve_job_ids"], {"n": count})
-        fetched = cur.fetchone()
-        assert fetched is not None
-        ids: list[int] = fetched[0]
-        guard = _in_transaction(conn) and not checked_first
-        with (
-            conn.transaction() if guard else contextlib.nullcontext(),
-            cur.copy(QUERIES["copy_jobs"]) as copy,
-        ):
-            for job_id, row in zip(ids, rows, strict=True):
-                copy.write_row((job_id, *row))
+        try:
+            # In the caller's transaction if there is one (this statement may begin it).
+            cur.execute(QUERIES["reserve_job_ids"], {"n": count})
+            fetched = cur.fetchone()
+            assert fetched is not None
+            ids: list[int] = fetched[0]
+            with (
+                conn.transaction()
+                if streaming and caller_in_transaction
+                else contextlib.nullcontext(),
+                cur.copy(QUERIES["copy_jobs"]) as copy,
+            ):
+                for job_id, row in zip(ids, rows, strict=True):
+                    copy.write_row((job_id, *row))
+        except BaseException:
+            if streaming and not caller_in_transaction and _in_transaction(conn):
+                conn.rollback()  # the transaction our statements began, nothing else
+            raise
     return ids
 
 
 async def copy_jobs_async(
     conn: AsyncConn, rows: Iterable[tuple[Any, ...]], count: int, *, checked_first: bool
 ) -> list[int]:
+    streaming, caller_in_transaction = not checked_first, _in_transaction(conn)
     async with conn.cursor() as cur:
         with _payload_limit():
-            await cur.execute(QUERIES["reserve_job_ids"], {"n": count})
-            fetched = await cur.fetchone()
-            assert fetched is not None
-            ids: list[int] = fetched[0]
-            guard = _in_transaction(conn) and not checked_first
-            async with (
-                conn.transaction() if guard else contextlib.nullcontext(),
-                cur.copy(QUERIES["copy_jobs"]) as copy,
-            ):
-                for job_id, row in zip(ids, rows, strict=True):
-                    await copy.write_row((job_id, *row))
+            try:
+                await cur.execute(QUERIES["reserve_job_ids"], {"n": count})
+                fetched = await cur.fetchone()
+                assert fetched is not None
+                ids: list[int] = fetched[0]
+                async with (
+                    conn.transaction()
+                    if streaming and caller_in_transaction
+                    else contextlib.nullcontext(),
+                    cur.copy(QUERIES["copy_jobs"]) as copy,
+                ):
+                    for job_id, row in zip(ids, rows, strict=True):
+                        await copy.write_row((job_id, *row))
+            except BaseException:
+                if streaming and not caller_in_transaction and _in_transaction(conn):
+                    await conn.rollback()
+                raise
     return ids
 
 

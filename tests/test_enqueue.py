@@ -308,6 +308,29 @@ def test_big_enqueue_many_with_a_bad_item_keeps_the_callers_transaction(dsn, exp
         assert scalar(check, "SELECT min(id) FROM pgqueue.jobs WHERE queue = 'bulk'") == min(after)
 
 
+def test_big_enqueue_many_with_a_bad_item_leaves_an_idle_connection_idle(dsn):
+    with psycopg.connect(dsn) as conn:  # not autocommit, no transaction begun yet
+        with pytest.raises(SerializationError):
+            enqueue_many(conn, big_batch(BIG // 2))
+
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        enqueue(conn, "after")
+        conn.commit()
+        assert count_jobs(conn) == 1
+
+
+def test_big_async_enqueue_many_with_a_bad_item_leaves_an_idle_connection_idle(dsn):
+    async def main() -> psycopg.pq.TransactionStatus:
+        async with await psycopg.AsyncConnection.connect(dsn) as aconn:
+            with pytest.raises(SerializationError):
+                await enqueue_many(aconn, big_batch(BIG - 1))
+            return aconn.info.transaction_status
+
+    assert asyncio.run(main()) == psycopg.pq.TransactionStatus.IDLE
+    with psycopg.connect(dsn) as check:
+        assert count_jobs(check) == 0
+
+
 def test_big_async_enqueue_many_with_a_bad_item_keeps_the_callers_transaction(dsn):
     async def main() -> list[int]:
         async with await psycopg.AsyncConnection.connect(dsn) as aconn, aconn.transaction():
