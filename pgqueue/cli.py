@@ -358,6 +358,14 @@ def metrics_options(fn: F) -> F:
     "--log-args", is_flag=True, help="Log each job's args (off: they may hold personal data)."
 )
 @prepared_option
+@click.option(
+    "--no-generic-plans",
+    "no_generic_plans",
+    is_flag=True,
+    envvar="PGQUEUE_NO_GENERIC_PLANS",
+    help="Do not set plan_cache_mode=force_generic_plan on the worker's connections (behind"
+    " PgBouncer in transaction pooling mode, where it would reach other clients).",
+)
 @metrics_options
 @dsn_option
 @log_options
@@ -372,6 +380,7 @@ def worker_command(
     poll_interval: float,
     log_args: bool,
     no_prepared_statements: bool,
+    no_generic_plans: bool,
     metrics_port: int | None,
     metrics_host: str,
     dsn: str | None,
@@ -395,6 +404,7 @@ def worker_command(
             poll_interval=poll_interval,
             log_args=log_args,
             prepared_statements=not no_prepared_statements,
+            generic_plans=not no_generic_plans,
         ).validate()
         registry = load_registry(app)
         if processes > 1:
@@ -416,6 +426,8 @@ def worker_command(
                 child_args.append("--log-args")
             if no_prepared_statements:
                 child_args.append("--no-prepared-statements")
+            if no_generic_plans:
+                child_args.append("--no-generic-plans")
             return Supervisor(
                 child_command(child_args),
                 processes,

@@ -36,6 +36,10 @@ class WorkerConfig:
     # Server-side prepared statements (psycopg prepares a query after 5 runs). Off for
     # PgBouncer in transaction pooling mode before 1.21.
     prepared_statements: bool = True
+    # Prepared statements run their generic plan (plan_cache_mode = force_generic_plan, a
+    # session setting). Off behind PgBouncer in transaction pooling mode, where a session
+    # setting would reach other clients' server connections.
+    generic_plans: bool = True
 
     @property
     def heartbeat_interval(self) -> float:

@@ -4,6 +4,7 @@ snooze, timeouts, wake-ups, leases and fencing, graceful stop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -658,3 +659,27 @@ def test_a_thread_still_running_a_timed_out_handler_is_not_handed_a_new_job(dsn)
     run(main)
     assert ran == ["quick"]
     assert fetch(dsn, "SELECT id FROM pgqueue.dead_jobs") == [(first,)]
+
+
+@pytest.mark.parametrize(
+    ("config", "mode"),
+    [
+        ({}, "force_generic_plan"),
+        ({"generic_plans": False}, "auto"),
+        ({"prepared_statements": False}, "auto"),
+    ],
+)
+def test_worker_connections_run_generic_plans_unless_told_not_to(dsn, config, mode):
+    async def main() -> list[str]:
+        async with running_worker(Registry(), dsn, queues=("q",), **config) as worker:
+            await asyncio.wait_for(worker.listener.connected.wait(), 10)
+            modes = []
+            async with contextlib.AsyncExitStack() as stack:
+                for _ in range(3):  # the pool's three connections, held at once
+                    conn = await stack.enter_async_context(worker.pool.connection())
+                    row = await (await conn.execute("SHOW plan_cache_mode")).fetchone()
+                    assert row is not None
+                    modes.append(row[0])
+            return modes
+
+    assert set(run(main)) == {mode}

@@ -73,7 +73,7 @@ class Worker:
             reconnect_timeout=365 * 24 * 3600.0,
             configure=(
                 store.configure_prepared_worker_connection
-                if config.prepared_statements
+                if config.prepared_statements and config.generic_plans
                 else store.configure_worker_connection
             ),
             kwargs={
