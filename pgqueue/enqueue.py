@@ -193,19 +193,47 @@ def _prepare(spec: JobSpec, max_bytes: int | None = None) -> dict[str, Any]:
 STREAM_COPY_FROM = 1000
 
 
-def _copy_rows(specs: Sequence[JobSpec], limit: int) -> Iterator[tuple[Any, ...]]:
-    """COPY rows (task, args JSON, queue, priority, run_at, max_attempts), each checked
-    as it is produced."""
+def _copy_rows(specs: Sequence[JobSpec], limit: int, defaults: bool) -> Iterator[tuple[Any, ...]]:
+    """COPY rows (task, args JSON, queue, priority, run_at, max_attempts), or only the
+    first three with ``defaults`` (see _takes_column_defaults), each checked as it is
+    produced."""
     for spec in specs:
         p = _prepare(spec, limit)
-        yield (
-            p["task"],
-            p["args"],
-            p["queue"],
-            p["priority"],
-            p["run_at"] if p["run_at"] is not None else "now",
-            p["max_attempts"],
-        )
+        if defaults:
+            yield (p["task"], p["args"], p["queue"])
+        else:
+            yield (
+                p["task"],
+                p["args"],
+                p["queue"],
+                p["priority"],
+                p["run_at"] if p["run_at"] is not None else "now",
+                p["max_attempts"],
+            )
+
+
+def _takes_column_defaults(spec: JobSpec) -> bool:
+    """Whether the job's priority, max_attempts and run_at are what the columns default
+    to (resolved as _prepare resolves them), so that COPY can leave them out."""
+    if spec.run_at is not None or type(spec.task) is not str:
+        return False
+    options = known_options(spec.task)
+    priority = (
+        spec.priority
+        if spec.priority is not None
+        else (options.priority if options else DEFAULT_PRIORITY)
+    )
+    max_attempts = (
+        spec.max_attempts
+        if spec.max_attempts is not None
+        else (options.max_attempts if options else DEFAULT_MAX_ATTEMPTS)
+    )
+    return (
+        type(priority) is int
+        and priority == DEFAULT_PRIORITY
+        and type(max_attempts) is int
+        and max_attempts == DEFAULT_MAX_ATTEMPTS
+    )
 
 
 def _batch_params(prepared: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -320,14 +348,18 @@ def enqueue_many(
     # exactly what the column default gives). A delay that is not a number fails in
     # _prepare on either path.
     if specs and all(s.idempotency_key is None and not s.delay for s in specs):
-        rows: Iterable[tuple[Any, ...]]
-        if len(specs) > STREAM_COPY_FROM:
-            rows, checked_first = _copy_rows(specs, limit), False
-        else:
-            rows, checked_first = list(_copy_rows(specs, limit)), True
+        defaults = all(_takes_column_defaults(s) for s in specs)
+        rows: Iterable[tuple[Any, ...]] = _copy_rows(specs, limit, defaults)
+        checked_first = len(specs) <= STREAM_COPY_FROM
+        if checked_first:
+            rows = list(rows)
         if isinstance(conn, psycopg.AsyncConnection):
-            return store.copy_jobs_async(conn, rows, len(specs), checked_first=checked_first)
-        return store.copy_jobs(conn, rows, len(specs), checked_first=checked_first)
+            return store.copy_jobs_async(
+                conn, rows, len(specs), checked_first=checked_first, defaults=defaults
+            )
+        return store.copy_jobs(
+            conn, rows, len(specs), checked_first=checked_first, defaults=defaults
+        )
     prepared = [_prepare(s, limit) for s in specs]
     params = _batch_params(prepared)
     if isinstance(conn, psycopg.AsyncConnection):

@@ -347,15 +347,25 @@ def enqueue_jobs(conn: SyncConn, params: dict[str, Any]) -> list[int]:
     return [int(i) for i in row[0]]
 
 
+def _copy_query(defaults: bool) -> str:
+    return "copy_jobs_with_defaults" if defaults else "copy_jobs"
+
+
 def _in_transaction(conn: SyncConn | AsyncConn) -> bool:
     return conn.info.transaction_status != pq.TransactionStatus.IDLE
 
 
 def copy_jobs(
-    conn: SyncConn, rows: Iterable[tuple[Any, ...]], count: int, *, checked_first: bool
+    conn: SyncConn,
+    rows: Iterable[tuple[Any, ...]],
+    count: int,
+    *,
+    checked_first: bool,
+    defaults: bool = False,
 ) -> list[int]:
-    """COPY ``count`` rows of (task, args_json, queue, priority, run_at, max_attempts);
-    ids in order. Rows that are checked as they are produced (not ``checked_first``) may
+    """COPY ``count`` rows of (task, args_json, queue, priority, run_at, max_attempts),
+    or of (task, args_json, queue) with ``defaults`` (copy_jobs_with_defaults); ids in
+    order. Rows that are checked as they are produced (not ``checked_first``) may
     raise half-way: the COPY then fails, inside a savepoint when the caller is in a
     transaction (which goes on), else with nothing of the caller's to keep, and the
     connection is left as it was found."""
@@ -371,7 +381,7 @@ def copy_jobs(
                 conn.transaction()
                 if streaming and caller_in_transaction
                 else contextlib.nullcontext(),
-                cur.copy(QUERIES["copy_jobs"]) as copy,
+                cur.copy(QUERIES[_copy_query(defaults)]) as copy,
             ):
                 for job_id, row in zip(ids, rows, strict=True):
                     copy.write_row((job_id, *row))
@@ -383,7 +393,12 @@ def copy_jobs(
 
 
 async def copy_jobs_async(
-    conn: AsyncConn, rows: Iterable[tuple[Any, ...]], count: int, *, checked_first: bool
+    conn: AsyncConn,
+    rows: Iterable[tuple[Any, ...]],
+    count: int,
+    *,
+    checked_first: bool,
+    defaults: bool = False,
 ) -> list[int]:
     streaming, caller_in_transaction = not checked_first, _in_transaction(conn)
     async with conn.cursor() as cur:
@@ -397,7 +412,7 @@ async def copy_jobs_async(
                     conn.transaction()
                     if streaming and caller_in_transaction
                     else contextlib.nullcontext(),
-                    cur.copy(QUERIES["copy_jobs"]) as copy,
+                    cur.copy(QUERIES[_copy_query(defaults)]) as copy,
                 ):
                     for job_id, row in zip(ids, rows, strict=True):
                         await copy.write_row((job_id, *row))

@@ -13,6 +13,7 @@ import pytest
 
 from pgqueue import JobSpec, Registry, SerializationError, ValidationError, enqueue, enqueue_many
 from pgqueue.enqueue import STREAM_COPY_FROM
+from pgqueue.registry import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY
 from tests.conftest import scalar
 
 
@@ -329,6 +330,42 @@ def test_big_async_enqueue_many_with_a_bad_item_leaves_an_idle_connection_idle(d
     assert asyncio.run(main()) == psycopg.pq.TransactionStatus.IDLE
     with psycopg.connect(dsn) as check:
         assert count_jobs(check) == 0
+
+
+def test_column_defaults_are_the_python_defaults_copy_leaves_out(conn):
+    defaults = dict(
+        conn.execute(
+            "SELECT column_name, column_default FROM information_schema.columns"
+            " WHERE table_schema = 'pgqueue' AND table_name = 'jobs'"
+            " AND column_name IN ('priority', 'max_attempts', 'run_at')"
+        ).fetchall()
+    )
+    assert defaults == {
+        "priority": str(DEFAULT_PRIORITY),
+        "max_attempts": str(DEFAULT_MAX_ATTEMPTS),
+        "run_at": "now()",
+    }
+
+
+@pytest.mark.parametrize("size", [10, BIG])
+def test_copy_keeps_registered_and_explicit_priorities_and_attempts(conn, size):
+    registry = Registry()
+    registry.task(name="tuned", priority=3, max_attempts=5)(lambda: None)
+    plain = [JobSpec("t", {"i": i}) for i in range(size)]
+    mixed = [*plain[:-1], JobSpec("t", priority=7)]
+    tuned = [*plain[:-1], JobSpec("tuned")]
+
+    stored = []
+    for specs in (plain, mixed, tuned):
+        ids = enqueue_many(conn, specs)
+        stored.append(
+            conn.execute(
+                "SELECT priority, max_attempts, run_at <= now() FROM pgqueue.jobs WHERE id = %s",
+                (ids[-1],),
+            ).fetchone()
+        )
+
+    assert stored == [(0, 20, True), (7, 20, True), (3, 5, True)]
 
 
 def test_big_async_enqueue_many_with_a_bad_item_keeps_the_callers_transaction(dsn):
