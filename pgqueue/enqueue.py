@@ -25,6 +25,7 @@ from pgqueue.registry import (
     DEFAULT_QUEUE,
     MAX_NAME_LENGTH,
     MAX_QUEUE_LENGTH,
+    TaskOptions,
     check_name,
     known_options,
 )
@@ -121,6 +122,22 @@ def _dump_args(args: Any, limit: int) -> str:
     return text
 
 
+def _priority_and_attempts(spec: JobSpec, options: TaskOptions | None) -> tuple[Any, Any]:
+    """The job's priority and max_attempts: its own, else its task's, else the defaults
+    (not checked yet)."""
+    priority = (
+        spec.priority
+        if spec.priority is not None
+        else (options.priority if options else DEFAULT_PRIORITY)
+    )
+    max_attempts = (
+        spec.max_attempts
+        if spec.max_attempts is not None
+        else (options.max_attempts if options else DEFAULT_MAX_ATTEMPTS)
+    )
+    return priority, max_attempts
+
+
 def _prepare(spec: JobSpec, max_bytes: int | None = None) -> dict[str, Any]:
     try:
         task = check_name("task", spec.task, MAX_NAME_LENGTH)
@@ -132,22 +149,13 @@ def _prepare(spec: JobSpec, max_bytes: int | None = None) -> dict[str, Any]:
         )
     except ConfigError as exc:
         raise ValidationError(str(exc)) from None
-    priority = (
-        spec.priority
-        if spec.priority is not None
-        else (options.priority if options else DEFAULT_PRIORITY)
-    )
+    priority, max_attempts = _priority_and_attempts(spec, options)
     if (
         isinstance(priority, bool)
         or not isinstance(priority, int)
         or not -32768 <= priority <= 32767
     ):
         raise ValidationError(f"priority must be an integer in -32768..32767, got {priority!r}")
-    max_attempts = (
-        spec.max_attempts
-        if spec.max_attempts is not None
-        else (options.max_attempts if options else DEFAULT_MAX_ATTEMPTS)
-    )
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
         raise ValidationError(f"max_attempts must be an integer, got {max_attempts!r}")
     if not 1 <= max_attempts <= 2**31 - 1:
@@ -217,17 +225,7 @@ def _takes_column_defaults(spec: JobSpec) -> bool:
     to (resolved as _prepare resolves them), so that COPY can leave them out."""
     if spec.run_at is not None or type(spec.task) is not str:
         return False
-    options = known_options(spec.task)
-    priority = (
-        spec.priority
-        if spec.priority is not None
-        else (options.priority if options else DEFAULT_PRIORITY)
-    )
-    max_attempts = (
-        spec.max_attempts
-        if spec.max_attempts is not None
-        else (options.max_attempts if options else DEFAULT_MAX_ATTEMPTS)
-    )
+    priority, max_attempts = _priority_and_attempts(spec, known_options(spec.task))
     return (
         type(priority) is int
         and priority == DEFAULT_PRIORITY

@@ -45,7 +45,7 @@ async def configure_prepared_worker_connection(conn: AsyncConn) -> None:
     plan. Left to itself Postgres re-plans a prepared claim now and then to compare costs,
     and a claim's plan takes longer to make (about 1 ms) than to run. The claim, poll and
     lease statements' generic plans find rows by index (tests/test_queries.py)."""
-    set_json_loads(_lenient_json_loads, conn)
+    await configure_worker_connection(conn)
     await conn.execute("SET plan_cache_mode = force_generic_plan")
 
 
