@@ -322,18 +322,36 @@ def _payload_limit() -> Iterator[None]:
         raise PayloadTooLarge(str(exc).strip().splitlines()[0]) from exc
 
 
+def _single_insert(params: dict[str, Any]) -> tuple[str, Any]:
+    """The statement for one job: a direct INSERT unless it has an idempotency key (then
+    pgqueue.enqueue, which returns the key holder's id)."""
+    if params["idempotency_key"] is not None:
+        return QUERIES["enqueue_job"], params
+    return QUERIES["insert_job"], (
+        params["task"],
+        params["args"],
+        params["queue"],
+        params["priority"],
+        params["run_at"],
+        params["delay_seconds"],
+        params["max_attempts"],
+    )
+
+
 def enqueue_job(conn: SyncConn, params: dict[str, Any]) -> int:
+    query, values = _single_insert(params)
     with conn.cursor() as cur, _payload_limit():
-        cur.execute(QUERIES["enqueue_job"], params)
+        cur.execute(query, values)
         row = cur.fetchone()
     assert row is not None
     return int(row[0])
 
 
 async def enqueue_job_async(conn: AsyncConn, params: dict[str, Any]) -> int:
+    query, values = _single_insert(params)
     async with conn.cursor() as cur:
         with _payload_limit():
-            await cur.execute(QUERIES["enqueue_job"], params)
+            await cur.execute(query, values)
         row = await cur.fetchone()
     assert row is not None
     return int(row[0])
