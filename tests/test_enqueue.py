@@ -73,6 +73,28 @@ def test_enqueue_options_are_stored(conn):
     assert abs((run_at - at).total_seconds()) < 0.001
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"queue": "q", "priority": -5, "max_attempts": 2, "delay": 90},
+        {"run_at": datetime(2031, 1, 2, 3, 4, 5, tzinfo=UTC), "priority": 7},
+    ],
+)
+def test_enqueue_stores_the_same_job_with_and_without_an_idempotency_key(conn, options):
+    # Without a key, enqueue sends its own INSERT; with one, it calls pgqueue.enqueue.
+    # Both must store the same job.
+    rows = []
+    for key in (None, "same-row"):
+        job_id = enqueue(conn, "t", {"a": [1, "x"]}, idempotency_key=key, **options)
+        task, queue, args, priority, state, attempts, max_attempts, run_at, _, created = job_row(
+            conn, job_id
+        )
+        scheduled = round((run_at - created).total_seconds()) if "run_at" not in options else run_at
+        rows.append((task, queue, args, priority, state, attempts, max_attempts, scheduled))
+    assert rows[0] == rows[1]
+
+
 def test_enqueue_delay_is_added_to_the_database_clock(conn):
     job_id = enqueue(conn, "t", delay=timedelta(minutes=10))
     seconds = scalar(
