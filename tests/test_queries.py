@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import re
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
@@ -26,7 +27,7 @@ from psycopg.types.json import Jsonb
 from pgqueue import store
 from pgqueue.models import Job
 from pgqueue.sql import QUERIES
-from tests.conftest import scalar
+from tests.conftest import scalar, wait_until
 
 AsyncConn = psycopg.AsyncConnection[Any]
 WORKER = "worker-1"
@@ -298,6 +299,96 @@ def test_concurrent_claimers_never_get_the_same_job(conn, dsn):
         cur.execute("SELECT leased_by, count(*) FROM pgqueue.jobs GROUP BY leased_by")
         assert dict(cur.fetchall()) == {"A": 5, "B": 5}
     assert scalar(conn, "SELECT max(attempts) FROM pgqueue.jobs") == 1
+
+
+# A claim whose statement has taken its snapshot but not yet locked the job while another
+# transaction changes the job and commits. FOR UPDATE re-reads the newest row version and
+# rechecks the claim's conditions on it, so the claim must skip the job; its UPDATE matches
+# the picked ids alone, so nothing else would stop it. The gap is held open by an advisory
+# lock the test's statement waits on, taken after its snapshot, instead of by a sleep.
+GATE = 4242
+RACES = {
+    "none": None,
+    "cancelled": "UPDATE pgqueue.jobs SET state = 'cancelled', finished_at = now() WHERE id = %s",
+    "rescheduled": "UPDATE pgqueue.jobs SET run_at = now() + interval '1 hour' WHERE id = %s",
+    "deleted": "DELETE FROM pgqueue.jobs WHERE id = %s",
+    # A rescued job runs alone (claim_rescued_job), any other through claim_jobs.
+    "rescued flag flipped": "UPDATE pgqueue.jobs SET rescued = NOT rescued WHERE id = %s",
+    "claimed elsewhere": "claim",
+}
+
+
+def _gated(name: str) -> str:
+    query = QUERIES[name]
+    plain = "FROM unnest(%(queues)s::text[]) AS q(name)"
+    assert plain in query
+    gate = (
+        "FROM (SELECT u.name FROM unnest(%(queues)s::text[]) AS u(name)"
+        f" WHERE pg_advisory_xact_lock_shared({GATE}) IS NOT NULL) AS q(name)"
+    )
+    return query.replace(plain, gate)
+
+
+@pytest.mark.parametrize("race", list(RACES))
+@pytest.mark.parametrize("name", ["claim_jobs", "claim_rescued_job"])
+def test_claim_skips_a_job_changed_after_its_snapshot(conn, dsn, name, race):
+    job_id = make_job(conn, rescued=(name == "claim_rescued_job"))
+    params = {"queues": ["default"], "limit": 10, "worker_id": "B", "lease_seconds": LEASE}
+    result: dict[str, Any] = {}
+    with (
+        psycopg.connect(dsn, autocommit=True) as gatekeeper,
+        psycopg.connect(dsn, autocommit=True) as claimer,
+    ):
+        claimer_pid = claimer.info.backend_pid
+        gatekeeper.execute("SELECT pg_advisory_lock(%s)", (GATE,))
+
+        def run_claim() -> None:
+            try:
+                result["rows"] = claimer.execute(_gated(name), params).fetchall()
+            except BaseException as exc:  # reported by the assertion below
+                result["error"] = exc
+
+        thread = threading.Thread(target=run_claim)
+        thread.start()
+        try:
+            # The claim's statement is running (its snapshot taken) and waits at the gate.
+            wait_until(
+                lambda: (
+                    scalar(
+                        conn,
+                        "SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted"
+                        " AND locktype = 'advisory'",
+                        (claimer_pid,),
+                    )
+                    == 1
+                )
+            )
+            statement = RACES[race]
+            if statement == "claim" and name == "claim_jobs":
+                assert [j.id for j in claim(dsn, ["default"], limit=10, worker_id="A")] == [job_id]
+            elif statement == "claim":
+                other = run_async(
+                    dsn,
+                    store.claim_rescued_job,
+                    queues=["default"],
+                    worker_id="A",
+                    lease_seconds=LEASE,
+                )
+                assert other is not None and other.id == job_id
+            elif statement is not None:
+                conn.execute(statement, (job_id,))
+            before = job_row(conn, job_id)
+        finally:
+            gatekeeper.execute("SELECT pg_advisory_unlock(%s)", (GATE,))
+            thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert "error" not in result, result.get("error")
+    claimed = [row[0] for row in result["rows"]]
+    if race == "none":
+        assert claimed == [job_id]  # the gate itself changes nothing
+        return
+    assert claimed == []
+    assert job_row(conn, job_id) == before
 
 
 # --- fencing ------------------------------------------------------------------------------
