@@ -73,26 +73,39 @@ def test_enqueue_options_are_stored(conn):
     assert abs((run_at - at).total_seconds()) < 0.001
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize(
     "options",
     [
         {},
         {"queue": "q", "priority": -5, "max_attempts": 2, "delay": 90},
-        {"run_at": datetime(2031, 1, 2, 3, 4, 5, tzinfo=UTC), "priority": 7},
+        {"delay": 1.5, "priority": 32767, "max_attempts": 2**31 - 1},
+        {"run_at": datetime(2031, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), "priority": 7},
     ],
 )
-def test_enqueue_stores_the_same_job_with_and_without_an_idempotency_key(conn, options):
+def test_enqueue_stores_the_same_job_with_and_without_an_idempotency_key(conn, dsn, options, mode):
     # Without a key, enqueue sends its own INSERT; with one, it calls pgqueue.enqueue.
-    # Both must store the same job.
+    # Both must store the same job. Both schedule a delay from the transaction's now(),
+    # which is also created_at, so run_at - created_at is the delay exactly.
+
+    async def enqueue_async(key: str | None) -> int:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
+            return await enqueue(aconn, "t", {"a": [1, "x"]}, idempotency_key=key, **options)
+
     rows = []
     for key in (None, "same-row"):
-        job_id = enqueue(conn, "t", {"a": [1, "x"]}, idempotency_key=key, **options)
+        if mode == "async":
+            job_id = asyncio.run(enqueue_async(key))
+        else:
+            job_id = enqueue(conn, "t", {"a": [1, "x"]}, idempotency_key=key, **options)
         task, queue, args, priority, state, attempts, max_attempts, run_at, _, created = job_row(
             conn, job_id
         )
-        scheduled = round((run_at - created).total_seconds()) if "run_at" not in options else run_at
+        scheduled = run_at if "run_at" in options else run_at - created
         rows.append((task, queue, args, priority, state, attempts, max_attempts, scheduled))
     assert rows[0] == rows[1]
+    if "delay" in options:
+        assert rows[0][-1] == timedelta(seconds=options["delay"])
 
 
 def test_enqueue_delay_is_added_to_the_database_clock(conn):
@@ -458,12 +471,13 @@ def test_database_refuses_oversized_args_on_every_path(conn, sql):
     assert count_jobs(conn) == 0  # the whole statement was refused
 
 
-def test_database_limit_surfaces_as_payload_too_large_in_python(conn):
+@pytest.mark.parametrize("key", [None, "k"])
+def test_database_limit_surfaces_as_payload_too_large_in_python(conn, key):
     from pgqueue import PayloadTooLarge
 
     conn.execute("SET pgqueue.max_args_bytes = '100'")
     with pytest.raises(PayloadTooLarge, match="over the limit of 100"):
-        enqueue(conn, "t", {"blob": "x" * 500})
+        enqueue(conn, "t", {"blob": "x" * 500}, idempotency_key=key)
     assert count_jobs(conn) == 0
 
 

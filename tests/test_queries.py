@@ -335,9 +335,13 @@ def test_claim_skips_a_job_changed_after_its_snapshot(conn, dsn, name, race):
     job_id = make_job(conn, rescued=(name == "claim_rescued_job"))
     params = {"queues": ["default"], "limit": 10, "worker_id": "B", "lease_seconds": LEASE}
     result: dict[str, Any] = {}
+    # Timeouts so that a claim that ever locked the row before the gate fails the test
+    # instead of hanging it.
+    bounded = "-c lock_timeout=20s -c statement_timeout=30s"
     with (
         psycopg.connect(dsn, autocommit=True) as gatekeeper,
-        psycopg.connect(dsn, autocommit=True) as claimer,
+        psycopg.connect(dsn, autocommit=True, options=bounded) as claimer,
+        psycopg.connect(dsn, autocommit=True, options=bounded) as racer,
     ):
         claimer_pid = claimer.info.backend_pid
         gatekeeper.execute("SELECT pg_advisory_lock(%s)", (GATE,))
@@ -376,11 +380,11 @@ def test_claim_skips_a_job_changed_after_its_snapshot(conn, dsn, name, race):
                 )
                 assert other is not None and other.id == job_id
             elif statement is not None:
-                conn.execute(statement, (job_id,))
+                racer.execute(statement, (job_id,))
             before = job_row(conn, job_id)
         finally:
             gatekeeper.execute("SELECT pg_advisory_unlock(%s)", (GATE,))
-            thread.join(timeout=30)
+            thread.join(timeout=60)
     assert not thread.is_alive()
     assert "error" not in result, result.get("error")
     claimed = [row[0] for row in result["rows"]]

@@ -10,9 +10,9 @@ SELECT pgqueue.enqueue(
 -- name: insert_job
 -- Enqueues one job without an idempotency key: the INSERT pgqueue.enqueue would run,
 -- sent directly (one round trip, in the caller's transaction). Calling the PL/pgSQL
--- function instead costs Postgres about 50 us more per job (a function call and a
--- nested statement). Positional parameters: task, args, queue, priority, run_at,
--- delay_seconds, max_attempts.
+-- function instead cost Postgres about 10 us more CPU per job (125 vs 135 us, measured
+-- from the backend's /proc stat over 2,000 statements; see issue 5's notes). Positional
+-- parameters: task, args, queue, priority, run_at, delay_seconds, max_attempts.
 INSERT INTO pgqueue.jobs (task, args, queue, priority, run_at, max_attempts)
 VALUES (%s, %s::jsonb, %s, %s,
         coalesce(%s::timestamptz, now() + make_interval(secs => %s::float8)), %s)
