@@ -60,6 +60,14 @@ def drop_database(admin_dsn: str, name: str) -> None:
         _created.remove((admin_dsn, name))
 
 
+def checkpoint(admin_dsn: str) -> None:
+    """CHECKPOINT now: the backlog figures are measured on a settled backlog, not while
+    Postgres writes back the gigabytes just seeded (a real backlog of that size was
+    checkpointed many times while it built up)."""
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+
+
 def drop_all() -> None:
     """Drop every database this bench created (idempotent; also runs at exit)."""
     for admin_dsn, name in list(_created):
