@@ -195,8 +195,18 @@ def test_exported_metrics_match_a_live_scrape(dsn: str, daemons: Daemons) -> Non
         enqueue(conn, "record", {"note": "scrape"})
         wait_until(lambda: scalar(conn, "SELECT count(*) FROM public.executions"), timeout=30)
     served: dict[str, set[str]] = {}
-    for proc, port in ((worker, worker_port), (reaper, reaper_port)):
-        text = wait_until(lambda port=port: http_get(port, "/metrics"), timeout=30)[1]
+
+    def scrape(port: int, wanted: str) -> str | None:
+        # The handler's own write commits before the worker records the outcome (and
+        # counts it), so wait for the counter rather than scrape once.
+        got = http_get(port, "/metrics")
+        return got[1] if got is not None and wanted in got[1] else None
+
+    for proc, port, wanted in (
+        (worker, worker_port, "pgqueue_jobs_completed_total"),
+        (reaper, reaper_port, "pgqueue_workers"),
+    ):
+        text = wait_until(lambda port=port, wanted=wanted: scrape(port, wanted), timeout=30)
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name.startswith("pgqueue_"):
