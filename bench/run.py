@@ -105,6 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(BENCH_DIR / "results"), help="where latest.* go")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     p.add_argument(
+        "--pgqueue-worker-args",
+        default="",
+        metavar="ARGS",
+        help="extra pgqueue-worker arguments, e.g. '--async-commit' (default: none)",
+    )
+    p.add_argument(
         "--best",
         default=DEFAULT_BEST,
         help="per system, the concurrency of its 'best' setting (see README)",
@@ -827,7 +833,13 @@ def main(argv: list[str] | None = None) -> None:
         if oban_python is None:
             names.remove("oban")
             notes.append("Oban skipped: no Python >= 3.12 found (give --python312)")
-    ctx = Context(opts.admin_dsn, opts.redis_url, Path(tempfile.gettempdir()), oban_python)
+    ctx = Context(
+        opts.admin_dsn,
+        opts.redis_url,
+        Path(tempfile.gettempdir()),
+        oban_python,
+        pgqueue_worker_args=tuple(shlex.split(opts.pgqueue_worker_args)),
+    )
     systems = [ALL[n](ctx) for n in names]
     machine = machine_facts(opts.admin_dsn, opts.redis_url)
     command = "python -m bench " + " ".join(
@@ -899,9 +911,10 @@ def _standard_notes(opts: argparse.Namespace, systems: list[System], bench: Benc
     ]
     if "pgqueue" in names:
         notes.append(
-            "pgqueue: `pgqueue-worker --concurrency N [--processes P] --log-level warning`"
-            " (P > 1 runs its supervisor); one job per transaction is `enqueue(conn, ...)` on an"
-            " autocommit connection (one statement), bulk is `enqueue_many`."
+            "pgqueue: `pgqueue-worker --concurrency N [--processes P] --log-level warning"
+            + "".join(f" {a}" for a in shlex.split(opts.pgqueue_worker_args))
+            + "` (P > 1 runs its supervisor); one job per transaction is `enqueue(conn, ...)`"
+            " on an autocommit connection (one statement), bulk is `enqueue_many`."
         )
     if "pgqueuer" in names:
         notes.append(

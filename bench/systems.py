@@ -36,6 +36,8 @@ class Context:
     work_dir: Path
     oban_python: Path | None = None
     python: str = sys.executable
+    # Extra pgqueue-worker arguments (say --async-commit), for a variant run.
+    pgqueue_worker_args: tuple[str, ...] = ()
 
     @property
     def bin_dir(self) -> Path:
@@ -322,11 +324,13 @@ class PgQueue(System):
             "warning",
             "--log-format",
             "json",
+            *self.ctx.pgqueue_worker_args,
         ]
+        extra = "".join(f" {a}" for a in self.ctx.pgqueue_worker_args)
         return Worker(
-            f"--processes {processes} --concurrency {concurrency}"
+            f"--processes {processes} --concurrency {concurrency}{extra}"
             if processes > 1
-            else f"--concurrency {concurrency}",
+            else f"--concurrency {concurrency}{extra}",
             [cmd],
         )
 

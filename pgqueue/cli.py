@@ -366,6 +366,14 @@ def metrics_options(fn: F) -> F:
     help="Do not set plan_cache_mode=force_generic_plan on the worker's connections (behind"
     " PgBouncer in transaction pooling mode, where it would reach other clients).",
 )
+@click.option(
+    "--async-commit",
+    is_flag=True,
+    envvar="PGQUEUE_ASYNC_COMMIT",
+    help="synchronous_commit=off on the worker's connections: faster claims and outcomes;"
+    " a Postgres crash may undo the last moment's, and those jobs run again (enqueues are"
+    " not affected).",
+)
 @metrics_options
 @dsn_option
 @log_options
@@ -381,6 +389,7 @@ def worker_command(
     log_args: bool,
     no_prepared_statements: bool,
     no_generic_plans: bool,
+    async_commit: bool,
     metrics_port: int | None,
     metrics_host: str,
     dsn: str | None,
@@ -405,6 +414,7 @@ def worker_command(
             log_args=log_args,
             prepared_statements=not no_prepared_statements,
             generic_plans=not no_generic_plans,
+            async_commit=async_commit,
         ).validate()
         registry = load_registry(app)
         if processes > 1:
@@ -428,6 +438,8 @@ def worker_command(
                 child_args.append("--no-prepared-statements")
             if no_generic_plans:
                 child_args.append("--no-generic-plans")
+            if async_commit:
+                child_args.append("--async-commit")
             return Supervisor(
                 child_command(child_args),
                 processes,

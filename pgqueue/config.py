@@ -40,6 +40,11 @@ class WorkerConfig:
     # session setting). Off behind PgBouncer in transaction pooling mode, where a session
     # setting would reach other clients' server connections.
     generic_plans: bool = True
+    # synchronous_commit = off on the worker's connections: a claim's or an outcome's
+    # COMMIT returns before its WAL reaches disk. A Postgres crash can then undo the last
+    # fraction of a second of claims and outcomes (those jobs run again); enqueues, made on
+    # other connections, are untouched. Off by default (docs/worker.md).
+    async_commit: bool = False
 
     @property
     def heartbeat_interval(self) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -47,6 +47,26 @@ async def configure_prepared_worker_connection(conn: AsyncConn) -> None:
     lease statements' generic plans find rows by index (tests/test_queries.py)."""
     await configure_worker_connection(conn)
     await conn.execute("SET plan_cache_mode = force_generic_plan")
+
+
+def worker_connection_configurer(
+    *, generic_plans: bool, async_commit: bool
+) -> Callable[[AsyncConn], Awaitable[None]]:
+    """The pool's ``configure`` callback for a worker's connections: lenient JSON always,
+    generic plans and asynchronous commit as asked (both are session settings)."""
+
+    async def configure(conn: AsyncConn) -> None:
+        if generic_plans:
+            await configure_prepared_worker_connection(conn)
+        else:
+            await configure_worker_connection(conn)
+        if async_commit:
+            # COMMIT returns before the WAL is flushed (the WAL writer flushes within
+            # wal_writer_delay); a Postgres crash can lose the newest claims and outcomes,
+            # whose jobs then run again. Never a committed enqueue: other connections.
+            await conn.execute("SET synchronous_commit = off")
+
+    return configure
 
 
 def _job_from_tuple(row: tuple[Any, ...]) -> Job:

@@ -436,6 +436,30 @@ def test_sigterm_while_children_start_exits_zero(conn, daemons):
     assert code == 0, daemons.output(supervisor)
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ((), {"prepared_statements": True, "generic_plans": True, "async_commit": False}),
+        (
+            ("--async-commit", "--no-generic-plans"),
+            {"prepared_statements": True, "generic_plans": False, "async_commit": True},
+        ),
+        (
+            ("--no-prepared-statements",),
+            {"prepared_statements": False, "generic_plans": False, "async_commit": False},
+        ),
+    ],
+)
+def test_supervisor_passes_connection_flags_to_its_children(daemons, flags, expected):
+    supervisor = daemons.worker("--processes", "2", *flags)
+    kids = wait_until(lambda: up_children(daemons, supervisor, 2))
+
+    started = logged(daemons, supervisor, "worker.started")
+    assert {int(e["worker_id"].rsplit(":", 2)[1]) for e in started} == kids
+    for event in started:
+        assert {k: event[k] for k in expected} == expected, event
+
+
 def test_reaper_once_requeues_expired_lease_and_dead_letters_exhausted(conn, dsn):
     (retryable,) = make_expired(conn, attempts=1, max_attempts=3)
     (exhausted,) = make_expired(conn, attempts=3, max_attempts=3)

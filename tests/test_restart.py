@@ -23,7 +23,12 @@ def cluster() -> Iterator[PgCluster]:
         c.destroy()
 
 
-def test_daemons_survive_postgres_restarts_and_lose_nothing(cluster: PgCluster, tmp_path: Path):
+# --async-commit: the immediate restart is a crash that may undo the worker's newest
+# claims and outcomes; their jobs must run again, and none may be lost.
+@pytest.mark.parametrize("worker_flags", [(), ("--async-commit",)], ids=["sync", "async_commit"])
+def test_daemons_survive_postgres_restarts_and_lose_nothing(
+    cluster: PgCluster, tmp_path: Path, worker_flags: tuple[str, ...]
+):
     migrate(cluster.dsn)
     with psycopg.connect(cluster.dsn, autocommit=True) as conn:
         conn.execute(EXECUTIONS_DDL)  # type: ignore[arg-type]
@@ -31,7 +36,7 @@ def test_daemons_survive_postgres_restarts_and_lose_nothing(cluster: PgCluster, 
     daemons = Daemons(cluster.dsn, tmp_path)
     try:
         worker = daemons.worker(
-            "--lease-seconds", "3", "--concurrency", "4", "--poll-interval", "1"
+            "--lease-seconds", "3", "--concurrency", "4", "--poll-interval", "1", *worker_flags
         )
         reaper = daemons.reaper("--interval", "0.5")
 

@@ -683,3 +683,33 @@ def test_worker_connections_run_generic_plans_unless_told_not_to(dsn, config, mo
             return modes
 
     assert set(run(main)) == {mode}
+
+
+@pytest.mark.parametrize(
+    ("config", "setting"),
+    [
+        ({}, "on"),
+        ({"async_commit": True}, "off"),
+        ({"async_commit": True, "prepared_statements": False}, "off"),
+    ],
+)
+def test_worker_connections_commit_asynchronously_only_when_asked(dsn, config, setting):
+    async def main() -> tuple[set[str], str]:
+        async with running_worker(Registry(), dsn, queues=("q",), **config) as worker:
+            await asyncio.wait_for(worker.listener.connected.wait(), 10)
+            found = set()
+            async with contextlib.AsyncExitStack() as stack:
+                for _ in range(3):  # the pool's three connections, held at once
+                    conn = await stack.enter_async_context(worker.pool.connection())
+                    row = await (await conn.execute("SHOW synchronous_commit")).fetchone()
+                    assert row is not None
+                    found.add(row[0])
+        # Other sessions (producers here) keep the server's default.
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as other:
+            row = await (await other.execute("SHOW synchronous_commit")).fetchone()
+            assert row is not None
+            return found, row[0]
+
+    found, elsewhere = run(main)
+    assert found == {setting}
+    assert elsewhere == "on"

@@ -71,10 +71,9 @@ class Worker:
             timeout=5.0,
             # Keep trying for as long as the daemon lives; loops back off on their own.
             reconnect_timeout=365 * 24 * 3600.0,
-            configure=(
-                store.configure_prepared_worker_connection
-                if config.prepared_statements and config.generic_plans
-                else store.configure_worker_connection
+            configure=store.worker_connection_configurer(
+                generic_plans=config.prepared_statements and config.generic_plans,
+                async_commit=config.async_commit,
             ),
             kwargs={
                 "autocommit": True,
@@ -168,6 +167,9 @@ class Worker:
             queues=list(self.queues),
             concurrency=self.config.concurrency,
             lease_seconds=self.config.lease_seconds,
+            prepared_statements=self.config.prepared_statements,
+            generic_plans=self.config.prepared_statements and self.config.generic_plans,
+            async_commit=self.config.async_commit,
         )
         services = [
             asyncio.create_task(self.listener.run(), name="listener"),

@@ -148,6 +148,8 @@ class Settings:
     poison_max_attempts: int = 3
     recovery_timeout: float = 120.0
     log_level: str = "info"
+    # Workers run with --async-commit (synchronous_commit = off on their connections).
+    async_commit: bool = False
     log_dir: Path | None = None
     keep_logs: bool = False
     verbose: bool = True
@@ -478,6 +480,8 @@ class Driver:
             ]  # fmt: skip
             if role == "supervisor":
                 argv += ["--processes", str(s.processes)]
+            if s.async_commit:
+                argv.append("--async-commit")
         env = {
             k: v
             for k, v in os.environ.items()
@@ -1592,6 +1596,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p.add_argument("--reaper-interval", type=float, default=d.reaper_interval)
     p.add_argument("--poll-interval", type=float, default=d.poll_interval)
     p.add_argument("--recovery-timeout", type=float, default=d.recovery_timeout)
+    p.add_argument(
+        "--async-commit",
+        action="store_true",
+        help="run the workers with --async-commit (a Postgres crash may undo their newest"
+        " claims and outcomes)",
+    )
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning"])
     p.add_argument("--log-dir", type=Path, default=None, help="keep the daemons' logs here")
     p.add_argument("--keep-logs", action="store_true", help="keep logs even when all is well")
@@ -1617,6 +1627,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         poll_interval=a.poll_interval,
         recovery_timeout=a.recovery_timeout,
         log_level=a.log_level,
+        async_commit=a.async_commit,
         log_dir=a.log_dir,
         keep_logs=a.keep_logs,
         verbose=not a.quiet,
