@@ -545,12 +545,15 @@ def backlog_drain(
     concurrency: int,
     log_dir: Path,
     timeout: float,
+    warmup: int = 0,
 ) -> tuple[Sample, int]:
-    """With a seeded backlog in place, run workers until ``measure`` more jobs finished;
-    the rate over those. Returns the sample and how many jobs the workers finished."""
+    """With a seeded backlog in place, run workers until ``warmup + measure`` more jobs
+    finished; the rate over the ``measure`` that finished after the first ``warmup`` (the
+    workers' start-up: connecting, preparing statements, the first claims). Returns the
+    sample and how many jobs the workers finished."""
     with workers(system, processes, concurrency, log_dir) as run:
         ok = _wait(
-            lambda: system.done(marker) >= measure,
+            lambda: system.done(marker) >= warmup + measure,
             timeout=timeout,
             interval=0.25,
             run=run,
@@ -558,9 +561,9 @@ def backlog_drain(
             log_dir=log_dir,
         )
         rss = _rss(run)
-    fin = system.finish(marker, limit=measure)
+    fin = system.finish(marker, limit=measure, skip=warmup)
     consumed = system.done(marker)
-    extra: dict[str, Any] = {"measured_jobs": fin.count, **rss}
+    extra: dict[str, Any] = {"measured_jobs": fin.count, "warmup_jobs": warmup, **rss}
     if not ok or fin.count < measure:
         extra["error"] = f"only {fin.count} of {measure} done within {timeout:.0f}s"
     return Sample(fin.rate(), extra), consumed

@@ -183,14 +183,15 @@ class System(ABC):
         query = "SELECT count(*) FROM (" + self.finish_sql() + ") AS f"  # noqa: S608
         return int(db.scalar(self.dsn, query, {"at": marker.at, "base_id": marker.base_id}))
 
-    def finish(self, marker: Marker, limit: int | None = None) -> Finish:
-        """First and last finish of the jobs done since ``marker`` (the first ``limit``)."""
-        params = {"at": marker.at, "base_id": marker.base_id, "limit": limit}
+    def finish(self, marker: Marker, limit: int | None = None, skip: int = 0) -> Finish:
+        """First and last finish of the jobs done since ``marker`` (the first ``limit``
+        after the first ``skip``, in order of finish)."""
+        params = {"at": marker.at, "base_id": marker.base_id, "limit": limit, "skip": skip}
         query = (
             "WITH f AS MATERIALIZED (SELECT t FROM ("  # noqa: S608 - constant SQL only
             + self.finish_sql()
             + ") AS a"
-            " ORDER BY t LIMIT %(limit)s)"
+            " ORDER BY t OFFSET %(skip)s LIMIT %(limit)s)"
             " SELECT count(*), min(t), max(t),"
             " count(*) FILTER (WHERE t = (SELECT min(t) FROM f)) FROM f"
         )
@@ -624,7 +625,9 @@ class CeleryRedis(System):
     def done(self, marker: Marker) -> int:
         return int(self._redis().get("bench:done") or 0)
 
-    def finish(self, marker: Marker, limit: int | None = None) -> Finish:
+    def finish(self, marker: Marker, limit: int | None = None, skip: int = 0) -> Finish:
+        if skip:
+            raise NotImplementedError("Celery keeps no finish time per job: nothing to skip")
         client = self._redis()
         count = int(client.get("bench:done") or 0)
         first = client.get("bench:first")
