@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from pgqueue import (
     Backoff,
@@ -661,6 +662,19 @@ def test_a_thread_still_running_a_timed_out_handler_is_not_handed_a_new_job(dsn)
     assert fetch(dsn, "SELECT id FROM pgqueue.dead_jobs") == [(first,)]
 
 
+async def show_on_every_pool_connection(worker: Worker, setting: str) -> list[str]:
+    """``SHOW setting`` on each of the worker pool's three connections, held at once."""
+    values = []
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(3):
+            conn = await stack.enter_async_context(worker.pool.connection())
+            show = sql.SQL("SHOW {}").format(sql.Identifier(setting))
+            row = await (await conn.execute(show)).fetchone()
+            assert row is not None
+            values.append(row[0])
+    return values
+
+
 @pytest.mark.parametrize(
     ("config", "mode"),
     [
@@ -673,14 +687,7 @@ def test_worker_connections_run_generic_plans_unless_told_not_to(dsn, config, mo
     async def main() -> list[str]:
         async with running_worker(Registry(), dsn, queues=("q",), **config) as worker:
             await asyncio.wait_for(worker.listener.connected.wait(), 10)
-            modes = []
-            async with contextlib.AsyncExitStack() as stack:
-                for _ in range(3):  # the pool's three connections, held at once
-                    conn = await stack.enter_async_context(worker.pool.connection())
-                    row = await (await conn.execute("SHOW plan_cache_mode")).fetchone()
-                    assert row is not None
-                    modes.append(row[0])
-            return modes
+            return await show_on_every_pool_connection(worker, "plan_cache_mode")
 
     assert set(run(main)) == {mode}
 
@@ -697,13 +704,7 @@ def test_worker_connections_commit_asynchronously_only_when_asked(dsn, config, s
     async def main() -> tuple[set[str], str]:
         async with running_worker(Registry(), dsn, queues=("q",), **config) as worker:
             await asyncio.wait_for(worker.listener.connected.wait(), 10)
-            found = set()
-            async with contextlib.AsyncExitStack() as stack:
-                for _ in range(3):  # the pool's three connections, held at once
-                    conn = await stack.enter_async_context(worker.pool.connection())
-                    row = await (await conn.execute("SHOW synchronous_commit")).fetchone()
-                    assert row is not None
-                    found.add(row[0])
+            found = set(await show_on_every_pool_connection(worker, "synchronous_commit"))
         # Other sessions (producers here) keep the server's default.
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as other:
             row = await (await other.execute("SHOW synchronous_commit")).fetchone()
