@@ -182,6 +182,29 @@ async def complete_jobs(
     return dict(rows)
 
 
+async def recorded_outcomes(
+    conn: AsyncConn,
+    *,
+    worker_id: str,
+    ids: Sequence[int],
+    attempts: Sequence[int],
+    durations: Sequence[float],
+) -> dict[int, str]:
+    """Of these attempts, those whose outcome this worker already recorded: {id: state}
+    (see the query). For fenced writes that follow a write lost with its connection."""
+    rows = await _fetch_tuples_async(
+        conn,
+        "recorded_outcomes",
+        {
+            "worker_id": worker_id,
+            "ids": _array(ids),
+            "attempts": _array(attempts),
+            "durations": _array(durations),
+        },
+    )
+    return dict(rows)
+
+
 async def retry_jobs(
     conn: AsyncConn,
     *,

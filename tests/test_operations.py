@@ -31,15 +31,18 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pgqueue import (
     JobSpec,
+    PermanentError,
     Reaper,
     ReaperConfig,
     Registry,
+    Snooze,
     Worker,
     WorkerConfig,
     enqueue,
@@ -1033,6 +1036,216 @@ def test_a_lost_lease_is_counted_once_when_found_before_the_outcome_is_written(c
     asyncio.run(scenario())
     assert state(conn, job_id) == "queued"
     assert lost() - before == 1
+
+
+class CommitReplyCutter:
+    """A TCP proxy in front of Postgres. Armed with a marker, it passes the next client
+    message that contains it, lets the server run it to the end (its ReadyForQuery: the
+    implicit transaction has committed), then drops that reply and closes both sides. The
+    client sees its connection die without knowing that its statement committed. With
+    ``before`` set it closes both sides instead of passing the message on."""
+
+    @classmethod
+    async def in_front_of(cls, dsn: str) -> tuple[CommitReplyCutter, str]:
+        """A started proxy to ``dsn``'s server, and the DSN that goes through it."""
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+        proxy = cls(str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432))
+        port = await proxy.start()
+        return proxy, make_conninfo(dsn, host="127.0.0.1", port=port)
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.marker: bytes | None = None
+        # Cut before the server sees the marked message instead (nothing runs).
+        self.before = False
+        self.cuts = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(self.host, self.port)
+        cutting = False
+
+        async def upstream() -> None:
+            nonlocal cutting
+            while data := await client_r.read(65536):
+                if self.marker is not None and self.marker in data:
+                    self.marker = None
+                    if self.before:
+                        self.cuts += 1
+                        return
+                    cutting = True
+                server_w.write(data)
+                await server_w.drain()
+
+        async def downstream() -> None:
+            reply = b""
+            while data := await server_r.read(65536):
+                if not cutting:
+                    client_w.write(data)
+                    await client_w.drain()
+                    continue
+                reply += data
+                if reply[-6:-1] == b"Z\x00\x00\x00\x05":  # ReadyForQuery: committed
+                    self.cuts += 1
+                    break
+            for writer in (client_w, server_w):
+                writer.close()
+
+        tasks = [asyncio.create_task(upstream()), asyncio.create_task(downstream())]
+        self._tasks.update(tasks)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for writer in (client_w, server_w):
+            writer.close()
+
+
+class _Fails(Exception):
+    pass
+
+
+# (what the handler does, a text only that outcome's statement sends, the job's state
+# after it, the outcome label, the history's last entry, where the row ends up)
+CUT_OUTCOMES = [
+    ("return", b"SET state = 'succeeded'", "succeeded", "succeeded", "succeeded", "jobs"),
+    ("raise", b"errors = j.errors || jsonb_build_array(r.error)", "queued", "retried",
+     "retried", "jobs"),
+    ("permanent", b"INSERT INTO pgqueue.dead_jobs", None, "dead", "dead", "dead_jobs"),
+    ("snooze", b"'snoozed')", "queued", "snoozed", "snoozed", "jobs"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("does", "marker", "after", "label", "entry", "table"), CUT_OUTCOMES)
+def test_an_outcome_whose_commit_reply_was_lost_is_reported_written_not_lease_lost(
+    conn, dsn, does, marker, after, label, entry, table
+):
+    registry = Registry()
+    task_name = f"ops_cut_{does}"
+
+    @registry.task(name=task_name)
+    def task() -> None:
+        if does == "raise":
+            raise _Fails("again")
+        if does == "permanent":
+            raise PermanentError("never")
+        if does == "snooze":
+            raise Snooze(60)
+
+    job_id = enqueue(conn, task_name)
+
+    def completed(outcome: str) -> float:
+        labels = {"queue": "default", "task": task_name, "outcome": outcome}
+        return REGISTRY.get_sample_value("pgqueue_jobs_completed_total", labels) or 0.0
+
+    async def scenario() -> None:
+        proxy, proxied = await CommitReplyCutter.in_front_of(dsn)
+        worker = Worker(registry, WorkerConfig(dsn=proxied, lease_seconds=5, concurrency=1))
+        await worker.pool.open(wait=True)
+        try:
+            assert [j.id for j in await worker.run_once()] == [job_id]
+            for _ in range(1000):  # the handler runs in a thread: let it finish
+                if worker.completer.pending:
+                    break
+                await asyncio.sleep(0.01)
+            assert worker.completer.pending == 1
+            # The outcome commits, and its connection dies before the reply arrives.
+            proxy.marker = marker
+            with pytest.raises(psycopg.OperationalError):
+                await worker.completer.run_once()
+            assert proxy.cuts == 1
+            assert state(conn, job_id) == after
+            # The heartbeat finds the lease gone: cleared by the outcome's own write, so
+            # it is not reported lost, and the job stays held until the completer knows.
+            _, gone = await worker.heartbeat.run_once()
+            assert [j.id for j in gone] == [job_id]
+            assert job_id in worker._held
+            # The retry is fenced off by the first write; the history shows it landed.
+            assert await worker.completer.run_once() == 1
+            assert job_id not in worker._held
+            assert not worker.completer.uncertain(gone[0])
+        finally:
+            await worker.pool.close()
+            worker.executor.shutdown()
+            await proxy.close()
+
+    lost_before, written_before = completed("lease_lost"), completed(label)
+    asyncio.run(scenario())
+    assert completed("lease_lost") == lost_before
+    assert completed(label) == written_before + 1
+    history = scalar(
+        conn,
+        sql.SQL("SELECT history FROM {} WHERE id = %s").format(sql.Identifier("pgqueue", table)),
+        (job_id,),
+    )
+    assert [(e["attempt"], e["outcome"]) for e in history] == [(1, entry)]
+
+
+def test_a_lost_lease_is_still_reported_when_a_cut_write_had_not_landed(conn, dsn):
+    """The other side of the check above: the write died before the server saw it, and
+    meanwhile the lease expired and the reaper requeued the job: fenced, lease lost, and
+    counted once although both the heartbeat and the completer meet it."""
+    registry = Registry()
+
+    @registry.task(name="ops_cut_lost")
+    def task() -> None:
+        pass
+
+    job_id = enqueue(conn, "ops_cut_lost")
+
+    def completed(outcome: str) -> float:
+        labels = {"queue": "default", "task": "ops_cut_lost", "outcome": outcome}
+        return REGISTRY.get_sample_value("pgqueue_jobs_completed_total", labels) or 0.0
+
+    async def scenario() -> None:
+        proxy, proxied = await CommitReplyCutter.in_front_of(dsn)
+        worker = Worker(registry, WorkerConfig(dsn=proxied, lease_seconds=5, concurrency=1))
+        await worker.pool.open(wait=True)
+        try:
+            assert [j.id for j in await worker.run_once()] == [job_id]
+            for _ in range(1000):
+                if worker.completer.pending:
+                    break
+                await asyncio.sleep(0.01)
+            proxy.marker, proxy.before = b"SET state = 'succeeded'", True
+            with pytest.raises(psycopg.OperationalError):
+                await worker.completer.run_once()
+            assert proxy.cuts == 1
+            assert state(conn, job_id) == "running"
+            conn.execute(
+                "UPDATE pgqueue.jobs SET lease_expires_at = now() - interval '1 second'"
+                " WHERE id = %s",
+                (job_id,),
+            )
+            reaper = Reaper(ReaperConfig(dsn=dsn))
+            try:
+                assert reaper.run_once().requeued == [job_id]
+            finally:
+                reaper.stop()
+                reaper._close()
+            _, gone = await worker.heartbeat.run_once()
+            assert [j.id for j in gone] == [job_id]
+            assert await worker.completer.run_once() == 1  # fenced, and not recorded
+            assert job_id not in worker._held
+        finally:
+            await worker.pool.close()
+            worker.executor.shutdown()
+            await proxy.close()
+
+    lost_before, succeeded_before = completed("lease_lost"), completed("succeeded")
+    asyncio.run(scenario())
+    assert state(conn, job_id) == "queued"
+    assert completed("lease_lost") - lost_before == 1
+    assert completed("succeeded") == succeeded_before
 
 
 # --- 11. unreachable database, bad DSN, busy port -------------------------------------------

@@ -259,6 +259,34 @@ SELECT id, 'dead' AS state FROM inserted
 UNION ALL
 SELECT id, 'cancelled' AS state FROM cancelled;
 
+-- name: recorded_outcomes
+-- After a write whose COMMIT may have been lost with its connection, the retry finds some
+-- jobs fenced off: did the first try land (the row's token was cleared by this worker's
+-- own outcome), or was the lease really lost? An attempt's outcome is recorded when the
+-- job's history (in pgqueue.jobs or pgqueue.dead_jobs) has this worker's entry for that
+-- attempt with the duration the worker sent (the reaper's entries have no duration).
+-- Returns each recorded id with the job's state if that entry is still its last one,
+-- 'dead' if it is in the dead-letter table, else 'moved_on' (it ran again since).
+WITH o AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(durations)s::float8[])
+        AS o(id, attempt, duration)
+)
+SELECT o.id,
+       CASE WHEN j.history -> -1 ->> 'worker' = %(worker_id)s::text
+                 AND (j.history -> -1 ->> 'attempt')::int = o.attempt
+                 AND abs((j.history -> -1 ->> 'duration')::float8 - o.duration) < 1e-6
+            THEN j.state::text ELSE 'moved_on' END AS state
+FROM o JOIN pgqueue.jobs AS j ON j.id = o.id
+WHERE EXISTS (SELECT 1 FROM jsonb_array_elements(j.history) AS h(e)
+              WHERE h.e ->> 'worker' = %(worker_id)s::text AND (h.e ->> 'attempt')::int = o.attempt
+                AND abs((h.e ->> 'duration')::float8 - o.duration) < 1e-6)
+UNION ALL
+SELECT o.id, 'dead'
+FROM o JOIN pgqueue.dead_jobs AS d ON d.id = o.id
+WHERE EXISTS (SELECT 1 FROM jsonb_array_elements(d.history) AS h(e)
+              WHERE h.e ->> 'worker' = %(worker_id)s::text AND (h.e ->> 'attempt')::int = o.attempt
+                AND abs((h.e ->> 'duration')::float8 - o.duration) < 1e-6);
+
 -- name: register_worker
 -- Registers this worker process, or refreshes its row (last heartbeat, running jobs);
 -- an upsert, so a worker whose row the reaper removed during an outage comes back.

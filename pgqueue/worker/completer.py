@@ -3,13 +3,18 @@ was being written goes out in the next one, all kinds in one transaction.
 
 Every write is conditional on the lease token the worker got at claim time; an outcome
 whose row did not change was fenced off (its lease was lost) and is reported as such.
-A batch that fails on a broken connection is kept and retried with backoff.
+A batch that fails on a broken connection is kept and retried with backoff. Such a
+failure leaves its outcomes uncertain: the COMMIT may have happened with only its reply
+lost, and then the retry is fenced off by the batch's own first write. Before an
+uncertain outcome is reported fenced, the job's history is checked for this worker's
+entry of that attempt (store.recorded_outcomes); if it is there, the outcome was written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import store
 from pgqueue.log import get_logger
-from pgqueue.models import Outcome, OutcomeKind
+from pgqueue.models import Job, Outcome, OutcomeKind
 from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
 
 log = get_logger("pgqueue.completer")
@@ -45,13 +50,18 @@ class Completer:
         lock: asyncio.Lock,
         on_written: OnWritten,
         *,
+        worker_id: str,
         reconnect_max_seconds: float,
     ) -> None:
         self.pool = pool
         self.lock = lock
         self.on_written = on_written
+        self.worker_id = worker_id
         self.backoff = ReconnectBackoff(reconnect_max_seconds)
         self._pending: list[Outcome] = []
+        # (id, lease token) of outcomes whose last write attempt failed: it may have
+        # committed (see the module docstring). Cleared when the outcome is reported.
+        self._uncertain: set[tuple[int, uuid.UUID]] = set()
         self._ready = asyncio.Event()
         # One batch in flight at a time: flush() must wait for the run loop's batch.
         self._writing = asyncio.Lock()
@@ -63,6 +73,14 @@ class Completer:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def uncertain(self, job: Job) -> bool:
+        """Whether this attempt's outcome may already be written (a write of it failed
+        with its connection): its lease may look lost only because it was."""
+        return (job.id, job.lease_token) in self._uncertain
+
+    def _mark_uncertain(self, outcomes: list[Outcome]) -> None:
+        self._uncertain.update((o.job.id, o.job.lease_token) for o in outcomes)
 
     async def run(self) -> None:
         """Write batches until cancelled."""
@@ -98,6 +116,7 @@ class Completer:
                 try:
                     changed = await self._write([outcome])
                 except CONNECTION_ERRORS:
+                    self._mark_uncertain([outcome])
                     self._pending = batch[index:] + self._pending
                     self._ready.set()
                     raise
@@ -110,11 +129,13 @@ class Completer:
                         attempt=outcome.job.attempt,
                         outcome=outcome.kind.value,
                     )
+                    self._uncertain.discard((outcome.job.id, outcome.job.lease_token))
                     self.on_written(outcome, WriteResult.FAILED, None)
                     continue
                 self._report(outcome, changed)
 
     def _report(self, outcome: Outcome, changed: dict[int, str]) -> None:
+        self._uncertain.discard((outcome.job.id, outcome.job.lease_token))
         state = changed.get(outcome.job.id)
         result = WriteResult.FENCED if state is None else WriteResult.WRITTEN
         self.on_written(outcome, result, state)
@@ -129,7 +150,9 @@ class Completer:
             try:
                 changed = await self._write(batch)
             except BaseException:
-                # Keep them, in order, ahead of anything submitted meanwhile.
+                # Keep them, in order, ahead of anything submitted meanwhile. Whatever
+                # broke the write, it may have committed first.
+                self._mark_uncertain(batch)
                 self._pending = batch + self._pending
                 self._ready.set()
                 raise
@@ -177,10 +200,28 @@ class Completer:
             if len(by_kind) == 1:
                 # One statement is atomic by itself: no BEGIN and COMMIT round trips.
                 ((kind, items),) = by_kind.items()
-                return await self._write_kind(conn, kind, items)
-            async with conn.transaction():
-                for kind, items in by_kind.items():
-                    changed |= await self._write_kind(conn, kind, items)
+                changed = await self._write_kind(conn, kind, items)
+            else:
+                async with conn.transaction():
+                    for kind, items in by_kind.items():
+                        changed |= await self._write_kind(conn, kind, items)
+            doubtful = (
+                [
+                    o
+                    for o in batch
+                    if o.job.id not in changed and (o.job.id, o.job.lease_token) in self._uncertain
+                ]
+                if self._uncertain
+                else []
+            )
+            if doubtful:
+                changed |= await store.recorded_outcomes(
+                    conn,
+                    worker_id=self.worker_id,
+                    ids=[o.job.id for o in doubtful],
+                    attempts=[o.job.attempt for o in doubtful],
+                    durations=[o.duration for o in doubtful],
+                )
         return changed
 
     @staticmethod

@@ -108,6 +108,7 @@ class Worker:
             self.pool,
             self._lock,
             self._on_written,
+            worker_id=self.worker_id,
             reconnect_max_seconds=config.reconnect_max_seconds,
         )
         self.heartbeat = Heartbeat(
@@ -426,6 +427,11 @@ class Worker:
 
     def _on_lost(self, jobs: list[Job]) -> None:
         for job in jobs:
+            if self.completer.uncertain(job):
+                # Its outcome's write failed with the connection, perhaps after committing,
+                # which would clear the lease too: the completer finds out which, and
+                # reports it (written, or lost) when it retries. Held until then.
+                continue
             self._release_hold(job)
             # Counted and logged here, once: a running handler's result is then dropped
             # (_run_job), and a result already waiting in the completer will be fenced
