@@ -65,6 +65,9 @@ class Job:
     lease_token: uuid.UUID
     lease_expires_at: datetime
     cancel_requested: bool = False
+    # When this claim started the attempt (the database's clock): with the worker id it
+    # names the attempt's history entry (started_at), even where attempt numbers repeat.
+    attempted_at: datetime | None = None
     # Set when an operator asks to cancel the job while it runs (seen by the heartbeat).
     cancel: CancelFlag = field(default_factory=CancelFlag, compare=False, repr=False)
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -72,7 +73,8 @@ def worker_connection_configurer(
 def _job_from_tuple(row: tuple[Any, ...]) -> Job:
     # The RETURNING order of claim_jobs and claim_rescued_job: id, queue, task, args,
     # priority, attempts, max_attempts, run_at, created_at, lease_token, lease_expires_at,
-    # cancel_requested (Job's fields, in order; tests/test_queries.py checks it).
+    # cancel_requested, attempted_at (Job's fields, in order; tests/test_queries.py checks
+    # it).
     return Job(*row)
 
 
@@ -187,20 +189,15 @@ async def recorded_outcomes(
     *,
     worker_id: str,
     ids: Sequence[int],
-    attempts: Sequence[int],
-    durations: Sequence[float],
+    started_ats: Sequence[datetime],
 ) -> dict[int, str]:
-    """Of these attempts, those whose outcome this worker already recorded: {id: state}
-    (see the query). For fenced writes that follow a write lost with its connection."""
+    """Of these claims (job id, attempted_at), those whose outcome this worker already
+    recorded: {id: state} (see the query). For fenced writes that follow a write lost with
+    its connection."""
     rows = await _fetch_tuples_async(
         conn,
         "recorded_outcomes",
-        {
-            "worker_id": worker_id,
-            "ids": _array(ids),
-            "attempts": _array(attempts),
-            "durations": _array(durations),
-        },
+        {"worker_id": worker_id, "ids": _array(ids), "started_ats": list(started_ats)},
     )
     return dict(rows)
 

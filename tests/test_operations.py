@@ -11,6 +11,8 @@ and so watches a job stay queued for a short, bounded time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -20,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -987,6 +989,30 @@ def test_worker_logs_json_lines_without_job_args_unless_asked(conn, daemons, tmp
 # --- lease-lost accounting ----------------------------------------------------------------
 
 
+async def handler_finished(worker: Worker) -> None:
+    """Wait until the attempt the worker runs has its outcome queued for writing (the
+    handler runs in a thread)."""
+    for _ in range(1000):
+        if worker.completer.pending:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the handler did not finish")
+
+
+def expire_and_requeue(conn: psycopg.Connection[Any], dsn: str, job_id: int) -> None:
+    """Expire the job's lease and let a reaper requeue it, as after a long outage."""
+    conn.execute(
+        "UPDATE pgqueue.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+        (job_id,),
+    )
+    reaper = Reaper(ReaperConfig(dsn=dsn))
+    try:
+        assert reaper.run_once().requeued == [job_id]
+    finally:
+        reaper.stop()
+        reaper._close()
+
+
 def test_a_lost_lease_is_counted_once_when_found_before_the_outcome_is_written(conn, dsn):
     registry = Registry()
 
@@ -1009,22 +1035,9 @@ def test_a_lost_lease_is_counted_once_when_found_before_the_outcome_is_written(c
         await worker.pool.open(wait=True)
         try:
             assert [j.id for j in await worker.run_once()] == [job_id]
-            for _ in range(1000):  # the handler runs in a thread: let it finish
-                if worker.completer.pending:
-                    break
-                await asyncio.sleep(0.01)
+            await handler_finished(worker)
             assert worker.completer.pending == 1
-            conn.execute(
-                "UPDATE pgqueue.jobs SET lease_expires_at = now() - interval '1 second'"
-                " WHERE id = %s",
-                (job_id,),
-            )
-            reaper = Reaper(ReaperConfig(dsn=dsn))
-            try:
-                assert reaper.run_once().requeued == [job_id]
-            finally:
-                reaper.stop()
-                reaper._close()
+            expire_and_requeue(conn, dsn, job_id)
             _, lost_jobs = await worker.heartbeat.run_once()
             assert [j.id for j in lost_jobs] == [job_id]
             assert await worker.completer.run_once() == 1  # fenced: nothing written
@@ -1110,6 +1123,44 @@ class CommitReplyCutter:
             writer.close()
 
 
+def completed(task: str, outcome: str) -> float:
+    """pgqueue_jobs_completed_total for a task of the default queue, in this process."""
+    labels = {"queue": "default", "task": task, "outcome": outcome}
+    return REGISTRY.get_sample_value("pgqueue_jobs_completed_total", labels) or 0.0
+
+
+@contextlib.asynccontextmanager
+async def proxied_worker(
+    registry: Registry, dsn: str
+) -> AsyncIterator[tuple[Worker, CommitReplyCutter]]:
+    """An in-process worker (concurrency 1, its loops not started) whose connections go
+    through a CommitReplyCutter."""
+    proxy, proxied = await CommitReplyCutter.in_front_of(dsn)
+    worker = Worker(registry, WorkerConfig(dsn=proxied, lease_seconds=5, concurrency=1))
+    await worker.pool.open(wait=True)
+    try:
+        yield worker, proxy
+    finally:
+        await worker.pool.close()
+        worker.executor.shutdown()
+        await proxy.close()
+
+
+def runs_with_one_lost_lease(
+    conn: psycopg.Connection[Any],
+    job_id: int,
+    task: str,
+    scenario: Callable[[], Coroutine[Any, Any, None]],
+) -> None:
+    """Run the scenario: the job ends requeued, its lease counted lost exactly once and
+    its attempt never counted as succeeded."""
+    lost, succeeded = completed(task, "lease_lost"), completed(task, "succeeded")
+    asyncio.run(scenario())
+    assert state(conn, job_id) == "queued"
+    assert completed(task, "lease_lost") - lost == 1
+    assert completed(task, "succeeded") == succeeded
+
+
 class _Fails(Exception):
     pass
 
@@ -1143,22 +1194,14 @@ def test_an_outcome_whose_commit_reply_was_lost_is_reported_written_not_lease_lo
 
     job_id = enqueue(conn, task_name)
 
-    def completed(outcome: str) -> float:
-        labels = {"queue": "default", "task": task_name, "outcome": outcome}
-        return REGISTRY.get_sample_value("pgqueue_jobs_completed_total", labels) or 0.0
-
     async def scenario() -> None:
-        proxy, proxied = await CommitReplyCutter.in_front_of(dsn)
-        worker = Worker(registry, WorkerConfig(dsn=proxied, lease_seconds=5, concurrency=1))
-        await worker.pool.open(wait=True)
-        try:
+        async with proxied_worker(registry, dsn) as (worker, proxy):
             assert [j.id for j in await worker.run_once()] == [job_id]
-            for _ in range(1000):  # the handler runs in a thread: let it finish
-                if worker.completer.pending:
-                    break
-                await asyncio.sleep(0.01)
+            await handler_finished(worker)
             assert worker.completer.pending == 1
-            # The outcome commits, and its connection dies before the reply arrives.
+            # The outcome commits, and its connection dies before the reply arrives. (The
+            # marker is in the statement's text, which psycopg sends with each of its
+            # first five runs on a connection; this worker's pool has run none yet.)
             proxy.marker = marker
             with pytest.raises(psycopg.OperationalError):
                 await worker.completer.run_once()
@@ -1173,15 +1216,11 @@ def test_an_outcome_whose_commit_reply_was_lost_is_reported_written_not_lease_lo
             assert await worker.completer.run_once() == 1
             assert job_id not in worker._held
             assert not worker.completer.uncertain(gone[0])
-        finally:
-            await worker.pool.close()
-            worker.executor.shutdown()
-            await proxy.close()
 
-    lost_before, written_before = completed("lease_lost"), completed(label)
+    lost_before, written_before = completed(task_name, "lease_lost"), completed(task_name, label)
     asyncio.run(scenario())
-    assert completed("lease_lost") == lost_before
-    assert completed(label) == written_before + 1
+    assert completed(task_name, "lease_lost") == lost_before
+    assert completed(task_name, label) == written_before + 1
     history = scalar(
         conn,
         sql.SQL("SELECT history FROM {} WHERE id = %s").format(sql.Identifier("pgqueue", table)),
@@ -1202,50 +1241,60 @@ def test_a_lost_lease_is_still_reported_when_a_cut_write_had_not_landed(conn, ds
 
     job_id = enqueue(conn, "ops_cut_lost")
 
-    def completed(outcome: str) -> float:
-        labels = {"queue": "default", "task": "ops_cut_lost", "outcome": outcome}
-        return REGISTRY.get_sample_value("pgqueue_jobs_completed_total", labels) or 0.0
-
     async def scenario() -> None:
-        proxy, proxied = await CommitReplyCutter.in_front_of(dsn)
-        worker = Worker(registry, WorkerConfig(dsn=proxied, lease_seconds=5, concurrency=1))
-        await worker.pool.open(wait=True)
-        try:
+        async with proxied_worker(registry, dsn) as (worker, proxy):
             assert [j.id for j in await worker.run_once()] == [job_id]
-            for _ in range(1000):
-                if worker.completer.pending:
-                    break
-                await asyncio.sleep(0.01)
+            await handler_finished(worker)
             proxy.marker, proxy.before = b"SET state = 'succeeded'", True
             with pytest.raises(psycopg.OperationalError):
                 await worker.completer.run_once()
             assert proxy.cuts == 1
             assert state(conn, job_id) == "running"
-            conn.execute(
-                "UPDATE pgqueue.jobs SET lease_expires_at = now() - interval '1 second'"
-                " WHERE id = %s",
-                (job_id,),
-            )
-            reaper = Reaper(ReaperConfig(dsn=dsn))
-            try:
-                assert reaper.run_once().requeued == [job_id]
-            finally:
-                reaper.stop()
-                reaper._close()
+            expire_and_requeue(conn, dsn, job_id)
             _, gone = await worker.heartbeat.run_once()
             assert [j.id for j in gone] == [job_id]
             assert await worker.completer.run_once() == 1  # fenced, and not recorded
             assert job_id not in worker._held
-        finally:
-            await worker.pool.close()
-            worker.executor.shutdown()
-            await proxy.close()
 
-    lost_before, succeeded_before = completed("lease_lost"), completed("succeeded")
-    asyncio.run(scenario())
-    assert state(conn, job_id) == "queued"
-    assert completed("lease_lost") - lost_before == 1
-    assert completed("succeeded") == succeeded_before
+    runs_with_one_lost_lease(conn, job_id, "ops_cut_lost", scenario)
+
+
+def test_a_lost_lease_is_reported_although_an_earlier_claim_had_the_same_attempt(conn, dsn):
+    """Attempt numbers repeat (a snooze or a release does not count its attempt): the
+    history check must tell this claim's entry from an earlier claim's entry of the same
+    worker and attempt, even one with the very same duration."""
+    registry = Registry()
+    runs: list[int] = []
+
+    @registry.task(name="ops_cut_again")
+    def task() -> None:
+        runs.append(1)
+        if len(runs) == 1:
+            raise Snooze(0)
+
+    job_id = enqueue(conn, "ops_cut_again")
+
+    async def scenario() -> None:
+        async with proxied_worker(registry, dsn) as (worker, proxy):
+            (first,) = await worker.run_once()
+            await handler_finished(worker)
+            assert await worker.completer.run_once() == 1  # snoozed: attempt not counted
+            (second,) = await worker.run_once()
+            assert second.attempt == first.attempt == 1
+            await handler_finished(worker)
+            # The same duration as the snoozed attempt's entry: only the claim tells
+            # the two entries apart.
+            (outcome,) = worker.completer._pending
+            snoozed = scalar(conn, "SELECT history->0 FROM pgqueue.jobs WHERE id = %s", (job_id,))
+            assert snoozed["outcome"] == "snoozed" and snoozed["worker"] == worker.worker_id
+            worker.completer._pending = [dataclasses.replace(outcome, duration=snoozed["duration"])]
+            proxy.marker, proxy.before = b"SET state = 'succeeded'", True
+            with pytest.raises(psycopg.OperationalError):
+                await worker.completer.run_once()
+            expire_and_requeue(conn, dsn, job_id)
+            assert await worker.completer.run_once() == 1  # fenced, and not recorded
+
+    runs_with_one_lost_lease(conn, job_id, "ops_cut_again", scenario)
 
 
 # --- 11. unreachable database, bad DSN, busy port -------------------------------------------

@@ -14,7 +14,7 @@ import re
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -875,12 +875,8 @@ def _plan_params(dsn: str, name: str) -> dict[str, Any]:
         return params
     if name == "recorded_outcomes":
         ids, _ = _running_ids_and_tokens(dsn, 5)
-        return {
-            "worker_id": WORKER,
-            "ids": ids,
-            "attempts": [1] * len(ids),
-            "durations": [0.01] * len(ids),
-        }
+        now = datetime.now(UTC)
+        return {"worker_id": WORKER, "ids": ids, "started_ats": [now] * len(ids)}
     if name == "requeue_expired":
         return {"batch_size": 1000, "backoff_base_seconds": 1.0, "backoff_max_seconds": 3600.0}
     if name == "prune_finished":

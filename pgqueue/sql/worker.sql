@@ -38,7 +38,7 @@ FROM picked
 WHERE j.id = picked.id
 RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, j.run_at,
           j.created_at, j.lease_token, j.lease_expires_at,
-          j.cancel_requested_at IS NOT NULL AS cancel_requested;
+          j.cancel_requested_at IS NOT NULL AS cancel_requested, j.attempted_at;
 
 -- name: claim_rescued_job
 -- Claims one rescued job (see migration 0003) for a worker that has nothing else running;
@@ -72,7 +72,7 @@ FROM picked
 WHERE j.id = picked.id
 RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, j.run_at,
           j.created_at, j.lease_token, j.lease_expires_at,
-          j.cancel_requested_at IS NOT NULL AS cancel_requested;
+          j.cancel_requested_at IS NOT NULL AS cancel_requested, j.attempted_at;
 
 -- name: rescued_waiting
 -- Whether a rescued job is due in one of the given (unpaused) queues: a busy worker that
@@ -264,28 +264,37 @@ SELECT id, 'cancelled' AS state FROM cancelled;
 -- jobs fenced off: did the first try land (the row's token was cleared by this worker's
 -- own outcome), or was the lease really lost? An attempt's outcome is recorded when the
 -- job's history (in pgqueue.jobs or pgqueue.dead_jobs) has this worker's entry for that
--- attempt with the duration the worker sent (the reaper's entries have no duration).
--- Returns each recorded id with the job's state if that entry is still its last one,
--- 'dead' if it is in the dead-letter table, else 'moved_on' (it ran again since).
+-- claim: same worker, same started_at (the claim's attempted_at; attempt numbers can
+-- repeat after a snooze, a release or a requeue) and a duration (the reaper's entry for
+-- an expired lease has none). Returns each recorded id with the state that write left it
+-- in, as far as the worker's logs care: 'cancelled' if it cancelled the job, else the
+-- entry's outcome ('dead' from the dead-letter table).
 WITH o AS (
-    SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(durations)s::float8[])
-        AS o(id, attempt, duration)
+    SELECT * FROM unnest(%(ids)s::bigint[], %(started_ats)s::timestamptz[])
+        AS o(id, started_at)
+), found AS (
+    SELECT o.id, h.e ->> 'outcome' AS outcome,
+           -- Snooze and release end a cancel-requested job as cancelled with their own
+           -- outcome in the entry: the row tells, if nothing happened to it since (an
+           -- operator's later cancel would have set finished_at after the entry ended).
+           (h.n = jsonb_array_length(j.history) AND j.state = 'cancelled'
+            AND j.finished_at <= (h.e ->> 'ended_at')::timestamptz) AS cancelled
+    FROM o
+    JOIN pgqueue.jobs AS j ON j.id = o.id
+    CROSS JOIN LATERAL jsonb_array_elements(j.history) WITH ORDINALITY AS h(e, n)
+    WHERE h.e ->> 'worker' = %(worker_id)s::text AND h.e ? 'duration'
+      AND (h.e ->> 'started_at')::timestamptz = o.started_at
+    UNION ALL
+    SELECT o.id, h.e ->> 'outcome', false
+    FROM o
+    JOIN pgqueue.dead_jobs AS d ON d.id = o.id
+    CROSS JOIN LATERAL jsonb_array_elements(d.history) AS h(e)
+    WHERE h.e ->> 'worker' = %(worker_id)s::text AND h.e ? 'duration'
+      AND (h.e ->> 'started_at')::timestamptz = o.started_at
 )
-SELECT o.id,
-       CASE WHEN j.history -> -1 ->> 'worker' = %(worker_id)s::text
-                 AND (j.history -> -1 ->> 'attempt')::int = o.attempt
-                 AND abs((j.history -> -1 ->> 'duration')::float8 - o.duration) < 1e-6
-            THEN j.state::text ELSE 'moved_on' END AS state
-FROM o JOIN pgqueue.jobs AS j ON j.id = o.id
-WHERE EXISTS (SELECT 1 FROM jsonb_array_elements(j.history) AS h(e)
-              WHERE h.e ->> 'worker' = %(worker_id)s::text AND (h.e ->> 'attempt')::int = o.attempt
-                AND abs((h.e ->> 'duration')::float8 - o.duration) < 1e-6)
-UNION ALL
-SELECT o.id, 'dead'
-FROM o JOIN pgqueue.dead_jobs AS d ON d.id = o.id
-WHERE EXISTS (SELECT 1 FROM jsonb_array_elements(d.history) AS h(e)
-              WHERE h.e ->> 'worker' = %(worker_id)s::text AND (h.e ->> 'attempt')::int = o.attempt
-                AND abs((h.e ->> 'duration')::float8 - o.duration) < 1e-6);
+SELECT id,
+       CASE WHEN outcome = 'failed' OR cancelled THEN 'cancelled' ELSE outcome END AS state
+FROM found;
 
 -- name: register_worker
 -- Registers this worker process, or refreshes its row (last heartbeat, running jobs);

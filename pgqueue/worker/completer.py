@@ -209,20 +209,36 @@ class Completer:
                 [
                     o
                     for o in batch
-                    if o.job.id not in changed and (o.job.id, o.job.lease_token) in self._uncertain
+                    if o.job.id not in changed
+                    and o.job.attempted_at is not None
+                    and (o.job.id, o.job.lease_token) in self._uncertain
                 ]
                 if self._uncertain
                 else []
             )
             if doubtful:
-                changed |= await store.recorded_outcomes(
-                    conn,
-                    worker_id=self.worker_id,
-                    ids=[o.job.id for o in doubtful],
-                    attempts=[o.job.attempt for o in doubtful],
-                    durations=[o.duration for o in doubtful],
-                )
+                changed |= await self._recorded(conn, doubtful)
         return changed
+
+    async def _recorded(
+        self, conn: AsyncConnection[Any], doubtful: list[Outcome]
+    ) -> dict[int, str]:
+        """Which fenced, uncertain outcomes an earlier try did write: {id: state}. If
+        the database refuses to say (not a connection problem: that retries the batch),
+        they are reported fenced, as they were before this check existed."""
+        claims = [(o.job.id, o.job.attempted_at) for o in doubtful if o.job.attempted_at]
+        try:
+            return await store.recorded_outcomes(
+                conn,
+                worker_id=self.worker_id,
+                ids=[job_id for job_id, _ in claims],
+                started_ats=[started_at for _, started_at in claims],
+            )
+        except CONNECTION_ERRORS:
+            raise
+        except Exception:
+            log.exception("completer.check_failed", outcomes=len(doubtful))
+            return {}
 
     @staticmethod
     async def _write_kind(
