@@ -1165,23 +1165,30 @@ class _Fails(Exception):
     pass
 
 
-# (what the handler does, a text only that outcome's statement sends, the job's state
-# after it, the outcome label, the history's last entry, where the row ends up)
+RETRY_MARK = b"errors = j.errors || jsonb_build_array(r.error)"
+DEAD_MARK = b"INSERT INTO pgqueue.dead_jobs"
+# (what the handler does, whether a cancel is requested while it runs, a text only that
+# outcome's statement sends, the job's state after it, the outcome label, the history's
+# last entry, where the row ends up)
 CUT_OUTCOMES = [
-    ("return", b"SET state = 'succeeded'", "succeeded", "succeeded", "succeeded", "jobs"),
-    ("raise", b"errors = j.errors || jsonb_build_array(r.error)", "queued", "retried",
-     "retried", "jobs"),
-    ("permanent", b"INSERT INTO pgqueue.dead_jobs", None, "dead", "dead", "dead_jobs"),
-    ("snooze", b"'snoozed')", "queued", "snoozed", "snoozed", "jobs"),
+    ("return", False, b"SET state = 'succeeded'", "succeeded", "succeeded", "succeeded", "jobs"),
+    ("raise", False, RETRY_MARK, "queued", "retried", "retried", "jobs"),
+    ("permanent", False, DEAD_MARK, None, "dead", "dead", "dead_jobs"),
+    ("snooze", False, b"'snoozed')", "queued", "snoozed", "snoozed", "jobs"),
+    ("raise", True, RETRY_MARK, "cancelled", "failed", "failed", "jobs"),
+    ("permanent", True, DEAD_MARK, "cancelled", "failed", "failed", "jobs"),
+    ("snooze", True, b"'snoozed')", "cancelled", "cancelled", "snoozed", "jobs"),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("does", "marker", "after", "label", "entry", "table"), CUT_OUTCOMES)
+@pytest.mark.parametrize(
+    ("does", "cancel", "marker", "after", "label", "entry", "table"), CUT_OUTCOMES
+)
 def test_an_outcome_whose_commit_reply_was_lost_is_reported_written_not_lease_lost(
-    conn, dsn, does, marker, after, label, entry, table
+    conn, dsn, does, cancel, marker, after, label, entry, table
 ):
     registry = Registry()
-    task_name = f"ops_cut_{does}"
+    task_name = f"ops_cut_{does}" + ("_cancelled" if cancel else "")
 
     @registry.task(name=task_name)
     def task() -> None:
@@ -1199,6 +1206,8 @@ def test_an_outcome_whose_commit_reply_was_lost_is_reported_written_not_lease_lo
             assert [j.id for j in await worker.run_once()] == [job_id]
             await handler_finished(worker)
             assert worker.completer.pending == 1
+            if cancel:
+                assert store.cancel_job(conn, job_id=job_id) == "running"  # flagged
             # The outcome commits, and its connection dies before the reply arrives. (The
             # marker is in the statement's text, which psycopg sends with each of its
             # first five runs on a connection; this worker's pool has run none yet.)

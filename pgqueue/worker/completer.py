@@ -7,7 +7,7 @@ A batch that fails on a broken connection is kept and retried with backoff. Such
 failure leaves its outcomes uncertain: the COMMIT may have happened with only its reply
 lost, and then the retry is fenced off by the batch's own first write. Before an
 uncertain outcome is reported fenced, the job's history is checked for this worker's
-entry of that attempt (store.recorded_outcomes); if it is there, the outcome was written.
+entry of that claim (store.recorded_outcomes); if it is there, the outcome was written.
 """
 
 from __future__ import annotations
@@ -226,6 +226,7 @@ class Completer:
         """Which fenced, uncertain outcomes an earlier try did write: {id: state}. If
         the database refuses to say (not a connection problem: that retries the batch),
         they are reported fenced, as they were before this check existed."""
+        # (_write keeps only outcomes whose claim time is known: the check needs it.)
         claims = [(o.job.id, o.job.attempted_at) for o in doubtful if o.job.attempted_at]
         try:
             return await store.recorded_outcomes(
