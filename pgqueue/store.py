@@ -184,6 +184,17 @@ async def complete_jobs(
     return dict(rows)
 
 
+async def release_orphans(
+    conn: AsyncConn, *, worker_id: str, keep: Sequence[uuid.UUID]
+) -> dict[int, str]:
+    """Requeues (or cancels) the jobs running under ``worker_id`` whose token is not in
+    ``keep``; returns {id: state now}. See the query."""
+    rows = await _fetch_tuples_async(
+        conn, "release_orphans", {"worker_id": worker_id, "keep": _array(keep)}
+    )
+    return dict(rows)
+
+
 async def recorded_outcomes(
     conn: AsyncConn,
     *,

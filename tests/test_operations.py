@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -1304,6 +1305,137 @@ def test_a_lost_lease_is_reported_although_an_earlier_claim_had_the_same_attempt
             assert await worker.completer.run_once() == 1  # fenced, and not recorded
 
     runs_with_one_lost_lease(conn, job_id, "ops_cut_again", scenario)
+
+
+def history_outcomes(conn: psycopg.Connection[Any], job_id: int) -> list[tuple[int, str]]:
+    history = scalar(conn, "SELECT history FROM pgqueue.jobs WHERE id = %s", (job_id,))
+    return [(e["attempt"], e["outcome"]) for e in history]
+
+
+def test_a_claim_whose_reply_was_lost_is_released_at_the_next_heartbeat(conn, dsn):
+    """The claim commits but its reply is lost: the job runs under this worker's name, and
+    the worker does not know it. Its next heartbeat returns it to the queue, uncounted,
+    instead of leaving it to expire and then run alone as a rescued job."""
+    registry = Registry()
+    ran: list[int] = []
+
+    @registry.task(name="ops_orphan")
+    def task() -> None:
+        ran.append(1)
+
+    job_id = enqueue(conn, "ops_orphan")
+
+    async def scenario() -> None:
+        async with proxied_worker(registry, dsn) as (worker, proxy):
+            proxy.marker = b"SET state = 'running'"  # claim_jobs' text (first run)
+            with pytest.raises(psycopg.OperationalError):
+                await worker.run_once()
+            assert proxy.cuts == 1
+            row = job_row(conn, job_id)
+            assert row is not None
+            assert (row["state"], row["leased_by"], row["attempts"]) == (
+                "running",
+                worker.worker_id,
+                1,
+            )
+            assert worker._held == {}
+            await worker.heartbeat.run_once()
+            row = job_row(conn, job_id)
+            assert row is not None
+            assert (row["state"], row["attempts"], row["rescued"]) == ("queued", 0, False)
+            assert row["lease_token"] is None
+            assert history_outcomes(conn, job_id) == [(1, "orphaned")]
+            # And it runs normally from there, its first counted attempt.
+            assert [(j.id, j.attempt) for j in await worker.run_once()] == [(job_id, 1)]
+            await handler_finished(worker)
+            assert await worker.completer.run_once() == 1
+
+    asyncio.run(scenario())
+    assert ran == [1]
+    assert state(conn, job_id) == "succeeded"
+    assert history_outcomes(conn, job_id) == [(1, "orphaned"), (1, "succeeded")]
+
+
+def test_the_heartbeat_releases_no_job_it_holds_or_another_worker_runs(conn, dsn):
+    registry = Registry()
+    release = threading.Event()
+
+    @registry.task(name="ops_busy")
+    def task() -> None:
+        release.wait(10)
+
+    ids = [enqueue(conn, "ops_busy") for _ in range(3)]
+
+    async def scenario() -> None:
+        config = WorkerConfig(dsn=dsn, lease_seconds=5, concurrency=2)
+        mine, other = Worker(registry, config), Worker(registry, config)
+        await mine.pool.open(wait=True)
+        await other.pool.open(wait=True)
+        try:
+            held = {j.id for j in await mine.run_once()}
+            others = {j.id for j in await other.run_once()}
+            assert len(held) == 2 and len(others) == 1
+            for worker in (mine, other):
+                await worker.heartbeat.run_once()
+            running = conn.execute(
+                "SELECT id, leased_by FROM pgqueue.jobs WHERE state = 'running'"
+            ).fetchall()
+            assert {r[0] for r in running} == set(ids)
+            assert {r[0] for r in running if r[1] == mine.worker_id} == held
+        finally:
+            release.set()
+            for worker in (mine, other):
+                await worker.pool.close()
+                worker.executor.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_job_whose_outcome_the_database_refused_is_left_to_the_reaper(conn, dsn):
+    """A refused outcome (not a connection problem) is dropped and its lease left to
+    expire, so that the reaper counts the attempt: the heartbeat must not release that
+    job as an orphan, which would not count it, again and again."""
+    conn.execute(
+        """
+        CREATE FUNCTION public.refuse_success() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.state = 'succeeded' AND OLD.task = 'ops_refused' THEN
+                RAISE EXCEPTION 'refused for the test';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_success BEFORE UPDATE ON pgqueue.jobs
+            FOR EACH ROW EXECUTE FUNCTION public.refuse_success();
+        """
+    )
+    registry = Registry()
+
+    @registry.task(name="ops_refused")
+    def task() -> None:
+        pass
+
+    job_id = enqueue(conn, "ops_refused")
+
+    async def scenario() -> None:
+        worker = Worker(registry, WorkerConfig(dsn=dsn, lease_seconds=5, concurrency=1))
+        await worker.pool.open(wait=True)
+        try:
+            await worker.run_once()
+            await handler_finished(worker)
+            with pytest.raises(psycopg.errors.RaiseException):
+                await worker.completer.run_once()
+            await worker.completer._write_singly()  # as the run loop does: refused, dropped
+            assert worker._held == {}
+            await worker.heartbeat.run_once()
+        finally:
+            await worker.pool.close()
+            worker.executor.shutdown()
+
+    asyncio.run(scenario())
+    row = job_row(conn, job_id)
+    assert row is not None
+    assert (row["state"], row["attempts"]) == ("running", 1)
+    assert history_outcomes(conn, job_id) == []
 
 
 # --- 11. unreachable database, bad DSN, busy port -------------------------------------------

@@ -873,6 +873,9 @@ def _plan_params(dsn: str, name: str) -> dict[str, Any]:
         else:
             params["durations"] = [0.01] * len(ids)
         return params
+    if name == "release_orphans":
+        _, tokens = _running_ids_and_tokens(dsn, 5)
+        return {"worker_id": WORKER, "keep": tokens}
     if name == "recorded_outcomes":
         ids, _ = _running_ids_and_tokens(dsn, 5)
         now = datetime.now(UTC)
@@ -904,6 +907,7 @@ def _seq_scans_on_jobs(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "extend_leases",
         "complete_jobs",
         "recorded_outcomes",
+        "release_orphans",
         "requeue_expired",
         "prune_finished",
         "queue_stats",
@@ -1042,7 +1046,7 @@ def test_claims_update_picked_rows_by_primary_key_in_their_generic_plan(
 @pytest.mark.parametrize(
     "name",
     ["claim_jobs", "claim_rescued_job", "rescued_waiting", "seconds_until_due", "extend_leases",
-     "complete_jobs", "recorded_outcomes"],
+     "complete_jobs", "recorded_outcomes", "release_orphans"],
 )  # fmt: skip
 def test_worker_statement_generic_plan_never_seq_scans_the_jobs_table(queued_after_idle_dsn, name):
     nodes = _generic_plan(queued_after_idle_dsn, name, _plan_params(queued_after_idle_dsn, name))

@@ -218,6 +218,41 @@ WITH updated AS (
 SELECT u.id, u.state::text AS state
 FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
 
+-- name: release_orphans
+-- Jobs running under this worker's name that it does not hold: a claim whose reply was
+-- lost with its connection (committed, never started here), or, with --async-commit, an
+-- outcome that a Postgres crash undid. They go back to the queue now, without counting
+-- the attempt (as release_jobs does; a cancel-requested one is cancelled), instead of
+-- waiting for their lease to expire and then running alone as if their worker had died.
+-- The worker runs this while none of its own claims is in flight, passing the tokens of
+-- every job it holds (and of outcomes the database refused: left to the reaper). Locked
+-- with SKIP LOCKED and rechecked by the lock, like the claim; found through
+-- jobs_running_idx.
+WITH orphans AS MATERIALIZED (
+    SELECT j.id
+    FROM pgqueue.jobs AS j
+    WHERE j.state = 'running' AND j.leased_by = %(worker_id)s::text
+      AND NOT EXISTS (SELECT 1 FROM unnest(%(keep)s::uuid[]) AS k(token)
+                      WHERE k.token = j.lease_token)
+    FOR UPDATE SKIP LOCKED
+), updated AS (
+    UPDATE pgqueue.jobs AS j
+    SET state = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued'
+                     ELSE 'cancelled' END::pgqueue.job_state,
+        finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
+        attempts = j.attempts - 1,
+        run_at = now(),
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        history = j.history || pgqueue.history_entry(
+            j.attempts, j.leased_by, j.attempted_at, NULL, 'orphaned')
+    FROM orphans AS o
+    WHERE j.id = o.id
+    RETURNING j.id, j.queue, j.state
+)
+SELECT u.id, u.state::text AS state
+FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
+
 -- name: dead_letter_jobs
 -- Moves jobs to pgqueue.dead_jobs with their error history plus this attempt's error and
 -- history entry, atomically (one statement: the delete and the insert commit together),

@@ -86,7 +86,16 @@ class Worker:
             registry, self.worker_id, threads=config.concurrency, on_thread_freed=self._thread_freed
         )
         self._lock = asyncio.Lock()
+        # Held from sending a claim until its jobs are in _held, so that the heartbeat
+        # can tell this worker's orphans (running under its name, not held) from jobs
+        # whose claim is still on its way back.
+        self._claiming = asyncio.Lock()
         self._held: dict[int, Job] = {}
+        # Lease tokens of outcomes the database refused (WriteResult.FAILED), with when:
+        # their jobs stay running until the lease expires and the reaper takes over, so
+        # the heartbeat must not release them as orphans (that would not count an attempt
+        # that keeps failing the same way).
+        self._refused: dict[uuid.UUID, float] = {}
         # (id, lease token) of attempts whose lease the heartbeat found lost: keyed by
         # token too, since this worker may claim the same job again meanwhile.
         self._lost: set[tuple[int, uuid.UUID]] = set()
@@ -119,6 +128,9 @@ class Worker:
             self._register,
             interval=config.heartbeat_interval,
             lease_seconds=config.lease_seconds,
+            worker_id=self.worker_id,
+            claiming=self._claiming,
+            refused=self._refused_tokens,
         )
         self.listener = Listener(
             config.dsn,
@@ -204,7 +216,7 @@ class Worker:
         if limit <= 0:
             return []
         loop = asyncio.get_running_loop()
-        async with self.pool.connection() as conn:
+        async with self._claiming, self.pool.connection() as conn:
             if loop.time() >= self._next_rescue_check:
                 self._rescue_pending = await store.rescued_waiting(conn, queues=self.queues)
                 self._next_rescue_check = loop.time() + self.config.poll_interval
@@ -234,8 +246,8 @@ class Worker:
                 worker_id=self.worker_id,
                 lease_seconds=self.config.lease_seconds,
             )
-        for job in jobs:
-            self._start(job)
+            for job in jobs:
+                self._start(job)
         self._count_claimed(jobs)
         return jobs
 
@@ -370,7 +382,9 @@ class Worker:
         job = outcome.job
         self._release_hold(job)
         if result is WriteResult.FAILED:
-            return  # logged by the completer; the lease now expires and the reaper retries
+            # Logged by the completer; the lease now expires and the reaper retries.
+            self._refused[job.lease_token] = time.monotonic()
+            return
         fields = {
             "job_id": job.id,
             "task": job.task,
@@ -419,6 +433,13 @@ class Worker:
             label = "released"
             self._log.info("job.released", **fields)
         metrics.child(metrics.JOBS_COMPLETED, job.queue, self._task_label(job), label).inc()
+
+    def _refused_tokens(self) -> list[uuid.UUID]:
+        """Tokens of refused outcomes whose lease may still be running (see _refused)."""
+        horizon = time.monotonic() - 2 * self.config.lease_seconds
+        for token in [t for t, at in self._refused.items() if at < horizon]:
+            del self._refused[token]
+        return list(self._refused)
 
     def _release_hold(self, job: Job) -> None:
         # Only this attempt's hold: the same job may have been claimed again since.

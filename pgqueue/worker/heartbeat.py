@@ -4,11 +4,18 @@ refreshes the worker's row in pgqueue.workers.
 A job missing from the statement's result was taken away (its lease expired and the
 reaper requeued it, or it was claimed again): the worker is told, so it can log it and
 drop the result; the database already refuses that result either way.
+
+The other way round, a job can run under this worker's name without the worker holding
+it: its claim committed but the reply was lost with the connection, or (with
+--async-commit) a Postgres crash undid its outcome. Each beat also returns such orphans
+to the queue (store.release_orphans), while no claim of this worker is in flight, so
+they need not wait for their lease and then run alone as if this worker had died.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,6 +41,9 @@ class Heartbeat:
         *,
         interval: float,
         lease_seconds: float,
+        worker_id: str,
+        claiming: asyncio.Lock,
+        refused: Callable[[], list[uuid.UUID]],
     ) -> None:
         self.pool = pool
         self.lock = lock
@@ -42,6 +52,11 @@ class Heartbeat:
         self.register = register
         self.interval = interval
         self.lease_seconds = lease_seconds
+        self.worker_id = worker_id
+        # Held by the fetcher from sending a claim until its jobs are held.
+        self.claiming = claiming
+        # Tokens of outcomes the database refused: their jobs are left to the reaper.
+        self.refused = refused
         self.last_success: float | None = None
 
     async def run(self) -> None:
@@ -79,4 +94,18 @@ class Heartbeat:
         self.last_success = asyncio.get_running_loop().time()
         if lost:
             self.on_lost(lost)
+        await self.release_orphans()
         return len(extended), lost
+
+    async def release_orphans(self) -> dict[int, str]:
+        """Return the jobs running under this worker's name that it does not hold to the
+        queue; {id: state now}. Under the claim lock (no claim in flight, so every job
+        this worker claimed is held) and the completer's lock (no outcome half-reported)."""
+        async with self.claiming, self.lock, self.pool.connection() as conn:
+            keep = [j.lease_token for j in self.held()] + self.refused()
+            released = await store.release_orphans(conn, worker_id=self.worker_id, keep=keep)
+        if released:
+            log.warning(
+                "jobs.orphans_released", count=len(released), job_ids=sorted(released)[:100]
+            )
+        return released
