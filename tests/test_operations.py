@@ -1057,7 +1057,8 @@ class CommitReplyCutter:
     message that contains it, lets the server run it to the end (its ReadyForQuery: the
     implicit transaction has committed), then drops that reply and closes both sides. The
     client sees its connection die without knowing that its statement committed. With
-    ``before`` set it closes both sides instead of passing the message on."""
+    ``before`` set it closes both sides instead of passing the message on; with ``hold``
+    set it keeps the committed reply until that event is set, then delivers it."""
 
     @classmethod
     async def in_front_of(cls, dsn: str) -> tuple[CommitReplyCutter, str]:
@@ -1072,7 +1073,10 @@ class CommitReplyCutter:
         self.marker: bytes | None = None
         # Cut before the server sees the marked message instead (nothing runs).
         self.before = False
+        # Delay the committed reply until this is set, instead of cutting it.
+        self.hold: asyncio.Event | None = None
         self.cuts = 0
+        self.held = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -1104,6 +1108,7 @@ class CommitReplyCutter:
                 await server_w.drain()
 
         async def downstream() -> None:
+            nonlocal cutting
             reply = b""
             while data := await server_r.read(65536):
                 if not cutting:
@@ -1111,9 +1116,16 @@ class CommitReplyCutter:
                     await client_w.drain()
                     continue
                 reply += data
-                if reply[-6:-1] == b"Z\x00\x00\x00\x05":  # ReadyForQuery: committed
+                if reply[-6:-1] != b"Z\x00\x00\x00\x05":  # ReadyForQuery: committed
+                    continue
+                if self.hold is None:
                     self.cuts += 1
                     break
+                self.held += 1
+                await self.hold.wait()
+                client_w.write(reply)
+                await client_w.drain()
+                reply, cutting = b"", False
             for writer in (client_w, server_w):
                 writer.close()
 
@@ -1354,6 +1366,71 @@ def test_a_claim_whose_reply_was_lost_is_released_at_the_next_heartbeat(conn, ds
     assert ran == [1]
     assert state(conn, job_id) == "succeeded"
     assert history_outcomes(conn, job_id) == [(1, "orphaned"), (1, "succeeded")]
+
+
+def test_a_job_orphaned_twice_in_a_row_is_left_to_the_reaper(conn, dsn):
+    """A claim that keeps failing after its commit must not loop uncounted: the second
+    time in a row, the orphan waits for its lease and the reaper (which isolates it and
+    counts its attempts)."""
+    registry = Registry()
+
+    @registry.task(name="ops_orphan_twice")
+    def task() -> None:
+        pass
+
+    job_id = enqueue(conn, "ops_orphan_twice")
+
+    async def scenario() -> None:
+        async with proxied_worker(registry, dsn) as (worker, proxy):
+            for _ in range(2):
+                proxy.marker = b"SET state = 'running'"
+                with pytest.raises(psycopg.OperationalError):
+                    await worker.run_once()
+                await worker.heartbeat.run_once()
+            assert proxy.cuts == 2
+
+    asyncio.run(scenario())
+    row = job_row(conn, job_id)
+    assert row is not None
+    assert (row["state"], row["attempts"]) == ("running", 1)
+    assert history_outcomes(conn, job_id) == [(1, "orphaned")]
+    expire_and_requeue(conn, dsn, job_id)
+    row = job_row(conn, job_id)
+    assert row is not None and row["state"] == "queued" and row["rescued"] is True
+
+
+def test_a_claim_in_flight_is_not_taken_for_an_orphan(conn, dsn):
+    """The claim has committed and its reply is on its way when the heartbeat runs: the
+    job runs under this worker's name and is not held yet. The heartbeat still extends
+    the leases it holds, and leaves the claim's jobs alone."""
+    registry = Registry()
+
+    @registry.task(name="ops_in_flight")
+    def task() -> None:
+        pass
+
+    job_id = enqueue(conn, "ops_in_flight")
+
+    async def scenario() -> None:
+        async with proxied_worker(registry, dsn) as (worker, proxy):
+            proxy.marker, proxy.hold = b"SET state = 'running'", asyncio.Event()
+            claim = asyncio.create_task(worker.run_once())
+            for _ in range(1000):
+                if proxy.held:
+                    break
+                await asyncio.sleep(0.01)
+            assert proxy.held == 1 and state(conn, job_id) == "running"
+            assert worker._held == {}
+            await worker.heartbeat.run_once()
+            assert state(conn, job_id) == "running"
+            proxy.hold.set()
+            assert [j.id for j in await claim] == [job_id]
+            await handler_finished(worker)
+            assert await worker.completer.run_once() == 1
+
+    asyncio.run(scenario())
+    assert state(conn, job_id) == "succeeded"
+    assert history_outcomes(conn, job_id) == [(1, "succeeded")]
 
 
 def test_the_heartbeat_releases_no_job_it_holds_or_another_worker_runs(conn, dsn):

@@ -225,8 +225,11 @@ FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
 -- the attempt (as release_jobs does; a cancel-requested one is cancelled), instead of
 -- waiting for their lease to expire and then running alone as if their worker had died.
 -- The worker runs this while none of its own claims is in flight, passing the tokens of
--- every job it holds (and of outcomes the database refused: left to the reaper). Locked
--- with SKIP LOCKED and rechecked by the lock, like the claim; found through
+-- every job it holds (and of outcomes the database refused: left to the reaper). A job
+-- orphaned twice in a row (its last history entry says so: it never ran in between) is
+-- left to the reaper too, which counts the attempt and runs it alone: a claim that keeps
+-- failing after its commit (say, a row the worker cannot decode) must not loop uncounted.
+-- Locked with SKIP LOCKED and rechecked by the lock, like the claim; found through
 -- jobs_running_idx.
 WITH orphans AS MATERIALIZED (
     SELECT j.id
@@ -234,13 +237,14 @@ WITH orphans AS MATERIALIZED (
     WHERE j.state = 'running' AND j.leased_by = %(worker_id)s::text
       AND NOT EXISTS (SELECT 1 FROM unnest(%(keep)s::uuid[]) AS k(token)
                       WHERE k.token = j.lease_token)
+      AND (j.history -> -1 ->> 'outcome') IS DISTINCT FROM 'orphaned'
     FOR UPDATE SKIP LOCKED
 ), updated AS (
     UPDATE pgqueue.jobs AS j
     SET state = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued'
                      ELSE 'cancelled' END::pgqueue.job_state,
         finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
-        attempts = j.attempts - 1,
+        attempts = greatest(j.attempts - 1, 0),
         run_at = now(),
         lease_token = NULL,
         lease_expires_at = NULL,

@@ -36,6 +36,8 @@ from pgqueue.worker.heartbeat import Heartbeat
 from pgqueue.worker.listener import Listener
 
 log = get_logger("pgqueue.worker")
+# Tokens of refused outcomes the worker remembers (see Worker._refused).
+REFUSED_KEPT = 10_000
 
 
 def make_worker_id() -> str:
@@ -91,11 +93,11 @@ class Worker:
         # whose claim is still on its way back.
         self._claiming = asyncio.Lock()
         self._held: dict[int, Job] = {}
-        # Lease tokens of outcomes the database refused (WriteResult.FAILED), with when:
-        # their jobs stay running until the lease expires and the reaper takes over, so
-        # the heartbeat must not release them as orphans (that would not count an attempt
-        # that keeps failing the same way).
-        self._refused: dict[uuid.UUID, float] = {}
+        # Lease tokens of outcomes the database refused (WriteResult.FAILED): their jobs
+        # stay running until the lease expires and the reaper takes over, so the heartbeat
+        # must not release them as orphans (that would not count an attempt that keeps
+        # failing the same way). Refusals are rare; the oldest go past REFUSED_KEPT.
+        self._refused: dict[uuid.UUID, None] = {}
         # (id, lease token) of attempts whose lease the heartbeat found lost: keyed by
         # token too, since this worker may claim the same job again meanwhile.
         self._lost: set[tuple[int, uuid.UUID]] = set()
@@ -383,7 +385,9 @@ class Worker:
         self._release_hold(job)
         if result is WriteResult.FAILED:
             # Logged by the completer; the lease now expires and the reaper retries.
-            self._refused[job.lease_token] = time.monotonic()
+            self._refused[job.lease_token] = None
+            while len(self._refused) > REFUSED_KEPT:
+                del self._refused[next(iter(self._refused))]
             return
         fields = {
             "job_id": job.id,
@@ -435,10 +439,7 @@ class Worker:
         metrics.child(metrics.JOBS_COMPLETED, job.queue, self._task_label(job), label).inc()
 
     def _refused_tokens(self) -> list[uuid.UUID]:
-        """Tokens of refused outcomes whose lease may still be running (see _refused)."""
-        horizon = time.monotonic() - 2 * self.config.lease_seconds
-        for token in [t for t, at in self._refused.items() if at < horizon]:
-            del self._refused[token]
+        """Tokens of refused outcomes, for the heartbeat to leave alone (see _refused)."""
         return list(self._refused)
 
     def _release_hold(self, job: Job) -> None:

@@ -100,7 +100,11 @@ class Heartbeat:
     async def release_orphans(self) -> dict[int, str]:
         """Return the jobs running under this worker's name that it does not hold to the
         queue; {id: state now}. Under the claim lock (no claim in flight, so every job
-        this worker claimed is held) and the completer's lock (no outcome half-reported)."""
+        this worker claimed is held) and the completer's lock (no outcome half-reported).
+        Skipped while a claim is in flight: a claim stuck on the server must not hold up
+        the heartbeat, whose first duty is to extend the leases (done before this)."""
+        if self.claiming.locked():
+            return {}
         async with self.claiming, self.lock, self.pool.connection() as conn:
             keep = [j.lease_token for j in self.held()] + self.refused()
             released = await store.release_orphans(conn, worker_id=self.worker_id, keep=keep)
