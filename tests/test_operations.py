@@ -1136,6 +1136,13 @@ class CommitReplyCutter:
             writer.close()
 
 
+def noop_job(conn: psycopg.Connection[Any], task: str) -> tuple[Registry, int]:
+    """A registry with one no-op task of that name, and one job of it enqueued."""
+    registry = Registry()
+    registry.task(name=task)(lambda: None)
+    return registry, enqueue(conn, task)
+
+
 def completed(task: str, outcome: str) -> float:
     """pgqueue_jobs_completed_total for a task of the default queue, in this process."""
     labels = {"queue": "default", "task": task, "outcome": outcome}
@@ -1255,13 +1262,7 @@ def test_a_lost_lease_is_still_reported_when_a_cut_write_had_not_landed(conn, ds
     """The other side of the check above: the write died before the server saw it, and
     meanwhile the lease expired and the reaper requeued the job: fenced, lease lost, and
     counted once although both the heartbeat and the completer meet it."""
-    registry = Registry()
-
-    @registry.task(name="ops_cut_lost")
-    def task() -> None:
-        pass
-
-    job_id = enqueue(conn, "ops_cut_lost")
+    registry, job_id = noop_job(conn, "ops_cut_lost")
 
     async def scenario() -> None:
         async with proxied_worker(registry, dsn) as (worker, proxy):
@@ -1372,13 +1373,7 @@ def test_a_job_orphaned_twice_in_a_row_is_left_to_the_reaper(conn, dsn):
     """A claim that keeps failing after its commit must not loop uncounted: the second
     time in a row, the orphan waits for its lease and the reaper (which isolates it and
     counts its attempts)."""
-    registry = Registry()
-
-    @registry.task(name="ops_orphan_twice")
-    def task() -> None:
-        pass
-
-    job_id = enqueue(conn, "ops_orphan_twice")
+    registry, job_id = noop_job(conn, "ops_orphan_twice")
 
     async def scenario() -> None:
         async with proxied_worker(registry, dsn) as (worker, proxy):
@@ -1403,13 +1398,7 @@ def test_a_claim_in_flight_is_not_taken_for_an_orphan(conn, dsn):
     """The claim has committed and its reply is on its way when the heartbeat runs: the
     job runs under this worker's name and is not held yet. The heartbeat still extends
     the leases it holds, and leaves the claim's jobs alone."""
-    registry = Registry()
-
-    @registry.task(name="ops_in_flight")
-    def task() -> None:
-        pass
-
-    job_id = enqueue(conn, "ops_in_flight")
+    registry, job_id = noop_job(conn, "ops_in_flight")
 
     async def scenario() -> None:
         async with proxied_worker(registry, dsn) as (worker, proxy):
@@ -1485,13 +1474,7 @@ def test_a_job_whose_outcome_the_database_refused_is_left_to_the_reaper(conn, ds
             FOR EACH ROW EXECUTE FUNCTION public.refuse_success();
         """
     )
-    registry = Registry()
-
-    @registry.task(name="ops_refused")
-    def task() -> None:
-        pass
-
-    job_id = enqueue(conn, "ops_refused")
+    registry, job_id = noop_job(conn, "ops_refused")
 
     async def scenario() -> None:
         worker = Worker(registry, WorkerConfig(dsn=dsn, lease_seconds=5, concurrency=1))
