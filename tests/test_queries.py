@@ -846,6 +846,27 @@ def explain(dsn: str, name: str, params: dict[str, Any]) -> list[dict[str, Any]]
     return list(_plan_nodes(row[0][0]["Plan"]))
 
 
+def test_bulk_id_reservation_looks_up_the_sequence_once(dsn):
+    # reserve_job_ids draws one id per job of a COPY; looking the sequence up (and casting
+    # its name to regclass) for each id cost about 8 us per job. The lookup must be an
+    # InitPlan, run once, and not part of the per-row expression.
+    with psycopg.connect(dsn, autocommit=True) as c, c.cursor() as cur:
+        cur.execute(
+            "EXPLAIN (VERBOSE, FORMAT JSON) " + QUERIES["reserve_job_ids"],  # type: ignore[operator]
+            {"n": 1000},
+        )
+        row = cur.fetchone()
+    assert row is not None
+    nodes = list(_plan_nodes(row[0][0]["Plan"]))
+    looked_up = [n for n in nodes if "pg_get_serial_sequence" in " ".join(n.get("Output", []))]
+    assert looked_up and all(n.get("Parent Relationship") == "InitPlan" for n in looked_up)
+    assert not any(
+        "pg_get_serial_sequence" in " ".join(n.get("Output", []))
+        for n in nodes
+        if n.get("Parent Relationship") != "InitPlan"
+    )
+
+
 def _running_ids_and_tokens(dsn: str, n: int) -> tuple[list[int], list[uuid.UUID]]:
     with psycopg.connect(dsn, autocommit=True) as c:
         rows = c.execute(
