@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import inspect
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -12,7 +14,7 @@ import psycopg
 import pytest
 
 from pgqueue import JobSpec, Registry, SerializationError, ValidationError, enqueue, enqueue_many
-from pgqueue.enqueue import STREAM_COPY_FROM
+from pgqueue.enqueue import MAX_ARGS_DEPTH, STREAM_COPY_FROM
 from pgqueue.registry import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY
 from tests.conftest import scalar
 
@@ -27,6 +29,13 @@ def job_row(conn, job_id):
 
 def count_jobs(conn) -> int:
     return scalar(conn, "SELECT count(*) FROM pgqueue.jobs")
+
+
+def nest(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 def test_enqueue_returns_id_and_fills_defaults(conn):
@@ -495,3 +504,82 @@ def test_enqueue_many_schedules_by_run_at_and_delay_on_both_paths(conn):
     assert abs(float(rows[copied[1]])) < 1 and abs(float(rows[inserted[1]]) - 7200) < 5
     assert abs(float(rows[copied[0]]) - 7200) < 5
     assert 599 <= float(rows[inserted[0]]) <= 601
+
+
+BAD_ARGS = [
+    {"s": "nul\x00"},
+    {"nul\x00key": 1},
+    {1: "int key"},
+    {"nested": {"deeper": ["nul\x00"]}},
+    {"nested": {2: "int key"}},
+    {"deep": nest(MAX_ARGS_DEPTH + 1)},
+    {"when": datetime.now(UTC)},
+    {"x": float("inf")},
+]
+
+
+@pytest.mark.parametrize("size", [10, BIG])
+@pytest.mark.parametrize("bad", BAD_ARGS, ids=range(len(BAD_ARGS)))
+def test_enqueue_many_checks_the_args_of_every_job_of_a_task_not_only_the_first(conn, size, bad):
+    # A batch's later jobs of one task and queue reuse the first one's checks of the
+    # names and options, never of the args.
+    specs = [JobSpec("t", {"i": i}, queue="q") for i in range(size)]
+    specs[-1] = JobSpec("t", bad, queue="q")
+
+    with pytest.raises(SerializationError):
+        enqueue_many(conn, specs)
+    assert count_jobs(conn) == 0
+
+
+def test_args_that_only_spell_a_nul_escape_are_stored_as_given(conn):
+    # JSON text holds a NUL as the six characters \u0000; a string holding those six
+    # characters (an escaped backslash in JSON) is not a NUL and is accepted.
+    args = {"s": "\\u0000", "\\u0000": ["\\\\u0000"]}
+    ids = [enqueue(conn, "t", args), *enqueue_many(conn, [JobSpec("t", {}), JobSpec("t", args)])]
+
+    stored = [job_row(conn, i)[2] for i in ids]
+    assert stored == [args, {}, args]
+
+
+def test_enqueue_many_resolves_each_task_and_queue_on_its_own(conn):
+    registry = Registry()
+    registry.task(name="tuned", queue="special", priority=3, max_attempts=5)(lambda: None)
+    specs = [
+        JobSpec("t", {"k": 0}),
+        JobSpec("tuned", {"k": 1}),
+        JobSpec("t", {"k": 2}, queue="other"),
+        JobSpec("tuned", {"k": 3}, queue="other"),
+        JobSpec("t", {"k": 4}),
+        JobSpec("tuned", {"k": 5}),
+        JobSpec("t", {"k": 6}, queue="other"),
+        JobSpec("tuned", {"k": 7}, queue="other"),
+    ]
+    ids = enqueue_many(conn, specs)
+
+    rows = [job_row(conn, i) for i in ids]
+    assert [(r[0], r[1], r[2], r[3], r[6]) for r in rows] == [
+        ("t", "default", {"k": 0}, 0, 20),
+        ("tuned", "special", {"k": 1}, 3, 5),
+        ("t", "other", {"k": 2}, 0, 20),
+        ("tuned", "other", {"k": 3}, 3, 5),
+        ("t", "default", {"k": 4}, 0, 20),
+        ("tuned", "special", {"k": 5}, 3, 5),
+        ("t", "other", {"k": 6}, 0, 20),
+        ("tuned", "other", {"k": 7}, 3, 5),
+    ]
+
+
+def test_jobspec_takes_its_fields_in_order_with_their_defaults_and_stays_frozen():
+    params = list(inspect.signature(JobSpec).parameters.values())
+    assert [p.name for p in params] == [f.name for f in dataclasses.fields(JobSpec)]
+    assert params[0].default is inspect.Parameter.empty
+    assert all(p.default is None for p in params[1:])
+
+    spec = JobSpec("t", None, "q", 1, None, 2.5, 3, "key")
+    assert spec == JobSpec(
+        task="t", args={}, queue="q", priority=1, delay=2.5, max_attempts=3, idempotency_key="key"
+    )
+    assert dataclasses.replace(spec, queue="r").queue == "r"
+    assert JobSpec("t").args == {} and JobSpec("t").args is not JobSpec("t").args
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.queue = "r"  # type: ignore[misc]
