@@ -990,11 +990,11 @@ def test_worker_logs_json_lines_without_job_args_unless_asked(conn, daemons, tmp
 # --- lease-lost accounting ----------------------------------------------------------------
 
 
-async def handler_finished(worker: Worker) -> None:
-    """Wait until the attempt the worker runs has its outcome queued for writing (the
-    handler runs in a thread)."""
+async def handler_finished(worker: Worker, count: int = 1) -> None:
+    """Wait until the attempts the worker runs (``count`` of them) have their outcomes
+    queued for writing (handlers run in threads)."""
     for _ in range(1000):
-        if worker.completer.pending:
+        if worker.completer.pending >= count:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the handler did not finish")
@@ -1151,12 +1151,12 @@ def completed(task: str, outcome: str) -> float:
 
 @contextlib.asynccontextmanager
 async def proxied_worker(
-    registry: Registry, dsn: str
+    registry: Registry, dsn: str, concurrency: int = 1
 ) -> AsyncIterator[tuple[Worker, CommitReplyCutter]]:
-    """An in-process worker (concurrency 1, its loops not started) whose connections go
-    through a CommitReplyCutter."""
+    """An in-process worker (its loops not started) whose connections go through a
+    CommitReplyCutter."""
     proxy, proxied = await CommitReplyCutter.in_front_of(dsn)
-    worker = Worker(registry, WorkerConfig(dsn=proxied, lease_seconds=5, concurrency=1))
+    worker = Worker(registry, WorkerConfig(dsn=proxied, lease_seconds=5, concurrency=concurrency))
     await worker.pool.open(wait=True)
     try:
         yield worker, proxy
@@ -1256,6 +1256,105 @@ def test_an_outcome_whose_commit_reply_was_lost_is_reported_written_not_lease_lo
         (job_id,),
     )
     assert [(e["attempt"], e["outcome"]) for e in history] == [(1, entry)]
+
+
+def mixed_registry(prefix: str) -> Registry:
+    """Tasks '<prefix>_ok' (returns) and '<prefix>_fail' (raises: retried)."""
+    registry = Registry()
+    registry.task(name=f"{prefix}_ok")(lambda: None)
+
+    @registry.task(name=f"{prefix}_fail")
+    def fail() -> None:
+        raise _Fails("again")
+
+    return registry
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["commit-reply-lost", "commit-not-sent"])
+def test_a_batch_of_two_kinds_cut_at_its_commit_is_reported_once_as_written(conn, dsn, landed):
+    """Outcomes of different kinds go out in one transaction (BEGIN, one statement per
+    kind, COMMIT). Its connection dies at the COMMIT: either the COMMIT landed and only its
+    reply was lost (the retry is fenced off, and the history shows both were written), or
+    it never reached the server (everything rolled back, and the retry writes both).
+    Either way each outcome is counted once, as what it was, and no lease is lost."""
+    prefix = "ops_mix_landed" if landed else "ops_mix_unsent"
+    registry = mixed_registry(prefix)
+    ok_id, fail_id = enqueue(conn, f"{prefix}_ok"), enqueue(conn, f"{prefix}_fail")
+
+    async def scenario() -> None:
+        async with proxied_worker(registry, dsn, concurrency=2) as (worker, proxy):
+            assert {j.id for j in await worker.run_once()} == {ok_id, fail_id}
+            await handler_finished(worker, 2)
+            proxy.marker, proxy.before = b"COMMIT", not landed
+            with pytest.raises(psycopg.OperationalError):
+                await worker.completer.run_once()
+            assert proxy.cuts == 1
+            expected = ("succeeded", "queued") if landed else ("running", "running")
+            assert (state(conn, ok_id), state(conn, fail_id)) == expected
+            assert await worker.completer.run_once() == 2
+            assert worker._held == {}
+
+    before = {
+        (task, outcome): completed(f"{prefix}_{task}", outcome)
+        for task in ("ok", "fail")
+        for outcome in ("succeeded", "retried", "lease_lost")
+    }
+    asyncio.run(scenario())
+    after = {key: completed(f"{prefix}_{key[0]}", key[1]) - n for key, n in before.items()}
+    assert after == {
+        ("ok", "succeeded"): 1,
+        ("ok", "retried"): 0,
+        ("ok", "lease_lost"): 0,
+        ("fail", "succeeded"): 0,
+        ("fail", "retried"): 1,
+        ("fail", "lease_lost"): 0,
+    }
+    assert (state(conn, ok_id), state(conn, fail_id)) == ("succeeded", "queued")
+    assert history_outcomes(conn, ok_id) == [(1, "succeeded")]
+    assert history_outcomes(conn, fail_id) == [(1, "retried")]
+
+
+def test_a_release_whose_commit_reply_was_lost_is_reported_released_not_lease_lost(conn, dsn):
+    """A job handed back at shutdown (released: requeued now, its attempt given back)
+    whose write committed and whose reply was lost."""
+    registry = Registry()
+    started: list[asyncio.Event] = []
+
+    @registry.task(name="ops_cut_release")
+    async def task() -> None:
+        started[0].set()
+        await asyncio.sleep(3600)
+
+    job_id = enqueue(conn, "ops_cut_release")
+
+    async def scenario() -> None:
+        async with proxied_worker(registry, dsn) as (worker, proxy):
+            started.append(asyncio.Event())
+            assert [j.id for j in await worker.run_once()] == [job_id]
+            await asyncio.wait_for(started[0].wait(), 10)
+            worker._running[job_id].cancel()  # what shutdown does to a handler it gives up
+            await handler_finished(worker)
+            proxy.marker = b"'released')"  # release_jobs' text
+            with pytest.raises(psycopg.OperationalError):
+                await worker.completer.run_once()
+            assert proxy.cuts == 1
+            assert state(conn, job_id) == "queued"
+            _, gone = await worker.heartbeat.run_once()
+            assert [j.id for j in gone] == [job_id]
+            assert job_id in worker._held
+            assert await worker.completer.run_once() == 1
+            assert job_id not in worker._held
+
+    lost, released = (
+        completed("ops_cut_release", "lease_lost"),
+        completed("ops_cut_release", "released"),
+    )
+    asyncio.run(scenario())
+    assert completed("ops_cut_release", "lease_lost") == lost
+    assert completed("ops_cut_release", "released") == released + 1
+    row = job_row(conn, job_id)
+    assert row is not None and (row["state"], row["attempts"]) == ("queued", 0)
+    assert history_outcomes(conn, job_id) == [(1, "released")]
 
 
 def test_a_lost_lease_is_still_reported_when_a_cut_write_had_not_landed(conn, dsn):
@@ -1544,3 +1643,67 @@ def test_worker_with_a_busy_metrics_port_exits_with_one_line(dsn, daemons):
     output = Daemons.output(worker)
     assert code != 0
     assert "Traceback" not in output, output
+
+
+def test_one_refused_outcome_does_not_hold_back_the_others_of_its_batch(conn, dsn):
+    """The run loop writes a refused batch again one outcome at a time: the others of the
+    batch (of both kinds) are written and counted, the refused one is dropped and its job
+    left running for the reaper."""
+    conn.execute(
+        """
+        CREATE FUNCTION public.refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.state = 'succeeded' AND OLD.task = 'ops_refused_one' THEN
+                RAISE EXCEPTION 'refused for the test';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_one BEFORE UPDATE ON pgqueue.jobs
+            FOR EACH ROW EXECUTE FUNCTION public.refuse_one();
+        """
+    )
+    registry = mixed_registry("ops_refused_batch")
+    registry.task(name="ops_refused_one")(lambda: None)
+    refused = enqueue(conn, "ops_refused_one")
+    ok_id = enqueue(conn, "ops_refused_batch_ok")
+    fail_id = enqueue(conn, "ops_refused_batch_fail")
+
+    async def scenario() -> None:
+        config = WorkerConfig(dsn=dsn, lease_seconds=5, concurrency=3)
+        worker = Worker(registry, config)
+        await worker.pool.open(wait=True)
+        try:
+            tokens = {j.id: j.lease_token for j in await worker.run_once()}
+            assert set(tokens) == {refused, ok_id, fail_id}
+            await handler_finished(worker, 3)
+            worker.completer._pending.sort(key=lambda o: o.job.id != refused)  # refused first
+            loop = asyncio.create_task(worker.completer.run())
+            try:
+                for _ in range(1000):
+                    if not worker.completer.pending and not worker._held:
+                        break
+                    await asyncio.sleep(0.01)
+            finally:
+                loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop
+            assert worker._held == {}
+            # Kept so that the heartbeat does not take the refused job for an orphan.
+            assert list(worker._refused) == [tokens[refused]]
+        finally:
+            await worker.pool.close()
+            worker.executor.shutdown()
+
+    counts = [
+        completed("ops_refused_batch_ok", "succeeded"),
+        completed("ops_refused_batch_fail", "retried"),
+    ]
+    asyncio.run(scenario())
+    assert [
+        completed("ops_refused_batch_ok", "succeeded") - counts[0],
+        completed("ops_refused_batch_fail", "retried") - counts[1],
+    ] == [1, 1]
+    assert (state(conn, ok_id), state(conn, fail_id)) == ("succeeded", "queued")
+    row = job_row(conn, refused)
+    assert row is not None and (row["state"], row["attempts"]) == ("running", 1)
+    assert history_outcomes(conn, refused) == []
