@@ -506,8 +506,14 @@ def test_enqueue_many_schedules_by_run_at_and_delay_on_both_paths(conn):
     assert 599 <= float(rows[inserted[0]]) <= 601
 
 
+class _Text(str):
+    """A str subclass: not a plain str, so its args are walked."""
+
+
 BAD_ARGS = [
     {"s": "nul\x00"},
+    {"s": _Text("nul\x00")},
+    {_Text("nul\x00key"): 1},
     {"nul\x00key": 1},
     {1: "int key"},
     {"nested": {"deeper": ["nul\x00"]}},
@@ -543,29 +549,29 @@ def test_args_that_only_spell_a_nul_escape_are_stored_as_given(conn):
 
 def test_enqueue_many_resolves_each_task_and_queue_on_its_own(conn):
     registry = Registry()
-    registry.task(name="tuned", queue="special", priority=3, max_attempts=5)(lambda: None)
+    registry.task(name="tuned_per_queue", queue="special", priority=3, max_attempts=5)(lambda: None)
     specs = [
         JobSpec("t", {"k": 0}),
-        JobSpec("tuned", {"k": 1}),
+        JobSpec("tuned_per_queue", {"k": 1}),
         JobSpec("t", {"k": 2}, queue="other"),
-        JobSpec("tuned", {"k": 3}, queue="other"),
+        JobSpec("tuned_per_queue", {"k": 3}, queue="other"),
         JobSpec("t", {"k": 4}),
-        JobSpec("tuned", {"k": 5}),
+        JobSpec("tuned_per_queue", {"k": 5}),
         JobSpec("t", {"k": 6}, queue="other"),
-        JobSpec("tuned", {"k": 7}, queue="other"),
+        JobSpec("tuned_per_queue", {"k": 7}, queue="other"),
     ]
     ids = enqueue_many(conn, specs)
 
     rows = [job_row(conn, i) for i in ids]
     assert [(r[0], r[1], r[2], r[3], r[6]) for r in rows] == [
         ("t", "default", {"k": 0}, 0, 20),
-        ("tuned", "special", {"k": 1}, 3, 5),
+        ("tuned_per_queue", "special", {"k": 1}, 3, 5),
         ("t", "other", {"k": 2}, 0, 20),
-        ("tuned", "other", {"k": 3}, 3, 5),
+        ("tuned_per_queue", "other", {"k": 3}, 3, 5),
         ("t", "default", {"k": 4}, 0, 20),
-        ("tuned", "special", {"k": 5}, 3, 5),
+        ("tuned_per_queue", "special", {"k": 5}, 3, 5),
         ("t", "other", {"k": 6}, 0, 20),
-        ("tuned", "other", {"k": 7}, 3, 5),
+        ("tuned_per_queue", "other", {"k": 7}, 3, 5),
     ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import re
 import threading
 import uuid
@@ -846,6 +847,12 @@ def explain(dsn: str, name: str, params: dict[str, Any]) -> list[dict[str, Any]]
     return list(_plan_nodes(row[0][0]["Plan"]))
 
 
+def assert_sequence_looked_up_once(nodes: list[dict[str, Any]]) -> None:
+    """The plan (EXPLAIN VERBOSE) looks up the jobs id sequence only in an InitPlan."""
+    in_output = [n for n in nodes if "pg_get_serial_sequence" in " ".join(n.get("Output", []))]
+    assert in_output and all(n.get("Parent Relationship") == "InitPlan" for n in in_output)
+
+
 def test_bulk_id_reservation_looks_up_the_sequence_once(dsn):
     # reserve_job_ids draws one id per job of a COPY; looking the sequence up (and casting
     # its name to regclass) for each id cost about 8 us per job. The lookup must be an
@@ -857,14 +864,40 @@ def test_bulk_id_reservation_looks_up_the_sequence_once(dsn):
         )
         row = cur.fetchone()
     assert row is not None
-    nodes = list(_plan_nodes(row[0][0]["Plan"]))
-    looked_up = [n for n in nodes if "pg_get_serial_sequence" in " ".join(n.get("Output", []))]
-    assert looked_up and all(n.get("Parent Relationship") == "InitPlan" for n in looked_up)
-    assert not any(
-        "pg_get_serial_sequence" in " ".join(n.get("Output", []))
-        for n in nodes
-        if n.get("Parent Relationship") != "InitPlan"
-    )
+    assert_sequence_looked_up_once(list(_plan_nodes(row[0][0]["Plan"])))
+
+
+def test_enqueue_many_function_looks_up_the_sequence_once(dsn):
+    # The same for the id reservation inside pgqueue.enqueue_many (migration 0008): its
+    # nested statement's plan, as auto_explain reports it to the client.
+    plans: list[dict[str, Any]] = []
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.add_notice_handler(
+            lambda d: (
+                plans.append(json.loads(d.message_primary.split("\n", 1)[1]))
+                if (d.message_primary or "").startswith("duration:")
+                else None
+            )
+        )
+        c.execute("LOAD 'auto_explain'")
+        for setting, value in [
+            ("log_min_duration", "0"),
+            ("log_nested_statements", "on"),
+            ("log_verbose", "on"),
+            ("log_format", "json"),
+            ("log_level", "notice"),
+        ]:
+            c.execute(
+                sql.SQL("SET {} = {}").format(
+                    sql.Identifier("auto_explain", setting), sql.Literal(value)
+                )
+            )
+        c.execute(
+            "SELECT pgqueue.enqueue_many(ARRAY['t'], ARRAY['{}'::jsonb], ARRAY['default'],"
+            " ARRAY[0], ARRAY[now()], ARRAY[20], ARRAY[NULL::text])"
+        )
+    (reservation,) = [p for p in plans if "generate_series" in p["Query Text"]]
+    assert_sequence_looked_up_once(list(_plan_nodes(reservation["Plan"])))
 
 
 def _running_ids_and_tokens(dsn: str, n: int) -> tuple[list[int], list[uuid.UUID]]:
