@@ -546,24 +546,56 @@ def backlog_drain(
     log_dir: Path,
     timeout: float,
     warmup: int = 0,
+    refill: bool = False,
 ) -> tuple[Sample, int]:
     """With a seeded backlog in place, run workers until ``warmup + measure`` more jobs
     finished; the rate over the ``measure`` that finished after the first ``warmup`` (the
-    workers' start-up: connecting, preparing statements, the first claims). Returns the
-    sample and how many jobs the workers finished."""
+    workers' start-up: connecting, preparing statements, the first claims). With
+    ``refill``, a feeder inserts as many runnable jobs as have finished, every 0.1 s.
+    Returns the sample and by how many jobs the backlog shrank."""
+    fed = [0]
+    stop = threading.Event()
+    feeder_errors: list[BaseException] = []
+
+    def feed() -> None:
+        try:
+            while not stop.wait(0.1):
+                missing = system.done(marker) - fed[0]
+                if missing > 0:
+                    system.seed(missing)
+                    fed[0] += missing
+        except BaseException as exc:  # reported in the sample, never swallowed
+            feeder_errors.append(exc)
+
+    feeder = threading.Thread(target=feed, name="backlog-feeder", daemon=True)
     with workers(system, processes, concurrency, log_dir) as run:
-        ok = _wait(
-            lambda: system.done(marker) >= warmup + measure,
-            timeout=timeout,
-            interval=0.25,
-            run=run,
-            system=system,
-            log_dir=log_dir,
-        )
+        if refill:
+            feeder.start()
+        try:
+            ok = _wait(
+                lambda: bool(feeder_errors) or system.done(marker) >= warmup + measure,
+                timeout=timeout,
+                interval=0.25,
+                run=run,
+                system=system,
+                log_dir=log_dir,
+            )
+        finally:
+            stop.set()
+            if refill:
+                feeder.join()
         rss = _rss(run)
     fin = system.finish(marker, limit=measure, skip=warmup)
-    consumed = system.done(marker)
-    extra: dict[str, Any] = {"measured_jobs": fin.count, "warmup_jobs": warmup, **rss}
+    consumed = system.done(marker) - fed[0]
+    extra: dict[str, Any] = {
+        "measured_jobs": fin.count,
+        "warmup_jobs": warmup,
+        "fed_jobs": fed[0],
+        **rss,
+    }
+    if feeder_errors:
+        extra["error"] = f"backlog feeder failed: {feeder_errors[0]!r}"
+        return Sample(None, extra), consumed
     if not ok or fin.count < measure:
         extra["error"] = f"only {fin.count} of {measure} done within {timeout:.0f}s"
     return Sample(fin.rate(), extra), consumed

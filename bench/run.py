@@ -113,6 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra pgqueue-worker arguments, e.g. '--async-commit' (default: none)",
     )
     p.add_argument(
+        "--backlog-refill",
+        action="store_true",
+        help="backlog figure: a feeder adds as many runnable jobs as the workers finish"
+        " (every 0.1 s), so the backlog stays at its size however long the window",
+    )
+    p.add_argument(
         "--best",
         default=DEFAULT_BEST,
         help="per system, the concurrency of its 'best' setting (see README)",
@@ -522,6 +528,7 @@ class Bench:
                 f"drain rate with {size:,} jobs waiting ({o.backlog_future:.0%} scheduled a day"
                 f" ahead), jobs {o.backlog_warmup + 1:,}-{o.backlog_warmup + o.backlog_measure:,},"
                 f" {o.backlog_processes} processes, best"
+                + (", backlog refilled" if o.backlog_refill else "")
             )
             fig = self.report.figure(
                 f"backlog_{size}", title, "jobs/s", "higher", "Backlog scaling"
@@ -533,6 +540,14 @@ class Bench:
                 f" {o.backlog_warmup:,} jobs each workers' start drains are not timed either"
                 " (connecting, preparing statements, the first claims)"
             )
+            if o.backlog_refill:
+                fig.notes.append(
+                    "backlog refilled: while the workers run, a feeder inserts as many"
+                    " runnable jobs as they have finished (checked every 0.1 s, one INSERT"
+                    " ... SELECT each time), so the number waiting stays at the backlog's size"
+                    " (less what 0.1 s drains) whatever the window; the feeder's inserts load"
+                    " the same Postgres for every size"
+                )
             left: dict[str, int] = {}
             print(f"[{title}: seeding]", flush=True)
             for system in pg:
@@ -548,8 +563,16 @@ class Bench:
             for rep in range(o.repeat):
                 print(f"[{title}, repetition {rep + 1}]", flush=True)
                 for system in self.order(rep, pg):
-                    # Re-seed unless the window ends well before the backlog runs dry.
-                    if left[system.name] < o.backlog_warmup + o.backlog_measure * 1.15:
+                    if o.backlog_refill:
+                        # Put back what the last repetition drained after its feeder
+                        # stopped (a backlog with nothing runnable would never be fed).
+                        deficit = int(size * runnable_share) - left[system.name]
+                        if deficit > 0:
+                            system.seed(deficit)
+                            left[system.name] += deficit
+                    # Re-seed unless the window ends well before the backlog runs dry (a
+                    # refilled one does not run dry).
+                    elif left[system.name] < o.backlog_warmup + o.backlog_measure * 1.15:
                         system.reset()
                         system.seed(size, o.backlog_future)
                         system.analyze()
@@ -568,6 +591,7 @@ class Bench:
                             concurrency=self.conc(s, "best"),
                             log_dir=self.log_dir,
                             timeout=o.timeout,
+                            refill=o.backlog_refill,
                         )
                         return sample
 
