@@ -542,7 +542,7 @@ class Bench:
             )
             if o.backlog_refill:
                 fig.notes.append(
-                    "backlog refilled: while the workers run, a feeder inserts as many"
+                    "while the workers run, a feeder inserts as many"
                     " runnable jobs as they have finished (checked every 0.1 s, one INSERT"
                     " ... SELECT each time), so the number waiting stays at the backlog's size"
                     " (less what 0.1 s drains) whatever the window; the feeder's inserts load"
