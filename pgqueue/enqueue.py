@@ -355,7 +355,7 @@ def enqueue(
     params = _prepare(
         JobSpec(
             task=task,
-            args=args if args is not None else {},
+            args=args,  # None: no args
             queue=queue,
             priority=priority,
             run_at=run_at,

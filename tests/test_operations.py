@@ -1556,23 +1556,30 @@ def test_the_heartbeat_releases_no_job_it_holds_or_another_worker_runs(conn, dsn
     asyncio.run(scenario())
 
 
+def refuse_success_of(conn: psycopg.Connection[Any], task: str) -> None:
+    """Make the database refuse (raise on) marking jobs of ``task`` succeeded."""
+    conn.execute(
+        sql.SQL(
+            """
+            CREATE FUNCTION public.refuse_success() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.state = 'succeeded' AND OLD.task = {} THEN
+                    RAISE EXCEPTION 'refused for the test';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse_success BEFORE UPDATE ON pgqueue.jobs
+                FOR EACH ROW EXECUTE FUNCTION public.refuse_success();
+            """
+        ).format(sql.Literal(task))
+    )
+
+
 def test_a_job_whose_outcome_the_database_refused_is_left_to_the_reaper(conn, dsn):
     """A refused outcome (not a connection problem) is dropped and its lease left to
     expire, so that the reaper counts the attempt: the heartbeat must not release that
     job as an orphan, which would not count it, again and again."""
-    conn.execute(
-        """
-        CREATE FUNCTION public.refuse_success() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.state = 'succeeded' AND OLD.task = 'ops_refused' THEN
-                RAISE EXCEPTION 'refused for the test';
-            END IF;
-            RETURN NEW;
-        END $$;
-        CREATE TRIGGER refuse_success BEFORE UPDATE ON pgqueue.jobs
-            FOR EACH ROW EXECUTE FUNCTION public.refuse_success();
-        """
-    )
+    refuse_success_of(conn, "ops_refused")
     registry, job_id = noop_job(conn, "ops_refused")
 
     async def scenario() -> None:
@@ -1649,19 +1656,7 @@ def test_one_refused_outcome_does_not_hold_back_the_others_of_its_batch(conn, ds
     """The run loop writes a refused batch again one outcome at a time: the others of the
     batch (of both kinds) are written and counted, the refused one is dropped and its job
     left running for the reaper."""
-    conn.execute(
-        """
-        CREATE FUNCTION public.refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.state = 'succeeded' AND OLD.task = 'ops_refused_one' THEN
-                RAISE EXCEPTION 'refused for the test';
-            END IF;
-            RETURN NEW;
-        END $$;
-        CREATE TRIGGER refuse_one BEFORE UPDATE ON pgqueue.jobs
-            FOR EACH ROW EXECUTE FUNCTION public.refuse_one();
-        """
-    )
+    refuse_success_of(conn, "ops_refused_one")
     registry = mixed_registry("ops_refused_batch")
     registry.task(name="ops_refused_one")(lambda: None)
     refused = enqueue(conn, "ops_refused_one")
