@@ -16,6 +16,8 @@ from typing import Any
 
 import psycopg
 from psycopg import pq
+from psycopg.abc import Buffer
+from psycopg.adapt import Loader
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb, set_json_loads
 
@@ -35,10 +37,25 @@ def _lenient_json_loads(data: str | bytes) -> Any:
         return UndecodableArgs(f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
+class _LenientJsonTextLoader(Loader):
+    """json and jsonb in text format (every claim's args) as _lenient_json_loads, without
+    psycopg's wrapper around a loads function, and decoding the bytes as UTF-8 here (what
+    json.loads settles on for them too, after guessing among UTF-8, 16 and 32 every time).
+    About 1 us less per claimed job."""
+
+    def load(self, data: Buffer) -> Any:
+        try:
+            return json.loads(str(data, "utf-8"))
+        except (ValueError, RecursionError) as exc:
+            return UndecodableArgs(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
 async def configure_worker_connection(conn: AsyncConn) -> None:
     """JSON that Python cannot decode becomes UndecodableArgs on this connection instead
     of an exception that would strand a whole claimed batch."""
-    set_json_loads(_lenient_json_loads, conn)
+    set_json_loads(_lenient_json_loads, conn)  # binary format too
+    conn.adapters.register_loader("json", _LenientJsonTextLoader)
+    conn.adapters.register_loader("jsonb", _LenientJsonTextLoader)
 
 
 async def configure_prepared_worker_connection(conn: AsyncConn) -> None:
@@ -146,11 +163,17 @@ async def seconds_until_due(conn: AsyncConn, *, queues: Sequence[str]) -> float 
     return value
 
 
-def _array(values: Iterable[int | float | uuid.UUID]) -> str:
-    """An array literal of numbers or UUIDs, for a parameter cast to bigint[], float8[] or
-    uuid[]: none of their text forms needs quoting, and psycopg's list dumper (which checks
-    every element for quoting) cost a few microseconds per job on the hot path."""
+def _array(values: Iterable[int | float]) -> str:
+    """An array literal of numbers, for a parameter cast to bigint[] or float8[]: their
+    text forms need no quoting, and psycopg's list dumper (which checks every element for
+    quoting) cost a few microseconds per job on the hot path."""
     return "{" + ",".join(map(str, values)) + "}"
+
+
+def _uuid_array(values: Iterable[uuid.UUID]) -> str:
+    """As _array, for a parameter cast to uuid[]: each UUID as its 32 hex digits, which
+    Postgres reads as a uuid too and Python writes in a third of the time of str()."""
+    return "{" + ",".join([value.hex for value in values]) + "}"
 
 
 async def extend_leases(
@@ -160,7 +183,7 @@ async def extend_leases(
     rows = await _fetch_async(
         conn,
         "extend_leases",
-        {"ids": _array(ids), "tokens": _array(tokens), "lease_seconds": lease_seconds},
+        {"ids": _array(ids), "tokens": _uuid_array(tokens), "lease_seconds": lease_seconds},
     )
     return {r["id"]: r["cancel_requested"] for r in rows}
 
@@ -179,7 +202,7 @@ async def complete_jobs(
     rows = await _fetch_tuples_async(
         conn,
         "complete_jobs",
-        {"ids": _array(ids), "tokens": _array(tokens), "durations": _array(durations)},
+        {"ids": _array(ids), "tokens": _uuid_array(tokens), "durations": _array(durations)},
     )
     return dict(rows)
 
@@ -190,7 +213,7 @@ async def release_orphans(
     """Requeues (or cancels) the jobs running under ``worker_id`` whose token is not in
     ``keep``; returns {id: state now}. See the query."""
     rows = await _fetch_tuples_async(
-        conn, "release_orphans", {"worker_id": worker_id, "keep": _array(keep)}
+        conn, "release_orphans", {"worker_id": worker_id, "keep": _uuid_array(keep)}
     )
     return dict(rows)
 
@@ -227,7 +250,7 @@ async def retry_jobs(
         "retry_jobs",
         {
             "ids": _array(ids),
-            "tokens": _array(tokens),
+            "tokens": _uuid_array(tokens),
             "delays": _array(delays),
             "errors": [Jsonb(e) for e in errors],
             "durations": _array(durations),
@@ -249,7 +272,7 @@ async def snooze_jobs(
         "snooze_jobs",
         {
             "ids": _array(ids),
-            "tokens": _array(tokens),
+            "tokens": _uuid_array(tokens),
             "delays": _array(delays),
             "durations": _array(durations),
         },
@@ -267,7 +290,7 @@ async def release_jobs(
     rows = await _fetch_tuples_async(
         conn,
         "release_jobs",
-        {"ids": _array(ids), "tokens": _array(tokens), "durations": _array(durations)},
+        {"ids": _array(ids), "tokens": _uuid_array(tokens), "durations": _array(durations)},
     )
     return dict(rows)
 
@@ -286,7 +309,7 @@ async def dead_letter_jobs(
         "dead_letter_jobs",
         {
             "ids": _array(ids),
-            "tokens": _array(tokens),
+            "tokens": _uuid_array(tokens),
             "errors": [Jsonb(e) for e in errors],
             "reasons": list(reasons),
             "durations": _array(durations),
