@@ -340,6 +340,20 @@ def test_worker_wakes_on_notify_after_listener_reconnect(conn, daemons):
     assert logged(daemons, worker, "listener.reconnected")
 
 
+def test_jobs_inserted_without_notification_are_found_by_the_poll(conn, daemons):
+    # pgqueue.notify_inserts = off (migration 0009): nothing wakes the worker; its poll
+    # finds the jobs, one that was waiting before it started and one enqueued while it
+    # is idle.
+    conn.execute("SET pgqueue.notify_inserts = off")
+    before = enqueue(conn, "record", {"note": "before"})
+    daemons.worker("--poll-interval", "0.5")
+    wait_until(lambda: state(conn, before) == "succeeded", timeout=20)
+    wait_until(lambda: pids(conn, LISTEN_BACKENDS))
+    idle = enqueue(conn, "record", {"note": "idle"})
+    wait_until(lambda: state(conn, idle) == "succeeded", timeout=20)
+    assert executions(conn, before) == executions(conn, idle) == 1
+
+
 def test_listen_connection_is_named_pgqueue_worker(conn, daemons):
     daemons.worker("--poll-interval", "0.5")
     wait_until(lambda: pids(conn, LISTEN_BACKENDS))

@@ -707,10 +707,33 @@ def test_seconds_until_due_is_none_without_a_future_queued_job_in_the_queues(con
 # --- notify trigger -----------------------------------------------------------------------
 
 
-def test_bulk_insert_notifies_once_per_queue_not_once_per_row(conn, dsn):
+def notified_before_sentinel(
+    conn: psycopg.Connection[Any], listener: psycopg.Connection[Any]
+) -> list[str]:
+    """Payloads ``listener`` received on pgqueue_jobs before a sentinel that ``conn`` sends
+    now: the sentinel commits after everything ``conn`` committed before, so it arrives
+    after all of their notifications."""
     sentinel = f"sentinel-{uuid.uuid4()}"
+    conn.execute("SELECT pg_notify('pgqueue_jobs', %s)", (sentinel,))
+    payloads = []
+    # The timeout is a safety net: the loop ends at the sentinel.
+    for notify in listener.notifies(timeout=30):
+        assert notify.channel == "pgqueue_jobs"
+        if notify.payload == sentinel:
+            return payloads
+        payloads.append(notify.payload)
+    pytest.fail("the sentinel notification never arrived")
+
+
+@contextlib.contextmanager
+def listening(dsn: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute("LISTEN pgqueue_jobs")
+        yield listener
+
+
+def test_bulk_insert_notifies_once_per_queue_not_once_per_row(conn, dsn):
+    with listening(dsn) as listener:
         with conn.transaction():
             conn.execute("SET LOCAL track_functions = 'pl'")
             conn.execute(
@@ -723,20 +746,9 @@ def test_bulk_insert_notifies_once_per_queue_not_once_per_row(conn, dsn):
                 "SELECT calls FROM pg_stat_xact_user_functions"
                 " WHERE schemaname = 'pgqueue' AND funcname = 'notify_inserted'",
             )
-        # Committed after the insert, so delivered after all of its notifications.
-        conn.execute("SELECT pg_notify('pgqueue_jobs', %s)", (sentinel,))
+        received = notified_before_sentinel(conn, listener)
 
-        received = []
-        # The timeout is a safety net: the loop ends at the sentinel.
-        for notify in listener.notifies(timeout=30):
-            if notify.payload == sentinel:
-                break
-            received.append(notify)
-        else:
-            pytest.fail("the sentinel notification never arrived")
-
-    assert sorted(n.payload for n in received) == ["q-even", "q-odd"]
-    assert {n.channel for n in received} == {"pgqueue_jobs"}
+    assert sorted(received) == ["q-even", "q-odd"]
     # Postgres folds identical notifications within a transaction, so the count above
     # alone would not tell a per-row trigger from a per-statement one; the call count does.
     assert trigger_calls == 1
@@ -744,23 +756,65 @@ def test_bulk_insert_notifies_once_per_queue_not_once_per_row(conn, dsn):
 
 
 def test_inserting_only_finished_jobs_notifies_nothing(conn, dsn):
-    sentinel = f"sentinel-{uuid.uuid4()}"
-    with psycopg.connect(dsn, autocommit=True) as listener:
-        listener.execute("LISTEN pgqueue_jobs")
+    with listening(dsn) as listener:
         conn.execute(
             "INSERT INTO pgqueue.jobs (queue, task, state, finished_at)"
             " SELECT 'q-done', 't', 'succeeded', now() FROM generate_series(1, 10)"
         )
-        conn.execute("SELECT pg_notify('pgqueue_jobs', %s)", (sentinel,))
-        payloads = []
-        for notify in listener.notifies(timeout=30):
-            if notify.payload == sentinel:
-                break
-            payloads.append(notify.payload)
-        else:
-            pytest.fail("the sentinel notification never arrived")
+        assert notified_before_sentinel(conn, listener) == []
 
-    assert payloads == []
+
+@pytest.mark.parametrize(
+    ("value", "notifies"),
+    [
+        ("off", False), ("OFF", False), (" false ", False), ("no", False), ("0", False),
+        ("on", True), ("True", True), ("yes", True), ("1", True), ("", True),
+    ],
+)  # fmt: skip
+def test_setting_notify_inserts_turns_the_insert_notification_off_and_on(
+    conn, dsn, value, notifies
+):
+    with listening(dsn) as listener:
+        conn.execute("SELECT set_config('pgqueue.notify_inserts', %s, false)", (value,))
+        conn.execute("INSERT INTO pgqueue.jobs (queue, task) VALUES ('q-set', 't')")
+        # Through pgqueue.enqueue and COPY too: they insert into the same table.
+        conn.execute("SELECT pgqueue.enqueue('t', '{}', 'q-set')")
+        with conn.cursor().copy("COPY pgqueue.jobs (queue, task) FROM STDIN") as copy:
+            copy.write_row(("q-set", "t"))
+        assert notified_before_sentinel(conn, listener) == (["q-set"] * 3 if notifies else [])
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 3
+
+
+def test_notify_inserts_off_for_one_transaction_only(conn, dsn):
+    with listening(dsn) as listener:
+        with conn.transaction():
+            conn.execute("SET LOCAL pgqueue.notify_inserts = off")
+            conn.execute("INSERT INTO pgqueue.jobs (queue, task) VALUES ('q-quiet', 't')")
+        conn.execute("INSERT INTO pgqueue.jobs (queue, task) VALUES ('q-loud', 't')")
+        assert notified_before_sentinel(conn, listener) == ["q-loud"]
+
+
+def test_notify_inserts_off_still_refuses_oversized_args(conn):
+    conn.execute("SET pgqueue.notify_inserts = off")
+    conn.execute("SET pgqueue.max_args_bytes = '100'")
+    with pytest.raises(psycopg.errors.ProgramLimitExceeded, match="over the limit"):
+        conn.execute(
+            "INSERT INTO pgqueue.jobs (task, args) VALUES ('t', jsonb_build_object('s', %s::text))",
+            ("x" * 200,),
+        )
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 0
+
+
+def test_notify_inserts_with_a_value_that_is_not_on_or_off_refuses_the_insert(conn, dsn):
+    conn.execute("SET pgqueue.notify_inserts = 'sometimes'")
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as refused:
+        conn.execute("INSERT INTO pgqueue.jobs (task) VALUES ('t')")
+    assert "pgqueue.notify_inserts is 'sometimes', not on or off" in str(refused.value)
+    assert refused.value.diag.message_hint == (
+        "set pgqueue.notify_inserts to on (the default) or off"
+    )
+    conn.execute("RESET pgqueue.notify_inserts")
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 0
 
 
 # --- plan guards --------------------------------------------------------------------------
