@@ -352,8 +352,9 @@ def metrics_options(fn: F) -> F:
     type=click.FloatRange(min=0.01),
     default=DEFAULT_POLL_INTERVAL,
     show_default=True,
-    help="Safety-net poll when no notification arrives (seconds); the only way jobs are"
-    " found where inserts do not notify (pgqueue.notify_inserts = off): keep it short there.",
+    help="Safety-net poll when no notification arrives (seconds); how idle workers find"
+    " new jobs where inserts do not notify (pgqueue.notify_inserts = off): keep it short"
+    " there.",
 )
 @click.option(
     "--log-args", is_flag=True, help="Log each job's args (off: they may hold personal data)."

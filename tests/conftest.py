@@ -129,6 +129,24 @@ def scalar(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> Any:
     return None if row is None else row[0]
 
 
+def notified_before_sentinel(
+    conn: psycopg.Connection[Any], listener: psycopg.Connection[Any]
+) -> list[str]:
+    """Payloads ``listener`` received on pgqueue_jobs before a sentinel that ``conn`` sends
+    now: the sentinel commits after everything ``conn`` committed before, so it arrives
+    after all of their notifications."""
+    sentinel = f"sentinel-{uuid.uuid4()}"
+    conn.execute("SELECT pg_notify('pgqueue_jobs', %s)", (sentinel,))
+    payloads = []
+    # The timeout is a safety net: the loop ends at the sentinel.
+    for notify in listener.notifies(timeout=30):
+        assert notify.channel == "pgqueue_jobs"
+        if notify.payload == sentinel:
+            return payloads
+        payloads.append(notify.payload)
+    pytest.fail("the sentinel notification never arrived")
+
+
 class Daemons:
     """Starts pgqueue daemons as subprocesses and guarantees they are gone at teardown."""
 

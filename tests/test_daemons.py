@@ -21,7 +21,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pgqueue import enqueue
-from tests.conftest import BIN, ROOT, Daemons, scalar, wait_until
+from tests.conftest import BIN, ROOT, Daemons, notified_before_sentinel, scalar, wait_until
 
 FAST_REAPER = ("--interval", "0.2", "--backoff-base-seconds", "0.1")
 
@@ -345,12 +345,17 @@ def test_jobs_inserted_without_notification_are_found_by_the_poll(conn, daemons)
     # finds the jobs, one that was waiting before it started and one enqueued while it
     # is idle.
     conn.execute("SET pgqueue.notify_inserts = off")
-    before = enqueue(conn, "record", {"note": "before"})
-    daemons.worker("--poll-interval", "0.5")
-    wait_until(lambda: state(conn, before) == "succeeded", timeout=20)
-    wait_until(lambda: pids(conn, LISTEN_BACKENDS))
-    idle = enqueue(conn, "record", {"note": "idle"})
-    wait_until(lambda: state(conn, idle) == "succeeded", timeout=20)
+    with psycopg.connect(daemons.dsn, autocommit=True) as listener:
+        listener.execute("LISTEN pgqueue_jobs")
+        before = enqueue(conn, "record", {"note": "before"})
+        daemons.worker("--poll-interval", "0.5")
+        wait_until(lambda: state(conn, before) == "succeeded", timeout=20)
+        wait_until(lambda: pids(conn, LISTEN_BACKENDS))
+        idle = enqueue(conn, "record", {"note": "idle"})
+        wait_until(lambda: state(conn, idle) == "succeeded", timeout=20)
+        # No notification woke the worker: the enqueues sent none (a listener of our own
+        # heard nothing before the sentinel, which conn sends after both committed).
+        assert notified_before_sentinel(conn, listener) == []
     assert executions(conn, before) == executions(conn, idle) == 1
 
 

@@ -28,7 +28,7 @@ from psycopg.types.json import Jsonb
 from pgqueue import store
 from pgqueue.models import Job
 from pgqueue.sql import QUERIES
-from tests.conftest import scalar, wait_until
+from tests.conftest import notified_before_sentinel, scalar, wait_until
 
 AsyncConn = psycopg.AsyncConnection[Any]
 WORKER = "worker-1"
@@ -707,24 +707,6 @@ def test_seconds_until_due_is_none_without_a_future_queued_job_in_the_queues(con
 # --- notify trigger -----------------------------------------------------------------------
 
 
-def notified_before_sentinel(
-    conn: psycopg.Connection[Any], listener: psycopg.Connection[Any]
-) -> list[str]:
-    """Payloads ``listener`` received on pgqueue_jobs before a sentinel that ``conn`` sends
-    now: the sentinel commits after everything ``conn`` committed before, so it arrives
-    after all of their notifications."""
-    sentinel = f"sentinel-{uuid.uuid4()}"
-    conn.execute("SELECT pg_notify('pgqueue_jobs', %s)", (sentinel,))
-    payloads = []
-    # The timeout is a safety net: the loop ends at the sentinel.
-    for notify in listener.notifies(timeout=30):
-        assert notify.channel == "pgqueue_jobs"
-        if notify.payload == sentinel:
-            return payloads
-        payloads.append(notify.payload)
-    pytest.fail("the sentinel notification never arrived")
-
-
 @contextlib.contextmanager
 def listening(dsn: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(dsn, autocommit=True) as listener:
@@ -768,7 +750,9 @@ def test_inserting_only_finished_jobs_notifies_nothing(conn, dsn):
     ("value", "notifies"),
     [
         ("off", False), ("OFF", False), (" false ", False), ("no", False), ("0", False),
+        ("of", False), ("F", False), ("fals", False), ("n", False), ("\toff\n", False),
         ("on", True), ("True", True), ("yes", True), ("1", True), ("", True),
+        ("t", True), ("tru", True), ("Y", True), ("ye", True), (" on\r\n", True),
     ],
 )  # fmt: skip
 def test_setting_notify_inserts_turns_the_insert_notification_off_and_on(
@@ -783,6 +767,9 @@ def test_setting_notify_inserts_turns_the_insert_notification_off_and_on(
             copy.write_row(("q-set", "t"))
         assert notified_before_sentinel(conn, listener) == (["q-set"] * 3 if notifies else [])
     assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 3
+    # The same reading as Postgres' own for a boolean (empty: unset, the default on).
+    if value.strip():
+        assert scalar(conn, "SELECT %s::boolean", (value,)) is notifies
 
 
 def test_notify_inserts_off_for_one_transaction_only(conn, dsn):
@@ -805,13 +792,18 @@ def test_notify_inserts_off_still_refuses_oversized_args(conn):
     assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 0
 
 
-def test_notify_inserts_with_a_value_that_is_not_on_or_off_refuses_the_insert(conn, dsn):
-    conn.execute("SET pgqueue.notify_inserts = 'sometimes'")
+@pytest.mark.parametrize("value", ["sometimes", "o", "offf", "nope", "2", "of f"])
+def test_notify_inserts_with_a_value_that_is_not_on_or_off_refuses_the_insert(conn, value):
+    # The values Postgres itself refuses for a boolean: a typo must not silently turn
+    # wake-ups off (or on).
+    with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+        conn.execute("SELECT %s::boolean", (value,))
+    conn.execute("SELECT set_config('pgqueue.notify_inserts', %s, false)", (value,))
     with pytest.raises(psycopg.errors.InvalidParameterValue) as refused:
         conn.execute("INSERT INTO pgqueue.jobs (task) VALUES ('t')")
-    assert "pgqueue.notify_inserts is 'sometimes', not on or off" in str(refused.value)
+    assert f"pgqueue.notify_inserts is '{value}', not on or off" in str(refused.value)
     assert refused.value.diag.message_hint == (
-        "set pgqueue.notify_inserts to on (the default) or off"
+        "set pgqueue.notify_inserts to on (the default) or off (or true/false, yes/no, 1/0)"
     )
     conn.execute("RESET pgqueue.notify_inserts")
     assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 0
