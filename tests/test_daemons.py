@@ -341,9 +341,9 @@ def test_worker_wakes_on_notify_after_listener_reconnect(conn, daemons):
 
 
 def test_jobs_inserted_without_notification_are_found_by_the_poll(conn, daemons):
-    # pgqueue.notify_inserts = off (migration 0009): nothing wakes the worker; its poll
-    # finds the jobs, one that was waiting before it started and one enqueued while it
-    # is idle.
+    # pgqueue.notify_inserts = off (migration 0009): no notification wakes the worker.
+    # A job waiting before it started is found by its first claim; one enqueued while it
+    # is idle, by its poll.
     conn.execute("SET pgqueue.notify_inserts = off")
     with psycopg.connect(daemons.dsn, autocommit=True) as listener:
         listener.execute("LISTEN pgqueue_jobs")
