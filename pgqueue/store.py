@@ -30,24 +30,21 @@ AsyncConn = psycopg.AsyncConnection[Any]
 SyncConn = psycopg.Connection[Any]
 
 
-def _lenient_json_loads(data: str | bytes) -> Any:
+def _lenient_json_loads(data: str | Buffer) -> Any:
+    """JSON text, or its bytes as UTF-8 (what json.loads settles on for them too, after
+    guessing among UTF-8, 16 and 32 every time); UndecodableArgs where Python cannot."""
     try:
-        return json.loads(data)
+        return json.loads(data if isinstance(data, str) else str(data, "utf-8"))
     except (ValueError, RecursionError) as exc:
         return UndecodableArgs(f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
 class _LenientJsonTextLoader(Loader):
-    """json and jsonb in text format (every claim's args) as _lenient_json_loads, without
-    psycopg's wrapper around a loads function, and decoding the bytes as UTF-8 here (what
-    json.loads settles on for them too, after guessing among UTF-8, 16 and 32 every time).
-    About 1 us less per claimed job."""
+    """json and jsonb in text format (every claim's args) through _lenient_json_loads,
+    without psycopg's wrapper around a loads function: about 1 us less per claimed job."""
 
     def load(self, data: Buffer) -> Any:
-        try:
-            return json.loads(str(data, "utf-8"))
-        except (ValueError, RecursionError) as exc:
-            return UndecodableArgs(f"{type(exc).__name__}: {str(exc)[:200]}")
+        return _lenient_json_loads(data)
 
 
 async def configure_worker_connection(conn: AsyncConn) -> None:
