@@ -215,8 +215,11 @@ def machine_facts(admin_dsn: str, redis_url: str) -> dict[str, Any]:
 
 
 class Bench:
-    def __init__(self, opts: argparse.Namespace, report: Report, systems: list[System]) -> None:
+    def __init__(
+        self, opts: argparse.Namespace, report: Report, systems: list[System], ctx: Context
+    ) -> None:
         self.opts = opts
+        self.ctx = ctx
         self.report = report
         self.systems = systems
         self.best = {k: int(v) for k, v in (x.split("=") for x in opts.best.split(","))}
@@ -286,10 +289,12 @@ class Bench:
         # compare two different speeds of this shared machine.
         raw: Ceiling | None = None
         pseudo = _Pseudo()
+        driver: _PsycopgReference | None = None
         try:
             raw = Ceiling(o.admin_dsn, self.log_dir / "pgbench-enqueue", name="bench_raw_insert")
             raw.work_dir.mkdir(exist_ok=True)
             raw.setup()
+            driver = _PsycopgReference(self.ctx, raw.dsn)
         except (FileNotFoundError, psycopg.Error) as exc:
             print(f"(no raw insert reference in the enqueue figures: {exc})", flush=True)
             raw = None
@@ -298,7 +303,12 @@ class Bench:
                 for key, title, mode, jobs, producers in cases:
                     fig = self.report.figure(key, title, "jobs/s", "higher", "Enqueue")
                     print(f"[{title}, repetition {rep + 1}]", flush=True)
-                    for system in self.order(rep, [*self.systems, pseudo] if raw else None):
+                    references: list[System] = []
+                    if raw and driver:
+                        references = [pseudo] if mode == "bulk" else [pseudo, driver]
+                    for system in self.order(
+                        rep, [*self.systems, *references] if references else None
+                    ):
                         if system is pseudo:
                             assert raw is not None
                             script = "raw_insert_1000" if mode == "bulk" else "raw_insert_1"
@@ -336,6 +346,14 @@ class Bench:
                             + " into a table of pgqueue.jobs' columns, defaults and indexes,"
                             " without its trigger (`pgbench -M prepared`)"
                         )
+                        if mode != "bulk":
+                            fig.notes.append(
+                                "psycopg (raw INSERT): the driver's own ceiling, measured in"
+                                " the same rotation by the same producer harness as the"
+                                " queues: per job, json.dumps of the args and one prepared"
+                                " `INSERT ... RETURNING id` (autocommit) into that same raw"
+                                " table, no queue library (bench/apps/bq_psycopg.py)"
+                            )
         finally:
             if raw:
                 raw.teardown()
@@ -793,10 +811,17 @@ class Bench:
             med("enqueue_single_1", "pgqueue"),
             med("enqueue_single_1", "postgres") or med("ceiling_raw_insert_1_1", "postgres"),
         )
+        driver_single = med("enqueue_single_1", "psycopg")
         if single and raw_single:
             lines.append(
                 f"one job per transaction vs raw single-row insert: {single / raw_single:.0%}"
                 " (target 80%)"
+                + (
+                    f"; the same raw insert through psycopg alone, no queue library:"
+                    f" {driver_single / raw_single:.0%}"
+                    if driver_single
+                    else ""
+                )
             )
         multi = med(f"enqueue_single_{self.opts.enqueue_producers}", "pgqueue")
         producers = self.opts.enqueue_producers
@@ -854,6 +879,27 @@ def _raw_claim_sample(ceiling: Ceiling, batch: int, clients: int, jobs: int) -> 
 
 def _insert_sample(ceiling: Ceiling, script: str, clients: int, rows: int) -> Sample:
     return Sample(ceiling.insert(script, clients, rows))
+
+
+class _PsycopgReference(System):
+    """The raw single insert through psycopg (bench/apps/bq_psycopg.py): what a Python
+    producer can do at best on the driver pgqueue uses, for the enqueue figures."""
+
+    name = "psycopg"
+    title = "psycopg (raw INSERT)"
+    tables = ("bench_raw.jobs",)
+
+    def __init__(self, ctx: Context, dsn: str) -> None:
+        super().__init__(ctx)
+        self.dsn = dsn
+
+    def install(self) -> None: ...
+    def seed_sql(self) -> Any: ...
+    def finish_sql(self) -> Any: ...
+    def unfinished_sql(self) -> Any: ...
+    def pending_sql(self) -> Any: ...
+    def waiting_sql(self) -> Any: ...
+    def worker(self, processes: int, concurrency: int) -> Any: ...
 
 
 class _Pseudo(System):
@@ -920,18 +966,21 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m bench " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
-    titles = {s.name: s.title for s in systems} | {"postgres": "Postgres (pgbench)"}
+    titles = {s.name: s.title for s in systems} | {
+        "postgres": "Postgres (pgbench)",
+        "psycopg": _PsycopgReference.title,
+    }
     report = Report(
         machine=machine,
         options={k: v for k, v in vars(opts).items()},
-        systems=[*names, "postgres"],
+        systems=[*names, "postgres", "psycopg"],
         titles=titles,
         versions={},
         notes=notes,
         command=command.strip(),
         started_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
-    bench = Bench(opts, report, systems)
+    bench = Bench(opts, report, systems, ctx)
     print(f"logs in {bench.log_dir}", flush=True)
     failed: BaseException | None = None
     with _signals_as_exit():
