@@ -6,6 +6,16 @@
   claim is wrapped so that pgbench can keep the claimed ids and lease tokens
   (``\\gset``) and hand them to the complete: its CTE gains one more CTE around the
   same UPDATE, and the result is aggregated into arrays.
+* raw claim + delete: one statement that locks a batch with SKIP LOCKED and deletes it.
+  A physical reference only: a job deleted as it is claimed is lost if its worker dies,
+  so no at-least-once queue can work this way.
+* lease claim + delete: the least an at-least-once queue must do, on the raw table: one
+  statement marks a batch running under a lease (state, token, expiry), a second deletes
+  it once done. Whatever else a queue records per job (attempts, history, retention)
+  comes on top of this.
+* CPU per job: for the three claim scripts, the machine's busy CPU time during the run
+  (``/proc/stat``: user, nice, system, irq, softirq) less pgbench's own, over the jobs.
+  On an otherwise idle machine that is Postgres' work (background processes included).
 * raw insert: one row per transaction, and 1000 rows per statement, into a table with
   pgqueue.jobs' columns, defaults and indexes but no trigger; and the same into
   pgqueue.jobs itself, and through ``pgqueue.enqueue()``, to show what the trigger and the
@@ -14,7 +24,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import resource
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -93,6 +105,44 @@ RAW_CLAIM_DELETE = (
     " RETURNING j.id, j.args;\n"
 )
 
+# The least an at-least-once queue does per job: claim under a lease, delete when done.
+LEASE_CLAIM_DELETE = (
+    "WITH picked AS (SELECT id FROM bench_raw.jobs WHERE queue = 'default'"
+    " AND state = 'queued' AND run_at <= now() ORDER BY priority, run_at, id"
+    " LIMIT :batch FOR UPDATE SKIP LOCKED),"
+    " claimed AS (UPDATE bench_raw.jobs AS j SET state = 'running',"
+    " attempts = j.attempts + 1, lease_token = gen_random_uuid(),"
+    " lease_expires_at = now() + interval '30 seconds'"
+    " FROM picked WHERE j.id = picked.id RETURNING j.id, j.args)"
+    " SELECT coalesce(array_agg(id), '{}') AS ids FROM claimed\n"
+    "\\gset\n"
+    "DELETE FROM bench_raw.jobs WHERE id = ANY(:ids::bigint[]);\n"
+)
+
+
+def _busy_seconds() -> float:
+    """CPU time the whole machine has spent busy so far (user, nice, system, irq,
+    softirq; not steal), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """One claim-script run: jobs per second, and the machine's CPU per job outside
+    pgbench (see the module docstring)."""
+
+    rate: float
+    cpu_us_per_job: float
+
+
 INSERT_SCRIPTS: dict[str, str] = {
     "raw_insert_1": "INSERT INTO bench_raw.jobs (task, args) VALUES ('noop', '{\"n\": 1}');\n",
     "raw_insert_1000": (
@@ -122,6 +172,7 @@ class Ceiling:
     admin_dsn: str
     work_dir: Path
     name: str = "bench_ceiling"
+    last_cpu_seconds: float = 0.0
 
     def setup(self) -> None:
         from pgqueue.migrate import migrate
@@ -137,6 +188,7 @@ class Ceiling:
             )
         (self.work_dir / "claim_complete.sql").write_text(claim_complete_script())
         (self.work_dir / "raw_claim_delete.sql").write_text(RAW_CLAIM_DELETE)
+        (self.work_dir / "lease_claim_delete.sql").write_text(LEASE_CLAIM_DELETE)
         for key, text in INSERT_SCRIPTS.items():
             (self.work_dir / f"{key}.sql").write_text(text)
 
@@ -169,7 +221,8 @@ class Ceiling:
     def _pgbench(
         self, script: str, clients: int, transactions: int, defines: dict[str, str]
     ) -> float:
-        """Transactions per second (without connection time) of one pgbench run."""
+        """Transactions per second (without connection time) of one pgbench run; the
+        machine's busy CPU seconds outside pgbench during it go to ``last_cpu_seconds``."""
         argv = [
             pgbench_path(),
             "-n",
@@ -187,7 +240,11 @@ class Ceiling:
         for key, value in defines.items():
             argv += ["-D", f"{key}={value}"]
         argv.append(self.dsn)
+        busy0, own0 = _busy_seconds(), _children_cpu_seconds()
         done = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+        self.last_cpu_seconds = max(
+            0.0, (_busy_seconds() - busy0) - (_children_cpu_seconds() - own0)
+        )
         if done.returncode != 0:
             raise RuntimeError(f"pgbench failed: {done.stderr.strip()[-2000:]}")
         match = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", done.stdout)
@@ -198,10 +255,10 @@ class Ceiling:
             raise RuntimeError(f"pgbench: {failed.group(1)} failed transactions")
         return float(match.group(1))
 
-    def claim_complete(self, batch: int, clients: int, jobs: int) -> tuple[float, int]:
+    def claim_complete(self, batch: int, clients: int, jobs: int) -> Claimed:
         """Jobs per second claimed and completed by ``clients`` at ``batch`` per claim;
-        ``jobs`` in all (every transaction finds a full batch). Also returns the number of
-        jobs left unfinished (must be the surplus seeded, nothing claimed and lost)."""
+        ``jobs`` in all (every transaction finds a full batch; the surplus seeded must be
+        what is left unfinished: nothing claimed and lost)."""
         per_client = max(1, jobs // (clients * batch))
         total = per_client * clients * batch
         surplus = batch * clients
@@ -217,19 +274,22 @@ class Ceiling:
         )
         if left != surplus:
             raise RuntimeError(f"claim/complete left {left} jobs unfinished, expected {surplus}")
-        return tps * batch, total
+        return Claimed(tps * batch, self.last_cpu_seconds / total * 1e6)
 
-    def claim_delete(self, batch: int, clients: int, jobs: int) -> float:
-        """Jobs per second of the raw claim-and-delete (the physical reference)."""
+    def claim_delete(self, batch: int, clients: int, jobs: int, *, lease: bool) -> Claimed:
+        """Jobs per second of the raw claim-and-delete in one statement (the physical
+        reference), or with ``lease`` of the lease claim and the delete that follows it
+        (the least an at-least-once queue does)."""
         per_client = max(1, jobs // (clients * batch))
         total = per_client * clients * batch
         surplus = batch * clients
         self._reset(total + surplus, raw=True)
-        tps = self._pgbench("raw_claim_delete", clients, per_client, {"batch": str(batch)})
+        script = "lease_claim_delete" if lease else "raw_claim_delete"
+        tps = self._pgbench(script, clients, per_client, {"batch": str(batch)})
         left = int(db.scalar(self.dsn, "SELECT count(*) FROM bench_raw.jobs"))
         if left != surplus:
-            raise RuntimeError(f"claim/delete left {left} jobs, expected {surplus}")
-        return tps * batch
+            raise RuntimeError(f"{script} left {left} jobs, expected {surplus}")
+        return Claimed(tps * batch, self.last_cpu_seconds / total * 1e6)
 
     def insert(self, script: str, clients: int, rows: int) -> float:
         """Rows per second inserted by ``clients`` running ``script``."""

@@ -703,27 +703,39 @@ class Bench:
                             "higher",
                             "Postgres ceiling (pgbench -M prepared)",
                         )
-                        self.attempt(
+                        self._ceiling_cpu(
                             fig,
-                            pseudo,
-                            f"claim+complete b={batch} c={clients}",
-                            partial(_claim_sample, ceiling, batch, clients, jobs),
+                            self.attempt(
+                                fig,
+                                pseudo,
+                                f"claim+complete b={batch} c={clients}",
+                                partial(_claim_sample, ceiling, batch, clients, jobs),
+                            ),
                         )
-                    for clients in _ints(o.ceiling_clients):
-                        fig = self.report.figure(
-                            f"ceiling_rawclaim_{batch}_{clients}",
-                            f"raw claim (SKIP LOCKED) + DELETE in one statement, batch {batch},"
-                            f" {clients} client" + ("s" if clients > 1 else ""),
-                            "jobs/s",
-                            "higher",
-                            "Postgres ceiling (pgbench -M prepared)",
-                        )
-                        self.attempt(
-                            fig,
-                            pseudo,
-                            f"raw claim+delete b={batch} c={clients}",
-                            partial(_raw_claim_sample, ceiling, batch, clients, jobs),
-                        )
+                    for lease, key, what in (
+                        (True, "leaseclaim", "lease claim, then DELETE (at-least-once minimum)"),
+                        (False, "rawclaim", "raw claim (SKIP LOCKED) + DELETE in one statement"),
+                    ):
+                        for clients in _ints(o.ceiling_clients):
+                            fig = self.report.figure(
+                                f"ceiling_{key}_{batch}_{clients}",
+                                f"{what}, batch {batch}, {clients} client"
+                                + ("s" if clients > 1 else ""),
+                                "jobs/s",
+                                "higher",
+                                "Postgres ceiling (pgbench -M prepared)",
+                            )
+                            self._ceiling_cpu(
+                                fig,
+                                self.attempt(
+                                    fig,
+                                    pseudo,
+                                    f"{key} b={batch} c={clients}",
+                                    partial(
+                                        _claim_delete_sample, ceiling, batch, clients, jobs, lease
+                                    ),
+                                ),
+                            )
                 for script, title in (
                     (
                         "raw_insert_1",
@@ -754,6 +766,21 @@ class Bench:
                         )
         finally:
             ceiling.teardown()
+
+    def _ceiling_cpu(self, fig: Figure, sample: Sample | None) -> None:
+        """The machine's CPU per job outside pgbench for one claim-script run, as a figure
+        of its own beside ``fig`` (the run's jobs/s)."""
+        if sample is None or "cpu_us_per_job" not in sample.extra:
+            return
+        title = fig.title
+        cpu = self.report.figure(
+            fig.key.replace("ceiling_", "ceiling_cpu_", 1),
+            f"CPU per job outside pgbench: {title}",
+            "\u00b5s",
+            "lower",
+            "Postgres ceiling: CPU per job (machine busy time less pgbench's own)",
+        )
+        cpu.add(_Pseudo.name, Sample(float(sample.extra["cpu_us_per_job"])))
 
     # --- targets --------------------------------------------------------------------
 
@@ -795,6 +822,21 @@ class Bench:
                 f" pgqueue's own statements reach {ceil[0] / raw[0]:.0%} of it"
                 if ceil
                 else f"drain vs raw batched claim+delete ({raw[0]:,.0f}/s): {pgq[0] / raw[0]:.0%}"
+            )
+        lease = best_of("ceiling_leaseclaim_100_", "postgres")
+        lease_cpu = [
+            s["median"]
+            for f in self.report.figures
+            if f.key.startswith("ceiling_cpu_leaseclaim_100_") and (s := f.summary("postgres"))
+        ]
+        if rival and lease and lease_cpu:
+            need, cost = 3 * rival[0], min(lease_cpu)
+            lines.append(
+                f"\u00d73 PgQueuer's drain would be {need:,.0f} jobs/s; the at-least-once"
+                f" minimum (lease claim, then delete, batch 100; pgbench) reached"
+                f" {lease[0]:,.0f}/s and cost {cost:.1f} \u00b5s of CPU per job outside"
+                f" pgbench: {need * cost / 1e6:.2f} of this machine's {os.cpu_count()} cores"
+                " at that rate before any worker runs"
             )
         bulk, bulk_rival = med("enqueue_bulk", "pgqueue"), med("enqueue_bulk", "pgqueuer")
         # The raw insert measured beside the enqueue figures if there is one, else the
@@ -870,11 +912,15 @@ class Bench:
 
 
 def _claim_sample(ceiling: Ceiling, batch: int, clients: int, jobs: int) -> Sample:
-    return Sample(ceiling.claim_complete(batch, clients, jobs)[0])
+    run = ceiling.claim_complete(batch, clients, jobs)
+    return Sample(run.rate, {"cpu_us_per_job": run.cpu_us_per_job})
 
 
-def _raw_claim_sample(ceiling: Ceiling, batch: int, clients: int, jobs: int) -> Sample:
-    return Sample(ceiling.claim_delete(batch, clients, jobs))
+def _claim_delete_sample(
+    ceiling: Ceiling, batch: int, clients: int, jobs: int, lease: bool
+) -> Sample:
+    run = ceiling.claim_delete(batch, clients, jobs, lease=lease)
+    return Sample(run.rate, {"cpu_us_per_job": run.cpu_us_per_job})
 
 
 def _insert_sample(ceiling: Ceiling, script: str, clients: int, rows: int) -> Sample:
