@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
 
 from pgqueue.devdb import LOCAL_DSN, EmbeddedPostgres, reachable
 from pgqueue.migrate import migrate
@@ -127,6 +128,23 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
 def scalar(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> Any:
     row = conn.execute(sql, params).fetchone()  # type: ignore[arg-type]
     return None if row is None else row[0]
+
+
+def job_row(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:
+    """The job's row in pgqueue.jobs, or None."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute("SELECT * FROM pgqueue.jobs WHERE id = %s", (job_id,)).fetchone()
+
+
+def dead_row(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:
+    """The job's row in the dead-letter table, or None."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute("SELECT * FROM pgqueue.dead_jobs WHERE id = %s", (job_id,)).fetchone()
+
+
+def job_state(conn: psycopg.Connection[Any], job_id: int) -> str | None:
+    """The job's state in pgqueue.jobs, or None if it is not there."""
+    return scalar(conn, "SELECT state::text FROM pgqueue.jobs WHERE id = %s", (job_id,))
 
 
 def notified_before_sentinel(

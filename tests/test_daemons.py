@@ -17,11 +17,20 @@ from typing import Any
 import psutil
 import psycopg
 import pytest
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pgqueue import enqueue
-from tests.conftest import BIN, ROOT, Daemons, notified_before_sentinel, scalar, wait_until
+from tests.conftest import (
+    BIN,
+    ROOT,
+    Daemons,
+    dead_row,
+    job_row,
+    job_state,
+    notified_before_sentinel,
+    scalar,
+    wait_until,
+)
 
 FAST_REAPER = ("--interval", "0.2", "--backoff-base-seconds", "0.1")
 
@@ -45,20 +54,6 @@ POOL_BACKENDS = """
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def job(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute("SELECT * FROM pgqueue.jobs WHERE id = %s", (job_id,)).fetchone()
-
-
-def dead_job(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute("SELECT * FROM pgqueue.dead_jobs WHERE id = %s", (job_id,)).fetchone()
-
-
-def state(conn: psycopg.Connection[Any], job_id: int) -> str | None:
-    return scalar(conn, "SELECT state::text FROM pgqueue.jobs WHERE id = %s", (job_id,))
 
 
 def all_succeeded(conn: psycopg.Connection[Any], ids: list[int]) -> bool:
@@ -188,7 +183,7 @@ def test_worker_runs_jobs_enqueued_by_sql_and_python(conn, daemons):
     wait_until(lambda: all_succeeded(conn, ids), timeout=20)
     for job_id in ids:
         assert executions(conn, job_id) == 1
-        row = job(conn, job_id)
+        row = job_row(conn, job_id)
         assert row is not None
         assert row["attempts"] == 1
         assert row["errors"] == []
@@ -203,7 +198,7 @@ def test_sigkill_mid_job_is_recovered_after_lease(conn, daemons):
 
     os.kill(worker_a.pid, signal.SIGKILL)
     assert worker_a.wait(timeout=10) == -signal.SIGKILL
-    assert state(conn, job_id) == "running"
+    assert job_state(conn, job_id) == "running"
     # The next attempt should be short: args is plain jsonb.
     conn.execute(
         "UPDATE pgqueue.jobs SET args = %s WHERE id = %s",
@@ -212,8 +207,8 @@ def test_sigkill_mid_job_is_recovered_after_lease(conn, daemons):
     daemons.reaper(*FAST_REAPER)
     daemons.worker("--lease-seconds", "2", "--poll-interval", "0.5")
 
-    wait_until(lambda: state(conn, job_id) == "succeeded", timeout=30)
-    row = job(conn, job_id)
+    wait_until(lambda: job_state(conn, job_id) == "succeeded", timeout=30)
+    row = job_row(conn, job_id)
     assert row is not None
     # The crash was not counted (the job may have been an innocent neighbour); it then
     # ran alone, as a rescued job, and that attempt counted.
@@ -237,7 +232,7 @@ def test_sigterm_waits_for_running_job_then_exits_zero(conn, daemons):
     # The signal arrived while the job was running, and the job finished in the grace period.
     assert [e["running"] for e in logged(daemons, worker, "worker.stopping")] == [1]
     assert executions(conn, job_id, "end") == 1
-    row = job(conn, job_id)
+    row = job_row(conn, job_id)
     assert row is not None
     assert row["state"] == "succeeded", (row, daemons.output(worker))
     assert row["attempts"] == 1
@@ -253,7 +248,7 @@ def test_sigterm_releases_job_that_outlives_shutdown_timeout(conn, daemons):
 
     assert worker.wait(timeout=20) == 0, daemons.output(worker)
     assert executions(conn, job_id, "end") == 0
-    row = job(conn, job_id)
+    row = job_row(conn, job_id)
     assert row is not None
     assert row["state"] == "queued", (row, daemons.output(worker))
     assert row["attempts"] == 0  # a release does not count the attempt
@@ -276,7 +271,7 @@ def test_second_signal_exits_at_once(conn, daemons):
     assert code not in (0, None)
     assert code > 0  # exited on its own, not killed by the signal's default action
     # Nothing was written: the job still runs under its (soon expired) lease.
-    assert state(conn, job_id) == "running"
+    assert job_state(conn, job_id) == "running"
     assert executions(conn, job_id, "end") == 0
 
     conn.execute(
@@ -286,8 +281,8 @@ def test_second_signal_exits_at_once(conn, daemons):
     daemons.reaper(*FAST_REAPER)
     daemons.worker("--lease-seconds", "2", "--poll-interval", "0.5")
 
-    wait_until(lambda: state(conn, job_id) == "succeeded", timeout=30)
-    row = job(conn, job_id)
+    wait_until(lambda: job_state(conn, job_id) == "succeeded", timeout=30)
+    row = job_row(conn, job_id)
     assert row is not None
     assert row["attempts"] == 1  # the crash was not counted; the rescued run was
     assert [e["kind"] for e in row["errors"]] == ["lease_expired"]
@@ -331,10 +326,10 @@ def test_worker_wakes_on_notify_after_listener_reconnect(conn, daemons):
     # fetcher is idle again, so the second one can only be claimed through its NOTIFY
     # arriving on the new LISTEN connection.
     first = enqueue(conn, "record", {"note": "first"})
-    wait_until(lambda: state(conn, first) == "succeeded", timeout=20)
+    wait_until(lambda: job_state(conn, first) == "succeeded", timeout=20)
     second = enqueue(conn, "record", {"note": "second"})
 
-    wait_until(lambda: state(conn, second) == "succeeded", timeout=20)
+    wait_until(lambda: job_state(conn, second) == "succeeded", timeout=20)
     assert executions(conn, second) == 1
     assert worker.poll() is None
     assert logged(daemons, worker, "listener.reconnected")
@@ -349,10 +344,10 @@ def test_jobs_inserted_without_notification_are_found_by_the_poll(conn, daemons)
         listener.execute("LISTEN pgqueue_jobs")
         before = enqueue(conn, "record", {"note": "before"})
         daemons.worker("--poll-interval", "0.5")
-        wait_until(lambda: state(conn, before) == "succeeded", timeout=20)
+        wait_until(lambda: job_state(conn, before) == "succeeded", timeout=20)
         wait_until(lambda: pids(conn, LISTEN_BACKENDS))
         idle = enqueue(conn, "record", {"note": "idle"})
-        wait_until(lambda: state(conn, idle) == "succeeded", timeout=20)
+        wait_until(lambda: job_state(conn, idle) == "succeeded", timeout=20)
         # No notification woke the worker: the enqueues sent none (a listener of our own
         # heard nothing before the sentinel, which conn sends after both committed).
         assert notified_before_sentinel(conn, listener) == []
@@ -439,7 +434,7 @@ def test_sigterm_to_supervisor_process_group_shuts_down_gracefully(conn, daemons
 
     code = supervisor.wait(timeout=30)
     assert executions(conn, job_id, "end") == 1
-    assert state(conn, job_id) == "succeeded"
+    assert job_state(conn, job_id) == "succeeded"
     assert code == 0
 
 
@@ -489,14 +484,14 @@ def test_reaper_once_requeues_expired_lease_and_dead_letters_exhausted(conn, dsn
 
     assert result.returncode == 0, result.stderr
     assert "requeued 1, dead-lettered 1" in result.stdout
-    row = job(conn, retryable)
+    row = job_row(conn, retryable)
     assert row is not None
     assert row["state"] == "queued"
     assert row["attempts"] == 0 and row["rescued"] is True
     assert row["lease_token"] is None and row["lease_expires_at"] is None
     assert [(e["kind"], e["attempt"]) for e in row["errors"]] == [("lease_expired", 1)]
-    assert job(conn, exhausted) is None
-    dead = dead_job(conn, exhausted)
+    assert job_row(conn, exhausted) is None
+    dead = dead_row(conn, exhausted)
     assert dead is not None
     assert dead["reason"] == "lease_expired"
     assert dead["attempts"] == 3
@@ -534,7 +529,7 @@ def test_reaper_daemon_exits_zero_on_sigterm(conn, daemons):
     (job_id,) = make_expired(conn, attempts=1, max_attempts=3)
     # A long interval: the process must not wait for its next pass to stop.
     reaper = daemons.reaper("--interval", "30")
-    wait_until(lambda: state(conn, job_id) == "queued", timeout=20)
+    wait_until(lambda: job_state(conn, job_id) == "queued", timeout=20)
     wait_until(lambda: logged(daemons, reaper, "reaper.started"))
 
     reaper.send_signal(signal.SIGTERM)
@@ -548,7 +543,7 @@ def test_status_command(conn, dsn, daemons):
     queued = enqueue(conn, "record", {"note": "q"}, delay=3600)
     dead = enqueue(conn, "fail", max_attempts=3)
     worker = daemons.worker("--poll-interval", "0.5")
-    wait_until(lambda: dead_job(conn, dead) is not None, timeout=30)
+    wait_until(lambda: dead_row(conn, dead) is not None, timeout=30)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=20) == 0
 
@@ -600,17 +595,17 @@ def test_poison_job_dead_letters_after_max_attempts(conn, daemons):
     )  # fmt: skip
     daemons.reaper(*FAST_REAPER)
 
-    wait_until(lambda: dead_job(conn, poison) is not None, timeout=60)
+    wait_until(lambda: dead_row(conn, poison) is not None, timeout=60)
     wait_until(lambda: all_succeeded(conn, healthy + innocents), timeout=60)
 
-    dead = dead_job(conn, poison)
+    dead = dead_row(conn, poison)
     assert dead is not None
     assert dead["reason"] == "lease_expired"
     assert dead["attempts"] == 2
     # First crash beside its neighbours: not counted. Then it ran alone, twice: counted.
     assert [e["kind"] for e in dead["errors"]] == ["lease_expired"] * 3
     assert [e["counted"] for e in dead["errors"]] == [False, True, True]
-    assert job(conn, poison) is None
+    assert job_row(conn, poison) is None
     assert executions(conn, poison) == 3
     # Nothing else was dead-lettered for the poison job's crashes.
     assert scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 1

@@ -36,7 +36,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pgqueue import (
@@ -53,7 +52,17 @@ from pgqueue import (
     migrate,
     store,
 )
-from tests.conftest import BIN, EXECUTIONS_DDL, ROOT, Daemons, scalar, wait_until
+from tests.conftest import (
+    BIN,
+    EXECUTIONS_DDL,
+    ROOT,
+    Daemons,
+    dead_row,
+    job_row,
+    job_state,
+    scalar,
+    wait_until,
+)
 from tests.pgcluster import PgCluster
 
 APP = "tests.apps.sample:registry"
@@ -186,20 +195,6 @@ def named(samples: list[Sample], name: str) -> list[Sample]:
 
 
 # --- helpers: database -------------------------------------------------------------------------
-
-
-def job_row(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute("SELECT * FROM pgqueue.jobs WHERE id = %s", (job_id,)).fetchone()
-
-
-def dead_row(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute("SELECT * FROM pgqueue.dead_jobs WHERE id = %s", (job_id,)).fetchone()
-
-
-def state(conn: psycopg.Connection[Any], job_id: int) -> str | None:
-    return scalar(conn, "SELECT state::text FROM pgqueue.jobs WHERE id = %s", (job_id,))
 
 
 def executions(conn: psycopg.Connection[Any], job_id: int, note_prefix: str = "") -> int:
@@ -394,7 +389,7 @@ def test_reaper_metrics_report_database_wide_queue_gauges(conn, dsn, daemons):
     reaper = daemons.reaper(
         "--interval", "0.2", "--backoff-base-seconds", "600", "--metrics-port", str(port), *LOCAL
     )
-    wait_until(lambda: state(conn, expired) == "queued")
+    wait_until(lambda: job_state(conn, expired) == "queued")
     # The lease counter is the reaper's own; it moves right after the requeue commits.
     samples = wait_until(
         lambda: (
@@ -551,7 +546,7 @@ def test_supervisor_children_do_not_bind_a_metrics_port_given_by_environment(con
     job_id = enqueue(conn, "record")
     wait_until(
         lambda: (
-            state(conn, job_id) == "succeeded"
+            job_state(conn, job_id) == "succeeded"
             or events(daemons, supervisor, "supervisor.child_died")
         )
     )
@@ -651,8 +646,8 @@ def test_cancel_of_queued_job_cancels_it_and_no_worker_runs_it(conn, dsn, daemon
     assert row["finished_at"] is not None and row["cancel_requested_at"] is not None
 
     daemons.worker()
-    wait_until(lambda: state(conn, marker) == "succeeded")
-    assert state(conn, target) == "cancelled"
+    wait_until(lambda: job_state(conn, marker) == "succeeded")
+    assert job_state(conn, target) == "cancelled"
     assert executions(conn, target) == 0
 
 
@@ -669,7 +664,7 @@ def test_cancel_of_running_job_flags_it_and_a_finishing_attempt_still_succeeds(c
     assert row is not None
     assert row["state"] == "running" and row["cancel_requested_at"] is not None
 
-    wait_until(lambda: state(conn, job_id) == "succeeded")
+    wait_until(lambda: job_state(conn, job_id) == "succeeded")
     assert executions(conn, job_id, "end") == 1
     status = json.loads(ok(cli(dsn, "status", str(job_id), "--json")))
     assert status["cancel_requested_at"] is not None
@@ -752,7 +747,7 @@ def test_cancel_refuses_unknown_and_finished_jobs_with_exit_1(conn, dsn):
     finished = cli(dsn, "cancel", str(done))
     assert finished.returncode == 1 and finished.stdout == ""
     assert one_line_error(finished) == f"pgqueue: job {done} is succeeded: nothing to cancel"
-    assert state(conn, done) == "succeeded"
+    assert job_state(conn, done) == "succeeded"
 
     died = cli(dsn, "cancel", str(dead))
     assert died.returncode == 1
@@ -807,12 +802,12 @@ def test_dead_retry_moves_jobs_back_to_the_queue_keeping_their_history(conn, dsn
     again = cli(dsn, "dead", "retry", str(one))
     assert again.returncode == 1
     assert f"not in the dead-letter table: [{one}]" in again.stdout
-    assert state(conn, one) == "queued"
+    assert job_state(conn, one) == "queued"
 
     assert ok(cli(dsn, "dead", "retry", "--all", "--task", "fail")).strip() == (
         "retried 2 dead job(s)"
     )
-    assert all(state(conn, i) == "queued" and dead_row(conn, i) is None for i in more)
+    assert all(job_state(conn, i) == "queued" and dead_row(conn, i) is None for i in more)
     assert dead_row(conn, other) is not None and job_row(conn, other) is None
 
     both = cli(dsn, "dead", "retry", str(other), "--all")
@@ -845,18 +840,18 @@ def test_paused_queue_is_not_claimed_from_until_resumed(conn, dsn, daemons):
 
     held = enqueue(conn, "record", {"note": "held"}, queue="q")
     free = enqueue(conn, "record", {"note": "free"}, queue="other")
-    wait_until(lambda: state(conn, free) == "succeeded")
+    wait_until(lambda: job_state(conn, free) == "succeeded")
     # Absence cannot be awaited: watch the paused job stay queued for a short while.
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
-        assert state(conn, held) == "queued"
+        assert job_state(conn, held) == "queued"
         time.sleep(0.1)
     assert executions(conn, held) == 0
     stats = {r["queue"]: r for r in json.loads(ok(cli(dsn, "stats", "--json")))}
     assert stats["q"]["paused"] is True and stats["q"]["ready"] == 1
 
     assert ok(cli(dsn, "queue", "resume", "q")).strip() == "queue q resumed"
-    wait_until(lambda: state(conn, held) == "succeeded", timeout=15)
+    wait_until(lambda: job_state(conn, held) == "succeeded", timeout=15)
     assert executions(conn, held) == 1
 
 
@@ -902,7 +897,7 @@ def test_status_shows_each_attempt_in_the_history(conn, dsn, daemons):
     failing = enqueue(conn, "fail", max_attempts=3)
     fine = enqueue(conn, "record", {"note": "h"})
     worker = daemons.worker()
-    wait_until(lambda: dead_row(conn, failing) is not None and state(conn, fine) == "succeeded")
+    wait_until(lambda: dead_row(conn, failing) is not None and job_state(conn, fine) == "succeeded")
     worker_prefix = f"{socket.gethostname()}:{worker.pid}:"
 
     data = json.loads(ok(cli(dsn, "status", str(failing), "--json")))
@@ -950,7 +945,7 @@ def test_worker_logs_json_lines_without_job_args_unless_asked(conn, daemons, tmp
     bad = enqueue(conn, "fail", {"secret": "hunter2"}, max_attempts=2)
     worker, out, err = spawn_split(daemons, tmp_path, "pgqueue-worker", "--app", APP,
                                    "--log-format", "json")  # fmt: skip
-    wait_until(lambda: state(conn, fine) == "succeeded" and dead_row(conn, bad) is not None)
+    wait_until(lambda: job_state(conn, fine) == "succeeded" and dead_row(conn, bad) is not None)
 
     def logged(event: str) -> list[dict[str, Any]]:
         return [e for e in json_lines(out.read_text()) if e["event"] == event]
@@ -979,7 +974,7 @@ def test_worker_logs_json_lines_without_job_args_unless_asked(conn, daemons, tmp
     verbose, out, err = spawn_split(daemons, tmp_path, "pgqueue-worker", "--app", APP,
                                     "--log-format", "json", "--log-args",
                                     "--log-level", "debug")  # fmt: skip
-    wait_until(lambda: state(conn, shown) == "succeeded")
+    wait_until(lambda: job_state(conn, shown) == "succeeded")
     assert terminate(verbose) == 0
     claimed = [e for e in json_lines(out.read_text()) if e["event"] == "job.claimed"]
     assert [(e["job_id"], e["args"], e["level"]) for e in claimed] == [
@@ -1048,7 +1043,7 @@ def test_a_lost_lease_is_counted_once_when_found_before_the_outcome_is_written(c
 
     before = lost()
     asyncio.run(scenario())
-    assert state(conn, job_id) == "queued"
+    assert job_state(conn, job_id) == "queued"
     assert lost() - before == 1
 
 
@@ -1176,7 +1171,7 @@ def runs_with_one_lost_lease(
     its attempt never counted as succeeded."""
     lost, succeeded = completed(task, "lease_lost"), completed(task, "succeeded")
     asyncio.run(scenario())
-    assert state(conn, job_id) == "queued"
+    assert job_state(conn, job_id) == "queued"
     assert completed(task, "lease_lost") - lost == 1
     assert completed(task, "succeeded") == succeeded
 
@@ -1235,7 +1230,7 @@ def test_an_outcome_whose_commit_reply_was_lost_is_reported_written_not_lease_lo
             with pytest.raises(psycopg.OperationalError):
                 await worker.completer.run_once()
             assert proxy.cuts == 1
-            assert state(conn, job_id) == after
+            assert job_state(conn, job_id) == after
             # The heartbeat finds the lease gone: cleared by the outcome's own write, so
             # it is not reported lost, and the job stays held until the completer knows.
             _, gone = await worker.heartbeat.run_once()
@@ -1290,7 +1285,7 @@ def test_a_batch_of_two_kinds_cut_at_its_commit_is_reported_once_as_written(conn
                 await worker.completer.run_once()
             assert proxy.cuts == 1
             expected = ("succeeded", "queued") if landed else ("running", "running")
-            assert (state(conn, ok_id), state(conn, fail_id)) == expected
+            assert (job_state(conn, ok_id), job_state(conn, fail_id)) == expected
             assert await worker.completer.run_once() == 2
             assert worker._held == {}
 
@@ -1309,7 +1304,7 @@ def test_a_batch_of_two_kinds_cut_at_its_commit_is_reported_once_as_written(conn
         ("fail", "retried"): 1,
         ("fail", "lease_lost"): 0,
     }
-    assert (state(conn, ok_id), state(conn, fail_id)) == ("succeeded", "queued")
+    assert (job_state(conn, ok_id), job_state(conn, fail_id)) == ("succeeded", "queued")
     assert history_outcomes(conn, ok_id) == [(1, "succeeded")]
     assert history_outcomes(conn, fail_id) == [(1, "retried")]
 
@@ -1338,7 +1333,7 @@ def test_a_release_whose_commit_reply_was_lost_is_reported_released_not_lease_lo
             with pytest.raises(psycopg.OperationalError):
                 await worker.completer.run_once()
             assert proxy.cuts == 1
-            assert state(conn, job_id) == "queued"
+            assert job_state(conn, job_id) == "queued"
             _, gone = await worker.heartbeat.run_once()
             assert [j.id for j in gone] == [job_id]
             assert job_id in worker._held
@@ -1371,7 +1366,7 @@ def test_a_lost_lease_is_still_reported_when_a_cut_write_had_not_landed(conn, ds
             with pytest.raises(psycopg.OperationalError):
                 await worker.completer.run_once()
             assert proxy.cuts == 1
-            assert state(conn, job_id) == "running"
+            assert job_state(conn, job_id) == "running"
             expire_and_requeue(conn, dsn, job_id)
             _, gone = await worker.heartbeat.run_once()
             assert [j.id for j in gone] == [job_id]
@@ -1464,7 +1459,7 @@ def test_a_claim_whose_reply_was_lost_is_released_at_the_next_heartbeat(conn, ds
 
     asyncio.run(scenario())
     assert ran == [1]
-    assert state(conn, job_id) == "succeeded"
+    assert job_state(conn, job_id) == "succeeded"
     assert history_outcomes(conn, job_id) == [(1, "orphaned"), (1, "succeeded")]
 
 
@@ -1507,17 +1502,17 @@ def test_a_claim_in_flight_is_not_taken_for_an_orphan(conn, dsn):
                 if proxy.held:
                     break
                 await asyncio.sleep(0.01)
-            assert proxy.held == 1 and state(conn, job_id) == "running"
+            assert proxy.held == 1 and job_state(conn, job_id) == "running"
             assert worker._held == {}
             await worker.heartbeat.run_once()
-            assert state(conn, job_id) == "running"
+            assert job_state(conn, job_id) == "running"
             proxy.hold.set()
             assert [j.id for j in await claim] == [job_id]
             await handler_finished(worker)
             assert await worker.completer.run_once() == 1
 
     asyncio.run(scenario())
-    assert state(conn, job_id) == "succeeded"
+    assert job_state(conn, job_id) == "succeeded"
     assert history_outcomes(conn, job_id) == [(1, "succeeded")]
 
 
@@ -1698,7 +1693,7 @@ def test_one_refused_outcome_does_not_hold_back_the_others_of_its_batch(conn, ds
         completed("ops_refused_batch_ok", "succeeded") - counts[0],
         completed("ops_refused_batch_fail", "retried") - counts[1],
     ] == [1, 1]
-    assert (state(conn, ok_id), state(conn, fail_id)) == ("succeeded", "queued")
+    assert (job_state(conn, ok_id), job_state(conn, fail_id)) == ("succeeded", "queued")
     row = job_row(conn, refused)
     assert row is not None and (row["state"], row["attempts"]) == ("running", 1)
     assert history_outcomes(conn, refused) == []

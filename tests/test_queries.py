@@ -22,13 +22,12 @@ import psycopg
 import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from pgqueue import store
 from pgqueue.models import Job
 from pgqueue.sql import QUERIES
-from tests.conftest import notified_before_sentinel, scalar, wait_until
+from tests.conftest import dead_row, job_row, notified_before_sentinel, scalar, wait_until
 
 AsyncConn = psycopg.AsyncConnection[Any]
 WORKER = "worker-1"
@@ -62,18 +61,6 @@ def make_job(conn: psycopg.Connection[Any], **columns: Any) -> int:
     )
     job_id: int = scalar(conn, query, values)
     return job_id
-
-
-def job_row(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute("SELECT * FROM pgqueue.jobs WHERE id = %s", (job_id,))
-        return cur.fetchone()
-
-
-def dead_row(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute("SELECT * FROM pgqueue.dead_jobs WHERE id = %s", (job_id,))
-        return cur.fetchone()
 
 
 # Outcome writers take each attempt's duration and return {id: state now}.

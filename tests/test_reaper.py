@@ -19,8 +19,8 @@ import psycopg
 from pgqueue import store
 from pgqueue.config import ReaperConfig
 from pgqueue.reaper import Reaper, ReapResult
-from tests.conftest import scalar
-from tests.test_queries import db_clock, dead_row, job_row, make_job, run_async
+from tests.conftest import dead_row, job_row, scalar
+from tests.test_queries import db_clock, make_job, run_async
 
 
 @contextmanager
