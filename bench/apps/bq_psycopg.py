@@ -1,10 +1,11 @@
 """The driver's own ceiling: the raw single-row insert through psycopg, no queue library.
 
-Not a queue: a reference for the one-job-per-transaction enqueue figures. Each call runs
-what any Python queue on psycopg must do at the least for one job: encode the args as
-JSON and run one prepared ``INSERT ... RETURNING id`` in its own (autocommit)
+Not a queue: a reference, for information, beside the one-job-per-transaction enqueue
+figures. Each call does what a synchronous Python producer on psycopg must do at the
+least for one job, one round trip each: encode the args as JSON and run one prepared
+``INSERT ... RETURNING id`` with the task and args as parameters in its own (autocommit)
 transaction, into the bench's raw table (pgqueue.jobs' columns, defaults and indexes,
-without its trigger; the same table pgbench's raw insert writes to).
+without its trigger; the table pgbench's raw insert writes literal values to).
 """
 
 from __future__ import annotations
