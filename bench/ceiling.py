@@ -10,8 +10,8 @@
   A physical reference only: a job deleted as it is claimed is lost if its worker dies,
   so no at-least-once queue can work this way.
 * lease claim + delete: the least an at-least-once queue must do, on the raw table: one
-  statement marks a batch running under a lease (state, token, expiry), a second deletes
-  it once done (counting the attempt, as any queue with a retry limit must). Whatever
+  statement marks a batch running under a lease (state, token, expiry) and counts the
+  attempt, as any queue with a retry limit must; a second deletes it once done. Whatever
   else a queue records per job (its history, finished jobs kept for retention, fenced
   outcomes) comes on top of this.
 * CPU per job: for the three claim scripts, the machine's busy CPU time during the run

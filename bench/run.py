@@ -348,11 +348,13 @@ class Bench:
                         )
                         if mode != "bulk":
                             fig.notes.append(
-                                "psycopg (raw INSERT): the driver's own ceiling, measured in"
-                                " the same rotation by the same producer harness as the"
-                                " queues: per job, json.dumps of the args and one prepared"
-                                " `INSERT ... RETURNING id` (autocommit) into that same raw"
-                                " table, no queue library (bench/apps/bq_psycopg.py)"
+                                "psycopg (raw INSERT), for information: what a synchronous"
+                                " producer on psycopg does at best, measured in the same"
+                                " rotation by the same producer harness as the queues: per"
+                                " job, json.dumps of the args and one prepared `INSERT ..."
+                                " RETURNING id` with task and args as parameters (autocommit)"
+                                " into that same raw table, no queue library"
+                                " (bench/apps/bq_psycopg.py)"
                             )
         finally:
             if raw:
