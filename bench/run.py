@@ -696,27 +696,10 @@ class Bench:
                 print(f"[pgbench ceiling, repetition {rep + 1}]", flush=True)
                 for batch in _ints(o.ceiling_batches):
                     jobs = o.ceiling_jobs_batch1 if batch == 1 else o.ceiling_jobs
-                    for clients in _ints(o.ceiling_clients):
-                        fig = self.report.figure(
-                            f"ceiling_claim_{batch}_{clients}",
-                            f"pgqueue claim_jobs + complete_jobs, batch {batch}, {clients} client"
-                            + ("s" if clients > 1 else ""),
-                            "jobs/s",
-                            "higher",
-                            "Postgres ceiling (pgbench -M prepared)",
-                        )
-                        self._ceiling_cpu(
-                            fig,
-                            self.attempt(
-                                fig,
-                                pseudo,
-                                f"claim+complete b={batch} c={clients}",
-                                partial(_claim_sample, ceiling, batch, clients, jobs),
-                            ),
-                        )
-                    for lease, key, what in (
-                        (True, "leaseclaim", "lease claim, then DELETE (at-least-once minimum)"),
-                        (False, "rawclaim", "raw claim (SKIP LOCKED) + DELETE in one statement"),
+                    for key, what in (
+                        ("claim", "pgqueue claim_jobs + complete_jobs"),
+                        ("leaseclaim", "lease claim, then DELETE (at-least-once minimum)"),
+                        ("rawclaim", "raw claim (SKIP LOCKED) + DELETE in one statement"),
                     ):
                         for clients in _ints(o.ceiling_clients):
                             fig = self.report.figure(
@@ -733,9 +716,7 @@ class Bench:
                                     fig,
                                     pseudo,
                                     f"{key} b={batch} c={clients}",
-                                    partial(
-                                        _claim_delete_sample, ceiling, batch, clients, jobs, lease
-                                    ),
+                                    partial(_claim_sample, ceiling, key, batch, clients, jobs),
                                 ),
                             )
                 for script, title in (
@@ -919,15 +900,14 @@ class Bench:
         self.report.targets.extend(lines)
 
 
-def _claim_sample(ceiling: Ceiling, batch: int, clients: int, jobs: int) -> Sample:
-    run = ceiling.claim_complete(batch, clients, jobs)
-    return Sample(run.rate, {"cpu_us_per_job": run.cpu_us_per_job})
-
-
-def _claim_delete_sample(
-    ceiling: Ceiling, batch: int, clients: int, jobs: int, lease: bool
-) -> Sample:
-    run = ceiling.claim_delete(batch, clients, jobs, lease=lease)
+def _claim_sample(ceiling: Ceiling, key: str, batch: int, clients: int, jobs: int) -> Sample:
+    """One run of a claim script: pgqueue's claim+complete ("claim"), the lease claim and
+    delete ("leaseclaim") or the raw claim-and-delete ("rawclaim")."""
+    run = (
+        ceiling.claim_complete(batch, clients, jobs)
+        if key == "claim"
+        else ceiling.claim_delete(batch, clients, jobs, lease=key == "leaseclaim")
+    )
     return Sample(run.rate, {"cpu_us_per_job": run.cpu_us_per_job})
 
 
