@@ -152,8 +152,11 @@ class Worker:
         return len(self._running)
 
     def stop(self) -> None:
-        """Ask for a graceful shutdown; idempotent."""
+        """Ask for a graceful shutdown; idempotent. Call it on the worker's event loop."""
         self._stopping.set()
+        # Wake the fetcher from whichever wait it is in (see _wait_for).
+        self._wake.set()
+        self._slot_freed.set()
 
     def health(self) -> tuple[bool, str]:
         """For /healthz (called from the metrics thread): are the loops alive and does
@@ -250,6 +253,10 @@ class Worker:
             )
             for job in jobs:
                 self._start(job)
+            if jobs:
+                # Let the handlers begin before the connection goes back and the metrics
+                # are counted: job latency (see _fetch_loop).
+                await asyncio.sleep(0)
         self._count_claimed(jobs)
         return jobs
 
@@ -306,12 +313,11 @@ class Worker:
             if self._isolated is not None:
                 continue
             if len(jobs) == free:
-                # Probably more waiting: claim again as soon as a slot frees up. The
-                # yield lets completions that are already due coalesce into one claim.
-                await asyncio.sleep(0)
+                # Probably more waiting: claim again as soon as a slot frees up. No yield
+                # here: run_once let the new jobs begin (slots that short jobs freed are
+                # counted already), and this claim should go out before the outcome
+                # writes those jobs just queued, which would delay it otherwise.
                 continue
-            # Let the jobs just started begin before the next round trip (job latency).
-            await asyncio.sleep(0)
             await self._wait_for(self._wake, await self._idle_timeout())
 
     async def _idle_timeout(self) -> float:
@@ -326,16 +332,17 @@ class Worker:
         return min(self.config.poll_interval, max(0.0, seconds) + 0.001)
 
     async def _wait_for(self, event: asyncio.Event, timeout: float | None) -> None:
-        """Wait for ``event``, the stop request, or the timeout, whichever comes first."""
-        waiters = {
-            asyncio.ensure_future(event.wait()),
-            asyncio.ensure_future(self._stopping.wait()),
-        }
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        """Wait for ``event``, the stop request, or the timeout, whichever comes first.
+
+        ``event`` is one that stop() sets too (_wake, _slot_freed, _stopping), so one
+        waiter is enough and its set() wakes this task directly. Waiting on the stop
+        event beside it took two tasks under asyncio.wait per wait, and two more loop
+        iterations between a notification and the claim."""
+        if self._stopping.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await event.wait()
 
     # --- jobs -----------------------------------------------------------------------
 

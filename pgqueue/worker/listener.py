@@ -51,8 +51,12 @@ class Listener:
                     # Anything enqueued while we were not listening: go and look.
                     self.wake.set()
                     async for note in conn.notifies():
-                        if note.payload in self.queues:
+                        if note.payload in self.queues and not self.wake.is_set():
                             self.wake.set()
+                            # Let the fetcher send its claim before this task goes back
+                            # to waiting on the socket (psycopg re-arms the reader and a
+                            # timer first): about 0.07 ms of each idle job's latency.
+                            await asyncio.sleep(0)
                 raise psycopg.OperationalError("the notification stream ended")
             except Exception as exc:
                 self.connected.clear()
