@@ -253,11 +253,13 @@ class Worker:
             )
             for job in jobs:
                 self._start(job)
+            # Counted before any job can end (and before any await: a cancel there
+            # must not leave the running gauge short).
+            self._count_claimed(jobs)
             if jobs:
-                # Let the handlers begin before the connection goes back and the metrics
-                # are counted: job latency (see _fetch_loop).
+                # Let the handlers begin before the connection goes back to the pool
+                # (job latency; see _fetch_loop).
                 await asyncio.sleep(0)
-        self._count_claimed(jobs)
         return jobs
 
     def _count_claimed(self, jobs: list[Job]) -> None:
