@@ -1551,6 +1551,66 @@ def test_the_heartbeat_releases_no_job_it_holds_or_another_worker_runs(conn, dsn
     asyncio.run(scenario())
 
 
+def test_the_heartbeat_releases_orphans_while_the_worker_claims_back_to_back(conn, dsn):
+    """Draining a backlog, the fetcher claims again the moment a claim ends; the heartbeat
+    must still get its turn at the claim lock and release this worker's orphans then,
+    not only once the backlog is gone."""
+    registry = Registry()
+
+    @registry.task(name="ops_backlog")
+    async def task() -> None:
+        return None
+
+    enqueue_many(conn, [JobSpec("ops_backlog") for _ in range(60_000)])
+    # In a queue this worker does not serve, so that once released it stays queued.
+    orphan = enqueue(conn, "ops_backlog", queue="ops_elsewhere")
+
+    async def scenario() -> int:
+        config = WorkerConfig(dsn=dsn, lease_seconds=1.5, concurrency=100, queues=["default"])
+        worker = Worker(registry, config, worker_id="ops-backlog-worker")
+        run = asyncio.create_task(worker.run(handle_signals=False))
+        try:
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
+
+                async def value(query: str) -> Any:
+                    row = await (await c.execute(query, {"id": orphan})).fetchone()
+                    return row[0] if row else None
+
+                succeeded = "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'"
+                for _ in range(1500):
+                    if await value(succeeded) >= 1000:
+                        break
+                    await asyncio.sleep(0.01)
+                # Now it claims back to back: make a job look claimed by this worker
+                # (a claim whose reply was lost), leased for an hour.
+                await c.execute(
+                    "UPDATE pgqueue.jobs SET state = 'running', attempts = 1,"
+                    " leased_by = 'ops-backlog-worker', lease_token = gen_random_uuid(),"
+                    " lease_expires_at = now() + interval '1 hour', attempted_at = now()"
+                    " WHERE id = %(id)s",
+                    {"id": orphan},
+                )
+                for _ in range(1500):
+                    if await value("SELECT state FROM pgqueue.jobs WHERE id = %(id)s") == (
+                        "queued"
+                    ):
+                        break
+                    await asyncio.sleep(0.01)
+                left: int = await value(
+                    "SELECT count(*) FROM pgqueue.jobs WHERE queue = 'default'"
+                    " AND state <> 'succeeded'"
+                )
+        finally:
+            worker.stop()
+            await asyncio.wait_for(run, 30)
+        return left
+
+    left = asyncio.run(scenario())
+    assert job_state(conn, orphan) == "queued"
+    assert history_outcomes(conn, orphan) == [(1, "orphaned")]
+    assert left > 0, "the orphan was released only after the backlog was gone"
+
+
 def refuse_success_of(conn: psycopg.Connection[Any], task: str) -> None:
     """Make the database refuse (raise on) marking jobs of ``task`` succeeded."""
     conn.execute(

@@ -507,7 +507,7 @@ class Worker:
     async def _shutdown(
         self, fetcher: asyncio.Task[None], services: list[asyncio.Task[None]]
     ) -> None:
-        self._stopping.set()
+        self.stop()  # also when run() was cancelled rather than stopped
         # The fetcher notices the stop at its next wait; a claim in flight completes, so
         # its jobs get the same grace (or release) as the others instead of being left
         # claimed until their lease expires.

@@ -101,13 +101,22 @@ class Heartbeat:
         """Return the jobs running under this worker's name that it does not hold to the
         queue; {id: state now}. Under the claim lock (no claim in flight, so every job
         this worker claimed is held) and the completer's lock (no outcome half-reported).
-        Skipped while a claim is in flight: a claim stuck on the server must not hold up
-        the heartbeat, whose first duty is to extend the leases (done before this)."""
-        if self.claiming.locked():
+        Waits for a claim in flight to end: the lock serves its waiters first, so a
+        fetcher claiming back to back (a backlog) lets this in between two claims. A
+        claim stuck on the server must not hold up the heartbeat, whose first duty is to
+        extend the leases (done before this): after a short wait this is skipped until
+        the next beat."""
+        try:
+            async with asyncio.timeout(min(1.0, self.interval / 2)):
+                await self.claiming.acquire()
+        except TimeoutError:
             return {}
-        async with self.claiming, self.lock, self.pool.connection() as conn:
-            keep = [j.lease_token for j in self.held()] + self.refused()
-            released = await store.release_orphans(conn, worker_id=self.worker_id, keep=keep)
+        try:
+            async with self.lock, self.pool.connection() as conn:
+                keep = [j.lease_token for j in self.held()] + self.refused()
+                released = await store.release_orphans(conn, worker_id=self.worker_id, keep=keep)
+        finally:
+            self.claiming.release()
         if released:
             log.warning(
                 "jobs.orphans_released", count=len(released), job_ids=sorted(released)[:100]
