@@ -315,10 +315,11 @@ class Worker:
             if self._isolated is not None:
                 continue
             if len(jobs) == free:
-                # Probably more waiting: claim again as soon as a slot frees up. No yield
-                # here: run_once let the new jobs begin (slots that short jobs freed are
-                # counted already), and this claim should go out before the outcome
-                # writes those jobs just queued, which would delay it otherwise.
+                # Probably more waiting: claim again as soon as a slot frees up. The yield
+                # lets the outcomes of jobs that already ended go out first, in one batch
+                # (A/B drains of 20,000 no-op jobs: faster with two processes at
+                # concurrency 1000, the same at concurrency 1).
+                await asyncio.sleep(0)
                 continue
             await self._wait_for(self._wake, await self._idle_timeout())
 
