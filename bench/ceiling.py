@@ -173,7 +173,6 @@ class Ceiling:
     admin_dsn: str
     work_dir: Path
     name: str = "bench_ceiling"
-    last_cpu_seconds: float = 0.0
 
     def setup(self) -> None:
         from pgqueue.migrate import migrate
@@ -221,9 +220,9 @@ class Ceiling:
 
     def _pgbench(
         self, script: str, clients: int, transactions: int, defines: dict[str, str]
-    ) -> float:
-        """Transactions per second (without connection time) of one pgbench run; the
-        machine's busy CPU seconds outside pgbench during it go to ``last_cpu_seconds``."""
+    ) -> tuple[float, float]:
+        """Transactions per second (without connection time) of one pgbench run, and the
+        machine's busy CPU seconds outside pgbench during it."""
         argv = [
             pgbench_path(),
             "-n",
@@ -243,9 +242,7 @@ class Ceiling:
         argv.append(self.dsn)
         busy0, own0 = _busy_seconds(), _children_cpu_seconds()
         done = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-        self.last_cpu_seconds = max(
-            0.0, (_busy_seconds() - busy0) - (_children_cpu_seconds() - own0)
-        )
+        cpu_seconds = max(0.0, (_busy_seconds() - busy0) - (_children_cpu_seconds() - own0))
         if done.returncode != 0:
             raise RuntimeError(f"pgbench failed: {done.stderr.strip()[-2000:]}")
         match = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", done.stdout)
@@ -254,7 +251,7 @@ class Ceiling:
         failed = re.search(r"number of failed transactions: (\d+)", done.stdout)
         if failed and int(failed.group(1)):
             raise RuntimeError(f"pgbench: {failed.group(1)} failed transactions")
-        return float(match.group(1))
+        return float(match.group(1)), cpu_seconds
 
     def claim_complete(self, batch: int, clients: int, jobs: int) -> Claimed:
         """Jobs per second claimed and completed by ``clients`` at ``batch`` per claim;
@@ -264,7 +261,7 @@ class Ceiling:
         total = per_client * clients * batch
         surplus = batch * clients
         self._reset(total + surplus)
-        tps = self._pgbench(
+        tps, cpu_seconds = self._pgbench(
             "claim_complete",
             clients,
             per_client,
@@ -275,7 +272,7 @@ class Ceiling:
         )
         if left != surplus:
             raise RuntimeError(f"claim/complete left {left} jobs unfinished, expected {surplus}")
-        return Claimed(tps * batch, self.last_cpu_seconds / total * 1e6)
+        return Claimed(tps * batch, cpu_seconds / total * 1e6)
 
     def claim_delete(self, batch: int, clients: int, jobs: int, *, lease: bool) -> Claimed:
         """Jobs per second of the raw claim-and-delete in one statement (the physical
@@ -286,15 +283,16 @@ class Ceiling:
         surplus = batch * clients
         self._reset(total + surplus, raw=True)
         script = "lease_claim_delete" if lease else "raw_claim_delete"
-        tps = self._pgbench(script, clients, per_client, {"batch": str(batch)})
+        tps, cpu_seconds = self._pgbench(script, clients, per_client, {"batch": str(batch)})
         left = int(db.scalar(self.dsn, "SELECT count(*) FROM bench_raw.jobs"))
         if left != surplus:
             raise RuntimeError(f"{script} left {left} jobs, expected {surplus}")
-        return Claimed(tps * batch, self.last_cpu_seconds / total * 1e6)
+        return Claimed(tps * batch, cpu_seconds / total * 1e6)
 
     def insert(self, script: str, clients: int, rows: int) -> float:
         """Rows per second inserted by ``clients`` running ``script``."""
         per_tx = ROWS_PER_TX[script]
         per_client = max(1, rows // (clients * per_tx))
         self._reset(0)
-        return self._pgbench(script, clients, per_client, {}) * per_tx
+        tps, _ = self._pgbench(script, clients, per_client, {})
+        return tps * per_tx

@@ -755,10 +755,9 @@ class Bench:
         of its own beside ``fig`` (the run's jobs/s)."""
         if sample is None or "cpu_us_per_job" not in sample.extra:
             return
-        title = fig.title
         cpu = self.report.figure(
             fig.key.replace("ceiling_", "ceiling_cpu_", 1),
-            f"CPU per job outside pgbench: {title}",
+            f"CPU per job outside pgbench: {fig.title}",
             "\u00b5s",
             "lower",
             "Postgres ceiling: CPU per job (machine busy time less pgbench's own)",

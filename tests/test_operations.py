@@ -1570,36 +1570,23 @@ def test_the_heartbeat_releases_orphans_while_the_worker_claims_back_to_back(con
         worker = Worker(registry, config, worker_id="ops-backlog-worker")
         run = asyncio.create_task(worker.run(handle_signals=False))
         try:
-            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
-
-                async def value(query: str) -> Any:
-                    row = await (await c.execute(query, {"id": orphan})).fetchone()
-                    return row[0] if row else None
-
-                succeeded = "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'"
-                for _ in range(1500):
-                    if await value(succeeded) >= 1000:
-                        break
-                    await asyncio.sleep(0.01)
-                # Now it claims back to back: make a job look claimed by this worker
-                # (a claim whose reply was lost), leased for an hour.
-                await c.execute(
-                    "UPDATE pgqueue.jobs SET state = 'running', attempts = 1,"
-                    " leased_by = 'ops-backlog-worker', lease_token = gen_random_uuid(),"
-                    " lease_expires_at = now() + interval '1 hour', attempted_at = now()"
-                    " WHERE id = %(id)s",
-                    {"id": orphan},
-                )
-                for _ in range(1500):
-                    if await value("SELECT state FROM pgqueue.jobs WHERE id = %(id)s") == (
-                        "queued"
-                    ):
-                        break
-                    await asyncio.sleep(0.01)
-                left: int = await value(
-                    "SELECT count(*) FROM pgqueue.jobs WHERE queue = 'default'"
-                    " AND state <> 'succeeded'"
-                )
+            succeeded = "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'"
+            await asyncio.to_thread(wait_until, lambda: scalar(conn, succeeded) >= 1000, 15)
+            # Now it claims back to back: make a job look claimed by this worker (a claim
+            # whose reply was lost), leased for an hour.
+            conn.execute(
+                "UPDATE pgqueue.jobs SET state = 'running', attempts = 1,"
+                " leased_by = 'ops-backlog-worker', lease_token = gen_random_uuid(),"
+                " lease_expires_at = now() + interval '1 hour', attempted_at = now()"
+                " WHERE id = %s",
+                (orphan,),
+            )
+            await asyncio.to_thread(wait_until, lambda: job_state(conn, orphan) == "queued", 15)
+            left: int = scalar(
+                conn,
+                "SELECT count(*) FROM pgqueue.jobs WHERE queue = 'default'"
+                " AND state <> 'succeeded'",
+            )
         finally:
             worker.stop()
             await asyncio.wait_for(run, 30)
