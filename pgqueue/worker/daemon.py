@@ -321,7 +321,12 @@ class Worker:
                 # concurrency 1000, the same at concurrency 1).
                 await asyncio.sleep(0)
                 continue
-            await self._wait_for(self._wake, await self._idle_timeout())
+            timeout = await self._idle_timeout()
+            # Wake for run_once's rescued-job check when it falls due, so that it runs
+            # while nothing waits: left to the next notification, its round trip came
+            # before that job's claim (2 of 500 jobs at 50/s, among the slowest 1%).
+            until_check = self._next_rescue_check - asyncio.get_running_loop().time()
+            await self._wait_for(self._wake, min(timeout, max(0.0, until_check)))
 
     async def _idle_timeout(self) -> float:
         """Sleep until the next scheduled job is due, or the safety-net poll."""
