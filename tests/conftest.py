@@ -13,11 +13,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -26,6 +27,8 @@ from psycopg.rows import dict_row
 
 from pgqueue.devdb import LOCAL_DSN, EmbeddedPostgres, reachable
 from pgqueue.migrate import migrate
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -123,6 +126,37 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {predicate}")
         time.sleep(interval)
+
+
+def run_at_once(
+    fn: Callable[[threading.Barrier], T], copies: int = 2, timeout: float = 60.0
+) -> list[T]:
+    """Run ``copies`` calls of ``fn`` in threads and return their results (in the order
+    they finished). Each call gets a barrier to wait on once it is ready, so that the
+    copies race from the same instant; an exception in any of them fails the test."""
+    start = threading.Barrier(copies)
+    results: list[T] = []
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        try:
+            result = fn(start)
+            with lock:
+                results.append(result)
+        except BaseException as exc:  # reported below, not lost in the thread
+            with lock:
+                failures.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(copies)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads)
+    assert failures == []
+    assert len(results) == copies
+    return results
 
 
 def scalar(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> Any:

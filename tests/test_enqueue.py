@@ -16,7 +16,7 @@ import pytest
 from pgqueue import JobSpec, Registry, SerializationError, ValidationError, enqueue, enqueue_many
 from pgqueue.enqueue import MAX_ARGS_DEPTH, STREAM_COPY_FROM
 from pgqueue.registry import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY
-from tests.conftest import scalar
+from tests.conftest import run_at_once, scalar
 
 
 def job_row(conn, job_id):
@@ -189,23 +189,13 @@ def test_idempotency_key_holds_while_finished_job_is_retained(conn):
 
 
 def test_concurrent_enqueues_with_one_key_make_one_job(dsn):
-    barrier = threading.Barrier(8)
-    ids: list[int] = []
-    lock = threading.Lock()
-
-    def producer() -> None:
+    def producer(start: threading.Barrier) -> int:
         with psycopg.connect(dsn) as conn:
-            barrier.wait()
+            start.wait(timeout=30)
             with conn.transaction():
-                job_id = enqueue(conn, "t", idempotency_key="race")
-            with lock:
-                ids.append(job_id)
+                return enqueue(conn, "t", idempotency_key="race")
 
-    threads = [threading.Thread(target=producer) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    ids = run_at_once(producer, copies=8)
     assert len(set(ids)) == 1
     with psycopg.connect(dsn) as conn:
         assert count_jobs(conn) == 1

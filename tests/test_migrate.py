@@ -19,7 +19,7 @@ from psycopg.conninfo import make_conninfo
 
 from pgqueue.errors import MigrationError
 from pgqueue.migrate import Migration, load_migrations, migrate
-from tests.conftest import scalar
+from tests.conftest import run_at_once, scalar
 
 ROOT = Path(__file__).resolve().parent.parent
 PGQUEUE = Path(sys.executable).parent / "pgqueue"
@@ -96,30 +96,11 @@ def test_migrating_an_up_to_date_database_applies_nothing_and_changes_nothing(em
 
 
 def test_concurrent_migrators_apply_each_migration_exactly_once(empty_dsn):
-    start = threading.Barrier(2)
-    results: list[list[Migration]] = []
-    failures: list[BaseException] = []
-    lock = threading.Lock()
+    def run(start: threading.Barrier) -> list[Migration]:
+        start.wait(timeout=30)
+        return migrate(empty_dsn)
 
-    def run() -> None:
-        try:
-            start.wait(timeout=30)
-            applied = migrate(empty_dsn)
-            with lock:
-                results.append(applied)
-        except BaseException as exc:  # reported below, not lost in the thread
-            with lock:
-                failures.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-
-    assert not any(t.is_alive() for t in threads)
-    assert failures == []
-    assert len(results) == 2
+    results = run_at_once(run)
     expected = versions(load_migrations())
     assert sorted(versions(results[0]) + versions(results[1])) == expected
     with psycopg.connect(empty_dsn, autocommit=True) as c:

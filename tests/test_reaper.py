@@ -19,7 +19,7 @@ import psycopg
 from pgqueue import store
 from pgqueue.config import ReaperConfig
 from pgqueue.reaper import Reaper, ReapResult
-from tests.conftest import dead_row, job_row, scalar
+from tests.conftest import dead_row, job_row, run_at_once, scalar
 from tests.test_queries import db_clock, make_job, run_async
 
 
@@ -149,32 +149,14 @@ def test_expired_job_with_no_attempts_left_is_dead_lettered_as_lease_expired(con
 
 def test_two_concurrent_reapers_requeue_each_expired_job_exactly_once(conn, dsn):
     ids = insert_expired(conn, 500)
-    start = threading.Barrier(2)
-    results: list[ReapResult] = []
-    failures: list[BaseException] = []
-    lock = threading.Lock()
 
-    def reap() -> None:
-        try:
-            with reaper(dsn, batch_size=25) as r:
-                r._connection()  # connect before the barrier, so both start together
-                start.wait(timeout=30)
-                result = r.run_once()
-            with lock:
-                results.append(result)
-        except BaseException as exc:  # reported below, not lost in the thread
-            with lock:
-                failures.append(exc)
+    def reap(start: threading.Barrier) -> ReapResult:
+        with reaper(dsn, batch_size=25) as r:
+            r._connection()  # connect before the barrier, so both start together
+            start.wait(timeout=30)
+            return r.run_once()
 
-    threads = [threading.Thread(target=reap) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-
-    assert not any(t.is_alive() for t in threads)
-    assert failures == []
-    assert len(results) == 2
+    results = run_at_once(reap)
     requeued = results[0].requeued + results[1].requeued
     assert len(requeued) == len(set(requeued))
     assert sorted(requeued) == sorted(ids)
