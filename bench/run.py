@@ -45,6 +45,8 @@ QUICK_FIGURES = ("enqueue", "drain", "latency", "ceiling")
 DEFAULT_BEST = "pgqueue=1000,pgqueuer=1000,procrastinate=10,oban=1000,celery=10"
 OBAN_VENV = BENCH_DIR / ".venvs" / "oban"
 OBAN_REQUIREMENT = "oban>=0.7"
+REPO_DIR = BENCH_DIR.parent
+PGQUEUE_VENV = BENCH_DIR / ".venvs" / "pgqueue"
 
 # (option, full default, --quick value)
 PROFILE: dict[str, tuple[Any, Any]] = {
@@ -113,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra pgqueue-worker arguments, e.g. '--async-commit' (default: none)",
     )
     p.add_argument(
+        "--pgqueue-shared-venv",
+        action="store_true",
+        help="run pgqueue's workers from the bench's venv, beside the competitors'"
+        " packages, instead of from bench/.venvs/pgqueue (pgqueue and its dependencies)",
+    )
+    p.add_argument(
         "--backlog-refill",
         action="store_true",
         help="backlog figure: a feeder adds as many runnable jobs as the workers finish"
@@ -176,6 +184,34 @@ def ensure_oban_venv(explicit_python: str) -> Path | None:
     return python
 
 
+def ensure_pgqueue_venv() -> Path:
+    """bench/.venvs/pgqueue: this checkout (editable) and pgqueue's own dependencies only,
+    at the versions of the bench's venv, for pgqueue's workers. In the bench's venv they
+    would carry the competitors' packages: structlog imports rich when it is installed,
+    and PgQueuer brings it (through typer), 4.6 MiB of a worker's RSS that a pgqueue
+    install does not have (``python -m bench.imports_rss``)."""
+    python = PGQUEUE_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"setting up pgqueue's venv in {PGQUEUE_VENV}", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(PGQUEUE_VENV)], check=True)
+    frozen = subprocess.run(
+        [sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    constraints = PGQUEUE_VENV / "constraints.txt"
+    # Pins only: pip refuses a constraint that is a direct reference (name @ url).
+    constraints.write_text(
+        "".join(line + "\n" for line in frozen.splitlines() if "==" in line and " @ " not in line)
+    )
+    subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "-c", str(constraints), "-e", str(REPO_DIR)],
+        check=True,
+    )
+    return python
+
+
 def machine_facts(admin_dsn: str, redis_url: str) -> dict[str, Any]:
     cpu = "?"
     with contextlib.suppress(OSError):
@@ -193,7 +229,7 @@ def machine_facts(admin_dsn: str, redis_url: str) -> dict[str, Any]:
         "postgres": db.server_facts(admin_dsn),
     }
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        repo = BENCH_DIR.parent
+        repo = REPO_DIR
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True
         ).stdout.strip()
@@ -987,12 +1023,16 @@ def main(argv: list[str] | None = None) -> None:
         if oban_python is None:
             names.remove("oban")
             notes.append("Oban skipped: no Python >= 3.12 found (give --python312)")
+    pgqueue_python: Path | None = None
+    if "pgqueue" in names and not opts.pgqueue_shared_venv:
+        pgqueue_python = ensure_pgqueue_venv()
     ctx = Context(
         opts.admin_dsn,
         opts.redis_url,
         Path(tempfile.gettempdir()),
         oban_python,
         pgqueue_worker_args=tuple(shlex.split(opts.pgqueue_worker_args)),
+        pgqueue_python=pgqueue_python,
     )
     systems = [ALL[n](ctx) for n in names]
     machine = machine_facts(opts.admin_dsn, opts.redis_url)
@@ -1071,7 +1111,15 @@ def _standard_notes(opts: argparse.Namespace, systems: list[System], bench: Benc
             "pgqueue: `pgqueue-worker --concurrency N [--processes P] --log-level warning"
             + "".join(f" {a}" for a in shlex.split(opts.pgqueue_worker_args))
             + "` (P > 1 runs its supervisor); one job per transaction is `enqueue(conn, ...)`"
-            " on an autocommit connection (one statement), bulk is `enqueue_many`."
+            " on an autocommit connection (one statement), bulk is `enqueue_many`. "
+            + (
+                "Its workers ran from the bench's venv, with every competitor's packages."
+                if opts.pgqueue_shared_venv
+                else "Its workers run from bench/.venvs/pgqueue: this checkout and its own"
+                " dependencies at the bench venv's versions, without the competitors'"
+                " packages (in the bench's venv structlog would import rich, which PgQueuer"
+                " brings; 4.6 MiB of RSS). Its producers run in the bench's process."
+            )
         )
     if "pgqueuer" in names:
         notes.append(

@@ -38,6 +38,8 @@ class Context:
     python: str = sys.executable
     # Extra pgqueue-worker arguments (say --async-commit), for a variant run.
     pgqueue_worker_args: tuple[str, ...] = ()
+    # pgqueue's own venv for its workers (bench/.venvs/pgqueue); None: the bench's.
+    pgqueue_python: Path | None = None
 
     @property
     def bin_dir(self) -> Path:
@@ -310,7 +312,7 @@ class PgQueue(System):
 
     def worker(self, processes: int, concurrency: int) -> Worker:
         cmd = [
-            str(self.ctx.bin_dir / "pgqueue-worker"),
+            str((self.ctx.pgqueue_python or Path(self.ctx.python)).parent / "pgqueue-worker"),
             "--app",
             "bq_pgqueue:registry",
             "--dsn",
