@@ -188,8 +188,15 @@ def ensure_pgqueue_venv() -> Path:
     """bench/.venvs/pgqueue: this checkout (editable) and pgqueue's own dependencies only,
     at the versions of the bench's venv, for pgqueue's workers. In the bench's venv they
     would carry the competitors' packages: structlog imports rich when it is installed,
-    and PgQueuer brings it (through typer), 4.6 MiB of a worker's RSS that a pgqueue
-    install does not have (``python -m bench.imports_rss``)."""
+    and PgQueuer brings it (through typer), about 4.5 MiB of a worker's RSS that a
+    pgqueue install does not have (``python -m bench.imports_rss``). Installed again only
+    when the pins or pyproject.toml changed."""
+    import pgqueue
+
+    # The producers, migrations and the ceiling's SQL come from the bench's own pgqueue;
+    # the workers must run the same code.
+    if REPO_DIR not in Path(pgqueue.__file__).resolve().parents:
+        sys.exit(f"the bench's pgqueue ({pgqueue.__file__}) is not this checkout ({REPO_DIR})")
     python = PGQUEUE_VENV / "bin" / "python"
     if not python.exists():
         print(f"setting up pgqueue's venv in {PGQUEUE_VENV}", flush=True)
@@ -200,15 +207,24 @@ def ensure_pgqueue_venv() -> Path:
         text=True,
         check=True,
     ).stdout
-    constraints = PGQUEUE_VENV / "constraints.txt"
-    # Pins only: pip refuses a constraint that is a direct reference (name @ url).
-    constraints.write_text(
-        "".join(line + "\n" for line in frozen.splitlines() if "==" in line and " @ " not in line)
+    # Pins only: pip refuses a constraint that is a direct reference (name @ url), and
+    # pgqueue itself is this checkout.
+    pins = "".join(
+        line + "\n"
+        for line in frozen.splitlines()
+        if "==" in line and " @ " not in line and not line.lower().startswith("pgqueue==")
     )
+    stamp = pins + (REPO_DIR / "pyproject.toml").read_text()
+    stamp_file = PGQUEUE_VENV / "installed.stamp"
+    if stamp_file.exists() and stamp_file.read_text() == stamp:
+        return python
+    constraints = PGQUEUE_VENV / "constraints.txt"
+    constraints.write_text(pins)
     subprocess.run(
         [python, "-m", "pip", "install", "--quiet", "-c", str(constraints), "-e", str(REPO_DIR)],
         check=True,
     )
+    stamp_file.write_text(stamp)
     return python
 
 
@@ -1118,7 +1134,9 @@ def _standard_notes(opts: argparse.Namespace, systems: list[System], bench: Benc
                 else "Its workers run from bench/.venvs/pgqueue: this checkout and its own"
                 " dependencies at the bench venv's versions, without the competitors'"
                 " packages (in the bench's venv structlog would import rich, which PgQueuer"
-                " brings; 4.6 MiB of RSS). Its producers run in the bench's process."
+                " brings). The competitors run from the bench's venv (Oban from its own),"
+                " beside each other's packages. pgqueue's producers run in the bench's"
+                " process."
             )
         )
     if "pgqueuer" in names:

@@ -144,9 +144,10 @@ def run_at_once(
             result = fn(start)
             with lock:
                 results.append(result)
-        except BaseException as exc:  # reported below, not lost in the thread
+        except BaseException as exc:  # raised below, not lost in the thread
             with lock:
                 failures.append(exc)
+            start.abort()  # the other copies stop waiting for this one
 
     threads = [threading.Thread(target=run) for _ in range(copies)]
     for t in threads:
@@ -154,7 +155,8 @@ def run_at_once(
     for t in threads:
         t.join(timeout=timeout)
     assert not any(t.is_alive() for t in threads)
-    assert failures == []
+    if failures:
+        raise failures[0]
     assert len(results) == copies
     return results
 
