@@ -27,6 +27,7 @@ from pgqueue import (
     WorkerConfig,
     current_job,
     enqueue,
+    store,
 )
 
 FAST = Backoff(base_seconds=0.01, max_seconds=0.05)
@@ -349,6 +350,54 @@ def test_notification_wakes_an_idle_worker_long_before_the_poll(dsn):
     elapsed = run(main)
     # With a 60 s poll, running at all within the 20 s wait proves the notification.
     assert elapsed < 20
+
+
+def test_a_busy_idle_worker_checks_for_rescued_jobs_on_its_timer_not_before_a_claim(
+    dsn, monkeypatch
+):
+    """The periodic check for rescued jobs (one round trip) runs when it falls due, on the
+    worker's own timer, not in front of the claim of a job whose notification woke it."""
+    registry = Registry()
+
+    @registry.task(name="ping")
+    async def ping() -> None: ...
+
+    calls: list[str] = []
+    real_check, real_claim = store.rescued_waiting, store.claim_jobs
+
+    async def check(conn: Any, **kw: Any) -> bool:
+        calls.append("check")
+        return await real_check(conn, **kw)
+
+    async def claim(conn: Any, **kw: Any) -> Any:
+        jobs = await real_claim(conn, **kw)
+        calls.append("claimed" if jobs else "claimed none")
+        return jobs
+
+    monkeypatch.setattr(store, "rescued_waiting", check)
+    monkeypatch.setattr(store, "claim_jobs", claim)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, poll_interval=0.4) as worker:
+            await asyncio.wait_for(worker.listener.connected.wait(), 10)
+            # A job every 0.15 s: notifications wake the worker more often than its checks
+            # fall due (every 0.4 s), so it never waits a whole poll interval.
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                for _ in range(36):
+                    await enqueue(conn, "ping")
+                    await asyncio.sleep(0.15)
+            await wait_for_db(
+                dsn, "SELECT count(*) = 36 FROM pgqueue.jobs WHERE state = 'succeeded'"
+            )
+
+    run(main)
+    checks = [i for i, call in enumerate(calls) if call == "check"]
+    assert len(checks) >= 8
+    # A check right before the claim that got a job was made on that job's wake-up (every
+    # check, when the check waited for the next wake-up). On the timer a job can slip in
+    # between only within the check's round trip (about 1 ms of every 150 here).
+    in_front = [i for i in checks if i + 1 < len(calls) and calls[i + 1] == "claimed"]
+    assert len(in_front) <= len(checks) // 3, calls
 
 
 def test_scheduled_job_wakes_the_worker_when_due_without_polling(dsn):
