@@ -45,6 +45,10 @@ class Context:
     def bin_dir(self) -> Path:
         return Path(self.python).parent
 
+    @property
+    def pgqueue_bin_dir(self) -> Path:
+        return self.pgqueue_python.parent if self.pgqueue_python else self.bin_dir
+
 
 @dataclass(frozen=True)
 class Marker:
@@ -312,7 +316,7 @@ class PgQueue(System):
 
     def worker(self, processes: int, concurrency: int) -> Worker:
         cmd = [
-            str((self.ctx.pgqueue_python or Path(self.ctx.python)).parent / "pgqueue-worker"),
+            str(self.ctx.pgqueue_bin_dir / "pgqueue-worker"),
             "--app",
             "bq_pgqueue:registry",
             "--dsn",
