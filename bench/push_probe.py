@@ -1,0 +1,198 @@
+"""How much light-load latency a producer-side hand-off ("push") would save: a probe.
+
+``python -m bench.push_probe [--jobs 300] [--rate 50] [--rounds 3]``
+
+Alternates two ways of getting a job from a producer's commit to a handler, on the same
+server, each round in a fresh database:
+
+- **pgqueue**: a real ``pgqueue-worker`` (concurrency 1000, idle). The insert trigger
+  notifies; the worker claims (one statement and its commit) and starts the handler.
+- **push prototype**: a BEFORE INSERT trigger that hands the job to a registered idle
+  waiter inside the producer's transaction (marks it running under a lease in the
+  waiter's name) and notifies that waiter with the job's id, token, task and args. The
+  waiter process starts its "handler" on the notification alone: no claim round trip,
+  no second commit.
+
+The prototype is an experiment, not part of pgqueue: it has no slot accounting, no
+fencing, no paused queues, no recovery of a hand-off whose notification is lost, and
+its per-row trigger would slow bulk inserts. docs/worker.md ("Where the idle latency
+goes") says what a real design needs. The probe prints each path's enqueue-to-start
+latency (p50 / p95 / p99; handler start minus producer commit, CLOCK_MONOTONIC) and the
+producer's enqueue time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench import db, procs
+from pgqueue import enqueue, migrate
+
+BENCH_DIR = Path(__file__).resolve().parent
+DATABASE = "pgqueue_push_probe"
+PROTOTYPE_SQL = """
+CREATE TABLE pgqueue.probe_waiters (worker text PRIMARY KEY, slots integer NOT NULL);
+CREATE FUNCTION pgqueue.probe_hand_off() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    w text;
+BEGIN
+    IF NEW.state <> 'queued' OR NEW.run_at > now() THEN
+        RETURN NEW;
+    END IF;
+    SELECT worker INTO w FROM pgqueue.probe_waiters
+    WHERE slots > 0 LIMIT 1 FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN NEW;
+    END IF;
+    UPDATE pgqueue.probe_waiters SET slots = slots - 1 WHERE worker = w;
+    NEW.state := 'running';
+    NEW.lease_token := gen_random_uuid();
+    NEW.leased_by := w;
+    NEW.attempts := NEW.attempts + 1;
+    NEW.attempted_at := now();
+    NEW.lease_expires_at := now() + interval '30 seconds';
+    PERFORM pg_notify('pgqueue_push_probe', json_build_object(
+        'id', NEW.id, 'token', NEW.lease_token, 'task', NEW.task, 'args', NEW.args)::text);
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER probe_hand_off BEFORE INSERT ON pgqueue.jobs
+    FOR EACH ROW EXECUTE FUNCTION pgqueue.probe_hand_off();
+"""
+
+
+def waiter(dsn: str, jobs: int) -> None:
+    """The push path's worker: register, then start a handler task per notification, on
+    an asyncio loop and an async connection as pgqueue's worker does."""
+    sys.path.insert(0, str(BENCH_DIR / "apps"))
+    from bq_common import record
+
+    async def handler(job: dict[str, Any]) -> None:
+        record(job["args"]["k"])
+
+    async def run() -> None:
+        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        async with conn:
+            await conn.execute("LISTEN pgqueue_push_probe")
+            await conn.execute("INSERT INTO pgqueue.probe_waiters VALUES ('probe', 1000000)")
+            tasks: set[asyncio.Task[None]] = set()
+            async for note in conn.notifies(stop_after=jobs):
+                task = asyncio.create_task(handler(json.loads(note.payload)))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                await asyncio.sleep(0)
+            await asyncio.gather(*tasks)
+
+    asyncio.run(run())
+
+
+def produce(dsn: str, jobs: int, rate: float) -> tuple[dict[int, float], list[float]]:
+    """One job per transaction at ``rate`` per second; returns {key: commit time} and
+    each enqueue's duration."""
+    commits: dict[int, float] = {}
+    durations: list[float] = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        next_at = time.monotonic()
+        for k in range(jobs):
+            before = time.monotonic()
+            enqueue(conn, "rec", {"k": k})
+            commits[k] = time.monotonic()
+            durations.append(commits[k] - before)
+            next_at += 1.0 / rate
+            time.sleep(max(0.0, next_at - time.monotonic()))
+    return commits, durations
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def started_at(folder: Path) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for path in folder.glob("*.rec"):
+        for line in path.read_text().splitlines():
+            key, at = line.split()
+            out[int(key)] = float(at)
+    return out
+
+
+def one_round(admin_dsn: str, path: str, jobs: int, rate: float) -> tuple[list[float], list[float]]:
+    dsn = db.create_database(admin_dsn, DATABASE)
+    record_dir = Path(tempfile.mkdtemp(prefix="pgqueue-push-probe-"))
+    env = {**os.environ, "BENCH_RECORD_DIR": str(record_dir), "PYTHONPATH": str(BENCH_DIR / "apps")}
+    proc = None
+    try:
+        migrate(dsn)
+        if path == "pgqueue":
+            argv = [
+                str(Path(sys.executable).parent / "pgqueue-worker"), "--dsn", dsn,
+                "--app", "bq_pgqueue:registry", "--concurrency", "1000",
+                "--log-level", "warning",
+            ]  # fmt: skip
+            ready = "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN pgqueue_jobs'"
+        else:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(PROTOTYPE_SQL)
+            argv = [sys.executable, "-m", "bench.push_probe", "--waiter", dsn, "--jobs", str(jobs)]
+            ready = "SELECT count(*) FROM pgqueue.probe_waiters"
+        proc = procs.spawn(argv, env=env, cwd=BENCH_DIR.parent)
+        wait_until(lambda: db.scalar(dsn, ready) >= 1, 30, f"the {path} worker to listen")
+        time.sleep(0.5)  # let it settle (its first claim, prepared statements)
+        commits, durations = produce(dsn, jobs, rate)
+        wait_until(lambda: len(started_at(record_dir)) >= jobs, 30, f"{jobs} {path} jobs")
+        starts = started_at(record_dir)
+        return [starts[k] - commits[k] for k in range(jobs)], durations
+    finally:
+        if proc is not None:
+            procs.stop(proc)
+        db.drop_database(admin_dsn, DATABASE)
+
+
+def ms(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] * 1000
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.push_probe", description=__doc__)
+    p.add_argument("--admin-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    p.add_argument("--jobs", type=int, default=300)
+    p.add_argument("--rate", type=float, default=50.0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--waiter", metavar="DSN", help=argparse.SUPPRESS)
+    opts = p.parse_args(argv)
+    if opts.waiter:
+        waiter(opts.waiter, opts.jobs)
+        return
+    try:
+        for r in range(opts.rounds):
+            for path in ("pgqueue", "push prototype"):
+                lat, enq = one_round(opts.admin_dsn, path, opts.jobs, opts.rate)
+                print(
+                    f"round {r + 1} {path:15} enqueue->start p50 {ms(lat, 50):.2f} ms"
+                    f"  p95 {ms(lat, 95):.2f}  p99 {ms(lat, 99):.2f}"
+                    f"  | enqueue p50 {statistics.median(enq) * 1000:.2f} ms",
+                    flush=True,
+                )
+    finally:
+        procs.stop_all()
+        db.drop_all()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
