@@ -14,9 +14,10 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import IO
 
 import psutil
@@ -117,6 +118,22 @@ def stop_all() -> None:
         terminate(proc)
     for proc in procs:
         stop(proc, timeout=10.0)
+
+
+@contextlib.contextmanager
+def signals_as_exit() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise SystemExit while in the block, so that ``finally`` and
+    atexit clean-up (processes, databases) runs when the bench is stopped."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def cpu_seconds_of(pids: list[int]) -> float:

@@ -13,12 +13,15 @@ server, each round in a fresh database:
   waiter process starts its "handler" on the notification alone: no claim round trip,
   no second commit.
 
-The prototype is an experiment, not part of pgqueue: it has no slot accounting, no
-fencing, no paused queues, no recovery of a hand-off whose notification is lost, and
-its per-row trigger would slow bulk inserts. docs/worker.md ("Where the idle latency
-goes") says what a real design needs. The probe prints each path's enqueue-to-start
-latency (p50 / p95 / p99; handler start minus producer commit, CLOCK_MONOTONIC) and the
-producer's enqueue time.
+The prototype is an experiment, not part of pgqueue: its waiter's slots are never given
+back, it matches no queue, it has no fencing, no paused queues and no recovery of a
+hand-off whose notification is lost, its notification would be refused for args over
+8000 bytes, its per-row trigger would slow bulk inserts, and its waiter writes no
+outcome and sends no heartbeat (the comparison ends at the handler's start).
+docs/worker.md ("Where an idle worker's latency goes") says what a real design needs.
+The probe prints each path's enqueue-to-start latency (p50 / p95 / p99; handler start
+minus the time the producer's commit returned, CLOCK_MONOTONIC) and the producer's
+enqueue time. pgqueue's worker runs from bench/.venvs/pgqueue, as in ``make bench``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +46,9 @@ from bench import db, procs
 from pgqueue import enqueue, migrate
 
 BENCH_DIR = Path(__file__).resolve().parent
-DATABASE = "pgqueue_push_probe"
+# One database per probe process: two probes at once must not drop each other's.
+DATABASE = f"pgqueue_push_probe_{os.getpid()}"
+WAIT_SECONDS = 30.0
 PROTOTYPE_SQL = """
 CREATE TABLE pgqueue.probe_waiters (worker text PRIMARY KEY, slots integer NOT NULL);
 CREATE FUNCTION pgqueue.probe_hand_off() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -88,7 +95,8 @@ def waiter(dsn: str, jobs: int) -> None:
             await conn.execute("LISTEN pgqueue_push_probe")
             await conn.execute("INSERT INTO pgqueue.probe_waiters VALUES ('probe', 1000000)")
             tasks: set[asyncio.Task[None]] = set()
-            async for note in conn.notifies(stop_after=jobs):
+            # A timeout, so that a waiter whose probe died does not wait forever.
+            async for note in conn.notifies(stop_after=jobs, timeout=WAIT_SECONDS + jobs):
                 task = asyncio.create_task(handler(json.loads(note.payload)))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -115,15 +123,25 @@ def produce(dsn: str, jobs: int, rate: float) -> tuple[dict[int, float], list[fl
     return commits, durations
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
+def wait_until(
+    check: Callable[[], bool],
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    what: str,
+    timeout_seconds: float = WAIT_SECONDS,
+) -> None:
+    """Poll ``check`` until it holds; fail at once if ``proc`` exits, with its log."""
+    deadline = time.monotonic() + timeout_seconds
     while not check():
+        if proc.poll() is not None:
+            raise SystemExit(f"{what}: it exited with {proc.returncode}:\n{log.read_text()}")
         if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
+            raise SystemExit(f"timed out waiting for {what}; its log:\n{log.read_text()}")
         time.sleep(0.05)
 
 
 def started_at(folder: Path) -> dict[int, float]:
+    """{job key: handler start} from the handlers' record files."""
     out: dict[int, float] = {}
     for path in folder.glob("*.rec"):
         for line in path.read_text().splitlines():
@@ -132,39 +150,60 @@ def started_at(folder: Path) -> dict[int, float]:
     return out
 
 
-def one_round(admin_dsn: str, path: str, jobs: int, rate: float) -> tuple[list[float], list[float]]:
+def one_round(
+    admin_dsn: str, worker_bin: Path, path: str, jobs: int, rate: float
+) -> tuple[list[float], list[float]]:
+    """One path in a fresh database: (enqueue-to-start latencies, enqueue durations)."""
     dsn = db.create_database(admin_dsn, DATABASE)
-    record_dir = Path(tempfile.mkdtemp(prefix="pgqueue-push-probe-"))
+    work_dir = Path(tempfile.mkdtemp(prefix="pgqueue-push-probe-"))
+    record_dir = work_dir / "records"
+    record_dir.mkdir()
+    log = work_dir / "worker.log"
     env = {**os.environ, "BENCH_RECORD_DIR": str(record_dir), "PYTHONPATH": str(BENCH_DIR / "apps")}
     proc = None
     try:
         migrate(dsn)
         if path == "pgqueue":
             argv = [
-                str(Path(sys.executable).parent / "pgqueue-worker"), "--dsn", dsn,
-                "--app", "bq_pgqueue:registry", "--concurrency", "1000",
-                "--log-level", "warning",
+                str(worker_bin / "pgqueue-worker"), "--dsn", dsn, "--app", "bq_pgqueue:registry",
+                "--concurrency", "1000", "--log-level", "warning",
             ]  # fmt: skip
-            ready = "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN pgqueue_jobs'"
+            ready = (
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND query = 'LISTEN pgqueue_jobs'"
+            )
         else:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute(PROTOTYPE_SQL)
-            argv = [sys.executable, "-m", "bench.push_probe", "--waiter", dsn, "--jobs", str(jobs)]
+            argv = [
+                sys.executable,
+                "-m",
+                "bench.push_probe",
+                "--waiter",
+                dsn,
+                "--jobs",
+                str(jobs + 1),
+            ]
             ready = "SELECT count(*) FROM pgqueue.probe_waiters"
-        proc = procs.spawn(argv, env=env, cwd=BENCH_DIR.parent)
-        wait_until(lambda: db.scalar(dsn, ready) >= 1, 30, f"the {path} worker to listen")
-        time.sleep(0.5)  # let it settle (its first claim, prepared statements)
+        proc = procs.spawn(argv, env=env, cwd=BENCH_DIR.parent, log=log)
+        wait_until(lambda: db.scalar(dsn, ready) >= 1, proc, log, f"the {path} worker to listen")
+        # A warm-up job, untimed: the first claim, prepared statements, the handler's file.
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            enqueue(conn, "rec", {"k": -1})
+        wait_until(lambda: -1 in started_at(record_dir), proc, log, f"the {path} warm-up job")
         commits, durations = produce(dsn, jobs, rate)
-        wait_until(lambda: len(started_at(record_dir)) >= jobs, 30, f"{jobs} {path} jobs")
+        wait_until(lambda: len(started_at(record_dir)) > jobs, proc, log, f"{jobs} {path} jobs")
         starts = started_at(record_dir)
         return [starts[k] - commits[k] for k in range(jobs)], durations
     finally:
         if proc is not None:
             procs.stop(proc)
         db.drop_database(admin_dsn, DATABASE)
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def ms(values: list[float], q: int) -> float:
+    """The ``q``th percentile of ``values`` (seconds), in milliseconds."""
     return statistics.quantiles(values, n=100)[q - 1] * 1000
 
 
@@ -179,19 +218,25 @@ def main(argv: list[str]) -> None:
     if opts.waiter:
         waiter(opts.waiter, opts.jobs)
         return
-    try:
-        for r in range(opts.rounds):
-            for path in ("pgqueue", "push prototype"):
-                lat, enq = one_round(opts.admin_dsn, path, opts.jobs, opts.rate)
-                print(
-                    f"round {r + 1} {path:15} enqueue->start p50 {ms(lat, 50):.2f} ms"
-                    f"  p95 {ms(lat, 95):.2f}  p99 {ms(lat, 99):.2f}"
-                    f"  | enqueue p50 {statistics.median(enq) * 1000:.2f} ms",
-                    flush=True,
-                )
-    finally:
-        procs.stop_all()
-        db.drop_all()
+    if opts.jobs < 2 or opts.rate <= 0 or opts.rounds < 1:
+        p.error("--jobs must be at least 2, --rate above 0, --rounds at least 1")
+    from bench.run import ensure_pgqueue_venv
+
+    worker_bin = ensure_pgqueue_venv().parent
+    with procs.signals_as_exit():
+        try:
+            for r in range(opts.rounds):
+                for path in ("pgqueue", "push prototype"):
+                    lat, enq = one_round(opts.admin_dsn, worker_bin, path, opts.jobs, opts.rate)
+                    print(
+                        f"round {r + 1} {path:15} enqueue->start p50 {ms(lat, 50):.2f} ms"
+                        f"  p95 {ms(lat, 95):.2f}  p99 {ms(lat, 99):.2f}"
+                        f"  | enqueue p50 {statistics.median(enq) * 1000:.2f} ms",
+                        flush=True,
+                    )
+        finally:
+            procs.stop_all()
+            db.drop_all()
 
 
 if __name__ == "__main__":

@@ -15,17 +15,15 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import psutil
@@ -1005,19 +1003,6 @@ class _Pseudo(System):
     def worker(self, processes: int, concurrency: int) -> Any: ...
 
 
-@contextlib.contextmanager
-def _signals_as_exit() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 def main(argv: list[str] | None = None) -> None:
     opts = parse_args(argv)
     started = time.monotonic()
@@ -1072,7 +1057,7 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(opts, report, systems, ctx)
     print(f"logs in {bench.log_dir}", flush=True)
     failed: BaseException | None = None
-    with _signals_as_exit():
+    with procs.signals_as_exit():
         try:
             for system in systems:
                 t0 = time.monotonic()
