@@ -43,9 +43,10 @@ from typing import Any
 import psycopg
 
 from bench import db, procs
+from bench.measure import percentile, read_records
+from bench.systems import BENCH_DIR
 from pgqueue import enqueue, migrate
 
-BENCH_DIR = Path(__file__).resolve().parent
 # One database per probe process: two probes at once must not drop each other's.
 DATABASE = f"pgqueue_push_probe_{os.getpid()}"
 WAIT_SECONDS = 30.0
@@ -140,16 +141,6 @@ def wait_until(
         time.sleep(0.05)
 
 
-def started_at(folder: Path) -> dict[int, float]:
-    """{job key: handler start} from the handlers' record files."""
-    out: dict[int, float] = {}
-    for path in folder.glob("*.rec"):
-        for line in path.read_text().splitlines():
-            key, at = line.split()
-            out[int(key)] = float(at)
-    return out
-
-
 def one_round(
     admin_dsn: str, worker_bin: Path, path: str, jobs: int, rate: float
 ) -> tuple[list[float], list[float]]:
@@ -190,11 +181,11 @@ def one_round(
         # A warm-up job, untimed: the first claim, prepared statements, the handler's file.
         with psycopg.connect(dsn, autocommit=True) as conn:
             enqueue(conn, "rec", {"k": -1})
-        wait_until(lambda: -1 in started_at(record_dir), proc, log, f"the {path} warm-up job")
+        wait_until(lambda: "-1" in read_records(record_dir), proc, log, f"the {path} warm-up job")
         commits, durations = produce(dsn, jobs, rate)
-        wait_until(lambda: len(started_at(record_dir)) > jobs, proc, log, f"{jobs} {path} jobs")
-        starts = started_at(record_dir)
-        return [starts[k] - commits[k] for k in range(jobs)], durations
+        wait_until(lambda: len(read_records(record_dir)) > jobs, proc, log, f"{jobs} {path} jobs")
+        starts = read_records(record_dir)
+        return [starts[str(k)] - commits[k] for k in range(jobs)], durations
     finally:
         if proc is not None:
             procs.stop(proc)
@@ -203,8 +194,9 @@ def one_round(
 
 
 def ms(values: list[float], q: int) -> float:
-    """The ``q``th percentile of ``values`` (seconds), in milliseconds."""
-    return statistics.quantiles(values, n=100)[q - 1] * 1000
+    """The ``q``th percentile of ``values`` (seconds) in milliseconds, as the latency
+    figure takes it."""
+    return percentile(values, q) * 1000
 
 
 def main(argv: list[str]) -> None:
