@@ -17,7 +17,7 @@ import sys
 import threading
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import psycopg
@@ -42,6 +42,9 @@ from pgqueue.metrics import (
 )
 from pgqueue.models import JobState
 from pgqueue.registry import Registry
+
+if TYPE_CHECKING:
+    from pgqueue.worker import Worker
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -464,13 +467,23 @@ def worker_command(
                 metrics_host, metrics_port, process_registry(), worker.health
             ).start()
         try:
-            asyncio.run(worker.run())
+            asyncio.run(_run_worker(worker))
         finally:
             if server is not None:
                 server.stop()
         return 1 if worker.failed else 0
 
     _exit_after(body)
+
+
+async def _run_worker(worker: Worker) -> None:
+    await worker.run()
+    if worker.stubborn_handlers:
+        # A handler that swallows its cancellation would keep asyncio.run's final
+        # cancel-and-wait going without end; its job has been released already.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_ERROR if worker.failed else 0)
 
 
 def _exit_after(body: Callable[[], int | None]) -> None:

@@ -257,6 +257,21 @@ def test_sigterm_releases_job_that_outlives_shutdown_timeout(conn, daemons):
     assert row["lease_expires_at"] is None
 
 
+def test_sigterm_exits_and_releases_a_job_whose_handler_ignores_cancellation(conn, daemons):
+    job_id = enqueue(conn, "stubborn", {"note": "s"})
+    worker = daemons.worker("--shutdown-timeout", "0.5", "--lease-seconds", "3")
+    wait_until(lambda: executions(conn, job_id, "start") == 1)
+
+    worker.send_signal(signal.SIGTERM)
+
+    # Grace 0.5 s, then at most FLUSH_TIMEOUT_SECONDS (10) for the cancelled handler.
+    assert worker.wait(timeout=30) == 0, daemons.output(worker)
+    assert "job.ignored_cancel" in daemons.output(worker)
+    row = job_row(conn, job_id)
+    assert row is not None
+    assert (row["state"], row["attempts"], row["lease_token"]) == ("queued", 0, None)
+
+
 def test_second_signal_exits_at_once(conn, daemons):
     job_id = enqueue(conn, "sleep", {"seconds": 20, "note": "twice"})
     worker = daemons.worker("--shutdown-timeout", "30", "--lease-seconds", "2")

@@ -763,3 +763,154 @@ def test_worker_connections_commit_asynchronously_only_when_asked(dsn, config, s
     found, elsewhere = run(main)
     assert found == {setting}
     assert elsewhere == "on"
+
+
+def test_a_cancelled_error_from_the_handler_itself_is_a_counted_failure(dsn):
+    # Only the worker's own cancel (shutdown) releases a job. A CancelledError the handler
+    # raises by itself used to be taken for one: released with its attempt given back, the
+    # job ran again at once, without end, and never reached the dead-letter table.
+    import concurrent.futures
+
+    registry = Registry()
+    runs = {"async": 0, "sync": 0}
+
+    @registry.task(name="inner_cancel", max_attempts=2, backoff=FAST)
+    async def inner_cancel() -> None:
+        runs["async"] += 1
+        sub = asyncio.create_task(asyncio.sleep(10))
+        await asyncio.sleep(0)
+        sub.cancel()
+        await sub
+
+    @registry.task(name="sync_cancel", max_attempts=2, backoff=FAST)
+    def sync_cancel() -> None:
+        runs["sync"] += 1
+        raise concurrent.futures.CancelledError()
+
+    sql_enqueue(dsn, "inner_cancel", max_attempts=2)
+    sql_enqueue(dsn, "sync_cancel", max_attempts=2)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.dead_jobs")
+            await asyncio.sleep(0.3)  # a looping job would run on meanwhile
+
+    run(main)
+    assert runs == {"async": 2, "sync": 2}
+    rows = fetch(
+        dsn,
+        "SELECT task, attempts, reason, errors FROM pgqueue.dead_jobs ORDER BY task",
+    )
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("inner_cancel", 2, "exhausted"),
+        ("sync_cancel", 2, "exhausted"),
+    ]
+    for row in rows:
+        assert [(e["kind"], e["error"]) for e in row[3]] == [("error", "CancelledError")] * 2
+    assert fetch(dsn, "SELECT count(*) FROM pgqueue.jobs") == [(0,)]
+
+
+def test_an_exception_whose_str_fails_still_gives_the_job_an_outcome(dsn):
+    registry = Registry()
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise AttributeError("never set")
+
+    class NotText(Exception):
+        def __str__(self) -> Any:
+            return 42
+
+    @registry.task(name="unprintable", max_attempts=1)
+    async def unprintable() -> None:
+        raise Unprintable()
+
+    @registry.task(name="not_text", max_attempts=1)
+    def not_text() -> None:
+        raise NotText()
+
+    sql_enqueue(dsn, "unprintable", max_attempts=1)
+    sql_enqueue(dsn, "not_text", max_attempts=1)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, lease_seconds=3):
+            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.dead_jobs", timeout=10)
+
+    run(main)
+    rows = fetch(dsn, "SELECT task, errors FROM pgqueue.dead_jobs ORDER BY task")
+    assert [(task, [e["error"] for e in errors]) for task, errors in rows] == [
+        ("not_text", ["NotText: <str() raised TypeError>"]),
+        ("unprintable", ["Unprintable: <str() raised AttributeError>"]),
+    ]
+
+
+def test_a_job_claimed_again_while_its_first_run_goes_on_counts_twice(dsn):
+    # A claim's commit can be undone while the worker runs the job (a Postgres crash under
+    # --async-commit, a failover); the worker may then claim it again. Both runs hold a
+    # slot: the worker must not start more handlers than its concurrency.
+    registry = Registry()
+    live = 0
+    peak = 0
+
+    @registry.task(name="slow")
+    async def slow(n: int) -> None:
+        nonlocal live, peak
+        live += 1
+        peak = max(peak, live)
+        try:
+            await asyncio.sleep(2.0)
+        finally:
+            live -= 1
+
+    first = sql_enqueue(dsn, "slow", {"n": 0})
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, concurrency=2, poll_interval=0.2) as worker:
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'running'")
+            with psycopg.connect(dsn, autocommit=True) as conn:  # the claim is undone
+                conn.execute(
+                    "UPDATE pgqueue.jobs SET state = 'queued', attempts = 0, lease_token = NULL,"
+                    " lease_expires_at = NULL, leased_by = NULL, attempted_at = NULL"
+                    " WHERE id = %s",
+                    (first,),
+                )
+                conn.execute("SELECT pg_notify('pgqueue_jobs', 'default')")
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'running'")
+            assert worker.running == 2  # both runs of the job hold a slot
+            for n in range(1, 5):
+                sql_enqueue(dsn, "slow", {"n": n})
+            await wait_for_db(
+                dsn,
+                "SELECT count(*) = 5 FROM pgqueue.jobs WHERE state = 'succeeded'",
+                timeout=20,
+            )
+
+    run(main)
+    assert peak <= 2
+
+
+def test_stop_releases_a_job_whose_handler_ignores_its_cancellation(dsn, monkeypatch):
+    from pgqueue.worker import daemon
+
+    monkeypatch.setattr(daemon, "FLUSH_TIMEOUT_SECONDS", 0.5)
+    registry = Registry()
+
+    @registry.task(name="stubborn")
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(60)  # carries on: a handler bug shutdown must survive
+
+    job_id = sql_enqueue(dsn, "stubborn")
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, shutdown_timeout=0.2) as worker:
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'running'")
+        assert worker.stubborn_handlers == 1
+
+    started = time.monotonic()
+    run(main)
+    assert time.monotonic() - started < 15
+    rows = fetch(dsn, "SELECT id, state, attempts, lease_token FROM pgqueue.jobs")
+    assert rows == [(job_id, "queued", 0, None)]

@@ -92,7 +92,11 @@ class Worker:
         # can tell this worker's orphans (running under its name, not held) from jobs
         # whose claim is still on its way back.
         self._claiming = asyncio.Lock()
-        self._held: dict[int, Job] = {}
+        # Jobs and tasks by lease token, not by id: if a claim's commit is undone (a
+        # Postgres crash under --async-commit, a failover) this worker may claim the same
+        # job again while its first run goes on; keyed by id, the second would hide the
+        # first from the slot count and from shutdown.
+        self._held: dict[uuid.UUID, Job] = {}
         # Lease tokens of outcomes the database refused (WriteResult.FAILED): their jobs
         # stay running until the lease expires and the reaper takes over, so the heartbeat
         # must not release them as orphans (that would not count an attempt that keeps
@@ -101,17 +105,20 @@ class Worker:
         # (id, lease token) of attempts whose lease the heartbeat found lost: keyed by
         # token too, since this worker may claim the same job again meanwhile.
         self._lost: set[tuple[int, uuid.UUID]] = set()
-        self._running: dict[int, asyncio.Task[None]] = {}
+        self._running: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._signals = 0
         # True when the worker stopped because one of its parts died (exit code 1).
         self.failed = False
+        # Async handlers still running when the worker stopped: they ignored their
+        # cancellation (see _release_stubborn). The process exits without waiting for them.
+        self.stubborn_handlers = 0
         self._started = False
         # Rescued-job isolation (see run_once): the job running alone, whether a rescued
         # job waits, and when to look again.
-        self._isolated: int | None = None
+        self._isolated: uuid.UUID | None = None
         self._rescue_pending = False
         self._next_rescue_check = 0.0
         self._database_health = metrics.database_health(config.dsn)
@@ -236,7 +243,7 @@ class Worker:
                 )
                 self._rescue_pending = False
                 if rescued is not None:
-                    self._isolated = rescued.id
+                    self._isolated = rescued.lease_token
                     log.info(
                         "job.isolated", job_id=rescued.id, task=rescued.task,
                         queue=rescued.queue, attempt=rescued.attempt,
@@ -364,13 +371,15 @@ class Worker:
         return job.task if job.task in self.registry else "unknown"
 
     def _start(self, job: Job) -> None:
-        self._held[job.id] = job
+        self._held[job.lease_token] = job
         extra = {"args": job.args} if self.config.log_args else {}
         self._log.debug(
             "job.claimed", job_id=job.id, task=job.task, queue=job.queue, attempt=job.attempt,
             **extra,
         )  # fmt: skip
-        self._running[job.id] = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
+        self._running[job.lease_token] = asyncio.create_task(
+            self._run_job(job), name=f"job-{job.id}"
+        )
 
     async def _run_job(self, job: Job) -> None:
         started = time.monotonic()
@@ -378,10 +387,16 @@ class Worker:
             outcome = await self.executor.execute(job)
         except asyncio.CancelledError:
             outcome = Outcome(job, OutcomeKind.RELEASED, time.monotonic() - started)
+        except Exception as exc:
+            self._log.exception(
+                "job.internal_error", job_id=job.id, task=job.task, queue=job.queue,
+                attempt=job.attempt,
+            )  # fmt: skip
+            outcome = self.executor.internal_error(job, started, exc)
         finally:
-            self._running.pop(job.id, None)
+            self._running.pop(job.lease_token, None)
             metrics.child(metrics.JOBS_RUNNING, job.queue).dec()
-            if self._isolated == job.id:
+            if self._isolated == job.lease_token:
                 self._isolated = None
                 self._next_rescue_check = 0.0  # more rescued jobs may be waiting
             self._slot_freed.set()
@@ -459,8 +474,8 @@ class Worker:
 
     def _release_hold(self, job: Job) -> None:
         # Only this attempt's hold: the same job may have been claimed again since.
-        if self._held.get(job.id) is job:
-            del self._held[job.id]
+        if self._held.get(job.lease_token) is job:
+            del self._held[job.lease_token]
 
     def _on_lost(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -510,6 +525,23 @@ class Worker:
         log.info("worker.stopping", signal=sig.name, running=len(self._running))
         self.stop()
 
+    def _release_stubborn(self, stubborn: set[asyncio.Task[None]]) -> None:
+        """Release the jobs of handlers that went on after being cancelled (they caught
+        the CancelledError): shutdown must not wait for them without end, and their jobs
+        go back to the queue like any other released job. Whatever such a handler writes
+        later is fenced off by its lease token."""
+        for token, task in list(self._running.items()):
+            job = self._held.get(token)
+            if task not in stubborn or job is None:
+                continue
+            self._log.warning(
+                "job.ignored_cancel", job_id=job.id, task=job.task, queue=job.queue,
+                attempt=job.attempt,
+            )  # fmt: skip
+            self._running.pop(token, None)
+            self.completer.submit(Outcome(job, OutcomeKind.RELEASED, 0.0))
+        self.stubborn_handlers = len(stubborn)
+
     async def _shutdown(
         self, fetcher: asyncio.Task[None], services: list[asyncio.Task[None]]
     ) -> None:
@@ -529,7 +561,9 @@ class Worker:
                 log.warning("worker.releasing", jobs=len(late))
                 for task in late:
                     task.cancel()
-                await asyncio.wait(late)
+                _, stubborn = await asyncio.wait(late, timeout=FLUSH_TIMEOUT_SECONDS)
+                if stubborn:
+                    self._release_stubborn(stubborn)
         # Outcomes (including releases) go out before the heartbeat stops: until then
         # the leases of jobs with unwritten outcomes must stay alive.
         flushed = await self.completer.flush(FLUSH_TIMEOUT_SECONDS)

@@ -35,13 +35,25 @@ def clean_text(text: str) -> str:
     return text.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def describe(exc: BaseException) -> str:
+    """``Name: text`` for an exception, even one whose ``__str__`` raises or returns
+    something that is not a string (the handler's exception must never keep its job from
+    getting an outcome)."""
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except Exception as broken:
+        return f"{name}: <str() raised {type(broken).__name__}>"
+    return f"{name}: {text}" if text else name
+
+
 def error_record(
     job: Job, worker_id: str, kind: str, exc: BaseException | None, message: str | None = None
 ) -> dict[str, Any]:
     """The JSON object stored for one failed attempt."""
     if message is None:
         assert exc is not None
-        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        message = describe(exc)
     record: dict[str, Any] = {
         "attempt": job.attempt,
         "at": datetime.now(UTC).isoformat(),
@@ -53,6 +65,12 @@ def error_record(
         tb = "".join(traceback.format_exception(exc))
         record["traceback"] = clean_text(tb[-MAX_TRACEBACK_CHARS:])
     return record
+
+
+def _being_cancelled() -> bool:
+    """Is the current task being cancelled (``Task.cancel()`` called and not undone)?"""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Executor:
@@ -115,8 +133,14 @@ class Executor:
                 await self._call(task.fn, task.is_async, job.args, task.options.timeout)
             finally:
                 reset_current(token)
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            if _being_cancelled():
+                raise  # shutdown: the worker cancelled this job's task
+            # Raised by the handler itself (it awaited a task it cancelled, or a sync
+            # handler got a cancelled future's result): a failed attempt like any other,
+            # counted, retried, dead-lettered when exhausted. Taken for a shutdown, it was
+            # released with its attempt given back and ran again at once, without end.
+            return self._failed(job, started, backoff, "error", exc)
         except Snooze as snooze:
             return Outcome(
                 job, OutcomeKind.SNOOZED, time.monotonic() - started, delay_seconds=snooze.seconds
@@ -210,6 +234,14 @@ class Executor:
             delay_seconds=backoff.delay(job.attempt),
             error=error,
         )
+
+    def internal_error(self, job: Job, started: float, exc: Exception) -> Outcome:
+        """The outcome of an attempt ``execute`` itself failed on (a bug in pgqueue, not
+        in the handler): a failed attempt, retried with the default backoff, so that the
+        job still gets an outcome instead of holding its lease for as long as the worker
+        lives."""
+        message = f"pgqueue failed to record this attempt's outcome: {type(exc).__name__}"
+        return self._failed(job, started, _DEFAULT_BACKOFF, "internal", None, message)
 
     def shutdown(self) -> None:
         # Threads still running a handler are left to finish; the process does not wait.

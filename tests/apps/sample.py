@@ -36,6 +36,17 @@ async def async_record(note: str = "") -> None:
     await asyncio.to_thread(_record, note)
 
 
+@registry.task(name="stubborn", backoff=FAST)
+async def stubborn(note: str = "") -> None:
+    """Swallows every cancellation: a handler bug the worker's shutdown must survive."""
+    await asyncio.to_thread(_record, "start " + note)
+    while True:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            continue
+
+
 @registry.task(name="sleep", backoff=FAST)
 def sleep(seconds: float, note: str = "") -> None:
     _record("start " + note)
