@@ -12,13 +12,19 @@ import math
 import os
 from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, overload
 
 import psycopg
 
 from pgqueue import store
-from pgqueue.errors import ConfigError, PayloadTooLarge, SerializationError, ValidationError
+from pgqueue.errors import (
+    MAX_DELAY_SECONDS,
+    ConfigError,
+    PayloadTooLarge,
+    SerializationError,
+    ValidationError,
+)
 from pgqueue.registry import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_PRIORITY,
@@ -36,6 +42,11 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 255
 # ,), so keep it at or above this one; the database error is turned into PayloadTooLarge
 # anyway.
 DEFAULT_MAX_ARGS_BYTES = 1024 * 1024
+# The run_at a worker can read back: Python's datetimes end with the years 1 and 9999,
+# and a session's time zone may move a value by a day. Migration 0010 holds the table to
+# the same range, for plain SQL inserts too.
+EARLIEST_RUN_AT = datetime(1, 1, 2, tzinfo=UTC)
+LATEST_RUN_AT = datetime(9999, 12, 30, tzinfo=UTC)
 
 
 def max_args_bytes() -> int:
@@ -202,11 +213,25 @@ def _prepare(spec: JobSpec, max_bytes: int | None = None) -> dict[str, Any]:
         not isinstance(spec.run_at, datetime) or spec.run_at.tzinfo is None
     ):
         raise ValidationError("run_at must be a timezone-aware datetime")
+    if spec.run_at is not None:
+        try:
+            in_range = EARLIEST_RUN_AT <= spec.run_at <= LATEST_RUN_AT
+        except OverflowError:  # its UTC offset takes it past year 1 or 9999
+            in_range = False
+        if not in_range:
+            raise ValidationError(
+                f"run_at must lie between {EARLIEST_RUN_AT.date()} and"
+                f" {LATEST_RUN_AT.date()} (UTC), got {spec.run_at!r}"
+            )
     delay = spec.delay.total_seconds() if isinstance(spec.delay, timedelta) else spec.delay
     if delay is None:
         delay = 0.0
     if isinstance(delay, bool) or not isinstance(delay, int | float) or not math.isfinite(delay):
         raise ValidationError(f"delay must be a finite number of seconds, got {spec.delay!r}")
+    if not -MAX_DELAY_SECONDS <= delay <= MAX_DELAY_SECONDS:
+        raise ValidationError(
+            f"delay must be within ±{MAX_DELAY_SECONDS:.0f} seconds (ten years), got {spec.delay!r}"
+        )
     key = spec.idempotency_key
     if key is not None and (
         not isinstance(key, str)

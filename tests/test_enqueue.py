@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import inspect
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import psycopg
 import pytest
@@ -275,6 +275,20 @@ BAD_INPUTS = [
     ({"task": "t", "priority": 40000}, ValidationError),
     ({"task": "t", "run_at": datetime(2030, 1, 1)}, ValidationError),
     ({"task": "t", "delay": 5, "run_at": datetime.now(UTC)}, ValidationError),
+    # Times a worker could not read back (Postgres would take them, or overflow).
+    ({"task": "t", "delay": 1e13}, ValidationError),
+    ({"task": "t", "delay": -3e11}, ValidationError),
+    ({"task": "t", "delay": 2.6e11}, ValidationError),
+    ({"task": "t", "delay": timedelta(days=3700)}, ValidationError),
+    (
+        {"task": "t", "run_at": datetime(9999, 12, 31, 23, tzinfo=timezone(-timedelta(hours=5)))},
+        ValidationError,
+    ),
+    (
+        {"task": "t", "run_at": datetime(1, 1, 1, 1, tzinfo=timezone(timedelta(hours=5)))},
+        ValidationError,
+    ),
+    ({"task": "t", "run_at": datetime.max.replace(tzinfo=UTC)}, ValidationError),
     ({"task": "t", "idempotency_key": ""}, ValidationError),
 ]
 
@@ -579,3 +593,26 @@ def test_jobspec_takes_its_fields_in_order_with_their_defaults_and_stays_frozen(
     assert JobSpec("t").args == {} and JobSpec("t").args is not JobSpec("t").args
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.queue = "r"  # type: ignore[misc]
+
+
+def test_bad_delay_in_enqueue_many_raises_and_keeps_the_transaction(dsn):
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        with pytest.raises(ValidationError):
+            enqueue_many(conn, [JobSpec("t", delay=5), JobSpec("t", delay=1e13)])
+        assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 0
+
+
+def test_the_farthest_delays_and_run_ats_allowed_are_stored_and_read_back(conn):
+    ids = [
+        enqueue(conn, "t", delay=315360000),
+        enqueue(conn, "t", delay=-315360000),
+        enqueue(conn, "t", run_at=datetime(9999, 12, 30, tzinfo=UTC)),
+        enqueue(conn, "t", run_at=datetime(1, 1, 2, tzinfo=UTC)),
+    ]
+    rows = conn.execute(
+        "SELECT run_at FROM pgqueue.jobs WHERE id = ANY (%s) ORDER BY id", (ids,)
+    ).fetchall()
+    assert [r[0] for r in rows][2:] == [
+        datetime(9999, 12, 30, tzinfo=UTC),
+        datetime(1, 1, 2, tzinfo=UTC),
+    ]

@@ -173,3 +173,26 @@ def test_cli_migrate_without_a_dsn_fails_with_one_line_and_no_traceback():
     assert "Traceback" not in result.stderr
     assert "PGQUEUE_DSN" in lines[0] or "--dsn" in lines[0]
     assert result.stdout == ""
+
+
+def test_migration_0010_names_jobs_whose_run_at_no_worker_can_read(empty_dsn, monkeypatch):
+    migrate_module = sys.modules["pgqueue.migrate"]  # pgqueue.migrate is also a function
+    everything = load_migrations()
+    before = [m for m in everything if m.version < 10]
+    monkeypatch.setattr(migrate_module, "load_migrations", lambda: before)
+    migrate(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        bad = [
+            scalar(c, "INSERT INTO pgqueue.jobs (task, run_at) VALUES ('t', %s) RETURNING id", (v,))
+            for v in ("infinity", "-infinity")
+        ]
+        scalar(c, "INSERT INTO pgqueue.jobs (task) VALUES ('fine') RETURNING id")
+    monkeypatch.setattr(migrate_module, "load_migrations", lambda: everything)
+
+    with pytest.raises(MigrationError) as refused:
+        migrate(empty_dsn)
+    assert f"jobs {{{bad[0]},{bad[1]}}} have a run_at no worker can read" in str(refused.value)
+
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        c.execute("UPDATE pgqueue.jobs SET run_at = now() WHERE id = ANY (%s)", (bad,))
+    assert 10 in versions(migrate(empty_dsn))
