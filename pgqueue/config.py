@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from pgqueue.errors import ConfigError
+from pgqueue.errors import MAX_DELAY_SECONDS, ConfigError
 
 DEFAULT_CONCURRENCY = 10
 DEFAULT_LEASE_SECONDS = 30.0
@@ -17,6 +18,22 @@ DEFAULT_RECONNECT_MAX_SECONDS = 10.0
 # How long shutdown waits for an in-flight claim, and again for writing outcomes when the
 # database is slow or away; after that, leases (and the reaper) take care of the rest.
 FLUSH_TIMEOUT_SECONDS = 10.0
+
+
+def _seconds(name: str, value: float, low: float, *, low_open: bool = False) -> None:
+    """A duration must be a finite number within low..ten years: it reaches the database
+    as an interval added to now(), where inf, nan and centuries fail every statement."""
+    if (
+        not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not (value > low if low_open else value >= low)
+        or value > MAX_DELAY_SECONDS
+    ):
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        raise ConfigError(
+            f"{name} must be a number of seconds {bound} and at most"
+            f" {MAX_DELAY_SECONDS:.0f} (ten years), got {value!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -55,14 +72,12 @@ class WorkerConfig:
             raise ConfigError("no database: pass --dsn or set PGQUEUE_DSN")
         if self.concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
-        if not self.lease_seconds >= 1:
-            raise ConfigError(f"lease must be >= 1 second, got {self.lease_seconds}")
+        _seconds("lease", self.lease_seconds, 1)
         if not 0 < self.heartbeat_interval < self.lease_seconds:
             raise ConfigError("heartbeat interval must be > 0 and shorter than the lease")
-        if self.shutdown_timeout < 0:
-            raise ConfigError("shutdown timeout must be >= 0")
-        if not self.poll_interval > 0:
-            raise ConfigError("poll interval must be > 0")
+        _seconds("shutdown timeout", self.shutdown_timeout, 0)
+        _seconds("poll interval", self.poll_interval, 0, low_open=True)
+        _seconds("reconnect backoff", self.reconnect_max_seconds, 0, low_open=True)
         for queue in self.queues:
             if not queue.strip() or len(queue) > 128:
                 raise ConfigError(f"bad queue name {queue!r}")
@@ -83,12 +98,11 @@ class ReaperConfig:
     def validate(self) -> ReaperConfig:
         if not self.dsn:
             raise ConfigError("no database: pass --dsn or set PGQUEUE_DSN")
-        if not self.interval > 0:
-            raise ConfigError(f"interval must be > 0 seconds, got {self.interval}")
-        if self.retention_seconds < 0:
-            raise ConfigError("retention must be >= 0 seconds")
+        _seconds("interval", self.interval, 0, low_open=True)
+        _seconds("retention", self.retention_seconds, 0)
         if self.batch_size < 1:
             raise ConfigError("batch size must be >= 1")
-        if self.backoff_base_seconds < 0 or self.backoff_max_seconds < 0:
-            raise ConfigError("backoff seconds must be >= 0")
+        _seconds("backoff base", self.backoff_base_seconds, 0)
+        _seconds("backoff max", self.backoff_max_seconds, 0)
+        _seconds("reconnect backoff", self.reconnect_max_seconds, 0, low_open=True)
         return self

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -18,6 +20,7 @@ from psycopg import sql
 
 from pgqueue import (
     Backoff,
+    ConfigError,
     PermanentError,
     Reaper,
     ReaperConfig,
@@ -914,3 +917,57 @@ def test_stop_releases_a_job_whose_handler_ignores_its_cancellation(dsn, monkeyp
     assert time.monotonic() - started < 15
     rows = fetch(dsn, "SELECT id, state, attempts, lease_token FROM pgqueue.jobs")
     assert rows == [(job_id, "queued", 0, None)]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"lease_seconds": 3e11},
+        {"lease_seconds": float("nan")},
+        {"lease_seconds": float("inf")},
+        {"shutdown_timeout": float("nan")},
+        {"poll_interval": float("inf")},
+    ],
+)
+def test_worker_settings_out_of_range_are_refused(settings):
+    # A lease of 3e11 s used to pass: every claim then failed to decode its lease's
+    # expiry (past year 9999), and the jobs stayed running for millennia.
+    with pytest.raises(ConfigError):
+        WorkerConfig(dsn="postgresql://x", **settings).validate()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"retention_seconds": float("inf")},
+        {"retention_seconds": float("nan")},
+        {"retention_seconds": 1e13},
+        {"interval": float("nan")},
+        {"backoff_max_seconds": float("inf")},
+    ],
+)
+def test_reaper_settings_out_of_range_are_refused(settings):
+    # --retention-seconds inf used to pass, and then every pass failed at its prune step
+    # and never got to forgetting dead workers.
+    with pytest.raises(ConfigError):
+        ReaperConfig(dsn="postgresql://x", **settings).validate()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["reaper", "--once", "--retention-seconds", "inf"],
+        ["reaper", "--once", "--retention-seconds", "nan"],
+        ["worker", "--app", "tests.apps.sample:registry", "--lease-seconds", "3e11"],
+    ],
+)
+def test_daemon_options_out_of_range_fail_with_one_line(dsn, argv):
+    result = subprocess.run(
+        [sys.executable, "-m", "pgqueue", *argv, "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ten years" in lines[0], result.stderr
