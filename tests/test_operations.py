@@ -245,6 +245,17 @@ def make_running(
     return token
 
 
+def held_ids(worker: Any) -> set[int]:
+    """Ids of the jobs a worker holds (kept by lease token)."""
+    return {job.id for job in worker._held.values()}
+
+
+def running_task(worker: Any, job_id: int) -> Any:
+    """The task running ``job_id`` in a worker."""
+    (task,) = (t for token, t in worker._running.items() if worker._held[token].id == job_id)
+    return task
+
+
 def insert_dead(
     conn: psycopg.Connection[Any],
     *,
@@ -816,6 +827,32 @@ def test_dead_retry_moves_jobs_back_to_the_queue_keeping_their_history(conn, dsn
     assert dead_row(conn, other) is not None
 
 
+def test_dead_retry_of_dead_jobs_sharing_an_idempotency_key_revives_all_of_them(conn, dsn):
+    # A job's death frees its key, so a second job with that key can die too. Reviving
+    # both in one batch used to fail the whole batch on the unique key: the oldest keeps
+    # the key, the other comes back without it (as when a live job holds it).
+    first, second, third = (insert_dead(conn) for _ in range(3))
+    held = insert_dead(conn)
+    conn.execute(
+        "UPDATE pgqueue.dead_jobs SET idempotency_key = 'order-42' WHERE id = ANY (%s)",
+        ([first, second, third],),
+    )
+    conn.execute("UPDATE pgqueue.dead_jobs SET idempotency_key = 'live' WHERE id = %s", (held,))
+    live = insert_job(conn)
+    conn.execute("UPDATE pgqueue.jobs SET idempotency_key = 'live' WHERE id = %s", (live,))
+
+    assert ok(cli(dsn, "dead", "retry", "--all")).strip() == "retried 4 dead job(s)"
+    assert count(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 0
+    keys = dict(
+        conn.execute(
+            "SELECT id, idempotency_key FROM pgqueue.jobs WHERE id = ANY (%s)",
+            ([first, second, third, held],),
+        ).fetchall()
+    )
+    assert keys == {first: "order-42", second: None, third: None, held: None}
+    assert all(job_state(conn, i) == "queued" for i in (first, second, third, held))
+
+
 def test_dead_purge_deletes_older_ones_or_all(conn, dsn):
     old = [insert_dead(conn, died_ago=7200) for _ in range(2)]
     recent = [insert_dead(conn, died_ago=60) for _ in range(3)]
@@ -1235,10 +1272,10 @@ def test_an_outcome_whose_commit_reply_was_lost_is_reported_written_not_lease_lo
             # it is not reported lost, and the job stays held until the completer knows.
             _, gone = await worker.heartbeat.run_once()
             assert [j.id for j in gone] == [job_id]
-            assert job_id in worker._held
+            assert job_id in held_ids(worker)
             # The retry is fenced off by the first write; the history shows it landed.
             assert await worker.completer.run_once() == 1
-            assert job_id not in worker._held
+            assert job_id not in held_ids(worker)
             assert not worker.completer.uncertain(gone[0])
 
     lost_before, written_before = completed(task_name, "lease_lost"), completed(task_name, label)
@@ -1327,7 +1364,7 @@ def test_a_release_whose_commit_reply_was_lost_is_reported_released_not_lease_lo
             started.append(asyncio.Event())
             assert [j.id for j in await worker.run_once()] == [job_id]
             await asyncio.wait_for(started[0].wait(), 10)
-            worker._running[job_id].cancel()  # what shutdown does to a handler it gives up
+            running_task(worker, job_id).cancel()  # what shutdown does to a handler it gives up
             await handler_finished(worker)
             proxy.marker = b"'released')"  # release_jobs' text
             with pytest.raises(psycopg.OperationalError):
@@ -1336,9 +1373,9 @@ def test_a_release_whose_commit_reply_was_lost_is_reported_released_not_lease_lo
             assert job_state(conn, job_id) == "queued"
             _, gone = await worker.heartbeat.run_once()
             assert [j.id for j in gone] == [job_id]
-            assert job_id in worker._held
+            assert job_id in held_ids(worker)
             assert await worker.completer.run_once() == 1
-            assert job_id not in worker._held
+            assert job_id not in held_ids(worker)
 
     lost, released = (
         completed("ops_cut_release", "lease_lost"),
@@ -1371,7 +1408,7 @@ def test_a_lost_lease_is_still_reported_when_a_cut_write_had_not_landed(conn, ds
             _, gone = await worker.heartbeat.run_once()
             assert [j.id for j in gone] == [job_id]
             assert await worker.completer.run_once() == 1  # fenced, and not recorded
-            assert job_id not in worker._held
+            assert job_id not in held_ids(worker)
 
     runs_with_one_lost_lease(conn, job_id, "ops_cut_lost", scenario)
 

@@ -102,10 +102,13 @@ FROM pgqueue.dead_jobs WHERE id = %(id)s;
 
 -- name: retry_dead
 -- Moves dead jobs back to the queue with fresh attempts, atomically (the delete and the
--- insert are one statement), runnable now; the insert trigger wakes the workers. Their
--- errors and history stay. An idempotency key taken meanwhile by a new job is dropped
--- from the revived one rather than failing the move. Selects by ids, or by filters
--- (NULL = any) when ids is NULL, at most %(limit)s rows per call.
+-- inserts are one statement), runnable now; the insert trigger wakes the workers. Their
+-- errors and history stay. A revived job keeps its idempotency key unless a job in
+-- pgqueue.jobs holds it (committed, or inserted concurrently) or an older job of the same
+-- batch takes it back: then it comes back without its key rather than failing the move
+-- (two dead jobs can share a key: the first one's death freed it for the second).
+-- Selects by ids, or by filters (NULL = any) when ids is NULL, at most %(limit)s rows per
+-- call. Returns the revived ids.
 WITH moved AS (
     DELETE FROM pgqueue.dead_jobs AS d
     WHERE d.id IN (
@@ -117,17 +120,32 @@ WITH moved AS (
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED)
     RETURNING d.*
+), revived AS (
+    SELECT m.*, row_number() OVER (PARTITION BY m.idempotency_key ORDER BY m.id) AS nth
+    FROM moved AS m
+), keyed AS (
+    INSERT INTO pgqueue.jobs AS j
+        (id, queue, task, args, priority, state, attempts, max_attempts, run_at,
+         idempotency_key, created_at, errors, history)
+    SELECT r.id, r.queue, r.task, r.args, r.priority, 'queued', 0, r.max_attempts, now(),
+           r.idempotency_key, r.created_at, r.errors, r.history
+    FROM revived AS r
+    WHERE r.idempotency_key IS NOT NULL AND r.nth = 1
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING j.id
+), unkeyed AS (
+    INSERT INTO pgqueue.jobs AS j
+        (id, queue, task, args, priority, state, attempts, max_attempts, run_at,
+         idempotency_key, created_at, errors, history)
+    SELECT r.id, r.queue, r.task, r.args, r.priority, 'queued', 0, r.max_attempts, now(),
+           NULL, r.created_at, r.errors, r.history
+    FROM revived AS r
+    WHERE r.id NOT IN (SELECT k.id FROM keyed AS k)
+    RETURNING j.id
 )
-INSERT INTO pgqueue.jobs AS j
-    (id, queue, task, args, priority, state, attempts, max_attempts, run_at,
-     idempotency_key, created_at, errors, history)
-SELECT m.id, m.queue, m.task, m.args, m.priority, 'queued', 0, m.max_attempts, now(),
-       CASE WHEN EXISTS (SELECT 1 FROM pgqueue.jobs AS k
-                         WHERE k.idempotency_key = m.idempotency_key)
-            THEN NULL ELSE m.idempotency_key END,
-       m.created_at, m.errors, m.history
-FROM moved AS m
-RETURNING j.id;
+SELECT k.id FROM keyed AS k
+UNION ALL
+SELECT u.id FROM unkeyed AS u;
 
 -- name: purge_dead
 -- Deletes dead jobs that died more than %(older_than_seconds)s ago (all when NULL),
