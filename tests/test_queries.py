@@ -1231,3 +1231,45 @@ def test_a_plain_insert_of_a_run_at_no_worker_can_read_is_refused(conn, run_at):
         conn.execute(
             "INSERT INTO pgqueue.jobs (task, run_at) VALUES ('t', %s::timestamptz)", (run_at,)
         )
+
+
+@pytest.mark.parametrize(
+    ("op", "ends"),
+    [
+        ("complete_jobs", "succeeded"),  # a finishing attempt still succeeds
+        ("retry_jobs", "cancelled"),
+        ("snooze_jobs", "cancelled"),
+        ("release_jobs", "cancelled"),
+        ("dead_letter_jobs", "cancelled"),
+    ],
+)
+def test_an_outcome_racing_an_operators_cancel_is_still_written(conn, dsn, op, ends):
+    # `pgqueue cancel` commits while the outcome's statement waits for the row. The dead
+    # letter used to take it in neither of its branches (the UPDATE's snapshot saw no
+    # cancel, the DELETE's recheck saw one): the job waited for its lease to expire.
+    token = uuid.uuid4()
+    job_id = make_job(conn, state="running", lease_token=token, attempts=3, max_attempts=3)
+    with psycopg.connect(dsn) as operator:
+        cancel = operator.execute(QUERIES["cancel_job"], {"id": job_id}).fetchall()
+        assert [tuple(r) for r in cancel] == [(job_id, "running")]
+        written: list[set[int]] = []
+        writer = threading.Thread(target=lambda: written.append(fenced(dsn, op, [job_id], [token])))
+        writer.start()
+        try:
+            wait_until(
+                lambda: (
+                    scalar(
+                        conn,
+                        "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> %s",
+                        (operator.info.backend_pid,),
+                    )
+                    > 0
+                )
+            )
+        finally:
+            operator.commit()
+            writer.join(30)
+    assert written == [{job_id}]
+    row = job_row(conn, job_id)
+    assert row is not None
+    assert (row["state"], row["lease_token"]) == (ends, None)

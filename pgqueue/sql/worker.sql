@@ -263,26 +263,33 @@ FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
 -- each only if still running under the given lease token. A job whose cancellation was
 -- requested is cancelled instead (it stays in pgqueue.jobs, so `dead retry` cannot revive
 -- it by accident). Returns each changed id with the state it ended in.
+-- The rows are locked first and both branches go by what the lock saw: an operator's
+-- cancel committing while this statement waits for the row would otherwise leave it to
+-- neither (the UPDATE's snapshot saw no cancel; the DELETE's recheck of the new row
+-- version saw one), and the job would wait for its lease to expire.
 WITH batch AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(errors)s::jsonb[],
                          %(reasons)s::text[], %(durations)s::float8[])
         AS d(id, token, error, reason, duration)
+), locked AS MATERIALIZED (
+    SELECT j.id, b.error, b.reason, b.duration, j.cancel_requested_at IS NOT NULL AS cancel
+    FROM batch AS b
+    JOIN pgqueue.jobs AS j ON j.id = b.id AND j.lease_token = b.token
+    FOR UPDATE OF j
 ), cancelled AS (
     UPDATE pgqueue.jobs AS j
     SET state = 'cancelled', finished_at = now(), lease_token = NULL, lease_expires_at = NULL,
-        errors = j.errors || jsonb_build_array(b.error),
+        errors = j.errors || jsonb_build_array(l.error),
         history = j.history || pgqueue.history_entry(
-            j.attempts, j.leased_by, j.attempted_at, b.duration, 'failed', b.error->>'error')
-    FROM batch AS b
-    WHERE j.id = b.id AND j.lease_token = b.token
-      AND j.cancel_requested_at IS NOT NULL
+            j.attempts, j.leased_by, j.attempted_at, l.duration, 'failed', l.error->>'error')
+    FROM locked AS l
+    WHERE j.id = l.id AND l.cancel
     RETURNING j.id
 ), moved AS (
     DELETE FROM pgqueue.jobs AS j
-    USING batch AS b
-    WHERE j.id = b.id AND j.lease_token = b.token
-      AND j.cancel_requested_at IS NULL
-    RETURNING j.*, b.error AS last_error, b.reason AS dead_reason, b.duration AS last_duration
+    USING locked AS l
+    WHERE j.id = l.id AND NOT l.cancel
+    RETURNING j.*, l.error AS last_error, l.reason AS dead_reason, l.duration AS last_duration
 ), inserted AS (
     INSERT INTO pgqueue.dead_jobs
         (id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
