@@ -18,6 +18,11 @@ DEFAULT_RECONNECT_MAX_SECONDS = 10.0
 # How long shutdown waits for an in-flight claim, and again for writing outcomes when the
 # database is slow or away; after that, leases (and the reaper) take care of the rest.
 FLUSH_TIMEOUT_SECONDS = 10.0
+# How long shutdown waits for handlers it cancelled to end; one that catches its
+# cancellation and goes on is then released all the same (and the process exits without
+# it). Kept small: the supervisor's deadline and the documented stop grace period allow
+# 2 * FLUSH_TIMEOUT_SECONDS + 5 s beyond --shutdown-timeout.
+CANCEL_GRACE_SECONDS = 3.0
 
 
 def _seconds(name: str, value: float, low: float, *, low_open: bool = False) -> None:

@@ -167,7 +167,8 @@ class Supervisor:
             if child.proc.poll() is None and len(self._signals) == 1:
                 child.proc.send_signal(first)
         # Children got the signal in _on_signal. A child may take its grace period plus
-        # up to FLUSH_TIMEOUT_SECONDS waiting for an in-flight claim and as long again
+        # up to FLUSH_TIMEOUT_SECONDS waiting for an in-flight claim, CANCEL_GRACE_SECONDS
+        # (3, within the 5 s below) for handlers it cancelled, and FLUSH_TIMEOUT_SECONDS
         # flushing outcomes; killing it sooner would lose those outcomes.
         deadline = time.monotonic() + self.shutdown_timeout + 2 * FLUSH_TIMEOUT_SECONDS + 5.0
         codes: list[int] = []

@@ -264,7 +264,7 @@ def test_sigterm_exits_and_releases_a_job_whose_handler_ignores_cancellation(con
 
     worker.send_signal(signal.SIGTERM)
 
-    # Grace 0.5 s, then at most FLUSH_TIMEOUT_SECONDS (10) for the cancelled handler.
+    # Grace 0.5 s, then CANCEL_GRACE_SECONDS (3) for the cancelled handler.
     assert worker.wait(timeout=30) == 0, daemons.output(worker)
     assert "job.ignored_cancel" in daemons.output(worker)
     row = job_row(conn, job_id)

@@ -895,7 +895,7 @@ def test_a_job_claimed_again_while_its_first_run_goes_on_counts_twice(dsn):
 def test_stop_releases_a_job_whose_handler_ignores_its_cancellation(dsn, monkeypatch):
     from pgqueue.worker import daemon
 
-    monkeypatch.setattr(daemon, "FLUSH_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(daemon, "CANCEL_GRACE_SECONDS", 0.5)
     registry = Registry()
 
     @registry.task(name="stubborn")
@@ -971,3 +971,56 @@ def test_daemon_options_out_of_range_fail_with_one_line(dsn, argv):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "ten years" in lines[0], result.stderr
+
+
+async def _task_group_whose_child_fails_late() -> None:
+    """On Python 3.11 this leaves the task's cancelling() count at 1 (the group cancels
+    its parent task after the body ended, and never undoes it once it is done)."""
+
+    async def fail_later() -> None:
+        await asyncio.sleep(0.01)
+        raise ValueError("child")
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(fail_later())
+    except* ValueError:
+        pass
+
+
+def test_a_handler_after_a_task_group_still_fails_and_times_out_as_counted_attempts(dsn):
+    # Telling the worker's own cancel by Task.cancelling() took these for a shutdown: the
+    # jobs were released, their attempts given back, and they ran again without end.
+    registry = Registry()
+    runs = {"cancel": 0, "overrun": 0}
+
+    @registry.task(name="group_then_cancel", max_attempts=2, backoff=FAST)
+    async def group_then_cancel() -> None:
+        runs["cancel"] += 1
+        await _task_group_whose_child_fails_late()
+        sub = asyncio.create_task(asyncio.sleep(10))
+        await asyncio.sleep(0)
+        sub.cancel()
+        await sub
+
+    @registry.task(name="group_then_overrun", max_attempts=2, backoff=FAST, timeout=0.2)
+    async def group_then_overrun() -> None:
+        runs["overrun"] += 1
+        await _task_group_whose_child_fails_late()
+        await asyncio.sleep(5)
+
+    sql_enqueue(dsn, "group_then_cancel", max_attempts=2)
+    sql_enqueue(dsn, "group_then_overrun", max_attempts=2)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.dead_jobs")
+            await asyncio.sleep(0.3)
+
+    run(main)
+    assert runs == {"cancel": 2, "overrun": 2}
+    rows = fetch(dsn, "SELECT task, attempts, errors FROM pgqueue.dead_jobs ORDER BY task")
+    assert [(t, a, [e["kind"] for e in errors]) for t, a, errors in rows] == [
+        ("group_then_cancel", 2, ["error", "error"]),
+        ("group_then_overrun", 2, ["timeout", "timeout"]),
+    ]

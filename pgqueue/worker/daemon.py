@@ -25,7 +25,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import __version__, metrics, store
-from pgqueue.config import FLUSH_TIMEOUT_SECONDS, WorkerConfig
+from pgqueue.config import CANCEL_GRACE_SECONDS, FLUSH_TIMEOUT_SECONDS, WorkerConfig
 from pgqueue.log import get_logger
 from pgqueue.models import Job, Outcome, OutcomeKind
 from pgqueue.registry import Registry
@@ -115,6 +115,7 @@ class Worker:
         # Async handlers still running when the worker stopped: they ignored their
         # cancellation (see _release_stubborn). The process exits without waiting for them.
         self.stubborn_handlers = 0
+        self._released_early: set[uuid.UUID] = set()
         self._started = False
         # Rescued-job isolation (see run_once): the job running alone, whether a rescued
         # job waits, and when to look again.
@@ -403,6 +404,8 @@ class Worker:
         metrics.child(metrics.JOB_DURATION, job.queue, self._task_label(job)).observe(
             outcome.duration
         )
+        if job.lease_token in self._released_early:
+            return  # released by _release_stubborn already: one outcome per attempt
         if (job.id, job.lease_token) in self._lost:
             # Fenced already: the heartbeat found the lease gone. Nothing to write.
             self._lost.discard((job.id, job.lease_token))
@@ -539,6 +542,7 @@ class Worker:
                 attempt=job.attempt,
             )  # fmt: skip
             self._running.pop(token, None)
+            self._released_early.add(token)
             self.completer.submit(Outcome(job, OutcomeKind.RELEASED, 0.0))
         self.stubborn_handlers = len(stubborn)
 
@@ -559,9 +563,11 @@ class Worker:
             _, late = await asyncio.wait(running, timeout=self.config.shutdown_timeout)
             if late:
                 log.warning("worker.releasing", jobs=len(late))
-                for task in late:
-                    task.cancel()
-                _, stubborn = await asyncio.wait(late, timeout=FLUSH_TIMEOUT_SECONDS)
+                for token, task in list(self._running.items()):
+                    if task in late:
+                        self.executor.release(self._held[token])
+                        task.cancel()
+                _, stubborn = await asyncio.wait(late, timeout=CANCEL_GRACE_SECONDS)
                 if stubborn:
                     self._release_stubborn(stubborn)
         # Outcomes (including releases) go out before the heartbeat stops: until then

@@ -14,6 +14,7 @@ import functools
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -42,7 +43,7 @@ def describe(exc: BaseException) -> str:
     name = type(exc).__name__
     try:
         text = str(exc)
-    except Exception as broken:
+    except BaseException as broken:
         return f"{name}: <str() raised {type(broken).__name__}>"
     return f"{name}: {text}" if text else name
 
@@ -67,12 +68,6 @@ def error_record(
     return record
 
 
-def _being_cancelled() -> bool:
-    """Is the current task being cancelled (``Task.cancel()`` called and not undone)?"""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
 class Executor:
     def __init__(
         self,
@@ -88,6 +83,9 @@ class Executor:
         # released at shutdown); the worker counts them against its free slots.
         self.abandoned = 0
         self._abandon_lock = threading.Lock()
+        # Lease tokens of jobs the worker released at shutdown before cancelling their
+        # task: only for them is a CancelledError a release, not the handler's failure.
+        self._released: set[uuid.UUID] = set()
         self._on_thread_freed = on_thread_freed
 
     async def execute(self, job: Job) -> Outcome:
@@ -130,16 +128,18 @@ class Executor:
             )
             token = set_current(ctx)
             try:
-                await self._call(task.fn, task.is_async, job.args, task.options.timeout)
+                await self._call(job, task.fn, task.is_async, task.options.timeout)
             finally:
                 reset_current(token)
         except asyncio.CancelledError as exc:
-            if _being_cancelled():
-                raise  # shutdown: the worker cancelled this job's task
+            if self.released(job):
+                raise  # shutdown: the worker cancelled this job's task (see release)
             # Raised by the handler itself (it awaited a task it cancelled, or a sync
             # handler got a cancelled future's result): a failed attempt like any other,
             # counted, retried, dead-lettered when exhausted. Taken for a shutdown, it was
             # released with its attempt given back and ran again at once, without end.
+            # (Task.cancelling() cannot tell: on Python 3.11 a TaskGroup whose child
+            # failed after its body ended leaves the count at 1.)
             return self._failed(job, started, backoff, "error", exc)
         except Snooze as snooze:
             return Outcome(
@@ -163,9 +163,8 @@ class Executor:
             return self._failed(job, started, backoff, "error", exc)
         return Outcome(job, OutcomeKind.SUCCEEDED, time.monotonic() - started)
 
-    async def _call(
-        self, fn: Any, is_async: bool, args: dict[str, Any], timeout: float | None
-    ) -> None:
+    async def _call(self, job: Job, fn: Any, is_async: bool, timeout: float | None) -> None:
+        args = job.args
         if is_async and timeout is None:
             await fn(**args)
             return
@@ -173,8 +172,10 @@ class Executor:
             try:
                 async with asyncio.timeout(timeout) as scope:
                     await fn(**args)
-            except TimeoutError:
-                if scope.expired():
+            except (TimeoutError, asyncio.CancelledError):
+                # An expiry surfaces as CancelledError instead of TimeoutError when the
+                # task's cancel count was already off (the 3.11 TaskGroup leftover above).
+                if scope.expired() and not self.released(job):
                     raise _TimedOut(f"timed out after {timeout}s") from None
                 raise
             return
@@ -234,6 +235,13 @@ class Executor:
             delay_seconds=backoff.delay(job.attempt),
             error=error,
         )
+
+    def release(self, job: Job) -> None:
+        """Mark ``job`` released: call just before cancelling its task at shutdown."""
+        self._released.add(job.lease_token)
+
+    def released(self, job: Job) -> bool:
+        return job.lease_token in self._released
 
     def internal_error(self, job: Job, started: float, exc: Exception) -> Outcome:
         """The outcome of an attempt ``execute`` itself failed on (a bug in pgqueue, not
