@@ -116,6 +116,16 @@ class Reaper:
                     reason="lease_expired",
                 )
                 dead.append(row["id"])
+        for row in store.dead_letter_blocked(conn):
+            log.error(
+                "reaper.dead_letter_blocked",
+                job_id=row["id"],
+                task=row["task"],
+                queue=row["queue"],
+                attempt=row["attempts"],
+                reason="pgqueue.dead_jobs already holds this id (an explicit id or a"
+                " sequence reset); retry or purge that dead job to let this one in",
+            )
         pruned = sum(
             len(ids)
             for ids in self._batches(

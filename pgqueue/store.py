@@ -364,6 +364,10 @@ def requeue_expired(
     )
 
 
+def dead_letter_blocked(conn: SyncConn) -> list[Row]:
+    return _fetch(conn, "dead_letter_blocked", {})
+
+
 def dead_letter_expired(conn: SyncConn, *, batch_size: int) -> list[Row]:
     return _fetch(conn, "dead_letter_expired", {"batch_size": batch_size})
 

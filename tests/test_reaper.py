@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
+import structlog
 
 from pgqueue import store
 from pgqueue.config import ReaperConfig
@@ -276,3 +277,29 @@ def test_expiry_of_a_rescued_job_counts_and_ends_in_the_dead_letter_table(conn, 
     assert result.dead == [job_id]
     dead = dead_row(conn, job_id)
     assert dead is not None and dead["attempts"] == 2 and dead["reason"] == "lease_expired"
+
+
+def test_a_job_whose_id_the_dead_letter_table_holds_does_not_stall_the_reaper(conn, dsn):
+    # Ids can repeat (an explicit id in an INSERT, a sequence reset): moving such a job
+    # to pgqueue.dead_jobs fails on its primary key. It used to fail the reaper's whole
+    # dead-letter batch on every pass, and prune and worker clean-up after it.
+    taken = expired_job(conn, attempts=3, max_attempts=3, rescued=True)
+    conn.execute(
+        "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts,"
+        " max_attempts, run_at, created_at, errors, history, reason)"
+        " VALUES (%s, 'default', 'older', '{}', 0, 1, 1, now(), now(), '[]', '[]', 'permanent')",
+        (taken,),
+    )
+    innocent = expired_job(conn, attempts=3, max_attempts=3, rescued=True)
+
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(2):
+            result = run_once(dsn)
+            assert result.dead in ([innocent], [])
+    assert job_row(conn, innocent) is None and dead_row(conn, innocent) is not None
+    stuck = job_row(conn, taken)
+    assert stuck is not None and stuck["state"] == "running"  # left for the operator
+    dead = dead_row(conn, taken)
+    assert dead is not None and dead["task"] == "older"  # the older record is untouched
+    blocked = [e for e in logs if e["event"] == "reaper.dead_letter_blocked"]
+    assert [e["job_id"] for e in blocked] == [taken, taken]  # once per pass

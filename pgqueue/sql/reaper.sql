@@ -43,11 +43,13 @@ FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
 -- name: dead_letter_expired
 -- Moves rescued running jobs (they ran alone) whose lease expired and whose attempts are
 -- used up to the dead-letter table (reason 'lease_expired'), atomically, a batch at a
--- time.
+-- time. A job whose id the dead-letter table already holds is left out (see
+-- dead_letter_blocked): it would fail the whole batch on the primary key, pass after pass.
 WITH expired AS MATERIALIZED (
     SELECT j.id FROM pgqueue.jobs AS j
     WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts >= j.max_attempts
       AND j.rescued AND j.cancel_requested_at IS NULL
+      AND NOT EXISTS (SELECT 1 FROM pgqueue.dead_jobs AS d WHERE d.id = j.id)
     ORDER BY j.id
     LIMIT %(batch_size)s
     FOR UPDATE SKIP LOCKED
@@ -72,6 +74,19 @@ SELECT id, queue, task, args, priority, attempts, max_attempts, run_at, idempote
            'lease expired: its worker stopped heartbeating (crashed, killed or cut off)')
 FROM moved
 RETURNING d.id, d.task, d.queue, d.attempts;
+
+-- name: dead_letter_blocked
+-- Exhausted rescued jobs whose lease expired but which dead_letter_expired cannot move:
+-- pgqueue.dead_jobs already holds their id (ids repeat after an explicit id in an INSERT
+-- or a sequence reset). They stay running until an operator moves the older dead job
+-- (`pgqueue dead retry` or `purge`); the reaper names them on every pass.
+SELECT j.id, j.task, j.queue, j.attempts
+FROM pgqueue.jobs AS j
+WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts >= j.max_attempts
+  AND j.rescued AND j.cancel_requested_at IS NULL
+  AND EXISTS (SELECT 1 FROM pgqueue.dead_jobs AS d WHERE d.id = j.id)
+ORDER BY j.id
+LIMIT 100;
 
 -- name: prune_finished
 -- Deletes succeeded and cancelled jobs finished more than %(retention_seconds)s ago, a
