@@ -246,13 +246,13 @@ def make_running(
 
 
 def held_ids(worker: Any) -> set[int]:
-    """Ids of the jobs a worker holds (kept by lease token)."""
-    return {job.id for job in worker._held.values()}
+    """Ids of the jobs a worker holds."""
+    return {job.id for job in worker._held}
 
 
 def running_task(worker: Any, job_id: int) -> Any:
     """The task running ``job_id`` in a worker."""
-    (task,) = (t for token, t in worker._running.items() if worker._held[token].id == job_id)
+    (task,) = (t for job, t in worker._running.items() if job.id == job_id)
     return task
 
 
@@ -1365,7 +1365,7 @@ def test_a_release_whose_commit_reply_was_lost_is_reported_released_not_lease_lo
             assert [j.id for j in await worker.run_once()] == [job_id]
             await asyncio.wait_for(started[0].wait(), 10)
             # What shutdown does to a handler it gives up: mark the job released, cancel.
-            (job,) = (j for j in worker._held.values() if j.id == job_id)
+            (job,) = (j for j in worker._held if j.id == job_id)
             worker.executor.release(job)
             running_task(worker, job_id).cancel()
             await handler_finished(worker)

@@ -92,11 +92,12 @@ class Worker:
         # can tell this worker's orphans (running under its name, not held) from jobs
         # whose claim is still on its way back.
         self._claiming = asyncio.Lock()
-        # Jobs and tasks by lease token, not by id: if a claim's commit is undone (a
-        # Postgres crash under --async-commit, a failover) this worker may claim the same
-        # job again while its first run goes on; keyed by id, the second would hide the
-        # first from the slot count and from shutdown.
-        self._held: dict[uuid.UUID, Job] = {}
+        # Keyed by the Job object of each claim (identity hash: a claim makes a new Job),
+        # not by id: if a claim's commit is undone (a Postgres crash under --async-commit,
+        # a failover) this worker may claim the same job again while its first run goes
+        # on; keyed by id, the second would hide the first from the slot count and from
+        # shutdown. (Keyed by lease token, each job paid four UUID hashes.)
+        self._held: dict[Job, None] = {}
         # Lease tokens of outcomes the database refused (WriteResult.FAILED): their jobs
         # stay running until the lease expires and the reaper takes over, so the heartbeat
         # must not release them as orphans (that would not count an attempt that keeps
@@ -105,7 +106,7 @@ class Worker:
         # (id, lease token) of attempts whose lease the heartbeat found lost: keyed by
         # token too, since this worker may claim the same job again meanwhile.
         self._lost: set[tuple[int, uuid.UUID]] = set()
-        self._running: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._running: dict[Job, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -119,7 +120,7 @@ class Worker:
         self._started = False
         # Rescued-job isolation (see run_once): the job running alone, whether a rescued
         # job waits, and when to look again.
-        self._isolated: uuid.UUID | None = None
+        self._isolated: Job | None = None
         self._rescue_pending = False
         self._next_rescue_check = 0.0
         self._database_health = metrics.database_health(config.dsn)
@@ -133,7 +134,7 @@ class Worker:
         self.heartbeat = Heartbeat(
             self.pool,
             self._lock,
-            lambda: list(self._held.values()),
+            lambda: list(self._held),
             self._on_lost,
             self._register,
             interval=config.heartbeat_interval,
@@ -244,7 +245,7 @@ class Worker:
                 )
                 self._rescue_pending = False
                 if rescued is not None:
-                    self._isolated = rescued.lease_token
+                    self._isolated = rescued
                     log.info(
                         "job.isolated", job_id=rescued.id, task=rescued.task,
                         queue=rescued.queue, attempt=rescued.attempt,
@@ -372,15 +373,13 @@ class Worker:
         return job.task if job.task in self.registry else "unknown"
 
     def _start(self, job: Job) -> None:
-        self._held[job.lease_token] = job
+        self._held[job] = None
         extra = {"args": job.args} if self.config.log_args else {}
         self._log.debug(
             "job.claimed", job_id=job.id, task=job.task, queue=job.queue, attempt=job.attempt,
             **extra,
         )  # fmt: skip
-        self._running[job.lease_token] = asyncio.create_task(
-            self._run_job(job), name=f"job-{job.id}"
-        )
+        self._running[job] = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
 
     async def _run_job(self, job: Job) -> None:
         started = time.monotonic()
@@ -395,9 +394,9 @@ class Worker:
             )  # fmt: skip
             outcome = self.executor.internal_error(job, started, exc)
         finally:
-            self._running.pop(job.lease_token, None)
+            self._running.pop(job, None)
             metrics.child(metrics.JOBS_RUNNING, job.queue).dec()
-            if self._isolated == job.lease_token:
+            if self._isolated is job:
                 self._isolated = None
                 self._next_rescue_check = 0.0  # more rescued jobs may be waiting
             self._slot_freed.set()
@@ -477,8 +476,7 @@ class Worker:
 
     def _release_hold(self, job: Job) -> None:
         # Only this attempt's hold: the same job may have been claimed again since.
-        if self._held.get(job.lease_token) is job:
-            del self._held[job.lease_token]
+        self._held.pop(job, None)
 
     def _on_lost(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -533,16 +531,15 @@ class Worker:
         the CancelledError): shutdown must not wait for them without end, and their jobs
         go back to the queue like any other released job. Whatever such a handler writes
         later is fenced off by its lease token."""
-        for token, task in list(self._running.items()):
-            job = self._held.get(token)
-            if task not in stubborn or job is None:
+        for job, task in list(self._running.items()):
+            if task not in stubborn:
                 continue
             self._log.warning(
                 "job.ignored_cancel", job_id=job.id, task=job.task, queue=job.queue,
                 attempt=job.attempt,
             )  # fmt: skip
-            self._running.pop(token, None)
-            self._released_early.add(token)
+            self._running.pop(job, None)
+            self._released_early.add(job.lease_token)
             self.completer.submit(Outcome(job, OutcomeKind.RELEASED, 0.0))
         self.stubborn_handlers = len(stubborn)
 
@@ -563,9 +560,9 @@ class Worker:
             _, late = await asyncio.wait(running, timeout=self.config.shutdown_timeout)
             if late:
                 log.warning("worker.releasing", jobs=len(late))
-                for token, task in list(self._running.items()):
+                for job, task in list(self._running.items()):
                     if task in late:
-                        self.executor.release(self._held[token])
+                        self.executor.release(job)
                         task.cancel()
                 _, stubborn = await asyncio.wait(late, timeout=CANCEL_GRACE_SECONDS)
                 if stubborn:
