@@ -1024,3 +1024,53 @@ def test_a_handler_after_a_task_group_still_fails_and_times_out_as_counted_attem
         ("group_then_cancel", 2, ["error", "error"]),
         ("group_then_overrun", 2, ["timeout", "timeout"]),
     ]
+
+
+def test_two_outcomes_of_one_job_in_a_batch_are_reported_each_by_its_own_lease(dsn):
+    # A claim's commit undone (a crash under --async-commit, a failover) lets a worker
+    # claim a job again while its first run goes on; both runs' outcomes can meet in one
+    # batch. The writes say which ids changed, so the stale run's outcome was reported
+    # written too (logs and metrics of an outcome that was fenced off).
+    from psycopg_pool import AsyncConnectionPool
+
+    from pgqueue.models import Outcome, OutcomeKind
+    from pgqueue.worker.completer import Completer, WriteResult
+
+    job_id = sql_enqueue(dsn, "t")
+
+    async def main() -> tuple[uuid.UUID, uuid.UUID, dict[uuid.UUID, WriteResult]]:
+        reports: dict[uuid.UUID, WriteResult] = {}
+        pool = AsyncConnectionPool(dsn, min_size=1, max_size=2, open=False,
+                                   kwargs={"autocommit": True})  # fmt: skip
+        await pool.open()
+        try:
+            async with pool.connection() as conn:
+                (stale,) = await store.claim_jobs(
+                    conn, queues=["default"], limit=1, worker_id="w", lease_seconds=30
+                )
+                await conn.execute(
+                    "UPDATE pgqueue.jobs SET state = 'queued', lease_token = NULL,"
+                    " lease_expires_at = NULL, attempts = 0 WHERE id = %s",
+                    (job_id,),
+                )
+                (fresh,) = await store.claim_jobs(
+                    conn, queues=["default"], limit=1, worker_id="w", lease_seconds=30
+                )
+            completer = Completer(
+                pool,
+                asyncio.Lock(),
+                lambda o, result, state: reports.__setitem__(o.job.lease_token, result),
+                worker_id="w",
+                reconnect_max_seconds=1.0,
+            )
+            completer.submit(Outcome(stale, OutcomeKind.SUCCEEDED, 0.01))
+            completer.submit(Outcome(fresh, OutcomeKind.SUCCEEDED, 0.01))
+            assert await completer.flush(10)
+            return stale.lease_token, fresh.lease_token, reports
+        finally:
+            await pool.close()
+
+    stale, fresh, reports = run(main)
+    rows = fetch(dsn, "SELECT state, lease_token FROM pgqueue.jobs WHERE id = %s", (job_id,))
+    assert rows == [("succeeded", None)]
+    assert reports == {stale: WriteResult.FENCED, fresh: WriteResult.WRITTEN}

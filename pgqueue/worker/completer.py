@@ -43,6 +43,26 @@ OnWritten = Callable[[Outcome, WriteResult, str | None], None]
 _FLUSH_RETRYABLE: tuple[type[BaseException], ...] = (TimeoutError, *CONNECTION_ERRORS)
 
 
+def _one_per_job(outcomes: list[Outcome]) -> tuple[list[Outcome], list[Outcome]]:
+    """Split off every outcome whose job already has one earlier in the list. The writes
+    report which job ids changed, so two attempts of one job in one batch (claimed again
+    after a claim's commit was undone, while the first run went on) would both be
+    reported written, though the older lease was fenced off."""
+    if len(outcomes) < 2:
+        return outcomes, []
+    seen: set[int] = set()
+    now: list[Outcome] = []
+    later: list[Outcome] = []
+    for outcome in outcomes:
+        job_id = outcome.job.id
+        if job_id in seen:
+            later.append(outcome)
+        else:
+            seen.add(job_id)
+            now.append(outcome)
+    return now, later
+
+
 class Completer:
     def __init__(
         self,
@@ -141,10 +161,15 @@ class Completer:
         self.on_written(outcome, result, state)
 
     async def run_once(self) -> int:
-        """Write everything pending now, in one transaction; returns how many outcomes."""
+        """Write what is pending now, in one transaction; returns how many outcomes. A
+        second outcome of a job already in the batch waits for the next one (see
+        _one_per_job)."""
         async with self._writing:
-            batch, self._pending = self._pending, []
-            self._ready.clear()
+            batch, self._pending = _one_per_job(self._pending)
+            if self._pending:
+                self._ready.set()
+            else:
+                self._ready.clear()
             if not batch:
                 return 0
             try:
