@@ -40,7 +40,7 @@ from pgqueue.metrics import (
     QueueStatsCollector,
     process_registry,
 )
-from pgqueue.models import JobState
+from pgqueue.models import JobState, UndecodableArgs
 from pgqueue.registry import Registry
 
 if TYPE_CHECKING:
@@ -203,6 +203,8 @@ def dev(data_dir: str) -> None:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, UndecodableArgs):
+        return _undecodable(value)
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, dict):
@@ -210,6 +212,10 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
     return value
+
+
+def _undecodable(args: UndecodableArgs) -> str:
+    return f"<args Python cannot decode: {args.error}>"
 
 
 @main.command()
@@ -220,7 +226,7 @@ def status(job_id: int, as_json: bool, dsn: str | None) -> None:
     """Show a job's state, attempts, run_at and each attempt's error."""
 
     def body() -> int:
-        with psycopg.connect(_require_dsn(dsn), autocommit=True) as conn:
+        with _connect(dsn) as conn:
             job = store.job_status(conn, job_id=job_id)
         if job is None:
             raise JobNotFound(f"no job with id {job_id}")
@@ -641,7 +647,9 @@ def json_option(fn: F) -> F:
 
 
 def _connect(dsn: str | None) -> psycopg.Connection[Any]:
-    return psycopg.connect(_require_dsn(dsn), autocommit=True, connect_timeout=10)
+    conn = psycopg.connect(_require_dsn(dsn), autocommit=True, connect_timeout=10)
+    store.configure_admin_connection(conn)
+    return conn
 
 
 @main.command()
@@ -758,7 +766,9 @@ def dead_show(job_id: int, as_json: bool, dsn: str | None) -> None:
         for key in ("id", "task", "queue", "reason", "attempts", "max_attempts", "died_at",
                     "created_at", "idempotency_key"):  # fmt: skip
             click.echo(f"{key:<16}{_cell(row[key])}")
-        click.echo(f"{'args':<16}{json.dumps(row['args'])}")
+        args = row["args"]
+        shown = _undecodable(args) if isinstance(args, UndecodableArgs) else json.dumps(args)
+        click.echo(f"{'args':<16}{shown}")
         for err in row["errors"]:
             click.echo(f"--- attempt {err.get('attempt')} [{err.get('kind')}] {err.get('at')}")
             click.echo(err.get("traceback") or err.get("error"))
@@ -802,10 +812,14 @@ def dead_retry(
                     click.echo(f"retried {len(moved)}; not in the dead-letter table: {missing}")
                     return 1
             else:
+                # Only jobs dead by now: jobs this revives may die again meanwhile, and
+                # reviving those again would count them twice and might never end.
+                started = store.database_now(conn)
                 while True:
                     batch = store.retry_dead(
-                        conn, ids=None, queue=queue, task=task, limit=RETRY_BATCH
-                    )
+                        conn, ids=None, queue=queue, task=task, limit=RETRY_BATCH,
+                        died_by=started,
+                    )  # fmt: skip
                     moved += batch
                     if len(batch) < RETRY_BATCH:
                         break
@@ -816,7 +830,10 @@ def dead_retry(
 
 
 @dead.command("purge")
-@click.option("--older-than", help="Only jobs that died longer ago than this (e.g. 7d, 12h).")
+@click.option(
+    "--older-than",
+    help="Only jobs that died longer ago than this: 7d, 12h, 30m, 90s (a bare number is seconds).",
+)
 @click.option("--queue", help="Only this queue.")
 @click.option("--task", help="Only this task.")
 @dsn_option
@@ -829,10 +846,12 @@ def dead_purge(
         seconds = parse_duration(older_than) if older_than is not None else None
         total = 0
         with _connect(dsn) as conn:
+            started = store.database_now(conn)  # jobs dying meanwhile stay: it ends
             while True:
                 count = store.purge_dead(
-                    conn, older_than_seconds=seconds, queue=queue, task=task, limit=RETRY_BATCH
-                )
+                    conn, older_than_seconds=seconds, queue=queue, task=task,
+                    limit=RETRY_BATCH, died_by=started,
+                )  # fmt: skip
                 total += count
                 if count < RETRY_BATCH:
                     break
@@ -848,7 +867,9 @@ def queue() -> None:
 
 
 def _queue_name(name: str) -> str:
-    if not name.strip() or len(name) > 128:
+    # As workers read --queues (stripped): a name with spaces around it would be paused
+    # without pausing the queue they run.
+    if not name.strip() or len(name) > 128 or name != name.strip():
         raise ConfigError(f"bad queue name {name!r}")
     return name
 

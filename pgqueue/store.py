@@ -591,6 +591,7 @@ def retry_dead(
     queue: str | None,
     task: str | None,
     limit: int,
+    died_by: datetime | None = None,
 ) -> list[int]:
     rows = _fetch(
         conn,
@@ -600,6 +601,7 @@ def retry_dead(
             "queue": queue,
             "task": task,
             "limit": limit,
+            "died_by": died_by,
         },
     )
     return [r["id"] for r in rows]
@@ -612,6 +614,7 @@ def purge_dead(
     queue: str | None,
     task: str | None,
     limit: int,
+    died_by: datetime | None = None,
 ) -> int:
     rows = _fetch(
         conn,
@@ -621,9 +624,24 @@ def purge_dead(
             "queue": queue,
             "task": task,
             "limit": limit,
+            "died_by": died_by,
         },
     )
     return len(rows)
+
+
+def database_now(conn: SyncConn) -> datetime:
+    (row,) = _fetch(conn, "database_now", {})
+    now: datetime = row["now"]
+    return now
+
+
+def configure_admin_connection(conn: SyncConn) -> None:
+    """As configure_worker_connection, for the admin commands: a dead job's args that
+    Python cannot decode are shown as such instead of failing the command."""
+    set_json_loads(_lenient_json_loads, conn)
+    conn.adapters.register_loader("json", _LenientJsonTextLoader)
+    conn.adapters.register_loader("jsonb", _LenientJsonTextLoader)
 
 
 def cancel_job(conn: SyncConn, *, job_id: int) -> str | None:

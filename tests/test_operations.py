@@ -1784,3 +1784,42 @@ def test_one_refused_outcome_does_not_hold_back_the_others_of_its_batch(conn, ds
     row = job_row(conn, refused)
     assert row is not None and (row["state"], row["attempts"]) == ("running", 1)
     assert history_outcomes(conn, refused) == []
+
+
+def test_dead_retry_all_and_purge_leave_jobs_that_die_after_they_start(conn, dsn):
+    # A job `dead retry --all` revives can die again before the command ends; picked up
+    # again, it was revived twice and counted twice, and jobs dying faster than a batch
+    # kept the loop going without end. Dead "after the start" is simulated by a died_at
+    # an hour ahead.
+    old = [insert_dead(conn) for _ in range(3)]
+    later = insert_dead(conn, died_ago=-3600)
+
+    assert ok(cli(dsn, "dead", "retry", "--all")).strip() == "retried 3 dead job(s)"
+    assert all(job_state(conn, i) == "queued" for i in old)
+    assert dead_row(conn, later) is not None
+
+    gone = insert_dead(conn)
+    assert ok(cli(dsn, "dead", "purge")).strip() == "purged 1 dead job(s)"
+    assert dead_row(conn, gone) is None and dead_row(conn, later) is not None
+
+
+def test_dead_show_of_args_python_cannot_decode_says_so_in_one_piece(conn, dsn):
+    # Dead-lettered as bad_args by the worker; `dead show` used to end in a traceback.
+    job_id = insert_dead(conn)
+    conn.execute(
+        "UPDATE pgqueue.dead_jobs SET args = ('{\"n\": ' || repeat('9', 5000) || '}')::jsonb"
+        " WHERE id = %s",
+        (job_id,),
+    )
+
+    shown = ok(cli(dsn, "dead", "show", str(job_id)))
+    assert "<args Python cannot decode: ValueError" in shown
+    data = json.loads(ok(cli(dsn, "dead", "show", str(job_id), "--json")))
+    assert data["args"].startswith("<args Python cannot decode: ValueError")
+
+
+def test_queue_pause_refuses_a_name_no_worker_would_read(dsn):
+    # Workers strip the names in --queues: pausing " emails" paused no queue they run.
+    result = cli(dsn, "queue", "pause", " emails")
+    assert result.returncode == 2
+    assert "bad queue name" in one_line_error(result)

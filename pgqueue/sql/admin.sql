@@ -108,7 +108,9 @@ FROM pgqueue.dead_jobs WHERE id = %(id)s;
 -- batch takes it back: then it comes back without its key rather than failing the move
 -- (two dead jobs can share a key: the first one's death freed it for the second).
 -- Selects by ids, or by filters (NULL = any) when ids is NULL, at most %(limit)s rows per
--- call. Returns the revived ids.
+-- call; with %(died_by)s, only jobs that died by then (`dead retry --all` passes its start,
+-- so that jobs it revived that die again meanwhile are not revived again). Returns the
+-- revived ids.
 WITH moved AS (
     DELETE FROM pgqueue.dead_jobs AS d
     WHERE d.id IN (
@@ -116,6 +118,7 @@ WITH moved AS (
         WHERE (%(ids)s::bigint[] IS NULL OR x.id = ANY (%(ids)s::bigint[]))
           AND (%(queue)s::text IS NULL OR x.queue = %(queue)s)
           AND (%(task)s::text IS NULL OR x.task = %(task)s)
+          AND (%(died_by)s::timestamptz IS NULL OR x.died_at <= %(died_by)s::timestamptz)
         ORDER BY x.id
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED)
@@ -149,7 +152,8 @@ SELECT u.id FROM unkeyed AS u;
 
 -- name: purge_dead
 -- Deletes dead jobs that died more than %(older_than_seconds)s ago (all when NULL),
--- filtered by queue and task when given, at most %(limit)s per call.
+-- filtered by queue and task when given, at most %(limit)s per call; with %(died_by)s,
+-- only jobs that died by then (the command's start: it ends however fast jobs die).
 DELETE FROM pgqueue.dead_jobs AS d
 WHERE d.id IN (
     SELECT x.id FROM pgqueue.dead_jobs AS x
@@ -157,10 +161,15 @@ WHERE d.id IN (
            OR x.died_at < now() - make_interval(secs => %(older_than_seconds)s::float8))
       AND (%(queue)s::text IS NULL OR x.queue = %(queue)s)
       AND (%(task)s::text IS NULL OR x.task = %(task)s)
+      AND (%(died_by)s::timestamptz IS NULL OR x.died_at <= %(died_by)s::timestamptz)
     ORDER BY x.id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED)
 RETURNING d.id;
+
+-- name: database_now
+-- The database's clock: where a command that loops starts, for its bounds.
+SELECT now() AS now;
 
 -- name: cancel_job
 -- Cancels a job: a queued one becomes cancelled now; a running one is flagged
