@@ -1074,3 +1074,45 @@ def test_two_outcomes_of_one_job_in_a_batch_are_reported_each_by_its_own_lease(d
     rows = fetch(dsn, "SELECT state, lease_token FROM pgqueue.jobs WHERE id = %s", (job_id,))
     assert rows == [("succeeded", None)]
     assert reports == {stale: WriteResult.FENCED, fresh: WriteResult.WRITTEN}
+
+
+def test_heartbeat_retries_soon_after_its_connections_die_and_keeps_a_running_lease(dsn):
+    # Every pooled connection dies at once (a Postgres restart, terminated backends). The
+    # pool hands each dead one out once; a heartbeat waiting a whole interval per failure
+    # failed three beats in a row, and the reaper requeued a job that was running fine.
+    registry = Registry()
+    runs: list[int] = []
+
+    @registry.task(name="long")
+    async def long() -> None:
+        runs.append(1)
+        await asyncio.sleep(6)
+
+    job_id = sql_enqueue(dsn, "long")
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, lease_seconds=3, concurrency=1):
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'running'")
+            await asyncio.sleep(0.5)
+            fetch(
+                dsn,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            reaper = Reaper(ReaperConfig(dsn=dsn))
+            try:
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline:
+                    result = await asyncio.to_thread(reaper.run_once)
+                    assert result.requeued == [], "a running job's lease expired"
+                    if fetch(dsn, "SELECT state FROM pgqueue.jobs WHERE id = %s", (job_id,)) == [
+                        ("succeeded",)
+                    ]:
+                        break
+                    await asyncio.sleep(0.5)
+            finally:
+                reaper._close()
+
+    run(main)
+    assert runs == [1]
+    assert fetch(dsn, "SELECT state, attempts FROM pgqueue.jobs") == [("succeeded", 1)]

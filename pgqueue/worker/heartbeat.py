@@ -25,7 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 from pgqueue import store
 from pgqueue.log import get_logger
 from pgqueue.models import Job
-from pgqueue.worker.backoff import CONNECTION_ERRORS
+from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
 
 log = get_logger("pgqueue.heartbeat")
 
@@ -60,8 +60,12 @@ class Heartbeat:
         self.last_success: float | None = None
 
     async def run(self) -> None:
-        """Beat now and every interval until cancelled; a failed beat is retried at the
-        next one."""
+        """Beat now and every interval until cancelled. A failed beat is retried soon,
+        with backoff up to the interval: after Postgres restarts (or its backends are
+        terminated) every pooled connection is dead, and the pool hands each one out
+        once before it finds out. Waiting a whole interval per dead connection let
+        three beats fail in a row, and the leases of healthy jobs expired."""
+        backoff = ReconnectBackoff(self.interval)
         while True:
             try:
                 await self.run_once()
@@ -69,7 +73,11 @@ class Heartbeat:
                 log.warning("heartbeat.failed", error=str(exc).strip())
             except Exception:
                 log.exception("heartbeat.failed")
-            await asyncio.sleep(self.interval)
+            else:
+                backoff.reset()
+                await asyncio.sleep(self.interval)
+                continue
+            await asyncio.sleep(min(self.interval, backoff.next_delay()))
 
     async def run_once(self) -> tuple[int, list[Job]]:
         """Extend all held leases and refresh this worker's row; returns (extended, lost)."""
