@@ -105,10 +105,21 @@ class QueueStatsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             if time.monotonic() - self._at > self.ttl:
+                ok = GaugeMetricFamily(
+                    "pgqueue_queue_stats_up",
+                    "1 if the last query for the database-wide gauges succeeded; 0 if it"
+                    " failed, and those gauges are left out until it succeeds again.",
+                )
                 try:
                     self._metrics = self._query()
+                    ok.add_metric([], 1.0)
                 except psycopg.Error as exc:
                     log.warning("metrics.stats_failed", error=str(exc).strip())
+                    # Not the last values: frozen gauges keep delta() at 0 and alerts
+                    # on them quiet while the queue may be on fire.
+                    self._metrics = []
+                    ok.add_metric([], 0.0)
+                self._metrics.append(ok)
                 self._at = time.monotonic()
             yield from self._metrics
 
@@ -133,6 +144,9 @@ class QueueStatsCollector(Collector):
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
             for row in store.queue_stats(conn):
                 q = row["queue"]
+                # Every queue's lease-expiry series exists from 0, so the first expiries
+                # after a reaper starts show in increase() (a series born at 10 does not).
+                child(LEASES_EXPIRED, q)
                 depth.add_metric([q, "ready"], row["ready"])
                 depth.add_metric([q, "scheduled"], row["scheduled"])
                 depth.add_metric([q, "running"], row["running"])

@@ -119,6 +119,7 @@ def exported_metrics() -> dict[str, set[str]]:
             "pgqueue_dead_jobs": {"queue"},
             "pgqueue_workers": set(),
             "pgqueue_queue_paused": {"queue"},
+            "pgqueue_queue_stats_up": set(),
         }
     )
     return names

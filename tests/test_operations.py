@@ -1823,3 +1823,45 @@ def test_queue_pause_refuses_a_name_no_worker_would_read(dsn):
     result = cli(dsn, "queue", "pause", " emails")
     assert result.returncode == 2
     assert "bad queue name" in one_line_error(result)
+
+
+def test_queue_stats_gauges_are_dropped_not_frozen_when_their_query_fails(conn, dsn):
+    # Frozen gauges kept delta() at 0: a queue falling behind raised no alert while the
+    # reaper could not read the stats. pgqueue_queue_stats_up says whether it could.
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from pgqueue.metrics import QueueStatsCollector
+
+    insert_job(conn, queue="watched")
+    registry = CollectorRegistry()
+    collector = QueueStatsCollector(dsn, ttl=0.0)
+    registry.register(collector)
+
+    def samples() -> list[Sample]:
+        body = generate_latest(registry).decode()
+        return [s for f in text_string_to_metric_families(body) for s in f.samples]
+
+    first = samples()
+    assert total(first, "pgqueue_queue_stats_up") == 1
+    assert total(first, "pgqueue_queue_depth", queue="watched", state="ready") == 1
+    # The queue's lease-expiry series now exists, at 0, in the process registry.
+    expired = [
+        s.value
+        for f in REGISTRY.collect()
+        for s in f.samples
+        if s.name == "pgqueue_leases_expired_total" and s.labels.get("queue") == "watched"
+    ]
+    assert expired == [0.0]
+
+    conn.execute("ALTER TABLE pgqueue.dead_jobs RENAME TO dead_jobs_away")
+    try:
+        failed = samples()
+    finally:
+        conn.execute("ALTER TABLE pgqueue.dead_jobs_away RENAME TO dead_jobs")
+    assert total(failed, "pgqueue_queue_stats_up") == 0
+    assert named(failed, "pgqueue_queue_depth") == []
+    assert named(failed, "pgqueue_queue_oldest_ready_age_seconds") == []
+
+    again = samples()
+    assert total(again, "pgqueue_queue_stats_up") == 1
+    assert total(again, "pgqueue_queue_depth", queue="watched", state="ready") == 1
