@@ -174,7 +174,11 @@ class Supervisor:
         codes: list[int] = []
         for child in self.children:
             if child.restart_at is not None:
-                continue  # dead and not restarted: nothing to wait for
+                # Dead and not restarted: nothing to wait for, but its death counts (a
+                # child crash-looping when the stop came must not make the exit 0).
+                if child.proc.returncode is not None:
+                    codes.append(child.proc.returncode)
+                continue
             remaining = max(0.1, deadline - time.monotonic())
             try:
                 codes.append(child.proc.wait(timeout=remaining))

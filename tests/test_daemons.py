@@ -627,3 +627,35 @@ def test_poison_job_dead_letters_after_max_attempts(conn, daemons):
     # The supervisor replaced the children the poison job killed.
     assert len(logged(daemons, supervisor, "supervisor.child_died")) >= 2
     assert supervisor.poll() is None
+
+
+def test_supervisor_stopped_while_a_child_crash_loops_exits_nonzero(tmp_path):
+    # A child that died and waits for its restart was skipped when the exit codes were
+    # gathered, so a supervisor whose children kept crashing exited 0 on SIGTERM.
+    import sys
+    import textwrap
+    import time
+
+    script = tmp_path / "supervise.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            from pgqueue.supervisor import Supervisor
+            child = [sys.executable, "-c", "import sys; sys.exit(3)"]
+            sys.exit(Supervisor(child, 1, 1.0, dsn="postgresql://unused").run())
+            """
+        )
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        time.sleep(2.5)  # the child has died at least once and waits for its restart
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert b"supervisor.child_died" in out, out
+    assert proc.returncode == 1, out
