@@ -647,9 +647,7 @@ def json_option(fn: F) -> F:
 
 
 def _connect(dsn: str | None) -> psycopg.Connection[Any]:
-    conn = psycopg.connect(_require_dsn(dsn), autocommit=True, connect_timeout=10)
-    store.configure_admin_connection(conn)
-    return conn
+    return psycopg.connect(_require_dsn(dsn), autocommit=True, connect_timeout=10)
 
 
 @main.command()
@@ -814,7 +812,7 @@ def dead_retry(
             else:
                 # Only jobs dead by now: jobs this revives may die again meanwhile, and
                 # reviving those again would count them twice and might never end.
-                started = store.database_now(conn)
+                started = store.dead_jobs_horizon(conn)
                 while True:
                     batch = store.retry_dead(
                         conn, ids=None, queue=queue, task=task, limit=RETRY_BATCH,
@@ -846,7 +844,7 @@ def dead_purge(
         seconds = parse_duration(older_than) if older_than is not None else None
         total = 0
         with _connect(dsn) as conn:
-            started = store.database_now(conn)  # jobs dying meanwhile stay: it ends
+            started = store.dead_jobs_horizon(conn)  # jobs dying meanwhile stay: it ends
             while True:
                 count = store.purge_dead(
                     conn, older_than_seconds=seconds, queue=queue, task=task,
@@ -867,9 +865,7 @@ def queue() -> None:
 
 
 def _queue_name(name: str) -> str:
-    # As workers read --queues (stripped): a name with spaces around it would be paused
-    # without pausing the queue they run.
-    if not name.strip() or len(name) > 128 or name != name.strip():
+    if not name.strip() or len(name) > 128:
         raise ConfigError(f"bad queue name {name!r}")
     return name
 

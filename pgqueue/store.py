@@ -580,8 +580,13 @@ def list_dead(conn: SyncConn, *, queue: str | None, task: str | None, limit: int
 
 
 def get_dead(conn: SyncConn, *, job_id: int) -> Row | None:
+    """One dead job; args Python cannot decode come back as UndecodableArgs."""
     rows = _fetch(conn, "get_dead", {"id": job_id})
-    return rows[0] if rows else None
+    if not rows:
+        return None
+    row = rows[0]
+    row["args"] = _lenient_json_loads(row["args"])
+    return row
 
 
 def retry_dead(
@@ -630,18 +635,10 @@ def purge_dead(
     return len(rows)
 
 
-def database_now(conn: SyncConn) -> datetime:
-    (row,) = _fetch(conn, "database_now", {})
-    now: datetime = row["now"]
-    return now
-
-
-def configure_admin_connection(conn: SyncConn) -> None:
-    """As configure_worker_connection, for the admin commands: a dead job's args that
-    Python cannot decode are shown as such instead of failing the command."""
-    set_json_loads(_lenient_json_loads, conn)
-    conn.adapters.register_loader("json", _LenientJsonTextLoader)
-    conn.adapters.register_loader("jsonb", _LenientJsonTextLoader)
+def dead_jobs_horizon(conn: SyncConn) -> datetime:
+    (row,) = _fetch(conn, "dead_jobs_horizon", {})
+    horizon: datetime = row["horizon"]
+    return horizon
 
 
 def cancel_job(conn: SyncConn, *, job_id: int) -> str | None:

@@ -95,8 +95,10 @@ ORDER BY died_at DESC, id DESC
 LIMIT %(limit)s;
 
 -- name: get_dead
--- One dead job with everything it carries.
-SELECT id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
+-- One dead job with everything it carries; args as text, which store.get_dead decodes
+-- (args Python cannot decode are why some jobs are dead: they must still show).
+SELECT id, queue, task, args::text AS args, priority, attempts, max_attempts, run_at,
+       idempotency_key,
        created_at, attempted_at, errors, history, reason, died_at
 FROM pgqueue.dead_jobs WHERE id = %(id)s;
 
@@ -167,9 +169,10 @@ WHERE d.id IN (
     FOR UPDATE SKIP LOCKED)
 RETURNING d.id;
 
--- name: database_now
--- The database's clock: where a command that loops starts, for its bounds.
-SELECT now() AS now;
+-- name: dead_jobs_horizon
+-- Where `dead retry --all` and `dead purge` stop: the database's clock when they start, or
+-- the latest death if that is later (a clock stepped back must not hide dead jobs).
+SELECT greatest(now(), (SELECT max(died_at) FROM pgqueue.dead_jobs)) AS horizon;
 
 -- name: cancel_job
 -- Cancels a job: a queued one becomes cancelled now; a running one is flagged
