@@ -1116,3 +1116,43 @@ def test_heartbeat_retries_soon_after_its_connections_die_and_keeps_a_running_le
     run(main)
     assert runs == [1]
     assert fetch(dsn, "SELECT state, attempts FROM pgqueue.jobs") == [("succeeded", 1)]
+
+
+def test_a_row_lock_on_one_job_does_not_hold_back_the_other_leases(dsn):
+    # The heartbeat's one UPDATE waited for any locked row: a session holding one job's
+    # row (an open SELECT ... FOR UPDATE) kept every lease of the worker from being
+    # extended, and past their expiry the reaper requeued jobs that were running fine.
+    registry = Registry()
+
+    @registry.task(name="long")
+    async def long(n: int) -> None:
+        await asyncio.sleep(6)
+
+    locked = sql_enqueue(dsn, "long", {"n": 1})
+    free = sql_enqueue(dsn, "long", {"n": 2})
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, lease_seconds=3, concurrency=2):
+            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.jobs WHERE state = 'running'")
+            holder = psycopg.connect(dsn)
+            reaper = Reaper(ReaperConfig(dsn=dsn))
+            try:
+                holder.execute("SELECT 1 FROM pgqueue.jobs WHERE id = %s FOR UPDATE", (locked,))
+                deadline = time.monotonic() + 4.5
+                while time.monotonic() < deadline:
+                    result = await asyncio.to_thread(reaper.run_once)
+                    assert free not in result.requeued, "a running job's lease expired"
+                    await asyncio.sleep(0.5)
+            finally:
+                holder.rollback()
+                holder.close()
+                reaper._close()
+            await wait_for_db(
+                dsn,
+                "SELECT state = 'succeeded' FROM pgqueue.jobs WHERE id = %s",
+                (free,),
+                timeout=15,
+            )
+
+    run(main)
+    assert fetch(dsn, "SELECT attempts FROM pgqueue.jobs WHERE id = %s", (free,)) == [(1,)]

@@ -125,11 +125,30 @@ CROSS JOIN LATERAL (
 -- Only rows still running under the token this worker got at claim time change; a job
 -- missing from the result has been taken away (lease lost). An expired lease that the
 -- reaper has not acted on yet is extended: the worker is alive after all.
-UPDATE pgqueue.jobs AS j
-SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
-FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS h(id, token)
-WHERE j.id = h.id AND j.lease_token = h.token
-RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested;
+-- Rows another session has locked are skipped, not waited for: one row lock (an open
+-- transaction's SELECT ... FOR UPDATE) held all the leases of the worker back, past
+-- their expiry if it lasted. Such a row, still under this worker's token as far as the
+-- statement's snapshot shows, comes back with extended = false (try again next beat).
+WITH held AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS h(id, token)
+), free AS MATERIALIZED (
+    SELECT j.id
+    FROM held AS h
+    JOIN pgqueue.jobs AS j ON j.id = h.id AND j.lease_token = h.token
+    FOR UPDATE OF j SKIP LOCKED
+), extended AS (
+    UPDATE pgqueue.jobs AS j
+    SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+    FROM free AS f
+    WHERE j.id = f.id
+    RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested
+)
+SELECT e.id, e.cancel_requested, true AS extended FROM extended AS e
+UNION ALL
+SELECT h.id, false, false
+FROM held AS h
+JOIN pgqueue.jobs AS j ON j.id = h.id AND j.lease_token = h.token
+WHERE NOT EXISTS (SELECT 1 FROM free AS f WHERE f.id = h.id);
 
 -- name: complete_jobs
 -- Marks jobs succeeded and records the attempt in their history, each only if still

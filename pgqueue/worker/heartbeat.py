@@ -83,23 +83,28 @@ class Heartbeat:
         """Extend all held leases and refresh this worker's row; returns (extended, lost)."""
         lost: list[Job] = []
         extended: dict[int, bool] = {}
+        busy: set[int] = set()
         # The lock keeps the completer from finishing a job between our snapshot and our
         # statement, which would make a finished job look like a lost lease.
         async with self.lock, self.pool.connection() as conn:
             jobs = self.held()
             if jobs:
-                extended = await store.extend_leases(
+                extended, busy = await store.heartbeat_leases(
                     conn,
                     ids=[j.id for j in jobs],
                     tokens=[j.lease_token for j in jobs],
                     lease_seconds=self.lease_seconds,
                 )
-                lost = [j for j in jobs if j.id not in extended]
+                lost = [j for j in jobs if j.id not in extended and j.id not in busy]
                 for job in jobs:
                     if extended.get(job.id):
                         job.cancel.set()
             await self.register(conn)
         self.last_success = asyncio.get_running_loop().time()
+        if busy:
+            # Another session holds these rows locked: their leases wait for the next
+            # beat (the others were extended).
+            log.warning("heartbeat.rows_locked", job_ids=sorted(busy)[:100])
         if lost:
             self.on_lost(lost)
         await self.release_orphans()
