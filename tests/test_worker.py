@@ -1156,3 +1156,34 @@ def test_a_row_lock_on_one_job_does_not_hold_back_the_other_leases(dsn):
 
     run(main)
     assert fetch(dsn, "SELECT attempts FROM pgqueue.jobs WHERE id = %s", (free,)) == [(1,)]
+
+
+def test_a_foreign_key_share_lock_on_a_running_job_does_not_stop_its_heartbeat(dsn):
+    # A handler (or anything) inserting a row that references pgqueue.jobs(id) holds a KEY
+    # SHARE lock on the job until it commits. The heartbeat's lock must not conflict with
+    # it (FOR NO KEY UPDATE, as its UPDATE takes), or the lease goes unextended.
+    token = uuid.uuid4()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        job_id = conn.execute(
+            "INSERT INTO pgqueue.jobs (task, state, lease_token, lease_expires_at, leased_by,"
+            " attempts) VALUES ('t', 'running', %s, now() + interval '5 seconds', 'w', 1)"
+            " RETURNING id",
+            (token,),
+        ).fetchone()[0]  # type: ignore[index]
+        conn.execute("CREATE TABLE public.job_results (job_id bigint REFERENCES pgqueue.jobs (id))")
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute("INSERT INTO public.job_results VALUES (%s)", (job_id,))
+
+        async def beat() -> tuple[dict[int, bool], set[int]]:
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                return await store.heartbeat_leases(
+                    conn, ids=[job_id], tokens=[token], lease_seconds=600.0
+                )
+
+        assert run(beat) == ({job_id: False}, set())
+    finally:
+        holder.rollback()
+        holder.close()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("DROP TABLE public.job_results")

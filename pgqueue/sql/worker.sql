@@ -128,14 +128,17 @@ CROSS JOIN LATERAL (
 -- Rows another session has locked are skipped, not waited for: one row lock (an open
 -- transaction's SELECT ... FOR UPDATE) held all the leases of the worker back, past
 -- their expiry if it lasted. Such a row, still under this worker's token as far as the
--- statement's snapshot shows, comes back with extended = false (try again next beat).
+-- statement's snapshot shows, comes back with extended = false (try again next beat; a
+-- row whose lease was taken just after the snapshot shows so too, and is found lost at
+-- the next beat). FOR NO KEY UPDATE, the lock the UPDATE itself takes: it does not
+-- conflict with the KEY SHARE locks of foreign keys that reference a running job.
 WITH held AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS h(id, token)
 ), free AS MATERIALIZED (
     SELECT j.id
     FROM held AS h
     JOIN pgqueue.jobs AS j ON j.id = h.id AND j.lease_token = h.token
-    FOR UPDATE OF j SKIP LOCKED
+    FOR NO KEY UPDATE OF j SKIP LOCKED
 ), extended AS (
     UPDATE pgqueue.jobs AS j
     SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
