@@ -810,17 +810,20 @@ def dead_retry(
                     click.echo(f"retried {len(moved)}; not in the dead-letter table: {missing}")
                     return 1
             else:
-                # Only jobs dead by now: jobs this revives may die again meanwhile, and
-                # reviving those again would count them twice and might never end.
-                started = store.dead_jobs_horizon(conn)
-                while True:
+                # One walk in id order over the ids there now: a job this revives may
+                # die again meanwhile (same id, behind the walk), and reviving it again
+                # would count it twice and, with jobs dying fast, might never end.
+                upto = store.max_dead_id(conn)
+                after: int | None = None
+                while upto is not None:
                     batch = store.retry_dead(
                         conn, ids=None, queue=queue, task=task, limit=RETRY_BATCH,
-                        died_by=started,
+                        after_id=after, upto_id=upto,
                     )  # fmt: skip
                     moved += batch
                     if len(batch) < RETRY_BATCH:
                         break
+                    after = max(batch)
         click.echo(f"retried {len(moved)} dead job(s)")
         return 0
 
@@ -844,15 +847,17 @@ def dead_purge(
         seconds = parse_duration(older_than) if older_than is not None else None
         total = 0
         with _connect(dsn) as conn:
-            started = store.dead_jobs_horizon(conn)  # jobs dying meanwhile stay: it ends
-            while True:
-                count = store.purge_dead(
+            upto = store.max_dead_id(conn)  # jobs dying meanwhile stay: it ends
+            after: int | None = None
+            while upto is not None:
+                purged = store.purge_dead(
                     conn, older_than_seconds=seconds, queue=queue, task=task,
-                    limit=RETRY_BATCH, died_by=started,
+                    limit=RETRY_BATCH, after_id=after, upto_id=upto,
                 )  # fmt: skip
-                total += count
-                if count < RETRY_BATCH:
+                total += len(purged)
+                if len(purged) < RETRY_BATCH:
                     break
+                after = max(purged)
         click.echo(f"purged {total} dead job(s)")
         return 0
 

@@ -606,7 +606,8 @@ def retry_dead(
     queue: str | None,
     task: str | None,
     limit: int,
-    died_by: datetime | None = None,
+    after_id: int | None = None,
+    upto_id: int | None = None,
 ) -> list[int]:
     rows = _fetch(
         conn,
@@ -616,7 +617,8 @@ def retry_dead(
             "queue": queue,
             "task": task,
             "limit": limit,
-            "died_by": died_by,
+            "after_id": after_id,
+            "upto_id": upto_id,
         },
     )
     return [r["id"] for r in rows]
@@ -629,8 +631,10 @@ def purge_dead(
     queue: str | None,
     task: str | None,
     limit: int,
-    died_by: datetime | None = None,
-) -> int:
+    after_id: int | None = None,
+    upto_id: int | None = None,
+) -> list[int]:
+    """Deletes dead jobs for good; returns their ids."""
     rows = _fetch(
         conn,
         "purge_dead",
@@ -639,16 +643,17 @@ def purge_dead(
             "queue": queue,
             "task": task,
             "limit": limit,
-            "died_by": died_by,
+            "after_id": after_id,
+            "upto_id": upto_id,
         },
     )
-    return len(rows)
+    return [r["id"] for r in rows]
 
 
-def dead_jobs_horizon(conn: SyncConn) -> datetime:
-    (row,) = _fetch(conn, "dead_jobs_horizon", {})
-    horizon: datetime = row["horizon"]
-    return horizon
+def max_dead_id(conn: SyncConn) -> int | None:
+    (row,) = _fetch(conn, "max_dead_id", {})
+    top: int | None = row["id"]
+    return top
 
 
 def cancel_job(conn: SyncConn, *, job_id: int) -> str | None:

@@ -1786,31 +1786,28 @@ def test_one_refused_outcome_does_not_hold_back_the_others_of_its_batch(conn, ds
     assert history_outcomes(conn, refused) == []
 
 
-def test_dead_retry_all_and_purge_stop_at_the_deaths_before_they_started(conn, dsn):
+def test_dead_retry_all_and_purge_walk_the_ids_there_when_they_start_once(conn, dsn):
     # A job `dead retry --all` revives can die again before the command ends; picked up
     # again, it was revived twice and counted twice, and jobs dying faster than a batch
-    # kept the loop going without end. The commands now stop at a horizon taken when they
-    # start: the database's clock, or the latest death if that is later.
-    old = [insert_dead(conn, died_ago=7200) for _ in range(2)]
-    recent = insert_dead(conn, died_ago=60)
-    revived = store.retry_dead(
-        conn, ids=None, queue=None, task=None, limit=100,
-        died_by=scalar(conn, "SELECT now() - interval '1 hour'"),
-    )  # fmt: skip
-    assert sorted(revived) == sorted(old)
-    assert dead_row(conn, recent) is not None
-    assert store.purge_dead(
-        conn, older_than_seconds=None, queue=None, task=None, limit=100,
-        died_by=scalar(conn, "SELECT now() - interval '1 hour'"),
-    ) == 0  # fmt: skip
-
-    # A clock stepped back (a death stamped an hour ahead) does not hide a dead job.
-    ahead = insert_dead(conn, died_ago=-3600)
-    assert store.dead_jobs_horizon(conn) >= scalar(
-        conn, "SELECT died_at FROM pgqueue.dead_jobs WHERE id = %s", (ahead,)
+    # kept the loop going without end. The commands now walk the table once, in id
+    # order, above the last id handled and up to the highest id there at their start.
+    first, second, third, fourth = (insert_dead(conn) for _ in range(4))
+    assert store.max_dead_id(conn) == fourth
+    walk = store.retry_dead(
+        conn, ids=None, queue=None, task=None, limit=100, after_id=first, upto_id=third
     )
+    assert sorted(walk) == [second, third]
+    assert dead_row(conn, first) is not None and dead_row(conn, fourth) is not None
+    assert store.purge_dead(
+        conn, older_than_seconds=None, queue=None, task=None, limit=100, after_id=first
+    ) == [fourth]  # fmt: skip
+
+    # Deaths stamped in the future (a clock stepped back) are not skipped: ids, not times.
+    ahead = insert_dead(conn, died_ago=-3600)
     assert ok(cli(dsn, "dead", "retry", "--all")).strip() == "retried 2 dead job(s)"
-    assert dead_row(conn, recent) is None and dead_row(conn, ahead) is None
+    assert dead_row(conn, first) is None and dead_row(conn, ahead) is None
+    assert store.max_dead_id(conn) is None
+    assert ok(cli(dsn, "dead", "retry", "--all")).strip() == "retried 0 dead job(s)"
     insert_dead(conn)
     assert ok(cli(dsn, "dead", "purge")).strip() == "purged 1 dead job(s)"
 

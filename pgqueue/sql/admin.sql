@@ -110,9 +110,10 @@ FROM pgqueue.dead_jobs WHERE id = %(id)s;
 -- batch takes it back: then it comes back without its key rather than failing the move
 -- (two dead jobs can share a key: the first one's death freed it for the second).
 -- Selects by ids, or by filters (NULL = any) when ids is NULL, at most %(limit)s rows per
--- call; with %(died_by)s, only jobs that died by then (`dead retry --all` passes its start,
--- so that jobs it revived that die again meanwhile are not revived again). Returns the
--- revived ids.
+-- call, in id order, only ids above %(after_id)s and up to %(upto_id)s when given: `dead
+-- retry --all` walks the table once, from the ids that were there when it started, so a
+-- job it revived that dies again meanwhile (same id, behind it) is not revived twice.
+-- Returns the revived ids.
 WITH moved AS (
     DELETE FROM pgqueue.dead_jobs AS d
     WHERE d.id IN (
@@ -120,7 +121,8 @@ WITH moved AS (
         WHERE (%(ids)s::bigint[] IS NULL OR x.id = ANY (%(ids)s::bigint[]))
           AND (%(queue)s::text IS NULL OR x.queue = %(queue)s)
           AND (%(task)s::text IS NULL OR x.task = %(task)s)
-          AND (%(died_by)s::timestamptz IS NULL OR x.died_at <= %(died_by)s::timestamptz)
+          AND (%(after_id)s::bigint IS NULL OR x.id > %(after_id)s::bigint)
+          AND (%(upto_id)s::bigint IS NULL OR x.id <= %(upto_id)s::bigint)
         ORDER BY x.id
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED)
@@ -154,8 +156,8 @@ SELECT u.id FROM unkeyed AS u;
 
 -- name: purge_dead
 -- Deletes dead jobs that died more than %(older_than_seconds)s ago (all when NULL),
--- filtered by queue and task when given, at most %(limit)s per call; with %(died_by)s,
--- only jobs that died by then (the command's start: it ends however fast jobs die).
+-- filtered by queue and task when given, at most %(limit)s per call, in id order, above
+-- %(after_id)s and up to %(upto_id)s when given (as retry_dead: one walk, it ends).
 DELETE FROM pgqueue.dead_jobs AS d
 WHERE d.id IN (
     SELECT x.id FROM pgqueue.dead_jobs AS x
@@ -163,16 +165,17 @@ WHERE d.id IN (
            OR x.died_at < now() - make_interval(secs => %(older_than_seconds)s::float8))
       AND (%(queue)s::text IS NULL OR x.queue = %(queue)s)
       AND (%(task)s::text IS NULL OR x.task = %(task)s)
-      AND (%(died_by)s::timestamptz IS NULL OR x.died_at <= %(died_by)s::timestamptz)
+      AND (%(after_id)s::bigint IS NULL OR x.id > %(after_id)s::bigint)
+      AND (%(upto_id)s::bigint IS NULL OR x.id <= %(upto_id)s::bigint)
     ORDER BY x.id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED)
 RETURNING d.id;
 
--- name: dead_jobs_horizon
--- Where `dead retry --all` and `dead purge` stop: the database's clock when they start, or
--- the latest death if that is later (a clock stepped back must not hide dead jobs).
-SELECT greatest(now(), (SELECT max(died_at) FROM pgqueue.dead_jobs)) AS horizon;
+-- name: max_dead_id
+-- Where `dead retry --all` and `dead purge` stop: the highest id in the table when they
+-- start (NULL when it is empty).
+SELECT max(id) AS id FROM pgqueue.dead_jobs;
 
 -- name: cancel_job
 -- Cancels a job: a queued one becomes cancelled now; a running one is flagged
