@@ -1273,3 +1273,29 @@ def test_an_outcome_racing_an_operators_cancel_is_still_written(conn, dsn, op, e
     row = job_row(conn, job_id)
     assert row is not None
     assert (row["state"], row["lease_token"]) == (ends, None)
+
+
+def test_claim_and_requeue_take_a_job_whose_row_a_foreign_key_holds(conn, dsn):
+    # A row being inserted elsewhere that references a job holds a KEY SHARE lock on it
+    # until it commits. The claim and the reaper's requeue lock FOR NO KEY UPDATE (what
+    # their UPDATE takes anyway), which that lock does not block: with FOR UPDATE they
+    # skipped the job for as long as the referencing transaction stayed open.
+    queued = make_job(conn, queue="fk")
+    expired = make_job(
+        conn, state="running", lease_token=uuid.uuid4(), attempts=1,
+        lease_expires_at=db_clock(conn) - timedelta(seconds=10),
+    )  # fmt: skip
+    conn.execute("CREATE TABLE public.job_links (job_id bigint REFERENCES pgqueue.jobs (id))")
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute("INSERT INTO public.job_links VALUES (%s), (%s)", (queued, expired))
+        assert [j.id for j in claim(dsn, ["fk"], 10)] == [queued]
+        requeued = conn.execute(
+            QUERIES["requeue_expired"],
+            {"batch_size": 10, "backoff_base_seconds": 1.0, "backoff_max_seconds": 10.0},
+        ).fetchall()
+        assert [r[0] for r in requeued] == [expired]
+    finally:
+        holder.rollback()
+        holder.close()
+        conn.execute("DROP TABLE public.job_links")

@@ -12,7 +12,7 @@ WITH expired AS MATERIALIZED (
       AND (NOT j.rescued OR j.attempts < j.max_attempts OR j.cancel_requested_at IS NOT NULL)
     ORDER BY j.id
     LIMIT %(batch_size)s
-    FOR UPDATE SKIP LOCKED
+    FOR NO KEY UPDATE SKIP LOCKED
 ), updated AS (
     UPDATE pgqueue.jobs AS j
     SET state = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued'

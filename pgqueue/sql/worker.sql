@@ -2,7 +2,9 @@
 -- Claims up to %(limit)s due jobs from the given queues for one worker, in one statement:
 -- marks them running, counts the attempt, sets a fresh lease token and expiry.
 -- Per queue, a LATERAL index scan of jobs_claim_idx (shaped like the ORDER BY) with
--- FOR UPDATE SKIP LOCKED, so concurrent claimers never wait on or take each other's rows;
+-- FOR NO KEY UPDATE SKIP LOCKED, so concurrent claimers never wait on or take each other's
+-- rows (NO KEY: the lock the UPDATE takes anyway, which a foreign key's KEY SHARE lock on
+-- a queued job, from a row being inserted that references it, does not block);
 -- MATERIALIZED keeps the planner from updating more rows than the limit. Rows locked by
 -- the per-queue scans but cut by the outer LIMIT are unlocked when the statement commits.
 -- The UPDATE matches on id alone: every picked row is locked by this statement and was
@@ -20,7 +22,7 @@ WITH picked AS MATERIALIZED (
           AND NOT j.rescued
         ORDER BY j.priority, j.run_at, j.id
         LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
+        FOR NO KEY UPDATE SKIP LOCKED
     ) AS c
     WHERE NOT EXISTS (
         SELECT 1 FROM pgqueue.queues AS p WHERE p.name = q.name AND p.paused_at IS NOT NULL)
@@ -54,7 +56,7 @@ WITH picked AS MATERIALIZED (
           AND j.rescued
         ORDER BY j.priority, j.run_at, j.id
         LIMIT 1
-        FOR UPDATE SKIP LOCKED
+        FOR NO KEY UPDATE SKIP LOCKED
     ) AS c
     WHERE NOT EXISTS (
         SELECT 1 FROM pgqueue.queues AS p WHERE p.name = q.name AND p.paused_at IS NOT NULL)
@@ -260,7 +262,7 @@ WITH orphans AS MATERIALIZED (
       AND NOT EXISTS (SELECT 1 FROM unnest(%(keep)s::uuid[]) AS k(token)
                       WHERE k.token = j.lease_token)
       AND (j.history -> -1 ->> 'outcome') IS DISTINCT FROM 'orphaned'
-    FOR UPDATE SKIP LOCKED
+    FOR NO KEY UPDATE SKIP LOCKED
 ), updated AS (
     UPDATE pgqueue.jobs AS j
     SET state = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued'
