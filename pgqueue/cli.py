@@ -778,6 +778,25 @@ def dead_show(job_id: int, as_json: bool, dsn: str | None) -> None:
 RETRY_BATCH = 1000
 
 
+def _walk_dead(
+    conn: psycopg.Connection[Any], step: Callable[[int | None, int], list[int]]
+) -> list[int]:
+    """Run ``step(after_id, upto_id)`` over the dead-letter table once, in id order, up to
+    the highest id there now, a batch at a time; returns the ids it handled. Once: a job
+    `dead retry --all` revives may die again meanwhile (same id, behind the walk), and
+    taking it again would count it twice and, with jobs dying fast, might never end."""
+    upto = store.max_dead_id(conn)
+    handled: list[int] = []
+    after: int | None = None
+    while upto is not None:
+        batch = step(after, upto)
+        handled += batch
+        if len(batch) < RETRY_BATCH:
+            break
+        after = max(batch)
+    return handled
+
+
 @dead.command("retry")
 @click.argument("job_ids", type=int, nargs=-1)
 @click.option("--all", "retry_all", is_flag=True, help="Retry every dead job (with the filters).")
@@ -810,20 +829,13 @@ def dead_retry(
                     click.echo(f"retried {len(moved)}; not in the dead-letter table: {missing}")
                     return 1
             else:
-                # One walk in id order over the ids there now: a job this revives may
-                # die again meanwhile (same id, behind the walk), and reviving it again
-                # would count it twice and, with jobs dying fast, might never end.
-                upto = store.max_dead_id(conn)
-                after: int | None = None
-                while upto is not None:
-                    batch = store.retry_dead(
+                moved = _walk_dead(
+                    conn,
+                    lambda after, upto: store.retry_dead(
                         conn, ids=None, queue=queue, task=task, limit=RETRY_BATCH,
                         after_id=after, upto_id=upto,
-                    )  # fmt: skip
-                    moved += batch
-                    if len(batch) < RETRY_BATCH:
-                        break
-                    after = max(batch)
+                    ),
+                )  # fmt: skip
         click.echo(f"retried {len(moved)} dead job(s)")
         return 0
 
@@ -845,20 +857,15 @@ def dead_purge(
 
     def body() -> int:
         seconds = parse_duration(older_than) if older_than is not None else None
-        total = 0
         with _connect(dsn) as conn:
-            upto = store.max_dead_id(conn)  # jobs dying meanwhile stay: it ends
-            after: int | None = None
-            while upto is not None:
-                purged = store.purge_dead(
+            purged = _walk_dead(
+                conn,
+                lambda after, upto: store.purge_dead(
                     conn, older_than_seconds=seconds, queue=queue, task=task,
                     limit=RETRY_BATCH, after_id=after, upto_id=upto,
-                )  # fmt: skip
-                total += len(purged)
-                if len(purged) < RETRY_BATCH:
-                    break
-                after = max(purged)
-        click.echo(f"purged {total} dead job(s)")
+                ),
+            )  # fmt: skip
+        click.echo(f"purged {len(purged)} dead job(s)")
         return 0
 
     _guard(body)

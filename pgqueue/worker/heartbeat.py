@@ -67,17 +67,17 @@ class Heartbeat:
         three beats fail in a row, and the leases of healthy jobs expired."""
         backoff = ReconnectBackoff(self.interval)
         while True:
+            delay = self.interval
             try:
                 await self.run_once()
+                backoff.reset()
             except CONNECTION_ERRORS as exc:
                 log.warning("heartbeat.failed", error=str(exc).strip())
+                delay = min(self.interval, backoff.next_delay())
             except Exception:
                 log.exception("heartbeat.failed")
-            else:
-                backoff.reset()
-                await asyncio.sleep(self.interval)
-                continue
-            await asyncio.sleep(min(self.interval, backoff.next_delay()))
+                delay = min(self.interval, backoff.next_delay())
+            await asyncio.sleep(delay)
 
     async def run_once(self) -> tuple[int, list[Job]]:
         """Extend all held leases and refresh this worker's row; returns (extended, lost)."""
