@@ -7,11 +7,14 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
+import json
+import sys
 import threading
 from datetime import UTC, datetime, timedelta, timezone
 
 import psycopg
 import pytest
+from psycopg.rows import class_row, dict_row, namedtuple_row
 
 from pgqueue import JobSpec, Registry, SerializationError, ValidationError, enqueue, enqueue_many
 from pgqueue.enqueue import MAX_ARGS_DEPTH, STREAM_COPY_FROM
@@ -492,6 +495,125 @@ def test_database_limit_surfaces_as_payload_too_large_in_python(conn, key):
     with pytest.raises(PayloadTooLarge, match="over the limit of 100"):
         enqueue(conn, "t", {"blob": "x" * 500}, idempotency_key=key)
     assert count_jobs(conn) == 0
+
+
+# Args whose compact JSON is under 1 MiB but whose text form in the database (what its
+# own check measures) is over: a space after each ',' (1.2 MB), floats spelt out (1.2 MB).
+LONGER_IN_THE_DATABASE = [
+    {"xs": [1] * 400_000},
+    {"fs": [1.5e300] * 4_000},
+]
+
+
+@pytest.mark.parametrize("args", LONGER_IN_THE_DATABASE)
+@pytest.mark.parametrize("path", ["enqueue", "many", "many-streamed", "many-keyed"])
+def test_python_measures_args_as_the_database_does_and_keeps_the_transaction(dsn, args, path):
+    from pgqueue import PayloadTooLarge
+
+    assert len(json.dumps(args, separators=(",", ":"))) < 1024 * 1024
+    with psycopg.connect(dsn) as conn:
+        conn.execute("CREATE TEMP TABLE orders (id int)")
+        with conn.transaction():
+            conn.execute("INSERT INTO orders VALUES (42)")
+            with pytest.raises(PayloadTooLarge, match="as the database measures them"):
+                if path == "enqueue":
+                    enqueue(conn, "t", args)
+                elif path == "many-keyed":
+                    enqueue_many(conn, [JobSpec("t", args, idempotency_key="k")])
+                else:
+                    size = BIG if path == "many-streamed" else 3
+                    enqueue_many(conn, [*[JobSpec("t")] * (size - 1), JobSpec("t", args)])
+            # Refused before sending: the caller's transaction goes on and commits.
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        assert scalar(conn, "SELECT count(*) FROM orders") == 1
+        assert count_jobs(conn) == 0
+
+
+def test_python_size_of_args_is_the_databases_octet_length_of_args_text(conn):
+    from pgqueue.enqueue import _encode_json, _text_size_extra
+
+    values: list[object] = [-0.0, 0.0, 1.0, 0.0001, 1e-05, 1e15, 1e16, 1.5e-07, 5e-324]
+    values += [1e300, -2.5e16, -1.7976931348623157e308, 2.2250738585072014e-308, 2**70]
+    values += ['é\n\t\x01"\\ ,:', "", None, True, False, [], {}, [[]], {"a": {"b": []}}]
+    values += [[1, 2.5, "x, y: z"], {"k": 1, "l": [1e-300, {"m": None}]}]
+    for value in values:
+        args = {"v": value}
+        text = _encode_json(args)
+        size = len(text.encode("utf-8")) + _text_size_extra(args)
+        assert size == scalar(conn, "SELECT octet_length(%s::jsonb::text)", (text,)), value
+
+
+def test_the_json_encoder_is_built_once_and_writes_what_json_dumps_writes():
+    from pgqueue import enqueue as enqueue_module
+
+    module = sys.modules["pgqueue.enqueue"]
+    assert enqueue_module is not module  # the function, not the module
+    # On CPython the fast path is in use, not the fallback.
+    assert module._encode_json is not module._JSON.encode
+    samples = [
+        {},
+        {"a": 1, "b": [1, 2.5, -0.0, 1e300, 5e-324, None, True, False], "": {"x": {}}},
+        {"s": 'é\x01"\\\u2028\U0001f600 \n\t', "big": 2**80, "neg": -(2**70)},
+        {"nested": [[[{"k": [1, [2, [3]]]}]]], "t": (1, 2)},
+    ]
+    for args in samples:
+        assert module._encode_json(args) == json.dumps(
+            args, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+        )
+
+
+def test_cyclic_args_are_refused_as_not_serialisable(conn):
+    looped: dict[str, object] = {}
+    looped["self"] = looped
+    listed: list[object] = []
+    listed.append(listed)
+    for args in (looped, {"l": listed}):
+        with pytest.raises(SerializationError):
+            enqueue(conn, "t", args)
+        with pytest.raises(SerializationError):
+            enqueue_many(conn, [JobSpec("t", args)])
+    assert count_jobs(conn) == 0
+
+
+def test_a_job_left_at_the_defaults_is_stored_as_one_that_spells_them_out(dsn):
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        plain = enqueue(conn, "t", {"a": 1})
+        spelt = enqueue(conn, "t", {"a": 1}, queue="default", priority=0, max_attempts=20, delay=0)
+        rows = conn.execute(
+            "SELECT queue, priority, max_attempts, run_at = now(), state, attempts"
+            " FROM pgqueue.jobs WHERE id = ANY(%s) ORDER BY id",
+            ([plain, spelt],),
+        ).fetchall()
+    assert rows == [("default", 0, 20, True, "queued", 0)] * 2
+
+
+@pytest.mark.parametrize("row_factory", [dict_row, namedtuple_row, class_row(dict)])
+def test_enqueue_works_on_a_connection_with_any_row_factory(dsn, row_factory):
+    with psycopg.connect(dsn, autocommit=True, row_factory=row_factory) as conn:
+        ids = [
+            enqueue(conn, "t"),
+            enqueue(conn, "t", priority=3),
+            enqueue(conn, "t", idempotency_key="k"),
+            *enqueue_many(conn, ["a", "b"]),
+            *enqueue_many(conn, [JobSpec("a", idempotency_key="m")]),
+            *enqueue_many(conn, ["c"] * BIG),
+        ]
+
+    async def main() -> list[int]:
+        async with await psycopg.AsyncConnection.connect(
+            dsn, autocommit=True, row_factory=row_factory
+        ) as aconn:
+            return [
+                await enqueue(aconn, "t"),
+                await enqueue(aconn, "t", idempotency_key="n"),
+                *await enqueue_many(aconn, ["a", "b"]),
+                *await enqueue_many(aconn, [JobSpec("a", idempotency_key="o")]),
+                *await enqueue_many(aconn, ["c"] * BIG),
+            ]
+
+    ids += asyncio.run(main())
+    assert all(type(i) is int for i in ids)
+    assert len(set(ids)) == len(ids) == 2 * BIG + 11
 
 
 def test_enqueue_many_schedules_by_run_at_and_delay_on_both_paths(conn):

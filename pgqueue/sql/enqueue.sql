@@ -18,6 +18,14 @@ VALUES (%s, %s::jsonb, %s, %s,
         coalesce(%s::timestamptz, now() + make_interval(secs => %s::float8)), %s)
 RETURNING id;
 
+-- name: insert_job_with_defaults
+-- As insert_job, for a job that takes the columns' defaults for priority (0),
+-- max_attempts (20) and run_at (now()), the common case: fewer parameters for the
+-- client to adapt and for Postgres to bind and evaluate (tests/test_enqueue.py checks
+-- the defaults match Python's). Positional parameters: task, args, queue.
+INSERT INTO pgqueue.jobs (task, args, queue) VALUES (%s, %s::jsonb, %s)
+RETURNING id;
+
 -- name: enqueue_jobs
 -- Enqueues many jobs in one round trip through pgqueue.enqueue_many; ids in input order.
 SELECT pgqueue.enqueue_many(
