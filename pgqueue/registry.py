@@ -99,7 +99,14 @@ class Task(Generic[P, R]):
         self.name = name
         self.fn = fn
         self.options = options
-        self.is_async = inspect.iscoroutinefunction(fn)
+        # An object whose __call__ is ``async def`` is async too. A plain function that
+        # returns an awaitable (an async function behind a plain decorator) runs in a
+        # thread, and the worker awaits what it returns.
+        self.is_async = inspect.iscoroutinefunction(fn) or (
+            not inspect.isroutine(fn)
+            and not inspect.isclass(fn)
+            and inspect.iscoroutinefunction(type(fn).__call__)
+        )
         self.signature = inspect.signature(fn)
         # Whether every JSON object binds (only **kwargs and parameters with defaults that
         # can be passed by keyword): the worker then skips the per-job signature check.

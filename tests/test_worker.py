@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import subprocess
 import sys
 import threading
@@ -281,6 +282,63 @@ def test_timeout_fails_the_attempt(dsn, kind):
     ((errors,),) = fetch(dsn, "SELECT errors FROM pgqueue.dead_jobs")
     assert errors[0]["kind"] == "timeout"
     assert "timed out after 0.2s" in errors[0]["error"]
+
+
+def test_async_handlers_behind_a_plain_decorator_or_in_an_object_run_and_count(dsn):
+    registry = Registry()
+    ran: list[str] = []
+
+    def traced(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)  # the coroutine, not awaited here
+
+        return wrapper
+
+    @registry.task(name="wrapped")
+    @traced
+    async def wrapped(x: int) -> None:
+        await asyncio.sleep(0)
+        ran.append(f"wrapped {x} {current_job().attempt}")
+
+    @registry.task(name="wrapped.fails", max_attempts=1)
+    @traced
+    async def wrapped_fails() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("boom")
+
+    @registry.task(name="wrapped.slow", max_attempts=1, timeout=0.3)
+    @traced
+    async def wrapped_slow() -> None:
+        await asyncio.sleep(30)
+
+    class Handler:
+        async def __call__(self, x: int) -> None:
+            await asyncio.sleep(0)
+            ran.append(f"object {x}")
+
+    registry.task(name="object")(Handler())
+    assert registry.get("object").is_async
+    for task, args in [("wrapped", {"x": 1}), ("object", {"x": 2})]:
+        sql_enqueue(dsn, task, args)
+    sql_enqueue(dsn, "wrapped.fails", max_attempts=1)
+    sql_enqueue(dsn, "wrapped.slow", max_attempts=1)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            await wait_for_db(
+                dsn,
+                "SELECT (SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded') = 2"
+                " AND (SELECT count(*) FROM pgqueue.dead_jobs) = 2",
+            )
+
+    run(main)
+    assert sorted(ran) == ["object 2", "wrapped 1 1"]
+    dead = dict(fetch(dsn, "SELECT task, errors -> 0 FROM pgqueue.dead_jobs"))
+    assert dead["wrapped.fails"]["kind"] == "error"
+    assert "boom" in dead["wrapped.fails"]["error"]
+    assert dead["wrapped.slow"]["kind"] == "timeout"
+    assert "timed out after 0.3s" in dead["wrapped.slow"]["error"]
 
 
 def test_unknown_task_and_bad_args_fail_the_attempt_and_retry(dsn):

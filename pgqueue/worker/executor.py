@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import inspect
 import threading
 import time
 import traceback
@@ -169,16 +170,41 @@ class Executor:
             await fn(**args)
             return
         if is_async:
-            try:
-                async with asyncio.timeout(timeout) as scope:
-                    await fn(**args)
-            except (TimeoutError, asyncio.CancelledError):
-                # An expiry surfaces as CancelledError instead of TimeoutError when the
-                # task's cancel count was already off (the 3.11 TaskGroup leftover above).
-                if scope.expired() and not self.released(job):
-                    raise _TimedOut(f"timed out after {timeout}s") from None
-                raise
+            await self._await(job, fn(**args), timeout)
             return
+        started = time.monotonic()
+        result = await self._call_in_thread(fn, args, timeout)
+        if inspect.isawaitable(result):
+            # A plain callable that returned an awaitable: an async function behind a
+            # plain decorator (functools.wraps), say. Awaited here, on the loop, within
+            # what is left of the timeout; dropping it would count a job that never ran
+            # as succeeded.
+            remaining = None if timeout is None else timeout - (time.monotonic() - started)
+            await self._await(job, result, remaining, timeout)
+
+    async def _await(
+        self,
+        job: Job,
+        awaitable: Any,
+        timeout: float | None,
+        budget: float | None = None,
+    ) -> None:
+        """Await a handler's awaitable, failing the attempt after ``timeout`` seconds (of
+        a whole ``budget``, for the message)."""
+        if timeout is None:
+            await awaitable
+            return
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)) as scope:
+                await awaitable
+        except (TimeoutError, asyncio.CancelledError):
+            # An expiry surfaces as CancelledError instead of TimeoutError when the
+            # task's cancel count was already off (the 3.11 TaskGroup leftover above).
+            if scope.expired() and not self.released(job):
+                raise _TimedOut(f"timed out after {budget or timeout}s") from None
+            raise
+
+    async def _call_in_thread(self, fn: Any, args: Any, timeout: float | None) -> Any:
         state = _ThreadState()
         call = functools.partial(
             self._in_thread, state, functools.partial(contextvars.copy_context().run, fn, **args)
@@ -195,7 +221,7 @@ class Executor:
             self._abandon(state)
             future.cancel()
             raise _TimedOut(f"timed out after {timeout}s (the thread runs on to its end)")
-        future.result()
+        return future.result()
 
     def _in_thread(self, state: _ThreadState, call: Callable[[], Any]) -> Any:
         try:
