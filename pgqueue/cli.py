@@ -30,8 +30,10 @@ from pgqueue.config import (
     DEFAULT_REAPER_INTERVAL,
     DEFAULT_RETENTION_SECONDS,
     DEFAULT_SHUTDOWN_TIMEOUT,
+    MAX_CONCURRENCY,
     ReaperConfig,
     WorkerConfig,
+    check_dsn,
 )
 from pgqueue.errors import MAX_DELAY_SECONDS, AppImportError, ConfigError, JobNotFound, PgQueueError
 from pgqueue.metrics import (
@@ -80,10 +82,12 @@ def log_options(fn: F) -> F:
     )(fn)
 
 
+# Job ids are bigints: a larger number is refused as a usage error, not sent.
+JOB_ID = click.IntRange(1, 2**63 - 1)
+
+
 def _require_dsn(dsn: str | None) -> str:
-    if not dsn:
-        raise ConfigError("no database: pass --dsn or set PGQUEUE_DSN")
-    return dsn
+    return check_dsn(dsn)
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> None:
@@ -157,7 +161,10 @@ def migrate(dsn: str | None) -> None:
     from pgqueue.migrate import migrate as run_migrate
 
     def body() -> int:
-        applied = run_migrate(_require_dsn(dsn))
+        applied = run_migrate(
+            _require_dsn(dsn),
+            on_warning=lambda text: click.echo(f"pgqueue: warning: {text}", err=True),
+        )
         if applied:
             for m in applied:
                 click.echo(f"applied {m.version:04d}_{m.name}")
@@ -219,7 +226,7 @@ def _undecodable(args: UndecodableArgs) -> str:
 
 
 @main.command()
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=JOB_ID)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @dsn_option
 def status(job_id: int, as_json: bool, dsn: str | None) -> None:
@@ -329,7 +336,7 @@ def metrics_options(fn: F) -> F:
 )
 @click.option(
     "--concurrency",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_CONCURRENCY),
     default=DEFAULT_CONCURRENCY,
     show_default=True,
     help="Jobs run at once per process; also the most one claim takes (hundreds suit"
@@ -594,12 +601,21 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+# An age no dead job can have; beyond about 290,000 years now() minus it leaves the
+# range of a Postgres timestamp, and the statement fails.
+MAX_AGE_SECONDS = 1000 * 365 * 86400.0
+
+
 def parse_duration(value: str) -> float:
-    """'90', '90s', '15m', '24h', '7d', '2w' -> seconds; ConfigError otherwise."""
+    """'90', '90s', '15m', '24h', '7d', '2w' -> seconds, up to 1000 years; ConfigError
+    otherwise."""
     match = _DURATION.match(value)
     if match is None:
         raise ConfigError(f"bad duration {value!r}: use a number with s, m, h, d or w")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds > MAX_AGE_SECONDS:
+        raise ConfigError(f"bad duration {value!r}: at most 1000 years")
+    return seconds
 
 
 def _cell(value: Any) -> str:
@@ -698,7 +714,7 @@ def jobs_list(
 
 
 @main.command()
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=JOB_ID)
 @dsn_option
 def cancel(job_id: int, dsn: str | None) -> None:
     """Cancel a job: a queued one is cancelled now; a running one is flagged (its handler
@@ -747,7 +763,7 @@ def dead_list(
 
 
 @dead.command("show")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=JOB_ID)
 @json_option
 @dsn_option
 def dead_show(job_id: int, as_json: bool, dsn: str | None) -> None:
@@ -798,7 +814,7 @@ def _walk_dead(
 
 
 @dead.command("retry")
-@click.argument("job_ids", type=int, nargs=-1)
+@click.argument("job_ids", type=JOB_ID, nargs=-1)
 @click.option("--all", "retry_all", is_flag=True, help="Retry every dead job (with the filters).")
 @click.option("--queue", help="With --all: only this queue.")
 @click.option("--task", help="With --all: only this task.")

@@ -5,7 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 from pgqueue.errors import MAX_DELAY_SECONDS, ConfigError
+from pgqueue.registry import MAX_QUEUE_LENGTH, check_name
 
 DEFAULT_CONCURRENCY = 10
 DEFAULT_LEASE_SECONDS = 30.0
@@ -25,12 +29,43 @@ FLUSH_TIMEOUT_SECONDS = 10.0
 CANCEL_GRACE_SECONDS = 3.0
 
 
+# Far more than one process can run at once, and within the int column
+# pgqueue.workers.concurrency.
+MAX_CONCURRENCY = 100_000
+MAX_BATCH_SIZE = 1_000_000
+
+
+def finite_number(value: object) -> bool:
+    """A finite int or float, bool excepted (an int too big for a float is not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def check_dsn(dsn: str | None) -> str:
+    """The DSN, if libpq can parse it and its ports are numbers; else ConfigError. A
+    daemon would otherwise retry a DSN that can never work, for ever."""
+    if not dsn:
+        raise ConfigError("no database: pass --dsn or set PGQUEUE_DSN")
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"bad connection string: {first}") from None
+    for port in str(params.get("port") or "").split(","):
+        if port.strip() and not (port.strip().isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"bad connection string: port {port.strip()!r} is not a port")
+    return dsn
+
+
 def _seconds(name: str, value: float, low: float, *, low_open: bool = False) -> None:
     """A duration must be a finite number within low..ten years: it reaches the database
     as an interval added to now(), where inf, nan and centuries fail every statement."""
     if (
-        not isinstance(value, int | float)
-        or not math.isfinite(value)
+        not finite_number(value)
         or not (value > low if low_open else value >= low)
         or value > MAX_DELAY_SECONDS
     ):
@@ -73,10 +108,15 @@ class WorkerConfig:
         return self.heartbeat_seconds or self.lease_seconds / 3.0
 
     def validate(self) -> WorkerConfig:
-        if not self.dsn:
-            raise ConfigError("no database: pass --dsn or set PGQUEUE_DSN")
-        if self.concurrency < 1:
-            raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
+        check_dsn(self.dsn)
+        if (
+            isinstance(self.concurrency, bool)
+            or not isinstance(self.concurrency, int)
+            or not 1 <= self.concurrency <= MAX_CONCURRENCY
+        ):
+            raise ConfigError(
+                f"concurrency must be an integer in 1..{MAX_CONCURRENCY}, got {self.concurrency!r}"
+            )
         _seconds("lease", self.lease_seconds, 1)
         if not 0 < self.heartbeat_interval < self.lease_seconds:
             raise ConfigError("heartbeat interval must be > 0 and shorter than the lease")
@@ -84,8 +124,10 @@ class WorkerConfig:
         _seconds("poll interval", self.poll_interval, 0, low_open=True)
         _seconds("reconnect backoff", self.reconnect_max_seconds, 0, low_open=True)
         for queue in self.queues:
-            if not queue.strip() or len(queue) > 128:
-                raise ConfigError(f"bad queue name {queue!r}")
+            try:
+                check_name("queue", queue, MAX_QUEUE_LENGTH)
+            except ConfigError as exc:
+                raise ConfigError(f"bad queue name {queue!r}: {exc}") from None
         return self
 
 
@@ -101,12 +143,17 @@ class ReaperConfig:
     prepared_statements: bool = True
 
     def validate(self) -> ReaperConfig:
-        if not self.dsn:
-            raise ConfigError("no database: pass --dsn or set PGQUEUE_DSN")
+        check_dsn(self.dsn)
         _seconds("interval", self.interval, 0, low_open=True)
         _seconds("retention", self.retention_seconds, 0)
-        if self.batch_size < 1:
-            raise ConfigError("batch size must be >= 1")
+        if (
+            isinstance(self.batch_size, bool)
+            or not isinstance(self.batch_size, int)
+            or not 1 <= self.batch_size <= MAX_BATCH_SIZE
+        ):
+            raise ConfigError(
+                f"batch size must be an integer in 1..{MAX_BATCH_SIZE}, got {self.batch_size!r}"
+            )
         _seconds("backoff base", self.backoff_base_seconds, 0)
         _seconds("backoff max", self.backoff_max_seconds, 0)
         _seconds("reconnect backoff", self.reconnect_max_seconds, 0, low_open=True)

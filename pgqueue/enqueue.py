@@ -8,7 +8,6 @@ sent: bad input raises ``ValidationError`` and leaves the caller's transaction i
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any, overload
 import psycopg
 
 from pgqueue import store
+from pgqueue.config import finite_number
 from pgqueue.errors import (
     MAX_DELAY_SECONDS,
     ConfigError,
@@ -69,9 +69,12 @@ def max_args_bytes() -> int:
     if not raw:
         return DEFAULT_MAX_ARGS_BYTES
     try:
-        return int(raw)
+        limit = int(raw)
     except ValueError:
-        raise ConfigError(f"PGQUEUE_MAX_ARGS_BYTES must be an integer, got {raw!r}") from None
+        limit = 0
+    if limit < 1:
+        raise ConfigError(f"PGQUEUE_MAX_ARGS_BYTES must be a positive integer, got {raw!r}")
+    return limit
 
 
 @dataclass(frozen=True, init=False)
@@ -271,6 +274,28 @@ def _priority_and_attempts(
     return priority, max_attempts
 
 
+def _utc_run_at(run_at: Any) -> datetime:
+    """``run_at`` in UTC, or ValidationError. Sent in UTC, the database never has to read
+    a UTC offset it cannot parse (seconds and microseconds in it, or more than 15:59)."""
+    try:
+        aware = isinstance(run_at, datetime) and run_at.utcoffset() is not None
+    except (TypeError, ValueError) as exc:  # a tzinfo whose utcoffset() is broken
+        raise ValidationError(f"run_at has an unusable time zone: {exc}") from None
+    if not aware:
+        raise ValidationError("run_at must be a timezone-aware datetime")
+    try:
+        in_range = EARLIEST_RUN_AT <= run_at <= LATEST_RUN_AT
+    except OverflowError:  # its UTC offset takes it past year 1 or 9999
+        in_range = False
+    if not in_range:
+        raise ValidationError(
+            f"run_at must lie between {EARLIEST_RUN_AT.date()} and"
+            f" {LATEST_RUN_AT.date()} (UTC), got {run_at!r}"
+        )
+    utc: datetime = run_at.astimezone(UTC)
+    return utc
+
+
 def _prepare(spec: JobSpec, max_bytes: int | None = None) -> dict[str, Any]:
     return _prepare_fields(
         spec.task,
@@ -322,26 +347,12 @@ def _prepare_fields(
     if run_at is not None:
         if delay is not None:
             raise ValidationError("give run_at or delay, not both")
-        if not isinstance(run_at, datetime) or run_at.tzinfo is None:
-            raise ValidationError("run_at must be a timezone-aware datetime")
-        try:
-            in_range = EARLIEST_RUN_AT <= run_at <= LATEST_RUN_AT
-        except OverflowError:  # its UTC offset takes it past year 1 or 9999
-            in_range = False
-        if not in_range:
-            raise ValidationError(
-                f"run_at must lie between {EARLIEST_RUN_AT.date()} and"
-                f" {LATEST_RUN_AT.date()} (UTC), got {run_at!r}"
-            )
+        run_at = _utc_run_at(run_at)
     if delay is None:
         delay_seconds = 0.0
     else:
         seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
-        if (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, int | float)
-            or not math.isfinite(seconds)
-        ):
+        if not finite_number(seconds):
             raise ValidationError(f"delay must be a finite number of seconds, got {delay!r}")
         if not -MAX_DELAY_SECONDS <= seconds <= MAX_DELAY_SECONDS:
             raise ValidationError(
@@ -527,6 +538,10 @@ def enqueue_many(
     without idempotency keys or delays go in by COPY; large ones are checked while they
     stream, so that Python and Postgres work at the same time.
     """
+    if isinstance(jobs, str | bytes | Mapping):
+        raise ValidationError(
+            f"enqueue_many takes a sequence of JobSpec items, got {type(jobs).__name__}"
+        )
     specs = [JobSpec(task=j) if isinstance(j, str) else j for j in jobs]
     for spec in specs:
         if not isinstance(spec, JobSpec):

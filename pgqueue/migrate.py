@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -61,11 +62,23 @@ def load_migrations() -> list[Migration]:
     return found
 
 
-def migrate(conninfo: str, **kwargs: Any) -> list[Migration]:
-    """Apply the missing migrations; returns those applied (empty when up to date)."""
+def migrate(
+    conninfo: str, *, on_warning: Callable[[str], None] | None = None, **kwargs: Any
+) -> list[Migration]:
+    """Apply the missing migrations; returns those applied (empty when up to date).
+    ``on_warning`` receives the text of each WARNING a migration raises (0005 warns when
+    it cannot create the roles)."""
     migrations = load_migrations()
     applied_now: list[Migration] = []
     with psycopg.connect(conninfo, autocommit=True, **kwargs) as conn:
+        if on_warning is not None:
+            report = on_warning
+
+            def forward(diag: psycopg.errors.Diagnostic) -> None:
+                if diag.severity_nonlocalized == "WARNING" and diag.message_primary:
+                    report(diag.message_primary)
+
+            conn.add_notice_handler(forward)
         store.lock_migrations(conn)
         try:
             store.create_migrations_table(conn)
@@ -87,8 +100,12 @@ def migrate(conninfo: str, **kwargs: Any) -> list[Migration]:
                         sql=migration.sql,
                     )
                 except psycopg.Error as exc:
+                    reason = (exc.diag.message_primary or str(exc)).strip().splitlines()
+                    done = ", ".join(f"{m.version:04d}_{m.name}" for m in applied_now)
                     raise MigrationError(
-                        f"migration {migration.version:04d}_{migration.name} failed: {exc}"
+                        f"migration {migration.version:04d}_{migration.name} failed:"
+                        f" {reason[0] if reason else type(exc).__name__}"
+                        + (f" (applied before it: {done})" if done else "")
                     ) from exc
                 applied_now.append(migration)
         finally:

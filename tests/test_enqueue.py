@@ -10,7 +10,7 @@ import inspect
 import json
 import sys
 import threading
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 
 import psycopg
 import pytest
@@ -262,6 +262,13 @@ def test_bulk_insert_sends_one_notification_per_queue(dsn):
     assert sorted(payloads) == ["q0", "q1"]
 
 
+class NoOffset(tzinfo):
+    """A time zone that knows no offset: a naive datetime in disguise."""
+
+    def utcoffset(self, dt: datetime | None) -> timedelta | None:
+        return None
+
+
 BAD_INPUTS = [
     ({"task": ""}, ValidationError),
     ({"task": "   "}, ValidationError),
@@ -293,6 +300,8 @@ BAD_INPUTS = [
     ),
     ({"task": "t", "run_at": datetime.max.replace(tzinfo=UTC)}, ValidationError),
     ({"task": "t", "idempotency_key": ""}, ValidationError),
+    ({"task": "t", "delay": 10**400}, ValidationError),  # was OverflowError
+    ({"task": "t", "run_at": datetime(2030, 1, 1, tzinfo=NoOffset())}, ValidationError),
 ]
 
 
@@ -614,6 +623,48 @@ def test_enqueue_works_on_a_connection_with_any_row_factory(dsn, row_factory):
     ids += asyncio.run(main())
     assert all(type(i) is int for i in ids)
     assert len(set(ids)) == len(ids) == 2 * BIG + 11
+
+
+@pytest.mark.parametrize("jobs", ["abc", b"ab", {"t": 1}])
+def test_enqueue_many_refuses_a_string_or_a_mapping_for_its_list(conn, jobs):
+    # "abc" used to enqueue three jobs, a, b and c.
+    with pytest.raises(ValidationError, match="sequence of JobSpec"):
+        enqueue_many(conn, jobs)
+    assert count_jobs(conn) == 0
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "x"])
+def test_a_max_args_bytes_that_allows_nothing_is_a_config_error(conn, monkeypatch, raw):
+    from pgqueue import ConfigError
+
+    monkeypatch.setenv("PGQUEUE_MAX_ARGS_BYTES", raw)
+    with pytest.raises(ConfigError, match="positive integer"):
+        enqueue(conn, "t")
+    assert count_jobs(conn) == 0
+
+
+ODD_OFFSETS = [
+    timezone(timedelta(hours=5, minutes=30, seconds=17, microseconds=5)),
+    timezone(timedelta(hours=23, minutes=59)),
+    timezone(-timedelta(hours=16, minutes=1)),
+]
+
+
+@pytest.mark.parametrize("zone", ODD_OFFSETS)
+def test_run_at_in_any_utc_offset_python_allows_is_stored_on_every_path(conn, zone):
+    # Offsets Postgres cannot parse (seconds, over 15:59) failed enqueue_many in the
+    # database, aborting the caller's transaction; run_at is now sent in UTC.
+    at = datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=zone)
+    ids = [
+        enqueue(conn, "t", run_at=at),
+        *enqueue_many(conn, [JobSpec("t", run_at=at)]),  # COPY
+        *enqueue_many(conn, [JobSpec("t", run_at=at, idempotency_key="k")]),  # INSERT
+        *enqueue_many(conn, [JobSpec("t", run_at=at)] * BIG),  # streamed COPY
+    ]
+    stored = conn.execute(
+        "SELECT DISTINCT run_at FROM pgqueue.jobs WHERE id = ANY(%s)", (ids,)
+    ).fetchall()
+    assert stored == [(at,)]
 
 
 def test_enqueue_many_schedules_by_run_at_and_delay_on_both_paths(conn):

@@ -196,3 +196,33 @@ def test_migration_0010_names_jobs_whose_run_at_no_worker_can_read(empty_dsn, mo
     with psycopg.connect(empty_dsn, autocommit=True) as c:
         c.execute("UPDATE pgqueue.jobs SET run_at = now() WHERE id = ANY (%s)", (bad,))
     assert 10 in versions(migrate(empty_dsn))
+
+
+def test_migration_warnings_reach_the_user_and_a_failure_is_one_line_naming_what_applied(
+    empty_dsn, monkeypatch
+):
+    from click.testing import CliRunner
+
+    from pgqueue.cli import main
+
+    migrate_module = sys.modules["pgqueue.migrate"]
+    extra = [
+        Migration(9001, "warns", "DO $$ BEGIN RAISE WARNING 'roles not created'; END $$;"),
+        Migration(9002, "fine", "CREATE TABLE pgqueue.t9002 (x int);"),
+        Migration(9003, "broken", "CREATE TABLE pgqueue.t9003 (x nosuchtype);"),
+    ]
+    everything = load_migrations()
+    monkeypatch.setattr(migrate_module, "load_migrations", lambda: [*everything, *extra])
+
+    result = CliRunner().invoke(main, ["migrate", "--dsn", empty_dsn])
+
+    assert result.exit_code == 1, result.output
+    # The warning used to be dropped; the failure ran to several lines (HINT, CONTEXT)
+    # and did not say that 9001 and 9002 had been applied.
+    assert "pgqueue: warning: roles not created" in result.stderr
+    (failure,) = [line for line in result.stderr.splitlines() if "failed" in line]
+    assert "9003_broken failed:" in failure and "nosuchtype" in failure
+    assert "applied before it:" in failure and "9001_warns, 9002_fine" in failure
+    assert len(result.stderr.strip().splitlines()) == 2
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        assert scalar(c, "SELECT max(version) FROM pgqueue.schema_migrations") == 9002

@@ -635,6 +635,11 @@ def test_jobs_list_applies_state_queue_task_filters_and_limit(conn, dsn):
         ("jobs", "list", "--state", "dead"),
         ("jobs", "list", "--limit", "0"),
         ("dead", "purge", "--older-than", "soon"),
+        ("dead", "purge", "--older-than", "9999999999999"),  # was a database error, exit 1
+        ("dead", "retry", "99999999999999999999"),  # bigint out of range, exit 1
+        ("dead", "show", "0"),
+        ("status", "-5"),
+        ("cancel", "9223372036854775808"),
         ("dead", "retry"),
         ("queue", "pause", " "),
     ],

@@ -985,13 +985,24 @@ def test_stop_releases_a_job_whose_handler_ignores_its_cancellation(dsn, monkeyp
         {"lease_seconds": float("inf")},
         {"shutdown_timeout": float("nan")},
         {"poll_interval": float("inf")},
+        {"lease_seconds": 10**400},  # math.isfinite raised OverflowError
+        # 3e9 passed, and every heartbeat then failed on workers.concurrency (an int).
+        {"concurrency": 3_000_000_000},
+        {"concurrency": True},
+        # A queue name the claim cannot send: every claim failed, for every queue.
+        {"queues": ("ok", "\udcff")},
+        {"queues": ("a\x00",)},
+        # DSNs that can never connect: the daemons retried them for ever.
+        {"dsn": "garbage=="},
+        {"dsn": "postgresql://h:notaport/db"},
+        {"dsn": "host=h port=99999"},
     ],
 )
 def test_worker_settings_out_of_range_are_refused(settings):
     # A lease of 3e11 s used to pass: every claim then failed to decode its lease's
     # expiry (past year 9999), and the jobs stayed running for millennia.
     with pytest.raises(ConfigError):
-        WorkerConfig(dsn="postgresql://x", **settings).validate()
+        WorkerConfig(**{"dsn": "postgresql://x", **settings}).validate()
 
 
 @pytest.mark.parametrize(
@@ -1002,13 +1013,16 @@ def test_worker_settings_out_of_range_are_refused(settings):
         {"retention_seconds": 1e13},
         {"interval": float("nan")},
         {"backoff_max_seconds": float("inf")},
+        {"interval": 10**400},
+        {"batch_size": 10**10},
+        {"dsn": "garbage=="},
     ],
 )
 def test_reaper_settings_out_of_range_are_refused(settings):
     # --retention-seconds inf used to pass, and then every pass failed at its prune step
     # and never got to forgetting dead workers.
     with pytest.raises(ConfigError):
-        ReaperConfig(dsn="postgresql://x", **settings).validate()
+        ReaperConfig(**{"dsn": "postgresql://x", **settings}).validate()
 
 
 @pytest.mark.parametrize(
@@ -1029,6 +1043,27 @@ def test_daemon_options_out_of_range_fail_with_one_line(dsn, argv):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "ten years" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["worker", "--app", "tests.apps.sample:registry"],
+        ["reaper", "--once"],
+        ["migrate"],
+        ["stats"],
+    ],
+)
+def test_a_connection_string_that_cannot_work_fails_with_one_line(argv):
+    result = subprocess.run(
+        [sys.executable, "-m", "pgqueue", *argv, "--dsn", "host=127.0.0.1 port=notaport"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad connection string" in lines[0], result.stderr
 
 
 async def _task_group_whose_child_fails_late() -> None:
