@@ -72,13 +72,29 @@ class TaskOptions:
     backoff: Backoff = field(default_factory=Backoff)
 
     def __post_init__(self) -> None:
+        # Checked as enqueue checks a job's own values, so that a bad default fails at
+        # registration, not at every enqueue of the task.
         check_name("queue", self.queue, MAX_QUEUE_LENGTH)
-        if self.max_attempts < 1:
-            raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.timeout is not None and not self.timeout > 0:
-            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
-        if not -32768 <= self.priority <= 32767:
-            raise ConfigError(f"priority must fit a smallint, got {self.priority}")
+        if not _plain_int(self.max_attempts) or not 1 <= self.max_attempts <= 2**31 - 1:
+            raise ConfigError(
+                f"max_attempts must be an integer in 1..{2**31 - 1}, got {self.max_attempts!r}"
+            )
+        if self.timeout is not None and not (
+            isinstance(self.timeout, int | float)
+            and not isinstance(self.timeout, bool)
+            and 0 < self.timeout < float("inf")
+        ):
+            raise ConfigError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
+        if not _plain_int(self.priority) or not -32768 <= self.priority <= 32767:
+            raise ConfigError(
+                f"priority must be an integer in -32768..32767, got {self.priority!r}"
+            )
+        if not isinstance(self.backoff, Backoff):
+            raise ConfigError(f"backoff must be a pgqueue.Backoff, got {self.backoff!r}")
+
+
+def _plain_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _binds_any_kwargs(signature: inspect.Signature) -> bool:

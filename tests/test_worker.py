@@ -1280,3 +1280,26 @@ def test_a_foreign_key_share_lock_on_a_running_job_does_not_stop_its_heartbeat(d
         holder.close()
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("DROP TABLE public.job_results")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_attempts": 1.5},
+        {"max_attempts": True},
+        {"max_attempts": 2**40},
+        {"max_attempts": 0},
+        {"priority": True},
+        {"priority": "5"},
+        {"priority": 40000},
+        {"timeout": "5"},
+        {"timeout": True},
+        {"timeout": float("nan")},
+        {"timeout": 0},
+        {"backoff": 5},
+    ],
+)
+def test_bad_task_options_are_refused_at_registration(options):
+    # Accepted before (or a TypeError), and then every enqueue of the task failed.
+    with pytest.raises(ConfigError):
+        Registry().task(name="t", **options)
