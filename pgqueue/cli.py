@@ -373,7 +373,10 @@ def metrics_options(fn: F) -> F:
     " there.",
 )
 @click.option(
-    "--log-args", is_flag=True, help="Log each job's args (off: they may hold personal data)."
+    "--log-args",
+    is_flag=True,
+    help="Add each job's args to the job.claimed event (a debug event: also pass --log-level"
+    " debug). Off by default: args may hold personal data.",
 )
 @prepared_option
 @click.option(

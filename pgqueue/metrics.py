@@ -45,8 +45,9 @@ JOBS_CLAIMED = Counter("pgqueue_jobs_claimed", "Jobs claimed by workers.", ["que
 JOBS_COMPLETED = Counter(
     "pgqueue_jobs_completed",
     "Attempts finished, by outcome: succeeded, retried (failed, will run again), dead"
-    " (dead-lettered), failed (failed, not retried: cancelled), snoozed, released"
-    " (returned at shutdown), lease_lost (result discarded: the lease was taken over).",
+    " (dead-lettered), failed (failed, not retried: cancelled), cancelled (snoozed or"
+    " released after a cancel: cancelled), snoozed, released (returned at shutdown),"
+    " lease_lost (result discarded: the lease was taken over).",
     ["queue", "task", "outcome"],
 )
 JOB_DURATION = Histogram(
