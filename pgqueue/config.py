@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import psycopg
@@ -56,9 +57,15 @@ def check_dsn(dsn: str | None) -> str:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"bad connection string: {first}") from None
     for port in str(params.get("port") or "").split(","):
-        if port.strip() and not (port.strip().isdigit() and 0 < int(port) < 65536):
+        # As libpq reads a port: strtol (white space and a sign around ASCII digits),
+        # then 1..65535; an empty one is the default.
+        number = _PORT.fullmatch(port)
+        if port.strip() and not (number and 0 < int(number.group(1)) < 65536):
             raise ConfigError(f"bad connection string: port {port.strip()!r} is not a port")
     return dsn
+
+
+_PORT = re.compile(r"[ \t\n\r\f\v]*\+?([0-9]+)[ \t\n\r\f\v]*", re.ASCII)
 
 
 def _seconds(name: str, value: float, low: float, *, low_open: bool = False) -> None:

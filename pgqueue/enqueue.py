@@ -234,20 +234,29 @@ def _dump_args(args: Any, limit: int) -> str:
     return text
 
 
-def _text_size_extra(value: Any) -> int:
+def _text_size_extra(args: Any) -> int:
     """How many bytes longer Postgres' text form of this JSON value (jsonb::text) is than
     its compact encoding: one space after each ':' and ',', and floats written out in
-    full. Strings are escaped alike by both; keys are unique in a dict."""
-    if isinstance(value, dict):
-        n = len(value)
-        return 2 * n - 1 + sum(_text_size_extra(v) for v in value.values()) if n else 0
-    if isinstance(value, list | tuple):
-        n = len(value)
-        return n - 1 + sum(_text_size_extra(v) for v in value) if n else 0
-    if isinstance(value, float):
-        text = float.__repr__(value)
-        return _numeric_text_length(text) - len(text)
-    return 0
+    full. Strings are escaped alike by both; keys are unique in a dict. Walked with a
+    stack of its own, not recursion, so that nesting _check_value allows cannot exhaust
+    the caller's; dicts are read through items(), as the encoder reads them."""
+    extra = 0
+    pending: list[Any] = [args]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            items = list(value.items())
+            if items:
+                extra += 2 * len(items) - 1
+                pending.extend(item for _, item in items)
+        elif isinstance(value, list | tuple):
+            if value:
+                extra += len(value) - 1
+                pending.extend(value)
+        elif isinstance(value, float):
+            text = float.__repr__(value)
+            extra += _numeric_text_length(text) - len(text)
+    return extra
 
 
 def _numeric_text_length(text: str) -> int:

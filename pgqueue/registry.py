@@ -9,6 +9,7 @@ producer that imported the tasks module uses the task's queue, priority and
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, ParamSpec, TypeVar
@@ -80,7 +81,7 @@ class TaskOptions:
                 f"max_attempts must be an integer in 1..{2**31 - 1}, got {self.max_attempts!r}"
             )
         if self.timeout is not None and not (
-            isinstance(self.timeout, int | float)
+            isinstance(self.timeout, numbers.Real)
             and not isinstance(self.timeout, bool)
             and 0 < self.timeout < float("inf")
         ):
@@ -89,8 +90,11 @@ class TaskOptions:
             raise ConfigError(
                 f"priority must be an integer in -32768..32767, got {self.priority!r}"
             )
-        if not isinstance(self.backoff, Backoff):
-            raise ConfigError(f"backoff must be a pgqueue.Backoff, got {self.backoff!r}")
+        if not callable(getattr(self.backoff, "delay", None)):
+            raise ConfigError(
+                f"backoff must be a pgqueue.Backoff (or have its delay(attempt) method),"
+                f" got {self.backoff!r}"
+            )
 
 
 def _plain_int(value: object) -> bool:

@@ -552,6 +552,41 @@ def test_python_size_of_args_is_the_databases_octet_length_of_args_text(conn):
         assert size == scalar(conn, "SELECT octet_length(%s::jsonb::text)", (text,)), value
 
 
+def test_deep_args_are_sized_without_using_up_the_callers_stack(conn):
+    # The size walk recursed two frames per level: from a caller 100 frames deep, args
+    # nested 450 levels around a float with an exponent raised RecursionError.
+    def at_depth(frames: int) -> int:
+        if frames:
+            return at_depth(frames - 1)
+        return enqueue(conn, "t", {"a": nest_around(MAX_ARGS_DEPTH - 50, 1e20)})
+
+    job_id = at_depth(100)
+    assert scalar(conn, "SELECT args IS NOT NULL FROM pgqueue.jobs WHERE id = %s", (job_id,))
+
+
+def nest_around(depth: int, leaf: object) -> object:
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_dict_whose_items_differ_from_its_values_is_sized_as_encoded(dsn, monkeypatch):
+    from pgqueue import PayloadTooLarge
+
+    class WithTotal(dict):  # type: ignore[type-arg]
+        def items(self):  # type: ignore[no-untyped-def, override]
+            return [*super().items(), ("total", 1e40)]
+
+    monkeypatch.setenv("PGQUEUE_MAX_ARGS_BYTES", "60")
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SET pgqueue.max_args_bytes = '60'")
+        with conn.transaction():
+            with pytest.raises(PayloadTooLarge, match="as the database measures them"):
+                enqueue(conn, "t", {"x": WithTotal(a=1)})
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+
+
 def test_the_json_encoder_is_built_once_and_writes_what_json_dumps_writes():
     from pgqueue import enqueue as enqueue_module
 

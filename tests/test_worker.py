@@ -1046,6 +1046,23 @@ def test_daemon_options_out_of_range_fail_with_one_line(dsn, argv):
 
 
 @pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=h port=+5432",
+        "host=h port=' 5432 '",
+        "host=h1,h2 port=5432,",
+        "postgresql://u:p%3Dq@[::1]:5432,h2/db",
+        "postgresql://%2Fvar%2Frun%2Fpostgresql/db",
+        "service=pgqueue",
+        "host=h password=a=b==c",
+    ],
+)
+def test_connection_strings_libpq_takes_are_taken(dsn):
+    WorkerConfig(dsn=dsn).validate()
+    ReaperConfig(dsn=dsn).validate()
+
+
+@pytest.mark.parametrize(
     "argv",
     [
         ["worker", "--app", "tests.apps.sample:registry"],
