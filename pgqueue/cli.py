@@ -586,7 +586,7 @@ def reaper_command(
         server = None
         if metrics_port is not None:
             registry = process_registry()
-            registry.register(QueueStatsCollector(config.dsn))
+            registry.register(QueueStatsCollector(reaper.config.dsn))
             server = MetricsServer(metrics_host, metrics_port, registry, reaper.health).start()
         try:
             reaper.run()

@@ -37,7 +37,7 @@ class ReapResult:
 
 class Reaper:
     def __init__(self, config: ReaperConfig) -> None:
-        self.config = config.validate()
+        self.config = config = config.validate()
         self._stop = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
         self.backoff = ReconnectBackoff(config.reconnect_max_seconds)

@@ -1320,3 +1320,37 @@ def test_bad_task_options_are_refused_at_registration(options):
     # Accepted before (or a TypeError), and then every enqueue of the task failed.
     with pytest.raises(ConfigError):
         Registry().task(name="t", **options)
+
+
+@pytest.mark.parametrize("own", [None, "keepalives_idle=60"])
+def test_daemon_connections_detect_a_dead_peer_unless_the_dsn_says_otherwise(dsn, own):
+    # Without keepalives a connection whose peer vanished without a reset (a network cut)
+    # is only noticed when TCP gives up, and an idle LISTEN connection never.
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    base = make_conninfo(dsn, **conninfo_to_dict(own)) if own else dsn
+    expected = {
+        "keepalives": "1",
+        "keepalives_idle": "60" if own else "10",
+        "keepalives_interval": "5",
+        "keepalives_count": "3",
+        "tcp_user_timeout": "30000",
+    }
+
+    def settings(conninfo: str) -> dict[str, str]:
+        given = conninfo_to_dict(conninfo)
+        return {k: str(given.get(k)) for k in expected}
+
+    async def main() -> list[dict[str, str]]:
+        async with running_worker(Registry(), base) as worker:
+            await asyncio.wait_for(worker.listener.connected.wait(), 10)
+            async with worker.pool.connection() as conn:
+                pooled = conn.info.dsn
+            assert worker.listener._conn is not None
+            return [settings(pooled), settings(worker.listener._conn.info.dsn)]
+
+    seen = run(main)
+    reaper = Reaper(ReaperConfig(dsn=base))
+    seen.append(settings(reaper._connection().info.dsn))
+    reaper._connection().close()
+    assert seen == [expected] * 3

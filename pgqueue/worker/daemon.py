@@ -58,7 +58,7 @@ class Worker:
         self.registry = registry
         # Run by a --processes supervisor: see _on_signal.
         self.supervised = supervised
-        self.config = config.validate()
+        self.config = config = config.validate()
         # Deduplicated: the claim scans each queue once per name it is given.
         self.queues: tuple[str, ...] = tuple(dict.fromkeys(config.queues or registry.queues()))
         self.worker_id = worker_id or make_worker_id()
