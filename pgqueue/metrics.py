@@ -38,7 +38,6 @@ from pgqueue.log import get_logger
 log = get_logger("pgqueue.metrics")
 
 DEFAULT_METRICS_HOST = "0.0.0.0"
-OUTCOMES = ("succeeded", "failed", "retried", "dead", "snoozed", "released", "lease_lost")
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 JOBS_CLAIMED = Counter("pgqueue_jobs_claimed", "Jobs claimed by workers.", ["queue", "task"])

@@ -83,6 +83,14 @@ def migrate(
         try:
             store.create_migrations_table(conn)
             applied = store.applied_migrations(conn)
+            newer = sorted(set(applied) - {m.version for m in migrations})
+            if newer and on_warning is not None:
+                # A newer pgqueue migrated this database: this one may not know its schema.
+                on_warning(
+                    f"the database has migrations this pgqueue does not know"
+                    f" ({', '.join(f'{v:04d}' for v in newer)}): it was migrated by a newer"
+                    " version; upgrade this one"
+                )
             for migration in migrations:
                 if migration.version in applied:
                     if applied[migration.version] != migration.checksum:

@@ -226,3 +226,20 @@ def test_migration_warnings_reach_the_user_and_a_failure_is_one_line_naming_what
     assert len(result.stderr.strip().splitlines()) == 2
     with psycopg.connect(empty_dsn, autocommit=True) as c:
         assert scalar(c, "SELECT max(version) FROM pgqueue.schema_migrations") == 9002
+
+
+def test_migrate_warns_when_a_newer_version_migrated_the_database(dsn):
+    from click.testing import CliRunner
+
+    from pgqueue.cli import main
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(
+            "INSERT INTO pgqueue.schema_migrations (version, name, checksum)"
+            " VALUES (9999, 'from_the_future', 'x')"
+        )
+    result = CliRunner().invoke(main, ["migrate", "--dsn", dsn])
+    # It used to say only "up to date".
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "pgqueue schema is up to date"
+    assert "(9999)" in result.stderr and "newer" in result.stderr

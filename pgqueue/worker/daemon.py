@@ -437,8 +437,8 @@ class Worker:
             label = "lease_lost"
             self._log.warning("lease.lost", outcome=outcome.kind.value, **fields)
         elif state == "cancelled":
-            # A cancel-requested job: a failed attempt is not retried ("failed"); a
-            # snooze, release or last failure ends it too ("cancelled").
+            # A cancel-requested job: a failed attempt, retried or last, is not retried
+            # ("failed"); a snooze or a release ends it too ("cancelled").
             label = (
                 "failed" if outcome.kind in (OutcomeKind.RETRIED, OutcomeKind.DEAD) else "cancelled"
             )
