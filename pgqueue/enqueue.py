@@ -42,7 +42,7 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 255
 # measure the same thing, the args as Postgres writes them as text (args::text: a space
 # after every : and , and numbers written out without exponents), so that args Python
 # lets through are not refused by the database, which would abort the caller's
-# transaction (_text_size).
+# transaction (_text_size_extra).
 DEFAULT_MAX_ARGS_BYTES = 1024 * 1024
 # The run_at a worker can read back: Python's datetimes end with the years 1 and 9999,
 # and a session's time zone may move a value by a day. Migration 0010 holds the table to
