@@ -839,6 +839,13 @@ def test_dead_retry_of_dead_jobs_sharing_an_idempotency_key_revives_all_of_them(
     first, second, third = (insert_dead(conn) for _ in range(3))
     held = insert_dead(conn)
     conn.execute(
+        "UPDATE pgqueue.dead_jobs SET args = jsonb_build_object('n', id), priority = id % 100,"
+        " max_attempts = 1 + id % 7"
+    )
+    before = dict(
+        conn.execute("SELECT id, (args, priority, max_attempts) FROM pgqueue.dead_jobs").fetchall()
+    )
+    conn.execute(
         "UPDATE pgqueue.dead_jobs SET idempotency_key = 'order-42' WHERE id = ANY (%s)",
         ([first, second, third],),
     )
@@ -856,6 +863,15 @@ def test_dead_retry_of_dead_jobs_sharing_an_idempotency_key_revives_all_of_them(
     )
     assert keys == {first: "order-42", second: None, third: None, held: None}
     assert all(job_state(conn, i) == "queued" for i in (first, second, third, held))
+    # Each comes back whole, whichever path its key took (a mutation audit found the
+    # keyed path could lose args unseen).
+    after = dict(
+        conn.execute(
+            "SELECT id, (args, priority, max_attempts) FROM pgqueue.jobs WHERE id = ANY (%s)",
+            ([first, second, third, held],),
+        ).fetchall()
+    )
+    assert after == before
 
 
 def test_dead_purge_deletes_older_ones_or_all(conn, dsn):

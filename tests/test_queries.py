@@ -1299,3 +1299,25 @@ def test_claim_and_requeue_take_a_job_whose_row_a_foreign_key_holds(conn, dsn):
         holder.rollback()
         holder.close()
         conn.execute("DROP TABLE public.job_links")
+
+
+def test_a_rescued_job_in_a_paused_queue_waits_for_its_resume(conn, dsn):
+    # Found by a mutation audit: the rescued claim could ignore pauses and no test saw it.
+    job_id = make_job(conn, queue="q", rescued=True)
+    store.pause_queue(conn, name="q")
+    args = {"queues": ["q"], "worker_id": WORKER, "lease_seconds": LEASE}
+    assert run_async(dsn, store.claim_rescued_job, **args) is None
+    store.resume_queue(conn, name="q")
+    job = run_async(dsn, store.claim_rescued_job, **args)
+    assert job is not None and job.id == job_id
+
+
+def test_the_sql_backoff_doubles_per_attempt_within_its_jitter_and_stops_at_its_cap(conn):
+    # Found by a mutation audit: a linear or uncapped backoff_delay passed every test.
+    rows = conn.execute(
+        "SELECT n, extract(epoch FROM pgqueue.backoff_delay(n, 1, 3600))"
+        " FROM generate_series(1, 14) AS n, generate_series(1, 20)"
+    ).fetchall()
+    for attempt, seconds in rows:
+        raw = min(3600.0, 2.0 ** (attempt - 1))
+        assert 0.75 * raw - 1e-6 <= float(seconds) <= 1.25 * raw + 1e-6, (attempt, seconds)

@@ -129,6 +129,11 @@ def test_expired_job_with_no_attempts_left_is_dead_lettered_as_lease_expired(con
         leased_by="dead-worker",
         errors=[{"kind": "error"}],
         rescued=True,
+        args={"order": 42, "note": "é"},
+        priority=7,
+        queue="billing",
+        task="charge",
+        idempotency_key="order-42",
     )
     live = expired_job(conn, attempts=1, max_attempts=3, rescued=True)
 
@@ -146,6 +151,14 @@ def test_expired_job_with_no_attempts_left_is_dead_lettered_as_lease_expired(con
     assert dead["errors"][1]["kind"] == "lease_expired"
     assert dead["errors"][1]["worker"] == "dead-worker"
     assert dead["errors"][1]["attempt"] == 3
+    # The job itself survives the move (a mutation audit found no test of it).
+    assert (dead["args"], dead["priority"], dead["queue"], dead["task"]) == (
+        {"order": 42, "note": "é"},
+        7,
+        "billing",
+        "charge",
+    )
+    assert (dead["idempotency_key"], dead["max_attempts"]) == ("order-42", 3)
 
 
 def test_two_concurrent_reapers_requeue_each_expired_job_exactly_once(conn, dsn):

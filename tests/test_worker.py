@@ -1354,3 +1354,77 @@ def test_daemon_connections_detect_a_dead_peer_unless_the_dsn_says_otherwise(dsn
     seen.append(settings(reaper._connection().info.dsn))
     reaper._connection().close()
     assert seen == [expected] * 3
+
+
+def test_backoff_doubles_from_its_base_stops_at_its_cap_and_jitters_within_bounds():
+    # Found by a mutation audit: a linear, uncapped or off-by-one Backoff passed every test.
+    plain = Backoff(base_seconds=1, max_seconds=100, jitter=0)
+    assert [plain.delay(n) for n in range(1, 10)] == [1, 2, 4, 8, 16, 32, 64, 100, 100]
+    assert plain.delay(0) == plain.delay(-3) == 1  # attempts below 1 count as the first
+    jittered = Backoff(base_seconds=4, max_seconds=3600, jitter=0.25)
+    assert jittered.delay(1, rand=lambda: 0.0) == 3.0
+    assert jittered.delay(1, rand=lambda: 0.5) == 4.0
+    assert 4.0 < jittered.delay(1, rand=lambda: 0.999999) < 5.0
+    assert jittered.delay(3, rand=lambda: 0.5) == 16.0
+
+
+def test_async_handlers_never_exceed_concurrency_either(dsn):
+    # The sync version of this test cannot see one slot too many: the thread pool, as
+    # large as the concurrency, hides it. Async handlers run on the loop, unbounded but
+    # for the worker's own accounting.
+    registry = Registry()
+    active = 0
+    peak = 0
+
+    @registry.task(name="busy")
+    async def busy() -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.1)
+        active -= 1
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO pgqueue.jobs (task) SELECT 'busy' FROM generate_series(1, 15)")
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, concurrency=3):
+            await wait_for_db(
+                dsn, "SELECT count(*) = 15 FROM pgqueue.jobs WHERE state = 'succeeded'"
+            )
+
+    run(main)
+    assert peak == 3
+
+
+def test_a_stopping_worker_finishes_its_job_and_claims_no_more(dsn):
+    # Found by a mutation audit: a worker that went on claiming after the stop signal
+    # passed every test but the long fault run.
+    registry = Registry()
+    started = threading.Event()
+
+    @registry.task(name="slow")
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(1.0)
+
+    @registry.task(name="next")
+    async def next_job() -> None:
+        return None
+
+    running = sql_enqueue(dsn, "slow")
+    waiting = sql_enqueue(dsn, "next", priority=1)  # after the slow one
+
+    async def main() -> None:
+        worker = Worker(registry, WorkerConfig(dsn=dsn, concurrency=1, poll_interval=0.2))
+        task = asyncio.create_task(worker.run(handle_signals=False))
+        await asyncio.wait_for(asyncio.to_thread(started.wait), 15)
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+    run(main)
+    rows = dict(
+        (r[0], r[1:]) for r in fetch(dsn, "SELECT id, state, attempts, history FROM pgqueue.jobs")
+    )
+    assert rows[running][:2] == ("succeeded", 1)
+    assert rows[waiting] == ("queued", 0, [])
