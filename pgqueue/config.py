@@ -11,7 +11,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgqueue.errors import MAX_DELAY_SECONDS, ConfigError
-from pgqueue.registry import MAX_QUEUE_LENGTH, check_name
+from pgqueue.registry import MAX_QUEUE_LENGTH, check_name, plain_int
 
 DEFAULT_CONCURRENCY = 10
 DEFAULT_LEASE_SECONDS = 30.0
@@ -89,6 +89,11 @@ def with_tcp_defaults(dsn: str) -> str:
 _PORT = re.compile(r"[ \t\n\r\f\v]*\+?([0-9]+)[ \t\n\r\f\v]*", re.ASCII)
 
 
+def _count(name: str, value: int, high: int) -> None:
+    if not plain_int(value) or not 1 <= value <= high:
+        raise ConfigError(f"{name} must be an integer in 1..{high}, got {value!r}")
+
+
 def _seconds(name: str, value: float, low: float, *, low_open: bool = False) -> None:
     """A duration must be a finite number within low..ten years: it reaches the database
     as an interval added to now(), where inf, nan and centuries fail every statement."""
@@ -138,14 +143,7 @@ class WorkerConfig:
     def validate(self) -> WorkerConfig:
         """This config if it is usable (else ConfigError), with TCP_DEFAULTS in its DSN."""
         check_dsn(self.dsn)
-        if (
-            isinstance(self.concurrency, bool)
-            or not isinstance(self.concurrency, int)
-            or not 1 <= self.concurrency <= MAX_CONCURRENCY
-        ):
-            raise ConfigError(
-                f"concurrency must be an integer in 1..{MAX_CONCURRENCY}, got {self.concurrency!r}"
-            )
+        _count("concurrency", self.concurrency, MAX_CONCURRENCY)
         _seconds("lease", self.lease_seconds, 1)
         if not 0 < self.heartbeat_interval < self.lease_seconds:
             raise ConfigError("heartbeat interval must be > 0 and shorter than the lease")
@@ -176,14 +174,7 @@ class ReaperConfig:
         check_dsn(self.dsn)
         _seconds("interval", self.interval, 0, low_open=True)
         _seconds("retention", self.retention_seconds, 0)
-        if (
-            isinstance(self.batch_size, bool)
-            or not isinstance(self.batch_size, int)
-            or not 1 <= self.batch_size <= MAX_BATCH_SIZE
-        ):
-            raise ConfigError(
-                f"batch size must be an integer in 1..{MAX_BATCH_SIZE}, got {self.batch_size!r}"
-            )
+        _count("batch size", self.batch_size, MAX_BATCH_SIZE)
         _seconds("backoff base", self.backoff_base_seconds, 0)
         _seconds("backoff max", self.backoff_max_seconds, 0)
         _seconds("reconnect backoff", self.reconnect_max_seconds, 0, low_open=True)

@@ -35,6 +35,7 @@ from pgqueue.registry import (
     TaskOptions,
     check_name,
     known_options,
+    plain_int,
 )
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
@@ -343,13 +344,11 @@ def _prepare_fields(
     except ConfigError as exc:
         raise ValidationError(str(exc)) from None
     priority, max_attempts = _priority_and_attempts(priority, max_attempts, options)
-    if type(priority) is not int and (isinstance(priority, bool) or not isinstance(priority, int)):
+    if type(priority) is not int and not plain_int(priority):
         raise ValidationError(f"priority must be an integer in -32768..32767, got {priority!r}")
     if not -32768 <= priority <= 32767:
         raise ValidationError(f"priority must be an integer in -32768..32767, got {priority!r}")
-    if type(max_attempts) is not int and (
-        isinstance(max_attempts, bool) or not isinstance(max_attempts, int)
-    ):
+    if type(max_attempts) is not int and not plain_int(max_attempts):
         raise ValidationError(f"max_attempts must be an integer, got {max_attempts!r}")
     if not 1 <= max_attempts <= 2**31 - 1:
         raise ValidationError(f"max_attempts must be >= 1, got {max_attempts}")

@@ -76,7 +76,7 @@ class TaskOptions:
         # Checked as enqueue checks a job's own values, so that a bad default fails at
         # registration, not at every enqueue of the task.
         check_name("queue", self.queue, MAX_QUEUE_LENGTH)
-        if not _plain_int(self.max_attempts) or not 1 <= self.max_attempts <= 2**31 - 1:
+        if not plain_int(self.max_attempts) or not 1 <= self.max_attempts <= 2**31 - 1:
             raise ConfigError(
                 f"max_attempts must be an integer in 1..{2**31 - 1}, got {self.max_attempts!r}"
             )
@@ -86,7 +86,7 @@ class TaskOptions:
             and 0 < self.timeout < float("inf")
         ):
             raise ConfigError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
-        if not _plain_int(self.priority) or not -32768 <= self.priority <= 32767:
+        if not plain_int(self.priority) or not -32768 <= self.priority <= 32767:
             raise ConfigError(
                 f"priority must be an integer in -32768..32767, got {self.priority!r}"
             )
@@ -97,7 +97,8 @@ class TaskOptions:
             )
 
 
-def _plain_int(value: object) -> bool:
+def plain_int(value: object) -> bool:
+    """An int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
