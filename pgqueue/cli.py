@@ -469,9 +469,17 @@ def worker_command(
                 metrics_host=metrics_host,
                 metrics_port=metrics_port,
             ).run()
+        from pgqueue.supervisor import SUPERVISED_ENV, SUPERVISOR_PID_ENV
         from pgqueue.worker import Worker
 
-        worker = Worker(registry, config, supervised=os.environ.get("PGQUEUE_SUPERVISED") == "1")
+        supervised = os.environ.get(SUPERVISED_ENV) == "1"
+        parent = os.environ.get(SUPERVISOR_PID_ENV, "")
+        worker = Worker(
+            registry,
+            config,
+            supervised=supervised,
+            parent_pid=int(parent) if supervised and parent.isdigit() else None,
+        )
         # This process exists to run the worker: what is allocated by now (modules, the
         # app, settings) lives as long as it does. Collect once, then keep it out of the
         # collector's full passes, which would walk it again and again while jobs wait.

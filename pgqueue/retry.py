@@ -19,7 +19,8 @@ DEFAULT_JITTER = 0.25
 @dataclass(frozen=True)
 class Backoff:
     """Exponential backoff: ``base * 2**(attempt-1)``, capped at ``max``, times a jitter
-    factor drawn uniformly from ``[1-jitter, 1+jitter)``."""
+    factor drawn uniformly from ``[1-jitter, 1+jitter)``: the longest delay is
+    ``max * (1 + jitter)``."""
 
     base_seconds: float = DEFAULT_BASE_SECONDS
     max_seconds: float = DEFAULT_MAX_SECONDS

@@ -33,6 +33,8 @@ log = get_logger("pgqueue.supervisor")
 
 # Set in each child's environment: the worker then treats signals as a supervised child.
 SUPERVISED_ENV = "PGQUEUE_SUPERVISED"
+# The supervisor's pid, so that a child notices when it is orphaned (and stops).
+SUPERVISOR_PID_ENV = "PGQUEUE_SUPERVISOR_PID"
 RESTART_MIN_SECONDS = 1.0
 RESTART_MAX_SECONDS = 30.0
 # A child that lived at least this long before dying is restarted without delay growth.
@@ -77,6 +79,7 @@ class Supervisor:
         env.pop("PGQUEUE_METRICS_PORT", None)
         env.pop("PGQUEUE_METRICS_HOST", None)
         env[SUPERVISED_ENV] = "1"
+        env[SUPERVISOR_PID_ENV] = str(os.getpid())
         if self.metrics_dir:
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         proc = subprocess.Popen(self.child_argv, env=env)

@@ -465,6 +465,30 @@ def test_sigterm_while_children_start_exits_zero(conn, daemons):
     assert code == 0, daemons.output(supervisor)
 
 
+def test_children_finish_their_jobs_and_stop_when_the_supervisor_is_killed(conn, daemons):
+    # SIGKILL or the OOM killer gives the supervisor no chance to pass a stop on. Its
+    # children must not run on unsupervised (a restarted supervisor would start as many
+    # again): each notices it was orphaned and stops as if it had got SIGTERM.
+    supervisor = daemons.worker(
+        "--processes", "2", "--poll-interval", "0.5", "--lease-seconds", "3",
+        "--shutdown-timeout", "10",
+    )  # fmt: skip
+    kids = wait_until(lambda: up_children(daemons, supervisor, 2))
+    job_id = enqueue(conn, "sleep", {"seconds": 2, "note": "orphan"})
+    wait_until(lambda: executions(conn, job_id, "start") == 1)
+
+    supervisor.kill()
+    supervisor.wait(timeout=10)
+
+    wait_until(lambda: all(gone(pid) for pid in kids), timeout=30)
+    assert executions(conn, job_id, "end") == 1
+    assert job_state(conn, job_id) == "succeeded"
+    # Stopped gracefully: each deregistered itself rather than wait for the reaper.
+    assert pids(conn, "SELECT pid FROM pgqueue.workers") & kids == set()
+    assert len(logged(daemons, supervisor, "worker.supervisor_gone")) == 2
+    assert len(logged(daemons, supervisor, "worker.stopped")) == 2
+
+
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [

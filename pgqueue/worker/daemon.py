@@ -38,6 +38,8 @@ from pgqueue.worker.listener import Listener
 log = get_logger("pgqueue.worker")
 # Tokens of refused outcomes the worker remembers (see Worker._refused).
 REFUSED_KEPT = 10_000
+# How often a supervised worker checks that its supervisor still lives.
+PARENT_CHECK_SECONDS = 1.0
 
 
 def make_worker_id() -> str:
@@ -54,10 +56,14 @@ class Worker:
         *,
         worker_id: str | None = None,
         supervised: bool = False,
+        parent_pid: int | None = None,
     ) -> None:
         self.registry = registry
         # Run by a --processes supervisor: see _on_signal.
         self.supervised = supervised
+        # The supervisor's pid: if it dies (SIGKILL, OOM killer) this worker is orphaned
+        # and stops gracefully rather than run on unsupervised (see _watch_parent).
+        self.parent_pid = parent_pid
         self.config = config = config.validate()
         # Deduplicated: the claim scans each queue once per name it is given.
         self.queues: tuple[str, ...] = tuple(dict.fromkeys(config.queues or registry.queues()))
@@ -203,6 +209,8 @@ class Worker:
             asyncio.create_task(self.heartbeat.run(), name="heartbeat"),
             asyncio.create_task(self.completer.run(), name="completer"),
         ]
+        if self.parent_pid is not None:
+            services.append(asyncio.create_task(self._watch_parent(), name="parent-watch"))
         fetcher = asyncio.create_task(self._fetch_loop(), name="fetcher")
         for task in (*services, fetcher):
             task.add_done_callback(self._on_component_done)
@@ -211,6 +219,18 @@ class Worker:
             await self._stopping.wait()
         finally:
             await self._shutdown(fetcher, services)
+
+    async def _watch_parent(self) -> None:
+        """Stop gracefully once the supervisor is gone. A supervisor that is killed
+        outright cannot pass on a stop signal, and its children would otherwise run on
+        unsupervised, beside the ones of a restarted supervisor. The parent's death makes
+        this process a child of init (or of a subreaper), so the parent pid changes."""
+        while not self._stopping.is_set():
+            if os.getppid() != self.parent_pid:
+                log.error("worker.supervisor_gone", supervisor_pid=self.parent_pid)
+                self.stop()
+                return
+            await asyncio.sleep(PARENT_CHECK_SECONDS)
 
     def _on_component_done(self, task: asyncio.Task[None]) -> None:
         # Every loop catches its own errors, so a component that ends while the worker
