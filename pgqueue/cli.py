@@ -966,6 +966,9 @@ def _run(command: click.Command, prog_name: str) -> None:
     except click.exceptions.Abort:
         _fail("aborted")
     except click.ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a group with no command (click 8.2+)
+            exc.show()  # its help, as click prints it
+            sys.exit(exc.exit_code)
         _fail(exc.format_message().replace("\n", " "), exc.exit_code)
 
 

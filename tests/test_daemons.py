@@ -489,6 +489,42 @@ def test_children_finish_their_jobs_and_stop_when_the_supervisor_is_killed(conn,
     assert len(logged(daemons, supervisor, "worker.stopped")) == 2
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_worker_whose_log_reader_is_gone_runs_jobs_and_stops_on_sigterm(conn, daemons, processes):
+    # stdout piped into `head`, or a journald restart: the log's reader goes away. A log
+    # line that cannot be written must not break the loops or the signal handling.
+    stderr = open(daemons.tmp / "stderr.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            str(BIN / "pgqueue-worker"), "--app", "tests.apps.sample:registry",
+            "--log-format", "json", "--processes", str(processes),
+            "--poll-interval", "0.5", "--shutdown-timeout", "5",
+        ],
+        env={**os.environ, "PGQUEUE_DSN": daemons.dsn, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        cwd=ROOT,
+        start_new_session=True,
+    )  # fmt: skip
+    daemons.procs.append(proc)
+    assert proc.stdout is not None
+    started = 0
+    while started < processes:
+        line = proc.stdout.readline()
+        assert line, "the worker exited before it started"
+        started += json.loads(line)["event"] == "worker.started"
+    kids = children(proc.pid) if processes > 1 else {proc.pid}
+    proc.stdout.close()
+
+    ids = [enqueue(conn, "record", {"note": f"p{i}"}) for i in range(5)]
+    wait_until(lambda: all_succeeded(conn, ids), timeout=30)
+    proc.send_signal(signal.SIGTERM)
+
+    assert proc.wait(timeout=30) == 0, (daemons.tmp / "stderr.log").read_text()
+    assert all(gone(pid) for pid in kids)
+    assert "Traceback" not in (daemons.tmp / "stderr.log").read_text()
+
+
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [

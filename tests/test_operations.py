@@ -770,6 +770,17 @@ def test_cancel_refuses_unknown_and_finished_jobs_with_exit_1(conn, dsn):
     assert one_line_error(died) == f"pgqueue: job {dead} is dead: nothing to cancel"
 
 
+@pytest.mark.parametrize("group", [(), ("jobs",), ("dead",), ("queue",)])
+def test_a_command_group_without_its_command_prints_its_help(group):
+    result = cli(None, *group)
+
+    # click 8.2+ shows the help on stderr with exit code 2; older versions on stdout.
+    shown = result.stdout + result.stderr
+    assert "Traceback" not in shown
+    assert shown.startswith("Usage: pgqueue"), shown
+    assert "\nCommands:\n" in shown, shown
+
+
 # --- 6. dead-letter commands ---------------------------------------------------------------
 
 
