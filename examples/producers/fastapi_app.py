@@ -5,7 +5,7 @@ opens one transaction for the order row and its confirmation job: both commit be
 the endpoint returns, or neither does. An HTTPException raised inside the transaction
 (here: not enough stock) rolls back the order and the job together.
 
-    pip install 'pgqueue[examples]'
+    pip install -e '.[examples]'   # in a pgqueue checkout
     PGQUEUE_DSN=postgresql://... uvicorn --factory examples.producers.fastapi_app:create_app
     curl -X POST localhost:8000/orders -H 'content-type: application/json' \\
          -d '{"email": "a@example.com", "sku": "book", "quantity": 1}'

@@ -196,13 +196,24 @@ SET paused_at = coalesce(q.paused_at, now()), updated_at = now()
 RETURNING q.name, q.paused_at;
 
 -- name: resume_queue
--- Resumes a queue and wakes its workers at once.
-WITH upserted AS (
-    INSERT INTO pgqueue.queues AS q (name, paused_at) VALUES (%(name)s, NULL)
-    ON CONFLICT (name) DO UPDATE SET paused_at = NULL, updated_at = now()
+-- Resumes a paused queue and wakes its workers at once. Returns no row when the queue
+-- was not paused (a name that was never paused gets no row in pgqueue.queues).
+WITH resumed AS (
+    UPDATE pgqueue.queues AS q SET paused_at = NULL, updated_at = now()
+    WHERE q.name = %(name)s AND q.paused_at IS NOT NULL
     RETURNING q.name
 )
-SELECT u.name FROM upserted AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.name)) AS n;
+SELECT r.name FROM resumed AS r, LATERAL (SELECT pg_notify('pgqueue_jobs', r.name)) AS n;
+
+-- name: queue_in_use
+-- Whether a queue has jobs waiting, running or dead, or a live worker serving it: a
+-- pause of a queue that has none of these is likely a typo. The claim index and the
+-- running set for the hot table; the dead-letter table and the workers are read whole
+-- when nothing matches (an admin command, not a hot path).
+SELECT EXISTS (SELECT 1 FROM pgqueue.jobs WHERE queue = %(name)s AND state = 'queued')
+    OR EXISTS (SELECT 1 FROM pgqueue.jobs WHERE queue = %(name)s AND state = 'running')
+    OR EXISTS (SELECT 1 FROM pgqueue.workers WHERE %(name)s = ANY (queues))
+    OR EXISTS (SELECT 1 FROM pgqueue.dead_jobs WHERE queue = %(name)s) AS in_use;
 
 -- name: schema_ready
 -- For /healthz: the database answers and the pgqueue schema is migrated.

@@ -459,11 +459,15 @@ class Worker:
         elif state == "cancelled":
             # A cancel-requested job: a failed attempt, retried or last, is not retried
             # ("failed"); a snooze or a release ends it too ("cancelled").
-            label = (
-                "failed" if outcome.kind in (OutcomeKind.RETRIED, OutcomeKind.DEAD) else "cancelled"
-            )
+            failed = outcome.kind in (OutcomeKind.RETRIED, OutcomeKind.DEAD)
+            label = "failed" if failed else "cancelled"
             self._log.warning(
-                "job.cancelled", outcome=outcome.kind.value, error=error.get("error"), **fields
+                "job.cancelled",
+                outcome=label,
+                # How the attempt ended: failed, snoozed or released (never retried).
+                attempt_end="failed" if failed else outcome.kind.value,
+                error=error.get("error"),
+                **fields,
             )
         elif outcome.kind is OutcomeKind.SUCCEEDED:
             label = "succeeded"
