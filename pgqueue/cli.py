@@ -110,9 +110,9 @@ def _guard(fn: Callable[[], int | None]) -> None:
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         _fail(f"cannot reach the database: {first}")
-    except psycopg.errors.UndefinedTable:
-        _fail("the pgqueue schema is missing: run `pgqueue migrate` first")
     except psycopg.Error as exc:
+        if log.schema_missing(exc):
+            _fail(log.SCHEMA_HINT)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         _fail(f"database error: {first}")
     else:
@@ -498,8 +498,10 @@ def worker_command(
         from pgqueue.supervisor import SUPERVISED_ENV, SUPERVISOR_PID_ENV
         from pgqueue.worker import Worker
 
-        supervised = os.environ.get(SUPERVISED_ENV) == "1"
-        parent = os.environ.get(SUPERVISOR_PID_ENV, "")
+        # Popped: a process a handler starts (a pgqueue-worker among them) is not a
+        # supervised child.
+        supervised = os.environ.pop(SUPERVISED_ENV, "") == "1"
+        parent = os.environ.pop(SUPERVISOR_PID_ENV, "")
         worker = Worker(
             registry,
             config,
@@ -962,7 +964,10 @@ def queue_pause(name: str, dsn: str | None) -> None:
         with _connect(dsn) as conn:
             queue_name = _queue_name(name)
             store.pause_queue(conn, name=queue_name)
-            in_use = store.queue_in_use(conn, name=queue_name)
+            try:
+                in_use = store.queue_in_use(conn, name=queue_name)
+            except psycopg.Error:  # the pause is committed; only the typo check failed
+                in_use = True
         click.echo(f"queue {name} paused")
         if not in_use:
             # Pausing ahead is allowed; a typo should not pass for success unnoticed.
@@ -1018,10 +1023,20 @@ def _run(command: click.Command, prog_name: str) -> None:
     except click.exceptions.Abort:
         _fail("aborted")
     except click.ClickException as exc:
-        if type(exc).__name__ == "NoArgsIsHelpError":  # a group with no command (click 8.2+)
-            exc.show()  # its help, as click prints it
-            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        if isinstance(exc, _NO_ARGS_IS_HELP) and isinstance(ctx, click.Context):
+            # A group with no command (click 8.2+ makes it an error): its help, as
+            # --help prints it (and as click 8.1 did).
+            click.echo(ctx.get_help())
+            sys.exit(0)
         _fail(exc.format_message().replace("\n", " "), exc.exit_code)
+
+
+_NO_ARGS_IS_HELP: tuple[type[Exception], ...] = tuple(
+    getattr(click.exceptions, name)
+    for name in ("NoArgsIsHelpError",)
+    if hasattr(click.exceptions, name)
+)
 
 
 def run() -> None:

@@ -7,6 +7,7 @@ carry ``job_id``, ``task``, ``queue`` and ``attempt``; never a job's arguments.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -22,11 +23,14 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    if sys.stdout is None:  # started with stdout closed (`>&-`): nowhere to log
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    tty = sys.stdout.isatty()
+    use_json = fmt == "json" or (fmt == "auto" and not tty)
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        else structlog.dev.ConsoleRenderer(colors=tty)
     )
     exceptions: Any = (
         structlog.processors.format_exc_info
@@ -48,9 +52,10 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=lambda *args: _LineWriter(sys.stdout),
         cache_logger_on_first_use=True,
     )
-    # Libraries' standard-library logging (psycopg's pool: "error connecting in ...")
-    # goes the same way, as events named by the message and carrying the logger's name,
-    # instead of plain text on stderr.
+    # The standard-library logging of the libraries pgqueue runs on (psycopg's pool:
+    # "error connecting in ..."; asyncio: "Task exception was never retrieved") goes the
+    # same way, as events named by the message and carrying the logger's name, instead of
+    # plain text on stderr. Only those loggers: the root logger stays the app's own.
     handler = _StdlibHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
@@ -66,9 +71,14 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             ],
         )
     )
-    root = logging.getLogger()
-    root.handlers = [handler]
-    root.setLevel(max(numeric, logging.WARNING))
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        library.handlers = [handler]
+        library.propagate = False
+        library.setLevel(max(numeric, logging.WARNING))
+
+
+LIBRARY_LOGGERS = ("psycopg", "asyncio")
 
 
 class _StdlibHandler(logging.Handler):
@@ -81,10 +91,24 @@ class _StdlibHandler(logging.Handler):
         _LineWriter(sys.stdout).msg(line)
 
 
-# Undefined table, schema, function or column: what a query meets in a database that was
-# never migrated, or migrated by an older pgqueue.
-_SCHEMA_SQLSTATES = frozenset({"42P01", "3F000", "42883", "42703"})
-SCHEMA_HINT = "the pgqueue schema is missing or older than this pgqueue: run `pgqueue migrate`"
+SCHEMA_HINT = "the pgqueue schema is missing or not up to date: run `pgqueue migrate`"
+
+
+def schema_missing(exc: object) -> bool:
+    """Whether a database error means pgqueue's schema, or part of it, is not there (a
+    database never migrated, or migrated by an older pgqueue). Judged on the primary
+    message alone: the full text quotes the failing query, which names pgqueue whatever
+    went wrong."""
+    diag = getattr(exc, "diag", None)
+    primary = (getattr(diag, "message_primary", None) or "") if diag is not None else ""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate == "42P01":  # relation "pgqueue.jobs" does not exist
+        return '"pgqueue.' in primary
+    if sqlstate == "3F000":  # schema "pgqueue" does not exist
+        return '"pgqueue"' in primary
+    if sqlstate == "42883":  # function pgqueue.enqueue(...) does not exist
+        return primary.startswith("function pgqueue.")
+    return False
 
 
 def _schema_hint(
@@ -92,7 +116,7 @@ def _schema_hint(
 ) -> MutableMapping[str, Any]:
     """An error logged with its exception that means "not migrated" becomes one line
     that says so (``error`` and ``hint``) instead of a traceback, repeated by every loop
-    that retries."""
+    that retries. Any other exception keeps its traceback."""
     exc_info = event.get("exc_info")
     if exc_info is True:
         exc: object = sys.exc_info()[1]
@@ -100,35 +124,49 @@ def _schema_hint(
         exc = exc_info[1]
     else:
         exc = exc_info
-    if getattr(exc, "sqlstate", None) in _SCHEMA_SQLSTATES and "pgqueue" in str(exc):
+    if schema_missing(exc):
         del event["exc_info"]
         event["error"] = str(exc).strip().splitlines()[0]
         event["hint"] = SCHEMA_HINT
     return event
 
 
+# The reader of stdout is gone for good: a closed pipe, a reset socket (journald's).
+_GONE = (BrokenPipeError, ConnectionResetError)
+
+
 class _LineWriter:
     """Writes each event as one line, in one write. A log line must never stop a daemon:
-    if stdout is closed or its reader has gone (a pipe into ``head``, a restarted
-    journald), the line is dropped instead of raising into the signal handler or loop
-    that logged it. After a broken pipe, stdout is pointed at /dev/null, so that later
-    lines and the interpreter's flush at exit (which would turn exit status 0 into 120)
-    fail no more."""
+    if stdout cannot take it (closed, full disk, its reader gone: a pipe into ``head``,
+    a restarted journald), the line is dropped instead of raising into the signal
+    handler or loop that logged it. Once the reader is gone, stdout is pointed at
+    /dev/null (said once on stderr), so that later lines and the interpreter's flush at
+    exit (which would turn exit status 0 into 120) fail no more. A line logged from a
+    signal handler while this thread is in the middle of another is dropped rather than
+    wait for a lock its own thread holds."""
 
-    _lock = threading.Lock()
+    # Re-entrant: a signal handler runs on the thread it interrupted, and must not wait
+    # for a lock that thread holds.
+    _lock = threading.RLock()
+    _writing = False
 
     def __init__(self, file: TextIO) -> None:
         self._file = file
 
     def msg(self, message: str) -> None:
         with self._lock:
+            if _LineWriter._writing:  # re-entered from a signal handler mid-line
+                return
+            _LineWriter._writing = True
             try:
                 self._file.write(message + "\n")
                 self._file.flush()
-            except BrokenPipeError:
+            except _GONE:
                 _to_devnull(self._file)
             except (OSError, ValueError):  # ValueError: the file was closed
                 pass
+            finally:
+                _LineWriter._writing = False
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
@@ -142,7 +180,9 @@ def _to_devnull(file: TextIO) -> None:
         finally:
             os.close(devnull)
     except (OSError, ValueError):  # no file descriptor (a test's capture): drop lines only
-        pass
+        return
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        print("pgqueue: stdout's reader is gone: logs go to /dev/null", file=sys.stderr)
 
 
 def get_logger(name: str) -> Any:

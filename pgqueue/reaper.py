@@ -176,5 +176,7 @@ class Reaper:
                 self._conn = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        log.info("reaper.stopping", signal=signal.Signals(signum).name)
+        # Stop first: the handler runs on the main thread wherever it was, and nothing
+        # after the stop may keep it from taking effect.
         self.stop()
+        log.info("reaper.stopping", signal=signal.Signals(signum).name)

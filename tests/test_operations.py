@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -52,6 +54,7 @@ from pgqueue import (
     migrate,
     store,
 )
+from pgqueue.log import SCHEMA_HINT, _LineWriter, schema_missing
 from tests.conftest import (
     BIN,
     EXECUTIONS_DDL,
@@ -496,6 +499,9 @@ def test_unmigrated_database_gives_503_and_a_migrate_hint_until_migrated(server_
             assert all("exception" not in f for f in failed), failed
             assert failed[0]["hint"].endswith("run `pgqueue migrate`"), failed[0]
             assert "does not exist" in failed[0]["error"], failed[0]
+        # The admin commands say the same, in one line.
+        for args in (("stats",), ("queue", "pause", "q"), ("dead", "retry", "1"), ("status", "1")):
+            assert one_line_error(cli(dsn, *args)) == f"pgqueue: {SCHEMA_HINT}", args
         migrate(dsn)
         wait_until(lambda: http_status(port, "/healthz") == 200, timeout=30)
     finally:
@@ -784,9 +790,9 @@ def test_cancel_refuses_unknown_and_finished_jobs_with_exit_1(conn, dsn):
 def test_a_command_group_without_its_command_prints_its_help(group):
     result = cli(None, *group)
 
-    # click 8.2+ shows the help on stderr with exit code 2; older versions on stdout.
-    shown = result.stdout + result.stderr
-    assert "Traceback" not in shown
+    # As --help prints it.
+    shown = ok(result)
+    assert shown == ok(cli(None, *group, "--help"))
     assert shown.startswith("Usage: pgqueue"), shown
     assert "\nCommands:\n" in shown, shown
 
@@ -949,10 +955,15 @@ def test_pausing_an_unused_queue_warns_and_resuming_an_unpaused_one_says_so(conn
     )
     assert len(typo.stderr.splitlines()) == 1
 
+    stats = {r["queue"]: r["paused"] for r in json.loads(ok(cli(dsn, "stats", "--json")))}
+    assert stats == {"busy": True, "bussy": True}  # a paused queue shows, jobs or not
     assert ok(cli(dsn, "queue", "resume", "bussy")).strip() == "queue bussy resumed"
     assert ok(cli(dsn, "queue", "resume", "bussy")).strip() == "queue bussy was not paused"
-    # A name never paused gets no row: it would linger in stats and metrics.
     assert ok(cli(dsn, "queue", "resume", "nevr")).strip() == "queue nevr was not paused"
+    # Resumed, with nothing in it, the typo is gone from stats (and so from metrics);
+    # a name never paused gets no row at all.
+    stats = {r["queue"]: r["paused"] for r in json.loads(ok(cli(dsn, "stats", "--json")))}
+    assert stats == {"busy": True}
     names = {r[0] for r in conn.execute("SELECT name FROM pgqueue.queues")}
     assert names == {"busy", "bussy"}
 
@@ -1099,6 +1110,66 @@ def test_library_log_records_are_json_lines_on_stdout_too(daemons, tmp_path):
     assert err.read_text() == ""
     assert first["level"] == "warning" and "error connecting" in first["event"], first
     json_lines(out.read_text())  # every line is JSON
+
+
+def test_a_line_logged_in_the_middle_of_another_is_dropped_not_deadlocked():
+    # What a signal handler that logs does when the signal lands while its thread
+    # writes a line: it must neither wait for that thread's lock nor split the line.
+    written: list[str] = []
+
+    class Interrupted(io.StringIO):
+        def write(self, text: str) -> int:
+            written.append(text)
+            if len(written) == 1:
+                writer.msg("from a signal handler")
+            return len(text)
+
+    writer = _LineWriter(Interrupted())
+    writer.msg("first")
+    writer.msg("second")
+
+    assert written == ["first\n", "second\n"]
+
+
+def test_the_apps_own_logging_set_up_is_left_alone():
+    # configure() routes only the libraries' loggers; an app that calls basicConfig when
+    # the worker imports it still gets its own INFO lines.
+    code = (
+        "import logging; from pgqueue import log; log.configure('info', 'json');"
+        " logging.basicConfig(level=logging.INFO, format='%(name)s %(message)s');"
+        " logging.getLogger('app').info('hello from the app')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "app hello from the app\n"
+
+
+@pytest.mark.parametrize(
+    ("sql", "missing"),
+    [
+        ("SELECT * FROM pgqueue.no_such_table", True),
+        ("SELECT pgqueue.no_such_function()", True),
+        # Errors in pgqueue's own queries that a migration would not cure keep their
+        # tracebacks: the message quotes the query, but only the primary message counts.
+        ("SELECT id FROM pgqueue.jobs WHERE id = gen_random_uuid()", False),
+        ("SELECT no_such_column FROM pgqueue.jobs", False),
+        ("SELECT pgqueue_no_such_function()", False),
+        ("SELECT * FROM pgqueue_other.jobs", False),
+        ("CREATE TABLE pgqueue_no_such_schema.t ()", False),
+    ],
+)
+def test_only_a_missing_schema_gets_the_migrate_hint(dsn, sql, missing):
+    with psycopg.connect(dsn, autocommit=True) as c, pytest.raises(psycopg.Error) as raised:
+        c.execute(sql)
+
+    assert schema_missing(raised.value) is missing, raised.value
 
 
 # --- lease-lost accounting ----------------------------------------------------------------

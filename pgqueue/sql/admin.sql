@@ -28,7 +28,7 @@ WITH RECURSIVE queued_queues AS (
     FROM queued_queues AS qq WHERE qq.queue IS NOT NULL
 ), names AS (
     SELECT queue AS name FROM queued_queues WHERE queue IS NOT NULL
-    UNION SELECT name FROM pgqueue.queues
+    UNION SELECT name FROM pgqueue.queues WHERE paused_at IS NOT NULL
     UNION SELECT queue FROM pgqueue.jobs WHERE state = 'running'
     UNION SELECT queue FROM pgqueue.dead_jobs
     UNION SELECT queue FROM pgqueue.jobs

@@ -228,6 +228,9 @@ class Worker:
         while not self._stopping.is_set():
             if os.getppid() != self.parent_pid:
                 log.error("worker.supervisor_gone", supervisor_pid=self.parent_pid)
+                # No supervisor is left to send SIGQUIT: a second SIGTERM/SIGINT now
+                # means "exit now", as for a worker run on its own.
+                self.supervised = False
                 self.stop()
                 return
             await asyncio.sleep(PARENT_CHECK_SECONDS)
