@@ -249,17 +249,27 @@ def _undecodable(args: UndecodableArgs) -> str:
 @main.command()
 @click.argument("job_id", type=JOB_ID)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--args",
+    "show_args",
+    is_flag=True,
+    help="Also show the job's args (off by default: args may hold personal data).",
+)
 @dsn_option
-def status(job_id: int, as_json: bool, dsn: str | None) -> None:
+def status(job_id: int, as_json: bool, show_args: bool, dsn: str | None) -> None:
     """Show a job's state, attempts, run_at and each attempt's error."""
 
     def body() -> int:
         with _connect(dsn) as conn:
             job = store.job_status(conn, job_id=job_id)
+            args = store.job_args(conn, job_id=job_id) if show_args and job else None
         if job is None:
             raise JobNotFound(f"no job with id {job_id}")
         if as_json:
-            click.echo(json.dumps(_jsonable(dataclasses.asdict(job)), indent=2))
+            shown = _jsonable(dataclasses.asdict(job))
+            if show_args:
+                shown["args"] = args
+            click.echo(json.dumps(shown, indent=2))
             return 0
         rows = [
             ("job", str(job.id)),
@@ -284,6 +294,8 @@ def status(job_id: int, as_json: bool, dsn: str | None) -> None:
             rows.append(("idempotency_key", job.idempotency_key))
         if job.cancel_requested_at:
             rows.append(("cancel_requested_at", job.cancel_requested_at.isoformat()))
+        if show_args:
+            rows.append(("args", json.dumps(args, ensure_ascii=False)))
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
             click.echo(f"{key:<{width}}  {value}")

@@ -562,6 +562,12 @@ async def enqueue_jobs_async(conn: AsyncConn, params: dict[str, Any]) -> list[in
 # --- admin ----------------------------------------------------------------------------------
 
 
+def job_args(conn: SyncConn, *, job_id: int) -> Any:
+    """A job's args (decoded JSON), or None if no table holds the job."""
+    rows = _fetch(conn, "job_args", {"id": job_id})
+    return json.loads(rows[0]["args"]) if rows else None
+
+
 def job_status(conn: SyncConn, *, job_id: int) -> JobStatus | None:
     rows = _fetch(conn, "job_status", {"id": job_id})
     if not rows:

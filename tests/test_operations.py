@@ -1006,6 +1006,26 @@ def test_workers_lists_live_workers_and_forgets_them_when_they_go(conn, dsn, dae
 # --- 9. execution history ---------------------------------------------------------------------
 
 
+def test_status_shows_args_only_when_asked(conn, dsn):
+    args = {"email": "ada@example.org", "big": 10**20, "name": "Zoë"}
+    job_id = enqueue(conn, "record", args)
+    dead = insert_dead(conn)
+
+    plain = json.loads(ok(cli(dsn, "status", str(job_id), "--json")))
+    assert "args" not in plain
+    assert "ada@example.org" not in ok(cli(dsn, "status", str(job_id)))
+
+    shown = json.loads(ok(cli(dsn, "status", str(job_id), "--json", "--args")))
+    assert shown["args"] == args
+    assert {k: v for k, v in shown.items() if k != "args"} == plain
+    human = ok(cli(dsn, "status", str(job_id), "--args")).splitlines()
+    [line] = [line for line in human if line.startswith("args ")]
+    assert json.loads(line.split(None, 1)[1]) == args and "Zoë" in line
+    # A dead job's args come from the dead-letter table.
+    dead_args = json.loads(ok(cli(dsn, "status", str(dead), "--json", "--args")))["args"]
+    assert dead_args == scalar(conn, "SELECT args FROM pgqueue.dead_jobs WHERE id = %s", (dead,))
+
+
 def test_status_shows_each_attempt_in_the_history(conn, dsn, daemons):
     failing = enqueue(conn, "fail", max_attempts=3)
     fine = enqueue(conn, "record", {"note": "h"})

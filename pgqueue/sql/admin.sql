@@ -10,6 +10,13 @@ SELECT id, queue, task, 'dead', attempts, max_attempts, priority, run_at,
        NULL, reason
 FROM pgqueue.dead_jobs WHERE id = %(id)s;
 
+-- name: job_args
+-- One job's args as JSON text (decoded by the caller), from either table; only for
+-- `pgqueue status --args`: args may hold personal data.
+SELECT args::text AS args FROM pgqueue.jobs WHERE id = %(id)s
+UNION ALL
+SELECT args::text FROM pgqueue.dead_jobs WHERE id = %(id)s;
+
 -- name: disable_jit
 -- For this session: the recursive CTEs of queue_stats are estimated expensive on small or
 -- never-analysed tables, which triggers JIT compilation (~0.4 s) for a ~1 ms query.
