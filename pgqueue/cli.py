@@ -137,9 +137,14 @@ def load_registry(spec: str) -> Registry:
             f"importing app module {module_name!r} failed: {type(exc).__name__}: {exc}"
             f"{_raised_at(exc)}"
         ) from exc
-    if not hasattr(module, attr):
-        raise AppImportError(f"{spec!r}: module {module_name!r} has no attribute {attr!r}")
-    registry = getattr(module, attr)
+    try:
+        registry = getattr(module, attr)
+    except AttributeError as exc:
+        raise AppImportError(f"{spec!r}: module {module_name!r} has no attribute {attr!r}") from exc
+    except Exception as exc:  # a module-level __getattr__ that fails
+        raise AppImportError(
+            f"reading {spec!r} failed: {type(exc).__name__}: {exc}{_raised_at(exc)}"
+        ) from exc
     if not isinstance(registry, Registry):
         raise AppImportError(
             f"{spec!r} is of type {type(registry).__name__}, not a pgqueue.Registry"
