@@ -273,7 +273,7 @@ def status(job_id: int, as_json: bool, show_args: bool, dsn: str | None) -> None
         if as_json:
             shown = _jsonable(dataclasses.asdict(job))
             if show_args:
-                shown["args"] = args
+                shown["args"] = _jsonable(args)
             click.echo(json.dumps(shown, indent=2))
             return 0
         rows = [
@@ -300,7 +300,14 @@ def status(job_id: int, as_json: bool, show_args: bool, dsn: str | None) -> None
         if job.cancel_requested_at:
             rows.append(("cancel_requested_at", job.cancel_requested_at.isoformat()))
         if show_args:
-            rows.append(("args", json.dumps(args, ensure_ascii=False)))
+            rows.append(
+                (
+                    "args",
+                    _undecodable(args)
+                    if isinstance(args, UndecodableArgs)
+                    else json.dumps(args, ensure_ascii=False),
+                )
+            )
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
             click.echo(f"{key:<{width}}  {value}")
@@ -981,11 +988,11 @@ def queue_pause(name: str, dsn: str | None) -> None:
         with _connect(dsn) as conn:
             queue_name = _queue_name(name)
             store.pause_queue(conn, name=queue_name)
+            click.echo(f"queue {name} paused")
             try:
                 in_use = store.queue_in_use(conn, name=queue_name)
             except psycopg.Error:  # the pause is committed; only the typo check failed
                 in_use = True
-        click.echo(f"queue {name} paused")
         if not in_use:
             # Pausing ahead is allowed; a typo should not pass for success unnoticed.
             click.echo(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import MutableMapping
@@ -94,21 +95,25 @@ class _StdlibHandler(logging.Handler):
 SCHEMA_HINT = "the pgqueue schema is missing or not up to date: run `pgqueue migrate`"
 
 
+# What names a pgqueue object in a primary message, in any of the server's languages
+# (quotes differ: "pgqueue.jobs", »pgqueue.jobs«, «pgqueue.jobs»), by error code.
+_SCHEMA_OBJECTS = {
+    "42P01": re.compile(r"(?<![\w$])pgqueue\.\w"),  # relation "pgqueue.jobs" does not exist
+    "3F000": re.compile(r"(?<![\w$])pgqueue(?![\w$.])"),  # schema "pgqueue" does not exist
+    # function pgqueue.enqueue(text) does not exist; not "operator does not exist".
+    "42883": re.compile(r"(?<![\w$])pgqueue\.\w+\("),
+}
+
+
 def schema_missing(exc: object) -> bool:
-    """Whether a database error means pgqueue's schema, or part of it, is not there (a
-    database never migrated, or migrated by an older pgqueue). Judged on the primary
-    message alone: the full text quotes the failing query, which names pgqueue whatever
-    went wrong."""
+    """Whether a database error means pgqueue's schema, or a table or function of it, is
+    not there (a database never migrated, or migrated by an older pgqueue). Judged on
+    the primary message alone: the full text quotes the failing query, which names
+    pgqueue whatever went wrong."""
     diag = getattr(exc, "diag", None)
     primary = (getattr(diag, "message_primary", None) or "") if diag is not None else ""
-    sqlstate = getattr(exc, "sqlstate", None)
-    if sqlstate == "42P01":  # relation "pgqueue.jobs" does not exist
-        return '"pgqueue.' in primary
-    if sqlstate == "3F000":  # schema "pgqueue" does not exist
-        return '"pgqueue"' in primary
-    if sqlstate == "42883":  # function pgqueue.enqueue(...) does not exist
-        return primary.startswith("function pgqueue.")
-    return False
+    pattern = _SCHEMA_OBJECTS.get(getattr(exc, "sqlstate", None) or "")
+    return bool(pattern and pattern.search(primary))
 
 
 def _schema_hint(
@@ -157,13 +162,15 @@ class _LineWriter:
         with self._lock:
             if _LineWriter._writing:  # re-entered from a signal handler mid-line
                 return
-            _LineWriter._writing = True
             try:
+                _LineWriter._writing = True
                 self._file.write(message + "\n")
                 self._file.flush()
             except _GONE:
                 _to_devnull(self._file)
-            except (OSError, ValueError):  # ValueError: the file was closed
+            except Exception:
+                # A closed file (ValueError), a full disk, or a re-entrant call into the
+                # buffered writer (RuntimeError): the line is dropped.
                 pass
             finally:
                 _LineWriter._writing = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
@@ -35,10 +36,18 @@ class ReapResult:
     cancelled: list[int] = field(default_factory=list)
 
 
+# How soon the loop notices a stop signal while it waits between passes.
+SIGNAL_CHECK_SECONDS = 0.1
+
+
 class Reaper:
     def __init__(self, config: ReaperConfig) -> None:
         self.config = config = config.validate()
         self._stop = threading.Event()
+        # Set by the signal handler, which must not touch the Event: its lock may be held
+        # by the very thread the signal interrupted (inside Event.wait), and waiting for
+        # it would hang the reaper. The loop waits in short slices and checks this too.
+        self._signal: int | None = None
         self._conn: psycopg.Connection[Any] | None = None
         self.backoff = ReconnectBackoff(config.reconnect_max_seconds)
         self._looping = False
@@ -55,6 +64,17 @@ class Reaper:
         """Finish the current statement and exit the loop; idempotent."""
         self._stop.set()
 
+    def _stopping(self) -> bool:
+        return self._signal is not None or self._stop.is_set()
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stopping():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._stop.wait(min(remaining, SIGNAL_CHECK_SECONDS))
+
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = psycopg.connect(
@@ -68,7 +88,7 @@ class Reaper:
     def _batches(self, fetch: Callable[[], list[Any]]) -> Iterator[list[Any]]:
         """Run ``fetch`` batch after batch until a short batch (or stop): a huge backlog
         never becomes one giant transaction."""
-        while not self._stop.is_set():
+        while not self._stopping():
             rows = fetch()
             yield rows
             if len(rows) < self.config.batch_size:
@@ -148,7 +168,7 @@ class Reaper:
             signal.signal(signal.SIGINT, self._on_signal)
         log.info("reaper.started", interval=self.config.interval)
         self._looping = True
-        while not self._stop.is_set():
+        while not self._stopping():
             try:
                 self.run_once()
                 if self.backoff.failures:
@@ -163,7 +183,9 @@ class Reaper:
                 # The database refused a statement (say, the schema is not migrated yet).
                 wait = self.backoff.next_delay()
                 log.exception("reaper.failed", retry_in=round(wait, 2))
-            self._stop.wait(wait)
+            self._sleep(wait)
+        if self._signal is not None:
+            log.info("reaper.stopping", signal=signal.Signals(self._signal).name)
         self._looping = False
         self._close()
         log.info("reaper.stopped")
@@ -176,7 +198,7 @@ class Reaper:
                 self._conn = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        # Stop first: the handler runs on the main thread wherever it was, and nothing
-        # after the stop may keep it from taking effect.
-        self.stop()
-        log.info("reaper.stopping", signal=signal.Signals(signum).name)
+        # Only a plain assignment: the handler runs on the main thread wherever it was
+        # (see _signal); the loop logs the stop.
+        if self._signal is None:
+            self._signal = signum

@@ -563,9 +563,10 @@ async def enqueue_jobs_async(conn: AsyncConn, params: dict[str, Any]) -> list[in
 
 
 def job_args(conn: SyncConn, *, job_id: int) -> Any:
-    """A job's args (decoded JSON), or None if no table holds the job."""
+    """A job's args (decoded JSON; UndecodableArgs where Python cannot), or None if no
+    table holds the job."""
     rows = _fetch(conn, "job_args", {"id": job_id})
-    return json.loads(rows[0]["args"]) if rows else None
+    return _lenient_json_loads(rows[0]["args"]) if rows else None
 
 
 def job_status(conn: SyncConn, *, job_id: int) -> JobStatus | None:

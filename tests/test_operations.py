@@ -1026,6 +1026,20 @@ def test_status_shows_args_only_when_asked(conn, dsn):
     assert dead_args == scalar(conn, "SELECT args FROM pgqueue.dead_jobs WHERE id = %s", (dead,))
 
 
+def test_status_args_that_python_cannot_decode_are_named_not_a_traceback(conn, dsn):
+    # Postgres accepts a number Python's json refuses (over 4300 digits).
+    job_id = scalar(
+        conn,
+        "INSERT INTO pgqueue.jobs (task, args) VALUES ('record', %s::jsonb) RETURNING id",
+        ('{"n": ' + "9" * 5000 + "}",),
+    )
+
+    shown = json.loads(ok(cli(dsn, "status", str(job_id), "--json", "--args")))
+    assert shown["args"].startswith("<args Python cannot decode: ValueError"), shown["args"]
+    human = ok(cli(dsn, "status", str(job_id), "--args"))
+    assert "<args Python cannot decode: ValueError" in human
+
+
 def test_status_shows_each_attempt_in_the_history(conn, dsn, daemons):
     failing = enqueue(conn, "fail", max_attempts=3)
     fine = enqueue(conn, "record", {"note": "h"})
@@ -1151,6 +1165,26 @@ def test_a_line_logged_in_the_middle_of_another_is_dropped_not_deadlocked():
     assert written == ["first\n", "second\n"]
 
 
+def test_lines_logged_from_many_threads_arrive_whole():
+    out = io.StringIO()
+    writer = _LineWriter(out)
+
+    def log_lines(n: int) -> None:
+        for i in range(500):
+            writer.msg(f"thread {n} line {i} " + "x" * 200)
+
+    threads = [threading.Thread(target=log_lines, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 8 * 500
+    assert all(line.endswith(" " + "x" * 200) for line in lines)
+    assert {line.split(" line ")[0] for line in lines} == {f"thread {n}" for n in range(8)}
+
+
 def test_the_apps_own_logging_set_up_is_left_alone():
     # configure() routes only the libraries' loggers; an app that calls basicConfig when
     # the worker imports it still gets its own INFO lines.
@@ -1190,6 +1224,36 @@ def test_only_a_missing_schema_gets_the_migrate_hint(dsn, sql, missing):
         c.execute(sql)
 
     assert schema_missing(raised.value) is missing, raised.value
+
+
+class _Diag:
+    def __init__(self, primary: str) -> None:
+        self.message_primary = primary
+
+
+class _ServerError(Exception):
+    def __init__(self, sqlstate: str, primary: str) -> None:
+        super().__init__(primary)
+        self.sqlstate = sqlstate
+        self.diag = _Diag(primary)
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "primary", "missing"),
+    [
+        ("3F000", 'schema "pgqueue" does not exist', True),
+        ("3F000", 'schema "pgqueue_other" does not exist', False),
+        # A server whose lc_messages is not English words and quotes its messages
+        # differently; only the object's name can be relied on.
+        ("42P01", "Relation »pgqueue.jobs« existiert nicht", True),
+        ("3F000", "Schema »pgqueue« existiert nicht", True),
+        ("42883", "Funktion pgqueue.enqueue(text) existiert nicht", True),
+        ("42883", "Operator existiert nicht: pgqueue.job_state = uuid", False),
+        ("42P01", "Relation »mypgqueue.jobs« existiert nicht", False),
+    ],
+)
+def test_the_migrate_hint_does_not_depend_on_the_servers_language(sqlstate, primary, missing):
+    assert schema_missing(_ServerError(sqlstate, primary)) is missing
 
 
 # --- lease-lost accounting ----------------------------------------------------------------
