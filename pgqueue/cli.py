@@ -61,7 +61,7 @@ def dsn_option(fn: F) -> F:
         envvar="PGQUEUE_DSN",
         show_envvar=True,
         metavar="DSN",
-        help="Postgres connection string (or set PGQUEUE_DSN).",
+        help="Postgres connection string.",
     )(fn)
 
 
@@ -725,6 +725,16 @@ def json_option(fn: F) -> F:
     )
 
 
+def limit_option(fn: F) -> F:
+    return click.option(
+        "--limit",
+        type=click.IntRange(1, 10_000),
+        default=50,
+        show_default=True,
+        help="At most this many, newest first.",
+    )(fn)
+
+
 def _connect(dsn: str | None) -> psycopg.Connection[Any]:
     return psycopg.connect(_require_dsn(dsn), autocommit=True, connect_timeout=10)
 
@@ -758,13 +768,7 @@ def jobs() -> None:
 )
 @click.option("--queue", help="Only this queue.")
 @click.option("--task", help="Only this task.")
-@click.option(
-    "--limit",
-    type=click.IntRange(1, 10_000),
-    default=50,
-    show_default=True,
-    help="At most this many, newest first.",
-)
+@limit_option
 @json_option
 @dsn_option
 def jobs_list(
@@ -818,13 +822,7 @@ def dead() -> None:
 @dead.command("list")
 @click.option("--queue", help="Only this queue.")
 @click.option("--task", help="Only this task.")
-@click.option(
-    "--limit",
-    type=click.IntRange(1, 10_000),
-    default=50,
-    show_default=True,
-    help="At most this many, newest first.",
-)
+@limit_option
 @json_option
 @dsn_option
 def dead_list(
