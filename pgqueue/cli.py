@@ -266,14 +266,16 @@ def status(job_id: int, as_json: bool, show_args: bool, dsn: str | None) -> None
 
     def body() -> int:
         with _connect(dsn) as conn:
-            job = store.job_status(conn, job_id=job_id)
-            args = store.job_args(conn, job_id=job_id) if show_args and job else None
+            job = store.job_status(conn, job_id=job_id, with_args=show_args)
         if job is None:
             raise JobNotFound(f"no job with id {job_id}")
         if as_json:
-            shown = _jsonable(dataclasses.asdict(job))
+            # args outside asdict, which would rebuild UndecodableArgs (a dict) badly.
+            shown = _jsonable(dataclasses.asdict(dataclasses.replace(job, args=None)))
             if show_args:
-                shown["args"] = _jsonable(args)
+                shown["args"] = _jsonable(job.args)
+            else:
+                del shown["args"]
             click.echo(json.dumps(shown, indent=2))
             return 0
         rows = [
@@ -300,6 +302,7 @@ def status(job_id: int, as_json: bool, show_args: bool, dsn: str | None) -> None
         if job.cancel_requested_at:
             rows.append(("cancel_requested_at", job.cancel_requested_at.isoformat()))
         if show_args:
+            args = job.args
             rows.append(
                 (
                     "args",
@@ -1054,11 +1057,9 @@ def _run(command: click.Command, prog_name: str) -> None:
         _fail(exc.format_message().replace("\n", " "), exc.exit_code)
 
 
-_NO_ARGS_IS_HELP: tuple[type[Exception], ...] = tuple(
-    getattr(click.exceptions, name)
-    for name in ("NoArgsIsHelpError",)
-    if hasattr(click.exceptions, name)
-)
+# click 8.2+'s error for a group called without its command; click 8.1 has none (and an
+# empty tuple matches no exception).
+_NO_ARGS_IS_HELP: type[Exception] | tuple[()] = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def run() -> None:

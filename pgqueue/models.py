@@ -118,3 +118,5 @@ class JobStatus:
     history: list[dict[str, Any]]
     cancel_requested_at: datetime | None = None
     dead_reason: str | None = None
+    # Only when asked for (`pgqueue status --args`): args may hold personal data.
+    args: Any = None

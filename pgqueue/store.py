@@ -562,15 +562,10 @@ async def enqueue_jobs_async(conn: AsyncConn, params: dict[str, Any]) -> list[in
 # --- admin ----------------------------------------------------------------------------------
 
 
-def job_args(conn: SyncConn, *, job_id: int) -> Any:
-    """A job's args (decoded JSON; UndecodableArgs where Python cannot), or None if no
-    table holds the job."""
-    rows = _fetch(conn, "job_args", {"id": job_id})
-    return _lenient_json_loads(rows[0]["args"]) if rows else None
-
-
-def job_status(conn: SyncConn, *, job_id: int) -> JobStatus | None:
-    rows = _fetch(conn, "job_status", {"id": job_id})
+def job_status(conn: SyncConn, *, job_id: int, with_args: bool = False) -> JobStatus | None:
+    """One job from either table; with its args (decoded JSON, UndecodableArgs where
+    Python cannot) only if ``with_args``."""
+    rows = _fetch(conn, "job_status", {"id": job_id, "with_args": with_args})
     if not rows:
         return None
     r = rows[0]
@@ -593,6 +588,7 @@ def job_status(conn: SyncConn, *, job_id: int) -> JobStatus | None:
         history=list(r["history"] or []),
         cancel_requested_at=r["cancel_requested_at"],
         dead_reason=r["dead_reason"],
+        args=_lenient_json_loads(r["args"]) if with_args else None,
     )
 
 

@@ -444,18 +444,27 @@ def test_processes_supervisor_replaces_dead_child_and_forwards_sigterm(conn, dae
     assert logged(daemons, supervisor, "supervisor.child_died")
 
 
-def test_sigterm_to_supervisor_process_group_shuts_down_gracefully(conn, daemons):
-    # systemd (KillMode=control-group) and Ctrl-C in a terminal signal the whole group:
-    # every process gets its own copy. This is the interleaving in which the children
-    # handle theirs before the supervisor handles its copy (os.killpg leaves the order
-    # to the scheduler; sending the copies one by one makes it deterministic).
+def supervisor_running_a_job(
+    conn: psycopg.Connection[Any], daemons: Daemons, note: str
+) -> tuple[subprocess.Popen[bytes], set[int], int]:
+    """A supervisor with two children up, one of them running a 2 s job: the supervisor,
+    its children's pids and the job's id."""
     supervisor = daemons.worker(
         "--processes", "2", "--poll-interval", "0.5", "--lease-seconds", "3",
         "--shutdown-timeout", "10",
     )  # fmt: skip
     kids = wait_until(lambda: up_children(daemons, supervisor, 2))
-    job_id = enqueue(conn, "sleep", {"seconds": 2, "note": "pg"})
+    job_id = enqueue(conn, "sleep", {"seconds": 2, "note": note})
     wait_until(lambda: executions(conn, job_id, "start") == 1)
+    return supervisor, kids, job_id
+
+
+def test_sigterm_to_supervisor_process_group_shuts_down_gracefully(conn, daemons):
+    # systemd (KillMode=control-group) and Ctrl-C in a terminal signal the whole group:
+    # every process gets its own copy. This is the interleaving in which the children
+    # handle theirs before the supervisor handles its copy (os.killpg leaves the order
+    # to the scheduler; sending the copies one by one makes it deterministic).
+    supervisor, kids, job_id = supervisor_running_a_job(conn, daemons, "pg")
 
     for kid in kids:
         os.kill(kid, signal.SIGTERM)
@@ -484,13 +493,7 @@ def test_children_finish_their_jobs_and_stop_when_the_supervisor_is_killed(conn,
     # SIGKILL or the OOM killer gives the supervisor no chance to pass a stop on. Its
     # children must not run on unsupervised (a restarted supervisor would start as many
     # again): each notices it was orphaned and stops as if it had got SIGTERM.
-    supervisor = daemons.worker(
-        "--processes", "2", "--poll-interval", "0.5", "--lease-seconds", "3",
-        "--shutdown-timeout", "10",
-    )  # fmt: skip
-    kids = wait_until(lambda: up_children(daemons, supervisor, 2))
-    job_id = enqueue(conn, "sleep", {"seconds": 2, "note": "orphan"})
-    wait_until(lambda: executions(conn, job_id, "start") == 1)
+    supervisor, kids, job_id = supervisor_running_a_job(conn, daemons, "orphan")
 
     supervisor.kill()
     supervisor.wait(timeout=10)

@@ -1,21 +1,16 @@
 -- name: job_status
--- One job by id, from the jobs table or, if it died, from the dead-letter table.
+-- One job by id, from the jobs table or, if it died, from the dead-letter table. Its args
+-- (as JSON text, decoded by the caller) only when asked: they may hold personal data.
 SELECT id, queue, task, state::text AS state, attempts, max_attempts, priority, run_at,
        created_at, attempted_at, finished_at, lease_expires_at, leased_by, idempotency_key,
-       errors, history, cancel_requested_at, NULL::text AS dead_reason
+       errors, history, cancel_requested_at, NULL::text AS dead_reason,
+       CASE WHEN %(with_args)s::boolean THEN args::text END AS args
 FROM pgqueue.jobs WHERE id = %(id)s
 UNION ALL
 SELECT id, queue, task, 'dead', attempts, max_attempts, priority, run_at,
        created_at, attempted_at, died_at, NULL, NULL, idempotency_key, errors, history,
-       NULL, reason
+       NULL, reason, CASE WHEN %(with_args)s::boolean THEN args::text END
 FROM pgqueue.dead_jobs WHERE id = %(id)s;
-
--- name: job_args
--- One job's args as JSON text (decoded by the caller), from either table; only for
--- `pgqueue status --args`: args may hold personal data.
-SELECT args::text AS args FROM pgqueue.jobs WHERE id = %(id)s
-UNION ALL
-SELECT args::text FROM pgqueue.dead_jobs WHERE id = %(id)s;
 
 -- name: disable_jit
 -- For this session: the recursive CTEs of queue_stats are estimated expensive on small or
