@@ -38,8 +38,9 @@ class JobState(enum.StrEnum):
 
 class UndecodableArgs(dict[str, Any]):
     """Stands in for a job's args that Python cannot decode (a JSON number of thousands of
-    digits, nesting deeper than the recursion limit: both possible from SQL). The job
-    fails permanently with ``error`` instead of breaking the claim of its whole batch."""
+    digits or beyond a float's range, nesting deeper than the recursion limit: all
+    possible from SQL). The job fails permanently with ``error`` instead of breaking the
+    claim of its whole batch."""
 
     def __init__(self, error: str) -> None:
         super().__init__()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import datetime
@@ -31,11 +32,26 @@ AsyncConn = psycopg.AsyncConnection[Any]
 SyncConn = psycopg.Connection[Any]
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number with a fraction as a float, refusing one too large for a float.
+    Postgres writes jsonb numbers without an exponent, so only a literal of over 300
+    digits can overflow: json.loads alone would make it inf, which no handler expects and
+    which json.dumps writes as `Infinity` (not JSON)."""
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"a number of {len(text)} characters is out of a float's range")
+    return value
+
+
+# One decoder: json.loads with any keyword builds a new one per call (every claimed job).
+_DECODER = json.JSONDecoder(parse_float=_finite_float)
+
+
 def _lenient_json_loads(data: str | Buffer) -> Any:
     """JSON text, or its bytes as UTF-8 (what json.loads settles on for them too, after
     guessing among UTF-8, 16 and 32 every time); UndecodableArgs where Python cannot."""
     try:
-        return json.loads(data if isinstance(data, str) else str(data, "utf-8"))
+        return _DECODER.decode(data if isinstance(data, str) else str(data, "utf-8"))
     except (ValueError, RecursionError) as exc:
         return UndecodableArgs(f"{type(exc).__name__}: {str(exc)[:200]}")
 

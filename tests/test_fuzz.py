@@ -602,6 +602,9 @@ UNDECODABLE = {
     # 14 bytes of valid JSON; jsonb keeps all 5001 digits; Python's json.loads (psycopg's
     # jsonb loader) refuses ints over 4300 digits with ValueError.
     "number_over_4300_digits": '{"n": 1e5000}',
+    # A fraction beyond a float's range (Postgres writes it out without an exponent):
+    # json.loads alone makes it inf, which json.dumps writes as Infinity, not JSON.
+    "fraction_beyond_a_float": '{"n": ' + "9" * 400 + ".5}",
     # Valid JSON Postgres stores; json.loads raises RecursionError.
     "nesting_5000_deep": '{"a": ' + "[" * 5000 + "]" * 5000 + "}",
 }

@@ -1026,12 +1026,17 @@ def test_status_shows_args_only_when_asked(conn, dsn):
     assert dead_args == scalar(conn, "SELECT args FROM pgqueue.dead_jobs WHERE id = %s", (dead,))
 
 
-def test_status_args_that_python_cannot_decode_are_named_not_a_traceback(conn, dsn):
-    # Postgres accepts a number Python's json refuses (over 4300 digits).
+# Postgres accepts numbers Python's json refuses (an int over 4300 digits), or makes inf
+# of (a fraction beyond a float), which json.dumps would print as Infinity (not JSON).
+NUMBERS_PYTHON_CANNOT_DECODE = ["9" * 5000, "9" * 400 + ".5", "-" + "9" * 400 + ".5"]
+
+
+@pytest.mark.parametrize("number", NUMBERS_PYTHON_CANNOT_DECODE, ids=["int", "float", "-float"])
+def test_status_args_that_python_cannot_decode_are_named_not_a_traceback(conn, dsn, number):
     job_id = scalar(
         conn,
         "INSERT INTO pgqueue.jobs (task, args) VALUES ('record', %s::jsonb) RETURNING id",
-        ('{"n": ' + "9" * 5000 + "}",),
+        ('{"n": ' + number + "}",),
     )
 
     shown = json.loads(ok(cli(dsn, "status", str(job_id), "--json", "--args")))
@@ -2049,13 +2054,13 @@ def test_dead_retry_all_and_purge_walk_the_ids_there_when_they_start_once(conn, 
     assert ok(cli(dsn, "dead", "purge")).strip() == "purged 1 dead job(s)"
 
 
-def test_dead_show_of_args_python_cannot_decode_says_so_in_one_piece(conn, dsn):
+@pytest.mark.parametrize("number", NUMBERS_PYTHON_CANNOT_DECODE, ids=["int", "float", "-float"])
+def test_dead_show_of_args_python_cannot_decode_says_so_in_one_piece(conn, dsn, number):
     # Dead-lettered as bad_args by the worker; `dead show` used to end in a traceback.
     job_id = insert_dead(conn)
     conn.execute(
-        "UPDATE pgqueue.dead_jobs SET args = ('{\"n\": ' || repeat('9', 5000) || '}')::jsonb"
-        " WHERE id = %s",
-        (job_id,),
+        "UPDATE pgqueue.dead_jobs SET args = %s::jsonb WHERE id = %s",
+        ('{"n": ' + number + "}", job_id),
     )
 
     shown = ok(cli(dsn, "dead", "show", str(job_id)))
