@@ -100,6 +100,7 @@ SCHEMA_HINT = "the pgqueue schema is missing or not up to date: run `pgqueue mig
 _SCHEMA_OBJECTS = {
     "42P01": re.compile(r"(?<![\w$])pgqueue\.\w"),  # relation "pgqueue.jobs" does not exist
     "3F000": re.compile(r"(?<![\w$])pgqueue(?![\w$.])"),  # schema "pgqueue" does not exist
+    "42704": re.compile(r"(?<![\w$])pgqueue\.\w"),  # type "pgqueue.job_state" does not exist
     # function pgqueue.enqueue(text) does not exist; not "operator does not exist".
     "42883": re.compile(r"(?<![\w$])pgqueue\.\w+\("),
 }

@@ -1215,6 +1215,7 @@ def test_the_apps_own_logging_set_up_is_left_alone():
     [
         ("SELECT * FROM pgqueue.no_such_table", True),
         ("SELECT pgqueue.no_such_function()", True),
+        ("SELECT 'queued'::pgqueue.no_such_type", True),
         # Errors in pgqueue's own queries that a migration would not cure keep their
         # tracebacks: the message quotes the query, but only the primary message counts.
         ("SELECT id FROM pgqueue.jobs WHERE id = gen_random_uuid()", False),
@@ -1255,6 +1256,8 @@ class _ServerError(Exception):
         ("42883", "Funktion pgqueue.enqueue(text) existiert nicht", True),
         ("42883", "Operator existiert nicht: pgqueue.job_state = uuid", False),
         ("42P01", "Relation »mypgqueue.jobs« existiert nicht", False),
+        ("42704", "Typ »pgqueue.job_state« existiert nicht", True),
+        ("42704", "Typ »pgqueue_job_state« existiert nicht", False),
     ],
 )
 def test_the_migrate_hint_does_not_depend_on_the_servers_language(sqlstate, primary, missing):
