@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from pgqueue import __version__, store
 from pgqueue.errors import ConfigError
 from pgqueue.log import get_logger
+from pgqueue.migrate import schema_drift
 
 log = get_logger("pgqueue.metrics")
 
@@ -168,11 +169,20 @@ def database_health(dsn: str) -> Health:
         try:
             with psycopg.connect(dsn, autocommit=True, connect_timeout=2) as conn:
                 ready = store.schema_ready(conn)
+                applied = store.applied_versions(conn) if ready else None
         except psycopg.Error as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             return False, f"database unreachable: {first}"
         if not ready:
             return False, "the pgqueue schema is missing: run `pgqueue migrate`"
+        if applied is not None:
+            # Upgraded code on a database not migrated yet: its statements fail.
+            missing = schema_drift(applied).missing
+            if missing:
+                return False, (
+                    f"the pgqueue schema lacks migrations {', '.join(missing)}:"
+                    " run `pgqueue migrate`"
+                )
         return True, "ok"
 
     return check

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -21,6 +21,7 @@ import psycopg
 
 from pgqueue import store
 from pgqueue.errors import MigrationError
+from pgqueue.log import SCHEMA_HINT
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -120,3 +121,63 @@ def migrate(
             with contextlib.suppress(psycopg.Error):
                 store.unlock_migrations(conn)
     return applied_now
+
+
+@dataclass(frozen=True)
+class SchemaDrift:
+    """How a database's applied migrations differ from the ones this pgqueue ships."""
+
+    # This pgqueue's migrations the database lacks, as "0011_name", in order.
+    missing: tuple[str, ...]
+    # Applied there, unknown here: a newer pgqueue migrated the database.
+    newer: tuple[int, ...]
+
+
+def schema_drift(applied: Iterable[int]) -> SchemaDrift:
+    done = set(applied)
+    shipped = load_migrations()
+    known = {m.version for m in shipped}
+    return SchemaDrift(
+        missing=tuple(f"{m.version:04d}_{m.name}" for m in shipped if m.version not in done),
+        newer=tuple(sorted(done - known)),
+    )
+
+
+class SchemaWatch:
+    """A daemon's view of its database's migrations. Told the applied versions (None: this
+    role may not read them), it says once which of this pgqueue's migrations are missing
+    (code upgraded, `pgqueue migrate` not run: statements fail until it is), again if
+    that changes, and when none is left; and once which newer ones are there. ``settled``
+    once nothing more can change: up to date, or the versions cannot be read."""
+
+    def __init__(self, logger: Any, daemon: str) -> None:
+        self._log = logger
+        self._daemon = daemon
+        self._missing: tuple[str, ...] = ()
+        self.settled = False
+
+    def observe(self, applied: Iterable[int] | None) -> None:
+        if applied is None:
+            self._log.info(
+                f"{self._daemon}.schema_unchecked",
+                reason="this role may not read pgqueue.schema_migrations (migration 0011)",
+            )
+            self.settled = True
+            return
+        drift = schema_drift(applied)
+        if drift.missing:
+            if drift.missing != self._missing:
+                self._log.error(
+                    f"{self._daemon}.schema_behind", missing=list(drift.missing), hint=SCHEMA_HINT
+                )
+                self._missing = drift.missing
+            return
+        if self._missing:
+            self._log.info(f"{self._daemon}.schema_up_to_date")
+        if drift.newer:
+            self._log.warning(
+                f"{self._daemon}.schema_newer",
+                newer=list(drift.newer),
+                hint="a newer pgqueue migrated this database: upgrade this one",
+            )
+        self.settled = True

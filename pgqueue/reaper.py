@@ -21,6 +21,7 @@ import psycopg
 from pgqueue import metrics, store
 from pgqueue.config import ReaperConfig
 from pgqueue.log import get_logger
+from pgqueue.migrate import SchemaWatch
 from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
 
 log = get_logger("pgqueue.reaper")
@@ -52,6 +53,7 @@ class Reaper:
         self.backoff = ReconnectBackoff(config.reconnect_max_seconds)
         self._looping = False
         self._database_health = metrics.database_health(config.dsn)
+        self._schema = SchemaWatch(log, "reaper")
 
     def health(self) -> tuple[bool, str]:
         """For /healthz (called from the metrics thread): is the loop running and does
@@ -97,6 +99,9 @@ class Reaper:
     def run_once(self) -> ReapResult:
         """One pass: requeue expired, dead-letter exhausted, prune; batch by batch."""
         conn = self._connection()
+        # Each pass until the database is known to have this version's migrations.
+        if not self._schema.settled:
+            self._schema.observe(store.applied_versions(conn))
         requeued: list[int] = []
         cancelled: list[int] = []
         dead: list[int] = []

@@ -740,6 +740,24 @@ def applied_migrations(conn: SyncConn) -> dict[int, str]:
     return {r["version"]: r["checksum"] for r in _fetch(conn, "applied_migrations", {})}
 
 
+def applied_versions(conn: SyncConn) -> list[int] | None:
+    """The applied migrations' versions (autocommit connection); None where this role may
+    not read them (a worker role whose grant of 0011 is missing)."""
+    try:
+        return [v for (v,) in conn.execute(QUERIES["applied_versions"]).fetchall()]
+    except psycopg.errors.InsufficientPrivilege:
+        return None
+
+
+async def applied_versions_async(conn: AsyncConn) -> list[int] | None:
+    """As applied_versions, on a worker's connection."""
+    try:
+        cur = await conn.execute(QUERIES["applied_versions"])
+        return [v for (v,) in await cur.fetchall()]
+    except psycopg.errors.InsufficientPrivilege:
+        return None
+
+
 def run_migration(conn: SyncConn, *, version: int, name: str, checksum: str, sql: str) -> None:
     """Applies one migration file and records it, in one transaction."""
     with conn.transaction():

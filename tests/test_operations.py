@@ -55,6 +55,7 @@ from pgqueue import (
     store,
 )
 from pgqueue.log import SCHEMA_HINT, _LineWriter, schema_missing
+from pgqueue.migrate import load_migrations
 from tests.conftest import (
     BIN,
     EXECUTIONS_DDL,
@@ -508,6 +509,78 @@ def test_unmigrated_database_gives_503_and_a_migrate_hint_until_migrated(server_
         daemons.stop_all()
         with psycopg.connect(server_dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_database_behind_this_version_is_named_until_migrated(server_dsn, tmp_path, monkeypatch):
+    """Code upgraded, `pgqueue migrate` not run yet: both daemons say once which of their
+    migrations the database lacks, /healthz answers 503 naming them, and both notice the
+    migrate. Its last migration (0011) only grants, so jobs run meanwhile."""
+    name = f"pgqueue_behind_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = make_conninfo(server_dsn, dbname=name)
+    migrate_module = sys.modules["pgqueue.migrate"]  # pgqueue.migrate is also a function
+    shipped = load_migrations()
+    monkeypatch.setattr(migrate_module, "load_migrations", lambda: shipped[:-1])
+    migrate(dsn)
+    monkeypatch.undo()
+    missing = [f"{m.version:04d}_{m.name}" for m in shipped[-1:]]
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(EXECUTIONS_DDL)  # type: ignore[arg-type]
+    daemons = Daemons(dsn, tmp_path)
+    try:
+        port = free_port()
+        worker = daemons.worker("--metrics-port", str(port), "--lease-seconds", "3", *LOCAL)
+        reaper = daemons.reaper("--interval", "0.2")
+        wait_until(lambda: http_status(port, "/healthz") == 503)
+        assert (
+            f"lacks migrations {missing[0]}: run `pgqueue migrate`" in http_get(port, "/healthz")[1]
+        )
+        for proc, daemon in ((worker, "worker"), (reaper, "reaper")):
+            (behind,) = wait_until(
+                lambda p=proc, d=daemon: events(daemons, p, f"{d}.schema_behind")
+            )  # type: ignore[misc]
+            assert behind["level"] == "error" and behind["missing"] == missing, behind
+            assert behind["hint"] == SCHEMA_HINT
+        with psycopg.connect(dsn, autocommit=True) as c:
+            job = enqueue(c, "record", {"note": "behind"})
+            wait_until(lambda: job_state(c, job) == "succeeded")
+
+        assert [m.version for m in migrate(dsn)] == [shipped[-1].version]
+        wait_until(lambda: http_status(port, "/healthz") == 200, timeout=30)
+        for proc, daemon in ((worker, "worker"), (reaper, "reaper")):
+            wait_until(lambda p=proc, d=daemon: events(daemons, p, f"{d}.schema_up_to_date"))  # type: ignore[misc]
+            # Said once, not at every beat or pass while behind.
+            assert len(events(daemons, proc, f"{daemon}.schema_behind")) == 1
+    finally:
+        daemons.stop_all()
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_database_migrated_by_a_newer_version_is_named_once(conn, daemons):
+    conn.execute(
+        "INSERT INTO pgqueue.schema_migrations (version, name, checksum)"
+        " VALUES (9999, 'from_the_future', 'x')"
+    )
+    port = free_port()
+    worker = daemons.worker("--metrics-port", str(port), *LOCAL)
+    reaper = daemons.reaper("--interval", "0.2")
+    for proc, daemon in ((worker, "worker"), (reaper, "reaper")):
+        (newer,) = wait_until(lambda p=proc, d=daemon: events(daemons, p, f"{d}.schema_newer"))  # type: ignore[misc]
+        assert newer["newer"] == [9999] and "upgrade" in newer["hint"], newer
+    # Newer is not behind: ready, and said once: a pass after it requeues an expired job.
+    wait_until(lambda: http_status(port, "/healthz") == 200)
+    expired = scalar(
+        conn,
+        "INSERT INTO pgqueue.jobs (task, state, attempts, lease_token, leased_by,"
+        " lease_expires_at) VALUES ('record', 'running', 1, gen_random_uuid(), 'gone',"
+        " now() - interval '1 minute') RETURNING id",
+    )
+    wait_until(lambda: events(daemons, reaper, "reaper.requeued"))
+    assert events(daemons, reaper, "reaper.requeued")[0]["job_id"] == expired
+    assert len(events(daemons, reaper, "reaper.schema_newer")) == 1
+    assert events(daemons, worker, "worker.schema_behind") == []
 
 
 # --- 4. supervisor ------------------------------------------------------------------------------

@@ -36,8 +36,10 @@ from pgqueue import (
     WorkerConfig,
     enqueue,
     enqueue_many,
+    metrics,
     store,
 )
+from pgqueue.migrate import load_migrations
 from tests.conftest import BIN, ROOT, scalar
 
 MIGRATION = ROOT / "migrations" / "0005_roles.sql"
@@ -358,7 +360,13 @@ def test_producer_cannot_change_or_remove_jobs(strict_db, login_as):
         with pytest.raises(Denied):
             store.pause_queue(c, name="default")
         denied(c, "SELECT * FROM pgqueue.workers")
-        denied(c, "SELECT * FROM pgqueue.schema_migrations")
+        # The record of migrations: read (0011, to name what is missing), never written.
+        denied(c, "DELETE FROM pgqueue.schema_migrations")
+        denied(
+            c,
+            "INSERT INTO pgqueue.schema_migrations (version, name, checksum)"
+            " VALUES (9999, 'x', 'x')",
+        )
         denied(c, "SELECT setval(pg_get_serial_sequence('pgqueue.jobs', 'id'), 1)")
         _cannot_touch_schema(c)
         after = table_counts(strict_db)
@@ -548,6 +556,21 @@ def test_worker_role_runs_the_reaper(strict_db, login_as):
     # The worker role can also read the operator's view (the reaper's metrics use it).
     with connect(worker_dsn) as c:
         assert {r["queue"] for r in store.queue_stats(c)} == {"default"}
+        # And which migrations are applied (0011), so the daemons can say what is missing.
+        assert store.applied_versions(c) == [m.version for m in load_migrations()]
+    assert metrics.database_health(worker_dsn)() == (True, "ok")
+
+
+def test_a_worker_role_that_may_not_read_the_migrations_skips_the_check(strict_db, login_as):
+    worker_dsn = login_as("pgqueue_worker")
+    _admin(strict_db, "REVOKE SELECT ON pgqueue.schema_migrations FROM pgqueue_worker")
+    try:
+        with connect(worker_dsn) as c:
+            assert store.applied_versions(c) is None
+            assert scalar(c, "SELECT 1") == 1  # the connection is still usable
+        assert metrics.database_health(worker_dsn)() == (True, "ok")
+    finally:
+        _admin(strict_db, "GRANT SELECT ON pgqueue.schema_migrations TO pgqueue_worker")
 
 
 def test_worker_role_cannot_alter_the_schema_or_enqueue(strict_db, login_as):
@@ -576,7 +599,13 @@ def test_worker_role_cannot_alter_the_schema_or_enqueue(strict_db, login_as):
         # Queues are paused by operators, not workers.
         with pytest.raises(Denied):
             store.pause_queue(c, name="default")
-        denied(c, "SELECT * FROM pgqueue.schema_migrations")
+        # The record of migrations: read (0011, to name what is missing), never written.
+        denied(c, "DELETE FROM pgqueue.schema_migrations")
+        denied(
+            c,
+            "INSERT INTO pgqueue.schema_migrations (version, name, checksum)"
+            " VALUES (9999, 'x', 'x')",
+        )
         assert scalar(c, "SELECT state::text FROM pgqueue.jobs WHERE id = %s", (job,)) == "queued"
     assert table_counts(strict_db) == before
 

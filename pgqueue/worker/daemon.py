@@ -27,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 from pgqueue import __version__, metrics, store
 from pgqueue.config import CANCEL_GRACE_SECONDS, FLUSH_TIMEOUT_SECONDS, WorkerConfig
 from pgqueue.log import get_logger
+from pgqueue.migrate import SchemaWatch
 from pgqueue.models import Job, Outcome, OutcomeKind
 from pgqueue.registry import Registry
 from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
@@ -117,6 +118,7 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._signals = 0
+        self._schema = SchemaWatch(log, "worker")
         # True when the worker stopped because one of its parts died (exit code 1).
         self.failed = False
         # Async handlers still running when the worker stopped: they ignored their
@@ -525,6 +527,9 @@ class Worker:
             )
 
     async def _register(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        # Every beat until the database is known to have this version's migrations.
+        if not self._schema.settled:
+            self._schema.observe(await store.applied_versions_async(conn))
         await store.register_worker(
             conn,
             worker_id=self.worker_id,
