@@ -907,34 +907,53 @@ def dead_retry(
     dsn: str | None,
 ) -> None:
     """Move dead jobs back to the queue with fresh attempts (atomically: nothing is lost in
-    between). Give ids, or --all [--queue Q] [--task T]."""
+    between). Give ids, or --all [--queue Q] [--task T]. A job whose id pgqueue.jobs holds
+    comes back under a new id (said on stderr)."""
 
     def body() -> int:
         if bool(job_ids) == retry_all:
             raise ConfigError("give job ids or --all, not both and not neither")
         if job_ids and (queue or task):
             raise ConfigError("--queue and --task go with --all")
-        moved: list[int] = []
+        picked: list[tuple[int, int | None]] = []
+
+        def step(after: int | None, upto: int) -> list[int]:
+            rows = store.retry_dead_jobs(
+                conn, ids=None, queue=queue, task=task, limit=RETRY_BATCH,
+                after_id=after, upto_id=upto,
+            )  # fmt: skip
+            picked.extend(rows)
+            return [dead_id for dead_id, _ in rows]
+
+        missing: list[int] = []
         with _connect(dsn) as conn:
             if job_ids:
-                moved = store.retry_dead(
+                picked = store.retry_dead_jobs(
                     conn, ids=list(job_ids), queue=None, task=None, limit=len(job_ids)
                 )
-                missing = sorted(set(job_ids) - set(moved))
-                if missing:
-                    click.echo(f"retried {len(moved)} dead job(s)")
-                    click.echo(f"pgqueue: not in the dead-letter table: {missing}", err=True)
-                    return 1
+                missing = sorted(set(job_ids) - {dead_id for dead_id, _ in picked})
             else:
-                moved = _walk_dead(
-                    conn,
-                    lambda after, upto: store.retry_dead(
-                        conn, ids=None, queue=queue, task=task, limit=RETRY_BATCH,
-                        after_id=after, upto_id=upto,
-                    ),
-                )  # fmt: skip
-        click.echo(f"retried {len(moved)} dead job(s)")
-        return 0
+                _walk_dead(conn, step)
+        revived = [(dead_id, job_id) for dead_id, job_id in picked if job_id is not None]
+        stuck = [dead_id for dead_id, job_id in picked if job_id is None]
+        click.echo(f"retried {len(revived)} dead job(s)")
+        for dead_id, job_id in revived:
+            if job_id != dead_id:
+                click.echo(
+                    f"pgqueue: dead job {dead_id} is back as job {job_id}"
+                    f" (pgqueue.jobs holds id {dead_id})",
+                    err=True,
+                )
+        if stuck:
+            click.echo(
+                f"pgqueue: left dead: {stuck}: pgqueue.jobs holds their ids and the next id"
+                " of its sequence (set back?): set the sequence past the highest id in"
+                " pgqueue.jobs and pgqueue.dead_jobs, then retry them",
+                err=True,
+            )
+        if missing:
+            click.echo(f"pgqueue: not in the dead-letter table: {missing}", err=True)
+        return 1 if stuck or missing else 0
 
     _guard(body)
 

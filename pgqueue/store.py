@@ -652,6 +652,26 @@ def retry_dead(
     after_id: int | None = None,
     upto_id: int | None = None,
 ) -> list[int]:
+    """The dead ids of the jobs revived (retry_dead_jobs without their new ids)."""
+    picked = retry_dead_jobs(
+        conn, ids=ids, queue=queue, task=task, limit=limit, after_id=after_id, upto_id=upto_id
+    )
+    return [dead_id for dead_id, job_id in picked if job_id is not None]
+
+
+def retry_dead_jobs(
+    conn: SyncConn,
+    *,
+    ids: Sequence[int] | None,
+    queue: str | None,
+    task: str | None,
+    limit: int,
+    after_id: int | None = None,
+    upto_id: int | None = None,
+) -> list[tuple[int, int | None]]:
+    """Revives dead jobs; (dead id, id in pgqueue.jobs) of each job picked, in dead id
+    order. The two differ where pgqueue.jobs already held the dead id; the job id is None
+    for a job left dead (the sequence's next id was taken too)."""
     rows = _fetch(
         conn,
         "retry_dead",
@@ -664,7 +684,7 @@ def retry_dead(
             "upto_id": upto_id,
         },
     )
-    return [r["id"] for r in rows]
+    return [(r["id"], r["job_id"]) for r in rows]
 
 
 def purge_dead(

@@ -2104,6 +2104,51 @@ def test_one_refused_outcome_does_not_hold_back_the_others_of_its_batch(conn, ds
     assert history_outcomes(conn, refused) == []
 
 
+def test_dead_retry_of_an_id_pgqueue_jobs_holds_revives_it_under_a_new_id(conn, dsn):
+    # Ids repeat after an explicit id in an INSERT or a sequence reset. The revived job's
+    # insert failed on the primary key, and the whole batch with it (`--all` too).
+    first, second, third = (insert_dead(conn) for _ in range(3))
+    conn.execute("INSERT INTO pgqueue.jobs (id, task) VALUES (%s, 'record')", (second,))
+
+    result = cli(dsn, "dead", "retry", "--all")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "retried 3 dead job(s)"
+    (note,) = result.stderr.strip().splitlines()
+    renumbered = int(note.split(" is back as job ")[1].split()[0])
+    assert note == (
+        f"pgqueue: dead job {second} is back as job {renumbered} (pgqueue.jobs holds id {second})"
+    )
+    assert renumbered > third
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 0
+    states = dict(conn.execute("SELECT id, state::text FROM pgqueue.jobs").fetchall())
+    assert states == {first: "queued", second: "queued", third: "queued", renumbered: "queued"}
+    assert scalar(conn, "SELECT task FROM pgqueue.jobs WHERE id = %s", (second,)) == "record"
+    assert scalar(conn, "SELECT task FROM pgqueue.jobs WHERE id = %s", (renumbered,)) == "fail"
+
+
+def test_dead_retry_leaves_dead_only_a_job_whose_new_id_is_taken_too(conn, dsn):
+    # The sequence set back onto the dead ids: the next id is a dead one too. That job
+    # stays dead, named with what to do; the rest of the batch is revived.
+    first, second, third = (insert_dead(conn) for _ in range(3))
+    conn.execute("SELECT setval(pg_get_serial_sequence('pgqueue.jobs', 'id'), %s, false)", (first,))
+    taken = enqueue(conn, "record")
+    assert taken == first
+
+    result = cli(dsn, "dead", "retry", "--all")
+
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.strip() == "retried 2 dead job(s)"
+    assert f"pgqueue: left dead: [{first}]:" in result.stderr
+    assert "set the sequence past the highest id" in result.stderr
+    assert dead_row(conn, first) is not None
+    assert job_state(conn, second) == "queued" and job_state(conn, third) == "queued"
+    # Explicit ids say the same.
+    result = cli(dsn, "dead", "retry", str(first))
+    assert result.returncode == 1 and f"left dead: [{first}]" in result.stderr
+    assert result.stdout.strip() == "retried 0 dead job(s)"
+
+
 def test_dead_retry_all_and_purge_walk_the_ids_there_when_they_start_once(conn, dsn):
     # A job `dead retry --all` revives can die again before the command ends; picked up
     # again, it was revived twice and counted twice, and jobs dying faster than a batch

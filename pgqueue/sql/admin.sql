@@ -110,25 +110,42 @@ FROM pgqueue.dead_jobs WHERE id = %(id)s;
 -- errors and history stay. A revived job keeps its idempotency key unless a job in
 -- pgqueue.jobs holds it (committed, or inserted concurrently) or an older job of the same
 -- batch takes it back: then it comes back without its key rather than failing the move
--- (two dead jobs can share a key: the first one's death freed it for the second).
+-- (two dead jobs can share a key: the first one's death freed it for the second). It
+-- keeps its id too, unless pgqueue.jobs holds that id (ids repeat after an explicit id
+-- in an INSERT or a sequence reset): then it comes back under the next id of the jobs
+-- sequence, or, where that one is taken too (a sequence set back), stays dead, rather
+-- than failing the move of the whole batch.
 -- Selects by ids, or by filters (NULL = any) when ids is NULL, at most %(limit)s rows per
 -- call, in id order, only ids above %(after_id)s and up to %(upto_id)s when given: `dead
 -- retry --all` walks the table once, from the ids that were there when it started, so a
 -- job it revived that dies again meanwhile (same id, behind it) is not revived twice.
--- Returns the revived ids.
-WITH moved AS (
+-- Returns each revived job's dead id and its id in pgqueue.jobs, and the picked jobs
+-- left dead (job_id NULL).
+WITH picked AS MATERIALIZED (
+    SELECT x.id,
+           CASE WHEN EXISTS (SELECT 1 FROM pgqueue.jobs AS t WHERE t.id = x.id)
+                THEN nextval(pg_catalog.pg_get_serial_sequence('pgqueue.jobs', 'id')::regclass)
+                ELSE x.id END AS job_id
+    FROM pgqueue.dead_jobs AS x
+    WHERE (%(ids)s::bigint[] IS NULL OR x.id = ANY (%(ids)s::bigint[]))
+      AND (%(queue)s::text IS NULL OR x.queue = %(queue)s)
+      AND (%(task)s::text IS NULL OR x.task = %(task)s)
+      AND (%(after_id)s::bigint IS NULL OR x.id > %(after_id)s::bigint)
+      AND (%(upto_id)s::bigint IS NULL OR x.id <= %(upto_id)s::bigint)
+    ORDER BY x.id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), usable AS MATERIALIZED (
+    -- A new id must be free in both tables (a dead id, revived later, would collide).
+    SELECT p.id, p.job_id FROM picked AS p
+    WHERE p.job_id = p.id
+       OR (NOT EXISTS (SELECT 1 FROM pgqueue.jobs AS t WHERE t.id = p.job_id)
+           AND NOT EXISTS (SELECT 1 FROM pgqueue.dead_jobs AS o WHERE o.id = p.job_id))
+), moved AS (
     DELETE FROM pgqueue.dead_jobs AS d
-    WHERE d.id IN (
-        SELECT x.id FROM pgqueue.dead_jobs AS x
-        WHERE (%(ids)s::bigint[] IS NULL OR x.id = ANY (%(ids)s::bigint[]))
-          AND (%(queue)s::text IS NULL OR x.queue = %(queue)s)
-          AND (%(task)s::text IS NULL OR x.task = %(task)s)
-          AND (%(after_id)s::bigint IS NULL OR x.id > %(after_id)s::bigint)
-          AND (%(upto_id)s::bigint IS NULL OR x.id <= %(upto_id)s::bigint)
-        ORDER BY x.id
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED)
-    RETURNING d.*
+    USING usable AS u
+    WHERE d.id = u.id
+    RETURNING d.*, u.job_id
 ), revived AS (
     SELECT m.*, row_number() OVER (PARTITION BY m.idempotency_key ORDER BY m.id) AS nth
     FROM moved AS m
@@ -136,7 +153,7 @@ WITH moved AS (
     INSERT INTO pgqueue.jobs AS j
         (id, queue, task, args, priority, state, attempts, max_attempts, run_at,
          idempotency_key, created_at, errors, history)
-    SELECT r.id, r.queue, r.task, r.args, r.priority, 'queued', 0, r.max_attempts, now(),
+    SELECT r.job_id, r.queue, r.task, r.args, r.priority, 'queued', 0, r.max_attempts, now(),
            r.idempotency_key, r.created_at, r.errors, r.history
     FROM revived AS r
     WHERE r.idempotency_key IS NOT NULL AND r.nth = 1
@@ -146,15 +163,15 @@ WITH moved AS (
     INSERT INTO pgqueue.jobs AS j
         (id, queue, task, args, priority, state, attempts, max_attempts, run_at,
          idempotency_key, created_at, errors, history)
-    SELECT r.id, r.queue, r.task, r.args, r.priority, 'queued', 0, r.max_attempts, now(),
+    SELECT r.job_id, r.queue, r.task, r.args, r.priority, 'queued', 0, r.max_attempts, now(),
            NULL, r.created_at, r.errors, r.history
     FROM revived AS r
-    WHERE r.id NOT IN (SELECT k.id FROM keyed AS k)
+    WHERE r.job_id NOT IN (SELECT k.id FROM keyed AS k)
     RETURNING j.id
 )
-SELECT k.id FROM keyed AS k
-UNION ALL
-SELECT u.id FROM unkeyed AS u;
+SELECT p.id, u.job_id
+FROM picked AS p LEFT JOIN usable AS u ON u.id = p.id
+ORDER BY p.id;
 
 -- name: purge_dead
 -- Deletes dead jobs that died more than %(older_than_seconds)s ago (all when NULL),

@@ -79,7 +79,8 @@ RETURNING d.id, d.task, d.queue, d.attempts;
 -- Exhausted rescued jobs whose lease expired but which dead_letter_expired cannot move:
 -- pgqueue.dead_jobs already holds their id (ids repeat after an explicit id in an INSERT
 -- or a sequence reset). They stay running until an operator moves the older dead job
--- (`pgqueue dead retry` or `purge`); the reaper names them on every pass.
+-- (`pgqueue dead retry`, which revives it under a new id, or `purge`); the reaper names
+-- them on every pass.
 SELECT j.id, j.task, j.queue, j.attempts
 FROM pgqueue.jobs AS j
 WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts >= j.max_attempts
