@@ -1189,7 +1189,6 @@ def test_two_outcomes_of_one_job_in_a_batch_are_reported_each_by_its_own_lease(d
                 )
             completer = Completer(
                 pool,
-                asyncio.Lock(),
                 lambda o, result, state: reports.__setitem__(o.job.lease_token, result),
                 worker_id="w",
                 reconnect_max_seconds=1.0,
@@ -1287,6 +1286,59 @@ def test_a_row_lock_on_one_job_does_not_hold_back_the_other_leases(dsn):
 
     run(main)
     assert fetch(dsn, "SELECT attempts FROM pgqueue.jobs WHERE id = %s", (free,)) == [(1,)]
+
+
+def test_an_outcome_waiting_for_a_row_lock_does_not_hold_back_the_other_leases(dsn):
+    # The completer held a lock the heartbeat shares while its statement waited for a row
+    # lock (a session holding a finished job's row: FOR SHARE, or a foreign key's KEY
+    # SHARE against a dead-letter move): no lease of the worker was extended, and past
+    # their expiry the reaper requeued every job it was running.
+    registry = Registry()
+
+    @registry.task(name="short")
+    async def short() -> None:
+        await asyncio.sleep(0.5)
+
+    @registry.task(name="long")
+    async def long() -> None:
+        await asyncio.sleep(6)
+
+    finished = sql_enqueue(dsn, "short")
+    running = sql_enqueue(dsn, "long")
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, lease_seconds=3, concurrency=2):
+            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.jobs WHERE state = 'running'")
+            holder = psycopg.connect(dsn)
+            reaper = Reaper(ReaperConfig(dsn=dsn))
+            try:
+                holder.execute("SELECT 1 FROM pgqueue.jobs WHERE id = %s FOR SHARE", (finished,))
+                # The short job's outcome now waits for that lock.
+                await wait_for_db(
+                    dsn,
+                    "SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE %s",
+                    ("%Marks jobs succeeded%",),
+                )
+                deadline = time.monotonic() + 4.5
+                while time.monotonic() < deadline:
+                    result = await asyncio.to_thread(reaper.run_once)
+                    assert running not in result.requeued, "a running job's lease expired"
+                    await asyncio.sleep(0.5)
+            finally:
+                holder.rollback()
+                holder.close()
+                reaper._close()
+            await wait_for_db(
+                dsn,
+                "SELECT count(*) = 2 FROM pgqueue.jobs WHERE state = 'succeeded'",
+                timeout=15,
+            )
+
+    run(main)
+    assert fetch(dsn, "SELECT attempts, rescued FROM pgqueue.jobs WHERE id = %s", (running,)) == [
+        (1, False)
+    ]
 
 
 def test_a_foreign_key_share_lock_on_a_running_job_does_not_stop_its_heartbeat(dsn):

@@ -67,14 +67,12 @@ class Completer:
     def __init__(
         self,
         pool: AsyncConnectionPool,
-        lock: asyncio.Lock,
         on_written: OnWritten,
         *,
         worker_id: str,
         reconnect_max_seconds: float,
     ) -> None:
         self.pool = pool
-        self.lock = lock
         self.on_written = on_written
         self.worker_id = worker_id
         self.backoff = ReconnectBackoff(reconnect_max_seconds)
@@ -85,6 +83,10 @@ class Completer:
         self._ready = asyncio.Event()
         # One batch in flight at a time: flush() must wait for the run loop's batch.
         self._writing = asyncio.Lock()
+        # The batch being written and reported (run_once, _write_singly): a write may
+        # have committed with its reply not read yet, so their rows may no longer show the
+        # lease they were claimed with.
+        self._batch: list[Outcome] = []
 
     def submit(self, outcome: Outcome) -> None:
         self._pending.append(outcome)
@@ -93,6 +95,11 @@ class Completer:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def holds(self, job: Job) -> bool:
+        """Whether an outcome of this attempt is waiting here or being written: its row
+        may stop showing its lease at any moment, without the lease being lost."""
+        return any(o.job is job for o in self._batch) or any(o.job is job for o in self._pending)
 
     def uncertain(self, job: Job) -> bool:
         """Whether this attempt's outcome may already be written (a write of it failed
@@ -132,27 +139,34 @@ class Completer:
         async with self._writing:
             batch, self._pending = self._pending, []
             self._ready.clear()
-            for index, outcome in enumerate(batch):
-                try:
-                    changed = await self._write([outcome])
-                except CONNECTION_ERRORS:
-                    self._mark_uncertain([outcome])
-                    self._pending = batch[index:] + self._pending
-                    self._ready.set()
-                    raise
-                except Exception:
-                    log.exception(
-                        "outcome.failed",
-                        job_id=outcome.job.id,
-                        task=outcome.job.task,
-                        queue=outcome.job.queue,
-                        attempt=outcome.job.attempt,
-                        outcome=outcome.kind.value,
-                    )
-                    self._uncertain.discard((outcome.job.id, outcome.job.lease_token))
-                    self.on_written(outcome, WriteResult.FAILED, None)
-                    continue
-                self._report(outcome, changed)
+            self._batch = batch
+            try:
+                await self._write_each(batch)
+            finally:
+                self._batch = []
+
+    async def _write_each(self, batch: list[Outcome]) -> None:
+        for index, outcome in enumerate(batch):
+            try:
+                changed = await self._write([outcome])
+            except CONNECTION_ERRORS:
+                self._mark_uncertain([outcome])
+                self._pending = batch[index:] + self._pending
+                self._ready.set()
+                raise
+            except Exception:
+                log.exception(
+                    "outcome.failed",
+                    job_id=outcome.job.id,
+                    task=outcome.job.task,
+                    queue=outcome.job.queue,
+                    attempt=outcome.job.attempt,
+                    outcome=outcome.kind.value,
+                )
+                self._uncertain.discard((outcome.job.id, outcome.job.lease_token))
+                self.on_written(outcome, WriteResult.FAILED, None)
+                continue
+            self._report(outcome, changed)
 
     def _report(self, outcome: Outcome, changed: dict[int, str]) -> None:
         self._uncertain.discard((outcome.job.id, outcome.job.lease_token))
@@ -172,6 +186,7 @@ class Completer:
                 self._ready.clear()
             if not batch:
                 return 0
+            self._batch = batch
             try:
                 changed = await self._write(batch)
             except BaseException:
@@ -181,6 +196,8 @@ class Completer:
                 self._pending = batch + self._pending
                 self._ready.set()
                 raise
+            finally:
+                self._batch = []
         for outcome in batch:
             self._report(outcome, changed)
         return len(batch)
@@ -221,7 +238,7 @@ class Completer:
         for outcome in batch:
             by_kind.setdefault(outcome.kind, []).append(outcome)
         changed: dict[int, str] = {}
-        async with self.lock, self.pool.connection() as conn:
+        async with self.pool.connection() as conn:
             if len(by_kind) == 1:
                 # One statement is atomic by itself: no BEGIN and COMMIT round trips.
                 ((kind, items),) = by_kind.items()

@@ -94,7 +94,6 @@ class Worker:
         self.executor = Executor(
             registry, self.worker_id, threads=config.concurrency, on_thread_freed=self._thread_freed
         )
-        self._lock = asyncio.Lock()
         # Held from sending a claim until its jobs are in _held, so that the heartbeat
         # can tell this worker's orphans (running under its name, not held) from jobs
         # whose claim is still on its way back.
@@ -134,15 +133,14 @@ class Worker:
         self._database_health = metrics.database_health(config.dsn)
         self.completer = Completer(
             self.pool,
-            self._lock,
             self._on_written,
             worker_id=self.worker_id,
             reconnect_max_seconds=config.reconnect_max_seconds,
         )
         self.heartbeat = Heartbeat(
             self.pool,
-            self._lock,
             lambda: list(self._held),
+            lambda job: job not in self._held or self.completer.holds(job),
             self._on_lost,
             self._register,
             interval=config.heartbeat_interval,

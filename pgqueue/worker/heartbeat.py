@@ -34,8 +34,8 @@ class Heartbeat:
     def __init__(
         self,
         pool: AsyncConnectionPool,
-        lock: asyncio.Lock,
         held: Callable[[], list[Job]],
+        settling: Callable[[Job], bool],
         on_lost: Callable[[list[Job]], None],
         register: Callable[[AsyncConnection[Any]], Awaitable[None]],
         *,
@@ -46,8 +46,12 @@ class Heartbeat:
         refused: Callable[[], list[uuid.UUID]],
     ) -> None:
         self.pool = pool
-        self.lock = lock
         self.held = held
+        # Whether an attempt no longer needs its lease, or may not: it is no longer held
+        # (its outcome was written), or its outcome is waiting to be written or being
+        # written (it may have committed). Such a job missing from a beat's result has not
+        # lost its lease (if it has, the completer finds its write fenced off).
+        self.settling = settling
         self.on_lost = on_lost
         self.register = register
         self.interval = interval
@@ -84,9 +88,11 @@ class Heartbeat:
         lost: list[Job] = []
         extended: dict[int, bool] = {}
         busy: set[int] = set()
-        # The lock keeps the completer from finishing a job between our snapshot and our
-        # statement, which would make a finished job look like a lost lease.
-        async with self.lock, self.pool.connection() as conn:
+        # Not serialised with the completer: a statement of the completer that waits for
+        # a row lock (a session holding a job's row) must not hold back every lease.
+        # Instead, a job the completer finished or is finishing meanwhile is not taken
+        # for lost (settling).
+        async with self.pool.connection() as conn:
             jobs = self.held()
             if jobs:
                 extended, busy = await store.heartbeat_leases(
@@ -95,7 +101,11 @@ class Heartbeat:
                     tokens=[j.lease_token for j in jobs],
                     lease_seconds=self.lease_seconds,
                 )
-                lost = [j for j in jobs if j.id not in extended and j.id not in busy]
+                lost = [
+                    j
+                    for j in jobs
+                    if j.id not in extended and j.id not in busy and not self.settling(j)
+                ]
                 for job in jobs:
                     if extended.get(job.id):
                         job.cancel.set()
@@ -113,7 +123,8 @@ class Heartbeat:
     async def release_orphans(self) -> dict[int, str]:
         """Return the jobs running under this worker's name that it does not hold to the
         queue; {id: state now}. Under the claim lock (no claim in flight, so every job
-        this worker claimed is held) and the completer's lock (no outcome half-reported).
+        this worker claimed is held; a job leaves the held ones only once its outcome is
+        written or its lease found lost, so a write in flight cannot look orphaned).
         Waits for a claim in flight to end: the lock serves its waiters first, so a
         fetcher claiming back to back (a backlog) lets this in between two claims. A
         claim stuck on the server must not hold up the heartbeat, whose first duty is to
@@ -125,7 +136,7 @@ class Heartbeat:
         except TimeoutError:
             return {}
         try:
-            async with self.lock, self.pool.connection() as conn:
+            async with self.pool.connection() as conn:
                 keep = [j.lease_token for j in self.held()] + self.refused()
                 released = await store.release_orphans(conn, worker_id=self.worker_id, keep=keep)
         finally:
