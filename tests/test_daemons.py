@@ -221,6 +221,29 @@ def test_sigkill_mid_job_is_recovered_after_lease(conn, daemons):
     assert executions(conn, job_id, "end") == 1
 
 
+def test_no_job_starts_beside_the_thread_of_a_rescued_job_that_timed_out(conn, daemons):
+    # A rescued job runs alone so that, if it kills its worker, no innocent job dies with
+    # it. Its sync handler timed out, and isolation ended with the handler's task while
+    # its thread ran on: the jobs claimed next were killed with it (and a rescued one
+    # among them had that attempt counted).
+    poison = scalar(
+        conn,
+        "INSERT INTO pgqueue.jobs (task, rescued, attempts) VALUES ('time_out_then_crash',"
+        " true, 1) RETURNING id",
+    )
+    neighbours = [enqueue(conn, "sleep", {"seconds": 0.1, "note": f"n{i}"}) for i in range(3)]
+    worker = daemons.worker("--concurrency", "4", "--poll-interval", "0.2")
+
+    assert worker.wait(timeout=30) == 7  # the poison job's thread killed it
+    isolated = logged(daemons, worker, "job.isolated")
+    assert [e["job_id"] for e in isolated] == [poison], isolated
+    for job_id in neighbours:
+        row = job_row(conn, job_id)
+        assert row is not None
+        assert (row["state"], row["attempts"]) == ("queued", 0), row
+        assert executions(conn, job_id) == 0
+
+
 def test_sigterm_waits_for_running_job_then_exits_zero(conn, daemons):
     job_id = enqueue(conn, "sleep", {"seconds": 2, "note": "g"})
     worker = daemons.worker("--shutdown-timeout", "10", "--lease-seconds", "3")

@@ -128,6 +128,9 @@ class Worker:
         # Rescued-job isolation (see run_once): the job running alone, whether a rescued
         # job waits, and when to look again.
         self._isolated: Job | None = None
+        # Set when the isolated job's handler ends; claims wait until no thread a handler
+        # was abandoned in runs (_free_slots).
+        self._isolation_tail = False
         self._rescue_pending = False
         self._next_rescue_check = 0.0
         self._database_health = metrics.database_health(config.dsn)
@@ -258,7 +261,7 @@ class Worker:
                 self._rescue_pending = await store.rescued_waiting(conn, queues=self.queues)
                 self._next_rescue_check = loop.time() + self.config.poll_interval
             if self._rescue_pending:
-                if self._running:
+                if self._busy():
                     return []  # drain: the rescued job must run alone
                 rescued = await store.claim_rescued_job(
                     conn,
@@ -306,9 +309,20 @@ class Worker:
 
     # --- fetcher --------------------------------------------------------------------
 
+    def _busy(self) -> bool:
+        """Whether any handler of this worker runs: a task, or the thread of a sync handler
+        it gave up on (timed out, released), which runs on to its end."""
+        return bool(self._running) or self.executor.abandoned > 0
+
     def _free_slots(self) -> int:
         if self._isolated is not None:
             return 0
+        if self._isolation_tail:
+            # The isolated job's handler ended, but its thread may run on (it timed out):
+            # if it kills the process, it must take no other job with it.
+            if self.executor.abandoned:
+                return 0
+            self._isolation_tail = False
         # Threads still running handlers the worker gave up on (timed out, released)
         # hold pool threads: count them, so a claimed sync job always gets a thread at
         # once and its timeout never starts while it waits for one.
@@ -339,8 +353,9 @@ class Worker:
                 log.exception("fetcher.failed", retry_in=round(delay, 2))
                 await self._wait_for(self._stopping, delay)
                 continue
-            if self._rescue_pending and self._running:
-                # Draining so that a rescued job can run alone: wait for a slot.
+            if self._rescue_pending and self._busy():
+                # Draining so that a rescued job can run alone: wait for a slot (or for
+                # an abandoned handler's thread to end: _thread_freed sets it too).
                 self._slot_freed.clear()
                 await self._wait_for(self._slot_freed, self.config.poll_interval)
                 continue
@@ -421,6 +436,7 @@ class Worker:
             metrics.child(metrics.JOBS_RUNNING, job.queue).dec()
             if self._isolated is job:
                 self._isolated = None
+                self._isolation_tail = True
                 self._next_rescue_check = 0.0  # more rescued jobs may be waiting
             self._slot_freed.set()
         metrics.child(metrics.JOB_DURATION, job.queue, self._task_label(job)).observe(

@@ -54,6 +54,15 @@ def sleep(seconds: float, note: str = "") -> None:
     _record("end " + note)
 
 
+@registry.task(name="time_out_then_crash", timeout=1, backoff=FAST)
+def time_out_then_crash() -> None:
+    """Times out, then its thread (which runs on) kills the process: a poison job whose
+    neighbours must not be started beside that thread."""
+    _record("start")
+    time.sleep(3)
+    os._exit(7)
+
+
 @registry.task(name="fail", max_attempts=3, backoff=FAST)
 def fail() -> None:
     _record()
