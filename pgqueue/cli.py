@@ -6,6 +6,7 @@ own and an unreachable database become one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import importlib
@@ -17,6 +18,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -50,6 +52,8 @@ if TYPE_CHECKING:
     from pgqueue.worker import Worker
 
 F = TypeVar("F", bound=Callable[..., Any])
+_T = TypeVar("_T")
+_log = log.get_logger("pgqueue.worker")
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -555,11 +559,61 @@ def worker_command(
     _exit_after(body)
 
 
+class _DefaultExecutor(ThreadPoolExecutor):
+    """The worker loop's default executor (``asyncio.to_thread``, ``run_in_executor(None,
+    ...)``, DNS lookups), counting the calls in progress. asyncio.run joins its threads
+    at the end, without a time limit: a released async handler cancelled inside
+    ``asyncio.to_thread`` leaves that thread running, and kept the stopped worker's
+    process alive until the call returned (its job already back in the queue)."""
+
+    def __init__(self) -> None:
+        super().__init__(thread_name_prefix="asyncio-default")
+        self._count_lock = threading.Lock()
+        self.busy = 0
+        # Called (from the thread that finished) when busy drops to 0.
+        self.on_idle: Callable[[], object] | None = None
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        with self._count_lock:
+            self.busy += 1
+        try:
+            future = super().submit(fn, *args, **kwargs)
+        except BaseException:
+            self._done(None)
+            raise
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _future: object) -> None:
+        with self._count_lock:
+            self.busy -= 1
+            idle = self.busy == 0
+        if idle and self.on_idle is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                self.on_idle()
+
+
+# How long a stopped worker waits for calls left in its default executor's threads.
+DEFAULT_EXECUTOR_GRACE_SECONDS = 1.0
+
+
 async def _run_worker(worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    default_executor = _DefaultExecutor()
+    loop.set_default_executor(default_executor)
     await worker.run()
-    if worker.stubborn_handlers:
+    idle = asyncio.Event()
+    default_executor.on_idle = lambda: loop.call_soon_threadsafe(idle.set)
+    if default_executor.busy:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DEFAULT_EXECUTOR_GRACE_SECONDS):
+                await idle.wait()
+    if default_executor.busy:
+        _log.warning("worker.threads_left", threads=default_executor.busy)
+    if worker.stubborn_handlers or default_executor.busy:
         # A handler that swallows its cancellation would keep asyncio.run's final
-        # cancel-and-wait going without end; its job has been released already.
+        # cancel-and-wait going without end, and a thread left in the default executor
+        # its final join; their jobs have been released already.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_ERROR if worker.failed else 0)

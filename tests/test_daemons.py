@@ -295,6 +295,23 @@ def test_sigterm_exits_and_releases_a_job_whose_handler_ignores_cancellation(con
     assert (row["state"], row["attempts"], row["lease_token"]) == ("queued", 0, None)
 
 
+def test_sigterm_exits_though_a_released_async_handler_left_a_thread(conn, daemons):
+    # asyncio.run joins the default executor's threads without a limit: a released
+    # handler cancelled in asyncio.to_thread kept the process alive after
+    # worker.stopped until the call returned (40 s in the report).
+    job_id = enqueue(conn, "async_blocking", {"seconds": 60})
+    worker = daemons.worker("--shutdown-timeout", "0.5", "--lease-seconds", "3")
+    wait_until(lambda: executions(conn, job_id, "start") == 1)
+
+    worker.send_signal(signal.SIGTERM)
+
+    assert worker.wait(timeout=15) == 0, daemons.output(worker)
+    assert logged(daemons, worker, "worker.threads_left")[0]["threads"] == 1
+    row = job_row(conn, job_id)
+    assert row is not None
+    assert (row["state"], row["attempts"], row["lease_token"]) == ("queued", 0, None)
+
+
 def test_second_signal_exits_at_once(conn, daemons):
     job_id = enqueue(conn, "sleep", {"seconds": 20, "note": "twice"})
     worker = daemons.worker("--shutdown-timeout", "30", "--lease-seconds", "2")

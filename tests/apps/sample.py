@@ -47,6 +47,13 @@ async def stubborn(note: str = "") -> None:
             continue
 
 
+@registry.task(name="async_blocking", backoff=FAST)
+async def async_blocking(seconds: float) -> None:
+    """An async handler blocked in asyncio.to_thread: cancelling it leaves the thread."""
+    await asyncio.to_thread(_record, "start")
+    await asyncio.to_thread(time.sleep, seconds)
+
+
 @registry.task(name="sleep", backoff=FAST)
 def sleep(seconds: float, note: str = "") -> None:
     _record("start " + note)
