@@ -119,8 +119,18 @@ def _guard(fn: Callable[[], int | None]) -> None:
             _fail(log.SCHEMA_HINT)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         _fail(f"database error: {first}")
+    except UnicodeEncodeError as exc:
+        # Bytes that are not UTF-8 in argv or the environment reach Python as lone
+        # surrogates, which no text sent to Postgres can hold. (Not echoed: it may be a
+        # DSN with a password.)
+        if not (isinstance(exc.object, str) and _LONE_SURROGATE.search(exc.object)):
+            raise
+        _fail("an argument or environment variable is not valid UTF-8 text", EXIT_USAGE)
     else:
         sys.exit(code or 0)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def load_registry(spec: str) -> Registry:

@@ -2175,6 +2175,26 @@ def test_dead_retry_all_and_purge_walk_the_ids_there_when_they_start_once(conn, 
     assert ok(cli(dsn, "dead", "purge")).strip() == "purged 1 dead job(s)"
 
 
+NOT_UTF8 = "\udcff"  # the byte 0xff in argv, as Python decodes it (surrogateescape)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("jobs", "list", "--queue", NOT_UTF8),
+        ("dead", "list", "--task", NOT_UTF8),
+        ("queue", "pause", NOT_UTF8),
+        ("queue", "resume", NOT_UTF8),
+        ("stats", "--dsn", "dbname=" + NOT_UTF8),
+    ],
+    ids=["jobs-list", "dead-list", "pause", "resume", "dsn"],
+)
+def test_an_argument_that_is_not_utf8_is_one_line_not_a_traceback(dsn, args):
+    assert one_line_error(cli(dsn, *args)) == (
+        "pgqueue: an argument or environment variable is not valid UTF-8 text"
+    )
+
+
 @pytest.mark.parametrize("number", NUMBERS_PYTHON_CANNOT_DECODE, ids=["int", "float", "-float"])
 def test_dead_show_of_args_python_cannot_decode_says_so_in_one_piece(conn, dsn, number):
     # Dead-lettered as bad_args by the worker; `dead show` used to end in a traceback.
