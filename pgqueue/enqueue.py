@@ -351,7 +351,9 @@ def _prepare_fields(
     if type(max_attempts) is not int and not plain_int(max_attempts):
         raise ValidationError(f"max_attempts must be an integer, got {max_attempts!r}")
     if not 1 <= max_attempts <= 2**31 - 1:
-        raise ValidationError(f"max_attempts must be >= 1, got {max_attempts}")
+        raise ValidationError(
+            f"max_attempts must be an integer in 1..{2**31 - 1}, got {max_attempts}"
+        )
     if run_at is not None:
         if delay is not None:
             raise ValidationError("give run_at or delay, not both")

@@ -282,6 +282,7 @@ BAD_INPUTS = [
     ({"task": "t", "args": {"x": float("nan")}}, SerializationError),
     ({"task": "t", "args": {"s": "nul\x00"}}, SerializationError),
     ({"task": "t", "max_attempts": 0}, ValidationError),
+    ({"task": "t", "max_attempts": 2**31}, ValidationError),
     ({"task": "t", "priority": 40000}, ValidationError),
     ({"task": "t", "run_at": datetime(2030, 1, 1)}, ValidationError),
     ({"task": "t", "delay": 5, "run_at": datetime.now(UTC)}, ValidationError),
@@ -824,3 +825,12 @@ def test_the_farthest_delays_and_run_ats_allowed_are_stored_and_read_back(conn):
         datetime(9999, 12, 30, tzinfo=UTC),
         datetime(1, 1, 2, tzinfo=UTC),
     ]
+
+
+@pytest.mark.parametrize("attempts", [0, 2**31])
+def test_max_attempts_out_of_range_names_the_range(conn, attempts):
+    # 2**31 was refused as "must be >= 1".
+    with pytest.raises(
+        ValidationError, match=r"max_attempts must be an integer in 1\.\.2147483647"
+    ):
+        enqueue(conn, "t", max_attempts=attempts)
