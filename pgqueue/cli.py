@@ -667,6 +667,13 @@ def _exit_after(body: Callable[[], int | None]) -> None:
     show_default=True,
     help="Backoff base for jobs requeued after their lease expired.",
 )
+@click.option(
+    "--backoff-max-seconds",
+    type=click.FloatRange(min=0, max=MAX_DELAY_SECONDS),
+    default=3600.0,
+    show_default=True,
+    help="Longest backoff for those jobs (at least the base).",
+)
 @prepared_option
 @metrics_options
 @dsn_option
@@ -677,6 +684,7 @@ def reaper_command(
     once: bool,
     retention_seconds: float,
     backoff_base_seconds: float,
+    backoff_max_seconds: float,
     no_prepared_statements: bool,
     metrics_port: int | None,
     metrics_host: str,
@@ -700,6 +708,7 @@ def reaper_command(
             interval=interval,
             retention_seconds=retention_seconds,
             backoff_base_seconds=backoff_base_seconds,
+            backoff_max_seconds=backoff_max_seconds,
             prepared_statements=not no_prepared_statements,
         )
         reaper = Reaper(config)

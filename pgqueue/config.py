@@ -177,5 +177,11 @@ class ReaperConfig:
         _count("batch size", self.batch_size, MAX_BATCH_SIZE)
         _seconds("backoff base", self.backoff_base_seconds, 0)
         _seconds("backoff max", self.backoff_max_seconds, 0)
+        if self.backoff_base_seconds > self.backoff_max_seconds:
+            # The delay is min(max, base * 2**n): the base would never show.
+            raise ConfigError(
+                f"backoff base ({self.backoff_base_seconds:g}s) is above the backoff max"
+                f" ({self.backoff_max_seconds:g}s)"
+            )
         _seconds("reconnect backoff", self.reconnect_max_seconds, 0, low_open=True)
         return dataclasses.replace(self, dsn=with_tcp_defaults(self.dsn))

@@ -7,6 +7,7 @@ to the database's clock, so nothing waits for a lease to run out.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import structlog
 from pgqueue import store
 from pgqueue.config import ReaperConfig
 from pgqueue.reaper import Reaper, ReapResult
-from tests.conftest import dead_row, job_row, run_at_once, scalar
+from tests.conftest import BIN, dead_row, job_row, run_at_once, scalar
 from tests.test_queries import db_clock, make_job, run_async
 
 
@@ -90,6 +91,31 @@ def test_expired_job_with_attempts_left_is_requeued_once_with_backoff(conn, dsn)
     assert again.requeued == []
     assert again.dead == []
     assert job_row(conn, job_id) == row
+
+
+def test_the_reapers_backoff_max_is_a_flag_and_a_base_above_it_is_refused(conn, dsn):
+    # --backoff-base-seconds above the fixed 3600 s max was taken and then capped there.
+    refused = subprocess.run(
+        [str(BIN / "pgqueue-reaper"), "--once", "--backoff-base-seconds", "7200", "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "backoff base (7200s) is above the backoff max (3600s)" in refused.stderr
+
+    job_id = expired_job(conn, attempts=1, max_attempts=5, rescued=True)
+    before = db_clock(conn)
+    done = subprocess.run(
+        [str(BIN / "pgqueue-reaper"), "--once", "--backoff-base-seconds", "7200",
+         "--backoff-max-seconds", "86400", "--dsn", dsn],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    row = job_row(conn, job_id)
+    assert row is not None and row["state"] == "queued"
+    # backoff_delay(1, base 7200) = 7200 s, times a jitter in [0.75, 1.25).
+    assert row["run_at"] >= before + timedelta(seconds=5400)
 
 
 def test_running_job_whose_lease_has_not_expired_is_untouched(conn, dsn):
