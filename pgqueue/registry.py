@@ -52,6 +52,10 @@ def _check_name(kind: str, value: object, max_length: int) -> None:
         raise ConfigError(f"{kind} name must be a string, got {type(value).__name__}")
     if not value.strip():
         raise ConfigError(f"{kind} name must not be empty")
+    if kind == "queue" and value != value.strip():
+        # `pgqueue-worker --queues a, b` strips the names it is given: a padded queue
+        # could be enqueued to but never named there.
+        raise ConfigError(f"queue name {value!r} starts or ends with white space")
     if len(value) > max_length:
         raise ConfigError(f"{kind} name is longer than {max_length} characters")
     if "\x00" in value:

@@ -16,7 +16,15 @@ import psycopg
 import pytest
 from psycopg.rows import class_row, dict_row, namedtuple_row
 
-from pgqueue import JobSpec, Registry, SerializationError, ValidationError, enqueue, enqueue_many
+from pgqueue import (
+    ConfigError,
+    JobSpec,
+    Registry,
+    SerializationError,
+    ValidationError,
+    enqueue,
+    enqueue_many,
+)
 from pgqueue.enqueue import MAX_ARGS_DEPTH, STREAM_COPY_FROM
 from pgqueue.registry import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY
 from tests.conftest import run_at_once, scalar
@@ -276,6 +284,9 @@ BAD_INPUTS = [
     ({"task": "a\x00b"}, ValidationError),
     ({"task": "t", "queue": ""}, ValidationError),
     ({"task": "t", "queue": "q" * 129}, ValidationError),
+    # `--queues` strips names: a padded queue could never be named to a worker.
+    ({"task": "t", "queue": " emails"}, ValidationError),
+    ({"task": "t", "queue": "emails\t"}, ValidationError),
     ({"task": "t", "args": [1, 2]}, SerializationError),
     ({"task": "t", "args": "{}"}, SerializationError),
     ({"task": "t", "args": {"when": datetime.now(UTC)}}, SerializationError),
@@ -834,3 +845,59 @@ def test_max_attempts_out_of_range_names_the_range(conn, attempts):
         ValidationError, match=r"max_attempts must be an integer in 1\.\.2147483647"
     ):
         enqueue(conn, "t", max_attempts=attempts)
+
+
+def test_a_task_registered_on_a_padded_queue_is_refused():
+    with pytest.raises(ConfigError, match="starts or ends with white space"):
+        Registry().task(name="t", queue=" padded ")
+
+
+ONE = "ARRAY['{}']::jsonb[], ARRAY['q'], ARRAY[1], ARRAY[now()], ARRAY[1], ARRAY[NULL::text]"
+
+
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        # tasks empty or NULL: nothing was enqueued and no error, whatever the rest held.
+        ("ARRAY[]::text[], " + ONE, "args"),
+        ("NULL::text[], " + ONE, "tasks"),
+        # A whole NULL array passed the length check (it compared NULL).
+        (
+            "ARRAY['a'], NULL::jsonb[], ARRAY['q'], ARRAY[1], ARRAY[now()], ARRAY[1],"
+            " ARRAY[NULL::text]",
+            "args",
+        ),
+        ("ARRAY['a'], " + ONE.replace("ARRAY[1], ARRAY[now()]", "ARRAY[1, 2], ARRAY[now()]"),
+         "priorities"),
+        # Two dimensions were flattened into jobs.
+        ("ARRAY[['a', 'b'], ['c', 'd']], " + ONE, "tasks"),
+        ("ARRAY['a'], " + ONE.replace("ARRAY['q']", "ARRAY[['q']]"), "queues"),
+    ],
+)  # fmt: skip
+def test_sql_enqueue_many_refuses_arrays_that_do_not_line_up(conn, call, named):
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as refused:
+        conn.execute(f"SELECT pgqueue.enqueue_many({call})")
+    assert f"pgqueue.enqueue_many: {named} must be a one-dimensional array" in str(refused.value)
+    conn.rollback()
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 0
+
+
+def test_sql_enqueue_many_takes_null_elements_as_defaults_and_empty_arrays(conn):
+    ids = scalar(
+        conn,
+        "SELECT pgqueue.enqueue_many(ARRAY['a', 'b'], ARRAY['{\"x\": 1}', NULL]::jsonb[],"
+        " ARRAY['q', NULL], ARRAY[5, NULL], ARRAY[NULL, NULL]::timestamptz[],"
+        " ARRAY[NULL, 3], ARRAY[NULL, NULL]::text[])",
+    )
+    rows = conn.execute(
+        "SELECT task, args, queue, priority, max_attempts FROM pgqueue.jobs WHERE id = ANY (%s)"
+        " ORDER BY id",
+        (ids,),
+    ).fetchall()
+    assert rows == [("a", {"x": 1}, "q", 5, 20), ("b", {}, "default", 0, 3)]
+    empty = "ARRAY[]::text[]"
+    assert scalar(
+        conn,
+        f"SELECT pgqueue.enqueue_many({empty}, ARRAY[]::jsonb[], {empty}, ARRAY[]::int[],"
+        f" ARRAY[]::timestamptz[], ARRAY[]::int[], {empty})",
+    ) == []  # fmt: skip
