@@ -1389,9 +1389,53 @@ def test_a_lost_lease_is_counted_once_when_found_before_the_outcome_is_written(c
             await handler_finished(worker)
             assert worker.completer.pending == 1
             expire_and_requeue(conn, dsn, job_id)
+            # Its outcome waits in the completer: the heartbeat leaves it to the write,
+            # which is fenced off and reports the lost lease.
+            _, lost_jobs = await worker.heartbeat.run_once()
+            assert lost_jobs == []
+            assert await worker.completer.run_once() == 1  # fenced: nothing written
+        finally:
+            await worker.pool.close()
+            worker.executor.shutdown()
+
+    before = lost()
+    asyncio.run(scenario())
+    assert job_state(conn, job_id) == "queued"
+    assert lost() - before == 1
+
+
+def test_the_heartbeat_reports_the_lost_lease_of_a_job_still_running(conn, dsn):
+    # The other side of leaving pending outcomes to the completer: a handler still
+    # running has no outcome there, so only the heartbeat can find its lease gone; its
+    # result is then dropped, and the loss counted once.
+    registry = Registry()
+    release = asyncio.Event()
+
+    @registry.task(name="ops_still_running")
+    async def still_running() -> None:
+        await release.wait()
+
+    job_id = enqueue(conn, "ops_still_running")
+    labels = {"queue": "default", "task": "ops_still_running", "outcome": "lease_lost"}
+
+    def lost() -> float:
+        return REGISTRY.get_sample_value("pgqueue_jobs_completed_total", labels) or 0.0
+
+    async def scenario() -> None:
+        worker = Worker(registry, WorkerConfig(dsn=dsn, lease_seconds=5, concurrency=1))
+        await worker.pool.open(wait=True)
+        try:
+            assert [j.id for j in await worker.run_once()] == [job_id]
+            expire_and_requeue(conn, dsn, job_id)
             _, lost_jobs = await worker.heartbeat.run_once()
             assert [j.id for j in lost_jobs] == [job_id]
-            assert await worker.completer.run_once() == 1  # fenced: nothing written
+            assert job_id not in held_ids(worker)
+            release.set()
+            for _ in range(500):
+                if not worker._running:
+                    break
+                await asyncio.sleep(0.01)
+            assert worker.completer.pending == 0  # its result is dropped, not written
         finally:
             await worker.pool.close()
             worker.executor.shutdown()
@@ -1586,15 +1630,17 @@ def test_an_outcome_whose_commit_reply_was_lost_is_reported_written_not_lease_lo
                 await worker.completer.run_once()
             assert proxy.cuts == 1
             assert job_state(conn, job_id) == after
-            # The heartbeat finds the lease gone: cleared by the outcome's own write, so
-            # it is not reported lost, and the job stays held until the completer knows.
+            # The heartbeat finds the lease gone, cleared by the outcome's own write: the
+            # outcome waits in the completer, so it is not reported lost, and the job
+            # stays held until the completer knows.
+            (job,) = (j for j in worker._held if j.id == job_id)
             _, gone = await worker.heartbeat.run_once()
-            assert [j.id for j in gone] == [job_id]
+            assert gone == []
             assert job_id in held_ids(worker)
             # The retry is fenced off by the first write; the history shows it landed.
             assert await worker.completer.run_once() == 1
             assert job_id not in held_ids(worker)
-            assert not worker.completer.uncertain(gone[0])
+            assert not worker.completer.uncertain(job)
 
     lost_before, written_before = completed(task_name, "lease_lost"), completed(task_name, label)
     asyncio.run(scenario())
@@ -1693,7 +1739,7 @@ def test_a_release_whose_commit_reply_was_lost_is_reported_released_not_lease_lo
             assert proxy.cuts == 1
             assert job_state(conn, job_id) == "queued"
             _, gone = await worker.heartbeat.run_once()
-            assert [j.id for j in gone] == [job_id]
+            assert gone == []  # its outcome waits in the completer
             assert job_id in held_ids(worker)
             assert await worker.completer.run_once() == 1
             assert job_id not in held_ids(worker)
@@ -1727,7 +1773,7 @@ def test_a_lost_lease_is_still_reported_when_a_cut_write_had_not_landed(conn, ds
             assert job_state(conn, job_id) == "running"
             expire_and_requeue(conn, dsn, job_id)
             _, gone = await worker.heartbeat.run_once()
-            assert [j.id for j in gone] == [job_id]
+            assert gone == []  # left to the completer, whose outcome it is
             assert await worker.completer.run_once() == 1  # fenced, and not recorded
             assert job_id not in held_ids(worker)
 
