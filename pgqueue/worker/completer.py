@@ -96,10 +96,10 @@ class Completer:
     def pending(self) -> int:
         return len(self._pending)
 
-    def holds(self, job: Job) -> bool:
-        """Whether an outcome of this attempt is waiting here or being written: its row
-        may stop showing its lease at any moment, without the lease being lost."""
-        return any(o.job is job for o in self._batch) or any(o.job is job for o in self._pending)
+    def holding(self) -> set[Job]:
+        """The attempts whose outcome is waiting here or being written: their rows may stop
+        showing their leases at any moment, without the leases being lost."""
+        return {o.job for o in self._batch} | {o.job for o in self._pending}
 
     def uncertain(self, job: Job) -> bool:
         """Whether this attempt's outcome may already be written (a write of it failed

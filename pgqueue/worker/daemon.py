@@ -143,7 +143,7 @@ class Worker:
         self.heartbeat = Heartbeat(
             self.pool,
             lambda: list(self._held),
-            lambda job: job not in self._held or self.completer.holds(job),
+            self._settling,
             self._on_lost,
             self._register,
             interval=config.heartbeat_interval,
@@ -516,6 +516,12 @@ class Worker:
     def _refused_tokens(self) -> list[uuid.UUID]:
         """Tokens of refused outcomes, for the heartbeat to leave alone (see _refused)."""
         return list(self._refused)
+
+    def _settling(self, jobs: list[Job]) -> set[Job]:
+        """Of these attempts, those whose outcome was written, or waits in the completer
+        (the heartbeat must not take them for lost leases)."""
+        holding = self.completer.holding()
+        return {job for job in jobs if job not in self._held or job in holding}
 
     def _release_hold(self, job: Job) -> None:
         # Only this attempt's hold: the same job may have been claimed again since.

@@ -35,7 +35,7 @@ class Heartbeat:
         self,
         pool: AsyncConnectionPool,
         held: Callable[[], list[Job]],
-        settling: Callable[[Job], bool],
+        settling: Callable[[list[Job]], set[Job]],
         on_lost: Callable[[list[Job]], None],
         register: Callable[[AsyncConnection[Any]], Awaitable[None]],
         *,
@@ -47,10 +47,11 @@ class Heartbeat:
     ) -> None:
         self.pool = pool
         self.held = held
-        # Whether an attempt no longer needs its lease, or may not: it is no longer held
-        # (its outcome was written), or its outcome is waiting to be written or being
-        # written (it may have committed). Such a job missing from a beat's result has not
-        # lost its lease (if it has, the completer finds its write fenced off).
+        # Of the given attempts, those that no longer need their lease, or may not: no
+        # longer held (the outcome was written), or with an outcome waiting to be written
+        # or being written (it may have committed). Such a job missing from a beat's
+        # result has not lost its lease (if it has, the completer's write is fenced off
+        # and says so).
         self.settling = settling
         self.on_lost = on_lost
         self.register = register
@@ -101,11 +102,10 @@ class Heartbeat:
                     tokens=[j.lease_token for j in jobs],
                     lease_seconds=self.lease_seconds,
                 )
-                lost = [
-                    j
-                    for j in jobs
-                    if j.id not in extended and j.id not in busy and not self.settling(j)
-                ]
+                missing = [j for j in jobs if j.id not in extended and j.id not in busy]
+                if missing:
+                    settling = self.settling(missing)
+                    lost = [j for j in missing if j not in settling]
                 for job in jobs:
                     if extended.get(job.id):
                         job.cancel.set()
