@@ -1446,6 +1446,56 @@ def test_the_heartbeat_reports_the_lost_lease_of_a_job_still_running(conn, dsn):
     assert lost() - before == 1
 
 
+def test_a_lost_lease_whose_outcome_is_written_during_the_beat_is_counted_once(conn, dsn):
+    # The heartbeat decides which leases are lost, then registers the worker (a round
+    # trip) before it reports them. Meanwhile the handler ended and the completer found
+    # its write fenced off and reported the loss: the heartbeat counted and logged it a
+    # second time, and left an entry in the worker's lost set for good.
+    registry = Registry()
+    release = asyncio.Event()
+
+    @registry.task(name="ops_lost_twice")
+    async def lost_twice() -> None:
+        await release.wait()
+
+    job_id = enqueue(conn, "ops_lost_twice")
+    labels = {"queue": "default", "task": "ops_lost_twice", "outcome": "lease_lost"}
+
+    def lost() -> float:
+        return REGISTRY.get_sample_value("pgqueue_jobs_completed_total", labels) or 0.0
+
+    async def scenario() -> None:
+        worker = Worker(registry, WorkerConfig(dsn=dsn, lease_seconds=5, concurrency=1))
+        await worker.pool.open(wait=True)
+        completer = asyncio.create_task(worker.completer.run())
+        register = worker.heartbeat.register
+
+        async def register_while_the_outcome_is_written(c: Any) -> None:
+            release.set()
+            for _ in range(500):
+                if not worker._held:
+                    break
+                await asyncio.sleep(0.01)
+            assert not worker._held, "the completer did not report the outcome"
+            await register(c)
+
+        try:
+            assert [j.id for j in await worker.run_once()] == [job_id]
+            expire_and_requeue(conn, dsn, job_id)
+            worker.heartbeat.register = register_while_the_outcome_is_written
+            await worker.heartbeat.run_once()
+            assert worker._lost == set()
+        finally:
+            completer.cancel()
+            await worker.pool.close()
+            worker.executor.shutdown()
+
+    before = lost()
+    asyncio.run(scenario())
+    assert job_state(conn, job_id) == "queued"
+    assert lost() - before == 1
+
+
 class CommitReplyCutter:
     """A TCP proxy in front of Postgres. Armed with a marker, it passes the next client
     message that contains it, lets the server run it to the end (its ReadyForQuery: the

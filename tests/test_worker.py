@@ -1341,6 +1341,50 @@ def test_an_outcome_waiting_for_a_row_lock_does_not_hold_back_the_other_leases(d
     ]
 
 
+def test_a_thread_left_by_another_timed_out_job_does_not_hold_back_a_rescued_job(dsn):
+    # Isolation waits for the rescued job's own thread; waiting for every thread a
+    # timed-out handler left stopped the worker for as long as one stayed blocked.
+    registry = Registry()
+    unblock = threading.Event()
+
+    @registry.task(name="blocked", timeout=0.3)
+    def blocked() -> None:
+        unblock.wait(30)
+
+    @registry.task(name="ok")
+    def ok() -> None:
+        pass
+
+    stuck = sql_enqueue(dsn, "blocked")
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, concurrency=4, poll_interval=0.2) as worker:
+            await wait_for_db(
+                dsn,
+                "SELECT state = 'queued' AND attempts = 1 FROM pgqueue.jobs WHERE id = %s",
+                (stuck,),
+            )  # timed out (retried later), its thread still blocked
+            assert worker.executor.abandoned == 1
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("UPDATE pgqueue.jobs SET run_at = now() + interval '1 hour'")
+                conn.execute(
+                    "INSERT INTO pgqueue.jobs (task, rescued, attempts) VALUES ('ok', true, 1)"
+                )
+            for _ in range(5):
+                sql_enqueue(dsn, "ok")
+            try:
+                await wait_for_db(
+                    dsn,
+                    "SELECT count(*) = 6 FROM pgqueue.jobs WHERE task = 'ok'"
+                    " AND state = 'succeeded'",
+                    timeout=10,
+                )
+            finally:
+                unblock.set()
+
+    run(main)
+
+
 def test_a_foreign_key_share_lock_on_a_running_job_does_not_stop_its_heartbeat(dsn):
     # A handler (or anything) inserting a row that references pgqueue.jobs(id) holds a KEY
     # SHARE lock on the job until it commits. The heartbeat's lock must not conflict with

@@ -261,7 +261,7 @@ class Worker:
                 self._rescue_pending = await store.rescued_waiting(conn, queues=self.queues)
                 self._next_rescue_check = loop.time() + self.config.poll_interval
             if self._rescue_pending:
-                if self._busy():
+                if self._running:
                     return []  # drain: the rescued job must run alone
                 rescued = await store.claim_rescued_job(
                     conn,
@@ -309,11 +309,6 @@ class Worker:
 
     # --- fetcher --------------------------------------------------------------------
 
-    def _busy(self) -> bool:
-        """Whether any handler of this worker runs: a task, or the thread of a sync handler
-        it gave up on (timed out, released), which runs on to its end."""
-        return bool(self._running) or self.executor.abandoned > 0
-
     def _free_slots(self) -> int:
         if self._isolated is not None:
             return 0
@@ -353,9 +348,8 @@ class Worker:
                 log.exception("fetcher.failed", retry_in=round(delay, 2))
                 await self._wait_for(self._stopping, delay)
                 continue
-            if self._rescue_pending and self._busy():
-                # Draining so that a rescued job can run alone: wait for a slot (or for
-                # an abandoned handler's thread to end: _thread_freed sets it too).
+            if self._rescue_pending and self._running:
+                # Draining so that a rescued job can run alone: wait for a slot.
                 self._slot_freed.clear()
                 await self._wait_for(self._slot_freed, self.config.poll_interval)
                 continue
@@ -529,6 +523,10 @@ class Worker:
 
     def _on_lost(self, jobs: list[Job]) -> None:
         for job in jobs:
+            if job not in self._held:
+                # Reported already: its outcome was written (or fenced off, and counted
+                # as lost there) while the heartbeat was still finishing its beat.
+                continue
             if self.completer.uncertain(job):
                 # Its outcome's write failed with the connection, perhaps after committing,
                 # which would clear the lease too: the completer finds out which, and
