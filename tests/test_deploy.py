@@ -199,9 +199,11 @@ def test_exported_metrics_match_a_live_scrape(dsn: str, daemons: Daemons) -> Non
 
     def scrape(port: int, wanted: str) -> str | None:
         # The handler's own write commits before the worker records the outcome (and
-        # counts it), so wait for the counter rather than scrape once.
+        # counts it), so wait for the counter's sample rather than scrape once. (Its
+        # name alone is in the HELP and TYPE lines from the start.)
         got = http_get(port, "/metrics")
-        return got[1] if got is not None and wanted in got[1] else None
+        sample = re.compile(rf"^{re.escape(wanted)}[{{ ]", re.MULTILINE)
+        return got[1] if got is not None and sample.search(got[1]) else None
 
     for proc, port, wanted in (
         (worker, worker_port, "pgqueue_jobs_completed_total"),
