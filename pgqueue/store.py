@@ -171,8 +171,14 @@ async def rescued_waiting(conn: AsyncConn, *, queues: Sequence[str]) -> bool:
     return bool(rows and rows[0]["waiting"])
 
 
-async def seconds_until_due(conn: AsyncConn, *, queues: Sequence[str]) -> float | None:
-    rows = await _fetch_async(conn, "seconds_until_due", {"queues": list(queues)})
+async def seconds_until_due(
+    conn: AsyncConn, *, queues: Sequence[str], lookback_seconds: float = 0.0
+) -> float | None:
+    rows = await _fetch_async(
+        conn,
+        "seconds_until_due",
+        {"queues": list(queues), "lookback_seconds": lookback_seconds},
+    )
     value: float | None = rows[0]["seconds"] if rows else None
     return value
 

@@ -691,6 +691,22 @@ def test_seconds_until_due_is_none_without_a_future_queued_job_in_the_queues(con
     assert run_async(dsn, store.seconds_until_due, queues=["a"]) is None
 
 
+def test_seconds_until_due_counts_a_job_that_fell_due_within_the_lookback(conn, dsn):
+    # A job that fell due between the worker's claim and this statement was in neither:
+    # the worker slept until the next poll. Within the lookback it comes back as due now
+    # (negative); older due jobs, and due rescued ones, stay out (an idle worker would spin).
+    t0 = db_clock(conn)
+    make_job(conn, queue="a", run_at=t0 - timedelta(seconds=30))  # older than the lookback
+    make_job(conn, queue="a", run_at=t0 - timedelta(seconds=1), rescued=True)
+    make_job(conn, queue="a", run_at=t0 + timedelta(hours=1))
+    assert run_async(dsn, store.seconds_until_due, queues=["a"], lookback_seconds=5.0) > 3000
+
+    make_job(conn, queue="a", run_at=t0 - timedelta(seconds=1))  # fell due just now
+    seconds = run_async(dsn, store.seconds_until_due, queues=["a"], lookback_seconds=5.0)
+    assert seconds is not None and -5.0 < seconds < 0
+    assert run_async(dsn, store.seconds_until_due, queues=["a"], lookback_seconds=0.0) > 3000
+
+
 # --- notify trigger -----------------------------------------------------------------------
 
 
@@ -948,7 +964,9 @@ def _plan_params(dsn: str, name: str) -> dict[str, Any]:
         return {"queues": queues, "limit": 10, "worker_id": WORKER, "lease_seconds": LEASE}
     if name == "claim_rescued_job":
         return {"queues": queues, "worker_id": WORKER, "lease_seconds": LEASE}
-    if name in ("seconds_until_due", "rescued_waiting"):
+    if name == "seconds_until_due":
+        return {"queues": queues, "lookback_seconds": 0.05}
+    if name == "rescued_waiting":
         return {"queues": queues}
     if name == "queue_stats":
         return {}

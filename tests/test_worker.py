@@ -1385,6 +1385,33 @@ def test_a_thread_left_by_another_timed_out_job_does_not_hold_back_a_rescued_job
     run(main)
 
 
+def test_a_job_due_since_the_last_claim_wakes_the_idle_worker_at_once(dsn):
+    # A job falling due between the claim's now() and the next-due query's was in neither:
+    # the worker slept until the next poll (3.26 s late at --poll-interval 5 in the report).
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO pgqueue.jobs (task, run_at) VALUES ('t', now() - interval '0.5 s')"
+        )
+
+    async def main() -> tuple[float, float]:
+        worker = Worker(Registry(), WorkerConfig(dsn=dsn, poll_interval=5.0))
+        await worker.pool.open(wait=True)
+        try:
+            loop = asyncio.get_running_loop()
+            # The claim went out 1 s ago, before the job fell due: it is due now.
+            after_claim = await worker._idle_timeout(loop.time() - 1.0)
+            # A claim sent just now saw it (it was due then): not counted again.
+            stale = await worker._idle_timeout(loop.time())
+            return after_claim, stale
+        finally:
+            await worker.pool.close()
+            worker.executor.shutdown()
+
+    after_claim, stale = run(main)
+    assert after_claim < 0.01
+    assert stale == 5.0
+
+
 def test_a_foreign_key_share_lock_on_a_running_job_does_not_stop_its_heartbeat(dsn):
     # A handler (or anything) inserting a row that references pgqueue.jobs(id) holds a KEY
     # SHARE lock on the job until it commits. The heartbeat's lock must not conflict with

@@ -88,9 +88,16 @@ SELECT EXISTS (
 ) AS waiting;
 
 -- name: seconds_until_due
--- Seconds until the earliest future run_at of a queued job in the given queues (NULL if
--- none), on the database's clock, so an idle worker sleeps exactly until then. A loose index scan: one index descent per distinct
--- priority of each queue, never a scan of the whole backlog of future jobs.
+-- Seconds until the earliest run_at of a queued job in the given queues that is in the
+-- future or fell due in the last %(lookback_seconds)s (NULL if none), on the database's
+-- clock, so an idle worker sleeps exactly until then. The worker passes the time since it
+-- sent its last claim: a job that fell due after that claim's now() and before this
+-- statement's was in neither, and waited for the next poll; it comes back as negative
+-- seconds (claim again now). Older due jobs are left out (locked by another worker's
+-- claim), and so are due rescued jobs (claimed alone, on their own check): counting them
+-- would make an idle worker spin. A loose
+-- index scan: one index descent per distinct priority of each queue, never a scan of the
+-- whole backlog of future jobs.
 SELECT extract(epoch FROM min(n.run_at) - now())::float8 AS seconds
 FROM (SELECT u.name FROM unnest(%(queues)s::text[]) AS u(name)
       WHERE NOT EXISTS (SELECT 1 FROM pgqueue.queues AS p
@@ -108,7 +115,8 @@ CROSS JOIN LATERAL (
     )
     SELECT (SELECT j.run_at FROM pgqueue.jobs AS j
             WHERE j.queue = q.name AND j.state = 'queued' AND j.priority = prio.priority
-              AND j.run_at > now()
+              AND j.run_at > now() - make_interval(secs => %(lookback_seconds)s)
+              AND (j.run_at > now() OR NOT j.rescued)
             ORDER BY j.run_at LIMIT 1) AS run_at
     FROM prio WHERE prio.priority IS NOT NULL
 ) AS n;

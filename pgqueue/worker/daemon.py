@@ -37,6 +37,11 @@ from pgqueue.worker.heartbeat import Heartbeat
 from pgqueue.worker.listener import Listener
 
 log = get_logger("pgqueue.worker")
+
+# Added to the time since a claim was sent when asking for the next due job: the claim's
+# now() on the server is later than its sending, but this covers a server that took the
+# next statement later than the claim (the two use different pooled connections).
+DUE_LOOKBACK_MARGIN = 0.05
 # Tokens of refused outcomes the worker remembers (see Worker._refused).
 REFUSED_KEPT = 10_000
 # How often a supervised worker checks that its supervisor still lives.
@@ -331,6 +336,7 @@ class Worker:
                 await self._wait_for(self._slot_freed, None)
                 continue
             self._wake.clear()
+            claim_sent = asyncio.get_running_loop().time()
             try:
                 jobs = await self.run_once(free)
                 self._backoff.reset()
@@ -362,18 +368,23 @@ class Worker:
                 # concurrency 1000, the same at concurrency 1).
                 await asyncio.sleep(0)
                 continue
-            timeout = await self._idle_timeout()
+            timeout = await self._idle_timeout(claim_sent)
             # Wake for run_once's rescued-job check when it falls due, so that it runs
             # while nothing waits: left to the next notification, its round trip came
             # before that job's claim (2 of 500 jobs at 50/s, among the slowest 1%).
             until_check = self._next_rescue_check - asyncio.get_running_loop().time()
             await self._wait_for(self._wake, min(timeout, max(0.0, until_check)))
 
-    async def _idle_timeout(self) -> float:
-        """Sleep until the next scheduled job is due, or the safety-net poll."""
+    async def _idle_timeout(self, claim_sent: float) -> float:
+        """Sleep until the next scheduled job is due, or the safety-net poll. A job that
+        fell due after the claim sent at ``claim_sent`` (loop time) began counts as due
+        now: the claim did not see it, and it is not in the future any more."""
+        lookback = asyncio.get_running_loop().time() - claim_sent + DUE_LOOKBACK_MARGIN
         try:
             async with self.pool.connection() as conn:
-                seconds = await store.seconds_until_due(conn, queues=self.queues)
+                seconds = await store.seconds_until_due(
+                    conn, queues=self.queues, lookback_seconds=lookback
+                )
         except Exception:
             return self.config.poll_interval
         if seconds is None:
