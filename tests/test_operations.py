@@ -482,6 +482,20 @@ def test_healthz_follows_the_database_for_worker_and_reaper(cluster, tmp_path):
         daemons.stop_all()
 
 
+def test_healthz_is_503_while_a_handler_blocks_the_event_loop(conn, daemons):
+    # /healthz said 200 while nothing on the loop ran (no heartbeat): a liveness probe
+    # never restarted such a worker while its leases expired.
+    port = free_port()
+    daemons.worker("--metrics-port", str(port), "--lease-seconds", "2", *LOCAL)
+    wait_until(lambda: http_status(port, "/healthz") == 200)
+    job_id = enqueue(conn, "block_loop", {"seconds": 6})
+
+    wait_until(lambda: http_status(port, "/healthz") == 503, timeout=10)
+    assert "no heartbeat for" in http_get(port, "/healthz")[1]
+    wait_until(lambda: job_state(conn, job_id) == "succeeded", timeout=20)
+    wait_until(lambda: http_status(port, "/healthz") == 200, timeout=10)
+
+
 def test_unmigrated_database_gives_503_and_a_migrate_hint_until_migrated(server_dsn, tmp_path):
     name = f"pgqueue_unmigrated_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(server_dsn, autocommit=True) as admin:

@@ -130,6 +130,7 @@ class Worker:
         self.stubborn_handlers = 0
         self._released_early: set[uuid.UUID] = set()
         self._started = False
+        self._started_at = 0.0
         # Rescued-job isolation (see run_once): the job running alone, whether a rescued
         # job waits, and when to look again.
         self._isolated: Job | None = None
@@ -190,7 +191,20 @@ class Worker:
             return False, "starting"
         if self._stopping.is_set():
             return False, "stopping"
-        return self._database_health()
+        # The heartbeat runs on the event loop: no beat for a lease means a blocked loop
+        # (a handler calling blocking code) or a pool that cannot reach the database,
+        # and the leases of this worker's jobs are expiring.
+        last_beat = self.heartbeat.last_success or self._started_at
+        silent = time.monotonic() - last_beat
+        if silent <= self.config.lease_seconds:
+            return self._database_health()
+        database = self._database_health()
+        if not database[0]:
+            return database
+        return False, (
+            f"no heartbeat for {silent:.0f}s (lease {self.config.lease_seconds:g}s): the"
+            " event loop is blocked (a handler calling blocking code?)"
+        )
 
     async def run(self, *, handle_signals: bool = True) -> None:
         """Run until ``stop()`` (or SIGTERM/SIGINT), then shut down gracefully."""
@@ -222,6 +236,7 @@ class Worker:
         fetcher = asyncio.create_task(self._fetch_loop(), name="fetcher")
         for task in (*services, fetcher):
             task.add_done_callback(self._on_component_done)
+        self._started_at = time.monotonic()
         self._started = True
         try:
             await self._stopping.wait()

@@ -15,6 +15,7 @@ they need not wait for their lease and then run alone as if this worker had died
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -110,7 +111,7 @@ class Heartbeat:
                     if extended.get(job.id):
                         job.cancel.set()
             await self.register(conn)
-        self.last_success = asyncio.get_running_loop().time()
+        self.last_success = time.monotonic()
         if busy:
             # Another session holds these rows locked: their leases wait for the next
             # beat (the others were extended).

@@ -54,6 +54,12 @@ async def async_blocking(seconds: float) -> None:
     await asyncio.to_thread(time.sleep, seconds)
 
 
+@registry.task(name="block_loop", backoff=FAST)
+async def block_loop(seconds: float) -> None:
+    """An async handler that blocks the worker's event loop (a handler bug)."""
+    time.sleep(seconds)  # noqa: ASYNC251 - the bug this task stands for
+
+
 @registry.task(name="sleep", backoff=FAST)
 def sleep(seconds: float, note: str = "") -> None:
     _record("start " + note)
