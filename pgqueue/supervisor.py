@@ -71,6 +71,8 @@ class Supervisor:
         self.metrics_dir: str | None = None
         self.children: list[_Child] = []
         self._signals: list[int] = []
+        # Pids of children the stop signal was passed to.
+        self._signalled: set[int] = set()
 
     def _spawn(self, slot: int) -> subprocess.Popen[bytes]:
         # The DSN goes by environment, not argv: `ps` would show a password.
@@ -88,15 +90,21 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals.append(signum)
-        # First signal: pass it on (graceful stop). Any later one means "now": SIGQUIT,
+        # First signal: a graceful stop, passed on as SIGTERM (a SIGINT reaching a child
+        # before its handlers are installed, or after its loop closed, would end it in a
+        # KeyboardInterrupt traceback). Any later one, or SIGQUIT, means "now": SIGQUIT,
         # which the children honour at once; they ignore a repeated SIGTERM/SIGINT, since
         # that is usually the first stop arriving twice (cgroup or process-group kill).
-        forward = signum if len(self._signals) == 1 else signal.SIGQUIT
+        now = len(self._signals) > 1 or signum == signal.SIGQUIT
+        forward = signal.SIGQUIT if now else signal.SIGTERM
         for child in self.children:
             if child.proc.poll() is None:
                 child.proc.send_signal(forward)
+                self._signalled.add(child.proc.pid)
 
     def healthy(self) -> tuple[bool, str]:
+        if self._signals:
+            return False, "stopping"
         down = [
             c.slot for c in self.children if c.restart_at is not None or c.proc.poll() is not None
         ]
@@ -108,16 +116,18 @@ class Supervisor:
         """Supervise until a signal stops the children; returns the exit code."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGQUIT, self._on_signal)
         server: MetricsServer | None = None
-        if self.metrics_port is not None:
-            self.metrics_dir = tempfile.mkdtemp(prefix="pgqueue-metrics-")
-            server = MetricsServer(
-                self.metrics_host or DEFAULT_METRICS_HOST,
-                self.metrics_port,
-                multiprocess_registry(self.metrics_dir),
-                self.healthy,
-            ).start()
         try:
+            if self.metrics_port is not None:
+                # Removed below even when the port cannot be bound.
+                self.metrics_dir = tempfile.mkdtemp(prefix="pgqueue-metrics-")
+                server = MetricsServer(
+                    self.metrics_host or DEFAULT_METRICS_HOST,
+                    self.metrics_port,
+                    multiprocess_registry(self.metrics_dir),
+                    self.healthy,
+                ).start()
             return self._supervise()
         finally:
             if server is not None:
@@ -164,11 +174,14 @@ class Supervisor:
     def _wait_children(self) -> int:
         first = signal.Signals(self._signals[0])
         log.info("supervisor.stopping", signal=first.name)
-        # Again to every live child: one spawned while the signal was being handled may
-        # have missed it. Children ignore a repeated stop signal, so this is harmless.
+        # To every live child that missed it: one spawned while the signal was being
+        # handled. (Only those: a child that got it may have closed its loop already, and
+        # a second SIGINT would then end it in a traceback.)
+        graceful = len(self._signals) == 1 and first != signal.SIGQUIT
         for child in self.children:
-            if child.proc.poll() is None and len(self._signals) == 1:
-                child.proc.send_signal(first)
+            if child.proc.poll() is None and child.proc.pid not in self._signalled:
+                child.proc.send_signal(signal.SIGTERM if graceful else signal.SIGQUIT)
+                self._signalled.add(child.proc.pid)
         # Children got the signal in _on_signal. A child may take its grace period plus
         # up to FLUSH_TIMEOUT_SECONDS waiting for an in-flight claim, CANCEL_GRACE_SECONDS
         # (3, within the 5 s below) for handlers it cancelled, and FLUSH_TIMEOUT_SECONDS

@@ -227,9 +227,12 @@ class Daemons:
         return proc
 
     def worker(
-        self, *args: str, app: str = "tests.apps.sample:registry"
+        self,
+        *args: str,
+        app: str = "tests.apps.sample:registry",
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
-        return self.start("pgqueue-worker", "--app", app, "--log-format", "json", *args)
+        return self.start("pgqueue-worker", "--app", app, "--log-format", "json", *args, env=env)
 
     def reaper(self, *args: str) -> subprocess.Popen[bytes]:
         return self.start("pgqueue-reaper", "--log-format", "json", *args)

@@ -648,6 +648,61 @@ def test_supervisor_serves_metrics_summed_over_its_processes(conn, daemons):
     assert total(samples, "pgqueue_jobs_claimed_total") == 20
 
 
+def test_supervisor_metrics_dir_is_removed_when_its_port_cannot_be_bound(daemons, tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        supervisor = daemons.worker(
+            "--processes", "2", "--metrics-port", str(port), *LOCAL, env={"TMPDIR": str(tmp)}
+        )
+        assert supervisor.wait(timeout=30) == 2
+    assert "Address already in use" in daemons.output(supervisor)
+    assert list(tmp.iterdir()) == []  # its pgqueue-metrics-* directory was left behind
+
+
+def test_supervisor_on_sigquit_stops_its_children_at_once_and_cleans_up(conn, daemons, tmp_path):
+    # SIGQUIT killed the supervisor outright (exit -3): nothing was forwarded, its
+    # metrics directory stayed, and the children stopped only once orphaned, gracefully.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    port = free_port()
+    supervisor = daemons.worker(
+        "--processes", "2", "--metrics-port", str(port), "--shutdown-timeout", "30", *LOCAL,
+        env={"TMPDIR": str(tmp)},
+    )  # fmt: skip
+    wait_until(lambda: listening(conn) == 2)
+    job_id = enqueue(conn, "sleep", {"seconds": 30, "note": "quit"})
+    wait_until(lambda: job_state(conn, job_id) == "running")
+    wait_until(lambda: http_status(port, "/healthz") == 200)
+
+    supervisor.send_signal(signal.SIGQUIT)
+
+    assert supervisor.wait(timeout=10) == 1, daemons.output(supervisor)
+    assert "supervisor.stopping" in daemons.output(supervisor)
+    assert list(tmp.iterdir()) == []
+    assert job_state(conn, job_id) == "running"  # left to its lease, as documented
+
+
+def test_supervisor_healthz_is_503_while_it_stops(conn, daemons):
+    port = free_port()
+    supervisor = daemons.worker(
+        "--processes", "2", "--metrics-port", str(port), "--shutdown-timeout", "30", *LOCAL
+    )
+    wait_until(lambda: listening(conn) == 2)
+    job_id = enqueue(conn, "sleep", {"seconds": 3, "note": "stop"})
+    wait_until(lambda: job_state(conn, job_id) == "running")
+    wait_until(lambda: http_status(port, "/healthz") == 200)
+
+    supervisor.send_signal(signal.SIGTERM)
+
+    assert wait_until(lambda: http_get(port, "/healthz"), timeout=5) == (503, "stopping\n")
+    assert supervisor.wait(timeout=30) == 0
+    assert job_state(conn, job_id) == "succeeded"
+
+
 def test_supervisor_children_do_not_bind_a_metrics_port_given_by_environment(conn, daemons):
     port = free_port()
     supervisor = daemons.start(
