@@ -32,7 +32,10 @@ def main() -> int:
     embedded: EmbeddedPostgres | None = None
     server = os.environ.get("PGQUEUE_DSN")
     if not server:
-        print("PGQUEUE_DSN is not set: starting an embedded Postgres in .pgqueue/demo-pg")
+        print(
+            "PGQUEUE_DSN is not set: starting an embedded Postgres in .pgqueue/demo-pg"
+            " (set PGQUEUE_DSN to use a server of yours instead)"
+        )
         embedded = EmbeddedPostgres(ROOT / ".pgqueue" / "demo-pg")
         server = embedded.dsn
     dbname = f"pgqueue_demo_{uuid.uuid4().hex[:8]}"

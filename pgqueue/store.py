@@ -766,11 +766,17 @@ def applied_migrations(conn: SyncConn) -> dict[int, str]:
     return {r["version"]: r["checksum"] for r in _fetch(conn, "applied_migrations", {})}
 
 
+_NEVER_MIGRATED = (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName)
+
+
 def applied_versions(conn: SyncConn) -> list[int] | None:
-    """The applied migrations' versions (autocommit connection); None where this role may
-    not read them (a worker role whose grant of 0011 is missing)."""
+    """The applied migrations' versions (autocommit connection): none on a database never
+    migrated; None where this role may not read them (a worker role whose grant of 0011
+    is missing)."""
     try:
         return [v for (v,) in conn.execute(QUERIES["applied_versions"]).fetchall()]
+    except _NEVER_MIGRATED:
+        return []
     except psycopg.errors.InsufficientPrivilege:
         return None
 
@@ -780,6 +786,8 @@ async def applied_versions_async(conn: AsyncConn) -> list[int] | None:
     try:
         cur = await conn.execute(QUERIES["applied_versions"])
         return [v for (v,) in await cur.fetchall()]
+    except _NEVER_MIGRATED:
+        return []
     except psycopg.errors.InsufficientPrivilege:
         return None
 

@@ -517,8 +517,15 @@ def test_unmigrated_database_gives_503_and_a_migrate_hint_until_migrated(server_
         # The admin commands say the same, in one line.
         for args in (("stats",), ("queue", "pause", "q"), ("dead", "retry", "1"), ("status", "1")):
             assert one_line_error(cli(dsn, *args)) == f"pgqueue: {SCHEMA_HINT}", args
+        # Both daemons named every migration as missing, once.
+        shipped = [f"{m.version:04d}_{m.name}" for m in load_migrations()]
+        for proc, daemon in ((worker, "worker"), (reaper, "reaper")):
+            (behind,) = events(daemons, proc, f"{daemon}.schema_behind")
+            assert behind["missing"] == shipped
         migrate(dsn)
         wait_until(lambda: http_status(port, "/healthz") == 200, timeout=30)
+        for proc, daemon in ((worker, "worker"), (reaper, "reaper")):
+            wait_until(lambda p=proc, d=daemon: events(daemons, p, f"{d}.schema_up_to_date"))  # type: ignore[misc]
     finally:
         daemons.stop_all()
         with psycopg.connect(server_dsn, autocommit=True) as admin:
