@@ -391,11 +391,18 @@ def metrics_options(fn: F) -> F:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--app", required=True, metavar="MODULE:REGISTRY", help="Where the task Registry lives."
+    "--app",
+    required=True,
+    metavar="MODULE:REGISTRY",
+    envvar="PGQUEUE_APP",
+    show_envvar=True,
+    help="Where the task Registry lives.",
 )
 @click.option(
     "--queues",
     metavar="A,B",
+    envvar="PGQUEUE_QUEUES",
+    show_envvar=True,
     help="Comma-separated queues to serve"
     " (default: every queue the registry's tasks use, and 'default').",
 )
@@ -404,6 +411,8 @@ def metrics_options(fn: F) -> F:
     type=click.IntRange(1, MAX_CONCURRENCY),
     default=DEFAULT_CONCURRENCY,
     show_default=True,
+    envvar="PGQUEUE_CONCURRENCY",
+    show_envvar=True,
     help="Jobs run at once per process; also the most one claim takes (hundreds suit"
     " many short async jobs).",
 )
@@ -412,6 +421,8 @@ def metrics_options(fn: F) -> F:
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
+    envvar="PGQUEUE_PROCESSES",
+    show_envvar=True,
     help="Worker processes under one supervisor.",
 )
 @click.option(
@@ -419,6 +430,8 @@ def metrics_options(fn: F) -> F:
     type=click.FloatRange(min=1),
     default=DEFAULT_LEASE_SECONDS,
     show_default=True,
+    envvar="PGQUEUE_LEASE_SECONDS",
+    show_envvar=True,
     help="Lease per claim; heartbeats extend it every third of it.",
 )
 @click.option(
@@ -426,6 +439,8 @@ def metrics_options(fn: F) -> F:
     type=click.FloatRange(min=0),
     default=DEFAULT_SHUTDOWN_TIMEOUT,
     show_default=True,
+    envvar="PGQUEUE_SHUTDOWN_TIMEOUT",
+    show_envvar=True,
     help="Seconds running jobs get to finish after SIGTERM before they are released.",
 )
 @click.option(
@@ -433,6 +448,8 @@ def metrics_options(fn: F) -> F:
     type=click.FloatRange(min=0.01),
     default=DEFAULT_POLL_INTERVAL,
     show_default=True,
+    envvar="PGQUEUE_POLL_INTERVAL",
+    show_envvar=True,
     help="Safety-net poll when no notification arrives (seconds); how idle workers find"
     " new jobs where inserts do not notify (pgqueue.notify_inserts = off): keep it short"
     " there.",
@@ -492,6 +509,13 @@ def worker_command(
     log.configure(log_level, log_format)
 
     def body() -> int:
+        if queues is None and os.environ.get("PGQUEUE_QUEUES", "x").strip() == "":
+            # click takes an empty variable for an unset one, which would serve every
+            # queue: refused like an empty --queues.
+            raise ConfigError(
+                "PGQUEUE_QUEUES is set but empty: name the queues, or unset it to serve"
+                " every queue the registry's tasks use"
+            )
         config = WorkerConfig(
             dsn=_require_dsn(dsn),
             queues=_split_queues(queues),

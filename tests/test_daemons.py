@@ -422,6 +422,49 @@ def test_listen_connection_is_named_pgqueue_worker(conn, daemons):
     assert names == {"pgqueue-worker"}
 
 
+def test_the_worker_reads_its_settings_from_the_environment(daemons):
+    # deploy/systemd/worker-example.env.example names these as settings; outside the
+    # unit's ExecStart (Docker, supervisord, `env $(cat ...)`) they were ignored.
+    worker = daemons.start(
+        "pgqueue-worker",
+        "--log-format",
+        "json",
+        env={
+            "PGQUEUE_APP": "tests.apps.sample:registry",
+            "PGQUEUE_QUEUES": "emails,reports",
+            "PGQUEUE_CONCURRENCY": "3",
+            "PGQUEUE_LEASE_SECONDS": "7",
+            "PGQUEUE_SHUTDOWN_TIMEOUT": "4",
+            "PGQUEUE_POLL_INTERVAL": "0.5",
+        },
+    )
+    (started,) = wait_until(lambda: logged(daemons, worker, "worker.started"))
+    assert started["queues"] == ["emails", "reports"]
+    assert (started["concurrency"], started["lease_seconds"]) == (3, 7.0)
+    # A flag still wins over the environment.
+    flagged = daemons.start(
+        "pgqueue-worker", "--log-format", "json", "--concurrency", "5",
+        env={"PGQUEUE_APP": "tests.apps.sample:registry", "PGQUEUE_CONCURRENCY": "3"},
+    )  # fmt: skip
+    (started,) = wait_until(lambda: logged(daemons, flagged, "worker.started"))
+    assert started["concurrency"] == 5
+
+
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_pgqueue_queues_is_refused_not_every_queue(dsn, value):
+    result = subprocess.run(
+        [str(BIN / "pgqueue-worker"), "--app", "tests.apps.sample:registry"],
+        env={**os.environ, "PGQUEUE_DSN": dsn, "PGQUEUE_QUEUES": value, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    # Empty: click takes it for unset; blank: it reaches --queues.
+    error = one_line_error(result.stderr)
+    assert "PGQUEUE_QUEUES is set but empty" in error or "--queues has an empty name" in error
+
+
 @pytest.mark.parametrize("queues", ["", " ", ",,", "a,,b", "a, "])
 def test_a_queue_list_with_an_empty_name_is_refused(dsn, queues):
     # An empty --queues must not mean "every queue": a templated unit whose variable came
