@@ -42,6 +42,11 @@ def current_job() -> JobContext:
         raise PgQueueError("current_job() called outside a pgqueue handler") from None
 
 
+def running_job() -> JobContext | None:
+    """The job being run, or None outside a handler."""
+    return _current.get(None)
+
+
 def set_current(ctx: JobContext) -> contextvars.Token[JobContext]:
     return _current.set(ctx)
 

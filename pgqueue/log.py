@@ -18,6 +18,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from pgqueue.context import running_job
+
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
     """Configure structlog for a daemon; ``fmt`` is 'json', 'console' or 'auto'."""
@@ -41,6 +43,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _job_context,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _schema_hint,
@@ -90,6 +93,22 @@ class _StdlibHandler(logging.Handler):
             self.handleError(record)
             return
         _LineWriter(sys.stdout).msg(line)
+
+
+def _job_context(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """An event logged while a handler runs (a handler's own structlog calls) carries
+    the job's id, task, queue and attempt, unless it names them itself. Read from the
+    variable current_job() reads, which the worker sets for each job anyway: nothing is
+    bound per job, and an event outside a handler costs one lookup."""
+    job = running_job()
+    if job is not None:
+        event.setdefault("job_id", job.id)
+        event.setdefault("task", job.task)
+        event.setdefault("queue", job.queue)
+        event.setdefault("attempt", job.attempt)
+    return event
 
 
 SCHEMA_HINT = "the pgqueue schema is missing or not up to date: run `pgqueue migrate`"

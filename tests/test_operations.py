@@ -482,6 +482,22 @@ def test_healthz_follows_the_database_for_worker_and_reaper(cluster, tmp_path):
         daemons.stop_all()
 
 
+def test_a_handlers_own_log_events_carry_the_job(conn, daemons):
+    # They had no job_id, task, queue or attempt: nothing tied them to a job.
+    worker = daemons.worker()
+    job_id = enqueue(conn, "log_from_handler", {"note": "n1"})
+    wait_until(lambda: job_state(conn, job_id) == "succeeded")
+    for event in ("app.working", "app.working_in_thread"):
+        (entry,) = events(daemons, worker, event)
+        assert (entry["job_id"], entry["task"], entry["queue"], entry["attempt"]) == (
+            job_id, "log_from_handler", "default", 1
+        ), entry  # fmt: skip
+        assert entry["note"] == "n1"
+    # The worker's own events outside handlers carry none of it.
+    (started,) = events(daemons, worker, "worker.started")
+    assert "job_id" not in started
+
+
 def test_healthz_is_503_while_a_handler_blocks_the_event_loop(conn, daemons):
     # /healthz said 200 while nothing on the loop ran (no heartbeat): a liveness probe
     # never restarted such a worker while its leases expired.

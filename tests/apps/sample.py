@@ -9,6 +9,7 @@ import os
 import time
 
 import psycopg
+import structlog
 
 from pgqueue import PermanentError, Registry, Snooze, current_job
 from pgqueue.retry import Backoff
@@ -58,6 +59,17 @@ async def async_blocking(seconds: float) -> None:
 async def block_loop(seconds: float) -> None:
     """An async handler that blocks the worker's event loop (a handler bug)."""
     time.sleep(seconds)  # noqa: ASYNC251 - the bug this task stands for
+
+
+@registry.task(name="log_from_handler", backoff=FAST)
+async def log_from_handler(note: str = "") -> None:
+    """Logs through structlog as an app would, without naming the job."""
+    structlog.get_logger("app").info("app.working", note=note)
+    await asyncio.to_thread(_sync_log, note)
+
+
+def _sync_log(note: str) -> None:
+    structlog.get_logger("app").info("app.working_in_thread", note=note)
 
 
 @registry.task(name="sleep", backoff=FAST)
