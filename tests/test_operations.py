@@ -721,7 +721,11 @@ def test_supervisor_healthz_is_503_while_it_stops(conn, daemons):
 
     supervisor.send_signal(signal.SIGTERM)
 
-    assert wait_until(lambda: http_get(port, "/healthz"), timeout=5) == (503, "stopping\n")
+    def stopping() -> tuple[int, str] | None:
+        got = http_get(port, "/healthz")
+        return got if got is not None and got[0] == 503 else None
+
+    assert wait_until(stopping, timeout=5) == (503, "stopping\n")
     assert supervisor.wait(timeout=30) == 0
     assert job_state(conn, job_id) == "succeeded"
 
