@@ -509,9 +509,9 @@ def worker_command(
     log.configure(log_level, log_format)
 
     def body() -> int:
-        if queues is None and os.environ.get("PGQUEUE_QUEUES", "x").strip() == "":
+        if queues is None and os.environ.get("PGQUEUE_QUEUES") == "":
             # click takes an empty variable for an unset one, which would serve every
-            # queue: refused like an empty --queues.
+            # queue: refused like an empty --queues (a blank one reaches --queues).
             raise ConfigError(
                 "PGQUEUE_QUEUES is set but empty: name the queues, or unset it to serve"
                 " every queue the registry's tasks use"

@@ -168,8 +168,9 @@ def database_health(dsn: str) -> Health:
     def check() -> tuple[bool, str]:
         try:
             with psycopg.connect(dsn, autocommit=True, connect_timeout=2) as conn:
-                ready = store.schema_ready(conn)
-                applied = store.applied_versions(conn) if ready else None
+                applied = store.applied_versions(conn)
+                # One statement unless this role may not read the migrations' record.
+                ready = bool(applied) if applied is not None else store.schema_ready(conn)
         except psycopg.Error as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             return False, f"database unreachable: {first}"

@@ -1460,6 +1460,31 @@ def expire_and_requeue(conn: psycopg.Connection[Any], dsn: str, job_id: int) -> 
         reaper._close()
 
 
+@contextlib.asynccontextmanager
+async def stepped_worker(registry: Registry, dsn: str) -> AsyncIterator[Worker]:
+    """An in-process worker with its pool open and its loops not started: the test
+    drives its parts (claim, heartbeat, completer) one step at a time."""
+    worker = Worker(registry, WorkerConfig(dsn=dsn, lease_seconds=5, concurrency=1))
+    await worker.pool.open(wait=True)
+    try:
+        yield worker
+    finally:
+        await worker.pool.close()
+        worker.executor.shutdown()
+
+
+def held_until_released(task: str) -> tuple[Registry, asyncio.Event]:
+    """A registry whose async task ``task`` runs until the returned event is set."""
+    registry = Registry()
+    release = asyncio.Event()
+
+    async def wait_for_release() -> None:
+        await release.wait()
+
+    registry.task(name=task)(wait_for_release)
+    return registry, release
+
+
 def test_a_lost_lease_is_counted_once_when_found_before_the_outcome_is_written(conn, dsn):
     registry = Registry()
 
@@ -1468,19 +1493,13 @@ def test_a_lost_lease_is_counted_once_when_found_before_the_outcome_is_written(c
         pass
 
     job_id = enqueue(conn, "ops_noop")
-    labels = {"queue": "default", "task": "ops_noop", "outcome": "lease_lost"}
-
-    def lost() -> float:
-        return REGISTRY.get_sample_value("pgqueue_jobs_completed_total", labels) or 0.0
 
     async def scenario() -> None:
         # The worker's own parts, driven one step at a time in the order an outage
         # produces: the attempt ends but its outcome is not written yet (the completer
         # is not running, as when its connection is down), the lease expires and the
         # reaper requeues the job, then the heartbeat runs before the completer does.
-        worker = Worker(registry, WorkerConfig(dsn=dsn, lease_seconds=5, concurrency=1))
-        await worker.pool.open(wait=True)
-        try:
+        async with stepped_worker(registry, dsn) as worker:
             assert [j.id for j in await worker.run_once()] == [job_id]
             await handler_finished(worker)
             assert worker.completer.pending == 1
@@ -1490,37 +1509,19 @@ def test_a_lost_lease_is_counted_once_when_found_before_the_outcome_is_written(c
             _, lost_jobs = await worker.heartbeat.run_once()
             assert lost_jobs == []
             assert await worker.completer.run_once() == 1  # fenced: nothing written
-        finally:
-            await worker.pool.close()
-            worker.executor.shutdown()
 
-    before = lost()
-    asyncio.run(scenario())
-    assert job_state(conn, job_id) == "queued"
-    assert lost() - before == 1
+    runs_with_one_lost_lease(conn, job_id, "ops_noop", scenario)
 
 
 def test_the_heartbeat_reports_the_lost_lease_of_a_job_still_running(conn, dsn):
     # The other side of leaving pending outcomes to the completer: a handler still
     # running has no outcome there, so only the heartbeat can find its lease gone; its
     # result is then dropped, and the loss counted once.
-    registry = Registry()
-    release = asyncio.Event()
-
-    @registry.task(name="ops_still_running")
-    async def still_running() -> None:
-        await release.wait()
-
+    registry, release = held_until_released("ops_still_running")
     job_id = enqueue(conn, "ops_still_running")
-    labels = {"queue": "default", "task": "ops_still_running", "outcome": "lease_lost"}
-
-    def lost() -> float:
-        return REGISTRY.get_sample_value("pgqueue_jobs_completed_total", labels) or 0.0
 
     async def scenario() -> None:
-        worker = Worker(registry, WorkerConfig(dsn=dsn, lease_seconds=5, concurrency=1))
-        await worker.pool.open(wait=True)
-        try:
+        async with stepped_worker(registry, dsn) as worker:
             assert [j.id for j in await worker.run_once()] == [job_id]
             expire_and_requeue(conn, dsn, job_id)
             _, lost_jobs = await worker.heartbeat.run_once()
@@ -1532,14 +1533,8 @@ def test_the_heartbeat_reports_the_lost_lease_of_a_job_still_running(conn, dsn):
                     break
                 await asyncio.sleep(0.01)
             assert worker.completer.pending == 0  # its result is dropped, not written
-        finally:
-            await worker.pool.close()
-            worker.executor.shutdown()
 
-    before = lost()
-    asyncio.run(scenario())
-    assert job_state(conn, job_id) == "queued"
-    assert lost() - before == 1
+    runs_with_one_lost_lease(conn, job_id, "ops_still_running", scenario)
 
 
 def test_a_lost_lease_whose_outcome_is_written_during_the_beat_is_counted_once(conn, dsn):
@@ -1547,49 +1542,33 @@ def test_a_lost_lease_whose_outcome_is_written_during_the_beat_is_counted_once(c
     # trip) before it reports them. Meanwhile the handler ended and the completer found
     # its write fenced off and reported the loss: the heartbeat counted and logged it a
     # second time, and left an entry in the worker's lost set for good.
-    registry = Registry()
-    release = asyncio.Event()
-
-    @registry.task(name="ops_lost_twice")
-    async def lost_twice() -> None:
-        await release.wait()
-
+    registry, release = held_until_released("ops_lost_twice")
     job_id = enqueue(conn, "ops_lost_twice")
-    labels = {"queue": "default", "task": "ops_lost_twice", "outcome": "lease_lost"}
-
-    def lost() -> float:
-        return REGISTRY.get_sample_value("pgqueue_jobs_completed_total", labels) or 0.0
 
     async def scenario() -> None:
-        worker = Worker(registry, WorkerConfig(dsn=dsn, lease_seconds=5, concurrency=1))
-        await worker.pool.open(wait=True)
-        completer = asyncio.create_task(worker.completer.run())
-        register = worker.heartbeat.register
+        async with stepped_worker(registry, dsn) as worker:
+            completer = asyncio.create_task(worker.completer.run())
+            register = worker.heartbeat.register
 
-        async def register_while_the_outcome_is_written(c: Any) -> None:
-            release.set()
-            for _ in range(500):
-                if not worker._held:
-                    break
-                await asyncio.sleep(0.01)
-            assert not worker._held, "the completer did not report the outcome"
-            await register(c)
+            async def register_while_the_outcome_is_written(c: Any) -> None:
+                release.set()
+                for _ in range(500):
+                    if not worker._held:
+                        break
+                    await asyncio.sleep(0.01)
+                assert not worker._held, "the completer did not report the outcome"
+                await register(c)
 
-        try:
-            assert [j.id for j in await worker.run_once()] == [job_id]
-            expire_and_requeue(conn, dsn, job_id)
-            worker.heartbeat.register = register_while_the_outcome_is_written
-            await worker.heartbeat.run_once()
-            assert worker._lost == set()
-        finally:
-            completer.cancel()
-            await worker.pool.close()
-            worker.executor.shutdown()
+            try:
+                assert [j.id for j in await worker.run_once()] == [job_id]
+                expire_and_requeue(conn, dsn, job_id)
+                worker.heartbeat.register = register_while_the_outcome_is_written
+                await worker.heartbeat.run_once()
+                assert worker._lost == set()
+            finally:
+                completer.cancel()
 
-    before = lost()
-    asyncio.run(scenario())
-    assert job_state(conn, job_id) == "queued"
-    assert lost() - before == 1
+    runs_with_one_lost_lease(conn, job_id, "ops_lost_twice", scenario)
 
 
 class CommitReplyCutter:

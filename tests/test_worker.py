@@ -11,9 +11,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 import pytest
@@ -1248,6 +1248,34 @@ def test_heartbeat_retries_soon_after_its_connections_die_and_keeps_a_running_le
     assert fetch(dsn, "SELECT state, attempts FROM pgqueue.jobs") == [("succeeded", 1)]
 
 
+@contextlib.contextmanager
+def row_locked(dsn: str, job_id: int, clause: Literal["FOR UPDATE", "FOR SHARE"]) -> Iterator[None]:
+    """Another session holds the job's row locked, in an open transaction."""
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            sql.SQL("SELECT 1 FROM pgqueue.jobs WHERE id = %s {}").format(sql.SQL(clause)),
+            (job_id,),
+        )
+        yield
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+async def assert_never_requeued(dsn: str, job_id: int, seconds: float = 4.5) -> None:
+    """Reaper passes for ``seconds`` (past a 3 s lease): none may requeue ``job_id``."""
+    reaper = Reaper(ReaperConfig(dsn=dsn))
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            result = await asyncio.to_thread(reaper.run_once)
+            assert job_id not in result.requeued, "a running job's lease expired"
+            await asyncio.sleep(0.5)
+    finally:
+        reaper._close()
+
+
 def test_a_row_lock_on_one_job_does_not_hold_back_the_other_leases(dsn):
     # The heartbeat's one UPDATE waited for any locked row: a session holding one job's
     # row (an open SELECT ... FOR UPDATE) kept every lease of the worker from being
@@ -1264,19 +1292,8 @@ def test_a_row_lock_on_one_job_does_not_hold_back_the_other_leases(dsn):
     async def main() -> None:
         async with running_worker(registry, dsn, lease_seconds=3, concurrency=2):
             await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.jobs WHERE state = 'running'")
-            holder = psycopg.connect(dsn)
-            reaper = Reaper(ReaperConfig(dsn=dsn))
-            try:
-                holder.execute("SELECT 1 FROM pgqueue.jobs WHERE id = %s FOR UPDATE", (locked,))
-                deadline = time.monotonic() + 4.5
-                while time.monotonic() < deadline:
-                    result = await asyncio.to_thread(reaper.run_once)
-                    assert free not in result.requeued, "a running job's lease expired"
-                    await asyncio.sleep(0.5)
-            finally:
-                holder.rollback()
-                holder.close()
-                reaper._close()
+            with row_locked(dsn, locked, "FOR UPDATE"):
+                await assert_never_requeued(dsn, free)
             await wait_for_db(
                 dsn,
                 "SELECT state = 'succeeded' FROM pgqueue.jobs WHERE id = %s",
@@ -1309,10 +1326,7 @@ def test_an_outcome_waiting_for_a_row_lock_does_not_hold_back_the_other_leases(d
     async def main() -> None:
         async with running_worker(registry, dsn, lease_seconds=3, concurrency=2):
             await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.jobs WHERE state = 'running'")
-            holder = psycopg.connect(dsn)
-            reaper = Reaper(ReaperConfig(dsn=dsn))
-            try:
-                holder.execute("SELECT 1 FROM pgqueue.jobs WHERE id = %s FOR SHARE", (finished,))
+            with row_locked(dsn, finished, "FOR SHARE"):
                 # The short job's outcome now waits for that lock.
                 await wait_for_db(
                     dsn,
@@ -1320,15 +1334,7 @@ def test_an_outcome_waiting_for_a_row_lock_does_not_hold_back_the_other_leases(d
                     " AND query LIKE %s",
                     ("%Marks jobs succeeded%",),
                 )
-                deadline = time.monotonic() + 4.5
-                while time.monotonic() < deadline:
-                    result = await asyncio.to_thread(reaper.run_once)
-                    assert running not in result.requeued, "a running job's lease expired"
-                    await asyncio.sleep(0.5)
-            finally:
-                holder.rollback()
-                holder.close()
-                reaper._close()
+                await assert_never_requeued(dsn, running)
             await wait_for_db(
                 dsn,
                 "SELECT count(*) = 2 FROM pgqueue.jobs WHERE state = 'succeeded'",
