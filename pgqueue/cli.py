@@ -194,10 +194,50 @@ def main() -> None:
 
 
 @main.command()
+@click.option(
+    "--status",
+    "show_status",
+    is_flag=True,
+    help="Apply nothing: list each migration as applied, pending, changed (edited after it"
+    " was applied) or newer (applied by a newer pgqueue); exit 1 when any is pending or"
+    " changed.",
+)
+@click.option("--json", "as_json", is_flag=True, help="With --status: print JSON.")
 @dsn_option
-def migrate(dsn: str | None) -> None:
+def migrate(show_status: bool, as_json: bool, dsn: str | None) -> None:
     """Apply the missing schema migrations (a no-op when up to date; safe to run twice at once)."""
     from pgqueue.migrate import migrate as run_migrate
+    from pgqueue.migrate import status as migration_status
+
+    def report() -> int:
+        rows = migration_status(_require_dsn(dsn))
+        pending = [r for r in rows if r.state == "pending"]
+        changed = [r for r in rows if r.state == "changed"]
+        if as_json:
+            click.echo(json.dumps(_jsonable([dataclasses.asdict(r) for r in rows]), indent=2))
+        else:
+            _table(
+                [
+                    {
+                        "version": f"{r.version:04d}",
+                        "name": r.name,
+                        "state": r.state,
+                        "applied_at": r.applied_at,
+                    }
+                    for r in rows
+                ]
+            )
+            if pending:
+                click.echo(f"{len(pending)} pending: `pgqueue migrate` applies them")
+            elif not changed:
+                click.echo("pgqueue schema is up to date")
+        for r in changed:
+            click.echo(
+                f"pgqueue: migration {r.version:04d}_{r.name} was changed after it was"
+                " applied; released migrations must not be edited",
+                err=True,
+            )
+        return EXIT_ERROR if pending or changed else 0
 
     def body() -> int:
         applied = run_migrate(
@@ -211,7 +251,9 @@ def migrate(dsn: str | None) -> None:
             click.echo("pgqueue schema is up to date")
         return 0
 
-    _guard(body)
+    if as_json and not show_status:
+        raise click.UsageError("--json goes with --status")
+    _guard(report if show_status else body)
 
 
 @main.command()

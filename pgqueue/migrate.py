@@ -12,6 +12,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -121,6 +122,40 @@ def migrate(
             with contextlib.suppress(psycopg.Error):
                 store.unlock_migrations(conn)
     return applied_now
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    """One migration as `pgqueue migrate --status` shows it."""
+
+    version: int
+    name: str
+    # "applied"; "pending" (`pgqueue migrate` would apply it); "changed" (applied, but the
+    # file this pgqueue ships differs: `pgqueue migrate` refuses to run); "newer" (applied
+    # by a newer pgqueue, unknown to this one).
+    state: str
+    applied_at: datetime | None
+
+
+def status(conninfo: str, **kwargs: Any) -> list[MigrationStatus]:
+    """Each migration this pgqueue ships and each the database has, in version order.
+    Reads only: takes no lock and creates nothing."""
+    shipped = {m.version: m for m in load_migrations()}
+    with psycopg.connect(conninfo, autocommit=True, **kwargs) as conn:
+        records = {r["version"]: r for r in store.migration_records(conn)}
+    found: list[MigrationStatus] = []
+    for version in sorted(shipped.keys() | records.keys()):
+        record = records.get(version)
+        migration = shipped.get(version)
+        if record is None:
+            assert migration is not None
+            found.append(MigrationStatus(version, migration.name, "pending", None))
+        elif migration is None:
+            found.append(MigrationStatus(version, record["name"], "newer", record["applied_at"]))
+        else:
+            state = "applied" if record["checksum"] == migration.checksum else "changed"
+            found.append(MigrationStatus(version, migration.name, state, record["applied_at"]))
+    return found
 
 
 @dataclass(frozen=True)

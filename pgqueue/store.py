@@ -781,6 +781,15 @@ def applied_versions(conn: SyncConn) -> list[int] | None:
         return None
 
 
+def migration_records(conn: SyncConn) -> list[Row]:
+    """Every applied migration's version, name, checksum and applied_at (autocommit
+    connection); none on a database never migrated."""
+    try:
+        return _fetch(conn, "migration_records", {})
+    except _NEVER_MIGRATED:
+        return []
+
+
 async def applied_versions_async(conn: AsyncConn) -> list[int] | None:
     """As applied_versions, on a worker's connection."""
     try:

@@ -3,6 +3,7 @@ migrators serialise, an edited migration is refused, and the CLI reports in one 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -243,3 +244,79 @@ def test_migrate_warns_when_a_newer_version_migrated_the_database(dsn):
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "pgqueue schema is up to date"
     assert "(9999)" in result.stderr and "newer" in result.stderr
+
+
+def test_migrate_status_lists_pending_then_applied_and_creates_nothing(empty_dsn):
+    from click.testing import CliRunner
+
+    from pgqueue.cli import main
+
+    shipped = load_migrations()
+    before = CliRunner().invoke(main, ["migrate", "--status", "--dsn", empty_dsn])
+
+    assert before.exit_code == 1, before.output
+    lines = before.stdout.splitlines()
+    assert lines[0].split() == ["VERSION", "NAME", "STATE", "APPLIED_AT"]
+    assert [line.split() for line in lines[1:-1]] == [
+        [f"{m.version:04d}", m.name, "pending"] for m in shipped
+    ]
+    assert lines[-1] == f"{len(shipped)} pending: `pgqueue migrate` applies them"
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        assert scalar(c, "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgqueue'") == 0
+
+    migrate(empty_dsn)
+    after = CliRunner().invoke(main, ["migrate", "--status", "--dsn", empty_dsn])
+
+    assert after.exit_code == 0, after.output
+    lines = after.stdout.splitlines()
+    assert [line.split()[:3] for line in lines[1:-1]] == [
+        [f"{m.version:04d}", m.name, "applied"] for m in shipped
+    ]
+    assert lines[-1] == "pgqueue schema is up to date"
+
+
+def test_migrate_status_names_changed_newer_and_pending_migrations(empty_dsn):
+    from click.testing import CliRunner
+
+    from pgqueue.cli import main
+
+    shipped = load_migrations()
+    migrate(empty_dsn)
+    first, last = shipped[0], shipped[-1]
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        c.execute(
+            "UPDATE pgqueue.schema_migrations SET checksum = 'edited' WHERE version = %s",
+            (first.version,),
+        )
+        c.execute("DELETE FROM pgqueue.schema_migrations WHERE version = %s", (last.version,))
+        c.execute(
+            "INSERT INTO pgqueue.schema_migrations (version, name, checksum)"
+            " VALUES (9999, 'from_the_future', 'x')"
+        )
+    before = schema_snapshot(empty_dsn)
+
+    result = CliRunner().invoke(main, ["migrate", "--status", "--json", "--dsn", empty_dsn])
+
+    assert result.exit_code == 1, result.output
+    states = {row["version"]: row["state"] for row in json.loads(result.stdout)}
+    assert states == {
+        **{m.version: "applied" for m in shipped},
+        first.version: "changed",
+        last.version: "pending",
+        9999: "newer",
+    }
+    assert f"migration {first.version:04d}_{first.name} was changed" in result.stderr
+    assert schema_snapshot(empty_dsn) == before
+
+
+def test_migrate_json_without_status_is_a_usage_error(empty_dsn):
+    from click.testing import CliRunner
+
+    from pgqueue.cli import main
+
+    result = CliRunner().invoke(main, ["migrate", "--json", "--dsn", empty_dsn])
+
+    assert result.exit_code == 2
+    assert "--json goes with --status" in result.output
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        assert scalar(c, "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgqueue'") == 0

@@ -18,6 +18,10 @@ CREATE TABLE IF NOT EXISTS pgqueue.schema_migrations (
 -- name: applied_migrations
 SELECT version, name, checksum FROM pgqueue.schema_migrations ORDER BY version;
 
+-- name: migration_records
+-- What `pgqueue migrate --status` shows.
+SELECT version, name, checksum, applied_at FROM pgqueue.schema_migrations ORDER BY version;
+
 -- name: applied_versions
 -- What pgqueue-worker and pgqueue-reaper compare with the migrations they ship.
 SELECT version FROM pgqueue.schema_migrations ORDER BY version;
