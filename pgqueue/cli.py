@@ -45,7 +45,7 @@ from pgqueue.metrics import (
     QueueStatsCollector,
     process_registry,
 )
-from pgqueue.models import JobState, UndecodableArgs
+from pgqueue.models import JobState, JobStatus, UndecodableArgs
 from pgqueue.registry import Registry
 
 if TYPE_CHECKING:
@@ -307,6 +307,15 @@ def _undecodable(args: UndecodableArgs) -> str:
     return f"<args Python cannot decode: {args.error}>"
 
 
+def _runs_note(job: JobStatus) -> str:
+    """Runs that did not count as attempts (snoozed, released, returned as orphans, or
+    lost with their worker before it was rescued), when there were any."""
+    runs = len(job.history) + (1 if job.state is JobState.RUNNING else 0)
+    if runs == job.attempts:
+        return ""
+    return f" ({runs} run{'s' if runs != 1 else ''} in all; see attempts below)"
+
+
 @main.command()
 @click.argument("job_id", type=JOB_ID)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -339,7 +348,7 @@ def status(job_id: int, as_json: bool, show_args: bool, dsn: str | None) -> None
             ("task", job.task),
             ("queue", job.queue),
             ("state", job.state.value + (f" ({job.dead_reason})" if job.dead_reason else "")),
-            ("attempts", f"{job.attempts}/{job.max_attempts}"),
+            ("attempts", f"{job.attempts}/{job.max_attempts}" + _runs_note(job)),
             ("priority", str(job.priority)),
             ("run_at", job.run_at.isoformat()),
             ("created_at", job.created_at.isoformat()),
@@ -353,6 +362,10 @@ def status(job_id: int, as_json: bool, show_args: bool, dsn: str | None) -> None
         if job.lease_expires_at:
             rows.append(("lease_expires_at", job.lease_expires_at.isoformat()))
             rows.append(("leased_by", job.leased_by or ""))
+        if job.rescued:
+            rows.append(
+                ("rescued", "yes: its worker vanished under it; it runs alone, each attempt counts")
+            )
         if job.idempotency_key:
             rows.append(("idempotency_key", job.idempotency_key))
         if job.cancel_requested_at:

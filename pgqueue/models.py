@@ -121,3 +121,5 @@ class JobStatus:
     dead_reason: str | None = None
     # Only when asked for (`pgqueue status --args`): args may hold personal data.
     args: Any = None
+    # The reaper requeued it after its worker vanished: it runs alone, every attempt counts.
+    rescued: bool = False

@@ -610,6 +610,7 @@ def job_status(conn: SyncConn, *, job_id: int, with_args: bool = False) -> JobSt
         history=list(r["history"] or []),
         cancel_requested_at=r["cancel_requested_at"],
         dead_reason=r["dead_reason"],
+        rescued=r["rescued"],
         args=_lenient_json_loads(r["args"]) if with_args else None,
     )
 

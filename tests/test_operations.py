@@ -1257,6 +1257,60 @@ def test_status_shows_each_attempt_in_the_history(conn, dsn, daemons):
     assert "RuntimeError: this task always fails" in shown
 
 
+def test_status_counts_uncounted_runs_and_says_when_a_job_was_rescued(conn, dsn, daemons):
+    snoozed = enqueue(conn, "snooze_once", {})
+    vanished = insert_job(conn, queue="nobody", task="t")
+    make_running(conn, vanished, lease_in=-1)
+    plain = insert_job(conn, queue="nobody", task="t")
+    worker = daemons.worker()
+    wait_until(lambda: job_state(conn, snoozed) == "succeeded")
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=30)
+    reaped = subprocess.run(
+        [str(BIN / "pgqueue-reaper"), "--once", "--log-format", "json"],
+        env={**os.environ, "PGQUEUE_DSN": dsn}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert reaped.returncode == 0, reaped.stderr
+
+    def shown(job_id: int) -> dict[str, str]:
+        lines = ok(cli(dsn, "status", str(job_id))).splitlines()
+        if "attempts:" in lines:  # the history's table follows
+            lines = lines[: lines.index("attempts:")]
+        return dict(line.split(None, 1) for line in lines)
+
+    # The snooze did not count: one attempt, two runs.
+    assert shown(snoozed)["attempts"] == "1/20 (2 runs in all; see attempts below)"
+    assert "rescued" not in shown(snoozed)
+    # The reaper's requeue after its worker vanished did not count either, and says so.
+    lost = shown(vanished)
+    assert lost["attempts"] == "0/20 (1 run in all; see attempts below)"
+    assert lost["rescued"].startswith("yes: its worker vanished")
+    assert json.loads(ok(cli(dsn, "status", str(vanished), "--json")))["rescued"] is True
+    assert shown(plain)["attempts"] == "0/20"
+    # While running, the current run is counted on both sides.
+    make_running(conn, plain, lease_in=600)
+    assert shown(plain)["attempts"] == "1/20"
+
+
+def test_jobs_list_names_a_worker_only_for_running_jobs(conn, dsn):
+    requeued = insert_job(conn, queue="q", task="t")
+    make_running(conn, requeued, lease_in=600, worker="host:1:old")
+    conn.execute(
+        "UPDATE pgqueue.jobs SET state = 'queued', lease_token = NULL, lease_expires_at = NULL"
+        " WHERE id = %s",
+        (requeued,),
+    )
+    running = insert_job(conn, queue="q", task="t")
+    make_running(conn, running, lease_in=600, worker="host:2:now")
+
+    rows = {r["id"]: r for r in json.loads(ok(cli(dsn, "jobs", "list", "--json")))}
+    assert rows[requeued]["leased_by"] is None
+    assert rows[running]["leased_by"] == "host:2:now"
+    table = {int(r["id"]): r for r in parse_table(ok(cli(dsn, "jobs", "list")))}
+    assert table[requeued]["leased_by"] == ""
+    assert table[running]["leased_by"] == "host:2:now"
+
+
 # --- 10. logs -----------------------------------------------------------------------------------
 
 

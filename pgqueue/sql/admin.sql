@@ -4,12 +4,12 @@
 SELECT id, queue, task, state::text AS state, attempts, max_attempts, priority, run_at,
        created_at, attempted_at, finished_at, lease_expires_at, leased_by, idempotency_key,
        errors, history, cancel_requested_at, NULL::text AS dead_reason,
-       CASE WHEN %(with_args)s::boolean THEN args::text END AS args
+       CASE WHEN %(with_args)s::boolean THEN args::text END AS args, rescued
 FROM pgqueue.jobs WHERE id = %(id)s
 UNION ALL
 SELECT id, queue, task, 'dead', attempts, max_attempts, priority, run_at,
        created_at, attempted_at, died_at, NULL, NULL, idempotency_key, errors, history,
-       NULL, reason, CASE WHEN %(with_args)s::boolean THEN args::text END
+       NULL, reason, CASE WHEN %(with_args)s::boolean THEN args::text END, false
 FROM pgqueue.dead_jobs WHERE id = %(id)s;
 
 -- name: disable_jit
@@ -77,8 +77,9 @@ ORDER BY started_at DESC, id;
 
 -- name: list_jobs
 -- Jobs, newest first, filtered by state, queue and task when given (NULL = any).
+-- leased_by only while running: a requeued job keeps its last worker's name in the row.
 SELECT id, queue, task, state::text AS state, attempts, max_attempts, priority, run_at,
-       created_at, finished_at, leased_by
+       created_at, finished_at, CASE WHEN state = 'running' THEN leased_by END AS leased_by
 FROM pgqueue.jobs
 WHERE (%(state)s::pgqueue.job_state IS NULL OR state = %(state)s::pgqueue.job_state)
   AND (%(queue)s::text IS NULL OR queue = %(queue)s)
