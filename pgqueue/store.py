@@ -811,3 +811,25 @@ def run_migration(conn: SyncConn, *, version: int, name: str, checksum: str, sql
         conn.execute(
             QUERIES["record_migration"], {"version": version, "name": name, "checksum": checksum}
         )
+
+
+# --- pgqueue.testing ----------------------------------------------------------------------
+
+
+async def drain_outstanding(conn: AsyncConn, *, queues: Sequence[str], worker_id: str) -> int:
+    rows = await _fetch_async(
+        conn, "drain_outstanding", {"queues": list(queues), "worker_id": worker_id}
+    )
+    return int(rows[0]["n"])
+
+
+async def drain_schedule_now(conn: AsyncConn, *, queues: Sequence[str]) -> list[str]:
+    """The queues in which jobs due later were made due now (each notified)."""
+    rows = await _fetch_async(conn, "drain_schedule_now", {"queues": list(queues)})
+    return [r["queue"] for r in rows]
+
+
+async def drain_outcomes(conn: AsyncConn, *, queues: Sequence[str], worker_id: str) -> list[Row]:
+    return await _fetch_async(
+        conn, "drain_outcomes", {"queues": list(queues), "worker_id": worker_id}
+    )

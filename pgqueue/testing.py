@@ -1,0 +1,287 @@
+"""Helpers for testing an application's tasks.
+
+- ``perform(registry, task, args)`` runs one handler in this process, as a worker would
+  call it: the args go through JSON (what enqueue stores and a worker decodes) and
+  ``current_job()`` answers inside. No database. Control signals (``Snooze``,
+  ``PermanentError``) and errors reach the caller, to assert on.
+- ``drain(registry, dsn)`` runs a real ``Worker`` in this process until the registry's
+  queues (or the ones given) have no runnable job left and nothing running, then stops it
+  gracefully, and returns what happened to each attempt it ran, read back from the jobs'
+  history. With ``with_scheduled=True`` jobs due later (scheduled, retries waiting out
+  their backoff, snoozed jobs) are made due at once, so a failing job runs to the
+  dead-letter table in one call.
+- ``job_context(...)`` builds a ``JobContext`` for code that takes one.
+
+``drain_async`` and ``perform_async`` are the same for async tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+from pgqueue import store
+from pgqueue.config import WorkerConfig
+from pgqueue.context import JobContext, reset_current, set_current
+from pgqueue.enqueue import _dump_args, max_args_bytes
+from pgqueue.errors import PgQueueError
+from pgqueue.registry import Registry
+from pgqueue.worker import Worker
+
+__all__ = [
+    "Attempt",
+    "DrainResult",
+    "drain",
+    "drain_async",
+    "job_context",
+    "perform",
+    "perform_async",
+]
+
+# How often drain asks the database whether it is done.
+_CHECK_SECONDS = 0.02
+
+
+def job_context(
+    task: str = "test.task",
+    *,
+    id: int = 1,
+    queue: str = "default",
+    attempt: int = 1,
+    max_attempts: int = 20,
+    priority: int = 0,
+    created_at: datetime | None = None,
+    worker_id: str = "pgqueue.testing",
+) -> JobContext:
+    """A ``JobContext`` with test defaults."""
+    return JobContext(
+        id=id,
+        task=task,
+        queue=queue,
+        attempt=attempt,
+        max_attempts=max_attempts,
+        priority=priority,
+        created_at=created_at or datetime.now(UTC),
+        worker_id=worker_id,
+    )
+
+
+def _prepared(
+    registry: Registry,
+    task: str,
+    args: Mapping[str, Any] | None,
+    attempt: int,
+    job_id: int,
+) -> tuple[Any, dict[str, Any], JobContext]:
+    handler = registry.get(task)
+    # What a worker would receive: enqueue's checks and encoding, then JSON decoding.
+    decoded = store._DECODER.decode(_dump_args({} if args is None else args, max_args_bytes()))
+    options = handler.options
+    ctx = job_context(
+        task,
+        id=job_id,
+        queue=options.queue,
+        attempt=attempt,
+        max_attempts=options.max_attempts,
+        priority=options.priority,
+    )
+    return handler, decoded, ctx
+
+
+def perform(
+    registry: Registry,
+    task: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    attempt: int = 1,
+    job_id: int = 1,
+) -> Any:
+    """Run task ``task``'s handler once, here, and return what it returns. An async
+    handler runs in a new event loop (from a coroutine, use ``perform_async``).
+    ``UnknownTask`` for a name the registry lacks; ``SerializationError`` or
+    ``PayloadTooLarge`` for args enqueue would refuse; a ``TypeError`` when they do not fit
+    the handler's signature (a worker records that attempt as ``bad_args``)."""
+    handler, decoded, ctx = _prepared(registry, task, args, attempt, job_id)
+    token = set_current(ctx)
+    try:
+        if handler.is_async:
+            return _run_coroutine(handler.fn(**decoded))
+        result = handler.fn(**decoded)
+        if inspect.isawaitable(result):
+            return _run_coroutine(result)
+        return result
+    finally:
+        reset_current(token)
+
+
+async def perform_async(
+    registry: Registry,
+    task: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    attempt: int = 1,
+    job_id: int = 1,
+) -> Any:
+    """``perform`` on the running event loop (a sync handler runs in a thread, as in a
+    worker)."""
+    handler, decoded, ctx = _prepared(registry, task, args, attempt, job_id)
+    token = set_current(ctx)
+    try:
+        if handler.is_async:
+            return await handler.fn(**decoded)
+        result = await asyncio.to_thread(handler.fn, **decoded)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+    finally:
+        reset_current(token)
+
+
+def _run_coroutine(awaitable: Any) -> Any:
+    async def wrapped() -> Any:
+        return await awaitable
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(wrapped())
+    if inspect.iscoroutine(awaitable):
+        awaitable.close()  # never awaited: no "was never awaited" warning
+    raise PgQueueError(
+        "an event loop is running in this thread: use `await pgqueue.testing.perform_async(...)`"
+    )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt a drain ran: the job, its attempt number and how it ended
+    (``succeeded``, ``retried``, ``dead``, ``snoozed``, ``failed`` for a failure that
+    cancelled the job, ``released``), with the error for a failure."""
+
+    job_id: int
+    task: str
+    attempt: int
+    outcome: str
+    error: str | None
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    """What ``drain`` ran, in the order the attempts ended."""
+
+    attempts: tuple[Attempt, ...]
+    outcomes: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def succeeded(self) -> int:
+        return self.outcomes.get("succeeded", 0)
+
+    @property
+    def retried(self) -> int:
+        return self.outcomes.get("retried", 0)
+
+    @property
+    def dead(self) -> int:
+        return self.outcomes.get("dead", 0)
+
+    @property
+    def snoozed(self) -> int:
+        return self.outcomes.get("snoozed", 0)
+
+    @property
+    def errors(self) -> list[Attempt]:
+        """The attempts that failed, with their errors."""
+        return [a for a in self.attempts if a.error is not None]
+
+
+async def drain_async(
+    registry: Registry,
+    dsn: str,
+    *,
+    queues: Sequence[str] = (),
+    with_scheduled: bool = False,
+    concurrency: int = 1,
+    timeout: float = 60.0,
+) -> DrainResult:
+    """``drain`` on the running event loop."""
+    worker = Worker(
+        registry,
+        WorkerConfig(dsn=dsn, queues=tuple(queues), concurrency=concurrency, poll_interval=0.1),
+        worker_id=f"pgqueue.testing:{os.getpid()}:{uuid.uuid4().hex[:12]}",
+    )
+    names = list(worker.queues)
+    loop = asyncio.get_running_loop()
+    runner = asyncio.create_task(worker.run(handle_signals=False), name="pgqueue.testing.drain")
+    try:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            deadline = loop.time() + timeout
+            while not runner.done():
+                if with_scheduled:
+                    await store.drain_schedule_now(conn, queues=names)
+                left = await store.drain_outstanding(conn, queues=names, worker_id=worker.worker_id)
+                if left == 0:
+                    break
+                if loop.time() >= deadline:
+                    raise TimeoutError(
+                        f"drain: {left} job(s) of {', '.join(names)} still runnable or running"
+                        f" after {timeout:g}s"
+                        + (
+                            " (a job that snoozes every time never drains)"
+                            if with_scheduled
+                            else ""
+                        )
+                    )
+                await asyncio.sleep(_CHECK_SECONDS)
+    finally:
+        worker.stop()
+        await runner
+    if worker.failed:
+        raise PgQueueError("drain: the worker failed (see its worker.component_died event)")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        rows = await store.drain_outcomes(conn, queues=names, worker_id=worker.worker_id)
+    attempts = tuple(
+        Attempt(r["id"], r["task"], r["attempt"], r["outcome"], r["error"]) for r in rows
+    )
+    return DrainResult(attempts, dict(Counter(a.outcome for a in attempts)))
+
+
+def drain(
+    registry: Registry,
+    dsn: str,
+    *,
+    queues: Sequence[str] = (),
+    with_scheduled: bool = False,
+    concurrency: int = 1,
+    timeout: float = 60.0,
+) -> DrainResult:
+    """Run the jobs of ``queues`` (default: the registry's) with a real worker in this
+    process until none is runnable and none is running, one at a time unless
+    ``concurrency`` says otherwise; jobs of a paused queue are left alone.
+    ``with_scheduled``: make jobs due later due now, again after every attempt (a retry's
+    backoff or a snooze does not hold the drain up). ``TimeoutError`` after ``timeout``
+    seconds, with the worker stopped. Jobs enqueued by a handler are drained too."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(
+            drain_async(
+                registry,
+                dsn,
+                queues=queues,
+                with_scheduled=with_scheduled,
+                concurrency=concurrency,
+                timeout=timeout,
+            )
+        )
+    raise PgQueueError(
+        "an event loop is running in this thread: use `await pgqueue.testing.drain_async(...)`"
+    )

@@ -1,0 +1,207 @@
+"""pgqueue.testing: perform runs a handler as a worker would call it; drain runs a real
+worker until the queues are empty and reports each attempt from the jobs' history."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgqueue import (
+    Backoff,
+    PayloadTooLarge,
+    PermanentError,
+    PgQueueError,
+    Registry,
+    SerializationError,
+    Snooze,
+    UnknownTask,
+    current_job,
+    enqueue,
+)
+from pgqueue.testing import DrainResult, drain, drain_async, job_context, perform, perform_async
+from tests.conftest import dead_row, job_row, job_state, scalar
+
+registry = Registry()
+SLOW = Backoff(base_seconds=600, max_seconds=600, jitter=0)
+# The database of the running test, for handlers that enqueue.
+DSN: dict[str, str] = {}
+
+
+@registry.task(name="t.add")
+def add(a: int, b: int) -> dict[str, Any]:
+    job = current_job()
+    return {"sum": a + b, "task": job.task, "attempt": job.attempt, "queue": job.queue,
+            "thread": threading.current_thread().name}  # fmt: skip
+
+
+@registry.task(name="t.echo", queue="echoes")
+def echo(**kwargs: Any) -> dict[str, Any]:
+    return kwargs
+
+
+@registry.task(name="t.async_add")
+async def async_add(a: int, b: int) -> int:
+    await asyncio.sleep(0)
+    return a + b + current_job().attempt
+
+
+@registry.task(name="t.flaky", max_attempts=3, backoff=SLOW)
+def flaky() -> None:
+    raise RuntimeError("flaky went wrong")
+
+
+@registry.task(name="t.snooze", backoff=SLOW)
+def snooze() -> None:
+    raise Snooze(600)
+
+
+@registry.task(name="t.permanent")
+def permanent() -> None:
+    raise PermanentError("never")
+
+
+@registry.task(name="t.fan_out")
+def fan_out(n: int) -> None:
+    with psycopg.connect(DSN["dsn"], autocommit=True) as conn:
+        for i in range(n):
+            enqueue(conn, "t.add", {"a": i, "b": 1})
+
+
+# --- perform ------------------------------------------------------------------------------
+
+
+def test_perform_runs_a_handler_with_its_job_context_and_returns_its_result():
+    assert perform(registry, "t.add", {"a": 2, "b": 3}, attempt=4) == {
+        "sum": 5, "task": "t.add", "attempt": 4, "queue": "default",
+        "thread": "MainThread",
+    }  # fmt: skip
+    assert perform(registry, "t.async_add", {"a": 2, "b": 3}) == 6
+
+
+def test_perform_passes_args_through_json_as_a_worker_receives_them():
+    got = perform(registry, "t.echo", {"items": (1, 2), "nested": {"x": 1.5}, "none": None})
+    assert got == {"items": [1, 2], "nested": {"x": 1.5}, "none": None}
+
+
+def test_perform_refuses_what_enqueue_or_a_worker_would():
+    with pytest.raises(UnknownTask):
+        perform(registry, "t.missing")
+    with pytest.raises(SerializationError):
+        perform(registry, "t.echo", {"when": object()})
+    with pytest.raises(SerializationError):
+        perform(registry, "t.echo", {"x": float("nan")})
+    with pytest.raises(TypeError):
+        perform(registry, "t.add", {"a": 1})
+    os.environ["PGQUEUE_MAX_ARGS_BYTES"] = "100"
+    try:
+        with pytest.raises(PayloadTooLarge):
+            perform(registry, "t.echo", {"x": "y" * 200})
+    finally:
+        del os.environ["PGQUEUE_MAX_ARGS_BYTES"]
+
+
+def test_perform_lets_control_signals_reach_the_test():
+    with pytest.raises(Snooze):
+        perform(registry, "t.snooze")
+    with pytest.raises(PermanentError):
+        perform(registry, "t.permanent")
+    with pytest.raises(RuntimeError, match="flaky went wrong"):
+        perform(registry, "t.flaky")
+
+
+def test_perform_async_runs_sync_handlers_in_a_thread_and_perform_refuses_a_running_loop():
+    async def main() -> None:
+        result = await perform_async(registry, "t.add", {"a": 1, "b": 1})
+        assert result["sum"] == 2 and result["thread"] != "MainThread"
+        assert await perform_async(registry, "t.async_add", {"a": 1, "b": 1}, attempt=2) == 4
+        with pytest.raises(PgQueueError, match="perform_async"):
+            perform(registry, "t.async_add", {"a": 1, "b": 1})
+        with pytest.raises(PgQueueError, match="drain_async"):
+            drain(registry, "postgresql://unused")
+
+    asyncio.run(main())
+
+
+def test_job_context_has_test_defaults():
+    ctx = job_context("x", attempt=2)
+    assert (ctx.task, ctx.id, ctx.attempt, ctx.queue, ctx.cancel_requested) == (
+        "x", 1, 2, "default", False,
+    )  # fmt: skip
+
+
+# --- drain --------------------------------------------------------------------------------
+
+
+def test_drain_runs_every_runnable_job_and_reports_each_attempt(conn, dsn):
+    DSN["dsn"] = dsn
+    ok = [enqueue(conn, "t.add", {"a": i, "b": i}) for i in range(3)]
+    failing = enqueue(conn, "t.flaky")
+    fanned = enqueue(conn, "t.fan_out", {"n": 2})
+    later = enqueue(conn, "t.add", {"a": 0, "b": 0}, delay=3600)
+    elsewhere = enqueue(conn, "t.echo", {"x": 1})  # queue "echoes": not drained below
+
+    result = drain(registry, dsn, queues=["default"])
+
+    assert isinstance(result, DrainResult)
+    assert all(job_state(conn, j) == "succeeded" for j in [*ok, fanned])
+    # The handler's follow-up jobs ran too, in the same drain.
+    follow_ups = scalar(
+        conn, "SELECT array_agg(state::text) FROM pgqueue.jobs WHERE task = 't.add' AND id > %s",
+        (fanned,),
+    )  # fmt: skip
+    assert sorted(follow_ups) == ["queued", "succeeded", "succeeded"]  # + `later`
+    assert job_state(conn, later) == "queued" and job_state(conn, elsewhere) == "queued"
+    # The failure is retried later (backoff), not run again now.
+    row = job_row(conn, failing)
+    assert row is not None and row["state"] == "queued" and row["attempts"] == 1
+    assert result.succeeded == 6 and result.retried == 1 and result.dead == 0
+    assert [(a.job_id, a.outcome) for a in result.errors] == [(failing, "retried")]
+    assert "RuntimeError: flaky went wrong" in (result.errors[0].error or "")
+    # Nothing is left running or registered under the drain's worker.
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'running'") == 0
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.workers") == 0
+
+
+def test_drain_with_scheduled_runs_retries_and_scheduled_jobs_to_the_end(conn, dsn):
+    failing = enqueue(conn, "t.flaky")
+    later = enqueue(conn, "t.add", {"a": 1, "b": 2}, delay=3600)
+
+    result = drain(registry, dsn, with_scheduled=True)
+
+    assert job_state(conn, later) == "succeeded"
+    dead = dead_row(conn, failing)
+    assert dead is not None and dead["reason"] == "exhausted"
+    assert [(a.job_id, a.attempt, a.outcome) for a in result.attempts if a.job_id == failing] == [
+        (failing, 1, "retried"), (failing, 2, "retried"), (failing, 3, "dead"),
+    ]  # fmt: skip
+    assert result.outcomes == {"retried": 2, "dead": 1, "succeeded": 1}
+
+
+def test_drain_leaves_paused_queues_and_times_out_on_a_job_that_always_snoozes(conn, dsn):
+    paused = enqueue(conn, "t.echo", {"x": 1})
+    conn.execute("INSERT INTO pgqueue.queues (name, paused_at) VALUES ('echoes', now())")
+    assert drain(registry, dsn, queues=["echoes"], timeout=5).attempts == ()
+    assert job_state(conn, paused) == "queued"
+
+    snoozer = enqueue(conn, "t.snooze")
+    with pytest.raises(TimeoutError, match="snoozes every time"):
+        drain(registry, dsn, with_scheduled=True, timeout=1)
+    # The worker was stopped: the job is back in the queue, nothing runs, no worker row.
+    assert job_state(conn, snoozer) == "queued"
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.workers") == 0
+
+
+def test_drain_async_runs_on_the_callers_event_loop(conn, dsn):
+    job = enqueue(conn, "t.async_add", {"a": 1, "b": 1})
+
+    async def main() -> DrainResult:
+        return await drain_async(registry, dsn)
+
+    result = asyncio.run(main())
+    assert job_state(conn, job) == "succeeded"
+    assert [(a.job_id, a.outcome) for a in result.attempts] == [(job, "succeeded")]
