@@ -84,7 +84,17 @@ class Supervisor:
         env[SUPERVISOR_PID_ENV] = str(os.getpid())
         if self.metrics_dir:
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
-        proc = subprocess.Popen(self.child_argv, env=env)
+        # The child starts with SIGINT blocked (a signal mask survives fork and exec), and
+        # the worker unblocks it once its handlers are in place (Worker.run). Ctrl-C in a
+        # terminal signals the whole process group: a child still starting would end in
+        # a KeyboardInterrupt; held, it is taken as a graceful stop. (The supervisor's
+        # own stop reaches children as SIGTERM.) Blocked here only for the spawn: a
+        # SIGINT meanwhile waits for the unblock below, it is not lost.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            proc = subprocess.Popen(self.child_argv, env=env)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         log.info("supervisor.spawned", slot=slot, pid=proc.pid)
         return proc
 

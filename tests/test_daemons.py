@@ -8,10 +8,12 @@ so recovery paths finish in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import time
 from typing import Any
 
 import psutil
@@ -120,6 +122,17 @@ def children(pid: int) -> set[int]:
         except psutil.NoSuchProcess:
             continue
     return alive
+
+
+def exec_children(pid: int) -> set[int]:
+    """Children of ``pid`` that already run the worker's command (past fork and exec: a
+    signal sent between the two is taken by the supervisor's handler, copied by fork)."""
+    found = set()
+    for kid in children(pid):
+        with contextlib.suppress(psutil.Error):
+            if "pgqueue" in psutil.Process(kid).cmdline():
+                found.add(kid)
+    return found
 
 
 def gone(pid: int) -> bool:
@@ -570,6 +583,47 @@ def test_sigterm_while_children_start_exits_zero(conn, daemons):
     code = supervisor.wait(timeout=30)
     assert all(gone(pid) for pid in kids)
     assert code == 0, daemons.output(supervisor)
+
+
+def test_ctrl_c_while_children_start_stops_them_without_a_traceback(conn, daemons):
+    # Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the
+    # supervisor and its children, here still importing the app. A child got it as a
+    # KeyboardInterrupt traceback; it now starts with SIGINT blocked, and ends by the
+    # supervisor's SIGTERM (or, once running, takes the pending SIGINT as a stop).
+    supervisor = daemons.worker(
+        "--processes", "2", "--shutdown-timeout", "5", app="tests.apps.slow_import:registry"
+    )
+    kids = wait_until(lambda: len(now := exec_children(supervisor.pid)) == 2 and now)
+    time.sleep(0.5)  # past the interpreter's start, into the app's import
+
+    os.killpg(supervisor.pid, signal.SIGINT)
+
+    code = supervisor.wait(timeout=30)
+    output = daemons.output(supervisor)
+    assert all(gone(pid) for pid in kids)
+    for sign in ("Traceback", "KeyboardInterrupt", "pgqueue: aborted", "child_died"):
+        assert sign not in output, output
+    assert code == 0, output
+
+
+def test_a_sigint_a_child_got_while_starting_stops_it_once_it_runs(conn, daemons):
+    # A SIGINT sent to one child alone while it imports the app is held until the
+    # worker's handlers are in place, then taken as a graceful stop.
+    supervisor = daemons.worker(
+        "--processes", "2", "--shutdown-timeout", "5", app="tests.apps.slow_import:registry"
+    )
+    kid = min(wait_until(lambda: len(now := exec_children(supervisor.pid)) == 2 and now))
+    time.sleep(0.5)
+    os.kill(kid, signal.SIGINT)
+
+    wait_until(lambda: gone(kid), timeout=30)
+    output = daemons.output(supervisor)
+    assert "Traceback" not in output and "pgqueue: aborted" not in output, output
+    assert kid in started_workers(daemons, supervisor), output
+    stopped = [e for e in logged(daemons, supervisor, "worker.stopped") if f":{kid}:" in e["worker_id"]]
+    assert stopped, output
+    supervisor.send_signal(signal.SIGTERM)
+    supervisor.wait(timeout=30)
 
 
 def test_children_finish_their_jobs_and_stop_when_the_supervisor_is_killed(conn, daemons):
