@@ -620,7 +620,9 @@ def test_a_sigint_a_child_got_while_starting_stops_it_once_it_runs(conn, daemons
     output = daemons.output(supervisor)
     assert "Traceback" not in output and "pgqueue: aborted" not in output, output
     assert kid in started_workers(daemons, supervisor), output
-    stopped = [e for e in logged(daemons, supervisor, "worker.stopped") if f":{kid}:" in e["worker_id"]]
+    stopped = [
+        e for e in logged(daemons, supervisor, "worker.stopped") if f":{kid}:" in e["worker_id"]
+    ]
     assert stopped, output
     supervisor.send_signal(signal.SIGTERM)
     supervisor.wait(timeout=30)
