@@ -237,6 +237,14 @@ def migrate(show_status: bool, as_json: bool, dsn: str | None) -> None:
                 " applied; released migrations must not be edited",
                 err=True,
             )
+        newer = [f"{r.version:04d}" for r in rows if r.state == "newer"]
+        if newer:
+            # As `pgqueue migrate` says it.
+            click.echo(
+                f"pgqueue: warning: the database has migrations this pgqueue does not know"
+                f" ({', '.join(newer)}): it was migrated by a newer version; upgrade this one",
+                err=True,
+            )
         return EXIT_ERROR if pending or changed else 0
 
     def body() -> int:
@@ -363,8 +371,13 @@ def status(job_id: int, as_json: bool, show_args: bool, dsn: str | None) -> None
             rows.append(("lease_expires_at", job.lease_expires_at.isoformat()))
             rows.append(("leased_by", job.leased_by or ""))
         if job.rescued:
+            waiting = job.state in (JobState.QUEUED, JobState.RUNNING)
             rows.append(
-                ("rescued", "yes: its worker vanished under it; it runs alone, each attempt counts")
+                (
+                    "rescued",
+                    "yes: a worker vanished under it; "
+                    + ("it runs alone, each attempt counts" if waiting else "it then ran alone"),
+                )
             )
         if job.idempotency_key:
             rows.append(("idempotency_key", job.idempotency_key))

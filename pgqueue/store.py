@@ -816,9 +816,13 @@ def run_migration(conn: SyncConn, *, version: int, name: str, checksum: str, sql
 # --- pgqueue.testing ----------------------------------------------------------------------
 
 
-async def drain_outstanding(conn: AsyncConn, *, queues: Sequence[str], worker_id: str) -> int:
+async def drain_outstanding(
+    conn: AsyncConn, *, queues: Sequence[str], worker_id: str, with_scheduled: bool
+) -> int:
     rows = await _fetch_async(
-        conn, "drain_outstanding", {"queues": list(queues), "worker_id": worker_id}
+        conn,
+        "drain_outstanding",
+        {"queues": list(queues), "worker_id": worker_id, "with_scheduled": with_scheduled},
     )
     return int(rows[0]["n"])
 

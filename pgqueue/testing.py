@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import os
 import uuid
 from collections import Counter
@@ -33,13 +34,16 @@ from pgqueue import store
 from pgqueue.config import WorkerConfig
 from pgqueue.context import JobContext, reset_current, set_current
 from pgqueue.enqueue import _dump_args, max_args_bytes
-from pgqueue.errors import PgQueueError
+from pgqueue.errors import ConfigError, PgQueueError
+from pgqueue.log import SCHEMA_HINT
+from pgqueue.migrate import schema_drift
 from pgqueue.registry import Registry
 from pgqueue.worker import Worker
 
 __all__ = [
     "Attempt",
     "DrainResult",
+    "DrainTimeout",
     "drain",
     "drain_async",
     "job_context",
@@ -109,7 +113,8 @@ def perform(
     handler runs in a new event loop (from a coroutine, use ``perform_async``).
     ``UnknownTask`` for a name the registry lacks; ``SerializationError`` or
     ``PayloadTooLarge`` for args enqueue would refuse; a ``TypeError`` when they do not fit
-    the handler's signature (a worker records that attempt as ``bad_args``)."""
+    the handler's signature (a worker records that attempt as ``bad_args``). The task's
+    ``timeout`` is not applied (``drain`` applies it)."""
     handler, decoded, ctx = _prepared(registry, task, args, attempt, job_id)
     token = set_current(ctx)
     try:
@@ -203,6 +208,38 @@ class DrainResult:
         return [a for a in self.attempts if a.error is not None]
 
 
+class DrainTimeout(TimeoutError):
+    """``drain`` ran out of time; ``result`` holds the attempts it ran until then."""
+
+    def __init__(self, message: str, result: DrainResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def _checked_drain_args(
+    registry: Registry, queues: Sequence[str], timeout: float
+) -> tuple[str, ...]:
+    if len(registry) == 0:
+        raise ConfigError(
+            "drain: the registry has no tasks (import the module that registers them):"
+            " its worker would take every job of the queues for an unknown task"
+        )
+    if isinstance(queues, str):
+        raise ConfigError(f"drain: queues must be a list of names, not the string {queues!r}")
+    if not (isinstance(timeout, int | float) and 0 <= timeout < math.inf):
+        raise ConfigError(f"drain: timeout must be a number of seconds >= 0, got {timeout!r}")
+    return tuple(queues)
+
+
+async def _outcomes(dsn: str, queues: Sequence[str], worker_id: str) -> DrainResult:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        rows = await store.drain_outcomes(conn, queues=queues, worker_id=worker_id)
+    attempts = tuple(
+        Attempt(r["id"], r["task"], r["attempt"], r["outcome"], r["error"]) for r in rows
+    )
+    return DrainResult(attempts, dict(Counter(a.outcome for a in attempts)))
+
+
 async def drain_async(
     registry: Registry,
     dsn: str,
@@ -213,45 +250,54 @@ async def drain_async(
     timeout: float = 60.0,
 ) -> DrainResult:
     """``drain`` on the running event loop."""
+    names = _checked_drain_args(registry, queues, timeout)
     worker = Worker(
         registry,
-        WorkerConfig(dsn=dsn, queues=tuple(queues), concurrency=concurrency, poll_interval=0.1),
+        # shutdown_timeout 0: after a timeout, what still runs is released at once (the
+        # attempt given back), not waited for.
+        WorkerConfig(
+            dsn=dsn,
+            queues=names,
+            concurrency=concurrency,
+            poll_interval=0.1,
+            shutdown_timeout=0.0,
+        ),
         worker_id=f"pgqueue.testing:{os.getpid()}:{uuid.uuid4().hex[:12]}",
     )
-    names = list(worker.queues)
+    names = worker.queues
     loop = asyncio.get_running_loop()
-    runner = asyncio.create_task(worker.run(handle_signals=False), name="pgqueue.testing.drain")
-    try:
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            deadline = loop.time() + timeout
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        # Before the worker starts: its loops would only log and retry.
+        applied = await store.applied_versions_async(conn)
+        missing = () if applied is None else schema_drift(applied).missing  # None: no grant
+        if missing:
+            raise PgQueueError(f"drain: {SCHEMA_HINT} (missing: {', '.join(missing)})")
+        deadline = loop.time() + timeout
+        left = 0
+        runner = asyncio.create_task(worker.run(handle_signals=False), name="pgqueue.drain")
+        try:
             while not runner.done():
                 if with_scheduled:
                     await store.drain_schedule_now(conn, queues=names)
-                left = await store.drain_outstanding(conn, queues=names, worker_id=worker.worker_id)
-                if left == 0:
+                left = await store.drain_outstanding(
+                    conn, queues=names, worker_id=worker.worker_id, with_scheduled=with_scheduled
+                )
+                if left == 0 or loop.time() >= deadline:
                     break
-                if loop.time() >= deadline:
-                    raise TimeoutError(
-                        f"drain: {left} job(s) of {', '.join(names)} still runnable or running"
-                        f" after {timeout:g}s"
-                        + (
-                            " (a job that snoozes every time never drains)"
-                            if with_scheduled
-                            else ""
-                        )
-                    )
                 await asyncio.sleep(_CHECK_SECONDS)
-    finally:
-        worker.stop()
-        await runner
+        finally:
+            worker.stop()
+            await runner
     if worker.failed:
         raise PgQueueError("drain: the worker failed (see its worker.component_died event)")
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        rows = await store.drain_outcomes(conn, queues=names, worker_id=worker.worker_id)
-    attempts = tuple(
-        Attempt(r["id"], r["task"], r["attempt"], r["outcome"], r["error"]) for r in rows
-    )
-    return DrainResult(attempts, dict(Counter(a.outcome for a in attempts)))
+    result = await _outcomes(dsn, names, worker.worker_id)
+    if left:
+        raise DrainTimeout(
+            f"drain: {left} job(s) of {', '.join(names)} still to run after {timeout:g}s"
+            + (" (a job that snoozes every time never drains)" if with_scheduled else ""),
+            result,
+        )
+    return result
 
 
 def drain(
@@ -264,11 +310,15 @@ def drain(
     timeout: float = 60.0,
 ) -> DrainResult:
     """Run the jobs of ``queues`` (default: the registry's) with a real worker in this
-    process until none is runnable and none is running, one at a time unless
-    ``concurrency`` says otherwise; jobs of a paused queue are left alone.
-    ``with_scheduled``: make jobs due later due now, again after every attempt (a retry's
-    backoff or a snooze does not hold the drain up). ``TimeoutError`` after ``timeout``
-    seconds, with the worker stopped. Jobs enqueued by a handler are drained too."""
+    process until none is runnable and none of them runs, one at a time unless
+    ``concurrency`` says otherwise; jobs of a paused queue are left alone. Jobs a handler
+    enqueues into these queues run in the same drain. ``with_scheduled``: make jobs due
+    later due now, again after every attempt (a retry's backoff or a snooze does not hold
+    the drain up). After ``timeout`` seconds, ``DrainTimeout`` (a ``TimeoutError``, with
+    the attempts run so far): the worker stops at once and gives back what still runs
+    (a sync handler's thread cannot be stopped: it runs on, and the interpreter waits
+    for it at exit). ``ConfigError`` for a registry without tasks, queues given as one
+    string or a bad timeout; ``PgQueueError`` when the database lacks migrations."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -306,6 +306,9 @@ def test_migrate_status_names_changed_newer_and_pending_migrations(empty_dsn):
         9999: "newer",
     }
     assert f"migration {first.version:04d}_{first.name} was changed" in result.stderr
+    assert "warning: the database has migrations this pgqueue does not know (9999)" in (
+        result.stderr
+    )
     assert schema_snapshot(empty_dsn) == before
 
 

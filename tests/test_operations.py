@@ -1284,12 +1284,39 @@ def test_status_counts_uncounted_runs_and_says_when_a_job_was_rescued(conn, dsn,
     # The reaper's requeue after its worker vanished did not count either, and says so.
     lost = shown(vanished)
     assert lost["attempts"] == "0/20 (1 run in all; see attempts below)"
-    assert lost["rescued"].startswith("yes: its worker vanished")
+    assert lost["rescued"] == "yes: a worker vanished under it; it runs alone, each attempt counts"
     assert json.loads(ok(cli(dsn, "status", str(vanished), "--json")))["rescued"] is True
     assert shown(plain)["attempts"] == "0/20"
     # While running, the current run is counted on both sides.
     make_running(conn, plain, lease_in=600)
     assert shown(plain)["attempts"] == "1/20"
+
+
+def test_status_says_a_dead_job_was_rescued(conn, dsn):
+    # dead_jobs has no rescued column: a job the reaper rescued, then dead-lettered when
+    # its lease expired again on its last attempt, must still say so.
+    job_id = insert_job(conn, queue="nobody", task="t", max_attempts=1)
+
+    def lose_and_reap() -> None:
+        make_running(conn, job_id, lease_in=-1)
+        reaped = subprocess.run(
+            [str(BIN / "pgqueue-reaper"), "--once", "--log-format", "json"],
+            env={**os.environ, "PGQUEUE_DSN": dsn}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert reaped.returncode == 0, reaped.stderr
+
+    lose_and_reap()
+    assert job_state(conn, job_id) == "queued"
+    lose_and_reap()
+    assert dead_row(conn, job_id) is not None
+
+    data = json.loads(ok(cli(dsn, "status", str(job_id), "--json")))
+    assert (data["state"], data["rescued"]) == ("dead", True)
+    lines = ok(cli(dsn, "status", str(job_id))).splitlines()
+    [rescued] = [line.split(None, 1)[1] for line in lines if line.startswith("rescued ")]
+    assert rescued == "yes: a worker vanished under it; it then ran alone"
+    never = insert_dead(conn)
+    assert json.loads(ok(cli(dsn, "status", str(never), "--json")))["rescued"] is False
 
 
 def test_jobs_list_names_a_worker_only_for_running_jobs(conn, dsn):

@@ -4,15 +4,18 @@ worker until the queues are empty and reports each attempt from the jobs' histor
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
+import uuid
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from pgqueue import (
     Backoff,
+    ConfigError,
     PayloadTooLarge,
     PermanentError,
     PgQueueError,
@@ -22,8 +25,17 @@ from pgqueue import (
     UnknownTask,
     current_job,
     enqueue,
+    store,
 )
-from pgqueue.testing import DrainResult, drain, drain_async, job_context, perform, perform_async
+from pgqueue.testing import (
+    DrainResult,
+    DrainTimeout,
+    drain,
+    drain_async,
+    job_context,
+    perform,
+    perform_async,
+)
 from tests.conftest import dead_row, job_row, job_state, scalar
 
 registry = Registry()
@@ -65,6 +77,11 @@ def permanent() -> None:
     raise PermanentError("never")
 
 
+@registry.task(name="t.forever")
+async def forever() -> None:
+    await asyncio.sleep(3600)
+
+
 @registry.task(name="t.fan_out")
 def fan_out(n: int) -> None:
     with psycopg.connect(DSN["dsn"], autocommit=True) as conn:
@@ -88,7 +105,7 @@ def test_perform_passes_args_through_json_as_a_worker_receives_them():
     assert got == {"items": [1, 2], "nested": {"x": 1.5}, "none": None}
 
 
-def test_perform_refuses_what_enqueue_or_a_worker_would():
+def test_perform_refuses_what_enqueue_or_a_worker_would(monkeypatch):
     with pytest.raises(UnknownTask):
         perform(registry, "t.missing")
     with pytest.raises(SerializationError):
@@ -97,12 +114,9 @@ def test_perform_refuses_what_enqueue_or_a_worker_would():
         perform(registry, "t.echo", {"x": float("nan")})
     with pytest.raises(TypeError):
         perform(registry, "t.add", {"a": 1})
-    os.environ["PGQUEUE_MAX_ARGS_BYTES"] = "100"
-    try:
-        with pytest.raises(PayloadTooLarge):
-            perform(registry, "t.echo", {"x": "y" * 200})
-    finally:
-        del os.environ["PGQUEUE_MAX_ARGS_BYTES"]
+    monkeypatch.setenv("PGQUEUE_MAX_ARGS_BYTES", "100")
+    with pytest.raises(PayloadTooLarge):
+        perform(registry, "t.echo", {"x": "y" * 200})
 
 
 def test_perform_lets_control_signals_reach_the_test():
@@ -189,8 +203,10 @@ def test_drain_leaves_paused_queues_and_times_out_on_a_job_that_always_snoozes(c
     assert job_state(conn, paused) == "queued"
 
     snoozer = enqueue(conn, "t.snooze")
-    with pytest.raises(TimeoutError, match="snoozes every time"):
+    with pytest.raises(DrainTimeout, match="snoozes every time") as timed_out:
         drain(registry, dsn, with_scheduled=True, timeout=1)
+    assert isinstance(timed_out.value, TimeoutError)
+    assert timed_out.value.result.snoozed >= 1
     # The worker was stopped: the job is back in the queue, nothing runs, no worker row.
     assert job_state(conn, snoozer) == "queued"
     assert scalar(conn, "SELECT count(*) FROM pgqueue.workers") == 0
@@ -205,3 +221,62 @@ def test_drain_async_runs_on_the_callers_event_loop(conn, dsn):
     result = asyncio.run(main())
     assert job_state(conn, job) == "succeeded"
     assert [(a.job_id, a.outcome) for a in result.attempts] == [(job, "succeeded")]
+
+
+def test_drain_timeout_gives_back_a_job_still_running(conn, dsn):
+    job = enqueue(conn, "t.forever")
+
+    with pytest.raises(DrainTimeout, match="1 job") as timed_out:
+        drain(registry, dsn, timeout=0.5)
+
+    # Released at once (shutdown_timeout 0), its attempt given back; not waited for.
+    row = job_row(conn, job)
+    assert row is not None and (row["state"], row["attempts"]) == ("queued", 0)
+    assert [a.outcome for a in timed_out.value.result.attempts] == ["released"]
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.workers") == 0
+
+
+def test_drain_with_scheduled_counts_a_retry_written_between_its_two_statements(conn, dsn):
+    # drain_schedule_now, then the worker writes a retry due in 10 minutes, then
+    # drain_outstanding: that job must still count, or the drain ends before it is dead.
+    job = enqueue(conn, "t.add", {"a": 1, "b": 1}, delay=600)
+
+    async def outstanding(with_scheduled: bool) -> int:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
+            return await store.drain_outstanding(
+                aconn, queues=["default"], worker_id="w", with_scheduled=with_scheduled
+            )
+
+    assert asyncio.run(outstanding(True)) == 1
+    assert asyncio.run(outstanding(False)) == 0
+    assert job_state(conn, job) == "queued"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"registry": Registry()}, "registry has no tasks"),
+        ({"queues": "default"}, "not the string 'default'"),
+        ({"timeout": float("nan")}, "timeout must be"),
+        ({"timeout": -1}, "timeout must be"),
+    ],
+)
+def test_drain_refuses_bad_arguments_before_running_anything(conn, dsn, kwargs, message):
+    job = enqueue(conn, "t.add", {"a": 1, "b": 1})
+    with pytest.raises(ConfigError, match=message):
+        drain(**{"registry": registry, "dsn": dsn, **kwargs})
+    assert job_state(conn, job) == "queued"
+
+
+def test_drain_on_a_database_without_the_schema_says_to_migrate(server_dsn):
+    name = f"pgqueue_drain_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        with pytest.raises(PgQueueError, match="pgqueue migrate"):
+            drain(registry, make_conninfo(server_dsn, dbname=name))
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )

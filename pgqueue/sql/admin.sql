@@ -9,7 +9,11 @@ FROM pgqueue.jobs WHERE id = %(id)s
 UNION ALL
 SELECT id, queue, task, 'dead', attempts, max_attempts, priority, run_at,
        created_at, attempted_at, died_at, NULL, NULL, idempotency_key, errors, history,
-       NULL, reason, CASE WHEN %(with_args)s::boolean THEN args::text END, false
+       NULL, reason, CASE WHEN %(with_args)s::boolean THEN args::text END,
+       -- dead_jobs has no rescued column: the reaper's entry tells (it rescues every job
+       -- whose lease expired, and dead-letters only rescued ones).
+       EXISTS (SELECT 1 FROM jsonb_array_elements(history) AS e
+               WHERE e ->> 'outcome' = 'lease_expired')
 FROM pgqueue.dead_jobs WHERE id = %(id)s;
 
 -- name: disable_jit

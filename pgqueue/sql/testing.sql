@@ -2,12 +2,14 @@
 -- done and what happened. For tests, not for production (they scan a queue's jobs).
 
 -- name: drain_outstanding
--- Jobs of these queues the drain still waits for: runnable now in a queue not paused, or
--- running under the drain's worker (an outcome not written yet).
+-- Jobs of these queues the drain still waits for: runnable now (with_scheduled: queued,
+-- whenever due) in a queue not paused, or running under the drain's worker (an outcome
+-- not written yet). With with_scheduled, a retry written between drain_schedule_now and
+-- this statement is due later, and still counts.
 SELECT count(*) AS n
 FROM pgqueue.jobs AS j
 WHERE j.queue = ANY(%(queues)s::text[])
-  AND ((j.state = 'queued' AND j.run_at <= now()
+  AND ((j.state = 'queued' AND (j.run_at <= now() OR %(with_scheduled)s::boolean)
         AND NOT EXISTS (SELECT 1 FROM pgqueue.queues AS q
                         WHERE q.name = j.queue AND q.paused_at IS NOT NULL))
        OR (j.state = 'running' AND j.leased_by = %(worker_id)s));
