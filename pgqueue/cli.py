@@ -628,18 +628,20 @@ def worker_command(
                 metrics_host=metrics_host,
                 metrics_port=metrics_port,
             ).run()
-        from pgqueue.supervisor import SUPERVISED_ENV, SUPERVISOR_PID_ENV
+        from pgqueue.supervisor import READY_FD_ENV, SUPERVISED_ENV, SUPERVISOR_PID_ENV
         from pgqueue.worker import Worker
 
         # Popped: a process a handler starts (a pgqueue-worker among them) is not a
         # supervised child.
         supervised = os.environ.pop(SUPERVISED_ENV, "") == "1"
         parent = os.environ.pop(SUPERVISOR_PID_ENV, "")
+        ready_fd = os.environ.pop(READY_FD_ENV, "")
         worker = Worker(
             registry,
             config,
             supervised=supervised,
             parent_pid=int(parent) if supervised and parent.isdigit() else None,
+            on_started=_tell_ready(int(ready_fd)) if supervised and ready_fd.isdigit() else None,
         )
         # This process exists to run the worker: what is allocated by now (modules, the
         # app, settings) lives as long as it does. Collect once, then keep it out of the
@@ -659,6 +661,21 @@ def worker_command(
         return 1 if worker.failed else 0
 
     _exit_after(body)
+
+
+def _tell_ready(fd: int) -> Callable[[], None]:
+    """What a supervised child calls once its worker runs: one byte down the pipe its
+    supervisor passed (see pgqueue.supervisor.READY_FD_ENV), then the pipe is closed."""
+
+    def tell() -> None:
+        # EPIPE (Python ignores SIGPIPE) or EBADF: the supervisor is gone, or the fd was
+        # not a pipe it passed; the worker runs either way.
+        with contextlib.suppress(OSError):
+            os.write(fd, b"1")
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    return tell
 
 
 class _DefaultExecutor(ThreadPoolExecutor):
@@ -1126,7 +1143,8 @@ def dead_retry(
 @dead.command("purge")
 @click.option(
     "--older-than",
-    help="Only jobs that died longer ago than this: 7d, 12h, 30m, 90s (a bare number is seconds).",
+    help="Only jobs that died longer ago than this: 2w, 7d, 12h, 30m, 90s (a bare number is"
+    " seconds).",
 )
 @click.option("--queue", help="Only this queue.")
 @click.option("--task", help="Only this task.")

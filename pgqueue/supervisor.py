@@ -4,7 +4,8 @@ them, and replaces a child that dies (with a backoff if it keeps dying at start-
 Each child is a full worker (``python -m pgqueue worker ... --processes 1``). With
 ``--metrics-port`` the supervisor serves the children's metrics summed (prometheus-client
 multiprocess mode, one directory of samples per supervisor) and a /healthz that is 200
-while every child is up and the database answers.
+while every child runs its worker (each says so through a pipe once it does) and the
+database answers.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ log = get_logger("pgqueue.supervisor")
 SUPERVISED_ENV = "PGQUEUE_SUPERVISED"
 # The supervisor's pid, so that a child notices when it is orphaned (and stops).
 SUPERVISOR_PID_ENV = "PGQUEUE_SUPERVISOR_PID"
+# A pipe's write end, passed to each child: it writes one byte once its worker runs, so
+# that /healthz counts a child as up only from then (not while it imports the app).
+READY_FD_ENV = "PGQUEUE_READY_FD"
 RESTART_MIN_SECONDS = 1.0
 RESTART_MAX_SECONDS = 30.0
 # A child that lived at least this long before dying is restarted without delay growth.
@@ -46,9 +50,28 @@ class _Child:
     slot: int
     proc: subprocess.Popen[bytes]
     started: float
+    # The read end of the child's readiness pipe, until it said it runs or closed it.
+    ready_fd: int | None = None
+    ready: bool = False
     restart_delay: float = RESTART_MIN_SECONDS
     restart_at: float | None = None
     exits: list[int] = field(default_factory=list)
+
+    def poll_ready(self) -> None:
+        if self.ready_fd is None:
+            return
+        try:
+            data = os.read(self.ready_fd, 1)
+        except BlockingIOError:
+            return
+        # A byte: the worker runs. End of file: the child is gone without running.
+        self.ready = data != b""
+        self.close_ready_fd()
+
+    def close_ready_fd(self) -> None:
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
 
 
 class Supervisor:
@@ -74,9 +97,30 @@ class Supervisor:
         # Pids of children the stop signal was passed to.
         self._signalled: set[int] = set()
 
-    def _spawn(self, slot: int) -> subprocess.Popen[bytes]:
+    def _start(self, slot: int) -> tuple[subprocess.Popen[bytes], int]:
+        """A child process for ``slot`` and the read end of its readiness pipe."""
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        try:
+            proc = self._spawn(slot, write_end)
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        return proc, read_end
+
+    def _restart(self, child: _Child, now: float) -> None:
+        child.close_ready_fd()
+        child.proc, child.ready_fd = self._start(child.slot)
+        child.ready = False
+        child.started = now
+        child.restart_at = None
+
+    def _spawn(self, slot: int, ready_fd: int) -> subprocess.Popen[bytes]:
         # The DSN goes by environment, not argv: `ps` would show a password.
         env = dict(os.environ, PGQUEUE_WORKER_SLOT=str(slot), PGQUEUE_DSN=self.dsn)
+        env[READY_FD_ENV] = str(ready_fd)
         # The supervisor serves the metrics port; a child must not try to bind it too.
         env.pop("PGQUEUE_METRICS_PORT", None)
         env.pop("PGQUEUE_METRICS_HOST", None)
@@ -92,7 +136,7 @@ class Supervisor:
         # SIGINT meanwhile waits for the unblock below, it is not lost.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            proc = subprocess.Popen(self.child_argv, env=env)
+            proc = subprocess.Popen(self.child_argv, env=env, pass_fds=(ready_fd,))
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         log.info("supervisor.spawned", slot=slot, pid=proc.pid)
@@ -120,6 +164,9 @@ class Supervisor:
         ]
         if down:
             return False, f"worker processes down: {down}"
+        starting = [c.slot for c in self.children if not c.ready]
+        if starting or len(self.children) < self.processes:
+            return False, f"worker processes starting: {starting}"
         return database_health(self.dsn)()
 
     def run(self) -> int:
@@ -140,6 +187,8 @@ class Supervisor:
                 ).start()
             return self._supervise()
         finally:
+            for child in self.children:
+                child.close_ready_fd()
             if server is not None:
                 server.stop()
             if self.metrics_dir:
@@ -150,11 +199,13 @@ class Supervisor:
         for slot in range(self.processes):
             if self._signals:
                 break
-            self.children.append(_Child(slot, self._spawn(slot), now))
+            proc, ready_fd = self._start(slot)
+            self.children.append(_Child(slot, proc, now, ready_fd))
         log.info("supervisor.started", processes=self.processes, pid=os.getpid())
         while not self._signals:
             now = time.monotonic()
             for child in self.children:
+                child.poll_ready()
                 code = child.proc.poll()
                 if code is not None and child.restart_at is None:
                     lived = now - child.started
@@ -175,9 +226,7 @@ class Supervisor:
 
                         multiprocess.mark_process_dead(child.proc.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
                 if child.restart_at is not None and now >= child.restart_at and not self._signals:
-                    child.proc = self._spawn(child.slot)
-                    child.started = now
-                    child.restart_at = None
+                    self._restart(child, now)
             time.sleep(0.1)
         return self._wait_children()
 

@@ -213,7 +213,12 @@ class Daemons:
         self, command: str, *args: str, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{command}-{len(self.procs)}.log", "wb")  # noqa: SIM115
-        full_env = {**os.environ, "PGQUEUE_DSN": self.dsn, "PYTHONPATH": str(ROOT), **(env or {})}
+        # TMPDIR: a supervisor killed at teardown leaves its metrics directory behind; in
+        # the test's own folder, not in /tmp.
+        full_env = {
+            **os.environ, "PGQUEUE_DSN": self.dsn, "PYTHONPATH": str(ROOT),
+            "TMPDIR": str(self.tmp), **(env or {}),
+        }  # fmt: skip
         proc = subprocess.Popen(
             [str(BIN / command), *args],
             env=full_env,

@@ -709,6 +709,29 @@ def test_supervisor_on_sigquit_stops_its_children_at_once_and_cleans_up(conn, da
     assert job_state(conn, job_id) == "running"  # left to its lease, as documented
 
 
+def test_supervisor_healthz_is_503_until_every_child_runs_its_worker(conn, daemons):
+    # A child counted as up from its spawn made /healthz 200 while it still imported the
+    # app (and flap in a crash loop). Each child now says through a pipe when it runs.
+    port = free_port()
+    supervisor = daemons.worker(
+        "--processes", "2", "--metrics-port", str(port), *LOCAL,
+        app="tests.apps.slow_import:registry", env={"SLOW_IMPORT_SECONDS": "3"},
+    )  # fmt: skip
+
+    def answer() -> tuple[int, str] | None:
+        try:
+            return http_get(port, "/healthz")
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return None
+
+    first = wait_until(answer, timeout=30)
+
+    assert first == (503, "worker processes starting: [0, 1]\n")
+    assert not events(daemons, supervisor, "worker.started")
+    assert wait_until(lambda: http_status(port, "/healthz") == 200, timeout=30)
+    assert len(events(daemons, supervisor, "worker.started")) == 2
+
+
 def test_supervisor_healthz_is_503_while_it_stops(conn, daemons):
     port = free_port()
     supervisor = daemons.worker(

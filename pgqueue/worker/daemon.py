@@ -19,6 +19,7 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -63,8 +64,11 @@ class Worker:
         worker_id: str | None = None,
         supervised: bool = False,
         parent_pid: int | None = None,
+        on_started: Callable[[], object] | None = None,
     ) -> None:
         self.registry = registry
+        # Called once the worker's loops run (a supervised child tells its supervisor).
+        self._on_started = on_started
         # Run by a --processes supervisor: see _on_signal.
         self.supervised = supervised
         # The supervisor's pid: if it dies (SIGKILL, OOM killer) this worker is orphaned
@@ -241,6 +245,8 @@ class Worker:
             task.add_done_callback(self._on_component_done)
         self._started_at = time.monotonic()
         self._started = True
+        if self._on_started is not None:
+            self._on_started()
         try:
             await self._stopping.wait()
         finally:
