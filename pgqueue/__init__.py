@@ -30,7 +30,7 @@ from pgqueue.errors import (
 from pgqueue.migrate import migrate
 from pgqueue.models import JobState
 from pgqueue.reaper import Reaper
-from pgqueue.registry import Registry, Task
+from pgqueue.registry import Registry, Task, TaskCall
 from pgqueue.retry import Backoff
 from pgqueue.worker import Worker
 
@@ -54,6 +54,7 @@ __all__ = [
     "SerializationError",
     "Snooze",
     "Task",
+    "TaskCall",
     "UnknownTask",
     "ValidationError",
     "Worker",

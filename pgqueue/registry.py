@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generic, ParamSpec, TypeVar
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+
+import psycopg
 
 from pgqueue.errors import ConfigError, UnknownTask
 from pgqueue.retry import Backoff
+
+if TYPE_CHECKING:
+    from pgqueue.enqueue import JobSpec
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -142,8 +148,133 @@ class Task(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
 
+    def job_args(self, *args: P.args, **kwargs: P.kwargs) -> dict[str, Any]:
+        """The args of a job whose handler call is ``fn(*args, **kwargs)``: each argument
+        under its parameter's name (what the worker passes back as keywords), the
+        contents of ``**kwargs`` merged in; defaults are left to the handler. Arguments
+        that do not fit the signature raise ``TypeError`` now, not in a worker."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}{self.signature}: {exc}") from None
+        job_args: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            kind = self.signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                job_args.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise TypeError(
+                        f"{self.name}: a job cannot carry *{name}: the worker calls the"
+                        " handler with keyword arguments only"
+                    )
+            elif kind is inspect.Parameter.POSITIONAL_ONLY:
+                raise TypeError(
+                    f"{self.name}: parameter {name!r} is positional-only, which a worker"
+                    " (calling with keyword arguments) cannot pass"
+                )
+            else:
+                job_args[name] = value
+        return job_args
+
+    def with_options(
+        self,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        run_at: datetime | None = None,
+        delay: float | timedelta | None = None,
+        max_attempts: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> TaskCall[P]:
+        """This task with enqueue options set: ``send.with_options(delay=60).enqueue(conn,
+        to=...)``. Unset ones come from the task's registration."""
+        return TaskCall(
+            self,
+            {
+                "queue": queue,
+                "priority": priority,
+                "run_at": run_at,
+                "delay": delay,
+                "max_attempts": max_attempts,
+                "idempotency_key": idempotency_key,
+            },
+        )
+
+    @overload
+    def enqueue(
+        self, conn: psycopg.Connection[Any], /, *args: P.args, **kwargs: P.kwargs
+    ) -> int: ...
+
+    @overload
+    def enqueue(
+        self, conn: psycopg.AsyncConnection[Any], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Awaitable[int]: ...
+
+    def enqueue(
+        self,
+        conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> int | Awaitable[int]:
+        """Enqueue a job of this task, its args checked against the handler's signature
+        (a type checker checks them too): ``send.enqueue(conn, to="a@b.c")``. Returns
+        the job's id (an awaitable of it on an ``AsyncConnection``), like
+        ``pgqueue.enqueue``; the queue, priority and attempts are this task's own."""
+        return TaskCall(self, {}).enqueue(conn, *args, **kwargs)
+
+    def spec(self, *args: P.args, **kwargs: P.kwargs) -> JobSpec:
+        """A ``JobSpec`` of this task for ``enqueue_many``, args checked as ``enqueue``."""
+        return TaskCall(self, {}).spec(*args, **kwargs)
+
     def __repr__(self) -> str:
         return f"<Task {self.name} queue={self.options.queue}>"
+
+
+class TaskCall(Generic[P]):
+    """A task with enqueue options (``Task.with_options``)."""
+
+    def __init__(self, task: Task[P, Any], options: dict[str, Any]) -> None:
+        self.task = task
+        task_options = task.options
+        # The task's own defaults, not the process-wide index's (another registry may
+        # have registered the same name with other options).
+        self.options = {
+            "queue": task_options.queue,
+            "priority": task_options.priority,
+            "max_attempts": task_options.max_attempts,
+            **{k: v for k, v in options.items() if v is not None},
+        }
+
+    @overload
+    def enqueue(
+        self, conn: psycopg.Connection[Any], /, *args: P.args, **kwargs: P.kwargs
+    ) -> int: ...
+
+    @overload
+    def enqueue(
+        self, conn: psycopg.AsyncConnection[Any], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Awaitable[int]: ...
+
+    def enqueue(
+        self,
+        conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> int | Awaitable[int]:
+        """As ``Task.enqueue``, with these options."""
+        from pgqueue.enqueue import enqueue
+
+        job_args = self.task.job_args(*args, **kwargs)
+        return enqueue(conn, self.task.name, job_args, **self.options)
+
+    def spec(self, *args: P.args, **kwargs: P.kwargs) -> JobSpec:
+        """As ``Task.spec``, with these options."""
+        from pgqueue.enqueue import JobSpec
+
+        return JobSpec(self.task.name, self.task.job_args(*args, **kwargs), **self.options)
 
 
 # name -> options of every task registered in this process, for enqueue's defaults.
