@@ -547,6 +547,34 @@ def metrics_options(fn: F) -> F:
     " a Postgres crash may undo the last moment's, and those jobs run again (enqueues are"
     " not affected).",
 )
+@click.option(
+    "--reaper",
+    "with_reaper",
+    is_flag=True,
+    envvar="PGQUEUE_REAPER",
+    show_envvar=True,
+    help="Also run the reaper in this worker (a thread; with --processes, in each child),"
+    " reaping only while it holds the lead: one worker's reaper at a time, another taking"
+    " over when that worker goes. Instead of, or beside, pgqueue-reaper.",
+)
+@click.option(
+    "--reaper-interval",
+    type=click.FloatRange(min=0.01),
+    default=DEFAULT_REAPER_INTERVAL,
+    show_default=True,
+    envvar="PGQUEUE_REAPER_INTERVAL",
+    show_envvar=True,
+    help="With --reaper: seconds between its passes (and between asks for the lead).",
+)
+@click.option(
+    "--retention-seconds",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_RETENTION_SECONDS,
+    show_default=True,
+    envvar="PGQUEUE_RETENTION_SECONDS",
+    show_envvar=True,
+    help="With --reaper: how long succeeded and cancelled jobs are kept.",
+)
 @metrics_options
 @dsn_option
 @log_options
@@ -563,6 +591,9 @@ def worker_command(
     no_prepared_statements: bool,
     no_generic_plans: bool,
     async_commit: bool,
+    with_reaper: bool,
+    reaper_interval: float,
+    retention_seconds: float,
     metrics_port: int | None,
     metrics_host: str,
     dsn: str | None,
@@ -620,6 +651,12 @@ def worker_command(
                 child_args.append("--no-generic-plans")
             if async_commit:
                 child_args.append("--async-commit")
+            if with_reaper:
+                child_args += [
+                    "--reaper",
+                    "--reaper-interval", str(reaper_interval),
+                    "--retention-seconds", str(retention_seconds),
+                ]  # fmt: skip
             return Supervisor(
                 child_command(child_args),
                 processes,
@@ -627,6 +664,7 @@ def worker_command(
                 dsn=config.dsn,
                 metrics_host=metrics_host,
                 metrics_port=metrics_port,
+                queue_stats=with_reaper,
             ).run()
         from pgqueue.supervisor import READY_FD_ENV, SUPERVISED_ENV, SUPERVISOR_PID_ENV
         from pgqueue.worker import Worker
@@ -648,14 +686,40 @@ def worker_command(
         # collector's full passes, which would walk it again and again while jobs wait.
         gc.collect()
         gc.freeze()
+        reaper = None
+        if with_reaper:
+            from pgqueue.reaper import Reaper
+
+            reaper = Reaper(
+                ReaperConfig(
+                    dsn=config.dsn,
+                    interval=reaper_interval,
+                    retention_seconds=retention_seconds,
+                    prepared_statements=not no_prepared_statements,
+                    leader_only=True,
+                )
+            )
         server = None
         if metrics_port is not None:
-            server = MetricsServer(
-                metrics_host, metrics_port, process_registry(), worker.health
-            ).start()
+            served = process_registry()
+            if with_reaper:
+                # The database-wide gauges, as pgqueue-reaper exports them.
+                served.register(QueueStatsCollector(config.dsn))
+            server = MetricsServer(metrics_host, metrics_port, served, worker.health).start()
+        reaping = None
+        if reaper is not None:
+            # A daemon thread: a statement stuck past the stop below must not keep the
+            # process alive (_exit_after).
+            reaping = threading.Thread(
+                target=reaper.run, kwargs={"handle_signals": False}, name="reaper", daemon=True
+            )
+            reaping.start()
         try:
             asyncio.run(_run_worker(worker))
         finally:
+            if reaper is not None and reaping is not None:
+                reaper.stop()
+                reaping.join(timeout=REAPER_STOP_SECONDS)
             if server is not None:
                 server.stop()
         return 1 if worker.failed else 0
@@ -711,6 +775,9 @@ class _DefaultExecutor(ThreadPoolExecutor):
             with contextlib.suppress(RuntimeError):  # the loop is closed
                 self.on_idle()
 
+
+# How long a stopped worker waits for its embedded reaper to end its pass.
+REAPER_STOP_SECONDS = 10.0
 
 # How long a stopped worker waits for calls left in its default executor's threads.
 DEFAULT_EXECUTOR_GRACE_SECONDS = 1.0

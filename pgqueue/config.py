@@ -168,6 +168,9 @@ class ReaperConfig:
     backoff_max_seconds: float = 3600.0
     reconnect_max_seconds: float = DEFAULT_RECONNECT_MAX_SECONDS
     prepared_statements: bool = True
+    # Reap only while holding the embedded reapers' advisory lock (one at a time): for a
+    # reaper run inside each worker (`pgqueue-worker --reaper`).
+    leader_only: bool = False
 
     def validate(self) -> ReaperConfig:
         """This config if it is usable (else ConfigError), with TCP_DEFAULTS in its DSN."""

@@ -54,6 +54,9 @@ class Reaper:
         self._looping = False
         self._database_health = metrics.database_health(config.dsn)
         self._schema = SchemaWatch(log, "reaper")
+        # leader_only: whether this connection holds the leadership lock; None until
+        # the first pass asked.
+        self._leader: bool | None = None
 
     def health(self) -> tuple[bool, str]:
         """For /healthz (called from the metrics thread): is the loop running and does
@@ -79,6 +82,11 @@ class Reaper:
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._leader:
+                # The lock went with the old connection's session (the next pass asks
+                # for it again).
+                log.info("reaper.leadership_lost")
+                self._leader = False
             self._conn = psycopg.connect(
                 self.config.dsn,
                 autocommit=True,
@@ -96,12 +104,30 @@ class Reaper:
             if len(rows) < self.config.batch_size:
                 return
 
+    @property
+    def leading(self) -> bool:
+        """Whether this reaper reaps: always, unless ``leader_only``."""
+        return not self.config.leader_only or bool(self._leader)
+
+    def _lead(self, conn: psycopg.Connection[Any]) -> bool:
+        if not self._leader:
+            leader = store.try_reaper_leadership(conn)
+            if leader:
+                log.info("reaper.leading")
+            elif self._leader is None:
+                log.info("reaper.standby", reason="another worker's reaper holds the lead")
+            self._leader = leader
+        return self._leader
+
     def run_once(self) -> ReapResult:
-        """One pass: requeue expired, dead-letter exhausted, prune; batch by batch."""
+        """One pass: requeue expired, dead-letter exhausted, prune; batch by batch. With
+        ``leader_only``, nothing unless this reaper holds (or takes) the lead."""
         conn = self._connection()
         # Each pass until the database is known to have this version's migrations.
         if not self._schema.settled:
             self._schema.observe(store.applied_versions(conn))
+        if self.config.leader_only and not self._lead(conn):
+            return ReapResult([], [], 0)
         requeued: list[int] = []
         cancelled: list[int] = []
         dead: list[int] = []

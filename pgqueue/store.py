@@ -409,6 +409,11 @@ def delete_stale_workers(conn: SyncConn) -> list[Row]:
     return _fetch(conn, "delete_stale_workers", {})
 
 
+def try_reaper_leadership(conn: SyncConn) -> bool:
+    """Take the embedded reapers' session lock if it is free (see the query)."""
+    return bool(_fetch(conn, "try_reaper_leadership", {})[0]["leader"])
+
+
 def prune_finished(conn: SyncConn, *, retention_seconds: float, batch_size: int) -> list[int]:
     rows = _fetch(
         conn,

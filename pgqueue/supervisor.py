@@ -26,6 +26,7 @@ from pgqueue.log import get_logger
 from pgqueue.metrics import (
     DEFAULT_METRICS_HOST,
     MetricsServer,
+    QueueStatsCollector,
     database_health,
     multiprocess_registry,
 )
@@ -84,8 +85,11 @@ class Supervisor:
         dsn: str,
         metrics_host: str | None = None,
         metrics_port: int | None = None,
+        queue_stats: bool = False,
     ) -> None:
         self.child_argv = list(child_argv)
+        # Also export the database-wide gauges (children run the reaper: --reaper).
+        self.queue_stats = queue_stats
         self.processes = processes
         self.shutdown_timeout = shutdown_timeout
         self.dsn = dsn
@@ -179,10 +183,13 @@ class Supervisor:
             if self.metrics_port is not None:
                 # Removed below even when the port cannot be bound.
                 self.metrics_dir = tempfile.mkdtemp(prefix="pgqueue-metrics-")
+                registry = multiprocess_registry(self.metrics_dir)
+                if self.queue_stats:
+                    registry.register(QueueStatsCollector(self.dsn))
                 server = MetricsServer(
                     self.metrics_host or DEFAULT_METRICS_HOST,
                     self.metrics_port,
-                    multiprocess_registry(self.metrics_dir),
+                    registry,
                     self.healthy,
                 ).start()
             return self._supervise()

@@ -709,6 +709,26 @@ def test_supervisor_on_sigquit_stops_its_children_at_once_and_cleans_up(conn, da
     assert job_state(conn, job_id) == "running"  # left to its lease, as documented
 
 
+def test_workers_with_reaper_export_the_database_gauges_one_child_leading(conn, daemons):
+    port = free_port()
+    insert_job(conn, queue="gauged")
+    supervisor = daemons.worker(
+        "--processes", "2", "--reaper", "--reaper-interval", "0.2",
+        "--metrics-port", str(port), *LOCAL,
+    )  # fmt: skip
+    wait_until(lambda: http_status(port, "/healthz") == 200, timeout=30)
+
+    body = http_get(port, "/metrics")[1]
+    depth = [
+        s for fam in text_string_to_metric_families(body) for s in fam.samples
+        if s.name == "pgqueue_queue_depth" and s.labels == {"queue": "gauged", "state": "ready"}
+    ]  # fmt: skip
+    assert [s.value for s in depth] == [1.0]
+    wait_until(lambda: events(daemons, supervisor, "reaper.standby"))
+    assert len(events(daemons, supervisor, "reaper.leading")) == 1
+    assert len(events(daemons, supervisor, "reaper.started")) == 2
+
+
 def test_supervisor_healthz_is_503_until_every_child_runs_its_worker(conn, daemons):
     # A child counted as up from its spawn made /healthz 200 while it still imported the
     # app (and flap in a crash loop). Each child now says through a pipe when it runs.

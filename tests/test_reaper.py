@@ -7,6 +7,7 @@ to the database's clock, so nothing waits for a lease to run out.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
 import uuid
@@ -21,7 +22,7 @@ import structlog
 from pgqueue import store
 from pgqueue.config import ReaperConfig
 from pgqueue.reaper import Reaper, ReapResult
-from tests.conftest import BIN, dead_row, job_row, run_at_once, scalar
+from tests.conftest import BIN, dead_row, job_row, run_at_once, scalar, wait_until
 from tests.test_queries import db_clock, make_job, run_async
 
 
@@ -342,3 +343,59 @@ def test_a_job_whose_id_the_dead_letter_table_holds_does_not_stall_the_reaper(co
     assert dead is not None and dead["task"] == "older"  # the older record is untouched
     blocked = [e for e in logs if e["event"] == "reaper.dead_letter_blocked"]
     assert [e["job_id"] for e in blocked] == [taken, taken]  # once per pass
+
+
+# --- reapers embedded in workers (leader_only) ---------------------------------------------
+
+
+def test_only_the_leader_among_embedded_reapers_reaps_and_another_takes_over(conn, dsn):
+    job = expired_job(conn)
+    with reaper(dsn, leader_only=True) as first, reaper(dsn, leader_only=True) as second:
+        assert first.run_once().requeued == [job]
+        assert first.leading
+        # The lead is held: the second does nothing, even with work to do.
+        again = expired_job(conn)
+        assert second.run_once() == ReapResult([], [], 0)
+        assert not second.leading
+        assert job_row(conn, again)["state"] == "running"  # type: ignore[index]
+        # A standalone reaper does not ask for the lead, and reaps anyway.
+        assert run_once(dsn).requeued == [again]
+
+        # The leader's connection ends (crash, cut): the lock goes with its session.
+        first._close()
+        third = expired_job(conn)
+        assert second.run_once().requeued == [third]
+        assert second.leading
+        # The old leader, reconnecting, finds the lead taken.
+        assert first.run_once() == ReapResult([], [], 0)
+        assert not first.leading
+
+
+def test_a_worker_with_reaper_requeues_expired_jobs_prunes_and_stops_cleanly(conn, daemons):
+    lost = expired_job(conn, task="record", leased_by="gone:1:abc")
+    old = make_job(conn, state="succeeded", task="record")
+    conn.execute(
+        "UPDATE pgqueue.jobs SET finished_at = now() - interval '2 hours' WHERE id = %s", (old,)
+    )
+    worker = daemons.worker("--reaper", "--reaper-interval", "0.2", "--retention-seconds", "3600")
+
+    wait_until(lambda: job_row(conn, lost)["state"] == "succeeded")  # type: ignore[index]
+    wait_until(lambda: job_row(conn, old) is None)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    output = daemons.output(worker)
+    for event in ("reaper.leading", "reaper.requeued", "reaper.pruned", "reaper.stopped"):
+        assert f'"event": "{event}"' in output, output
+
+
+def test_embedded_reapers_hand_over_the_lead_when_their_worker_is_killed(conn, daemons):
+    first = daemons.worker("--reaper", "--reaper-interval", "0.2")
+    wait_until(lambda: '"reaper.leading"' in daemons.output(first))
+    second = daemons.worker("--reaper", "--reaper-interval", "0.2")
+    wait_until(lambda: '"reaper.standby"' in daemons.output(second))
+
+    first.kill()
+    first.wait(timeout=10)
+    wait_until(lambda: '"reaper.leading"' in daemons.output(second))
+    lost = expired_job(conn, task="record", leased_by="gone:1:abc")
+    wait_until(lambda: job_row(conn, lost)["state"] == "succeeded")  # type: ignore[index]

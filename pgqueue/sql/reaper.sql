@@ -112,3 +112,10 @@ RETURNING j.id;
 DELETE FROM pgqueue.workers
 WHERE last_heartbeat_at < now() - make_interval(secs => 3 * heartbeat_seconds)
 RETURNING id, host, pid;
+
+-- name: try_reaper_leadership
+-- Reapers embedded in workers (`pgqueue-worker --reaper`) take part only while they hold
+-- this session lock, so that one of them reaps at a time: it is released when the
+-- holder's connection ends (a crash, a cut) and the next to ask takes it over. Taken at
+-- most once per connection. Standalone reapers do not ask.
+SELECT pg_try_advisory_lock(hashtext('pgqueue.reaper')) AS leader;
