@@ -37,6 +37,10 @@ class ReapResult:
     cancelled: list[int] = field(default_factory=list)
 
 
+# Added to two reaper intervals: how long a lease may have been expired before a standby
+# embedded reaper takes the leader for stalled and reaps too.
+STANDBY_SLACK_SECONDS = 5.0
+
 # How soon the loop notices a stop signal while it waits between passes.
 SIGNAL_CHECK_SECONDS = 0.1
 
@@ -57,6 +61,10 @@ class Reaper:
         # leader_only: whether this connection holds the leadership lock; None until
         # the first pass asked.
         self._leader: bool | None = None
+        # A standby reaps when a lease has been expired this long: two of the leader's
+        # passes and some slack.
+        self._standby_grace = 2 * config.interval + STANDBY_SLACK_SECONDS
+        self._covering = False
 
     def health(self) -> tuple[bool, str]:
         """For /healthz (called from the metrics thread): is the loop running and does
@@ -127,7 +135,22 @@ class Reaper:
         if not self._schema.settled:
             self._schema.observe(store.applied_versions(conn))
         if self.config.leader_only and not self._lead(conn):
-            return ReapResult([], [], 0)
+            # The lead is only about not doing the same work N times (every statement
+            # below is safe to run beside another reaper's). A leader that stopped
+            # reaping without losing its lock (a frozen process) must not stall
+            # recovery: a standby seeing a lease expired for longer than the leader
+            # would allow reaps too.
+            if not store.overdue_expiries(conn, grace_seconds=self._standby_grace):
+                self._covering = False
+                return ReapResult([], [], 0)
+            if not self._covering:
+                log.warning(
+                    "reaper.covering",
+                    reason="a lease expired over"
+                    f" {self._standby_grace:g}s ago and the leading reaper has not requeued"
+                    " it: reaping beside it",
+                )
+                self._covering = True
         requeued: list[int] = []
         cancelled: list[int] = []
         dead: list[int] = []

@@ -409,6 +409,10 @@ def delete_stale_workers(conn: SyncConn) -> list[Row]:
     return _fetch(conn, "delete_stale_workers", {})
 
 
+def overdue_expiries(conn: SyncConn, *, grace_seconds: float) -> bool:
+    return bool(_fetch(conn, "overdue_expiries", {"grace_seconds": grace_seconds})[0]["overdue"])
+
+
 def try_reaper_leadership(conn: SyncConn) -> bool:
     """Take the embedded reapers' session lock if it is free (see the query)."""
     return bool(_fetch(conn, "try_reaper_leadership", {})[0]["leader"])

@@ -371,6 +371,22 @@ def test_only_the_leader_among_embedded_reapers_reaps_and_another_takes_over(con
         assert not first.leading
 
 
+def test_a_standby_reaps_when_the_leader_has_left_a_lease_expired_too_long(conn, dsn):
+    # A frozen leader (SIGSTOP, a paused VM) keeps its session and its lock: a standby
+    # must not wait for it once a lease has been expired for over two passes + slack.
+    with reaper(dsn, leader_only=True, interval=1) as leader:
+        leader.run_once()
+        assert leader.leading
+        with reaper(dsn, leader_only=True, interval=1) as standby:
+            recent = expired_job(conn, lease_expires_at=db_clock(conn) - timedelta(seconds=2))
+            assert standby.run_once() == ReapResult([], [], 0)
+            assert job_row(conn, recent)["state"] == "running"  # type: ignore[index]
+
+            overdue = expired_job(conn, lease_expires_at=db_clock(conn) - timedelta(seconds=8))
+            assert sorted(standby.run_once().requeued) == sorted([recent, overdue])
+            assert not standby.leading
+
+
 def test_a_worker_with_reaper_requeues_expired_jobs_prunes_and_stops_cleanly(conn, daemons):
     lost = expired_job(conn, task="record", leased_by="gone:1:abc")
     old = make_job(conn, state="succeeded", task="record")

@@ -119,3 +119,14 @@ RETURNING id, host, pid;
 -- holder's connection ends (a crash, a cut) and the next to ask takes it over. Taken at
 -- most once per connection. Standalone reapers do not ask.
 SELECT pg_try_advisory_lock(hashtext('pgqueue.reaper')) AS leader;
+
+-- name: overdue_expiries
+-- For an embedded reaper standing by: is there a running job whose lease expired longer
+-- ago than the leader, reaping every pass, would have let it? Then the leader is not
+-- reaping (a frozen process still holds its lock), and the standby reaps too. Reads the
+-- running jobs only (jobs_running_idx).
+SELECT EXISTS (
+    SELECT 1 FROM pgqueue.jobs
+    WHERE state = 'running'
+      AND lease_expires_at < now() - make_interval(secs => %(grace_seconds)s)
+) AS overdue;
