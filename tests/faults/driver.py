@@ -24,6 +24,10 @@ What it does:
    not cause (poison jobs) are noticed by a monitor thread and tallied the same way;
 5. waits for recovery, then checks the database (see ``Checker``) and prints a summary.
 
+``--reapers 0 --embedded-reapers`` runs no pgqueue-reaper: every worker runs the reaper
+itself (``pgqueue-worker --reaper``), one leading, and the faults hit the leader's worker
+like any other (``terminate_reaper_conns`` cuts the embedded reapers' connections).
+
 Exit status: 0 when no violation was found, 1 otherwise (each is listed). Every process
 it started is killed and the cluster destroyed, whatever happens.
 """
@@ -150,6 +154,10 @@ class Settings:
     log_level: str = "info"
     # Workers run with --async-commit (synchronous_commit = off on their connections).
     async_commit: bool = False
+    # Workers run with --reaper (a reaper in each worker process, one leading); combine
+    # with reapers=0 to run no pgqueue-reaper at all. Embedded reapers requeue with the
+    # default backoff base (1 s).
+    embedded_reapers: bool = False
     log_dir: Path | None = None
     keep_logs: bool = False
     verbose: bool = True
@@ -180,6 +188,9 @@ class Settings:
             ("lease", self.lease_seconds),
             ("reaper interval", self.reaper_interval),
             ("backoff", self.max_backoff_seconds),
+            # A SIGSTOPped worker may hold the embedded reapers' lead: a standby covers
+            # once a lease has been expired for two intervals + 5 s.
+            *([("standby grace", 2 * self.reaper_interval + 5.0)] if self.embedded_reapers else []),
             # A busy worker looks for waiting rescued jobs once per poll interval...
             ("poll interval", self.poll_interval),
             # ...then drains its running handlers and runs the rescued job alone.
@@ -482,6 +493,8 @@ class Driver:
                 argv += ["--processes", str(s.processes)]
             if s.async_commit:
                 argv.append("--async-commit")
+            if s.embedded_reapers:
+                argv += ["--reaper", "--reaper-interval", str(s.reaper_interval)]
         env = {
             k: v
             for k, v in os.environ.items()
@@ -1592,6 +1605,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p.add_argument("--processes", type=int, default=d.processes, help="processes per supervisor")
     p.add_argument("--concurrency", type=int, default=d.concurrency)
     p.add_argument("--reapers", type=int, default=d.reapers)
+    p.add_argument(
+        "--embedded-reapers",
+        action="store_true",
+        help="workers also run the reaper (--reaper); with --reapers 0, no pgqueue-reaper",
+    )
     p.add_argument("--lease-seconds", type=float, default=d.lease_seconds)
     p.add_argument("--reaper-interval", type=float, default=d.reaper_interval)
     p.add_argument("--poll-interval", type=float, default=d.poll_interval)
@@ -1628,6 +1646,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         recovery_timeout=a.recovery_timeout,
         log_level=a.log_level,
         async_commit=a.async_commit,
+        embedded_reapers=a.embedded_reapers,
+        # The embedded reaper has no flag for it: pgqueue-reaper's default.
+        backoff_base=1.0 if a.embedded_reapers else Settings.backoff_base,
         log_dir=a.log_dir,
         keep_logs=a.keep_logs,
         verbose=not a.quiet,

@@ -46,3 +46,19 @@ def test_short_fault_run_keeps_every_promise(tmp_path: Path) -> None:
     assert counts[WORKER_CRASH] >= report.poison * SHORT.poison_max_attempts, report.table()
     assert report.lost == 0 and report.completed == report.normal
     assert report.dead == report.dead_poison == report.poison
+
+
+@pytest.mark.timeout(420)
+def test_short_fault_run_with_only_embedded_reapers_keeps_every_promise(tmp_path: Path) -> None:
+    # No pgqueue-reaper: every worker runs one (--reaper), one leading at a time. The
+    # leader's worker is SIGKILLed, SIGSTOPped and cut off like any other.
+    settings = dataclasses.replace(
+        SHORT, jobs=1500, reapers=0, embedded_reapers=True, backoff_base=1.0,
+        log_dir=tmp_path / "logs",
+    )  # fmt: skip
+    report = run(settings)
+    print(report.table())
+    assert report.ok, report.table()
+    assert report.lost == 0 and report.completed == report.normal
+    assert report.dead == report.dead_poison == report.poison
+    assert "standby grace" in settings.recovery_bound()[1]
