@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import gc
 import importlib
 import json
 import os
 import re
 import signal
+import stat
 import sys
 import threading
 import traceback
@@ -615,6 +617,9 @@ def worker_command(
                 "PGQUEUE_QUEUES is set but empty: name the queues, or unset it to serve"
                 " every queue the registry's tasks use"
             )
+        # Before the app is imported: what it starts must not see a supervisor's
+        # settings, nor inherit its blocked SIGINT (see _SupervisedChild).
+        child = _SupervisedChild.from_environment()
         config = WorkerConfig(
             dsn=_require_dsn(dsn),
             queues=_split_queues(queues),
@@ -666,20 +671,14 @@ def worker_command(
                 metrics_port=metrics_port,
                 queue_stats=with_reaper,
             ).run()
-        from pgqueue.supervisor import READY_FD_ENV, SUPERVISED_ENV, SUPERVISOR_PID_ENV
         from pgqueue.worker import Worker
 
-        # Popped: a process a handler starts (a pgqueue-worker among them) is not a
-        # supervised child.
-        supervised = os.environ.pop(SUPERVISED_ENV, "") == "1"
-        parent = os.environ.pop(SUPERVISOR_PID_ENV, "")
-        ready_fd = os.environ.pop(READY_FD_ENV, "")
         worker = Worker(
             registry,
             config,
-            supervised=supervised,
-            parent_pid=int(parent) if supervised and parent.isdigit() else None,
-            on_started=_tell_ready(int(ready_fd)) if supervised and ready_fd.isdigit() else None,
+            supervised=child.supervised,
+            parent_pid=child.parent_pid,
+            on_started=child.tell_ready,
         )
         # This process exists to run the worker: what is allocated by now (modules, the
         # app, settings) lives as long as it does. Collect once, then keep it out of the
@@ -715,7 +714,7 @@ def worker_command(
             )
             reaping.start()
         try:
-            asyncio.run(_run_worker(worker))
+            asyncio.run(_run_worker(worker, child))
         finally:
             if reaper is not None and reaping is not None:
                 reaper.stop()
@@ -727,19 +726,74 @@ def worker_command(
     _exit_after(body)
 
 
-def _tell_ready(fd: int) -> Callable[[], None]:
-    """What a supervised child calls once its worker runs: one byte down the pipe its
-    supervisor passed (see pgqueue.supervisor.READY_FD_ENV), then the pipe is closed."""
+class _SupervisedChild:
+    """What a ``--processes`` supervisor hands its child, taken from the environment at
+    the start (so that nothing the app starts inherits it): whether it is supervised,
+    the supervisor's pid, and the readiness pipe (pgqueue.supervisor.READY_FD_ENV).
 
-    def tell() -> None:
-        # EPIPE (Python ignores SIGPIPE) or EBADF: the supervisor is gone, or the fd was
-        # not a pipe it passed; the worker runs either way.
+    The child starts with SIGINT blocked (pgqueue.supervisor), which covers the
+    interpreter's and pgqueue's own imports. From here a SIGINT (a terminal's Ctrl-C,
+    sent to the whole process group) is only recorded, and SIGINT is unblocked before
+    the app is imported, so no thread or process it starts inherits the block; the
+    worker gets a recorded one once its handlers are in place (``deliver``)."""
+
+    def __init__(self, supervised: bool, parent_pid: int | None, ready_fd: int | None) -> None:
+        self.supervised = supervised
+        self.parent_pid = parent_pid
+        self.ready_fd = ready_fd
+        self.early_sigint = False
+
+    @classmethod
+    def from_environment(cls) -> _SupervisedChild:
+        from pgqueue.supervisor import READY_FD_ENV, SUPERVISED_ENV, SUPERVISOR_PID_ENV
+
+        # Popped: a process the app or a handler starts (a pgqueue-worker among them) is
+        # not a supervised child.
+        supervised = os.environ.pop(SUPERVISED_ENV, "") == "1"
+        parent = os.environ.pop(SUPERVISOR_PID_ENV, "")
+        ready = os.environ.pop(READY_FD_ENV, "")
+        if not supervised:
+            return cls(False, None, None)
+        child = cls(True, int(parent) if parent.isdigit() else None, _ready_pipe(ready))
+        signal.signal(signal.SIGINT, child._record)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        return child
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.early_sigint = True
+
+    def deliver(self) -> None:
+        """Raise a SIGINT recorded before the worker's own handlers were installed."""
+        if self.early_sigint:
+            self.early_sigint = False
+            signal.raise_signal(signal.SIGINT)
+
+    def tell_ready(self) -> None:
+        """One byte down the readiness pipe, once the worker runs; then it is closed.
+        EPIPE (Python ignores SIGPIPE): the supervisor is gone; the worker runs anyway."""
+        fd, self.ready_fd = self.ready_fd, None
+        if fd is None:
+            return
         with contextlib.suppress(OSError):
             os.write(fd, b"1")
         with contextlib.suppress(OSError):
             os.close(fd)
 
-    return tell
+
+def _ready_pipe(value: str) -> int | None:
+    """The readiness pipe's fd, moved above the low numbers and made close-on-exec (no
+    process the app starts inherits it); None unless ``value`` names a pipe."""
+    if not value.isdigit():
+        return None
+    fd = int(value)
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return None
+        moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100)
+    except OSError:
+        return None
+    os.close(fd)
+    return moved
 
 
 class _DefaultExecutor(ThreadPoolExecutor):
@@ -783,11 +837,15 @@ REAPER_STOP_SECONDS = 10.0
 DEFAULT_EXECUTOR_GRACE_SECONDS = 1.0
 
 
-async def _run_worker(worker: Worker) -> None:
+async def _run_worker(worker: Worker, child: _SupervisedChild) -> None:
     loop = asyncio.get_running_loop()
     default_executor = _DefaultExecutor()
     loop.set_default_executor(default_executor)
-    await worker.run()
+    running = asyncio.create_task(worker.run())
+    # run() installs its signal handlers before its first await.
+    await asyncio.sleep(0)
+    child.deliver()
+    await running
     idle = asyncio.Event()
     default_executor.on_idle = lambda: loop.call_soon_threadsafe(idle.set)
     if default_executor.busy:

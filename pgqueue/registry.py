@@ -145,10 +145,10 @@ class Task(Generic[P, R]):
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+    def __call__(self, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
 
-    def job_args(self, *args: P.args, **kwargs: P.kwargs) -> dict[str, Any]:
+    def job_args(self, /, *args: P.args, **kwargs: P.kwargs) -> dict[str, Any]:
         """The args of a job whose handler call is ``fn(*args, **kwargs)``: each argument
         under its parameter's name (what the worker passes back as keywords), the
         contents of ``**kwargs`` merged in; defaults are left to the handler. Arguments
@@ -224,7 +224,7 @@ class Task(Generic[P, R]):
         ``pgqueue.enqueue``; the queue, priority and attempts are this task's own."""
         return TaskCall(self, {}).enqueue(conn, *args, **kwargs)
 
-    def spec(self, *args: P.args, **kwargs: P.kwargs) -> JobSpec:
+    def spec(self, /, *args: P.args, **kwargs: P.kwargs) -> JobSpec:
         """A ``JobSpec`` of this task for ``enqueue_many``, args checked as ``enqueue``."""
         return TaskCall(self, {}).spec(*args, **kwargs)
 
@@ -270,7 +270,7 @@ class TaskCall(Generic[P]):
         job_args = self.task.job_args(*args, **kwargs)
         return enqueue(conn, self.task.name, job_args, **self.options)
 
-    def spec(self, *args: P.args, **kwargs: P.kwargs) -> JobSpec:
+    def spec(self, /, *args: P.args, **kwargs: P.kwargs) -> JobSpec:
         """As ``Task.spec``, with these options."""
         from pgqueue.enqueue import JobSpec
 

@@ -132,12 +132,13 @@ class Supervisor:
         env[SUPERVISOR_PID_ENV] = str(os.getpid())
         if self.metrics_dir:
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
-        # The child starts with SIGINT blocked (a signal mask survives fork and exec), and
-        # the worker unblocks it once its handlers are in place (Worker.run). Ctrl-C in a
-        # terminal signals the whole process group: a child still starting would end in
-        # a KeyboardInterrupt; held, it is taken as a graceful stop. (The supervisor's
-        # own stop reaches children as SIGTERM.) Blocked here only for the spawn: a
-        # SIGINT meanwhile waits for the unblock below, it is not lost.
+        # The child starts with SIGINT blocked (a signal mask survives fork and exec),
+        # until pgqueue-worker replaces it by a handler that records it, before the app
+        # is imported (cli._SupervisedChild). Ctrl-C in a terminal signals the whole
+        # process group: a child still starting would end in a KeyboardInterrupt; held,
+        # it is taken as a graceful stop once the worker runs. (The supervisor's own
+        # stop reaches children as SIGTERM.) Blocked here only for the spawn: a SIGINT
+        # meanwhile waits for the unblock below, it is not lost.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             proc = subprocess.Popen(self.child_argv, env=env, pass_fds=(ready_fd,))
@@ -168,8 +169,9 @@ class Supervisor:
         ]
         if down:
             return False, f"worker processes down: {down}"
-        starting = [c.slot for c in self.children if not c.ready]
-        if starting or len(self.children) < self.processes:
+        ready = {c.slot for c in self.children if c.ready}
+        starting = [slot for slot in range(self.processes) if slot not in ready]
+        if starting:
             return False, f"worker processes starting: {starting}"
         return database_health(self.dsn)()
 

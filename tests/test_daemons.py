@@ -628,6 +628,29 @@ def test_a_sigint_a_child_got_while_starting_stops_it_once_it_runs(conn, daemons
     supervisor.wait(timeout=30)
 
 
+def test_what_the_app_starts_at_import_inherits_no_supervisor_state(conn, daemons, tmp_path):
+    # A thread or process the app starts while a child imports it must not inherit the
+    # child's blocked SIGINT (a Ctrl-C would then miss it for good), the supervisor's
+    # environment variables, or the readiness pipe (close_fds=False here).
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    supervisor = daemons.worker(
+        "--processes", "2", app="tests.apps.spawn_at_import:registry",
+        env={"SPAWN_REPORT_DIR": str(reports)},
+    )  # fmt: skip
+    wait_until(lambda: len(started_workers(daemons, supervisor)) == 2, timeout=30)
+    kids = started_workers(daemons, supervisor)
+    sigint = 1 << (signal.SIGINT - 1)
+    for kid in kids:
+        report = json.loads((reports / f"{kid}.json").read_text())
+        assert int(report["thread"]["sigblk"], 16) & sigint == 0, report
+        assert int(report["process"]["sigblk"], 16) & sigint == 0, report
+        assert report["process"]["env"] == [], report
+        assert report["process"]["fds"] == [0, 1, 2, 3], report  # 3: its own listdir
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=30) == 0, daemons.output(supervisor)
+
+
 def test_children_finish_their_jobs_and_stop_when_the_supervisor_is_killed(conn, daemons):
     # SIGKILL or the OOM killer gives the supervisor no chance to pass a stop on. Its
     # children must not run on unsupervised (a restarted supervisor would start as many

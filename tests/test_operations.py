@@ -752,6 +752,15 @@ def test_supervisor_healthz_is_503_until_every_child_runs_its_worker(conn, daemo
     assert len(events(daemons, supervisor, "worker.started")) == 2
 
 
+def test_supervisor_healthz_names_every_slot_not_yet_running(dsn):
+    from pgqueue.supervisor import Supervisor
+
+    # Before (or while) its children are spawned: all of them, not only those spawned.
+    assert Supervisor(["true"], 2, 1.0, dsn=dsn).healthy() == (
+        False, "worker processes starting: [0, 1]",
+    )  # fmt: skip
+
+
 def test_supervisor_healthz_is_503_while_it_stops(conn, daemons):
     port = free_port()
     supervisor = daemons.worker(

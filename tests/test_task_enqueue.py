@@ -31,6 +31,10 @@ def anything(kind: str, **extra: Any) -> None: ...
 def positional_only(a: int, /) -> None: ...
 
 
+@registry.task(name="typed.self")
+def with_self(self: str) -> None: ...
+
+
 @registry.task(name="typed.star")
 def star(*items: int) -> None: ...
 
@@ -59,6 +63,13 @@ def test_enqueue_names_each_argument_and_takes_the_tasks_own_options(conn):
 def test_var_keyword_arguments_are_merged_into_the_args(conn):
     job_id = anything.enqueue(conn, "k", color="red", size=2)
     assert row(conn, job_id)["args"] == {"kind": "k", "color": "red", "size": 2}
+
+
+def test_a_parameter_named_self_binds_like_any_other(conn):
+    assert row(conn, with_self.enqueue(conn, self="x"))["args"] == {"self": "x"}
+    assert with_self.spec(self="y").args == {"self": "y"}
+    assert with_self.job_args("z") == {"self": "z"}
+    assert with_self(self="w") is None
 
 
 def test_with_options_overrides_the_tasks_defaults(conn):

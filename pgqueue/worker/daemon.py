@@ -217,9 +217,6 @@ class Worker:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
-            # A supervisor starts its children with SIGINT blocked (see Supervisor._spawn):
-            # one that arrived meanwhile is delivered now, to the handler above.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         self._log = log.bind()
         await self.pool.open(wait=False)
         metrics.WORKER_INFO.labels(__version__, ",".join(self.queues)).set(1)
