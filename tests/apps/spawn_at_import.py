@@ -25,7 +25,7 @@ print(json.dumps({
 def _thread_mask(found: dict[str, str]) -> None:
     tid = threading.get_native_id()
     with open(f"/proc/self/task/{tid}/status") as status:
-        found["sigblk"] = [line.split()[1] for line in status if line.startswith("SigBlk")][0]
+        found["sigblk"] = next(line.split()[1] for line in status if line.startswith("SigBlk"))
 
 
 _thread: dict[str, str] = {}
