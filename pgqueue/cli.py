@@ -633,6 +633,7 @@ def worker_command(
             async_commit=async_commit,
         ).validate()
         registry = load_registry(app)
+        log.adopt_root_logger()
         if processes > 1:
             from pgqueue.supervisor import Supervisor, child_command
 

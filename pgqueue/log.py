@@ -64,6 +64,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[
+                _job_context,
                 structlog.stdlib.add_logger_name,
                 structlog.processors.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -80,6 +81,27 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         library.handlers = [handler]
         library.propagate = False
         library.setLevel(max(numeric, logging.WARNING))
+    global _configured
+    _configured = (handler, numeric)
+
+
+# The stdlib handler and level of the last configure(), for adopt_root_logger.
+_configured: tuple[logging.Handler, int] | None = None
+
+
+def adopt_root_logger() -> bool:
+    """Send the standard-library root logger's records (an app's and its handlers'
+    ``logging.getLogger(__name__).info(...)``) the daemon's way, with the job's fields
+    when logged from a handler, if the app left the root logger unconfigured (no
+    handler: Python would print only warnings, bare, on stderr). Called after the app is
+    imported; an app that set up logging itself keeps it. Returns whether it adopted."""
+    root = logging.getLogger()
+    if _configured is None or root.handlers:
+        return False
+    handler, level = _configured
+    root.addHandler(handler)
+    root.setLevel(level)
+    return True
 
 
 LIBRARY_LOGGERS = ("psycopg", "asyncio")

@@ -498,6 +498,30 @@ def test_a_handlers_own_log_events_carry_the_job(conn, daemons):
     assert "job_id" not in started
 
 
+def test_standard_library_logging_from_a_handler_comes_out_as_events_of_the_job(conn, daemons):
+    # With the root logger left unconfigured, an app's logging.info() went nowhere (and a
+    # warning came out bare on stderr, with no job).
+    worker = daemons.worker()
+    job_id = enqueue(conn, "stdlib_log_from_handler", {"note": "n2"})
+    wait_until(lambda: job_state(conn, job_id) == "succeeded")
+
+    (entry,) = events(daemons, worker, "stdlib working on n2")
+    assert (entry["job_id"], entry["task"], entry["attempt"]) == (
+        job_id, "stdlib_log_from_handler", 1,
+    )  # fmt: skip
+    assert (entry["logger"], entry["level"]) == ("app.tasks", "info")
+
+
+def test_an_app_that_configures_logging_keeps_its_own(conn, daemons):
+    worker = daemons.worker(app="tests.apps.own_logging:registry")
+    job_id = enqueue(conn, "stdlib_log_from_handler", {"note": "n3"})
+    wait_until(lambda: job_state(conn, job_id) == "succeeded")
+
+    output = daemons.output(worker)
+    assert "OWN app.tasks stdlib working on n3" in output, output
+    assert not events(daemons, worker, "stdlib working on n3")
+
+
 def test_healthz_is_503_while_a_handler_blocks_the_event_loop(conn, daemons):
     # /healthz said 200 while nothing on the loop ran (no heartbeat): a liveness probe
     # never restarted such a worker while its leases expired.

@@ -5,6 +5,7 @@ from the database alone, including runs whose job result was later lost."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 
@@ -70,6 +71,12 @@ async def log_from_handler(note: str = "") -> None:
 
 def _sync_log(note: str) -> None:
     structlog.get_logger("app").info("app.working_in_thread", note=note)
+
+
+@registry.task(name="stdlib_log_from_handler", backoff=FAST)
+def stdlib_log_from_handler(note: str = "") -> None:
+    """Logs through the standard library, as most apps and libraries do."""
+    logging.getLogger("app.tasks").info("stdlib working on %s", note)
 
 
 @registry.task(name="sleep", backoff=FAST)
