@@ -1125,6 +1125,35 @@ def cancel(job_id: int, dsn: str | None) -> None:
     _guard(body)
 
 
+@main.command("run-now")
+@click.argument("job_ids", metavar="JOB_ID...", nargs=-1, required=True, type=JOB_ID)
+@dsn_option
+def run_now(job_ids: tuple[int, ...], dsn: str | None) -> None:
+    """Make queued jobs due now: a retry waiting out its backoff, a snoozed or a scheduled
+    job (its attempts unchanged). Exit 1 if any job is not queued (say why)."""
+
+    def body() -> int:
+        with _connect(dsn) as conn:
+            moved = set(store.run_now(conn, job_ids=job_ids))
+            failed = False
+            for job_id in dict.fromkeys(job_ids):
+                if job_id in moved:
+                    click.echo(f"job {job_id} is due now")
+                    continue
+                failed = True
+                job = store.job_status(conn, job_id=job_id)
+                if job is None:
+                    reason = "no such job"
+                elif job.state is JobState.DEAD:
+                    reason = "it is dead: `pgqueue dead retry` brings it back"
+                else:
+                    reason = f"it is {job.state.value}, not queued"
+                click.echo(f"pgqueue: job {job_id} left alone: {reason}", err=True)
+        return EXIT_ERROR if failed else 0
+
+    _guard(body)
+
+
 @main.group()
 def dead() -> None:
     """The dead-letter table: list, show, retry, purge."""

@@ -742,6 +742,11 @@ def cancel_job(conn: SyncConn, *, job_id: int) -> str | None:
     return rows[0]["state"] if rows else None
 
 
+def run_now(conn: SyncConn, *, job_ids: Sequence[int]) -> list[int]:
+    """Make these queued jobs due now; returns the ids that were queued."""
+    return [r["id"] for r in _fetch(conn, "run_now", {"ids": list(job_ids)})]
+
+
 def pause_queue(conn: SyncConn, *, name: str) -> None:
     _fetch(conn, "pause_queue", {"name": name})
 

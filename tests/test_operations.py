@@ -64,6 +64,7 @@ from tests.conftest import (
     dead_row,
     job_row,
     job_state,
+    notified_before_sentinel,
     scalar,
     wait_until,
 )
@@ -884,6 +885,43 @@ def test_jobs_list_applies_state_queue_task_filters_and_limit(conn, dsn):
     assert [r["task"] for r in running] == ["t"]
     assert len(json.loads(ok(cli(dsn, "jobs", "list", "--json")))) == 6
     assert ok(cli(dsn, "jobs", "list", "--queue", "nowhere")).strip() == "no jobs match"
+
+
+def test_run_now_makes_waiting_jobs_due_and_wakes_their_queue(conn, dsn):
+    backing_off = insert_job(conn, queue="q1", run_in=3600)
+    conn.execute("UPDATE pgqueue.jobs SET attempts = 2 WHERE id = %s", (backing_off,))
+    scheduled = insert_job(conn, queue="q2", run_in=600)
+    untouched = insert_job(conn, queue="q3", run_in=600)
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN pgqueue_jobs")
+
+        out = ok(cli(dsn, "run-now", str(backing_off), str(scheduled)))
+
+        assert sorted(notified_before_sentinel(conn, listener)) == ["q1", "q2"]
+    assert out.splitlines() == [f"job {backing_off} is due now", f"job {scheduled} is due now"]
+    due = "SELECT run_at <= now() FROM pgqueue.jobs WHERE id = %s"
+    assert scalar(conn, due, (backing_off,)) and scalar(conn, due, (scheduled,))
+    assert not scalar(conn, due, (untouched,))
+    assert scalar(conn, "SELECT attempts FROM pgqueue.jobs WHERE id = %s", (backing_off,)) == 2
+
+
+def test_run_now_leaves_jobs_that_are_not_queued_and_says_why(conn, dsn):
+    running = insert_job(conn)
+    make_running(conn, running, lease_in=600)
+    dead = insert_dead(conn)
+    queued = insert_job(conn, run_in=600)
+    before = scalar(conn, "SELECT run_at FROM pgqueue.jobs WHERE id = %s", (running,))
+
+    result = cli(dsn, "run-now", str(running), str(dead), "999999", str(queued))
+
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [f"job {queued} is due now"]
+    assert result.stderr.splitlines() == [
+        f"pgqueue: job {running} left alone: it is running, not queued",
+        f"pgqueue: job {dead} left alone: it is dead: `pgqueue dead retry` brings it back",
+        "pgqueue: job 999999 left alone: no such job",
+    ]
+    assert scalar(conn, "SELECT run_at FROM pgqueue.jobs WHERE id = %s", (running,)) == before
 
 
 @pytest.mark.parametrize(

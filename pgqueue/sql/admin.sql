@@ -212,6 +212,19 @@ SET state = CASE WHEN j.state = 'queued' THEN 'cancelled'::pgqueue.job_state ELS
 WHERE j.id = %(id)s AND j.state IN ('queued', 'running')
 RETURNING j.id, j.state::text AS state;
 
+-- name: run_now
+-- Makes queued jobs due now (a retry waiting out its backoff, a snoozed or scheduled
+-- job), and notifies each of their queues as an insert would. Returns the ids moved;
+-- jobs in any other state are left alone.
+WITH moved AS (
+    UPDATE pgqueue.jobs AS j SET run_at = now()
+    WHERE j.id = ANY(%(ids)s::bigint[]) AND j.state = 'queued'
+    RETURNING j.id, j.queue
+), notified AS (
+    SELECT pg_notify('pgqueue_jobs', q.queue) FROM (SELECT DISTINCT queue FROM moved) AS q
+)
+SELECT m.id FROM moved AS m, (SELECT count(*) FROM notified) AS n ORDER BY m.id;
+
 -- name: pause_queue
 -- Pauses a queue: workers claim nothing more from it (running jobs finish).
 INSERT INTO pgqueue.queues AS q (name, paused_at) VALUES (%(name)s, now())
