@@ -1303,15 +1303,20 @@ def dead_retry(
 )
 @click.option("--queue", help="Only this queue.")
 @click.option("--task", help="Only this task.")
+@click.option("--dry-run", is_flag=True, help="Delete nothing: say how many would go.")
 @dsn_option
 def dead_purge(
-    older_than: str | None, queue: str | None, task: str | None, dsn: str | None
+    older_than: str | None, queue: str | None, task: str | None, dry_run: bool, dsn: str | None
 ) -> None:
     """Delete dead jobs for good (all of them, unless filtered)."""
 
     def body() -> int:
         seconds = parse_duration(older_than) if older_than is not None else None
         with _connect(dsn) as conn:
+            if dry_run:
+                count = store.count_dead(conn, older_than_seconds=seconds, queue=queue, task=task)
+                click.echo(f"would purge {count} dead job(s)")
+                return 0
             purged = _walk_dead(
                 conn,
                 lambda after, upto: store.purge_dead(

@@ -742,6 +742,13 @@ def cancel_job(conn: SyncConn, *, job_id: int) -> str | None:
     return rows[0]["state"] if rows else None
 
 
+def count_dead(
+    conn: SyncConn, *, older_than_seconds: float | None, queue: str | None, task: str | None
+) -> int:
+    params = {"older_than_seconds": older_than_seconds, "queue": queue, "task": task}
+    return int(_fetch(conn, "count_dead", params)[0]["n"])
+
+
 def run_now(conn: SyncConn, *, job_ids: Sequence[int]) -> list[int]:
     """Make these queued jobs due now; returns the ids that were queued."""
     return [r["id"] for r in _fetch(conn, "run_now", {"ids": list(job_ids)})]

@@ -1190,6 +1190,14 @@ def test_dead_retry_of_dead_jobs_sharing_an_idempotency_key_revives_all_of_them(
 def test_dead_purge_deletes_older_ones_or_all(conn, dsn):
     old = [insert_dead(conn, died_ago=7200) for _ in range(2)]
     recent = [insert_dead(conn, died_ago=60) for _ in range(3)]
+    other = insert_dead(conn, died_ago=7200, queue="other")
+
+    dry = ("dead", "purge", "--older-than", "1h", "--queue", "default", "--dry-run")
+    assert ok(cli(dsn, *dry)).strip() == "would purge 2 dead job(s)"
+    assert ok(cli(dsn, "dead", "purge", "--dry-run")).strip() == "would purge 6 dead job(s)"
+    assert count(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 6
+    assert ok(cli(dsn, "dead", "purge", "--queue", "other")).strip() == "purged 1 dead job(s)"
+    assert dead_row(conn, other) is None
 
     assert ok(cli(dsn, "dead", "purge", "--older-than", "1h")).strip() == "purged 2 dead job(s)"
     assert all(dead_row(conn, i) is None for i in old)

@@ -196,6 +196,14 @@ WHERE d.id IN (
     FOR UPDATE SKIP LOCKED)
 RETURNING d.id;
 
+-- name: count_dead
+-- How many dead jobs `dead purge` would delete with these filters (`--dry-run`).
+SELECT count(*) AS n FROM pgqueue.dead_jobs AS x
+WHERE (%(older_than_seconds)s::float8 IS NULL
+       OR x.died_at < now() - make_interval(secs => %(older_than_seconds)s::float8))
+  AND (%(queue)s::text IS NULL OR x.queue = %(queue)s)
+  AND (%(task)s::text IS NULL OR x.task = %(task)s);
+
 -- name: max_dead_id
 -- Where `dead retry --all` and `dead purge` stop: the highest id in the table when they
 -- start (NULL when it is empty).
