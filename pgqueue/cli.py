@@ -555,9 +555,10 @@ def metrics_options(fn: F) -> F:
     is_flag=True,
     envvar="PGQUEUE_REAPER",
     show_envvar=True,
-    help="Also run the reaper in this worker (a thread; with --processes, in each child),"
-    " reaping only while it holds the lead: one worker's reaper at a time, another taking"
-    " over when that worker goes. Instead of, or beside, pgqueue-reaper.",
+    help="Also run the reaper in this worker (a thread; with --processes, in each child)."
+    " One worker's reaper leads and reaps; the others stand by, take over when its worker"
+    " goes, and reap too if it looks stalled. Instead of, or beside, pgqueue-reaper (not"
+    " behind PgBouncer in transaction pooling mode).",
 )
 @click.option(
     "--reaper-interval",
@@ -632,6 +633,18 @@ def worker_command(
             generic_plans=not no_generic_plans,
             async_commit=async_commit,
         ).validate()
+        reaper_config = None
+        if with_reaper:
+            try:
+                reaper_config = ReaperConfig(
+                    dsn=config.dsn,
+                    interval=reaper_interval,
+                    retention_seconds=retention_seconds,
+                    prepared_statements=not no_prepared_statements,
+                    leader_only=True,
+                ).validate()
+            except ConfigError as exc:
+                raise ConfigError(f"--reaper-interval/--retention-seconds: {exc}") from None
         registry = load_registry(app)
         log.adopt_root_logger()
         if processes > 1:
@@ -687,18 +700,10 @@ def worker_command(
         gc.collect()
         gc.freeze()
         reaper = None
-        if with_reaper:
+        if reaper_config is not None:
             from pgqueue.reaper import Reaper
 
-            reaper = Reaper(
-                ReaperConfig(
-                    dsn=config.dsn,
-                    interval=reaper_interval,
-                    retention_seconds=retention_seconds,
-                    prepared_statements=not no_prepared_statements,
-                    leader_only=True,
-                )
-            )
+            reaper = Reaper(reaper_config)
         server = None
         if metrics_port is not None:
             served = process_registry()
@@ -718,8 +723,10 @@ def worker_command(
             asyncio.run(_run_worker(worker, child))
         finally:
             if reaper is not None and reaping is not None:
-                reaper.stop()
+                reaper.stop(cancel=True)
                 reaping.join(timeout=REAPER_STOP_SECONDS)
+                if reaping.is_alive():
+                    _log.warning("reaper.abandoned", waited_seconds=REAPER_STOP_SECONDS)
             if server is not None:
                 server.stop()
         return 1 if worker.failed else 0
@@ -831,8 +838,9 @@ class _DefaultExecutor(ThreadPoolExecutor):
                 self.on_idle()
 
 
-# How long a stopped worker waits for its embedded reaper to end its pass.
-REAPER_STOP_SECONDS = 10.0
+# How long a stopped worker waits for its embedded reaper, whose statement in flight it
+# cancelled, to end its pass.
+REAPER_STOP_SECONDS = 3.0
 
 # How long a stopped worker waits for calls left in its default executor's threads.
 DEFAULT_EXECUTOR_GRACE_SECONDS = 1.0
@@ -885,6 +893,8 @@ def _exit_after(body: Callable[[], int | None]) -> None:
     type=click.FloatRange(min=0.01),
     default=DEFAULT_REAPER_INTERVAL,
     show_default=True,
+    envvar="PGQUEUE_REAPER_INTERVAL",
+    show_envvar=True,
     help="Seconds between passes.",
 )
 @click.option("--once", is_flag=True, help="Run one pass, print what it did, and exit.")
@@ -893,7 +903,10 @@ def _exit_after(body: Callable[[], int | None]) -> None:
     type=click.FloatRange(min=0),
     default=DEFAULT_RETENTION_SECONDS,
     show_default=True,
-    help="How long succeeded and cancelled jobs are kept.",
+    envvar="PGQUEUE_RETENTION_SECONDS",
+    show_envvar=True,
+    help="How long succeeded and cancelled jobs are kept (where reapers with different"
+    " retentions run, the shortest wins).",
 )
 @click.option(
     "--backoff-base-seconds",

@@ -8,6 +8,8 @@ at once, and a pass interrupted anywhere leaves nothing half-done. It shares onl
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 import time
@@ -38,8 +40,11 @@ class ReapResult:
 
 
 # Added to two reaper intervals: how long a lease may have been expired before a standby
-# embedded reaper takes the leader for stalled and reaps too.
+# embedded reaper reaps too (the leader should have requeued it by then).
 STANDBY_SLACK_SECONDS = 5.0
+# Added to two reaper intervals: how long the leading session may stay idle (or in one
+# statement) before standbys take it for stalled and reap too (pruning included).
+STALL_SLACK_SECONDS = 30.0
 
 # How soon the loop notices a stop signal while it waits between passes.
 SIGNAL_CHECK_SECONDS = 0.1
@@ -59,12 +64,17 @@ class Reaper:
         self._database_health = metrics.database_health(config.dsn)
         self._schema = SchemaWatch(log, "reaper")
         # leader_only: whether this connection holds the leadership lock; None until
-        # the first pass asked.
+        # the first pass asked (and again after a reconnect).
         self._leader: bool | None = None
-        # A standby reaps when a lease has been expired this long: two of the leader's
-        # passes and some slack.
+        # The server process that took the lock: another one later, on the same
+        # connection, means a pooler (PgBouncer in transaction mode) hands out sessions.
+        self._lead_pid: int | None = None
+        self._pooled = False
+        # A standby reaps when a lease has been expired this long, or the leading
+        # session has been quiet this long.
         self._standby_grace = 2 * config.interval + STANDBY_SLACK_SECONDS
-        self._covering = False
+        self._stall_seconds = 2 * config.interval + STALL_SLACK_SECONDS
+        self._covering: str | None = None
 
     def health(self) -> tuple[bool, str]:
         """For /healthz (called from the metrics thread): is the loop running and does
@@ -73,9 +83,16 @@ class Reaper:
             return False, "not running"
         return self._database_health()
 
-    def stop(self) -> None:
-        """Finish the current statement and exit the loop; idempotent."""
+    def stop(self, *, cancel: bool = False) -> None:
+        """Finish the current statement and exit the loop; idempotent. ``cancel``: ask
+        the server to cancel the statement in flight instead (from another thread; a
+        worker stopping with its embedded reaper), which is safe: each statement of a
+        pass commits alone or not at all."""
         self._stop.set()
+        conn = self._conn
+        if cancel and conn is not None and not conn.closed:
+            with contextlib.suppress(Exception):
+                conn.cancel_safe(timeout=2.0)
 
     def _stopping(self) -> bool:
         return self._signal is not None or self._stop.is_set()
@@ -93,8 +110,8 @@ class Reaper:
             if self._leader:
                 # The lock went with the old connection's session (the next pass asks
                 # for it again).
-                log.info("reaper.leadership_lost")
-                self._leader = False
+                log.info("reaper.leadership_lost", pid=os.getpid())
+            self._leader = None
             self._conn = psycopg.connect(
                 self.config.dsn,
                 autocommit=True,
@@ -114,43 +131,65 @@ class Reaper:
 
     @property
     def leading(self) -> bool:
-        """Whether this reaper reaps: always, unless ``leader_only``."""
-        return not self.config.leader_only or bool(self._leader)
+        """Whether this reaper reaps every pass: always, unless ``leader_only``."""
+        return not self.config.leader_only or self._pooled or bool(self._leader)
 
     def _lead(self, conn: psycopg.Connection[Any]) -> bool:
-        if not self._leader:
-            leader = store.try_reaper_leadership(conn)
-            if leader:
-                log.info("reaper.leading")
-            elif self._leader is None:
-                log.info("reaper.standby", reason="another worker's reaper holds the lead")
-            self._leader = leader
-        return self._leader
+        """Hold or take the lead; False: stand by. Under a pooler that hands each
+        transaction another session the lock means nothing: reap every pass then."""
+        if self._pooled:
+            return True
+        if self._leader:
+            if store.reaper_backend_pid(conn) == self._lead_pid:
+                return True
+            log.error(
+                "reaper.pooled_session",
+                pid=os.getpid(),
+                reason="this connection's server process changed (PgBouncer in transaction"
+                " pooling?): the lead's session lock cannot work there; reaping every pass",
+            )
+            self._pooled = True
+            return True
+        leader, self._lead_pid = store.try_reaper_leadership(conn)
+        if leader:
+            log.info("reaper.leading", pid=os.getpid())
+        elif self._leader is None:
+            log.info(
+                "reaper.standby", pid=os.getpid(), reason="another worker's reaper holds the lead"
+            )
+        self._leader = leader
+        return leader
+
+    def _cover(self, conn: psycopg.Connection[Any]) -> bool:
+        """For a standby: reap anyway? The lead only saves repeated work (every statement
+        of a pass is safe beside another reaper's): a leader that stopped reaping
+        without losing its lock (a frozen process, a stuck statement) must not stall
+        recovery or pruning."""
+        check = store.standby_check(
+            conn, grace_seconds=self._standby_grace, stall_seconds=self._stall_seconds
+        )
+        why = (
+            f"a lease expired over {self._standby_grace:g}s ago is still running"
+            if check["overdue"]
+            else f"the leading reaper's session has been quiet for over {self._stall_seconds:g}s"
+            if check["stalled"]
+            else None
+        )
+        if why is not None and why != self._covering:
+            log.warning("reaper.covering", pid=os.getpid(), reason=why + ": reaping too")
+        self._covering = why
+        return why is not None
 
     def run_once(self) -> ReapResult:
         """One pass: requeue expired, dead-letter exhausted, prune; batch by batch. With
-        ``leader_only``, nothing unless this reaper holds (or takes) the lead."""
+        ``leader_only``, nothing unless this reaper holds (or takes) the lead, or the
+        leader looks stalled (see _cover)."""
         conn = self._connection()
         # Each pass until the database is known to have this version's migrations.
         if not self._schema.settled:
             self._schema.observe(store.applied_versions(conn))
-        if self.config.leader_only and not self._lead(conn):
-            # The lead is only about not doing the same work N times (every statement
-            # below is safe to run beside another reaper's). A leader that stopped
-            # reaping without losing its lock (a frozen process) must not stall
-            # recovery: a standby seeing a lease expired for longer than the leader
-            # would allow reaps too.
-            if not store.overdue_expiries(conn, grace_seconds=self._standby_grace):
-                self._covering = False
-                return ReapResult([], [], 0)
-            if not self._covering:
-                log.warning(
-                    "reaper.covering",
-                    reason="a lease expired over"
-                    f" {self._standby_grace:g}s ago and the leading reaper has not requeued"
-                    " it: reaping beside it",
-                )
-                self._covering = True
+        if self.config.leader_only and not self._lead(conn) and not self._cover(conn):
+            return ReapResult([], [], 0)
         requeued: list[int] = []
         cancelled: list[int] = []
         dead: list[int] = []
@@ -234,6 +273,8 @@ class Reaper:
                 log.warning("reaper.disconnected", error=str(exc).strip(), retry_in=round(wait, 2))
                 self._close()
             except Exception:
+                if self._stopping():
+                    break  # the statement cancelled by stop(cancel=True)
                 # The database refused a statement (say, the schema is not migrated yet).
                 wait = self.backoff.next_delay()
                 log.exception("reaper.failed", retry_in=round(wait, 2))

@@ -409,13 +409,21 @@ def delete_stale_workers(conn: SyncConn) -> list[Row]:
     return _fetch(conn, "delete_stale_workers", {})
 
 
-def overdue_expiries(conn: SyncConn, *, grace_seconds: float) -> bool:
-    return bool(_fetch(conn, "overdue_expiries", {"grace_seconds": grace_seconds})[0]["overdue"])
+def standby_check(conn: SyncConn, *, grace_seconds: float, stall_seconds: float) -> Row:
+    """{"overdue": bool, "stalled": bool} (see the query)."""
+    params = {"grace_seconds": grace_seconds, "stall_seconds": stall_seconds}
+    return _fetch(conn, "standby_check", params)[0]
 
 
-def try_reaper_leadership(conn: SyncConn) -> bool:
-    """Take the embedded reapers' session lock if it is free (see the query)."""
-    return bool(_fetch(conn, "try_reaper_leadership", {})[0]["leader"])
+def try_reaper_leadership(conn: SyncConn) -> tuple[bool, int]:
+    """Take the embedded reapers' session lock if it is free (see the query); whether it
+    did, and the server process that holds it then."""
+    row = _fetch(conn, "try_reaper_leadership", {})[0]
+    return bool(row["leader"]), int(row["pid"])
+
+
+def reaper_backend_pid(conn: SyncConn) -> int:
+    return int(_fetch(conn, "reaper_backend_pid", {})[0]["pid"])
 
 
 def prune_finished(conn: SyncConn, *, retention_seconds: float, batch_size: int) -> list[int]:

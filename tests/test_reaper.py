@@ -7,9 +7,11 @@ to the database's clock, so nothing waits for a lease to run out.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +24,7 @@ import structlog
 from pgqueue import store
 from pgqueue.config import ReaperConfig
 from pgqueue.reaper import Reaper, ReapResult
-from tests.conftest import BIN, dead_row, job_row, run_at_once, scalar, wait_until
+from tests.conftest import BIN, ROOT, dead_row, job_row, run_at_once, scalar, wait_until
 from tests.test_queries import db_clock, make_job, run_async
 
 
@@ -387,6 +389,83 @@ def test_a_standby_reaps_when_the_leader_has_left_a_lease_expired_too_long(conn,
             assert not standby.leading
 
 
+def test_a_standby_prunes_when_the_leading_session_has_been_quiet_too_long(conn, dsn):
+    # A frozen leader with no lease to expire still stalled pruning and the forgetting
+    # of dead workers: the standby also watches the leading session.
+    finished = make_job(conn, state="succeeded")
+    conn.execute(
+        "UPDATE pgqueue.jobs SET finished_at = now() - interval '2 days' WHERE id = %s",
+        (finished,),
+    )
+    with reaper(dsn, leader_only=True) as leader, reaper(dsn, leader_only=True) as standby:
+        leader._lead(leader._connection())  # takes the lead, then does nothing more
+        standby._stall_seconds = 0.5  # instead of 2 intervals + 30 s
+        assert standby.run_once().pruned == 0  # the leader's session was just active
+        time.sleep(1.0)
+        assert standby.run_once().pruned == 1
+        assert not standby.leading
+
+
+def test_a_job_only_an_operator_can_move_does_not_make_standbys_reap(conn, dsn):
+    # An exhausted rescued job whose id the dead-letter table holds stays running with an
+    # expired lease (reaper.dead_letter_blocked): not a sign of a stalled leader.
+    blocked = expired_job(
+        conn, rescued=True, attempts=3, max_attempts=3,
+        lease_expires_at=db_clock(conn) - timedelta(minutes=5),
+    )  # fmt: skip
+    conn.execute(
+        "INSERT INTO pgqueue.dead_jobs (id, task, args, queue, priority, attempts,"
+        " max_attempts, run_at, created_at, errors, history, reason)"
+        " SELECT id, task, args, queue, priority, attempts, max_attempts, run_at,"
+        " created_at, errors, history, 'permanent' FROM pgqueue.jobs WHERE id = %s",
+        (blocked,),
+    )
+    with reaper(dsn, leader_only=True) as leader, reaper(dsn, leader_only=True) as standby:
+        leader.run_once()
+        with structlog.testing.capture_logs() as logs:
+            assert standby.run_once() == ReapResult([], [], 0)
+        assert not [e for e in logs if e["event"] == "reaper.covering"]
+
+
+def test_a_leader_whose_session_changes_under_it_reaps_every_pass(conn, dsn):
+    # PgBouncer in transaction pooling mode hands each transaction some server session:
+    # the lock means nothing there. (Simulated: the recorded session is another one.)
+    with reaper(dsn, leader_only=True) as r:
+        r.run_once()
+        assert r.leading
+        r._lead_pid = -1
+        with structlog.testing.capture_logs() as logs:
+            job = expired_job(conn)
+            assert r.run_once().requeued == [job]
+        assert [e["event"] for e in logs if e["event"] == "reaper.pooled_session"] == [
+            "reaper.pooled_session"
+        ]
+        assert r.leading
+
+
+def test_stop_with_cancel_ends_a_pass_blocked_on_a_lock(conn, dsn):
+    # A worker stopping must not wait for its embedded reaper's statement.
+    r = Reaper(ReaperConfig(dsn=dsn, interval=0.1, leader_only=True))
+    with psycopg.connect(dsn) as blocker:
+        blocker.execute("LOCK TABLE pgqueue.workers IN ACCESS EXCLUSIVE MODE")
+        with structlog.testing.capture_logs() as logs:
+            thread = threading.Thread(target=r.run, kwargs={"handle_signals": False})
+            thread.start()
+            wait_until(
+                lambda: scalar(
+                    conn,
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                    " 'pgqueue-reaper' AND wait_event_type = 'Lock'",
+                )
+            )
+            r.stop(cancel=True)
+            thread.join(timeout=10)
+            assert not thread.is_alive()
+        blocker.rollback()
+    events_ = [e["event"] for e in logs]
+    assert "reaper.stopped" in events_ and "reaper.failed" not in events_, events_
+
+
 def test_a_worker_with_reaper_requeues_expired_jobs_prunes_and_stops_cleanly(conn, daemons):
     lost = expired_job(conn, task="record", leased_by="gone:1:abc")
     old = make_job(conn, state="succeeded", task="record")
@@ -415,3 +494,33 @@ def test_embedded_reapers_hand_over_the_lead_when_their_worker_is_killed(conn, d
     wait_until(lambda: '"reaper.leading"' in daemons.output(second))
     lost = expired_job(conn, task="record", leased_by="gone:1:abc")
     wait_until(lambda: job_row(conn, lost)["state"] == "succeeded")  # type: ignore[index]
+
+
+def test_bad_embedded_reaper_settings_are_refused_before_any_child_starts(dsn):
+    for flags in (["--retention-seconds", "1e10"], ["--reaper-interval", "nan"]):
+        result = subprocess.run(
+            [str(BIN / "pgqueue-worker"), "--app", "tests.apps.sample:registry",
+             "--processes", "2", "--reaper", *flags],
+            env={**os.environ, "PGQUEUE_DSN": dsn, "PYTHONPATH": str(ROOT)},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 2, (flags, result.stdout, result.stderr)
+        assert "--reaper-interval/--retention-seconds" in result.stderr, result.stderr
+        assert "supervisor.spawned" not in result.stdout
+
+
+def test_pgqueue_reaper_reads_its_interval_and_retention_from_the_environment(conn, dsn):
+    finished = make_job(conn, state="succeeded")
+    conn.execute(
+        "UPDATE pgqueue.jobs SET finished_at = now() - interval '60 seconds' WHERE id = %s",
+        (finished,),
+    )
+    result = subprocess.run(
+        [str(BIN / "pgqueue-reaper"), "--once"],
+        env={**os.environ, "PGQUEUE_DSN": dsn, "PGQUEUE_RETENTION_SECONDS": "5",
+             "PGQUEUE_REAPER_INTERVAL": "7"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "pruned 1" in result.stdout
+    assert job_row(conn, finished) is None

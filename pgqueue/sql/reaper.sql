@@ -118,15 +118,33 @@ RETURNING id, host, pid;
 -- this session lock, so that one of them reaps at a time: it is released when the
 -- holder's connection ends (a crash, a cut) and the next to ask takes it over. Taken at
 -- most once per connection. Standalone reapers do not ask.
-SELECT pg_try_advisory_lock(hashtext('pgqueue.reaper')) AS leader;
+-- Also the server process: a holder checks each pass that its session is still the one
+-- that took the lock (reaper_backend_pid); a different one means a pooler in between.
+SELECT pg_try_advisory_lock(hashtext('pgqueue.reaper')) AS leader, pg_backend_pid() AS pid;
 
--- name: overdue_expiries
--- For an embedded reaper standing by: is there a running job whose lease expired longer
--- ago than the leader, reaping every pass, would have let it? Then the leader is not
--- reaping (a frozen process still holds its lock), and the standby reaps too. Reads the
--- running jobs only (jobs_running_idx).
-SELECT EXISTS (
-    SELECT 1 FROM pgqueue.jobs
-    WHERE state = 'running'
-      AND lease_expires_at < now() - make_interval(secs => %(grace_seconds)s)
-) AS overdue;
+-- name: reaper_backend_pid
+SELECT pg_backend_pid() AS pid;
+
+-- name: standby_check
+-- For an embedded reaper standing by, whether to reap anyway. overdue: a running job's
+-- lease expired longer ago than the leader, reaping every pass, would have let it (jobs
+-- that only an operator can move, as dead_letter_blocked names them, left out). stalled:
+-- the session holding the lead has been idle, or in one statement, longer than
+-- stall_seconds (a frozen process keeps its session and lock: nothing would be pruned or
+-- forgotten), or cannot be seen (a role without pg_read_all_stats sees only its own
+-- role's sessions): reap too, as standalone reapers do beside each other.
+SELECT
+    EXISTS (
+        SELECT 1 FROM pgqueue.jobs AS j
+        WHERE j.state = 'running'
+          AND j.lease_expires_at < now() - make_interval(secs => %(grace_seconds)s)
+          AND NOT (j.attempts >= j.max_attempts AND j.rescued AND j.cancel_requested_at IS NULL
+                   AND EXISTS (SELECT 1 FROM pgqueue.dead_jobs AS d WHERE d.id = j.id))
+    ) AS overdue,
+    coalesce((
+        SELECT now() - a.state_change > make_interval(secs => %(stall_seconds)s)
+        FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+          AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtext('pgqueue.reaper')::bigint
+        LIMIT 1
+    ), true) AS stalled;
