@@ -22,6 +22,7 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
+from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -317,6 +318,14 @@ def _undecodable(args: UndecodableArgs) -> str:
     return f"<args Python cannot decode: {args.error}>"
 
 
+def _rescued_note(job: JobStatus) -> str:
+    if job.state in (JobState.QUEUED, JobState.RUNNING):
+        return "; it runs alone, each attempt counts"
+    if job.state is JobState.CANCELLED:
+        return ""  # cancelled when its lease expired: it may never have run again
+    return "; it then ran alone"
+
+
 def _runs_note(job: JobStatus) -> str:
     """Runs that did not count as attempts (snoozed, released, returned as orphans, or
     lost with their worker before it was rescued), when there were any."""
@@ -373,14 +382,7 @@ def status(job_id: int, as_json: bool, show_args: bool, dsn: str | None) -> None
             rows.append(("lease_expires_at", job.lease_expires_at.isoformat()))
             rows.append(("leased_by", job.leased_by or ""))
         if job.rescued:
-            waiting = job.state in (JobState.QUEUED, JobState.RUNNING)
-            rows.append(
-                (
-                    "rescued",
-                    "yes: a worker vanished under it; "
-                    + ("it runs alone, each attempt counts" if waiting else "it then ran alone"),
-                )
-            )
+            rows.append(("rescued", "yes: a worker vanished under it" + _rescued_note(job)))
         if job.idempotency_key:
             rows.append(("idempotency_key", job.idempotency_key))
         if job.cancel_requested_at:
@@ -683,7 +685,7 @@ def worker_command(
                 dsn=config.dsn,
                 metrics_host=metrics_host,
                 metrics_port=metrics_port,
-                queue_stats=with_reaper,
+                reapers=with_reaper,
             ).run()
         from pgqueue.worker import Worker
 
@@ -767,7 +769,7 @@ class _SupervisedChild:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         return child
 
-    def _record(self, signum: int, frame: object) -> None:
+    def _record(self, signum: int, frame: FrameType | None) -> None:
         self.early_sigint = True
 
     def deliver(self) -> None:
@@ -906,7 +908,7 @@ def _exit_after(body: Callable[[], int | None]) -> None:
     envvar="PGQUEUE_RETENTION_SECONDS",
     show_envvar=True,
     help="How long succeeded and cancelled jobs are kept (where reapers with different"
-    " retentions run, the shortest wins).",
+    " retentions run, the shortest applies).",
 )
 @click.option(
     "--backoff-base-seconds",
@@ -1147,11 +1149,13 @@ def run_now(job_ids: tuple[int, ...], dsn: str | None) -> None:
 
     def body() -> int:
         with _connect(dsn) as conn:
-            moved = set(store.run_now(conn, job_ids=job_ids))
+            moved = store.run_now(conn, job_ids=job_ids)
             failed = False
             for job_id in dict.fromkeys(job_ids):
                 if job_id in moved:
-                    click.echo(f"job {job_id} is due now")
+                    paused = moved[job_id]
+                    note = f" (queue {paused} is paused: it waits for `queue resume`)"
+                    click.echo(f"job {job_id} is due now" + (note if paused else ""))
                     continue
                 failed = True
                 job = store.job_status(conn, job_id=job_id)

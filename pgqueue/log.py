@@ -59,7 +59,8 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     # The standard-library logging of the libraries pgqueue runs on (psycopg's pool:
     # "error connecting in ..."; asyncio: "Task exception was never retrieved") goes the
     # same way, as events named by the message and carrying the logger's name, instead of
-    # plain text on stderr. Only those loggers: the root logger stays the app's own.
+    # plain text on stderr. Only those loggers here: the root logger is the app's, given
+    # this handler only if the app left it without one (adopt_root_logger).
     handler = _StdlibHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(

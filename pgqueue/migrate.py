@@ -16,7 +16,7 @@ from datetime import datetime
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 
@@ -133,7 +133,7 @@ class MigrationStatus:
     # "applied"; "pending" (`pgqueue migrate` would apply it); "changed" (applied, but the
     # file this pgqueue ships differs: `pgqueue migrate` refuses to run); "newer" (applied
     # by a newer pgqueue, unknown to this one).
-    state: str
+    state: Literal["applied", "pending", "changed", "newer"]
     applied_at: datetime | None
 
 
@@ -153,8 +153,12 @@ def status(conninfo: str, **kwargs: Any) -> list[MigrationStatus]:
         elif migration is None:
             found.append(MigrationStatus(version, record["name"], "newer", record["applied_at"]))
         else:
-            state = "applied" if record["checksum"] == migration.checksum else "changed"
-            found.append(MigrationStatus(version, migration.name, state, record["applied_at"]))
+            same = record["checksum"] == migration.checksum
+            found.append(
+                MigrationStatus(
+                    version, migration.name, "applied" if same else "changed", record["applied_at"]
+                )
+            )
     return found
 
 

@@ -92,7 +92,11 @@ class Reaper:
         conn = self._conn
         if cancel and conn is not None and not conn.closed:
             with contextlib.suppress(Exception):
-                conn.cancel_safe(timeout=2.0)
+                cancel_safe = getattr(conn, "cancel_safe", None)  # psycopg 3.2+
+                if cancel_safe is not None:
+                    cancel_safe(timeout=2.0)
+                else:
+                    conn.cancel()
 
     def _stopping(self) -> bool:
         return self._signal is not None or self._stop.is_set()
@@ -173,6 +177,9 @@ class Reaper:
             if check["overdue"]
             else f"the leading reaper's session has been quiet for over {self._stall_seconds:g}s"
             if check["stalled"]
+            else "the leading reaper's session cannot be seen (this role lacks"
+            " pg_read_all_stats and the leader connects as another role)"
+            if check["stalled"] is None
             else None
         )
         if why is not None and why != self._covering:
@@ -269,12 +276,16 @@ class Reaper:
                 self.backoff.reset()
                 wait = self.config.interval
             except CONNECTION_ERRORS as exc:
+                if self._stopping():
+                    # The statement cancelled by stop(cancel=True) (QueryCanceled is an
+                    # OperationalError), or a connection lost while stopping anyway.
+                    break
                 wait = self.backoff.next_delay()
                 log.warning("reaper.disconnected", error=str(exc).strip(), retry_in=round(wait, 2))
                 self._close()
             except Exception:
                 if self._stopping():
-                    break  # the statement cancelled by stop(cancel=True)
+                    break
                 # The database refused a statement (say, the schema is not migrated yet).
                 wait = self.backoff.next_delay()
                 log.exception("reaper.failed", retry_in=round(wait, 2))

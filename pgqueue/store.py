@@ -410,7 +410,7 @@ def delete_stale_workers(conn: SyncConn) -> list[Row]:
 
 
 def standby_check(conn: SyncConn, *, grace_seconds: float, stall_seconds: float) -> Row:
-    """{"overdue": bool, "stalled": bool} (see the query)."""
+    """{"overdue": bool, "stalled": bool | None} (see the query)."""
     params = {"grace_seconds": grace_seconds, "stall_seconds": stall_seconds}
     return _fetch(conn, "standby_check", params)[0]
 
@@ -757,9 +757,11 @@ def count_dead(
     return int(_fetch(conn, "count_dead", params)[0]["n"])
 
 
-def run_now(conn: SyncConn, *, job_ids: Sequence[int]) -> list[int]:
-    """Make these queued jobs due now; returns the ids that were queued."""
-    return [r["id"] for r in _fetch(conn, "run_now", {"ids": list(job_ids)})]
+def run_now(conn: SyncConn, *, job_ids: Sequence[int]) -> dict[int, str | None]:
+    """Make these queued jobs due now; returns the ids that were queued, each with its
+    queue's name if that queue is paused (None otherwise)."""
+    rows = _fetch(conn, "run_now", {"ids": list(job_ids)})
+    return {r["id"]: r["queue"] if r["paused"] else None for r in rows}
 
 
 def pause_queue(conn: SyncConn, *, name: str) -> None:

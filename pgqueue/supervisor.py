@@ -42,6 +42,8 @@ SUPERVISOR_PID_ENV = "PGQUEUE_SUPERVISOR_PID"
 READY_FD_ENV = "PGQUEUE_READY_FD"
 RESTART_MIN_SECONDS = 1.0
 RESTART_MAX_SECONDS = 30.0
+# What a child's embedded reaper may add to its stop: a 2 s cancel, a 3 s wait.
+REAPER_STOP_MARGIN_SECONDS = 5.0
 # A child that lived at least this long before dying is restarted without delay growth.
 HEALTHY_SECONDS = 10.0
 
@@ -85,11 +87,12 @@ class Supervisor:
         dsn: str,
         metrics_host: str | None = None,
         metrics_port: int | None = None,
-        queue_stats: bool = False,
+        reapers: bool = False,
     ) -> None:
         self.child_argv = list(child_argv)
-        # Also export the database-wide gauges (children run the reaper: --reaper).
-        self.queue_stats = queue_stats
+        # The children run the reaper (--reaper): export the database-wide gauges, and
+        # give them the time their reaper takes to stop.
+        self.reapers = reapers
         self.processes = processes
         self.shutdown_timeout = shutdown_timeout
         self.dsn = dsn
@@ -186,7 +189,7 @@ class Supervisor:
                 # Removed below even when the port cannot be bound.
                 self.metrics_dir = tempfile.mkdtemp(prefix="pgqueue-metrics-")
                 registry = multiprocess_registry(self.metrics_dir)
-                if self.queue_stats:
+                if self.reapers:
                     registry.register(QueueStatsCollector(self.dsn))
                 server = MetricsServer(
                     self.metrics_host or DEFAULT_METRICS_HOST,
@@ -254,7 +257,13 @@ class Supervisor:
         # up to FLUSH_TIMEOUT_SECONDS waiting for an in-flight claim, CANCEL_GRACE_SECONDS
         # (3, within the 5 s below) for handlers it cancelled, and FLUSH_TIMEOUT_SECONDS
         # flushing outcomes; killing it sooner would lose those outcomes.
-        deadline = time.monotonic() + self.shutdown_timeout + 2 * FLUSH_TIMEOUT_SECONDS + 5.0
+        deadline = (
+            time.monotonic()
+            + self.shutdown_timeout
+            + 2 * FLUSH_TIMEOUT_SECONDS
+            + 5.0
+            + (REAPER_STOP_MARGIN_SECONDS if self.reapers else 0.0)
+        )
         codes: list[int] = []
         for child in self.children:
             if child.restart_at is not None:

@@ -168,9 +168,10 @@ def _run_coroutine(awaitable: Any) -> Any:
 
 @dataclass(frozen=True)
 class Attempt:
-    """One attempt a drain ran: the job, its attempt number and how it ended
-    (``succeeded``, ``retried``, ``dead``, ``snoozed``, ``failed`` for a failure that
-    cancelled the job, ``released``), with the error for a failure."""
+    """One attempt a drain ran: the job, its attempt number and how it ended (the
+    history's outcome: ``succeeded``, ``retried``, ``dead``, ``snoozed``, ``failed`` for a
+    failure that cancelled the job, ``released``; ``orphaned`` or ``lease_expired`` if
+    its lease was lost), with the error for a failure."""
 
     job_id: int
     task: str

@@ -888,6 +888,7 @@ def test_jobs_list_applies_state_queue_task_filters_and_limit(conn, dsn):
 
 
 def test_run_now_makes_waiting_jobs_due_and_wakes_their_queue(conn, dsn):
+    overdue = insert_job(conn, queue="q1", run_in=-600)
     backing_off = insert_job(conn, queue="q1", run_in=3600)
     conn.execute("UPDATE pgqueue.jobs SET attempts = 2 WHERE id = %s", (backing_off,))
     scheduled = insert_job(conn, queue="q2", run_in=600)
@@ -903,6 +904,15 @@ def test_run_now_makes_waiting_jobs_due_and_wakes_their_queue(conn, dsn):
     assert scalar(conn, due, (backing_off,)) and scalar(conn, due, (scheduled,))
     assert not scalar(conn, due, (untouched,))
     assert scalar(conn, "SELECT attempts FROM pgqueue.jobs WHERE id = %s", (backing_off,)) == 2
+    # A job already due keeps its place (the claim orders by run_at): not moved back.
+    before = scalar(conn, "SELECT run_at FROM pgqueue.jobs WHERE id = %s", (overdue,))
+    assert ok(cli(dsn, "run-now", str(overdue))).strip() == f"job {overdue} is due now"
+    assert scalar(conn, "SELECT run_at FROM pgqueue.jobs WHERE id = %s", (overdue,)) == before
+    # In a paused queue: said.
+    conn.execute("INSERT INTO pgqueue.queues (name, paused_at) VALUES ('q3', now())")
+    assert ok(cli(dsn, "run-now", str(untouched))).strip() == (
+        f"job {untouched} is due now (queue q3 is paused: it waits for `queue resume`)"
+    )
 
 
 def test_run_now_leaves_jobs_that_are_not_queued_and_says_why(conn, dsn):

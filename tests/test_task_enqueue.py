@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from pgqueue import Registry, enqueue_many
+from pgqueue import registry as registry_module
 from tests.conftest import scalar
 
 registry = Registry()
@@ -120,7 +121,11 @@ def test_spec_builds_jobs_for_enqueue_many(conn):
     assert {r["queue"] for r in rows} == {"emails"}
 
 
-def test_a_task_enqueues_with_its_own_options_when_another_registry_reuses_its_name(conn):
+def test_a_task_enqueues_with_its_own_options_when_another_registry_reuses_its_name(
+    conn, monkeypatch
+):
+    # The later registration replaces the process-wide defaults: undone after the test.
+    monkeypatch.setitem(registry_module._known_options, "typed.send", send.options)
     other = Registry()
 
     @other.task(name="typed.send", queue="elsewhere", max_attempts=1)

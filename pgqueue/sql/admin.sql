@@ -222,16 +222,20 @@ RETURNING j.id, j.state::text AS state;
 
 -- name: run_now
 -- Makes queued jobs due now (a retry waiting out its backoff, a snoozed or scheduled
--- job), and notifies each of their queues as an insert would. Returns the ids moved;
--- jobs in any other state are left alone.
+-- job; one already due keeps its place), and notifies each of their queues as an insert
+-- would. Returns the ids moved, and whether their queue is paused; jobs in any other
+-- state are left alone.
 WITH moved AS (
-    UPDATE pgqueue.jobs AS j SET run_at = now()
+    UPDATE pgqueue.jobs AS j SET run_at = LEAST(j.run_at, now())
     WHERE j.id = ANY(%(ids)s::bigint[]) AND j.state = 'queued'
     RETURNING j.id, j.queue
 ), notified AS (
     SELECT pg_notify('pgqueue_jobs', q.queue) FROM (SELECT DISTINCT queue FROM moved) AS q
 )
-SELECT m.id FROM moved AS m, (SELECT count(*) FROM notified) AS n ORDER BY m.id;
+SELECT m.id, m.queue,
+       EXISTS (SELECT 1 FROM pgqueue.queues AS q
+               WHERE q.name = m.queue AND q.paused_at IS NOT NULL) AS paused
+FROM moved AS m, (SELECT count(*) FROM notified) AS n ORDER BY m.id;
 
 -- name: pause_queue
 -- Pauses a queue: workers claim nothing more from it (running jobs finish).

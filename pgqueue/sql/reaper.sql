@@ -129,10 +129,11 @@ SELECT pg_backend_pid() AS pid;
 -- For an embedded reaper standing by, whether to reap anyway. overdue: a running job's
 -- lease expired longer ago than the leader, reaping every pass, would have let it (jobs
 -- that only an operator can move, as dead_letter_blocked names them, left out). stalled:
--- the session holding the lead has been idle, or in one statement, longer than
--- stall_seconds (a frozen process keeps its session and lock: nothing would be pruned or
--- forgotten), or cannot be seen (a role without pg_read_all_stats sees only its own
--- role's sessions): reap too, as standalone reapers do beside each other.
+-- the session holding the lead (in this database) has been idle, or in one statement,
+-- longer than stall_seconds (a frozen process keeps its session and lock: nothing would
+-- be pruned or forgotten): reap too, as standalone reapers do beside each other. NULL:
+-- no holder, or one this role cannot see (without pg_read_all_stats a role sees only its
+-- own role's sessions): reap too.
 SELECT
     EXISTS (
         SELECT 1 FROM pgqueue.jobs AS j
@@ -141,10 +142,11 @@ SELECT
           AND NOT (j.attempts >= j.max_attempts AND j.rescued AND j.cancel_requested_at IS NULL
                    AND EXISTS (SELECT 1 FROM pgqueue.dead_jobs AS d WHERE d.id = j.id))
     ) AS overdue,
-    coalesce((
+    (
         SELECT now() - a.state_change > make_interval(secs => %(stall_seconds)s)
         FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
           AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtext('pgqueue.reaper')::bigint
         LIMIT 1
-    ), true) AS stalled;
+    ) AS stalled;

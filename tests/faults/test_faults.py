@@ -61,4 +61,3 @@ def test_short_fault_run_with_only_embedded_reapers_keeps_every_promise(tmp_path
     assert report.ok, report.table()
     assert report.lost == 0 and report.completed == report.normal
     assert report.dead == report.dead_poison == report.poison
-    assert "standby grace" in settings.recovery_bound()[1]
