@@ -177,8 +177,8 @@ class Reaper:
             if check["overdue"]
             else f"the leading reaper's session has been quiet for over {self._stall_seconds:g}s"
             if check["stalled"]
-            else "the leading reaper's session cannot be seen (this role lacks"
-            " pg_read_all_stats and the leader connects as another role)"
+            else "the leading reaper's session cannot be seen (it just ended, or this role"
+            " lacks pg_read_all_stats and the leader connects as another role)"
             if check["stalled"] is None
             else None
         )
