@@ -218,7 +218,10 @@ class Reaper:
                     job_id=row["id"],
                     task=row["task"],
                     queue=row["queue"],
-                    attempt=row["attempts"],
+                    # The attempt that was lost, and whether it counts (a first loss,
+                    # not run alone, does not: migration 0003).
+                    attempt=row["ran_attempt"],
+                    counted=row["counted"],
                     worker=row["leased_by"],
                     reason="lease_expired",
                 )

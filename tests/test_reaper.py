@@ -347,6 +347,21 @@ def test_a_job_whose_id_the_dead_letter_table_holds_does_not_stall_the_reaper(co
     assert [e["job_id"] for e in blocked] == [taken, taken]  # once per pass
 
 
+def test_reaper_requeued_names_the_lost_attempt_and_whether_it_counted(conn, dsn):
+    # It logged the attempts left after the requeue: "attempt": 0 for a job lost in its
+    # first attempt, which read like a bug.
+    first = expired_job(conn, attempts=1)
+    rescued = expired_job(conn, attempts=2, rescued=True, max_attempts=5)
+    with structlog.testing.capture_logs() as logs:
+        assert sorted(run_once(dsn).requeued) == sorted([first, rescued])
+    seen = {
+        e["job_id"]: (e["attempt"], e["counted"]) for e in logs if e["event"] == "reaper.requeued"
+    }
+    assert seen == {first: (1, False), rescued: (2, True)}
+    assert job_row(conn, first)["attempts"] == 0  # type: ignore[index]
+    assert job_row(conn, rescued)["attempts"] == 2  # type: ignore[index]
+
+
 # --- reapers embedded in workers (leader_only) ---------------------------------------------
 
 

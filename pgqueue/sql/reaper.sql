@@ -6,8 +6,9 @@
 -- cancellation was requested are cancelled. A batch at a time, SKIP LOCKED so several
 -- reapers never act on the same row; the UPDATE re-checks the expiry on the locked row,
 -- so a heartbeat that landed in between wins.
+-- Returns each job's lost attempt (ran_attempt) and whether it counted.
 WITH expired AS MATERIALIZED (
-    SELECT j.id FROM pgqueue.jobs AS j
+    SELECT j.id, j.attempts AS ran_attempt, j.rescued AS counted FROM pgqueue.jobs AS j
     WHERE j.state = 'running' AND j.lease_expires_at < now()
       AND (NOT j.rescued OR j.attempts < j.max_attempts OR j.cancel_requested_at IS NOT NULL)
     ORDER BY j.id
@@ -35,9 +36,11 @@ WITH expired AS MATERIALIZED (
             'lease expired: its worker stopped heartbeating (crashed, killed or cut off)')
     FROM expired
     WHERE j.id = expired.id AND j.lease_expires_at < now()
-    RETURNING j.id, j.task, j.queue, j.attempts, j.leased_by, j.state, j.run_at
+    RETURNING j.id, j.task, j.queue, j.attempts, j.leased_by, j.state, j.run_at,
+              expired.ran_attempt, expired.counted
 )
-SELECT u.id, u.task, u.queue, u.attempts, u.leased_by, u.state::text AS state
+SELECT u.id, u.task, u.queue, u.attempts, u.leased_by, u.state::text AS state,
+       u.ran_attempt, u.counted
 FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
 
 -- name: dead_letter_expired
