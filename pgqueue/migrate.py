@@ -84,7 +84,7 @@ def migrate(
         store.lock_migrations(conn)
         try:
             store.create_migrations_table(conn)
-            applied = store.applied_migrations(conn)
+            applied = {r["version"]: r["checksum"] for r in store.migration_records(conn)}
             newer = sorted(set(applied) - {m.version for m in migrations})
             if newer and on_warning is not None:
                 # A newer pgqueue migrated this database: this one may not know its schema.

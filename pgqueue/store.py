@@ -793,11 +793,6 @@ def create_migrations_table(conn: SyncConn) -> None:
     conn.execute(QUERIES["create_migrations_table"])
 
 
-def applied_migrations(conn: SyncConn) -> dict[int, str]:
-    """version -> checksum of every applied migration."""
-    return {r["version"]: r["checksum"] for r in _fetch(conn, "applied_migrations", {})}
-
-
 _NEVER_MIGRATED = (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName)
 
 

@@ -119,10 +119,10 @@ def perform(
     token = set_current(ctx)
     try:
         if handler.is_async:
-            return _run_coroutine(handler.fn(**decoded))
+            return _run_here(handler.fn(**decoded), "perform_async")
         result = handler.fn(**decoded)
         if inspect.isawaitable(result):
-            return _run_coroutine(result)
+            return _run_here(result, "perform_async")
         return result
     finally:
         reset_current(token)
@@ -151,7 +151,10 @@ async def perform_async(
         reset_current(token)
 
 
-def _run_coroutine(awaitable: Any) -> Any:
+def _run_here(awaitable: Any, instead: str) -> Any:
+    """Run ``awaitable`` in a new event loop; ``PgQueueError`` naming the async form
+    ``instead`` when this thread runs a loop already."""
+
     async def wrapped() -> Any:
         return await awaitable
 
@@ -162,7 +165,7 @@ def _run_coroutine(awaitable: Any) -> Any:
     if inspect.iscoroutine(awaitable):
         awaitable.close()  # never awaited: no "was never awaited" warning
     raise PgQueueError(
-        "an event loop is running in this thread: use `await pgqueue.testing.perform_async(...)`"
+        f"an event loop is running in this thread: use `await pgqueue.testing.{instead}(...)`"
     )
 
 
@@ -320,19 +323,15 @@ def drain(
     (a sync handler's thread cannot be stopped: it runs on, and the interpreter waits
     for it at exit). ``ConfigError`` for a registry without tasks, queues given as one
     string or a bad timeout; ``PgQueueError`` when the database lacks migrations."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(
-            drain_async(
-                registry,
-                dsn,
-                queues=queues,
-                with_scheduled=with_scheduled,
-                concurrency=concurrency,
-                timeout=timeout,
-            )
-        )
-    raise PgQueueError(
-        "an event loop is running in this thread: use `await pgqueue.testing.drain_async(...)`"
+    result: DrainResult = _run_here(
+        drain_async(
+            registry,
+            dsn,
+            queues=queues,
+            with_scheduled=with_scheduled,
+            concurrency=concurrency,
+            timeout=timeout,
+        ),
+        "drain_async",
     )
+    return result

@@ -15,11 +15,8 @@ CREATE TABLE IF NOT EXISTS pgqueue.schema_migrations (
     applied_at  timestamptz NOT NULL DEFAULT now()
 );
 
--- name: applied_migrations
-SELECT version, name, checksum FROM pgqueue.schema_migrations ORDER BY version;
-
 -- name: migration_records
--- What `pgqueue migrate --status` shows.
+-- What `pgqueue migrate` checks checksums against and `pgqueue migrate --status` shows.
 SELECT version, name, checksum, applied_at FROM pgqueue.schema_migrations ORDER BY version;
 
 -- name: applied_versions
