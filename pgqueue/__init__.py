@@ -3,9 +3,15 @@
 Public API: ``Registry`` (and its ``task`` decorator), ``enqueue``, ``enqueue_many``,
 ``JobSpec``, ``current_job``, ``Worker``, ``Reaper``, the control signals
 ``PermanentError`` and ``Snooze`` (alias ``RetryLater``), and the error tree.
+
+``Worker`` and ``Reaper`` are imported when first used: a process that only enqueues
+(a web server, a script) does not load the worker's pool, logging, metrics and their
+libraries (tests/test_imports.py).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -29,10 +35,15 @@ from pgqueue.errors import (
 )
 from pgqueue.migrate import migrate
 from pgqueue.models import JobState
-from pgqueue.reaper import Reaper
 from pgqueue.registry import Registry, Task, TaskCall
 from pgqueue.retry import Backoff
-from pgqueue.worker import Worker
+
+if TYPE_CHECKING:
+    from pgqueue.reaper import Reaper
+    from pgqueue.worker import Worker
+
+# Public names whose modules are imported on first use (see the module's docstring).
+_LAZY = {"Reaper": "pgqueue.reaper", "Worker": "pgqueue.worker"}
 
 __all__ = [
     "AppImportError",
@@ -65,3 +76,18 @@ __all__ = [
     "enqueue_many",
     "migrate",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pgqueue' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

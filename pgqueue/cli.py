@@ -41,7 +41,14 @@ from pgqueue.config import (
     WorkerConfig,
     check_dsn,
 )
-from pgqueue.errors import MAX_DELAY_SECONDS, AppImportError, ConfigError, JobNotFound, PgQueueError
+from pgqueue.errors import (
+    MAX_DELAY_SECONDS,
+    SCHEMA_HINT,
+    AppImportError,
+    ConfigError,
+    JobNotFound,
+    PgQueueError,
+)
 from pgqueue.metrics import (
     DEFAULT_METRICS_HOST,
     MetricsServer,
@@ -119,7 +126,7 @@ def _guard(fn: Callable[[], int | None]) -> None:
         _fail(f"cannot reach the database: {first}")
     except psycopg.Error as exc:
         if log.schema_missing(exc):
-            _fail(log.SCHEMA_HINT)
+            _fail(SCHEMA_HINT)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         _fail(f"database error: {first}")
     except UnicodeEncodeError as exc:

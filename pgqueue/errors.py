@@ -9,6 +9,8 @@ from __future__ import annotations
 
 # The longest delay a retry or snooze may ask for: ten years.
 MAX_DELAY_SECONDS = 10 * 365 * 24 * 3600.0
+# Said wherever a statement fails for want of a migration.
+SCHEMA_HINT = "the pgqueue schema is missing or not up to date: run `pgqueue migrate`"
 
 
 class PgQueueError(Exception):

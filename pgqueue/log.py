@@ -19,6 +19,7 @@ from typing import Any, TextIO
 import structlog
 
 from pgqueue.context import running_job
+from pgqueue.errors import SCHEMA_HINT
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
@@ -132,9 +133,6 @@ def _job_context(
         event.setdefault("queue", job.queue)
         event.setdefault("attempt", job.attempt)
     return event
-
-
-SCHEMA_HINT = "the pgqueue schema is missing or not up to date: run `pgqueue migrate`"
 
 
 # What names a pgqueue object in a primary message, in any of the server's languages

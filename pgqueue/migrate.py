@@ -21,8 +21,7 @@ from typing import Any, Literal
 import psycopg
 
 from pgqueue import store
-from pgqueue.errors import MigrationError
-from pgqueue.log import SCHEMA_HINT
+from pgqueue.errors import SCHEMA_HINT, MigrationError
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 

@@ -34,8 +34,7 @@ from pgqueue import store
 from pgqueue.config import WorkerConfig
 from pgqueue.context import JobContext, reset_current, set_current
 from pgqueue.enqueue import _dump_args, max_args_bytes
-from pgqueue.errors import ConfigError, PgQueueError
-from pgqueue.log import SCHEMA_HINT
+from pgqueue.errors import SCHEMA_HINT, ConfigError, PgQueueError
 from pgqueue.migrate import schema_drift
 from pgqueue.registry import Registry
 from pgqueue.worker import Worker

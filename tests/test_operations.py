@@ -54,7 +54,8 @@ from pgqueue import (
     migrate,
     store,
 )
-from pgqueue.log import SCHEMA_HINT, _LineWriter, schema_missing
+from pgqueue.errors import SCHEMA_HINT
+from pgqueue.log import _LineWriter, schema_missing
 from pgqueue.migrate import load_migrations
 from tests.conftest import (
     BIN,
