@@ -28,7 +28,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from pgqueue import __version__, store
@@ -69,11 +69,11 @@ WORKER_INFO = Gauge(
     multiprocess_mode="livesum",
 )
 BUILD_INFO = Gauge("pgqueue_build_info", "pgqueue version.", ["version"], multiprocess_mode="max")
-LEASES_EXPIRED = Counter(
-    "pgqueue_leases_expired",
-    "Running jobs whose lease expired, found by the reaper (requeued or dead-lettered).",
-    ["queue"],
+LEASES_EXPIRED_NAME = "pgqueue_leases_expired"
+LEASES_EXPIRED_HELP = (
+    "Running jobs whose lease expired, found by the reaper (requeued or dead-lettered)."
 )
+LEASES_EXPIRED = Counter(LEASES_EXPIRED_NAME, LEASES_EXPIRED_HELP, ["queue"])
 JOBS_PRUNED = Counter("pgqueue_jobs_pruned", "Finished jobs deleted after retention.")
 BUILD_INFO.labels(__version__).set(1)
 
@@ -98,6 +98,8 @@ class QueueStatsCollector(Collector):
         self._lock = threading.Lock()
         self._at = 0.0
         self._metrics: list[Metric] = []
+        # The queues the last query that succeeded saw (see SupervisorCollector).
+        self.queues: frozenset[str] = frozenset()
 
     def describe(self) -> list[Metric]:
         # Registration must not query the database (it would cache a stale first read).
@@ -142,9 +144,11 @@ class QueueStatsCollector(Collector):
         paused = GaugeMetricFamily(
             "pgqueue_queue_paused", "1 if the queue is paused.", labels=["queue"]
         )
+        seen = set()
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
             for row in store.queue_stats(conn):
                 q = row["queue"]
+                seen.add(q)
                 # Every queue's lease-expiry series exists from 0, so the first expiries
                 # after a reaper starts show in increase() (a series born at 10 does not).
                 child(LEASES_EXPIRED, q)
@@ -155,7 +159,48 @@ class QueueStatsCollector(Collector):
                 dead.add_metric([q], row["dead"])
                 paused.add_metric([q], 1.0 if row["paused"] else 0.0)
             workers.add_metric([], float(len(store.list_workers(conn))))
+        self.queues = frozenset(seen)
         return [depth, oldest, dead, workers, paused]
+
+
+class SupervisorCollector(Collector):
+    """What a ``--processes`` supervisor serves: its children's samples, summed from
+    ``path`` (prometheus-client's multiprocess mode), and with ``stats`` the database-wide
+    gauges. Each queue those gauges saw also gets a ``pgqueue_leases_expired_total``
+    series at 0 until a child counts an expiry there: the series a child creates is born
+    at its first expiry, which ``increase()`` does not count (a lone reaper creates its
+    zeros in its own process, see QueueStatsCollector._query; the supervisor's own
+    counters are not among the samples it serves)."""
+
+    def __init__(self, path: str, stats: QueueStatsCollector | None = None) -> None:
+        from prometheus_client import multiprocess
+
+        collector = multiprocess.MultiProcessCollector
+        self._children = collector(None, path=path)  # type: ignore[no-untyped-call]
+        self._stats = stats
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        if self._stats is None:
+            yield from self._children.collect()  # type: ignore[no-untyped-call]
+            return
+        yield from self._stats.collect()
+        expired: Metric | None = None
+        for metric in self._children.collect():  # type: ignore[no-untyped-call]
+            if metric.name == LEASES_EXPIRED_NAME:
+                expired = metric
+            else:
+                yield metric
+        if expired is None:
+            expired = CounterMetricFamily(
+                LEASES_EXPIRED_NAME, LEASES_EXPIRED_HELP, labels=["queue"]
+            )
+        counted = {s.labels.get("queue") for s in expired.samples}
+        for queue in sorted(self._stats.queues - counted):
+            expired.add_sample(f"{LEASES_EXPIRED_NAME}_total", {"queue": queue}, 0.0)
+        yield expired
 
 
 Health = Callable[[], tuple[bool, str]]
@@ -244,10 +289,8 @@ def process_registry() -> CollectorRegistry:
     return REGISTRY
 
 
-def multiprocess_registry(path: str) -> CollectorRegistry:
-    """A registry that sums the samples written by every process under ``path``."""
-    from prometheus_client import multiprocess
-
+def supervisor_registry(path: str, stats: QueueStatsCollector | None) -> CollectorRegistry:
+    """The registry a ``--processes`` supervisor serves (see SupervisorCollector)."""
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    registry.register(SupervisorCollector(path, stats))
     return registry

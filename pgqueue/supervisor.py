@@ -28,7 +28,7 @@ from pgqueue.metrics import (
     MetricsServer,
     QueueStatsCollector,
     database_health,
-    multiprocess_registry,
+    supervisor_registry,
 )
 
 log = get_logger("pgqueue.supervisor")
@@ -188,9 +188,9 @@ class Supervisor:
             if self.metrics_port is not None:
                 # Removed below even when the port cannot be bound.
                 self.metrics_dir = tempfile.mkdtemp(prefix="pgqueue-metrics-")
-                registry = multiprocess_registry(self.metrics_dir)
-                if self.reapers:
-                    registry.register(QueueStatsCollector(self.dsn))
+                registry = supervisor_registry(
+                    self.metrics_dir, QueueStatsCollector(self.dsn) if self.reapers else None
+                )
                 server = MetricsServer(
                     self.metrics_host or DEFAULT_METRICS_HOST,
                     self.metrics_port,

@@ -738,11 +738,28 @@ def test_supervisor_on_sigquit_stops_its_children_at_once_and_cleans_up(conn, da
 def test_workers_with_reaper_export_the_database_gauges_one_child_leading(conn, daemons):
     port = free_port()
     insert_job(conn, queue="gauged")
+    expired = insert_job(conn, queue="expiring", max_attempts=5)
+    make_running(conn, expired, lease_in=-10)
     supervisor = daemons.worker(
         "--processes", "2", "--reaper", "--reaper-interval", "0.2",
         "--metrics-port", str(port), *LOCAL,
     )  # fmt: skip
     wait_until(lambda: http_status(port, "/healthz") == 200, timeout=30)
+    wait_until(lambda: job_state(conn, expired) != "running" or None)
+
+    def expiries() -> dict[str, list[float]]:
+        body = http_get(port, "/metrics")[1]
+        families = [f for f in text_string_to_metric_families(body)]
+        assert [f.name for f in families].count("pgqueue_leases_expired") == 1
+        found: dict[str, list[float]] = {}
+        for s in (s for f in families for s in f.samples):
+            if s.name == "pgqueue_leases_expired_total":
+                found.setdefault(s.labels["queue"], []).append(s.value)
+        return found
+
+    # Every queue the gauges saw has its series from 0 (one born at 1 hides the first
+    # expiry from increase()); a queue a child counted in has the count, once.
+    assert wait_until(lambda: expiries().get("expiring") == [1.0] and expiries())["gauged"] == [0.0]
 
     body = http_get(port, "/metrics")[1]
     depth = [
