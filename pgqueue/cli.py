@@ -100,8 +100,30 @@ def log_options(fn: F) -> F:
     )(fn)
 
 
-# Job ids are bigints: a larger number is refused as a usage error, not sent.
-JOB_ID = click.IntRange(1, 2**63 - 1)
+MAX_JOB_ID = 2**63 - 1
+
+
+class _JobId(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.2 only
+    """A job id: a whole number from 1 to the largest bigint. Anything else is a usage
+    error that says so (click's IntRange called "abc" "not a valid integer range"); a
+    number too large is refused here, not sent."""
+
+    name = "job_id"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            text = str(value).strip()
+            if not re.fullmatch(r"[+-]?[0-9]+", text, flags=re.ASCII):
+                self.fail(f"{value!r} is not a job id (a whole number, 1 or more)", param, ctx)
+            number = int(text)
+        if not 1 <= number <= MAX_JOB_ID:
+            self.fail(f"{value} is not a job id (job ids run from 1 to {MAX_JOB_ID})", param, ctx)
+        return number
+
+
+JOB_ID = _JobId()
 
 
 def _require_dsn(dsn: str | None) -> str:

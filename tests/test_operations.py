@@ -975,6 +975,25 @@ def test_bad_admin_arguments_exit_2_with_one_line(dsn, args):
     one_line_error(result)
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("status", "abc"), "'abc' is not a job id (a whole number, 1 or more)"),
+        (("run-now", "12", "1.5"), "'1.5' is not a job id (a whole number, 1 or more)"),
+        (("dead", "show", "0"), "0 is not a job id (job ids run from 1 to 9223372036854775807)"),
+        (
+            ("cancel", "9223372036854775808"),
+            "9223372036854775808 is not a job id (job ids run from 1 to 9223372036854775807)",
+        ),
+    ],
+)
+def test_a_job_id_that_is_not_one_is_named_as_such(dsn, args, said):
+    # click's IntRange called "abc" "not a valid integer range".
+    result = cli(dsn, *args)
+    assert result.returncode == 2
+    assert one_line_error(result).endswith(said)
+
+
 def test_cancel_of_queued_job_cancels_it_and_no_worker_runs_it(conn, dsn, daemons):
     target = enqueue(conn, "record", {"note": "never"})
     marker = enqueue(conn, "record", {"note": "marker"})
