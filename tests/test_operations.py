@@ -556,6 +556,14 @@ def test_unmigrated_database_gives_503_and_a_migrate_hint_until_migrated(server_
             assert all("exception" not in f for f in failed), failed
             assert failed[0]["hint"].endswith("run `pgqueue migrate`"), failed[0]
             assert "does not exist" in failed[0]["error"], failed[0]
+        # A worker stopped meanwhile says in one line that it could not deregister.
+        second = daemons.worker(*LOCAL)
+        wait_until(lambda: events(daemons, second, "fetcher.failed"))
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=30) == 0
+        (deregister,) = events(daemons, second, "worker.deregister_failed")
+        assert "\n" not in deregister["error"] and "does not exist" in deregister["error"]
+        assert deregister["hint"] == SCHEMA_HINT
         # The admin commands say the same, in one line.
         for args in (("stats",), ("queue", "pause", "q"), ("dead", "retry", "1"), ("status", "1")):
             assert one_line_error(cli(dsn, *args)) == f"pgqueue: {SCHEMA_HINT}", args
