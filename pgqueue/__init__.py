@@ -11,7 +11,7 @@ libraries (tests/test_imports.py).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import typing as _typing
 
 __version__ = "0.1.0"
 
@@ -38,7 +38,7 @@ from pgqueue.models import JobState
 from pgqueue.registry import Registry, Task, TaskCall
 from pgqueue.retry import Backoff
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from pgqueue.reaper import Reaper
     from pgqueue.worker import Worker
 
@@ -78,13 +78,13 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'pgqueue' has no attribute {name!r}")
-    import importlib
+    from importlib import import_module
 
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(import_module(module), name)
     globals()[name] = value
     return value
 

@@ -111,15 +111,18 @@ class _JobId(click.ParamType):  # type: ignore[type-arg]  # generic from click 8
     name = "job_id"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        text = str(value).strip()
         if isinstance(value, int) and not isinstance(value, bool):
             number = value
+        elif not re.fullmatch(r"[+-]?[0-9]+", text, flags=re.ASCII):
+            self.fail(f"{text!r} is not a job id (a whole number, 1 or more)", param, ctx)
+        elif len(text.lstrip("+-").lstrip("0")) > len(str(MAX_JOB_ID)):
+            number = MAX_JOB_ID + 1  # too long for int() to read, and out of range anyway
         else:
-            text = str(value).strip()
-            if not re.fullmatch(r"[+-]?[0-9]+", text, flags=re.ASCII):
-                self.fail(f"{value!r} is not a job id (a whole number, 1 or more)", param, ctx)
             number = int(text)
         if not 1 <= number <= MAX_JOB_ID:
-            self.fail(f"{value} is not a job id (job ids run from 1 to {MAX_JOB_ID})", param, ctx)
+            shown = text if len(text) <= 40 else f"{text[:20]}...{text[-5:]}"
+            self.fail(f"{shown!r} is not a job id (job ids run from 1 to {MAX_JOB_ID})", param, ctx)
         return number
 
 

@@ -110,10 +110,13 @@ def migrate(
                     )
                 except psycopg.Error as exc:
                     reason = (exc.diag.message_primary or str(exc)).strip().splitlines()
+                    # A migration that refuses the data it finds says how to fix it.
+                    hint = " ".join((exc.diag.message_hint or "").split())
                     done = ", ".join(f"{m.version:04d}_{m.name}" for m in applied_now)
                     raise MigrationError(
                         f"migration {migration.version:04d}_{migration.name} failed:"
                         f" {reason[0] if reason else type(exc).__name__}"
+                        + (f"; hint: {hint}" if hint else "")
                         + (f" (applied before it: {done})" if done else "")
                     ) from exc
                 applied_now.append(migration)

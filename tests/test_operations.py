@@ -988,16 +988,26 @@ def test_bad_admin_arguments_exit_2_with_one_line(dsn, args):
     [
         (("status", "abc"), "'abc' is not a job id (a whole number, 1 or more)"),
         (("run-now", "12", "1.5"), "'1.5' is not a job id (a whole number, 1 or more)"),
-        (("dead", "show", "0"), "0 is not a job id (job ids run from 1 to 9223372036854775807)"),
+        (("dead", "show", "0"), "'0' is not a job id (job ids run from 1 to 9223372036854775807)"),
         (
             ("cancel", "9223372036854775808"),
-            "9223372036854775808 is not a job id (job ids run from 1 to 9223372036854775807)",
+            "'9223372036854775808' is not a job id (job ids run from 1 to 9223372036854775807)",
         ),
+        # Longer than Python reads into an int (4,300 digits): a usage error all the same.
+        (
+            ("status", "1" * 5000),
+            "'11111111111111111111...11111' is not a job id (job ids run from 1 to"
+            " 9223372036854775807)",
+        ),
+        (("status", "+0007"), None),
     ],
 )
 def test_a_job_id_that_is_not_one_is_named_as_such(dsn, args, said):
     # click's IntRange called "abc" "not a valid integer range".
     result = cli(dsn, *args)
+    if said is None:  # a job id: looked up
+        assert one_line_error(result) == "pgqueue: no job with id 7"
+        return
     assert result.returncode == 2
     assert one_line_error(result).endswith(said)
 
