@@ -144,6 +144,12 @@ class QueueStatsCollector(Collector):
         paused = GaugeMetricFamily(
             "pgqueue_queue_paused", "1 if the queue is paused.", labels=["queue"]
         )
+        notify = GaugeMetricFamily(
+            "pgqueue_notify_queue_usage",
+            "Fraction of Postgres' NOTIFY queue in use, for the whole server"
+            " (pg_notification_queue_usage()). It grows while a listening session does not"
+            " read; full, every transaction that notifies fails, enqueues included.",
+        )
         seen = set()
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
             for row in store.queue_stats(conn):
@@ -159,8 +165,9 @@ class QueueStatsCollector(Collector):
                 dead.add_metric([q], row["dead"])
                 paused.add_metric([q], 1.0 if row["paused"] else 0.0)
             workers.add_metric([], float(len(store.list_workers(conn))))
+            notify.add_metric([], store.notify_queue_usage(conn))
         self.queues = frozenset(seen)
-        return [depth, oldest, dead, workers, paused]
+        return [depth, oldest, dead, workers, paused, notify]
 
 
 class SupervisorCollector(Collector):

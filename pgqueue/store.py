@@ -642,6 +642,12 @@ def queue_stats(conn: SyncConn) -> list[Row]:
     return _fetch(conn, "queue_stats", {})
 
 
+def notify_queue_usage(conn: SyncConn) -> float:
+    row = conn.execute(QUERIES["notify_queue_usage"]).fetchone()
+    assert row is not None
+    return float(row[0])
+
+
 def list_workers(conn: SyncConn) -> list[Row]:
     return _fetch(conn, "list_workers", {})
 

@@ -120,6 +120,7 @@ def exported_metrics() -> dict[str, set[str]]:
             "pgqueue_workers": set(),
             "pgqueue_queue_paused": {"queue"},
             "pgqueue_queue_stats_up": set(),
+            "pgqueue_notify_queue_usage": set(),
         }
     )
     return names

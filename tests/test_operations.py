@@ -2649,6 +2649,33 @@ def test_dead_show_of_args_python_cannot_decode_says_so_in_one_piece(conn, dsn, 
     assert data["args"].startswith("<args Python cannot decode: ValueError")
 
 
+def test_notify_queue_usage_gauge_shows_a_listener_that_does_not_read(conn, dsn):
+    # Postgres' NOTIFY queue is one for the server, emptied only as far as its slowest
+    # listener has read; full, every transaction that notifies fails (enqueues too).
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from pgqueue.metrics import QueueStatsCollector
+
+    registry = CollectorRegistry()
+    registry.register(QueueStatsCollector(dsn, ttl=0.0))
+
+    def usage() -> float:
+        body = generate_latest(registry).decode()
+        samples = [s for f in text_string_to_metric_families(body) for s in f.samples]
+        return total(samples, "pgqueue_notify_queue_usage")
+
+    with psycopg.connect(dsn) as stuck:
+        stuck.execute("LISTEN pgqueue_jobs")
+        stuck.commit()
+        stuck.execute("SELECT 1")  # a transaction left open: it reads no notification
+        with conn.cursor() as cur:
+            for _ in range(2000):  # about ten 8 kB pages of notifications
+                cur.execute("INSERT INTO pgqueue.jobs (task) VALUES ('t')")
+        held = usage()
+        stuck.rollback()
+    assert 0 < held < 0.01
+
+
 def test_queue_stats_gauges_are_dropped_not_frozen_when_their_query_fails(conn, dsn):
     # Frozen gauges kept delta() at 0: a queue falling behind raised no alert while the
     # reaper could not read the stats. pgqueue_queue_stats_up says whether it could.

@@ -556,6 +556,7 @@ def test_worker_role_runs_the_reaper(strict_db, login_as):
     # The worker role can also read the operator's view (the reaper's metrics use it).
     with connect(worker_dsn) as c:
         assert {r["queue"] for r in store.queue_stats(c)} == {"default"}
+        assert 0 <= store.notify_queue_usage(c) < 1
         # And which migrations are applied (0011), so the daemons can say what is missing.
         assert store.applied_versions(c) == [m.version for m in load_migrations()]
     assert metrics.database_health(worker_dsn)() == (True, "ok")

@@ -72,6 +72,12 @@ SELECT n.name AS queue,
 FROM names AS n
 ORDER BY n.name;
 
+-- name: notify_queue_usage
+-- The fraction of Postgres' NOTIFY queue in use (one queue for the whole server). It
+-- grows while a listening session does not read (a long transaction, a frozen process);
+-- full, it fails every transaction that notifies, pgqueue's enqueues among them.
+SELECT pg_notification_queue_usage() AS usage;
+
 -- name: list_workers
 -- Registered workers, most recent first, with seconds since their last heartbeat.
 SELECT id, host, pid, queues, concurrency, running, version, started_at, last_heartbeat_at,
