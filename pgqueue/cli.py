@@ -116,10 +116,14 @@ class _JobId(click.ParamType):  # type: ignore[type-arg]  # generic from click 8
             number = value
         elif not re.fullmatch(r"[+-]?[0-9]+", text, flags=re.ASCII):
             self.fail(f"{text!r} is not a job id (a whole number, 1 or more)", param, ctx)
-        elif len(text.lstrip("+-").lstrip("0")) > len(str(MAX_JOB_ID)):
-            number = MAX_JOB_ID + 1  # too long for int() to read, and out of range anyway
         else:
-            number = int(text)
+            # Without the sign and leading zeros: int() refuses over 4,300 digits, zeros
+            # included, and anything over 19 is out of range anyway.
+            digits = text.lstrip("+-").lstrip("0") or "0"
+            if len(digits) > len(str(MAX_JOB_ID)):
+                number = MAX_JOB_ID + 1
+            else:
+                number = -int(digits) if text.startswith("-") else int(digits)
         if not 1 <= number <= MAX_JOB_ID:
             shown = text if len(text) <= 40 else f"{text[:20]}...{text[-5:]}"
             self.fail(f"{shown!r} is not a job id (job ids run from 1 to {MAX_JOB_ID})", param, ctx)

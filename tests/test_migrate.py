@@ -236,6 +236,66 @@ def test_migration_0013_names_jobs_whose_queue_no_worker_can_serve(empty_dsn, mo
         assert scalar(c, "SELECT count(*) FROM pgqueue.jobs WHERE queue = 'mail'") == len(bad)
 
 
+def test_migration_0013_gives_up_on_its_lock_instead_of_queueing_everyone(empty_dsn, monkeypatch):
+    # Waiting behind an open transaction for its lock, it would make every later statement
+    # on pgqueue.jobs wait behind it too: it fails after 5 s instead, and applies later.
+    migrate_module = sys.modules["pgqueue.migrate"]
+    everything = load_migrations()
+    monkeypatch.setattr(
+        migrate_module, "load_migrations", lambda: [m for m in everything if m.version < 13]
+    )
+    migrate(empty_dsn)
+    monkeypatch.setattr(migrate_module, "load_migrations", lambda: everything)
+    with psycopg.connect(empty_dsn) as reader:
+        reader.execute("SELECT count(*) FROM pgqueue.jobs")  # holds a share lock, open
+        with pytest.raises(MigrationError, match="0013_queue_name_trimmed failed: canceling"):
+            migrate(empty_dsn)
+        # Its own lock went with it: the reader's transaction goes on.
+        assert reader.execute("SELECT count(*) FROM pgqueue.jobs").fetchone() == (0,)
+    assert versions(migrate(empty_dsn)) == [13]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "refused", "accepted"),
+    [
+        # The regex compares bytes in a single-byte encoding: 0x85 is "…" in WIN1252
+        # and Cyrillic Ie in WIN866, 0xA0 is Cyrillic a in WIN866. Only ASCII white space.
+        ("WIN1252", [" mail", "mail\t", "\x1cmail"], ["loading…", "mail\xa0x"]),
+        ("WIN866", [" mail", "mail\n"], ["Москва", "почта"]),
+        # LATIN1's bytes 0x85 and 0xA0 are U+0085 and U+00A0: white space to Python.
+        ("LATIN1", [" mail", "mail\xa0", "\x85mail"], ["voilà", "Å"]),
+    ],
+)
+def test_migration_0013_in_a_single_byte_encoding_refuses_no_letter(
+    server_dsn, encoding, refused, accepted
+):
+    name = f"pgqueue_enc_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL(
+                "CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_CTYPE 'C' LC_COLLATE 'C'"
+            ).format(sql.Identifier(name), sql.Literal(encoding))
+        )
+    try:
+        dsn = make_conninfo(server_dsn, dbname=name)
+        migrate(dsn)
+        insert = "INSERT INTO pgqueue.jobs (task, queue) VALUES ('t', %s)"
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("SET client_encoding = 'UTF8'")
+            for queue in refused:
+                with pytest.raises(psycopg.errors.CheckViolation, match="queue_trimmed"):
+                    c.execute(insert, (queue,))
+            for queue in accepted:
+                c.execute(insert, (queue,))
+            stored = [r[0] for r in c.execute("SELECT queue FROM pgqueue.jobs ORDER BY id")]
+        assert stored == accepted
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
 def test_migration_warnings_reach_the_user_and_a_failure_is_one_line_naming_what_applied(
     empty_dsn, monkeypatch
 ):
