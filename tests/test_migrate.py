@@ -176,19 +176,24 @@ def test_cli_migrate_without_a_dsn_fails_with_one_line_and_no_traceback():
     assert result.stdout == ""
 
 
+def migrate_before(dsn: str, version: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apply the migrations numbered below ``version`` only, as an older pgqueue would;
+    ``migrate`` sees every migration again afterwards."""
+    earlier = [m for m in load_migrations() if m.version < version]
+    with monkeypatch.context() as patch:
+        # pgqueue.migrate is also a function: the module comes from sys.modules.
+        patch.setattr(sys.modules["pgqueue.migrate"], "load_migrations", lambda: earlier)
+        migrate(dsn)
+
+
 def test_migration_0010_names_jobs_whose_run_at_no_worker_can_read(empty_dsn, monkeypatch):
-    migrate_module = sys.modules["pgqueue.migrate"]  # pgqueue.migrate is also a function
-    everything = load_migrations()
-    before = [m for m in everything if m.version < 10]
-    monkeypatch.setattr(migrate_module, "load_migrations", lambda: before)
-    migrate(empty_dsn)
+    migrate_before(empty_dsn, 10, monkeypatch)
     with psycopg.connect(empty_dsn, autocommit=True) as c:
         bad = [
             scalar(c, "INSERT INTO pgqueue.jobs (task, run_at) VALUES ('t', %s) RETURNING id", (v,))
             for v in ("infinity", "-infinity")
         ]
         scalar(c, "INSERT INTO pgqueue.jobs (task) VALUES ('fine') RETURNING id")
-    monkeypatch.setattr(migrate_module, "load_migrations", lambda: everything)
 
     with pytest.raises(MigrationError) as refused:
         migrate(empty_dsn)
@@ -200,19 +205,13 @@ def test_migration_0010_names_jobs_whose_run_at_no_worker_can_read(empty_dsn, mo
 
 
 def test_migration_0013_names_jobs_whose_queue_no_worker_can_serve(empty_dsn, monkeypatch):
-    migrate_module = sys.modules["pgqueue.migrate"]
-    everything = load_migrations()
-    monkeypatch.setattr(
-        migrate_module, "load_migrations", lambda: [m for m in everything if m.version < 13]
-    )
-    migrate(empty_dsn)
+    migrate_before(empty_dsn, 13, monkeypatch)
     insert = "INSERT INTO pgqueue.jobs (task, queue) VALUES ('t', %s) RETURNING id"
     # White space as Python's str.isspace() has it, whatever the locale makes of \s.
     padded = [" mail", "mail\n", "mail\xa0", "\x85mail"]
     with psycopg.connect(empty_dsn, autocommit=True) as c:
         bad = [scalar(c, insert, (q,)) for q in padded]
         fine = scalar(c, insert, ("two words",))
-    monkeypatch.setattr(migrate_module, "load_migrations", lambda: everything)
 
     with pytest.raises(MigrationError) as refused:
         migrate(empty_dsn)
@@ -239,13 +238,7 @@ def test_migration_0013_names_jobs_whose_queue_no_worker_can_serve(empty_dsn, mo
 def test_migration_0013_gives_up_on_its_lock_instead_of_queueing_everyone(empty_dsn, monkeypatch):
     # Waiting behind an open transaction for its lock, it would make every later statement
     # on pgqueue.jobs wait behind it too: it fails after 5 s instead, and applies later.
-    migrate_module = sys.modules["pgqueue.migrate"]
-    everything = load_migrations()
-    monkeypatch.setattr(
-        migrate_module, "load_migrations", lambda: [m for m in everything if m.version < 13]
-    )
-    migrate(empty_dsn)
-    monkeypatch.setattr(migrate_module, "load_migrations", lambda: everything)
+    migrate_before(empty_dsn, 13, monkeypatch)
     with psycopg.connect(empty_dsn) as reader:
         reader.execute("SELECT count(*) FROM pgqueue.jobs")  # holds a share lock, open
         with pytest.raises(MigrationError, match="0013_queue_name_trimmed failed: canceling"):
