@@ -245,7 +245,7 @@ def test_migration_0013_gives_up_on_its_lock_instead_of_queueing_everyone(empty_
             migrate(empty_dsn)
         # Its own lock went with it: the reader's transaction goes on.
         assert reader.execute("SELECT count(*) FROM pgqueue.jobs").fetchone() == (0,)
-    assert versions(migrate(empty_dsn)) == [13]
+    assert 13 in versions(migrate(empty_dsn))
 
 
 @pytest.mark.parametrize(

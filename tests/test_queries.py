@@ -812,6 +812,187 @@ def test_notify_inserts_with_a_value_that_is_not_on_or_off_refuses_the_insert(co
     assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 0
 
 
+# --- notifications give way to a filling NOTIFY queue (migration 0014) -------------------
+
+
+def with_notify_limit(dsn: str, value: str | None) -> str:
+    """``dsn`` with pgqueue.notify_max_queue_usage set for the session (None: unset)."""
+    if value is None:
+        return dsn
+    return make_conninfo(dsn, options=f"-c pgqueue.notify_max_queue_usage={value}")
+
+
+def future(conn: psycopg.Connection[Any]) -> datetime:
+    return db_clock(conn) + timedelta(hours=1)
+
+
+def running(conn: psycopg.Connection[Any], queue: str, **columns: Any) -> tuple[int, uuid.UUID]:
+    job_id = make_job(conn, queue=queue, state="running", **columns)
+    return job_id, job_row(conn, job_id)["lease_token"]  # type: ignore[index]
+
+
+def wake_by_insert(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        job_id = scalar(c, "SELECT pgqueue.enqueue('t', '{}', %s)", (queue,))
+    assert job_row(conn, job_id)["state"] == "queued"  # type: ignore[index]
+
+
+def wake_by_retry(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
+    job_id, token = running(conn, queue)
+    changed = run_async(
+        dsn, store.retry_jobs, ids=[job_id], tokens=[token], delays=[0.0], errors=[ERROR_1]
+    )
+    assert changed == {job_id} and job_row(conn, job_id)["state"] == "queued"  # type: ignore[index]
+
+
+def wake_by_snooze(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
+    job_id, token = running(conn, queue)
+    assert run_async(dsn, store.snooze_jobs, ids=[job_id], tokens=[token], delays=[0.0]) == {job_id}
+
+
+def wake_by_release(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
+    job_id, token = running(conn, queue)
+    assert run_async(dsn, store.release_jobs, ids=[job_id], tokens=[token]) == {job_id}
+
+
+def wake_by_orphan_release(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
+    job_id, _ = running(conn, queue)
+    assert run_async(dsn, store.release_orphans, worker_id=WORKER, keep=[]) == {job_id}
+
+
+def wake_by_reaper(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
+    job_id, _ = running(conn, queue, lease_expires_at=db_clock(conn) - timedelta(seconds=5))
+    with psycopg.connect(dsn, autocommit=True) as c:
+        rows = store.requeue_expired(
+            c, batch_size=10, backoff_base_seconds=0.0, backoff_max_seconds=0.0
+        )
+    assert [r["id"] for r in rows] == [job_id]
+
+
+def wake_by_run_now(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
+    job_id = make_job(conn, queue=queue, run_at=future(conn))
+    with psycopg.connect(dsn, autocommit=True) as c:
+        assert store.run_now(c, job_ids=[job_id]) == {job_id: None}
+
+
+def wake_by_resume(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        store.pause_queue(c, name=queue)
+        assert store.resume_queue(c, name=queue)
+
+
+def wake_by_drain(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
+    make_job(conn, queue=queue, run_at=future(conn))
+    assert run_async(dsn, store.drain_schedule_now, queues=[queue]) == [queue]
+
+
+WAKERS = [
+    wake_by_insert,
+    wake_by_retry,
+    wake_by_snooze,
+    wake_by_release,
+    wake_by_orphan_release,
+    wake_by_reaper,
+    wake_by_run_now,
+    wake_by_resume,
+    wake_by_drain,
+]
+
+
+@pytest.mark.parametrize("wake", WAKERS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize(("limit", "notifies"), [(None, True), ("0", False)])
+def test_every_statement_that_makes_jobs_runnable_notifies_below_the_usage_limit_only(
+    conn, dsn, wake, limit, notifies
+):
+    # Each still does its work and returns its rows when it does not notify: past the
+    # limit, jobs are found by the workers' poll instead of failing the statement.
+    conn.execute("SET pgqueue.notify_inserts = off")  # the jobs each test sets up
+    with listening(dsn) as listener:
+        wake(conn, with_notify_limit(dsn, limit), "q-wake")
+        assert notified_before_sentinel(conn, listener) == (["q-wake"] if notifies else [])
+
+
+def test_no_named_query_notifies_except_through_pgqueue_wake():
+    # A pg_notify of its own would fail the statement once the NOTIFY queue is full.
+    assert [name for name, text in QUERIES.items() if "pg_notify" in text] == []
+    assert {name for name, text in QUERIES.items() if "pgqueue.wake(" in text} >= {
+        "retry_jobs", "snooze_jobs", "release_jobs", "release_orphans", "requeue_expired",
+        "run_now", "resume_queue", "drain_schedule_now",
+    }  # fmt: skip
+
+
+def test_notifications_stop_once_the_notify_queue_is_fuller_than_the_limit(conn, dsn):
+    # The real comparison: a listener left in an open transaction holds every
+    # notification sent since; 2,000 of them fill about ten of the queue's 2**20 pages.
+    with psycopg.connect(dsn) as stuck, listening(dsn) as listener:
+        stuck.execute("LISTEN pgqueue_jobs")
+        stuck.commit()
+        stuck.execute("SELECT 1")
+        with conn.cursor() as cur:
+            for _ in range(2000):
+                cur.execute("SELECT pg_notify('pgqueue_jobs', 'filler')")
+        usage = scalar(conn, "SELECT pg_notification_queue_usage()")
+        assert usage >= 6 / 2**20
+        below = f"{usage / 2:.12f}"  # the queue is past this limit
+        wake_by_insert(conn, with_notify_limit(dsn, below), "q-full")
+        wake_by_retry(conn, with_notify_limit(dsn, below), "q-full")
+        wake_by_insert(conn, with_notify_limit(dsn, "0.5"), "q-room")
+        wake_by_retry(conn, with_notify_limit(dsn, "0.5"), "q-room")
+        received = notified_before_sentinel(conn, listener)
+        stuck.rollback()
+    assert [p for p in received if p != "filler"] == ["q-room", "q-room"]
+
+
+def test_a_sessions_kept_answer_follows_a_new_limit_at_once_and_the_queue_within_some_calls(
+    conn, dsn
+):
+    # Reading the queue's usage takes a server-wide lock, so a session keeps the answer
+    # (pgqueue.notify_room) and reads the usage again on about one call in a hundred.
+    with psycopg.connect(dsn, autocommit=True) as producer, listening(dsn) as listener:
+        producer.execute("SET pgqueue.notify_max_queue_usage = '0.000001'")
+        producer.execute("SELECT pgqueue.enqueue('t', '{}', 'q-before')")  # the queue is empty
+        producer.execute("SET pgqueue.notify_max_queue_usage = '0'")  # a new limit: at once
+        producer.execute("SELECT pgqueue.enqueue('t', '{}', 'q-zero')")
+        producer.execute("SET pgqueue.notify_max_queue_usage = '0.000001'")
+        assert notified_before_sentinel(conn, listener) == ["q-before"]
+        producer.execute("SELECT pgqueue.enqueue('t', '{}', 'q-room')")  # kept: room
+        with psycopg.connect(dsn) as stuck:
+            stuck.execute("LISTEN pgqueue_jobs")
+            stuck.commit()
+            stuck.execute("SELECT 1")  # holds every notification from here on
+            with conn.cursor() as cur:
+                for _ in range(2000):
+                    cur.execute("SELECT pg_notify('pgqueue_jobs', 'filler')")
+            assert scalar(conn, "SELECT pg_notification_queue_usage()") > 0.000001
+            # Now past the limit: the session finds out within some calls (each call reads
+            # the usage again with a chance of 1 in 100: all 1,000 keep the old answer with
+            # a chance of 0.99**1000, about 4e-5), and from then on sends nothing.
+            for _ in range(1000):
+                producer.execute("SELECT pgqueue.enqueue('t', '{}', 'q-late')")
+            received = [p for p in notified_before_sentinel(conn, listener) if p != "filler"]
+            stuck.rollback()
+    assert received[0] == "q-room"
+    assert set(received[1:]) <= {"q-late"} and len(received) - 1 < 1000
+
+
+@pytest.mark.parametrize(
+    ("value", "limit"),
+    [
+        (None, 0.5), ("", 0.5), ("0.2", 0.2), (" 0.05 ", 0.05), (".5", 0.5), ("1.", 1.0),
+        ("0", 0.0), ("2", 2.0), ("0.000001", 0.000001),
+        # Not a plain decimal: counted as unset, never an error in a worker's statement.
+        ("1e-3", 0.5), ("-1", 0.5), ("50%", 0.5), ("half", 0.5), ("0,2", 0.5), ("NaN", 0.5),
+        ("Infinity", 0.5), ("1" * 40, 0.5),
+    ],
+)  # fmt: skip
+def test_notify_max_queue_usage_reads_a_decimal_and_anything_else_as_unset(conn, value, limit):
+    if value is not None:
+        conn.execute("SELECT set_config('pgqueue.notify_max_queue_usage', %s, false)", (value,))
+    assert scalar(conn, "SELECT pgqueue.notify_max_queue_usage()") == pytest.approx(limit)
+    conn.execute("INSERT INTO pgqueue.jobs (task) VALUES ('t')")  # and enqueues still work
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 1
+
+
 # --- plan guards --------------------------------------------------------------------------
 
 SEED_SQL = [

@@ -236,7 +236,7 @@ WITH moved AS (
     WHERE j.id = ANY(%(ids)s::bigint[]) AND j.state = 'queued'
     RETURNING j.id, j.queue
 ), notified AS (
-    SELECT pg_notify('pgqueue_jobs', q.queue) FROM (SELECT DISTINCT queue FROM moved) AS q
+    SELECT pgqueue.wake(q.queue) FROM (SELECT DISTINCT queue FROM moved) AS q
 )
 SELECT m.id, m.queue,
        EXISTS (SELECT 1 FROM pgqueue.queues AS q
@@ -258,7 +258,7 @@ WITH resumed AS (
     WHERE q.name = %(name)s AND q.paused_at IS NOT NULL
     RETURNING q.name
 )
-SELECT r.name FROM resumed AS r, LATERAL (SELECT pg_notify('pgqueue_jobs', r.name)) AS n;
+SELECT r.name FROM resumed AS r, LATERAL (SELECT pgqueue.wake(r.name)) AS n;
 
 -- name: queue_in_use
 -- Whether a queue has jobs waiting, running or dead, or a live worker serving it: a

@@ -41,7 +41,7 @@ WITH expired AS MATERIALIZED (
 )
 SELECT u.id, u.task, u.queue, u.attempts, u.leased_by, u.state::text AS state,
        u.ran_attempt, u.counted
-FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
+FROM updated AS u, LATERAL (SELECT pgqueue.wake(u.queue)) AS n;
 
 -- name: dead_letter_expired
 -- Moves rescued running jobs (they ran alone) whose lease expired and whose attempts are

@@ -28,7 +28,7 @@ WITH moved AS (
 )
 SELECT m.queue
 FROM (SELECT DISTINCT queue FROM moved) AS m,
-     LATERAL (SELECT pg_notify('pgqueue_jobs', m.queue)) AS n;
+     LATERAL (SELECT pgqueue.wake(m.queue)) AS n;
 
 -- name: drain_outcomes
 -- Every attempt the drain's worker ended, in the order it ended them, from either table.

@@ -202,7 +202,7 @@ WITH updated AS (
     RETURNING j.id, j.queue, j.state
 )
 SELECT u.id, u.state::text AS state
-FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
+FROM updated AS u, LATERAL (SELECT pgqueue.wake(u.queue)) AS n;
 
 -- name: snooze_jobs
 -- Reschedules jobs that asked to run later, without counting the attempt (attempts goes
@@ -225,7 +225,7 @@ WITH updated AS (
     RETURNING j.id, j.queue, j.state
 )
 SELECT u.id, u.state::text AS state
-FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
+FROM updated AS u, LATERAL (SELECT pgqueue.wake(u.queue)) AS n;
 
 -- name: release_jobs
 -- Graceful shutdown: returns unfinished jobs to the queue, runnable now, without counting
@@ -248,7 +248,7 @@ WITH updated AS (
     RETURNING j.id, j.queue, j.state
 )
 SELECT u.id, u.state::text AS state
-FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
+FROM updated AS u, LATERAL (SELECT pgqueue.wake(u.queue)) AS n;
 
 -- name: release_orphans
 -- Jobs running under this worker's name that it does not hold: a claim whose reply was
@@ -287,7 +287,7 @@ WITH orphans AS MATERIALIZED (
     RETURNING j.id, j.queue, j.state
 )
 SELECT u.id, u.state::text AS state
-FROM updated AS u, LATERAL (SELECT pg_notify('pgqueue_jobs', u.queue)) AS n;
+FROM updated AS u, LATERAL (SELECT pgqueue.wake(u.queue)) AS n;
 
 -- name: dead_letter_jobs
 -- Moves jobs to pgqueue.dead_jobs with their error history plus this attempt's error and
