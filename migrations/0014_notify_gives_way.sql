@@ -8,64 +8,52 @@
 -- A notification only wakes workers sooner (they poll anyway), so from here on each of
 -- pgqueue's notifications is sent only while the queue is less full than the setting
 -- `pgqueue.notify_max_queue_usage` (a fraction, 0.5 when unset): past it, jobs are found
--- by the workers' poll (`--poll-interval`) and nothing fails. Postgres starts warning in
--- its log at 50%. Set it per database, role or transaction:
+-- by the workers' poll (`--poll-interval`). Set it for a database, a role (new sessions
+-- read it) or a session:
 --   ALTER DATABASE app SET pgqueue.notify_max_queue_usage = 0.2;
--- 0 sends none; 1 sends them until the queue is full (as before 0014).
--- A value that is not a plain decimal number counts as unset: a typo must not make the
--- worker's and the reaper's statements fail.
+-- 0 sends none; 1 sends them until the queue is full (as before 0014). A value that is
+-- not a decimal number (an exponent is allowed) counts as unset: a typo must not make
+-- the worker's and the reaper's statements fail.
+--
+-- Reading the queue's usage takes a lock global to the server (and moves the queue's
+-- tail), and the queue takes hours to fill, so a session keeps the answer for the
+-- second of its transaction's start, with the limit it was read under, in the setting
+-- pgqueue.notify_room_cache: a session reads it at most once a second, and again at once
+-- when the limit changes. A commit that fails rolls that setting back to an older
+-- second's answer, which is read again.
 --
 -- pgqueue.wake(queue) is what every pgqueue statement that makes jobs runnable now calls
--- instead of pg_notify('pgqueue_jobs', queue); it is internal, not an API. The insert
--- trigger checks the queue's usage once per statement.
+-- instead of pg_notify('pgqueue_jobs', queue); pgqueue.notify_room() answers whether it
+-- may notify. Both are internal, not an API. The insert trigger carries its own copy of
+-- notify_room() (the enqueue's hot path; and a producer needs no grant for it).
+-- Idempotent: where the pgqueue_worker role is created after this ran (0005), running
+-- this file again grants it what it needs.
 
-CREATE FUNCTION pgqueue.notify_max_queue_usage() RETURNS double precision
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    raw text := btrim(coalesce(current_setting('pgqueue.notify_max_queue_usage', true), ''),
-                      E' \t\n\r\f\x0b');
-BEGIN
-    IF raw ~ '^([0-9]{1,15}(\.[0-9]{0,15})?|\.[0-9]{1,15})$' THEN
-        RETURN raw::double precision;
-    END IF;
-    RETURN 0.5;
-END
-$$;
-COMMENT ON FUNCTION pgqueue.notify_max_queue_usage() IS 'pgqueue internal, not an API.';
-
--- Whether pgqueue's statements may notify now: the NOTIFY queue is less full than the
--- limit. Reading the queue's usage takes a lock global to the server, and the queue takes
--- hours to fill, so the answer is kept for the session (in the setting
--- pgqueue.notify_room_cache, with the limit it was read under) and read again on about
--- one call in a hundred, at once when the limit changes. notify_room_read() reads it.
-CREATE FUNCTION pgqueue.notify_room_read() RETURNS boolean
+CREATE OR REPLACE FUNCTION pgqueue.notify_room() RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
-    room boolean := pg_notification_queue_usage() < pgqueue.notify_max_queue_usage();
-BEGIN
-    PERFORM set_config('pgqueue.notify_room_cache',
-                       coalesce(current_setting('pgqueue.notify_max_queue_usage', true), '')
-                       || CASE WHEN room THEN ':t' ELSE ':f' END, false);
-    RETURN room;
-END
-$$;
-COMMENT ON FUNCTION pgqueue.notify_room_read() IS 'pgqueue internal, not an API.';
-
-CREATE FUNCTION pgqueue.notify_room() RETURNS boolean
-LANGUAGE plpgsql AS $$
-DECLARE
-    limit_text text := coalesce(current_setting('pgqueue.notify_max_queue_usage', true), '');
+    limit_text text := btrim(
+        coalesce(current_setting('pgqueue.notify_max_queue_usage', true), ''), E' \t\n\r\f\x0b');
+    room_key text := limit_text || '@' || extract(epoch FROM now())::bigint;
     cached text := current_setting('pgqueue.notify_room_cache', true);
+    room boolean;
 BEGIN
-    IF cached IN (limit_text || ':t', limit_text || ':f') AND random() >= 0.01 THEN
-        RETURN cached = limit_text || ':t';
+    IF cached IN (room_key || ':t', room_key || ':f') THEN
+        RETURN cached = room_key || ':t';
     END IF;
-    RETURN pgqueue.notify_room_read();
+    -- At most 15 digits either side of the point and a two-digit exponent: every value
+    -- the pattern lets through casts without an error.
+    room := pg_notification_queue_usage() <
+        CASE WHEN limit_text ~ '^\+?([0-9]{1,15}(\.[0-9]{0,15})?|\.[0-9]{1,15})([eE][-+]?[0-9]{1,2})?$'
+             THEN limit_text::double precision ELSE 0.5 END;
+    PERFORM set_config('pgqueue.notify_room_cache',
+                       room_key || CASE WHEN room THEN ':t' ELSE ':f' END, false);
+    RETURN room;
 END
 $$;
 COMMENT ON FUNCTION pgqueue.notify_room() IS 'pgqueue internal, not an API.';
 
-CREATE FUNCTION pgqueue.wake(queue text) RETURNS void
+CREATE OR REPLACE FUNCTION pgqueue.wake(queue text) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     IF pgqueue.notify_room() THEN
@@ -75,7 +63,7 @@ END
 $$;
 COMMENT ON FUNCTION pgqueue.wake(text) IS 'pgqueue internal, not an API.';
 
--- As 0009's, asking pgqueue.notify_room() (or its kept answer) once per statement.
+-- As 0009's, notifying only where pgqueue.notify_room() (copied in) says so.
 CREATE OR REPLACE FUNCTION pgqueue.notify_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -84,10 +72,10 @@ DECLARE
     -- Read as Postgres reads a boolean: any case, surrounding white space ignored.
     notify_setting text := lower(btrim(
         coalesce(current_setting('pgqueue.notify_inserts', true), ''), E' \t\n\r\f\x0b'));
-    -- pgqueue.notify_room()'s answer kept for the session, read here without calling it:
-    -- a nested PL/pgSQL call on every enqueue cost measurably more CPU.
-    limit_text text := coalesce(current_setting('pgqueue.notify_max_queue_usage', true), '');
-    cached text := current_setting('pgqueue.notify_room_cache', true);
+    limit_text text;
+    room_key text;
+    cached text;
+    room boolean;
     too_big record;
 BEGIN
     SELECT n.task, octet_length(n.args::text) AS bytes INTO too_big
@@ -102,8 +90,21 @@ BEGIN
     END IF;
     -- Unset (or empty), and Postgres' spellings of true and false with their prefixes.
     IF notify_setting IN ('', 'on', 't', 'tr', 'tru', 'true', 'y', 'ye', 'yes', '1') THEN
-        IF (CASE WHEN cached IN (limit_text || ':t', limit_text || ':f') AND random() >= 0.01
-                 THEN cached = limit_text || ':t' ELSE pgqueue.notify_room_read() END) THEN
+        -- pgqueue.notify_room(), kept in step with it.
+        limit_text := btrim(coalesce(current_setting('pgqueue.notify_max_queue_usage', true),
+                                     ''), E' \t\n\r\f\x0b');
+        room_key := limit_text || '@' || extract(epoch FROM now())::bigint;
+        cached := current_setting('pgqueue.notify_room_cache', true);
+        IF cached IN (room_key || ':t', room_key || ':f') THEN
+            room := cached = room_key || ':t';
+        ELSE
+            room := pg_notification_queue_usage() <
+                CASE WHEN limit_text ~ '^\+?([0-9]{1,15}(\.[0-9]{0,15})?|\.[0-9]{1,15})([eE][-+]?[0-9]{1,2})?$'
+                     THEN limit_text::double precision ELSE 0.5 END;
+            PERFORM set_config('pgqueue.notify_room_cache',
+                               room_key || CASE WHEN room THEN ':t' ELSE ':f' END, false);
+        END IF;
+        IF room THEN
             PERFORM pg_notify('pgqueue_jobs', q.queue)
             FROM (SELECT DISTINCT queue FROM new_jobs WHERE state = 'queued') AS q;
         END IF;
@@ -123,12 +124,7 @@ $$;
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgqueue_worker') THEN
-        GRANT EXECUTE ON FUNCTION pgqueue.wake(text), pgqueue.notify_room(),
-            pgqueue.notify_room_read(), pgqueue.notify_max_queue_usage() TO pgqueue_worker;
-    END IF;
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgqueue_producer') THEN
-        GRANT EXECUTE ON FUNCTION pgqueue.notify_room(), pgqueue.notify_room_read(),
-            pgqueue.notify_max_queue_usage() TO pgqueue_producer;
+        GRANT EXECUTE ON FUNCTION pgqueue.wake(text), pgqueue.notify_room() TO pgqueue_worker;
     END IF;
 END
 $$;

@@ -148,7 +148,8 @@ class QueueStatsCollector(Collector):
             "pgqueue_notify_queue_usage",
             "Fraction of Postgres' NOTIFY queue in use, for the whole server"
             " (pg_notification_queue_usage()). It grows while a listening session does not"
-            " read; full, every transaction that notifies fails, enqueues included.",
+            " read; past pgqueue.notify_max_queue_usage (0.5 unless set) pgqueue's statements"
+            " stop notifying (workers poll), and full, every other notifying transaction fails.",
         )
         seen = set()
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import re
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -819,7 +820,9 @@ def with_notify_limit(dsn: str, value: str | None) -> str:
     """``dsn`` with pgqueue.notify_max_queue_usage set for the session (None: unset)."""
     if value is None:
         return dsn
-    return make_conninfo(dsn, options=f"-c pgqueue.notify_max_queue_usage={value}")
+    # The server splits options at white space unless a backslash escapes it.
+    escaped = re.sub(r"([\\\s])", r"\\\1", value)
+    return make_conninfo(dsn, options=f"-c pgqueue.notify_max_queue_usage={escaped}")
 
 
 def future(conn: psycopg.Connection[Any]) -> datetime:
@@ -921,76 +924,75 @@ def test_no_named_query_notifies_except_through_pgqueue_wake():
     }  # fmt: skip
 
 
-def test_notifications_stop_once_the_notify_queue_is_fuller_than_the_limit(conn, dsn):
-    # The real comparison: a listener left in an open transaction holds every
-    # notification sent since; 2,000 of them fill about ten of the queue's 2**20 pages.
-    with psycopg.connect(dsn) as stuck, listening(dsn) as listener:
+@contextlib.contextmanager
+def notify_queue_held(conn: psycopg.Connection[Any], dsn: str) -> Iterator[float]:
+    """A listener left in an open transaction holds every notification sent from here on;
+    2,000 of them fill about ten of the NOTIFY queue's 2**20 pages. Yields the usage."""
+    with psycopg.connect(dsn) as stuck:
         stuck.execute("LISTEN pgqueue_jobs")
         stuck.commit()
         stuck.execute("SELECT 1")
         with conn.cursor() as cur:
             for _ in range(2000):
                 cur.execute("SELECT pg_notify('pgqueue_jobs', 'filler')")
-        usage = scalar(conn, "SELECT pg_notification_queue_usage()")
+        usage: float = scalar(conn, "SELECT pg_notification_queue_usage()")
         assert usage >= 6 / 2**20
-        below = f"{usage / 2:.12f}"  # the queue is past this limit
-        wake_by_insert(conn, with_notify_limit(dsn, below), "q-full")
-        wake_by_retry(conn, with_notify_limit(dsn, below), "q-full")
-        wake_by_insert(conn, with_notify_limit(dsn, "0.5"), "q-room")
-        wake_by_retry(conn, with_notify_limit(dsn, "0.5"), "q-room")
-        received = notified_before_sentinel(conn, listener)
-        stuck.rollback()
-    assert [p for p in received if p != "filler"] == ["q-room", "q-room"]
-
-
-def test_a_sessions_kept_answer_follows_a_new_limit_at_once_and_the_queue_within_some_calls(
-    conn, dsn
-):
-    # Reading the queue's usage takes a server-wide lock, so a session keeps the answer
-    # (pgqueue.notify_room) and reads the usage again on about one call in a hundred.
-    with psycopg.connect(dsn, autocommit=True) as producer, listening(dsn) as listener:
-        producer.execute("SET pgqueue.notify_max_queue_usage = '0.000001'")
-        producer.execute("SELECT pgqueue.enqueue('t', '{}', 'q-before')")  # the queue is empty
-        producer.execute("SET pgqueue.notify_max_queue_usage = '0'")  # a new limit: at once
-        producer.execute("SELECT pgqueue.enqueue('t', '{}', 'q-zero')")
-        producer.execute("SET pgqueue.notify_max_queue_usage = '0.000001'")
-        assert notified_before_sentinel(conn, listener) == ["q-before"]
-        producer.execute("SELECT pgqueue.enqueue('t', '{}', 'q-room')")  # kept: room
-        with psycopg.connect(dsn) as stuck:
-            stuck.execute("LISTEN pgqueue_jobs")
-            stuck.commit()
-            stuck.execute("SELECT 1")  # holds every notification from here on
-            with conn.cursor() as cur:
-                for _ in range(2000):
-                    cur.execute("SELECT pg_notify('pgqueue_jobs', 'filler')")
-            assert scalar(conn, "SELECT pg_notification_queue_usage()") > 0.000001
-            # Now past the limit: the session finds out within some calls (each call reads
-            # the usage again with a chance of 1 in 100: all 1,000 keep the old answer with
-            # a chance of 0.99**1000, about 4e-5), and from then on sends nothing.
-            for _ in range(1000):
-                producer.execute("SELECT pgqueue.enqueue('t', '{}', 'q-late')")
-            received = [p for p in notified_before_sentinel(conn, listener) if p != "filler"]
+        try:
+            yield usage
+        finally:
             stuck.rollback()
-    assert received[0] == "q-room"
-    assert set(received[1:]) <= {"q-late"} and len(received) - 1 < 1000
 
 
-@pytest.mark.parametrize(
-    ("value", "limit"),
-    [
-        (None, 0.5), ("", 0.5), ("0.2", 0.2), (" 0.05 ", 0.05), (".5", 0.5), ("1.", 1.0),
-        ("0", 0.0), ("2", 2.0), ("0.000001", 0.000001),
-        # Not a plain decimal: counted as unset, never an error in a worker's statement.
-        ("1e-3", 0.5), ("-1", 0.5), ("50%", 0.5), ("half", 0.5), ("0,2", 0.5), ("NaN", 0.5),
-        ("Infinity", 0.5), ("1" * 40, 0.5),
-    ],
-)  # fmt: skip
-def test_notify_max_queue_usage_reads_a_decimal_and_anything_else_as_unset(conn, value, limit):
-    if value is not None:
-        conn.execute("SELECT set_config('pgqueue.notify_max_queue_usage', %s, false)", (value,))
-    assert scalar(conn, "SELECT pgqueue.notify_max_queue_usage()") == pytest.approx(limit)
-    conn.execute("INSERT INTO pgqueue.jobs (task) VALUES ('t')")  # and enqueues still work
-    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 1
+def test_the_limit_is_a_decimal_number_and_anything_else_counts_as_unset(conn, dsn):
+    # Compared with the queue's real usage, on the trigger's copy and on notify_room().
+    with listening(dsn) as listener, notify_queue_held(conn, dsn) as usage:
+        below = usage / 2  # the queue is fuller than this
+        fuller_than = [
+            f"{below:.12f}",
+            f" {below:.12f}\n",
+            f"+{below:.12f}",
+            f"{below:.3e}",
+            f"{below * 1e6:.3f}E-6",
+            "0",
+            "0.",
+            ".0",
+            "0e0",
+        ]
+        # Not a decimal number: counted as unset (0.5), never an error in a statement.
+        unset = [
+            "", ".", "-1", "abc", "50%", "0,2", "NaN", "Infinity", "1e-400", "1" * 16,
+            "0.5.5", "0x1", "1e", "e5",
+        ]  # fmt: skip
+        expected = []
+        for i, value in enumerate(fuller_than + unset):
+            for wake in (wake_by_insert, wake_by_retry):
+                queue = f"q{i}-{wake.__name__}"
+                wake(conn, with_notify_limit(dsn, value), queue)
+                if value in unset:
+                    expected.append(queue)
+        received = [p for p in notified_before_sentinel(conn, listener) if p != "filler"]
+    assert sorted(received) == sorted(expected)
+
+
+def test_a_session_keeps_the_answer_for_a_second_and_reads_again_for_a_new_limit(conn, dsn):
+    # Reading the queue's usage takes a lock global to the server: a session keeps the
+    # answer, keyed by its transaction's second and the limit it was read under.
+    keep = (
+        "SELECT set_config('pgqueue.notify_room_cache',"
+        " '0@' || extract(epoch FROM now())::bigint || ':t', false)"
+    )
+    with psycopg.connect(dsn, autocommit=True) as producer, listening(dsn) as listener:
+        producer.execute("SET pgqueue.notify_max_queue_usage = '0'")  # no room, if read
+        with producer.transaction():
+            producer.execute(keep)  # as if read this second with room
+            producer.execute("SELECT pgqueue.enqueue('t', '{}', 'q-kept')")
+            producer.execute("SELECT pgqueue.wake('q-kept-too')")
+            producer.execute("SET LOCAL pgqueue.notify_max_queue_usage = '0.0'")
+            producer.execute("SELECT pgqueue.enqueue('t', '{}', 'q-new-limit')")
+        time.sleep(1.0)  # a later second: read again
+        producer.execute("SELECT pgqueue.enqueue('t', '{}', 'q-later')")
+        producer.execute("SELECT pgqueue.wake('q-later-too')")
+        assert notified_before_sentinel(conn, listener) == ["q-kept", "q-kept-too"]
 
 
 # --- plan guards --------------------------------------------------------------------------

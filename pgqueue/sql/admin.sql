@@ -75,7 +75,8 @@ ORDER BY n.name;
 -- name: notify_queue_usage
 -- The fraction of Postgres' NOTIFY queue in use (one queue for the whole server). It
 -- grows while a listening session does not read (a long transaction, a frozen process);
--- full, it fails every transaction that notifies, pgqueue's enqueues among them.
+-- past pgqueue.notify_max_queue_usage pgqueue's statements stop notifying (migration
+-- 0014), and full, it fails every other transaction that notifies.
 SELECT pg_notification_queue_usage() AS usage;
 
 -- name: list_workers
