@@ -12,22 +12,23 @@
 -- read it) or a session:
 --   ALTER DATABASE app SET pgqueue.notify_max_queue_usage = 0.2;
 -- 0 sends none; 1 sends them until the queue is full (as before 0014). A value that is
--- not a decimal number (an exponent is allowed) counts as unset: a typo must not make
--- the worker's and the reaper's statements fail.
+-- not a plain non-negative decimal (at most 15 digits either side of the point, an
+-- optional exponent of at most two digits) counts as unset: a typo must not make the
+-- worker's and the reaper's statements fail.
 --
 -- Reading the queue's usage takes a lock global to the server (and moves the queue's
 -- tail), and the queue takes hours to fill, so a session keeps the answer for the
--- second of its transaction's start, with the limit it was read under, in the setting
--- pgqueue.notify_room_cache: a session reads it at most once a second, and again at once
--- when the limit changes. A commit that fails rolls that setting back to an older
--- second's answer, which is read again.
+-- second of its transaction's start (rounded), with the limit it was read under, in the
+-- setting pgqueue.notify_room_cache: a session reads it about once a second, and again
+-- at once when the limit changes. A rollback (a failed commit too) takes that setting
+-- back to an older second's answer, which is then read again.
 --
 -- pgqueue.wake(queue) is what every pgqueue statement that makes jobs runnable now calls
 -- instead of pg_notify('pgqueue_jobs', queue); pgqueue.notify_room() answers whether it
 -- may notify. Both are internal, not an API. The insert trigger carries its own copy of
 -- notify_room() (the enqueue's hot path; and a producer needs no grant for it).
--- Idempotent: where the pgqueue_worker role is created after this ran (0005), running
--- this file again grants it what it needs.
+-- Where the pgqueue_worker role is created after this ran (0005), running the DO block
+-- at the end of this file again grants it what it needs.
 
 CREATE OR REPLACE FUNCTION pgqueue.notify_room() RETURNS boolean
 LANGUAGE plpgsql AS $$
@@ -42,9 +43,10 @@ BEGIN
         RETURN cached = room_key || ':t';
     END IF;
     -- At most 15 digits either side of the point and a two-digit exponent: every value
-    -- the pattern lets through casts without an error.
+    -- the pattern lets through casts without an error. No backslash in the pattern: a
+    -- session with standard_conforming_strings off would read the literal otherwise.
     room := pg_notification_queue_usage() <
-        CASE WHEN limit_text ~ '^\+?([0-9]{1,15}(\.[0-9]{0,15})?|\.[0-9]{1,15})([eE][-+]?[0-9]{1,2})?$'
+        CASE WHEN limit_text ~ '^[+]?([0-9]{1,15}([.][0-9]{0,15})?|[.][0-9]{1,15})([eE][-+]?[0-9]{1,2})?$'
              THEN limit_text::double precision ELSE 0.5 END;
     PERFORM set_config('pgqueue.notify_room_cache',
                        room_key || CASE WHEN room THEN ':t' ELSE ':f' END, false);
@@ -99,7 +101,7 @@ BEGIN
             room := cached = room_key || ':t';
         ELSE
             room := pg_notification_queue_usage() <
-                CASE WHEN limit_text ~ '^\+?([0-9]{1,15}(\.[0-9]{0,15})?|\.[0-9]{1,15})([eE][-+]?[0-9]{1,2})?$'
+                CASE WHEN limit_text ~ '^[+]?([0-9]{1,15}([.][0-9]{0,15})?|[.][0-9]{1,15})([eE][-+]?[0-9]{1,2})?$'
                      THEN limit_text::double precision ELSE 0.5 END;
             PERFORM set_config('pgqueue.notify_room_cache',
                                room_key || CASE WHEN room THEN ':t' ELSE ':f' END, false);

@@ -559,8 +559,8 @@ def metrics_options(fn: F) -> F:
     envvar="PGQUEUE_POLL_INTERVAL",
     show_envvar=True,
     help="Safety-net poll when no notification arrives (seconds); how idle workers find"
-    " new jobs where inserts do not notify (pgqueue.notify_inserts = off): keep it short"
-    " there.",
+    " new jobs where inserts do not notify (pgqueue.notify_inserts = off, or Postgres'"
+    " NOTIFY queue fuller than pgqueue.notify_max_queue_usage): keep it short there.",
 )
 @click.option(
     "--log-args",

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import re
 import threading
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -974,25 +973,54 @@ def test_the_limit_is_a_decimal_number_and_anything_else_counts_as_unset(conn, d
     assert sorted(received) == sorted(expected)
 
 
-def test_a_session_keeps_the_answer_for_a_second_and_reads_again_for_a_new_limit(conn, dsn):
+def test_a_session_keeps_the_answer_for_its_second_and_reads_again_for_a_new_limit(conn, dsn):
     # Reading the queue's usage takes a lock global to the server: a session keeps the
-    # answer, keyed by its transaction's second and the limit it was read under.
-    keep = (
-        "SELECT set_config('pgqueue.notify_room_cache',"
-        " '0@' || extract(epoch FROM now())::bigint || ':t', false)"
-    )
+    # answer, keyed by the limit it was read under and its transaction's second.
+    def keep(seconds_ago: int) -> None:  # as if read then, with room
+        producer.execute(
+            "SELECT set_config('pgqueue.notify_room_cache',"
+            " '0@' || (extract(epoch FROM now())::bigint - %s) || ':t', false)",
+            (seconds_ago,),
+        )
+
+    def kept() -> str:
+        return str(scalar(producer, "SELECT current_setting('pgqueue.notify_room_cache')"))
+
+    def this_second(answer: str) -> str:
+        second = scalar(producer, "SELECT extract(epoch FROM now())::bigint")
+        return f"0@{second}:{answer}"
+
     with psycopg.connect(dsn, autocommit=True) as producer, listening(dsn) as listener:
         producer.execute("SET pgqueue.notify_max_queue_usage = '0'")  # no room, if read
         with producer.transaction():
-            producer.execute(keep)  # as if read this second with room
+            keep(0)
             producer.execute("SELECT pgqueue.enqueue('t', '{}', 'q-kept')")
             producer.execute("SELECT pgqueue.wake('q-kept-too')")
+        # An answer from an earlier second is read again, by the trigger and by wake().
+        with producer.transaction():
+            keep(1)
+            producer.execute("SELECT pgqueue.enqueue('t', '{}', 'q-stale')")
+            assert kept() == this_second("f")  # what it read is kept
+        with producer.transaction():
+            keep(1)
+            producer.execute("SELECT pgqueue.wake('q-stale-too')")
+            assert kept() == this_second("f")
+        # Under another limit, read again at once.
+        with producer.transaction():
+            keep(0)
             producer.execute("SET LOCAL pgqueue.notify_max_queue_usage = '0.0'")
             producer.execute("SELECT pgqueue.enqueue('t', '{}', 'q-new-limit')")
-        time.sleep(1.0)  # a later second: read again
-        producer.execute("SELECT pgqueue.enqueue('t', '{}', 'q-later')")
-        producer.execute("SELECT pgqueue.wake('q-later-too')")
         assert notified_before_sentinel(conn, listener) == ["q-kept", "q-kept-too"]
+
+
+def test_a_session_without_standard_conforming_strings_enqueues_and_wakes(conn, dsn):
+    # PL/pgSQL reads a function's string literals under the session's setting: a
+    # backslash in the limit's pattern made every enqueue fail there.
+    legacy = make_conninfo(dsn, options="-c standard_conforming_strings=off")
+    with listening(dsn) as listener:
+        wake_by_insert(conn, legacy, "q-legacy")
+        wake_by_retry(conn, legacy, "q-legacy-retry")
+        assert notified_before_sentinel(conn, listener) == ["q-legacy", "q-legacy-retry"]
 
 
 # --- plan guards --------------------------------------------------------------------------
