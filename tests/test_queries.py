@@ -1013,6 +1013,25 @@ def test_a_session_keeps_the_answer_for_its_second_and_reads_again_for_a_new_lim
         assert notified_before_sentinel(conn, listener) == ["q-kept", "q-kept-too"]
 
 
+def test_the_triggers_copy_of_notify_room_reads_the_limit_as_notify_room_does(conn):
+    # The insert trigger carries its own copy (the enqueue's hot path): a later migration
+    # that changes one must change the other.
+    def source(name: str) -> str:
+        return str(scalar(conn, "SELECT prosrc FROM pg_proc WHERE oid = %s::regprocedure", (name,)))
+
+    room, trigger = source("pgqueue.notify_room()"), source("pgqueue.notify_inserted()")
+    for part in (
+        r"limit_text ~ '([^']*)'",
+        r"btrim\(\s*coalesce\(current_setting\('pgqueue.notify_max_queue_usage', true\),"
+        r"\s*''\),\s*(E'[^']*')\)",
+        r"room_key (?:text )?:= (limit_text \|\| '@' \|\| [^;]*);",
+        r"set_config\('pgqueue.notify_room_cache',\s*([^;]*);",
+        r"THEN (limit_text::double precision ELSE [0-9.]+) END",
+    ):
+        in_room, in_trigger = re.findall(part, room), re.findall(part, trigger)
+        assert len(in_room) == 1 and in_room == in_trigger, (part, in_room, in_trigger)
+
+
 def test_a_session_without_standard_conforming_strings_enqueues_and_wakes(conn, dsn):
     # PL/pgSQL reads a function's string literals under the session's setting: a
     # backslash in the limit's pattern made every enqueue fail there.
