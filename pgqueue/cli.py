@@ -48,6 +48,7 @@ from pgqueue.errors import (
     ConfigError,
     JobNotFound,
     PgQueueError,
+    first_line,
 )
 from pgqueue.metrics import (
     DEFAULT_METRICS_HOST,
@@ -151,12 +152,12 @@ def _guard(fn: Callable[[], int | None]) -> None:
     except PgQueueError as exc:
         _fail(str(exc))
     except psycopg.OperationalError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         _fail(f"cannot reach the database: {first}")
     except psycopg.Error as exc:
         if log.schema_missing(exc):
             _fail(SCHEMA_HINT)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         _fail(f"database error: {first}")
     except UnicodeEncodeError as exc:
         # Bytes that are not UTF-8 in argv or the environment reach Python as lone

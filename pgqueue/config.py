@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pgqueue.errors import MAX_DELAY_SECONDS, ConfigError
+from pgqueue.errors import MAX_DELAY_SECONDS, ConfigError, first_line
 from pgqueue.registry import MAX_QUEUE_LENGTH, check_name, plain_int
 
 DEFAULT_CONCURRENCY = 10
@@ -55,7 +55,7 @@ def check_dsn(dsn: str | None) -> str:
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.Error as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConfigError(f"bad connection string: {first}") from None
     for port in str(params.get("port") or "").split(","):
         # As libpq reads a port: strtol (white space and a sign around ASCII digits),

@@ -13,6 +13,14 @@ MAX_DELAY_SECONDS = 10 * 365 * 24 * 3600.0
 SCHEMA_HINT = "the pgqueue schema is missing or not up to date: run `pgqueue migrate`"
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line: a database error's text goes on with the
+    statement it failed in, a libpq one with every host it tried. Its type's name when
+    the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class PgQueueError(Exception):
     """pgqueue error."""
 

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import structlog
 
 from pgqueue.context import running_job
-from pgqueue.errors import SCHEMA_HINT
+from pgqueue.errors import SCHEMA_HINT, first_line
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
@@ -172,7 +172,7 @@ def _schema_hint(
         exc = exc_info
     if schema_missing(exc):
         del event["exc_info"]
-        event["error"] = str(exc).strip().splitlines()[0]
+        event["error"] = first_line(exc)  # type: ignore[arg-type]
         event["hint"] = SCHEMA_HINT
     return event
 

@@ -22,7 +22,7 @@ from psycopg.adapt import Loader
 from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb, set_json_loads
 
-from pgqueue.errors import PayloadTooLarge
+from pgqueue.errors import PayloadTooLarge, first_line
 from pgqueue.models import Job, JobState, JobStatus, UndecodableArgs
 from pgqueue.registry import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY
 from pgqueue.sql import QUERIES
@@ -475,7 +475,7 @@ def _single_insert(params: dict[str, Any]) -> tuple[str, Any]:
 
 
 def _too_large(exc: psycopg.errors.ProgramLimitExceeded) -> PayloadTooLarge:
-    return PayloadTooLarge(str(exc).strip().splitlines()[0])
+    return PayloadTooLarge(first_line(exc))
 
 
 # The producer functions run on the caller's connection: their cursors read tuples,
@@ -643,9 +643,7 @@ def queue_stats(conn: SyncConn) -> list[Row]:
 
 
 def notify_queue_usage(conn: SyncConn) -> float:
-    row = conn.execute(QUERIES["notify_queue_usage"]).fetchone()
-    assert row is not None
-    return float(row[0])
+    return float(_fetch(conn, "notify_queue_usage", {})[0]["usage"])
 
 
 def list_workers(conn: SyncConn) -> list[Row]:

@@ -27,7 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import __version__, metrics, store
 from pgqueue.config import CANCEL_GRACE_SECONDS, FLUSH_TIMEOUT_SECONDS, WorkerConfig
-from pgqueue.errors import SCHEMA_HINT
+from pgqueue.errors import SCHEMA_HINT, first_line
 from pgqueue.log import get_logger, schema_missing
 from pgqueue.migrate import SchemaWatch
 from pgqueue.models import Job, Outcome, OutcomeKind
@@ -662,9 +662,7 @@ class Worker:
             async with self.pool.connection(timeout=2.0) as conn:
                 await store.deregister_worker(conn, worker_id=self.worker_id)
         except Exception as exc:  # the reaper forgets it after three missed heartbeats
-            # One line: a database error's text goes on with the statement it failed in.
-            text = str(exc).strip()
-            error = text.splitlines()[0] if text else type(exc).__name__
+            error = first_line(exc)
             if schema_missing(exc):
                 log.warning("worker.deregister_failed", error=error, hint=SCHEMA_HINT)
             else:
