@@ -189,13 +189,15 @@ class SchemaWatch:
     role may not read them), it says once which of this pgqueue's migrations are missing
     (code upgraded, `pgqueue migrate` not run: statements fail until it is), again if
     that changes, and when none is left; and once which newer ones are there. ``settled``
-    once nothing more can change: up to date, or the versions cannot be read."""
+    once nothing more can change: up to date, or the versions cannot be read. It also
+    says, once, when the database's pgqueue.notify_max_queue_usage is unreadable."""
 
     def __init__(self, logger: Any, daemon: str) -> None:
         self._log = logger
         self._daemon = daemon
         self._missing: tuple[str, ...] = ()
         self.settled = False
+        self.notify_limit_checked = False
 
     def observe(self, applied: Iterable[int] | None) -> None:
         if applied is None:
@@ -222,3 +224,17 @@ class SchemaWatch:
                 hint="a newer pgqueue migrated this database: upgrade this one",
             )
         self.settled = True
+
+    def observe_notify_limit(self, ignored: str | None) -> None:
+        """Told the setting pgqueue.notify_max_queue_usage when it is set but unreadable
+        (store.notify_limit_ignored), says so: such a value silently counts as unset."""
+        if ignored is not None:
+            self._log.warning(
+                f"{self._daemon}.notify_limit_ignored",
+                value=ignored,
+                counted_as=0.5,
+                hint="pgqueue.notify_max_queue_usage must be a non-negative decimal such as"
+                " 0.2 (README, 'The NOTIFY queue'): until it is, pgqueue's statements stop"
+                " notifying at 0.5",
+            )
+        self.notify_limit_checked = True

@@ -195,6 +195,8 @@ class Reaper:
         # Each pass until the database is known to have this version's migrations.
         if not self._schema.settled:
             self._schema.observe(store.applied_versions(conn))
+        if not self._schema.notify_limit_checked:
+            self._schema.observe_notify_limit(store.notify_limit_ignored(conn))
         if self.config.leader_only and not self._lead(conn) and not self._cover(conn):
             return ReapResult([], [], 0)
         requeued: list[int] = []

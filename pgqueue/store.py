@@ -646,6 +646,19 @@ def notify_queue_usage(conn: SyncConn) -> float:
     return float(_fetch(conn, "notify_queue_usage", {})[0]["usage"])
 
 
+def notify_limit_ignored(conn: SyncConn) -> str | None:
+    """The setting pgqueue.notify_max_queue_usage when it is set but unreadable (it then
+    counts as unset), else None."""
+    rows = _fetch(conn, "notify_limit_ignored", {})
+    return str(rows[0]["value"]) if rows else None
+
+
+async def notify_limit_ignored_async(conn: AsyncConn) -> str | None:
+    """As notify_limit_ignored, on a worker's connection."""
+    rows = await _fetch_async(conn, "notify_limit_ignored", {})
+    return str(rows[0]["value"]) if rows else None
+
+
 def list_workers(conn: SyncConn) -> list[Row]:
     return _fetch(conn, "list_workers", {})
 

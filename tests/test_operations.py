@@ -652,6 +652,43 @@ def test_a_database_migrated_by_a_newer_version_is_named_once(conn, daemons):
     assert events(daemons, reaper, "reaper.requeued")[0]["job_id"] == expired
     assert len(events(daemons, reaper, "reaper.schema_newer")) == 1
     assert events(daemons, worker, "worker.schema_behind") == []
+    # The NOTIFY-queue limit is unset here: nothing to say of it.
+    assert events(daemons, worker, "worker.notify_limit_ignored") == []
+    assert events(daemons, reaper, "reaper.notify_limit_ignored") == []
+
+
+def test_an_unreadable_notify_limit_is_named_once_at_start(conn, daemons):
+    # It counts as unset (0.5) in every statement rather than failing one: the operator
+    # who set it hears of it from the daemons, once each.
+    conn.execute(
+        sql.SQL("ALTER DATABASE {} SET pgqueue.notify_max_queue_usage = '20%'").format(
+            sql.Identifier(conn.info.dbname)
+        )
+    )
+    worker = daemons.worker("--lease-seconds", "3", *LOCAL)
+    reaper = daemons.reaper("--interval", "0.2")
+    for proc, daemon in ((worker, "worker"), (reaper, "reaper")):
+        (ignored,) = wait_until(
+            lambda p=proc, d=daemon: events(daemons, p, f"{d}.notify_limit_ignored")
+        )  # type: ignore[misc]
+        assert ignored["level"] == "warning" and ignored["value"] == "20%", ignored
+        assert ignored["counted_as"] == 0.5 and "0.2" in ignored["hint"], ignored
+    # Jobs still run; later beats and passes say nothing more.
+    job = enqueue(conn, "record", {"note": "limit"})
+    wait_until(lambda: job_state(conn, job) == "succeeded")
+    beat = scalar(conn, "SELECT last_heartbeat_at FROM pgqueue.workers")
+    wait_until(lambda: scalar(conn, "SELECT last_heartbeat_at FROM pgqueue.workers") != beat)
+    expired = scalar(
+        conn,
+        "INSERT INTO pgqueue.jobs (task, state, attempts, lease_token, leased_by,"
+        " lease_expires_at) VALUES ('record', 'running', 1, gen_random_uuid(), 'gone',"
+        " now() - interval '1 minute') RETURNING id",
+    )
+    wait_until(
+        lambda: [e["job_id"] for e in events(daemons, reaper, "reaper.requeued")] == [expired]
+    )
+    for proc, daemon in ((worker, "worker"), (reaper, "reaper")):
+        assert len(events(daemons, proc, f"{daemon}.notify_limit_ignored")) == 1
 
 
 # --- 4. supervisor ------------------------------------------------------------------------------

@@ -942,6 +942,13 @@ def notify_queue_held(conn: psycopg.Connection[Any], dsn: str) -> Iterator[float
             stuck.rollback()
 
 
+# Not a decimal number: counted as unset (0.5), never an error in a statement.
+UNREADABLE_LIMITS = [
+    ".", "-1", "abc", "50%", "0,2", "NaN", "Infinity", "1e-400", "1" * 16, "0.5.5", "0x1",
+    "1e", "e5", "half",
+]  # fmt: skip
+
+
 def test_the_limit_is_a_decimal_number_and_anything_else_counts_as_unset(conn, dsn):
     # Compared with the queue's real usage, on the trigger's copy and on notify_room().
     with listening(dsn) as listener, notify_queue_held(conn, dsn) as usage:
@@ -957,11 +964,7 @@ def test_the_limit_is_a_decimal_number_and_anything_else_counts_as_unset(conn, d
             ".0",
             "0e0",
         ]
-        # Not a decimal number: counted as unset (0.5), never an error in a statement.
-        unset = [
-            "", ".", "-1", "abc", "50%", "0,2", "NaN", "Infinity", "1e-400", "1" * 16,
-            "0.5.5", "0x1", "1e", "e5",
-        ]  # fmt: skip
+        unset = ["", *UNREADABLE_LIMITS]
         expected = []
         for i, value in enumerate(fuller_than + unset):
             for wake in (wake_by_insert, wake_by_retry):
@@ -1030,6 +1033,24 @@ def test_the_triggers_copy_of_notify_room_reads_the_limit_as_notify_room_does(co
     ):
         in_room, in_trigger = re.findall(part, room), re.findall(part, trigger)
         assert len(in_room) == 1 and in_room == in_trigger, (part, in_room, in_trigger)
+
+
+def test_an_unreadable_limit_is_named_and_a_readable_or_blank_one_is_not(conn, dsn):
+    # The daemons' start-up warning (store.notify_limit_ignored) reads the setting as
+    # notify_room() does: what that counts as unset while set is named, nothing else.
+    readable = ["0.2", " 0.2\n", "+0.2", "2.5e-1", "200000.000E-6", "0", "0.", ".0", "1"]
+    for value in [None, "", " \t", *readable, *UNREADABLE_LIMITS]:
+        with psycopg.connect(with_notify_limit(dsn, value), autocommit=True) as session:
+            ignored = store.notify_limit_ignored(session)
+        assert ignored == (value if value in UNREADABLE_LIMITS else None), value
+    # The named query carries notify_room()'s pattern and trimming.
+    room = str(
+        scalar(conn, "SELECT prosrc FROM pg_proc WHERE oid = 'pgqueue.notify_room()'::regprocedure")
+    )
+    for part in (r"~ '([^']*)'", r"(E'[^']*')\)"):
+        in_room = set(re.findall(part, room))
+        in_query = set(re.findall(part, QUERIES["notify_limit_ignored"]))
+        assert len(in_room) == 1 and in_query == in_room, (part, in_room, in_query)
 
 
 def test_a_session_without_standard_conforming_strings_enqueues_and_wakes(conn, dsn):

@@ -79,6 +79,17 @@ ORDER BY n.name;
 -- 0014), and full, it fails every other transaction that notifies.
 SELECT pg_notification_queue_usage() AS usage;
 
+-- name: notify_limit_ignored
+-- pgqueue.notify_max_queue_usage as this session sees it, when it is set but not a
+-- value migration 0014's notify_room() can read (that counts it as unset, 0.5, rather
+-- than fail a statement over a typo); no row when unset, blank or readable. The pattern
+-- and the trimming are notify_room()'s (tests/test_queries.py keeps them in step).
+SELECT value
+FROM (SELECT current_setting('pgqueue.notify_max_queue_usage', true) AS value) AS s
+WHERE btrim(coalesce(value, ''), E' \t\n\r\f\x0b') <> ''
+  AND btrim(value, E' \t\n\r\f\x0b')
+      !~ '^[+]?([0-9]{1,15}([.][0-9]{0,15})?|[.][0-9]{1,15})([eE][-+]?[0-9]{1,2})?$';
+
 -- name: list_workers
 -- Registered workers, most recent first, with seconds since their last heartbeat.
 SELECT id, host, pid, queues, concurrency, running, version, started_at, last_heartbeat_at,

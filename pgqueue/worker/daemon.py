@@ -581,6 +581,8 @@ class Worker:
         # Every beat until the database is known to have this version's migrations.
         if not self._schema.settled:
             self._schema.observe(await store.applied_versions_async(conn))
+        if not self._schema.notify_limit_checked:
+            self._schema.observe_notify_limit(await store.notify_limit_ignored_async(conn))
         await store.register_worker(
             conn,
             worker_id=self.worker_id,
