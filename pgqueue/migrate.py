@@ -189,8 +189,9 @@ class SchemaWatch:
     role may not read them), it says once which of this pgqueue's migrations are missing
     (code upgraded, `pgqueue migrate` not run: statements fail until it is), again if
     that changes, and when none is left; and once which newer ones are there. ``settled``
-    once nothing more can change: up to date, or the versions cannot be read. It also
-    says, once, when the database's pgqueue.notify_max_queue_usage is unreadable."""
+    once nothing more can change: up to date, or the versions cannot be read. Told once
+    where pgqueue.notify_max_queue_usage is set but unreadable (for this daemon's
+    sessions, this database, or a role in it), it says so."""
 
     def __init__(self, logger: Any, daemon: str) -> None:
         self._log = logger
@@ -225,16 +226,16 @@ class SchemaWatch:
             )
         self.settled = True
 
-    def observe_notify_limit(self, ignored: str | None) -> None:
-        """Told the setting pgqueue.notify_max_queue_usage when it is set but unreadable
+    def observe_notify_limit(self, ignored: list[tuple[str, str]]) -> None:
+        """Told where pgqueue.notify_max_queue_usage is set but unreadable
         (store.notify_limit_ignored), says so: such a value silently counts as unset."""
-        if ignored is not None:
+        for source, value in ignored:
             self._log.warning(
                 f"{self._daemon}.notify_limit_ignored",
-                value=ignored,
-                counted_as=0.5,
+                source=source,
+                value=value if len(value) <= 100 else value[:100] + "...",
                 hint="pgqueue.notify_max_queue_usage must be a non-negative decimal such as"
-                " 0.2 (README, 'The NOTIFY queue'): until it is, pgqueue's statements stop"
-                " notifying at 0.5",
+                " 0.2 (README, 'The NOTIFY queue'); pgqueue's statements count this one as"
+                " unset (0.5)",
             )
         self.notify_limit_checked = True

@@ -63,6 +63,8 @@ class Reaper:
         self._looping = False
         self._database_health = metrics.database_health(config.dsn)
         self._schema = SchemaWatch(log, "reaper")
+        # An embedded reaper's worker checks the NOTIFY-queue limit's settings itself.
+        self._schema.notify_limit_checked = config.leader_only
         # leader_only: whether this connection holds the leadership lock; None until
         # the first pass asked (and again after a reconnect).
         self._leader: bool | None = None

@@ -646,17 +646,23 @@ def notify_queue_usage(conn: SyncConn) -> float:
     return float(_fetch(conn, "notify_queue_usage", {})[0]["usage"])
 
 
-def notify_limit_ignored(conn: SyncConn) -> str | None:
-    """The setting pgqueue.notify_max_queue_usage when it is set but unreadable (it then
-    counts as unset), else None."""
-    rows = _fetch(conn, "notify_limit_ignored", {})
-    return str(rows[0]["value"]) if rows else None
+def notify_limit_ignored(conn: SyncConn) -> list[tuple[str, str]]:
+    """Where pgqueue.notify_max_queue_usage is set but unreadable (it then counts as
+    unset): (where, value) for this session and each ALTER DATABASE / ALTER ROLE setting
+    that applies in this database; the session's is left out when one of those is its
+    source."""
+    return _ignored_limits(_fetch(conn, "notify_limit_ignored", {}))
 
 
-async def notify_limit_ignored_async(conn: AsyncConn) -> str | None:
+async def notify_limit_ignored_async(conn: AsyncConn) -> list[tuple[str, str]]:
     """As notify_limit_ignored, on a worker's connection."""
-    rows = await _fetch_async(conn, "notify_limit_ignored", {})
-    return str(rows[0]["value"]) if rows else None
+    return _ignored_limits(await _fetch_async(conn, "notify_limit_ignored", {}))
+
+
+def _ignored_limits(rows: list[Row]) -> list[tuple[str, str]]:
+    found = [(str(r["source"]), str(r["value"])) for r in rows]
+    set_elsewhere = {value for source, value in found if source != "this session"}
+    return [(s, v) for s, v in found if s != "this session" or v not in set_elsewhere]
 
 
 def list_workers(conn: SyncConn) -> list[Row]:

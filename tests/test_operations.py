@@ -665,14 +665,16 @@ def test_an_unreadable_notify_limit_is_named_once_at_start(conn, daemons):
             sql.Identifier(conn.info.dbname)
         )
     )
-    worker = daemons.worker("--lease-seconds", "3", *LOCAL)
+    # The worker's embedded reaper leaves it to its worker.
+    worker = daemons.worker("--lease-seconds", "3", "--reaper", "--reaper-interval", "0.2", *LOCAL)
     reaper = daemons.reaper("--interval", "0.2")
     for proc, daemon in ((worker, "worker"), (reaper, "reaper")):
         (ignored,) = wait_until(
             lambda p=proc, d=daemon: events(daemons, p, f"{d}.notify_limit_ignored")
         )  # type: ignore[misc]
         assert ignored["level"] == "warning" and ignored["value"] == "20%", ignored
-        assert ignored["counted_as"] == 0.5 and "0.2" in ignored["hint"], ignored
+        assert ignored["source"] == f"ALTER DATABASE {conn.info.dbname}", ignored
+        assert "0.2" in ignored["hint"] and "(0.5)" in ignored["hint"], ignored
     # Jobs still run; later beats and passes say nothing more.
     job = enqueue(conn, "record", {"note": "limit"})
     wait_until(lambda: job_state(conn, job) == "succeeded")
@@ -685,10 +687,14 @@ def test_an_unreadable_notify_limit_is_named_once_at_start(conn, daemons):
         " now() - interval '1 minute') RETURNING id",
     )
     wait_until(
-        lambda: [e["job_id"] for e in events(daemons, reaper, "reaper.requeued")] == [expired]
+        lambda: (
+            [e["job_id"] for p in (worker, reaper) for e in events(daemons, p, "reaper.requeued")]
+            == [expired]
+        )
     )
     for proc, daemon in ((worker, "worker"), (reaper, "reaper")):
         assert len(events(daemons, proc, f"{daemon}.notify_limit_ignored")) == 1
+    assert events(daemons, worker, "reaper.notify_limit_ignored") == []
 
 
 # --- 4. supervisor ------------------------------------------------------------------------------

@@ -1042,7 +1042,7 @@ def test_an_unreadable_limit_is_named_and_a_readable_or_blank_one_is_not(conn, d
     for value in [None, "", " \t", *readable, *UNREADABLE_LIMITS]:
         with psycopg.connect(with_notify_limit(dsn, value), autocommit=True) as session:
             ignored = store.notify_limit_ignored(session)
-        assert ignored == (value if value in UNREADABLE_LIMITS else None), value
+        assert ignored == ([("this session", value)] if value in UNREADABLE_LIMITS else []), value
     # The named query carries notify_room()'s pattern and trimming.
     room = str(
         scalar(conn, "SELECT prosrc FROM pg_proc WHERE oid = 'pgqueue.notify_room()'::regprocedure")
@@ -1051,6 +1051,36 @@ def test_an_unreadable_limit_is_named_and_a_readable_or_blank_one_is_not(conn, d
         in_room = set(re.findall(part, room))
         in_query = set(re.findall(part, QUERIES["notify_limit_ignored"]))
         assert len(in_room) == 1 and in_query == in_room, (part, in_room, in_query)
+
+
+def test_unreadable_limits_set_for_the_database_or_a_role_in_it_are_named(conn, dsn):
+    # Producers read the limit in their own sessions: a value set for the database or for
+    # their role is named too, even when the checking session overrides it; the
+    # checking session's own value only where it is not one of those.
+    db = sql.Identifier(conn.info.dbname)
+    conn.execute(sql.SQL("ALTER DATABASE {} SET pgqueue.notify_max_queue_usage = 'abc'").format(db))
+    conn.execute(
+        sql.SQL(
+            "ALTER ROLE pgqueue_producer IN DATABASE {} SET pgqueue.notify_max_queue_usage = '5 %'"
+        ).format(db)
+    )
+    conn.execute(
+        sql.SQL(
+            "ALTER ROLE pgqueue_worker IN DATABASE {} SET pgqueue.notify_max_queue_usage = '0.2'"
+        ).format(db)
+    )
+    name = conn.info.dbname  # pgqueue_t_<hex>: quote_ident leaves it as it is
+    expected = [
+        (f"ALTER DATABASE {name}", "abc"),
+        (f"ALTER ROLE pgqueue_producer IN DATABASE {name}", "5 %"),
+    ]
+    for session_value, also in ((None, []), ("0.2", []), ("1,5", [("this session", "1,5")])):
+        with psycopg.connect(with_notify_limit(dsn, session_value), autocommit=True) as session:
+            assert store.notify_limit_ignored(session) == also + expected, session_value
+    conn.execute(sql.SQL("ALTER DATABASE {} RESET pgqueue.notify_max_queue_usage").format(db))
+    conn.execute(sql.SQL("ALTER ROLE pgqueue_producer IN DATABASE {} RESET ALL").format(db))
+    conn.execute(sql.SQL("ALTER ROLE pgqueue_worker IN DATABASE {} RESET ALL").format(db))
+    assert store.notify_limit_ignored(conn) == []
 
 
 def test_a_session_without_standard_conforming_strings_enqueues_and_wakes(conn, dsn):

@@ -80,15 +80,34 @@ ORDER BY n.name;
 SELECT pg_notification_queue_usage() AS usage;
 
 -- name: notify_limit_ignored
--- pgqueue.notify_max_queue_usage as this session sees it, when it is set but not a
--- value migration 0014's notify_room() can read (that counts it as unset, 0.5, rather
--- than fail a statement over a typo); no row when unset, blank or readable. The pattern
--- and the trimming are notify_room()'s (tests/test_queries.py keeps them in step).
-SELECT value
-FROM (SELECT current_setting('pgqueue.notify_max_queue_usage', true) AS value) AS s
+-- Where pgqueue.notify_max_queue_usage is set to a value migration 0014's notify_room()
+-- cannot read (it then counts as unset, 0.5, rather than failing a statement over a
+-- typo): this session's value, and each ALTER DATABASE / ALTER ROLE setting that applies
+-- in this database (producers' sessions read those, not only this one). No row when
+-- every one is unset, blank or readable. The pattern and the trimming are notify_room()'s
+-- (tests/test_queries.py keeps them in step).
+SELECT source, value
+FROM (
+    SELECT 0 AS rank, 'this session' AS source,
+           current_setting('pgqueue.notify_max_queue_usage', true) AS value
+    UNION ALL
+    SELECT 1,
+           CASE WHEN s.setrole = 0 THEN 'ALTER DATABASE ' || quote_ident(current_database())
+                WHEN s.setdatabase = 0 THEN 'ALTER ROLE ' || quote_ident(r.rolname)
+                ELSE 'ALTER ROLE ' || quote_ident(r.rolname) || ' IN DATABASE '
+                     || quote_ident(current_database())
+           END,
+           substr(c.entry, strpos(c.entry, '=') + 1)
+    FROM pg_db_role_setting AS s
+    LEFT JOIN pg_roles AS r ON r.oid = s.setrole
+    CROSS JOIN LATERAL unnest(s.setconfig) AS c(entry)
+    WHERE s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+      AND lower(split_part(c.entry, '=', 1)) = 'pgqueue.notify_max_queue_usage'
+) AS found
 WHERE btrim(coalesce(value, ''), E' \t\n\r\f\x0b') <> ''
   AND btrim(value, E' \t\n\r\f\x0b')
-      !~ '^[+]?([0-9]{1,15}([.][0-9]{0,15})?|[.][0-9]{1,15})([eE][-+]?[0-9]{1,2})?$';
+      !~ '^[+]?([0-9]{1,15}([.][0-9]{0,15})?|[.][0-9]{1,15})([eE][-+]?[0-9]{1,2})?$'
+ORDER BY rank, source;
 
 -- name: list_workers
 -- Registered workers, most recent first, with seconds since their last heartbeat.
