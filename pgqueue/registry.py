@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
@@ -147,6 +147,17 @@ class Task(Generic[P, R]):
 
     def __call__(self, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
+
+    def check_args(self, args: Mapping[str, Any]) -> None:
+        """``TypeError`` when a job's args do not fit the handler's signature as keywords
+        (what a worker records as ``bad_args``), before the handler is called: a
+        ``TypeError`` the handler itself raises is not taken for one."""
+        if self.binds_any_kwargs:
+            return
+        try:
+            self.signature.bind(**args)
+        except TypeError as exc:
+            raise TypeError(f"args do not fit {self.name}{self.signature}: {exc}") from None
 
     def job_args(self, /, *args: P.args, **kwargs: P.kwargs) -> dict[str, Any]:
         """The args of a job whose handler call is ``fn(*args, **kwargs)``: each argument

@@ -86,8 +86,10 @@ def _prepared(
     job_id: int,
 ) -> tuple[Any, dict[str, Any], JobContext]:
     handler = registry.get(task)
-    # What a worker would receive: enqueue's checks and encoding, then JSON decoding.
+    # What a worker would receive: enqueue's checks and encoding, then JSON decoding; and
+    # the worker's check of them against the handler's signature (its bad_args).
     decoded = store._DECODER.decode(_dump_args({} if args is None else args, max_args_bytes()))
+    handler.check_args(decoded)
     options = handler.options
     ctx = job_context(
         task,
@@ -111,8 +113,9 @@ def perform(
     """Run task ``task``'s handler once, here, and return what it returns. An async
     handler runs in a new event loop (from a coroutine, use ``perform_async``).
     ``UnknownTask`` for a name the registry lacks; ``SerializationError`` or
-    ``PayloadTooLarge`` for args enqueue would refuse; a ``TypeError`` when they do not fit
-    the handler's signature (a worker records that attempt as ``bad_args``). The task's
+    ``PayloadTooLarge`` for args enqueue would refuse; a ``TypeError`` before the handler
+    runs when they do not fit its signature, with the message a worker records as that
+    attempt's ``bad_args``. The task's
     ``timeout`` is not applied (``drain`` applies it)."""
     handler, decoded, ctx = _prepared(registry, task, args, attempt, job_id)
     token = set_current(ctx)

@@ -112,8 +112,15 @@ def test_perform_refuses_what_enqueue_or_a_worker_would(monkeypatch):
         perform(registry, "t.echo", {"when": object()})
     with pytest.raises(SerializationError):
         perform(registry, "t.echo", {"x": float("nan")})
-    with pytest.raises(TypeError):
-        perform(registry, "t.add", {"a": 1})
+    # Before the handler runs, and in the worker's words (its bad_args).
+    for args in ({"a": 1}, {"a": 1, "b": 2, "c": 3}):
+        with pytest.raises(TypeError, match=r"^args do not fit t\.add\(a: "):
+            perform(registry, "t.add", args)
+        with pytest.raises(TypeError, match=r"^args do not fit t\.async_add\(a: "):
+            asyncio.run(perform_async(registry, "t.async_add", args))
+    # A TypeError the handler raises itself is the handler's.
+    with pytest.raises(TypeError, match=r"^unsupported operand"):
+        perform(registry, "t.add", {"a": 1, "b": "2"})
     monkeypatch.setenv("PGQUEUE_MAX_ARGS_BYTES", "100")
     with pytest.raises(PayloadTooLarge):
         perform(registry, "t.echo", {"x": "y" * 200})

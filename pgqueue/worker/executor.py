@@ -111,11 +111,10 @@ class Executor:
         try:
             task = self.registry.get(job.task)
             backoff = task.options.backoff
-            if not task.binds_any_kwargs:
-                try:
-                    task.signature.bind(**job.args)
-                except TypeError as exc:
-                    raise _BadArgs(f"args do not fit {job.task}{task.signature}: {exc}") from None
+            try:
+                task.check_args(job.args)
+            except TypeError as exc:
+                raise _BadArgs(str(exc)) from None
             ctx = JobContext(
                 id=job.id,
                 task=job.task,
