@@ -364,8 +364,9 @@ def _rescued_note(job: JobStatus) -> str:
 
 
 def _runs_note(job: JobStatus) -> str:
-    """Runs that did not count as attempts (snoozed, released, returned as orphans, or
-    lost with their worker before it was rescued), when there were any."""
+    """Runs that did not count as attempts (snoozed, released, returned as orphans, lost
+    with their worker before it was rescued, or run before a dead retry gave fresh
+    attempts), when there were any."""
     runs = len(job.history) + (1 if job.state is JobState.RUNNING else 0)
     if runs == job.attempts:
         return ""
