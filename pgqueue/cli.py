@@ -57,7 +57,7 @@ from pgqueue.metrics import (
     process_registry,
 )
 from pgqueue.models import JobState, JobStatus, UndecodableArgs
-from pgqueue.registry import Registry
+from pgqueue.registry import MAX_QUEUE_LENGTH, Registry, check_name
 
 if TYPE_CHECKING:
     from pgqueue.worker import Worker
@@ -1391,9 +1391,10 @@ def queue() -> None:
 
 
 def _queue_name(name: str) -> str:
-    if not name.strip() or len(name) > 128:
-        raise ConfigError(f"bad queue name {name!r}")
-    return name
+    try:
+        return check_name("queue", name, MAX_QUEUE_LENGTH)
+    except ConfigError as exc:
+        raise ConfigError(f"bad queue name {name!r}: {exc}") from None
 
 
 @queue.command("pause")

@@ -57,6 +57,7 @@ from pgqueue import (
 from pgqueue.errors import SCHEMA_HINT
 from pgqueue.log import _LineWriter, schema_missing
 from pgqueue.migrate import load_migrations
+from pgqueue.models import Job
 from tests.conftest import (
     BIN,
     EXECUTIONS_DDL,
@@ -1017,6 +1018,8 @@ def test_run_now_leaves_jobs_that_are_not_queued_and_says_why(conn, dsn):
         ("cancel", "9223372036854775808"),
         ("dead", "retry"),
         ("queue", "pause", " "),
+        ("queue", "pause", " cancel w-1"),  # no job can be in it (0013)
+        ("queue", "resume", "q\n"),
     ],
 )
 def test_bad_admin_arguments_exit_2_with_one_line(dsn, args):
@@ -1095,6 +1098,21 @@ def test_cancel_of_running_job_flags_it_and_a_finishing_attempt_still_succeeds(c
     status = json.loads(ok(cli(dsn, "status", str(job_id), "--json")))
     assert status["cancel_requested_at"] is not None
     assert [h["outcome"] for h in status["history"]] == ["succeeded"]
+
+
+def test_a_cancel_reaches_the_running_handler_before_the_next_heartbeat(conn, dsn, daemons):
+    # --lease-seconds 60: the worker beats every 20 s. Told by a notification, it beats
+    # at once, and the handler, which waits for the flag, ends well before that.
+    job_id = enqueue(conn, "wait_for_cancel", {"seconds": 60, "note": "prompt"})
+    worker = daemons.worker("--lease-seconds", "60")
+    wait_until(lambda: executions(conn, job_id, "start") == 1)
+    failures = events(daemons, worker, "heartbeat.failed")
+    ok(cli(dsn, "cancel", str(job_id)))
+    wait_until(lambda: job_state(conn, job_id) == "cancelled", timeout=10)
+    assert executions(conn, job_id, "end") == 1
+    status = json.loads(ok(cli(dsn, "status", str(job_id), "--json")))
+    assert [h["outcome"] for h in status["history"]] == ["failed"]
+    assert events(daemons, worker, "heartbeat.failed") == failures
 
 
 def test_cancel_requested_job_released_at_shutdown_is_cancelled_not_requeued(conn, dsn, daemons):
@@ -1800,6 +1818,46 @@ def held_until_released(task: str) -> tuple[Registry, asyncio.Event]:
 
     registry.task(name=task)(wait_for_release)
     return registry, release
+
+
+def test_cancel_requests_bring_the_heartbeat_forward_but_not_without_pause(dsn):
+    # Any session may send the notification that calls beat_soon: a flood of them makes
+    # an early beat at most every min_gap (a tenth of the interval, at most 1 s).
+    registry = Registry()
+    registry.task(name="ops_noop")(lambda: None)
+
+    async def scenario() -> int:
+        worker = Worker(registry, WorkerConfig(dsn=dsn, lease_seconds=30, concurrency=1))
+        heartbeat = worker.heartbeat
+        assert (heartbeat.interval, heartbeat.min_gap) == (10.0, 1.0)
+        beats = 0
+        run_once = heartbeat.run_once
+
+        async def counted() -> tuple[int, list[Job]]:
+            nonlocal beats
+            beats += 1
+            return await run_once()
+
+        heartbeat.run_once = counted  # type: ignore[method-assign]
+        await worker.pool.open(wait=True)
+        task = asyncio.create_task(heartbeat.run())
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 1.5
+            while loop.time() < deadline:
+                heartbeat.beat_soon()
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await worker.pool.close()
+            worker.executor.shutdown()
+        return beats
+
+    # The first beat, then one a second later: not the next regular one (10 s), not one
+    # per request (150).
+    assert 2 <= asyncio.run(scenario()) <= 3
 
 
 def test_a_lost_lease_is_counted_once_when_found_before_the_outcome_is_written(conn, dsn):

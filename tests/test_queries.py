@@ -919,8 +919,29 @@ def test_no_named_query_notifies_except_through_pgqueue_wake():
     assert [name for name, text in QUERIES.items() if "pg_notify" in text] == []
     assert {name for name, text in QUERIES.items() if "pgqueue.wake(" in text} >= {
         "retry_jobs", "snooze_jobs", "release_jobs", "release_orphans", "requeue_expired",
-        "run_now", "resume_queue", "drain_schedule_now",
+        "run_now", "resume_queue", "drain_schedule_now", "cancel_job",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(("limit", "notifies"), [(None, True), ("0", False)])
+def test_cancelling_a_running_job_tells_its_worker_and_a_queued_one_tells_no_one(
+    conn, dsn, limit, notifies
+):
+    conn.execute("SET pgqueue.notify_inserts = off")  # the jobs this test sets up
+    job_id, _ = running(conn, "q-cancel")
+    queued = make_job(conn, queue="q-cancel")
+    # A worker id too long for a notification's payload: flagged, its worker not told.
+    long_named, _ = running(conn, "q-cancel", leased_by="w" * 8000)
+    with listening(dsn) as listener:
+        with psycopg.connect(with_notify_limit(dsn, limit), autocommit=True) as c:
+            assert store.cancel_job(c, job_id=job_id) == "running"
+            assert store.cancel_job(c, job_id=queued) == "cancelled"
+            assert store.cancel_job(c, job_id=queued) is None
+            assert store.cancel_job(c, job_id=long_named) == "running"
+        # No queue name starts with white space: no worker takes it for a wake-up.
+        expected = [f" cancel {WORKER}"] if notifies else []
+        assert notified_before_sentinel(conn, listener) == expected
+    assert job_row(conn, job_id)["cancel_requested_at"] is not None  # type: ignore[index]
 
 
 @contextlib.contextmanager

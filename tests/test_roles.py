@@ -500,6 +500,22 @@ def test_worker_role_runs_a_worker_end_to_end(strict_db, login_as):
         ) == sorted(ids)
 
 
+def test_worker_role_cancels_a_running_job_and_tells_its_worker(strict_db, login_as):
+    # cancel_job notifies through pgqueue.wake, which 0014 grants pgqueue_worker.
+    worker_dsn = login_as("pgqueue_worker")
+    with connect(strict_db) as admin:
+        job = scalar(
+            admin,
+            "INSERT INTO pgqueue.jobs (task, state, attempts, lease_token, leased_by,"
+            " lease_expires_at) VALUES ('t', 'running', 1, gen_random_uuid(), 'w-1',"
+            " now() + interval '1 minute') RETURNING id",
+        )
+        admin.execute("LISTEN pgqueue_jobs")
+        with connect(worker_dsn) as c:
+            assert store.cancel_job(c, job_id=job) == "running"
+        assert [n.payload for n in admin.notifies(timeout=5, stop_after=1)] == [" cancel w-1"]
+
+
 def test_worker_role_runs_the_reaper(strict_db, login_as):
     worker_dsn = login_as("pgqueue_worker")
     with connect(strict_db) as c:

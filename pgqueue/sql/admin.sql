@@ -250,12 +250,24 @@ SELECT max(id) AS id FROM pgqueue.dead_jobs;
 -- Cancels a job: a queued one becomes cancelled now; a running one is flagged
 -- (cancel_requested_at), which its worker's heartbeat hands to the handler and which
 -- keeps a failed attempt from being retried. Returns nothing for a job that is neither.
-UPDATE pgqueue.jobs AS j
-SET state = CASE WHEN j.state = 'queued' THEN 'cancelled'::pgqueue.job_state ELSE j.state END,
-    finished_at = CASE WHEN j.state = 'queued' THEN now() ELSE j.finished_at END,
-    cancel_requested_at = coalesce(j.cancel_requested_at, now())
-WHERE j.id = %(id)s AND j.state IN ('queued', 'running')
-RETURNING j.id, j.state::text AS state;
+-- The worker running it is told to beat at once, on the wake-up channel: the payload
+-- ' cancel <worker id>' starts with a space, which no queue name can (migration 0013).
+WITH cancelled AS (
+    UPDATE pgqueue.jobs AS j
+    SET state = CASE WHEN j.state = 'queued' THEN 'cancelled'::pgqueue.job_state
+                     ELSE j.state END,
+        finished_at = CASE WHEN j.state = 'queued' THEN now() ELSE j.finished_at END,
+        cancel_requested_at = coalesce(j.cancel_requested_at, now())
+    WHERE j.id = %(id)s AND j.state IN ('queued', 'running')
+    RETURNING j.id, j.state, j.leased_by
+), told AS (
+    SELECT pgqueue.wake(' cancel ' || c.leased_by)
+    FROM cancelled AS c
+    -- A NOTIFY payload must be under 8000 bytes: a worker id too long for one waits
+    -- for its worker's next beat rather than failing the cancel.
+    WHERE c.state = 'running' AND octet_length(c.leased_by) < 7900
+)
+SELECT c.id, c.state::text AS state FROM cancelled AS c, (SELECT count(*) FROM told) AS t;
 
 -- name: run_now
 -- Makes queued jobs due now (a retry waiting out its backoff, a snoozed or scheduled

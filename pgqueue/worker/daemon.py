@@ -168,6 +168,8 @@ class Worker:
             self.queues,
             self._wake,
             reconnect_max_seconds=config.reconnect_max_seconds,
+            worker_id=self.worker_id,
+            on_cancel=self.heartbeat.beat_soon,
         )
         self._backoff = ReconnectBackoff(config.reconnect_max_seconds)
         # The per-job events go through a logger bound in run() (after the caller has

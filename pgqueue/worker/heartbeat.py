@@ -1,5 +1,7 @@
 """Extends the leases of every job this worker holds, in one statement per interval, and
-refreshes the worker's row in pgqueue.workers.
+refreshes the worker's row in pgqueue.workers. A cancel request for one of its jobs
+(the listener's notification) brings the next beat forward, which hands the flag to the
+handler.
 
 A job missing from the statement's result was taken away (its lease expired and the
 reaper requeued it, or it was claimed again): the worker is told, so it can log it and
@@ -15,6 +17,7 @@ they need not wait for their lease and then run alone as if this worker had died
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -64,26 +67,46 @@ class Heartbeat:
         # Tokens of outcomes the database refused: their jobs are left to the reaper.
         self.refused = refused
         self.last_success: float | None = None
+        # Set to beat before the interval is up (a job of this worker was cancelled); an
+        # early beat comes at least min_gap after the one before.
+        self._soon = asyncio.Event()
+        self.min_gap = min(1.0, interval / 10)
+
+    def beat_soon(self) -> None:
+        """Beat now rather than at the end of the interval (at least ``min_gap`` after
+        the last beat; not while failed beats back off): the beat hands a cancel request
+        to its handler. Requests that come while a beat runs make one more."""
+        self._soon.set()
 
     async def run(self) -> None:
-        """Beat now and every interval until cancelled. A failed beat is retried soon,
-        with backoff up to the interval: after Postgres restarts (or its backends are
-        terminated) every pooled connection is dead, and the pool hands each one out
-        once before it finds out. Waiting a whole interval per dead connection let
-        three beats fail in a row, and the leases of healthy jobs expired."""
+        """Beat now and every interval (sooner on beat_soon) until cancelled. A failed
+        beat is retried soon, with backoff up to the interval: after Postgres restarts
+        (or its backends are terminated) every pooled connection is dead, and the pool
+        hands each one out once before it finds out. Waiting a whole interval per dead
+        connection let three beats fail in a row, and the leases of healthy jobs
+        expired."""
         backoff = ReconnectBackoff(self.interval)
         while True:
-            delay = self.interval
+            started = time.monotonic()
             try:
                 await self.run_once()
                 backoff.reset()
             except CONNECTION_ERRORS as exc:
                 log.warning("heartbeat.failed", error=str(exc).strip())
-                delay = min(self.interval, backoff.next_delay())
+                await asyncio.sleep(min(self.interval, backoff.next_delay()))
+                continue
             except Exception:
                 log.exception("heartbeat.failed")
-                delay = min(self.interval, backoff.next_delay())
-            await asyncio.sleep(delay)
+                await asyncio.sleep(min(self.interval, backoff.next_delay()))
+                continue
+            # After a good beat, a cancel request may bring the next one forward, but
+            # not closer than min_gap to this one: notifications (which any session may
+            # send) cannot make the worker beat without pause.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._soon.wait()
+            self._soon.clear()
+            await asyncio.sleep(max(0.0, started + self.min_gap - time.monotonic()))
 
     async def run_once(self) -> tuple[int, list[Job]]:
         """Extend all held leases and refresh this worker's row; returns (extended, lost)."""

@@ -1,14 +1,17 @@
-"""The LISTEN connection: sets the wake-up event when a job for our queues is enqueued.
+"""The LISTEN connection: sets the wake-up event when a job for our queues is enqueued,
+and calls ``on_cancel`` when `pgqueue cancel` flags a job this worker runs (the
+heartbeat then beats at once, handing the flag to the handler).
 
 It owns one dedicated connection (LISTEN needs a session), reconnects with backoff when
 it breaks, and wakes the fetcher after every reconnect, since notifications sent while
-it was away are lost. It never claims anything itself.
+it was away are lost (a lost cancel waits for the next regular beat). It never claims
+anything itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import psycopg
 
@@ -16,6 +19,8 @@ from pgqueue.log import get_logger
 from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
 
 CHANNEL = "pgqueue_jobs"
+# cancel_job's payload, before the worker's id: no queue name starts with white space.
+CANCEL_PREFIX = " cancel "
 log = get_logger("pgqueue.listener")
 
 
@@ -27,10 +32,14 @@ class Listener:
         wake: asyncio.Event,
         *,
         reconnect_max_seconds: float,
+        worker_id: str = "",
+        on_cancel: Callable[[], None] | None = None,
     ) -> None:
         self.dsn = dsn
         self.queues = frozenset(queues)
         self.wake = wake
+        self.cancel_payload = CANCEL_PREFIX + worker_id
+        self.on_cancel = on_cancel
         self.backoff = ReconnectBackoff(reconnect_max_seconds)
         self.connected = asyncio.Event()
         self._conn: psycopg.AsyncConnection[object] | None = None
@@ -57,6 +66,8 @@ class Listener:
                             # to waiting on the socket (psycopg re-arms the reader and a
                             # timer first): about 0.07 ms of each idle job's latency.
                             await asyncio.sleep(0)
+                        elif note.payload == self.cancel_payload and self.on_cancel:
+                            self.on_cancel()
                 raise psycopg.OperationalError("the notification stream ended")
             except Exception as exc:
                 self.connected.clear()

@@ -86,6 +86,20 @@ def sleep(seconds: float, note: str = "") -> None:
     _record("end " + note)
 
 
+@registry.task(name="wait_for_cancel", backoff=FAST)
+def wait_for_cancel(seconds: float, note: str = "") -> None:
+    """Runs until its job is cancelled (then fails, which ends a cancelled job) or for
+    ``seconds``."""
+    _record("start " + note)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if current_job().cancel_requested:
+            _record("end " + note)
+            raise RuntimeError("cancelled by operator")
+        time.sleep(0.05)
+    _record("end " + note)
+
+
 @registry.task(name="time_out_then_crash", timeout=1, backoff=FAST)
 def time_out_then_crash() -> None:
     """Times out, then its thread (which runs on) kills the process: a poison job whose
