@@ -1127,7 +1127,7 @@ def jobs() -> None:
 @jobs.command("list")
 @click.option(
     "--state",
-    type=click.Choice([s.value for s in JobState if s is not JobState.DEAD]),
+    type=click.Choice([s.value for s in JobState]),
     help="Only jobs in this state (dead jobs: `pgqueue dead list`).",
 )
 @click.option("--queue", help="Only this queue.")
@@ -1144,6 +1144,11 @@ def jobs_list(
     dsn: str | None,
 ) -> None:
     """List jobs, newest first (dead jobs: `pgqueue dead list`)."""
+    if state == JobState.DEAD.value:
+        raise click.BadParameter(
+            "dead jobs are kept in the dead-letter table: use `pgqueue dead list`",
+            param_hint="'--state'",
+        )
 
     def body() -> int:
         with _connect(dsn) as conn:
@@ -1391,6 +1396,7 @@ def queue() -> None:
 
 
 def _queue_name(name: str) -> str:
+    name.encode("utf-8")  # not UTF-8 text: refused as every such argument is (_guard)
     try:
         return check_name("queue", name, MAX_QUEUE_LENGTH)
     except ConfigError as exc:

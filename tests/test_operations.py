@@ -1033,6 +1033,11 @@ def test_bad_admin_arguments_exit_2_with_one_line(dsn, args):
     ("args", "said"),
     [
         (("status", "abc"), "'abc' is not a job id (a whole number, 1 or more)"),
+        (
+            ("jobs", "list", "--state", "dead"),
+            "Invalid value for '--state': dead jobs are kept in the dead-letter table: use"
+            " `pgqueue dead list`",
+        ),
         (("run-now", "12", "1.5"), "'1.5' is not a job id (a whole number, 1 or more)"),
         (("dead", "show", "0"), "'0' is not a job id (job ids run from 1 to 9223372036854775807)"),
         (
