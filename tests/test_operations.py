@@ -49,6 +49,7 @@ from pgqueue import (
     Snooze,
     Worker,
     WorkerConfig,
+    current_job,
     enqueue,
     enqueue_many,
     migrate,
@@ -1863,6 +1864,71 @@ def test_cancel_requests_bring_the_heartbeat_forward_but_not_without_pause(dsn):
     # The first beat, then one a second later: not the next regular one (10 s), not one
     # per request (150).
     assert 2 <= asyncio.run(scenario()) <= 3
+
+
+def test_a_cancel_that_lands_while_its_claim_is_on_the_way_still_reaches_the_handler(
+    conn, dsn, monkeypatch
+):
+    # The cancel commits after the claim did but before the worker holds the job: the
+    # beat the notification brings forward finds nothing to flag. The worker beats once
+    # more when its jobs are held, not a regular interval later (20 s with a 60 s lease).
+    registry = Registry()
+    seen: list[float] = []
+
+    @registry.task(name="ops_wait_cancel")
+    def wait_cancel() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if current_job().cancel_requested:
+                seen.append(time.monotonic())
+                raise RuntimeError("cancelled")
+            time.sleep(0.02)
+
+    job_id = enqueue(conn, "ops_wait_cancel")
+    real_claim = store.claim_jobs
+
+    async def until(check: Callable[[], bool], seconds: float = 5.0) -> bool:
+        for _ in range(int(seconds / 0.01)):
+            if check():
+                return True
+            await asyncio.sleep(0.01)
+        return check()
+
+    async def claim_then_cancel(aconn: Any, **kwargs: Any) -> list[Job]:
+        jobs = await real_claim(aconn, **kwargs)
+        if any(j.id == job_id for j in jobs):
+            requests, done = heartbeat.soon_requests, len(beats)
+            assert store.cancel_job(conn, job_id=job_id) == "running"
+            # Wait for the notification to reach the listener and for the beat it
+            # brings forward, which runs while this claim's jobs are not yet held.
+            assert await until(lambda: heartbeat.soon_requests > requests), "no notification"
+            assert await until(lambda: len(beats) > done), "no early beat"
+        return jobs
+
+    worker = Worker(registry, WorkerConfig(dsn=dsn, lease_seconds=60, concurrency=1))
+    heartbeat = worker.heartbeat
+    beats: list[float] = []
+    beat_once = heartbeat.run_once
+
+    async def counted() -> tuple[int, list[Job]]:
+        result = await beat_once()
+        beats.append(time.monotonic())
+        return result
+
+    heartbeat.run_once = counted  # type: ignore[method-assign]
+    monkeypatch.setattr(store, "claim_jobs", claim_then_cancel)
+
+    async def scenario() -> str | None:
+        run = asyncio.create_task(worker.run(handle_signals=False))
+        try:
+            await until(lambda: job_state(conn, job_id) == "cancelled", 10.0)
+            return job_state(conn, job_id)  # before the stop, which ends the wait too
+        finally:
+            worker.stop()
+            await asyncio.wait_for(run, 30)
+
+    assert asyncio.run(scenario()) == "cancelled"
+    assert len(seen) == 1
 
 
 def test_a_lost_lease_is_counted_once_when_found_before_the_outcome_is_written(conn, dsn):

@@ -286,6 +286,9 @@ class Worker:
             return []
         loop = asyncio.get_running_loop()
         async with self._claiming, self.pool.connection() as conn:
+            # A cancel request for a job of this claim may come between the claim's
+            # commit and its jobs being held: the beat it brings forward would miss them.
+            soon_requests = self.heartbeat.soon_requests
             if loop.time() >= self._next_rescue_check:
                 self._rescue_pending = await store.rescued_waiting(conn, queues=self.queues)
                 self._next_rescue_check = loop.time() + self.config.poll_interval
@@ -307,6 +310,7 @@ class Worker:
                     )  # fmt: skip
                     self._start(rescued)
                     self._count_claimed([rescued])
+                    self._beat_again_if_asked(soon_requests)
                     return [rescued]
             jobs = await store.claim_jobs(
                 conn,
@@ -321,10 +325,18 @@ class Worker:
             # must not leave the running gauge short).
             self._count_claimed(jobs)
             if jobs:
+                self._beat_again_if_asked(soon_requests)
                 # Let the handlers begin before the connection goes back to the pool
                 # (job latency; see _fetch_loop).
                 await asyncio.sleep(0)
         return jobs
+
+    def _beat_again_if_asked(self, soon_requests: int) -> None:
+        """Beat soon once more if a cancel request came while a claim was in flight: the
+        job it is for may be one of that claim's, which the beat it brought forward did
+        not see held."""
+        if self.heartbeat.soon_requests != soon_requests:
+            self.heartbeat.beat_soon()
 
     def _count_claimed(self, jobs: list[Job]) -> None:
         # Per (queue, task) of a claim batch, not per job: metrics are a hot-path cost.

@@ -71,11 +71,16 @@ class Heartbeat:
         # early beat comes at least min_gap after the one before.
         self._soon = asyncio.Event()
         self.min_gap = min(1.0, interval / 10)
+        # How many times beat_soon was called: a claim in flight when a cancel request
+        # came asks for one more beat once its jobs are held (the early beat may have
+        # missed them).
+        self.soon_requests = 0
 
     def beat_soon(self) -> None:
         """Beat now rather than at the end of the interval (at least ``min_gap`` after
         the last beat; not while failed beats back off): the beat hands a cancel request
         to its handler. Requests that come while a beat runs make one more."""
+        self.soon_requests += 1
         self._soon.set()
 
     async def run(self) -> None:
