@@ -1312,7 +1312,7 @@ def dead_retry(
             raise ConfigError("give job ids or --all, not both and not neither")
         if job_ids and (queue or task):
             raise ConfigError("--queue and --task go with --all")
-        picked: list[tuple[int, int | None]] = []
+        picked: list[store.RevivedDead] = []
 
         def step(after: int | None, upto: int) -> list[int]:
             rows = store.retry_dead_jobs(
@@ -1320,7 +1320,7 @@ def dead_retry(
                 after_id=after, upto_id=upto,
             )  # fmt: skip
             picked.extend(rows)
-            return [dead_id for dead_id, _ in rows]
+            return [row.dead_id for row in rows]
 
         missing: list[int] = []
         with _connect(dsn) as conn:
@@ -1328,17 +1328,23 @@ def dead_retry(
                 picked = store.retry_dead_jobs(
                     conn, ids=list(job_ids), queue=None, task=None, limit=len(job_ids)
                 )
-                missing = sorted(set(job_ids) - {dead_id for dead_id, _ in picked})
+                missing = sorted(set(job_ids) - {row.dead_id for row in picked})
             else:
                 _walk_dead(conn, step)
-        revived = [(dead_id, job_id) for dead_id, job_id in picked if job_id is not None]
-        stuck = [dead_id for dead_id, job_id in picked if job_id is None]
+        revived = [row for row in picked if row.job_id is not None]
+        stuck = [row.dead_id for row in picked if row.job_id is None]
         click.echo(f"retried {len(revived)} dead job(s)")
-        for dead_id, job_id in revived:
-            if job_id != dead_id:
+        for row in revived:
+            if row.job_id != row.dead_id:
                 click.echo(
-                    f"pgqueue: dead job {dead_id} is back as job {job_id}"
-                    f" (pgqueue.jobs holds id {dead_id})",
+                    f"pgqueue: dead job {row.dead_id} is back as job {row.job_id}"
+                    f" (pgqueue.jobs holds id {row.dead_id})",
+                    err=True,
+                )
+            if row.dropped_key is not None:
+                click.echo(
+                    f"pgqueue: dead job {row.dead_id} is back without its idempotency key"
+                    f" {row.dropped_key!r}: another job holds it",
                     err=True,
                 )
         if stuck:

@@ -303,6 +303,10 @@ class Registry:
     def __init__(self) -> None:
         self._tasks: dict[str, Task[Any, Any]] = {}
 
+    @overload
+    def task(self, name: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
     def task(
         self,
         name: str | None = None,
@@ -312,12 +316,27 @@ class Registry:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         timeout: float | None = None,
         backoff: Backoff | None = None,
-    ) -> Callable[[Callable[P, R]], Task[P, R]]:
-        """Register the decorated function (sync or ``async def``) as a task.
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(
+        self,
+        name: str | Callable[P, R] | None = None,
+        *,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = DEFAULT_PRIORITY,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        timeout: float | None = None,
+        backoff: Backoff | None = None,
+    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+        """Register the decorated function (sync or ``async def``) as a task:
+        ``@registry.task`` or ``@registry.task(name, queue=..., ...)``.
 
         ``name`` defaults to ``module.qualname``. Registering a name twice raises
-        ``ConfigError``; so do bad options.
+        ``ConfigError``; so do bad options and an empty name.
         """
+        if callable(name):
+            # The bare decorator: the function came in the place of the name.
+            return self.task()(name)
         options = TaskOptions(
             queue=queue,
             priority=priority,
@@ -328,7 +347,9 @@ class Registry:
 
         def decorate(fn: Callable[P, R]) -> Task[P, R]:
             task_name = check_name(
-                "task", name or f"{fn.__module__}.{fn.__qualname__}", MAX_NAME_LENGTH
+                "task",
+                f"{fn.__module__}.{fn.__qualname__}" if name is None else name,
+                MAX_NAME_LENGTH,
             )
             if task_name in self._tasks:
                 raise ConfigError(f"task {task_name!r} is already registered")

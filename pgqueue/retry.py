@@ -9,7 +9,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pgqueue.errors import MAX_DELAY_SECONDS
+from pgqueue.errors import MAX_DELAY_SECONDS, ConfigError
 
 DEFAULT_BASE_SECONDS = 1.0
 DEFAULT_MAX_SECONDS = 3600.0
@@ -27,12 +27,13 @@ class Backoff:
     jitter: float = DEFAULT_JITTER
 
     def __post_init__(self) -> None:
+        # ConfigError is a ValueError, which these raised before.
         if not 0 <= self.base_seconds <= MAX_DELAY_SECONDS:
-            raise ValueError(f"backoff base must be within 0..{MAX_DELAY_SECONDS} seconds")
+            raise ConfigError(f"backoff base must be within 0..{MAX_DELAY_SECONDS} seconds")
         if not 0 <= self.max_seconds <= MAX_DELAY_SECONDS:
-            raise ValueError(f"backoff max must be within 0..{MAX_DELAY_SECONDS} seconds")
+            raise ConfigError(f"backoff max must be within 0..{MAX_DELAY_SECONDS} seconds")
         if not 0 <= self.jitter <= 1:
-            raise ValueError("backoff jitter must be between 0 and 1")
+            raise ConfigError("backoff jitter must be between 0 and 1")
 
     def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
         """Seconds to wait before the attempt after ``attempt`` (1-based) failed."""

@@ -13,7 +13,7 @@ import math
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import pq
@@ -689,6 +689,14 @@ def get_dead(conn: SyncConn, *, job_id: int) -> Row | None:
     return row
 
 
+class RevivedDead(NamedTuple):
+    """A dead job `dead retry` picked: see retry_dead_jobs."""
+
+    dead_id: int
+    job_id: int | None
+    dropped_key: str | None
+
+
 def retry_dead(
     conn: SyncConn,
     *,
@@ -703,7 +711,7 @@ def retry_dead(
     picked = retry_dead_jobs(
         conn, ids=ids, queue=queue, task=task, limit=limit, after_id=after_id, upto_id=upto_id
     )
-    return [dead_id for dead_id, job_id in picked if job_id is not None]
+    return [p.dead_id for p in picked if p.job_id is not None]
 
 
 def retry_dead_jobs(
@@ -715,10 +723,11 @@ def retry_dead_jobs(
     limit: int,
     after_id: int | None = None,
     upto_id: int | None = None,
-) -> list[tuple[int, int | None]]:
-    """Revives dead jobs; (dead id, id in pgqueue.jobs) of each job picked, in dead id
-    order. The two differ where pgqueue.jobs already held the dead id; the job id is None
-    for a job left dead (the sequence's next id was taken too)."""
+) -> list[RevivedDead]:
+    """Revives dead jobs; (dead id, id in pgqueue.jobs, key dropped) of each job picked,
+    in dead id order. The two ids differ where pgqueue.jobs already held the dead id; the
+    job id is None for a job left dead (the sequence's next id was taken too). The key is
+    the idempotency key a revived job came back without (another job holds it)."""
     rows = _fetch(
         conn,
         "retry_dead",
@@ -731,7 +740,7 @@ def retry_dead_jobs(
             "upto_id": upto_id,
         },
     )
-    return [(r["id"], r["job_id"]) for r in rows]
+    return [RevivedDead(r["id"], r["job_id"], r["dropped_key"]) for r in rows]
 
 
 def purge_dead(

@@ -1172,3 +1172,19 @@ def test_promtool_unit_tests_for_alerts() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     tested = set(re.findall(r"alertname: (\w+)", (PROMETHEUS / "alerts.test.yml").read_text()))
     assert len(tested) >= 2 and tested <= {r["alert"] for r in alert_rules()}
+
+
+def test_a_units_working_directory_exists_or_may_be_missing() -> None:
+    """systemd refuses to start a unit whose WorkingDirectory is missing (status
+    200/CHDIR) unless the path starts with '-'. The recipe in deploy/README.md installs
+    the app into the venv and creates no app folder, so such a folder must be optional,
+    or created by the recipe."""
+    recipe = (ROOT / "deploy" / "README.md").read_text()
+    for path in sorted(SYSTEMD.glob("*.service")):
+        for value in parse_unit(path)["Service"].get("WorkingDirectory", []):
+            if value.startswith("-"):
+                continue
+            assert f"install -d {value}" in recipe or f"mkdir -p {value}" in recipe, (
+                f"{path.name}: WorkingDirectory={value} must start with '-' or be created"
+                " by the recipe in deploy/README.md"
+            )

@@ -1304,7 +1304,15 @@ def test_dead_retry_of_dead_jobs_sharing_an_idempotency_key_revives_all_of_them(
     live = insert_job(conn)
     conn.execute("UPDATE pgqueue.jobs SET idempotency_key = 'live' WHERE id = %s", (live,))
 
-    assert ok(cli(dsn, "dead", "retry", "--all")).strip() == "retried 4 dead job(s)"
+    result = cli(dsn, "dead", "retry", "--all")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "retried 4 dead job(s)"
+    # Each key dropped is said (it was silent: two jobs for one key would run).
+    assert result.stderr.splitlines() == [
+        f"pgqueue: dead job {job_id} is back without its idempotency key {key!r}:"
+        " another job holds it"
+        for job_id, key in sorted([(second, "order-42"), (third, "order-42"), (held, "live")])
+    ]
     assert count(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 0
     keys = dict(
         conn.execute(
@@ -1929,6 +1937,25 @@ def test_a_cancel_that_lands_while_its_claim_is_on_the_way_still_reaches_the_han
 
     assert asyncio.run(scenario()) == "cancelled"
     assert len(seen) == 1
+
+
+def test_a_stopped_worker_claims_nothing_even_with_a_claim_under_way(conn, dsn):
+    # The stop may come while the fetcher waits for the claim lock, a connection or the
+    # rescue check: what it then sends must not claim (SIGTERM stops claiming). A
+    # rescued job waiting counts too: it takes the other claim statement.
+    registry = Registry()
+    registry.task(name="ops_noop")(lambda: None)
+    plain = enqueue(conn, "ops_noop")
+    rescued = enqueue(conn, "ops_noop")
+    conn.execute("UPDATE pgqueue.jobs SET rescued = true WHERE id = %s", (rescued,))
+
+    async def scenario() -> list[int]:
+        async with stepped_worker(registry, dsn) as worker:
+            worker.stop()
+            return [j.id for j in await worker.run_once()]
+
+    assert asyncio.run(scenario()) == []
+    assert {job_state(conn, plain), job_state(conn, rescued)} == {"queued"}
 
 
 def test_a_lost_lease_is_counted_once_when_found_before_the_outcome_is_written(conn, dsn):

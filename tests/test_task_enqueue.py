@@ -171,3 +171,38 @@ def test_a_type_checker_checks_the_arguments(tmp_path: Path):
     assert [line.split(": error:")[0] for line in errors] == ["producer.py:17", "producer.py:18"]
     assert all('No overload variant of "enqueue" of "Task"' in line for line in errors), errors
     assert any("to: str, retries: int = ..." in line for line in lines), lines
+
+
+def test_the_bare_decorator_registers_under_the_functions_own_name(conn):
+    # @registry.task without parentheses (as Celery, Dramatiq and RQ users write it)
+    # registers the function with the default options; it silently registered nothing.
+    local = Registry()
+
+    @local.task
+    def plain(n: int) -> int:
+        return n * 2
+
+    name = f"{__name__}.{test_the_bare_decorator_registers_under_the_functions_own_name.__name__}"
+    name += ".<locals>.plain"
+    assert plain.name == name
+    assert name in local and len(local) == 1
+    assert plain(4) == 8  # still the function
+    job_id = plain.enqueue(conn, n=3)
+    assert row(conn, job_id)["task"] == name
+    assert row(conn, job_id)["queue"] == "default"
+
+
+def test_an_empty_or_non_string_task_name_is_refused_at_registration():
+    from pgqueue import Backoff, ConfigError
+
+    local = Registry()
+    with pytest.raises(ConfigError, match="must not be empty"):
+        local.task(name="")(lambda: None)
+    with pytest.raises(ConfigError, match="must be a string, got int"):
+        local.task(42)(lambda: None)  # type: ignore[call-overload]
+    assert len(local) == 0
+    # A bad backoff is a ConfigError too (still a ValueError, as before).
+    with pytest.raises(ConfigError, match="backoff base"):
+        Backoff(base_seconds=-1)
+    with pytest.raises(ValueError, match="backoff jitter"):
+        Backoff(jitter=2)

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import psycopg
@@ -1549,3 +1550,44 @@ def test_a_stopping_worker_finishes_its_job_and_claims_no_more(dsn):
     )
     assert rows[running][:2] == ("succeeded", 1)
     assert rows[waiting] == ("queued", 0, [])
+
+
+def test_a_failed_shutdown_flush_counts_the_batch_in_flight_and_names_a_timeout():
+    # The database unreachable at shutdown: the run loop's batch waits for a connection
+    # (holding the write lock), and the flush behind it times out. Its error event must
+    # count that batch (it said pending=0) and name the timeout (its str() is empty).
+    import structlog
+    from psycopg_pool import AsyncConnectionPool
+
+    from pgqueue.models import Job, Outcome, OutcomeKind
+    from pgqueue.worker.completer import Completer
+
+    def outcome(job_id: int) -> Outcome:
+        now = datetime.now(UTC)
+        job = Job(job_id, "default", "t", {}, 0, 1, 3, now, now, uuid.uuid4(), now)
+        return Outcome(job, OutcomeKind.SUCCEEDED)
+
+    async def scenario() -> bool:
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            "host=127.0.0.1 port=1 user=nobody connect_timeout=1",
+            min_size=0, max_size=1, timeout=3, open=False,
+        )  # fmt: skip
+        await pool.open()
+        completer = Completer(pool, lambda *_: None, worker_id="w", reconnect_max_seconds=1.0)
+        try:
+            completer.submit(outcome(1))
+            completer.submit(outcome(2))
+            run_loop = asyncio.create_task(completer.run_once())
+            await asyncio.sleep(0.1)  # it took the batch and waits for a connection
+            flushed = await completer.flush(0.5)
+            with contextlib.suppress(Exception):
+                await run_loop
+            return flushed
+        finally:
+            await pool.close()
+
+    with structlog.testing.capture_logs() as logs:
+        assert asyncio.run(scenario()) is False
+    (failed,) = [e for e in logs if e["event"] == "completer.flush_failed"]
+    assert failed["pending"] == 2
+    assert failed["error"] == "TimeoutError"

@@ -161,8 +161,8 @@ FROM pgqueue.dead_jobs WHERE id = %(id)s;
 -- call, in id order, only ids above %(after_id)s and up to %(upto_id)s when given: `dead
 -- retry --all` walks the table once, from the ids that were there when it started, so a
 -- job it revived that dies again meanwhile (same id, behind it) is not revived twice.
--- Returns each revived job's dead id and its id in pgqueue.jobs, and the picked jobs
--- left dead (job_id NULL).
+-- Returns each revived job's dead id and its id in pgqueue.jobs (with the idempotency key
+-- it came back without, if it had to), and the picked jobs left dead (job_id NULL).
 WITH picked AS MATERIALIZED (
     SELECT x.id,
            CASE WHEN EXISTS (SELECT 1 FROM pgqueue.jobs AS t WHERE t.id = x.id)
@@ -211,8 +211,13 @@ WITH picked AS MATERIALIZED (
     WHERE r.job_id NOT IN (SELECT k.id FROM keyed AS k)
     RETURNING j.id
 )
-SELECT p.id, u.job_id
-FROM picked AS p LEFT JOIN usable AS u ON u.id = p.id
+SELECT p.id, u.job_id,
+       CASE WHEN r.idempotency_key IS NOT NULL
+                 AND NOT EXISTS (SELECT 1 FROM keyed AS k WHERE k.id = u.job_id)
+            THEN r.idempotency_key END AS dropped_key
+FROM picked AS p
+LEFT JOIN usable AS u ON u.id = p.id
+LEFT JOIN revived AS r ON r.id = p.id
 ORDER BY p.id;
 
 -- name: purge_dead

@@ -226,8 +226,12 @@ class Completer:
             if error is not None:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
+                    # The run loop's batch, if it holds the lock, is not back in
+                    # _pending yet; a timeout's str() is empty.
                     log.error(
-                        "completer.flush_failed", pending=len(self._pending), error=str(error)
+                        "completer.flush_failed",
+                        pending=len(self._pending) + len(self._batch),
+                        error=str(error).strip() or type(error).__name__,
                     )
                     return False
                 await asyncio.sleep(min(remaining, self.backoff.next_delay()))

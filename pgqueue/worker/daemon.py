@@ -292,6 +292,10 @@ class Worker:
             if loop.time() >= self._next_rescue_check:
                 self._rescue_pending = await store.rescued_waiting(conn, queues=self.queues)
                 self._next_rescue_check = loop.time() + self.config.poll_interval
+            # A stop may have come while this waited for the lock, a connection or the
+            # check above: SIGTERM stops claiming.
+            if self._stopping.is_set():
+                return []
             if self._rescue_pending:
                 if self._running:
                     return []  # drain: the rescued job must run alone
