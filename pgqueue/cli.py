@@ -1100,7 +1100,13 @@ def limit_option(fn: F) -> F:
 
 
 def _connect(dsn: str | None) -> psycopg.Connection[Any]:
-    return psycopg.connect(_require_dsn(dsn), autocommit=True, connect_timeout=10)
+    conn = psycopg.connect(_require_dsn(dsn), autocommit=True, connect_timeout=10)
+    try:
+        store.pin_session(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 @main.command()

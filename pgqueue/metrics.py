@@ -153,6 +153,7 @@ class QueueStatsCollector(Collector):
         )
         seen = set()
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+            store.pin_session(conn)
             for row in store.queue_stats(conn):
                 q = row["queue"]
                 seen.add(q)
@@ -221,6 +222,7 @@ def database_health(dsn: str) -> Health:
     def check() -> tuple[bool, str]:
         try:
             with psycopg.connect(dsn, autocommit=True, connect_timeout=2) as conn:
+                store.pin_session(conn)
                 applied = store.applied_versions(conn)
                 # One statement unless this role may not read the migrations' record.
                 ready = bool(applied) if applied is not None else store.schema_ready(conn)

@@ -72,6 +72,7 @@ def migrate(
     migrations = load_migrations()
     applied_now: list[Migration] = []
     with psycopg.connect(conninfo, autocommit=True, **kwargs) as conn:
+        store.pin_session(conn)
         if on_warning is not None:
             report = on_warning
 
@@ -144,6 +145,7 @@ def status(conninfo: str, **kwargs: Any) -> list[MigrationStatus]:
     Reads only: takes no lock and creates nothing."""
     shipped = {m.version: m for m in load_migrations()}
     with psycopg.connect(conninfo, autocommit=True, **kwargs) as conn:
+        store.pin_session(conn)
         records = {r["version"]: r for r in store.migration_records(conn)}
     found: list[MigrationStatus] = []
     for version in sorted(shipped.keys() | records.keys()):

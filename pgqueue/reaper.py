@@ -118,12 +118,18 @@ class Reaper:
                 # for it again).
                 log.info("reaper.leadership_lost", pid=os.getpid())
             self._leader = None
-            self._conn = psycopg.connect(
+            conn = psycopg.connect(
                 self.config.dsn,
                 autocommit=True,
                 application_name="pgqueue-reaper",
                 prepare_threshold=5 if self.config.prepared_statements else None,
             )
+            try:
+                store.pin_session(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
         return self._conn
 
     def _batches(self, fetch: Callable[[], list[Any]]) -> Iterator[list[Any]]:

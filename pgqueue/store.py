@@ -13,7 +13,7 @@ import math
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, LiteralString, NamedTuple
 
 import psycopg
 from psycopg import pq
@@ -64,6 +64,43 @@ class _LenientJsonTextLoader(Loader):
         return _lenient_json_loads(data)
 
 
+# What pgqueue's own connections need of their session, whatever the database or role
+# sets (ALTER DATABASE/ROLE ... SET, PGOPTIONS): psycopg reads timestamps only in
+# DateStyle ISO (another style fails every claimed batch after its commit), and rows must
+# come in UTF-8 (a LATIN1 client encoding fails a whole claim on one character it lacks,
+# and pgqueue's statements could not be sent in it). The server reports both at connect,
+# so a connection that has them costs nothing; one that lacks them, one statement.
+_SESSION_FIXES: dict[tuple[bool, bool], LiteralString] = {
+    (True, True): "SELECT set_config('DateStyle', 'ISO', false),"
+    " set_config('client_encoding', 'UTF8', false)",
+    (True, False): "SELECT set_config('DateStyle', 'ISO', false)",
+    (False, True): "SELECT set_config('client_encoding', 'UTF8', false)",
+}
+
+
+def _session_fix(conn: SyncConn | AsyncConn) -> LiteralString | None:
+    pgconn = conn.pgconn
+    datestyle = (pgconn.parameter_status(b"DateStyle") or b"").upper()
+    encoding = (pgconn.parameter_status(b"client_encoding") or b"").upper()
+    key = (not datestyle.startswith(b"ISO"), encoding not in (b"UTF8", b"UNICODE"))
+    return _SESSION_FIXES.get(key)
+
+
+def pin_session(conn: SyncConn) -> None:
+    """Give one of pgqueue's own connections the DateStyle and client encoding its
+    decoding needs (see _SESSION_FIXES)."""
+    fix = _session_fix(conn)
+    if fix is not None:
+        conn.execute(fix)
+
+
+async def pin_session_async(conn: AsyncConn) -> None:
+    """pin_session for an async connection."""
+    fix = _session_fix(conn)
+    if fix is not None:
+        await conn.execute(fix)
+
+
 async def configure_worker_connection(conn: AsyncConn) -> None:
     """JSON that Python cannot decode becomes UndecodableArgs on this connection instead
     of an exception that would strand a whole claimed batch."""
@@ -84,10 +121,12 @@ async def configure_prepared_worker_connection(conn: AsyncConn) -> None:
 def worker_connection_configurer(
     *, generic_plans: bool, async_commit: bool
 ) -> Callable[[AsyncConn], Awaitable[None]]:
-    """The pool's ``configure`` callback for a worker's connections: lenient JSON always,
-    generic plans and asynchronous commit as asked (both are session settings)."""
+    """The pool's ``configure`` callback for a worker's connections: the session pinned
+    (pin_session) and lenient JSON always, generic plans and asynchronous commit as asked
+    (both are session settings)."""
 
     async def configure(conn: AsyncConn) -> None:
+        await pin_session_async(conn)
         if generic_plans:
             await configure_prepared_worker_connection(conn)
         else:

@@ -239,6 +239,7 @@ def _checked_drain_args(
 
 async def _outcomes(dsn: str, queues: Sequence[str], worker_id: str) -> DrainResult:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await store.pin_session_async(conn)
         rows = await store.drain_outcomes(conn, queues=queues, worker_id=worker_id)
     attempts = tuple(
         Attempt(r["id"], r["task"], r["attempt"], r["outcome"], r["error"]) for r in rows
@@ -273,6 +274,7 @@ async def drain_async(
     names = worker.queues
     loop = asyncio.get_running_loop()
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await store.pin_session_async(conn)
         # Before the worker starts: its loops would only log and retry.
         applied = await store.applied_versions_async(conn)
         missing = () if applied is None else schema_drift(applied).missing  # None: no grant

@@ -1106,6 +1106,42 @@ def test_cancel_of_running_job_flags_it_and_a_finishing_attempt_still_succeeds(c
     assert [h["outcome"] for h in status["history"]] == ["succeeded"]
 
 
+def test_a_database_with_another_datestyle_and_client_encoding_runs_its_jobs(conn, dsn, daemons):
+    # Set for the database (or a role): psycopg cannot read timestamps in DateStyle SQL
+    # (every claimed batch failed after its commit, and its jobs were dead-lettered as if
+    # their worker had died), and in LATIN1 a claim holding one character LATIN1 lacks
+    # failed whole, for good (and the reaper could not send its statements). pgqueue's
+    # own connections now pin both.
+    conn.execute(
+        sql.SQL("ALTER DATABASE {} SET DateStyle = 'SQL, DMY'").format(
+            sql.Identifier(conn.info.dbname)
+        )
+    )
+    conn.execute(
+        sql.SQL("ALTER DATABASE {} SET client_encoding = 'LATIN1'").format(
+            sql.Identifier(conn.info.dbname)
+        )
+    )
+    unknown = enqueue(conn, "nobody.knows", {"city": "\u6771\u4eac \u2026"}, max_attempts=1)
+    recorded = [enqueue(conn, "record", {"note": f"ok{i}"}) for i in range(3)]
+    worker = daemons.worker(
+        "--reaper", "--reaper-interval", "0.5", "--retention-seconds", "0", *LOCAL
+    )  # fmt: skip
+    wait_until(lambda: all(executions(conn, job_id) == 1 for job_id in recorded), timeout=30)
+    wait_until(lambda: scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 1)
+    # The reaper prunes what finished (retention 0): its passes go through.
+    wait_until(lambda: scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 0, timeout=30)
+    assert scalar(conn, "SELECT reason FROM pgqueue.dead_jobs WHERE id = %s", (unknown,)) != (
+        "lease_expired"
+    )
+    assert str(unknown) in ok(cli(dsn, "dead", "list"))
+    assert '"city"' in ok(cli(dsn, "dead", "show", str(unknown)))
+    assert "dead" in ok(cli(dsn, "status", str(unknown)))
+    output = Daemons.output(worker)
+    assert "Traceback" not in output, output
+    assert not events(daemons, worker, "lease.lost")
+
+
 def test_a_cancel_reaches_the_running_handler_before_the_next_heartbeat(conn, dsn, daemons):
     # --lease-seconds 60: the worker beats every 20 s. Told by a notification, it beats
     # at once, and the handler, which waits for the flag, ends well before that.

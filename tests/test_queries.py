@@ -1641,3 +1641,17 @@ def test_the_sql_backoff_doubles_per_attempt_within_its_jitter_and_stops_at_its_
     for attempt, seconds in rows:
         raw = min(3600.0, 2.0 ** (attempt - 1))
         assert 0.75 * raw - 1e-6 <= float(seconds) <= 1.25 * raw + 1e-6, (attempt, seconds)
+
+
+def test_every_statement_pgqueue_sends_is_ascii():
+    # Comments travel with the statements: one non-ASCII character in a comment made
+    # every reaper pass fail on a session whose client encoding is LATIN1 (before
+    # pgqueue pinned UTF-8). Kept ASCII, they encode in any client encoding.
+    from tests.conftest import ROOT
+
+    files = [*(ROOT / "pgqueue" / "sql").glob("*.sql"), *(ROOT / "migrations").glob("*.sql")]
+    assert len(files) > 10
+    for path in files:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            assert line.isascii(), f"{path.name}:{number}: {line}"
+    assert all(query.isascii() for query in QUERIES.values())

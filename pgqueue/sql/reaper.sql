@@ -95,7 +95,7 @@ LIMIT 100;
 -- name: prune_finished
 -- Deletes succeeded and cancelled jobs finished more than %(retention_seconds)s ago, a
 -- batch at a time (jobs_finished_idx), freeing their idempotency keys.
--- Planner trap: `DELETE … WHERE id IN (subquery)` is planned as a hash semi-join over a
+-- Planner trap: `DELETE ... WHERE id IN (subquery)` is planned as a hash semi-join over a
 -- sequential scan of the whole table once the batch is large; an id array from a
 -- materialised batch makes it primary-key lookups.
 WITH batch AS MATERIALIZED (

@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection
 
 import psycopg
 
+from pgqueue import store
 from pgqueue.log import get_logger
 from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
 
@@ -52,6 +53,7 @@ class Listener:
                     self.dsn, autocommit=True, application_name="pgqueue-worker"
                 ) as conn:
                     self._conn = conn
+                    await store.pin_session_async(conn)
                     await conn.execute("LISTEN pgqueue_jobs")
                     if self.backoff.failures:
                         log.info("listener.reconnected")
