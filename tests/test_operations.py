@@ -1142,6 +1142,40 @@ def test_a_database_with_another_datestyle_and_client_encoding_runs_its_jobs(con
     assert not events(daemons, worker, "lease.lost")
 
 
+@pytest.mark.parametrize("kind", ["exit", "interrupt"])
+def test_systemexit_in_a_task_a_handler_started_fails_the_attempt_not_the_worker(
+    conn, dsn, daemons, kind
+):
+    # asyncio lets SystemExit and KeyboardInterrupt out of the event loop from any task:
+    # raised in a task the handler created, it stopped the worker at once (no graceful
+    # shutdown: its other jobs waited for their leases to expire).
+    neighbour = enqueue(conn, "sleep", {"seconds": 1.0, "note": "n"})
+    worker = daemons.worker("--concurrency", "4", *LOCAL)
+    wait_until(lambda: executions(conn, neighbour, "start") == 1)
+    job_id = enqueue(conn, "subtask_exits", {"kind": kind}, max_attempts=1)
+    wait_until(lambda: scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 1)
+    wait_until(lambda: job_state(conn, neighbour) == "succeeded")
+    assert worker.poll() is None, Daemons.output(worker)
+    (error,) = scalar(conn, "SELECT errors FROM pgqueue.dead_jobs WHERE id = %s", (job_id,))
+    expected = "SystemExit: 4" if kind == "exit" else "KeyboardInterrupt"
+    assert error["error"].startswith(f"HandlerTaskExit: {expected} raised in a task"), error
+    # And it goes on working.
+    after = enqueue(conn, "record", {"note": "after"})
+    wait_until(lambda: executions(conn, after) == 1)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0, Daemons.output(worker)
+
+
+def test_an_async_handler_that_swallows_its_timeout_still_times_out(conn, dsn, daemons):
+    job_id = enqueue(conn, "outlive_timeout", max_attempts=1)
+    daemons.worker(*LOCAL)
+    wait_until(lambda: scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 1)
+    assert executions(conn, job_id, "returned") == 1
+    (error,) = scalar(conn, "SELECT errors FROM pgqueue.dead_jobs WHERE id = %s", (job_id,))
+    assert error["kind"] == "timeout", error
+    assert "caught the cancellation" in error["error"]
+
+
 def test_a_cancel_reaches_the_running_handler_before_the_next_heartbeat(conn, dsn, daemons):
     # --lease-seconds 60: the worker beats every 20 s. Told by a notification, it beats
     # at once, and the handler, which waits for the flag, ends well before that.

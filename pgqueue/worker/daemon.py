@@ -34,7 +34,7 @@ from pgqueue.models import Job, Outcome, OutcomeKind
 from pgqueue.registry import Registry
 from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
 from pgqueue.worker.completer import Completer, WriteResult
-from pgqueue.worker.executor import Executor
+from pgqueue.worker.executor import Executor, contain_handler_tasks
 from pgqueue.worker.heartbeat import Heartbeat
 from pgqueue.worker.listener import Listener
 
@@ -221,6 +221,13 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
         self._log = log.bind()
+        uncontain = contain_handler_tasks(loop)
+        try:
+            await self._run_until_stopped()
+        finally:
+            uncontain()
+
+    async def _run_until_stopped(self) -> None:
         await self.pool.open(wait=False)
         metrics.WORKER_INFO.labels(__version__, ",".join(self.queues)).set(1)
         log.info(

@@ -16,12 +16,12 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
-from pgqueue.context import JobContext, reset_current, set_current
+from pgqueue.context import JobContext, reset_current, running_job, set_current
 from pgqueue.errors import PermanentError, Snooze, UnknownTask
 from pgqueue.models import Job, Outcome, OutcomeKind, UndecodableArgs
 from pgqueue.registry import Registry
@@ -47,6 +47,47 @@ def describe(exc: BaseException) -> str:
     except BaseException as broken:
         return f"{name}: <str() raised {type(broken).__name__}>"
     return f"{name}: {text}" if text else name
+
+
+class HandlerTaskExit(RuntimeError):
+    """SystemExit or KeyboardInterrupt raised in a task a handler started, in its place:
+    asyncio lets those two out of the event loop (the worker would stop at once, with no
+    graceful shutdown, leaving every job it runs to the reaper), where the handler that
+    awaits the task gets this instead and its attempt fails."""
+
+
+async def _contained(coro: Coroutine[Any, Any, Any]) -> Any:
+    try:
+        return await coro
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise HandlerTaskExit(
+            f"{describe(exc)} raised in a task the handler started (it would have stopped"
+            " the worker)"
+        ) from exc
+
+
+TaskFactory = Callable[..., "asyncio.Future[Any]"]
+
+
+def contain_handler_tasks(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """Make tasks created while a handler runs (its context has a current job) turn
+    SystemExit and KeyboardInterrupt into HandlerTaskExit; returns the undo. Any task
+    factory the app set is kept: tasks are still made by it."""
+    previous: TaskFactory | None = loop.get_task_factory()
+
+    def factory(
+        loop: asyncio.AbstractEventLoop, coro: Any, /, **kwargs: Any
+    ) -> asyncio.Future[Any]:
+        context = kwargs.get("context")
+        job = context.run(running_job) if context is not None else running_job()
+        if job is not None and inspect.iscoroutine(coro):
+            coro = _contained(coro)
+        if previous is not None:
+            return previous(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop.set_task_factory(factory)
+    return lambda: loop.set_task_factory(previous)
 
 
 def error_record(
@@ -202,6 +243,13 @@ class Executor:
             if scope.expired() and not self.released(job):
                 raise _TimedOut(f"timed out after {budget or timeout}s") from None
             raise
+        if scope.expired() and not self.released(job):
+            # The handler caught the timeout's cancellation and went on to return: its
+            # attempt still timed out.
+            raise _TimedOut(
+                f"timed out after {budget or timeout}s (the handler caught the cancellation"
+                " and returned later)"
+            )
 
     async def _call_in_thread(self, fn: Any, args: Any, timeout: float | None) -> Any:
         state = _ThreadState()

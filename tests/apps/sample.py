@@ -38,6 +38,29 @@ async def async_record(note: str = "") -> None:
     await asyncio.to_thread(_record, note)
 
 
+@registry.task(name="subtask_exits", max_attempts=1, backoff=FAST)
+async def subtask_exits(kind: str) -> None:
+    """A task this handler starts raises SystemExit or KeyboardInterrupt, which asyncio
+    lets out of the event loop: the worker must fail this attempt, not stop."""
+
+    async def sub() -> None:
+        await asyncio.sleep(0.01)
+        raise SystemExit(4) if kind == "exit" else KeyboardInterrupt()
+
+    await asyncio.to_thread(_record, "start " + kind)
+    await asyncio.gather(asyncio.create_task(sub()))
+
+
+@registry.task(name="outlive_timeout", timeout=0.3, max_attempts=1, backoff=FAST)
+async def outlive_timeout() -> None:
+    """Catches its timeout's cancellation and returns later."""
+    try:
+        await asyncio.sleep(5)
+    except asyncio.CancelledError:
+        await asyncio.sleep(0.2)
+    await asyncio.to_thread(_record, "returned")
+
+
 @registry.task(name="stubborn", backoff=FAST)
 async def stubborn(note: str = "") -> None:
     """Swallows every cancellation: a handler bug the worker's shutdown must survive."""
