@@ -204,6 +204,22 @@ def test_migration_0010_names_jobs_whose_run_at_no_worker_can_read(empty_dsn, mo
     assert 10 in versions(migrate(empty_dsn))
 
 
+def test_migration_0015_names_jobs_whose_created_at_no_worker_can_read(empty_dsn, monkeypatch):
+    migrate_before(empty_dsn, 15, monkeypatch)
+    insert = "INSERT INTO pgqueue.jobs (task, created_at) VALUES ('t', %s) RETURNING id"
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        bad = [scalar(c, insert, (v,)) for v in ("infinity", "-infinity")]
+        scalar(c, "INSERT INTO pgqueue.jobs (task) VALUES ('fine') RETURNING id")
+
+    with pytest.raises(MigrationError) as refused:
+        migrate(empty_dsn)
+    assert f"jobs {{{bad[0]},{bad[1]}}} have a created_at no worker can read" in str(refused.value)
+
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        c.execute("UPDATE pgqueue.jobs SET created_at = now() WHERE id = ANY (%s)", (bad,))
+    assert 15 in versions(migrate(empty_dsn))
+
+
 def test_migration_0013_names_jobs_whose_queue_no_worker_can_serve(empty_dsn, monkeypatch):
     migrate_before(empty_dsn, 13, monkeypatch)
     insert = "INSERT INTO pgqueue.jobs (task, queue) VALUES ('t', %s) RETURNING id"

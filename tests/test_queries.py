@@ -1543,13 +1543,17 @@ def test_reaper_cancels_an_exhausted_expired_job_whose_cancel_was_requested(conn
     assert dead_row(conn, job_id) is None
 
 
-@pytest.mark.parametrize("run_at", ["infinity", "-infinity", "10000-01-01", "0001-01-01 BC"])
-def test_a_plain_insert_of_a_run_at_no_worker_can_read_is_refused(conn, run_at):
-    # Migration 0010: Python's datetimes cannot hold these; a claim that picked such a job
-    # failed to decode its whole batch.
+@pytest.mark.parametrize("column", ["run_at", "created_at"])
+@pytest.mark.parametrize("value", ["infinity", "-infinity", "10000-01-01", "0001-01-01 BC"])
+def test_a_plain_insert_of_a_time_no_worker_can_read_is_refused(conn, column, value):
+    # Migrations 0010 (run_at) and 0015 (created_at): Python's datetimes cannot hold
+    # these; a claim that picked such a job failed to decode its whole batch.
     with pytest.raises(psycopg.errors.CheckViolation):
         conn.execute(
-            "INSERT INTO pgqueue.jobs (task, run_at) VALUES ('t', %s::timestamptz)", (run_at,)
+            sql.SQL("INSERT INTO pgqueue.jobs (task, {}) VALUES ('t', %s::timestamptz)").format(
+                sql.Identifier(column)
+            ),
+            (value,),
         )
 
 
