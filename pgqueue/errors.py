@@ -7,6 +7,8 @@ handlers raise them to steer what happens to their job.
 
 from __future__ import annotations
 
+import re
+
 # The longest delay a retry or snooze may ask for: ten years.
 MAX_DELAY_SECONDS = 10 * 365 * 24 * 3600.0
 # Said wherever a statement fails for want of a migration.
@@ -82,3 +84,25 @@ class Snooze(Exception):
 
 # The name the style guide (and Oban/River users) reach for.
 RetryLater = Snooze
+
+
+# What names a pgqueue object in a primary message, in any of the server's languages
+# (quotes differ: "pgqueue.jobs", »pgqueue.jobs«, «pgqueue.jobs»), by error code.
+_SCHEMA_OBJECTS = {
+    "42P01": re.compile(r"(?<![\w$])pgqueue\.\w"),  # relation "pgqueue.jobs" does not exist
+    "3F000": re.compile(r"(?<![\w$])pgqueue(?![\w$.])"),  # schema "pgqueue" does not exist
+    "42704": re.compile(r"(?<![\w$])pgqueue\.\w"),  # type "pgqueue.job_state" does not exist
+    # function pgqueue.enqueue(text) does not exist; not "operator does not exist".
+    "42883": re.compile(r"(?<![\w$])pgqueue\.\w+\("),
+}
+
+
+def schema_missing(exc: object) -> bool:
+    """Whether a database error means pgqueue's schema, or a table or function of it, is
+    not there (a database never migrated, or migrated by an older pgqueue). Judged on
+    the primary message alone: the full text quotes the failing query, which names
+    pgqueue whatever went wrong."""
+    diag = getattr(exc, "diag", None)
+    primary = (getattr(diag, "message_primary", None) or "") if diag is not None else ""
+    pattern = _SCHEMA_OBJECTS.get(getattr(exc, "sqlstate", None) or "")
+    return bool(pattern and pattern.search(primary))

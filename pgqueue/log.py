@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sys
 import threading
 from collections.abc import MutableMapping
@@ -20,6 +19,7 @@ import structlog
 
 from pgqueue.context import running_job
 from pgqueue.errors import SCHEMA_HINT, first_line
+from pgqueue.errors import schema_missing as schema_missing  # re-exported
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
@@ -133,28 +133,6 @@ def _job_context(
         event.setdefault("queue", job.queue)
         event.setdefault("attempt", job.attempt)
     return event
-
-
-# What names a pgqueue object in a primary message, in any of the server's languages
-# (quotes differ: "pgqueue.jobs", »pgqueue.jobs«, «pgqueue.jobs»), by error code.
-_SCHEMA_OBJECTS = {
-    "42P01": re.compile(r"(?<![\w$])pgqueue\.\w"),  # relation "pgqueue.jobs" does not exist
-    "3F000": re.compile(r"(?<![\w$])pgqueue(?![\w$.])"),  # schema "pgqueue" does not exist
-    "42704": re.compile(r"(?<![\w$])pgqueue\.\w"),  # type "pgqueue.job_state" does not exist
-    # function pgqueue.enqueue(text) does not exist; not "operator does not exist".
-    "42883": re.compile(r"(?<![\w$])pgqueue\.\w+\("),
-}
-
-
-def schema_missing(exc: object) -> bool:
-    """Whether a database error means pgqueue's schema, or a table or function of it, is
-    not there (a database never migrated, or migrated by an older pgqueue). Judged on
-    the primary message alone: the full text quotes the failing query, which names
-    pgqueue whatever went wrong."""
-    diag = getattr(exc, "diag", None)
-    primary = (getattr(diag, "message_primary", None) or "") if diag is not None else ""
-    pattern = _SCHEMA_OBJECTS.get(getattr(exc, "sqlstate", None) or "")
-    return bool(pattern and pattern.search(primary))
 
 
 def _schema_hint(

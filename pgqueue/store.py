@@ -22,7 +22,7 @@ from psycopg.adapt import Loader
 from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb, set_json_loads
 
-from pgqueue.errors import PayloadTooLarge, first_line
+from pgqueue.errors import SCHEMA_HINT, PayloadTooLarge, first_line, schema_missing
 from pgqueue.models import Job, JobState, JobStatus, UndecodableArgs
 from pgqueue.registry import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY
 from pgqueue.sql import QUERIES
@@ -477,13 +477,25 @@ def prune_finished(conn: SyncConn, *, retention_seconds: float, batch_size: int)
 # --- producers ----------------------------------------------------------------------------
 
 
+def _hint_schema(exc: psycopg.Error) -> None:
+    """An enqueue into a database pgqueue's schema is missing from (never migrated, or
+    by an older pgqueue) keeps psycopg's error, which says what is missing, and gains the
+    hint the daemons and the CLI give."""
+    if schema_missing(exc):
+        exc.add_note(SCHEMA_HINT)
+
+
 @contextlib.contextmanager
 def _payload_limit() -> Iterator[None]:
-    """The database's own args size limit (migration 0004) as pgqueue's error."""
+    """The database's own args size limit (migration 0004) as pgqueue's error; a missing
+    schema hinted."""
     try:
         yield
     except psycopg.errors.ProgramLimitExceeded as exc:
         raise _too_large(exc) from exc
+    except psycopg.Error as exc:
+        _hint_schema(exc)
+        raise
 
 
 def _single_insert(params: dict[str, Any]) -> tuple[str, Any]:
@@ -529,6 +541,9 @@ def enqueue_job(conn: SyncConn, params: dict[str, Any]) -> int:
         row = conn.cursor(row_factory=tuple_row).execute(query, values).fetchone()
     except psycopg.errors.ProgramLimitExceeded as exc:
         raise _too_large(exc) from exc
+    except psycopg.Error as exc:
+        _hint_schema(exc)
+        raise
     assert row is not None
     return int(row[0])
 
@@ -539,6 +554,9 @@ async def enqueue_job_async(conn: AsyncConn, params: dict[str, Any]) -> int:
         cur = await conn.cursor(row_factory=tuple_row).execute(query, values)
     except psycopg.errors.ProgramLimitExceeded as exc:
         raise _too_large(exc) from exc
+    except psycopg.Error as exc:
+        _hint_schema(exc)
+        raise
     row = await cur.fetchone()
     assert row is not None
     return int(row[0])

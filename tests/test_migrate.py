@@ -429,3 +429,29 @@ def test_migrate_json_without_status_is_a_usage_error(empty_dsn):
     assert "--json goes with --status" in result.output
     with psycopg.connect(empty_dsn, autocommit=True) as c:
         assert scalar(c, "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgqueue'") == 0
+
+
+def test_enqueue_into_an_unmigrated_database_says_to_migrate(empty_dsn):
+    # psycopg's error (what is missing) stays, with the hint the daemons and CLI give.
+    from pgqueue import JobSpec, enqueue, enqueue_many
+    from pgqueue.errors import SCHEMA_HINT
+
+    async def enqueue_async() -> None:
+        async with await psycopg.AsyncConnection.connect(empty_dsn, autocommit=True) as c:
+            await enqueue(c, "t")
+
+    import asyncio
+
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        with pytest.raises(psycopg.errors.UndefinedTable) as single:
+            enqueue(c, "t")
+        with pytest.raises(psycopg.errors.InvalidSchemaName) as keyed:
+            enqueue(c, "t", idempotency_key="k")
+        with pytest.raises(psycopg.Error) as many:
+            enqueue_many(c, [JobSpec("t"), JobSpec("u")])
+        with pytest.raises(psycopg.Error) as bulk:
+            enqueue_many(c, [JobSpec("t")] * 5000)
+    with pytest.raises(psycopg.errors.UndefinedTable) as in_async:
+        asyncio.run(enqueue_async())
+    for raised in (single, keyed, many, bulk, in_async):
+        assert getattr(raised.value, "__notes__", []) == [SCHEMA_HINT], raised.value
