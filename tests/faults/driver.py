@@ -85,6 +85,11 @@ TERMINATE_REAPER_CONNS = "terminate_reaper_conns"
 RESTART_FAST = "restart_fast"
 RESTART_IMMEDIATE = "restart_immediate"
 KILL_REAPER = "kill_reaper"
+# Faults that only cut connections: a job running through one loses a run only if its
+# lease expired meanwhile (Checker.hits).
+CONNECTION_FAULTS = frozenset({TERMINATE_WORKER_CONNS, TERMINATE_REAPER_CONNS, RESTART_FAST,
+                               RESTART_IMMEDIATE})  # fmt: skip
+LEASE_LOSS_SLACK = 30.0
 # Not injected: a worker process that died without the driver's doing (a poison job).
 WORKER_CRASH = "worker_crash"
 
@@ -204,6 +209,18 @@ class Settings:
         return total, " + ".join(f"{name} {v:g}" for name, v in parts)
 
 
+def _children_stopped_cleanly(log_path: Path) -> bool:
+    """Whether a supervisor's ``supervisor.stopped`` event lists only codes of a clean
+    stop (0, killed by the stop signal) or of a poison job's crash."""
+    clean = {0, -signal.SIGTERM, -signal.SIGINT, POISON_EXIT_CODE}
+    codes: list[int] | None = None
+    for line in log_path.read_text(errors="replace").splitlines():
+        if '"supervisor.stopped"' in line:
+            with contextlib.suppress(ValueError):
+                codes = json.loads(line).get("exit_codes")
+    return codes is not None and all(c in clean for c in codes)
+
+
 @dataclass
 class Fault:
     kind: str
@@ -279,8 +296,8 @@ class Report:
             ("executions", str(self.executions)),
             (
                 "duplicates",
-                f"{self.duplicates} (bound {self.duplicate_bound}: jobs in flight"
-                " where a fault hit)",
+                f"{self.duplicates} (bound {self.duplicate_bound}: jobs in flight where"
+                " a worker died or froze, or a lease was lost)",
             ),
             ("rescued jobs", str(self.rescued)),
             ("released on SIGTERM", str(self.released)),
@@ -600,10 +617,9 @@ class Driver:
             took = time.time() - d.retiring_since
             graceful = code == 0 or (d.role == "worker" and code == POISON_EXIT_CODE)
             if d.role == "supervisor" and code == 1:
-                # Its children's codes decide; a poison job may have ended one mid-drain.
-                graceful = f'"exit_code": {POISON_EXIT_CODE}' in d.log_path.read_text(
-                    errors="replace"
-                )
+                # Its children's codes (its last event) decide: a poison job may have
+                # ended one mid-drain; any other failure is not graceful.
+                graceful = _children_stopped_cleanly(d.log_path)
             if not graceful:
                 self.violation(
                     f"{d.name} (pid {d.pid}) exited with {code} {took:.1f}s after SIGTERM;"
@@ -1174,6 +1190,7 @@ class Checker:
         self.db = db
         self.s = driver.s
         self.r = driver.report
+        self._hits: Counter[int] | None = None
 
     def rows(self, sql: LiteralString, params: Any = None) -> list[tuple[Any, ...]]:
         return self.db.rows(sql, params)
@@ -1195,10 +1212,42 @@ class Checker:
             self.check_recovery_time()
 
     def hits(self) -> Counter[int]:
-        """How many faults each job was in flight at."""
+        """How many faults each job was in flight at, where the fault could cost it a
+        run: its worker died or was frozen (every job it ran), or, for a fault that only
+        cuts connections (a Postgres restart, terminated backends), its lease was lost
+        after all (the reaper's lease_expired entry in its history, within the fault's
+        reach). A job merely running while Postgres restarted is not excused a rerun, nor
+        a counted attempt. Under --async-commit an immediate restart may undo commits
+        (a claim, an outcome) without any lease expiring: those keep every job."""
+        if self._hits is not None:
+            return self._hits
+        losses: dict[int, list[float]] = {}
+        for job_id, ended in self.rows(
+            "SELECT t.id, extract(epoch FROM (e ->> 'ended_at')::timestamptz)::float8"
+            " FROM (SELECT id, history FROM pgqueue.jobs"
+            "       UNION ALL SELECT id, history FROM pgqueue.dead_jobs) AS t,"
+            " jsonb_array_elements(t.history) AS e"
+            " WHERE e ->> 'outcome' = 'lease_expired' AND e ? 'ended_at'"
+        ):
+            losses.setdefault(job_id, []).append(ended)
+        # From the fault to the reaper's requeue: the lease, a reaper pass, and the
+        # reapers' and workers' own reconnects (backoff), generously: the entry is what
+        # tells, and one from a later fault only makes the bound looser.
+        reach = self.s.lease_seconds + self.s.reaper_interval + LEASE_LOSS_SLACK
         counts: Counter[int] = Counter()
         for fault in self.r.faults:
-            counts.update(fault.at_risk)
+            undoes = fault.kind == RESTART_IMMEDIATE and self.s.async_commit
+            if fault.kind not in CONNECTION_FAULTS or undoes:
+                counts.update(fault.at_risk)
+                continue
+            counts.update(
+                job_id
+                for job_id in fault.at_risk
+                if any(
+                    fault.started - 1.0 <= t <= fault.ended + reach for t in losses.get(job_id, ())
+                )
+            )
+        self._hits = counts
         return counts
 
     def check_inventory(self) -> None:
@@ -1339,7 +1388,8 @@ class Checker:
         if self.r.duplicates > self.r.duplicate_bound:
             self.violation(
                 f"{self.r.duplicates} duplicate executions, more than the"
-                f" {self.r.duplicate_bound} jobs in flight where faults hit"
+                f" {self.r.duplicate_bound} jobs in flight where a worker died or froze, or"
+                " a lease was lost"
             )
         starts: dict[int, list[float]] = {}
         for job_id, start in self.rows(

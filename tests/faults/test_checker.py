@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -17,9 +18,18 @@ from psycopg.types.json import Jsonb
 
 from pgqueue import JobSpec, enqueue_many
 from tests.faults.app import EXECUTIONS_DDL, TASK_POISON, TASK_WORK
-from tests.faults.driver import SIGKILL_WORKER, Checker, Db, Driver, Fault, Settings
+from tests.faults.driver import (
+    RESTART_FAST,
+    SIGKILL_WORKER,
+    TERMINATE_WORKER_CONNS,
+    Checker,
+    Db,
+    Driver,
+    Fault,
+    Settings,
+)
 
-W1, W2, W3, W4 = (f"host:{pid}:aaaaaa" for pid in (101, 102, 103, 104))
+W1, W2, W3, W4, W5 = (f"host:{pid}:aaaaaa" for pid in (101, 102, 103, 104, 105))
 Conn = psycopg.Connection[Any]
 
 
@@ -186,9 +196,32 @@ def too_slow(d: Driver, conn: Conn, ids: list[int]) -> None:
     d.report.faults.append(Fault(SIGKILL_WORKER, at, at, "pid 103", frozenset({ids[2]})))
 
 
+def ran_through(d: Driver, job_id: int, *kinds: str, ago: float = 8.0) -> None:
+    """Faults that only cut connections, with ``job_id`` running through each."""
+    at = time.time() - ago
+    for kind in kinds:
+        d.report.faults.append(Fault(kind, at, at + 0.5, "postgres", frozenset({job_id})))
+
+
+def rerun_through_restart(d: Driver, conn: Conn, ids: list[int]) -> None:
+    # Job 2 ran twice, and a Postgres restart happened while it ran; but its lease was
+    # never lost (no lease_expired entry): the restart does not explain the rerun.
+    ran_through(d, ids[2], RESTART_FAST)
+    execution(conn, ids[2], 1, W4, 3.0, 2.9)
+
+
+def dead_through_restarts(d: Driver, conn: Conn, ids: list[int]) -> None:
+    # Job 2 (max_attempts 2) dead-lettered after running through three connection
+    # faults, none of which lost its lease.
+    ran_through(d, ids[2], RESTART_FAST, RESTART_FAST, TERMINATE_WORKER_CONNS)
+    dead_innocent(d, conn, ids)
+
+
 @pytest.mark.parametrize(
     ("plant", "expected"),
     [
+        (rerun_through_restart, "ran more often than the faults"),
+        (dead_through_restarts, "a crash was counted against an innocent job"),
         (lose, "jobs lost"),
         (leave_running, "not in a final state"),
         (stale_success, "ended twice"),
@@ -209,3 +242,45 @@ def test_each_broken_promise_is_reported(
     plant(driver, conn, ids)
     violations = check(driver)
     assert any(expected in v for v in violations), violations
+
+
+def test_a_rerun_after_a_restart_that_lost_the_lease_is_explained(
+    world: tuple[Driver, Conn, list[int]],
+) -> None:
+    # The restart kept job 2's first worker from its heartbeat until the lease expired:
+    # the reaper's entry (2 s after the restart) is the evidence, and the rerun (W3's,
+    # which succeeded) is allowed.
+    driver, conn, ids = world
+    ran_through(driver, ids[2], RESTART_FAST)
+    conn.execute(
+        "UPDATE pgqueue.jobs SET history = %s || history WHERE id = %s",
+        (
+            Jsonb([{**entry(1, W5, "2029-12-31T23:59:00+00:00", "lease_expired"),
+                    "ended_at": datetime.fromtimestamp(time.time() - 6.0, UTC).isoformat()}]),
+            ids[2],
+        ),
+    )  # fmt: skip
+    execution(conn, ids[2], 1, W5, 8.5, None)  # the run whose lease was lost
+    assert check(driver) == []
+    assert driver.report.duplicates == 2 and driver.report.duplicate_bound == 2
+
+
+def test_a_supervisor_stop_is_graceful_only_if_its_children_stopped_cleanly(tmp_path) -> None:
+    # Its exit status 1 is excused by a poison crash among its children's final codes,
+    # not by a poison crash anywhere in its log (one long before the stop).
+    from tests.faults.driver import POISON_EXIT_CODE, _children_stopped_cleanly
+
+    def log(*lines: str) -> Any:
+        path = tmp_path / f"s{len(list(tmp_path.iterdir()))}.log"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    died = f'{{"event": "supervisor.child_died", "exit_code": {POISON_EXIT_CODE}}}'
+    assert _children_stopped_cleanly(
+        log(f'{{"event": "supervisor.stopped", "exit_codes": [0, {POISON_EXIT_CODE}]}}')
+    )
+    assert _children_stopped_cleanly(log('{"event": "supervisor.stopped", "exit_codes": [0, -15]}'))
+    assert not _children_stopped_cleanly(
+        log(died, '{"event": "supervisor.stopped", "exit_codes": [0, 1]}')
+    )
+    assert not _children_stopped_cleanly(log(died, "pgqueue: aborted"))
