@@ -1114,12 +1114,29 @@ def _connect(dsn: str | None) -> psycopg.Connection[Any]:
 @dsn_option
 def stats(as_json: bool, dsn: str | None) -> None:
     """Per queue: jobs ready, scheduled and running, oldest ready age, finished in the last
-    minute, dead, paused."""
+    minute, succeeded and cancelled still retained, dead, paused."""
 
     def body() -> int:
         with _connect(dsn) as conn:
             rows = store.queue_stats(conn)
-        _emit(rows, as_json, "no queues yet")
+            finished = store.queue_finished_counts(conn)
+        by_queue = {row["queue"]: row for row in rows}
+        for queue in finished.keys() - by_queue.keys():
+            # Only finished jobs there: a queue all the same.
+            by_queue[queue] = {
+                "queue": queue, "ready": 0, "scheduled": 0, "running": 0,
+                "oldest_ready_age_seconds": None, "finished_last_minute": 0, "dead": 0,
+                "paused": False,
+            }  # fmt: skip
+        shown = []
+        for queue in sorted(by_queue):
+            row = dict(by_queue[queue])
+            succeeded, cancelled = finished.get(queue, (0, 0))
+            paused = row.pop("paused")
+            dead = row.pop("dead")
+            row.update(succeeded=succeeded, cancelled=cancelled, dead=dead, paused=paused)
+            shown.append(row)
+        _emit(shown, as_json, "no queues yet")
         return 0
 
     _guard(body)

@@ -699,6 +699,15 @@ def queue_stats(conn: SyncConn) -> list[Row]:
     return _fetch(conn, "queue_stats", {})
 
 
+def queue_finished_counts(conn: SyncConn) -> dict[str, tuple[int, int]]:
+    """{queue: (succeeded, cancelled)} of the jobs still retained; reads every retained
+    finished row (``pgqueue stats``, not the metrics)."""
+    return {
+        r["queue"]: (r["succeeded"], r["cancelled"])
+        for r in _fetch(conn, "queue_finished_counts", {})
+    }
+
+
 def notify_queue_usage(conn: SyncConn) -> float:
     return float(_fetch(conn, "notify_queue_usage", {})[0]["usage"])
 

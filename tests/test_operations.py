@@ -911,9 +911,23 @@ def test_stats_prints_each_queue_with_its_counts_as_table_and_json(conn, dsn):
     )
     insert_dead(conn, queue="gamma")
     ok(cli(dsn, "queue", "pause", "gamma"))
+    # A queue with only retained finished jobs, long finished: still a queue.
+    for state in ("succeeded", "cancelled", "cancelled"):
+        conn.execute(
+            "UPDATE pgqueue.jobs SET state = %s, finished_at = now() - interval '2 hours'"
+            " WHERE id = %s",
+            (state, insert_job(conn, queue="delta")),
+        )
 
     rows = {r["queue"]: r for r in parse_table(ok(cli(dsn, "stats")))}
-    assert set(rows) == {"alpha", "beta", "gamma"}
+    assert set(rows) == {"alpha", "beta", "gamma", "delta"}
+    assert list(rows["alpha"]) == [
+        "queue", "ready", "scheduled", "running", "oldest_ready_age_seconds",
+        "finished_last_minute", "succeeded", "cancelled", "dead", "paused",
+    ]  # fmt: skip
+    assert (rows["delta"]["succeeded"], rows["delta"]["cancelled"]) == ("1", "2")
+    assert (rows["delta"]["finished_last_minute"], rows["delta"]["ready"]) == ("0", "0")
+    assert (rows["beta"]["succeeded"], rows["beta"]["cancelled"]) == ("1", "0")
     assert (rows["alpha"]["ready"], rows["alpha"]["scheduled"], rows["alpha"]["running"]) == (
         "2", "1", "0",
     )  # fmt: skip
@@ -924,12 +938,18 @@ def test_stats_prints_each_queue_with_its_counts_as_table_and_json(conn, dsn):
     assert rows["alpha"]["paused"] == "False"
 
     data = {r["queue"]: r for r in json.loads(ok(cli(dsn, "stats", "--json")))}
-    keys = {"queue", "ready", "scheduled", "running", "dead", "paused",
-            "oldest_ready_age_seconds", "finished_last_minute"}  # fmt: skip
+    keys = {"queue", "ready", "scheduled", "running", "dead", "paused", "succeeded",
+            "cancelled", "oldest_ready_age_seconds", "finished_last_minute"}  # fmt: skip
     assert all(set(r) == keys for r in data.values())
     assert data["alpha"] | {"oldest_ready_age_seconds": None} == {
         "queue": "alpha", "ready": 2, "scheduled": 1, "running": 0, "dead": 0, "paused": False,
-        "oldest_ready_age_seconds": None, "finished_last_minute": 0,
+        "oldest_ready_age_seconds": None, "finished_last_minute": 0, "succeeded": 0,
+        "cancelled": 0,
+    }  # fmt: skip
+    assert data["delta"] == {
+        "queue": "delta", "ready": 0, "scheduled": 0, "running": 0, "dead": 0, "paused": False,
+        "oldest_ready_age_seconds": None, "finished_last_minute": 0, "succeeded": 1,
+        "cancelled": 2,
     }  # fmt: skip
     assert data["alpha"]["oldest_ready_age_seconds"] >= 29
     assert data["beta"]["running"] == 1 and data["beta"]["finished_last_minute"] == 1

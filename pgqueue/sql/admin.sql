@@ -72,6 +72,17 @@ SELECT n.name AS queue,
 FROM names AS n
 ORDER BY n.name;
 
+-- name: queue_finished_counts
+-- Per queue: succeeded and cancelled jobs still retained (the reaper prunes them after
+-- its --retention-seconds). For `pgqueue stats` only, not the metrics: it reads every
+-- retained finished row (no index holds their queue), which a scrape must not.
+SELECT j.queue,
+       count(*) FILTER (WHERE j.state = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE j.state = 'cancelled') AS cancelled
+FROM pgqueue.jobs AS j
+WHERE j.state IN ('succeeded', 'cancelled')
+GROUP BY j.queue;
+
 -- name: notify_queue_usage
 -- The fraction of Postgres' NOTIFY queue in use (one queue for the whole server). It
 -- grows while a listening session does not read (a long transaction, a frozen process);
