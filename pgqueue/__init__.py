@@ -21,6 +21,7 @@ from pgqueue.enqueue import JobSpec, enqueue, enqueue_many
 from pgqueue.errors import (
     AppImportError,
     ConfigError,
+    HandlerTaskExit,
     JobNotFound,
     LeaseLost,
     MigrationError,
@@ -49,6 +50,7 @@ __all__ = [
     "AppImportError",
     "Backoff",
     "ConfigError",
+    "HandlerTaskExit",
     "JobContext",
     "JobNotFound",
     "JobSpec",

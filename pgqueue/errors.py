@@ -86,6 +86,13 @@ class Snooze(Exception):
 RetryLater = Snooze
 
 
+class HandlerTaskExit(PgQueueError, RuntimeError):
+    """SystemExit or KeyboardInterrupt raised in a task a handler started, in its place:
+    asyncio lets those two out of the event loop (the worker would stop at once, with no
+    graceful shutdown, leaving every job it runs to the reaper), where the handler that
+    awaits the task gets this instead and its attempt fails."""
+
+
 # What names a pgqueue object in a primary message, in any of the server's languages
 # (quotes differ: "pgqueue.jobs", »pgqueue.jobs«, «pgqueue.jobs»), by error code.
 _SCHEMA_OBJECTS = {

@@ -335,8 +335,12 @@ class Registry:
         ``ConfigError``; so do bad options and an empty name.
         """
         if callable(name):
-            # The bare decorator: the function came in the place of the name.
-            return self.task()(name)
+            # The bare decorator: the function came in the place of the name (options
+            # given beside it still apply).
+            return self.task(
+                queue=queue, priority=priority, max_attempts=max_attempts, timeout=timeout,
+                backoff=backoff,
+            )(name)  # fmt: skip
         options = TaskOptions(
             queue=queue,
             priority=priority,

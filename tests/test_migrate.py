@@ -210,6 +210,12 @@ def test_migration_0015_names_jobs_whose_created_at_no_worker_can_read(empty_dsn
     with psycopg.connect(empty_dsn, autocommit=True) as c:
         bad = [scalar(c, insert, (v,)) for v in ("infinity", "-infinity")]
         scalar(c, "INSERT INTO pgqueue.jobs (task) VALUES ('fine') RETURNING id")
+        # One such job already dead-lettered (what the claim's failure led to).
+        c.execute(
+            "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts,"
+            " max_attempts, run_at, created_at, reason) VALUES"
+            " (900, 'default', 't', '{}', 0, 1, 1, now(), 'infinity', 'lease_expired')"
+        )
 
     with pytest.raises(MigrationError) as refused:
         migrate(empty_dsn)
@@ -217,7 +223,18 @@ def test_migration_0015_names_jobs_whose_created_at_no_worker_can_read(empty_dsn
 
     with psycopg.connect(empty_dsn, autocommit=True) as c:
         c.execute("UPDATE pgqueue.jobs SET created_at = now() WHERE id = ANY (%s)", (bad,))
+    with pytest.raises(MigrationError) as refused:
+        migrate(empty_dsn)
+    assert "dead_jobs {900} have a created_at no worker can read" in str(refused.value)
+
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        c.execute("UPDATE pgqueue.dead_jobs SET created_at = now() WHERE id = 900")
     assert 15 in versions(migrate(empty_dsn))
+    with (
+        psycopg.connect(empty_dsn, autocommit=True) as c,
+        pytest.raises(psycopg.errors.CheckViolation),
+    ):
+        c.execute("UPDATE pgqueue.dead_jobs SET created_at = 'infinity' WHERE id = 900")
 
 
 def test_migration_0013_names_jobs_whose_queue_no_worker_can_serve(empty_dsn, monkeypatch):

@@ -1591,3 +1591,60 @@ def test_a_failed_shutdown_flush_counts_the_batch_in_flight_and_names_a_timeout(
     (failed,) = [e for e in logs if e["event"] == "completer.flush_failed"]
     assert failed["pending"] == 2
     assert failed["error"] == "TimeoutError"
+
+
+def test_tasks_a_handler_starts_are_contained_and_the_containment_undone_politely():
+    # A task created in a job's context turns SystemExit into HandlerTaskExit; one
+    # cancelled before its first step leaves no "never awaited" warning; tasks outside a
+    # job are not wrapped; undoing keeps a factory set since (another worker's, the
+    # app's) instead of putting back the one from before.
+    import gc
+    import warnings
+
+    from pgqueue import HandlerTaskExit
+    from pgqueue.context import reset_current, set_current
+    from pgqueue.testing import job_context
+    from pgqueue.worker.executor import contain_handler_tasks
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        undo = contain_handler_tasks(loop)
+        token = set_current(job_context())
+        try:
+
+            async def child() -> None:
+                await asyncio.sleep(1)
+
+            early = asyncio.create_task(child(), name="early")
+            early.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await early
+            assert early.get_name() == "early"
+
+            async def boom() -> None:
+                raise SystemExit(3)
+
+            with pytest.raises(HandlerTaskExit, match="SystemExit: 3 raised in a task"):
+                await asyncio.create_task(boom())
+        finally:
+            reset_current(token)
+
+        async def plain() -> int:
+            return 1
+
+        outside = asyncio.create_task(plain())
+        assert outside.get_coro().__qualname__.endswith("plain")
+        assert await outside == 1
+
+        def mine(loop: Any, coro: Any, **kwargs: Any) -> Any:
+            return asyncio.Task(coro, loop=loop, **kwargs)
+
+        loop.set_task_factory(mine)
+        undo()
+        assert loop.get_task_factory() is mine
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(main())
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)], caught

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pgqueue.context import JobContext, reset_current, running_job, set_current
-from pgqueue.errors import PermanentError, Snooze, UnknownTask
+from pgqueue.errors import HandlerTaskExit, PermanentError, Snooze, UnknownTask
 from pgqueue.models import Job, Outcome, OutcomeKind, UndecodableArgs
 from pgqueue.registry import Registry
 from pgqueue.retry import Backoff
@@ -49,13 +49,6 @@ def describe(exc: BaseException) -> str:
     return f"{name}: {text}" if text else name
 
 
-class HandlerTaskExit(RuntimeError):
-    """SystemExit or KeyboardInterrupt raised in a task a handler started, in its place:
-    asyncio lets those two out of the event loop (the worker would stop at once, with no
-    graceful shutdown, leaving every job it runs to the reaper), where the handler that
-    awaits the task gets this instead and its attempt fails."""
-
-
 async def _contained(coro: Coroutine[Any, Any, Any]) -> Any:
     try:
         return await coro
@@ -80,14 +73,29 @@ def contain_handler_tasks(loop: asyncio.AbstractEventLoop) -> Callable[[], None]
     ) -> asyncio.Future[Any]:
         context = kwargs.get("context")
         job = context.run(running_job) if context is not None else running_job()
-        if job is not None and inspect.iscoroutine(coro):
-            coro = _contained(coro)
+        inner = coro if job is not None and inspect.iscoroutine(coro) else None
+        if inner is not None:
+            coro = _contained(inner)
         if previous is not None:
-            return previous(loop, coro, **kwargs)
-        return asyncio.Task(coro, loop=loop, **kwargs)
+            task = previous(loop, coro, **kwargs)
+        else:
+            task = asyncio.Task(coro, loop=loop, **kwargs)
+        if inner is not None:
+            # A task cancelled before its first step never starts the wrapper, which
+            # then never awaits the handler's coroutine: close it, or Python warns that
+            # it was never awaited (closing a finished coroutine does nothing).
+            task.add_done_callback(lambda _: inner.close())
+        return task
 
     loop.set_task_factory(factory)
-    return lambda: loop.set_task_factory(previous)
+
+    def undo() -> None:
+        # Only if it is still ours: another worker on this loop, or the app, may have
+        # set its own since (then that one stays).
+        if loop.get_task_factory() is factory:
+            loop.set_task_factory(previous)
+
+    return undo
 
 
 def error_record(

@@ -211,10 +211,15 @@ class Settings:
 
 def _children_stopped_cleanly(log_path: Path) -> bool:
     """Whether a supervisor's ``supervisor.stopped`` event lists only codes of a clean
-    stop (0, killed by the stop signal) or of a poison job's crash."""
-    clean = {0, -signal.SIGTERM, -signal.SIGINT, POISON_EXIT_CODE}
+    stop (0, killed by the stop signal), of a poison job's crash, or of the driver's
+    SIGKILL of a child not yet replaced (not of the supervisor's own kill of a child
+    that outlived its deadline: ``supervisor.child_killed``)."""
+    clean = {0, -signal.SIGTERM, -signal.SIGINT, -signal.SIGKILL, POISON_EXIT_CODE}
     codes: list[int] | None = None
-    for line in log_path.read_text(errors="replace").splitlines():
+    text = log_path.read_text(errors="replace")
+    if '"supervisor.child_killed"' in text:
+        return False
+    for line in text.splitlines():
         if '"supervisor.stopped"' in line:
             with contextlib.suppress(ValueError):
                 codes = json.loads(line).get("exit_codes")
@@ -846,8 +851,13 @@ class Driver:
         with self.lock:
             target.retiring_since = t = time.time()
         os.kill(target.pid, signal.SIGTERM)
+        done = time.time()
+        # And what a claim already on its way when the signal came started (the worker
+        # runs on through its grace period, so its rows still show it).
+        time.sleep(0.3)
+        after = self.running_of(db, pids(target))
         return Fault(
-            SIGTERM_WORKER, t, time.time(), f"{target.name} pid {target.pid}", frozenset(before)
+            SIGTERM_WORKER, t, done, f"{target.name} pid {target.pid}", frozenset(before | after)
         )
 
     def _catch_running(
@@ -1235,18 +1245,19 @@ class Checker:
         # tells, and one from a later fault only makes the bound looser.
         reach = self.s.lease_seconds + self.s.reaper_interval + LEASE_LOSS_SLACK
         counts: Counter[int] = Counter()
-        for fault in self.r.faults:
+        for fault in sorted(self.r.faults, key=lambda f: f.started):
             undoes = fault.kind == RESTART_IMMEDIATE and self.s.async_commit
             if fault.kind not in CONNECTION_FAULTS or undoes:
                 counts.update(fault.at_risk)
                 continue
-            counts.update(
-                job_id
-                for job_id in fault.at_risk
-                if any(
-                    fault.started - 1.0 <= t <= fault.ended + reach for t in losses.get(job_id, ())
-                )
-            )
+            for job_id in fault.at_risk:
+                # Each lost lease excuses one fault: the first within whose reach it is.
+                times = losses.get(job_id, [])
+                for t in times:
+                    if fault.started - 1.0 <= t <= fault.ended + reach:
+                        times.remove(t)
+                        counts[job_id] += 1
+                        break
         self._hits = counts
         return counts
 

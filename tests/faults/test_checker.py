@@ -284,3 +284,27 @@ def test_a_supervisor_stop_is_graceful_only_if_its_children_stopped_cleanly(tmp_
         log(died, '{"event": "supervisor.stopped", "exit_codes": [0, 1]}')
     )
     assert not _children_stopped_cleanly(log(died, "pgqueue: aborted"))
+    # The driver SIGKILLed a child that was not replaced yet: still a clean stop; the
+    # supervisor killing a child that outlived its deadline is not.
+    stopped = '{"event": "supervisor.stopped", "exit_codes": [0, -9]}'
+    assert _children_stopped_cleanly(log(stopped))
+    assert not _children_stopped_cleanly(log('{"event": "supervisor.child_killed"}', stopped))
+
+
+def test_one_lost_lease_excuses_one_connection_fault(world: tuple[Driver, Conn, list[int]]) -> None:
+    # Job 2 ran through two restarts, lost its lease once, and ran three times: one
+    # rerun is explained, the other is not.
+    driver, conn, ids = world
+    ran_through(driver, ids[2], RESTART_FAST, RESTART_FAST)
+    conn.execute(
+        "UPDATE pgqueue.jobs SET history = %s || history WHERE id = %s",
+        (
+            Jsonb([{**entry(1, W5, "2029-12-31T23:59:00+00:00", "lease_expired"),
+                    "ended_at": datetime.fromtimestamp(time.time() - 6.0, UTC).isoformat()}]),
+            ids[2],
+        ),
+    )  # fmt: skip
+    execution(conn, ids[2], 1, W5, 8.5, None)
+    execution(conn, ids[2], 1, "host:106:aaaaaa", 8.4, None)
+    violations = check(driver)
+    assert any("ran more often than the faults" in v for v in violations), violations
