@@ -185,8 +185,11 @@ def test_the_bare_decorator_registers_under_the_functions_own_name(conn):
     name = f"{__name__}.{test_the_bare_decorator_registers_under_the_functions_own_name.__name__}"
     name += ".<locals>.plain"
     assert plain.name == name
-    assert name in local and len(local) == 1
+    assert name in local
     assert plain(4) == 8  # still the function
+    # Called with the function and options (not as a decorator), the options apply.
+    other = local.task(lambda: None, queue="q", max_attempts=2)  # type: ignore[call-overload]
+    assert (other.options.queue, other.options.max_attempts) == ("q", 2)
     job_id = plain.enqueue(conn, n=3)
     assert row(conn, job_id)["task"] == name
     assert row(conn, job_id)["queue"] == "default"
