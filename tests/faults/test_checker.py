@@ -244,6 +244,16 @@ def test_each_broken_promise_is_reported(
     assert any(expected in v for v in violations), violations
 
 
+def lost_lease(conn: Conn, job_id: int) -> None:
+    """A run of ``job_id`` by W5 whose lease expired (the reaper's entry 6 s ago)."""
+    ended = datetime.fromtimestamp(time.time() - 6.0, UTC).isoformat()
+    lost = {**entry(1, W5, "2029-12-31T23:59:00+00:00", "lease_expired"), "ended_at": ended}
+    conn.execute(
+        "UPDATE pgqueue.jobs SET history = %s || history WHERE id = %s", (Jsonb([lost]), job_id)
+    )
+    execution(conn, job_id, 1, W5, 8.5, None)
+
+
 def test_a_rerun_after_a_restart_that_lost_the_lease_is_explained(
     world: tuple[Driver, Conn, list[int]],
 ) -> None:
@@ -252,15 +262,7 @@ def test_a_rerun_after_a_restart_that_lost_the_lease_is_explained(
     # which succeeded) is allowed.
     driver, conn, ids = world
     ran_through(driver, ids[2], RESTART_FAST)
-    conn.execute(
-        "UPDATE pgqueue.jobs SET history = %s || history WHERE id = %s",
-        (
-            Jsonb([{**entry(1, W5, "2029-12-31T23:59:00+00:00", "lease_expired"),
-                    "ended_at": datetime.fromtimestamp(time.time() - 6.0, UTC).isoformat()}]),
-            ids[2],
-        ),
-    )  # fmt: skip
-    execution(conn, ids[2], 1, W5, 8.5, None)  # the run whose lease was lost
+    lost_lease(conn, ids[2])
     assert check(driver) == []
     assert driver.report.duplicates == 2 and driver.report.duplicate_bound == 2
 
@@ -296,15 +298,7 @@ def test_one_lost_lease_excuses_one_connection_fault(world: tuple[Driver, Conn, 
     # rerun is explained, the other is not.
     driver, conn, ids = world
     ran_through(driver, ids[2], RESTART_FAST, RESTART_FAST)
-    conn.execute(
-        "UPDATE pgqueue.jobs SET history = %s || history WHERE id = %s",
-        (
-            Jsonb([{**entry(1, W5, "2029-12-31T23:59:00+00:00", "lease_expired"),
-                    "ended_at": datetime.fromtimestamp(time.time() - 6.0, UTC).isoformat()}]),
-            ids[2],
-        ),
-    )  # fmt: skip
-    execution(conn, ids[2], 1, W5, 8.5, None)
+    lost_lease(conn, ids[2])
     execution(conn, ids[2], 1, "host:106:aaaaaa", 8.4, None)
     violations = check(driver)
     assert any("ran more often than the faults" in v for v in violations), violations
