@@ -16,6 +16,7 @@ from json import encoder as json_encoder
 from typing import Any, overload
 
 import psycopg
+from psycopg import pq
 
 from pgqueue import store
 from pgqueue.config import finite_number
@@ -439,6 +440,36 @@ def _copy_rows(specs: Sequence[JobSpec], limit: int, defaults: bool) -> Iterator
             )
 
 
+def _client_encoding(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str | None:
+    """None when the connection's client encoding is UTF-8 (any text can be sent), else
+    Python's name for it."""
+    if conn.pgconn.parameter_status(b"client_encoding") in (b"UTF8", b"UNICODE"):
+        return None
+    return conn.info.encoding
+
+
+def _check_encodable(encoding: str, texts: Iterable[Any]) -> None:
+    """SerializationError, before anything is sent, for text the connection's client
+    encoding cannot carry (psycopg would raise UnicodeEncodeError half-way, a COPY's
+    leaving the caller's transaction aborted)."""
+    for text in texts:
+        if isinstance(text, str):
+            try:
+                text.encode(encoding)
+            except UnicodeEncodeError as exc:
+                raise SerializationError(
+                    f"{text[exc.start : exc.end]!r} cannot be sent in this connection's"
+                    f" client encoding ({encoding}); nothing was enqueued (connect with"
+                    " client_encoding=utf8)"
+                ) from None
+
+
+def _encodable_rows(rows: Iterable[tuple[Any, ...]], encoding: str) -> Iterator[tuple[Any, ...]]:
+    for row in rows:
+        _check_encodable(encoding, row)
+        yield row
+
+
 def _takes_column_defaults(spec: JobSpec) -> bool:
     """Whether the job's priority, max_attempts and run_at are what the columns default
     to (resolved as _prepare resolves them), so that COPY can leave them out."""
@@ -521,6 +552,11 @@ def enqueue(
     params = _prepare_fields(
         task, args, queue, priority, run_at, delay, max_attempts, idempotency_key, None
     )
+    encoding = _client_encoding(conn)
+    if encoding is not None:
+        _check_encodable(
+            encoding, (params["task"], params["args"], params["queue"], params["idempotency_key"])
+        )
     if isinstance(conn, psycopg.AsyncConnection):
         return store.enqueue_job_async(conn, params)
     return store.enqueue_job(conn, params)
@@ -557,13 +593,20 @@ def enqueue_many(
         if not isinstance(spec, JobSpec):
             raise ValidationError(f"enqueue_many takes JobSpec items, got {type(spec).__name__}")
     limit = max_args_bytes()
+    encoding = _client_encoding(conn)
     # COPY when it can express the batch: no idempotency keys (they need ON CONFLICT) and
     # no delays (they need the database's clock; 'now' below is its transaction time,
-    # exactly what the column default gives). A delay that is not a number fails in
-    # _prepare on either path.
-    if specs and all(s.idempotency_key is None and not s.delay for s in specs):
+    # exactly what the column default gives), and not in pipeline mode (COPY is not
+    # allowed there). A delay that is not a number fails in _prepare on either path.
+    if (
+        specs
+        and all(s.idempotency_key is None and not s.delay for s in specs)
+        and conn.info.pipeline_status == pq.PipelineStatus.OFF
+    ):
         defaults = all(_takes_column_defaults(s) for s in specs)
         rows: Iterable[tuple[Any, ...]] = _copy_rows(specs, limit, defaults)
+        if encoding is not None:
+            rows = _encodable_rows(rows, encoding)
         checked_first = len(specs) <= STREAM_COPY_FROM
         if checked_first:
             rows = list(rows)
@@ -575,6 +618,9 @@ def enqueue_many(
             conn, rows, len(specs), checked_first=checked_first, defaults=defaults
         )
     prepared = [_prepare(s, limit) for s in specs]
+    if encoding is not None:
+        for p in prepared:
+            _check_encodable(encoding, (p["task"], p["args"], p["queue"], p["idempotency_key"]))
     params = _batch_params(prepared)
     if isinstance(conn, psycopg.AsyncConnection):
         return store.enqueue_jobs_async(conn, params)

@@ -529,8 +529,9 @@ def _too_large(exc: psycopg.errors.ProgramLimitExceeded) -> PayloadTooLarge:
     return PayloadTooLarge(first_line(exc))
 
 
-# The producer functions run on the caller's connection: their cursors read tuples,
-# whatever row factory that connection has.
+# The producer functions run on the caller's connection: their cursors are psycopg's
+# own (server-side binding, %s placeholders) and read tuples, whatever cursor factory
+# or row factory that connection has.
 
 
 def enqueue_job(conn: SyncConn, params: dict[str, Any]) -> int:
@@ -538,7 +539,7 @@ def enqueue_job(conn: SyncConn, params: dict[str, Any]) -> int:
     # A try block, not the _payload_limit context manager: one enqueue is a few dozen
     # microseconds of Python, and the generator-based manager cost about 5 of them.
     try:
-        row = conn.cursor(row_factory=tuple_row).execute(query, values).fetchone()
+        row = psycopg.Cursor(conn, row_factory=tuple_row).execute(query, values).fetchone()
     except psycopg.errors.ProgramLimitExceeded as exc:
         raise _too_large(exc) from exc
     except psycopg.Error as exc:
@@ -551,7 +552,7 @@ def enqueue_job(conn: SyncConn, params: dict[str, Any]) -> int:
 async def enqueue_job_async(conn: AsyncConn, params: dict[str, Any]) -> int:
     query, values = _single_insert(params)
     try:
-        cur = await conn.cursor(row_factory=tuple_row).execute(query, values)
+        cur = await psycopg.AsyncCursor(conn, row_factory=tuple_row).execute(query, values)
     except psycopg.errors.ProgramLimitExceeded as exc:
         raise _too_large(exc) from exc
     except psycopg.Error as exc:
@@ -563,7 +564,7 @@ async def enqueue_job_async(conn: AsyncConn, params: dict[str, Any]) -> int:
 
 
 def enqueue_jobs(conn: SyncConn, params: dict[str, Any]) -> list[int]:
-    with conn.cursor(row_factory=tuple_row) as cur, _payload_limit():
+    with psycopg.Cursor(conn, row_factory=tuple_row) as cur, _payload_limit():
         cur.execute(QUERIES["enqueue_jobs"], params)
         row = cur.fetchone()
     assert row is not None
@@ -593,7 +594,7 @@ def copy_jobs(
     transaction (which goes on), else with nothing of the caller's to keep, and the
     connection is left as it was found."""
     streaming, caller_in_transaction = not checked_first, _in_transaction(conn)
-    with conn.cursor(row_factory=tuple_row) as cur, _payload_limit():
+    with psycopg.Cursor(conn, row_factory=tuple_row) as cur, _payload_limit():
         try:
             # In the caller's transaction if there is one (this statement may begin it).
             cur.execute(QUERIES["reserve_job_ids"], {"n": count})
@@ -624,7 +625,7 @@ async def copy_jobs_async(
     defaults: bool = False,
 ) -> list[int]:
     streaming, caller_in_transaction = not checked_first, _in_transaction(conn)
-    async with conn.cursor(row_factory=tuple_row) as cur:
+    async with psycopg.AsyncCursor(conn, row_factory=tuple_row) as cur:
         with _payload_limit():
             try:
                 await cur.execute(QUERIES["reserve_job_ids"], {"n": count})
@@ -647,7 +648,7 @@ async def copy_jobs_async(
 
 
 async def enqueue_jobs_async(conn: AsyncConn, params: dict[str, Any]) -> list[int]:
-    async with conn.cursor(row_factory=tuple_row) as cur:
+    async with psycopg.AsyncCursor(conn, row_factory=tuple_row) as cur:
         with _payload_limit():
             await cur.execute(QUERIES["enqueue_jobs"], params)
         row = await cur.fetchone()

@@ -901,3 +901,74 @@ def test_sql_enqueue_many_takes_null_elements_as_defaults_and_empty_arrays(conn)
         f"SELECT pgqueue.enqueue_many({empty}, ARRAY[]::jsonb[], {empty}, ARRAY[]::int[],"
         f" ARRAY[]::timestamptz[], ARRAY[]::int[], {empty})",
     ) == []  # fmt: skip
+
+
+# --- the caller's connection as it comes (a producer-side review) ----------------------------
+
+
+def test_enqueue_many_in_pipeline_mode_takes_the_function_not_copy(conn, dsn):
+    # COPY is not allowed in pipeline mode: a batch without keys or delays (which takes
+    # COPY otherwise) failed with NotSupportedError at any size.
+    with conn.pipeline():
+        ids = enqueue_many(conn, ["t", JobSpec("u", {"n": 1})])
+        one = enqueue(conn, "v")
+    assert [job_row(conn, i)[0] for i in [*ids, one]] == ["t", "u", "v"]
+
+    async def in_async_pipeline() -> list[int]:
+        async with (
+            await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c,
+            c.pipeline(),
+        ):
+            return await enqueue_many(c, ["t"] * 3)
+
+    assert len(set(asyncio.run(in_async_pipeline()))) == 3
+
+
+def test_a_connection_whose_cursors_are_raw_or_whose_ints_are_numeric_enqueues(dsn):
+    # pgqueue's statements use %s placeholders and a function call: a RawCursor factory
+    # ($1 placeholders) made every enqueue fail; ints dumped as numeric made the keyed
+    # enqueue find no pgqueue.enqueue(... numeric ...).
+    from psycopg.types.numeric import IntNumericDumper
+
+    with psycopg.connect(dsn, autocommit=True, cursor_factory=psycopg.RawCursor) as raw:
+        ids = [
+            enqueue(raw, "t"),
+            enqueue(raw, "t", priority=3),
+            enqueue(raw, "t", idempotency_key="raw"),
+            *enqueue_many(raw, ["t", JobSpec("t", idempotency_key="raw2")]),
+            *enqueue_many(raw, ["t"] * (STREAM_COPY_FROM + 1)),
+        ]
+        assert len(set(ids)) == len(ids)
+    with psycopg.connect(dsn, autocommit=True) as numeric:
+        numeric.adapters.register_dumper(int, IntNumericDumper)
+        keyed = enqueue(numeric, "t", {"n": 5}, priority=2, max_attempts=4, idempotency_key="n")
+        plain = enqueue(numeric, "t", priority=2, max_attempts=4, delay=5)
+        many = enqueue_many(numeric, [JobSpec("t", priority=1, idempotency_key="m")])
+        row = job_row(numeric, keyed)  # task, queue, args, priority, state, attempts, max
+        assert (row[2], row[3], row[6]) == ({"n": 5}, 2, 4)
+        assert job_row(numeric, plain)[6] == 4
+        assert job_row(numeric, many[0])[3] == 1
+
+
+def test_a_client_encoding_that_cannot_carry_the_job_refuses_it_before_sending(dsn):
+    # LATIN1 cannot carry U+4E2D: psycopg raised UnicodeEncodeError half-way, and inside a
+    # COPY of up to STREAM_COPY_FROM jobs it left the caller's transaction aborted.
+    with psycopg.connect(dsn, options="-c client_encoding=LATIN1") as c:
+        c.execute("SELECT 1")  # a transaction of the caller's is open
+        for attempt in (
+            lambda: enqueue(c, "t", {"x": "\u4e2d"}),
+            lambda: enqueue(c, "t", {"x": "\u4e2d"}, idempotency_key="k"),
+            lambda: enqueue(c, "t\u4e2d"),
+            lambda: enqueue_many(c, ["t", JobSpec("t", {"x": "\u4e2d"})]),
+            lambda: enqueue_many(c, [JobSpec("t", {"x": "\u4e2d"}, idempotency_key="k")]),
+            lambda: enqueue_many(c, ["t"] * STREAM_COPY_FROM + [JobSpec("t", {"x": "\u4e2d"})]),
+        ):
+            with pytest.raises(SerializationError, match=r"client encoding \(iso8859-1\)"):
+                attempt()
+            assert scalar(c, "SELECT count(*) FROM pgqueue.jobs") == 0  # still usable
+        # What LATIN1 can carry goes in, and is stored as it was meant.
+        job_id = enqueue(c, "t", {"x": "caf\u00e9"})
+        assert enqueue_many(c, [JobSpec("t", {"x": "\u00e9"})] * 2)
+        c.commit()
+    with psycopg.connect(dsn, autocommit=True) as utf8:
+        assert job_row(utf8, job_id)[2] == {"x": "caf\u00e9"}

@@ -1,11 +1,14 @@
 -- name: enqueue_job
 -- Enqueues one job through pgqueue.enqueue (one round trip, in the caller's transaction);
 -- an idempotency key already held returns the holder's id and inserts nothing. A delay
--- is added to the database's clock, not the producer's.
+-- is added to the database's clock, not the producer's. Every parameter is cast: a
+-- caller's connection may adapt Python ints as numeric (a psycopg option), and a
+-- function call, unlike an INSERT, finds no candidate for numeric arguments.
 SELECT pgqueue.enqueue(
-    %(task)s, %(args)s::jsonb, %(queue)s, %(priority)s,
-    coalesce(%(run_at)s::timestamptz, now() + make_interval(secs => %(delay_seconds)s)),
-    %(max_attempts)s, %(idempotency_key)s) AS id;
+    %(task)s::text, %(args)s::jsonb, %(queue)s::text, %(priority)s::int,
+    coalesce(%(run_at)s::timestamptz,
+             now() + make_interval(secs => %(delay_seconds)s::float8)),
+    %(max_attempts)s::int, %(idempotency_key)s::text) AS id;
 
 -- name: insert_job
 -- Enqueues one job without an idempotency key: the INSERT pgqueue.enqueue would run,
