@@ -937,7 +937,12 @@ def _exit_after(body: Callable[[], int | None]) -> None:
     show_envvar=True,
     help="Seconds between passes.",
 )
-@click.option("--once", is_flag=True, help="Run one pass, print what it did, and exit.")
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Run one pass, print what it did, and exit (1 if an exhausted job could not be"
+    " dead-lettered because pgqueue.dead_jobs holds its id).",
+)
 @click.option(
     "--retention-seconds",
     type=click.FloatRange(min=0),
@@ -984,8 +989,8 @@ def reaper_command(
     forget dead workers. With --metrics-port it also exports the database-wide gauges
     (queue depth, oldest ready job, dead jobs, live workers).
 
-    Several reapers may run at once. SIGTERM or SIGINT ends the loop after the current
-    statement.
+    Several reapers may run at once. SIGTERM or SIGINT ends the loop (or a --once pass)
+    after the current statement.
     """
     log.configure(log_level, log_format)
     from pgqueue.reaper import Reaper
@@ -1001,11 +1006,22 @@ def reaper_command(
         )
         reaper = Reaper(config)
         if once:
+            # A stop signal ends the pass between two batches (each commits alone): the
+            # summary still says what was done.
+            reaper.handle_signals()
             result = reaper.run_once()
             click.echo(
                 f"requeued {len(result.requeued)}, dead-lettered {len(result.dead)},"
                 f" cancelled {len(result.cancelled)}, pruned {result.pruned}"
             )
+            if result.blocked:
+                click.echo(
+                    f"pgqueue-reaper: {len(result.blocked)} exhausted job(s) could not be"
+                    f" dead-lettered, pgqueue.dead_jobs holds their ids:"
+                    f" {result.blocked[:20]}: retry or purge those dead jobs",
+                    err=True,
+                )
+                return 1
             return 0
         server = None
         if metrics_port is not None:

@@ -37,6 +37,8 @@ class ReapResult:
     # Jobs whose lease expired after an operator asked to cancel them: cancelled, not
     # requeued.
     cancelled: list[int] = field(default_factory=list)
+    # Exhausted jobs that cannot be dead-lettered: pgqueue.dead_jobs holds their ids.
+    blocked: list[int] = field(default_factory=list)
 
 
 # Added to two reaper intervals: how long a lease may have been expired before a standby
@@ -249,7 +251,9 @@ class Reaper:
                     reason="lease_expired",
                 )
                 dead.append(row["id"])
+        blocked: list[int] = []
         for row in store.dead_letter_blocked(conn):
+            blocked.append(row["id"])
             log.error(
                 "reaper.dead_letter_blocked",
                 job_id=row["id"],
@@ -272,13 +276,18 @@ class Reaper:
             log.info("reaper.pruned", jobs=pruned)
         for row in store.delete_stale_workers(conn):
             log.warning("reaper.worker_gone", worker_id=row["id"], host=row["host"], pid=row["pid"])
-        return ReapResult(requeued, dead, pruned, cancelled)
+        return ReapResult(requeued, dead, pruned, cancelled, blocked)
+
+    def handle_signals(self) -> None:
+        """SIGTERM and SIGINT stop this reaper after the statement in flight (the loop, or
+        a pass between two batches). Main thread only."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
 
     def run(self, *, handle_signals: bool = True) -> None:
         """Pass every ``interval`` seconds until stopped (SIGTERM/SIGINT)."""
         if handle_signals:
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
+            self.handle_signals()
         log.info("reaper.started", interval=self.config.interval)
         self._looping = True
         while not self._stopping():

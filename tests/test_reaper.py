@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -345,6 +345,55 @@ def test_a_job_whose_id_the_dead_letter_table_holds_does_not_stall_the_reaper(co
     assert dead is not None and dead["task"] == "older"  # the older record is untouched
     blocked = [e for e in logs if e["event"] == "reaper.dead_letter_blocked"]
     assert [e["job_id"] for e in blocked] == [taken, taken]  # once per pass
+    assert result.blocked == [taken]
+    # `pgqueue-reaper --once` (a cron job) says so and exits 1: an operator must act.
+    once = subprocess.run(
+        [str(BIN / "pgqueue-reaper"), "--once", "--log-level", "error", "--dsn", dsn],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert once.returncode == 1, (once.stdout, once.stderr)
+    assert "requeued 0, dead-lettered 0, cancelled 0, pruned 0" in once.stdout
+    assert f"could not be dead-lettered, pgqueue.dead_jobs holds their ids: [{taken}]" in (
+        once.stderr
+    )
+
+
+def test_a_cancelled_jobs_run_at_is_left_as_it_was(conn, dsn):
+    # Cancelled when its lease expired: it never runs again, so no backoff is added to
+    # its run_at (pgqueue status showed a run_at in the future).
+    job_id = expired_job(conn, attempts=2, max_attempts=5, rescued=True)
+    conn.execute(
+        "UPDATE pgqueue.jobs SET cancel_requested_at = now(), run_at = '2030-01-01T00:00Z'"
+        " WHERE id = %s",
+        (job_id,),
+    )
+    assert run_once(dsn, backoff_base_seconds=600).cancelled == [job_id]
+    row = job_row(conn, job_id)
+    assert row is not None and row["state"] == "cancelled"
+    assert row["run_at"] == datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def test_sigterm_ends_a_once_pass_between_batches_with_its_summary(conn, dsn):
+    # Without its handlers, SIGTERM killed `--once` mid-pass: exit 143, no summary.
+    insert_expired(conn, 60_000, rescued=False)
+    proc = subprocess.Popen(
+        [str(BIN / "pgqueue-reaper"), "--once", "--log-level", "error", "--dsn", dsn],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(
+            lambda: scalar(conn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'queued'"),
+            timeout=30, interval=0.01,
+        )  # fmt: skip
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, (out, err)
+    summary = out.strip().splitlines()[-1]
+    requeued = int(summary.split(",")[0].split()[-1])
+    assert 0 < requeued < 60_000, out
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'queued'") == requeued
 
 
 def test_reaper_requeued_names_the_lost_attempt_and_whether_it_counted(conn, dsn):

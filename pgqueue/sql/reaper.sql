@@ -3,7 +3,7 @@
 -- `rescued`) is requeued at once without counting the attempt its worker's death cost it,
 -- and marked rescued so that its next run is alone (migration 0003). A rescued job's
 -- attempt counts: it is requeued with backoff if it has attempts left. Jobs whose
--- cancellation was requested are cancelled. A batch at a time, SKIP LOCKED so several
+-- cancellation was requested are cancelled (run_at left as it was). A batch at a time, SKIP LOCKED so several
 -- reapers never act on the same row; the UPDATE re-checks the expiry on the locked row,
 -- so a heartbeat that landed in between wins.
 -- Returns each job's lost attempt (ran_attempt) and whether it counted.
@@ -21,7 +21,8 @@ WITH expired AS MATERIALIZED (
         finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
         attempts = CASE WHEN j.rescued THEN j.attempts ELSE j.attempts - 1 END,
         rescued = true,
-        run_at = CASE WHEN j.rescued
+        run_at = CASE WHEN j.cancel_requested_at IS NOT NULL THEN j.run_at
+                      WHEN j.rescued
                       THEN now() + pgqueue.backoff_delay(j.attempts, %(backoff_base_seconds)s,
                                                          %(backoff_max_seconds)s)
                       ELSE now() END,
