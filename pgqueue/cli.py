@@ -1116,13 +1116,7 @@ def limit_option(fn: F) -> F:
 
 
 def _connect(dsn: str | None) -> psycopg.Connection[Any]:
-    conn = psycopg.connect(_require_dsn(dsn), autocommit=True, connect_timeout=10)
-    try:
-        store.pin_session(conn)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+    return store.connect(_require_dsn(dsn), connect_timeout=10)
 
 
 @main.command()

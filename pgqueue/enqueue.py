@@ -443,9 +443,7 @@ def _copy_rows(specs: Sequence[JobSpec], limit: int, defaults: bool) -> Iterator
 def _client_encoding(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str | None:
     """None when the connection's client encoding is UTF-8 (any text can be sent), else
     Python's name for it."""
-    if conn.pgconn.parameter_status(b"client_encoding") in (b"UTF8", b"UNICODE"):
-        return None
-    return conn.info.encoding
+    return None if store.client_encoding_is_utf8(conn) else conn.info.encoding
 
 
 def _check_encodable(encoding: str, texts: Iterable[Any]) -> None:

@@ -152,8 +152,7 @@ class QueueStatsCollector(Collector):
             " stop notifying (workers poll), and full, every other notifying transaction fails.",
         )
         seen = set()
-        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
-            store.pin_session(conn)
+        with store.connect(self.dsn, connect_timeout=5) as conn:
             for row in store.queue_stats(conn):
                 q = row["queue"]
                 seen.add(q)
@@ -221,8 +220,7 @@ def database_health(dsn: str) -> Health:
 
     def check() -> tuple[bool, str]:
         try:
-            with psycopg.connect(dsn, autocommit=True, connect_timeout=2) as conn:
-                store.pin_session(conn)
+            with store.connect(dsn, connect_timeout=2) as conn:
                 applied = store.applied_versions(conn)
                 # One statement unless this role may not read the migrations' record.
                 ready = bool(applied) if applied is not None else store.schema_ready(conn)

@@ -71,8 +71,7 @@ def migrate(
     it cannot create the roles)."""
     migrations = load_migrations()
     applied_now: list[Migration] = []
-    with psycopg.connect(conninfo, autocommit=True, **kwargs) as conn:
-        store.pin_session(conn)
+    with store.connect(conninfo, **kwargs) as conn:
         if on_warning is not None:
             report = on_warning
 
@@ -144,8 +143,7 @@ def status(conninfo: str, **kwargs: Any) -> list[MigrationStatus]:
     """Each migration this pgqueue ships and each the database has, in version order.
     Reads only: takes no lock and creates nothing."""
     shipped = {m.version: m for m in load_migrations()}
-    with psycopg.connect(conninfo, autocommit=True, **kwargs) as conn:
-        store.pin_session(conn)
+    with store.connect(conninfo, **kwargs) as conn:
         records = {r["version"]: r for r in store.migration_records(conn)}
     found: list[MigrationStatus] = []
     for version in sorted(shipped.keys() | records.keys()):

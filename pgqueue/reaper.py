@@ -120,18 +120,11 @@ class Reaper:
                 # for it again).
                 log.info("reaper.leadership_lost", pid=os.getpid())
             self._leader = None
-            conn = psycopg.connect(
+            self._conn = store.connect(
                 self.config.dsn,
-                autocommit=True,
                 application_name="pgqueue-reaper",
                 prepare_threshold=5 if self.config.prepared_statements else None,
             )
-            try:
-                store.pin_session(conn)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
         return self._conn
 
     def _batches(self, fetch: Callable[[], list[Any]]) -> Iterator[list[Any]]:

@@ -78,11 +78,16 @@ _SESSION_FIXES: dict[tuple[bool, bool], LiteralString] = {
 }
 
 
+def client_encoding_is_utf8(conn: SyncConn | AsyncConn) -> bool:
+    """Whether the session's client encoding (as the server reported it) is UTF-8, so
+    that any text can be sent and read."""
+    encoding = conn.pgconn.parameter_status(b"client_encoding") or b""
+    return encoding.upper() in (b"UTF8", b"UNICODE")
+
+
 def _session_fix(conn: SyncConn | AsyncConn) -> LiteralString | None:
-    pgconn = conn.pgconn
-    datestyle = (pgconn.parameter_status(b"DateStyle") or b"").upper()
-    encoding = (pgconn.parameter_status(b"client_encoding") or b"").upper()
-    key = (not datestyle.startswith(b"ISO"), encoding not in (b"UTF8", b"UNICODE"))
+    datestyle = (conn.pgconn.parameter_status(b"DateStyle") or b"").upper()
+    key = (not datestyle.startswith(b"ISO"), not client_encoding_is_utf8(conn))
     return _SESSION_FIXES.get(key)
 
 
@@ -99,6 +104,29 @@ async def pin_session_async(conn: AsyncConn) -> None:
     fix = _session_fix(conn)
     if fix is not None:
         await conn.execute(fix)
+
+
+def connect(conninfo: str, **kwargs: Any) -> SyncConn:
+    """A connection of pgqueue's own (the CLI, the reaper, metrics, migrate): autocommit,
+    its session pinned (pin_session); closed again if pinning fails."""
+    conn = psycopg.connect(conninfo, autocommit=True, **kwargs)
+    try:
+        pin_session(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+async def connect_async(conninfo: str, **kwargs: Any) -> AsyncConn:
+    """connect for an async connection (the listener, pgqueue.testing)."""
+    conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True, **kwargs)
+    try:
+        await pin_session_async(conn)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
 
 
 async def configure_worker_connection(conn: AsyncConn) -> None:

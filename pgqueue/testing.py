@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import psycopg
-
 from pgqueue import store
 from pgqueue.config import WorkerConfig
 from pgqueue.context import JobContext, reset_current, set_current
@@ -238,8 +236,7 @@ def _checked_drain_args(
 
 
 async def _outcomes(dsn: str, queues: Sequence[str], worker_id: str) -> DrainResult:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        await store.pin_session_async(conn)
+    async with await store.connect_async(dsn) as conn:
         rows = await store.drain_outcomes(conn, queues=queues, worker_id=worker_id)
     attempts = tuple(
         Attempt(r["id"], r["task"], r["attempt"], r["outcome"], r["error"]) for r in rows
@@ -273,8 +270,7 @@ async def drain_async(
     )
     names = worker.queues
     loop = asyncio.get_running_loop()
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        await store.pin_session_async(conn)
+    async with await store.connect_async(dsn) as conn:
         # Before the worker starts: its loops would only log and retry.
         applied = await store.applied_versions_async(conn)
         missing = () if applied is None else schema_drift(applied).missing  # None: no grant

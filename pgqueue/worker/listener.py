@@ -49,11 +49,10 @@ class Listener:
         """Listen until cancelled."""
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    self.dsn, autocommit=True, application_name="pgqueue-worker"
+                async with await store.connect_async(
+                    self.dsn, application_name="pgqueue-worker"
                 ) as conn:
                     self._conn = conn
-                    await store.pin_session_async(conn)
                     await conn.execute("LISTEN pgqueue_jobs")
                     if self.backoff.failures:
                         log.info("listener.reconnected")
