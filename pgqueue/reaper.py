@@ -24,7 +24,7 @@ from pgqueue import metrics, store
 from pgqueue.config import ReaperConfig
 from pgqueue.log import get_logger
 from pgqueue.migrate import SchemaWatch
-from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
+from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff, error_fields, retry_event
 
 log = get_logger("pgqueue.reaper")
 
@@ -296,8 +296,12 @@ class Reaper:
                     # OperationalError), or a connection lost while stopping anyway.
                     break
                 wait = self.backoff.next_delay()
-                log.warning("reaper.disconnected", error=str(exc).strip(), retry_in=round(wait, 2))
-                self._close()
+                event = retry_event("reaper", exc, self._conn)
+                log.warning(event, **error_fields(exc), retry_in=round(wait, 2))
+                if event == "reaper.disconnected" or not self._conn_idle():
+                    self._close()
+                # else a statement refused on a sound connection (a serialization
+                # failure, a lock or statement timeout): keep it, and with it the lead.
             except Exception:
                 if self._stopping():
                     break
@@ -310,6 +314,15 @@ class Reaper:
         self._looping = False
         self._close()
         log.info("reaper.stopped")
+
+    def _conn_idle(self) -> bool:
+        conn = self._conn
+        return (
+            conn is not None
+            and not conn.closed
+            and not conn.broken
+            and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        )
 
     def _close(self) -> None:
         if self._conn is not None:

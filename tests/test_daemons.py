@@ -382,6 +382,26 @@ def test_worker_survives_pg_terminate_backend(conn, daemons):
     assert "Traceback" not in output
 
 
+def test_a_claim_the_server_refuses_on_a_sound_connection_is_a_db_error(conn, dsn, daemons):
+    # A lock timeout is an OperationalError like a lost connection; the worker retries
+    # it the same way, but its event must not send an operator after a network fault.
+    worker = daemons.worker(
+        "--poll-interval", "0.2", env={"PGOPTIONS": "-c lock_timeout=200"}
+    )  # fmt: skip
+    wait_until(lambda: pids(conn, POOL_BACKENDS))
+    with psycopg.connect(dsn) as blocker:
+        blocker.execute("LOCK TABLE pgqueue.jobs IN ACCESS EXCLUSIVE MODE")
+        wait_until(lambda: any(e["event"] == "fetcher.db_error" for e in events(daemons, worker)))
+        blocker.rollback()
+    job_id = enqueue(conn, "record", {"note": "after the lock"})
+    wait_until(lambda: all_succeeded(conn, [job_id]), timeout=30)
+    refused = [e for e in events(daemons, worker) if e["event"] == "fetcher.db_error"]
+    assert refused[0]["sqlstate"] == "55P03", refused[0]
+    assert refused[0]["error_type"] == "LockNotAvailable"
+    assert "fetcher.disconnected" not in daemons.output(worker)
+    assert worker.poll() is None
+
+
 def test_worker_wakes_on_notify_after_listener_reconnect(conn, daemons):
     # A 60 s safety-net poll: within the test's 20 s, only a notification (or the wake-up
     # right after a reconnect) can make the idle worker claim.

@@ -594,3 +594,71 @@ def test_pgqueue_reaper_reads_its_interval_and_retention_from_the_environment(co
     assert result.returncode == 0, result.stderr
     assert "pruned 1" in result.stdout
     assert job_row(conn, finished) is None
+
+
+def test_a_statement_refused_on_a_sound_connection_keeps_it_and_the_lead(conn, dsn):
+    # A lock timeout (or a serialization failure, a cancelled statement) is an
+    # OperationalError on a connection that is fine: log it as what it is and keep the
+    # session, whose lock is the lead. Dropping it handed the lead away for a pass.
+    r = Reaper(ReaperConfig(dsn=dsn, interval=0.1, leader_only=True))
+    thread = threading.Thread(target=r.run, kwargs={"handle_signals": False})
+    try:
+        r.run_once()
+        assert r.leading and r._conn is not None
+        session = r._conn.info.backend_pid
+        r._conn.execute("SET lock_timeout = '200ms'")
+        with structlog.testing.capture_logs() as logs:
+            with psycopg.connect(dsn) as blocker:
+                blocker.execute("LOCK TABLE pgqueue.workers IN ACCESS EXCLUSIVE MODE")
+                thread.start()
+                wait_until(lambda: any(e["event"].startswith("reaper.d") for e in logs))
+                blocker.rollback()
+            job = expired_job(conn)
+            wait_until(lambda: job_row(conn, job)["state"] == "queued")  # type: ignore[index]
+            r.stop()
+            thread.join(timeout=10)
+            assert not thread.is_alive()
+        events_ = [e["event"] for e in logs]
+        assert "reaper.db_error" in events_, events_
+        refused = logs[events_.index("reaper.db_error")]
+        assert refused["sqlstate"] == "55P03" and refused["error_type"] == "LockNotAvailable"
+        assert "reaper.disconnected" not in events_ and "reaper.leadership_lost" not in events_
+        assert r._leader and r._lead_pid == session
+    finally:
+        r.stop(cancel=True)
+        if thread.is_alive():
+            thread.join(timeout=10)
+        r._close()
+
+
+def test_only_errors_that_end_the_session_are_logged_as_disconnected():
+    from psycopg import errors
+    from psycopg_pool import PoolTimeout
+
+    from pgqueue.worker.backoff import error_fields, lost_connection, retry_event
+
+    for lost in (
+        psycopg.OperationalError("server closed the connection unexpectedly"),
+        errors.AdminShutdown("terminating connection due to administrator command"),
+        errors.CannotConnectNow("the database system is starting up"),
+        errors.ConnectionFailure("x"),
+        PoolTimeout("couldn't get a connection after 30.00 sec"),
+        ConnectionResetError(),
+        psycopg.InterfaceError("the connection is closed"),
+    ):
+        assert lost_connection(lost), lost
+        assert retry_event("fetcher", lost) == "fetcher.disconnected"
+    for refused in (
+        errors.SerializationFailure("x"),
+        errors.DeadlockDetected("x"),
+        errors.QueryCanceled("canceling statement due to statement timeout"),
+        errors.LockNotAvailable("x"),
+    ):
+        assert not lost_connection(refused), refused
+        assert retry_event("completer", refused) == "completer.db_error"
+    assert error_fields(TimeoutError()) == {"error": "TimeoutError", "error_type": "TimeoutError"}
+    assert error_fields(errors.SerializationFailure("could not serialize")) == {
+        "error": "could not serialize",
+        "error_type": "SerializationFailure",
+        "sqlstate": "40001",
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import psycopg
 from psycopg_pool import PoolTimeout
@@ -15,6 +16,43 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     PoolTimeout,
     OSError,
 )
+
+
+# SQLSTATEs that end the session: connection exceptions (class 08) and the server
+# shutting down or not accepting connections yet.
+_SESSION_ENDING = ("08", "57P01", "57P02", "57P03")
+
+
+def lost_connection(exc: BaseException, conn: Any = None) -> bool:
+    """Whether ``exc`` means the connection is gone, rather than a statement refused on a
+    sound one. A serialization failure, a deadlock, a cancelled statement or a lock
+    timeout is an OperationalError too; those loops retry just the same, but their log
+    event should not send an operator looking for a network fault. Errors raised by the
+    client itself (no SQLSTATE: a socket closed, a pool timeout, an OSError) count as
+    lost, as does any error on a connection psycopg marks closed or broken."""
+    if conn is not None and (conn.closed or conn.broken):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None)
+    return not sqlstate or sqlstate.startswith(_SESSION_ENDING)
+
+
+def error_fields(exc: BaseException) -> dict[str, Any]:
+    """The fields a retrying loop logs about ``exc``: its message (its class name when
+    the message is empty, as a timeout's is), its class and, from the server, SQLSTATE."""
+    fields: dict[str, Any] = {
+        "error": str(exc).strip() or type(exc).__name__,
+        "error_type": type(exc).__name__,
+    }
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate:
+        fields["sqlstate"] = sqlstate
+    return fields
+
+
+def retry_event(component: str, exc: BaseException, conn: Any = None) -> str:
+    """``<component>.disconnected`` for a lost connection, ``<component>.db_error`` for
+    a statement the server refused on a sound one (both are retried with backoff)."""
+    return f"{component}.disconnected" if lost_connection(exc, conn) else f"{component}.db_error"
 
 
 class ReconnectBackoff:

@@ -24,7 +24,12 @@ from psycopg_pool import AsyncConnectionPool
 from pgqueue import store
 from pgqueue.log import get_logger
 from pgqueue.models import Job, Outcome, OutcomeKind
-from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
+from pgqueue.worker.backoff import (
+    CONNECTION_ERRORS,
+    ReconnectBackoff,
+    error_fields,
+    retry_event,
+)
 
 log = get_logger("pgqueue.completer")
 
@@ -119,7 +124,7 @@ class Completer:
             except CONNECTION_ERRORS as exc:
                 delay = self.backoff.next_delay()
                 log.warning(
-                    "completer.disconnected", error=str(exc).strip(), retry_in=round(delay, 2)
+                    retry_event("completer", exc), **error_fields(exc), retry_in=round(delay, 2)
                 )
                 await asyncio.sleep(delay)
             except Exception:
@@ -131,7 +136,9 @@ class Completer:
                 except CONNECTION_ERRORS as exc:
                     delay = self.backoff.next_delay()
                     log.warning(
-                        "completer.disconnected", error=str(exc).strip(), retry_in=round(delay, 2)
+                        retry_event("completer", exc),
+                        **error_fields(exc),
+                        retry_in=round(delay, 2),
                     )
                     await asyncio.sleep(delay)
 

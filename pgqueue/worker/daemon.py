@@ -32,7 +32,12 @@ from pgqueue.log import get_logger, schema_missing
 from pgqueue.migrate import SchemaWatch
 from pgqueue.models import Job, Outcome, OutcomeKind
 from pgqueue.registry import Registry
-from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
+from pgqueue.worker.backoff import (
+    CONNECTION_ERRORS,
+    ReconnectBackoff,
+    error_fields,
+    retry_event,
+)
 from pgqueue.worker.completer import Completer, WriteResult
 from pgqueue.worker.executor import Executor, contain_handler_tasks
 from pgqueue.worker.heartbeat import Heartbeat
@@ -390,7 +395,7 @@ class Worker:
             except CONNECTION_ERRORS as exc:
                 delay = self._backoff.next_delay()
                 log.warning(
-                    "fetcher.disconnected", error=str(exc).strip(), retry_in=round(delay, 2)
+                    retry_event("fetcher", exc), **error_fields(exc), retry_in=round(delay, 2)
                 )
                 await self._wait_for(self._stopping, delay)
                 continue

@@ -29,7 +29,7 @@ from psycopg_pool import AsyncConnectionPool
 from pgqueue import store
 from pgqueue.log import get_logger
 from pgqueue.models import Job
-from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
+from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff, error_fields
 
 log = get_logger("pgqueue.heartbeat")
 
@@ -97,7 +97,7 @@ class Heartbeat:
                 await self.run_once()
                 backoff.reset()
             except CONNECTION_ERRORS as exc:
-                log.warning("heartbeat.failed", error=str(exc).strip())
+                log.warning("heartbeat.failed", **error_fields(exc))
                 await asyncio.sleep(min(self.interval, backoff.next_delay()))
                 continue
             except Exception:

@@ -17,7 +17,12 @@ import psycopg
 
 from pgqueue import store
 from pgqueue.log import get_logger
-from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff
+from pgqueue.worker.backoff import (
+    CONNECTION_ERRORS,
+    ReconnectBackoff,
+    error_fields,
+    retry_event,
+)
 
 CHANNEL = "pgqueue_jobs"
 # cancel_job's payload, before the worker's id: no queue name starts with white space.
@@ -75,7 +80,9 @@ class Listener:
                 delay = self.backoff.next_delay()
                 if isinstance(exc, CONNECTION_ERRORS):
                     log.warning(
-                        "listener.disconnected", error=str(exc).strip(), retry_in=round(delay, 2)
+                        retry_event("listener", exc),
+                        **error_fields(exc),
+                        retry_in=round(delay, 2),
                     )
                 else:
                     log.exception("listener.failed", retry_in=round(delay, 2))
