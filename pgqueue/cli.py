@@ -734,6 +734,7 @@ def worker_command(
             parent_pid=child.parent_pid,
             on_started=child.tell_ready,
         )
+        child.worker = worker
         # This process exists to run the worker: what is allocated by now (modules, the
         # app, settings) lives as long as it does. Collect once, then keep it out of the
         # collector's full passes, which would walk it again and again while jobs wait.
@@ -790,6 +791,10 @@ class _SupervisedChild:
         self.parent_pid = parent_pid
         self.ready_fd = ready_fd
         self.early_sigint = False
+        # The worker whose heartbeats the pipe reports, once it is made.
+        self.worker: Worker | None = None
+        self._reporter: threading.Thread | None = None
+        self._stop_reporting = threading.Event()
 
     @classmethod
     def from_environment(cls) -> _SupervisedChild:
@@ -817,15 +822,69 @@ class _SupervisedChild:
             signal.raise_signal(signal.SIGINT)
 
     def tell_ready(self) -> None:
-        """One byte down the readiness pipe, once the worker runs; then it is closed.
-        EPIPE (Python ignores SIGPIPE): the supervisor is gone; the worker runs anyway."""
-        fd, self.ready_fd = self.ready_fd, None
+        """b"1" down the readiness pipe, once the worker runs. The pipe then carries the
+        worker's liveness to the supervisor's /healthz (see report_heartbeats). EPIPE
+        (Python ignores SIGPIPE): the supervisor is gone; the worker runs anyway."""
+        from pgqueue.supervisor import HEARTBEAT_CURRENT
+
+        fd = self.ready_fd
         if fd is None:
             return
+        try:
+            os.write(fd, HEARTBEAT_CURRENT)
+        except OSError:
+            self._close_pipe()
+            return
+        worker = self.worker
+        if worker is not None:
+            self._reporter = threading.Thread(
+                target=self._report_heartbeats,
+                args=(fd, worker),
+                name="pgqueue-heartbeat-report",
+                daemon=True,
+            )
+            self._reporter.start()
+        else:
+            self._close_pipe()
+
+    def _report_heartbeats(self, fd: int, worker: Worker) -> None:
+        """Whenever it changes: b"0" when the worker's heartbeat has been silent for over
+        a lease (its event loop blocked by a handler, or no database), b"1" once it beats
+        again. A thread of its own, since a blocked loop could report nothing."""
+        from pgqueue.supervisor import (
+            HEARTBEAT_CURRENT,
+            HEARTBEAT_REPORT_SECONDS,
+            HEARTBEAT_SILENT,
+        )
+
         with contextlib.suppress(OSError):
-            os.write(fd, b"1")
-        with contextlib.suppress(OSError):
-            os.close(fd)
+            os.set_blocking(fd, False)
+        reported = HEARTBEAT_CURRENT
+        while not self._stop_reporting.wait(HEARTBEAT_REPORT_SECONDS):
+            now = (
+                HEARTBEAT_CURRENT
+                if worker.heartbeat_silence() <= worker.config.lease_seconds
+                else HEARTBEAT_SILENT
+            )
+            if now != reported:
+                try:
+                    os.write(fd, now)
+                except OSError:
+                    return  # the supervisor is gone
+                reported = now
+
+    def stop_reporting(self) -> None:
+        """End the report thread (the worker has stopped) and close the pipe."""
+        self._stop_reporting.set()
+        if self._reporter is not None:
+            self._reporter.join(timeout=2.0)
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        fd, self.ready_fd = self.ready_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _ready_pipe(value: str) -> int | None:
@@ -894,7 +953,10 @@ async def _run_worker(worker: Worker, child: _SupervisedChild) -> None:
     # run() installs its signal handlers before its first await.
     await asyncio.sleep(0)
     child.deliver()
-    await running
+    try:
+        await running
+    finally:
+        child.stop_reporting()
     idle = asyncio.Event()
     default_executor.on_idle = lambda: loop.call_soon_threadsafe(idle.set)
     if default_executor.busy:

@@ -38,8 +38,13 @@ SUPERVISED_ENV = "PGQUEUE_SUPERVISED"
 # The supervisor's pid, so that a child notices when it is orphaned (and stops).
 SUPERVISOR_PID_ENV = "PGQUEUE_SUPERVISOR_PID"
 # A pipe's write end, passed to each child: it writes one byte once its worker runs, so
-# that /healthz counts a child as up only from then (not while it imports the app).
+# that /healthz counts a child as up only from then (not while it imports the app), then
+# one byte whenever its heartbeat falls silent for over a lease or beats again.
 READY_FD_ENV = "PGQUEUE_READY_FD"
+HEARTBEAT_CURRENT = b"1"
+HEARTBEAT_SILENT = b"0"
+# How often a child looks at its heartbeat for that report.
+HEARTBEAT_REPORT_SECONDS = 0.5
 RESTART_MIN_SECONDS = 1.0
 RESTART_MAX_SECONDS = 30.0
 # What a child's embedded reaper may add to its stop: a 2 s cancel, a 3 s wait.
@@ -56,6 +61,8 @@ class _Child:
     # The read end of the child's readiness pipe, until it said it runs or closed it.
     ready_fd: int | None = None
     ready: bool = False
+    # False while the child reports its heartbeat silent for over a lease.
+    beating: bool = True
     restart_delay: float = RESTART_MIN_SECONDS
     restart_at: float | None = None
     exits: list[int] = field(default_factory=list)
@@ -64,12 +71,16 @@ class _Child:
         if self.ready_fd is None:
             return
         try:
-            data = os.read(self.ready_fd, 1)
+            data = os.read(self.ready_fd, 4096)
         except BlockingIOError:
             return
-        # A byte: the worker runs. End of file: the child is gone without running.
-        self.ready = data != b""
-        self.close_ready_fd()
+        if not data:
+            # End of file: the child is gone (or its worker stopped).
+            self.close_ready_fd()
+            return
+        # A byte: the worker runs; the last one says whether its heartbeat is current.
+        self.ready = True
+        self.beating = data[-1:] == HEARTBEAT_CURRENT
 
     def close_ready_fd(self) -> None:
         if self.ready_fd is not None:
@@ -121,6 +132,7 @@ class Supervisor:
         child.close_ready_fd()
         child.proc, child.ready_fd = self._start(child.slot)
         child.ready = False
+        child.beating = True
         child.started = now
         child.restart_at = None
 
@@ -176,7 +188,14 @@ class Supervisor:
         starting = [slot for slot in range(self.processes) if slot not in ready]
         if starting:
             return False, f"worker processes starting: {starting}"
-        return database_health(self.dsn)()
+        database = database_health(self.dsn)()
+        silent = [c.slot for c in self.children if not c.beating]
+        if silent and database[0]:
+            return False, (
+                f"worker processes {silent}: no heartbeat for over a lease: the event loop"
+                " is blocked (a handler calling blocking code?)"
+            )
+        return database
 
     def run(self) -> int:
         """Supervise until a signal stops the children; returns the exit code."""

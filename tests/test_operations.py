@@ -526,11 +526,16 @@ def test_an_app_that_configures_logging_keeps_its_own(conn, daemons):
     assert not events(daemons, worker, "stdlib working on n3")
 
 
-def test_healthz_is_503_while_a_handler_blocks_the_event_loop(conn, daemons):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_healthz_is_503_while_a_handler_blocks_the_event_loop(conn, daemons, processes):
     # /healthz said 200 while nothing on the loop ran (no heartbeat): a liveness probe
-    # never restarted such a worker while its leases expired.
+    # never restarted such a worker while its leases expired. Under --processes the
+    # supervisor's /healthz did not see a child's blocked loop at all.
     port = free_port()
-    daemons.worker("--metrics-port", str(port), "--lease-seconds", "2", *LOCAL)
+    daemons.worker(
+        "--metrics-port", str(port), "--lease-seconds", "2", "--processes", str(processes),
+        *LOCAL,
+    )  # fmt: skip
     wait_until(lambda: http_status(port, "/healthz") == 200)
     job_id = enqueue(conn, "block_loop", {"seconds": 6})
 

@@ -194,6 +194,14 @@ class Worker:
         self._wake.set()
         self._slot_freed.set()
 
+    def heartbeat_silence(self) -> float:
+        """Seconds since the last successful heartbeat (or the start). The heartbeat runs
+        on the event loop: no beat for a lease means a blocked loop (a handler calling
+        blocking code) or a pool that cannot reach the database, and the leases of this
+        worker's jobs are expiring. Safe to call from any thread."""
+        last_beat = self.heartbeat.last_success or self._started_at
+        return time.monotonic() - last_beat
+
     def health(self) -> tuple[bool, str]:
         """For /healthz (called from the metrics thread): are the loops alive and does
         the database answer?"""
@@ -203,11 +211,7 @@ class Worker:
             return False, "starting"
         if self._stopping.is_set():
             return False, "stopping"
-        # The heartbeat runs on the event loop: no beat for a lease means a blocked loop
-        # (a handler calling blocking code) or a pool that cannot reach the database,
-        # and the leases of this worker's jobs are expiring.
-        last_beat = self.heartbeat.last_success or self._started_at
-        silent = time.monotonic() - last_beat
+        silent = self.heartbeat_silence()
         if silent <= self.config.lease_seconds:
             return self._database_health()
         database = self._database_health()
