@@ -243,8 +243,17 @@ def main() -> None:
     " changed.",
 )
 @click.option("--json", "as_json", is_flag=True, help="With --status: print JSON.")
+@click.option(
+    "--lock-timeout",
+    type=click.FloatRange(min=0, max=2147483),
+    default=5.0,
+    show_default=True,
+    help="Seconds a migration waits for a lock on pgqueue's tables (0: no limit); past"
+    " it the migration fails with nothing changed (run it again). While it waits, every"
+    " statement on that table queues behind it.",
+)
 @dsn_option
-def migrate(show_status: bool, as_json: bool, dsn: str | None) -> None:
+def migrate(show_status: bool, as_json: bool, lock_timeout: float, dsn: str | None) -> None:
     """Apply the missing schema migrations (a no-op when up to date; safe to run twice at once)."""
     from pgqueue.migrate import migrate as run_migrate
     from pgqueue.migrate import status as migration_status
@@ -291,6 +300,7 @@ def migrate(show_status: bool, as_json: bool, dsn: str | None) -> None:
         applied = run_migrate(
             _require_dsn(dsn),
             on_warning=lambda text: click.echo(f"pgqueue: warning: {text}", err=True),
+            lock_timeout=lock_timeout,
         )
         if applied:
             for m in applied:

@@ -21,8 +21,10 @@ from typing import Any, Literal
 import psycopg
 
 from pgqueue import store
-from pgqueue.errors import SCHEMA_HINT, MigrationError
+from pgqueue.errors import SCHEMA_HINT, ConfigError, MigrationError
 
+# How long a migration's statements wait for a lock on pgqueue's tables by default.
+DEFAULT_LOCK_TIMEOUT_SECONDS = 5.0
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -64,11 +66,22 @@ def load_migrations() -> list[Migration]:
 
 
 def migrate(
-    conninfo: str, *, on_warning: Callable[[str], None] | None = None, **kwargs: Any
+    conninfo: str,
+    *,
+    on_warning: Callable[[str], None] | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
+    **kwargs: Any,
 ) -> list[Migration]:
     """Apply the missing migrations; returns those applied (empty when up to date).
     ``on_warning`` receives the text of each WARNING a migration raises (0005 warns when
-    it cannot create the roles)."""
+    it cannot create the roles). ``lock_timeout``: seconds a migration's statements wait
+    for a lock on pgqueue's tables (0: without limit) before it fails with nothing
+    changed; while one waits, every statement on that table queues behind it."""
+    if not (lock_timeout >= 0 and lock_timeout * 1000 < 2**31):
+        raise ConfigError(
+            f"lock_timeout must be 0 or more seconds (at most 2147483), not {lock_timeout!r}"
+        )
+    lock_timeout_ms = 0 if lock_timeout == 0 else max(1, round(lock_timeout * 1000))
     migrations = load_migrations()
     applied_now: list[Migration] = []
     with store.connect(conninfo, **kwargs) as conn:
@@ -107,7 +120,17 @@ def migrate(
                         name=migration.name,
                         checksum=migration.checksum,
                         sql=migration.sql,
+                        lock_timeout_ms=lock_timeout_ms,
                     )
+                except psycopg.errors.LockNotAvailable as exc:
+                    done = ", ".join(f"{m.version:04d}_{m.name}" for m in applied_now)
+                    raise MigrationError(
+                        f"migration {migration.version:04d}_{migration.name} failed: it waited"
+                        f" {lock_timeout:g}s for a lock on pgqueue's tables that another"
+                        " session holds (an open transaction?) and changed nothing; run it"
+                        " again once that ends, or allow longer with --lock-timeout"
+                        + (f" (applied before it: {done})" if done else "")
+                    ) from exc
                 except psycopg.Error as exc:
                     reason = (exc.diag.message_primary or str(exc)).strip().splitlines()
                     # A migration that refuses the data it finds says how to fix it.

@@ -955,9 +955,21 @@ async def applied_versions_async(conn: AsyncConn) -> list[int] | None:
         return None
 
 
-def run_migration(conn: SyncConn, *, version: int, name: str, checksum: str, sql: str) -> None:
-    """Applies one migration file and records it, in one transaction."""
+def run_migration(
+    conn: SyncConn,
+    *,
+    version: int,
+    name: str,
+    checksum: str,
+    sql: str,
+    lock_timeout_ms: int = 0,
+) -> None:
+    """Applies one migration file and records it, in one transaction, its statements
+    waiting at most ``lock_timeout_ms`` for each lock (0: without limit)."""
     with conn.transaction():
+        conn.execute(
+            QUERIES["set_migration_lock_timeout"], {"lock_timeout": f"{int(lock_timeout_ms)}ms"}
+        )
         # Migration files ship inside the package; they are the one place where SQL text
         # is not a named query, by design (numbered, reviewed, never edited).
         conn.execute(sql.encode("utf-8"))

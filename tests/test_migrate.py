@@ -274,11 +274,39 @@ def test_migration_0013_gives_up_on_its_lock_instead_of_queueing_everyone(empty_
     migrate_before(empty_dsn, 13, monkeypatch)
     with psycopg.connect(empty_dsn) as reader:
         reader.execute("SELECT count(*) FROM pgqueue.jobs")  # holds a share lock, open
-        with pytest.raises(MigrationError, match="0013_queue_name_trimmed failed: canceling"):
+        with pytest.raises(MigrationError, match="0013_queue_name_trimmed failed: it waited"):
             migrate(empty_dsn)
         # Its own lock went with it: the reader's transaction goes on.
         assert reader.execute("SELECT count(*) FROM pgqueue.jobs").fetchone() == (0,)
     assert 13 in versions(migrate(empty_dsn))
+
+
+def test_every_migration_gives_up_on_its_lock_after_the_lock_timeout(empty_dsn, monkeypatch):
+    # 0013 had its own 5 s limit; 0015 (and 0007, 0010) waited behind an open transaction
+    # for as long as it lasted, and every enqueue and claim queued behind them.
+    migrate_before(empty_dsn, 15, monkeypatch)
+    with psycopg.connect(empty_dsn) as reader:
+        reader.execute("SELECT count(*) FROM pgqueue.jobs")  # holds a share lock, open
+        with pytest.raises(
+            MigrationError, match=r"0015_created_at_range failed: it waited 0.3s for a lock"
+        ):
+            migrate(empty_dsn, lock_timeout=0.3)
+        cli = subprocess.run(
+            [str(Path(sys.executable).parent / "pgqueue"), "migrate", "--lock-timeout", "0.3",
+             "--dsn", empty_dsn],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert cli.returncode == 1, (cli.stdout, cli.stderr)
+        assert "0015_created_at_range failed: it waited 0.3s for a lock" in cli.stderr
+        assert "run it again once that ends, or allow longer with --lock-timeout" in cli.stderr
+        # Its own lock went with it: the reader's transaction goes on.
+        assert reader.execute("SELECT count(*) FROM pgqueue.jobs").fetchone() == (0,)
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        assert scalar(c, "SELECT max(version) FROM pgqueue.schema_migrations") == 14
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lock_timeout must be 0 or more seconds"):
+            migrate(empty_dsn, lock_timeout=bad)
+    assert 15 in versions(migrate(empty_dsn, lock_timeout=0))
 
 
 @pytest.mark.parametrize(

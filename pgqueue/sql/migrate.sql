@@ -23,6 +23,12 @@ SELECT version, name, checksum, applied_at FROM pgqueue.schema_migrations ORDER 
 -- What pgqueue-worker and pgqueue-reaper compare with the migrations they ship.
 SELECT version FROM pgqueue.schema_migrations ORDER BY version;
 
+-- name: set_migration_lock_timeout
+-- For the migration's own transaction: how long its statements wait for a lock (0: no
+-- limit) before the migration fails, instead of queueing every statement on the table
+-- behind it for as long as some open transaction holds the table.
+SELECT set_config('lock_timeout', %(lock_timeout)s, true);
+
 -- name: record_migration
 INSERT INTO pgqueue.schema_migrations (version, name, checksum)
 VALUES (%(version)s, %(name)s, %(checksum)s);
