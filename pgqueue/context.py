@@ -30,6 +30,14 @@ class JobContext:
         handler decides what to do; a failed attempt of a cancelled job is not retried."""
         return self._cancel.is_set()
 
+    @property
+    def lease_lost(self) -> bool:
+        """True once this worker found the job's lease lost (it expired, and the reaper may
+        have given the job to another worker): whatever this attempt returns or raises is
+        discarded. A long handler may look at it between steps and stop, say with
+        ``raise LeaseLost()``."""
+        return self._cancel.lost()
+
 
 _current: contextvars.ContextVar[JobContext] = contextvars.ContextVar("pgqueue_job")
 

@@ -63,7 +63,8 @@ class JobNotFound(PgQueueError, LookupError):
 
 
 class LeaseLost(PgQueueError):
-    """The job's lease expired and was taken over: this worker's result was discarded."""
+    """The job's lease expired and was taken over: this worker's result is discarded. A
+    handler may raise it to stop once ``current_job().lease_lost`` is True."""
 
 
 class PermanentError(Exception):

@@ -12,18 +12,26 @@ from typing import Any
 class CancelFlag:
     """Set once an operator asks to cancel a running job; read by its handler from any
     thread. A plain attribute (assignment is atomic): a threading.Event per job cost more
-    than the rest of the claim bookkeeping."""
+    than the rest of the claim bookkeeping. It also carries whether the worker found the
+    job's lease lost (``lose``), so that a job costs no second object."""
 
-    __slots__ = ("_set",)
+    __slots__ = ("_lost", "_set")
 
     def __init__(self) -> None:
         self._set = False
+        self._lost = False
 
     def set(self) -> None:
         self._set = True
 
     def is_set(self) -> bool:
         return self._set
+
+    def lose(self) -> None:
+        self._lost = True
+
+    def lost(self) -> bool:
+        return self._lost
 
 
 class JobState(enum.StrEnum):

@@ -402,6 +402,29 @@ def test_a_claim_the_server_refuses_on_a_sound_connection_is_a_db_error(conn, ds
     assert worker.poll() is None
 
 
+def test_a_handler_sees_its_lease_lost_and_may_stop(conn, daemons):
+    # pgqueue.LeaseLost was exported and never raised: a long handler had no way to learn
+    # that another worker may be running its job by now.
+    worker = daemons.worker("--lease-seconds", "3")
+    job_id = enqueue(conn, "watch_lease", {"seconds": 30})
+    wait_until(lambda: executions(conn, job_id, "start"))
+    token = scalar(conn, "SELECT lease_token FROM pgqueue.jobs WHERE id = %s", (job_id,))
+    # As if the reaper had requeued it and another worker claimed it since.
+    conn.execute("UPDATE pgqueue.jobs SET lease_token = gen_random_uuid() WHERE id = %s", (job_id,))
+    wait_until(lambda: executions(conn, job_id, "lost"), timeout=10)
+    assert not executions(conn, job_id, "kept")
+    wait_until(lambda: any(e["event"] == "lease.lost" for e in events(daemons, worker)))
+    time.sleep(0.5)  # what the handler's raise would have written, had it been written
+    mine = [e for e in events(daemons, worker) if e.get("job_id") == job_id]
+    assert [e["event"] for e in mine if e["event"] != "job.claimed"] == ["lease.lost"], mine
+    row = conn.execute(
+        "SELECT state::text, lease_token <> %s, errors FROM pgqueue.jobs WHERE id = %s",
+        (token, job_id),
+    ).fetchone()
+    assert row == ("running", True, []), row  # the other worker's claim is untouched
+    assert worker.poll() is None
+
+
 def test_worker_wakes_on_notify_after_listener_reconnect(conn, daemons):
     # A 60 s safety-net poll: within the test's 20 s, only a notification (or the wake-up
     # right after a reconnect) can make the idle worker claim.

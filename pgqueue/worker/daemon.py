@@ -602,8 +602,9 @@ class Worker:
             self._release_hold(job)
             # Counted and logged here, once: a running handler's result is then dropped
             # (_run_job), and a result already waiting in the completer will be fenced
-            # off quietly (_on_written).
+            # off quietly (_on_written). The handler can see it (current_job().lease_lost).
             self._lost.add((job.id, job.lease_token))
+            job.cancel.lose()
             metrics.child(
                 metrics.JOBS_COMPLETED, job.queue, self._task_label(job), "lease_lost"
             ).inc()

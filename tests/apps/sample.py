@@ -12,7 +12,7 @@ import time
 import psycopg
 import structlog
 
-from pgqueue import PermanentError, Registry, Snooze, current_job
+from pgqueue import LeaseLost, PermanentError, Registry, Snooze, current_job
 from pgqueue.retry import Backoff
 
 registry = Registry()
@@ -36,6 +36,19 @@ def record(note: str = "") -> None:
 @registry.task(name="async_record", queue="async", backoff=FAST)
 async def async_record(note: str = "") -> None:
     await asyncio.to_thread(_record, note)
+
+
+@registry.task(name="watch_lease", max_attempts=1, backoff=FAST)
+async def watch_lease(seconds: float) -> None:
+    """A long handler that stops once its worker finds the lease lost."""
+    await asyncio.to_thread(_record, "start")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if current_job().lease_lost:
+            await asyncio.to_thread(_record, "lost")
+            raise LeaseLost()
+        await asyncio.sleep(0.05)
+    await asyncio.to_thread(_record, "kept")
 
 
 @registry.task(name="subtask_exits", max_attempts=1, backoff=FAST)
