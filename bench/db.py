@@ -40,6 +40,17 @@ def with_database(dsn: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
 
 
+def hold_run_lock(admin_dsn: str) -> psycopg.Connection[Any] | None:
+    """A session advisory lock that one bench run holds on the server for as long as it
+    runs (the returned connection); None if another run holds it."""
+    conn = psycopg.connect(admin_dsn, autocommit=True)
+    row = conn.execute("SELECT pg_try_advisory_lock(hashtext('pgqueue.bench.run'))").fetchone()
+    if row is None or not row[0]:
+        conn.close()
+        return None
+    return conn
+
+
 def create_database(admin_dsn: str, name: str) -> str:
     """Drop ``name`` if a failed earlier run left it, create it fresh; returns its DSN."""
     with psycopg.connect(admin_dsn, autocommit=True) as conn:

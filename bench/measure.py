@@ -334,7 +334,10 @@ def drain(
         extra["error"] = f"incomplete: {fin.count} of {jobs} done, {unfinished} unfinished" + (
             "" if ok else f" (timeout {timeout:.0f}s)"
         )
-    return Sample(fin.rate(), extra)
+    rate = fin.rate()
+    if rate is None and "error" not in extra:
+        extra["error"] = _NO_RATE
+    return Sample(rate, extra)
 
 
 def latency(
@@ -536,6 +539,10 @@ def sustained(
     return Sample(extra["p99_ms"], extra)
 
 
+# A drain whose jobs all finished at one timestamp (one flushed batch) has no rate.
+_NO_RATE = "no rate: every job finished at the same recorded instant (one batch); drain more jobs"
+
+
 def backlog_drain(
     system: System,
     *,
@@ -547,20 +554,31 @@ def backlog_drain(
     timeout: float,
     warmup: int = 0,
     refill: bool = False,
+    hold_waiting: int | None = None,
 ) -> tuple[Sample, int]:
     """With a seeded backlog in place, run workers until ``warmup + measure`` more jobs
     finished; the rate over the ``measure`` that finished after the first ``warmup`` (the
     workers' start-up: connecting, preparing statements, the first claims). With
-    ``refill``, a feeder inserts as many runnable jobs as have finished, every 0.1 s.
-    Returns the sample and by how many jobs the backlog shrank."""
+    ``refill``, a feeder inserts as many runnable jobs as have finished, every 0.1 s; or,
+    with ``hold_waiting`` (a backlog small enough to count often), every 0.05 s as many
+    as it takes to bring the runnable jobs waiting back to that number: replacing only
+    finished jobs left the ones claimed and in flight (up to a claim per worker process)
+    and the drain between two feeds unreplaced, which starves a small backlog. Returns
+    the sample and by how many jobs the backlog shrank."""
     fed = [0]
     stop = threading.Event()
     feeder_errors: list[BaseException] = []
+    seen_waiting: list[int] = []
 
     def feed() -> None:
         try:
-            while not stop.wait(0.1):
-                missing = system.done(marker) - fed[0]
+            while not stop.wait(0.1 if hold_waiting is None else 0.05):
+                if hold_waiting is None:
+                    missing = system.done(marker) - fed[0]
+                else:
+                    waiting = system.waiting()
+                    seen_waiting.append(waiting)
+                    missing = hold_waiting - waiting
                 if missing > 0:
                     system.seed(missing)
                     fed[0] += missing
@@ -593,9 +611,17 @@ def backlog_drain(
         "fed_jobs": fed[0],
         **rss,
     }
+    if seen_waiting:
+        # What the feeder found waiting before each top-up (the low points).
+        ordered = sorted(seen_waiting)
+        extra["waiting_min"] = ordered[0]
+        extra["waiting_median"] = ordered[len(ordered) // 2]
     if feeder_errors:
         extra["error"] = f"backlog feeder failed: {feeder_errors[0]!r}"
         return Sample(None, extra), consumed
     if not ok or fin.count < measure:
         extra["error"] = f"only {fin.count} of {measure} done within {timeout:.0f}s"
-    return Sample(fin.rate(), extra), consumed
+    rate = fin.rate()
+    if rate is None and "error" not in extra:
+        extra["error"] = _NO_RATE
+    return Sample(rate, extra), consumed

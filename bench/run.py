@@ -104,7 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="an EMPTY Redis database for Celery (emptied at the end)",
     )
     p.add_argument("--python312", default="", help="Python >= 3.12 for Oban's venv")
-    p.add_argument("--out", default=str(BENCH_DIR / "results"), help="where latest.* go")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="where latest.* go (default bench/results; with --quick bench/results/quick,"
+        " which git ignores: quick numbers are not for keeping)",
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     p.add_argument(
         "--pgqueue-worker-args",
@@ -134,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         kind = type(full)
         p.add_argument(flag, type=kind, default=None, help=f"(full: {full})")
     opts = p.parse_args(argv)
+    if opts.out is None:
+        opts.out = str(BENCH_DIR / "results" / "quick" if opts.quick else BENCH_DIR / "results")
     for name, (full, quick) in PROFILE.items():
         if getattr(opts, name) is None:
             setattr(opts, name, quick if opts.quick else full)
@@ -262,6 +269,16 @@ def machine_facts(admin_dsn: str, redis_url: str) -> dict[str, Any]:
 
 
 # --- the run ---------------------------------------------------------------------------
+
+
+def _note(fig: Any, text: str) -> None:
+    """Add a note to a figure once (a figure measured in two blocks gets it once)."""
+    if text not in fig.notes:
+        fig.notes.append(text)
+
+
+# Backlogs up to this size are refilled by counting what waits (see backlog_drain).
+HOLD_WAITING_MAX = 200_000
 
 
 class Bench:
@@ -462,7 +479,7 @@ class Bench:
         )
         rss = self.report.figure(
             f"rss_{processes}p_{spec}",
-            f"worker peak RSS, {setting} (largest process)",
+            f"worker peak RSS, {setting} (largest process; over every drain size)",
             "MiB",
             "lower",
             "Memory (sampled during the drains)",
@@ -590,6 +607,10 @@ class Bench:
                 system.reset()
 
     def backlog(self) -> None:
+        """Sizes run one after another (each seeded once, its repetitions rotating the
+        systems): seeding millions of jobs per repetition and size would dominate. A size
+        may be given twice (10000,5000000,10000): its figure then pools the repetitions
+        of both blocks, which brackets the larger size in time."""
         o = self.opts
         pg = [s for s in self.systems if s.postgres]
         runnable_share = 1.0 - o.backlog_future
@@ -603,20 +624,37 @@ class Bench:
             fig = self.report.figure(
                 f"backlog_{size}", title, "jobs/s", "higher", "Backlog scaling"
             )
-            fig.notes.append(
+            _note(
+                fig,
                 "each system's backlog is seeded with one INSERT ... SELECT, vacuumed and"
                 " analyzed, then one CHECKPOINT runs before any is measured (and after any"
                 " re-seed), so that writing back what was just seeded is not timed; the first"
                 f" {o.backlog_warmup:,} jobs each workers' start drains are not timed either"
-                " (connecting, preparing statements, the first claims)"
+                " (connecting, preparing statements, the first claims)",
             )
-            if o.backlog_refill:
-                fig.notes.append(
+            hold = (
+                int(size * runnable_share)
+                if o.backlog_refill and size <= HOLD_WAITING_MAX
+                else None
+            )
+            if hold is not None:
+                _note(
+                    fig,
+                    f"while the workers run, a feeder counts the runnable jobs waiting every"
+                    f" 0.05 s and inserts what brings them back to {hold:,} (one INSERT ..."
+                    " SELECT); the lowest and median counts it found are in latest.json"
+                    " (waiting_min, waiting_median); its inserts load the same Postgres as"
+                    " at every size",
+                )
+            elif o.backlog_refill:
+                _note(
+                    fig,
                     "while the workers run, a feeder inserts as many"
                     " runnable jobs as they have finished (checked every 0.1 s, one INSERT"
-                    " ... SELECT each time), so the number waiting stays at the backlog's size"
-                    " (less what 0.1 s drains) whatever the window; the feeder's inserts load"
-                    " the same Postgres for every size"
+                    " ... SELECT each time), so the number waiting stays within a few"
+                    " thousand (the jobs in flight and 0.1 s of drain) of the backlog's size"
+                    " whatever the window; the feeder's inserts load the same Postgres for"
+                    " every size",
                 )
             left: dict[str, int] = {}
             print(f"[{title}: seeding]", flush=True)
@@ -650,7 +688,11 @@ class Bench:
                         left[system.name] = int(size * runnable_share)
                     consumed = [0]
 
-                    def one(s: System = system, consumed: list[int] = consumed) -> Sample:
+                    def one(
+                        s: System = system,
+                        consumed: list[int] = consumed,
+                        hold: int | None = hold,
+                    ) -> Sample:
                         marker = s.mark()
                         sample, consumed[0] = measure.backlog_drain(
                             s,
@@ -662,6 +704,7 @@ class Bench:
                             log_dir=self.log_dir,
                             timeout=o.timeout,
                             refill=o.backlog_refill,
+                            hold_waiting=hold,
                         )
                         return sample
 
@@ -669,7 +712,7 @@ class Bench:
                     left[system.name] -= consumed[0]
             for system in pg:
                 system.reset()
-        sizes = _ints(o.backlog_sizes)
+        sizes = list(dict.fromkeys(_ints(o.backlog_sizes)))
         if len(sizes) > 1:
             first = self.report.figure(f"backlog_{sizes[0]}", "", "", "", "")
             for size in sizes[1:]:
@@ -680,9 +723,10 @@ class Bench:
                         fig.summary(system.name, system.name),
                     )
                     if a and b:
-                        fig.notes.append(
+                        _note(
+                            fig,
                             f"{system.title}: {b['median'] / a['median']:.0%} of its rate with"
-                            f" {sizes[0]:,} waiting"
+                            f" {sizes[0]:,} waiting",
                         )
 
     def footprint(self) -> None:
@@ -825,17 +869,37 @@ class Bench:
             summary = fig.summary(system) if fig else None
             return summary["median"] if summary else None
 
-        def best_of(prefix: str, system: str) -> tuple[float, str] | None:
+        def best_of(
+            prefix: str, system: str, among: set[str] | None = None
+        ) -> tuple[float, str] | None:
             found = [
                 (s["median"], f.title)
                 for f in self.report.figures
-                if f.key.startswith(prefix) and (s := f.summary(system))
+                if f.key.startswith(prefix)
+                and (among is None or f.key in among)
+                and (s := f.summary(system))
             ]
             return max(found) if found else None
 
         lines: list[str] = []
-        pgq = best_of("drain_", "pgqueue")
-        rival = best_of("drain_", "pgqueuer")
+        # Each system's best among the drain figures both have a value for: a setting
+        # whose runs failed (or gave no rate) for one of them is left out for both, so
+        # one side's best is never held against the other's concurrency 1.
+        drains = [f for f in self.report.figures if f.key.startswith("drain_")]
+        both = {f.key for f in drains if f.summary("pgqueue") and f.summary("pgqueuer")}
+        pgq = best_of("drain_", "pgqueue", both)
+        rival = best_of("drain_", "pgqueuer", both)
+        own = best_of("drain_", "pgqueue")  # against the ceilings: pgqueue's best of all
+        left_out = [
+            f.title
+            for f in drains
+            if f.key not in both and (f.summary("pgqueue") or f.summary("pgqueuer"))
+        ]
+        if pgq and rival and left_out:
+            lines.append(
+                "drain figures left out of the next lines, one side having no value: "
+                + "; ".join(left_out)
+            )
         ceil = best_of("ceiling_claim_100_", "postgres")
         if pgq and rival:
             lines.append(
@@ -843,17 +907,17 @@ class Bench:
                 f" {rival[0]:,.0f}/s = \u00d7{pgq[0] / rival[0]:.2f} (target \u00d73)"
             )
         raw = best_of("ceiling_rawclaim_100_", "postgres")
-        if pgq and ceil:
+        if own and ceil:
             lines.append(
                 f"drain vs pgbench of pgqueue's own batched claim+complete ({ceil[0]:,.0f}/s):"
-                f" {pgq[0] / ceil[0]:.0%} (target 30%)"
+                f" {own[0] / ceil[0]:.0%} (target 30%)"
             )
-        if pgq and raw:
+        if own and raw:
             lines.append(
-                f"drain vs raw batched claim+delete ({raw[0]:,.0f}/s): {pgq[0] / raw[0]:.0%};"
+                f"drain vs raw batched claim+delete ({raw[0]:,.0f}/s): {own[0] / raw[0]:.0%};"
                 f" pgqueue's own statements reach {ceil[0] / raw[0]:.0%} of it"
                 if ceil
-                else f"drain vs raw batched claim+delete ({raw[0]:,.0f}/s): {pgq[0] / raw[0]:.0%}"
+                else f"drain vs raw batched claim+delete ({raw[0]:,.0f}/s): {own[0] / raw[0]:.0%}"
             )
         # Each client count's rate with the CPU of those same runs (not the best of each).
         lease_runs = [
@@ -1014,6 +1078,13 @@ def main(argv: list[str] | None = None) -> None:
     bad = [f for f in figures if f not in FIGURES]
     if bad:
         sys.exit(f"unknown figures: {bad}; known: {list(FIGURES)}")
+    # Two runs on one server would drop each other's databases (their names are fixed).
+    run_lock = db.hold_run_lock(opts.admin_dsn)
+    if run_lock is None:
+        sys.exit(
+            "another `python -m bench` is running against this Postgres server (it uses the"
+            " databases bench_*): wait for it to end"
+        )
     notes: list[str] = []
     oban_python: Path | None = None
     if "oban" in names:
@@ -1084,6 +1155,7 @@ def main(argv: list[str] | None = None) -> None:
             report.notes.extend(_standard_notes(opts, systems, bench))
             md, js = report.write(Path(opts.out))
             print(f"wrote {md} and {js} in {report.seconds / 60:.1f} min", flush=True)
+            run_lock.close()
     if failed is not None:
         raise failed
 
@@ -1120,8 +1192,9 @@ def _standard_notes(opts: argparse.Namespace, systems: list[System], bench: Benc
                 " dependencies at the bench venv's versions, without the competitors'"
                 " packages (in the bench's venv structlog would import rich, which PgQueuer"
                 " brings). The competitors run from the bench's venv (Oban from its own),"
-                " beside each other's packages. pgqueue's producers run in the bench's"
-                " process."
+                " beside each other's packages. pgqueue's producers, like the others', run"
+                " as subprocesses of the bench (bench/apps/bq_produce.py) from the bench's"
+                " venv."
             )
         )
     if "pgqueuer" in names:
