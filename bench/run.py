@@ -989,7 +989,7 @@ class Bench:
                 f"latency p50/p99: pgqueue {p50:.2f}/{p99:.2f} ms (target ≤2/≤5, better than"
                 f" all); others: {shown}"
             )
-        sizes = _ints(self.opts.backlog_sizes)
+        sizes = sorted(set(_ints(self.opts.backlog_sizes)))
         small, large = med(f"backlog_{sizes[0]}", "pgqueue"), med(f"backlog_{sizes[-1]}", "pgqueue")
         if small and large and len(sizes) > 1:
             lines.append(
