@@ -138,6 +138,17 @@ def _require_dsn(dsn: str | None) -> str:
     return check_dsn(dsn)
 
 
+def _entries(value: Any) -> list[dict[str, Any]]:
+    """A job's ``errors`` or ``history`` as entries to print: pgqueue writes arrays of
+    objects, but a plain SQL write may have left anything JSON there (shown as is)."""
+    if not isinstance(value, list):
+        return [{"error": json.dumps(value, ensure_ascii=False)}]
+    return [
+        item if isinstance(item, dict) else {"error": json.dumps(item, ensure_ascii=False)}
+        for item in value
+    ]
+
+
 def _fail(message: str, code: int = EXIT_ERROR) -> None:
     click.echo(f"pgqueue: {message}", err=True)
     sys.exit(code)
@@ -152,8 +163,15 @@ def _guard(fn: Callable[[], int | None]) -> None:
     except PgQueueError as exc:
         _fail(str(exc))
     except psycopg.OperationalError as exc:
+        from pgqueue.worker.backoff import lost_connection
+
         first = first_line(exc)
-        _fail(f"cannot reach the database: {first}")
+        # A statement or lock timeout, a serialization failure: the database answered.
+        _fail(
+            f"cannot reach the database: {first}"
+            if lost_connection(exc)
+            else f"database error: {first}"
+        )
     except psycopg.Error as exc:
         if log.schema_missing(exc):
             _fail(SCHEMA_HINT)
@@ -460,13 +478,13 @@ def status(job_id: int, as_json: bool, show_args: bool, dsn: str | None) -> None
                         "duration": h.get("duration"),
                         "error": h.get("error", ""),
                     }
-                    for h in job.history
+                    for h in _entries(job.history)
                 ],
                 indent="  ",
             )
         if job.errors:
             click.echo("errors:")
-            for err in job.errors:
+            for err in _entries(job.errors):
                 click.echo(
                     f"  attempt {err.get('attempt')}  {err.get('at')}  [{err.get('kind')}]"
                     f"  {err.get('error')}"
@@ -1365,7 +1383,7 @@ def dead_show(job_id: int, as_json: bool, dsn: str | None) -> None:
         args = row["args"]
         shown = _undecodable(args) if isinstance(args, UndecodableArgs) else json.dumps(args)
         click.echo(f"{'args':<16}{shown}")
-        for err in row["errors"]:
+        for err in _entries(row["errors"]):
             click.echo(f"--- attempt {err.get('attempt')} [{err.get('kind')}] {err.get('at')}")
             click.echo(err.get("traceback") or err.get("error"))
         return 0
@@ -1460,7 +1478,11 @@ def dead_retry(
                 err=True,
             )
         if missing:
-            click.echo(f"pgqueue: not in the dead-letter table: {missing}", err=True)
+            click.echo(
+                f"pgqueue: not in the dead-letter table, or held locked by another session"
+                f" (a retry or purge in progress): {missing}",
+                err=True,
+            )
         return 1 if stuck or missing else 0
 
     _guard(body)

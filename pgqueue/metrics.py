@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -89,6 +90,12 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+# How long the database-wide gauges' statements may take (or wait for a lock) before the
+# scrape gives up on them (pgqueue_queue_stats_up 0): under Prometheus' default 10 s
+# scrape timeout.
+STATS_TIMEOUT_SECONDS = 5.0
+
+
 class QueueStatsCollector(Collector):
     """Database-wide gauges, from one cheap query, cached for ``ttl`` seconds."""
 
@@ -153,7 +160,7 @@ class QueueStatsCollector(Collector):
         )
         seen = set()
         with store.connect(self.dsn, connect_timeout=5) as conn:
-            for row in store.queue_stats(conn):
+            for row in store.queue_stats(conn, timeout_seconds=STATS_TIMEOUT_SECONDS):
                 q = row["queue"]
                 seen.add(q)
                 # Every queue's lease-expiry series exists from 0, so the first expiries
@@ -242,6 +249,22 @@ def database_health(dsn: str) -> Health:
     return check
 
 
+class _ThreadingHTTPServerV6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def _server_for(host: str) -> type[ThreadingHTTPServer]:
+    """The server class for ``host``: IPv6 for an IPv6 address (``::``, ``::1``) or a
+    name that resolves only to IPv6; IPv4 otherwise, as before."""
+    try:
+        families = {info[0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except OSError:
+        return ThreadingHTTPServer  # the bind says what is wrong with the name
+    if socket.AF_INET not in families and socket.AF_INET6 in families:
+        return _ThreadingHTTPServerV6
+    return ThreadingHTTPServer
+
+
 class MetricsServer:
     """Serves /metrics and /healthz on a daemon thread; ``stop()`` shuts it down."""
 
@@ -273,7 +296,7 @@ class MetricsServer:
         self.registry = registry
         self.health = health
         try:
-            self._httpd = ThreadingHTTPServer((host, port), Handler)
+            self._httpd = _server_for(host)((host, port), Handler)
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc
         self._httpd.daemon_threads = True

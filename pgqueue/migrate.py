@@ -95,8 +95,12 @@ def migrate(
             conn.add_notice_handler(forward)
         store.lock_migrations(conn)
         try:
-            store.create_migrations_table(conn)
             applied = {r["version"]: r["checksum"] for r in store.migration_records(conn)}
+            if any(m.version not in applied for m in migrations):
+                # Only when there is something to apply: creating the table (even "IF NOT
+                # EXISTS") needs CREATE on the database, which a role that only checks
+                # an up-to-date schema may lack.
+                store.create_migrations_table(conn)
             newer = sorted(set(applied) - {m.version for m in migrations})
             if newer and on_warning is not None:
                 # A newer pgqueue migrated this database: this one may not know its schema.
@@ -223,7 +227,16 @@ class SchemaWatch:
         self.settled = False
         self.notify_limit_checked = False
 
+    @property
+    def behind(self) -> bool:
+        """Whether the database was last seen lacking one of this pgqueue's migrations."""
+        return bool(self._missing) and not self.settled
+
     def observe(self, applied: Iterable[int] | None) -> None:
+        if self.settled:
+            # Another reader (the fetcher, the heartbeat) settled it while this one's
+            # query ran: said already.
+            return
         if applied is None:
             self._log.info(
                 f"{self._daemon}.schema_unchecked",

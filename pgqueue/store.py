@@ -723,7 +723,14 @@ def schema_ready(conn: SyncConn) -> bool:
     return bool(rows and rows[0]["ready"])
 
 
-def queue_stats(conn: SyncConn) -> list[Row]:
+def queue_stats(conn: SyncConn, *, timeout_seconds: float | None = None) -> list[Row]:
+    """The per-queue stats; with ``timeout_seconds``, this session's statements fail
+    past it (a scrape must answer, not wait behind a lock on pgqueue.jobs)."""
+    if timeout_seconds is not None:
+        conn.execute(
+            QUERIES["set_statement_timeout"],
+            {"timeout": f"{max(1, round(timeout_seconds * 1000))}ms"},
+        )
     conn.execute(QUERIES["disable_jit"])
     return _fetch(conn, "queue_stats", {})
 

@@ -193,7 +193,8 @@ class Supervisor:
         if silent and database[0]:
             return False, (
                 f"worker processes {silent}: no heartbeat for over a lease: the event loop"
-                " is blocked (a handler calling blocking code?)"
+                " is blocked (a handler calling blocking code?), or the heartbeat's"
+                " statement waits for a lock on pgqueue.jobs"
             )
         return database
 

@@ -281,6 +281,26 @@ def test_migration_0013_gives_up_on_its_lock_instead_of_queueing_everyone(empty_
     assert 13 in versions(migrate(empty_dsn))
 
 
+def test_migrate_with_nothing_pending_needs_no_create_privilege(empty_dsn):
+    # A deploy step checking an up-to-date schema as a role that cannot CREATE in the
+    # database failed with "permission denied for database" (CREATE SCHEMA IF NOT EXISTS
+    # checks the privilege even when the schema exists).
+    migrate(empty_dsn)
+    role = f"pgqueue_reader_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        c.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        c.execute(sql.SQL("GRANT USAGE ON SCHEMA pgqueue TO {}").format(sql.Identifier(role)))
+        c.execute(
+            sql.SQL("GRANT SELECT ON pgqueue.schema_migrations TO {}").format(sql.Identifier(role))
+        )
+    try:
+        assert migrate(make_conninfo(empty_dsn, user=role)) == []
+    finally:
+        with psycopg.connect(empty_dsn, autocommit=True) as c:
+            c.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            c.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
 def test_every_migration_gives_up_on_its_lock_after_the_lock_timeout(empty_dsn, monkeypatch):
     # 0013 had its own 5 s limit; 0015 (and 0007, 0010) waited behind an open transaction
     # for as long as it lasted, and every enqueue and claim queued behind them.

@@ -558,14 +558,14 @@ def test_unmigrated_database_gives_503_and_a_migrate_hint_until_migrated(server_
         wait_until(lambda: http_status(port, "/healthz") == 503)
         assert "schema is missing" in http_get(port, "/healthz")[1]
         # The loops' failures say what to do, in one line each, not a traceback.
-        for proc, event in ((worker, "fetcher.failed"), (reaper, "reaper.failed")):
+        for proc, event in ((reaper, "reaper.failed"),):
             failed = wait_until(lambda p=proc, e=event: events(daemons, p, e))  # type: ignore[misc]
             assert all("exception" not in f for f in failed), failed
             assert failed[0]["hint"].endswith("run `pgqueue migrate`"), failed[0]
             assert "does not exist" in failed[0]["error"], failed[0]
         # A worker stopped meanwhile says in one line that it could not deregister.
         second = daemons.worker(*LOCAL)
-        wait_until(lambda: events(daemons, second, "fetcher.failed"))
+        wait_until(lambda: events(daemons, second, "worker.schema_behind"))
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=30) == 0
         (deregister,) = events(daemons, second, "worker.deregister_failed")
@@ -591,8 +591,9 @@ def test_unmigrated_database_gives_503_and_a_migrate_hint_until_migrated(server_
 
 def test_a_database_behind_this_version_is_named_until_migrated(server_dsn, tmp_path, monkeypatch):
     """Code upgraded, `pgqueue migrate` not run yet: both daemons say once which of their
-    migrations the database lacks, /healthz answers 503 naming them, and both notice the
-    migrate. Its last migration (0011) only grants, so jobs run meanwhile."""
+    migrations the database lacks, /healthz answers 503 naming them, the worker claims
+    nothing (a claim committed there, the statements that record its outcome could fail
+    and the jobs run again), and both notice the migrate."""
     name = f"pgqueue_behind_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(server_dsn, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
@@ -622,9 +623,13 @@ def test_a_database_behind_this_version_is_named_until_migrated(server_dsn, tmp_
             assert behind["hint"] == SCHEMA_HINT
         with psycopg.connect(dsn, autocommit=True) as c:
             job = enqueue(c, "record", {"note": "behind"})
-            wait_until(lambda: job_state(c, job) == "succeeded")
+            time.sleep(1.5)
+            assert job_state(c, job) == "queued"
+            assert scalar(c, "SELECT attempts FROM pgqueue.jobs WHERE id = %s", (job,)) == 0
 
         assert [m.version for m in migrate(dsn)] == [shipped[-1].version]
+        with psycopg.connect(dsn, autocommit=True) as c:
+            wait_until(lambda: job_state(c, job) == "succeeded", timeout=30)
         wait_until(lambda: http_status(port, "/healthz") == 200, timeout=30)
         for proc, daemon in ((worker, "worker"), (reaper, "reaper")):
             wait_until(lambda p=proc, d=daemon: events(daemons, p, f"{d}.schema_up_to_date"))  # type: ignore[misc]
@@ -1361,7 +1366,10 @@ def test_dead_retry_moves_jobs_back_to_the_queue_keeping_their_history(conn, dsn
     again = cli(dsn, "dead", "retry", str(one), str(other))
     assert again.returncode == 1
     assert again.stdout == "retried 1 dead job(s)\n"
-    assert one_line_error(again) == f"pgqueue: not in the dead-letter table: [{one}]"
+    assert one_line_error(again) == (
+        "pgqueue: not in the dead-letter table, or held locked by another session (a retry or"
+        f" purge in progress): [{one}]"
+    )
     assert job_state(conn, other) == "queued" and dead_row(conn, other) is None
     other = insert_dead(conn, task="crash")
     assert job_state(conn, one) == "queued"
@@ -2976,6 +2984,81 @@ def test_notify_queue_usage_gauge_shows_a_listener_that_does_not_read(conn, dsn)
     # The gauge is the server's: others can only add. 2,000 notifications fill about ten
     # of the queue's 2**20 pages.
     assert 6 / 2**20 <= held < 0.01
+
+
+def test_metrics_serve_on_an_ipv6_address():
+    # --metrics-host :: or ::1 failed: "Address family for hostname not supported".
+    import socket
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry
+
+    from pgqueue.metrics import MetricsServer
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    server = MetricsServer("::1", 0, CollectorRegistry(), lambda: (True, "ok")).start()
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{server.port}/healthz", timeout=5) as r:
+            assert (r.status, r.read()) == (200, b"ok\n")
+    finally:
+        server.stop()
+
+
+def test_queue_stats_give_up_on_a_lock_instead_of_hanging_the_scrape(conn, dsn, monkeypatch):
+    # A session holding pgqueue.jobs locked made a scrape wait for as long as it held it,
+    # then report stats_up 1: PgqueueStatsFailing could never fire for it.
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from pgqueue import metrics
+
+    monkeypatch.setattr(metrics, "STATS_TIMEOUT_SECONDS", 0.5)
+    registry = CollectorRegistry()
+    registry.register(metrics.QueueStatsCollector(dsn, ttl=0.0))
+    with psycopg.connect(dsn) as blocker:
+        blocker.execute("LOCK TABLE pgqueue.jobs IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        body = generate_latest(registry).decode()
+        waited = time.monotonic() - started
+        blocker.rollback()
+    up = [s for f in text_string_to_metric_families(body) for s in f.samples]
+    assert total(up, "pgqueue_queue_stats_up") == 0
+    assert waited < 5, waited  # the timeout, not the lock's holder, ended it
+    # And `pgqueue stats` behind a statement timeout says the database answered.
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("ALTER ROLE CURRENT_USER SET statement_timeout = 1")
+        try:
+            with psycopg.connect(dsn) as locker:
+                locker.execute("LOCK TABLE pgqueue.jobs IN ACCESS EXCLUSIVE MODE")
+                result = cli(dsn, "stats")
+                locker.rollback()
+        finally:
+            c.execute("ALTER ROLE CURRENT_USER RESET statement_timeout")
+    assert one_line_error(result).startswith("pgqueue: database error: canceling statement")
+
+
+def test_status_and_dead_show_print_errors_and_history_a_plain_insert_left_odd(conn, dsn):
+    # errors and history are any JSON to the table: entries that are not objects crashed
+    # both commands with a traceback.
+    job_id = scalar(
+        conn,
+        "INSERT INTO pgqueue.jobs (task, errors, history) VALUES"
+        " ('t', '[\"x\", 1]', '[1, {\"attempt\": 2}]') RETURNING id",
+    )
+    conn.execute(
+        "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts, max_attempts,"
+        " run_at, created_at, reason, errors) VALUES"
+        " (990001, 'default', 't', '{}', 0, 1, 1, now(), now(), 'exhausted', '{\"odd\": true}')"
+    )
+    status = cli(dsn, "status", str(job_id))
+    assert status.returncode == 0, status.stderr
+    assert '"x"' in status.stdout and "attempt 2" not in status.stderr
+    shown = cli(dsn, "dead", "show", "990001")
+    assert shown.returncode == 0, shown.stderr
+    assert '{"odd": true}' in shown.stdout
 
 
 def test_queue_stats_gauges_are_dropped_not_frozen_when_their_query_fails(conn, dsn):

@@ -1117,6 +1117,13 @@ def test_a_session_without_standard_conforming_strings_enqueues_and_wakes(conn, 
 # --- plan guards --------------------------------------------------------------------------
 
 SEED_SQL = [
+    # 20,000 dead jobs across 3 queues (the stats read their queues and counts).
+    """
+    INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts, max_attempts,
+                                   run_at, created_at, reason)
+    SELECT 10000000 + i, 'q' || (i % 3), 't', '{}', 0, 3, 3, now(), now(), 'exhausted'
+    FROM generate_series(1, 20000) AS i
+    """,
     # 20,000 due queued jobs across 3 queues and 2 priorities.
     """
     INSERT INTO pgqueue.jobs (queue, task, priority, run_at)
@@ -1299,7 +1306,8 @@ def _seq_scans_on_jobs(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         n
         for n in nodes
         if n["Node Type"] == "Seq Scan"
-        and n.get("Relation Name") == "jobs"
+        # The dead-letter table too: the metrics' queue_stats read it on every scrape.
+        and n.get("Relation Name") in ("jobs", "dead_jobs")
         and n.get("Schema", "pgqueue") == "pgqueue"
     ]
 
@@ -1526,6 +1534,49 @@ def test_dead_letter_of_a_cancel_requested_job_cancels_it_instead(conn, dsn):
     assert [h["outcome"] for h in row["history"]] == ["failed"]
     assert dead_row(conn, job_id) is None
     assert dead_row(conn, other) is not None
+
+
+def test_a_job_at_the_top_attempts_count_does_not_stop_its_queues_claims(conn, dsn):
+    # attempts + 1 overflowed: one plain-SQL row with attempts = 2147483647 failed every
+    # claim of its queue ("integer out of range"), its healthy neighbours never ran.
+    top = make_job(conn, attempts=2147483647, max_attempts=2147483647)
+    fine = [make_job(conn) for _ in range(3)]
+    claimed = {j.id: j.attempt for j in claim(dsn, ["default"], 10)}
+    assert claimed == {top: 2147483647, **dict.fromkeys(fine, 1)}
+    rescued = make_job(conn, attempts=2147483647, rescued=True)
+    job = run_async(
+        dsn, store.claim_rescued_job, queues=["default"], worker_id=WORKER, lease_seconds=LEASE
+    )
+    assert (job.id, job.attempt) == (rescued, 2147483647)
+
+
+@pytest.mark.parametrize("outcome", ["retry", "snooze"])
+def test_a_cancel_requested_job_that_fails_or_snoozes_keeps_its_run_at(conn, dsn, outcome):
+    # Cancelled, it never runs again: a backoff or snooze delay in its run_at put it
+    # after its finished_at (the reaper's cancel keeps run_at as it was).
+    token = uuid.uuid4()
+    job_id = make_job(
+        conn, state="running", lease_token=token, attempts=1, max_attempts=5,
+        cancel_requested_at=db_clock(conn),
+    )  # fmt: skip
+    before = job_row(conn, job_id)["run_at"]  # type: ignore[index]
+
+    async def go() -> dict[int, str]:
+        aconn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        async with aconn:
+            if outcome == "retry":
+                return await store.retry_jobs(
+                    aconn, ids=[job_id], tokens=[token], delays=[600.0], errors=[ERROR_2],
+                    durations=[0.1],
+                )  # fmt: skip
+            return await store.snooze_jobs(
+                aconn, ids=[job_id], tokens=[token], delays=[600.0], durations=[0.1]
+            )
+
+    assert asyncio.run(go()) == {job_id: "cancelled"}
+    row = job_row(conn, job_id)
+    assert row is not None and row["state"] == "cancelled"
+    assert row["run_at"] == before and row["run_at"] <= row["finished_at"]
 
 
 def test_reaper_cancels_an_exhausted_expired_job_whose_cancel_was_requested(conn, dsn):

@@ -16,6 +16,10 @@ SELECT id, queue, task, 'dead', attempts, max_attempts, priority, run_at,
                WHERE e ->> 'outcome' = 'lease_expired')
 FROM pgqueue.dead_jobs WHERE id = %(id)s;
 
+-- name: set_statement_timeout
+-- For this session: a statement running (or waiting for a lock) longer fails.
+SELECT set_config('statement_timeout', %(timeout)s, false);
+
 -- name: disable_jit
 -- For this session: the recursive CTEs of queue_stats are estimated expensive on small or
 -- never-analysed tables, which triggers JIT compilation (~0.4 s) for a ~1 ms query.
@@ -24,19 +28,26 @@ SET jit = off;
 -- name: queue_stats
 -- Per queue: ready, scheduled and running counts, age of the oldest ready job, jobs
 -- finished in the last minute, dead jobs, paused. Stays cheap with millions of jobs:
--- distinct queues by a loose index scan of jobs_claim_idx, counts by index-only scans of
--- the partial indexes, the oldest ready job by one index descent per priority.
+-- distinct queues by loose index scans of jobs_claim_idx and dead_jobs_queue_idx (0016),
+-- counts by index scans of the partial indexes and of dead_jobs_queue_idx, the oldest
+-- ready job by one index descent per priority.
 WITH RECURSIVE queued_queues AS (
     (SELECT j.queue FROM pgqueue.jobs AS j WHERE j.state = 'queued' ORDER BY j.queue LIMIT 1)
     UNION ALL
     SELECT (SELECT j.queue FROM pgqueue.jobs AS j
             WHERE j.state = 'queued' AND j.queue > qq.queue ORDER BY j.queue LIMIT 1)
     FROM queued_queues AS qq WHERE qq.queue IS NOT NULL
+), dead_queues AS (
+    (SELECT d.queue FROM pgqueue.dead_jobs AS d ORDER BY d.queue LIMIT 1)
+    UNION ALL
+    SELECT (SELECT d.queue FROM pgqueue.dead_jobs AS d
+            WHERE d.queue > dq.queue ORDER BY d.queue LIMIT 1)
+    FROM dead_queues AS dq WHERE dq.queue IS NOT NULL
 ), names AS (
     SELECT queue AS name FROM queued_queues WHERE queue IS NOT NULL
     UNION SELECT name FROM pgqueue.queues WHERE paused_at IS NOT NULL
     UNION SELECT queue FROM pgqueue.jobs WHERE state = 'running'
-    UNION SELECT queue FROM pgqueue.dead_jobs
+    UNION SELECT queue FROM dead_queues WHERE queue IS NOT NULL
     UNION SELECT queue FROM pgqueue.jobs
           WHERE state IN ('succeeded', 'cancelled') AND finished_at > now() - interval '1 minute'
 )

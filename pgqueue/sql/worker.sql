@@ -31,7 +31,9 @@ WITH picked AS MATERIALIZED (
 )
 UPDATE pgqueue.jobs AS j
 SET state = 'running',
-    attempts = j.attempts + 1,
+    -- Saturates at the integer's top: a plain INSERT may give any count, and an overflow
+    -- here would fail every claim of the job's queue.
+    attempts = j.attempts + (j.attempts < 2147483647)::int,
     lease_token = gen_random_uuid(),
     leased_by = %(worker_id)s,
     attempted_at = now(),
@@ -65,7 +67,9 @@ WITH picked AS MATERIALIZED (
 )
 UPDATE pgqueue.jobs AS j
 SET state = 'running',
-    attempts = j.attempts + 1,
+    -- Saturates at the integer's top: a plain INSERT may give any count, and an overflow
+    -- here would fail every claim of the job's queue.
+    attempts = j.attempts + (j.attempts < 2147483647)::int,
     lease_token = gen_random_uuid(),
     leased_by = %(worker_id)s,
     attempted_at = now(),
@@ -187,7 +191,9 @@ WITH updated AS (
     SET state = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued'
                      ELSE 'cancelled' END::pgqueue.job_state,
         finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
-        run_at = now() + make_interval(secs => r.delay_seconds),
+        -- A cancelled job never runs again: its run_at stays (as the reaper leaves it).
+        run_at = CASE WHEN j.cancel_requested_at IS NULL
+                      THEN now() + make_interval(secs => r.delay_seconds) ELSE j.run_at END,
         lease_token = NULL,
         lease_expires_at = NULL,
         errors = j.errors || jsonb_build_array(r.error),
@@ -214,7 +220,8 @@ WITH updated AS (
                      ELSE 'cancelled' END::pgqueue.job_state,
         finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
         attempts = j.attempts - 1,
-        run_at = now() + make_interval(secs => s.delay_seconds),
+        run_at = CASE WHEN j.cancel_requested_at IS NULL
+                      THEN now() + make_interval(secs => s.delay_seconds) ELSE j.run_at END,
         lease_token = NULL,
         lease_expires_at = NULL,
         history = j.history || pgqueue.history_entry(
@@ -365,7 +372,10 @@ WITH o AS (
     UNION ALL
     SELECT o.id, h.e ->> 'outcome', false
     FROM o
-    JOIN pgqueue.dead_jobs AS d ON d.id = o.id
+    -- One primary-key lookup per id (LIMIT 1 keeps the planner from turning this into a
+    -- hash join over the whole dead-letter table in a generic plan).
+    CROSS JOIN LATERAL (SELECT d.history FROM pgqueue.dead_jobs AS d
+                        WHERE d.id = o.id LIMIT 1) AS d
     CROSS JOIN LATERAL jsonb_array_elements(d.history) AS h(e)
     WHERE h.e ->> 'worker' = %(worker_id)s::text AND h.e ? 'duration'
       AND (h.e ->> 'started_at')::timestamptz = o.started_at

@@ -219,7 +219,8 @@ class Worker:
             return database
         return False, (
             f"no heartbeat for {silent:.0f}s (lease {self.config.lease_seconds:g}s): the"
-            " event loop is blocked (a handler calling blocking code?)"
+            " event loop is blocked (a handler calling blocking code?), or the heartbeat's"
+            " statement waits for a lock on pgqueue.jobs"
         )
 
     async def run(self, *, handle_signals: bool = True) -> None:
@@ -305,6 +306,14 @@ class Worker:
             # A cancel request for a job of this claim may come between the claim's
             # commit and its jobs being held: the beat it brings forward would miss them.
             soon_requests = self.heartbeat.soon_requests
+            if not self._schema.settled:
+                # Claim nothing while the database lacks a migration this version ships:
+                # the statements that record outcomes may fail once the claim committed,
+                # and its jobs would run again (checked again before each claim until
+                # `pgqueue migrate` has run; worker.schema_behind says so once).
+                self._schema.observe(await store.applied_versions_async(conn))
+                if self._schema.behind:
+                    return []
             if loop.time() >= self._next_rescue_check:
                 self._rescue_pending = await store.rescued_waiting(conn, queues=self.queues)
                 self._next_rescue_check = loop.time() + self.config.poll_interval
