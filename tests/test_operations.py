@@ -3028,15 +3028,16 @@ def test_queue_stats_give_up_on_a_lock_instead_of_hanging_the_scrape(conn, dsn, 
     assert total(up, "pgqueue_queue_stats_up") == 0
     assert waited < 5, waited  # the timeout, not the lock's holder, ended it
     # And `pgqueue stats` behind a statement timeout says the database answered.
-    with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute("ALTER ROLE CURRENT_USER SET statement_timeout = 1")
+    # (This scratch database's setting: a role's would reach every session on the server.)
+    with psycopg.connect(dsn, autocommit=True) as c, psycopg.connect(dsn) as locker:
+        name = sql.Identifier(c.info.dbname)
+        locker.execute("LOCK TABLE pgqueue.jobs IN ACCESS EXCLUSIVE MODE")
+        c.execute(sql.SQL("ALTER DATABASE {} SET statement_timeout = 1").format(name))
         try:
-            with psycopg.connect(dsn) as locker:
-                locker.execute("LOCK TABLE pgqueue.jobs IN ACCESS EXCLUSIVE MODE")
-                result = cli(dsn, "stats")
-                locker.rollback()
+            result = cli(dsn, "stats")
         finally:
-            c.execute("ALTER ROLE CURRENT_USER RESET statement_timeout")
+            c.execute(sql.SQL("ALTER DATABASE {} RESET statement_timeout").format(name))
+            locker.rollback()
     assert one_line_error(result).startswith("pgqueue: database error: canceling statement")
 
 
