@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import stat
 import sys
 import threading
@@ -851,7 +852,7 @@ class _SupervisedChild:
 
     def tell_ready(self) -> None:
         """b"1" down the readiness pipe, once the worker runs. The pipe then carries the
-        worker's liveness to the supervisor's /healthz (see report_heartbeats). EPIPE
+        worker's liveness to the supervisor's /healthz (see _report_heartbeats). EPIPE
         (Python ignores SIGPIPE): the supervisor is gone; the worker runs anyway."""
         from pgqueue.supervisor import HEARTBEAT_CURRENT
 
@@ -977,6 +978,19 @@ async def _run_worker(worker: Worker, child: _SupervisedChild) -> None:
     loop = asyncio.get_running_loop()
     default_executor = _DefaultExecutor()
     loop.set_default_executor(default_executor)
+    # Host name lookups (psycopg's, when the pool reconnects) get threads of their own:
+    # in the default executor they queued behind handlers' asyncio.to_thread calls, and
+    # with those stuck (timed out, abandoned) the worker could never reconnect.
+    resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pgqueue-resolve")
+
+    async def getaddrinfo(
+        host: Any, port: Any, *, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0
+    ) -> Any:
+        return await loop.run_in_executor(
+            resolver, socket.getaddrinfo, host, port, family, type, proto, flags
+        )
+
+    loop.getaddrinfo = getaddrinfo  # type: ignore[method-assign]
     running = asyncio.create_task(worker.run())
     # run() installs its signal handlers before its first await.
     await asyncio.sleep(0)
@@ -991,6 +1005,11 @@ async def _run_worker(worker: Worker, child: _SupervisedChild) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(DEFAULT_EXECUTOR_GRACE_SECONDS):
                 await idle.wait()
+    resolver.shutdown(wait=False, cancel_futures=True)
+    for thread in threading.enumerate():
+        # Idle ones end at once; a lookup hanging on DNS is not waited for long.
+        if thread.name.startswith("pgqueue-resolve"):
+            thread.join(timeout=1.0)
     if default_executor.busy:
         _log.warning("worker.threads_left", threads=default_executor.busy)
     if worker.stubborn_handlers or default_executor.busy:

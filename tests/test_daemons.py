@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
 from pgqueue import enqueue
@@ -422,6 +423,41 @@ def test_a_handler_sees_its_lease_lost_and_may_stop(conn, daemons):
         (token, job_id),
     ).fetchone()
     assert row == ("running", True, []), row  # the other worker's claim is untouched
+    assert worker.poll() is None
+
+
+def test_a_process_a_handler_forks_and_terminates_does_not_stop_the_worker(conn, daemons):
+    # The forked child shared asyncio's wake-up socket: its SIGTERM reached the worker's
+    # loop as the worker's own (worker.stopping, exit 0 with jobs waiting), and the child
+    # ignored it (terminate() then join waited its whole timeout).
+    worker = daemons.worker()
+    job_id = enqueue(conn, "fork_and_terminate", {})
+    wait_until(lambda: executions(conn, job_id, "child exit"), timeout=30)
+    assert executions(conn, job_id, "child exit -15") == 1
+    after = enqueue(conn, "record", {"note": "after the fork"})
+    wait_until(lambda: all_succeeded(conn, [job_id, after]), timeout=30)
+    assert worker.poll() is None
+    assert "worker.stopping" not in daemons.output(worker)
+
+
+def test_a_worker_reconnects_with_its_default_executor_full_of_stuck_threads(conn, dsn, daemons):
+    # psycopg resolves a host name in the loop's default executor, which asyncio.to_thread
+    # calls of timed-out handlers had filled: after its connections were cut the worker
+    # never got one again.
+    by_name = make_conninfo(dsn, host="localhost")
+    worker = daemons.worker("--lease-seconds", "5", env={"PGQUEUE_DSN": by_name})
+    wait_until(lambda: pids(conn, WORKER_BACKENDS))
+    stuck = [enqueue(conn, "hang_in_thread", {"seconds": 60}) for _ in range(40)]
+    wait_until(
+        lambda: (
+            scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs WHERE id = ANY (%s)", (stuck,))
+            == len(stuck)
+        ),
+        timeout=30,
+    )
+    conn.execute(f"SELECT pg_terminate_backend(pid) FROM ({WORKER_BACKENDS}) AS w")
+    after = enqueue(conn, "record", {"note": "after the cut"})
+    wait_until(lambda: all_succeeded(conn, [after]), timeout=30)
     assert worker.poll() is None
 
 

@@ -23,6 +23,7 @@ from psycopg import sql
 from pgqueue import (
     Backoff,
     ConfigError,
+    JobSpec,
     PermanentError,
     Reaper,
     ReaperConfig,
@@ -32,6 +33,7 @@ from pgqueue import (
     WorkerConfig,
     current_job,
     enqueue,
+    enqueue_many,
     store,
 )
 
@@ -1648,3 +1650,148 @@ def test_tasks_a_handler_starts_are_contained_and_the_containment_undone_politel
         asyncio.run(main())
         gc.collect()
     assert not [w for w in caught if "never awaited" in str(w.message)], caught
+
+
+def test_a_sync_timeout_before_any_thread_took_the_call_frees_its_slot(dsn):
+    # The timeout fired while the call still waited for a pool thread: it was counted
+    # as a thread running on, and since none ever ran it, the slot was never given back.
+    # Enough of those and the worker claimed nothing for good.
+    registry = Registry()
+
+    @registry.task(name="tiny_timeout", timeout=0.001, max_attempts=1)
+    def tiny_timeout(i: int) -> None:
+        time.sleep(0.005)
+
+    @registry.task(name="ok")
+    def ok() -> None:
+        pass
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        enqueue_many(conn, [JobSpec("tiny_timeout", {"i": i}) for i in range(400)])
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, concurrency=20) as worker:
+            # (A thread that returned before the loop saw its timer is a success.)
+            await wait_for_db(
+                dsn,
+                "SELECT (SELECT count(*) FROM pgqueue.dead_jobs) + (SELECT count(*) FROM"
+                " pgqueue.jobs WHERE state = 'succeeded') = 400",
+                timeout=30,
+            )
+            await asyncio.sleep(0.5)  # every thread that did start has returned by now
+            assert worker.executor.abandoned == 0
+            assert worker._free_slots() == 20
+            ok_id = sql_enqueue(dsn, "ok")
+            await wait_for_db(
+                dsn, "SELECT state = 'succeeded' FROM pgqueue.jobs WHERE id = %s", (ok_id,)
+            )
+
+    run(main)
+    errors = [e for (e,) in fetch(dsn, "SELECT errors->0->>'error' FROM pgqueue.dead_jobs")]
+    assert all(e.startswith("timed out after 0.001s") for e in errors), errors[:3]
+
+
+def test_a_worker_stops_claiming_while_its_outcomes_cannot_be_written(dsn):
+    # Another session held one running job's row locked: the batch with its outcome
+    # waited on the lock, every later outcome queued behind it, and the fetcher claimed
+    # on (38,918 jobs `running` at concurrency 10 in a review), all to run again had the
+    # worker died. Past a concurrency's worth of unwritten outcomes it claims nothing.
+    registry = Registry()
+    started, gate = threading.Event(), threading.Event()
+
+    @registry.task(name="held")
+    def held() -> None:
+        started.set()
+        gate.wait(10)
+
+    @registry.task(name="quick")
+    def quick() -> None:
+        pass
+
+    held_id = sql_enqueue(dsn, "held")
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, concurrency=10):
+            assert await asyncio.to_thread(started.wait, 10)
+            with psycopg.connect(dsn) as locker:
+                locker.execute("SELECT 1 FROM pgqueue.jobs WHERE id = %s FOR UPDATE", (held_id,))
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    enqueue_many(conn, [JobSpec("quick", {}) for _ in range(3000)])
+                gate.set()
+                await asyncio.sleep(3)
+                ((running,),) = fetch(
+                    dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'running'"
+                )
+                assert running <= 40, running
+                locker.rollback()
+            await wait_for_db(
+                dsn,
+                "SELECT count(*) = 3001 FROM pgqueue.jobs WHERE state = 'succeeded'",
+                timeout=60,
+            )
+
+    run(main)
+
+
+def test_permanent_error_and_snooze_raised_in_a_task_group_keep_their_meaning(dsn):
+    # A TaskGroup wraps what its tasks raise in an ExceptionGroup: a PermanentError was
+    # retried as an error until exhausted, a snooze ended in the dead-letter table.
+    registry = Registry()
+
+    async def in_group(exc: BaseException) -> None:
+        async def raise_it() -> None:
+            raise exc
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(raise_it())
+
+    @registry.task(name="group_permanent", max_attempts=3, backoff=FAST)
+    async def group_permanent() -> None:
+        await in_group(PermanentError("no use retrying"))
+
+    snooze_calls: list[int] = []
+
+    @registry.task(name="group_snooze", max_attempts=3, backoff=FAST)
+    async def group_snooze() -> None:
+        snooze_calls.append(current_job().attempt)
+        if len(snooze_calls) == 1:
+            await in_group(Snooze(0.05))
+
+    @registry.task(name="blocks_loop", timeout=0.2, max_attempts=1)
+    async def blocks_loop() -> None:
+        time.sleep(0.5)  # noqa: ASYNC251 - the bug this stands for
+
+    permanent = sql_enqueue(dsn, "group_permanent")
+    snoozed = sql_enqueue(dsn, "group_snooze")
+    blocked = sql_enqueue(dsn, "blocks_loop")
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            await wait_for_db(
+                dsn,
+                "SELECT count(*) = 2 FROM pgqueue.dead_jobs WHERE id = ANY (%s)",
+                ([permanent, blocked],),
+            )
+            await wait_for_db(
+                dsn, "SELECT state = 'succeeded' FROM pgqueue.jobs WHERE id = %s", (snoozed,)
+            )
+
+    run(main)
+    ((reason, attempts, kind),) = fetch(
+        dsn,
+        "SELECT reason, attempts, errors->0->>'kind' FROM pgqueue.dead_jobs WHERE id = %s",
+        (permanent,),
+    )
+    assert (reason, attempts, kind) == ("permanent", 1, "permanent")
+    ((history, attempts),) = fetch(
+        dsn, "SELECT history, attempts FROM pgqueue.jobs WHERE id = %s", (snoozed,)
+    )
+    assert [h["outcome"] for h in history] == ["snoozed", "succeeded"]
+    assert attempts == 1  # the snooze gave its attempt back
+    # An async handler that held the loop past its timeout and returned was `succeeded`.
+    ((kind, error),) = fetch(
+        dsn,
+        "SELECT errors->0->>'kind', errors->0->>'error' FROM pgqueue.dead_jobs WHERE id = %s",
+        (blocked,),
+    )
+    assert kind == "timeout" and "blocked the event loop" in error, error

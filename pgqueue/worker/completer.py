@@ -101,6 +101,10 @@ class Completer:
     def pending(self) -> int:
         return len(self._pending)
 
+    def unwritten(self) -> int:
+        """Outcomes waiting to be written or being written."""
+        return len(self._pending) + len(self._batch)
+
     def holding(self) -> set[Job]:
         """The attempts whose outcome is waiting here or being written: their rows may stop
         showing their leases at any moment, without the leases being lost."""

@@ -59,6 +59,30 @@ def make_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
+_FORK_HOOK: list[bool] = []
+
+
+def _forked_child_signals() -> None:
+    """In a process forked from the worker (a handler's multiprocessing, on Linux by
+    default): the worker's signal set-up is not the child's. asyncio's wake-up fd is a
+    socket the child shares with the worker, so a signal sent to the child (a Pool's
+    terminate(), say) reached the worker's loop as the worker's own, and stopped it;
+    and the child ignored it. The child gets Python's defaults back."""
+    with contextlib.suppress(ValueError, OSError):
+        signal.set_wakeup_fd(-1)
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _reset_signals_after_fork() -> None:
+    """Once per process (a fork hook cannot be taken back; it only restores defaults)."""
+    if not _FORK_HOOK:
+        os.register_at_fork(after_in_child=_forked_child_signals)
+        _FORK_HOOK.append(True)
+
+
 class Worker:
     """Runs jobs from ``config.queues`` (default: the registry's queues) until stopped."""
 
@@ -230,6 +254,7 @@ class Worker:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+            _reset_signals_after_fork()
         self._log = log.bind()
         uncontain = contain_handler_tasks(loop)
         try:
@@ -390,8 +415,17 @@ class Worker:
             self._isolation_tail = False
         # Threads still running handlers the worker gave up on (timed out, released)
         # hold pool threads: count them, so a claimed sync job always gets a thread at
-        # once and its timeout never starts while it waits for one.
-        return self.config.concurrency - len(self._running) - self.executor.abandoned
+        # once and its timeout never starts while it waits for one. Outcomes not written
+        # yet past a concurrency's worth (a write waiting on a row another session
+        # locked, a database answering slowly) count too: the worker would otherwise go
+        # on running jobs whose outcomes pile up, all to run again after a crash.
+        unwritten = self.completer.unwritten() - self.config.concurrency
+        return (
+            self.config.concurrency
+            - len(self._running)
+            - self.executor.abandoned
+            - max(0, unwritten)
+        )
 
     async def _fetch_loop(self) -> None:
         while not self._stopping.is_set():
@@ -596,6 +630,8 @@ class Worker:
     def _release_hold(self, job: Job) -> None:
         # Only this attempt's hold: the same job may have been claimed again since.
         self._held.pop(job, None)
+        # A written outcome may free a slot (see _free_slots).
+        self._slot_freed.set()
 
     def _on_lost(self, jobs: list[Job]) -> None:
         for job in jobs:

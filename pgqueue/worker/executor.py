@@ -190,6 +190,29 @@ class Executor:
             # (Task.cancelling() cannot tell: on Python 3.11 a TaskGroup whose child
             # failed after its body ended leaves the count at 1.)
             return self._failed(job, started, backoff, "error", exc)
+        except BaseExceptionGroup as group:
+            # A TaskGroup (or gather's successor) wraps what its tasks raised: a
+            # PermanentError among them dead-letters, Snoozes alone snooze (for the longest
+            # asked), anything else fails the attempt.
+            leaves = _leaves(group)
+            permanent = [e for e in leaves if isinstance(e, PermanentError)]
+            if permanent:
+                return Outcome(
+                    job,
+                    OutcomeKind.DEAD,
+                    time.monotonic() - started,
+                    error=error_record(job, self.worker_id, "permanent", permanent[0]),
+                    dead_reason="permanent",
+                )
+            snoozes = [e for e in leaves if isinstance(e, Snooze)]
+            if snoozes and len(snoozes) == len(leaves):
+                return Outcome(
+                    job,
+                    OutcomeKind.SNOOZED,
+                    time.monotonic() - started,
+                    delay_seconds=max(s.seconds for s in snoozes),
+                )
+            return self._failed(job, started, backoff, "error", group)
         except Snooze as snooze:
             return Outcome(
                 job, OutcomeKind.SNOOZED, time.monotonic() - started, delay_seconds=snooze.seconds
@@ -242,6 +265,7 @@ class Executor:
         if timeout is None:
             await awaitable
             return
+        begun = time.monotonic()
         try:
             async with asyncio.timeout(max(timeout, 0.0)) as scope:
                 await awaitable
@@ -258,6 +282,12 @@ class Executor:
                 f"timed out after {budget or timeout}s (the handler caught the cancellation"
                 " and returned later)"
             )
+        if time.monotonic() - begun > timeout and not self.released(job):
+            # The timer could not fire: the handler held the event loop (blocking code in
+            # an async def) past its timeout, then returned.
+            raise _TimedOut(
+                f"timed out after {budget or timeout}s (the handler blocked the event loop past it)"
+            )
 
     async def _call_in_thread(self, fn: Any, args: Any, timeout: float | None) -> Any:
         state = _ThreadState()
@@ -273,12 +303,21 @@ class Executor:
             raise
         if not done:
             # The thread runs on; its result is dropped (see the module docstring).
-            self._abandon(state)
+            running = self._abandon(state)
             future.cancel()
-            raise _TimedOut(f"timed out after {timeout}s (the thread runs on to its end)")
+            raise _TimedOut(
+                f"timed out after {timeout}s (the thread runs on to its end)"
+                if running
+                else f"timed out after {timeout}s before a thread was free to start it"
+                " (it did not run)"
+            )
         return future.result()
 
     def _in_thread(self, state: _ThreadState, call: Callable[[], Any]) -> Any:
+        with self._abandon_lock:
+            if state.skipped:
+                return None  # its attempt ended before a thread took it up
+            state.started = True
         try:
             return call()
         finally:
@@ -290,11 +329,18 @@ class Executor:
             if freed and self._on_thread_freed is not None:
                 self._on_thread_freed()
 
-    def _abandon(self, state: _ThreadState) -> None:
+    def _abandon(self, state: _ThreadState) -> bool:
+        """Give up on a call; True if a thread runs it on (counted in ``abandoned``
+        until it ends). A call no thread has taken up yet is skipped for good: counted,
+        it held a slot that nothing would ever free."""
         with self._abandon_lock:
+            if not state.started:
+                state.skipped = True
+                return False
             if not state.done and not state.abandoned:
                 state.abandoned = True
                 self.abandoned += 1
+            return not state.done
 
     def _failed(
         self,
@@ -337,12 +383,24 @@ class Executor:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions of a (nested) exception group."""
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
 class _ThreadState:
-    __slots__ = ("abandoned", "done")
+    __slots__ = ("abandoned", "done", "skipped", "started")
 
     def __init__(self) -> None:
         self.done = False
         self.abandoned = False
+        # Whether a pool thread took the call up; ``skipped``: given up on before that,
+        # so it never runs (and holds no thread).
+        self.started = False
+        self.skipped = False
 
 
 class _BadArgs(Exception):

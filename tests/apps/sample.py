@@ -51,6 +51,27 @@ async def watch_lease(seconds: float) -> None:
     await asyncio.to_thread(_record, "kept")
 
 
+@registry.task(name="fork_and_terminate", backoff=FAST)
+def fork_and_terminate() -> None:
+    """Starts a process with multiprocessing's fork and terminates it, as Pool's exit does:
+    the child's SIGTERM must end the child, not reach the worker."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+    child.start()
+    time.sleep(0.3)
+    child.terminate()
+    child.join(10)
+    _record(f"child exit {child.exitcode}")
+
+
+@registry.task(name="hang_in_thread", timeout=0.3, max_attempts=1, backoff=FAST)
+async def hang_in_thread(seconds: float) -> None:
+    """Times out inside asyncio.to_thread: the thread stays, holding a default-executor
+    thread for ``seconds``."""
+    await asyncio.to_thread(time.sleep, seconds)
+
+
 @registry.task(name="subtask_exits", max_attempts=1, backoff=FAST)
 async def subtask_exits(kind: str) -> None:
     """A task this handler starts raises SystemExit or KeyboardInterrupt, which asyncio
