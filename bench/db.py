@@ -10,6 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 SETTINGS = (
     "server_version",
@@ -42,8 +43,9 @@ def with_database(dsn: str, name: str) -> str:
 
 def hold_run_lock(admin_dsn: str) -> psycopg.Connection[Any] | None:
     """A session advisory lock that one bench run holds on the server for as long as it
-    runs (the returned connection); None if another run holds it."""
-    conn = psycopg.connect(admin_dsn, autocommit=True)
+    runs (the returned connection); None if another run holds it. Taken in the database
+    `postgres` whatever the admin DSN names: advisory locks are per database."""
+    conn = psycopg.connect(make_conninfo(admin_dsn, dbname="postgres"), autocommit=True)
     row = conn.execute("SELECT pg_try_advisory_lock(hashtext('pgqueue.bench.run'))").fetchone()
     if row is None or not row[0]:
         conn.close()

@@ -643,8 +643,10 @@ class Bench:
                     f"while the workers run, a feeder counts the runnable jobs waiting every"
                     f" 0.05 s and inserts what brings them back to {hold:,} (one INSERT ..."
                     " SELECT); the lowest and median counts it found are in latest.json"
-                    " (waiting_min, waiting_median); its inserts load the same Postgres as"
-                    " at every size",
+                    " (waiting_min, waiting_median). Sizes above 200,000 use the feeder that"
+                    " replaces finished jobs instead (counting millions of rows every 0.05 s"
+                    " would load the server more than the drain): the two sizes' feeders"
+                    " differ",
                 )
             elif o.backlog_refill:
                 _note(

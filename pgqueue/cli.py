@@ -267,9 +267,9 @@ def main() -> None:
     type=click.FloatRange(min=0, max=2147483),
     default=5.0,
     show_default=True,
-    help="Seconds a migration waits for a lock on pgqueue's tables (0: no limit); past"
-    " it the migration fails with nothing changed (run it again). While it waits, every"
-    " statement on that table queues behind it.",
+    help="Seconds a migration waits for a lock on pgqueue's tables (0: no limit; 0013"
+    " keeps its own 5 s); past it the migration fails with nothing changed (run it"
+    " again). While it waits, every statement on that table queues behind it.",
 )
 @dsn_option
 def migrate(show_status: bool, as_json: bool, lock_timeout: float, dsn: str | None) -> None:
@@ -980,8 +980,10 @@ async def _run_worker(worker: Worker, child: _SupervisedChild) -> None:
     loop.set_default_executor(default_executor)
     # Host name lookups (psycopg's, when the pool reconnects) get threads of their own:
     # in the default executor they queued behind handlers' asyncio.to_thread calls, and
-    # with those stuck (timed out, abandoned) the worker could never reconnect.
-    resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pgqueue-resolve")
+    # with those stuck (timed out, abandoned) the worker could never reconnect. The
+    # loop's lookups are the app's too (aiohttp, httpx): they share these threads, so
+    # only lookups that hang themselves can hold up the pool's.
+    resolver = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pgqueue-resolve")
 
     async def getaddrinfo(
         host: Any, port: Any, *, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,6 +26,9 @@ from pgqueue.errors import SCHEMA_HINT, ConfigError, MigrationError
 
 # How long a migration's statements wait for a lock on pgqueue's tables by default.
 DEFAULT_LOCK_TIMEOUT_SECONDS = 5.0
+# Migrations that set their own lock timeout (SET LOCAL in the file, which overrides the
+# one `migrate` sets): 0013 waits at most 5 s whatever is asked.
+OWN_LOCK_TIMEOUT = frozenset({13})
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -117,6 +121,7 @@ def migrate(
                             "after it was applied; released migrations must not be edited"
                         )
                     continue
+                began = time.monotonic()
                 try:
                     store.run_migration(
                         conn,
@@ -130,9 +135,14 @@ def migrate(
                     done = ", ".join(f"{m.version:04d}_{m.name}" for m in applied_now)
                     raise MigrationError(
                         f"migration {migration.version:04d}_{migration.name} failed: it waited"
-                        f" {lock_timeout:g}s for a lock on pgqueue's tables that another"
-                        " session holds (an open transaction?) and changed nothing; run it"
-                        " again once that ends, or allow longer with --lock-timeout"
+                        f" {time.monotonic() - began:.1f}s for a lock on pgqueue's tables that"
+                        " another session holds (an open transaction?) and changed nothing;"
+                        " run it again once that ends"
+                        + (
+                            ", or allow longer with --lock-timeout"
+                            if migration.version not in OWN_LOCK_TIMEOUT
+                            else " (this migration waits at most 5s whatever --lock-timeout)"
+                        )
                         + (f" (applied before it: {done})" if done else "")
                     ) from exc
                 except psycopg.Error as exc:
