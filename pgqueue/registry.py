@@ -62,6 +62,9 @@ def _check_name(kind: str, value: object, max_length: int) -> None:
         # `pgqueue-worker --queues a, b` strips the names it is given: a padded queue
         # could be enqueued to but never named there.
         raise ConfigError(f"queue name {value!r} starts or ends with white space")
+    if kind == "queue" and "," in value:
+        # `pgqueue-worker --queues a,b` splits on commas: no worker could name it.
+        raise ConfigError(f"queue name {value!r} contains a comma")
     if len(value) > max_length:
         raise ConfigError(f"{kind} name is longer than {max_length} characters")
     if "\x00" in value:

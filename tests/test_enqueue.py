@@ -852,6 +852,25 @@ def test_a_task_registered_on_a_padded_queue_is_refused():
         Registry().task(name="t", queue=" padded ")
 
 
+def test_a_queue_name_with_a_comma_is_refused_on_every_path(conn):
+    # `pgqueue-worker --queues a,b` splits on commas: such a queue's jobs waited forever.
+    with pytest.raises(ConfigError, match="contains a comma"):
+        Registry().task(name="t", queue="a,b")
+    with pytest.raises(ValidationError, match="contains a comma"):
+        enqueue(conn, "t", queue="a,b")
+    with pytest.raises(ValidationError, match="contains a comma"):
+        enqueue_many(conn, [JobSpec("t", queue="a,b")])
+    for statement in (
+        "INSERT INTO pgqueue.jobs (task, queue) VALUES ('t', 'a,b')",
+        "SELECT pgqueue.enqueue('t', '{}', 'a,b')",
+    ):
+        with (
+            pytest.raises(psycopg.errors.CheckViolation, match="jobs_queue_no_comma"),
+            conn.transaction(),
+        ):
+            conn.execute(statement)  # type: ignore[arg-type]
+
+
 ONE = "ARRAY['{}']::jsonb[], ARRAY['q'], ARRAY[1], ARRAY[now()], ARRAY[1], ARRAY[NULL::text]"
 
 

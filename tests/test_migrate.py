@@ -286,6 +286,27 @@ def test_migration_0013_gives_up_on_its_lock_instead_of_queueing_everyone(empty_
     assert 13 in versions(migrate(empty_dsn))
 
 
+def test_migration_0016_names_jobs_whose_queue_has_a_comma(empty_dsn, monkeypatch):
+    migrate_before(empty_dsn, 16, monkeypatch)
+    insert = "INSERT INTO pgqueue.jobs (task, queue) VALUES ('t', %s) RETURNING id"
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        bad = scalar(c, insert, ("mail,sms",))
+        scalar(c, insert, ("mail",))
+    with pytest.raises(MigrationError) as refused:
+        migrate(empty_dsn)
+    assert f"jobs {{{bad}}} have a queue name with a comma" in str(refused.value)
+    assert "; hint: give them the queue they were meant for" in str(refused.value)
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        assert scalar(c, "SELECT max(version) FROM pgqueue.schema_migrations") == 15
+        c.execute("UPDATE pgqueue.jobs SET queue = 'mail' WHERE id = %s", (bad,))
+    assert 16 in versions(migrate(empty_dsn))
+    with (
+        psycopg.connect(empty_dsn, autocommit=True) as c,
+        pytest.raises(psycopg.errors.CheckViolation, match="jobs_queue_no_comma"),
+    ):
+        c.execute(insert, ("a,b",))
+
+
 def test_migrate_with_nothing_pending_needs_no_create_privilege(empty_dsn):
     # A deploy step checking an up-to-date schema as a role that cannot CREATE in the
     # database failed with "permission denied for database" (CREATE SCHEMA IF NOT EXISTS
