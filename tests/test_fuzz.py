@@ -210,8 +210,9 @@ def assert_same(got: Any, sent: Any) -> None:
 
 def py_name_ok(value: str, limit: int, *, queue: bool = False) -> bool:
     """The Python API's documented rule for task and queue names (a queue name is not
-    padded with white space: `--queues` strips the names it is given)."""
-    if queue and value != value.strip():
+    padded with white space and has no comma: `--queues` strips the names it is given
+    and splits on commas)."""
+    if queue and (value != value.strip() or "," in value):
         return False
     return bool(value.strip()) and len(value) <= limit and "\x00" not in value
 
@@ -288,8 +289,10 @@ def check_sql_path(db: Db, task: str, queue: str, args: dict[str, Any], sql: str
     elif (
         not db.pg_name_ok(task, 255)
         or not db.pg_name_ok(queue, 128)
-        # Migration 0013: a queue name is not padded, white space as Python has it.
+        # Migration 0013: a queue name is not padded, white space as Python has it;
+        # 0016: nor has it a comma.
         or queue != queue.strip()
+        or "," in queue
     ):
         refusals.append(psycopg.errors.CheckViolation)
     if has_nul(args):
@@ -680,20 +683,25 @@ def cli(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def as_queue(text: str) -> str:
+    """An injection attempt as a queue name: no comma (no worker could serve it), at
+    most 128 characters."""
+    return text.replace(",", ";")[:128]
+
+
 def test_injection_through_the_python_api_and_sql_is_stored_literally(db):
     canary = enqueue(db.conn, "canary", {})
     ids: dict[int, str] = {}
     for i, bad in enumerate(INJECTIONS):
         args = {bad: bad, "nested": [bad, {bad: bad}]}
-        ids[enqueue(db.conn, bad, args, queue=bad[:128], idempotency_key=f"{i}:{bad}")] = bad
-        ids[
-            enqueue_many(db.conn, [JobSpec(bad, args, queue=bad[:128], idempotency_key=bad)])[0]
-        ] = bad
+        queue = as_queue(bad)
+        ids[enqueue(db.conn, bad, args, queue=queue, idempotency_key=f"{i}:{bad}")] = bad
+        ids[enqueue_many(db.conn, [JobSpec(bad, args, queue=queue, idempotency_key=bad)])[0]] = bad
         ids[
             scalar(
                 db.conn,
                 "SELECT pgqueue.enqueue(%s, %s::jsonb, %s, 0, now(), 20, %s)",
-                (bad, json.dumps(args), bad[:128], f"sql:{bad}"),
+                (bad, json.dumps(args), queue, f"sql:{bad}"),
             )
         ] = bad
         # The same key again returns the holder, whatever the key contains.
@@ -706,11 +714,11 @@ def test_injection_through_the_python_api_and_sql_is_stored_literally(db):
     assert {r[0] for r in rows} == set(ids)
     for job_id, task, queue, args in rows:
         bad = ids[job_id]
-        assert (task, queue) == (bad, bad[:128])
+        assert (task, queue) == (bad, as_queue(bad))
         assert args == {bad: bad, "nested": [bad, {bad: bad}]}
     # The worker side reads them back literally too.
     for bad in INJECTIONS:
-        jobs = db.claim(bad[:128])
+        jobs = db.claim(as_queue(bad))
         assert {j.task for j in jobs} == {bad}
     schema_intact(db.conn)
 
