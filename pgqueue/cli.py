@@ -753,6 +753,7 @@ def worker_command(
                 metrics_host=metrics_host,
                 metrics_port=metrics_port,
                 reapers=with_reaper,
+                lease_seconds=config.lease_seconds,
             ).run()
         from pgqueue.worker import Worker
 
@@ -877,30 +878,34 @@ class _SupervisedChild:
             self._close_pipe()
 
     def _report_heartbeats(self, fd: int, worker: Worker) -> None:
-        """Whenever it changes: b"0" when the worker's heartbeat has been silent for over
-        a lease (its event loop blocked by a handler, or no database), b"1" once it beats
-        again. A thread of its own, since a blocked loop could report nothing."""
+        """Every HEARTBEAT_REPORT_SECONDS: b"1" while the worker's heartbeat is current,
+        b"0" once it has been silent for over a lease (its event loop blocked by a
+        handler, or no database), b"2" once the worker is stopping. A thread of its own,
+        since a blocked loop could report nothing; a process frozen as a whole reports
+        nothing, which the supervisor counts as silent."""
         from pgqueue.supervisor import (
             HEARTBEAT_CURRENT,
             HEARTBEAT_REPORT_SECONDS,
             HEARTBEAT_SILENT,
+            WORKER_STOPPING,
         )
 
         with contextlib.suppress(OSError):
             os.set_blocking(fd, False)
-        reported = HEARTBEAT_CURRENT
         while not self._stop_reporting.wait(HEARTBEAT_REPORT_SECONDS):
-            now = (
-                HEARTBEAT_CURRENT
+            state = (
+                WORKER_STOPPING
+                if worker.stopping
+                else HEARTBEAT_CURRENT
                 if worker.heartbeat_silence() <= worker.config.lease_seconds
                 else HEARTBEAT_SILENT
             )
-            if now != reported:
-                try:
-                    os.write(fd, now)
-                except OSError:
-                    return  # the supervisor is gone
-                reported = now
+            try:
+                os.write(fd, state)
+            except BlockingIOError:
+                continue  # the supervisor is not reading (busy): the next one will do
+            except OSError:
+                return  # the supervisor is gone
 
     def stop_reporting(self) -> None:
         """End the report thread (the worker has stopped) and close the pipe."""

@@ -349,10 +349,17 @@ class Registry:
             priority=priority,
             max_attempts=max_attempts,
             timeout=timeout,
-            backoff=backoff or Backoff(),
+            backoff=Backoff() if backoff is None else backoff,
         )
 
         def decorate(fn: Callable[P, R]) -> Task[P, R]:
+            if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+                # Calling one runs nothing: the worker would count a job whose body never
+                # ran as succeeded.
+                raise ConfigError(
+                    f"{getattr(fn, '__qualname__', fn)!r} is a generator function: a task"
+                    " handler must do its work when called (return, not yield)"
+                )
             task_name = check_name(
                 "task",
                 f"{fn.__module__}.{fn.__qualname__}" if name is None else name,

@@ -39,11 +39,13 @@ SUPERVISED_ENV = "PGQUEUE_SUPERVISED"
 SUPERVISOR_PID_ENV = "PGQUEUE_SUPERVISOR_PID"
 # A pipe's write end, passed to each child: it writes one byte once its worker runs, so
 # that /healthz counts a child as up only from then (not while it imports the app), then
-# one byte whenever its heartbeat falls silent for over a lease or beats again.
+# one every HEARTBEAT_REPORT_SECONDS saying how its worker is: heartbeat current, silent
+# for over a lease (its loop blocked), or stopping. A child that writes nothing for over
+# a lease is frozen as a whole (SIGSTOP, C code holding the GIL): silent too.
 READY_FD_ENV = "PGQUEUE_READY_FD"
 HEARTBEAT_CURRENT = b"1"
 HEARTBEAT_SILENT = b"0"
-# How often a child looks at its heartbeat for that report.
+WORKER_STOPPING = b"2"
 HEARTBEAT_REPORT_SECONDS = 0.5
 RESTART_MIN_SECONDS = 1.0
 RESTART_MAX_SECONDS = 30.0
@@ -61,8 +63,10 @@ class _Child:
     # The read end of the child's readiness pipe, until it said it runs or closed it.
     ready_fd: int | None = None
     ready: bool = False
-    # False while the child reports its heartbeat silent for over a lease.
-    beating: bool = True
+    # What the child last reported (HEARTBEAT_CURRENT, _SILENT, WORKER_STOPPING) and when
+    # (monotonic): see READY_FD_ENV.
+    report: bytes = HEARTBEAT_CURRENT
+    reported_at: float = 0.0
     restart_delay: float = RESTART_MIN_SECONDS
     restart_at: float | None = None
     exits: list[int] = field(default_factory=list)
@@ -75,12 +79,15 @@ class _Child:
         except BlockingIOError:
             return
         if not data:
-            # End of file: the child is gone (or its worker stopped).
+            # End of file: the child is gone, or its worker stopped and it is exiting.
             self.close_ready_fd()
+            if self.ready:
+                self.report = WORKER_STOPPING
             return
-        # A byte: the worker runs; the last one says whether its heartbeat is current.
+        # A byte: the worker runs; the last one says how it is.
         self.ready = True
-        self.beating = data[-1:] == HEARTBEAT_CURRENT
+        self.report = data[-1:]
+        self.reported_at = time.monotonic()
 
     def close_ready_fd(self) -> None:
         if self.ready_fd is not None:
@@ -99,8 +106,11 @@ class Supervisor:
         metrics_host: str | None = None,
         metrics_port: int | None = None,
         reapers: bool = False,
+        lease_seconds: float = 30.0,
     ) -> None:
         self.child_argv = list(child_argv)
+        # The children's lease: a child that reports nothing for longer is frozen.
+        self.lease_seconds = lease_seconds
         # The children run the reaper (--reaper): export the database-wide gauges, and
         # give them the time their reaper takes to stop.
         self.reapers = reapers
@@ -132,7 +142,8 @@ class Supervisor:
         child.close_ready_fd()
         child.proc, child.ready_fd = self._start(child.slot)
         child.ready = False
-        child.beating = True
+        child.report = HEARTBEAT_CURRENT
+        child.reported_at = now
         child.started = now
         child.restart_at = None
 
@@ -188,8 +199,17 @@ class Supervisor:
         starting = [slot for slot in range(self.processes) if slot not in ready]
         if starting:
             return False, f"worker processes starting: {starting}"
+        stopping = [c.slot for c in self.children if c.report == WORKER_STOPPING]
+        if stopping:
+            return False, f"worker processes stopping: {stopping}"
+        now = time.monotonic()
         database = database_health(self.dsn)()
-        silent = [c.slot for c in self.children if not c.beating]
+        silent = [
+            c.slot
+            for c in self.children
+            if c.report == HEARTBEAT_SILENT
+            or (c.ready_fd is not None and now - c.reported_at > self.lease_seconds + 1.0)
+        ]
         if silent and database[0]:
             return False, (
                 f"worker processes {silent}: no heartbeat for over a lease: the event loop"

@@ -545,6 +545,32 @@ def test_healthz_is_503_while_a_handler_blocks_the_event_loop(conn, daemons, pro
     wait_until(lambda: http_status(port, "/healthz") == 200, timeout=10)
 
 
+def test_supervisor_healthz_names_a_frozen_child_and_a_stopping_one(conn, daemons):
+    # A child frozen as a whole (SIGSTOP, C code holding the GIL) could not report its
+    # silence, and a stopping child still counted as up: /healthz said 200 for both.
+    port = free_port()
+    supervisor = daemons.worker(
+        "--metrics-port", str(port), "--lease-seconds", "2", "--processes", "2",
+        "--shutdown-timeout", "5", *LOCAL,
+    )  # fmt: skip
+    wait_until(lambda: http_status(port, "/healthz") == 200)
+    first, second = sorted(psutil.Process(supervisor.pid).children(), key=lambda p: p.pid)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: http_status(port, "/healthz") == 503, timeout=10)
+        assert "no heartbeat for over a lease" in http_get(port, "/healthz")[1]
+    finally:
+        first.send_signal(signal.SIGCONT)
+    wait_until(lambda: http_status(port, "/healthz") == 200, timeout=10)
+    job_id = enqueue(conn, "sleep", {"seconds": 30})
+    wait_until(lambda: job_state(conn, job_id) == "running")
+    leased_by = scalar(conn, "SELECT leased_by FROM pgqueue.jobs WHERE id = %s", (job_id,))
+    holder = next(p for p in (first, second) if p.pid == int(leased_by.split(":")[-2]))
+    holder.send_signal(signal.SIGTERM)
+    wait_until(lambda: "stopping" in http_get(port, "/healthz")[1], timeout=5)
+    assert http_status(port, "/healthz") == 503
+
+
 def test_unmigrated_database_gives_503_and_a_migrate_hint_until_migrated(server_dsn, tmp_path):
     name = f"pgqueue_unmigrated_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(server_dsn, autocommit=True) as admin:

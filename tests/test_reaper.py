@@ -662,3 +662,28 @@ def test_only_errors_that_end_the_session_are_logged_as_disconnected():
         "error_type": "SerializationFailure",
         "sqlstate": "40001",
     }
+
+
+def test_a_stale_worker_row_another_session_holds_locked_does_not_fail_the_pass(conn, dsn):
+    # delete_stale_workers waited on it: under a lock timeout every pass failed at its
+    # end and the retries backed off, spreading out the requeues.
+    for name in ("locked", "free"):
+        conn.execute(
+            "INSERT INTO pgqueue.workers (id, host, pid, queues, concurrency,"
+            " heartbeat_seconds, version, last_heartbeat_at) VALUES (%s, 'h', 1,"
+            " ARRAY['default'], 1, 1, '0', now() - interval '1 hour')",
+            (name,),
+        )
+    job = expired_job(conn)
+    with psycopg.connect(dsn) as holder, reaper(dsn) as r:
+        holder.execute("SELECT 1 FROM pgqueue.workers WHERE id = 'locked' FOR UPDATE")
+        assert r._connection() is not None
+        r._conn.execute("SET lock_timeout = '200ms'")  # type: ignore[union-attr]
+        with structlog.testing.capture_logs() as logs:
+            assert r.run_once().requeued == [job]
+        gone = [e["worker_id"] for e in logs if e["event"] == "reaper.worker_gone"]
+        assert gone == ["free"]
+        holder.rollback()
+        with structlog.testing.capture_logs() as logs:
+            r.run_once()
+        assert [e["worker_id"] for e in logs if e["event"] == "reaper.worker_gone"] == ["locked"]

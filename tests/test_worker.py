@@ -1783,3 +1783,64 @@ def test_permanent_error_and_snooze_raised_in_a_task_group_keep_their_meaning(ds
     )
     assert [h["outcome"] for h in history] == ["snoozed", "succeeded"]
     assert attempts == 1  # the snooze gave its attempt back
+
+
+@pytest.mark.parametrize("answer", ["nan", "timedelta", "raises", "string"])
+def test_a_custom_backoff_that_answers_badly_gets_the_default_delay(dsn, answer):
+    # Its answer made the retry's write fail (the job stayed running until its lease
+    # expired, the handler's error never recorded), or its exception replaced the
+    # handler's error with pgqueue's own.
+    from datetime import timedelta
+
+    class Odd:
+        def delay(self, attempt: int) -> Any:
+            if answer == "raises":
+                raise ZeroDivisionError("odd")
+            return {"nan": float("nan"), "timedelta": timedelta(seconds=0.2)}.get(answer, "soon")
+
+    registry = Registry()
+
+    @registry.task(name="fails", max_attempts=2, backoff=Odd())
+    def fails() -> None:
+        raise RuntimeError("the handler's own")
+
+    job_id = sql_enqueue(dsn, "fails", max_attempts=2)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            await wait_for_db(
+                dsn,
+                "SELECT state = 'queued' AND jsonb_array_length(errors) = 1"
+                " FROM pgqueue.jobs WHERE id = %s",
+                (job_id,),
+            )
+
+    run(main)
+    ((error, wait),) = fetch(
+        dsn,
+        "SELECT errors->0->>'error',"
+        " extract(epoch FROM run_at - (history->0->>'ended_at')::timestamptz)::float8"
+        " FROM pgqueue.jobs WHERE id = %s",
+        (job_id,),
+    )
+    assert error == "RuntimeError: the handler's own"
+    # A timedelta is its seconds; anything else gets the default backoff (1 s +-25%).
+    assert 0.1 < wait < 0.5 if answer == "timedelta" else 0.7 < wait < 1.3, wait
+
+
+def test_generator_handlers_and_a_falsy_backoff_are_refused_at_registration():
+    registry = Registry()
+    with pytest.raises(ConfigError, match="is a generator function"):
+
+        @registry.task(name="gen")
+        def gen() -> Any:
+            yield 1
+
+    with pytest.raises(ConfigError, match="is a generator function"):
+
+        @registry.task(name="agen")
+        async def agen() -> Any:
+            yield 1
+
+    with pytest.raises(ConfigError):
+        registry.task(name="zero", backoff=0)  # type: ignore[arg-type]

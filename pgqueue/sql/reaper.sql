@@ -113,9 +113,15 @@ RETURNING j.id;
 
 -- name: delete_stale_workers
 -- Forgets workers that missed three heartbeats in a row (they died without deregistering).
-DELETE FROM pgqueue.workers
-WHERE last_heartbeat_at < now() - make_interval(secs => 3 * heartbeat_seconds)
-RETURNING id, host, pid;
+-- Rows another session holds locked wait for the next pass (SKIP LOCKED, as every other
+-- statement of a pass): waiting on them failed the pass under a lock timeout, and the
+-- retries backed off, spreading out the requeues.
+DELETE FROM pgqueue.workers AS w
+USING (SELECT s.id FROM pgqueue.workers AS s
+       WHERE s.last_heartbeat_at < now() - make_interval(secs => 3 * s.heartbeat_seconds)
+       FOR UPDATE SKIP LOCKED) AS stale
+WHERE w.id = stale.id
+RETURNING w.id, w.host, w.pid;
 
 -- name: try_reaper_leadership
 -- Reapers embedded in workers (`pgqueue-worker --reaper`) take part only while they hold

@@ -211,6 +211,11 @@ class Worker:
     def running(self) -> int:
         return len(self._running)
 
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop was asked for (safe to read from any thread)."""
+        return self._stopping.is_set()
+
     def stop(self) -> None:
         """Ask for a graceful shutdown; idempotent. Call it on the worker's event loop."""
         self._stopping.set()

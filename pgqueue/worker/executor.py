@@ -18,14 +18,23 @@ import traceback
 import uuid
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pgqueue.context import JobContext, reset_current, running_job, set_current
-from pgqueue.errors import HandlerTaskExit, PermanentError, Snooze, UnknownTask
+from pgqueue.errors import (
+    MAX_DELAY_SECONDS,
+    HandlerTaskExit,
+    PermanentError,
+    Snooze,
+    UnknownTask,
+)
+from pgqueue.log import get_logger
 from pgqueue.models import Job, Outcome, OutcomeKind, UndecodableArgs
 from pgqueue.registry import Registry
 from pgqueue.retry import Backoff
+
+log = get_logger("pgqueue.worker")
 
 MAX_TRACEBACK_CHARS = 16_000
 MAX_ERROR_CHARS = 2_000
@@ -352,7 +361,7 @@ class Executor:
             job,
             OutcomeKind.RETRIED,
             duration,
-            delay_seconds=backoff.delay(job.attempt),
+            delay_seconds=_retry_delay(job, backoff),
             error=error,
         )
 
@@ -374,6 +383,32 @@ class Executor:
     def shutdown(self) -> None:
         # Threads still running a handler are left to finish; the process does not wait.
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _retry_delay(job: Job, backoff: Any) -> float:
+    """The task's backoff for this attempt, in seconds. A backoff object of the user's own
+    (anything with ``delay(attempt)``) that raises or answers what is not 0 to ten years
+    of seconds (a timedelta is taken as its seconds) gets the default backoff's delay
+    instead, said once per attempt as ``job.backoff_failed``: its answer would have made
+    the retry's write fail, leaving the job running until its lease expired."""
+    try:
+        delay = backoff.delay(job.attempt)
+        if isinstance(delay, timedelta):
+            delay = delay.total_seconds()
+        if isinstance(delay, bool) or not isinstance(delay, int | float):
+            raise TypeError(f"delay() returned {type(delay).__name__}, not seconds")
+        seconds = float(delay)
+        if not 0 <= seconds <= MAX_DELAY_SECONDS:  # NaN too
+            raise ValueError(f"delay() returned {delay!r}, not 0..{MAX_DELAY_SECONDS:g} seconds")
+    except Exception as exc:
+        fallback = _DEFAULT_BACKOFF.delay(job.attempt)
+        log.error(
+            "job.backoff_failed",
+            job_id=job.id, task=job.task, queue=job.queue, attempt=job.attempt,
+            error=f"{type(exc).__name__}: {exc}", retry_in=round(fallback, 2),
+        )  # fmt: skip
+        return fallback
+    return seconds
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
