@@ -60,7 +60,7 @@ class _Child:
     slot: int
     proc: subprocess.Popen[bytes]
     started: float
-    # The read end of the child's readiness pipe, until it said it runs or closed it.
+    # The read end of the child's readiness pipe (its reports), until the child closes it.
     ready_fd: int | None = None
     ready: bool = False
     # What the child last reported (HEARTBEAT_CURRENT, _SILENT, WORKER_STOPPING) and when
@@ -213,8 +213,8 @@ class Supervisor:
         if silent and database[0]:
             return False, (
                 f"worker processes {silent}: no heartbeat for over a lease: the event loop"
-                " is blocked (a handler calling blocking code?), or the heartbeat's"
-                " statement waits for a lock on pgqueue.jobs"
+                " is blocked (a handler calling blocking code?), the process is frozen, or"
+                " the heartbeat's statement waits for a lock on pgqueue.jobs"
             )
         return database
 
