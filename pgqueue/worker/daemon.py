@@ -59,7 +59,7 @@ def make_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-_FORK_HOOK: list[bool] = []
+_fork_hook_registered = False
 
 
 def _forked_child_signals() -> None:
@@ -78,9 +78,10 @@ def _forked_child_signals() -> None:
 
 def _reset_signals_after_fork() -> None:
     """Once per process (a fork hook cannot be taken back; it only restores defaults)."""
-    if not _FORK_HOOK:
+    global _fork_hook_registered
+    if not _fork_hook_registered:
         os.register_at_fork(after_in_child=_forked_child_signals)
-        _FORK_HOOK.append(True)
+        _fork_hook_registered = True
 
 
 class Worker:
