@@ -7,7 +7,9 @@ handlers raise them to steer what happens to their job.
 
 from __future__ import annotations
 
+import numbers
 import re
+from datetime import timedelta
 
 # The longest delay a retry or snooze may ask for: ten years.
 MAX_DELAY_SECONDS = 10 * 365 * 24 * 3600.0
@@ -74,13 +76,21 @@ class PermanentError(Exception):
 class Snooze(Exception):
     """Raise from a handler to run its job again later without counting a failed attempt."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float | timedelta) -> None:
+        # A timedelta counts as its seconds; a bool or a string is a mistake, said here
+        # rather than as a comparison's TypeError.
+        if isinstance(seconds, timedelta):
+            seconds = seconds.total_seconds()
+        if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+            raise TypeError(
+                f"Snooze takes seconds (a number) or a timedelta, got {type(seconds).__name__}"
+            )
         if not 0 <= seconds <= MAX_DELAY_SECONDS:
             raise ValueError(
                 f"Snooze seconds must be within 0..{MAX_DELAY_SECONDS}, got {seconds!r}"
             )
         super().__init__(f"snoozed for {seconds}s")
-        self.seconds = float(seconds)
+        self.seconds: float = float(seconds)
 
 
 # The name the style guide (and Oban/River users) reach for.

@@ -13,7 +13,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 from typing import Any, Literal
 
 import psycopg
@@ -613,6 +614,16 @@ def test_snooze_and_backoff_refuse_delays_beyond_ten_years():
         Snooze(-1)
     with pytest.raises(ValueError):
         Backoff(max_seconds=1e300)
+    with pytest.raises(ValueError):
+        Snooze(timedelta(days=-1))
+
+
+def test_snooze_takes_a_timedelta_and_refuses_what_is_not_a_number():
+    assert Snooze(timedelta(minutes=5)).seconds == 300.0
+    assert Snooze(Fraction(1, 4)).seconds == 0.25
+    for bad in ("60", True, None, [60]):
+        with pytest.raises(TypeError, match="Snooze takes seconds"):
+            Snooze(bad)  # type: ignore[arg-type]
 
 
 def test_worker_started_before_migrate_waits_and_then_works(server_dsn):
