@@ -880,26 +880,31 @@ class _SupervisedChild:
     def _report_heartbeats(self, fd: int, worker: Worker) -> None:
         """Every HEARTBEAT_REPORT_SECONDS: b"1" while the worker's heartbeat is current,
         b"0" once it has been silent for over a lease (its event loop blocked by a
-        handler, or no database), b"2" once the worker is stopping. A thread of its own,
+        handler, or no database), b"2" once the worker is stopping, b"3" once plain
+        handlers that timed out and still run have held back every claim for over a
+        lease (Worker.slots_held_for). A thread of its own,
         since a blocked loop could report nothing; a process frozen as a whole reports
         nothing, which the supervisor counts as silent."""
         from pgqueue.supervisor import (
             HEARTBEAT_CURRENT,
             HEARTBEAT_REPORT_SECONDS,
             HEARTBEAT_SILENT,
+            SLOTS_HELD,
             WORKER_STOPPING,
         )
 
         with contextlib.suppress(OSError):
             os.set_blocking(fd, False)
+        lease = worker.config.lease_seconds
         while not self._stop_reporting.wait(HEARTBEAT_REPORT_SECONDS):
-            state = (
-                WORKER_STOPPING
-                if worker.stopping
-                else HEARTBEAT_CURRENT
-                if worker.heartbeat_silence() <= worker.config.lease_seconds
-                else HEARTBEAT_SILENT
-            )
+            if worker.stopping:
+                state = WORKER_STOPPING
+            elif worker.heartbeat_silence() > lease:
+                state = HEARTBEAT_SILENT
+            elif worker.slots_held_for() > lease:
+                state = SLOTS_HELD
+            else:
+                state = HEARTBEAT_CURRENT
             try:
                 os.write(fd, state)
             except BlockingIOError:

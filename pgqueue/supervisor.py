@@ -40,12 +40,15 @@ SUPERVISOR_PID_ENV = "PGQUEUE_SUPERVISOR_PID"
 # A pipe's write end, passed to each child: it writes one byte once its worker runs, so
 # that /healthz counts a child as up only from then (not while it imports the app), then
 # one every HEARTBEAT_REPORT_SECONDS saying how its worker is: heartbeat current, silent
-# for over a lease (its loop blocked), or stopping. A child that writes nothing for over
-# a lease is frozen as a whole (SIGSTOP, C code holding the GIL): silent too.
+# for over a lease (its loop blocked), stopping, or held (plain handlers that timed out
+# and still run have held back every claim for over a lease). A child that writes
+# nothing for over a lease is frozen as a whole (SIGSTOP, C code holding the GIL): silent
+# too.
 READY_FD_ENV = "PGQUEUE_READY_FD"
 HEARTBEAT_CURRENT = b"1"
 HEARTBEAT_SILENT = b"0"
 WORKER_STOPPING = b"2"
+SLOTS_HELD = b"3"
 HEARTBEAT_REPORT_SECONDS = 0.5
 RESTART_MIN_SECONDS = 1.0
 RESTART_MAX_SECONDS = 30.0
@@ -63,8 +66,8 @@ class _Child:
     # The read end of the child's readiness pipe (its reports), until the child closes it.
     ready_fd: int | None = None
     ready: bool = False
-    # What the child last reported (HEARTBEAT_CURRENT, _SILENT, WORKER_STOPPING) and when
-    # (monotonic): see READY_FD_ENV.
+    # What the child last reported (HEARTBEAT_CURRENT, _SILENT, WORKER_STOPPING, SLOTS_HELD)
+    # and when (monotonic): see READY_FD_ENV.
     report: bytes = HEARTBEAT_CURRENT
     reported_at: float = 0.0
     restart_delay: float = RESTART_MIN_SECONDS
@@ -215,6 +218,13 @@ class Supervisor:
                 f"worker processes {silent}: no heartbeat for over a lease: the event loop"
                 " is blocked (a handler calling blocking code?), the process is frozen, or"
                 " the heartbeat's statement waits for a lock on pgqueue.jobs"
+            )
+        held = [c.slot for c in self.children if c.report == SLOTS_HELD]
+        if held:
+            return False, (
+                f"worker processes {held}: claims held back for over a lease by plain"
+                " handlers that timed out and still run: they run nothing until one"
+                " returns; restart them"
             )
         return database
 

@@ -545,6 +545,27 @@ def test_healthz_is_503_while_a_handler_blocks_the_event_loop(conn, daemons, pro
     wait_until(lambda: http_status(port, "/healthz") == 200, timeout=10)
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_healthz_is_503_while_timed_out_plain_handlers_hold_every_slot(conn, daemons, processes):
+    # Python cannot stop a thread: plain handlers that time out and run on keep their
+    # slots, and with all of them held the worker ran nothing while /healthz said 200.
+    port = free_port()
+    daemons.worker(
+        "--metrics-port", str(port), "--lease-seconds", "2", "--concurrency", "2",
+        "--processes", str(processes), *LOCAL,
+    )  # fmt: skip
+    wait_until(lambda: http_status(port, "/healthz") == 200)
+    jobs = [enqueue(conn, "overrun", {"seconds": 8}, max_attempts=1) for _ in range(2 * processes)]
+    wait_until(lambda: all(job_state(conn, j) is None for j in jobs))  # timed out: dead
+    queued = enqueue(conn, "record", {"note": "waits"})
+
+    wait_until(lambda: http_status(port, "/healthz") == 503, timeout=10)
+    assert "claims held back" in http_get(port, "/healthz")[1]
+    assert job_state(conn, queued) == "queued"  # held: nothing runs
+    wait_until(lambda: job_state(conn, queued) == "succeeded", timeout=20)
+    wait_until(lambda: http_status(port, "/healthz") == 200, timeout=10)
+
+
 def test_supervisor_healthz_names_a_frozen_child_and_a_stopping_one(conn, daemons):
     # A child frozen as a whole (SIGSTOP, C code holding the GIL) could not report its
     # silence, and a stopping child still counted as up: /healthz said 200 for both.

@@ -1405,6 +1405,48 @@ def test_a_thread_left_by_another_timed_out_job_does_not_hold_back_a_rescued_job
     run(main)
 
 
+def test_a_rescued_job_whose_thread_runs_on_after_its_timeout_makes_the_worker_unhealthy(dsn):
+    # After a rescued job ran alone, claims wait for its thread to end (it might kill the
+    # process): a thread that ran on for good held the worker idle with /healthz 200.
+    registry = Registry()
+    unblock = threading.Event()
+
+    @registry.task(name="hangs", timeout=0.3, max_attempts=1)
+    def hangs() -> None:
+        unblock.wait(30)
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO pgqueue.jobs (task, rescued, attempts, max_attempts)"
+            " VALUES ('hangs', true, 1, 2)"
+        )
+
+    async def main() -> None:
+        async with running_worker(
+            registry, dsn, concurrency=4, lease_seconds=1, poll_interval=0.2
+        ) as worker:
+            try:
+                await wait_for_db(dsn, "SELECT count(*) = 1 FROM pgqueue.dead_jobs")
+                sql_enqueue(dsn, "hangs")  # waits: the tail holds every claim back
+                deadline = time.monotonic() + 10
+                while worker.slots_held_for() <= 1.0:  # the lease
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+                healthy, reason = worker.health()
+                assert not healthy and "claims held back" in reason, reason
+                queued = "SELECT count(*) FROM pgqueue.jobs WHERE state = 'queued'"
+                assert fetch(dsn, queued) == [(1,)]
+            finally:
+                unblock.set()
+            await wait_for_db(
+                dsn, "SELECT count(*) = 1 FROM pgqueue.jobs WHERE state = 'succeeded'"
+            )
+            assert worker.slots_held_for() == 0.0
+            assert worker.health() == (True, "ok")
+
+    run(main)
+
+
 def test_a_job_due_since_the_last_claim_wakes_the_idle_worker_at_once(dsn):
     # A job falling due between the claim's now() and the next-due query's was in neither:
     # the worker slept until the next poll (3.26 s late at --poll-interval 5 in the report).

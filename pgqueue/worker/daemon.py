@@ -169,9 +169,11 @@ class Worker:
         # Rescued-job isolation (see run_once): the job running alone, whether a rescued
         # job waits, and when to look again.
         self._isolated: Job | None = None
-        # Set when the isolated job's handler ends; claims wait until no thread a handler
-        # was abandoned in runs (_free_slots).
-        self._isolation_tail = False
+        # The isolated job once its handler ended: claims wait while its thread runs on
+        # (it timed out), since it might kill the process (_free_slots).
+        self._isolation_tail: Job | None = None
+        # Since when (monotonic) that wait has held every claim back, or None.
+        self._tail_held_since: float | None = None
         self._rescue_pending = False
         self._next_rescue_check = 0.0
         self._database_health = metrics.database_health(config.dsn)
@@ -232,6 +234,20 @@ class Worker:
         last_beat = self.heartbeat.last_success or self._started_at
         return time.monotonic() - last_beat
 
+    def slots_held_for(self) -> float:
+        """Seconds for which plain handlers that timed out (or were released at
+        shutdown) and still run have held back every claim, 0.0 if they do not: every
+        slot is held by one, or one runs on after the rescued job that ran alone ended.
+        Python cannot stop a thread, so until one of them returns the worker runs
+        nothing. Safe to call from any thread."""
+        now = time.monotonic()
+        held = [
+            now - since
+            for since in (self.executor.all_abandoned_since, self._tail_held_since)
+            if since is not None
+        ]
+        return max(held, default=0.0)
+
     def health(self) -> tuple[bool, str]:
         """For /healthz (called from the metrics thread): are the loops alive and does
         the database answer?"""
@@ -241,6 +257,13 @@ class Worker:
             return False, "starting"
         if self._stopping.is_set():
             return False, "stopping"
+        held = self.slots_held_for()
+        if held > self.config.lease_seconds:
+            return False, (
+                f"claims held back for {held:.0f}s by plain handlers that timed out and"
+                " still run (a thread cannot be stopped): this worker runs nothing until"
+                " one returns; restart it"
+            )
         silent = self.heartbeat_silence()
         if silent <= self.config.lease_seconds:
             return self._database_health()
@@ -413,12 +436,16 @@ class Worker:
     def _free_slots(self) -> int:
         if self._isolated is not None:
             return 0
-        if self._isolation_tail:
+        if self._isolation_tail is not None:
             # The isolated job's handler ended, but its thread may run on (it timed out):
-            # if it kills the process, it must take no other job with it.
-            if self.executor.abandoned:
+            # if it kills the process, it must take no other job with it. Threads other
+            # jobs left do not count: they ran beside other jobs before.
+            if self.executor.runs_on(self._isolation_tail):
+                if self._tail_held_since is None:
+                    self._tail_held_since = time.monotonic()
                 return 0
-            self._isolation_tail = False
+            self._isolation_tail = None
+            self._tail_held_since = None
         # Threads still running handlers the worker gave up on (timed out, released)
         # hold pool threads: count them, so a claimed sync job always gets a thread at
         # once and its timeout never starts while it waits for one. Outcomes not written
@@ -546,7 +573,7 @@ class Worker:
             metrics.child(metrics.JOBS_RUNNING, job.queue).dec()
             if self._isolated is job:
                 self._isolated = None
-                self._isolation_tail = True
+                self._isolation_tail = job
                 self._next_rescue_check = 0.0  # more rescued jobs may be waiting
             self._slot_freed.set()
         metrics.child(metrics.JOB_DURATION, job.queue, self._task_label(job)).observe(

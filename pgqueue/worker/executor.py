@@ -141,6 +141,12 @@ class Executor:
         # Pool threads still running a handler whose job was given up on (timed out,
         # released at shutdown); the worker counts them against its free slots.
         self.abandoned = 0
+        # Since when every pool thread has been abandoned (monotonic), or None: the
+        # worker can then run nothing until one of those handlers returns.
+        self.all_abandoned_since: float | None = None
+        self._threads = threads
+        # The jobs (by lease token) whose abandoned threads run on: see runs_on.
+        self._running_on: set[uuid.UUID] = set()
         self._abandon_lock = threading.Lock()
         # Lease tokens of jobs the worker released at shutdown before cancelling their
         # task: only for them is a CancelledError a release, not the handler's failure.
@@ -253,7 +259,7 @@ class Executor:
             await self._await(job, fn(**args), timeout)
             return
         started = time.monotonic()
-        result = await self._call_in_thread(fn, args, timeout)
+        result = await self._call_in_thread(job, fn, args, timeout)
         if inspect.isawaitable(result):
             # A plain callable that returned an awaitable: an async function behind a
             # plain decorator (functools.wraps), say. Awaited here, on the loop, within
@@ -291,8 +297,8 @@ class Executor:
                 " and returned later)"
             )
 
-    async def _call_in_thread(self, fn: Any, args: Any, timeout: float | None) -> Any:
-        state = _ThreadState()
+    async def _call_in_thread(self, job: Job, fn: Any, args: Any, timeout: float | None) -> Any:
+        state = _ThreadState(job.lease_token)
         call = functools.partial(
             self._in_thread, state, functools.partial(contextvars.copy_context().run, fn, **args)
         )
@@ -328,8 +334,16 @@ class Executor:
                 freed = state.abandoned
                 if freed:
                     self.abandoned -= 1
+                    self.all_abandoned_since = None
+                    self._running_on.discard(state.lease_token)
             if freed and self._on_thread_freed is not None:
                 self._on_thread_freed()
+
+    def runs_on(self, job: Job) -> bool:
+        """Whether this attempt's handler was given up on (timed out, released) and its
+        thread still runs. Safe to call from any thread."""
+        with self._abandon_lock:
+            return job.lease_token in self._running_on
 
     def _abandon(self, state: _ThreadState) -> bool:
         """Give up on a call; True if a thread runs it on (counted in ``abandoned``
@@ -342,6 +356,9 @@ class Executor:
             if not state.done and not state.abandoned:
                 state.abandoned = True
                 self.abandoned += 1
+                self._running_on.add(state.lease_token)
+                if self.abandoned >= self._threads and self.all_abandoned_since is None:
+                    self.all_abandoned_since = time.monotonic()
             return not state.done
 
     def _failed(
@@ -420,9 +437,10 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 class _ThreadState:
-    __slots__ = ("abandoned", "done", "skipped", "started")
+    __slots__ = ("abandoned", "done", "lease_token", "skipped", "started")
 
-    def __init__(self) -> None:
+    def __init__(self, lease_token: uuid.UUID) -> None:
+        self.lease_token = lease_token
         self.done = False
         self.abandoned = False
         # Whether a pool thread took the call up; ``skipped``: given up on before that,

@@ -72,6 +72,13 @@ async def hang_in_thread(seconds: float) -> None:
     await asyncio.to_thread(time.sleep, seconds)
 
 
+@registry.task(name="overrun", timeout=0.3, max_attempts=1, backoff=FAST)
+def overrun(seconds: float) -> None:
+    """A plain handler that times out at once and runs on for ``seconds``: its thread
+    holds its slot all that time."""
+    time.sleep(seconds)
+
+
 @registry.task(name="subtask_exits", max_attempts=1, backoff=FAST)
 async def subtask_exits(kind: str) -> None:
     """A task this handler starts raises SystemExit or KeyboardInterrupt, which asyncio
