@@ -484,6 +484,10 @@ def _takes_column_defaults(spec: JobSpec) -> bool:
     )
 
 
+async def _no_ids() -> list[int]:
+    return []
+
+
 def _batch_params(prepared: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "tasks": [p["task"] for p in prepared],
@@ -543,7 +547,8 @@ def enqueue(
 
     Defaults come from the task's registration when this process registered it, else
     queue 'default', priority 0, 20 attempts. ``run_at`` (aware datetime) or ``delay``
-    (seconds, on the database's clock) schedule it later. With an ``idempotency_key``
+    (seconds or a timedelta, on the database's clock, from this call rather than from
+    the transaction's start) schedule it later. With an ``idempotency_key``
     already held by a retained job, nothing is inserted and that job's id is returned.
     Raises ``ValidationError`` (nothing sent) on bad input.
     """
@@ -590,6 +595,10 @@ def enqueue_many(
     for spec in specs:
         if not isinstance(spec, JobSpec):
             raise ValidationError(f"enqueue_many takes JobSpec items, got {type(spec).__name__}")
+    if not specs:
+        # Nothing to send: no round trip (which would also open a transaction on a
+        # connection that is not in autocommit).
+        return _no_ids() if isinstance(conn, psycopg.AsyncConnection) else []
     limit = max_args_bytes()
     encoding = _client_encoding(conn)
     # COPY when it can express the batch: no idempotency keys (they need ON CONFLICT) and

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta, timezone, tzinfo
 import psycopg
 import pytest
 from psycopg.rows import class_row, dict_row, namedtuple_row
+from psycopg.types.json import Jsonb
 
 from pgqueue import (
     ConfigError,
@@ -93,6 +94,28 @@ def test_enqueue_options_are_stored(conn):
     assert abs((run_at - at).total_seconds()) < 0.001
 
 
+@pytest.mark.parametrize("path", ["insert", "key", "many", "many_with_key"])
+def test_a_delay_counts_from_the_enqueue_not_from_the_transaction_start(dsn, path):
+    # now() is the transaction's start: a job enqueued with delay=2 in a transaction
+    # open for 3 s was due a second before it was committed.
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        conn.execute("SELECT pg_sleep(1.5)")
+        if path in ("insert", "key"):
+            key = "k" if path == "key" else None
+            job_ids = [enqueue(conn, "t", delay=1, idempotency_key=key)]
+        else:
+            key = "k" if path == "many_with_key" else None
+            job_ids = enqueue_many(
+                conn, [JobSpec("t", delay=1, idempotency_key=key), JobSpec("t", delay=1)]
+            )
+        waits = [
+            scalar(conn, "SELECT extract(epoch FROM run_at - clock_timestamp())::float8"
+                   " FROM pgqueue.jobs WHERE id = %s", (job_id,))
+            for job_id in job_ids
+        ]  # fmt: skip
+    assert all(0.5 < wait <= 1.0 for wait in waits), waits
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize(
     "options",
@@ -105,8 +128,9 @@ def test_enqueue_options_are_stored(conn):
 )
 def test_enqueue_stores_the_same_job_with_and_without_an_idempotency_key(conn, dsn, options, mode):
     # Without a key, enqueue sends its own INSERT; with one, it calls pgqueue.enqueue.
-    # Both must store the same job. Both schedule a delay from the transaction's now(),
-    # which is also created_at, so run_at - created_at is the delay exactly.
+    # Both must store the same job. Both schedule a delay from the statement's time,
+    # which in autocommit is the transaction's now(), also created_at, so run_at -
+    # created_at is the delay exactly.
 
     async def enqueue_async(key: str | None) -> int:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
@@ -212,6 +236,53 @@ def test_concurrent_enqueues_with_one_key_make_one_job(dsn):
         assert count_jobs(conn) == 1
 
 
+def test_batches_holding_the_same_keys_in_other_orders_do_not_deadlock(dsn):
+    # Rows went in by input order: two batches racing over the same keys in opposite
+    # orders each waited for a key the other held, and one failed with a deadlock.
+    keys = [f"key-{i:05}" for i in range(20_000)]
+    orders = iter([keys, keys[::-1]])
+    lock = threading.Lock()
+
+    def producer(start: threading.Barrier) -> list[int]:
+        with lock:
+            order = next(orders)
+        with psycopg.connect(dsn) as conn:
+            start.wait(timeout=30)
+            with conn.transaction():
+                ids = enqueue_many(conn, [JobSpec("t", idempotency_key=k) for k in order])
+            return ids if order is keys else ids[::-1]
+
+    first, second = run_at_once(producer, copies=2)
+    assert first == second
+    with psycopg.connect(dsn) as conn:
+        assert count_jobs(conn) == len(keys)
+
+
+@pytest.mark.parametrize(
+    ("setting", "limit"),
+    [("300", 300), (" 2 kB ", 2048), ("1.5kb", 1536), ("1MB", 1048576), ("500 bytes", 500)],
+)
+def test_the_database_reads_max_args_bytes_as_a_size(conn, setting, limit):
+    conn.execute("SELECT set_config('pgqueue.max_args_bytes', %s, false)", (setting,))
+    conn.execute("INSERT INTO pgqueue.jobs (task, args) VALUES ('t', %s)", (Jsonb({"x": "y"}),))
+    too_big = Jsonb({"x": "y" * limit})
+    with pytest.raises(psycopg.errors.ProgramLimitExceeded, match=f"over the limit of {limit} "):
+        conn.execute("INSERT INTO pgqueue.jobs (task, args) VALUES ('t', %s)", (too_big,))
+    assert count_jobs(conn) == 1
+
+
+@pytest.mark.parametrize("setting", ["256k", "0", "-1", "abc", "1e6", "0.4"])
+def test_a_max_args_bytes_the_database_cannot_read_fails_naming_it(conn, setting):
+    # It failed every insert with "invalid input syntax for type bigint", or refused
+    # every job ("2 bytes, over the limit of -1").
+    conn.execute("SELECT set_config('pgqueue.max_args_bytes', %s, false)", (setting,))
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as refused:
+        conn.execute("INSERT INTO pgqueue.jobs (task) VALUES ('t')")
+    assert f"pgqueue.max_args_bytes is '{setting}'" in str(refused.value)
+    assert "262144 or '256kB'" in (refused.value.diag.message_hint or "")
+    assert count_jobs(conn) == 0
+
+
 def test_enqueue_many_returns_ids_in_order_in_one_statement(conn):
     specs = [JobSpec("t", {"i": i}, queue="bulk") for i in range(500)] + ["bare"]
     ids = enqueue_many(conn, specs)
@@ -237,8 +308,20 @@ def test_enqueue_many_with_idempotency_keys_dedupes_within_and_across_batches(co
     assert count_jobs(conn) == 3
 
 
-def test_enqueue_many_empty_is_a_noop(conn):
+def test_enqueue_many_empty_is_a_noop(conn, dsn):
     assert enqueue_many(conn, []) == []
+    # Nothing is sent: a connection outside autocommit is not left in a transaction.
+    with psycopg.connect(dsn) as plain:
+        assert enqueue_many(plain, []) == []
+        assert plain.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+    async def main() -> list[int]:
+        async with await psycopg.AsyncConnection.connect(dsn) as aconn:
+            ids = await enqueue_many(aconn, [])
+            assert aconn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            return ids
+
+    assert asyncio.run(main()) == []
 
 
 def test_async_enqueue_and_enqueue_many(dsn):

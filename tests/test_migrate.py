@@ -307,6 +307,32 @@ def test_migration_0016_names_jobs_whose_queue_has_a_comma(empty_dsn, monkeypatc
         c.execute(insert, ("a,b",))
 
 
+def test_migration_0017_dates_finished_jobs_without_finished_at_and_refuses_more(
+    empty_dsn, monkeypatch
+):
+    # The pruner goes by finished_at: a job inserted as succeeded without one stayed
+    # for good.
+    migrate_before(empty_dsn, 17, monkeypatch)
+    insert = "INSERT INTO pgqueue.jobs (task, state) VALUES ('t', %s) RETURNING id"
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        undated = [scalar(c, insert, (state,)) for state in ("succeeded", "cancelled")]
+        queued = scalar(c, insert, ("queued",))
+    assert 17 in versions(migrate(empty_dsn))
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        dated = c.execute(
+            "SELECT id FROM pgqueue.jobs WHERE finished_at > now() - interval '1 minute'"
+            " ORDER BY id"
+        ).fetchall()
+        assert [row[0] for row in dated] == undated
+        assert scalar(c, "SELECT finished_at FROM pgqueue.jobs WHERE id = %s", (queued,)) is None
+        for state in ("succeeded", "cancelled"):
+            with pytest.raises(psycopg.errors.CheckViolation, match="jobs_finished_at_check"):
+                c.execute(insert, (state,))
+        c.execute(
+            "INSERT INTO pgqueue.jobs (task, state, finished_at) VALUES ('t', 'succeeded', now())"
+        )
+
+
 def test_migrate_with_nothing_pending_needs_no_create_privilege(empty_dsn):
     # A deploy step checking an up-to-date schema as a role that cannot CREATE in the
     # database failed with "permission denied for database" (CREATE SCHEMA IF NOT EXISTS
