@@ -79,12 +79,23 @@ class Reaper:
         self._standby_grace = 2 * config.interval + STANDBY_SLACK_SECONDS
         self._stall_seconds = 2 * config.interval + STALL_SLACK_SECONDS
         self._covering: str | None = None
+        # While a pass runs: when it last got an answer from the database (monotonic).
+        self._progress_at: float | None = None
 
     def health(self) -> tuple[bool, str]:
         """For /healthz (called from the metrics thread): is the loop running and does
         the database answer?"""
         if not self._looping:
             return False, "not running"
+        progress_at = self._progress_at
+        if progress_at is not None:
+            waited = time.monotonic() - progress_at
+            if waited > self._stall_seconds:
+                return False, (
+                    f"a pass has waited {waited:.0f}s for one statement: it waits for a"
+                    " lock on a pgqueue table (a migration, a LOCK TABLE, an open"
+                    " transaction of an ALTER?), or the database does not answer"
+                )
         return self._database_health()
 
     def stop(self, *, cancel: bool = False) -> None:
@@ -132,6 +143,7 @@ class Reaper:
         never becomes one giant transaction."""
         while not self._stopping():
             rows = fetch()
+            self._progress_at = time.monotonic()
             yield rows
             if len(rows) < self.config.batch_size:
                 return
@@ -202,6 +214,7 @@ class Reaper:
             self._schema.observe_notify_limit(store.notify_limit_ignored(conn))
         if self.config.leader_only and not self._lead(conn) and not self._cover(conn):
             return ReapResult([], [], 0)
+        self._progress_at = time.monotonic()
         requeued: list[int] = []
         cancelled: list[int] = []
         dead: list[int] = []
@@ -245,7 +258,9 @@ class Reaper:
                 )
                 dead.append(row["id"])
         blocked: list[int] = []
-        for row in store.dead_letter_blocked(conn):
+        blocked_rows = store.dead_letter_blocked(conn)
+        self._progress_at = time.monotonic()
+        for row in blocked_rows:
             blocked.append(row["id"])
             log.error(
                 "reaper.dead_letter_blocked",
@@ -285,7 +300,11 @@ class Reaper:
         self._looping = True
         while not self._stopping():
             try:
-                self.run_once()
+                self._progress_at = time.monotonic()
+                try:
+                    self.run_once()
+                finally:
+                    self._progress_at = None
                 if self.backoff.failures:
                     log.info("reaper.reconnected")
                 self.backoff.reset()

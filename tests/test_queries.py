@@ -46,7 +46,8 @@ def db_clock(conn: psycopg.Connection[Any]) -> datetime:
 def make_job(conn: psycopg.Connection[Any], **columns: Any) -> int:
     """Insert one row into pgqueue.jobs, in any state, straight through SQL; returns its id.
 
-    A running job gets a fresh lease token and a lease expiring in 30 s unless given.
+    A running job gets a fresh lease token and a lease expiring in 30 s unless given, a
+    succeeded or cancelled one a finished_at of now.
     """
     columns.setdefault("task", "t")
     if columns.get("state") == "running":
@@ -54,6 +55,8 @@ def make_job(conn: psycopg.Connection[Any], **columns: Any) -> int:
         columns.setdefault("leased_by", WORKER)
         columns.setdefault("lease_expires_at", db_clock(conn) + timedelta(seconds=LEASE))
         columns.setdefault("attempts", 1)
+    if columns.get("state") in ("succeeded", "cancelled"):
+        columns.setdefault("finished_at", db_clock(conn))  # jobs_finished_at_check
     values = {k: Jsonb(v) if isinstance(v, dict | list) else v for k, v in columns.items()}
     query = sql.SQL("INSERT INTO pgqueue.jobs ({}) VALUES ({}) RETURNING id").format(
         sql.SQL(", ").join(sql.Identifier(k) for k in values),

@@ -536,6 +536,26 @@ def test_stop_with_cancel_ends_a_pass_blocked_on_a_lock(conn, dsn):
     assert "reaper.failed" not in events_ and "reaper.disconnected" not in events_, events_
 
 
+def test_health_says_so_while_a_pass_waits_on_a_lock(conn, dsn):
+    # A pass blocked behind a lock on pgqueue.jobs reaps nothing; /healthz said 200.
+    r = Reaper(ReaperConfig(dsn=dsn, interval=0.1))
+    r._stall_seconds = 1.0  # 2 intervals + 30 s otherwise
+    thread = threading.Thread(target=r.run, kwargs={"handle_signals": False})
+    thread.start()
+    try:
+        wait_until(lambda: r.health()[0])
+        with psycopg.connect(dsn) as blocker:
+            blocker.execute("LOCK TABLE pgqueue.jobs IN ACCESS EXCLUSIVE MODE")
+            _, reason = wait_until(lambda: None if (h := r.health())[0] else h)
+            assert "a pass has waited" in reason and "lock" in reason, reason
+            blocker.rollback()
+        wait_until(lambda: r.health()[0])
+    finally:
+        r.stop(cancel=True)
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
 def test_a_worker_with_reaper_requeues_expired_jobs_prunes_and_stops_cleanly(conn, daemons):
     lost = expired_job(conn, task="record", leased_by="gone:1:abc")
     old = make_job(conn, state="succeeded", task="record")
