@@ -238,6 +238,32 @@ def test_retry_waits_for_its_backoff(dsn):
     assert attempts == 2 and len(errors) == 1
 
 
+def test_each_retry_waits_twice_as_long_as_the_one_before(dsn):
+    # Found by a mutation audit: every retry could wait the first attempt's delay
+    # (backoff.delay(1)) and no test noticed; only the Backoff arithmetic was checked.
+    registry = Registry()
+
+    @registry.task(name="boom", max_attempts=4, backoff=Backoff(base_seconds=0.3, jitter=0))
+    def boom() -> None:
+        raise ValueError("boom")
+
+    sql_enqueue(dsn, "boom", max_attempts=4)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.dead_jobs", timeout=30)
+
+    run(main)
+    ((history,),) = fetch(dsn, "SELECT history FROM pgqueue.dead_jobs")
+    assert [h["attempt"] for h in history] == [1, 2, 3, 4]
+    started = [datetime.fromisoformat(h["started_at"]) for h in history]
+    ended = [datetime.fromisoformat(h["ended_at"]) for h in history]
+    # The retry's run_at is the write's time plus the delay, and the next claim comes no
+    # earlier: from one attempt's end to the next one's start is at least the delay.
+    gaps = [(started[i + 1] - ended[i]).total_seconds() for i in range(3)]
+    assert gaps[0] >= 0.29 and gaps[1] >= 0.59 and gaps[2] >= 1.19, gaps
+
+
 def test_permanent_error_dead_letters_at_once(dsn):
     registry = Registry()
 
