@@ -651,6 +651,30 @@ def test_extend_leases_extends_only_rows_held_under_the_given_tokens(conn, dsn):
         assert job_row(conn, job_id) == row
 
 
+def test_a_held_row_another_session_locks_comes_back_busy_not_lost(conn, dsn):
+    # Found by a mutation audit: the statement could leave a locked row out of its result
+    # altogether, and the heartbeat then took a job another session merely had locked for
+    # a lost lease (dropped its result, released it as an orphan, ran it again).
+    token, locked_token = uuid.uuid4(), uuid.uuid4()
+    held = make_job(conn, state="running", lease_token=token)
+    locked = make_job(conn, state="running", lease_token=locked_token)
+    taken = make_job(conn, state="running")  # under another token: lost
+    before = job_row(conn, locked)
+    with psycopg.connect(dsn) as holder:
+        holder.execute("SELECT 1 FROM pgqueue.jobs WHERE id = %s FOR UPDATE", (locked,))
+        extended, busy = run_async(
+            dsn,
+            store.heartbeat_leases,
+            ids=[held, locked, taken],
+            tokens=[token, locked_token, uuid.uuid4()],
+            lease_seconds=300.0,
+        )
+        holder.rollback()
+    assert extended == {held: False}
+    assert busy == {locked}
+    assert job_row(conn, locked) == before  # skipped, not waited for
+
+
 def test_extend_leases_with_no_jobs_returns_an_empty_set(dsn):
     assert run_async(dsn, store.extend_leases, ids=[], tokens=[], lease_seconds=30.0) == set()
 

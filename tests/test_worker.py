@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import psycopg
 import pytest
+import structlog
 from psycopg import sql
 
 from pgqueue import (
@@ -1320,10 +1321,14 @@ def test_a_row_lock_on_one_job_does_not_hold_back_the_other_leases(dsn):
     # The heartbeat's one UPDATE waited for any locked row: a session holding one job's
     # row (an open SELECT ... FOR UPDATE) kept every lease of the worker from being
     # extended, and past their expiry the reaper requeued jobs that were running fine.
+    # The locked job itself keeps its lease too: the heartbeat took it for lost, dropped
+    # its result and released it as an orphan, and it ran a second time.
     registry = Registry()
+    runs: list[int] = []
 
     @registry.task(name="long")
     async def long(n: int) -> None:
+        runs.append(n)
         await asyncio.sleep(6)
 
     locked = sql_enqueue(dsn, "long", {"n": 1})
@@ -1340,9 +1345,25 @@ def test_a_row_lock_on_one_job_does_not_hold_back_the_other_leases(dsn):
                 (free,),
                 timeout=15,
             )
+            await wait_for_db(
+                dsn,
+                "SELECT state = 'succeeded' FROM pgqueue.jobs WHERE id = %s",
+                (locked,),
+                timeout=15,
+            )
 
-    run(main)
+    with structlog.testing.capture_logs() as logs:
+        run(main)
     assert fetch(dsn, "SELECT attempts FROM pgqueue.jobs WHERE id = %s", (free,)) == [(1,)]
+    ((attempts, history),) = fetch(
+        dsn, "SELECT attempts, history FROM pgqueue.jobs WHERE id = %s", (locked,)
+    )
+    assert attempts == 1
+    assert [h["outcome"] for h in history] == ["succeeded"]
+    assert sorted(runs) == [1, 2]
+    events = {e["event"] for e in logs}
+    assert "heartbeat.rows_locked" in events
+    assert not events & {"lease.lost", "jobs.orphans_released"}
 
 
 def test_an_outcome_waiting_for_a_row_lock_does_not_hold_back_the_other_leases(dsn):
@@ -1637,7 +1658,6 @@ def test_a_failed_shutdown_flush_counts_the_batch_in_flight_and_names_a_timeout(
     # The database unreachable at shutdown: the run loop's batch waits for a connection
     # (holding the write lock), and the flush behind it times out. Its error event must
     # count that batch (it said pending=0) and name the timeout (its str() is empty).
-    import structlog
     from psycopg_pool import AsyncConnectionPool
 
     from pgqueue.models import Job, Outcome, OutcomeKind
