@@ -1654,6 +1654,50 @@ def test_a_stopping_worker_finishes_its_job_and_claims_no_more(dsn):
     assert rows[waiting] == ("queued", 0, [])
 
 
+def test_the_heartbeat_keeps_the_leases_through_a_graceful_shutdown(dsn):
+    # Found by a mutation audit: a heartbeat stopped with the claims let the lease of a
+    # job finishing within the shutdown timeout expire; the reaper requeued it, its
+    # success was fenced off and it ran again elsewhere.
+    registry = Registry()
+    started = threading.Event()
+    runs: list[int] = []
+
+    @registry.task(name="slow")
+    async def slow() -> None:
+        runs.append(1)
+        started.set()
+        await asyncio.sleep(5)
+
+    job_id = sql_enqueue(dsn, "slow")
+    reaper = Reaper(ReaperConfig(dsn=dsn))
+
+    async def main() -> None:
+        worker = Worker(
+            registry,
+            WorkerConfig(dsn=dsn, lease_seconds=2, shutdown_timeout=10, poll_interval=0.5),
+        )
+        task = asyncio.create_task(worker.run(handle_signals=False))
+        try:
+            await asyncio.wait_for(asyncio.to_thread(started.wait), 15)
+            await asyncio.sleep(0.5)
+            worker.stop()
+            # Past twice the lease while the job runs on: reaper passes all along.
+            while not task.done():
+                result = await asyncio.to_thread(reaper.run_once)
+                assert job_id not in result.requeued, "a running job's lease expired"
+                await asyncio.sleep(0.3)
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 30)
+            reaper._close()
+
+    run(main)
+    ((state, attempts, history),) = fetch(dsn, "SELECT state, attempts, history FROM pgqueue.jobs")
+    assert (state, attempts) == ("succeeded", 1)
+    assert [h["outcome"] for h in history] == ["succeeded"]
+    assert runs == [1]
+
+
 def test_a_failed_shutdown_flush_counts_the_batch_in_flight_and_names_a_timeout():
     # The database unreachable at shutdown: the run loop's batch waits for a connection
     # (holding the write lock), and the flush behind it times out. Its error event must
