@@ -1698,6 +1698,48 @@ def test_the_heartbeat_keeps_the_leases_through_a_graceful_shutdown(dsn):
     assert runs == [1]
 
 
+def test_a_claim_in_flight_when_the_stop_comes_is_run_not_left_running(dsn, monkeypatch):
+    # Found by a mutation audit: a shutdown that cancelled the fetcher without waiting
+    # for its claim left the claimed jobs running under a worker that was gone, until
+    # their lease expired and the reaper took them for a dead worker's.
+    registry = Registry()
+    runs: list[int] = []
+
+    @registry.task(name="quick")
+    async def quick() -> None:
+        runs.append(1)
+
+    job_id = sql_enqueue(dsn, "quick")
+    real_claim = store.claim_jobs
+    claimed = asyncio.Event()
+
+    async def slow_reply(conn: Any, **kw: Any) -> Any:
+        jobs = await real_claim(conn, **kw)
+        if jobs:
+            claimed.set()
+            await asyncio.sleep(0.5)  # the reply still on its way when the stop comes
+        return jobs
+
+    monkeypatch.setattr(store, "claim_jobs", slow_reply)
+
+    async def main() -> None:
+        worker = Worker(registry, WorkerConfig(dsn=dsn, poll_interval=0.5))
+        task = asyncio.create_task(worker.run(handle_signals=False))
+        try:
+            await asyncio.wait_for(claimed.wait(), 15)
+            worker.stop()
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 30)
+
+    run(main)
+    ((state, attempts, lease),) = fetch(
+        dsn, "SELECT state, attempts, lease_token FROM pgqueue.jobs WHERE id = %s", (job_id,)
+    )
+    # Run within the shutdown's grace, or released; never left running.
+    assert (state, attempts, lease, runs) in [("succeeded", 1, None, [1]), ("queued", 0, None, [])]
+
+
 def test_a_failed_shutdown_flush_counts_the_batch_in_flight_and_names_a_timeout():
     # The database unreachable at shutdown: the run loop's batch waits for a connection
     # (holding the write lock), and the flush behind it times out. Its error event must
