@@ -808,6 +808,39 @@ def test_supervisor_passes_connection_flags_to_its_children(daemons, flags, expe
         assert {k: event[k] for k in expected} == expected, event
 
 
+def test_supervisor_passes_concurrency_and_shutdown_timeout_to_its_children(conn, daemons):
+    # Found by a mutation audit: children started without --concurrency or
+    # --shutdown-timeout ran with the defaults (10 slots; 30 s for a job to finish at
+    # stop, past the deadline the supervisor works out from its own timeout).
+    supervisor = daemons.worker(
+        "--processes", "2", "--concurrency", "1", "--shutdown-timeout", "1",
+        "--poll-interval", "0.5",
+    )  # fmt: skip
+    kids = wait_until(lambda: up_children(daemons, supervisor, 2))
+    registered = wait_until(
+        lambda: (
+            len(rows := conn.execute("SELECT pid, concurrency FROM pgqueue.workers").fetchall())
+            == 2
+            and rows
+        )
+    )
+    assert sorted(registered) == sorted((pid, 1) for pid in kids)
+    job_id = enqueue(conn, "sleep", {"seconds": 30, "note": "long"})
+    wait_until(lambda: executions(conn, job_id, "start") == 1)
+
+    stopped_at = time.monotonic()
+    supervisor.send_signal(signal.SIGTERM)
+    code = supervisor.wait(timeout=60)
+
+    # 1 s for the job, then released: well within 10 s; the 30 s default is not.
+    assert time.monotonic() - stopped_at < 10, daemons.output(supervisor)
+    assert code == 0, daemons.output(supervisor)
+    row = job_row(conn, job_id)
+    assert row is not None
+    assert (row["state"], row["attempts"], row["lease_token"]) == ("queued", 0, None)
+    assert executions(conn, job_id, "end") == 0
+
+
 def test_reaper_once_requeues_expired_lease_and_dead_letters_exhausted(conn, dsn):
     (retryable,) = make_expired(conn, attempts=1, max_attempts=3)
     (exhausted,) = make_expired(conn, attempts=3, max_attempts=3)
