@@ -536,6 +536,32 @@ def test_stop_with_cancel_ends_a_pass_blocked_on_a_lock(conn, dsn):
     assert "reaper.failed" not in events_ and "reaper.disconnected" not in events_, events_
 
 
+def test_the_reaper_passes_every_interval(conn, dsn):
+    # Found by a mutation audit: the loop could wait ten intervals between passes and
+    # no test noticed; a lease that expired just after a pass waited that much longer.
+    r = Reaper(ReaperConfig(dsn=dsn, interval=0.5))
+    first_pass = threading.Event()
+    real_run_once = r.run_once
+
+    def counted() -> ReapResult:
+        result = real_run_once()
+        first_pass.set()
+        return result
+
+    r.run_once = counted  # type: ignore[method-assign]
+    thread = threading.Thread(target=r.run, kwargs={"handle_signals": False})
+    thread.start()
+    try:
+        assert first_pass.wait(timeout=15)
+        job = expired_job(conn)
+        # The next pass is due 0.5 s after the first; ten intervals would be 5 s.
+        wait_until(lambda: job_row(conn, job)["state"] == "queued", timeout=3)  # type: ignore[index]
+    finally:
+        r.stop(cancel=True)
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
 def test_health_says_so_while_a_pass_waits_on_a_lock(conn, dsn):
     # A pass blocked behind a lock on pgqueue.jobs reaps nothing; /healthz said 200.
     r = Reaper(ReaperConfig(dsn=dsn, interval=0.1))
