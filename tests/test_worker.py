@@ -1740,6 +1740,43 @@ def test_a_claim_in_flight_when_the_stop_comes_is_run_not_left_running(dsn, monk
     assert (state, attempts, lease, runs) in [("succeeded", 1, None, [1]), ("queued", 0, None, [])]
 
 
+def test_the_shutdown_flush_writes_an_outcome_that_comes_at_the_stop(dsn, monkeypatch):
+    # Found by a mutation audit: a shutdown flush given no time (flush(0)) gave up on
+    # an outcome whose write was under way and the job was left running; no test wrote
+    # outcomes slowly enough at shutdown to notice.
+    registry = Registry()
+    started = threading.Event()
+
+    @registry.task(name="slow")
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(1.0)
+
+    job_id = sql_enqueue(dsn, "slow")
+    real_complete = store.complete_jobs
+
+    async def slow_write(conn: Any, **kw: Any) -> Any:
+        await asyncio.sleep(0.2)  # a database answering slowly
+        return await real_complete(conn, **kw)
+
+    monkeypatch.setattr(store, "complete_jobs", slow_write)
+
+    async def main() -> None:
+        worker = Worker(registry, WorkerConfig(dsn=dsn, shutdown_timeout=10, poll_interval=0.5))
+        task = asyncio.create_task(worker.run(handle_signals=False))
+        try:
+            await asyncio.wait_for(asyncio.to_thread(started.wait), 15)
+            worker.stop()
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 30)
+
+    run(main)
+    assert fetch(
+        dsn, "SELECT state, attempts, lease_token FROM pgqueue.jobs WHERE id = %s", (job_id,)
+    ) == [("succeeded", 1, None)]
+
+
 def test_a_failed_shutdown_flush_counts_the_batch_in_flight_and_names_a_timeout():
     # The database unreachable at shutdown: the run loop's batch waits for a connection
     # (holding the write lock), and the flush behind it times out. Its error event must
