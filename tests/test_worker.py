@@ -1817,6 +1817,66 @@ def test_a_failed_shutdown_flush_counts_the_batch_in_flight_and_names_a_timeout(
     assert failed["error"] == "TimeoutError"
 
 
+def test_a_shutdown_flush_writes_the_good_outcomes_beside_one_the_database_refuses(dsn):
+    # Found by a mutation audit: a flush whose batch the database refused could give up
+    # instead of writing the outcomes one by one, and every good outcome pending at
+    # shutdown was lost with the refused one (their jobs left running till the reaper).
+    from psycopg_pool import AsyncConnectionPool
+
+    from pgqueue.models import Job, Outcome, OutcomeKind
+    from pgqueue.worker.completer import Completer, WriteResult
+
+    good_token, refused_token = uuid.uuid4(), uuid.uuid4()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        ((good, refused),) = conn.execute(
+            "WITH j AS (INSERT INTO pgqueue.jobs (task, state, attempts, lease_token, leased_by,"
+            "   lease_expires_at, attempted_at)"
+            " VALUES ('t', 'running', 1, %s, 'w', now() + interval '1 minute', now()),"
+            "        ('t', 'running', 1, %s, 'w', now() + interval '1 minute', now())"
+            " RETURNING id)"
+            " SELECT min(id), max(id) FROM j",
+            (good_token, refused_token),
+        ).fetchall()
+        # A dead row with the refused job's id: its dead-letter move cannot insert it.
+        conn.execute(
+            "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts,"
+            " max_attempts, run_at, created_at, reason)"
+            " VALUES (%s, 'default', 't', '{}', 0, 1, 1, now(), now(), 'permanent')",
+            (refused,),
+        )
+
+    def outcome(job_id: int, token: uuid.UUID, kind: OutcomeKind) -> Outcome:
+        now = datetime.now(UTC)
+        job = Job(job_id, "default", "t", {}, 0, 1, 3, now, now, token, now)
+        error = {"error": "boom"} if kind is OutcomeKind.DEAD else None
+        return Outcome(job, kind, 0.01, error=error, dead_reason="permanent")
+
+    reported: dict[int, WriteResult] = {}
+
+    async def scenario() -> bool:
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            dsn, min_size=1, max_size=1, open=False, kwargs={"autocommit": True}
+        )
+        await pool.open()
+        completer = Completer(
+            pool,
+            lambda o, result, _state: reported.__setitem__(o.job.id, result),
+            worker_id="w",
+            reconnect_max_seconds=1.0,
+        )
+        try:
+            completer.submit(outcome(refused, refused_token, OutcomeKind.DEAD))
+            completer.submit(outcome(good, good_token, OutcomeKind.SUCCEEDED))
+            return await completer.flush(10)
+        finally:
+            await pool.close()
+
+    assert asyncio.run(scenario()) is True
+    assert reported == {refused: WriteResult.FAILED, good: WriteResult.WRITTEN}
+    states = dict(fetch(dsn, "SELECT id, state::text FROM pgqueue.jobs"))
+    assert states == {good: "succeeded", refused: "running"}
+
+
 def test_tasks_a_handler_starts_are_contained_and_the_containment_undone_politely():
     # A task created in a job's context turns SystemExit into HandlerTaskExit; one
     # cancelled before its first step leaves no "never awaited" warning; tasks outside a
