@@ -1408,6 +1408,45 @@ def test_an_outcome_waiting_for_a_row_lock_does_not_hold_back_the_other_leases(d
     ]
 
 
+def test_the_heartbeat_keeps_the_lease_of_a_job_whose_outcome_is_not_written_yet(dsn, monkeypatch):
+    # Found by a mutation audit: a heartbeat that extended only the running jobs' leases
+    # left a finished job whose outcome waited to be written unleased: it was released
+    # as an orphan (or requeued by the reaper once its lease expired) and ran again.
+    registry = Registry()
+    runs: list[int] = []
+
+    @registry.task(name="quick")
+    async def quick() -> None:
+        runs.append(1)
+
+    job_id = sql_enqueue(dsn, "quick")
+    real_complete = store.complete_jobs
+
+    async def slow_write(conn: Any, **kw: Any) -> Any:
+        await asyncio.sleep(3)  # twice the lease
+        return await real_complete(conn, **kw)
+
+    monkeypatch.setattr(store, "complete_jobs", slow_write)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, lease_seconds=1.5):
+            await wait_for_db(dsn, "SELECT attempts FROM pgqueue.jobs WHERE id = %s", (job_id,))
+            await assert_never_requeued(dsn, job_id, seconds=2.5)
+            await wait_for_db(
+                dsn, "SELECT state = 'succeeded' FROM pgqueue.jobs WHERE id = %s", (job_id,)
+            )
+
+    with structlog.testing.capture_logs() as logs:
+        run(main)
+    ((attempts, history),) = fetch(
+        dsn, "SELECT attempts, history FROM pgqueue.jobs WHERE id = %s", (job_id,)
+    )
+    assert attempts == 1
+    assert [h["outcome"] for h in history] == ["succeeded"]
+    assert runs == [1]
+    assert not {e["event"] for e in logs} & {"lease.lost", "jobs.orphans_released"}
+
+
 def test_a_thread_left_by_another_timed_out_job_does_not_hold_back_a_rescued_job(dsn):
     # Isolation waits for the rescued job's own thread; waiting for every thread a
     # timed-out handler left stopped the worker for as long as one stayed blocked.
