@@ -555,7 +555,7 @@ def test_healthz_is_503_while_timed_out_plain_handlers_hold_every_slot(conn, dae
         "--processes", str(processes), *LOCAL,
     )  # fmt: skip
     wait_until(lambda: http_status(port, "/healthz") == 200)
-    jobs = [enqueue(conn, "overrun", {"seconds": 8}, max_attempts=1) for _ in range(2 * processes)]
+    jobs = [enqueue(conn, "overrun", {"seconds": 5}, max_attempts=1) for _ in range(2 * processes)]
     wait_until(lambda: all(job_state(conn, j) is None for j in jobs))  # timed out: dead
     queued = enqueue(conn, "record", {"note": "waits"})
 
