@@ -8,16 +8,18 @@
 -- order. Batches spread over several statements of a transaction can still deadlock:
 -- that order is the caller's.
 --
--- `pgqueue.max_args_bytes` is read as Postgres reads a size setting: a number of bytes,
--- or with a unit of bytes, kB, MB, GB or TB (`'256kB'`, any case). Anything else, or less
--- than one byte, fails every insert with an error naming the setting, where it failed
--- with `invalid input syntax for type bigint`, or refused every job ('0', '-1').
+-- `pgqueue.max_args_bytes` is read as pg_size_bytes() reads a size: a number of bytes,
+-- or with a unit of bytes, kB, MB, GB or TB (`'256kB'`, any case; a fraction is
+-- rounded). Anything else, less than one byte or more than a bigint holds, fails every
+-- insert with an error naming the setting, where it failed with `invalid input syntax
+-- for type bigint`, or refused every job ('0', '-1').
 --
 -- A job inserted as succeeded or cancelled without a finished_at (a plain INSERT) was
 -- never pruned: the pruner goes by finished_at. Such a row is now refused
 -- (jobs_finished_at_check). Rows stored before get the migration's time, so they are
 -- pruned a retention after it. The constraint is added NOT VALID (no scan of the table
--- while it is locked): every row satisfies it once the UPDATE below ran under that lock.
+-- while it is locked): every row satisfies it once the UPDATE below ran under that lock,
+-- and 0018 validates it under a weaker lock.
 
 CREATE OR REPLACE FUNCTION pgqueue.enqueue_many(
     tasks text[],
@@ -100,6 +102,8 @@ DECLARE
     max_text text := btrim(
         coalesce(current_setting('pgqueue.max_args_bytes', true), ''), E' \t\n\r\f\x0b');
     max_bytes bigint;
+    size_parts text[];
+    size numeric;
     -- Read as Postgres reads a boolean: any case, surrounding white space ignored.
     notify_setting text := lower(btrim(
         coalesce(current_setting('pgqueue.notify_inserts', true), ''), E' \t\n\r\f\x0b'));
@@ -111,14 +115,24 @@ DECLARE
 BEGIN
     IF max_text = '' THEN
         max_bytes := 1048576;
-    -- What pg_size_bytes takes without an error (it would abort with its own message);
-    -- no backslash in the pattern (see 0014).
-    ELSIF max_text ~* '^[0-9]{1,15}([.][0-9]{0,6})?[[:space:]]*(bytes|kb|mb|gb|tb)?$' THEN
-        max_bytes := pg_size_bytes(max_text);
+    ELSE
+        -- Computed here in numeric rather than by pg_size_bytes(), which aborts with its
+        -- own message on what it cannot read and overflows on a huge value; no
+        -- backslash in the pattern (see 0014).
+        size_parts := regexp_match(lower(max_text),
+            '^([0-9]{1,15}([.][0-9]{0,6})?)[[:space:]]*(bytes|kb|mb|gb|tb)?$');
+        IF size_parts IS NOT NULL THEN
+            size := round(size_parts[1]::numeric * CASE size_parts[3]
+                WHEN 'kb' THEN 1024 WHEN 'mb' THEN 1048576 WHEN 'gb' THEN 1073741824
+                WHEN 'tb' THEN 1099511627776 ELSE 1 END);
+            IF size BETWEEN 1 AND 9223372036854775807 THEN
+                max_bytes := size;
+            END IF;
+        END IF;
     END IF;
-    IF max_bytes IS NULL OR max_bytes < 1 THEN
-        RAISE EXCEPTION 'pgqueue: the setting pgqueue.max_args_bytes is %, not a size of at'
-                        ' least one byte', quote_literal(current_setting('pgqueue.max_args_bytes', true))
+    IF max_bytes IS NULL THEN
+        RAISE EXCEPTION 'pgqueue: the setting pgqueue.max_args_bytes is %, not a size from one'
+                        ' byte to 8 EB', quote_literal(current_setting('pgqueue.max_args_bytes', true))
             USING ERRCODE = '22023',
                   HINT = 'set pgqueue.max_args_bytes to a number of bytes, or with a unit'
                          ' (bytes, kB, MB, GB, TB), e.g. 262144 or ''256kB''; unset, 1MB';

@@ -359,9 +359,10 @@ def _prepare_fields(
         if delay is not None:
             raise ValidationError("give run_at or delay, not both")
         run_at = _utc_run_at(run_at)
-    if delay is None:
-        delay_seconds = 0.0
-    else:
+    # None: no delay. Such a job is due at the transaction's now(), as the column's
+    # default and COPY make it; a delay counts from the statement (enqueue.sql).
+    delay_seconds: float | None = None
+    if delay is not None:
         seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
         if not finite_number(seconds):
             raise ValidationError(f"delay must be a finite number of seconds, got {delay!r}")
@@ -369,7 +370,7 @@ def _prepare_fields(
             raise ValidationError(
                 f"delay must be within ±{MAX_DELAY_SECONDS:.0f} seconds (ten years), got {delay!r}"
             )
-        delay_seconds = float(seconds)
+        delay_seconds = float(seconds) or None
     if key is not None and (
         not isinstance(key, str)
         or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 import re
 from datetime import timedelta
+from decimal import Decimal
 
 # The longest delay a retry or snooze may ask for: ten years.
 MAX_DELAY_SECONDS = 10 * 365 * 24 * 3600.0
@@ -76,11 +77,13 @@ class PermanentError(Exception):
 class Snooze(Exception):
     """Raise from a handler to run its job again later without counting a failed attempt."""
 
-    def __init__(self, seconds: float | timedelta) -> None:
-        # A timedelta counts as its seconds; a bool or a string is a mistake, said here
-        # rather than as a comparison's TypeError.
+    def __init__(self, seconds: float | timedelta | Decimal) -> None:
+        # A timedelta counts as its seconds (a Decimal as a float); a bool or a string is
+        # a mistake, said here rather than as a comparison's TypeError.
         if isinstance(seconds, timedelta):
             seconds = seconds.total_seconds()
+        elif isinstance(seconds, Decimal):
+            seconds = float(seconds)
         if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
             raise TypeError(
                 f"Snooze takes seconds (a number) or a timedelta, got {type(seconds).__name__}"

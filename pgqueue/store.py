@@ -533,7 +533,7 @@ def _single_insert(params: dict[str, Any]) -> tuple[str, Any]:
         return QUERIES["enqueue_job"], params
     if (
         params["run_at"] is None
-        and params["delay_seconds"] == 0.0
+        and params["delay_seconds"] is None
         and params["priority"] == DEFAULT_PRIORITY
         and params["max_attempts"] == DEFAULT_MAX_ATTEMPTS
     ):

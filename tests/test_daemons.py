@@ -447,9 +447,7 @@ def test_a_worker_reconnects_with_its_default_executor_full_of_stuck_threads(con
     by_name = make_conninfo(dsn, host="localhost")
     worker = daemons.worker("--lease-seconds", "5", env={"PGQUEUE_DSN": by_name})
     wait_until(lambda: pids(conn, WORKER_BACKENDS))
-    stuck = [
-        enqueue(conn, "hang_in_thread", {"seconds": 60}, max_attempts=1) for _ in range(40)
-    ]
+    stuck = [enqueue(conn, "hang_in_thread", {"seconds": 60}, max_attempts=1) for _ in range(40)]
     wait_until(
         lambda: (
             scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs WHERE id = ANY (%s)", (stuck,))

@@ -116,6 +116,31 @@ def test_a_delay_counts_from_the_enqueue_not_from_the_transaction_start(dsn, pat
     assert all(0.5 < wait <= 1.0 for wait in waits), waits
 
 
+def test_jobs_without_a_delay_keep_their_order_whichever_statement_enqueued_them(dsn):
+    # A delay counts from the statement; a job without one is due at the transaction's
+    # now() on every path. When jobs without a delay took the statement's time on some
+    # paths and now() on others, the claim (by run_at, then id) ran them out of order.
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        conn.execute("SELECT pg_sleep(0.3)")
+        ids = [
+            enqueue(conn, "t", {"n": 1}, idempotency_key="k"),
+            enqueue(conn, "t", {"n": 2}),
+            enqueue(conn, "t", {"n": 3}, max_attempts=5),
+            *enqueue_many(conn, [JobSpec("t", {"n": 4}, idempotency_key="k4")]),
+            *enqueue_many(conn, [JobSpec("t", {"n": 5}, delay=0)]),
+            enqueue(conn, "t", {"n": 6}, delay=timedelta(0)),
+        ]
+        late = scalar(
+            conn,
+            "SELECT count(*) FROM pgqueue.jobs WHERE id = ANY (%s) AND run_at <> created_at",
+            (ids,),
+        )
+    assert late == 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        order = conn.execute("SELECT id FROM pgqueue.jobs ORDER BY priority, run_at, id").fetchall()
+    assert [row[0] for row in order] == ids
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize(
     "options",
@@ -143,16 +168,19 @@ def test_enqueue_stores_the_same_job_with_and_without_an_idempotency_key(conn, d
         task, queue, args, priority, state, attempts, max_attempts, run_at, _, created = job_row(
             conn, job_id
         )
-        if "run_at" in options:
-            rows.append((task, queue, args, priority, state, attempts, max_attempts, run_at))
-        else:
+        if "delay" in options:
             # The delay counts from the statement's time, which the extended protocol
             # sets a little (up to a few ms on a busy machine) after the transaction's
             # start, created_at.
-            delay = timedelta(seconds=options.get("delay", 0))
+            delay = timedelta(seconds=options["delay"])
             assert delay <= run_at - created < delay + timedelta(milliseconds=200)
-            rows.append((task, queue, args, priority, state, attempts, max_attempts))
+            scheduled = None
+        else:
+            scheduled = run_at if "run_at" in options else run_at - created
+        rows.append((task, queue, args, priority, state, attempts, max_attempts, scheduled))
     assert rows[0] == rows[1]
+    if "run_at" not in options and "delay" not in options:
+        assert rows[0][-1] == timedelta(0)  # due at the transaction's now()
 
 
 def test_enqueue_delay_is_added_to_the_database_clock(conn):
@@ -263,7 +291,13 @@ def test_batches_holding_the_same_keys_in_other_orders_do_not_deadlock(dsn):
 
 @pytest.mark.parametrize(
     ("setting", "limit"),
-    [("300", 300), (" 2 kB ", 2048), ("1.5kb", 1536), ("1MB", 1048576), ("500 bytes", 500)],
+    [
+        ("300", 300),
+        (" 2 kB ", 2048),
+        ("1.5kb", 1536),
+        ("1MB", 1048576),
+        ("500 bytes", 500),
+    ],
 )
 def test_the_database_reads_max_args_bytes_as_a_size(conn, setting, limit):
     conn.execute("SELECT set_config('pgqueue.max_args_bytes', %s, false)", (setting,))
@@ -274,7 +308,9 @@ def test_the_database_reads_max_args_bytes_as_a_size(conn, setting, limit):
     assert count_jobs(conn) == 1
 
 
-@pytest.mark.parametrize("setting", ["256k", "0", "-1", "abc", "1e6", "0.4"])
+@pytest.mark.parametrize(
+    "setting", ["256k", "0", "-1", "abc", "1e6", "0.4", "99999999TB", "512B", "1.5 PB"]
+)
 def test_a_max_args_bytes_the_database_cannot_read_fails_naming_it(conn, setting):
     # It failed every insert with "invalid input syntax for type bigint", or refused
     # every job ("2 bytes, over the limit of -1").

@@ -546,7 +546,9 @@ def test_healthz_is_503_while_a_handler_blocks_the_event_loop(conn, daemons, pro
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_healthz_is_503_while_timed_out_plain_handlers_hold_every_slot(conn, daemons, processes):
+def test_healthz_is_503_while_timed_out_plain_handlers_hold_every_slot(
+    conn, daemons, processes, tmp_path
+):
     # Python cannot stop a thread: plain handlers that time out and run on keep their
     # slots, and with all of them held the worker ran nothing while /healthz said 200.
     port = free_port()
@@ -555,13 +557,16 @@ def test_healthz_is_503_while_timed_out_plain_handlers_hold_every_slot(conn, dae
         "--processes", str(processes), *LOCAL,
     )  # fmt: skip
     wait_until(lambda: http_status(port, "/healthz") == 200)
-    jobs = [enqueue(conn, "overrun", {"seconds": 5}, max_attempts=1) for _ in range(2 * processes)]
+    release = tmp_path / "release"
+    args = {"release": str(release)}
+    jobs = [enqueue(conn, "overrun", args, max_attempts=1) for _ in range(2 * processes)]
     wait_until(lambda: all(job_state(conn, j) is None for j in jobs))  # timed out: dead
     queued = enqueue(conn, "record", {"note": "waits"})
 
-    wait_until(lambda: http_status(port, "/healthz") == 503, timeout=10)
+    wait_until(lambda: http_status(port, "/healthz") == 503, timeout=20)
     assert "claims held back" in http_get(port, "/healthz")[1]
     assert job_state(conn, queued) == "queued"  # held: nothing runs
+    release.touch()  # the handlers return
     wait_until(lambda: job_state(conn, queued) == "succeeded", timeout=20)
     wait_until(lambda: http_status(port, "/healthz") == 200, timeout=10)
 

@@ -3,13 +3,16 @@
 -- an idempotency key already held returns the holder's id and inserts nothing. A delay
 -- is added to the database's clock, not the producer's, as of this statement
 -- (statement_timestamp()): from the transaction's start (now()), a job enqueued late in
--- a long transaction was due before it was committed. Every parameter is cast: a
+-- a long transaction was due before it was committed. No delay (NULL): due at now(), as
+-- the column's default and COPY make it, so that the jobs of one transaction keep their
+-- order whichever statement enqueued them (the claim orders by run_at before id).
+-- Every parameter is cast: a
 -- caller's connection may adapt Python ints as numeric (a psycopg option), and a
 -- function call, unlike an INSERT, finds no candidate for numeric arguments.
 SELECT pgqueue.enqueue(
     %(task)s::text, %(args)s::jsonb, %(queue)s::text, %(priority)s::int,
     coalesce(%(run_at)s::timestamptz,
-             statement_timestamp() + make_interval(secs => %(delay_seconds)s::float8)),
+             statement_timestamp() + make_interval(secs => %(delay_seconds)s::float8), now()),
     %(max_attempts)s::int, %(idempotency_key)s::text) AS id;
 
 -- name: insert_job
@@ -18,10 +21,11 @@ SELECT pgqueue.enqueue(
 -- function instead cost Postgres about 10 us more CPU per job (125 vs 135 us, measured
 -- from the backend's /proc stat over 2,000 statements; see issue 5's notes). Positional
 -- parameters: task, args, queue, priority, run_at, delay_seconds, max_attempts. A delay
--- counts from this statement, as in enqueue_job.
+-- (or none) as in enqueue_job.
 INSERT INTO pgqueue.jobs (task, args, queue, priority, run_at, max_attempts)
 VALUES (%s, %s::jsonb, %s, %s,
-        coalesce(%s::timestamptz, statement_timestamp() + make_interval(secs => %s::float8)), %s)
+        coalesce(%s::timestamptz, statement_timestamp() + make_interval(secs => %s::float8),
+                 now()), %s)
 RETURNING id;
 
 -- name: insert_job_with_defaults
@@ -34,11 +38,12 @@ RETURNING id;
 
 -- name: enqueue_jobs
 -- Enqueues many jobs in one round trip through pgqueue.enqueue_many; ids in input order.
--- Delays count from this statement, as in enqueue_job.
+-- Delays (or none) as in enqueue_job.
 SELECT pgqueue.enqueue_many(
     %(tasks)s::text[], %(args)s::jsonb[], %(queues)s::text[], %(priorities)s::int[],
     ARRAY(SELECT coalesce(t.run_at,
-                          statement_timestamp() + make_interval(secs => t.delay_seconds))
+                          statement_timestamp() + make_interval(secs => t.delay_seconds),
+                          now())
           FROM unnest(%(run_ats)s::timestamptz[], %(delays)s::float8[])
               WITH ORDINALITY AS t(run_at, delay_seconds, k)
           ORDER BY t.k),

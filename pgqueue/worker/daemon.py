@@ -172,7 +172,8 @@ class Worker:
         # The isolated job once its handler ended: claims wait while its thread runs on
         # (it timed out), since it might kill the process (_free_slots).
         self._isolation_tail: Job | None = None
-        # Since when (monotonic) that wait has held every claim back, or None.
+        # When that job's handler ended (monotonic): from then on, while its thread
+        # runs, the wait holds every claim back.
         self._tail_held_since: float | None = None
         self._rescue_pending = False
         self._next_rescue_check = 0.0
@@ -241,12 +242,13 @@ class Worker:
         Python cannot stop a thread, so until one of them returns the worker runs
         nothing. Safe to call from any thread."""
         now = time.monotonic()
-        held = [
-            now - since
-            for since in (self.executor.all_abandoned_since, self._tail_held_since)
-            if since is not None
-        ]
-        return max(held, default=0.0)
+        held = [0.0]
+        if (since := self.executor.all_abandoned_since) is not None:
+            held.append(now - since)
+        tail, since = self._isolation_tail, self._tail_held_since
+        if tail is not None and since is not None and self.executor.runs_on(tail):
+            held.append(now - since)
+        return max(held)
 
     def health(self) -> tuple[bool, str]:
         """For /healthz (called from the metrics thread): are the loops alive and does
@@ -441,8 +443,6 @@ class Worker:
             # if it kills the process, it must take no other job with it. Threads other
             # jobs left do not count: they ran beside other jobs before.
             if self.executor.runs_on(self._isolation_tail):
-                if self._tail_held_since is None:
-                    self._tail_held_since = time.monotonic()
                 return 0
             self._isolation_tail = None
             self._tail_held_since = None
@@ -574,6 +574,7 @@ class Worker:
             if self._isolated is job:
                 self._isolated = None
                 self._isolation_tail = job
+                self._tail_held_since = time.monotonic()
                 self._next_rescue_check = 0.0  # more rescued jobs may be waiting
             self._slot_freed.set()
         metrics.child(metrics.JOB_DURATION, job.queue, self._task_label(job)).observe(

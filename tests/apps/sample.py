@@ -73,10 +73,12 @@ async def hang_in_thread(seconds: float) -> None:
 
 
 @registry.task(name="overrun", timeout=0.3, max_attempts=1, backoff=FAST)
-def overrun(seconds: float) -> None:
-    """A plain handler that times out at once and runs on for ``seconds``: its thread
-    holds its slot all that time."""
-    time.sleep(seconds)
+def overrun(release: str, seconds: float = 60) -> None:
+    """A plain handler that times out at once and runs on until the file ``release``
+    exists (or for ``seconds``): its thread holds its slot all that time."""
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @registry.task(name="subtask_exits", max_attempts=1, backoff=FAST)
