@@ -373,6 +373,21 @@ def test_a_cancelled_jobs_run_at_is_left_as_it_was(conn, dsn):
     assert row["run_at"] == datetime(2030, 1, 1, tzinfo=UTC)
 
 
+def test_a_rescued_job_on_its_last_attempt_whose_cancel_was_requested_is_cancelled(conn, dsn):
+    # Without the cancel clause in requeue_expired's filter such a job was neither
+    # requeued, cancelled nor dead-lettered: it stayed running, its lease expired, for good.
+    job_id = expired_job(conn, attempts=3, max_attempts=3, rescued=True)
+    conn.execute("UPDATE pgqueue.jobs SET cancel_requested_at = now() WHERE id = %s", (job_id,))
+
+    result = run_once(dsn)
+
+    assert (result.requeued, result.dead, result.cancelled) == ([], [], [job_id])
+    row = job_row(conn, job_id)
+    assert row is not None and row["state"] == "cancelled"
+    assert row["errors"][-1]["kind"] == "lease_expired" and row["errors"][-1]["counted"] is True
+    assert dead_row(conn, job_id) is None
+
+
 def test_sigterm_ends_a_once_pass_between_batches_with_its_summary(conn, dsn):
     # Without its handlers, SIGTERM killed `--once` mid-pass: exit 143, no summary.
     insert_expired(conn, 60_000, rescued=False)
