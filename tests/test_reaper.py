@@ -20,6 +20,7 @@ from typing import Any
 
 import psycopg
 import structlog
+from prometheus_client import REGISTRY
 
 from pgqueue import store
 from pgqueue.config import ReaperConfig
@@ -748,3 +749,41 @@ def test_a_stale_worker_row_another_session_holds_locked_does_not_fail_the_pass(
         with structlog.testing.capture_logs() as logs:
             r.run_once()
         assert [e["worker_id"] for e in logs if e["event"] == "reaper.worker_gone"] == ["locked"]
+
+
+def test_a_worker_is_forgotten_after_three_missed_heartbeats_not_before(conn, dsn):
+    # With two instead of three, a worker two and a half beats late (a slow beat, a
+    # short stall) vanished from `pgqueue workers` and the pgqueue_workers gauge.
+    for name, seconds_ago in (("late", 25), ("gone", 35)):
+        conn.execute(
+            "INSERT INTO pgqueue.workers (id, host, pid, queues, concurrency,"
+            " heartbeat_seconds, version, last_heartbeat_at) VALUES (%s, 'h', 1,"
+            " ARRAY['default'], 1, 10, '0', now() - make_interval(secs => %s))",
+            (name, seconds_ago),
+        )
+    with structlog.testing.capture_logs() as logs:
+        run_once(dsn)
+    assert [e["worker_id"] for e in logs if e["event"] == "reaper.worker_gone"] == ["gone"]
+    assert [r[0] for r in conn.execute("SELECT id FROM pgqueue.workers")] == ["late"]
+
+
+def test_the_reapers_counters_count_every_expiry_and_every_pruned_job(conn, dsn):
+    # Expiries that ended in the dead-letter table were left out of
+    # pgqueue_leases_expired_total, and pgqueue_jobs_pruned_total stayed at 0 (a mutation
+    # audit found no test of either).
+    queues = {kind: f"m-{kind}-{uuid.uuid4().hex[:8]}" for kind in ("requeued", "dead")}
+    expired_job(conn, attempts=1, max_attempts=3, queue=queues["requeued"])
+    expired_job(conn, attempts=3, max_attempts=3, rescued=True, queue=queues["dead"])
+    for _ in range(2):
+        make_job(conn, state="succeeded", finished_at=db_clock(conn) - timedelta(days=2))
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    pruned_before = sample("pgqueue_jobs_pruned_total")
+    result = run_once(dsn, retention_seconds=3600.0)
+
+    assert (len(result.requeued), len(result.dead), result.pruned) == (1, 1, 2)
+    for queue in queues.values():
+        assert sample("pgqueue_leases_expired_total", queue=queue) == 1
+    assert sample("pgqueue_jobs_pruned_total") == pruned_before + 2
