@@ -1019,6 +1019,29 @@ def test_stats_prints_each_queue_with_its_counts_as_table_and_json(conn, dsn):
     assert data["gamma"]["dead"] == 1 and data["gamma"]["paused"] is True
 
 
+def test_stats_lists_a_queue_whose_only_job_runs_and_gives_no_age_to_scheduled_jobs(conn, dsn):
+    # A mutation audit found these unguarded: a queue whose only job was running left out
+    # of stats (and of the depth gauges); a queue with only jobs due later shown with a
+    # negative oldest_ready_age_seconds; a job finished minutes ago counted as finished
+    # in the last minute.
+    make_running(conn, insert_job(conn, queue="busy"), lease_in=600)
+    insert_job(conn, queue="later", run_in=600)
+    recent = insert_job(conn, queue="later")
+    conn.execute(
+        "UPDATE pgqueue.jobs SET state = 'succeeded', finished_at = now() - interval '5 minutes'"
+        " WHERE id = %s",
+        (recent,),
+    )
+
+    data = {r["queue"]: r for r in json.loads(ok(cli(dsn, "stats", "--json")))}
+
+    assert set(data) == {"busy", "later"}
+    assert (data["busy"]["running"], data["busy"]["ready"]) == (1, 0)
+    assert (data["later"]["scheduled"], data["later"]["ready"]) == (1, 0)
+    assert data["later"]["oldest_ready_age_seconds"] is None
+    assert (data["later"]["finished_last_minute"], data["later"]["succeeded"]) == (0, 1)
+
+
 def test_jobs_list_applies_state_queue_task_filters_and_limit(conn, dsn):
     wanted = [insert_job(conn, queue="q", task="t") for _ in range(3)]
     insert_job(conn, queue="q", task="other")
@@ -1509,6 +1532,20 @@ def test_dead_purge_deletes_older_ones_or_all(conn, dsn):
     assert count(conn, "SELECT count(*) FROM pgqueue.jobs") == 0
 
 
+def test_dead_purge_by_task_deletes_and_counts_only_that_tasks_jobs(conn, dsn):
+    # Without the task filter in purge_dead, `dead purge --task crash` deleted every dead
+    # job; without it in count_dead, --dry-run counted them all.
+    crashed = [insert_dead(conn, task="crash") for _ in range(2)]
+    failed = insert_dead(conn, task="fail")
+
+    assert ok(cli(dsn, "dead", "purge", "--task", "crash", "--dry-run")).strip() == (
+        "would purge 2 dead job(s)"
+    )
+    assert ok(cli(dsn, "dead", "purge", "--task", "crash")).strip() == "purged 2 dead job(s)"
+    assert all(dead_row(conn, i) is None for i in crashed)
+    assert dead_row(conn, failed) is not None
+
+
 # --- 7. pause and resume ------------------------------------------------------------------------
 
 
@@ -1558,6 +1595,15 @@ def test_pausing_an_unused_queue_warns_and_resuming_an_unpaused_one_says_so(conn
     assert stats == {"busy": True}
     names = {r[0] for r in conn.execute("SELECT name FROM pgqueue.queues")}
     assert names == {"busy", "bussy"}
+
+
+def test_pausing_a_queue_whose_jobs_only_run_or_lie_dead_does_not_warn(conn, dsn):
+    # queue_in_use without its running or dead-letter clause took such a queue for a
+    # typo and printed a warning on stderr.
+    make_running(conn, insert_job(conn, queue="running-only"), lease_in=600)
+    insert_dead(conn, queue="dead-only")
+    for name in ("running-only", "dead-only"):
+        assert ok(cli(dsn, "queue", "pause", name)).strip() == f"queue {name} paused"
 
 
 # --- 8. workers ---------------------------------------------------------------------------------
