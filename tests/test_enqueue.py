@@ -417,6 +417,10 @@ BAD_INPUTS = [
     ({"task": "t", "max_attempts": 0}, ValidationError),
     ({"task": "t", "max_attempts": 2**31}, ValidationError),
     ({"task": "t", "priority": 40000}, ValidationError),
+    # The edges of the smallint column: one past either passed Python's check (a mutation
+    # audit found no test of them) and failed in the database, aborting the transaction.
+    ({"task": "t", "priority": 32768}, ValidationError),
+    ({"task": "t", "priority": -32769}, ValidationError),
     ({"task": "t", "run_at": datetime(2030, 1, 1)}, ValidationError),
     ({"task": "t", "delay": 5, "run_at": datetime.now(UTC)}, ValidationError),
     # Times a worker could not read back (Postgres would take them, or overflow).
@@ -434,6 +438,10 @@ BAD_INPUTS = [
     ),
     ({"task": "t", "run_at": datetime.max.replace(tzinfo=UTC)}, ValidationError),
     ({"task": "t", "idempotency_key": ""}, ValidationError),
+    # One past the bounds Python allows, which the database refuses (a mutation audit found
+    # no test of either edge): a key of 256 characters, a run_at on 0001-01-01 UTC.
+    ({"task": "t", "idempotency_key": "k" * 256}, ValidationError),
+    ({"task": "t", "run_at": datetime(1, 1, 1, 12, tzinfo=UTC)}, ValidationError),
     ({"task": "t", "delay": 10**400}, ValidationError),  # was OverflowError
     ({"task": "t", "run_at": datetime(2030, 1, 1, tzinfo=NoOffset())}, ValidationError),
 ]
@@ -586,6 +594,9 @@ def test_big_async_enqueue_many_with_a_bad_item_keeps_the_callers_transaction(ds
         "INSERT INTO pgqueue.jobs (task, max_attempts) VALUES ('t', 0)",
         "INSERT INTO pgqueue.jobs (task, queue) VALUES ('t', '')",
         "INSERT INTO pgqueue.jobs (task) VALUES (repeat('x', 256))",
+        # The longest key Python allows is 255 characters; a mutation audit found no test
+        # that the database refuses one longer.
+        "INSERT INTO pgqueue.jobs (task, idempotency_key) VALUES ('t', repeat('k', 256))",
         "SELECT pgqueue.enqueue('')",
         "SELECT pgqueue.enqueue('t', '[]')",
         "SELECT pgqueue.enqueue('t', max_attempts => 0)",
@@ -612,6 +623,29 @@ def test_args_over_the_size_limit_are_refused_before_anything_is_sent(dsn, monke
             # The caller's transaction is intact and nothing was written.
             assert count_jobs(conn) == 0
         enqueue(conn, "t", {"blob": "x" * 900})
+
+
+def test_args_exactly_at_the_size_limit_are_taken_on_every_path(dsn, monkeypatch):
+    # Refusing args of exactly the limit (">=" for ">") went unnoticed: "over" the limit
+    # is refused, the limit itself is allowed, in Python and in the database alike.
+    from pgqueue import PayloadTooLarge
+
+    monkeypatch.setenv("PGQUEUE_MAX_ARGS_BYTES", "1000")
+    at_limit = {"blob": "x" * 988}  # '{"blob": "' + 988 + '"}' is 1000 bytes
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET pgqueue.max_args_bytes = '1000'")
+        job_id = enqueue(conn, "t", at_limit)
+        assert scalar(conn, "SELECT octet_length(args::text) FROM pgqueue.jobs WHERE id = %s",
+                      (job_id,)) == 1000  # fmt: skip
+        conn.execute("INSERT INTO pgqueue.jobs (task, args) VALUES ('t', %s)", (Jsonb(at_limit),))
+        with pytest.raises(PayloadTooLarge):
+            enqueue(conn, "t", {"blob": "x" * 989})
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded):
+            conn.execute(
+                "INSERT INTO pgqueue.jobs (task, args) VALUES ('t', %s)",
+                (Jsonb({"blob": "x" * 989}),),
+            )
+        assert count_jobs(conn) == 2
 
 
 @pytest.mark.parametrize(
