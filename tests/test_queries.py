@@ -1622,7 +1622,15 @@ def test_reaper_cancels_an_exhausted_expired_job_whose_cancel_was_requested(conn
 
 
 @pytest.mark.parametrize("column", ["run_at", "created_at"])
-@pytest.mark.parametrize("value", ["infinity", "-infinity", "10000-01-01", "0001-01-01 BC"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "infinity", "-infinity", "10000-01-01", "0001-01-01 BC",
+        # Just outside the range (0001-01-02 to 9999-12-30 UTC), which leaves a day for
+        # any session time zone (a mutation audit found neither edge tested).
+        "0001-01-01 12:00:00+00", "9999-12-30 00:00:01+00",
+    ],
+)  # fmt: skip
 def test_a_plain_insert_of_a_time_no_worker_can_read_is_refused(conn, column, value):
     # Migrations 0010 (run_at) and 0015 (created_at): Python's datetimes cannot hold
     # these; a claim that picked such a job failed to decode its whole batch.
