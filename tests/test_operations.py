@@ -1382,6 +1382,19 @@ def test_cancel_refuses_unknown_and_finished_jobs_with_exit_1(conn, dsn):
     assert one_line_error(died) == f"pgqueue: job {dead} is dead: nothing to cancel"
 
 
+def test_a_second_cancel_of_a_running_job_keeps_the_time_of_the_first(conn, dsn):
+    # cancel_job without its coalesce moved cancel_requested_at (shown by `pgqueue
+    # status`) to the time of the latest request.
+    job_id = insert_job(conn)
+    make_running(conn, job_id, lease_in=600)
+    assert "cancellation requested" in ok(cli(dsn, "cancel", str(job_id)))
+    first = scalar(conn, "SELECT cancel_requested_at FROM pgqueue.jobs WHERE id = %s", (job_id,))
+    assert "cancellation requested" in ok(cli(dsn, "cancel", str(job_id)))
+    row = job_row(conn, job_id)
+    assert row is not None and row["state"] == "running"
+    assert row["cancel_requested_at"] == first
+
+
 @pytest.mark.parametrize("group", [(), ("jobs",), ("dead",), ("queue",)])
 def test_a_command_group_without_its_command_prints_its_help(group):
     result = cli(None, *group)
