@@ -25,7 +25,16 @@ from prometheus_client import REGISTRY
 from pgqueue import store
 from pgqueue.config import ReaperConfig
 from pgqueue.reaper import Reaper, ReapResult
-from tests.conftest import BIN, ROOT, dead_row, job_row, run_at_once, scalar, wait_until
+from tests.conftest import (
+    BIN,
+    ROOT,
+    dead_row,
+    job_row,
+    notified_before_sentinel,
+    run_at_once,
+    scalar,
+    wait_until,
+)
 from tests.test_queries import db_clock, make_job, run_async
 
 
@@ -320,6 +329,9 @@ def test_expiry_of_a_rescued_job_counts_and_ends_in_the_dead_letter_table(conn, 
     assert result.dead == [job_id]
     dead = dead_row(conn, job_id)
     assert dead is not None and dead["attempts"] == 2 and dead["reason"] == "lease_expired"
+    # Its entry says the loss counted (a mutation audit found no test of it).
+    assert dead["errors"][-1]["kind"] == "lease_expired"
+    assert dead["errors"][-1]["counted"] is True
 
 
 def test_a_job_whose_id_the_dead_letter_table_holds_does_not_stall_the_reaper(conn, dsn):
@@ -357,6 +369,16 @@ def test_a_job_whose_id_the_dead_letter_table_holds_does_not_stall_the_reaper(co
     assert f"could not be dead-lettered, pgqueue.dead_jobs holds their ids: [{taken}]" in (
         once.stderr
     )
+
+
+def test_a_requeue_wakes_the_workers_of_the_jobs_queue(conn, dsn):
+    # Without its notification an idle worker found the requeued job only at its next
+    # poll (--poll-interval, 5 s by default), adding that to every recovery.
+    expired_job(conn, queue="rescue-me")
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN pgqueue_jobs")
+        assert len(run_once(dsn).requeued) == 1
+        assert notified_before_sentinel(conn, listener) == ["rescue-me"]
 
 
 def test_a_cancelled_jobs_run_at_is_left_as_it_was(conn, dsn):
