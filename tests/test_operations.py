@@ -1474,6 +1474,20 @@ def test_dead_retry_moves_jobs_back_to_the_queue_keeping_their_history(conn, dsn
     assert dead_row(conn, other) is not None
 
 
+def test_dead_retry_gives_a_job_with_an_idempotency_key_fresh_attempts_too(conn, dsn):
+    # The keyed branch of retry_dead was unguarded: with its used attempts kept, a revived
+    # keyed job had none left and was dead-lettered again after one more run.
+    job_id = insert_dead(conn)
+    conn.execute("UPDATE pgqueue.dead_jobs SET idempotency_key = 'k-7' WHERE id = %s", (job_id,))
+
+    assert ok(cli(dsn, "dead", "retry", str(job_id))).strip() == "retried 1 dead job(s)"
+
+    revived = job_row(conn, job_id)
+    assert revived is not None
+    assert (revived["state"], revived["attempts"], revived["max_attempts"]) == ("queued", 0, 3)
+    assert revived["idempotency_key"] == "k-7"
+
+
 def test_dead_retry_of_dead_jobs_sharing_an_idempotency_key_revives_all_of_them(conn, dsn):
     # A job's death frees its key, so a second job with that key can die too. Reviving
     # both in one batch used to fail the whole batch on the unique key: the oldest keeps
