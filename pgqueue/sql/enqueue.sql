@@ -6,9 +6,9 @@
 -- a long transaction was due before it was committed. No delay (NULL): due at now(), as
 -- the column's default and COPY make it, so that the jobs of one transaction keep their
 -- order whichever statement enqueued them (the claim orders by run_at before id).
--- Every parameter is cast: a
--- caller's connection may adapt Python ints as numeric (a psycopg option), and a
--- function call, unlike an INSERT, finds no candidate for numeric arguments.
+-- Every parameter is cast: a caller's connection may adapt Python ints as numeric (a
+-- psycopg option), and a function call, unlike an INSERT, finds no candidate for numeric
+-- arguments.
 SELECT pgqueue.enqueue(
     %(task)s::text, %(args)s::jsonb, %(queue)s::text, %(priority)s::int,
     coalesce(%(run_at)s::timestamptz,
