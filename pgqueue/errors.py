@@ -11,9 +11,30 @@ import numbers
 import re
 from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 # The longest delay a retry or snooze may ask for: ten years.
 MAX_DELAY_SECONDS = 10 * 365 * 24 * 3600.0
+
+
+def delay_seconds(value: object, what: str) -> float:
+    """The seconds of a delay given as a number or a timedelta (a Decimal too):
+    TypeError for what is not a number (a bool, a string, None), ValueError outside
+    0..MAX_DELAY_SECONDS (NaN too). ``what`` names the giver in the message."""
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    elif isinstance(value, Decimal):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{what} takes seconds (a number) or a timedelta, got {type(value).__name__}"
+        )
+    number: Any = value  # a Real, compared before float() so that 10**400 is refused too
+    if not 0 <= number <= MAX_DELAY_SECONDS:
+        raise ValueError(f"{what} must be within 0..{MAX_DELAY_SECONDS:g} seconds, got {value!r}")
+    return float(number)
+
+
 # Said wherever a statement fails for want of a migration.
 SCHEMA_HINT = "the pgqueue schema is missing or not up to date: run `pgqueue migrate`"
 
@@ -78,22 +99,9 @@ class Snooze(Exception):
     """Raise from a handler to run its job again later without counting a failed attempt."""
 
     def __init__(self, seconds: float | timedelta | Decimal) -> None:
-        # A timedelta counts as its seconds (a Decimal as a float); a bool or a string is
-        # a mistake, said here rather than as a comparison's TypeError.
-        if isinstance(seconds, timedelta):
-            seconds = seconds.total_seconds()
-        elif isinstance(seconds, Decimal):
-            seconds = float(seconds)
-        if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
-            raise TypeError(
-                f"Snooze takes seconds (a number) or a timedelta, got {type(seconds).__name__}"
-            )
-        if not 0 <= seconds <= MAX_DELAY_SECONDS:
-            raise ValueError(
-                f"Snooze seconds must be within 0..{MAX_DELAY_SECONDS}, got {seconds!r}"
-            )
-        super().__init__(f"snoozed for {seconds}s")
-        self.seconds: float = float(seconds)
+        # A bool or a string is a mistake, said here rather than as a comparison's error.
+        self.seconds = delay_seconds(seconds, "Snooze")
+        super().__init__(f"snoozed for {self.seconds:g}s")
 
 
 # The name the style guide (and Oban/River users) reach for.

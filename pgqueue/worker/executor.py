@@ -18,16 +18,16 @@ import traceback
 import uuid
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from pgqueue.context import JobContext, reset_current, running_job, set_current
 from pgqueue.errors import (
-    MAX_DELAY_SECONDS,
     HandlerTaskExit,
     PermanentError,
     Snooze,
     UnknownTask,
+    delay_seconds,
 )
 from pgqueue.log import get_logger
 from pgqueue.models import Job, Outcome, OutcomeKind, UndecodableArgs
@@ -409,14 +409,7 @@ def _retry_delay(job: Job, backoff: Any) -> float:
     instead, said once per attempt as ``job.backoff_failed``: its answer would have made
     the retry's write fail, leaving the job running until its lease expired."""
     try:
-        delay = backoff.delay(job.attempt)
-        if isinstance(delay, timedelta):
-            delay = delay.total_seconds()
-        if isinstance(delay, bool) or not isinstance(delay, int | float):
-            raise TypeError(f"delay() returned {type(delay).__name__}, not seconds")
-        seconds = float(delay)
-        if not 0 <= seconds <= MAX_DELAY_SECONDS:  # NaN too
-            raise ValueError(f"delay() returned {delay!r}, not 0..{MAX_DELAY_SECONDS:g} seconds")
+        seconds = delay_seconds(backoff.delay(job.attempt), "a backoff's delay()")
     except Exception as exc:
         fallback = _DEFAULT_BACKOFF.delay(job.attempt)
         log.error(
