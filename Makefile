@@ -27,11 +27,16 @@ lint: $(STAMP) ## ruff check, ruff format --check, mypy --strict
 	$(BIN)/ruff format --check pgqueue tests examples
 	$(BIN)/mypy
 
+# Test processes (pytest-xdist): each test has its own database, so they run side by
+# side; most of a test's time is spent waiting for daemons. TEST_JOBS=0 runs them in one.
+TEST_JOBS ?= 2
+PYTEST := $(BIN)/pytest -n $(TEST_JOBS) --dist worksteal
+
 test: $(STAMP) ## Run the whole test suite against a real Postgres (see README)
-	$(BIN)/pytest
+	$(PYTEST)
 
 test-fast: $(STAMP) ## Run the tests that need no daemon subprocesses
-	$(BIN)/pytest --ignore=tests/test_daemons.py --ignore=tests/faults
+	$(PYTEST) --ignore=tests/test_daemons.py --ignore=tests/faults
 
 demo: $(STAMP) ## Migrate, run a worker and a reaper on a sample app, print a summary
 	$(BIN)/python examples/demo.py

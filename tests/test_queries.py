@@ -1670,7 +1670,8 @@ def test_an_outcome_racing_an_operators_cancel_is_still_written(conn, dsn, op, e
                 lambda: (
                     scalar(
                         conn,
-                        "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> %s",
+                        "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
+                        " WHERE NOT granted AND datname = current_database() AND pid <> %s",
                         (operator.info.backend_pid,),
                     )
                     > 0

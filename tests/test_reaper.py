@@ -561,8 +561,8 @@ def test_stop_with_cancel_ends_a_pass_blocked_on_a_lock(conn, dsn):
             wait_until(
                 lambda: scalar(
                     conn,
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
-                    " 'pgqueue-reaper' AND wait_event_type = 'Lock'",
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND application_name = 'pgqueue-reaper' AND wait_event_type = 'Lock'",
                 )
             )
             r.stop(cancel=True)

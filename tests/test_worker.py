@@ -1395,8 +1395,8 @@ def test_an_outcome_waiting_for_a_row_lock_does_not_hold_back_the_other_leases(d
                 # The short job's outcome now waits for that lock.
                 await wait_for_db(
                     dsn,
-                    "SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    " AND query LIKE %s",
+                    "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock' AND query LIKE %s",
                     ("%Marks jobs succeeded%",),
                 )
                 await assert_never_requeued(dsn, running)
