@@ -971,6 +971,10 @@ def test_cancelling_a_running_job_tells_its_worker_and_a_queued_one_tells_no_one
     assert job_row(conn, job_id)["cancel_requested_at"] is not None  # type: ignore[index]
 
 
+# What notify_queue_held's 2,000 notifications fill at least (about ten 8 kB pages).
+HELD_USAGE_FLOOR = 6 / 2**20
+
+
 @contextlib.contextmanager
 def notify_queue_held(conn: psycopg.Connection[Any], dsn: str) -> Iterator[float]:
     """A listener left in an open transaction holds every notification sent from here on;
@@ -983,7 +987,7 @@ def notify_queue_held(conn: psycopg.Connection[Any], dsn: str) -> Iterator[float
             for _ in range(2000):
                 cur.execute("SELECT pg_notify('pgqueue_jobs', 'filler')")
         usage: float = scalar(conn, "SELECT pg_notification_queue_usage()")
-        assert usage >= 6 / 2**20
+        assert usage >= HELD_USAGE_FLOOR
         try:
             yield usage
         finally:
@@ -999,8 +1003,10 @@ UNREADABLE_LIMITS = [
 
 def test_the_limit_is_a_decimal_number_and_anything_else_counts_as_unset(conn, dsn):
     # Compared with the queue's real usage, on the trigger's copy and on notify_room().
-    with listening(dsn) as listener, notify_queue_held(conn, dsn) as usage:
-        below = usage / 2  # the queue is fuller than this
+    with listening(dsn) as listener, notify_queue_held(conn, dsn):
+        # The queue is fuller than this while our listener holds it, whatever other test
+        # processes add to the server's one queue and take away again meanwhile.
+        below = HELD_USAGE_FLOOR / 2
         fuller_than = [
             f"{below:.12f}",
             f" {below:.12f}\n",
