@@ -976,9 +976,10 @@ HELD_USAGE_FLOOR = 6 / 2**20
 
 
 @contextlib.contextmanager
-def notify_queue_held(conn: psycopg.Connection[Any], dsn: str) -> Iterator[float]:
+def notify_queue_held(conn: psycopg.Connection[Any], dsn: str) -> Iterator[None]:
     """A listener left in an open transaction holds every notification sent from here on;
-    2,000 of them fill about ten of the NOTIFY queue's 2**20 pages. Yields the usage."""
+    2,000 of them fill about ten of the NOTIFY queue's 2**20 pages, at least
+    HELD_USAGE_FLOOR of it until the block ends."""
     with psycopg.connect(dsn) as stuck:
         stuck.execute("LISTEN pgqueue_jobs")
         stuck.commit()
@@ -986,10 +987,9 @@ def notify_queue_held(conn: psycopg.Connection[Any], dsn: str) -> Iterator[float
         with conn.cursor() as cur:
             for _ in range(2000):
                 cur.execute("SELECT pg_notify('pgqueue_jobs', 'filler')")
-        usage: float = scalar(conn, "SELECT pg_notification_queue_usage()")
-        assert usage >= HELD_USAGE_FLOOR
+        assert scalar(conn, "SELECT pg_notification_queue_usage()") >= HELD_USAGE_FLOOR
         try:
-            yield usage
+            yield
         finally:
             stuck.rollback()
 
