@@ -606,8 +606,9 @@ def metrics_options(fn: F) -> F:
     is_flag=True,
     envvar="PGQUEUE_NO_GENERIC_PLANS",
     show_envvar=True,
-    help="Do not set plan_cache_mode=force_generic_plan on the worker's connections (behind"
-    " PgBouncer in transaction pooling mode, where it would reach other clients).",
+    help="Do not set plan_cache_mode=force_generic_plan and enable_seqscan=off on the worker's"
+    " connections (behind PgBouncer in transaction pooling mode, where they would reach other"
+    " clients).",
 )
 @click.option(
     "--async-commit",

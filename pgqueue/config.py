@@ -126,9 +126,10 @@ class WorkerConfig:
     # Server-side prepared statements (psycopg prepares a query after 5 runs). Off for
     # PgBouncer in transaction pooling mode before 1.21.
     prepared_statements: bool = True
-    # Prepared statements run their generic plan (plan_cache_mode = force_generic_plan, a
-    # session setting). Off behind PgBouncer in transaction pooling mode, where a session
-    # setting would reach other clients' server connections.
+    # Prepared statements run their generic plan (plan_cache_mode = force_generic_plan),
+    # made without sequential scans (enable_seqscan = off: store.NO_SEQ_SCANS); session
+    # settings. Off behind PgBouncer in transaction pooling mode, where a session setting
+    # would reach other clients' server connections.
     generic_plans: bool = True
     # synchronous_commit = off on the worker's connections: a claim's or an outcome's
     # COMMIT returns before its WAL reaches disk. A Postgres crash can then undo the last

@@ -135,6 +135,8 @@ class Reaper:
                 self.config.dsn,
                 application_name="pgqueue-reaper",
                 prepare_threshold=5 if self.config.prepared_statements else None,
+                # Its prepared statements' plans live as long as the connection.
+                no_seq_scans=self.config.prepared_statements,
             )
         return self._conn
 

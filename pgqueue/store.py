@@ -106,12 +106,15 @@ async def pin_session_async(conn: AsyncConn) -> None:
         await conn.execute(fix)
 
 
-def connect(conninfo: str, **kwargs: Any) -> SyncConn:
+def connect(conninfo: str, *, no_seq_scans: bool = False, **kwargs: Any) -> SyncConn:
     """A connection of pgqueue's own (the CLI, the reaper, metrics, migrate): autocommit,
-    its session pinned (pin_session); closed again if pinning fails."""
+    its session pinned (pin_session), with NO_SEQ_SCANS if asked (a connection whose
+    prepared statements live long: the reaper's); closed again if that fails."""
     conn = psycopg.connect(conninfo, autocommit=True, **kwargs)
     try:
         pin_session(conn)
+        if no_seq_scans:
+            conn.execute(NO_SEQ_SCANS)
     except BaseException:
         conn.close()
         raise
@@ -137,13 +140,26 @@ async def configure_worker_connection(conn: AsyncConn) -> None:
     conn.adapters.register_loader("jsonb", _LenientJsonTextLoader)
 
 
+# A prepared statement's plan is made once, with the statistics and the table size of that
+# moment, and kept for the connection's life, until an ANALYZE invalidates it. A worker
+# that starts on a new or nearly empty jobs table (a fresh deployment, a truncated table)
+# would plan its heartbeat and outcome writes as a sequential scan joined by hash, the
+# cheapest way to read a few pages, and keep that plan while the table grows to millions
+# of rows wherever autovacuum is off or behind. With sequential scans priced out, every
+# hot statement reaches its rows by index whatever the table's size when it was planned
+# (tests/test_queries.py). Session settings: only for connections that may hold them.
+NO_SEQ_SCANS: LiteralString = "SET enable_seqscan = off"
+
+
 async def configure_prepared_worker_connection(conn: AsyncConn) -> None:
     """As configure_worker_connection, and prepared statements always run their generic
-    plan. Left to itself Postgres re-plans a prepared claim now and then to compare costs,
-    and a claim's plan takes longer to make (about 1 ms) than to run. The claim, poll and
-    lease statements' generic plans find rows by index (tests/test_queries.py)."""
+    plan, one that never scans the jobs table (NO_SEQ_SCANS). Left to itself Postgres
+    re-plans a prepared claim now and then to compare costs, and a claim's plan takes
+    longer to make (about 1 ms) than to run. The claim, poll and lease statements' generic
+    plans find rows by index (tests/test_queries.py)."""
     await configure_worker_connection(conn)
     await conn.execute("SET plan_cache_mode = force_generic_plan")
+    await conn.execute(NO_SEQ_SCANS)
 
 
 def worker_connection_configurer(

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+import pytest
 import structlog
 from prometheus_client import REGISTRY
 
@@ -50,6 +51,18 @@ def reaper(dsn: str, **options: Any) -> Iterator[Reaper]:
 def run_once(dsn: str, **options: Any) -> ReapResult:
     with reaper(dsn, **options) as r:
         return r.run_once()
+
+
+@pytest.mark.parametrize(
+    ("options", "setting"), [({}, "off"), ({"prepared_statements": False}, "on")]
+)
+def test_reaper_connection_prices_out_seq_scans_while_its_plans_are_kept(dsn, options, setting):
+    # Its prepared statements keep the plans they got with the table's size at the time
+    # (tests/test_queries.py, new_table_dsn); unprepared ones are planned on every run.
+    with reaper(dsn, **options) as r:
+        row = r._connection().execute("SHOW enable_seqscan").fetchone()
+
+    assert row == (setting,)
 
 
 def expired_job(conn: psycopg.Connection[Any], **columns: Any) -> int:

@@ -852,20 +852,27 @@ async def show_on_every_pool_connection(worker: Worker, setting: str) -> list[st
 
 
 @pytest.mark.parametrize(
-    ("config", "mode"),
+    ("config", "mode", "seqscan"),
     [
-        ({}, "force_generic_plan"),
-        ({"generic_plans": False}, "auto"),
-        ({"prepared_statements": False}, "auto"),
+        ({}, "force_generic_plan", "off"),
+        ({"generic_plans": False}, "auto", "on"),
+        ({"prepared_statements": False}, "auto", "on"),
     ],
 )
-def test_worker_connections_run_generic_plans_unless_told_not_to(dsn, config, mode):
-    async def main() -> list[str]:
+def test_worker_connections_run_generic_plans_unless_told_not_to(dsn, config, mode, seqscan):
+    # Generic plans, kept for the connection's life, never scan the jobs table whatever
+    # its size when they were made (store.NO_SEQ_SCANS, tests/test_queries.py).
+    async def main() -> tuple[list[str], list[str]]:
         async with running_worker(Registry(), dsn, queues=("q",), **config) as worker:
             await asyncio.wait_for(worker.listener.connected.wait(), 10)
-            return await show_on_every_pool_connection(worker, "plan_cache_mode")
+            return (
+                await show_on_every_pool_connection(worker, "plan_cache_mode"),
+                await show_on_every_pool_connection(worker, "enable_seqscan"),
+            )
 
-    assert set(run(main)) == {mode}
+    modes, seqscans = run(main)
+    assert set(modes) == {mode}
+    assert set(seqscans) == {seqscan}
 
 
 @pytest.mark.parametrize(
