@@ -63,12 +63,16 @@ class Producer:
     async def one(self, kind: str, args: dict[str, Any]) -> None:
         TASKS[kind].apply_async(kwargs=args)
 
-    async def many(self, kind: str, items: list[dict[str, Any]]) -> None:
-        # Celery has no bulk publish: one message per job, over one connection.
+    async def many(self, kind: str, items: list[dict[str, Any]]) -> list[float]:
+        """Celery has no bulk publish: one message per job, over one connection. Each
+        message may run as soon as it is published, so this answers when each was."""
         task = TASKS[kind]
+        published = []
         with app.producer_or_acquire() as producer:
             for args in items:
                 task.apply_async(kwargs=args, producer=producer)
+                published.append(time.monotonic())
+        return published
 
     async def close(self) -> None:
         return None
