@@ -514,6 +514,48 @@ def test_a_busy_idle_worker_checks_for_rescued_jobs_on_its_timer_not_before_a_cl
     assert len(in_front) <= len(checks) // 3, calls
 
 
+def test_a_wake_up_during_a_short_claim_leads_straight_to_the_next_claim(dsn, monkeypatch):
+    """After a claim that came back short, the worker asks when the next scheduled job is
+    due (a round trip) and waits; a notification that came during the claim makes it
+    claim again at once instead."""
+    calls: list[str] = []
+    workers: list[Worker] = []
+    enough = asyncio.Event()
+    real_claim, real_due = store.claim_jobs, store.seconds_until_due
+
+    async def claim(conn: Any, **kw: Any) -> Any:
+        jobs = await real_claim(conn, **kw)
+        # Every other claim, the wake-up a notification arriving meanwhile would give.
+        woken = bool(workers) and calls.count("claim") == calls.count("claim, woken")
+        if woken:
+            workers[0]._wake.set()
+        calls.append("claim, woken" if woken else "claim")
+        if calls.count("claim, woken") >= 6:
+            enough.set()
+        return jobs
+
+    async def due(conn: Any, **kw: Any) -> Any:
+        calls.append("due")
+        return await real_due(conn, **kw)
+
+    monkeypatch.setattr(store, "claim_jobs", claim)
+    monkeypatch.setattr(store, "seconds_until_due", due)
+
+    async def main() -> None:
+        async with running_worker(Registry(), dsn, queues=("q",), poll_interval=0.05) as worker:
+            workers.append(worker)
+            await asyncio.wait_for(enough.wait(), 10)
+
+    run(main)
+    woken = [i for i, call in enumerate(calls) if call == "claim, woken"]
+    assert len(woken) >= 6
+    after_woken = {calls[i + 1] for i in woken if i + 1 < len(calls)}
+    assert after_woken == {"claim"}, calls
+    # Without a wake-up, the round trip for the next scheduled job comes before the wait.
+    plain = [i for i, call in enumerate(calls) if call == "claim" and i + 1 < len(calls)]
+    assert plain and {calls[i + 1] for i in plain} == {"due"}, calls
+
+
 def test_scheduled_job_wakes_the_worker_when_due_without_polling(dsn):
     registry = Registry()
 

@@ -500,6 +500,12 @@ class Worker:
                 # concurrency 1000, the same at concurrency 1).
                 await asyncio.sleep(0)
                 continue
+            if self._wake.is_set():
+                # A notification came while the claim ran: claim again at once. Asking when
+                # the next scheduled job is due would put a round trip in front of that
+                # claim, which takes every job due by then, scheduled ones too (a busy
+                # worker woken by every batch of a producer: about half its claims).
+                continue
             timeout = await self._idle_timeout(claim_sent)
             # Wake for run_once's rescued-job check when it falls due, so that it runs
             # while nothing waits: left to the next notification, its round trip came
