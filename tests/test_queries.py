@@ -1437,11 +1437,9 @@ def _generic_plan(
     return list(_plan_nodes(row[0][0]["Plan"]))
 
 
-@pytest.mark.parametrize("name", sorted(LEASE_FENCED))
-def test_lease_fenced_writers_find_rows_by_primary_key_in_their_generic_plan(
-    busy_after_idle_dsn, name
-):
-    ids, tokens = _running_ids_and_tokens(busy_after_idle_dsn, 100)
+def _lease_fenced_params(dsn: str, name: str, n: int) -> dict[str, Any]:
+    """A lease-fenced writer's parameters, for ``n`` of the running jobs in ``dsn``."""
+    ids, tokens = _running_ids_and_tokens(dsn, n)
     params: dict[str, Any] = {"ids": ids, "tokens": tokens}
     for key, kind in LEASE_FENCED[name].items():
         if kind == "float8":
@@ -1452,6 +1450,14 @@ def test_lease_fenced_writers_find_rows_by_primary_key_in_their_generic_plan(
             params[key] = ["exhausted"] * len(ids)
         else:
             params[key] = kind
+    return params
+
+
+@pytest.mark.parametrize("name", sorted(LEASE_FENCED))
+def test_lease_fenced_writers_find_rows_by_primary_key_in_their_generic_plan(
+    busy_after_idle_dsn, name
+):
+    params = _lease_fenced_params(busy_after_idle_dsn, name, 100)
 
     nodes = _generic_plan(busy_after_idle_dsn, name, params)
 
@@ -1536,18 +1542,9 @@ def new_table_dsn(server_dsn: str, template_db: str) -> Iterator[str]:
 
 
 def _new_table_params(dsn: str, name: str) -> dict[str, Any]:
-    if name not in LEASE_FENCED or name == "extend_leases":
-        return _plan_params(dsn, name)
-    ids, tokens = _running_ids_and_tokens(dsn, 5)
-    params: dict[str, Any] = {"ids": ids, "tokens": tokens}
-    for key, kind in LEASE_FENCED[name].items():
-        if kind == "float8":
-            params[key] = [0.01] * len(ids)
-        elif kind == "jsonb":
-            params[key] = [Jsonb({"error": "x"})] * len(ids)
-        else:
-            params[key] = ["exhausted"] * len(ids)
-    return params
+    if name in LEASE_FENCED:
+        return _lease_fenced_params(dsn, name, 5)
+    return _plan_params(dsn, name)
 
 
 LONG_LIVED_PLANS = sorted(
