@@ -525,17 +525,21 @@ def test_a_wake_up_during_a_short_claim_leads_straight_to_the_next_claim(dsn, mo
 
     async def claim(conn: Any, **kw: Any) -> Any:
         jobs = await real_claim(conn, **kw)
+        if not workers:
+            return jobs
         # Every other claim, the wake-up a notification arriving meanwhile would give.
-        woken = bool(workers) and calls.count("claim") == calls.count("claim, woken")
-        if woken:
+        if calls.count("claim") == calls.count("claim, woken"):
             workers[0]._wake.set()
-        calls.append("claim, woken" if woken else "claim")
+        # Labelled by the event itself: the listener's own wake-up once it has connected
+        # (it may come during the first claim recorded) counts the same.
+        calls.append("claim, woken" if workers[0]._wake.is_set() else "claim")
         if calls.count("claim, woken") >= 6:
             enough.set()
         return jobs
 
     async def due(conn: Any, **kw: Any) -> Any:
-        calls.append("due")
+        if workers:
+            calls.append("due")
         return await real_due(conn, **kw)
 
     monkeypatch.setattr(store, "claim_jobs", claim)
@@ -543,6 +547,9 @@ def test_a_wake_up_during_a_short_claim_leads_straight_to_the_next_claim(dsn, mo
 
     async def main() -> None:
         async with running_worker(Registry(), dsn, queues=("q",), poll_interval=0.05) as worker:
+            # Nothing else wakes the worker from here on: the listener wakes it once when
+            # it connects, then only a notification would (none comes, nothing enqueues).
+            await asyncio.wait_for(worker.listener.connected.wait(), 10)
             workers.append(worker)
             await asyncio.wait_for(enough.wait(), 10)
 
@@ -550,7 +557,7 @@ def test_a_wake_up_during_a_short_claim_leads_straight_to_the_next_claim(dsn, mo
     woken = [i for i, call in enumerate(calls) if call == "claim, woken"]
     assert len(woken) >= 6
     after_woken = {calls[i + 1] for i in woken if i + 1 < len(calls)}
-    assert after_woken == {"claim"}, calls
+    assert after_woken <= {"claim", "claim, woken"}, calls
     # Without a wake-up, the round trip for the next scheduled job comes before the wait.
     plain = [i for i, call in enumerate(calls) if call == "claim" and i + 1 < len(calls)]
     assert plain and {calls[i + 1] for i in plain} == {"due"}, calls
