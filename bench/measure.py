@@ -429,12 +429,15 @@ def sustained(
     sleep_ms: str,
     windows: int,
     log_dir: Path,
+    producers: int = 1,
 ) -> Sample:
-    """Producers at a fixed rate (one bulk call per 10 ms tick) of jobs that sleep
-    ``sleep_ms``; latency percentiles per time window and the backlog every second."""
+    """``producers`` processes at ``rate / producers`` jobs/s each (one bulk call per 10 ms
+    tick) of jobs that sleep ``sleep_ms``; latency percentiles per time window and the
+    backlog every second."""
     system.reset()
     record_dir = Path(tempfile.mkdtemp(prefix=f"rec-{system.name}-", dir=log_dir))
-    out = record_dir / "commits.txt"
+    outs = [record_dir / f"commits-{i}.txt" for i in range(producers)]
+    warmups = {f"warmup-p{i}" for i in range(producers)}
     backlog: list[tuple[float, int]] = []
     stop = threading.Event()
 
@@ -450,7 +453,7 @@ def sustained(
 
             def ready() -> None:
                 if not _wait(
-                    lambda: "warmup-p0" in read_records(record_dir),
+                    lambda: warmups <= read_records(record_dir).keys(),
                     timeout=60.0,
                     interval=0.05,
                     run=run,
@@ -462,14 +465,14 @@ def sustained(
 
             results = run_producers(
                 system,
-                1,
+                producers,
                 [
                     "--mode",
                     "rate",
                     "--kind",
                     "sleep",
                     "--rate",
-                    str(rate),
+                    str(rate / producers),
                     "--seconds",
                     str(seconds),
                     "--sleep-ms",
@@ -480,10 +483,10 @@ def sustained(
                 log_dir,
                 timeout=seconds + 120.0,
                 record_dir=record_dir,
-                out_files=[out],
+                out_files=outs,
                 before_go=ready,
             )
-            commits = read_commits([out])
+            commits = read_commits(outs)
             # Let the backlog drain (bounded): the tail is part of the picture.
             _wait(
                 lambda: len(commits.keys() & read_records(record_dir).keys()) >= len(commits),
@@ -496,8 +499,8 @@ def sustained(
     finally:
         stop.set()
         shutil.rmtree(record_dir, ignore_errors=True)
-    t0 = results[0].start
-    produced = results[0].count
+    t0 = min(r.start for r in results)
+    produced = sum(r.count for r in results)
     per_window: list[dict[str, Any]] = []
     width = seconds / windows
     points = [(c - t0, (starts[k] - c) * 1000.0) for k, c in commits.items() if k in starts]
@@ -519,7 +522,8 @@ def sustained(
     extra: dict[str, Any] = {
         "target_rate": rate,
         "achieved_rate": produced / seconds,
-        "producer_max_behind_s": results[0].max_behind,
+        "producers": producers,
+        "producer_max_behind_s": max(r.max_behind for r in results),
         "missing": missing,
         "windows": per_window,
         "backlog_max": max((n for _, n in backlog), default=None),
