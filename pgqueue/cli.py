@@ -395,11 +395,18 @@ def _rescued_note(job: JobStatus) -> str:
 def _runs_note(job: JobStatus) -> str:
     """Runs that did not count as attempts (snoozed, released, returned as orphans, lost
     with their worker before it was rescued, or run before a dead retry gave fresh
-    attempts), when there were any."""
-    runs = len(job.history) + (1 if job.state is JobState.RUNNING else 0)
+    attempts), when there were any. A job that snoozed many times keeps only its newest 50
+    snoozes in its history; its entries count the ones dropped (``snoozes_dropped``)."""
+    dropped = 0
+    for entry in job.history:  # any JSON a plain INSERT left: count only what fits
+        n = entry.get("snoozes_dropped") if isinstance(entry, dict) else None
+        if isinstance(n, int | float) and not isinstance(n, bool) and n > dropped:
+            dropped = int(n)
+    runs = len(job.history) + dropped + (1 if job.state is JobState.RUNNING else 0)
     if runs == job.attempts:
         return ""
-    return f" ({runs} run{'s' if runs != 1 else ''} in all; see attempts below)"
+    listed = f", {dropped} earlier snoozes not listed" if dropped else ""
+    return f" ({runs} run{'s' if runs != 1 else ''} in all{listed}; see attempts below)"
 
 
 @main.command()
@@ -596,8 +603,8 @@ def metrics_options(fn: F) -> F:
 @click.option(
     "--log-args",
     is_flag=True,
-    help="Add each job's args to the job.claimed event (a debug event: also pass --log-level"
-    " debug). Off by default: args may hold personal data.",
+    help="Add each job's args to the job.claimed event (an info event). Off by default: args"
+    " may hold personal data.",
 )
 @prepared_option
 @click.option(
@@ -649,6 +656,17 @@ def metrics_options(fn: F) -> F:
     help="With --reaper: how long succeeded and cancelled jobs are kept.",
 )
 @metrics_options
+@click.option(
+    "--queue-stats/--no-queue-stats",
+    default=True,
+    show_default=True,
+    envvar="PGQUEUE_QUEUE_STATS",
+    show_envvar=True,
+    help="With --metrics-port: also serve the database-wide gauges (pgqueue_queue_depth,"
+    " pgqueue_queue_oldest_ready_age_seconds, pgqueue_dead_jobs, ...) as pgqueue-reaper"
+    " does: one query per scrape, at most every 10 s. --no-queue-stats leaves them to the"
+    " reaper (--reaper keeps them).",
+)
 @dsn_option
 @log_options
 @click.version_option(__version__, prog_name="pgqueue-worker")
@@ -669,6 +687,7 @@ def worker_command(
     retention_seconds: float,
     metrics_port: int | None,
     metrics_host: str,
+    queue_stats: bool,
     dsn: str | None,
     log_level: str,
     log_format: str,
@@ -754,6 +773,7 @@ def worker_command(
                 metrics_host=metrics_host,
                 metrics_port=metrics_port,
                 reapers=with_reaper,
+                queue_stats=queue_stats,
                 lease_seconds=config.lease_seconds,
             ).run()
         from pgqueue.worker import Worker
@@ -779,9 +799,9 @@ def worker_command(
         server = None
         if metrics_port is not None:
             served = process_registry()
-            if with_reaper:
+            if with_reaper or queue_stats:
                 # The database-wide gauges, as pgqueue-reaper exports them.
-                served.register(QueueStatsCollector(config.dsn))
+                served.register(QueueStatsCollector(config.dsn, reaper=with_reaper))
             server = MetricsServer(metrics_host, metrics_port, served, worker.health).start()
         reaping = None
         if reaper is not None:

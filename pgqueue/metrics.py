@@ -5,7 +5,8 @@ Label sets are bounded: queue, task (tasks a worker does not know are reported a
 "unknown"), outcome. Never job ids. With ``--processes N`` the children write their
 samples to PROMETHEUS_MULTIPROC_DIR and the supervisor serves the sum.
 Database-wide gauges (queue depth, oldest ready job, dead jobs, live workers) are
-collected by the reaper from the database, cached between scrapes.
+collected from the database by the reaper and by workers (unless ``--no-queue-stats``),
+cached between scrapes.
 """
 
 from __future__ import annotations
@@ -98,11 +99,15 @@ STATS_TIMEOUT_SECONDS = 5.0
 
 
 class QueueStatsCollector(Collector):
-    """Database-wide gauges, from one cheap query, cached for ``ttl`` seconds."""
+    """Database-wide gauges, from one cheap query, cached for ``ttl`` seconds. With
+    ``reaper`` (served where a reaper runs: pgqueue-reaper, ``--reaper``), also
+    ``pgqueue_reaper_info``, and each queue the query sees gets its
+    ``pgqueue_leases_expired_total`` series at 0."""
 
-    def __init__(self, dsn: str, ttl: float = 10.0) -> None:
+    def __init__(self, dsn: str, ttl: float = 10.0, *, reaper: bool = True) -> None:
         self.dsn = dsn
         self.ttl = ttl
+        self.reaper = reaper
         self._lock = threading.Lock()
         self._at = 0.0
         self._metrics: list[Metric] = []
@@ -133,6 +138,16 @@ class QueueStatsCollector(Collector):
                 self._metrics.append(ok)
                 self._at = time.monotonic()
             yield from self._metrics
+        if self.reaper:
+            # Whatever the query did: what tells a reaper's endpoint from a worker's.
+            info = GaugeMetricFamily(
+                "pgqueue_reaper_info",
+                "1 where a reaper runs: pgqueue-reaper, or a worker started with --reaper"
+                " (under --processes, its supervisor's endpoint).",
+                labels=["version"],
+            )
+            info.add_metric([__version__], 1.0)
+            yield info
 
     def _query(self) -> list[Metric]:
         depth = GaugeMetricFamily(
@@ -166,7 +181,8 @@ class QueueStatsCollector(Collector):
                 seen.add(q)
                 # Every queue's lease-expiry series exists from 0, so the first expiries
                 # after a reaper starts show in increase() (a series born at 10 does not).
-                child(LEASES_EXPIRED, q)
+                if self.reaper:
+                    child(LEASES_EXPIRED, q)
                 depth.add_metric([q, "ready"], row["ready"])
                 depth.add_metric([q, "scheduled"], row["scheduled"])
                 depth.add_metric([q, "running"], row["running"])
@@ -203,6 +219,9 @@ class SupervisorCollector(Collector):
             yield from self._children.collect()  # type: ignore[no-untyped-call]
             return
         yield from self._stats.collect()
+        if not self._stats.reaper:  # no reaper in the children: no expiries
+            yield from self._children.collect()  # type: ignore[no-untyped-call]
+            return
         expired: Metric | None = None
         for metric in self._children.collect():  # type: ignore[no-untyped-call]
             if metric.name == LEASES_EXPIRED_NAME:

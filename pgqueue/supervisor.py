@@ -109,6 +109,7 @@ class Supervisor:
         metrics_host: str | None = None,
         metrics_port: int | None = None,
         reapers: bool = False,
+        queue_stats: bool = False,
         lease_seconds: float = 30.0,
     ) -> None:
         self.child_argv = list(child_argv)
@@ -117,6 +118,8 @@ class Supervisor:
         # The children run the reaper (--reaper): export the database-wide gauges, and
         # give them the time their reaper takes to stop.
         self.reapers = reapers
+        # Serve the database-wide gauges (as the children's reapers do) without reapers.
+        self.queue_stats = queue_stats
         self.processes = processes
         self.shutdown_timeout = shutdown_timeout
         self.dsn = dsn
@@ -238,9 +241,10 @@ class Supervisor:
             if self.metrics_port is not None:
                 # Removed below even when the port cannot be bound.
                 self.metrics_dir = tempfile.mkdtemp(prefix="pgqueue-metrics-")
-                registry = supervisor_registry(
-                    self.metrics_dir, QueueStatsCollector(self.dsn) if self.reapers else None
-                )
+                stats = None
+                if self.reapers or self.queue_stats:
+                    stats = QueueStatsCollector(self.dsn, reaper=self.reapers)
+                registry = supervisor_registry(self.metrics_dir, stats)
                 server = MetricsServer(
                     self.metrics_host or DEFAULT_METRICS_HOST,
                     self.metrics_port,

@@ -121,6 +121,7 @@ def exported_metrics() -> dict[str, set[str]]:
             "pgqueue_queue_paused": {"queue"},
             "pgqueue_queue_stats_up": set(),
             "pgqueue_notify_queue_usage": set(),
+            "pgqueue_reaper_info": {"version"},
         }
     )
     return names

@@ -337,6 +337,28 @@ def test_migration_0017_dates_finished_jobs_without_finished_at_and_refuses_more
         )
 
 
+def test_migrations_0019_0020_give_dead_jobs_a_state_that_is_always_dead(empty_dsn, monkeypatch):
+    # pgqueue.dead_jobs holds the job's columns: state too, as pgqueue.jobs has it.
+    migrate_before(empty_dsn, 19, monkeypatch)
+    insert = (
+        "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts,"
+        " max_attempts, run_at, created_at, errors, reason)"
+        " VALUES (%s, 'q', 't', '{}', 0, 1, 1, now(), now(), '[]', 'exhausted')"
+    )
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        c.execute(insert, (1,))  # dead before the column existed
+    assert {19, 20} <= set(versions(migrate(empty_dsn)))
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        assert scalar(
+            c, "SELECT convalidated FROM pg_constraint WHERE conname = 'dead_jobs_state_check'"
+        )
+        c.execute(insert, (2,))
+        states = c.execute("SELECT id, state FROM pgqueue.dead_jobs ORDER BY id").fetchall()
+        assert states == [(1, "dead"), (2, "dead")]
+        with pytest.raises(psycopg.errors.CheckViolation, match="dead_jobs_state_check"):
+            c.execute("UPDATE pgqueue.dead_jobs SET state = 'queued' WHERE id = 1")
+
+
 def test_migrate_with_nothing_pending_needs_no_create_privilege(empty_dsn):
     # A deploy step checking an up-to-date schema as a role that cannot CREATE in the
     # database failed with "permission denied for database" (CREATE SCHEMA IF NOT EXISTS

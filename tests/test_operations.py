@@ -385,6 +385,62 @@ def test_worker_metrics_count_every_claimed_attempt_and_outcome(conn, daemons):
     assert worker.poll() is None
 
 
+def test_worker_serves_the_database_wide_gauges_unless_told_not_to(conn, daemons):
+    # Jobs of a queue no worker here serves: only the database knows them.
+    insert_job(conn, queue="elsewhere", run_in=-60)
+    insert_job(conn, queue="elsewhere", run_in=3600)
+    insert_dead(conn, queue="elsewhere")
+    port, quiet_port = free_port(), free_port()
+    worker = daemons.worker("--metrics-port", str(port), *LOCAL)
+    quiet = daemons.worker("--metrics-port", str(quiet_port), "--no-queue-stats", *LOCAL)
+    wait_listening(port)
+    wait_listening(quiet_port)
+
+    samples = scrape(port)
+    depth = "pgqueue_queue_depth"
+    assert total(samples, depth, queue="elsewhere", state="ready") == 1
+    assert total(samples, depth, queue="elsewhere", state="scheduled") == 1
+    assert total(samples, "pgqueue_queue_oldest_ready_age_seconds", queue="elsewhere") >= 59
+    assert total(samples, "pgqueue_dead_jobs", queue="elsewhere") == 1
+    assert total(samples, "pgqueue_queue_stats_up") == 1
+    assert named(samples, "pgqueue_workers")
+    # No reaper runs here: no lease-expiry series, not even at 0, and no reaper_info
+    # (what PgqueueReaperMissing counts reapers by).
+    assert not named(samples, "pgqueue_leases_expired_total")
+    assert not named(samples, "pgqueue_reaper_info")
+    # The worker's own metrics are there beside them.
+    assert named(samples, "pgqueue_worker_info")
+
+    left_out = scrape(quiet_port)
+    assert named(left_out, "pgqueue_worker_info")
+    assert not [s for s in left_out if s.name.startswith(("pgqueue_queue_", "pgqueue_dead_"))]
+    assert not named(left_out, "pgqueue_workers")
+    assert worker.poll() is None and quiet.poll() is None
+
+
+def test_supervisor_serves_the_database_wide_gauges_once_unless_told_not_to(conn, daemons):
+    insert_job(conn, queue="elsewhere", run_in=-60)
+    port, quiet_port = free_port(), free_port()
+    supervisor = daemons.worker("--processes", "2", "--metrics-port", str(port), *LOCAL)
+    quiet = daemons.worker(
+        "--processes", "2", "--metrics-port", str(quiet_port), "--no-queue-stats", *LOCAL
+    )
+    wait_until(lambda: listening(conn) == 4)
+    samples = wait_until(lambda: (s := scrape(port)) and total(s, "pgqueue_worker_info") == 2 and s)
+    # Once, by the supervisor, not summed over its children.
+    assert [s.value for s in samples if s.name == "pgqueue_queue_depth"
+            and s.labels == {"queue": "elsewhere", "state": "ready"}] == [1.0]  # fmt: skip
+    assert total(samples, "pgqueue_queue_stats_up") == 1
+    assert not named(samples, "pgqueue_leases_expired_total")
+    assert not named(samples, "pgqueue_reaper_info")
+
+    left_out = wait_until(
+        lambda: (s := scrape(quiet_port)) and total(s, "pgqueue_worker_info") == 2 and s
+    )
+    assert not [s for s in left_out if s.name.startswith(("pgqueue_queue_", "pgqueue_dead_"))]
+    assert supervisor.poll() is None and quiet.poll() is None
+
+
 # --- 2. reaper metrics -----------------------------------------------------------------------
 
 
@@ -440,6 +496,8 @@ def test_reaper_metrics_report_database_wide_queue_gauges(conn, dsn, daemons):
     assert total(samples, "pgqueue_queue_paused", queue="b") == 1
     assert total(samples, "pgqueue_queue_paused", queue="a") == 0
     assert named(samples, "pgqueue_workers") and total(samples, "pgqueue_workers") == 1
+    [info] = named(samples, "pgqueue_reaper_info")
+    assert info.value == 1 and info.labels["version"]
     assert all("job_id" not in s.labels for s in samples)
     assert reaper.poll() is None
 
@@ -882,6 +940,9 @@ def test_workers_with_reaper_export_the_database_gauges_one_child_leading(conn, 
         if s.name == "pgqueue_queue_depth" and s.labels == {"queue": "gauged", "state": "ready"}
     ]  # fmt: skip
     assert [s.value for s in depth] == [1.0]
+    # Once, from the supervisor, whatever the number of children running a reaper.
+    assert [s.value for fam in text_string_to_metric_families(body) for s in fam.samples
+            if s.name == "pgqueue_reaper_info"] == [1.0]  # fmt: skip
     wait_until(lambda: events(daemons, supervisor, "reaper.standby"))
     assert len(events(daemons, supervisor, "reaper.leading")) == 1
     assert len(events(daemons, supervisor, "reaper.started")) == 2
@@ -1783,6 +1844,18 @@ def test_status_counts_uncounted_runs_and_says_when_a_job_was_rescued(conn, dsn,
     assert lost["rescued"] == "yes: a worker vanished under it; it runs alone, each attempt counts"
     assert json.loads(ok(cli(dsn, "status", str(vanished), "--json")))["rescued"] is True
     assert shown(plain)["attempts"] == "0/20"
+    # A job that snoozed more often than its history keeps (the newest 50 snoozes):
+    # the dropped ones, which its newest entries count, are runs too.
+    poller = insert_job(conn, queue="nobody", task="t")
+    entry = {
+        "attempt": 1, "worker": "w", "started_at": "2026-11-30T12:00:00+00:00",
+        "ended_at": "2026-11-30T12:00:01+00:00", "duration": 1.0, "outcome": "snoozed",
+    }  # fmt: skip
+    history = [entry] * 48 + [{**entry, "snoozes_dropped": 900}, {**entry, "snoozes_dropped": 951}]
+    conn.execute("UPDATE pgqueue.jobs SET history = %s WHERE id = %s", (Jsonb(history), poller))
+    assert shown(poller)["attempts"] == (
+        "0/20 (1001 runs in all, 951 earlier snoozes not listed; see attempts below)"
+    )
     # While running, the current run is counted on both sides.
     make_running(conn, plain, lease_in=600)
     assert shown(plain)["attempts"] == "1/20"
@@ -1852,9 +1925,10 @@ def test_worker_logs_json_lines_without_job_args_unless_asked(conn, daemons, tmp
     assert terminate(worker) == 0
     assert err.read_text() == ""
     lines = json_lines(out.read_text())  # every line is JSON
-    assert {"worker.started", "job.succeeded", "job.retried", "job.dead", "worker.stopped"} <= {
-        e["event"] for e in lines
-    }
+    assert {
+        "worker.started", "job.claimed", "job.succeeded", "job.retried", "job.dead",
+        "worker.stopped",
+    } <= {e["event"] for e in lines}  # fmt: skip
     [succeeded] = logged("job.succeeded")
     assert {k: succeeded[k] for k in ("job_id", "task", "queue", "attempt")} == {
         "job_id": fine, "task": "record", "queue": "default", "attempt": 1,
@@ -1864,20 +1938,27 @@ def test_worker_logs_json_lines_without_job_args_unless_asked(conn, daemons, tmp
     assert (retried["job_id"], retried["attempt"], retried["kind"]) == (bad, 1, "bad_args")
     [dead] = logged("job.dead")
     assert (dead["job_id"], dead["attempt"], dead["reason"]) == (bad, 2, "exhausted")
-    assert not logged("job.claimed")  # a debug event
+    # Claimed at the default level, with the job's fields and without its args.
+    assert sorted((e["job_id"], e["attempt"], e["level"]) for e in logged("job.claimed")) == [
+        (fine, 1, "info"), (bad, 1, "info"), (bad, 2, "info"),
+    ]  # fmt: skip
+    assert {(e["task"], e["queue"]) for e in logged("job.claimed")} == {
+        ("record", "default"), ("fail", "default"),
+    }  # fmt: skip
     assert "hunter2" not in out.read_text()
     assert all("args" not in e for e in lines)
 
     shown = enqueue(conn, "record", {"note": "hunter2"})
     verbose, out, err = spawn_split(daemons, tmp_path, "pgqueue-worker", "--app", APP,
-                                    "--log-format", "json", "--log-args",
-                                    "--log-level", "debug")  # fmt: skip
+                                    "--log-format", "json", "--log-args")  # fmt: skip
     wait_until(lambda: job_state(conn, shown) == "succeeded")
     assert terminate(verbose) == 0
     claimed = [e for e in json_lines(out.read_text()) if e["event"] == "job.claimed"]
     assert [(e["job_id"], e["args"], e["level"]) for e in claimed] == [
-        (shown, {"note": "hunter2"}, "debug")
+        (shown, {"note": "hunter2"}, "info")
     ]
+    # Only job.claimed carries them.
+    assert [e["event"] for e in json_lines(out.read_text()) if "args" in e] == ["job.claimed"]
 
 
 def test_library_log_records_are_json_lines_on_stdout_too(daemons, tmp_path):

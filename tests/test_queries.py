@@ -511,6 +511,66 @@ def test_snooze_requeues_after_the_delay_and_gives_the_attempt_back(conn, dsn):
     assert row["lease_expires_at"] is None
 
 
+def test_snooze_keeps_the_newest_50_snoozes_in_the_history_and_every_other_entry(conn, dsn):
+    # A handler that polls by snoozing must not grow its row (rewritten by every
+    # snooze) without end: a snooze counts no attempt, so nothing else bounds them.
+    def entry(n: int, outcome: str) -> dict[str, Any]:
+        return {"attempt": 1, "worker": WORKER, "outcome": outcome, "n": n}
+
+    old = [entry(n, "retried" if n % 4 == 0 else "snoozed") for n in range(120)]
+    token = uuid.uuid4()
+    job_id = make_job(conn, state="running", lease_token=token, history=old)
+    short_token = uuid.uuid4()
+    short = make_job(conn, state="running", lease_token=short_token, history=old[:3])
+
+    changed = run_async(
+        dsn, store.snooze_jobs, ids=[job_id, short], tokens=[token, short_token],
+        delays=[1.0, 1.0],
+    )  # fmt: skip
+
+    assert changed == {job_id, short}
+    history = scalar(conn, "SELECT history FROM pgqueue.jobs WHERE id = %s", (job_id,))
+    *kept, new = history
+    snoozes = [e["n"] for e in old if e["outcome"] == "snoozed"]
+    assert [e["n"] for e in kept] == sorted(
+        [e["n"] for e in old if e["outcome"] == "retried"] + snoozes[-49:]
+    )
+    # The new entry counts the snoozes dropped (90 - 49), for `pgqueue status`.
+    assert new["outcome"] == "snoozed" and "n" not in new
+    assert new["snoozes_dropped"] == len(snoozes) - 49
+    # The count runs on over the job's life, though the entries that held it go.
+    again = history
+    for _ in range(60):
+        again = scalar(
+            conn,
+            "SELECT pgqueue.history_with_snooze(%s, pgqueue.history_entry("
+            " 1, 'w', now(), 0.1, 'snoozed'))",
+            (Jsonb(again),),
+        )
+    assert sum(e["outcome"] == "snoozed" for e in again) == 50
+    assert len(again) == 50 + len(old) - len(snoozes)
+    assert max(e.get("snoozes_dropped", 0) for e in again) == len(snoozes) - 49 + 60
+    # history is any JSON to the table (a plain INSERT may set it): appended to as before.
+    for odd in ({"odd": True}, [1, "x", {"snoozes_dropped": "many"}] * 20):
+        appended = scalar(
+            conn,
+            'SELECT pgqueue.history_with_snooze(%s, \'[{"outcome": "snoozed"}]\')',
+            (Jsonb(odd),),
+        )
+        assert appended == (odd if isinstance(odd, list) else [odd]) + [{"outcome": "snoozed"}]
+    # A snoozes_dropped that is not a number is not counted (nor does it fail the snooze).
+    odd_counts = [{"outcome": "snoozed", "snoozes_dropped": "many"}] * 60
+    trimmed = scalar(
+        conn,
+        'SELECT pgqueue.history_with_snooze(%s, \'[{"outcome": "snoozed"}]\')',
+        (Jsonb(odd_counts),),
+    )
+    assert trimmed == [*odd_counts[:49], {"outcome": "snoozed", "snoozes_dropped": 11}]
+    # Shorter histories are only appended to.
+    history = scalar(conn, "SELECT history FROM pgqueue.jobs WHERE id = %s", (short,))
+    assert history[:3] == old[:3] and [e["outcome"] for e in history[3:]] == ["snoozed"]
+
+
 def test_release_requeues_runnable_now_and_gives_the_attempt_back(conn, dsn):
     token = uuid.uuid4()
     job_id = make_job(

@@ -213,7 +213,8 @@ FROM updated AS u, LATERAL (SELECT pgqueue.wake(u.queue)) AS n;
 -- name: snooze_jobs
 -- Reschedules jobs that asked to run later, without counting the attempt (attempts goes
 -- back down by the one the claim added), each only if still running under its token.
--- A job whose cancellation was requested is cancelled instead.
+-- A job whose cancellation was requested is cancelled instead. The history keeps the
+-- newest 50 snoozes (0021): a job polling by snoozing would grow it without end.
 WITH updated AS (
     UPDATE pgqueue.jobs AS j
     SET state = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued'
@@ -224,8 +225,8 @@ WITH updated AS (
                       THEN now() + make_interval(secs => s.delay_seconds) ELSE j.run_at END,
         lease_token = NULL,
         lease_expires_at = NULL,
-        history = j.history || pgqueue.history_entry(
-            j.attempts, j.leased_by, j.attempted_at, s.duration, 'snoozed')
+        history = pgqueue.history_with_snooze(j.history, pgqueue.history_entry(
+            j.attempts, j.leased_by, j.attempted_at, s.duration, 'snoozed'))
     FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(delays)s::float8[],
                 %(durations)s::float8[]) AS s(id, token, delay_seconds, duration)
     WHERE j.id = s.id AND j.lease_token = s.token

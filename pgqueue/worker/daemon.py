@@ -556,7 +556,7 @@ class Worker:
     def _start(self, job: Job) -> None:
         self._held[job] = None
         extra = {"args": job.args} if self.config.log_args else {}
-        self._log.debug(
+        self._log.info(
             "job.claimed", job_id=job.id, task=job.task, queue=job.queue, attempt=job.attempt,
             **extra,
         )  # fmt: skip
