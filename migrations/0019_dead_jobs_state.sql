@@ -1,7 +1,7 @@
 -- 0019: pgqueue.dead_jobs has the job's `state` column, as pgqueue.jobs does: always
 -- 'dead' (a row of the dead-letter table is a dead job), so that code reading a job from
--- either table finds the same columns. Every writer of dead_jobs names its columns and
--- gets the default.
+-- either table finds a state column (text here: the jobs table's enum has no 'dead').
+-- Every writer of dead_jobs names its columns and gets the default.
 --
 -- A constant default is stored once in the catalog (no rewrite of the table). The CHECK
 -- is added NOT VALID, so that this migration does not read the whole table under its

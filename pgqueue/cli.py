@@ -405,7 +405,9 @@ def _runs_note(job: JobStatus) -> str:
     runs = len(job.history) + dropped + (1 if job.state is JobState.RUNNING else 0)
     if runs == job.attempts:
         return ""
-    listed = f", {dropped} earlier snoozes not listed" if dropped else ""
+    listed = ""
+    if dropped:
+        listed = f", {dropped} earlier snooze{'s' if dropped != 1 else ''} not listed"
     return f" ({runs} run{'s' if runs != 1 else ''} in all{listed}; see attempts below)"
 
 

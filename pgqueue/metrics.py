@@ -175,7 +175,9 @@ class QueueStatsCollector(Collector):
             " stop notifying (workers poll), and full, every other notifying transaction fails.",
         )
         seen = set()
-        with store.connect(self.dsn, connect_timeout=5) as conn:
+        # One transaction: the statement timeout queue_stats sets covers the reads after it,
+        # and leaves the session as it found it (see store.queue_stats).
+        with store.connect(self.dsn, connect_timeout=5) as conn, conn.transaction():
             for row in store.queue_stats(conn, timeout_seconds=STATS_TIMEOUT_SECONDS):
                 q = row["queue"]
                 seen.add(q)
@@ -198,8 +200,9 @@ class QueueStatsCollector(Collector):
 class SupervisorCollector(Collector):
     """What a ``--processes`` supervisor serves: its children's samples, summed from
     ``path`` (prometheus-client's multiprocess mode), and with ``stats`` the database-wide
-    gauges. Each queue those gauges saw also gets a ``pgqueue_leases_expired_total``
-    series at 0 until a child counts an expiry there: the series a child creates is born
+    gauges. Where the children run a reaper (``stats.reaper``), each queue those gauges
+    saw also gets a ``pgqueue_leases_expired_total`` series at 0 until a child counts an
+    expiry there: the series a child creates is born
     at its first expiry, which ``increase()`` does not count (a lone reaper creates its
     zeros in its own process, see QueueStatsCollector._query; the supervisor's own
     counters are not among the samples it serves)."""

@@ -740,15 +740,18 @@ def schema_ready(conn: SyncConn) -> bool:
 
 
 def queue_stats(conn: SyncConn, *, timeout_seconds: float | None = None) -> list[Row]:
-    """The per-queue stats; with ``timeout_seconds``, this session's statements fail
-    past it (a scrape must answer, not wait behind a lock on pgqueue.jobs)."""
-    if timeout_seconds is not None:
-        conn.execute(
-            QUERIES["set_statement_timeout"],
-            {"timeout": f"{max(1, round(timeout_seconds * 1000))}ms"},
-        )
-    conn.execute(QUERIES["disable_jit"])
-    return _fetch(conn, "queue_stats", {})
+    """The per-queue stats; with ``timeout_seconds``, the query fails past it (a scrape
+    must answer, not wait behind a lock on pgqueue.jobs). Its settings are the
+    transaction's, which this opens (a savepoint inside the caller's): nothing is left
+    on the session, which a PgBouncer in transaction pooling mode would pass on."""
+    with conn.transaction():
+        if timeout_seconds is not None:
+            conn.execute(
+                QUERIES["set_statement_timeout"],
+                {"timeout": f"{max(1, round(timeout_seconds * 1000))}ms"},
+            )
+        conn.execute(QUERIES["disable_jit"])
+        return _fetch(conn, "queue_stats", {})
 
 
 def queue_finished_counts(conn: SyncConn) -> dict[str, tuple[int, int]]:

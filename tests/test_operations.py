@@ -427,7 +427,7 @@ def test_supervisor_serves_the_database_wide_gauges_once_unless_told_not_to(conn
     )
     wait_until(lambda: listening(conn) == 4)
     samples = wait_until(lambda: (s := scrape(port)) and total(s, "pgqueue_worker_info") == 2 and s)
-    # Once, by the supervisor, not summed over its children.
+    # One series, the supervisor's own query (the children do not serve these gauges).
     assert [s.value for s in samples if s.name == "pgqueue_queue_depth"
             and s.labels == {"queue": "elsewhere", "state": "ready"}] == [1.0]  # fmt: skip
     assert total(samples, "pgqueue_queue_stats_up") == 1
@@ -1845,17 +1845,24 @@ def test_status_counts_uncounted_runs_and_says_when_a_job_was_rescued(conn, dsn,
     assert json.loads(ok(cli(dsn, "status", str(vanished), "--json")))["rescued"] is True
     assert shown(plain)["attempts"] == "0/20"
     # A job that snoozed more often than its history keeps (the newest 50 snoozes):
-    # the dropped ones, which its newest entries count, are runs too.
+    # the dropped ones, which its newest entries count, are runs too. Its snoozes go
+    # through the function the worker's snooze statement appends with.
     poller = insert_job(conn, queue="nobody", task="t")
-    entry = {
-        "attempt": 1, "worker": "w", "started_at": "2026-11-30T12:00:00+00:00",
-        "ended_at": "2026-11-30T12:00:01+00:00", "duration": 1.0, "outcome": "snoozed",
-    }  # fmt: skip
-    history = [entry] * 48 + [{**entry, "snoozes_dropped": 900}, {**entry, "snoozes_dropped": 951}]
-    conn.execute("UPDATE pgqueue.jobs SET history = %s WHERE id = %s", (Jsonb(history), poller))
+    for _ in range(56):
+        conn.execute(
+            "UPDATE pgqueue.jobs SET history = pgqueue.history_with_snooze(history,"
+            " pgqueue.history_entry(1, 'w', now(), 0.1, 'snoozed')) WHERE id = %s",
+            (poller,),
+        )
     assert shown(poller)["attempts"] == (
-        "0/20 (1001 runs in all, 951 earlier snoozes not listed; see attempts below)"
+        "0/20 (56 runs in all, 6 earlier snoozes not listed; see attempts below)"
     )
+    conn.execute(
+        "UPDATE pgqueue.jobs SET history = pgqueue.history_with_snooze(history,"
+        " pgqueue.history_entry(1, 'w', now(), 0.1, 'snoozed')) WHERE id = %s",
+        (poller,),
+    )
+    assert "57 runs in all, 7 earlier snoozes" in shown(poller)["attempts"]
     # While running, the current run is counted on both sides.
     make_running(conn, plain, lease_in=600)
     assert shown(plain)["attempts"] == "1/20"
@@ -3212,6 +3219,19 @@ def test_metrics_serve_on_an_ipv6_address():
             assert (r.status, r.read()) == (200, b"ok\n")
     finally:
         server.stop()
+
+
+def test_queue_stats_leave_no_setting_on_the_session(dsn):
+    # Every worker's /metrics runs the stats query: behind PgBouncer in transaction
+    # pooling mode, a session setting (the statement timeout, jit) would stay on the
+    # server connection for whichever client got it next.
+    with psycopg.connect(dsn, autocommit=True) as c:
+        before = [scalar(c, f"SHOW {name}") for name in ("statement_timeout", "jit")]
+        store.queue_stats(c, timeout_seconds=0.5)
+        with c.transaction():
+            store.queue_stats(c, timeout_seconds=0.5)
+        assert [scalar(c, f"SHOW {name}") for name in ("statement_timeout", "jit")] == before
+        assert c.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
 def test_queue_stats_give_up_on_a_lock_instead_of_hanging_the_scrape(conn, dsn, monkeypatch):

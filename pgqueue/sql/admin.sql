@@ -17,13 +17,16 @@ SELECT id, queue, task, 'dead', attempts, max_attempts, priority, run_at,
 FROM pgqueue.dead_jobs WHERE id = %(id)s;
 
 -- name: set_statement_timeout
--- For this session: a statement running (or waiting for a lock) longer fails.
-SELECT set_config('statement_timeout', %(timeout)s, false);
+-- For this transaction: a statement running (or waiting for a lock) longer fails. Local,
+-- not the session's: behind PgBouncer in transaction pooling mode a session setting
+-- would stay on the server connection for whichever client gets it next.
+SELECT set_config('statement_timeout', %(timeout)s, true);
 
 -- name: disable_jit
--- For this session: the recursive CTEs of queue_stats are estimated expensive on small or
--- never-analysed tables, which triggers JIT compilation (~0.4 s) for a ~1 ms query.
-SET jit = off;
+-- For this transaction (see set_statement_timeout): the recursive CTEs of queue_stats are
+-- estimated expensive on small or never-analysed tables, which triggers JIT compilation
+-- (~0.4 s) for a ~1 ms query.
+SET LOCAL jit = off;
 
 -- name: queue_stats
 -- Per queue: ready, scheduled and running counts, age of the oldest ready job, jobs
