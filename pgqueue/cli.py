@@ -1271,7 +1271,8 @@ def stats(as_json: bool, dsn: str | None) -> None:
     minute, succeeded and cancelled still retained, dead, paused."""
 
     def body() -> int:
-        with _connect(dsn) as conn:
+        # One transaction: queue_stats's jit setting (its transaction's) covers both.
+        with _connect(dsn) as conn, conn.transaction():
             rows = store.queue_stats(conn)
             finished = store.queue_finished_counts(conn)
         by_queue = {row["queue"]: row for row in rows}
