@@ -576,6 +576,20 @@ def test_worker_role_runs_the_reaper(strict_db, login_as):
         # And which migrations are applied (0011), so the daemons can say what is missing.
         assert store.applied_versions(c) == [m.version for m in load_migrations()]
     assert metrics.database_health(worker_dsn)() == (True, "ok")
+    # Every worker's /metrics runs the whole stats query as this role (not only reapers):
+    # a role that could not would make PgqueueStatsFailing fire for every worker.
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    served = CollectorRegistry()
+    served.register(metrics.QueueStatsCollector(worker_dsn, ttl=0.0, reaper=False))
+    samples = {
+        s.name: s.value
+        for f in text_string_to_metric_families(generate_latest(served).decode())
+        for s in f.samples
+    }
+    assert samples["pgqueue_queue_stats_up"] == 1
+    assert "pgqueue_workers" in samples and "pgqueue_notify_queue_usage" in samples
 
 
 def test_a_worker_role_that_may_not_read_the_migrations_skips_the_check(strict_db, login_as):
