@@ -218,11 +218,9 @@ class SupervisorCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        if self._stats is None:
-            yield from self._children.collect()  # type: ignore[no-untyped-call]
-            return
-        yield from self._stats.collect()
-        if not self._stats.reaper:  # no reaper in the children: no expiries
+        if self._stats is not None:
+            yield from self._stats.collect()
+        if self._stats is None or not self._stats.reaper:  # no zero expiry series to add
             yield from self._children.collect()  # type: ignore[no-untyped-call]
             return
         expired: Metric | None = None
