@@ -525,7 +525,10 @@ def metrics_options(fn: F) -> F:
         type=click.IntRange(0, 65535),
         envvar="PGQUEUE_METRICS_PORT",
         show_envvar=True,
-        help="Serve /metrics (Prometheus) and /healthz on this port (default: none).",
+        help=(
+            "Serve /metrics (Prometheus) and /healthz on this port (default: none;"
+            " 0 picks a free port, logged as metrics.listening)."
+        ),
     )(fn)
     return click.option(
         "--metrics-host",

@@ -307,6 +307,11 @@ def test_sigterm_exits_and_releases_a_job_whose_handler_ignores_cancellation(con
     row = job_row(conn, job_id)
     assert row is not None
     assert (row["state"], row["attempts"], row["lease_token"]) == ("queued", 0, None)
+    # The attempt's entry says how long the handler had run when it was released (the
+    # grace, then the cancel grace), not 0.
+    (entry,) = row["history"]
+    assert entry["outcome"] == "released"
+    assert entry["duration"] >= 3.5, entry
 
 
 def test_sigterm_exits_though_a_released_async_handler_left_a_thread(conn, daemons):

@@ -153,6 +153,9 @@ class Worker:
         # token too, since this worker may claim the same job again meanwhile.
         self._lost: set[tuple[int, uuid.UUID]] = set()
         self._running: dict[Job, asyncio.Task[None]] = {}
+        # When each running handler started (monotonic): a release at shutdown records
+        # how long it ran, also for one released while it goes on (_release_stubborn).
+        self._run_started: dict[Job, float] = {}
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -563,7 +566,7 @@ class Worker:
         self._running[job] = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
 
     async def _run_job(self, job: Job) -> None:
-        started = time.monotonic()
+        started = self._run_started[job] = time.monotonic()
         try:
             outcome = await self.executor.execute(job)
         except asyncio.CancelledError:
@@ -576,6 +579,7 @@ class Worker:
             outcome = self.executor.internal_error(job, started, exc)
         finally:
             self._running.pop(job, None)
+            self._run_started.pop(job, None)
             metrics.child(metrics.JOBS_RUNNING, job.queue).dec()
             if self._isolated is job:
                 self._isolated = None
@@ -745,7 +749,9 @@ class Worker:
             )  # fmt: skip
             self._running.pop(job, None)
             self._released_early.add(job.lease_token)
-            self.completer.submit(Outcome(job, OutcomeKind.RELEASED, 0.0))
+            started = self._run_started.get(job)
+            ran = 0.0 if started is None else time.monotonic() - started
+            self.completer.submit(Outcome(job, OutcomeKind.RELEASED, ran))
         self.stubborn_handlers = len(stubborn)
 
     async def _shutdown(
