@@ -56,6 +56,7 @@ from pgqueue.metrics import (
     MetricsServer,
     QueueStatsCollector,
     process_registry,
+    register_queue_stats,
 )
 from pgqueue.models import JobState, JobStatus, UndecodableArgs
 from pgqueue.registry import MAX_QUEUE_LENGTH, Registry, check_name
@@ -806,7 +807,7 @@ def worker_command(
             served = process_registry()
             if with_reaper or queue_stats:
                 # The database-wide gauges, as pgqueue-reaper exports them.
-                served.register(QueueStatsCollector(config.dsn, reaper=with_reaper))
+                register_queue_stats(served, QueueStatsCollector(config.dsn, reaper=with_reaper))
             server = MetricsServer(metrics_host, metrics_port, served, worker.health).start()
         reaping = None
         if reaper is not None:
@@ -1173,7 +1174,7 @@ def reaper_command(
         server = None
         if metrics_port is not None:
             registry = process_registry()
-            registry.register(QueueStatsCollector(reaper.config.dsn))
+            register_queue_stats(registry, QueueStatsCollector(reaper.config.dsn))
             server = MetricsServer(metrics_host, metrics_port, registry, reaper.health).start()
         try:
             reaper.run()

@@ -341,6 +341,20 @@ def process_registry() -> CollectorRegistry:
     return REGISTRY
 
 
+def register_queue_stats(registry: CollectorRegistry, stats: QueueStatsCollector) -> None:
+    """Register ``stats`` in ``registry``, collected before the lease-expiry counter: a
+    scrape collects in registration order, and the zero series ``stats`` creates for the
+    queues it sees (with ``stats.reaper``) must be in the scrape that created them, the
+    first one included, not only from the next."""
+    try:
+        registry.unregister(LEASES_EXPIRED)
+    except KeyError:  # not in this registry
+        registry.register(stats)
+        return
+    registry.register(stats)
+    registry.register(LEASES_EXPIRED)
+
+
 def supervisor_registry(path: str, stats: QueueStatsCollector | None) -> CollectorRegistry:
     """The registry a ``--processes`` supervisor serves (see SupervisorCollector)."""
     registry = CollectorRegistry()

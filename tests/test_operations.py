@@ -444,6 +444,26 @@ def test_supervisor_serves_the_database_wide_gauges_once_unless_told_not_to(conn
 # --- 2. reaper metrics -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("daemon", ["reaper", "worker --reaper"])
+def test_first_scrape_has_every_queues_lease_expiry_series_at_zero(conn, daemons, daemon):
+    # Collected in registration order, the counter went out before the gauges' query
+    # made its zero series: the first scrape had none (an expiry before the second
+    # scrape then came as a series born at 1, which increase() does not count).
+    insert_job(conn, queue="early", run_in=3600)
+    port = free_port()
+    if daemon == "reaper":
+        proc = daemons.reaper("--interval", "0.5", "--metrics-port", str(port), *LOCAL)
+    else:
+        proc = daemons.worker("--reaper", "--metrics-port", str(port), *LOCAL)
+    # /healthz does not collect the metrics: the scrape below is the first.
+    wait_until(lambda: http_status(port, "/healthz") == 200, timeout=30)
+    samples = scrape(port)
+    assert total(samples, "pgqueue_queue_depth", queue="early", state="scheduled") == 1
+    zero = [s for s in named(samples, "pgqueue_leases_expired_total")
+            if s.labels == {"queue": "early"}]  # fmt: skip
+    assert [s.value for s in zero] == [0.0], daemons.output(proc)
+
+
 def test_reaper_metrics_report_database_wide_queue_gauges(conn, dsn, daemons):
     insert_job(conn, queue="a", run_in=-60)  # ready, waiting for a minute
     insert_job(conn, queue="a", run_in=-5)  # ready
