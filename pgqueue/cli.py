@@ -670,8 +670,9 @@ def metrics_options(fn: F) -> F:
     show_envvar=True,
     help="With --metrics-port: also serve the database-wide gauges (pgqueue_queue_depth,"
     " pgqueue_queue_oldest_ready_age_seconds, pgqueue_dead_jobs, ...) as pgqueue-reaper"
-    " does: one query per scrape, at most every 10 s. --no-queue-stats leaves them to the"
-    " reaper (--reaper keeps them).",
+    " does: a refresh on a scrape, at most every 10 s (the counts are taken once per 10 s"
+    " for all the processes that serve them). --no-queue-stats leaves them to the reaper"
+    " (--reaper keeps them).",
 )
 @dsn_option
 @log_options

@@ -99,7 +99,8 @@ STATS_TIMEOUT_SECONDS = 5.0
 
 
 class QueueStatsCollector(Collector):
-    """Database-wide gauges, from one cheap query, cached for ``ttl`` seconds. With
+    """Database-wide gauges, from one cheap query, cached for ``ttl`` seconds, and shared
+    with the other processes that serve them (store.shared_queue_stats). With
     ``reaper`` (served where a reaper runs: pgqueue-reaper, ``--reaper``), also
     ``pgqueue_reaper_info``, and each queue the query sees gets its
     ``pgqueue_leases_expired_total`` series at 0."""
@@ -126,8 +127,9 @@ class QueueStatsCollector(Collector):
                     "1 if the last query for the database-wide gauges succeeded; 0 if it"
                     " failed, and those gauges are left out until it succeeds again.",
                 )
+                age = 0.0
                 try:
-                    self._metrics = self._query()
+                    self._metrics, age = self._query()
                     ok.add_metric([], 1.0)
                 except psycopg.Error as exc:
                     log.warning("metrics.stats_failed", error=str(exc).strip())
@@ -136,7 +138,9 @@ class QueueStatsCollector(Collector):
                     self._metrics = []
                     ok.add_metric([], 0.0)
                 self._metrics.append(ok)
-                self._at = time.monotonic()
+                # Kept until the counts are ttl old, counting from when they were taken
+                # (another process may have stored them a while ago).
+                self._at = time.monotonic() - min(age, self.ttl)
             yield from self._metrics
         if self.reaper:
             # Whatever the query did: what tells a reaper's endpoint from a worker's.
@@ -149,7 +153,7 @@ class QueueStatsCollector(Collector):
             info.add_metric([__version__], 1.0)
             yield info
 
-    def _query(self) -> list[Metric]:
+    def _query(self) -> tuple[list[Metric], float]:
         depth = GaugeMetricFamily(
             "pgqueue_queue_depth",
             "Jobs per queue and state: ready (due now), scheduled (due later), running.",
@@ -178,7 +182,11 @@ class QueueStatsCollector(Collector):
         # One transaction: the statement timeout queue_stats sets covers the reads after it,
         # and leaves the session as it found it (see store.queue_stats).
         with store.connect(self.dsn, connect_timeout=5) as conn, conn.transaction():
-            for row in store.queue_stats(conn, timeout_seconds=STATS_TIMEOUT_SECONDS):
+            # Counted once per ttl for every process serving them (see shared_queue_stats).
+            rows, age = store.shared_queue_stats(
+                conn, max_age=self.ttl, timeout_seconds=STATS_TIMEOUT_SECONDS
+            )
+            for row in rows:
                 q = row["queue"]
                 seen.add(q)
                 # Every queue's lease-expiry series exists from 0, so the first expiries
@@ -194,7 +202,7 @@ class QueueStatsCollector(Collector):
             workers.add_metric([], float(len(store.list_workers(conn))))
             notify.add_metric([], store.notify_queue_usage(conn))
         self.queues = frozenset(seen)
-        return [depth, oldest, dead, workers, paused, notify]
+        return [depth, oldest, dead, workers, paused, notify], age
 
 
 class SupervisorCollector(Collector):

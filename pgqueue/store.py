@@ -754,6 +754,47 @@ def queue_stats(conn: SyncConn, *, timeout_seconds: float | None = None) -> list
         return _fetch(conn, "queue_stats", {})
 
 
+# The fields of a queue_stats row: a stored snapshot lacking one (written by another
+# version of pgqueue) is not used.
+_QUEUE_STATS_FIELDS = frozenset(
+    ("queue", "ready", "scheduled", "running", "oldest_ready_age_seconds",
+     "finished_last_minute", "dead", "paused")
+)  # fmt: skip
+
+
+def _stored_queue_stats(conn: SyncConn, max_age: float) -> tuple[list[Row], float] | None:
+    found = _fetch(conn, "recent_queue_stats", {"max_age": max_age})
+    if not found:
+        return None
+    queues = found[0]["queues"]
+    if not isinstance(queues, list) or not all(
+        isinstance(q, dict) and q.keys() >= _QUEUE_STATS_FIELDS for q in queues
+    ):
+        return None
+    return queues, max(0.0, float(found[0]["age_seconds"]))
+
+
+def shared_queue_stats(
+    conn: SyncConn, *, max_age: float, timeout_seconds: float
+) -> tuple[list[Row], float]:
+    """queue_stats' rows and their age in seconds, counted at most once per ``max_age``
+    for all the processes that ask (migration 0022): the stored result if younger;
+    otherwise counted here (under ``timeout_seconds``, see queue_stats) and stored,
+    unless another process is counting now, whose last result is then taken if younger
+    than ``max_age`` plus that timeout."""
+    with conn.transaction():
+        stored = _stored_queue_stats(conn, max_age)
+        if stored is not None:
+            return stored
+        if not _fetch(conn, "lock_queue_stats", {})[0]["locked"]:
+            stored = _stored_queue_stats(conn, max_age + timeout_seconds)
+            if stored is not None:
+                return stored
+        rows = queue_stats(conn, timeout_seconds=timeout_seconds)
+        conn.execute(QUERIES["save_queue_stats"], {"queues": Jsonb(rows)})
+        return rows, 0.0
+
+
 def queue_finished_counts(conn: SyncConn) -> dict[str, tuple[int, int]]:
     """{queue: (succeeded, cancelled)} of the jobs still retained; reads every retained
     finished row (``pgqueue stats``, not the metrics)."""

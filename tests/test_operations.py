@@ -3308,6 +3308,82 @@ def test_status_and_dead_show_print_errors_and_history_a_plain_insert_left_odd(c
     assert '{"odd": true}' in shown.stdout
 
 
+def _depth_ready(collector: Any, queue: str) -> float | None:
+    for family in collector.collect():
+        for s in family.samples:
+            if s.name == "pgqueue_queue_depth" and s.labels == {"queue": queue, "state": "ready"}:
+                return float(s.value)
+    return None
+
+
+def _snapshot_taken_at(conn: psycopg.Connection[Any]) -> Any:
+    row = conn.execute("SELECT taken_at FROM pgqueue.queue_stats_snapshot").fetchone()
+    return None if row is None else row[0]
+
+
+def test_queue_stats_are_counted_once_per_interval_for_every_process(conn, dsn):
+    # Every worker's /metrics serves the database gauges: each process counting for
+    # itself cost the database once per process and interval.
+    from pgqueue.metrics import QueueStatsCollector
+
+    insert_job(conn, queue="shared")
+    first = QueueStatsCollector(dsn, ttl=60.0, reaper=False)
+    assert _depth_ready(first, "shared") == 1
+    taken = _snapshot_taken_at(conn)
+    assert taken is not None
+
+    insert_job(conn, queue="shared")
+    # Another process (a collector with nothing cached) takes the stored counts.
+    second = QueueStatsCollector(dsn, ttl=60.0, reaper=False)
+    assert _depth_ready(second, "shared") == 1
+    assert _snapshot_taken_at(conn) == taken
+    # Counts older than a collector's ttl are not used: it counts and stores anew.
+    fresh = QueueStatsCollector(dsn, ttl=0.0, reaper=False)
+    assert _depth_ready(fresh, "shared") == 2
+    assert _snapshot_taken_at(conn) > taken
+
+
+def test_queue_stats_while_another_process_counts_take_its_last_counts(conn, dsn):
+    from pgqueue import store
+
+    insert_job(conn, queue="busy")
+    with store.connect(dsn) as other:
+        rows, age = store.shared_queue_stats(other, max_age=0.0, timeout_seconds=5.0)
+        assert age == 0.0 and [r["ready"] for r in rows if r["queue"] == "busy"] == [1]
+        insert_job(conn, queue="busy")
+        # While another process holds the right to count (it is counting), a reader
+        # whose max age the stored counts exceed takes them if they are younger than
+        # that plus the timeout, rather than counting as well.
+        other.execute("SELECT pg_advisory_lock(hashtext('pgqueue.queue_stats'))")
+        with store.connect(dsn) as reader:
+            rows, age = store.shared_queue_stats(reader, max_age=0.0, timeout_seconds=5.0)
+            assert [r["ready"] for r in rows if r["queue"] == "busy"] == [1]
+            assert 0.0 <= age < 5.0
+            # None that recent: it counts (and stores) itself.
+            conn.execute(
+                "UPDATE pgqueue.queue_stats_snapshot SET taken_at = now() - interval '1 hour'"
+            )
+            rows, age = store.shared_queue_stats(reader, max_age=0.0, timeout_seconds=5.0)
+            assert age == 0.0 and [r["ready"] for r in rows if r["queue"] == "busy"] == [2]
+        other.execute("SELECT pg_advisory_unlock(hashtext('pgqueue.queue_stats'))")
+
+
+def test_stored_queue_stats_another_version_wrote_differently_are_counted_anew(conn, dsn):
+    from pgqueue import store
+
+    insert_job(conn, queue="v")
+    conn.execute(
+        "INSERT INTO pgqueue.queue_stats_snapshot (taken_at, queues)"
+        ' VALUES (now(), \'[{"queue": "v", "depth": 7}]\')'
+    )
+    with store.connect(dsn) as reader:
+        rows, age = store.shared_queue_stats(reader, max_age=60.0, timeout_seconds=5.0)
+    assert age == 0.0
+    assert [(r["queue"], r["ready"]) for r in rows] == [("v", 1)]
+    stored = conn.execute("SELECT queues FROM pgqueue.queue_stats_snapshot").fetchone()
+    assert stored is not None and stored[0][0]["ready"] == 1
+
+
 def test_queue_stats_gauges_are_dropped_not_frozen_when_their_query_fails(conn, dsn):
     # Frozen gauges kept delta() at 0: a queue falling behind raised no alert while the
     # reaper could not read the stats. pgqueue_queue_stats_up says whether it could.

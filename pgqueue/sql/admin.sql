@@ -86,6 +86,24 @@ SELECT n.name AS queue,
 FROM names AS n
 ORDER BY n.name;
 
+-- name: recent_queue_stats
+-- queue_stats' rows as the last process to count stored them (migration 0022), if taken
+-- less than %(max_age)s seconds ago, with their age.
+SELECT s.queues, extract(epoch FROM now() - s.taken_at)::float8 AS age_seconds
+FROM pgqueue.queue_stats_snapshot AS s
+WHERE s.taken_at > now() - make_interval(secs => %(max_age)s);
+
+-- name: lock_queue_stats
+-- The right to count for everyone (see recent_queue_stats), until this transaction ends;
+-- false at once if another process has it.
+SELECT pg_try_advisory_xact_lock(hashtext('pgqueue.queue_stats')) AS locked;
+
+-- name: save_queue_stats
+-- Stores the counts this transaction took (queue_stats) for the other processes.
+INSERT INTO pgqueue.queue_stats_snapshot AS s (only_row, taken_at, queues)
+VALUES (true, now(), %(queues)s)
+ON CONFLICT (only_row) DO UPDATE SET taken_at = excluded.taken_at, queues = excluded.queues;
+
 -- name: queue_finished_counts
 -- Per queue: succeeded and cancelled jobs still retained (the reaper prunes them after
 -- its --retention-seconds). For `pgqueue stats` only, not the metrics: it reads every
