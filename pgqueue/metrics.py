@@ -114,6 +114,7 @@ class QueueStatsCollector(Collector):
         self._metrics: list[Metric] = []
         # The queues the last query that succeeded saw (see SupervisorCollector).
         self.queues: frozenset[str] = frozenset()
+        self._unshared_logged = False
 
     def describe(self) -> list[Metric]:
         # Registration must not query the database (it would cache a stale first read).
@@ -179,14 +180,18 @@ class QueueStatsCollector(Collector):
             " stop notifying (workers poll), and full, every other notifying transaction fails.",
         )
         seen = set()
-        # One transaction: the statement timeout queue_stats sets covers the reads after it,
-        # and leaves the session as it found it (see store.queue_stats).
+        # One transaction: the statement timeout shared_queue_stats sets first covers every
+        # read of the refresh, and leaves the session as it found it.
         with store.connect(self.dsn, connect_timeout=5) as conn, conn.transaction():
-            # Counted once per ttl for every process serving them (see shared_queue_stats).
-            rows, age = store.shared_queue_stats(
+            # Counted once per ttl for every process serving them.
+            stats = store.shared_queue_stats(
                 conn, max_age=self.ttl, timeout_seconds=STATS_TIMEOUT_SECONDS
             )
-            for row in rows:
+            if stats.unshared is not None and not self._unshared_logged:
+                # Once: each refresh counts for itself (as before migration 0022).
+                log.warning("metrics.stats_not_shared", error=stats.unshared)
+                self._unshared_logged = True
+            for row in stats.rows:
                 q = row["queue"]
                 seen.add(q)
                 # Every queue's lease-expiry series exists from 0, so the first expiries
@@ -202,7 +207,7 @@ class QueueStatsCollector(Collector):
             workers.add_metric([], float(len(store.list_workers(conn))))
             notify.add_metric([], store.notify_queue_usage(conn))
         self.queues = frozenset(seen)
-        return [depth, oldest, dead, workers, paused, notify], age
+        return [depth, oldest, dead, workers, paused, notify], stats.age
 
 
 class SupervisorCollector(Collector):

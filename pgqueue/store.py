@@ -739,6 +739,14 @@ def schema_ready(conn: SyncConn) -> bool:
     return bool(rows and rows[0]["ready"])
 
 
+def set_statement_timeout(conn: SyncConn, seconds: float) -> None:
+    """From here to the end of the current transaction, a statement running (or waiting
+    for a lock) longer than ``seconds`` fails; nothing is left on the session."""
+    conn.execute(
+        QUERIES["set_statement_timeout"], {"timeout": f"{max(1, round(seconds * 1000))}ms"}
+    )
+
+
 def queue_stats(conn: SyncConn, *, timeout_seconds: float | None = None) -> list[Row]:
     """The per-queue stats; with ``timeout_seconds``, the query fails past it (a scrape
     must answer, not wait behind a lock on pgqueue.jobs). Its settings are the
@@ -746,10 +754,7 @@ def queue_stats(conn: SyncConn, *, timeout_seconds: float | None = None) -> list
     on the session, which a PgBouncer in transaction pooling mode would pass on."""
     with conn.transaction():
         if timeout_seconds is not None:
-            conn.execute(
-                QUERIES["set_statement_timeout"],
-                {"timeout": f"{max(1, round(timeout_seconds * 1000))}ms"},
-            )
+            set_statement_timeout(conn, timeout_seconds)
         conn.execute(QUERIES["disable_jit"])
         return _fetch(conn, "queue_stats", {})
 
@@ -774,25 +779,42 @@ def _stored_queue_stats(conn: SyncConn, max_age: float) -> tuple[list[Row], floa
     return queues, max(0.0, float(found[0]["age_seconds"]))
 
 
-def shared_queue_stats(
-    conn: SyncConn, *, max_age: float, timeout_seconds: float
-) -> tuple[list[Row], float]:
-    """queue_stats' rows and their age in seconds, counted at most once per ``max_age``
-    for all the processes that ask (migration 0022): the stored result if younger;
-    otherwise counted here (under ``timeout_seconds``, see queue_stats) and stored,
-    unless another process is counting now, whose last result is then taken if younger
-    than ``max_age`` plus that timeout."""
+class QueueStats(NamedTuple):
+    rows: list[Row]
+    # Seconds since the rows were counted (by this process or another).
+    age: float
+    # Why they could not be shared (pgqueue.queue_stats_snapshot missing, or this role
+    # lacks its grants): counted here alone. None when shared.
+    unshared: str | None
+
+
+def shared_queue_stats(conn: SyncConn, *, max_age: float, timeout_seconds: float) -> QueueStats:
+    """queue_stats' rows, counted at most once per ``max_age`` for all the processes that
+    ask (migration 0022): the stored counts if younger; otherwise this process waits for
+    the right to count (another may be counting: its result is then read), counts and
+    stores them. Every statement of the caller's transaction from here on, the wait
+    included, fails past ``timeout_seconds`` (a scrape must answer). Without the table or
+    its grants (a database not migrated yet, a role not granted 0022's), the rows are
+    counted here and not shared."""
     with conn.transaction():
-        stored = _stored_queue_stats(conn, max_age)
+        set_statement_timeout(conn, timeout_seconds)
+        try:
+            with conn.transaction():
+                stored = _stored_queue_stats(conn, max_age)
+                if stored is None:
+                    conn.execute(QUERIES["lock_queue_stats"])
+                    stored = _stored_queue_stats(conn, max_age)
+        except (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege) as exc:
+            return QueueStats(queue_stats(conn), 0.0, first_line(exc))
         if stored is not None:
-            return stored
-        if not _fetch(conn, "lock_queue_stats", {})[0]["locked"]:
-            stored = _stored_queue_stats(conn, max_age + timeout_seconds)
-            if stored is not None:
-                return stored
-        rows = queue_stats(conn, timeout_seconds=timeout_seconds)
-        conn.execute(QUERIES["save_queue_stats"], {"queues": Jsonb(rows)})
-        return rows, 0.0
+            return QueueStats(*stored, None)
+        rows = queue_stats(conn)
+        try:
+            with conn.transaction():
+                conn.execute(QUERIES["save_queue_stats"], {"queues": Jsonb(rows)})
+        except psycopg.errors.InsufficientPrivilege as exc:
+            return QueueStats(rows, 0.0, first_line(exc))
+        return QueueStats(rows, 0.0, None)
 
 
 def queue_finished_counts(conn: SyncConn) -> dict[str, tuple[int, int]]:

@@ -11,6 +11,7 @@ and so watches a job stay queued for a short, bounded time.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import io
@@ -3343,29 +3344,85 @@ def test_queue_stats_are_counted_once_per_interval_for_every_process(conn, dsn):
     assert _snapshot_taken_at(conn) > taken
 
 
-def test_queue_stats_while_another_process_counts_take_its_last_counts(conn, dsn):
+def test_queue_stats_while_another_process_counts_wait_for_its_counts(conn, dsn):
+    # One process counts at a time: the others wait for its result rather than count
+    # beside it.
     from pgqueue import store
 
     insert_job(conn, queue="busy")
-    with store.connect(dsn) as other:
-        rows, age = store.shared_queue_stats(other, max_age=0.0, timeout_seconds=5.0)
-        assert age == 0.0 and [r["ready"] for r in rows if r["queue"] == "busy"] == [1]
-        insert_job(conn, queue="busy")
-        # While another process holds the right to count (it is counting), a reader
-        # whose max age the stored counts exceed takes them if they are younger than
-        # that plus the timeout, rather than counting as well.
-        other.execute("SELECT pg_advisory_lock(hashtext('pgqueue.queue_stats'))")
-        with store.connect(dsn) as reader:
-            rows, age = store.shared_queue_stats(reader, max_age=0.0, timeout_seconds=5.0)
-            assert [r["ready"] for r in rows if r["queue"] == "busy"] == [1]
-            assert 0.0 <= age < 5.0
-            # None that recent: it counts (and stores) itself.
-            conn.execute(
-                "UPDATE pgqueue.queue_stats_snapshot SET taken_at = now() - interval '1 hour'"
+    with store.connect(dsn) as counting, store.connect(dsn) as reader:
+        counting.execute("SELECT pg_advisory_lock(hashtext('pgqueue.queue_stats'))")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(
+                store.shared_queue_stats, reader, max_age=10.0, timeout_seconds=5.0
             )
-            rows, age = store.shared_queue_stats(reader, max_age=0.0, timeout_seconds=5.0)
-            assert age == 0.0 and [r["ready"] for r in rows if r["queue"] == "busy"] == [2]
-        other.execute("SELECT pg_advisory_unlock(hashtext('pgqueue.queue_stats'))")
+            wait_until(
+                lambda: (
+                    conn.execute(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    ).fetchone()[0]
+                    == 1
+                )
+            )
+            # What the counting process stores (a count no query would give) ...
+            counting.execute(
+                "INSERT INTO pgqueue.queue_stats_snapshot (taken_at, queues) VALUES (now(),"
+                " jsonb_build_array(jsonb_build_object('queue', 'busy', 'ready', 42,"
+                " 'scheduled', 0, 'running', 0, 'oldest_ready_age_seconds', 1.5,"
+                " 'finished_last_minute', 0, 'dead', 0, 'paused', false)))"
+            )
+            counting.execute("SELECT pg_advisory_unlock(hashtext('pgqueue.queue_stats'))")
+            stats = waiting.result(timeout=10)
+        # ... is what the waiting one reads.
+        assert [(r["queue"], r["ready"]) for r in stats.rows] == [("busy", 42)]
+        assert stats.unshared is None and 0.0 <= stats.age < 5.0
+
+
+def test_queue_stats_refresh_fails_within_its_timeout_also_reading_stored_counts(conn, dsn):
+    # The stored counts are fresh, so nothing is counted: the refresh's other reads still
+    # fail past the timeout (a scrape must answer; stats_up says they failed).
+    from pgqueue import store
+
+    with store.connect(dsn) as reader:
+        store.shared_queue_stats(reader, max_age=60.0, timeout_seconds=5.0)
+    for table in ("pgqueue.workers", "pgqueue.queue_stats_snapshot"):
+        with store.connect(dsn) as blocker, store.connect(dsn) as reader:
+            blocker.execute("BEGIN")
+            blocker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            with pytest.raises(psycopg.errors.QueryCanceled), reader.transaction():
+                store.shared_queue_stats(reader, max_age=60.0, timeout_seconds=0.5)
+                store.list_workers(reader)
+            assert time.monotonic() - started < 4, table
+            blocker.execute("ROLLBACK")
+
+
+def test_stored_queue_stats_from_the_future_are_not_used(conn, dsn):
+    # A server clock set back would otherwise freeze the gauges until it caught up.
+    from pgqueue import store
+
+    insert_job(conn, queue="later")
+    with store.connect(dsn) as reader:
+        store.shared_queue_stats(reader, max_age=60.0, timeout_seconds=5.0)
+        conn.execute("UPDATE pgqueue.queue_stats_snapshot SET taken_at = now() + interval '1 hour'")
+        insert_job(conn, queue="later")
+        stats = store.shared_queue_stats(reader, max_age=60.0, timeout_seconds=5.0)
+    assert [r["ready"] for r in stats.rows if r["queue"] == "later"] == [2]
+    assert stats.age == 0.0
+
+
+def test_queue_stats_without_their_table_are_counted_unshared(conn, dsn):
+    # A database not migrated to 0022 yet: the gauges are counted as before, not lost.
+    from pgqueue import store
+    from pgqueue.metrics import QueueStatsCollector
+
+    insert_job(conn, queue="old")
+    conn.execute("DROP TABLE pgqueue.queue_stats_snapshot")
+    with store.connect(dsn) as reader:
+        stats = store.shared_queue_stats(reader, max_age=60.0, timeout_seconds=5.0)
+    assert [r["ready"] for r in stats.rows if r["queue"] == "old"] == [1]
+    assert stats.unshared is not None and "queue_stats_snapshot" in stats.unshared
+    assert _depth_ready(QueueStatsCollector(dsn, ttl=0.0, reaper=False), "old") == 1
 
 
 def test_stored_queue_stats_another_version_wrote_differently_are_counted_anew(conn, dsn):
@@ -3377,9 +3434,9 @@ def test_stored_queue_stats_another_version_wrote_differently_are_counted_anew(c
         ' VALUES (now(), \'[{"queue": "v", "depth": 7}]\')'
     )
     with store.connect(dsn) as reader:
-        rows, age = store.shared_queue_stats(reader, max_age=60.0, timeout_seconds=5.0)
-    assert age == 0.0
-    assert [(r["queue"], r["ready"]) for r in rows] == [("v", 1)]
+        stats = store.shared_queue_stats(reader, max_age=60.0, timeout_seconds=5.0)
+    assert stats.age == 0.0
+    assert [(r["queue"], r["ready"]) for r in stats.rows] == [("v", 1)]
     stored = conn.execute("SELECT queues FROM pgqueue.queue_stats_snapshot").fetchone()
     assert stored is not None and stored[0][0]["ready"] == 1
 

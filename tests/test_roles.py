@@ -604,6 +604,38 @@ def test_a_worker_role_that_may_not_read_the_migrations_skips_the_check(strict_d
         _admin(strict_db, "GRANT SELECT ON pgqueue.schema_migrations TO pgqueue_worker")
 
 
+@pytest.mark.parametrize("revoked", ["INSERT, UPDATE", "SELECT, INSERT, UPDATE"])
+def test_a_worker_role_without_the_stats_grants_still_serves_the_gauges(
+    strict_db, login_as, revoked
+):
+    # A role set up before migration 0022 (its DO block not run again): the gauges are
+    # counted for this process alone, not lost (stats_up 0 on every endpoint).
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with connect(strict_db) as admin:
+        admin.execute("SELECT pgqueue.enqueue('t')")
+    worker_dsn = login_as("pgqueue_worker")
+    _admin(strict_db, f"REVOKE {revoked} ON pgqueue.queue_stats_snapshot FROM pgqueue_worker")
+    try:
+        with connect(worker_dsn) as c:
+            stats = store.shared_queue_stats(c, max_age=60.0, timeout_seconds=5.0)
+            assert [(r["queue"], r["ready"]) for r in stats.rows] == [("default", 1)]
+            assert stats.unshared is not None and "permission denied" in stats.unshared
+            assert scalar(c, "SELECT 1") == 1  # the connection is still usable
+        served = CollectorRegistry()
+        served.register(metrics.QueueStatsCollector(worker_dsn, ttl=0.0, reaper=False))
+        samples = {
+            (s.name, s.labels.get("queue"), s.labels.get("state")): s.value
+            for f in text_string_to_metric_families(generate_latest(served).decode())
+            for s in f.samples
+        }
+        assert samples[("pgqueue_queue_stats_up", None, None)] == 1
+        assert samples[("pgqueue_queue_depth", "default", "ready")] == 1
+    finally:
+        _admin(strict_db, f"GRANT {revoked} ON pgqueue.queue_stats_snapshot TO pgqueue_worker")
+
+
 def test_worker_role_cannot_alter_the_schema_or_enqueue(strict_db, login_as):
     with connect(strict_db) as admin:
         job = int(scalar(admin, "SELECT pgqueue.enqueue('t')"))

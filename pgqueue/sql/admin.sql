@@ -88,15 +88,18 @@ ORDER BY n.name;
 
 -- name: recent_queue_stats
 -- queue_stats' rows as the last process to count stored them (migration 0022), if taken
--- less than %(max_age)s seconds ago, with their age.
+-- less than %(max_age)s seconds ago, with their age. Counts stored "in the future" (the
+-- server's clock was set back) are not recent: they would be used until the clock
+-- caught up, the gauges frozen.
 SELECT s.queues, extract(epoch FROM now() - s.taken_at)::float8 AS age_seconds
 FROM pgqueue.queue_stats_snapshot AS s
-WHERE s.taken_at > now() - make_interval(secs => %(max_age)s);
+WHERE s.taken_at > now() - make_interval(secs => %(max_age)s)
+  AND s.taken_at <= now() + interval '1 second';
 
 -- name: lock_queue_stats
 -- The right to count for everyone (see recent_queue_stats), until this transaction ends;
--- false at once if another process has it.
-SELECT pg_try_advisory_xact_lock(hashtext('pgqueue.queue_stats')) AS locked;
+-- waits while another process counts (its result is then recent).
+SELECT pg_advisory_xact_lock(hashtext('pgqueue.queue_stats'));
 
 -- name: save_queue_stats
 -- Stores the counts this transaction took (queue_stats) for the other processes.
@@ -135,7 +138,9 @@ FROM (
            current_setting('pgqueue.notify_max_queue_usage', true) AS value
     UNION ALL
     SELECT 1,
-           CASE WHEN s.setrole = 0 THEN 'ALTER DATABASE ' || quote_ident(current_database())
+           -- ALTER ROLE ALL IN DATABASE is stored as ALTER DATABASE is (role 0).
+           CASE WHEN s.setrole = 0 AND s.setdatabase = 0 THEN 'ALTER ROLE ALL'
+                WHEN s.setrole = 0 THEN 'ALTER DATABASE ' || quote_ident(current_database())
                 WHEN s.setdatabase = 0 THEN 'ALTER ROLE ' || quote_ident(r.rolname)
                 ELSE 'ALTER ROLE ' || quote_ident(r.rolname) || ' IN DATABASE '
                      || quote_ident(current_database())
