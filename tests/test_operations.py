@@ -3356,10 +3356,14 @@ def test_queue_stats_while_another_process_counts_wait_for_its_counts(conn, dsn)
             waiting = pool.submit(
                 store.shared_queue_stats, reader, max_age=10.0, timeout_seconds=5.0
             )
+            # The reader's own backend waits for the lock (other tests' databases on the
+            # same server may have advisory locks waiting too).
             wait_until(
                 lambda: (
                     conn.execute(
-                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                        "SELECT count(*) FROM pg_locks"
+                        " WHERE locktype = 'advisory' AND NOT granted AND pid = %s",
+                        (reader.info.backend_pid,),
                     ).fetchone()[0]
                     == 1
                 )
