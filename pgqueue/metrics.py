@@ -359,13 +359,14 @@ def register_queue_stats(registry: CollectorRegistry, stats: QueueStatsCollector
     scrape collects in registration order, and the zero series ``stats`` creates for the
     queues it sees (with ``stats.reaper``) must be in the scrape that created them, the
     first one included, not only from the next."""
+    moved = True
     try:
         registry.unregister(LEASES_EXPIRED)
     except KeyError:  # not in this registry
-        registry.register(stats)
-        return
+        moved = False
     registry.register(stats)
-    registry.register(LEASES_EXPIRED)
+    if moved:
+        registry.register(LEASES_EXPIRED)
 
 
 def supervisor_registry(path: str, stats: QueueStatsCollector | None) -> CollectorRegistry:
