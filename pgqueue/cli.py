@@ -449,6 +449,15 @@ def status(job_id: int, as_json: bool, show_args: bool, dsn: str | None) -> None
             ("run_at", job.run_at.isoformat()),
             ("created_at", job.created_at.isoformat()),
         ]
+        if job.original_id is not None:
+            rows.insert(
+                1,
+                (
+                    "original_id",
+                    f"{job.original_id} (pgqueue.dead_jobs held that id when it died: it is"
+                    f" dead job {job.id})",
+                ),
+            )
         if job.attempted_at:
             rows.append(("attempted_at", job.attempted_at.isoformat()))
         if job.finished_at:
@@ -1089,8 +1098,7 @@ def _exit_after(body: Callable[[], int | None]) -> None:
 @click.option(
     "--once",
     is_flag=True,
-    help="Run one pass, print what it did, and exit (1 if an exhausted job could not be"
-    " dead-lettered because pgqueue.dead_jobs holds its id).",
+    help="Run one pass, print what it did, and exit.",
 )
 @click.option(
     "--retention-seconds",
@@ -1163,14 +1171,6 @@ def reaper_command(
                 f"requeued {len(result.requeued)}, dead-lettered {len(result.dead)},"
                 f" cancelled {len(result.cancelled)}, pruned {result.pruned}"
             )
-            if result.blocked:
-                click.echo(
-                    f"pgqueue-reaper: {len(result.blocked)} exhausted job(s) could not be"
-                    f" dead-lettered, pgqueue.dead_jobs holds their ids:"
-                    f" {result.blocked[:20]}: retry or purge those dead jobs",
-                    err=True,
-                )
-                return 1
             return 0
         server = None
         if metrics_port is not None:
@@ -1440,6 +1440,11 @@ def dead_show(job_id: int, as_json: bool, dsn: str | None) -> None:
         for key in ("id", "task", "queue", "reason", "attempts", "max_attempts", "died_at",
                     "created_at", "idempotency_key"):  # fmt: skip
             click.echo(f"{key:<16}{_cell(row[key])}")
+        if row["original_id"] is not None:
+            click.echo(
+                f"{'original_id':<16}{row['original_id']} (pgqueue.dead_jobs held that id"
+                " when it died)"
+            )
         args = row["args"]
         shown = _undecodable(args) if isinstance(args, UndecodableArgs) else json.dumps(args)
         click.echo(f"{'args':<16}{shown}")

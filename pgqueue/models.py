@@ -131,3 +131,6 @@ class JobStatus:
     args: Any = None
     # The reaper requeued it after its worker vanished: it runs alone, every attempt counts.
     rescued: bool = False
+    # A dead job stored under a new id (``id``) because pgqueue.dead_jobs held its own:
+    # the id it had (migration 0023). None for every other job.
+    original_id: int | None = None

@@ -37,8 +37,6 @@ class ReapResult:
     # Jobs whose lease expired after an operator asked to cancel them: cancelled, not
     # requeued.
     cancelled: list[int] = field(default_factory=list)
-    # Exhausted jobs that cannot be dead-lettered: pgqueue.dead_jobs holds their ids.
-    blocked: list[int] = field(default_factory=list)
 
 
 # Added to two reaper intervals: how long a lease may have been expired before a standby
@@ -250,6 +248,9 @@ class Reaper:
         ):
             for row in rows:
                 metrics.LEASES_EXPIRED.labels(row["queue"]).inc()
+                # dead_id: where pgqueue.dead_jobs held the job's id, the new one it is
+                # stored under (migration 0023).
+                renamed = {"dead_id": row["dead_id"]} if row["dead_id"] != row["id"] else {}
                 log.error(
                     "job.dead",
                     job_id=row["id"],
@@ -257,22 +258,9 @@ class Reaper:
                     queue=row["queue"],
                     attempt=row["attempts"],
                     reason="lease_expired",
+                    **renamed,
                 )
                 dead.append(row["id"])
-        blocked: list[int] = []
-        blocked_rows = store.dead_letter_blocked(conn)
-        self._progress_at = time.monotonic()
-        for row in blocked_rows:
-            blocked.append(row["id"])
-            log.error(
-                "reaper.dead_letter_blocked",
-                job_id=row["id"],
-                task=row["task"],
-                queue=row["queue"],
-                attempt=row["attempts"],
-                reason="pgqueue.dead_jobs already holds this id (an explicit id or a"
-                " sequence reset); retry or purge that dead job to let this one in",
-            )
         pruned = sum(
             len(ids)
             for ids in self._batches(
@@ -286,7 +274,7 @@ class Reaper:
             log.info("reaper.pruned", jobs=pruned)
         for row in store.delete_stale_workers(conn):
             log.warning("reaper.worker_gone", worker_id=row["id"], host=row["host"], pid=row["pid"])
-        return ReapResult(requeued, dead, pruned, cancelled, blocked)
+        return ReapResult(requeued, dead, pruned, cancelled)
 
     def handle_signals(self) -> None:
         """SIGTERM and SIGINT stop this reaper after the statement in flight (the loop, or

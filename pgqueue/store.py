@@ -408,6 +408,22 @@ async def release_jobs(
     return dict(rows)
 
 
+class Changed(dict[int, str]):
+    """What outcome writes changed, {id: the state it ended in}, and in ``renamed``
+    {id: dead id} the dead-lettered jobs stored under a new id because pgqueue.dead_jobs
+    held theirs (migration 0023; only dead_letter_jobs fills it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renamed: dict[int, int] = {}
+
+    def add(self, other: dict[int, str]) -> None:
+        """Take in another write's changes (and its renamed ids, if it has any)."""
+        self.update(other)
+        if isinstance(other, Changed):
+            self.renamed.update(other.renamed)
+
+
 async def dead_letter_jobs(
     conn: AsyncConn,
     *,
@@ -416,7 +432,7 @@ async def dead_letter_jobs(
     errors: Sequence[dict[str, Any]],
     reasons: Sequence[str],
     durations: Sequence[float],
-) -> dict[int, str]:
+) -> Changed:
     rows = await _fetch_tuples_async(
         conn,
         "dead_letter_jobs",
@@ -428,7 +444,12 @@ async def dead_letter_jobs(
             "durations": _array(durations),
         },
     )
-    return dict(rows)
+    result = Changed()
+    for job_id, state, dead_id in rows:
+        result[job_id] = state
+        if dead_id is not None and dead_id != job_id:
+            result.renamed[job_id] = dead_id
+    return result
 
 
 async def register_worker(
@@ -478,10 +499,6 @@ def requeue_expired(
             "backoff_max_seconds": backoff_max_seconds,
         },
     )
-
-
-def dead_letter_blocked(conn: SyncConn) -> list[Row]:
-    return _fetch(conn, "dead_letter_blocked", {})
 
 
 def dead_letter_expired(conn: SyncConn, *, batch_size: int) -> list[Row]:
@@ -731,6 +748,7 @@ def job_status(conn: SyncConn, *, job_id: int, with_args: bool = False) -> JobSt
         dead_reason=r["dead_reason"],
         rescued=r["rescued"],
         args=_lenient_json_loads(r["args"]) if with_args else None,
+        original_id=r["original_id"],
     )
 
 

@@ -1835,6 +1835,53 @@ def test_status_shows_each_attempt_in_the_history(conn, dsn, daemons):
     assert "RuntimeError: this task always fails" in shown
 
 
+def test_a_job_whose_id_the_dead_letter_table_holds_dies_once_under_a_new_id(conn, dsn, daemons):
+    # An explicit id in an INSERT, or a sequence set back: the dead-letter table holds
+    # the id of a job that now dies. Its move failed on the primary key: the job ran
+    # max_attempts + 1 times, then stayed running for good (measured before migration
+    # 0023). Now it runs max_attempts times and is stored under a new id.
+    older = insert_dead(conn)
+    job_id = scalar(
+        conn,
+        "INSERT INTO pgqueue.jobs (id, task, max_attempts) VALUES (%s, 'fail', 2) RETURNING id",
+        (older,),
+    )
+    worker = daemons.worker()
+    wait_until(
+        lambda: (
+            scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs WHERE original_id = %s", (job_id,))
+            == 1
+        )
+    )
+    assert job_row(conn, job_id) is None
+    renamed = wait_until(lambda: events(daemons, worker, "job.dead_renamed"))
+    assert terminate(worker) == 0
+    (event,) = renamed
+    new_id = event["dead_id"]
+    assert (event["job_id"], event["task"], event["attempt"]) == (job_id, "fail", 2)
+    dead = dead_row(conn, new_id)
+    assert dead is not None and dead["original_id"] == job_id
+    assert [(h["attempt"], h["outcome"]) for h in dead["history"]] == [
+        (1, "retried"), (2, "dead"),
+    ]  # fmt: skip
+    older_row = dead_row(conn, older)
+    assert older_row is not None and older_row["original_id"] is None  # untouched
+
+    # `status` by the id it was enqueued as shows it, and says where it is.
+    data = json.loads(ok(cli(dsn, "status", str(job_id), "--json")))
+    assert (data["id"], data["original_id"], data["state"]) == (new_id, job_id, "dead")
+    human = dict(
+        line.split(None, 1) for line in ok(cli(dsn, "status", str(job_id))).splitlines()[:3]
+    )
+    assert human["job"] == str(new_id)
+    assert human["original_id"] == (
+        f"{job_id} (pgqueue.dead_jobs held that id when it died: it is dead job {new_id})"
+    )
+    shown = ok(cli(dsn, "dead", "show", str(new_id)))
+    assert f"original_id     {job_id} (pgqueue.dead_jobs held that id when it died)" in shown
+    assert "original_id" not in ok(cli(dsn, "dead", "show", str(older)))
+
+
 def test_status_counts_uncounted_runs_and_says_when_a_job_was_rescued(conn, dsn, daemons):
     snoozed = enqueue(conn, "snooze_once", {})
     vanished = insert_job(conn, queue="nobody", task="t")
@@ -2523,6 +2570,9 @@ CUT_OUTCOMES = [
     ("return", False, b"SET state = 'succeeded'", "succeeded", "succeeded", "succeeded", "jobs"),
     ("raise", False, RETRY_MARK, "queued", "retried", "retried", "jobs"),
     ("permanent", False, DEAD_MARK, None, "dead", "dead", "dead_jobs"),
+    # The dead-letter table held the job's id: stored under a new one (migration 0023),
+    # found by its original_id.
+    ("permanent", False, DEAD_MARK, None, "dead", "dead", "dead_jobs_renamed"),
     ("snooze", False, b"'snoozed')", "queued", "snoozed", "snoozed", "jobs"),
     ("raise", True, RETRY_MARK, "cancelled", "failed", "failed", "jobs"),
     ("permanent", True, DEAD_MARK, "cancelled", "failed", "failed", "jobs"),
@@ -2549,6 +2599,13 @@ def test_an_outcome_whose_commit_reply_was_lost_is_reported_written_not_lease_lo
             raise Snooze(60)
 
     job_id = enqueue(conn, task_name)
+    if table == "dead_jobs_renamed":
+        conn.execute(
+            "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts,"
+            " max_attempts, run_at, created_at, reason)"
+            " VALUES (%s, 'default', 'older', '{}', 0, 1, 1, now(), now(), 'permanent')",
+            (job_id,),
+        )
 
     async def scenario() -> None:
         async with proxied_worker(registry, dsn) as (worker, proxy):
@@ -2581,11 +2638,18 @@ def test_an_outcome_whose_commit_reply_was_lost_is_reported_written_not_lease_lo
     asyncio.run(scenario())
     assert completed(task_name, "lease_lost") == lost_before
     assert completed(task_name, label) == written_before + 1
-    history = scalar(
-        conn,
-        sql.SQL("SELECT history FROM {} WHERE id = %s").format(sql.Identifier("pgqueue", table)),
-        (job_id,),
-    )
+    if table == "dead_jobs_renamed":
+        history = scalar(
+            conn, "SELECT history FROM pgqueue.dead_jobs WHERE original_id = %s", (job_id,)
+        )
+    else:
+        history = scalar(
+            conn,
+            sql.SQL("SELECT history FROM {} WHERE id = %s").format(
+                sql.Identifier("pgqueue", table)
+            ),
+            (job_id,),
+        )
     assert [(e["attempt"], e["outcome"]) for e in history] == [(1, entry)]
 
 

@@ -25,7 +25,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
 from pgqueue import store
-from pgqueue.models import Job
+from pgqueue.models import Job, JobState
 from pgqueue.sql import QUERIES
 from tests.conftest import dead_row, job_row, notified_before_sentinel, scalar, wait_until
 
@@ -648,17 +648,15 @@ def test_dead_letter_moves_the_job_to_dead_jobs_with_its_errors_and_reason(conn,
 def test_dead_letter_that_cannot_insert_the_dead_row_leaves_the_job_in_place(conn, dsn):
     token = uuid.uuid4()
     job_id = make_job(conn, state="running", lease_token=token)
-    # A dead row with the same id already exists: the insert half of the move must fail,
-    # and so must the delete half.
+    # The dead-letter table refuses the row (a constraint of this test's own): the insert
+    # half of the move must fail, and so must the delete half.
     conn.execute(
-        "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts,"
-        " max_attempts, run_at, created_at, reason)"
-        " VALUES (%s, 'default', 't', '{}', 0, 1, 1, now(), now(), 'permanent')",
-        (job_id,),
+        "ALTER TABLE pgqueue.dead_jobs ADD CONSTRAINT refuse_permanent"
+        " CHECK (reason <> 'permanent')"
     )
     before = job_row(conn, job_id)
 
-    with pytest.raises(psycopg.errors.UniqueViolation):
+    with pytest.raises(psycopg.errors.CheckViolation):
         run_async(
             dsn,
             store.dead_letter_jobs,
@@ -669,6 +667,105 @@ def test_dead_letter_that_cannot_insert_the_dead_row_leaves_the_job_in_place(con
         )
 
     assert job_row(conn, job_id) == before
+
+
+def insert_dead(conn: psycopg.Connection[Any], dead_id: int, task: str = "older") -> None:
+    """A dead job of that id straight through SQL (as an older job of a repeated id)."""
+    conn.execute(
+        "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts,"
+        " max_attempts, run_at, created_at, reason)"
+        " VALUES (%s, 'default', %s, '{}', 0, 1, 1, now(), now(), 'permanent')",
+        (dead_id, task),
+    )
+
+
+def set_jobs_sequence(conn: psycopg.Connection[Any], value: int) -> None:
+    """Set the jobs sequence so that its next value is ``value`` (a restore that did not
+    carry it along)."""
+    conn.execute("SELECT setval(pg_get_serial_sequence('pgqueue.jobs', 'id'), %s, false)", (value,))
+
+
+def test_dead_letter_of_an_id_the_dead_letter_table_holds_stores_it_under_a_new_id(conn, dsn):
+    # Ids repeat after an explicit id in an INSERT or a sequence set back. The move failed
+    # on the primary key: the job ran again and again, then stayed running for good.
+    token = uuid.uuid4()
+    job_id = make_job(
+        conn, state="running", lease_token=token, task="send", errors=[ERROR_1], attempts=3
+    )
+    insert_dead(conn, job_id)
+    original = job_row(conn, job_id)
+    assert original is not None
+
+    async def go() -> store.Changed:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
+            return await store.dead_letter_jobs(
+                aconn, ids=[job_id], tokens=[token], errors=[ERROR_2],
+                reasons=["exhausted"], durations=[0.25],
+            )  # fmt: skip
+
+    changed = asyncio.run(go())
+
+    assert changed == {job_id: "dead"}
+    new_id = changed.renamed[job_id]
+    assert new_id > job_id  # the next id of the jobs sequence
+    assert job_row(conn, job_id) is None
+    older = dead_row(conn, job_id)
+    assert older is not None and older["task"] == "older" and older["original_id"] is None
+    dead = dead_row(conn, new_id)
+    assert dead is not None
+    assert dead["original_id"] == job_id
+    assert (dead["task"], dead["attempts"], dead["reason"]) == ("send", 3, "exhausted")
+    assert dead["errors"] == [ERROR_1, ERROR_2]
+    assert dead["history"][-1]["outcome"] == "dead"
+    assert dead["history"][-1]["duration"] == 0.25
+    # `pgqueue status <its id>` finds it (the one that died last under that id).
+    status = store.job_status(conn, job_id=job_id)
+    assert status is not None and (status.id, status.original_id) == (new_id, job_id)
+    assert status.task == "send" and status.state is JobState.DEAD
+    # A job that kept its own id has no original_id.
+    plain_token = uuid.uuid4()
+    plain = make_job(conn, state="running", lease_token=plain_token)
+    plain_changed = run_async(
+        dsn, store.dead_letter_jobs, ids=[plain], tokens=[plain_token], errors=[ERROR_2],
+        reasons=["exhausted"],
+    )  # fmt: skip
+    assert plain_changed == {plain}
+    plain_dead = dead_row(conn, plain)
+    assert plain_dead is not None and plain_dead["original_id"] is None
+
+
+def test_new_dead_ids_skip_the_ids_either_table_and_the_batch_hold(conn, dsn):
+    # The sequence set back below ids both tables hold: the new id for a job whose id the
+    # dead-letter table holds must be one neither table holds, nor one the same
+    # statement moves (the function may see that statement's delete of it already).
+    set_jobs_sequence(conn, 1000)
+    tokens = [uuid.uuid4() for _ in range(3)]
+    clashing = make_job(conn, state="running", lease_token=tokens[0])  # 1000
+    for taken in (1000, 1001, 1003):
+        insert_dead(conn, taken)
+    conn.execute("INSERT INTO pgqueue.jobs (id, task, state) VALUES (1004, 't', 'queued')")
+    in_batch = make_job(conn, id=1002, state="running", lease_token=tokens[1])
+    also_clashing = make_job(conn, id=1003, state="running", lease_token=tokens[2])
+    set_jobs_sequence(conn, 1001)
+
+    async def go() -> store.Changed:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
+            return await store.dead_letter_jobs(
+                aconn, ids=[clashing, in_batch, also_clashing], tokens=tokens,
+                errors=[ERROR_2] * 3, reasons=["exhausted"] * 3, durations=[0.01] * 3,
+            )  # fmt: skip
+
+    changed = asyncio.run(go())
+
+    assert clashing == 1000
+    assert changed == {1000: "dead", 1002: "dead", 1003: "dead"}
+    # 1001 (dead), 1002 (this batch), 1003 (dead), 1004 (a job) are skipped; which of
+    # the two gets 1005 depends on the order the statement moves them in.
+    assert sorted(changed.renamed) == [1000, 1003]
+    assert sorted(changed.renamed.values()) == [1005, 1006]
+    rows = conn.execute("SELECT id, original_id FROM pgqueue.dead_jobs ORDER BY id").fetchall()
+    renamed = sorted((dead_id, job_id) for job_id, dead_id in changed.renamed.items())
+    assert rows == [(1000, None), (1001, None), (1002, None), (1003, None), *renamed]
 
 
 # --- heartbeats ---------------------------------------------------------------------------

@@ -347,10 +347,11 @@ def test_expiry_of_a_rescued_job_counts_and_ends_in_the_dead_letter_table(conn, 
     assert dead["errors"][-1]["counted"] is True
 
 
-def test_a_job_whose_id_the_dead_letter_table_holds_does_not_stall_the_reaper(conn, dsn):
-    # Ids can repeat (an explicit id in an INSERT, a sequence reset): moving such a job
-    # to pgqueue.dead_jobs fails on its primary key. It used to fail the reaper's whole
-    # dead-letter batch on every pass, and prune and worker clean-up after it.
+def test_a_job_whose_id_the_dead_letter_table_holds_is_dead_lettered_under_a_new_id(conn, dsn):
+    # Ids can repeat (an explicit id in an INSERT, a sequence set back): moving such a job
+    # to pgqueue.dead_jobs failed on its primary key. It failed the reaper's whole batch
+    # on every pass at first; then such jobs were left out, running for good, until an
+    # operator retried or purged the older dead job. Now it is stored under a new id.
     taken = expired_job(conn, attempts=3, max_attempts=3, rescued=True)
     conn.execute(
         "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts,"
@@ -359,29 +360,28 @@ def test_a_job_whose_id_the_dead_letter_table_holds_does_not_stall_the_reaper(co
         (taken,),
     )
     innocent = expired_job(conn, attempts=3, max_attempts=3, rescued=True)
+    moved = job_row(conn, taken)
+    assert moved is not None
 
     with structlog.testing.capture_logs() as logs:
-        for _ in range(2):
-            result = run_once(dsn)
-            assert result.dead in ([innocent], [])
+        result = run_once(dsn)
+
+    assert sorted(result.dead) == [taken, innocent]
     assert job_row(conn, innocent) is None and dead_row(conn, innocent) is not None
-    stuck = job_row(conn, taken)
-    assert stuck is not None and stuck["state"] == "running"  # left for the operator
-    dead = dead_row(conn, taken)
-    assert dead is not None and dead["task"] == "older"  # the older record is untouched
-    blocked = [e for e in logs if e["event"] == "reaper.dead_letter_blocked"]
-    assert [e["job_id"] for e in blocked] == [taken, taken]  # once per pass
-    assert result.blocked == [taken]
-    # `pgqueue-reaper --once` (a cron job) says so and exits 1: an operator must act.
-    once = subprocess.run(
-        [str(BIN / "pgqueue-reaper"), "--once", "--log-level", "error", "--dsn", dsn],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert once.returncode == 1, (once.stdout, once.stderr)
-    assert "requeued 0, dead-lettered 0, cancelled 0, pruned 0" in once.stdout
-    assert f"could not be dead-lettered, pgqueue.dead_jobs holds their ids: [{taken}]" in (
-        once.stderr
-    )
+    assert job_row(conn, taken) is None
+    older = dead_row(conn, taken)
+    assert older is not None and older["task"] == "older"  # the older record is untouched
+    (dead,) = conn.execute(
+        "SELECT id, task, attempts, reason, original_id FROM pgqueue.dead_jobs"
+        " WHERE original_id = %s",
+        (taken,),
+    ).fetchall()
+    assert dead[1:] == (moved["task"], 3, "lease_expired", taken)
+    assert dead[0] > innocent  # the next id of the jobs sequence
+    events = {e["job_id"]: e for e in logs if e["event"] == "job.dead"}
+    assert events[taken]["dead_id"] == dead[0]
+    assert "dead_id" not in events[innocent]
+    assert run_once(dsn).dead == []
 
 
 def test_a_requeue_wakes_the_workers_of_the_jobs_queue(conn, dsn):
@@ -524,27 +524,6 @@ def test_a_standby_prunes_when_the_leading_session_has_been_quiet_too_long(conn,
         time.sleep(1.0)
         assert standby.run_once().pruned == 1
         assert not standby.leading
-
-
-def test_a_job_only_an_operator_can_move_does_not_make_standbys_reap(conn, dsn):
-    # An exhausted rescued job whose id the dead-letter table holds stays running with an
-    # expired lease (reaper.dead_letter_blocked): not a sign of a stalled leader.
-    blocked = expired_job(
-        conn, rescued=True, attempts=3, max_attempts=3,
-        lease_expires_at=db_clock(conn) - timedelta(minutes=5),
-    )  # fmt: skip
-    conn.execute(
-        "INSERT INTO pgqueue.dead_jobs (id, task, args, queue, priority, attempts,"
-        " max_attempts, run_at, created_at, errors, history, reason)"
-        " SELECT id, task, args, queue, priority, attempts, max_attempts, run_at,"
-        " created_at, errors, history, 'permanent' FROM pgqueue.jobs WHERE id = %s",
-        (blocked,),
-    )
-    with reaper(dsn, leader_only=True) as leader, reaper(dsn, leader_only=True) as standby:
-        leader.run_once()
-        with structlog.testing.capture_logs() as logs:
-            assert standby.run_once() == ReapResult([], [], 0)
-        assert not [e for e in logs if e["event"] == "reaper.covering"]
 
 
 def test_a_leader_whose_session_changes_under_it_reaps_every_pass(conn, dsn):

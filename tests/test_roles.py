@@ -469,6 +469,15 @@ def test_worker_role_runs_a_worker_end_to_end(strict_db, login_as):
                 JobSpec("roles.permanent"),
             ],
         )
+    with connect(strict_db) as c:
+        # The permanent job's id is one the dead-letter table holds already (an explicit
+        # id, a sequence set back): it is stored under a new id (0023's grants).
+        c.execute(
+            "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts,"
+            " max_attempts, run_at, created_at, reason)"
+            " VALUES (%s, 'default', 'roles.older', '{}', 0, 1, 1, now(), now(), 'permanent')",
+            (ids[-1],),
+        )
 
     async def main() -> None:
         worker = Worker(registry, WorkerConfig(dsn=worker_dsn, poll_interval=0.2, lease_seconds=5))
@@ -477,7 +486,7 @@ def test_worker_role_runs_a_worker_end_to_end(strict_db, login_as):
             await _wait(
                 worker_dsn,
                 "SELECT (SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded') = 7"
-                " AND (SELECT count(*) FROM pgqueue.dead_jobs) = 2",
+                " AND (SELECT count(*) FROM pgqueue.dead_jobs) = 3",
             )
             await _wait(worker_dsn, "SELECT count(*) = 1 FROM pgqueue.workers")
         finally:
@@ -488,14 +497,22 @@ def test_worker_role_runs_a_worker_end_to_end(strict_db, login_as):
     asyncio.run(main())
     assert runs["flaky"] == 3 and runs["snoozy"] == 2 and runs["hopeless"] == 2
     with connect(strict_db) as c:
-        dead = dict(c.execute("SELECT task, reason FROM pgqueue.dead_jobs").fetchall())
-        assert dead == {"roles.hopeless": "exhausted", "roles.permanent": "permanent"}
+        dead = {
+            r[0]: r[1:]
+            for r in c.execute("SELECT task, reason, original_id FROM pgqueue.dead_jobs")
+        }
+        assert dead == {
+            "roles.hopeless": ("exhausted", None),
+            "roles.permanent": ("permanent", ids[-1]),
+            "roles.older": ("permanent", None),
+        }
         assert scalar(c, "SELECT count(*) FROM pgqueue.workers") == 0  # deregistered
         assert scalar(c, "SELECT count(*) FROM pgqueue.jobs WHERE lease_token IS NOT NULL") == 0
         assert sorted(
             r[0]
             for r in c.execute(
-                "SELECT id FROM pgqueue.jobs UNION ALL SELECT id FROM pgqueue.dead_jobs"
+                "SELECT id FROM pgqueue.jobs UNION ALL SELECT coalesce(original_id, id)"
+                " FROM pgqueue.dead_jobs WHERE task <> 'roles.older'"
             ).fetchall()
         ) == sorted(ids)
 
@@ -543,6 +560,21 @@ def test_worker_role_runs_the_reaper(strict_db, login_as):
             rescued=True,
             **{**running, "lease_token": uuid.uuid4()},
         )
+        # Its id is one the dead-letter table holds: stored under a new one (0023).
+        clashing = job(
+            task="t",
+            lease_expires_at=past,
+            attempts=2,
+            max_attempts=2,
+            rescued=True,
+            **{**running, "lease_token": uuid.uuid4()},
+        )
+        c.execute(
+            "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts,"
+            " max_attempts, run_at, created_at, reason)"
+            " VALUES (%s, 'default', 'older', '{}', 0, 1, 1, now(), now(), 'permanent')",
+            (clashing,),
+        )
         old = job(task="t", state="succeeded", finished_at=past, attempts=1)
         fresh = job(task="t", state="succeeded", finished_at=clock, attempts=1)
         c.execute(
@@ -557,7 +589,7 @@ def test_worker_role_runs_the_reaper(strict_db, login_as):
         reaper.stop()
         reaper._close()
     assert result.requeued == [expired]
-    assert result.dead == [exhausted]
+    assert sorted(result.dead) == [exhausted, clashing]
     assert result.pruned == 1
     with connect(strict_db) as c:
         assert scalar(c, "SELECT state::text FROM pgqueue.jobs WHERE id = %s", (expired,)) == (
@@ -565,6 +597,10 @@ def test_worker_role_runs_the_reaper(strict_db, login_as):
         )
         assert scalar(c, "SELECT reason FROM pgqueue.dead_jobs WHERE id = %s", (exhausted,)) == (
             "lease_expired"
+        )
+        assert (
+            scalar(c, "SELECT reason FROM pgqueue.dead_jobs WHERE original_id = %s", (clashing,))
+            == "lease_expired"
         )
         assert scalar(c, "SELECT count(*) FROM pgqueue.jobs WHERE id = %s", (old,)) == 0
         assert scalar(c, "SELECT count(*) FROM pgqueue.jobs WHERE id = %s", (fresh,)) == 1

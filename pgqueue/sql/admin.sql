@@ -1,20 +1,32 @@
 -- name: job_status
 -- One job by id, from the jobs table or, if it died, from the dead-letter table. Its args
 -- (as JSON text, decoded by the caller) only when asked: they may hold personal data.
-SELECT id, queue, task, state::text AS state, attempts, max_attempts, priority, run_at,
-       created_at, attempted_at, finished_at, lease_expires_at, leased_by, idempotency_key,
-       errors, history, cancel_requested_at, NULL::text AS dead_reason,
-       CASE WHEN %(with_args)s::boolean THEN args::text END AS args, rescued
-FROM pgqueue.jobs WHERE id = %(id)s
-UNION ALL
-SELECT id, queue, task, 'dead', attempts, max_attempts, priority, run_at,
-       created_at, attempted_at, died_at, NULL, NULL, idempotency_key, errors, history,
-       NULL, reason, CASE WHEN %(with_args)s::boolean THEN args::text END,
-       -- dead_jobs has no rescued column: the reaper's entry tells (it rescues every job
-       -- whose lease expired, and dead-letters only rescued ones).
-       EXISTS (SELECT 1 FROM jsonb_array_elements(history) AS e
-               WHERE e ->> 'outcome' = 'lease_expired')
-FROM pgqueue.dead_jobs WHERE id = %(id)s;
+-- Ids can repeat (an explicit id in an INSERT, a sequence set back): a job in
+-- pgqueue.jobs comes first, then the dead job that died last under that id, including
+-- one stored under a new id because the dead-letter table held its own (original_id,
+-- migration 0023).
+SELECT * FROM (
+    SELECT id, queue, task, state::text AS state, attempts, max_attempts, priority, run_at,
+           created_at, attempted_at, finished_at, lease_expires_at, leased_by,
+           idempotency_key, errors, history, cancel_requested_at, NULL::text AS dead_reason,
+           CASE WHEN %(with_args)s::boolean THEN args::text END AS args, rescued,
+           NULL::bigint AS original_id, 0 AS rank
+    FROM pgqueue.jobs WHERE id = %(id)s
+    UNION ALL
+    SELECT id, queue, task, 'dead', attempts, max_attempts, priority, run_at,
+           created_at, attempted_at, died_at, NULL, NULL, idempotency_key, errors, history,
+           NULL, reason, CASE WHEN %(with_args)s::boolean THEN args::text END,
+           -- dead_jobs has no rescued column: the reaper's entry tells (it rescues every
+           -- job whose lease expired, and dead-letters only rescued ones).
+           EXISTS (SELECT 1 FROM jsonb_array_elements(history) AS e
+                   WHERE e ->> 'outcome' = 'lease_expired'),
+           original_id, 1
+    FROM (SELECT * FROM pgqueue.dead_jobs WHERE id = %(id)s
+          UNION ALL
+          SELECT * FROM pgqueue.dead_jobs WHERE original_id = %(id)s) AS d
+) AS found
+ORDER BY rank, finished_at DESC
+LIMIT 1;
 
 -- name: set_statement_timeout
 -- For this transaction: a statement running (or waiting for a lock) longer fails. Local,
@@ -191,7 +203,7 @@ LIMIT %(limit)s;
 -- (args Python cannot decode are why some jobs are dead: they must still show).
 SELECT id, queue, task, args::text AS args, priority, attempts, max_attempts, run_at,
        idempotency_key,
-       created_at, attempted_at, errors, history, reason, died_at
+       created_at, attempted_at, errors, history, reason, died_at, original_id
 FROM pgqueue.dead_jobs WHERE id = %(id)s;
 
 -- name: retry_dead

@@ -47,13 +47,13 @@ FROM updated AS u, LATERAL (SELECT pgqueue.wake(u.queue)) AS n;
 -- name: dead_letter_expired
 -- Moves rescued running jobs (they ran alone) whose lease expired and whose attempts are
 -- used up to the dead-letter table (reason 'lease_expired'), atomically, a batch at a
--- time. A job whose id the dead-letter table already holds is left out (see
--- dead_letter_blocked): it would fail the whole batch on the primary key, pass after pass.
+-- time. A job whose id the dead-letter table already holds is stored under a new one
+-- (pgqueue.dead_letter_id, migration 0023), its own in original_id. Returns each job's
+-- id and the id it is stored under.
 WITH expired AS MATERIALIZED (
     SELECT j.id FROM pgqueue.jobs AS j
     WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts >= j.max_attempts
       AND j.rescued AND j.cancel_requested_at IS NULL
-      AND NOT EXISTS (SELECT 1 FROM pgqueue.dead_jobs AS d WHERE d.id = j.id)
     ORDER BY j.id
     LIMIT %(batch_size)s
     FOR UPDATE SKIP LOCKED
@@ -62,12 +62,15 @@ WITH expired AS MATERIALIZED (
     USING expired
     WHERE j.id = expired.id AND j.lease_expires_at < now()
     RETURNING j.*
+), named AS MATERIALIZED (
+    SELECT m.*, pgqueue.dead_letter_id(m.id, ARRAY(SELECT e.id FROM expired AS e)) AS dead_id
+    FROM moved AS m
 )
 INSERT INTO pgqueue.dead_jobs AS d
-    (id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
-     created_at, attempted_at, errors, reason, history)
-SELECT id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
-       created_at, attempted_at,
+    (id, original_id, queue, task, args, priority, attempts, max_attempts, run_at,
+     idempotency_key, created_at, attempted_at, errors, reason, history)
+SELECT dead_id, CASE WHEN dead_id <> id THEN id END, queue, task, args, priority, attempts,
+       max_attempts, run_at, idempotency_key, created_at, attempted_at,
        errors || jsonb_build_array(jsonb_build_object(
            'attempt', attempts, 'at', now(), 'worker', leased_by, 'kind', 'lease_expired',
            'counted', true,
@@ -76,22 +79,8 @@ SELECT id, queue, task, args, priority, attempts, max_attempts, run_at, idempote
        history || pgqueue.history_entry(
            attempts, leased_by, attempted_at, NULL, 'lease_expired',
            'lease expired: its worker stopped heartbeating (crashed, killed or cut off)')
-FROM moved
-RETURNING d.id, d.task, d.queue, d.attempts;
-
--- name: dead_letter_blocked
--- Exhausted rescued jobs whose lease expired but which dead_letter_expired cannot move:
--- pgqueue.dead_jobs already holds their id (ids repeat after an explicit id in an INSERT
--- or a sequence reset). They stay running until an operator moves the older dead job
--- (`pgqueue dead retry`, which revives it under a new id, or `purge`); the reaper names
--- them on every pass.
-SELECT j.id, j.task, j.queue, j.attempts
-FROM pgqueue.jobs AS j
-WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts >= j.max_attempts
-  AND j.rescued AND j.cancel_requested_at IS NULL
-  AND EXISTS (SELECT 1 FROM pgqueue.dead_jobs AS d WHERE d.id = j.id)
-ORDER BY j.id
-LIMIT 100;
+FROM named
+RETURNING coalesce(d.original_id, d.id) AS id, d.id AS dead_id, d.task, d.queue, d.attempts;
 
 -- name: prune_finished
 -- Deletes succeeded and cancelled jobs finished more than %(retention_seconds)s ago, a
@@ -137,8 +126,7 @@ SELECT pg_backend_pid() AS pid;
 
 -- name: standby_check
 -- For an embedded reaper standing by, whether to reap anyway. overdue: a running job's
--- lease expired longer ago than the leader, reaping every pass, would have let it (jobs
--- that only an operator can move, as dead_letter_blocked names them, left out). stalled:
+-- lease expired longer ago than the leader, reaping every pass, would have let it. stalled:
 -- the session holding the lead (in this database) has been idle, or in one statement,
 -- longer than stall_seconds (a frozen process keeps its session and lock: nothing would
 -- be pruned or forgotten): reap too, as standalone reapers do beside each other. NULL:
@@ -149,8 +137,6 @@ SELECT
         SELECT 1 FROM pgqueue.jobs AS j
         WHERE j.state = 'running'
           AND j.lease_expires_at < now() - make_interval(secs => %(grace_seconds)s)
-          AND NOT (j.attempts >= j.max_attempts AND j.rescued AND j.cancel_requested_at IS NULL
-                   AND EXISTS (SELECT 1 FROM pgqueue.dead_jobs AS d WHERE d.id = j.id))
     ) AS overdue,
     (
         SELECT now() - a.state_change > make_interval(secs => %(stall_seconds)s)

@@ -39,8 +39,9 @@ FROM (
     FROM pgqueue.jobs AS j, jsonb_array_elements(j.history) WITH ORDINALITY AS h(e, n)
     WHERE j.queue = ANY(%(queues)s::text[]) AND h.e ->> 'worker' = %(worker_id)s
     UNION ALL
-    SELECT d.id, d.task, (h.e ->> 'attempt')::int, h.e ->> 'outcome', h.e ->> 'error',
-           h.e ->> 'ended_at', h.n
+    -- A job stored under a new dead id (0023) is reported under the id it was enqueued as.
+    SELECT coalesce(d.original_id, d.id), d.task, (h.e ->> 'attempt')::int,
+           h.e ->> 'outcome', h.e ->> 'error', h.e ->> 'ended_at', h.n
     FROM pgqueue.dead_jobs AS d, jsonb_array_elements(d.history) WITH ORDINALITY AS h(e, n)
     WHERE d.queue = ANY(%(queues)s::text[]) AND h.e ->> 'worker' = %(worker_id)s
 ) AS entries

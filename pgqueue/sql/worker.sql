@@ -302,7 +302,9 @@ FROM updated AS u, LATERAL (SELECT pgqueue.wake(u.queue)) AS n;
 -- history entry, atomically (one statement: the delete and the insert commit together),
 -- each only if still running under the given lease token. A job whose cancellation was
 -- requested is cancelled instead (it stays in pgqueue.jobs, so `dead retry` cannot revive
--- it by accident). Returns each changed id with the state it ended in.
+-- it by accident). Returns each changed id with the state it ended in, and a dead job's
+-- id in pgqueue.dead_jobs: its own, unless that table held it (ids repeat after an
+-- explicit id in an INSERT or a sequence set back), then a new one (migration 0023).
 -- The rows are locked first and both branches go by what the lock saw: an operator's
 -- cancel committing while this statement waits for the row would otherwise leave it to
 -- neither (the UPDATE's snapshot saw no cancel; the DELETE's recheck of the new row
@@ -330,20 +332,24 @@ WITH batch AS (
     USING locked AS l
     WHERE j.id = l.id AND NOT l.cancel
     RETURNING j.*, l.error AS last_error, l.reason AS dead_reason, l.duration AS last_duration
+), named AS MATERIALIZED (
+    SELECT m.*, pgqueue.dead_letter_id(m.id, ARRAY(SELECT l.id FROM locked AS l)) AS dead_id
+    FROM moved AS m
 ), inserted AS (
-    INSERT INTO pgqueue.dead_jobs
-        (id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
-         created_at, attempted_at, errors, reason, history)
-    SELECT id, queue, task, args, priority, attempts, max_attempts, run_at, idempotency_key,
+    INSERT INTO pgqueue.dead_jobs AS d
+        (id, original_id, queue, task, args, priority, attempts, max_attempts, run_at,
+         idempotency_key, created_at, attempted_at, errors, reason, history)
+    SELECT dead_id, CASE WHEN dead_id <> id THEN id END, queue, task, args, priority,
+           attempts, max_attempts, run_at, idempotency_key,
            created_at, attempted_at, errors || jsonb_build_array(last_error), dead_reason,
            history || pgqueue.history_entry(
                attempts, leased_by, attempted_at, last_duration, 'dead', last_error->>'error')
-    FROM moved
-    RETURNING id
+    FROM named
+    RETURNING coalesce(d.original_id, d.id) AS id, d.id AS dead_id
 )
-SELECT id, 'dead' AS state FROM inserted
+SELECT id, 'dead' AS state, dead_id FROM inserted
 UNION ALL
-SELECT id, 'cancelled' AS state FROM cancelled;
+SELECT id, 'cancelled' AS state, NULL FROM cancelled;
 
 -- name: recorded_outcomes
 -- After a write whose COMMIT may have been lost with its connection, the retry finds some
@@ -374,9 +380,13 @@ WITH o AS (
     SELECT o.id, h.e ->> 'outcome', false
     FROM o
     -- One primary-key lookup per id (LIMIT 1 keeps the planner from turning this into a
-    -- hash join over the whole dead-letter table in a generic plan).
-    CROSS JOIN LATERAL (SELECT d.history FROM pgqueue.dead_jobs AS d
-                        WHERE d.id = o.id LIMIT 1) AS d
+    -- hash join over the whole dead-letter table in a generic plan), and one of the ids
+    -- moved under a new one (0023: the table held theirs; LIMIT as above).
+    CROSS JOIN LATERAL (
+        (SELECT d.history FROM pgqueue.dead_jobs AS d WHERE d.id = o.id LIMIT 1)
+        UNION ALL
+        (SELECT d.history FROM pgqueue.dead_jobs AS d WHERE d.original_id = o.id LIMIT 100)
+    ) AS d
     CROSS JOIN LATERAL jsonb_array_elements(d.history) AS h(e)
     WHERE h.e ->> 'worker' = %(worker_id)s::text AND h.e ? 'duration'
       AND (h.e ->> 'started_at')::timestamptz = o.started_at

@@ -179,9 +179,21 @@ class Completer:
                 continue
             self._report(outcome, changed)
 
-    def _report(self, outcome: Outcome, changed: dict[int, str]) -> None:
+    def _report(self, outcome: Outcome, changed: store.Changed) -> None:
         self._uncertain.discard((outcome.job.id, outcome.job.lease_token))
         state = changed.get(outcome.job.id)
+        dead_id = changed.renamed.get(outcome.job.id)
+        if dead_id is not None:
+            log.warning(
+                "job.dead_renamed",
+                job_id=outcome.job.id,
+                dead_id=dead_id,
+                task=outcome.job.task,
+                queue=outcome.job.queue,
+                attempt=outcome.job.attempt,
+                reason="pgqueue.dead_jobs already held this id (an explicit id in an INSERT"
+                " or a sequence set back): stored under dead_id, original_id names this one",
+            )
         result = WriteResult.FENCED if state is None else WriteResult.WRITTEN
         self.on_written(outcome, result, state)
 
@@ -248,20 +260,20 @@ class Completer:
                 await asyncio.sleep(min(remaining, self.backoff.next_delay()))
         return True
 
-    async def _write(self, batch: list[Outcome]) -> dict[int, str]:
+    async def _write(self, batch: list[Outcome]) -> store.Changed:
         by_kind: dict[OutcomeKind, list[Outcome]] = {}
         for outcome in batch:
             by_kind.setdefault(outcome.kind, []).append(outcome)
-        changed: dict[int, str] = {}
+        changed = store.Changed()
         async with self.pool.connection() as conn:
             if len(by_kind) == 1:
                 # One statement is atomic by itself: no BEGIN and COMMIT round trips.
                 ((kind, items),) = by_kind.items()
-                changed = await self._write_kind(conn, kind, items)
+                changed.add(await self._write_kind(conn, kind, items))
             else:
                 async with conn.transaction():
                     for kind, items in by_kind.items():
-                        changed |= await self._write_kind(conn, kind, items)
+                        changed.add(await self._write_kind(conn, kind, items))
             doubtful = (
                 [
                     o
@@ -274,7 +286,7 @@ class Completer:
                 else []
             )
             if doubtful:
-                changed |= await self._recorded(conn, doubtful)
+                changed.add(await self._recorded(conn, doubtful))
         return changed
 
     async def _recorded(
