@@ -1432,8 +1432,9 @@ def dead_show(job_id: int, as_json: bool, dsn: str | None) -> None:
     def body() -> int:
         with _connect(dsn) as conn:
             row = store.get_dead(conn, job_id=job_id)
+            renamed = store.dead_ids_by_original(conn, ids=[job_id]).get(job_id, [])
         if row is None:
-            raise JobNotFound(f"no dead job with id {job_id}")
+            raise JobNotFound(f"no dead job with id {job_id}" + _renamed_note(renamed))
         if as_json:
             click.echo(json.dumps(_jsonable(row), indent=2))
             return 0
@@ -1445,6 +1446,8 @@ def dead_show(job_id: int, as_json: bool, dsn: str | None) -> None:
                 f"{'original_id':<16}{row['original_id']} (pgqueue.dead_jobs held that id"
                 " when it died)"
             )
+        if renamed:
+            click.echo(f"{'same job id':<16}dead job(s) {_ids(renamed)}" + _renamed_tail())
         args = row["args"]
         shown = _undecodable(args) if isinstance(args, UndecodableArgs) else json.dumps(args)
         click.echo(f"{'args':<16}{shown}")
@@ -1457,6 +1460,21 @@ def dead_show(job_id: int, as_json: bool, dsn: str | None) -> None:
 
 
 RETRY_BATCH = 1000
+
+
+def _ids(ids: list[int]) -> str:
+    return ", ".join(str(i) for i in ids)
+
+
+def _renamed_tail() -> str:
+    return " (stored under a new id: pgqueue.dead_jobs held this one)"
+
+
+def _renamed_note(dead_ids: list[int]) -> str:
+    """For a dead id not found: the dead jobs that had it as their job id (0023)."""
+    if not dead_ids:
+        return ""
+    return f"; it was the id of dead job(s) {_ids(dead_ids)}" + _renamed_tail()
 
 
 def _walk_dead(
@@ -1511,12 +1529,14 @@ def dead_retry(
             return [row.dead_id for row in rows]
 
         missing: list[int] = []
+        renamed: dict[int, list[int]] = {}
         with _connect(dsn) as conn:
             if job_ids:
                 picked = store.retry_dead_jobs(
                     conn, ids=list(job_ids), queue=None, task=None, limit=len(job_ids)
                 )
                 missing = sorted(set(job_ids) - {row.dead_id for row in picked})
+                renamed = store.dead_ids_by_original(conn, ids=missing)
             else:
                 _walk_dead(conn, step)
         revived = [row for row in picked if row.job_id is not None]
@@ -1548,6 +1568,11 @@ def dead_retry(
                 f" (a retry or purge in progress): {missing}",
                 err=True,
             )
+            for job_id, dead_ids in renamed.items():
+                click.echo(
+                    f"pgqueue: job {job_id} died as dead job(s) {_ids(dead_ids)}" + _renamed_tail(),
+                    err=True,
+                )
         return 1 if stuck or missing else 0
 
     _guard(body)

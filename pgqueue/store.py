@@ -331,22 +331,49 @@ async def release_orphans(
     return dict(rows)
 
 
+class Changed(dict[int, str]):
+    """What outcome writes changed, {id: the state it ended in}, and in ``renamed``
+    {id: dead id} the dead-lettered jobs stored under a new id because pgqueue.dead_jobs
+    held theirs (migration 0023: dead_letter_jobs and recorded_outcomes fill it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renamed: dict[int, int] = {}
+
+    def add(self, other: dict[int, str]) -> None:
+        """Take in another write's changes (and its renamed ids, if it has any)."""
+        self.update(other)
+        if isinstance(other, Changed):
+            self.renamed.update(other.renamed)
+
+
+def _changed(rows: list[tuple[Any, ...]]) -> Changed:
+    """Changed from rows of (id, state, dead id or NULL)."""
+    result = Changed()
+    for job_id, state, dead_id in rows:
+        result[job_id] = state
+        if dead_id is not None and dead_id != job_id:
+            result.renamed[job_id] = dead_id
+    return result
+
+
 async def recorded_outcomes(
     conn: AsyncConn,
     *,
     worker_id: str,
     ids: Sequence[int],
     started_ats: Sequence[datetime],
-) -> dict[int, str]:
+) -> Changed:
     """Of these claims (job id, attempted_at), those whose outcome this worker already
-    recorded: {id: state} (see the query). For fenced writes that follow a write lost with
-    its connection."""
+    recorded: {id: state} (see the query), with the dead id of one dead-lettered under a
+    new id in ``renamed``. For fenced writes that follow a write lost with its
+    connection."""
     rows = await _fetch_tuples_async(
         conn,
         "recorded_outcomes",
         {"worker_id": worker_id, "ids": _array(ids), "started_ats": list(started_ats)},
     )
-    return dict(rows)
+    return _changed(rows)
 
 
 async def retry_jobs(
@@ -408,22 +435,6 @@ async def release_jobs(
     return dict(rows)
 
 
-class Changed(dict[int, str]):
-    """What outcome writes changed, {id: the state it ended in}, and in ``renamed``
-    {id: dead id} the dead-lettered jobs stored under a new id because pgqueue.dead_jobs
-    held theirs (migration 0023; only dead_letter_jobs fills it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.renamed: dict[int, int] = {}
-
-    def add(self, other: dict[int, str]) -> None:
-        """Take in another write's changes (and its renamed ids, if it has any)."""
-        self.update(other)
-        if isinstance(other, Changed):
-            self.renamed.update(other.renamed)
-
-
 async def dead_letter_jobs(
     conn: AsyncConn,
     *,
@@ -444,12 +455,7 @@ async def dead_letter_jobs(
             "durations": _array(durations),
         },
     )
-    result = Changed()
-    for job_id, state, dead_id in rows:
-        result[job_id] = state
-        if dead_id is not None and dead_id != job_id:
-            result.renamed[job_id] = dead_id
-    return result
+    return _changed(rows)
 
 
 async def register_worker(
@@ -889,6 +895,12 @@ def get_dead(conn: SyncConn, *, job_id: int) -> Row | None:
     row = rows[0]
     row["args"] = _lenient_json_loads(row["args"])
     return row
+
+
+def dead_ids_by_original(conn: SyncConn, *, ids: Sequence[int]) -> dict[int, list[int]]:
+    """{id: the dead ids of the jobs stored under a new id that had it} (migration 0023)."""
+    rows = _fetch(conn, "dead_ids_by_original", {"ids": list(ids)})
+    return {row["original_id"]: row["dead_ids"] for row in rows}
 
 
 class RevivedDead(NamedTuple):

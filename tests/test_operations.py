@@ -34,6 +34,7 @@ from typing import Any
 import psutil
 import psycopg
 import pytest
+import structlog
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -1854,9 +1855,11 @@ def test_a_job_whose_id_the_dead_letter_table_holds_dies_once_under_a_new_id(con
         )
     )
     assert job_row(conn, job_id) is None
-    renamed = wait_until(lambda: events(daemons, worker, "job.dead_renamed"))
+    died = wait_until(lambda: events(daemons, worker, "job.dead"))
     assert terminate(worker) == 0
-    (event,) = renamed
+    # job.dead (an error, shown at every log level) names the dead id, which `dead show`,
+    # `dead retry` and `dead purge` take.
+    (event,) = died
     new_id = event["dead_id"]
     assert (event["job_id"], event["task"], event["attempt"]) == (job_id, "fail", 2)
     dead = dead_row(conn, new_id)
@@ -1879,7 +1882,22 @@ def test_a_job_whose_id_the_dead_letter_table_holds_dies_once_under_a_new_id(con
     )
     shown = ok(cli(dsn, "dead", "show", str(new_id)))
     assert f"original_id     {job_id} (pgqueue.dead_jobs held that id when it died)" in shown
-    assert "original_id" not in ok(cli(dsn, "dead", "show", str(older)))
+    # The older dead job under that id says which dead job had its id too.
+    shown_older = ok(cli(dsn, "dead", "show", str(older)))
+    assert "original_id" not in shown_older
+    assert (
+        f"same job id     dead job(s) {new_id} (stored under a new id: pgqueue.dead_jobs held"
+        " this one)"
+    ) in shown_older
+    # `dead retry` given the id it was enqueued as, once the older one is gone, names the
+    # dead id to retry instead.
+    assert "retried 1" in ok(cli(dsn, "dead", "retry", str(older)))
+    retried = cli(dsn, "dead", "retry", str(job_id))
+    assert retried.returncode == 1
+    assert f"pgqueue: job {job_id} died as dead job(s) {new_id} (stored under" in retried.stderr
+    missing = cli(dsn, "dead", "show", str(job_id))
+    assert missing.returncode != 0
+    assert f"it was the id of dead job(s) {new_id}" in missing.stderr
 
 
 def test_status_counts_uncounted_runs_and_says_when_a_job_was_rescued(conn, dsn, daemons):
@@ -2635,13 +2653,18 @@ def test_an_outcome_whose_commit_reply_was_lost_is_reported_written_not_lease_lo
             assert not worker.completer.uncertain(job)
 
     lost_before, written_before = completed(task_name, "lease_lost"), completed(task_name, label)
-    asyncio.run(scenario())
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(scenario())
     assert completed(task_name, "lease_lost") == lost_before
     assert completed(task_name, label) == written_before + 1
     if table == "dead_jobs_renamed":
         history = scalar(
             conn, "SELECT history FROM pgqueue.dead_jobs WHERE original_id = %s", (job_id,)
         )
+        # The check that found the write also found the dead id job.dead names.
+        dead_id = scalar(conn, "SELECT id FROM pgqueue.dead_jobs WHERE original_id = %s", (job_id,))
+        (event,) = [e for e in logs if e["event"] == "job.dead"]
+        assert (event["job_id"], event["dead_id"]) == (job_id, dead_id)
     else:
         history = scalar(
             conn,

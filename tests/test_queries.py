@@ -737,7 +737,9 @@ def test_dead_letter_of_an_id_the_dead_letter_table_holds_stores_it_under_a_new_
 def test_new_dead_ids_skip_the_ids_either_table_and_the_batch_hold(conn, dsn):
     # The sequence set back below ids both tables hold: the new id for a job whose id the
     # dead-letter table holds must be one neither table holds, nor one the same
-    # statement moves (the function may see that statement's delete of it already).
+    # statement moves. (The function sees the statement's own changes; as Postgres runs
+    # it today each row is deleted and inserted before the next is looked at, so 1002 is
+    # skipped as a row of pgqueue.jobs too: the batch argument guards other plans.)
     set_jobs_sequence(conn, 1000)
     tokens = [uuid.uuid4() for _ in range(3)]
     clashing = make_job(conn, state="running", lease_token=tokens[0])  # 1000
@@ -759,13 +761,79 @@ def test_new_dead_ids_skip_the_ids_either_table_and_the_batch_hold(conn, dsn):
 
     assert clashing == 1000
     assert changed == {1000: "dead", 1002: "dead", 1003: "dead"}
-    # 1001 (dead), 1002 (this batch), 1003 (dead), 1004 (a job) are skipped; which of
+    # 1001 (dead), 1002 (moved by this statement), 1003 (dead), 1004 (a job) are skipped;
+    # which of
     # the two gets 1005 depends on the order the statement moves them in.
     assert sorted(changed.renamed) == [1000, 1003]
     assert sorted(changed.renamed.values()) == [1005, 1006]
     rows = conn.execute("SELECT id, original_id FROM pgqueue.dead_jobs ORDER BY id").fetchall()
     renamed = sorted((dead_id, job_id) for job_id, dead_id in changed.renamed.items())
     assert rows == [(1000, None), (1001, None), (1002, None), (1003, None), *renamed]
+
+
+def test_a_new_dead_id_skips_an_id_another_session_is_moving(conn, dsn):
+    # Another session's uncommitted move of job X: X is in neither table as this session
+    # sees it... except that pgqueue.jobs still shows X until that move commits, so a
+    # job renamed meanwhile does not take X (it would wait on X's key and then fail).
+    mover_token, clash_token = uuid.uuid4(), uuid.uuid4()
+    set_jobs_sequence(conn, 500)
+    moving = make_job(conn, state="running", lease_token=mover_token)  # 500
+    clashing = make_job(conn, id=400, state="running", lease_token=clash_token)
+    insert_dead(conn, clashing)
+    set_jobs_sequence(conn, 500)  # the next value is the id being moved
+
+    async def go() -> tuple[store.Changed, store.Changed]:
+        mover = await psycopg.AsyncConnection.connect(dsn)
+        renamer = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        async with mover, renamer:
+            await renamer.execute("SET statement_timeout = '5s'")  # not wait on 500's key
+            first = await store.dead_letter_jobs(
+                mover, ids=[moving], tokens=[mover_token], errors=[ERROR_2],
+                reasons=["exhausted"], durations=[0.01],
+            )  # fmt: skip
+            second = await store.dead_letter_jobs(
+                renamer, ids=[clashing], tokens=[clash_token], errors=[ERROR_2],
+                reasons=["exhausted"], durations=[0.01],
+            )  # fmt: skip
+            await mover.commit()
+            return first, second
+
+    first, second = asyncio.run(go())
+
+    assert (moving, dict(first), first.renamed) == (500, {500: "dead"}, {})
+    assert second.renamed == {400: 501}
+    rows = conn.execute("SELECT id, original_id FROM pgqueue.dead_jobs ORDER BY id").fetchall()
+    assert rows == [(400, None), (500, None), (501, 400)]
+
+
+def test_status_of_a_repeated_id_shows_the_live_job_then_the_last_to_die(conn, dsn):
+    # Ids repeat: `pgqueue status ID` shows a job in pgqueue.jobs first, else the dead
+    # job that died last under that id, whether it kept the id or was stored under a new
+    # one (original_id).
+    job_id = make_job(conn, task="older")
+    conn.execute(
+        "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts,"
+        " max_attempts, run_at, created_at, reason, died_at)"
+        " VALUES (%s, 'default', 'first', '{}', 0, 1, 1, now(), now(), 'permanent',"
+        "         now() - interval '2 hours'),"
+        "        (%s + 1000, 'default', 'second', '{}', 0, 1, 1, now(), now(), 'permanent',"
+        "         now() - interval '1 hour')",
+        (job_id, job_id),
+    )
+    conn.execute(
+        "UPDATE pgqueue.dead_jobs SET original_id = %s WHERE id = %s + 1000", (job_id, job_id)
+    )
+
+    def shown() -> tuple[int, str, int | None]:
+        status = store.job_status(conn, job_id=job_id)
+        assert status is not None
+        return status.id, status.task, status.original_id
+
+    assert shown() == (job_id, "older", None)  # the live job first
+    conn.execute("DELETE FROM pgqueue.jobs WHERE id = %s", (job_id,))
+    assert shown() == (job_id + 1000, "second", job_id)  # died last, under a new id
+    conn.execute("UPDATE pgqueue.dead_jobs SET died_at = now() WHERE id = %s", (job_id,))
+    assert shown() == (job_id, "first", None)  # now the one that kept the id died last
 
 
 # --- heartbeats ---------------------------------------------------------------------------

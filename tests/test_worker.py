@@ -1290,7 +1290,7 @@ def test_two_outcomes_of_one_job_in_a_batch_are_reported_each_by_its_own_lease(d
                 )
             completer = Completer(
                 pool,
-                lambda o, result, state: reports.__setitem__(o.job.lease_token, result),
+                lambda o, result, state, _dead_id: reports.__setitem__(o.job.lease_token, result),
                 worker_id="w",
                 reconnect_max_seconds=1.0,
             )
@@ -1960,7 +1960,7 @@ def test_a_shutdown_flush_writes_the_good_outcomes_beside_one_the_database_refus
         await pool.open()
         completer = Completer(
             pool,
-            lambda o, result, _state: reported.__setitem__(o.job.id, result),
+            lambda o, result, _state, _dead_id: reported.__setitem__(o.job.id, result),
             worker_id="w",
             reconnect_max_seconds=1.0,
         )

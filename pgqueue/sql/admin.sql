@@ -206,6 +206,15 @@ SELECT id, queue, task, args::text AS args, priority, attempts, max_attempts, ru
        created_at, attempted_at, errors, history, reason, died_at, original_id
 FROM pgqueue.dead_jobs WHERE id = %(id)s;
 
+-- name: dead_ids_by_original
+-- The dead jobs stored under a new id because the dead-letter table held their own
+-- (migration 0023), for each of these ids: so that `dead show` and `dead retry`, given
+-- the id a job was enqueued as, can name the dead id they take.
+SELECT original_id, array_agg(id ORDER BY id) AS dead_ids
+FROM pgqueue.dead_jobs
+WHERE original_id = ANY (%(ids)s::bigint[])
+GROUP BY original_id;
+
 -- name: retry_dead
 -- Moves dead jobs back to the queue with fresh attempts, atomically (the delete and the
 -- inserts are one statement), runnable now; the insert trigger wakes the workers. Their

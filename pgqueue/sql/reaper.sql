@@ -63,7 +63,11 @@ WITH expired AS MATERIALIZED (
     WHERE j.id = expired.id AND j.lease_expires_at < now()
     RETURNING j.*
 ), named AS MATERIALIZED (
-    SELECT m.*, pgqueue.dead_letter_id(m.id, ARRAY(SELECT e.id FROM expired AS e)) AS dead_id
+    -- The function only where the id is taken (a call costs more than the probe).
+    SELECT m.*,
+           CASE WHEN EXISTS (SELECT 1 FROM pgqueue.dead_jobs AS t WHERE t.id = m.id)
+                THEN pgqueue.dead_letter_id(m.id, ARRAY(SELECT e.id FROM expired AS e))
+                ELSE m.id END AS dead_id
     FROM moved AS m
 )
 INSERT INTO pgqueue.dead_jobs AS d

@@ -333,7 +333,11 @@ WITH batch AS (
     WHERE j.id = l.id AND NOT l.cancel
     RETURNING j.*, l.error AS last_error, l.reason AS dead_reason, l.duration AS last_duration
 ), named AS MATERIALIZED (
-    SELECT m.*, pgqueue.dead_letter_id(m.id, ARRAY(SELECT l.id FROM locked AS l)) AS dead_id
+    -- The function only where the id is taken (a call costs more than the probe).
+    SELECT m.*,
+           CASE WHEN EXISTS (SELECT 1 FROM pgqueue.dead_jobs AS t WHERE t.id = m.id)
+                THEN pgqueue.dead_letter_id(m.id, ARRAY(SELECT l.id FROM locked AS l))
+                ELSE m.id END AS dead_id
     FROM moved AS m
 ), inserted AS (
     INSERT INTO pgqueue.dead_jobs AS d
@@ -360,12 +364,13 @@ SELECT id, 'cancelled' AS state, NULL FROM cancelled;
 -- repeat after a snooze, a release or a requeue) and a duration (the reaper's entry for
 -- an expired lease has none). Returns each recorded id with the state that write left it
 -- in, as far as the worker's logs care: 'cancelled' if it cancelled the job, else the
--- entry's outcome ('dead' from the dead-letter table).
+-- entry's outcome ('dead' from the dead-letter table), and the id a dead job is stored
+-- under.
 WITH o AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(started_ats)s::timestamptz[])
         AS o(id, started_at)
 ), found AS (
-    SELECT o.id, h.e ->> 'outcome' AS outcome,
+    SELECT o.id, NULL::bigint AS dead_id, h.e ->> 'outcome' AS outcome,
            -- Snooze and release end a cancel-requested job as cancelled with their own
            -- outcome in the entry: the row tells, if nothing happened to it since (an
            -- operator's later cancel would have set finished_at after the entry ended).
@@ -377,22 +382,24 @@ WITH o AS (
     WHERE h.e ->> 'worker' = %(worker_id)s::text AND h.e ? 'duration'
       AND (h.e ->> 'started_at')::timestamptz = o.started_at
     UNION ALL
-    SELECT o.id, h.e ->> 'outcome', false
+    SELECT o.id, d.id, h.e ->> 'outcome', false
     FROM o
     -- One primary-key lookup per id (LIMIT 1 keeps the planner from turning this into a
-    -- hash join over the whole dead-letter table in a generic plan), and one of the ids
-    -- moved under a new one (0023: the table held theirs; LIMIT as above).
+    -- hash join over the whole dead-letter table in a generic plan), and one by
+    -- original_id for a job stored under a new id (0023: the table held its own).
     CROSS JOIN LATERAL (
-        (SELECT d.history FROM pgqueue.dead_jobs AS d WHERE d.id = o.id LIMIT 1)
+        (SELECT d.id, d.history FROM pgqueue.dead_jobs AS d WHERE d.id = o.id LIMIT 1)
         UNION ALL
-        (SELECT d.history FROM pgqueue.dead_jobs AS d WHERE d.original_id = o.id LIMIT 100)
+        (SELECT d.id, d.history FROM pgqueue.dead_jobs AS d
+         WHERE d.original_id = o.id LIMIT 100)
     ) AS d
     CROSS JOIN LATERAL jsonb_array_elements(d.history) AS h(e)
     WHERE h.e ->> 'worker' = %(worker_id)s::text AND h.e ? 'duration'
       AND (h.e ->> 'started_at')::timestamptz = o.started_at
 )
 SELECT id,
-       CASE WHEN outcome = 'failed' OR cancelled THEN 'cancelled' ELSE outcome END AS state
+       CASE WHEN outcome = 'failed' OR cancelled THEN 'cancelled' ELSE outcome END AS state,
+       dead_id
 FROM found;
 
 -- name: register_worker

@@ -43,8 +43,9 @@ class WriteResult(enum.Enum):
     FAILED = "failed"
 
 
-# (outcome, result, the job's state after the write: None unless WRITTEN)
-OnWritten = Callable[[Outcome, WriteResult, str | None], None]
+# (outcome, result, the job's state after the write: None unless WRITTEN, the id a dead
+# job is stored under when pgqueue.dead_jobs held its own: else None)
+OnWritten = Callable[[Outcome, WriteResult, str | None, int | None], None]
 _FLUSH_RETRYABLE: tuple[type[BaseException], ...] = (TimeoutError, *CONNECTION_ERRORS)
 
 
@@ -175,27 +176,15 @@ class Completer:
                     outcome=outcome.kind.value,
                 )
                 self._uncertain.discard((outcome.job.id, outcome.job.lease_token))
-                self.on_written(outcome, WriteResult.FAILED, None)
+                self.on_written(outcome, WriteResult.FAILED, None, None)
                 continue
             self._report(outcome, changed)
 
     def _report(self, outcome: Outcome, changed: store.Changed) -> None:
         self._uncertain.discard((outcome.job.id, outcome.job.lease_token))
         state = changed.get(outcome.job.id)
-        dead_id = changed.renamed.get(outcome.job.id)
-        if dead_id is not None:
-            log.warning(
-                "job.dead_renamed",
-                job_id=outcome.job.id,
-                dead_id=dead_id,
-                task=outcome.job.task,
-                queue=outcome.job.queue,
-                attempt=outcome.job.attempt,
-                reason="pgqueue.dead_jobs already held this id (an explicit id in an INSERT"
-                " or a sequence set back): stored under dead_id, original_id names this one",
-            )
         result = WriteResult.FENCED if state is None else WriteResult.WRITTEN
-        self.on_written(outcome, result, state)
+        self.on_written(outcome, result, state, changed.renamed.get(outcome.job.id))
 
     async def run_once(self) -> int:
         """Write what is pending now, in one transaction; returns how many outcomes. A
@@ -289,9 +278,7 @@ class Completer:
                 changed.add(await self._recorded(conn, doubtful))
         return changed
 
-    async def _recorded(
-        self, conn: AsyncConnection[Any], doubtful: list[Outcome]
-    ) -> dict[int, str]:
+    async def _recorded(self, conn: AsyncConnection[Any], doubtful: list[Outcome]) -> store.Changed:
         """Which fenced, uncertain outcomes an earlier try did write: {id: state}. If
         the database refuses to say (not a connection problem: that retries the batch),
         they are reported fenced, as they were before this check existed."""
@@ -308,7 +295,7 @@ class Completer:
             raise
         except Exception:
             log.exception("completer.check_failed", outcomes=len(doubtful))
-            return {}
+            return store.Changed()
 
     @staticmethod
     async def _write_kind(

@@ -598,7 +598,9 @@ class Worker:
             return
         self.completer.submit(outcome)
 
-    def _on_written(self, outcome: Outcome, result: WriteResult, state: str | None) -> None:
+    def _on_written(
+        self, outcome: Outcome, result: WriteResult, state: str | None, dead_id: int | None
+    ) -> None:
         # Logs and metrics for an outcome come from here alone, so they cannot disagree.
         job = outcome.job
         self._release_hold(job)
@@ -650,8 +652,15 @@ class Worker:
             )
         elif outcome.kind is OutcomeKind.DEAD:
             label = "dead"
+            # dead_id: where pgqueue.dead_jobs held the job's id, the new one it is stored
+            # under (migration 0023), which `dead show`, `retry` and `purge` take.
+            renamed = {} if dead_id is None else {"dead_id": dead_id}
             self._log.error(
-                "job.dead", reason=outcome.dead_reason, error=error.get("error"), **fields
+                "job.dead",
+                reason=outcome.dead_reason,
+                error=error.get("error"),
+                **fields,
+                **renamed,
             )
         elif outcome.kind is OutcomeKind.SNOOZED:
             label = "snoozed"
