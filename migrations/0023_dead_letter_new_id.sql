@@ -25,20 +25,22 @@ CREATE INDEX dead_jobs_original_id_idx ON pgqueue.dead_jobs (original_id)
 -- function called from it sees that statement's own changes so far, and an id of the
 -- batch deleted from pgqueue.jobs but not yet inserted into pgqueue.dead_jobs would look
 -- free (Postgres moves each row before it looks at the next today; the argument guards
--- other plans). A job's own id
--- cannot be taken by a concurrent move: only a move of that job (whose row the caller
--- holds locked) inserts it as its own, and a concurrent search for a free id still sees
--- the row in pgqueue.jobs until that move commits. Each id walked past costs about 5 us
--- (two primary-key probes and a nextval; a million taken ids in a row took 4.5 s), all
--- in the one statement that moves the job, and only once: the sequence is past them.
--- The moves call this only for an id the table holds (a call costs more than a probe).
+-- other plans). A job's own id cannot be taken by a concurrent move: only a move of that
+-- job (whose row the caller holds locked) inserts it as its own, and a concurrent search
+-- for a free id still sees the row in pgqueue.jobs until that move commits.
+-- Each id walked past costs about 5 us (two primary-key probes and a nextval; a million
+-- taken ids in a row took 4.5 s), all in the one statement that moves the job, and only
+-- once: the sequence is past them. The moves call this only for an id the table holds
+-- (a call costs more than a probe).
 -- SECURITY DEFINER: taking a value from the sequence needs a grant on it that the roles
 -- running workers and reapers would otherwise need for this rare move alone (a role
 -- made after this migration, its DO block not run again, would fail the reaper's whole
 -- dead-letter batch on the first such job, pass after pass). It reads two tables by id
 -- and takes sequence values; every name in it is schema-qualified and search_path is
--- pinned. EXECUTE stays with PUBLIC, as for pgqueue's other functions (calling it needs
--- USAGE on schema pgqueue, which pgqueue grants only its own roles).
+-- pinned. EXECUTE stays with PUBLIC (the default, as for pgqueue's other functions, none
+-- of which is SECURITY DEFINER): calling it needs USAGE on schema pgqueue, which pgqueue
+-- grants only its own roles, and what a caller gains, taking values from the sequence
+-- and learning whether a dead id exists, pgqueue_producer has anyway.
 CREATE FUNCTION pgqueue.dead_letter_id(job_id bigint, batch bigint[]) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp

@@ -1434,9 +1434,10 @@ def dead_show(job_id: int, as_json: bool, dsn: str | None) -> None:
             row = store.get_dead(conn, job_id=job_id)
             renamed = store.dead_ids_by_original(conn, ids=[job_id]).get(job_id, [])
         if row is None:
-            raise JobNotFound(f"no dead job with id {job_id}" + _renamed_note(renamed))
+            note = f"; {_died_as(job_id, renamed)}" if renamed else ""
+            raise JobNotFound(f"no dead job with id {job_id}{note}")
         if as_json:
-            click.echo(json.dumps(_jsonable(row), indent=2))
+            click.echo(json.dumps(_jsonable({**row, "id_reused_by": renamed}), indent=2))
             return 0
         for key in ("id", "task", "queue", "reason", "attempts", "max_attempts", "died_at",
                     "created_at", "idempotency_key"):  # fmt: skip
@@ -1447,7 +1448,10 @@ def dead_show(job_id: int, as_json: bool, dsn: str | None) -> None:
                 " when it died)"
             )
         if renamed:
-            click.echo(f"{'same job id':<16}dead job(s) {_ids(renamed)}" + _renamed_tail())
+            click.echo(
+                f"{'id reused by':<16}dead job(s) {_ids(renamed)}: later jobs with this id,"
+                " stored under new ids"
+            )
         args = row["args"]
         shown = _undecodable(args) if isinstance(args, UndecodableArgs) else json.dumps(args)
         click.echo(f"{'args':<16}{shown}")
@@ -1466,15 +1470,12 @@ def _ids(ids: list[int]) -> str:
     return ", ".join(str(i) for i in ids)
 
 
-def _renamed_tail() -> str:
-    return " (stored under a new id: pgqueue.dead_jobs held this one)"
-
-
-def _renamed_note(dead_ids: list[int]) -> str:
-    """For a dead id not found: the dead jobs that had it as their job id (0023)."""
-    if not dead_ids:
-        return ""
-    return f"; it was the id of dead job(s) {_ids(dead_ids)}" + _renamed_tail()
+def _died_as(job_id: int, dead_ids: list[int]) -> str:
+    """Where jobs enqueued as ``job_id`` died under new ids (migration 0023)."""
+    return (
+        f"a job enqueued as {job_id} died as dead job(s) {_ids(dead_ids)} (stored under a"
+        f" new id: pgqueue.dead_jobs held {job_id} then)"
+    )
 
 
 def _walk_dead(
@@ -1532,11 +1533,14 @@ def dead_retry(
         renamed: dict[int, list[int]] = {}
         with _connect(dsn) as conn:
             if job_ids:
+                # An id given may be the one a job was enqueued as, which died under a new
+                # id (0023) while an older dead job kept it: say so, whichever is retried.
+                renamed = store.dead_ids_by_original(conn, ids=list(job_ids))
+            if job_ids:
                 picked = store.retry_dead_jobs(
                     conn, ids=list(job_ids), queue=None, task=None, limit=len(job_ids)
                 )
                 missing = sorted(set(job_ids) - {row.dead_id for row in picked})
-                renamed = store.dead_ids_by_original(conn, ids=missing)
             else:
                 _walk_dead(conn, step)
         revived = [row for row in picked if row.job_id is not None]
@@ -1568,9 +1572,11 @@ def dead_retry(
                 f" (a retry or purge in progress): {missing}",
                 err=True,
             )
-            for job_id, dead_ids in renamed.items():
+        for job_id, dead_ids in renamed.items():
+            others = [dead_id for dead_id in dead_ids if dead_id not in job_ids]
+            if others:
                 click.echo(
-                    f"pgqueue: job {job_id} died as dead job(s) {_ids(dead_ids)}" + _renamed_tail(),
+                    f"pgqueue: {_died_as(job_id, others)}: give its dead id to retry it",
                     err=True,
                 )
         return 1 if stuck or missing else 0

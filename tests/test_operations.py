@@ -1857,8 +1857,8 @@ def test_a_job_whose_id_the_dead_letter_table_holds_dies_once_under_a_new_id(con
     assert job_row(conn, job_id) is None
     died = wait_until(lambda: events(daemons, worker, "job.dead"))
     assert terminate(worker) == 0
-    # job.dead (an error, shown at every log level) names the dead id, which `dead show`,
-    # `dead retry` and `dead purge` take.
+    # job.dead (an error, shown at every log level) names the dead id, which `dead show`
+    # and `dead retry` take.
     (event,) = died
     new_id = event["dead_id"]
     assert (event["job_id"], event["task"], event["attempt"]) == (job_id, "fail", 2)
@@ -1882,22 +1882,31 @@ def test_a_job_whose_id_the_dead_letter_table_holds_dies_once_under_a_new_id(con
     )
     shown = ok(cli(dsn, "dead", "show", str(new_id)))
     assert f"original_id     {job_id} (pgqueue.dead_jobs held that id when it died)" in shown
-    # The older dead job under that id says which dead job had its id too.
+    # The older dead job under that id names the later one that had its id.
     shown_older = ok(cli(dsn, "dead", "show", str(older)))
     assert "original_id" not in shown_older
     assert (
-        f"same job id     dead job(s) {new_id} (stored under a new id: pgqueue.dead_jobs held"
-        " this one)"
+        f"id reused by    dead job(s) {new_id}: later jobs with this id, stored under new ids"
     ) in shown_older
-    # `dead retry` given the id it was enqueued as, once the older one is gone, names the
-    # dead id to retry instead.
-    assert "retried 1" in ok(cli(dsn, "dead", "retry", str(older)))
+    assert json.loads(ok(cli(dsn, "dead", "show", str(older), "--json")))["id_reused_by"] == [
+        new_id
+    ]
+    # `dead retry` given the id it was enqueued as retries the older dead job that kept
+    # that id, and names the dead id of the one that died under a new id.
+    died_as = (
+        f"a job enqueued as {job_id} died as dead job(s) {new_id} (stored under a new id:"
+        f" pgqueue.dead_jobs held {job_id} then)"
+    )
     retried = cli(dsn, "dead", "retry", str(job_id))
-    assert retried.returncode == 1
-    assert f"pgqueue: job {job_id} died as dead job(s) {new_id} (stored under" in retried.stderr
+    assert retried.returncode == 0 and "retried 1" in retried.stdout
+    assert f"pgqueue: {died_as}: give its dead id to retry it" in retried.stderr
     missing = cli(dsn, "dead", "show", str(job_id))
     assert missing.returncode != 0
-    assert f"it was the id of dead job(s) {new_id}" in missing.stderr
+    assert f"no dead job with id {job_id}; {died_as}" in missing.stderr
+    again = cli(dsn, "dead", "retry", str(job_id))  # nothing under that id now
+    assert again.returncode == 1 and died_as in again.stderr
+    both = cli(dsn, "dead", "retry", str(new_id))  # by its dead id: no note
+    assert both.returncode == 0 and "retried 1" in both.stdout and both.stderr == ""
 
 
 def test_status_counts_uncounted_runs_and_says_when_a_job_was_rescued(conn, dsn, daemons):

@@ -762,8 +762,7 @@ def test_new_dead_ids_skip_the_ids_either_table_and_the_batch_hold(conn, dsn):
     assert clashing == 1000
     assert changed == {1000: "dead", 1002: "dead", 1003: "dead"}
     # 1001 (dead), 1002 (moved by this statement), 1003 (dead), 1004 (a job) are skipped;
-    # which of
-    # the two gets 1005 depends on the order the statement moves them in.
+    # which of the two gets 1005 depends on the order the statement moves them in.
     assert sorted(changed.renamed) == [1000, 1003]
     assert sorted(changed.renamed.values()) == [1005, 1006]
     rows = conn.execute("SELECT id, original_id FROM pgqueue.dead_jobs ORDER BY id").fetchall()
@@ -1676,6 +1675,44 @@ def _lease_fenced_params(dsn: str, name: str, n: int) -> dict[str, Any]:
         else:
             params[key] = kind
     return params
+
+
+# 100,000 dead jobs and 2,000 exhausted rescued jobs whose lease expired, analysed.
+DEAD_HEAVY_SQL = [
+    """
+    INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts, max_attempts,
+                                   run_at, created_at, reason)
+    SELECT i, 'q', 't', '{}', 0, 3, 3, now(), now(), 'exhausted'
+    FROM generate_series(1, 100000) AS i
+    """,
+    "SELECT setval(pg_get_serial_sequence('pgqueue.jobs', 'id'), 200000)",
+    """
+    INSERT INTO pgqueue.jobs (task, state, attempts, max_attempts, rescued, lease_token,
+                              leased_by, lease_expires_at, attempted_at)
+    SELECT 't', 'running', 3, 3, true, gen_random_uuid(), 'w', now() - interval '1 minute',
+           now() - interval '2 minutes'
+    FROM generate_series(1, 2000)
+    """,
+    "ANALYZE pgqueue.jobs",
+    "ANALYZE pgqueue.dead_jobs",
+]
+
+
+@pytest.mark.parametrize("name", ["dead_letter_expired", "dead_letter_jobs"])
+def test_dead_letter_moves_probe_the_dead_letter_table_by_key(server_dsn, template_db, name):
+    # Each move asks whether the dead-letter table holds the job's id (migration 0023). A
+    # review found the reaper's probe planned as a hashed subplan over the whole table
+    # (a sequential scan of 100,000 dead jobs on every batch; the reaper without prepared
+    # statements allows sequential scans).
+    with scratch_database(server_dsn, template_db, DEAD_HEAVY_SQL) as dsn:
+        if name == "dead_letter_jobs":
+            params = _lease_fenced_params(dsn, name, 1000)
+        else:
+            params = {"batch_size": 1000}
+        nodes = explain(dsn, name, params)
+
+    scans = [n for n in nodes if n.get("Relation Name") == "dead_jobs" and "Scan" in n["Node Type"]]
+    assert scans and all(n["Node Type"].startswith("Index") for n in scans), scans
 
 
 @pytest.mark.parametrize("name", sorted(LEASE_FENCED))

@@ -63,9 +63,11 @@ WITH expired AS MATERIALIZED (
     WHERE j.id = expired.id AND j.lease_expires_at < now()
     RETURNING j.*
 ), named AS MATERIALIZED (
-    -- The function only where the id is taken (a call costs more than the probe).
+    -- The function only where the id is taken (a call costs more than the probe). OFFSET
+    -- 0 keeps the probe one primary-key lookup per row: without it the planner may hash
+    -- the whole dead-letter table once per statement instead (a sequential scan).
     SELECT m.*,
-           CASE WHEN EXISTS (SELECT 1 FROM pgqueue.dead_jobs AS t WHERE t.id = m.id)
+           CASE WHEN EXISTS (SELECT 1 FROM pgqueue.dead_jobs AS t WHERE t.id = m.id OFFSET 0)
                 THEN pgqueue.dead_letter_id(m.id, ARRAY(SELECT e.id FROM expired AS e))
                 ELSE m.id END AS dead_id
     FROM moved AS m

@@ -333,9 +333,11 @@ WITH batch AS (
     WHERE j.id = l.id AND NOT l.cancel
     RETURNING j.*, l.error AS last_error, l.reason AS dead_reason, l.duration AS last_duration
 ), named AS MATERIALIZED (
-    -- The function only where the id is taken (a call costs more than the probe).
+    -- The function only where the id is taken (a call costs more than the probe). OFFSET
+    -- 0 keeps the probe one primary-key lookup per row: without it the planner may hash
+    -- the whole dead-letter table once per statement instead (a sequential scan).
     SELECT m.*,
-           CASE WHEN EXISTS (SELECT 1 FROM pgqueue.dead_jobs AS t WHERE t.id = m.id)
+           CASE WHEN EXISTS (SELECT 1 FROM pgqueue.dead_jobs AS t WHERE t.id = m.id OFFSET 0)
                 THEN pgqueue.dead_letter_id(m.id, ARRAY(SELECT l.id FROM locked AS l))
                 ELSE m.id END AS dead_id
     FROM moved AS m

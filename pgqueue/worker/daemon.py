@@ -653,7 +653,7 @@ class Worker:
         elif outcome.kind is OutcomeKind.DEAD:
             label = "dead"
             # dead_id: where pgqueue.dead_jobs held the job's id, the new one it is stored
-            # under (migration 0023), which `dead show`, `retry` and `purge` take.
+            # under (migration 0023), which `dead show` and `dead retry` take.
             renamed = {} if dead_id is None else {"dead_id": dead_id}
             self._log.error(
                 "job.dead",
