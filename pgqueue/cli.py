@@ -1536,7 +1536,6 @@ def dead_retry(
                 # An id given may be the one a job was enqueued as, which died under a new
                 # id (0023) while an older dead job kept it: say so, whichever is retried.
                 renamed = store.dead_ids_by_original(conn, ids=list(job_ids))
-            if job_ids:
                 picked = store.retry_dead_jobs(
                     conn, ids=list(job_ids), queue=None, task=None, limit=len(job_ids)
                 )

@@ -552,23 +552,20 @@ def test_worker_role_runs_the_reaper(strict_db, login_as):
 
         running = {"state": "running", "lease_token": uuid.uuid4(), "leased_by": "gone"}
         expired = job(task="t", lease_expires_at=past, attempts=1, **running)
-        exhausted = job(
-            task="t",
-            lease_expires_at=past,
-            attempts=2,
-            max_attempts=2,
-            rescued=True,
-            **{**running, "lease_token": uuid.uuid4()},
-        )
+
+        def exhausted_job() -> int:
+            return job(
+                task="t",
+                lease_expires_at=past,
+                attempts=2,
+                max_attempts=2,
+                rescued=True,
+                **{**running, "lease_token": uuid.uuid4()},
+            )
+
+        exhausted = exhausted_job()
         # Its id is one the dead-letter table holds: stored under a new one (0023).
-        clashing = job(
-            task="t",
-            lease_expires_at=past,
-            attempts=2,
-            max_attempts=2,
-            rescued=True,
-            **{**running, "lease_token": uuid.uuid4()},
-        )
+        clashing = exhausted_job()
         c.execute(
             "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts,"
             " max_attempts, run_at, created_at, reason)"
