@@ -116,6 +116,8 @@ STALE_MS = 2000
 # (--shutdown-timeout), one it has to release.
 GRACE_MS = 1000
 RELEASE_MS = 2500
+# The job a SIGKILLed worker is caught running, when the one picked runs nothing.
+KILL_MS = 2000
 
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
@@ -768,6 +770,11 @@ class Driver:
         t = time.time()
         if kind == SIGKILL_WORKER:
             picked = self.pick_leaf(db)
+            if picked is not None and not self.running_of(db, [picked[0]]):
+                # Its jobs ended since it was picked (short jobs come and go): kill one
+                # caught running a job of the driver's own, so the kill hits mid-job (a
+                # CI run's two kills both hit idle processes).
+                picked = self._catch_running(db, "kill", KILL_MS) or picked
             if picked is None:
                 return None
             pid, owner = picked
