@@ -283,22 +283,29 @@ async def extend_leases(
     conn: AsyncConn, *, ids: Sequence[int], tokens: Sequence[uuid.UUID], lease_seconds: float
 ) -> dict[int, bool]:
     """Extends the leases still held; returns {id: cancel requested} for those."""
-    extended, _ = await heartbeat_leases(conn, ids=ids, tokens=tokens, lease_seconds=lease_seconds)
-    return extended
+    rows = await _extend_leases(conn, ids=ids, tokens=tokens, lease_seconds=lease_seconds)
+    return {r["id"]: r["cancel_requested"] for r in rows if r["extended"]}
 
 
 async def heartbeat_leases(
     conn: AsyncConn, *, ids: Sequence[int], tokens: Sequence[uuid.UUID], lease_seconds: float
-) -> tuple[dict[int, bool], set[int]]:
-    """As extend_leases, and the ids skipped because another session holds their row
-    locked (still held, as far as the statement saw: neither extended nor lost)."""
-    rows = await _fetch_async(
+) -> tuple[dict[uuid.UUID, bool], set[uuid.UUID]]:
+    """As extend_leases, by lease token (a worker may hold two attempts of one job, see
+    the query), and the tokens skipped because another session holds their row locked
+    (still held, as far as the statement saw: neither extended nor lost)."""
+    rows = await _extend_leases(conn, ids=ids, tokens=tokens, lease_seconds=lease_seconds)
+    extended = {r["token"]: r["cancel_requested"] for r in rows if r["extended"]}
+    return extended, {r["token"] for r in rows if not r["extended"]}
+
+
+async def _extend_leases(
+    conn: AsyncConn, *, ids: Sequence[int], tokens: Sequence[uuid.UUID], lease_seconds: float
+) -> list[Row]:
+    return await _fetch_async(
         conn,
         "extend_leases",
         {"ids": _array(ids), "tokens": _uuid_array(tokens), "lease_seconds": lease_seconds},
     )
-    extended = {r["id"]: r["cancel_requested"] for r in rows if r["extended"]}
-    return extended, {r["id"] for r in rows if not r["extended"]}
 
 
 # The outcome writers return {id: state the job is in now} for the rows they changed; a

@@ -1307,6 +1307,64 @@ def test_two_outcomes_of_one_job_in_a_batch_are_reported_each_by_its_own_lease(d
     assert reports == {stale: WriteResult.FENCED, fresh: WriteResult.WRITTEN}
 
 
+def test_a_beat_holding_two_attempts_of_one_job_finds_the_stale_one_lost(dsn):
+    # A claim's commit undone (a crash under --async-commit) lets a worker claim a job
+    # again while its first run goes on: it then holds two attempts of one job. The beat's
+    # result was keyed by job id, so the fresh lease's extension counted for the stale
+    # attempt too: its loss went unseen (its handler kept running, not told) until its
+    # outcome was fenced off.
+    from psycopg_pool import AsyncConnectionPool
+
+    from pgqueue.models import Job
+    from pgqueue.worker.heartbeat import Heartbeat
+
+    job_id = sql_enqueue(dsn, "t")
+
+    async def main() -> tuple[Job, Job, list[Job], int]:
+        lost: list[Job] = []
+        pool = AsyncConnectionPool(dsn, min_size=1, max_size=2, open=False,
+                                   kwargs={"autocommit": True})  # fmt: skip
+        await pool.open()
+        try:
+            async with pool.connection() as conn:
+                (stale,) = await store.claim_jobs(
+                    conn, queues=["default"], limit=1, worker_id="w", lease_seconds=30
+                )
+                await conn.execute(
+                    "UPDATE pgqueue.jobs SET state = 'queued', lease_token = NULL,"
+                    " lease_expires_at = NULL, attempts = 0 WHERE id = %s",
+                    (job_id,),
+                )
+                (fresh,) = await store.claim_jobs(
+                    conn, queues=["default"], limit=1, worker_id="w", lease_seconds=30
+                )
+
+            async def register(_conn: Any) -> None:
+                return None
+
+            heartbeat = Heartbeat(
+                pool,
+                lambda: [stale, fresh],
+                lambda _jobs: set(),
+                lost.extend,
+                register,
+                interval=10.0,
+                lease_seconds=30.0,
+                worker_id="w",
+                claiming=asyncio.Lock(),
+                refused=lambda: [],
+            )
+            extended, _ = await heartbeat.run_once()
+            return stale, fresh, lost, extended
+        finally:
+            await pool.close()
+
+    stale, fresh, lost, extended = run(main)
+    assert stale.id == fresh.id == job_id and stale.lease_token != fresh.lease_token
+    assert extended == 1
+    assert lost == [stale]
+
+
 def test_heartbeat_retries_soon_after_its_connections_die_and_keeps_a_running_lease(dsn):
     # Every pooled connection dies at once (a Postgres restart, terminated backends). The
     # pool hands each dead one out once; a heartbeat waiting a whole interval per failure
@@ -1640,13 +1698,13 @@ def test_a_foreign_key_share_lock_on_a_running_job_does_not_stop_its_heartbeat(d
     try:
         holder.execute("INSERT INTO public.job_results VALUES (%s)", (job_id,))
 
-        async def beat() -> tuple[dict[int, bool], set[int]]:
+        async def beat() -> tuple[dict[uuid.UUID, bool], set[uuid.UUID]]:
             async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
                 return await store.heartbeat_leases(
                     conn, ids=[job_id], tokens=[token], lease_seconds=600.0
                 )
 
-        assert run(beat) == ({job_id: False}, set())
+        assert run(beat) == ({token: False}, set())
     finally:
         holder.rollback()
         holder.close()

@@ -146,6 +146,9 @@ CROSS JOIN LATERAL (
 -- row whose lease was taken just after the snapshot shows so too, and is found lost at
 -- the next beat). FOR NO KEY UPDATE, the lock the UPDATE itself takes: it does not
 -- conflict with the KEY SHARE locks of foreign keys that reference a running job.
+-- Each row comes back with its token: a worker can hold two attempts of one job (its
+-- claim undone by a crash under --async-commit while the first run goes on, then claimed
+-- again), and only the one whose token matches was extended.
 WITH held AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS h(id, token)
 ), free AS MATERIALIZED (
@@ -158,11 +161,11 @@ WITH held AS (
     SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
     FROM free AS f
     WHERE j.id = f.id
-    RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested
+    RETURNING j.id, j.lease_token, j.cancel_requested_at IS NOT NULL AS cancel_requested
 )
-SELECT e.id, e.cancel_requested, true AS extended FROM extended AS e
+SELECT e.id, e.lease_token AS token, e.cancel_requested, true AS extended FROM extended AS e
 UNION ALL
-SELECT h.id, false, false
+SELECT h.id, h.token, false, false
 FROM held AS h
 JOIN pgqueue.jobs AS j ON j.id = h.id AND j.lease_token = h.token
 WHERE NOT EXISTS (SELECT 1 FROM free AS f WHERE f.id = h.id);

@@ -116,8 +116,8 @@ class Heartbeat:
     async def run_once(self) -> tuple[int, list[Job]]:
         """Extend all held leases and refresh this worker's row; returns (extended, lost)."""
         lost: list[Job] = []
-        extended: dict[int, bool] = {}
-        busy: set[int] = set()
+        extended: dict[uuid.UUID, bool] = {}
+        busy: list[int] = []
         # Not serialised with the completer: a statement of the completer that waits for
         # a row lock (a session holding a job's row) must not hold back every lease.
         # Instead, a job the completer finished or is finishing meanwhile is not taken
@@ -125,18 +125,22 @@ class Heartbeat:
         async with self.pool.connection() as conn:
             jobs = self.held()
             if jobs:
-                extended, busy = await store.heartbeat_leases(
+                extended, locked = await store.heartbeat_leases(
                     conn,
                     ids=[j.id for j in jobs],
                     tokens=[j.lease_token for j in jobs],
                     lease_seconds=self.lease_seconds,
                 )
-                missing = [j for j in jobs if j.id not in extended and j.id not in busy]
+                # Keyed by token, not id: see the query.
+                missing = [
+                    j for j in jobs if j.lease_token not in extended and j.lease_token not in locked
+                ]
+                busy = [j.id for j in jobs if j.lease_token in locked]
                 if missing:
                     settling = self.settling(missing)
                     lost = [j for j in missing if j not in settling]
                 for job in jobs:
-                    if extended.get(job.id):
+                    if extended.get(job.lease_token):
                         job.cancel.set()
             await self.register(conn)
         self.last_success = time.monotonic()
