@@ -203,6 +203,28 @@ def test_drain_with_scheduled_runs_retries_and_scheduled_jobs_to_the_end(conn, d
     assert result.outcomes == {"retried": 2, "dead": 1, "succeeded": 1}
 
 
+def test_drain_reports_a_job_dead_lettered_under_a_new_id_by_the_id_it_was_enqueued_as(conn, dsn):
+    # The dead-letter table held the job's id (an explicit id, a sequence set back): it is
+    # stored under a new one (migration 0023); the drain's attempts still name its id.
+    failing = enqueue(conn, "t.flaky")
+    conn.execute(
+        "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts,"
+        " max_attempts, run_at, created_at, reason)"
+        " VALUES (%s, 'default', 'older', '{}', 0, 1, 1, now(), now(), 'permanent')",
+        (failing,),
+    )
+
+    result = drain(registry, dsn, with_scheduled=True)
+
+    ((dead_id, reason),) = conn.execute(
+        "SELECT id, reason FROM pgqueue.dead_jobs WHERE original_id = %s", (failing,)
+    ).fetchall()
+    assert dead_id != failing and reason == "exhausted"
+    assert [(a.job_id, a.attempt, a.outcome) for a in result.attempts] == [
+        (failing, 1, "retried"), (failing, 2, "retried"), (failing, 3, "dead"),
+    ]  # fmt: skip
+
+
 def test_drain_leaves_paused_queues_and_times_out_on_a_job_that_always_snoozes(conn, dsn):
     paused = enqueue(conn, "t.echo", {"x": 1})
     conn.execute("INSERT INTO pgqueue.queues (name, paused_at) VALUES ('echoes', now())")
