@@ -283,6 +283,8 @@ async def extend_leases(
     conn: AsyncConn, *, ids: Sequence[int], tokens: Sequence[uuid.UUID], lease_seconds: float
 ) -> dict[int, bool]:
     """Extends the leases still held; returns {id: cancel requested} for those."""
+    # By id: for callers that hold one attempt per job (the heartbeat may hold two, and
+    # uses heartbeat_leases).
     rows = await _extend_leases(conn, ids=ids, tokens=tokens, lease_seconds=lease_seconds)
     return {r["id"]: r["cancel_requested"] for r in rows if r["extended"]}
 

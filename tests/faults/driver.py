@@ -181,7 +181,7 @@ class Settings:
 
     @property
     def max_handler_seconds(self) -> float:
-        return max(SLOW_MS[1], STALE_MS, RELEASE_MS) / 1000.0
+        return max(SLOW_MS[1], STALE_MS, RELEASE_MS, KILL_MS) / 1000.0
 
     @property
     def max_backoff_seconds(self) -> float:
@@ -724,7 +724,7 @@ class Driver:
         lease of a stopped or blocked worker, sampling after a restart)."""
         stale = self.s.lease_seconds + self.s.reaper_interval + 4.0
         costs = {SIGSTOP_WORKER: stale, BLOCK_EVENT_LOOP: stale, SIGTERM_WORKER: 1.5}
-        costs |= {SIGKILL_WORKER: 1.0, RESTART_FAST: 2.0, RESTART_IMMEDIATE: 2.0}
+        costs |= {SIGKILL_WORKER: 1.5, RESTART_FAST: 2.0, RESTART_IMMEDIATE: 2.0}
         return costs.get(kind, 0.5)
 
     def schedule(self) -> list[tuple[float, str]]:
@@ -770,15 +770,19 @@ class Driver:
         t = time.time()
         if kind == SIGKILL_WORKER:
             picked = self.pick_leaf(db)
-            if picked is not None and not self.running_of(db, [picked[0]]):
-                # Its jobs ended since it was picked (short jobs come and go): kill one
-                # caught running a job of the driver's own, so the kill hits mid-job (a
-                # CI run's two kills both hit idle processes).
-                picked = self._catch_running(db, "kill", KILL_MS) or picked
             if picked is None:
                 return None
+            before = self.running_of(db, [picked[0]])
+            if not before:
+                # Its jobs ended since it was picked (short jobs come and go): kill one
+                # caught running a job of the driver's own, so the kill hits mid-job (a
+                # CI run's two kills both hit idle processes); failing that, one picked
+                # afresh (the first may be gone by now).
+                picked = self._catch_running(db, "kill", KILL_MS) or self.pick_leaf(db, wait=0)
+                if picked is None:
+                    return None
+                before = self.running_of(db, [picked[0]])
             pid, owner = picked
-            before = self.running_of(db, [pid])
             with self.lock:
                 self.killed_pids.add(pid)
                 if owner.role == "worker":
