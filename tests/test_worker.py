@@ -1258,6 +1258,24 @@ def test_a_handler_after_a_task_group_still_fails_and_times_out_as_counted_attem
     ]
 
 
+async def claimed_twice(pool: Any, job_id: int) -> tuple[Any, Any]:
+    """Two attempts of one job held by worker "w": claimed, the claim undone (as a
+    Postgres crash under --async-commit can), claimed again. Returns (stale, fresh)."""
+    async with pool.connection() as conn:
+        (stale,) = await store.claim_jobs(
+            conn, queues=["default"], limit=1, worker_id="w", lease_seconds=30
+        )
+        await conn.execute(
+            "UPDATE pgqueue.jobs SET state = 'queued', lease_token = NULL,"
+            " lease_expires_at = NULL, attempts = 0 WHERE id = %s",
+            (job_id,),
+        )
+        (fresh,) = await store.claim_jobs(
+            conn, queues=["default"], limit=1, worker_id="w", lease_seconds=30
+        )
+    return stale, fresh
+
+
 def test_two_outcomes_of_one_job_in_a_batch_are_reported_each_by_its_own_lease(dsn):
     # A claim's commit undone (a crash under --async-commit, a failover) lets a worker
     # claim a job again while its first run goes on; both runs' outcomes can meet in one
@@ -1276,18 +1294,7 @@ def test_two_outcomes_of_one_job_in_a_batch_are_reported_each_by_its_own_lease(d
                                    kwargs={"autocommit": True})  # fmt: skip
         await pool.open()
         try:
-            async with pool.connection() as conn:
-                (stale,) = await store.claim_jobs(
-                    conn, queues=["default"], limit=1, worker_id="w", lease_seconds=30
-                )
-                await conn.execute(
-                    "UPDATE pgqueue.jobs SET state = 'queued', lease_token = NULL,"
-                    " lease_expires_at = NULL, attempts = 0 WHERE id = %s",
-                    (job_id,),
-                )
-                (fresh,) = await store.claim_jobs(
-                    conn, queues=["default"], limit=1, worker_id="w", lease_seconds=30
-                )
+            stale, fresh = await claimed_twice(pool, job_id)
             completer = Completer(
                 pool,
                 lambda o, result, state, _dead_id: reports.__setitem__(o.job.lease_token, result),
@@ -1326,18 +1333,7 @@ def test_a_beat_holding_two_attempts_of_one_job_finds_the_stale_one_lost(dsn):
                                    kwargs={"autocommit": True})  # fmt: skip
         await pool.open()
         try:
-            async with pool.connection() as conn:
-                (stale,) = await store.claim_jobs(
-                    conn, queues=["default"], limit=1, worker_id="w", lease_seconds=30
-                )
-                await conn.execute(
-                    "UPDATE pgqueue.jobs SET state = 'queued', lease_token = NULL,"
-                    " lease_expires_at = NULL, attempts = 0 WHERE id = %s",
-                    (job_id,),
-                )
-                (fresh,) = await store.claim_jobs(
-                    conn, queues=["default"], limit=1, worker_id="w", lease_seconds=30
-                )
+            stale, fresh = await claimed_twice(pool, job_id)
 
             async def register(_conn: Any) -> None:
                 return None
