@@ -181,6 +181,14 @@ def http_status(port: int, path: str) -> int | None:
         return None
 
 
+def http_body(port: int, path: str) -> str:
+    """The body, or "" while nothing listens on the port."""
+    try:
+        return http_get(port, path)[1]
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return ""
+
+
 def wait_listening(port: int) -> None:
     wait_until(lambda: http_status(port, "/metrics") == 200)
 
@@ -687,8 +695,9 @@ def test_unmigrated_database_gives_503_and_a_migrate_hint_until_migrated(server_
         port = free_port()
         worker = daemons.worker("--metrics-port", str(port), *LOCAL)
         reaper = daemons.reaper("--interval", "0.2")
-        wait_until(lambda: http_status(port, "/healthz") == 503)
-        assert "schema is missing" in http_get(port, "/healthz")[1]
+        # 503 "starting" comes first, until the worker has looked at the schema.
+        wait_until(lambda: "schema is missing" in http_body(port, "/healthz"))
+        assert http_status(port, "/healthz") == 503
         # The loops' failures say what to do, in one line each, not a traceback.
         for proc, event in ((reaper, "reaper.failed"),):
             failed = wait_until(lambda p=proc, e=event: events(daemons, p, e))  # type: ignore[misc]
@@ -743,10 +752,10 @@ def test_a_database_behind_this_version_is_named_until_migrated(server_dsn, tmp_
         port = free_port()
         worker = daemons.worker("--metrics-port", str(port), "--lease-seconds", "3", *LOCAL)
         reaper = daemons.reaper("--interval", "0.2")
-        wait_until(lambda: http_status(port, "/healthz") == 503)
-        assert (
-            f"lacks migrations {missing[0]}: run `pgqueue migrate`" in http_get(port, "/healthz")[1]
-        )
+        # 503 "starting" comes first, until the worker has looked at the schema.
+        hint = f"lacks migrations {missing[0]}: run `pgqueue migrate`"
+        wait_until(lambda: hint in http_body(port, "/healthz"))
+        assert http_status(port, "/healthz") == 503
         for proc, daemon in ((worker, "worker"), (reaper, "reaper")):
             (behind,) = wait_until(
                 lambda p=proc, d=daemon: events(daemons, p, f"{d}.schema_behind")
