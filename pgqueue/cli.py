@@ -1411,11 +1411,15 @@ def dead() -> None:
 def dead_list(
     queue: str | None, task: str | None, limit: int, as_json: bool, dsn: str | None
 ) -> None:
-    """List dead jobs, most recent first, with their last error."""
+    """List dead jobs, most recent first, with their last error. ORIGINAL_ID, shown
+    when a listed job has one, is the id a job was enqueued as when it died under a new
+    id (the dead-letter table held its own)."""
 
     def body() -> int:
         with _connect(dsn) as conn:
             rows = store.list_dead(conn, queue=queue, task=task, limit=limit)
+        if not as_json and all(row["original_id"] is None for row in rows):
+            rows = [{k: v for k, v in row.items() if k != "original_id"} for row in rows]
         _emit(rows, as_json, "no dead jobs")
         return 0
 

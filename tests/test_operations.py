@@ -1509,8 +1509,11 @@ def test_dead_list_and_show_print_jobs_and_tracebacks(conn, dsn):
     rows = parse_table(ok(cli(dsn, "dead", "list")))
     assert [int(r["id"]) for r in rows] == [second, first]  # most recently dead first
     assert rows[1]["last_error"] == "RuntimeError: first"
+    assert "original_id" not in rows[0]  # no job here died under a new id
     listed = json.loads(ok(cli(dsn, "dead", "list", "--task", "crash", "--json")))
-    assert [(r["id"], r["queue"], r["reason"]) for r in listed] == [(second, "other", "exhausted")]
+    assert [(r["id"], r["queue"], r["reason"], r["original_id"]) for r in listed] == [
+        (second, "other", "exhausted", None)
+    ]
 
     shown = ok(cli(dsn, "dead", "show", str(first)))
     assert "Traceback (most recent call last)" in shown
@@ -1900,6 +1903,11 @@ def test_a_job_whose_id_the_dead_letter_table_holds_dies_once_under_a_new_id(con
     assert json.loads(ok(cli(dsn, "dead", "show", str(older), "--json")))["id_reused_by"] == [
         new_id
     ]
+    # `dead list` names the id each was enqueued as.
+    listed = {int(r["id"]): r["original_id"] for r in parse_table(ok(cli(dsn, "dead", "list")))}
+    assert listed == {new_id: str(job_id), older: ""}
+    as_json = json.loads(ok(cli(dsn, "dead", "list", "--json")))
+    assert {r["id"]: r["original_id"] for r in as_json} == {new_id: job_id, older: None}
     # `dead retry` given the id it was enqueued as retries the older dead job that kept
     # that id, and names the dead id of the one that died under a new id.
     died_as = (

@@ -189,8 +189,9 @@ ORDER BY id DESC
 LIMIT %(limit)s;
 
 -- name: list_dead
--- Dead jobs, most recently dead first, filtered by queue and task when given.
-SELECT id, queue, task, attempts, max_attempts, reason, died_at,
+-- Dead jobs, most recently dead first, filtered by queue and task when given;
+-- original_id is set for a job stored under a new id (migration 0023).
+SELECT id, original_id, queue, task, attempts, max_attempts, reason, died_at,
        errors->-1->>'error' AS last_error
 FROM pgqueue.dead_jobs
 WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
