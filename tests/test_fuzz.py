@@ -466,8 +466,9 @@ GOOD_ARGS = st.dictionaries(
     max_size=6,
 )
 GOOD_NAMES = GOOD_TEXT.map(lambda s: s[:100]).filter(lambda n: bool(n.strip()))
-# Queue names are not padded with white space (`--queues` strips the names it is given).
-GOOD_QUEUES = GOOD_NAMES.filter(lambda n: n == n.strip())
+# Queue names are not padded with white space (`--queues` strips the names it is given)
+# and hold no comma (`--queues` splits on commas; migration 0016).
+GOOD_QUEUES = GOOD_NAMES.filter(lambda n: n == n.strip() and "," not in n)
 
 
 @settings(
