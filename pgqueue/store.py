@@ -254,16 +254,25 @@ async def rescued_waiting(conn: AsyncConn, *, queues: Sequence[str]) -> bool:
     return bool(rows and rows[0]["waiting"])
 
 
+class Due(NamedTuple):
+    """Seconds until the next queued job of some queues falls due (None: none waits, or
+    none that the idle worker should wake for), and until the next rescued one does."""
+
+    seconds: float | None
+    rescued_seconds: float | None
+
+
 async def seconds_until_due(
     conn: AsyncConn, *, queues: Sequence[str], lookback_seconds: float = 0.0
-) -> float | None:
+) -> Due:
     rows = await _fetch_async(
         conn,
         "seconds_until_due",
         {"queues": list(queues), "lookback_seconds": lookback_seconds},
     )
-    value: float | None = rows[0]["seconds"] if rows else None
-    return value
+    if not rows:
+        return Due(None, None)
+    return Due(rows[0]["seconds"], rows[0]["rescued_seconds"])
 
 
 def _array(values: Iterable[int | float]) -> str:

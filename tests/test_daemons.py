@@ -209,6 +209,11 @@ def test_sigkill_mid_job_is_recovered_after_lease(conn, daemons):
     job_id = enqueue(conn, "sleep", {"seconds": 30, "note": "k"})
     worker_a = daemons.worker("--lease-seconds", "2", "--poll-interval", "0.5")
     wait_until(lambda: executions(conn, job_id, "start") == 1)
+    # An idle worker whose poll is far off: the reaper's requeue wakes it to check for
+    # rescued jobs at once (a queue-name wake-up did not: the claim leaves rescued jobs
+    # to that check, and the job waited for this worker's next poll, a minute away).
+    daemons.worker("--lease-seconds", "2", "--poll-interval", "60")
+    wait_until(lambda: len(pids(conn, LISTEN_BACKENDS)) == 2)
 
     os.kill(worker_a.pid, signal.SIGKILL)
     assert worker_a.wait(timeout=10) == -signal.SIGKILL
@@ -219,7 +224,6 @@ def test_sigkill_mid_job_is_recovered_after_lease(conn, daemons):
         (Jsonb({"seconds": 0.1, "note": "k"}), job_id),
     )
     daemons.reaper(*FAST_REAPER)
-    daemons.worker("--lease-seconds", "2", "--poll-interval", "0.5")
 
     wait_until(lambda: job_state(conn, job_id) == "succeeded", timeout=30)
     row = job_row(conn, job_id)

@@ -924,22 +924,39 @@ def test_seconds_until_due_is_the_earliest_future_queued_job_across_queues_and_p
     make_job(conn, queue="a", state="running", run_at=at(20))  # not queued
     make_job(conn, queue="a", state="succeeded", finished_at=t0, run_at=at(30))
 
-    seconds = run_async(dsn, store.seconds_until_due, queues=["a", "b"])
+    seconds, rescued_seconds = run_async(dsn, store.seconds_until_due, queues=["a", "b"])
 
     elapsed = (db_clock(conn) - t0).total_seconds()
     assert seconds is not None
     assert 90 - elapsed <= seconds <= 90
+    assert rescued_seconds is None
+
+
+def test_seconds_until_due_says_when_the_earliest_rescued_job_falls_due(conn, dsn):
+    # The claim leaves a rescued job to the worker's check for rescued jobs, made once
+    # per poll interval: one retried with backoff waited for that poll after falling due.
+    t0 = db_clock(conn)
+    make_job(conn, queue="a", run_at=t0 + timedelta(seconds=100))
+    make_job(conn, queue="a", priority=3, run_at=t0 + timedelta(seconds=500), rescued=True)
+    make_job(conn, queue="a", priority=3, run_at=t0 + timedelta(seconds=300), rescued=True)
+    make_job(conn, queue="b", run_at=t0 + timedelta(seconds=50), rescued=True)  # not served
+
+    seconds, rescued_seconds = run_async(dsn, store.seconds_until_due, queues=["a"])
+
+    elapsed = (db_clock(conn) - t0).total_seconds()
+    assert seconds is not None and 100 - elapsed <= seconds <= 100
+    assert rescued_seconds is not None and 300 - elapsed <= rescued_seconds <= 300
 
 
 def test_seconds_until_due_is_none_without_a_future_queued_job_in_the_queues(conn, dsn):
-    assert run_async(dsn, store.seconds_until_due, queues=["a"]) is None
+    assert run_async(dsn, store.seconds_until_due, queues=["a"]) == (None, None)
 
     t0 = db_clock(conn)
     make_job(conn, queue="a", run_at=t0 - timedelta(seconds=1))
     make_job(conn, queue="b", run_at=t0 + timedelta(hours=1))
     make_job(conn, queue="a", state="running", run_at=t0 + timedelta(hours=1))
 
-    assert run_async(dsn, store.seconds_until_due, queues=["a"]) is None
+    assert run_async(dsn, store.seconds_until_due, queues=["a"]) == (None, None)
 
 
 def test_seconds_until_due_counts_a_job_that_fell_due_within_the_lookback(conn, dsn):
@@ -950,12 +967,14 @@ def test_seconds_until_due_counts_a_job_that_fell_due_within_the_lookback(conn, 
     make_job(conn, queue="a", run_at=t0 - timedelta(seconds=30))  # older than the lookback
     make_job(conn, queue="a", run_at=t0 - timedelta(seconds=1), rescued=True)
     make_job(conn, queue="a", run_at=t0 + timedelta(hours=1))
-    assert run_async(dsn, store.seconds_until_due, queues=["a"], lookback_seconds=5.0) > 3000
+    due = run_async(dsn, store.seconds_until_due, queues=["a"], lookback_seconds=5.0)
+    assert due.seconds is not None and due.seconds > 3000 and due.rescued_seconds is None
 
     make_job(conn, queue="a", run_at=t0 - timedelta(seconds=1))  # fell due just now
-    seconds = run_async(dsn, store.seconds_until_due, queues=["a"], lookback_seconds=5.0)
-    assert seconds is not None and -5.0 < seconds < 0
-    assert run_async(dsn, store.seconds_until_due, queues=["a"], lookback_seconds=0.0) > 3000
+    due = run_async(dsn, store.seconds_until_due, queues=["a"], lookback_seconds=5.0)
+    assert due.seconds is not None and -5.0 < due.seconds < 0
+    due = run_async(dsn, store.seconds_until_due, queues=["a"], lookback_seconds=0.0)
+    assert due.seconds is not None and due.seconds > 3000
 
 
 # --- notify trigger -----------------------------------------------------------------------
@@ -1084,59 +1103,80 @@ def running(conn: psycopg.Connection[Any], queue: str, **columns: Any) -> tuple[
     return job_id, job_row(conn, job_id)["lease_token"]  # type: ignore[index]
 
 
-def wake_by_insert(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
+def wake_by_insert(conn: psycopg.Connection[Any], dsn: str, queue: str) -> list[str]:
     with psycopg.connect(dsn, autocommit=True) as c:
         job_id = scalar(c, "SELECT pgqueue.enqueue('t', '{}', %s)", (queue,))
     assert job_row(conn, job_id)["state"] == "queued"  # type: ignore[index]
+    return [queue]
 
 
-def wake_by_retry(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
+def wake_by_retry(conn: psycopg.Connection[Any], dsn: str, queue: str) -> list[str]:
     job_id, token = running(conn, queue)
     changed = run_async(
         dsn, store.retry_jobs, ids=[job_id], tokens=[token], delays=[0.0], errors=[ERROR_1]
     )
     assert changed == {job_id} and job_row(conn, job_id)["state"] == "queued"  # type: ignore[index]
+    return [queue]
 
 
-def wake_by_snooze(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
+def wake_by_snooze(conn: psycopg.Connection[Any], dsn: str, queue: str) -> list[str]:
     job_id, token = running(conn, queue)
     assert run_async(dsn, store.snooze_jobs, ids=[job_id], tokens=[token], delays=[0.0]) == {job_id}
+    return [queue]
 
 
-def wake_by_release(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
-    job_id, token = running(conn, queue)
+def rescued_wake(queue: str, rescued: bool) -> list[str]:
+    """The payload that wakes workers for a job made runnable: a rescued one has its own."""
+    return [" rescued " + queue if rescued else queue]
+
+
+def wake_by_release(
+    conn: psycopg.Connection[Any], dsn: str, queue: str, rescued: bool = False
+) -> list[str]:
+    job_id, token = running(conn, queue, rescued=rescued)
     assert run_async(dsn, store.release_jobs, ids=[job_id], tokens=[token]) == {job_id}
+    return rescued_wake(queue, rescued)
 
 
-def wake_by_orphan_release(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
-    job_id, _ = running(conn, queue)
+def wake_by_orphan_release(
+    conn: psycopg.Connection[Any], dsn: str, queue: str, rescued: bool = False
+) -> list[str]:
+    job_id, _ = running(conn, queue, rescued=rescued)
     assert run_async(dsn, store.release_orphans, worker_id=WORKER, keep=[]) == {job_id}
+    return rescued_wake(queue, rescued)
 
 
-def wake_by_reaper(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
+def wake_by_reaper(conn: psycopg.Connection[Any], dsn: str, queue: str) -> list[str]:
     job_id, _ = running(conn, queue, lease_expires_at=db_clock(conn) - timedelta(seconds=5))
     with psycopg.connect(dsn, autocommit=True) as c:
         rows = store.requeue_expired(
             c, batch_size=10, backoff_base_seconds=0.0, backoff_max_seconds=0.0
         )
     assert [r["id"] for r in rows] == [job_id]
+    return rescued_wake(queue, True)  # every job it requeues is rescued
 
 
-def wake_by_run_now(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
-    job_id = make_job(conn, queue=queue, run_at=future(conn))
+def wake_by_run_now(
+    conn: psycopg.Connection[Any], dsn: str, queue: str, rescued: bool = False
+) -> list[str]:
+    job_id = make_job(conn, queue=queue, run_at=future(conn), rescued=rescued)
     with psycopg.connect(dsn, autocommit=True) as c:
         assert store.run_now(c, job_ids=[job_id]) == {job_id: None}
+    return rescued_wake(queue, rescued)
 
 
-def wake_by_resume(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
+def wake_by_resume(conn: psycopg.Connection[Any], dsn: str, queue: str) -> list[str]:
     with psycopg.connect(dsn, autocommit=True) as c:
         store.pause_queue(c, name=queue)
         assert store.resume_queue(c, name=queue)
+    # Rescued jobs may wait in the paused queue too.
+    return [queue, *rescued_wake(queue, True)]
 
 
-def wake_by_drain(conn: psycopg.Connection[Any], dsn: str, queue: str) -> None:
+def wake_by_drain(conn: psycopg.Connection[Any], dsn: str, queue: str) -> list[str]:
     make_job(conn, queue=queue, run_at=future(conn))
     assert run_async(dsn, store.drain_schedule_now, queues=[queue]) == [queue]
+    return [queue]
 
 
 WAKERS = [
@@ -1161,8 +1201,21 @@ def test_every_statement_that_makes_jobs_runnable_notifies_below_the_usage_limit
     # limit, jobs are found by the workers' poll instead of failing the statement.
     conn.execute("SET pgqueue.notify_inserts = off")  # the jobs each test sets up
     with listening(dsn) as listener:
-        wake(conn, with_notify_limit(dsn, limit), "q-wake")
-        assert notified_before_sentinel(conn, listener) == (["q-wake"] if notifies else [])
+        payloads = wake(conn, with_notify_limit(dsn, limit), "q-wake")
+        assert sorted(notified_before_sentinel(conn, listener)) == (
+            sorted(payloads) if notifies else []
+        )
+
+
+@pytest.mark.parametrize("wake", [wake_by_release, wake_by_orphan_release, wake_by_run_now])
+def test_a_rescued_job_made_runnable_wakes_the_workers_to_check_for_rescued_jobs(conn, dsn, wake):
+    # The claim leaves rescued jobs to the workers' check for them, made once per poll
+    # interval: woken by the queue's name, an idle worker claimed nothing and the
+    # rescued job waited for its next poll. ' rescued <queue>' makes it check at once.
+    conn.execute("SET pgqueue.notify_inserts = off")
+    with listening(dsn) as listener:
+        assert wake(conn, dsn, "q-rescued", rescued=True) == [" rescued q-rescued"]
+        assert notified_before_sentinel(conn, listener) == [" rescued q-rescued"]
 
 
 def test_no_named_query_notifies_except_through_pgqueue_wake():

@@ -384,14 +384,17 @@ def test_a_job_whose_id_the_dead_letter_table_holds_is_dead_lettered_under_a_new
     assert run_once(dsn).dead == []
 
 
-def test_a_requeue_wakes_the_workers_of_the_jobs_queue(conn, dsn):
+def test_a_requeue_wakes_the_workers_of_the_jobs_queue_to_check_for_rescued_jobs(conn, dsn):
     # Without its notification an idle worker found the requeued job only at its next
-    # poll (--poll-interval, 5 s by default), adding that to every recovery.
+    # poll (--poll-interval, 5 s by default), adding that to every recovery. A requeued
+    # job is rescued, which the claim leaves to the workers' check for rescued jobs: the
+    # queue's name woke them to a claim that took nothing, and the job still waited for
+    # that check, once per poll. Its own payload makes them check at once.
     expired_job(conn, queue="rescue-me")
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute("LISTEN pgqueue_jobs")
         assert len(run_once(dsn).requeued) == 1
-        assert notified_before_sentinel(conn, listener) == ["rescue-me"]
+        assert notified_before_sentinel(conn, listener) == [" rescued rescue-me"]
 
 
 def test_a_cancelled_jobs_run_at_is_left_as_it_was(conn, dsn):

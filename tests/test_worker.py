@@ -466,6 +466,55 @@ def test_notification_wakes_an_idle_worker_long_before_the_poll(dsn):
     assert elapsed < 20
 
 
+def make_rescued_job(dsn: str, how: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if how == "requeued":
+            # A job whose worker died: the reaper requeues it, rescued, runnable now.
+            conn.execute(
+                "INSERT INTO pgqueue.jobs (task, state, attempts, lease_token, leased_by,"
+                " lease_expires_at, attempted_at)"
+                " VALUES ('ping', 'running', 1, gen_random_uuid(), 'gone',"
+                "         now() - interval '1 second', now() - interval '1 minute')"
+            )
+            requeued = store.requeue_expired(
+                conn, batch_size=10, backoff_base_seconds=1.0, backoff_max_seconds=1.0
+            )
+            assert len(requeued) == 1
+        else:
+            conn.execute(
+                "INSERT INTO pgqueue.jobs (task, rescued, run_at)"
+                " VALUES ('ping', true, now() + interval '1 second')"
+            )
+
+
+@pytest.mark.parametrize("how", ["requeued", "due later"])
+def test_an_idle_worker_takes_a_rescued_job_when_it_is_runnable_not_at_its_next_poll(dsn, how):
+    # The claim leaves rescued jobs to the check for them, made once per poll interval:
+    # one the reaper requeued (its notification named the queue) or one retried with
+    # backoff (the worker slept until it fell due, then claimed nothing) waited for the
+    # worker's next poll. Now the reaper's payload, or the due time of a rescued job,
+    # brings the check forward.
+    registry = Registry()
+
+    @registry.task(name="ping")
+    def ping() -> None: ...
+
+    async def main() -> float:
+        async with running_worker(registry, dsn, poll_interval=60) as worker:
+            await asyncio.wait_for(worker.listener.connected.wait(), 10)
+            await asyncio.sleep(0.2)  # it has checked for rescued jobs once, and is idle
+            start = time.monotonic()
+            await asyncio.to_thread(make_rescued_job, dsn, how)
+            await wait_for_db(
+                dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'", timeout=20
+            )
+            return time.monotonic() - start
+
+    elapsed = run(main)
+    # With a 60 s poll, running at all within the 20 s wait proves it.
+    assert elapsed < 20
+
+
 def test_a_busy_idle_worker_checks_for_rescued_jobs_on_its_timer_not_before_a_claim(
     dsn, monkeypatch
 ):

@@ -347,14 +347,17 @@ SELECT c.id, c.state::text AS state FROM cancelled AS c, (SELECT count(*) FROM t
 -- name: run_now
 -- Makes queued jobs due now (a retry waiting out its backoff, a snoozed or scheduled
 -- job; one already due keeps its place), and notifies each of their queues as an insert
--- would. Returns the ids moved, and whether their queue is paused; jobs in any other
--- state are left alone.
+-- would (a rescued job with the payload the reaper's requeue sends). Returns the ids
+-- moved, and whether their queue is paused; jobs in any other state are left alone.
 WITH moved AS (
     UPDATE pgqueue.jobs AS j SET run_at = LEAST(j.run_at, now())
     WHERE j.id = ANY(%(ids)s::bigint[]) AND j.state = 'queued'
-    RETURNING j.id, j.queue
+    RETURNING j.id, j.queue, j.rescued
 ), notified AS (
-    SELECT pgqueue.wake(q.queue) FROM (SELECT DISTINCT queue FROM moved) AS q
+    SELECT pgqueue.wake(p.payload)
+    FROM (SELECT DISTINCT CASE WHEN m.rescued THEN ' rescued ' || m.queue ELSE m.queue END
+              AS payload
+          FROM moved AS m) AS p
 )
 SELECT m.id, m.queue,
        EXISTS (SELECT 1 FROM pgqueue.queues AS q
@@ -369,14 +372,18 @@ SET paused_at = coalesce(q.paused_at, now()), updated_at = now()
 RETURNING q.name, q.paused_at;
 
 -- name: resume_queue
--- Resumes a paused queue and wakes its workers at once. Returns no row when the queue
--- was not paused (a name that was never paused gets no row in pgqueue.queues).
+-- Resumes a paused queue and wakes its workers at once, also to check for rescued jobs
+-- (their own payload, as the reaper's requeue sends: the claim leaves them to that
+-- check). Returns no row when the queue was not paused (a name that was never paused
+-- gets no row in pgqueue.queues).
 WITH resumed AS (
     UPDATE pgqueue.queues AS q SET paused_at = NULL, updated_at = now()
     WHERE q.name = %(name)s AND q.paused_at IS NOT NULL
     RETURNING q.name
 )
-SELECT r.name FROM resumed AS r, LATERAL (SELECT pgqueue.wake(r.name)) AS n;
+SELECT r.name
+FROM resumed AS r,
+     LATERAL (SELECT pgqueue.wake(r.name), pgqueue.wake(' rescued ' || r.name)) AS n;
 
 -- name: queue_in_use
 -- Whether a queue has jobs waiting, running or dead, or a live worker serving it: a

@@ -6,7 +6,10 @@
 -- cancellation was requested are cancelled (run_at left as it was). A batch at a time, SKIP LOCKED so several
 -- reapers never act on the same row; the UPDATE re-checks the expiry on the locked row,
 -- so a heartbeat that landed in between wins.
--- Returns each job's lost attempt (ran_attempt) and whether it counted.
+-- Returns each job's lost attempt (ran_attempt) and whether it counted. Every job it
+-- requeues is rescued, which the workers' claim leaves to their check for rescued jobs:
+-- the payload ' rescued <queue>' (no queue name starts with a space, migration 0013)
+-- makes them check at once, not at their next poll.
 WITH expired AS MATERIALIZED (
     SELECT j.id, j.attempts AS ran_attempt, j.rescued AS counted FROM pgqueue.jobs AS j
     WHERE j.state = 'running' AND j.lease_expires_at < now()
@@ -42,7 +45,7 @@ WITH expired AS MATERIALIZED (
 )
 SELECT u.id, u.task, u.queue, u.attempts, u.leased_by, u.state::text AS state,
        u.ran_attempt, u.counted
-FROM updated AS u, LATERAL (SELECT pgqueue.wake(u.queue)) AS n;
+FROM updated AS u, LATERAL (SELECT pgqueue.wake(' rescued ' || u.queue)) AS n;
 
 -- name: dead_letter_expired
 -- Moves rescued running jobs (they ran alone) whose lease expired and whose attempts are

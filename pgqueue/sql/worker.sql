@@ -99,10 +99,14 @@ SELECT EXISTS (
 -- statement's was in neither, and waited for the next poll; it comes back as negative
 -- seconds (claim again now). Older due jobs are left out (locked by another worker's
 -- claim), and so are due rescued jobs (claimed alone, on their own check): counting them
--- would make an idle worker spin. A loose
+-- would make an idle worker spin. rescued_seconds is the same for the earliest of those
+-- jobs that is rescued, if one is: the claim leaves it to the worker's check for
+-- rescued jobs, which the worker then makes when it falls due. A loose
 -- index scan: one index descent per distinct priority of each queue, never a scan of the
 -- whole backlog of future jobs.
-SELECT extract(epoch FROM min(n.run_at) - now())::float8 AS seconds
+SELECT extract(epoch FROM min(n.run_at) - now())::float8 AS seconds,
+       extract(epoch FROM min(n.run_at) FILTER (WHERE n.rescued) - now())::float8
+           AS rescued_seconds
 FROM (SELECT u.name FROM unnest(%(queues)s::text[]) AS u(name)
       WHERE NOT EXISTS (SELECT 1 FROM pgqueue.queues AS p
                         WHERE p.name = u.name AND p.paused_at IS NOT NULL)) AS q
@@ -117,12 +121,15 @@ CROSS JOIN LATERAL (
                 ORDER BY j.priority LIMIT 1)
         FROM prio WHERE prio.priority IS NOT NULL
     )
-    SELECT (SELECT j.run_at FROM pgqueue.jobs AS j
-            WHERE j.queue = q.name AND j.state = 'queued' AND j.priority = prio.priority
-              AND j.run_at > now() - make_interval(secs => %(lookback_seconds)s)
-              AND (j.run_at > now() OR NOT j.rescued)
-            ORDER BY j.run_at LIMIT 1) AS run_at
-    FROM prio WHERE prio.priority IS NOT NULL
+    SELECT f.run_at, f.rescued
+    FROM prio
+    CROSS JOIN LATERAL (
+        SELECT j.run_at, j.rescued FROM pgqueue.jobs AS j
+        WHERE j.queue = q.name AND j.state = 'queued' AND j.priority = prio.priority
+          AND j.run_at > now() - make_interval(secs => %(lookback_seconds)s)
+          AND (j.run_at > now() OR NOT j.rescued)
+        ORDER BY j.run_at LIMIT 1) AS f
+    WHERE prio.priority IS NOT NULL
 ) AS n;
 
 -- The lease-fenced statements below match rows on (id, lease_token) and nothing else:
@@ -240,8 +247,9 @@ FROM updated AS u, LATERAL (SELECT pgqueue.wake(u.queue)) AS n;
 
 -- name: release_jobs
 -- Graceful shutdown: returns unfinished jobs to the queue, runnable now, without counting
--- the attempt, each only if still running under its token; wakes the other workers.
--- A job whose cancellation was requested is cancelled instead.
+-- the attempt, each only if still running under its token; wakes the other workers (for
+-- a rescued job, with the payload that makes them check for rescued jobs at once, as the
+-- reaper's requeue does). A job whose cancellation was requested is cancelled instead.
 WITH updated AS (
     UPDATE pgqueue.jobs AS j
     SET state = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued'
@@ -256,10 +264,12 @@ WITH updated AS (
     FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(durations)s::float8[])
         AS r(id, token, duration)
     WHERE j.id = r.id AND j.lease_token = r.token
-    RETURNING j.id, j.queue, j.state
+    RETURNING j.id, j.queue, j.state, j.rescued
 )
 SELECT u.id, u.state::text AS state
-FROM updated AS u, LATERAL (SELECT pgqueue.wake(u.queue)) AS n;
+FROM updated AS u,
+     LATERAL (SELECT pgqueue.wake(CASE WHEN u.rescued THEN ' rescued ' || u.queue
+                                       ELSE u.queue END)) AS n;
 
 -- name: release_orphans
 -- Jobs running under this worker's name that it does not hold: a claim whose reply was
@@ -295,10 +305,12 @@ WITH orphans AS MATERIALIZED (
             j.attempts, j.leased_by, j.attempted_at, NULL, 'orphaned')
     FROM orphans AS o
     WHERE j.id = o.id
-    RETURNING j.id, j.queue, j.state
+    RETURNING j.id, j.queue, j.state, j.rescued
 )
 SELECT u.id, u.state::text AS state
-FROM updated AS u, LATERAL (SELECT pgqueue.wake(u.queue)) AS n;
+FROM updated AS u,
+     LATERAL (SELECT pgqueue.wake(CASE WHEN u.rescued THEN ' rescued ' || u.queue
+                                       ELSE u.queue END)) AS n;
 
 -- name: dead_letter_jobs
 -- Moves jobs to pgqueue.dead_jobs with their error history plus this attempt's error and

@@ -206,6 +206,7 @@ class Worker:
             reconnect_max_seconds=config.reconnect_max_seconds,
             worker_id=self.worker_id,
             on_cancel=self.heartbeat.beat_soon,
+            on_rescued=self._check_rescued_now,
         )
         self._backoff = ReconnectBackoff(config.reconnect_max_seconds)
         # The per-job events go through a logger bound in run() (after the caller has
@@ -419,6 +420,12 @@ class Worker:
                 await asyncio.sleep(0)
         return jobs
 
+    def _check_rescued_now(self) -> None:
+        """A rescued job of our queues was requeued (the listener's notification): make
+        the check for rescued jobs on the next claim, not when the poll interval next
+        brings it round (an idle worker takes it at once)."""
+        self._next_rescue_check = 0.0
+
     def _beat_again_if_asked(self, soon_requests: int) -> None:
         """Beat soon once more if a cancel request came while a claim was in flight: the
         job it is for may be one of that claim's, which the beat it brought forward did
@@ -519,15 +526,23 @@ class Worker:
     async def _idle_timeout(self, claim_sent: float) -> float:
         """Sleep until the next scheduled job is due, or the safety-net poll. A job that
         fell due after the claim sent at ``claim_sent`` (loop time) began counts as due
-        now: the claim did not see it, and it is not in the future any more."""
-        lookback = asyncio.get_running_loop().time() - claim_sent + DUE_LOOKBACK_MARGIN
+        now: the claim did not see it, and it is not in the future any more. A rescued
+        job due later brings the check for rescued jobs forward to when it falls due."""
+        loop = asyncio.get_running_loop()
+        lookback = loop.time() - claim_sent + DUE_LOOKBACK_MARGIN
         try:
             async with self.pool.connection() as conn:
-                seconds = await store.seconds_until_due(
+                seconds, rescued_seconds = await store.seconds_until_due(
                     conn, queues=self.queues, lookback_seconds=lookback
                 )
         except Exception:
             return self.config.poll_interval
+        if rescued_seconds is not None:
+            # The claim will not take it: make the check for rescued jobs when it falls
+            # due (a rescued job retried or snoozed), not at the next poll.
+            self._next_rescue_check = min(
+                self._next_rescue_check, loop.time() + max(0.0, rescued_seconds) + 0.001
+            )
         if seconds is None:
             return self.config.poll_interval
         return min(self.config.poll_interval, max(0.0, seconds) + 0.001)

@@ -1,6 +1,8 @@
 """The LISTEN connection: sets the wake-up event when a job for our queues is enqueued,
-and calls ``on_cancel`` when `pgqueue cancel` flags a job this worker runs (the
-heartbeat then beats at once, handing the flag to the handler).
+calls ``on_rescued`` (and wakes) when a rescued job of our queues is requeued (it is
+claimed only on its own check, which the worker then makes at once), and calls
+``on_cancel`` when `pgqueue cancel` flags a job this worker runs (the heartbeat then
+beats at once, handing the flag to the handler).
 
 It owns one dedicated connection (LISTEN needs a session), reconnects with backoff when
 it breaks, and wakes the fetcher after every reconnect, since notifications sent while
@@ -27,6 +29,8 @@ from pgqueue.worker.backoff import (
 CHANNEL = "pgqueue_jobs"
 # cancel_job's payload, before the worker's id: no queue name starts with white space.
 CANCEL_PREFIX = " cancel "
+# The payload for a rescued job requeued (by the reaper, or released), before its queue.
+RESCUED_PREFIX = " rescued "
 log = get_logger("pgqueue.listener")
 
 
@@ -40,12 +44,15 @@ class Listener:
         reconnect_max_seconds: float,
         worker_id: str = "",
         on_cancel: Callable[[], None] | None = None,
+        on_rescued: Callable[[], None] | None = None,
     ) -> None:
         self.dsn = dsn
         self.queues = frozenset(queues)
         self.wake = wake
         self.cancel_payload = CANCEL_PREFIX + worker_id
         self.on_cancel = on_cancel
+        self.rescued_payloads = frozenset(RESCUED_PREFIX + queue for queue in self.queues)
+        self.on_rescued = on_rescued
         self.backoff = ReconnectBackoff(reconnect_max_seconds)
         self.connected = asyncio.Event()
         self._conn: psycopg.AsyncConnection[object] | None = None
@@ -72,6 +79,10 @@ class Listener:
                             # to waiting on the socket (psycopg re-arms the reader and a
                             # timer first): about 0.07 ms of each idle job's latency.
                             await asyncio.sleep(0)
+                        elif note.payload in self.rescued_payloads:
+                            if self.on_rescued:
+                                self.on_rescued()
+                            self.wake.set()
                         elif note.payload == self.cancel_payload and self.on_cancel:
                             self.on_cancel()
                 raise psycopg.OperationalError("the notification stream ended")
