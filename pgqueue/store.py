@@ -256,7 +256,8 @@ async def rescued_waiting(conn: AsyncConn, *, queues: Sequence[str]) -> bool:
 
 class Due(NamedTuple):
     """Seconds until the next queued job of some queues falls due (None: none waits, or
-    none that the idle worker should wake for), and until the next rescued one does."""
+    none that the idle worker should wake for), and until the earliest of them that is
+    rescued does, among the next job of each priority (seconds_until_due in worker.sql)."""
 
     seconds: float | None
     rescued_seconds: float | None

@@ -1103,6 +1103,11 @@ def running(conn: psycopg.Connection[Any], queue: str, **columns: Any) -> tuple[
     return job_id, job_row(conn, job_id)["lease_token"]  # type: ignore[index]
 
 
+def rescued_wake(queue: str, rescued: bool) -> list[str]:
+    """The payload that wakes workers for a job made runnable: a rescued one has its own."""
+    return [" rescued " + queue if rescued else queue]
+
+
 def wake_by_insert(conn: psycopg.Connection[Any], dsn: str, queue: str) -> list[str]:
     with psycopg.connect(dsn, autocommit=True) as c:
         job_id = scalar(c, "SELECT pgqueue.enqueue('t', '{}', %s)", (queue,))
@@ -1110,24 +1115,23 @@ def wake_by_insert(conn: psycopg.Connection[Any], dsn: str, queue: str) -> list[
     return [queue]
 
 
-def wake_by_retry(conn: psycopg.Connection[Any], dsn: str, queue: str) -> list[str]:
-    job_id, token = running(conn, queue)
+def wake_by_retry(
+    conn: psycopg.Connection[Any], dsn: str, queue: str, rescued: bool = False
+) -> list[str]:
+    job_id, token = running(conn, queue, rescued=rescued)
     changed = run_async(
         dsn, store.retry_jobs, ids=[job_id], tokens=[token], delays=[0.0], errors=[ERROR_1]
     )
     assert changed == {job_id} and job_row(conn, job_id)["state"] == "queued"  # type: ignore[index]
-    return [queue]
+    return rescued_wake(queue, rescued)
 
 
-def wake_by_snooze(conn: psycopg.Connection[Any], dsn: str, queue: str) -> list[str]:
-    job_id, token = running(conn, queue)
+def wake_by_snooze(
+    conn: psycopg.Connection[Any], dsn: str, queue: str, rescued: bool = False
+) -> list[str]:
+    job_id, token = running(conn, queue, rescued=rescued)
     assert run_async(dsn, store.snooze_jobs, ids=[job_id], tokens=[token], delays=[0.0]) == {job_id}
-    return [queue]
-
-
-def rescued_wake(queue: str, rescued: bool) -> list[str]:
-    """The payload that wakes workers for a job made runnable: a rescued one has its own."""
-    return [" rescued " + queue if rescued else queue]
+    return rescued_wake(queue, rescued)
 
 
 def wake_by_release(
@@ -1207,14 +1211,17 @@ def test_every_statement_that_makes_jobs_runnable_notifies_below_the_usage_limit
         )
 
 
-@pytest.mark.parametrize("wake", [wake_by_release, wake_by_orphan_release, wake_by_run_now])
+@pytest.mark.parametrize(
+    "wake",
+    [wake_by_retry, wake_by_snooze, wake_by_release, wake_by_orphan_release, wake_by_run_now],
+)
 def test_a_rescued_job_made_runnable_wakes_the_workers_to_check_for_rescued_jobs(conn, dsn, wake):
     # The claim leaves rescued jobs to the workers' check for them, made once per poll
     # interval: woken by the queue's name, an idle worker claimed nothing and the
     # rescued job waited for its next poll. ' rescued <queue>' makes it check at once.
     conn.execute("SET pgqueue.notify_inserts = off")
     with listening(dsn) as listener:
-        assert wake(conn, dsn, "q-rescued", rescued=True) == [" rescued q-rescued"]
+        wake(conn, dsn, "q-rescued", rescued=True)
         assert notified_before_sentinel(conn, listener) == [" rescued q-rescued"]
 
 

@@ -466,6 +466,17 @@ def test_notification_wakes_an_idle_worker_long_before_the_poll(dsn):
     assert elapsed < 20
 
 
+async def checked_for_rescued_jobs(worker: Worker) -> None:
+    """Until the worker has made its check for rescued jobs, and the next is a poll away."""
+    loop = asyncio.get_running_loop()
+    for _ in range(500):
+        if worker._next_rescue_check > loop.time() + 1:
+            await asyncio.sleep(0.1)  # done with that run_once: idle
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the worker never checked for rescued jobs")
+
+
 def make_rescued_job(dsn: str, how: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         if how == "requeued":
@@ -502,7 +513,7 @@ def test_an_idle_worker_takes_a_rescued_job_when_it_is_runnable_not_at_its_next_
     async def main() -> float:
         async with running_worker(registry, dsn, poll_interval=60) as worker:
             await asyncio.wait_for(worker.listener.connected.wait(), 10)
-            await asyncio.sleep(0.2)  # it has checked for rescued jobs once, and is idle
+            await checked_for_rescued_jobs(worker)
             start = time.monotonic()
             await asyncio.to_thread(make_rescued_job, dsn, how)
             await wait_for_db(
@@ -513,6 +524,94 @@ def test_an_idle_worker_takes_a_rescued_job_when_it_is_runnable_not_at_its_next_
     elapsed = run(main)
     # With a 60 s poll, running at all within the 20 s wait proves it.
     assert elapsed < 20
+
+
+def test_the_listener_passes_on_rescued_jobs_of_its_queues_and_after_each_reconnect(dsn):
+    # A rescued job's notification sent while the listener was away is lost as any
+    # other: after a reconnect the worker checks for rescued jobs too, not only claims.
+    from pgqueue.worker.listener import Listener
+
+    async def main() -> None:
+        wake = asyncio.Event()
+        told: list[int] = []
+        listener = Listener(
+            dsn, ["q"], wake, reconnect_max_seconds=0.2, on_rescued=lambda: told.append(1)
+        )
+        task = asyncio.create_task(listener.run())
+        try:
+            await asyncio.wait_for(listener.connected.wait(), 10)
+            assert told == [1] and wake.is_set()
+            wake.clear()
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                for payload in (" rescued other", " rescued q"):
+                    await conn.execute("SELECT pg_notify('pgqueue_jobs', %s)", (payload,))
+                # In commit order: the other queue's came first, and was left alone.
+                for _ in range(500):
+                    if len(told) == 2:
+                        break
+                    await asyncio.sleep(0.01)
+                assert told == [1, 1] and wake.is_set()
+                assert listener._conn is not None
+                pid = listener._conn.info.backend_pid
+                listener.connected.clear()
+                await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            await asyncio.wait_for(listener.connected.wait(), 10)
+            assert len(told) >= 3
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    run(main)
+
+
+def test_a_rescued_jobs_notification_during_the_check_for_them_is_not_lost(dsn, monkeypatch):
+    # The next check's time was set after the check's round trip, over the one the
+    # notification had just brought forward: the job waited for the next poll.
+    registry = Registry()
+
+    @registry.task(name="ping")
+    def ping() -> None: ...
+
+    told = asyncio.Event()  # the listener passed on a rescued job's notification
+    armed: list[bool] = []
+    real_check = store.rescued_waiting
+
+    async def check(conn: Any, **kw: Any) -> bool:
+        waiting = await real_check(conn, **kw)
+        if armed and not armed[1:]:
+            armed.append(True)  # once
+            # The reaper requeues a job right after this check read the table; its
+            # notification arrives before the check's result is acted on.
+            told.clear()
+            await asyncio.to_thread(make_rescued_job, dsn, "requeued")
+            await asyncio.wait_for(told.wait(), 10)
+        return waiting
+
+    monkeypatch.setattr(store, "rescued_waiting", check)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, poll_interval=60) as worker:
+            await asyncio.wait_for(worker.listener.connected.wait(), 10)
+            await checked_for_rescued_jobs(worker)
+            passed_on = worker.listener.on_rescued
+            assert passed_on is not None
+
+            def on_rescued() -> None:
+                passed_on()
+                told.set()
+
+            worker.listener.on_rescued = on_rescued
+            armed.append(True)
+            # Wakes the worker to a check, during which the job is requeued.
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                await conn.execute("SELECT pg_notify('pgqueue_jobs', ' rescued default')")
+            await wait_for_db(
+                dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'", timeout=20
+            )
+
+    run(main)
+    assert len(armed) == 2
 
 
 def test_a_busy_idle_worker_checks_for_rescued_jobs_on_its_timer_not_before_a_claim(
@@ -784,6 +883,44 @@ def test_worker_started_before_migrate_waits_and_then_works(server_dsn):
         with psycopg.connect(server_dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     assert ran == [1]
+
+
+def test_a_worker_on_a_database_behind_this_version_looks_again_at_its_poll(
+    server_dsn, monkeypatch
+):
+    # Claiming nothing until `pgqueue migrate`, it asked again in a busy loop (its check
+    # for rescued jobs, never made on that path, stayed due and its wait came to zero):
+    # about 1,400 round trips a second, and a core of CPU.
+    name = f"pgqueue_behind_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = psycopg.conninfo.make_conninfo(server_dsn, dbname=name)
+    migrate_module = sys.modules["pgqueue.migrate"]  # pgqueue.migrate is also a function
+    shipped = migrate_module.load_migrations()
+    with monkeypatch.context() as m:
+        m.setattr(migrate_module, "load_migrations", lambda: shipped[:-1])
+        migrate_module.migrate(dsn)
+    asked: list[float] = []
+    real = store.applied_versions_async
+
+    async def counted(conn: Any) -> Any:
+        asked.append(time.monotonic())
+        return await real(conn)
+
+    monkeypatch.setattr(store, "applied_versions_async", counted)
+
+    async def main() -> None:
+        async with running_worker(Registry(), dsn, poll_interval=0.5) as worker:
+            await asyncio.sleep(2.0)
+            assert worker._schema.behind
+
+    try:
+        run(main)
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    # Once at the start (plus the listener's wake-up and the heartbeat), then every 0.5 s.
+    assert 2 <= len(asked) <= 10, len(asked)
 
 
 def test_poll_finds_a_job_whose_notification_was_missed(dsn):

@@ -100,8 +100,9 @@ SELECT EXISTS (
 -- seconds (claim again now). Older due jobs are left out (locked by another worker's
 -- claim), and so are due rescued jobs (claimed alone, on their own check): counting them
 -- would make an idle worker spin. rescued_seconds is the same for the earliest of those
--- jobs that is rescued, if one is: the claim leaves it to the worker's check for
--- rescued jobs, which the worker then makes when it falls due. A loose
+-- that is rescued, among the next job of each priority (a rescued job behind another of
+-- its priority comes up once that one is claimed): the claim leaves it to the worker's
+-- check for rescued jobs, which the worker then makes when it falls due. A loose
 -- index scan: one index descent per distinct priority of each queue, never a scan of the
 -- whole backlog of future jobs.
 SELECT extract(epoch FROM min(n.run_at) - now())::float8 AS seconds,
@@ -195,7 +196,8 @@ RETURNING j.id, j.state::text AS state;
 -- and history entry, each only if still running under the given lease token. The attempt
 -- stays counted. A job whose cancellation was requested is cancelled instead of retried.
 -- Notifies each queue (Postgres folds identical notifications in one transaction) so
--- idle workers recompute when to wake up.
+-- idle workers recompute when to wake up; for a rescued job, with the payload that has
+-- them check for rescued jobs (' rescued <queue>', as the reaper's requeue sends).
 WITH updated AS (
     UPDATE pgqueue.jobs AS j
     SET state = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued'
@@ -215,16 +217,19 @@ WITH updated AS (
                 %(errors)s::jsonb[], %(durations)s::float8[])
         AS r(id, token, delay_seconds, error, duration)
     WHERE j.id = r.id AND j.lease_token = r.token
-    RETURNING j.id, j.queue, j.state
+    RETURNING j.id, j.queue, j.state, j.rescued
 )
 SELECT u.id, u.state::text AS state
-FROM updated AS u, LATERAL (SELECT pgqueue.wake(u.queue)) AS n;
+FROM updated AS u,
+     LATERAL (SELECT pgqueue.wake(CASE WHEN u.rescued THEN ' rescued ' || u.queue
+                                       ELSE u.queue END)) AS n;
 
 -- name: snooze_jobs
 -- Reschedules jobs that asked to run later, without counting the attempt (attempts goes
 -- back down by the one the claim added), each only if still running under its token.
 -- A job whose cancellation was requested is cancelled instead. The history keeps the
 -- newest 50 snoozes (0021): a job polling by snoozing would grow it without end.
+-- Notifies as retry_jobs does.
 WITH updated AS (
     UPDATE pgqueue.jobs AS j
     SET state = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued'
@@ -240,10 +245,12 @@ WITH updated AS (
     FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(delays)s::float8[],
                 %(durations)s::float8[]) AS s(id, token, delay_seconds, duration)
     WHERE j.id = s.id AND j.lease_token = s.token
-    RETURNING j.id, j.queue, j.state
+    RETURNING j.id, j.queue, j.state, j.rescued
 )
 SELECT u.id, u.state::text AS state
-FROM updated AS u, LATERAL (SELECT pgqueue.wake(u.queue)) AS n;
+FROM updated AS u,
+     LATERAL (SELECT pgqueue.wake(CASE WHEN u.rescued THEN ' rescued ' || u.queue
+                                       ELSE u.queue END)) AS n;
 
 -- name: release_jobs
 -- Graceful shutdown: returns unfinished jobs to the queue, runnable now, without counting

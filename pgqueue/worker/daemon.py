@@ -375,8 +375,10 @@ class Worker:
                 if self._schema.behind:
                     return []
             if loop.time() >= self._next_rescue_check:
-                self._rescue_pending = await store.rescued_waiting(conn, queues=self.queues)
+                # Set before the check: a rescued job's notification arriving while it
+                # runs brings the next one forward again (_check_rescued_now).
                 self._next_rescue_check = loop.time() + self.config.poll_interval
+                self._rescue_pending = await store.rescued_waiting(conn, queues=self.queues)
             # A stop may have come while this waited for the lock, a connection or the
             # check above: SIGTERM stops claiming.
             if self._stopping.is_set():
@@ -495,6 +497,13 @@ class Worker:
                 delay = self._backoff.next_delay()
                 log.exception("fetcher.failed", retry_in=round(delay, 2))
                 await self._wait_for(self._stopping, delay)
+                continue
+            if self._schema.behind:
+                # It claims nothing until `pgqueue migrate` has run: look again at the
+                # poll or on a notification. Its check for rescued jobs, never made on
+                # this path, stayed due, and the wait below came to zero: a busy loop of
+                # round trips (about 1,400 a second).
+                await self._wait_for(self._wake, self.config.poll_interval)
                 continue
             if self._rescue_pending and self._running:
                 # Draining so that a rescued job can run alone: wait for a slot.

@@ -5,9 +5,9 @@ claimed only on its own check, which the worker then makes at once), and calls
 beats at once, handing the flag to the handler).
 
 It owns one dedicated connection (LISTEN needs a session), reconnects with backoff when
-it breaks, and wakes the fetcher after every reconnect, since notifications sent while
-it was away are lost (a lost cancel waits for the next regular beat). It never claims
-anything itself.
+it breaks, and wakes the fetcher (and has it check for rescued jobs) after every
+reconnect, since notifications sent while it was away are lost (a lost cancel waits for
+the next regular beat). It never claims anything itself.
 """
 
 from __future__ import annotations
@@ -70,8 +70,9 @@ class Listener:
                         log.info("listener.reconnected")
                     self.backoff.reset()
                     self.connected.set()
-                    # Anything enqueued while we were not listening: go and look.
-                    self.wake.set()
+                    # Anything enqueued while we were not listening: go and look, for
+                    # rescued jobs too.
+                    self._look_again()
                     async for note in conn.notifies():
                         if note.payload in self.queues and not self.wake.is_set():
                             self.wake.set()
@@ -97,7 +98,14 @@ class Listener:
                     )
                 else:
                     log.exception("listener.failed", retry_in=round(delay, 2))
-                self.wake.set()
+                self._look_again()
                 await asyncio.sleep(delay)
             finally:
                 self._conn = None
+
+    def _look_again(self) -> None:
+        """Notifications sent while no connection listened are lost: wake the fetcher,
+        and have it check for rescued jobs too."""
+        if self.on_rescued:
+            self.on_rescued()
+        self.wake.set()
