@@ -423,9 +423,10 @@ class Worker:
         return jobs
 
     def _check_rescued_now(self) -> None:
-        """A rescued job of our queues was requeued (the listener's notification): make
-        the check for rescued jobs on the next claim, not when the poll interval next
-        brings it round (an idle worker takes it at once)."""
+        """A rescued job of our queues was made runnable (the listener's notification),
+        or the listener reconnected (notifications were lost): make the check for rescued
+        jobs on the next claim, not when the poll interval next brings it round (an idle
+        worker takes the job at once)."""
         self._next_rescue_check = 0.0
 
     def _beat_again_if_asked(self, soon_requests: int) -> None:

@@ -1,5 +1,5 @@
 """The LISTEN connection: sets the wake-up event when a job for our queues is enqueued,
-calls ``on_rescued`` (and wakes) when a rescued job of our queues is requeued (it is
+calls ``on_rescued`` (and wakes) when a rescued job of our queues is made runnable (it is
 claimed only on its own check, which the worker then makes at once), and calls
 ``on_cancel`` when `pgqueue cancel` flags a job this worker runs (the heartbeat then
 beats at once, handing the flag to the handler).
@@ -29,7 +29,8 @@ from pgqueue.worker.backoff import (
 CHANNEL = "pgqueue_jobs"
 # cancel_job's payload, before the worker's id: no queue name starts with white space.
 CANCEL_PREFIX = " cancel "
-# The payload for a rescued job requeued (by the reaper, or released), before its queue.
+# The payload for a rescued job made runnable (the reaper's requeue; a retry, snooze or
+# release of one; run-now; a queue resumed), before its queue.
 RESCUED_PREFIX = " rescued "
 log = get_logger("pgqueue.listener")
 
