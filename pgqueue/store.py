@@ -264,12 +264,22 @@ class Due(NamedTuple):
 
 
 async def seconds_until_due(
-    conn: AsyncConn, *, queues: Sequence[str], lookback_seconds: float = 0.0
+    conn: AsyncConn,
+    *,
+    queues: Sequence[str],
+    lookback_seconds: float = 0.0,
+    rescued_lookback_seconds: float = 0.0,
 ) -> Due:
+    """``lookback_seconds``: the time since the worker sent its last claim;
+    ``rescued_lookback_seconds``: since it sent its last check for rescued jobs."""
     rows = await _fetch_async(
         conn,
         "seconds_until_due",
-        {"queues": list(queues), "lookback_seconds": lookback_seconds},
+        {
+            "queues": list(queues),
+            "lookback_seconds": lookback_seconds,
+            "rescued_lookback_seconds": rescued_lookback_seconds,
+        },
     )
     if not rows:
         return Due(None, None)

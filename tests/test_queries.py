@@ -977,6 +977,37 @@ def test_seconds_until_due_counts_a_job_that_fell_due_within_the_lookback(conn, 
     assert due.seconds is not None and due.seconds > 3000
 
 
+def test_seconds_until_due_counts_a_rescued_job_that_fell_due_since_the_last_check(conn, dsn):
+    # A rescued job that fell due after the worker's check for rescued jobs began was in
+    # neither that check nor (rescued jobs being the check's) the claim: the idle worker
+    # waited for its next poll. Within the time since that check it comes back as due now
+    # (negative rescued_seconds); an older due one, and a due job that is not rescued and
+    # older than the claim's lookback, stay out.
+    t0 = db_clock(conn)
+    make_job(conn, queue="a", run_at=t0 - timedelta(seconds=30), rescued=True)  # too old
+    make_job(conn, queue="a", run_at=t0 - timedelta(seconds=2))  # the claim's to take
+    make_job(conn, queue="a", run_at=t0 + timedelta(hours=1))
+
+    def due(lookback: float, rescued_lookback: float) -> store.Due:
+        return run_async(
+            dsn,
+            store.seconds_until_due,
+            queues=["a"],
+            lookback_seconds=lookback,
+            rescued_lookback_seconds=rescued_lookback,
+        )
+
+    assert due(0.1, 5.0) == (pytest.approx(3600, abs=60), None)
+
+    make_job(conn, queue="a", priority=4, run_at=t0 - timedelta(seconds=1), rescued=True)
+    seconds, rescued_seconds = due(0.1, 5.0)
+    assert rescued_seconds is not None and -5.0 < rescued_seconds < 0
+    assert seconds == rescued_seconds
+    # Not since the last check (it saw the job): left out, or an idle worker would spin.
+    assert due(1.5, 0.1) == (pytest.approx(3600, abs=60), None)
+    assert due(0.0, 0.0) == (pytest.approx(3600, abs=60), None)
+
+
 # --- notify trigger -----------------------------------------------------------------------
 
 
@@ -1591,7 +1622,7 @@ def _plan_params(dsn: str, name: str) -> dict[str, Any]:
     if name == "claim_rescued_job":
         return {"queues": queues, "worker_id": WORKER, "lease_seconds": LEASE}
     if name == "seconds_until_due":
-        return {"queues": queues, "lookback_seconds": 0.05}
+        return {"queues": queues, "lookback_seconds": 0.05, "rescued_lookback_seconds": 5.05}
     if name == "rescued_waiting":
         return {"queues": queues}
     if name == "queue_stats":

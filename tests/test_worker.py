@@ -498,21 +498,69 @@ def make_rescued_job(dsn: str, how: str) -> None:
                 conn, batch_size=10, backoff_base_seconds=1.0, backoff_max_seconds=1.0
             )
             assert len(requeued) == 1
-        else:
+        elif how == "due later":
             conn.execute(
                 "INSERT INTO pgqueue.jobs (task, rescued, run_at)"
                 " VALUES ('ping', true, now() + interval '1 second')"
             )
+        else:
+            # Due since the worker's last check, with no notification saying it is
+            # rescued: as one that falls due just after a check made for another reason.
+            conn.execute("INSERT INTO pgqueue.jobs (task, rescued) VALUES ('ping', true)")
 
 
-@pytest.mark.parametrize("how", ["requeued", "due later"])
+@pytest.mark.parametrize("how", ["requeued", "due later", "due since the last check"])
 def test_an_idle_worker_takes_a_rescued_job_when_it_is_runnable_not_at_its_next_poll(dsn, how):
     # The claim leaves rescued jobs to the check for them, made once per poll interval:
     # one the reaper requeued (its notification named the queue) or one retried with
     # backoff (the worker slept until it fell due, then claimed nothing) waited for the
-    # worker's next poll. Now the reaper's payload, or the due time of a rescued job,
-    # brings the check forward.
+    # worker's next poll, and so did one that fell due just after a check. Now the
+    # reaper's payload, or the due time of a rescued job, or its having fallen due since
+    # the last check, brings the check forward.
     assert seconds_until_an_idle_worker_ran(dsn, lambda: make_rescued_job(dsn, how)) < 20
+
+
+def test_an_idle_worker_does_not_spin_on_a_rescued_job_it_cannot_take(dsn, monkeypatch):
+    # A rescued job that fell due since the last check makes the worker check again at
+    # once; one its check saw but could not take (locked by another worker's claim)
+    # must not make it check again and again: only a job that fell due after the check
+    # (within the lookback's margin) counts.
+    registry = Registry()
+
+    @registry.task(name="ping")
+    def ping() -> None: ...
+
+    checks: list[float] = []
+    real_check = store.rescued_waiting
+
+    async def check(conn: Any, **kw: Any) -> bool:
+        checks.append(time.monotonic())
+        return await real_check(conn, **kw)
+
+    monkeypatch.setattr(store, "rescued_waiting", check)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, poll_interval=60) as worker:
+            await asyncio.wait_for(worker.listener.connected.wait(), 10)
+            await checked_for_rescued_jobs(worker)
+            async with await psycopg.AsyncConnection.connect(dsn) as holder:
+                # Due in 0.5 s, and locked (as by a claim) before the worker looks.
+                await holder.execute(
+                    "INSERT INTO pgqueue.jobs (task, rescued, run_at)"
+                    " VALUES ('ping', true, now() + interval '0.5 second')"
+                )
+                await holder.commit()
+                await holder.execute("SELECT id FROM pgqueue.jobs FOR UPDATE")
+                start = time.monotonic()
+                await asyncio.sleep(2.5)
+                counted = [t for t in checks if t > start]
+                await holder.rollback()
+            # It checked when the job fell due (the insert's notification told it when),
+            # then a few times within the margin, not about once a millisecond.
+            assert 1 <= len(counted) <= 60, len(counted)
+            assert not worker.failed
+
+    run(main)
 
 
 def test_the_listener_passes_on_rescued_jobs_of_its_queues_and_after_each_reconnect(dsn):

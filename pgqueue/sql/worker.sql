@@ -98,13 +98,15 @@ SELECT EXISTS (
 -- sent its last claim: a job that fell due after that claim's now() and before this
 -- statement's was in neither, and waited for the next poll; it comes back as negative
 -- seconds (claim again now). Older due jobs are left out (locked by another worker's
--- claim), and so are due rescued jobs (claimed alone, on their own check): counting them
--- would make an idle worker spin. rescued_seconds is the same for the earliest of those
--- that is rescued, among the next job of each priority (a rescued job behind another of
--- its priority comes up once that one is claimed): the claim leaves it to the worker's
--- check for rescued jobs, which the worker then makes when it falls due. A loose
--- index scan: one index descent per distinct priority of each queue, never a scan of the
--- whole backlog of future jobs.
+-- claim). rescued_seconds is the same for the earliest of those that is rescued, among
+-- the next job of each priority (a rescued job behind another of its priority comes up
+-- once that one is claimed): the claim leaves it to the worker's check for rescued jobs,
+-- which the worker then makes when it falls due. For a rescued job the lookback is
+-- %(rescued_lookback_seconds)s, the time since the worker sent that check: one that fell
+-- due after the check's now() was in neither, and comes back as negative seconds (check
+-- again now); an older due one was the check's to see, and counting it would make an
+-- idle worker spin. A loose index scan: one index descent per distinct priority of each
+-- queue, never a scan of the whole backlog of future jobs.
 SELECT extract(epoch FROM min(n.run_at) - now())::float8 AS seconds,
        extract(epoch FROM min(n.run_at) FILTER (WHERE n.rescued) - now())::float8
            AS rescued_seconds
@@ -127,8 +129,13 @@ CROSS JOIN LATERAL (
     CROSS JOIN LATERAL (
         SELECT j.run_at, j.rescued FROM pgqueue.jobs AS j
         WHERE j.queue = q.name AND j.state = 'queued' AND j.priority = prio.priority
-          AND j.run_at > now() - make_interval(secs => %(lookback_seconds)s)
-          AND (j.run_at > now() OR NOT j.rescued)
+          AND j.run_at > now() - make_interval(secs => greatest(
+                  %(lookback_seconds)s::float8, %(rescued_lookback_seconds)s::float8))
+          AND (j.run_at > now()
+               OR (NOT j.rescued
+                   AND j.run_at > now() - make_interval(secs => %(lookback_seconds)s))
+               OR (j.rescued
+                   AND j.run_at > now() - make_interval(secs => %(rescued_lookback_seconds)s)))
         ORDER BY j.run_at LIMIT 1) AS f
     WHERE prio.priority IS NOT NULL
 ) AS n;

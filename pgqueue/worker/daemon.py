@@ -180,6 +180,8 @@ class Worker:
         self._tail_held_since: float | None = None
         self._rescue_pending = False
         self._next_rescue_check = 0.0
+        # When the last check for rescued jobs was sent (loop time; None: not yet).
+        self._rescue_check_sent: float | None = None
         self._database_health = metrics.database_health(config.dsn)
         self.completer = Completer(
             self.pool,
@@ -377,7 +379,8 @@ class Worker:
             if loop.time() >= self._next_rescue_check:
                 # Set before the check: a rescued job's notification arriving while it
                 # runs brings the next one forward again (_check_rescued_now).
-                self._next_rescue_check = loop.time() + self.config.poll_interval
+                self._rescue_check_sent = loop.time()
+                self._next_rescue_check = self._rescue_check_sent + self.config.poll_interval
                 self._rescue_pending = await store.rescued_waiting(conn, queues=self.queues)
             # A stop may have come while this waited for the lock, a connection or the
             # check above: SIGTERM stops claiming.
@@ -537,13 +540,25 @@ class Worker:
         """Sleep until the next scheduled job is due, or the safety-net poll. A job that
         fell due after the claim sent at ``claim_sent`` (loop time) began counts as due
         now: the claim did not see it, and it is not in the future any more. A rescued
-        job due later brings the check for rescued jobs forward to when it falls due."""
+        job due later brings the check for rescued jobs forward to when it falls due, and
+        one that fell due after the last check began (which did not see it) brings it to
+        now."""
         loop = asyncio.get_running_loop()
         lookback = loop.time() - claim_sent + DUE_LOOKBACK_MARGIN
+        rescued_lookback = 0.0
+        if self._rescue_check_sent is not None:
+            # Capped: the idle worker checks at least once per poll interval anyway.
+            rescued_lookback = (
+                min(loop.time() - self._rescue_check_sent, self.config.poll_interval)
+                + DUE_LOOKBACK_MARGIN
+            )
         try:
             async with self.pool.connection() as conn:
                 seconds, rescued_seconds = await store.seconds_until_due(
-                    conn, queues=self.queues, lookback_seconds=lookback
+                    conn,
+                    queues=self.queues,
+                    lookback_seconds=lookback,
+                    rescued_lookback_seconds=rescued_lookback,
                 )
         except Exception:
             return self.config.poll_interval
