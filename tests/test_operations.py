@@ -2333,6 +2333,9 @@ def test_a_cancel_that_lands_while_its_claim_is_on_the_way_still_reaches_the_han
     async def claim_then_cancel(aconn: Any, **kwargs: Any) -> list[Job]:
         jobs = await real_claim(aconn, **kwargs)
         if any(j.id == job_id for j in jobs):
+            # The worker claims at start, maybe before its listener listens: the cancel's
+            # notification would be lost (the suite once saw "no notification").
+            await asyncio.wait_for(worker.listener.connected.wait(), 10)
             requests, done = heartbeat.soon_requests, len(beats)
             assert store.cancel_job(conn, job_id=job_id) == "running"
             # Wait for the notification to reach the listener and for the beat it
