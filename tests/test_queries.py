@@ -1002,7 +1002,8 @@ def test_seconds_until_due_counts_a_rescued_job_that_fell_due_since_the_last_che
     make_job(conn, queue="a", priority=4, run_at=t0 - timedelta(seconds=1), rescued=True)
     seconds, rescued_seconds = due(0.1, 5.0)
     assert rescued_seconds is not None and -5.0 < rescued_seconds < 0
-    assert seconds == rescued_seconds
+    # The claim does not take it: the next job the claim would take is still an hour away.
+    assert seconds == pytest.approx(3600, abs=60)
     # Not since the last check (it saw the job): left out, or an idle worker would spin.
     assert due(1.5, 0.1) == (pytest.approx(3600, abs=60), None)
     assert due(0.0, 0.0) == (pytest.approx(3600, abs=60), None)
@@ -2180,3 +2181,67 @@ def test_every_statement_pgqueue_sends_is_ascii():
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             assert line.isascii(), f"{path.name}:{number}: {line}"
     assert all(query.isascii() for query in QUERIES.values())
+
+
+# seconds_until_due runs after every short claim of an idle worker. Its rescued part (a
+# rescued job that fell due since the worker's last check) must stay a descent of the
+# small jobs_rescued_idx: folded into the per-priority scan, it widened that scan's range
+# to the check's lookback (up to the poll interval), over due jobs it then skipped one by
+# one, and let the planner OR the two indexes into a bitmap and sort every future job.
+SECONDS_UNTIL_DUE_SCANS = {
+    (kind, index)
+    for kind in ("Index Scan", "Index Only Scan")
+    for index in ("jobs_claim_idx", "jobs_rescued_idx")
+}
+
+
+@pytest.mark.parametrize(
+    ("fixture", "generic"),
+    [("seeded_dsn", False), ("seeded_dsn", True), ("queued_after_idle_dsn", True),
+     ("new_table_dsn", True)],
+)  # fmt: skip
+def test_seconds_until_due_descends_the_claim_and_rescued_indexes_only(request, fixture, generic):
+    dsn = request.getfixturevalue(fixture)
+    params = _plan_params(dsn, "seconds_until_due")
+    settings = [store.NO_SEQ_SCANS] if fixture == "new_table_dsn" else []
+    nodes = (
+        _generic_plan(dsn, "seconds_until_due", params, settings)
+        if generic
+        else explain(dsn, "seconds_until_due", params)
+    )
+
+    scans = [n for n in nodes if n.get("Relation Name") == "jobs"]
+    assert {(n["Node Type"], n.get("Index Name")) for n in scans} <= SECONDS_UNTIL_DUE_SCANS, scans
+    assert "jobs_rescued_idx" in {n.get("Index Name") for n in scans}, scans
+    assert not [n for n in nodes if n["Node Type"] in ("Sort", "BitmapOr")], nodes
+
+
+def test_seconds_until_due_reads_a_handful_of_rows_whatever_waits(conn, dsn):
+    # It runs after every short claim of an idle worker. Due jobs its claim has not taken
+    # yet, older than the claim's lookback (a bulk enqueue whose transaction took longer
+    # than that carries its start, just committed), must not be read one by one; nor may
+    # every future job be read to find the earliest (a bitmap of two indexes, then a sort:
+    # the plan an OR of rescued and not rescued conditions in one scan got).
+    conn.execute(
+        "INSERT INTO pgqueue.jobs (task, queue, run_at)"
+        " SELECT 't', 'a', now() - interval '2 seconds' FROM generate_series(1, 5000)"
+    )
+    conn.execute(
+        "INSERT INTO pgqueue.jobs (task, queue, run_at)"
+        " SELECT 't', 'a', now() + g * interval '1 second' FROM generate_series(1, 5000) AS g"
+    )
+    conn.execute("ANALYZE pgqueue.jobs")
+    params = {"queues": ["a"], "lookback_seconds": 0.1, "rescued_lookback_seconds": 5.0}
+    with conn.cursor() as cur:
+        cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES["seconds_until_due"], params)  # type: ignore[operator]
+        row = cur.fetchone()
+    assert row is not None
+    nodes = list(_plan_nodes(row[0][0]["Plan"]))
+
+    on_jobs = [n for n in nodes if n.get("Relation Name") == "jobs"]
+    read = sum(
+        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in on_jobs
+    )
+    assert on_jobs and read < 50, [
+        (n["Node Type"], n.get("Index Name"), n["Actual Rows"]) for n in on_jobs
+    ]

@@ -563,6 +563,47 @@ def test_an_idle_worker_does_not_spin_on_a_rescued_job_it_cannot_take(dsn, monke
     run(main)
 
 
+def test_a_check_for_rescued_jobs_that_failed_is_made_again_on_the_fetchers_retry(dsn, monkeypatch):
+    # The next check's time is set before the check (a notification during it must not be
+    # lost); a check that failed (a connection lost) left it a poll interval away, and a
+    # rescued job waiting then waited for that poll.
+    registry = Registry()
+
+    @registry.task(name="ping")
+    def ping() -> None: ...
+
+    armed: list[str] = []
+    real_check = store.rescued_waiting
+
+    async def check(conn: Any, **kw: Any) -> bool:
+        if armed == ["armed"]:
+            armed.append("failed")
+            raise psycopg.OperationalError("the connection broke (test)")
+        return await real_check(conn, **kw)
+
+    monkeypatch.setattr(store, "rescued_waiting", check)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, poll_interval=60) as worker:
+            await asyncio.wait_for(worker.listener.connected.wait(), 10)
+            await checked_for_rescued_jobs(worker)
+            armed.append("armed")
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                # Waiting since before the worker's last check: the claim leaves it to the
+                # next check, which a rescued job's notification asks for, and which fails.
+                await conn.execute(
+                    "INSERT INTO pgqueue.jobs (task, rescued, run_at)"
+                    " VALUES ('ping', true, now() - interval '10 seconds')"
+                )
+                await conn.execute("SELECT pg_notify('pgqueue_jobs', ' rescued default')")
+            await wait_for_db(
+                dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'", timeout=20
+            )
+
+    run(main)
+    assert armed == ["armed", "failed"]
+
+
 def test_the_listener_passes_on_rescued_jobs_of_its_queues_and_after_each_reconnect(dsn):
     # A rescued job's notification sent while the listener was away is lost as any
     # other: after a reconnect the worker checks for rescued jobs too, not only claims.

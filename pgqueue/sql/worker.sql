@@ -98,16 +98,21 @@ SELECT EXISTS (
 -- sent its last claim: a job that fell due after that claim's now() and before this
 -- statement's was in neither, and waited for the next poll; it comes back as negative
 -- seconds (claim again now). Older due jobs are left out (locked by another worker's
--- claim). rescued_seconds is the same for the earliest of those that is rescued, among
--- the next job of each priority (a rescued job behind another of its priority comes up
--- once that one is claimed): the claim leaves it to the worker's check for rescued jobs,
--- which the worker then makes when it falls due. For a rescued job the lookback is
--- %(rescued_lookback_seconds)s, the time since the worker sent that check: one that fell
--- due after the check's now() was in neither, and comes back as negative seconds (check
--- again now); an older due one was the check's to see, and counting it would make an
--- idle worker spin. A loose index scan: one index descent per distinct priority of each
--- queue, never a scan of the whole backlog of future jobs.
-SELECT extract(epoch FROM min(n.run_at) - now())::float8 AS seconds,
+-- claim), and so are due rescued jobs (claimed alone, on their own check). A loose index
+-- scan: one index descent per distinct priority of each queue, never a scan of the
+-- whole backlog of future jobs.
+-- rescued_seconds is the same for the earliest of those that is rescued, among the next
+-- job of each priority (a rescued job behind another of its priority comes up once that
+-- one is claimed): the claim leaves it to the worker's check for rescued jobs, which the
+-- worker then makes when it falls due. It also counts, as negative seconds (check again
+-- now), a rescued job that fell due in the last %(rescued_lookback_seconds)s, the time
+-- since the worker sent that check: one that fell due after the check's now() was in
+-- neither. That is one descent of jobs_rescued_idx per queue (queued rescued jobs only).
+-- An older due one was the check's to see: counting it would make an idle worker spin
+-- (within the worker's margin on its lookback, a locked one is counted for 50 ms: a few
+-- checks, then none).
+SELECT extract(epoch FROM min(n.run_at) FILTER (WHERE NOT n.fell_due) - now())::float8
+           AS seconds,
        extract(epoch FROM min(n.run_at) FILTER (WHERE n.rescued) - now())::float8
            AS rescued_seconds
 FROM (SELECT u.name FROM unnest(%(queues)s::text[]) AS u(name)
@@ -124,20 +129,20 @@ CROSS JOIN LATERAL (
                 ORDER BY j.priority LIMIT 1)
         FROM prio WHERE prio.priority IS NOT NULL
     )
-    SELECT f.run_at, f.rescued
+    SELECT f.run_at, f.rescued, false AS fell_due
     FROM prio
     CROSS JOIN LATERAL (
         SELECT j.run_at, j.rescued FROM pgqueue.jobs AS j
         WHERE j.queue = q.name AND j.state = 'queued' AND j.priority = prio.priority
-          AND j.run_at > now() - make_interval(secs => greatest(
-                  %(lookback_seconds)s::float8, %(rescued_lookback_seconds)s::float8))
-          AND (j.run_at > now()
-               OR (NOT j.rescued
-                   AND j.run_at > now() - make_interval(secs => %(lookback_seconds)s))
-               OR (j.rescued
-                   AND j.run_at > now() - make_interval(secs => %(rescued_lookback_seconds)s)))
+          AND j.run_at > now() - make_interval(secs => %(lookback_seconds)s)
+          AND (j.run_at > now() OR NOT j.rescued)
         ORDER BY j.run_at LIMIT 1) AS f
     WHERE prio.priority IS NOT NULL
+    UNION ALL
+    SELECT min(j.run_at), true, true FROM pgqueue.jobs AS j
+    WHERE j.queue = q.name AND j.state = 'queued' AND j.rescued
+      AND j.run_at <= now()
+      AND j.run_at > now() - make_interval(secs => %(rescued_lookback_seconds)s)
 ) AS n;
 
 -- The lease-fenced statements below match rows on (id, lease_token) and nothing else:

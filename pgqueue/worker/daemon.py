@@ -45,9 +45,10 @@ from pgqueue.worker.listener import Listener
 
 log = get_logger("pgqueue.worker")
 
-# Added to the time since a claim was sent when asking for the next due job: the claim's
-# now() on the server is later than its sending, but this covers a server that took the
-# next statement later than the claim (the two use different pooled connections).
+# Added to the time since a claim (or a check for rescued jobs) was sent when asking for
+# the next due job: the claim's now() on the server is later than its sending, but this
+# covers a server that took the next statement later than the claim (the two use
+# different pooled connections).
 DUE_LOOKBACK_MARGIN = 0.05
 # Tokens of refused outcomes the worker remembers (see Worker._refused).
 REFUSED_KEPT = 10_000
@@ -379,9 +380,16 @@ class Worker:
             if loop.time() >= self._next_rescue_check:
                 # Set before the check: a rescued job's notification arriving while it
                 # runs brings the next one forward again (_check_rescued_now).
-                self._rescue_check_sent = loop.time()
-                self._next_rescue_check = self._rescue_check_sent + self.config.poll_interval
-                self._rescue_pending = await store.rescued_waiting(conn, queues=self.queues)
+                sent = loop.time()
+                self._next_rescue_check = sent + self.config.poll_interval
+                try:
+                    self._rescue_pending = await store.rescued_waiting(conn, queues=self.queues)
+                except BaseException:
+                    # Not made: make it on the next claim (the fetcher's retry), not a
+                    # poll interval later.
+                    self._next_rescue_check = 0.0
+                    raise
+                self._rescue_check_sent = sent
             # A stop may have come while this waited for the lock, a connection or the
             # check above: SIGTERM stops claiming.
             if self._stopping.is_set():
@@ -544,16 +552,18 @@ class Worker:
         one that fell due after the last check began (which did not see it) brings it to
         now."""
         loop = asyncio.get_running_loop()
-        lookback = loop.time() - claim_sent + DUE_LOOKBACK_MARGIN
-        rescued_lookback = 0.0
-        if self._rescue_check_sent is not None:
-            # Capped: the idle worker checks at least once per poll interval anyway.
-            rescued_lookback = (
-                min(loop.time() - self._rescue_check_sent, self.config.poll_interval)
-                + DUE_LOOKBACK_MARGIN
-            )
         try:
             async with self.pool.connection() as conn:
+                # Measured once the connection is ours: waiting for one makes the
+                # statement's now() later.
+                lookback = loop.time() - claim_sent + DUE_LOOKBACK_MARGIN
+                rescued_lookback = 0.0
+                if self._rescue_check_sent is not None:
+                    # Capped: the idle worker checks at least once per poll interval.
+                    rescued_lookback = (
+                        min(loop.time() - self._rescue_check_sent, self.config.poll_interval)
+                        + DUE_LOOKBACK_MARGIN
+                    )
                 seconds, rescued_seconds = await store.seconds_until_due(
                     conn,
                     queues=self.queues,
