@@ -249,15 +249,24 @@ async def claim_rescued_job(
     return _job_from_tuple(rows[0]) if rows else None
 
 
-async def rescued_waiting(conn: AsyncConn, *, queues: Sequence[str]) -> bool:
+class RescuedCheck(NamedTuple):
+    """Whether a rescued job is due in some queues, and the database's now() that said so
+    (rescued_waiting in worker.sql)."""
+
+    waiting: bool
+    checked_at: datetime
+
+
+async def rescued_waiting(conn: AsyncConn, *, queues: Sequence[str]) -> RescuedCheck:
     rows = await _fetch_async(conn, "rescued_waiting", {"queues": list(queues)})
-    return bool(rows and rows[0]["waiting"])
+    return RescuedCheck(bool(rows[0]["waiting"]), rows[0]["checked_at"])
 
 
 class Due(NamedTuple):
     """Seconds until the next queued job of some queues falls due (None: none waits, or
     none that the idle worker should wake for), and until the earliest of them that is
-    rescued does, among the next job of each priority (seconds_until_due in worker.sql)."""
+    rescued does, among the next job of each priority, or (negative) since a rescued job
+    fell due after the worker's last check for them (seconds_until_due in worker.sql)."""
 
     seconds: float | None
     rescued_seconds: float | None
@@ -268,17 +277,17 @@ async def seconds_until_due(
     *,
     queues: Sequence[str],
     lookback_seconds: float = 0.0,
-    rescued_lookback_seconds: float = 0.0,
+    rescued_since: datetime | None = None,
 ) -> Due:
     """``lookback_seconds``: the time since the worker sent its last claim;
-    ``rescued_lookback_seconds``: since it sent its last check for rescued jobs."""
+    ``rescued_since``: the now() of its last check for rescued jobs (None: none made)."""
     rows = await _fetch_async(
         conn,
         "seconds_until_due",
         {
             "queues": list(queues),
             "lookback_seconds": lookback_seconds,
-            "rescued_lookback_seconds": rescued_lookback_seconds,
+            "rescued_since": rescued_since,
         },
     )
     if not rows:

@@ -978,35 +978,43 @@ def test_seconds_until_due_counts_a_job_that_fell_due_within_the_lookback(conn, 
 
 
 def test_seconds_until_due_counts_a_rescued_job_that_fell_due_since_the_last_check(conn, dsn):
-    # A rescued job that fell due after the worker's check for rescued jobs began was in
-    # neither that check nor (rescued jobs being the check's) the claim: the idle worker
-    # waited for its next poll. Within the time since that check it comes back as due now
-    # (negative rescued_seconds); an older due one, and a due job that is not rescued and
-    # older than the claim's lookback, stay out.
+    # A rescued job that fell due after the now() of the worker's check for rescued jobs
+    # was in neither that check nor (rescued jobs being the check's) the claim: the idle
+    # worker waited for its next poll. It comes back as due now (negative
+    # rescued_seconds); one the check saw (due before it) stays out, and so does a due job
+    # that is not rescued and older than the claim's lookback.
     t0 = db_clock(conn)
-    make_job(conn, queue="a", run_at=t0 - timedelta(seconds=30), rescued=True)  # too old
+    make_job(conn, queue="a", run_at=t0 - timedelta(seconds=30), rescued=True)  # seen
     make_job(conn, queue="a", run_at=t0 - timedelta(seconds=2))  # the claim's to take
     make_job(conn, queue="a", run_at=t0 + timedelta(hours=1))
 
-    def due(lookback: float, rescued_lookback: float) -> store.Due:
+    def due(rescued_since: datetime | None) -> store.Due:
         return run_async(
             dsn,
             store.seconds_until_due,
             queues=["a"],
-            lookback_seconds=lookback,
-            rescued_lookback_seconds=rescued_lookback,
+            lookback_seconds=0.1,
+            rescued_since=rescued_since,
         )
 
-    assert due(0.1, 5.0) == (pytest.approx(3600, abs=60), None)
+    assert due(t0 - timedelta(seconds=5)) == (pytest.approx(3600, abs=60), None)
 
     make_job(conn, queue="a", priority=4, run_at=t0 - timedelta(seconds=1), rescued=True)
-    seconds, rescued_seconds = due(0.1, 5.0)
-    assert rescued_seconds is not None and -5.0 < rescued_seconds < 0
+    seconds, rescued_seconds = due(t0 - timedelta(seconds=5))
+    assert rescued_seconds is not None and rescued_seconds < -1
     # The claim does not take it: the next job the claim would take is still an hour away.
     assert seconds == pytest.approx(3600, abs=60)
-    # Not since the last check (it saw the job): left out, or an idle worker would spin.
-    assert due(1.5, 0.1) == (pytest.approx(3600, abs=60), None)
-    assert due(0.0, 0.0) == (pytest.approx(3600, abs=60), None)
+    # The check saw it (it fell due before the check's now()), or none was made.
+    assert due(t0 - timedelta(seconds=0.5)) == (pytest.approx(3600, abs=60), None)
+    assert due(None) == (pytest.approx(3600, abs=60), None)
+
+
+def test_rescued_waiting_says_when_it_looked(conn, dsn):
+    before = db_clock(conn)
+    make_job(conn, queue="a", rescued=True, run_at=before - timedelta(seconds=1))
+    check = run_async(dsn, store.rescued_waiting, queues=["a"])
+    assert check.waiting is True and before <= check.checked_at <= db_clock(conn)
+    assert run_async(dsn, store.rescued_waiting, queues=["b"]).waiting is False
 
 
 # --- notify trigger -----------------------------------------------------------------------
@@ -1623,7 +1631,8 @@ def _plan_params(dsn: str, name: str) -> dict[str, Any]:
     if name == "claim_rescued_job":
         return {"queues": queues, "worker_id": WORKER, "lease_seconds": LEASE}
     if name == "seconds_until_due":
-        return {"queues": queues, "lookback_seconds": 0.05, "rescued_lookback_seconds": 5.05}
+        since = datetime.now(UTC) - timedelta(seconds=5)
+        return {"queues": queues, "lookback_seconds": 0.05, "rescued_since": since}
     if name == "rescued_waiting":
         return {"queues": queues}
     if name == "queue_stats":
@@ -2231,7 +2240,8 @@ def test_seconds_until_due_reads_a_handful_of_rows_whatever_waits(conn, dsn):
         " SELECT 't', 'a', now() + g * interval '1 second' FROM generate_series(1, 5000) AS g"
     )
     conn.execute("ANALYZE pgqueue.jobs")
-    params = {"queues": ["a"], "lookback_seconds": 0.1, "rescued_lookback_seconds": 5.0}
+    since = db_clock(conn) - timedelta(seconds=30)
+    params = {"queues": ["a"], "lookback_seconds": 0.1, "rescued_since": since}
     with conn.cursor() as cur:
         cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES["seconds_until_due"], params)  # type: ignore[operator]
         row = cur.fetchone()

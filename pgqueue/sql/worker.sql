@@ -82,14 +82,15 @@ RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts,
 
 -- name: rescued_waiting
 -- Whether a rescued job is due in one of the given (unpaused) queues: a busy worker that
--- sees one stops claiming until it is idle, then takes it alone (no starvation).
+-- sees one stops claiming until it is idle, then takes it alone (no starvation). And the
+-- now() it looked at: a rescued job that falls due after it is seconds_until_due's.
 SELECT EXISTS (
     SELECT 1 FROM unnest(%(queues)s::text[]) AS q(name)
     JOIN pgqueue.jobs AS j ON j.queue = q.name
     WHERE j.state = 'queued' AND j.rescued AND j.run_at <= now()
       AND NOT EXISTS (SELECT 1 FROM pgqueue.queues AS p
                       WHERE p.name = q.name AND p.paused_at IS NOT NULL)
-) AS waiting;
+) AS waiting, now() AS checked_at;
 
 -- name: seconds_until_due
 -- Seconds until the earliest run_at of a queued job in the given queues that is in the
@@ -105,12 +106,12 @@ SELECT EXISTS (
 -- job of each priority (a rescued job behind another of its priority comes up once that
 -- one is claimed): the claim leaves it to the worker's check for rescued jobs, which the
 -- worker then makes when it falls due. It also counts, as negative seconds (check again
--- now), a rescued job that fell due in the last %(rescued_lookback_seconds)s, the time
--- since the worker sent that check: one that fell due after the check's now() was in
--- neither. That is one descent of jobs_rescued_idx per queue (queued rescued jobs only).
--- An older due one was the check's to see: counting it would make an idle worker spin
--- (within the worker's margin on its lookback, a locked one is counted for 50 ms: a few
--- checks, then none).
+-- now), a rescued job that fell due after %(rescued_since)s, the now() of the worker's
+-- last check (NULL: none made): that check did not see it, and the claim leaves it out.
+-- One that fell due before was the check's to see (taken, or locked by another worker's
+-- claim): counting it would make an idle worker spin. This part reads the queue's queued
+-- rescued jobs in jobs_rescued_idx (run_at comes after priority there): they are few,
+-- each a job whose worker died under it.
 SELECT extract(epoch FROM min(n.run_at) FILTER (WHERE NOT n.fell_due) - now())::float8
            AS seconds,
        extract(epoch FROM min(n.run_at) FILTER (WHERE n.rescued) - now())::float8
@@ -141,8 +142,7 @@ CROSS JOIN LATERAL (
     UNION ALL
     SELECT min(j.run_at), true, true FROM pgqueue.jobs AS j
     WHERE j.queue = q.name AND j.state = 'queued' AND j.rescued
-      AND j.run_at <= now()
-      AND j.run_at > now() - make_interval(secs => %(rescued_lookback_seconds)s)
+      AND j.run_at <= now() AND j.run_at > %(rescued_since)s::timestamptz
 ) AS n;
 
 -- The lease-fenced statements below match rows on (id, lease_token) and nothing else:

@@ -20,6 +20,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -45,10 +46,9 @@ from pgqueue.worker.listener import Listener
 
 log = get_logger("pgqueue.worker")
 
-# Added to the time since a claim (or a check for rescued jobs) was sent when asking for
-# the next due job: the claim's now() on the server is later than its sending, but this
-# covers a server that took the next statement later than the claim (the two use
-# different pooled connections).
+# Added to the time since a claim was sent when asking for the next due job: the claim's
+# now() on the server is later than its sending, but this covers a server that took the
+# next statement later than the claim (the two use different pooled connections).
 DUE_LOOKBACK_MARGIN = 0.05
 # Tokens of refused outcomes the worker remembers (see Worker._refused).
 REFUSED_KEPT = 10_000
@@ -181,8 +181,8 @@ class Worker:
         self._tail_held_since: float | None = None
         self._rescue_pending = False
         self._next_rescue_check = 0.0
-        # When the last check for rescued jobs was sent (loop time; None: not yet).
-        self._rescue_check_sent: float | None = None
+        # The database's now() at the last check for rescued jobs (None: none made yet).
+        self._rescued_checked_at: datetime | None = None
         self._database_health = metrics.database_health(config.dsn)
         self.completer = Completer(
             self.pool,
@@ -380,16 +380,16 @@ class Worker:
             if loop.time() >= self._next_rescue_check:
                 # Set before the check: a rescued job's notification arriving while it
                 # runs brings the next one forward again (_check_rescued_now).
-                sent = loop.time()
-                self._next_rescue_check = sent + self.config.poll_interval
+                self._next_rescue_check = loop.time() + self.config.poll_interval
                 try:
-                    self._rescue_pending = await store.rescued_waiting(conn, queues=self.queues)
-                except BaseException:
-                    # Not made: make it on the next claim (the fetcher's retry), not a
-                    # poll interval later.
+                    check = await store.rescued_waiting(conn, queues=self.queues)
+                except CONNECTION_ERRORS:
+                    # Not made: make it on the fetcher's next try, not a poll interval
+                    # later (a rescued job waiting would wait for that poll).
                     self._next_rescue_check = 0.0
                     raise
-                self._rescue_check_sent = sent
+                self._rescue_pending = check.waiting
+                self._rescued_checked_at = check.checked_at
             # A stop may have come while this waited for the lock, a connection or the
             # check above: SIGTERM stops claiming.
             if self._stopping.is_set():
@@ -549,7 +549,7 @@ class Worker:
         fell due after the claim sent at ``claim_sent`` (loop time) began counts as due
         now: the claim did not see it, and it is not in the future any more. A rescued
         job due later brings the check for rescued jobs forward to when it falls due, and
-        one that fell due after the last check began (which did not see it) brings it to
+        one that fell due after the last check's now() (which did not see it) brings it to
         now."""
         loop = asyncio.get_running_loop()
         try:
@@ -557,18 +557,11 @@ class Worker:
                 # Measured once the connection is ours: waiting for one makes the
                 # statement's now() later.
                 lookback = loop.time() - claim_sent + DUE_LOOKBACK_MARGIN
-                rescued_lookback = 0.0
-                if self._rescue_check_sent is not None:
-                    # Capped: the idle worker checks at least once per poll interval.
-                    rescued_lookback = (
-                        min(loop.time() - self._rescue_check_sent, self.config.poll_interval)
-                        + DUE_LOOKBACK_MARGIN
-                    )
                 seconds, rescued_seconds = await store.seconds_until_due(
                     conn,
                     queues=self.queues,
                     lookback_seconds=lookback,
-                    rescued_lookback_seconds=rescued_lookback,
+                    rescued_since=self._rescued_checked_at,
                 )
         except Exception:
             return self.config.poll_interval
