@@ -444,20 +444,28 @@ def test_handler_exceptions_never_stop_the_worker(dsn):
     run(main)
 
 
-def seconds_until_an_idle_worker_ran(dsn: str, make_job: Callable[[], object]) -> float:
-    """A worker with a 60 s poll, idle (it has claimed, and checked for rescued jobs,
-    once): seconds from ``make_job`` (run in a thread; it makes one `ping` job) to that
-    job's success. Running at all within the 20 s wait proves something other than the
-    poll woke the worker."""
+@asynccontextmanager
+async def idle_ping_worker(dsn: str) -> AsyncIterator[Worker]:
+    """A worker of a no-op `ping` task with a 60 s poll, once idle: its listener listens,
+    and it has claimed, and checked for rescued jobs, once."""
     registry = Registry()
 
     @registry.task(name="ping")
     def ping() -> None: ...
 
+    async with running_worker(registry, dsn, poll_interval=60) as worker:
+        await asyncio.wait_for(worker.listener.connected.wait(), 10)
+        await checked_for_rescued_jobs(worker)
+        yield worker
+
+
+def seconds_until_an_idle_worker_ran(dsn: str, make_job: Callable[[], object]) -> float:
+    """Seconds from ``make_job`` (run in a thread; it makes one `ping` job) to that job's
+    success on an idle_ping_worker. Running at all within the 20 s wait proves something
+    other than the poll woke the worker."""
+
     async def main() -> float:
-        async with running_worker(registry, dsn, poll_interval=60) as worker:
-            await asyncio.wait_for(worker.listener.connected.wait(), 10)
-            await checked_for_rescued_jobs(worker)
+        async with idle_ping_worker(dsn):
             start = time.monotonic()
             await asyncio.to_thread(make_job)
             await wait_for_db(
@@ -523,13 +531,8 @@ def test_an_idle_worker_takes_a_rescued_job_when_it_is_runnable_not_at_its_next_
 def test_an_idle_worker_does_not_spin_on_a_rescued_job_it_cannot_take(dsn, monkeypatch):
     # A rescued job that fell due since the last check makes the worker check again at
     # once; one its check saw but could not take (locked by another worker's claim)
-    # must not make it check again and again: only a job that fell due after the check
-    # (within the lookback's margin) counts.
-    registry = Registry()
-
-    @registry.task(name="ping")
-    def ping() -> None: ...
-
+    # must not make it check again and again: only a job that fell due after the check's
+    # now() counts.
     checks: list[float] = []
     real_check = store.rescued_waiting
 
@@ -540,9 +543,7 @@ def test_an_idle_worker_does_not_spin_on_a_rescued_job_it_cannot_take(dsn, monke
     monkeypatch.setattr(store, "rescued_waiting", check)
 
     async def main() -> None:
-        async with running_worker(registry, dsn, poll_interval=60) as worker:
-            await asyncio.wait_for(worker.listener.connected.wait(), 10)
-            await checked_for_rescued_jobs(worker)
+        async with idle_ping_worker(dsn) as worker:
             async with await psycopg.AsyncConnection.connect(dsn) as holder:
                 # Due in 2 s, and locked (as by a claim) long before the worker looks.
                 await holder.execute(
@@ -569,11 +570,6 @@ def test_a_check_for_rescued_jobs_that_failed_is_made_again_on_the_fetchers_retr
     # The next check's time is set before the check (a notification during it must not be
     # lost); a check that failed (a connection lost) left it a poll interval away, and a
     # rescued job waiting then waited for that poll.
-    registry = Registry()
-
-    @registry.task(name="ping")
-    def ping() -> None: ...
-
     armed: list[str] = []
     real_check = store.rescued_waiting
 
@@ -586,9 +582,7 @@ def test_a_check_for_rescued_jobs_that_failed_is_made_again_on_the_fetchers_retr
     monkeypatch.setattr(store, "rescued_waiting", check)
 
     async def main() -> None:
-        async with running_worker(registry, dsn, poll_interval=60) as worker:
-            await asyncio.wait_for(worker.listener.connected.wait(), 10)
-            await checked_for_rescued_jobs(worker)
+        async with idle_ping_worker(dsn):
             armed.append("armed")
             async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
                 # Waiting since before the worker's last check: the claim leaves it to the
@@ -648,32 +642,36 @@ def test_the_listener_passes_on_rescued_jobs_of_its_queues_and_after_each_reconn
 def test_a_rescued_jobs_notification_during_the_check_for_them_is_not_lost(dsn, monkeypatch):
     # The next check's time was set after the check's round trip, over the one the
     # notification had just brought forward: the job waited for the next poll.
-    registry = Registry()
-
-    @registry.task(name="ping")
-    def ping() -> None: ...
-
     told = asyncio.Event()  # the listener passed on a rescued job's notification
     armed: list[bool] = []
     real_check = store.rescued_waiting
+
+    def make_job_the_check_missed() -> None:
+        # Committed after the check read the table, due since before its now(): only the
+        # notification tells the worker (one that fell due after the check's now() would
+        # also come back from seconds_until_due).
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO pgqueue.jobs (task, rescued, run_at)"
+                " VALUES ('ping', true, now() - interval '10 seconds')"
+            )
+            conn.execute("SELECT pg_notify('pgqueue_jobs', ' rescued default')")
 
     async def check(conn: Any, **kw: Any) -> Any:
         waiting = await real_check(conn, **kw)
         if armed and not armed[1:]:
             armed.append(True)  # once
-            # The reaper requeues a job right after this check read the table; its
+            # A job is made runnable right after this check read the table; its
             # notification arrives before the check's result is acted on.
             told.clear()
-            await asyncio.to_thread(make_rescued_job, dsn, "requeued")
+            await asyncio.to_thread(make_job_the_check_missed)
             await asyncio.wait_for(told.wait(), 10)
         return waiting
 
     monkeypatch.setattr(store, "rescued_waiting", check)
 
     async def main() -> None:
-        async with running_worker(registry, dsn, poll_interval=60) as worker:
-            await asyncio.wait_for(worker.listener.connected.wait(), 10)
-            await checked_for_rescued_jobs(worker)
+        async with idle_ping_worker(dsn) as worker:
             passed_on = worker.listener.on_rescued
             assert passed_on is not None
 
