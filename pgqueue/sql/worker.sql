@@ -109,7 +109,9 @@ SELECT EXISTS (
 -- now), a rescued job that fell due after %(rescued_since)s, the now() of the worker's
 -- last check (NULL: none made): that check did not see it, and the claim leaves it out.
 -- One that fell due before was the check's to see (taken, or locked by another worker's
--- claim): counting it would make an idle worker spin. This part reads the queue's queued
+-- claim): counting it would make an idle worker spin. (One due before the check's now()
+-- but committed after the check read the table is left to its notification, which this
+-- version's reaper and CLI send, or to the poll.) This part reads the queue's queued
 -- rescued jobs in jobs_rescued_idx (run_at comes after priority there): they are few,
 -- each a job whose worker died under it.
 SELECT extract(epoch FROM min(n.run_at) FILTER (WHERE NOT n.fell_due) - now())::float8
