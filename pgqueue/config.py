@@ -151,6 +151,9 @@ class WorkerConfig:
         _seconds("shutdown timeout", self.shutdown_timeout, 0)
         _seconds("poll interval", self.poll_interval, 0, low_open=True)
         _seconds("reconnect backoff", self.reconnect_max_seconds, 0, low_open=True)
+        if isinstance(self.queues, str):
+            # Iterated, a string would be served as one-letter queues.
+            raise ConfigError(f"queues must be a list of names, not the string {self.queues!r}")
         for queue in self.queues:
             try:
                 check_name("queue", queue, MAX_QUEUE_LENGTH)

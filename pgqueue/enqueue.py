@@ -450,17 +450,28 @@ def _client_encoding(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any
 def _check_encodable(encoding: str, texts: Iterable[Any]) -> None:
     """SerializationError, before anything is sent, for text the connection's client
     encoding cannot carry (psycopg would raise UnicodeEncodeError half-way, a COPY's
-    leaving the caller's transaction aborted)."""
+    leaving the caller's transaction aborted), or would arrive changed: Shift JIS and
+    EUC-JP encode ``¥`` and ``‾`` as the bytes of ``\\`` and ``~``, which is what the
+    server reads (a ``¥`` in args would become a JSON escape, an idempotency key could
+    match another's)."""
     for text in texts:
         if isinstance(text, str):
             try:
-                text.encode(encoding)
+                changed = text.encode(encoding).decode(encoding) != text
             except UnicodeEncodeError as exc:
                 raise SerializationError(
                     f"{text[exc.start : exc.end]!r} cannot be sent in this connection's"
                     f" client encoding ({encoding}); nothing was enqueued (connect with"
                     " client_encoding=utf8)"
                 ) from None
+            if changed:
+                # The character, not the text: it may be the job's args.
+                char = next(c for c in text if c.encode(encoding).decode(encoding) != c)
+                raise SerializationError(
+                    f"{char!r} would reach the server changed in this connection's client"
+                    f" encoding ({encoding}); nothing was enqueued (connect with"
+                    " client_encoding=utf8)"
+                )
 
 
 def _encodable_rows(rows: Iterable[tuple[Any, ...]], encoding: str) -> Iterator[tuple[Any, ...]]:
@@ -580,7 +591,9 @@ def enqueue_many(
     conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
     jobs: Sequence[JobSpec | str],
 ) -> list[int] | Awaitable[list[int]]:
-    """Enqueue many jobs in one round trip; returns their ids in input order.
+    """Enqueue many jobs in one call, a few round trips whatever their number (by COPY:
+    the ids, the COPY, its end; a savepoint around large ones); returns their ids in
+    input order.
 
     Each item is a ``JobSpec`` (or a bare task name). One item that fails the checks
     raises ``ValidationError`` and enqueues none; the caller's transaction stays usable

@@ -66,6 +66,9 @@ class SerializationError(ValidationError):
     """Job arguments are not a JSON object of JSON-serialisable values."""
 
 
+# Raised before anything is sent when over this process's limit. When the database's own
+# pgqueue.max_args_bytes is the lower one, its refusal is a failed statement, and has
+# aborted the caller's transaction as any failed statement does (README, "Payload size").
 class PayloadTooLarge(ValidationError):
     """Job arguments are over the size limit (PGQUEUE_MAX_ARGS_BYTES / pgqueue.max_args_bytes)."""
 

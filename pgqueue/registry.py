@@ -334,7 +334,8 @@ class Registry:
         """Register the decorated function (sync or ``async def``) as a task:
         ``@registry.task`` or ``@registry.task(name, queue=..., ...)``.
 
-        ``name`` defaults to ``module.qualname``. Registering a name twice raises
+        ``name`` defaults to ``module.qualname`` (a callable object or a
+        ``functools.partial``, which have none, needs it given). Registering a name twice raises
         ``ConfigError``; so do bad options and an empty name.
         """
         if callable(name):
@@ -360,11 +361,17 @@ class Registry:
                     f"{getattr(fn, '__qualname__', fn)!r} is a generator function: a task"
                     " handler must do its work when called (return, not yield)"
                 )
-            task_name = check_name(
-                "task",
-                f"{fn.__module__}.{fn.__qualname__}" if name is None else name,
-                MAX_NAME_LENGTH,
-            )
+            given = name
+            if given is None:
+                qualname = getattr(fn, "__qualname__", None)
+                if not isinstance(qualname, str):
+                    # A callable object or a functools.partial: no name of its own.
+                    raise ConfigError(
+                        f"{fn!r} has no __qualname__ to name its task after: pass"
+                        " name=... to registry.task"
+                    )
+                given = f"{getattr(fn, '__module__', None)}.{qualname}"
+            task_name = check_name("task", given, MAX_NAME_LENGTH)
             if task_name in self._tasks:
                 raise ConfigError(f"task {task_name!r} is already registered")
             registered: Task[P, R] = Task(task_name, fn, options)

@@ -20,7 +20,8 @@ DEFAULT_JITTER = 0.25
 class Backoff:
     """Exponential backoff: ``base * 2**(attempt-1)``, capped at ``max``, times a jitter
     factor drawn uniformly from ``[1-jitter, 1+jitter)``: the longest delay is
-    ``max * (1 + jitter)``."""
+    ``max * (1 + jitter)``, and never more than ten years (what a retry's ``run_at``
+    takes)."""
 
     base_seconds: float = DEFAULT_BASE_SECONDS
     max_seconds: float = DEFAULT_MAX_SECONDS
@@ -39,4 +40,6 @@ class Backoff:
         """Seconds to wait before the attempt after ``attempt`` (1-based) failed."""
         exponent = min(max(attempt, 1) - 1, 60)
         raw = min(self.max_seconds, self.base_seconds * (2.0**exponent))
-        return float(raw * (1.0 - self.jitter + 2.0 * self.jitter * rand()))
+        # The jitter could take a max near ten years past what the worker's retry takes
+        # (it would fall back to the default backoff): capped there.
+        return float(min(raw * (1.0 - self.jitter + 2.0 * self.jitter * rand()), MAX_DELAY_SECONDS))

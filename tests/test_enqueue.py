@@ -1147,3 +1147,31 @@ def test_a_client_encoding_that_cannot_carry_the_job_refuses_it_before_sending(d
         c.commit()
     with psycopg.connect(dsn, autocommit=True) as utf8:
         assert job_row(utf8, job_id)[2] == {"x": "caf\u00e9"}
+
+
+@pytest.mark.parametrize("encoding", ["SJIS", "EUC_JP"])
+def test_text_a_client_encoding_would_change_is_refused_before_sending(dsn, encoding):
+    # Python's Shift JIS and EUC-JP codecs encode U+00A5 (yen) and U+203E (overline) as
+    # 0x5C and 0x7E, which the server reads as a backslash and a tilde: a yen in args
+    # became a JSON escape ({"x": "\u00a5n"} stored as a newline), a key with one matched
+    # another job's key with a backslash.
+    with psycopg.connect(dsn, options=f"-c client_encoding={encoding}") as c:
+        c.execute("SELECT 1")  # a transaction of the caller's is open
+        for attempt in (
+            lambda: enqueue(c, "t", {"x": "\u00a5n"}),
+            lambda: enqueue(c, "t", {"x": "a\u203eb"}),
+            lambda: enqueue(c, "t", idempotency_key="order\u00a51"),
+            lambda: enqueue(c, "t\u00a5"),
+            lambda: enqueue_many(c, ["t", JobSpec("t", {"x": "\u00a5"})]),
+            lambda: enqueue_many(c, [JobSpec("t", idempotency_key="k\u00a5")]),
+            lambda: enqueue_many(c, ["t"] * STREAM_COPY_FROM + [JobSpec("t", {"x": "\u00a5"})]),
+        ):
+            with pytest.raises(SerializationError, match=r"would reach the server changed"):
+                attempt()
+            assert scalar(c, "SELECT count(*) FROM pgqueue.jobs") == 0  # still usable
+        # What the encoding carries as it is goes in unchanged, backslashes included.
+        job_id = enqueue(c, "t", {"x": "\u4e2d\\n~"}, idempotency_key="order\\1")
+        c.commit()
+    with psycopg.connect(dsn, autocommit=True) as utf8:
+        assert job_row(utf8, job_id)[2] == {"x": "\u4e2d\\n~"}
+        assert scalar(utf8, "SELECT idempotency_key FROM pgqueue.jobs") == "order\\1"

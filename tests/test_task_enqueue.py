@@ -209,3 +209,34 @@ def test_an_empty_or_non_string_task_name_is_refused_at_registration():
         Backoff(base_seconds=-1)
     with pytest.raises(ValueError, match="backoff jitter"):
         Backoff(jitter=2)
+
+
+def test_a_callable_without_a_qualname_needs_a_task_name():
+    # A callable object or a partial has no __qualname__: registering one without a name
+    # raised AttributeError from the decorator.
+    import functools
+
+    from pgqueue import ConfigError
+
+    class Handler:
+        async def __call__(self, n: int) -> int:
+            return n
+
+    local = Registry()
+    for fn in (Handler(), functools.partial(max, 1)):
+        with pytest.raises(ConfigError, match="pass name="):
+            local.task(fn)
+    assert len(local) == 0
+    assert local.task(name="handler")(Handler()).name == "handler"
+
+
+def test_a_backoff_never_answers_more_than_a_retry_can_wait():
+    # max near ten years times the jitter's up to 1.25 was more than the worker's retry
+    # takes: it logged job.backoff_failed and fell back to the default backoff.
+    from pgqueue import Backoff
+    from pgqueue.errors import MAX_DELAY_SECONDS, delay_seconds
+
+    longest = Backoff(base_seconds=MAX_DELAY_SECONDS, max_seconds=MAX_DELAY_SECONDS)
+    assert longest.delay(1, rand=lambda: 0.999) == MAX_DELAY_SECONDS
+    assert delay_seconds(longest.delay(30, rand=lambda: 0.999), "delay") == MAX_DELAY_SECONDS
+    assert Backoff(base_seconds=8, jitter=0.5).delay(1, rand=lambda: 0.75) == 10.0

@@ -1378,6 +1378,8 @@ def test_stop_releases_a_job_whose_handler_ignores_its_cancellation(dsn, monkeyp
         # A queue name the claim cannot send: every claim failed, for every queue.
         {"queues": ("ok", "\udcff")},
         {"queues": ("a\x00",)},
+        # A string would be served as one-letter queues ("e", "m", ...).
+        {"queues": "emails"},
         # DSNs that can never connect: the daemons retried them for ever.
         {"dsn": "garbage=="},
         {"dsn": "postgresql://h:notaport/db"},
