@@ -1,5 +1,7 @@
 """``pgqueue-worker --processes N``: runs N worker processes, forwards SIGTERM/SIGINT to
-them, and replaces a child that dies (with a backoff if it keeps dying at start-up).
+them, and replaces a child that dies: after 1 s, doubled up to 30 s while it keeps dying
+within 10 s of its start (at start-up, or killed by its first jobs: each new child
+claims at once), back to 1 s once one has lived 10 s.
 
 Each child is a full worker (``python -m pgqueue worker ... --processes 1``). With
 ``--metrics-port`` the supervisor serves the children's metrics summed (prometheus-client
@@ -283,6 +285,7 @@ class Supervisor:
                         slot=child.slot,
                         pid=child.proc.pid,
                         exit_code=code,
+                        lived=round(lived, 2),
                         restart_in=round(child.restart_delay, 2),
                     )
                     child.restart_delay = min(RESTART_MAX_SECONDS, child.restart_delay * 2)

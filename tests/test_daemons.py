@@ -990,6 +990,45 @@ def test_poison_job_dead_letters_after_max_attempts(conn, daemons):
     assert supervisor.poll() is None
 
 
+def test_a_child_that_keeps_dying_soon_after_its_start_is_restarted_later_and_later(conn, daemons):
+    # The supervisor's restart delay: 1 s, doubled (up to 30 s) while a slot's children
+    # die within 10 s of their start, back to 1 s once one lived 10 s.
+    supervisor = daemons.worker(
+        "--processes", "2", "--concurrency", "1", "--lease-seconds", "60",
+        "--poll-interval", "0.2",
+    )  # fmt: skip
+    wait_until(lambda: len(logged(daemons, supervisor, "worker.started")) == 2, timeout=30)
+
+    def deaths() -> list[dict[str, Any]]:
+        return logged(daemons, supervisor, "supervisor.child_died")
+
+    # Each crash job kills the child that claims it, and stays running (a 60 s lease, no
+    # reaper): five deaths in a row, spread over the two slots.
+    for _ in range(5):
+        enqueue(conn, "crash", max_attempts=1)
+    wait_until(lambda: len(deaths()) >= 5, timeout=60)
+    # Ten seconds after the last restart, every child has lived long enough.
+    time.sleep(max(d["restart_in"] for d in deaths()) + 10.5)
+    before = len(deaths())
+    enqueue(conn, "crash", max_attempts=1)
+    wait_until(lambda: len(deaths()) > before, timeout=30)
+
+    by_slot: dict[int, list[dict[str, Any]]] = {}
+    for death in deaths():
+        by_slot.setdefault(death["slot"], []).append(death)
+    for slot_deaths in by_slot.values():
+        delay = 1.0
+        for death in slot_deaths:
+            if death["lived"] >= 10:
+                delay = 1.0
+            assert death["restart_in"] == delay, (death, slot_deaths)
+            delay = min(30.0, delay * 2)
+    # A slot died again soon after a restart: doubled.
+    assert max(d["restart_in"] for d in deaths()[:before]) >= 2
+    assert deaths()[-1]["lived"] >= 10 and deaths()[-1]["restart_in"] == 1.0  # reset
+    assert supervisor.poll() is None
+
+
 def test_supervisor_stopped_while_a_child_crash_loops_exits_nonzero(tmp_path):
     # A child that died and waits for its restart was skipped when the exit codes were
     # gathered, so a supervisor whose children kept crashing exited 0 on SIGTERM.

@@ -1094,6 +1094,31 @@ def test_notify_inserts_off_for_one_transaction_only(conn, dsn):
         assert notified_before_sentinel(conn, listener) == ["q-loud"]
 
 
+@pytest.mark.parametrize("notify_inserts", ["on", "off"])
+def test_dead_retry_wakes_each_revived_queue_once_whatever_notify_inserts_says(
+    conn, dsn, notify_inserts
+):
+    # retry_dead left the wake-up to the insert trigger: with pgqueue.notify_inserts off
+    # (set for enqueues) the revived jobs waited for a poll, unlike run-now's.
+    conn.execute(
+        "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts,"
+        " max_attempts, run_at, created_at, reason)"
+        " SELECT i, CASE WHEN i < 904 THEN 'q-a' ELSE 'q-b' END, 't', '{}', 0, 3, 3,"
+        " now(), now(), 'exhausted' FROM generate_series(901, 905) AS i"
+    )
+    conn.execute("SELECT set_config('pgqueue.notify_inserts', %s, false)", (notify_inserts,))
+    with listening(dsn) as listener:
+        moved = store.retry_dead(conn, ids=None, queue=None, task=None, limit=10)
+        # Postgres sends the trigger's notification and the statement's own once.
+        assert sorted(notified_before_sentinel(conn, listener)) == ["q-a", "q-b"]
+    assert len(moved) == 5
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'queued'") == 5
+    # Nothing revived, nothing sent.
+    with listening(dsn) as listener:
+        assert store.retry_dead(conn, ids=None, queue=None, task=None, limit=10) == []
+        assert notified_before_sentinel(conn, listener) == []
+
+
 def test_notify_inserts_off_still_refuses_oversized_args(conn):
     conn.execute("SET pgqueue.notify_inserts = off")
     conn.execute("SET pgqueue.max_args_bytes = '100'")

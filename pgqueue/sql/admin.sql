@@ -218,7 +218,10 @@ GROUP BY original_id;
 
 -- name: retry_dead
 -- Moves dead jobs back to the queue with fresh attempts, atomically (the delete and the
--- inserts are one statement), runnable now; the insert trigger wakes the workers. Their
+-- inserts are one statement), runnable now, and wakes each of their queues' workers
+-- itself (the insert trigger's notification is the same one, which Postgres sends once;
+-- with pgqueue.notify_inserts off the trigger sends none, and `dead retry` is not an
+-- enqueue that setting is for). Their
 -- errors and history stay. A revived job keeps its idempotency key unless a job in
 -- pgqueue.jobs holds it (committed, or inserted concurrently) or an older job of the same
 -- batch takes it back: then it comes back without its key rather than failing the move
@@ -280,6 +283,8 @@ WITH picked AS MATERIALIZED (
     FROM revived AS r
     WHERE r.job_id NOT IN (SELECT k.id FROM keyed AS k)
     RETURNING j.id
+), woken AS (
+    SELECT pgqueue.wake(q.queue) FROM (SELECT DISTINCT m.queue FROM moved AS m) AS q
 )
 SELECT p.id, u.job_id,
        CASE WHEN r.idempotency_key IS NOT NULL
@@ -288,6 +293,7 @@ SELECT p.id, u.job_id,
 FROM picked AS p
 LEFT JOIN usable AS u ON u.id = p.id
 LEFT JOIN revived AS r ON r.id = p.id
+CROSS JOIN (SELECT count(*) FROM woken) AS w
 ORDER BY p.id;
 
 -- name: purge_dead
