@@ -24,7 +24,13 @@ from pgqueue import metrics, store
 from pgqueue.config import ReaperConfig
 from pgqueue.log import get_logger
 from pgqueue.migrate import SchemaWatch
-from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff, error_fields, retry_event
+from pgqueue.worker.backoff import (
+    CONNECTION_ERRORS,
+    READ_ONLY_ERRORS,
+    ReconnectBackoff,
+    error_fields,
+    retry_event,
+)
 
 log = get_logger("pgqueue.reaper")
 
@@ -307,7 +313,11 @@ class Reaper:
                 wait = self.backoff.next_delay()
                 event = retry_event("reaper", exc, self._conn)
                 log.warning(event, **error_fields(exc), retry_in=round(wait, 2))
-                if event == "reaper.disconnected" or not self._conn_idle():
+                if (
+                    event == "reaper.disconnected"
+                    or isinstance(exc, READ_ONLY_ERRORS)  # a new session may write
+                    or not self._conn_idle()
+                ):
                     self._close()
                 # else a statement refused on a sound connection (a serialization
                 # failure, a lock or statement timeout): keep it, and with it the lead.

@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
@@ -1059,3 +1060,39 @@ def test_supervisor_stopped_while_a_child_crash_loops_exits_nonzero(tmp_path):
             proc.wait()
     assert b"supervisor.child_died" in out, out
     assert proc.returncode == 1, out
+
+
+def test_outcomes_written_while_the_database_is_read_only_wait_for_it_to_be_writable(conn, daemons):
+    # A write refused with 25006 (read-only session: a standby during a failover,
+    # default_transaction_read_only) was taken for a refused outcome: the completer
+    # dropped every outcome of the window, and those jobs ran again once their leases
+    # expired. And a session keeps the read-only default it started with: the worker
+    # must replace its sessions, not retry on them for ever.
+    ids = [enqueue(conn, "sleep", {"seconds": 1.5, "note": f"r{i}"}) for i in range(3)]
+    worker = daemons.worker("--concurrency", "4", "--lease-seconds", "30")
+    wait_until(lambda: executions(conn, ids[-1], "start") == 1 and executions(conn, ids[0]) == 1)
+    database = sql.Identifier(conn.info.dbname)
+    conn.execute(
+        sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(database)
+    )
+    # The worker's sessions from now on start read-only.
+    conn.execute(f"SELECT pg_terminate_backend(pid) FROM ({WORKER_BACKENDS}) AS b")  # type: ignore[arg-type]
+
+    def refused_read_only() -> bool:
+        return any(
+            e.get("sqlstate") == "25006" and e["event"] == "completer.db_error"
+            for e in events(daemons, worker)
+        )
+
+    wait_until(refused_read_only, timeout=30)
+    # Writable again for new sessions; the worker's own are not ended this time.
+    conn.execute(sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(database))
+    wait_until(lambda: all_succeeded(conn, ids), timeout=30)
+
+    for job_id in ids:
+        assert executions(conn, job_id, "start") == 1
+        row = job_row(conn, job_id)
+        assert row is not None and not row["rescued"]
+        assert [h["outcome"] for h in row["history"]] == ["succeeded"]
+    assert not logged(daemons, worker, "outcome.failed")
+    assert worker.poll() is None

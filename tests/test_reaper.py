@@ -450,6 +450,36 @@ def test_sigterm_ends_a_once_pass_between_batches_with_its_summary(conn, dsn):
     assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'queued'") == requeued
 
 
+def test_a_reaper_whose_session_is_read_only_replaces_it(conn, dsn, tmp_path):
+    # A refused write (25006: a standby during a failover, default_transaction_read_only)
+    # was retried on the same session, which keeps the read-only default it started
+    # with: the reaper reaped nothing until it was restarted.
+    database = psycopg.sql.Identifier(conn.info.dbname)
+    conn.execute(
+        psycopg.sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(database)
+    )
+    log = tmp_path / "reaper.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "pgqueue-reaper"), "--interval", "0.2", "--log-format", "json",
+             "--dsn", dsn],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: '"sqlstate": "25006"' in log.read_text(), timeout=30)
+        conn.execute(
+            psycopg.sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(
+                database
+            )
+        )
+        job_id = expired_job(conn, attempts=1)
+        wait_until(lambda: job_row(conn, job_id)["state"] == "queued", timeout=30)  # type: ignore[index]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, log.read_text()
+
+
 def test_reaper_requeued_names_the_lost_attempt_and_whether_it_counted(conn, dsn):
     # It logged the attempts left after the requeue: "attempt": 0 for a job lost in its
     # first attempt, which read like a bug.

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from pgqueue import JobSpec, enqueue_many, migrate
+from pgqueue import JobSpec, enqueue, enqueue_many, migrate
 from tests.conftest import EXECUTIONS_DDL, Daemons, scalar, wait_until
 from tests.pgcluster import PgCluster
 
@@ -64,5 +65,41 @@ def test_daemons_survive_postgres_restarts_and_lose_nothing(
         # Both noticed the restarts, said so, and carried on.
         assert "listener.disconnected" in Daemons.output(worker)
         assert "reaper.disconnected" in Daemons.output(reaper)
+    finally:
+        daemons.stop_all()
+
+
+def test_after_a_long_outage_a_worker_runs_jobs_again_within_seconds(
+    cluster: PgCluster, tmp_path: Path
+):
+    # The worker's pool retried a lost connection after 1, 2, 4, 8, ... s for as long as
+    # the worker lived: after an outage its connections came back about as late as the
+    # outage had lasted (36 s down: a job enqueued at once started 32 s later; 40 s: 18 s),
+    # leases expired meanwhile and a shutdown's flush failed. Now each retry gives up
+    # after the loops' reconnect bound (10 s), and the next request starts anew (2-6 s).
+    migrate(cluster.dsn)
+    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        conn.execute(EXECUTIONS_DDL)  # type: ignore[arg-type]
+    daemons = Daemons(cluster.dsn, tmp_path)
+    try:
+        worker = daemons.worker("--lease-seconds", "3", "--poll-interval", "0.5")
+        wait_until(lambda: "worker.started" in Daemons.output(worker))
+        cluster.stop("fast")
+        time.sleep(36)
+        cluster.start()
+        back = time.monotonic()
+        with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+            job_id = enqueue(conn, "record", {"note": "after"})
+
+            def done() -> bool:
+                state = scalar(conn, "SELECT state FROM pgqueue.jobs WHERE id = %s", (job_id,))
+                return bool(state == "succeeded")
+
+            wait_until(done, timeout=60, interval=0.1)
+        took = time.monotonic() - back
+        # A loop asks for a connection at least every 6 s (the heartbeat's 1 s, plus the
+        # pool's 5 s wait), and the pool's own retries are at most 4 s apart now.
+        assert took < 12, took
+        assert worker.poll() is None
     finally:
         daemons.stop_all()

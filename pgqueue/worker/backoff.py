@@ -8,13 +8,24 @@ from typing import Any
 import psycopg
 from psycopg_pool import PoolTimeout
 
-# Errors that mean "the database is unreachable or the connection broke": loops log
-# them, back off and carry on. Anything else is a bug worth a traceback in the logs.
+# A write refused because the session is read-only: connected to a standby (a failover
+# under way, a multi-host DSN without target_session_attrs=read-write) or started under
+# default_transaction_read_only (maintenance; some managed services set it while the disk
+# is full). As temporary as a lost connection, and treated the same way; the session is
+# replaced (a session keeps the read-only default it started with), and nothing it was
+# writing is taken for refused: a worker's completer had dropped every outcome it wrote
+# in such a window, and those jobs ran again once their leases expired.
+READ_ONLY_ERRORS: tuple[type[BaseException], ...] = (psycopg.errors.ReadOnlySqlTransaction,)
+
+# Errors that mean "the database is unreachable, the connection broke or cannot write for
+# now": loops log them, back off and carry on. Anything else is a bug worth a traceback
+# in the logs.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     psycopg.OperationalError,
     psycopg.InterfaceError,
     PoolTimeout,
     OSError,
+    *READ_ONLY_ERRORS,
 )
 
 

@@ -19,7 +19,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
@@ -35,6 +35,7 @@ from pgqueue.models import Job, Outcome, OutcomeKind
 from pgqueue.registry import Registry
 from pgqueue.worker.backoff import (
     CONNECTION_ERRORS,
+    READ_ONLY_ERRORS,
     ReconnectBackoff,
     error_fields,
     retry_event,
@@ -85,6 +86,23 @@ def _reset_signals_after_fork() -> None:
         _fork_hook_registered = True
 
 
+class _WorkerPool(AsyncConnectionPool):
+    """The worker's pool: a connection whose session turned out read-only (a standby,
+    ``default_transaction_read_only``) is closed rather than returned, so that the pool
+    replaces it with a new session, which reads the server's state and settings anew."""
+
+    @contextlib.asynccontextmanager
+    async def connection(
+        self, timeout: float | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        async with super().connection(timeout) as conn:
+            try:
+                yield conn
+            except READ_ONLY_ERRORS:
+                await conn.close()
+                raise
+
+
 class Worker:
     """Runs jobs from ``config.queues`` (default: the registry's queues) until stopped."""
 
@@ -110,7 +128,7 @@ class Worker:
         # Deduplicated: the claim scans each queue once per name it is given.
         self.queues: tuple[str, ...] = tuple(dict.fromkeys(config.queues or registry.queues()))
         self.worker_id = worker_id or make_worker_id()
-        self.pool = AsyncConnectionPool(
+        self.pool = _WorkerPool(
             config.dsn,
             # Fetcher, completer and heartbeat each hold one at times. All three are opened
             # at start: a pool that grows on demand makes the first claims that meet a
@@ -119,8 +137,13 @@ class Worker:
             max_size=3,
             open=False,
             timeout=5.0,
-            # Keep trying for as long as the daemon lives; loops back off on their own.
-            reconnect_timeout=365 * 24 * 3600.0,
+            # How long the pool retries one lost connection (after 1, 2, 4, ... s) before
+            # it gives up on it; the next request for a connection starts a new try at
+            # once. The loops that ask back off on their own, up to the same bound. Set to
+            # a year, the pool's doubling delays went on for the whole of an outage, and
+            # after it the connections came back as late as the outage had lasted (one of
+            # 40 s: 23 s), while leases expired and a shutdown's flush failed.
+            reconnect_timeout=config.reconnect_max_seconds,
             configure=store.worker_connection_configurer(
                 generic_plans=config.prepared_statements and config.generic_plans,
                 async_commit=config.async_commit,

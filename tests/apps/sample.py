@@ -21,7 +21,9 @@ FAST = Backoff(base_seconds=0.05, max_seconds=0.2)
 
 def _record(note: str = "") -> None:
     job = current_job()
-    with psycopg.connect(os.environ["PGQUEUE_DSN"], autocommit=True) as conn:
+    # Writable while the test makes the database's new sessions read-only.
+    options = "-c default_transaction_read_only=off"
+    with psycopg.connect(os.environ["PGQUEUE_DSN"], autocommit=True, options=options) as conn:
         conn.execute(
             "INSERT INTO public.executions (job_id, attempt, pid, note) VALUES (%s, %s, %s, %s)",
             (job.id, job.attempt, os.getpid(), note),
