@@ -450,28 +450,45 @@ def _client_encoding(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any
 def _check_encodable(encoding: str, texts: Iterable[Any]) -> None:
     """SerializationError, before anything is sent, for text the connection's client
     encoding cannot carry (psycopg would raise UnicodeEncodeError half-way, a COPY's
-    leaving the caller's transaction aborted), or would arrive changed: Shift JIS and
-    EUC-JP encode ``¥`` and ``‾`` as the bytes of ``\\`` and ``~``, which is what the
-    server reads (a ``¥`` in args would become a JSON escape, an idempotency key could
-    match another's)."""
+    leaving the caller's transaction aborted), or that Python's codec would send as
+    something the server reads differently (_changed_by)."""
     for text in texts:
         if isinstance(text, str):
             try:
-                changed = text.encode(encoding).decode(encoding) != text
+                changed = None if text.isascii() else _changed_by(encoding, text)
             except UnicodeEncodeError as exc:
                 raise SerializationError(
-                    f"{text[exc.start : exc.end]!r} cannot be sent in this connection's"
+                    f"{exc.object[exc.start : exc.end]!r} cannot be sent in this connection's"
                     f" client encoding ({encoding}); nothing was enqueued (connect with"
                     " client_encoding=utf8)"
                 ) from None
-            if changed:
+            if changed is not None:
                 # The character, not the text: it may be the job's args.
-                char = next(c for c in text if c.encode(encoding).decode(encoding) != c)
                 raise SerializationError(
-                    f"{char!r} would reach the server changed in this connection's client"
+                    f"{changed!r} would reach the server changed in this connection's client"
                     f" encoding ({encoding}); nothing was enqueued (connect with"
                     " client_encoding=utf8)"
                 )
+
+
+def _changed_by(encoding: str, text: str) -> str | None:
+    """The first character of ``text`` that Python's codec for ``encoding`` sends as
+    bytes Postgres reads as another text (None if none; UnicodeEncodeError for one it
+    cannot send). Its Shift JIS, Shift JIS 2004 and EUC-JP codecs send ``¥`` and ``‾``
+    as 0x5C and 0x7E, which the server reads as ``\\`` and ``~`` (a ``¥`` in args became
+    a JSON escape; an idempotency key matched another's); its EUC-KR codec sends a
+    Hangul syllable outside KS X 1001 as an 8-byte sequence of jamo, which the server
+    stores as four characters. Every other codec psycopg maps sends no character other
+    than ASCII as bytes below 0x80, nor as longer sequences than the server's table."""
+    seen: set[str] = set()
+    for char in text:
+        if char.isascii() or char in seen:
+            continue
+        seen.add(char)
+        sent = char.encode(encoding)
+        if (len(sent) == 1 and sent[0] < 0x80) or (encoding == "euc_kr" and len(sent) > 2):
+            return char
+    return None
 
 
 def _encodable_rows(rows: Iterable[tuple[Any, ...]], encoding: str) -> Iterator[tuple[Any, ...]]:

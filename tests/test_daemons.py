@@ -1068,9 +1068,10 @@ def test_outcomes_written_while_the_database_is_read_only_wait_for_it_to_be_writ
     # dropped every outcome of the window, and those jobs ran again once their leases
     # expired. And a session keeps the read-only default it started with: the worker
     # must replace its sessions, not retry on them for ever.
-    ids = [enqueue(conn, "sleep", {"seconds": 1.5, "note": f"r{i}"}) for i in range(3)]
+    ids = [enqueue(conn, "sleep", {"seconds": 4, "note": f"r{i}"}) for i in range(3)]
     worker = daemons.worker("--concurrency", "4", "--lease-seconds", "30")
-    wait_until(lambda: executions(conn, ids[-1], "start") == 1 and executions(conn, ids[0]) == 1)
+    # All three running (each for 4 s more): their outcomes come in the read-only window.
+    wait_until(lambda: all(executions(conn, job_id, "start") == 1 for job_id in ids))
     database = sql.Identifier(conn.info.dbname)
     conn.execute(
         sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(database)

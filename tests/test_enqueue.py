@@ -1149,7 +1149,7 @@ def test_a_client_encoding_that_cannot_carry_the_job_refuses_it_before_sending(d
         assert job_row(utf8, job_id)[2] == {"x": "caf\u00e9"}
 
 
-@pytest.mark.parametrize("encoding", ["SJIS", "EUC_JP"])
+@pytest.mark.parametrize("encoding", ["SJIS", "EUC_JP", "SHIFT_JIS_2004"])
 def test_text_a_client_encoding_would_change_is_refused_before_sending(dsn, encoding):
     # Python's Shift JIS and EUC-JP codecs encode U+00A5 (yen) and U+203E (overline) as
     # 0x5C and 0x7E, which the server reads as a backslash and a tilde: a yen in args
@@ -1175,3 +1175,20 @@ def test_text_a_client_encoding_would_change_is_refused_before_sending(dsn, enco
     with psycopg.connect(dsn, autocommit=True) as utf8:
         assert job_row(utf8, job_id)[2] == {"x": "\u4e2d\\n~"}
         assert scalar(utf8, "SELECT idempotency_key FROM pgqueue.jobs") == "order\\1"
+
+
+def test_a_hangul_syllable_euc_kr_cannot_carry_is_refused_and_one_it_can_is_not(dsn):
+    # Python's EUC-KR codec sends a syllable outside KS X 1001 as an 8-byte sequence of
+    # jamo, which the server stores as four characters; U+3164 (the filler) it sends as
+    # bytes it cannot decode again, which the server reads as U+3164.
+    with psycopg.connect(dsn, options="-c client_encoding=EUC_KR") as c:
+        for attempt in (
+            lambda: enqueue(c, "t", {"x": "\ub620"}),
+            lambda: enqueue_many(c, [JobSpec("t", {"x": "a\ub620"})]),
+        ):
+            with pytest.raises(SerializationError, match="would reach the server changed"):
+                attempt()
+        job_id = enqueue(c, "t", {"x": "\uac00\u3164"})
+        c.commit()
+    with psycopg.connect(dsn, autocommit=True) as utf8:
+        assert job_row(utf8, job_id)[2] == {"x": "\uac00\u3164"}

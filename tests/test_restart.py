@@ -76,7 +76,8 @@ def test_after_a_long_outage_a_worker_runs_jobs_again_within_seconds(
     # the worker lived: after an outage its connections came back about as late as the
     # outage had lasted (36 s down: a job enqueued at once started 32 s later; 40 s: 18 s),
     # leases expired meanwhile and a shutdown's flush failed. Now each retry gives up
-    # after the loops' reconnect bound (10 s), and the next request starts anew (2-6 s).
+    # after the loops' reconnect bound (10 s), and the next request starts anew (2-6 s
+    # measured here).
     migrate(cluster.dsn)
     with psycopg.connect(cluster.dsn, autocommit=True) as conn:
         conn.execute(EXECUTIONS_DDL)  # type: ignore[arg-type]
@@ -97,9 +98,10 @@ def test_after_a_long_outage_a_worker_runs_jobs_again_within_seconds(
 
             wait_until(done, timeout=60, interval=0.1)
         took = time.monotonic() - back
-        # A loop asks for a connection at least every 6 s (the heartbeat's 1 s, plus the
-        # pool's 5 s wait), and the pool's own retries are at most 4 s apart now.
-        assert took < 12, took
+        # The fetcher retries its claim after at most 10 s (its backoff's bound), and
+        # some loop asks the pool for a connection at least every 6 s (the heartbeat's
+        # 1 s, plus the pool's 5 s wait), whose tries are at most 4 s apart now.
+        assert took < 18, took
         assert worker.poll() is None
     finally:
         daemons.stop_all()

@@ -12,7 +12,8 @@ from psycopg_pool import PoolTimeout
 # under way, a multi-host DSN without target_session_attrs=read-write) or started under
 # default_transaction_read_only (maintenance; some managed services set it while the disk
 # is full). As temporary as a lost connection, and treated the same way; the session is
-# replaced (a session keeps the read-only default it started with), and nothing it was
+# replaced (a session may keep the read-only default it started with: one set by ALTER
+# DATABASE or ALTER ROLE; a reload or a promotion reaches it), and nothing it was
 # writing is taken for refused: a worker's completer had dropped every outcome it wrote
 # in such a window, and those jobs ran again once their leases expired.
 READ_ONLY_ERRORS: tuple[type[BaseException], ...] = (psycopg.errors.ReadOnlySqlTransaction,)
