@@ -809,16 +809,20 @@ def set_statement_timeout(conn: SyncConn, seconds: float) -> None:
     )
 
 
-def queue_stats(conn: SyncConn, *, timeout_seconds: float | None = None) -> list[Row]:
+def queue_stats(
+    conn: SyncConn, *, timeout_seconds: float | None = None, with_finished: bool = True
+) -> list[Row]:
     """The per-queue stats; with ``timeout_seconds``, the query fails past it (a scrape
     must answer, not wait behind a lock on pgqueue.jobs). Its settings are the
     transaction's, which this opens (a savepoint inside the caller's): nothing is left
-    on the session, which a PgBouncer in transaction pooling mode would pass on."""
+    on the session, which a PgBouncer in transaction pooling mode would pass on. Without
+    ``with_finished``, ``finished_last_minute`` is None and queues with only such jobs
+    are left out (the metrics' gauges: see the query)."""
     with conn.transaction():
         if timeout_seconds is not None:
             set_statement_timeout(conn, timeout_seconds)
         conn.execute(QUERIES["disable_jit"])
-        return _fetch(conn, "queue_stats", {})
+        return _fetch(conn, "queue_stats", {"with_finished": with_finished})
 
 
 # The fields of a queue_stats row: a stored snapshot lacking one (written by another
@@ -851,7 +855,8 @@ class QueueStats(NamedTuple):
 
 
 def shared_queue_stats(conn: SyncConn, *, max_age: float, timeout_seconds: float) -> QueueStats:
-    """queue_stats' rows, counted at most once per ``max_age`` for all the processes that
+    """queue_stats' rows without the finished jobs (the metrics' gauges, which do not
+    use them), counted at most once per ``max_age`` for all the processes that
     ask (migration 0022): the stored counts if younger; otherwise this process waits for
     the right to count (another may be counting: its result is then read), counts and
     stores them. Every statement of the caller's transaction from here on, the wait
@@ -867,10 +872,10 @@ def shared_queue_stats(conn: SyncConn, *, max_age: float, timeout_seconds: float
                     conn.execute(QUERIES["lock_queue_stats"])
                     stored = _stored_queue_stats(conn, max_age)
         except (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege) as exc:
-            return QueueStats(queue_stats(conn), 0.0, first_line(exc))
+            return QueueStats(queue_stats(conn, with_finished=False), 0.0, first_line(exc))
         if stored is not None:
             return QueueStats(*stored, None)
-        rows = queue_stats(conn)
+        rows = queue_stats(conn, with_finished=False)
         try:
             with conn.transaction():
                 conn.execute(QUERIES["save_queue_stats"], {"queues": Jsonb(rows)})
