@@ -816,8 +816,8 @@ def queue_stats(
     must answer, not wait behind a lock on pgqueue.jobs). Its settings are the
     transaction's, which this opens (a savepoint inside the caller's): nothing is left
     on the session, which a PgBouncer in transaction pooling mode would pass on. Without
-    ``with_finished``, ``finished_last_minute`` is None and queues with only such jobs
-    are left out (the metrics' gauges: see the query)."""
+    ``with_finished``, ``finished_last_minute`` is None (the metrics' gauges: see the
+    query)."""
     with conn.transaction():
         if timeout_seconds is not None:
             set_statement_timeout(conn, timeout_seconds)
