@@ -855,8 +855,8 @@ class QueueStats(NamedTuple):
 
 
 def shared_queue_stats(conn: SyncConn, *, max_age: float, timeout_seconds: float) -> QueueStats:
-    """queue_stats' rows without the finished jobs (the metrics' gauges, which do not
-    use them), counted at most once per ``max_age`` for all the processes that
+    """queue_stats' rows without their count of jobs finished in the last minute (the
+    metrics' gauges do not use it), counted at most once per ``max_age`` for all the processes that
     ask (migration 0022): the stored counts if younger; otherwise this process waits for
     the right to count (another may be counting: its result is then read), counts and
     stores them. Every statement of the caller's transaction from here on, the wait

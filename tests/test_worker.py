@@ -602,15 +602,18 @@ def test_a_check_for_rescued_jobs_that_failed_is_made_again_on_the_fetchers_retr
 
 def test_the_listener_passes_on_rescued_jobs_of_its_queues_and_after_each_reconnect(dsn):
     # A rescued job's notification sent while the listener was away is lost as any
-    # other: after a reconnect the worker checks for rescued jobs too, not only claims.
+    # other: after a reconnect the worker checks for rescued jobs too, not only claims,
+    # and beats for a cancel it may have missed.
     from pgqueue.worker.listener import Listener
 
     async def main() -> None:
         wake = asyncio.Event()
         told: list[int] = []
+        cancels: list[int] = []
         listener = Listener(
-            dsn, ["q"], wake, reconnect_max_seconds=0.2, on_rescued=lambda: told.append(1)
-        )
+            dsn, ["q"], wake, reconnect_max_seconds=0.2, on_rescued=lambda: told.append(1),
+            on_cancel=lambda: cancels.append(1), worker_id="w-1",
+        )  # fmt: skip
         task = asyncio.create_task(listener.run())
         try:
             await asyncio.wait_for(listener.connected.wait(), 10)
@@ -631,6 +634,9 @@ def test_the_listener_passes_on_rescued_jobs_of_its_queues_and_after_each_reconn
                 await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
             await asyncio.wait_for(listener.connected.wait(), 10)
             assert len(told) >= 3
+            # A cancel sent while it was away is lost too: the heartbeat beats at once
+            # (not after the first connect, when this worker runs nothing yet).
+            assert cancels == [1]
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -6,8 +6,9 @@ beats at once, handing the flag to the handler).
 
 It owns one dedicated connection (LISTEN needs a session), reconnects with backoff when
 it breaks, and wakes the fetcher (and has it check for rescued jobs) after every
-reconnect, since notifications sent while it was away are lost (a lost cancel waits for
-the next regular beat). It never claims anything itself.
+reconnect, since notifications sent while it was away are lost, and has the heartbeat
+beat at once after a reconnect, for a cancel sent meanwhile. It never claims anything
+itself.
 """
 
 from __future__ import annotations
@@ -67,13 +68,19 @@ class Listener:
                 ) as conn:
                     self._conn = conn
                     await conn.execute("LISTEN pgqueue_jobs")
-                    if self.backoff.failures:
+                    reconnected = self.backoff.failures > 0
+                    if reconnected:
                         log.info("listener.reconnected")
                     self.backoff.reset()
                     self.connected.set()
                     # Anything enqueued while we were not listening: go and look, for
                     # rescued jobs too.
                     self._look_again()
+                    if reconnected and self.on_cancel:
+                        # A cancel of a job this worker runs may have been sent meanwhile:
+                        # beat now rather than at the next regular beat (a third of the
+                        # lease) to hand its flag to the handler.
+                        self.on_cancel()
                     async for note in conn.notifies():
                         if note.payload in self.queues and not self.wake.is_set():
                             self.wake.set()
