@@ -91,10 +91,11 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
-# How long each statement of the database-wide gauges may take (or wait for a lock)
-# before the scrape gives up on them (pgqueue_queue_stats_up 0). The stats query is the
-# one that can wait; with the connect (up to 5 s) a scrape stays near Prometheus'
-# default 10 s timeout, not behind a lock for as long as it is held.
+# How long the database-wide gauges' counts may take, waiting for another process's
+# count included (shared_queue_stats), and each read after them (or its wait for a
+# lock), before the scrape gives up on them (pgqueue_queue_stats_up 0). The stats query
+# is the one that can wait; with the connect (up to 5 s) a scrape stays near
+# Prometheus' default 10 s timeout, not behind a lock for as long as it is held.
 STATS_TIMEOUT_SECONDS = 5.0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import datetime
@@ -863,6 +864,7 @@ def shared_queue_stats(conn: SyncConn, *, max_age: float, timeout_seconds: float
     included, fails past ``timeout_seconds`` (a scrape must answer). Without the table or
     its grants (a database not migrated yet, a role not granted 0022's), the rows are
     counted here and not shared."""
+    deadline = time.monotonic() + timeout_seconds
     with conn.transaction():
         set_statement_timeout(conn, timeout_seconds)
         try:
@@ -875,6 +877,9 @@ def shared_queue_stats(conn: SyncConn, *, max_age: float, timeout_seconds: float
             return QueueStats(queue_stats(conn, with_finished=False), 0.0, first_line(exc))
         if stored is not None:
             return QueueStats(*stored, None)
+        # The count gets what the wait for the lock left of the timeout, not a timeout of
+        # its own: waiting out another process's count, then counting, took twice it.
+        set_statement_timeout(conn, max(0.001, deadline - time.monotonic()))
         rows = queue_stats(conn, with_finished=False)
         try:
             with conn.transaction():

@@ -3517,6 +3517,36 @@ def test_queue_stats_refresh_fails_within_its_timeout_also_reading_stored_counts
             blocker.execute("ROLLBACK")
 
 
+def test_a_queue_stats_refresh_that_waited_for_another_count_has_only_what_is_left(conn, dsn):
+    # Each statement had the whole timeout: waiting out another process's count for
+    # nearly all of it, then counting behind a lock, took nearly twice it (a scrape past
+    # Prometheus' 10 s timeout loses the whole target).
+    from pgqueue import store
+
+    with (
+        store.connect(dsn) as counting,
+        store.connect(dsn) as blocker,
+        store.connect(dsn) as reader,
+    ):
+        counting.execute("SELECT pg_advisory_lock(hashtext('pgqueue.queue_stats'))")
+        blocker.execute("BEGIN")
+        blocker.execute("LOCK TABLE pgqueue.jobs IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            refresh = pool.submit(
+                store.shared_queue_stats, reader, max_age=10.0, timeout_seconds=3.0
+            )
+            time.sleep(2.0)
+            # The other process ends without storing counts: this one counts, and its
+            # count waits behind the lock on pgqueue.jobs.
+            counting.execute("SELECT pg_advisory_unlock(hashtext('pgqueue.queue_stats'))")
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                refresh.result(timeout=30)
+        took = time.monotonic() - started
+        blocker.execute("ROLLBACK")
+    assert 2.0 <= took < 4.5, took
+
+
 def test_stored_queue_stats_from_the_future_are_not_used(conn, dsn):
     # A server clock set back would otherwise freeze the gauges until it caught up.
     from pgqueue import store
