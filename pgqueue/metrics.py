@@ -256,11 +256,38 @@ class SupervisorCollector(Collector):
 Health = Callable[[], tuple[bool, str]]
 
 
-def database_health(dsn: str) -> Health:
-    """A health check: does ``dsn`` take a connection and a query now, and is the pgqueue
-    schema there (a daemon pointed at an unmigrated database is not ready)?"""
+# How long /healthz waits for its database check before it answers 503. A database that
+# takes the connection and then does not answer (a lock on what the check reads, a
+# PgBouncer whose server is gone) held each probe, its thread and a connection for as
+# long as that lasted, one more for every probe.
+HEALTH_TIMEOUT_SECONDS = 3.0
 
-    def check() -> tuple[bool, str]:
+
+class _Check:
+    """One run of a health check, in a thread of its own, for callers to wait on."""
+
+    def __init__(self, run: Callable[[], tuple[bool, str]]) -> None:
+        self.done = threading.Event()
+        self.result: tuple[bool, str] = (False, "the database check failed")
+        self._run = run
+        threading.Thread(target=self._main, name="pgqueue-health", daemon=True).start()
+
+    def _main(self) -> None:
+        try:
+            self.result = self._run()
+        except Exception as exc:  # never let a probe's thread die silently
+            self.result = (False, f"the database check failed: {type(exc).__name__}: {exc}")
+        finally:
+            self.done.set()
+
+
+def database_health(dsn: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> Health:
+    """A health check: does ``dsn`` take a connection and a query now, and is the pgqueue
+    schema there (a daemon pointed at an unmigrated database is not ready)? Answers
+    within ``timeout`` (False past it); one check runs at a time, and callers that come
+    while it runs wait for its answer."""
+
+    def check_once() -> tuple[bool, str]:
         try:
             with store.connect(dsn, connect_timeout=2) as conn:
                 applied = store.applied_versions(conn)
@@ -280,6 +307,18 @@ def database_health(dsn: str) -> Health:
                     " run `pgqueue migrate`"
                 )
         return True, "ok"
+
+    lock = threading.Lock()
+    current: list[_Check] = []
+
+    def check() -> tuple[bool, str]:
+        with lock:
+            if not current or current[0].done.is_set():
+                current[:] = [_Check(check_once)]
+            running = current[0]
+        if running.done.wait(timeout):
+            return running.result
+        return False, f"database unreachable: no answer to the health check within {timeout:g} s"
 
     return check
 

@@ -125,6 +125,8 @@ class Supervisor:
         self.processes = processes
         self.shutdown_timeout = shutdown_timeout
         self.dsn = dsn
+        # One check at a time, however many probes come (metrics.database_health).
+        self._database_health = database_health(dsn)
         self.metrics_host = metrics_host
         self.metrics_port = metrics_port
         self.metrics_dir: str | None = None
@@ -211,7 +213,7 @@ class Supervisor:
         if stopping:
             return False, f"worker processes stopping: {stopping}"
         now = time.monotonic()
-        database = database_health(self.dsn)()
+        database = self._database_health()
         silent = [
             c.slot
             for c in self.children

@@ -614,6 +614,33 @@ def test_an_app_that_configures_logging_keeps_its_own(conn, daemons):
     assert not events(daemons, worker, "stdlib working on n3")
 
 
+def test_healthz_answers_within_seconds_when_the_database_takes_connections_but_not_queries(
+    conn, daemons
+):
+    # The database check had no limit once connected: behind a lock on what it reads (or
+    # a PgBouncer whose server is gone) every probe hung, holding its thread and a
+    # connection, one more per probe, for as long as that lasted.
+    port = free_port()
+    daemons.worker("--metrics-port", str(port), "--poll-interval", "0.2")
+    wait_until(lambda: http_status(port, "/healthz") == 200)
+    with psycopg.connect(conn.info.dsn, autocommit=True) as blocker:
+        blocker.execute("BEGIN")
+        blocker.execute("LOCK TABLE pgqueue.schema_migrations IN ACCESS EXCLUSIVE MODE")
+        for _ in range(3):
+            started = time.monotonic()
+            status, body = http_get(port, "/healthz")
+            assert status == 503 and "no answer to the health check" in body, body
+            assert time.monotonic() - started < 6
+        # One check waits behind the lock, however many probes came.
+        waiting = conn.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+            " WHERE c.relname = 'schema_migrations' AND NOT l.granted"
+        ).fetchone()
+        assert waiting == (1,)
+        blocker.execute("ROLLBACK")
+    wait_until(lambda: http_status(port, "/healthz") == 200)
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_healthz_is_503_while_a_handler_blocks_the_event_loop(conn, daemons, processes):
     # /healthz said 200 while nothing on the loop ran (no heartbeat): a liveness probe
