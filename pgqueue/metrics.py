@@ -309,13 +309,14 @@ def database_health(dsn: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> Health
         return True, "ok"
 
     lock = threading.Lock()
-    current: list[_Check] = []
+    latest: _Check | None = None
 
     def check() -> tuple[bool, str]:
+        nonlocal latest
         with lock:
-            if not current or current[0].done.is_set():
-                current[:] = [_Check(check_once)]
-            running = current[0]
+            if latest is None or latest.done.is_set():
+                latest = _Check(check_once)
+            running = latest
         if running.done.wait(timeout):
             return running.result
         return False, f"database unreachable: no answer to the health check within {timeout:g} s"

@@ -335,8 +335,8 @@ class Registry:
         ``@registry.task`` or ``@registry.task(name, queue=..., ...)``.
 
         ``name`` defaults to ``module.qualname`` (a callable object or a
-        ``functools.partial``, which have none, needs it given). Registering a name twice raises
-        ``ConfigError``; so do bad options and an empty name.
+        ``functools.partial``, which have none, needs it given). Registering a name twice
+        raises ``ConfigError``; so do bad options and an empty name.
         """
         if callable(name):
             # The bare decorator: the function came in the place of the name (options

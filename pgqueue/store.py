@@ -857,13 +857,13 @@ class QueueStats(NamedTuple):
 
 def shared_queue_stats(conn: SyncConn, *, max_age: float, timeout_seconds: float) -> QueueStats:
     """queue_stats' rows without their count of jobs finished in the last minute (the
-    metrics' gauges do not use it), counted at most once per ``max_age`` for all the processes that
-    ask (migration 0022): the stored counts if younger; otherwise this process waits for
-    the right to count (another may be counting: its result is then read), counts and
-    stores them. Every statement of the caller's transaction from here on, the wait
-    included, fails past ``timeout_seconds`` (a scrape must answer). Without the table or
-    its grants (a database not migrated yet, a role not granted 0022's), the rows are
-    counted here and not shared."""
+    metrics' gauges do not use it), counted at most once per ``max_age`` for all the
+    processes that ask (migration 0022): the stored counts if younger; otherwise this
+    process waits for the right to count (another may be counting: its result is then
+    read), counts and stores them. All of it, the wait included, fails past
+    ``timeout_seconds`` (a scrape must answer), and so does every later statement of the
+    caller's transaction. Without the table or its grants (a database not migrated yet,
+    a role not granted 0022's), the rows are counted here and not shared."""
     deadline = time.monotonic() + timeout_seconds
     with conn.transaction():
         set_statement_timeout(conn, timeout_seconds)
