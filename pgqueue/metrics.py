@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from prometheus_client import (
@@ -98,6 +98,51 @@ def multiprocess_dir() -> str | None:
 # Prometheus' default 10 s timeout, not behind a lock for as long as it is held.
 STATS_TIMEOUT_SECONDS = 5.0
 
+# How long a scrape waits for the gauges' refresh as a whole, the connect and what runs
+# before the statement timeout is set included, before it answers without them
+# (pgqueue_queue_stats_up 0). A database that takes the connection and then does not
+# answer at all (a PgBouncer whose server is gone) held the scrape, and every scrape
+# after it behind the collector's lock, for as long as that lasted: past Prometheus'
+# timeout, the whole target, the process's own metrics included, went missing. The
+# refresh goes on in its thread, one at a time; the next scrape waits for it again.
+STATS_WAIT_SECONDS = 8.0
+
+
+T = TypeVar("T")
+
+
+class _InThread(Generic[T]):
+    """One call of ``run`` in a daemon thread of its own, for callers to wait on with a
+    limit of their own (a database that takes a connection and then does not answer must
+    not hold them): ``done`` is set when it returned (``value``) or raised (``error``)."""
+
+    def __init__(self, run: Callable[[], T], name: str) -> None:
+        self.done = threading.Event()
+        self.value: T | None = None
+        self.error: BaseException | None = None
+        self.finished_at = 0.0
+        self._run = run
+        threading.Thread(target=self._main, name=name, daemon=True).start()
+
+    def _main(self) -> None:
+        try:
+            self.value = self._run()
+        except Exception as exc:  # kept for the callers: a thread must not die silently
+            self.error = exc
+        finally:
+            self.finished_at = time.monotonic()
+            self.done.set()
+
+
+def _stats_up(up: bool) -> GaugeMetricFamily:
+    ok = GaugeMetricFamily(
+        "pgqueue_queue_stats_up",
+        "1 if the last query for the database-wide gauges succeeded; 0 if it"
+        " failed, and those gauges are left out until it succeeds again.",
+    )
+    ok.add_metric([], 1.0 if up else 0.0)
+    return ok
+
 
 class QueueStatsCollector(Collector):
     """Database-wide gauges, from one cheap query, cached for ``ttl`` seconds, and shared
@@ -106,13 +151,23 @@ class QueueStatsCollector(Collector):
     ``pgqueue_reaper_info``, and each queue the query sees gets its
     ``pgqueue_leases_expired_total`` series at 0."""
 
-    def __init__(self, dsn: str, ttl: float = 10.0, *, reaper: bool = True) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        ttl: float = 10.0,
+        *,
+        reaper: bool = True,
+        wait_seconds: float = STATS_WAIT_SECONDS,
+    ) -> None:
         self.dsn = dsn
         self.ttl = ttl
         self.reaper = reaper
+        self.wait_seconds = wait_seconds
         self._lock = threading.Lock()
         self._at = 0.0
         self._metrics: list[Metric] = []
+        # The refresh under way, in a thread of its own (at most one).
+        self._refresh: _InThread[tuple[list[Metric], float]] | None = None
         # The queues the last query that succeeded saw (see SupervisorCollector).
         self.queues: frozenset[str] = frozenset()
         self._unshared_logged = False
@@ -122,28 +177,7 @@ class QueueStatsCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            if time.monotonic() - self._at > self.ttl:
-                ok = GaugeMetricFamily(
-                    "pgqueue_queue_stats_up",
-                    "1 if the last query for the database-wide gauges succeeded; 0 if it"
-                    " failed, and those gauges are left out until it succeeds again.",
-                )
-                age = 0.0
-                try:
-                    self._metrics, age = self._query()
-                    ok.add_metric([], 1.0)
-                except psycopg.Error as exc:
-                    log.warning("metrics.stats_failed", error=str(exc).strip())
-                    # Not the last values: frozen gauges keep delta() at 0 and alerts
-                    # on them quiet while the queue may be on fire.
-                    self._metrics = []
-                    ok.add_metric([], 0.0)
-                self._metrics.append(ok)
-                # Kept until the counts are ttl old, counting from when they were taken
-                # (another process may have stored them a while ago).
-                self._at = time.monotonic() - min(age, self.ttl)
-            yield from self._metrics
+        yield from self._gauges()
         if self.reaper:
             # Whatever the query did: what tells a reaper's endpoint from a worker's.
             info = GaugeMetricFamily(
@@ -154,6 +188,56 @@ class QueueStatsCollector(Collector):
             )
             info.add_metric([__version__], 1.0)
             yield info
+
+    def _gauges(self) -> list[Metric]:
+        """The cached gauges, refreshed first if older than ttl; waits for the refresh
+        ``wait_seconds`` at most, the lock's wait included."""
+        started = time.monotonic()
+        with self._lock:
+            if time.monotonic() - self._at <= self.ttl:
+                return self._metrics
+            refresh = self._refresh
+            if (
+                refresh is not None
+                and refresh.done.is_set()
+                and time.monotonic() - refresh.finished_at > self.ttl
+            ):
+                # It finished after every scrape that waited for it had given up, and more
+                # than ttl ago: too old to serve now.
+                refresh = self._refresh = None
+            if refresh is None:
+                refresh = self._refresh = _InThread(self._query, "pgqueue-stats")
+        refresh.done.wait(max(0.0, self.wait_seconds - (time.monotonic() - started)))
+        with self._lock:
+            if refresh is self._refresh and refresh.done.is_set():
+                self._refresh = None
+                self._metrics = self._outcome(refresh)
+            elif refresh is self._refresh:
+                # Left running: the next scrape waits for it again, no second connection.
+                log.warning(
+                    "metrics.stats_failed",
+                    error=f"no answer to the stats query within {self.wait_seconds:g} s",
+                )
+                return [_stats_up(False)]
+            return self._metrics
+
+    def _outcome(self, refresh: _InThread[tuple[list[Metric], float]]) -> list[Metric]:
+        """What a finished refresh gives the scrapes, and until when (self._at)."""
+        age = 0.0
+        if refresh.value is not None:
+            metrics, age = refresh.value
+            metrics = [*metrics, _stats_up(True)]
+        else:
+            error = refresh.error
+            message = str(error).strip() if isinstance(error, psycopg.Error) else repr(error)
+            log.warning("metrics.stats_failed", error=message)
+            # Not the last values: frozen gauges keep delta() at 0 and alerts on them
+            # quiet while the queue may be on fire.
+            metrics = [_stats_up(False)]
+        # Kept until the counts are ttl old, counting from when they were taken (another
+        # process may have stored them a while ago).
+        self._at = refresh.finished_at - min(age, self.ttl)
+        return metrics
 
     def _query(self) -> tuple[list[Metric], float]:
         depth = GaugeMetricFamily(
@@ -263,24 +347,6 @@ Health = Callable[[], tuple[bool, str]]
 HEALTH_TIMEOUT_SECONDS = 3.0
 
 
-class _Check:
-    """One run of a health check, in a thread of its own, for callers to wait on."""
-
-    def __init__(self, run: Callable[[], tuple[bool, str]]) -> None:
-        self.done = threading.Event()
-        self.result: tuple[bool, str] = (False, "the database check failed")
-        self._run = run
-        threading.Thread(target=self._main, name="pgqueue-health", daemon=True).start()
-
-    def _main(self) -> None:
-        try:
-            self.result = self._run()
-        except Exception as exc:  # never let a probe's thread die silently
-            self.result = (False, f"the database check failed: {type(exc).__name__}: {exc}")
-        finally:
-            self.done.set()
-
-
 def database_health(dsn: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> Health:
     """A health check: does ``dsn`` take a connection and a query now, and is the pgqueue
     schema there (a daemon pointed at an unmigrated database is not ready)? Answers
@@ -309,17 +375,22 @@ def database_health(dsn: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> Health
         return True, "ok"
 
     lock = threading.Lock()
-    latest: _Check | None = None
+    latest: _InThread[tuple[bool, str]] | None = None
 
     def check() -> tuple[bool, str]:
         nonlocal latest
         with lock:
             if latest is None or latest.done.is_set():
-                latest = _Check(check_once)
+                latest = _InThread(check_once, "pgqueue-health")
             running = latest
-        if running.done.wait(timeout):
-            return running.result
-        return False, f"database unreachable: no answer to the health check within {timeout:g} s"
+        if not running.done.wait(timeout):
+            return False, (
+                f"database unreachable: no answer to the health check within {timeout:g} s"
+            )
+        if running.value is None:
+            error = running.error
+            return False, f"the database check failed: {type(error).__name__}: {error}"
+        return running.value
 
     return check
 

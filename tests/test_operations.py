@@ -3618,6 +3618,101 @@ def test_stored_queue_stats_another_version_wrote_differently_are_counted_anew(c
     assert stored is not None and stored[0][0]["ready"] == 1
 
 
+class LoginThenSilence:
+    """A TCP proxy in front of Postgres that passes each connection's login, then drops
+    whatever the client sends (while ``silent``): a PgBouncer whose server has gone away
+    after the login. ``release`` closes the connections it holds and lets new ones
+    through."""
+
+    def __init__(self, dsn: str) -> None:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+        self._upstream = (str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.dsn = make_conninfo(dsn, host="127.0.0.1", port=self._listener.getsockname()[1])
+        self.silent = True
+        self.connections = 0
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(self._upstream)
+                self._sockets += [client, server]
+                self.connections += 1
+                logged_in = threading.Event()
+                threading.Thread(target=self._up, args=(client, server, logged_in)).start()
+                threading.Thread(target=self._down, args=(server, client, logged_in)).start()
+
+    def _up(self, client: socket.socket, server: socket.socket, logged_in: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                if not (self.silent and logged_in.is_set()):
+                    server.sendall(data)
+
+    def _down(
+        self, server: socket.socket, client: socket.socket, logged_in: threading.Event
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                client.sendall(data)
+                if b"Z\x00\x00\x00\x05" in data:  # ReadyForQuery: logged in
+                    logged_in.set()
+
+    def release(self) -> None:
+        self.silent = False
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._sockets.clear()
+
+    def close(self) -> None:
+        self.release()
+        self._listener.close()
+
+
+def test_a_scrape_answers_when_the_database_takes_the_connection_but_not_its_queries(conn, dsn):
+    # The refresh's connect had a timeout and its queries a statement timeout, but not
+    # what ran between them (the BEGIN before the timeout was set): behind a PgBouncer
+    # whose server was gone, each scrape hung, every later one behind the collector's
+    # lock, past Prometheus' timeout (the whole target went missing).
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from pgqueue.metrics import QueueStatsCollector
+
+    insert_job(conn, queue="behind_a_bouncer")
+    proxy = LoginThenSilence(dsn)
+    registry = CollectorRegistry()
+    registry.register(QueueStatsCollector(proxy.dsn, ttl=0.0, reaper=False, wait_seconds=1.0))
+    scrapes = concurrent.futures.ThreadPoolExecutor(3)
+
+    def scrape() -> list[Sample]:
+        body = generate_latest(registry).decode()
+        return [s for f in text_string_to_metric_families(body) for s in f.samples]
+
+    try:
+        for _ in range(2):
+            started = time.monotonic()
+            together = [scrapes.submit(scrape) for _ in range(3)]
+            for future in together:
+                samples = future.result(timeout=15)
+                assert total(samples, "pgqueue_queue_stats_up") == 0
+                assert named(samples, "pgqueue_queue_depth") == []
+            assert time.monotonic() - started < 4
+        # One refresh waits, however many scrapes came.
+        assert proxy.connections == 1
+        # Once that connection fails, the next scrape counts afresh.
+        proxy.release()
+        wait_until(lambda: total(scrape(), "pgqueue_queue_stats_up") == 1)
+        samples = scrape()
+        assert total(samples, "pgqueue_queue_depth", queue="behind_a_bouncer", state="ready") == 1
+    finally:
+        proxy.close()
+        scrapes.shutdown()
+
+
 def test_queue_stats_gauges_are_dropped_not_frozen_when_their_query_fails(conn, dsn):
     # Frozen gauges kept delta() at 0: a queue falling behind raised no alert while the
     # reaper could not read the stats. pgqueue_queue_stats_up says whether it could.
