@@ -282,6 +282,32 @@ def test_with_scheduled_a_job_due_later_still_counts_as_outstanding(conn, dsn):
     assert job_state(conn, job) == "queued"
 
 
+def test_drain_schedule_now_wakes_a_rescued_job_as_a_rescued_one(conn, dsn):
+    # The worker's claim leaves rescued jobs out; the queue's name woke it to that claim,
+    # and the job waited for the poll.
+    plain = enqueue(conn, "t.add", {"a": 1, "b": 1}, delay=600)
+    rescued = enqueue(conn, "t.add", {"a": 1, "b": 1}, queue="other", delay=600)
+    conn.execute("UPDATE pgqueue.jobs SET rescued = true WHERE id = %s", (rescued,))
+
+    async def schedule_now() -> tuple[list[str], set[str]]:
+        async with (
+            await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener,
+            await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn,
+        ):
+            await listener.execute("LISTEN pgqueue_jobs")
+            moved = await store.drain_schedule_now(aconn, queues=["default", "other"])
+            payloads = set()
+            async for note in listener.notifies(timeout=1.0):
+                payloads.add(note.payload)
+        return moved, payloads
+
+    moved, payloads = asyncio.run(schedule_now())
+    assert sorted(moved) == ["default", "other"]
+    assert payloads == {"default", " rescued other"}
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs WHERE run_at > now()") == 0
+    assert job_state(conn, plain) == job_state(conn, rescued) == "queued"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

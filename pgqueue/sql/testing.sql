@@ -17,18 +17,21 @@ WHERE j.queue = ANY(%(queues)s::text[])
 -- name: drain_schedule_now
 -- drain(with_scheduled=True): queued jobs of these queues due later (scheduled, or
 -- waiting out a retry's backoff or a snooze) become due now; each queue with such a job
--- is notified, as an insert would. Paused queues are left alone.
+-- is notified, as an insert would (a rescued job, which the worker's claim leaves out, as
+-- run_now notifies it: on the payload the worker makes its check for rescued jobs). Paused
+-- queues are left alone.
 WITH moved AS (
     UPDATE pgqueue.jobs AS j
     SET run_at = now()
     WHERE j.state = 'queued' AND j.run_at > now() AND j.queue = ANY(%(queues)s::text[])
       AND NOT EXISTS (SELECT 1 FROM pgqueue.queues AS q
                       WHERE q.name = j.queue AND q.paused_at IS NOT NULL)
-    RETURNING j.queue
+    RETURNING j.queue, j.rescued
 )
-SELECT m.queue
-FROM (SELECT DISTINCT queue FROM moved) AS m,
-     LATERAL (SELECT pgqueue.wake(m.queue)) AS n;
+SELECT DISTINCT m.queue
+FROM (SELECT DISTINCT queue, rescued FROM moved) AS m,
+     LATERAL (SELECT pgqueue.wake(CASE WHEN m.rescued THEN ' rescued ' || m.queue
+                                       ELSE m.queue END)) AS n;
 
 -- name: drain_outcomes
 -- Every attempt the drain's worker ended, in the order it ended them, from either table.
