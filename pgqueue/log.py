@@ -34,7 +34,11 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=tty)
+        # Plain tracebacks: with rich (or better-exceptions) installed, structlog's default
+        # prints each frame's locals, a job's args among them (a handler's kwargs).
+        else structlog.dev.ConsoleRenderer(
+            colors=tty, exception_formatter=structlog.dev.plain_traceback
+        )
     )
     exceptions: Any = (
         structlog.processors.format_exc_info

@@ -65,7 +65,8 @@ class Job:
     id: int
     queue: str
     task: str
-    args: dict[str, Any]
+    # Out of repr: a Job in a log line or a traceback's locals must not show the args.
+    args: dict[str, Any] = field(repr=False)
     priority: int
     attempt: int
     max_attempts: int

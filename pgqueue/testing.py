@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import math
 import os
@@ -36,6 +37,7 @@ from pgqueue.errors import SCHEMA_HINT, ConfigError, PgQueueError
 from pgqueue.migrate import schema_drift
 from pgqueue.registry import Registry
 from pgqueue.worker import Worker
+from pgqueue.worker.executor import call_plain
 
 __all__ = [
     "Attempt",
@@ -120,7 +122,7 @@ def perform(
     try:
         if handler.is_async:
             return _run_here(handler.fn(**decoded), "perform_async")
-        result = handler.fn(**decoded)
+        result = call_plain(functools.partial(handler.fn, **decoded))
         if inspect.isawaitable(result):
             return _run_here(result, "perform_async")
         return result
@@ -143,7 +145,7 @@ async def perform_async(
     try:
         if handler.is_async:
             return await handler.fn(**decoded)
-        result = await asyncio.to_thread(handler.fn, **decoded)
+        result = await asyncio.to_thread(call_plain, functools.partial(handler.fn, **decoded))
         if inspect.isawaitable(result):
             return await result
         return result

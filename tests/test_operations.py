@@ -2107,6 +2107,32 @@ def test_worker_logs_json_lines_without_job_args_unless_asked(conn, daemons, tmp
     assert [e["event"] for e in json_lines(out.read_text()) if "args" in e] == ["job.claimed"]
 
 
+def test_console_logs_do_not_show_a_jobs_args_in_tracebacks():
+    # With rich installed (common in apps; a dev dependency here so that this runs),
+    # structlog's console renderer printed every frame's locals: the Job, its args and
+    # the handler's kwargs, in each job.internal_error or completer traceback.
+    script = """
+import datetime, uuid
+import rich  # the case this is about: without it structlog prints plain tracebacks
+from pgqueue.log import configure, get_logger
+from pgqueue.models import Job
+configure("info", "console")
+now = datetime.datetime.now(datetime.UTC)
+job = Job(7, "default", "t", {"password": "hunter2"}, 0, 1, 3, now, now, uuid.uuid4(), now)
+def handler(**kwargs):
+    raise ValueError("boom")
+try:
+    handler(**job.args)
+except ValueError:
+    get_logger("pgqueue.worker").exception("job.internal_error", job_id=job.id, job=job)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "job.internal_error" in out.stdout and "ValueError: boom" in out.stdout, out
+    assert "hunter2" not in out.stdout + out.stderr
+
+
 def test_library_log_records_are_json_lines_on_stdout_too(daemons, tmp_path):
     # psycopg's pool logs its failed connection attempts through the standard library's
     # logging: they must come out as the same JSON events, not plain text on stderr.

@@ -77,6 +77,11 @@ def permanent() -> None:
     raise PermanentError("never")
 
 
+@registry.task(name="t.empty_next")
+def empty_next() -> None:
+    next(iter([]))
+
+
 @registry.task(name="t.forever")
 async def forever() -> None:
     await asyncio.sleep(3600)
@@ -144,6 +149,19 @@ def test_perform_async_runs_sync_handlers_in_a_thread_and_perform_refuses_a_runn
             perform(registry, "t.async_add", {"a": 1, "b": 1})
         with pytest.raises(PgQueueError, match="drain_async"):
             drain(registry, "postgresql://unused")
+
+    asyncio.run(main())
+
+
+def test_perform_raises_what_a_worker_records_for_a_plain_handlers_stop_iteration():
+    # A worker records RuntimeError (asyncio cannot carry StopIteration out of a thread);
+    # perform raised StopIteration, and perform_async never returned.
+    with pytest.raises(RuntimeError, match=r"^the handler raised StopIteration$"):
+        perform(registry, "t.empty_next")
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match=r"^the handler raised StopIteration$"):
+            await asyncio.wait_for(perform_async(registry, "t.empty_next"), 10)
 
     asyncio.run(main())
 

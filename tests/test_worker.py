@@ -916,6 +916,190 @@ def test_error_text_that_jsonb_cannot_hold_is_recorded_cleanly(dsn):
     assert errors[0]["error"] == "ValueError: nul \\0 and a lone surrogate \\udcff"
 
 
+class _NotesRaise(Exception):
+    """An exception whose own code raises while its traceback is formatted."""
+
+    @property
+    def __notes__(self) -> list[str]:  # type: ignore[override]
+        raise SystemExit(4)
+
+
+class _SnoozeWithoutSeconds(Snooze):
+    def __init__(self) -> None:  # does not call Snooze.__init__
+        pass
+
+
+def test_what_a_handler_raises_always_ends_its_attempt_with_an_outcome(dsn):
+    # Each of these left its job running (lease renewed by every beat) for as long as the
+    # worker lived, or stopped the worker: a plain handler's StopIteration (asyncio
+    # cannot set it on a future), an exception whose traceback cannot be formatted (the
+    # SyntaxError a template parser raises with a text offset; a __notes__ that raises
+    # SystemExit took the process down), and a Snooze subclass without seconds (counted
+    # as pgqueue's own internal error, with the default backoff).
+    registry = Registry()
+
+    @registry.task(name="stop_iteration", max_attempts=1)
+    def stop_iteration() -> None:
+        next(iter([]))
+
+    @registry.task(name="bad_offset", max_attempts=1)
+    def bad_offset() -> None:
+        raise SyntaxError("unexpected token", ("template.txt", 3, "7", "{{ name }"))
+
+    @registry.task(name="notes_exit", max_attempts=1)
+    async def notes_exit() -> None:
+        raise _NotesRaise("boom")
+
+    @registry.task(name="bad_snooze", max_attempts=1)
+    def bad_snooze() -> None:
+        raise _SnoozeWithoutSeconds()
+
+    @registry.task(name="fine")
+    def fine() -> None: ...
+
+    tasks = ("stop_iteration", "bad_offset", "notes_exit", "bad_snooze")
+    for task in tasks:
+        sql_enqueue(dsn, task, max_attempts=1)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, concurrency=1):
+            await wait_for_db(dsn, "SELECT count(*) = 4 FROM pgqueue.dead_jobs", timeout=20)
+            sql_enqueue(dsn, "fine")
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'")
+
+    run(main)
+    rows = {
+        task: (reason, errors[0])
+        for task, reason, errors in fetch(dsn, "SELECT task, reason, errors FROM pgqueue.dead_jobs")
+    }
+    assert {t: (r, e["kind"]) for t, (r, e) in rows.items()} == {
+        task: ("exhausted", "error") for task in tasks
+    }
+    assert rows["stop_iteration"][1]["error"] == ("RuntimeError: the handler raised StopIteration")
+    assert "StopIteration" in rows["stop_iteration"][1]["traceback"]
+    assert rows["bad_offset"][1]["error"].startswith("SyntaxError: unexpected token")
+    assert "could not be formatted" in rows["bad_offset"][1]["traceback"]
+    assert "could not be formatted: SystemExit: 4" in rows["notes_exit"][1]["traceback"]
+    assert rows["bad_snooze"][1]["error"] == (
+        "TypeError: _SnoozeWithoutSeconds.seconds is not set"
+        " (a Snooze subclass must call Snooze.__init__)"
+    )
+
+
+def test_a_thread_that_ended_as_its_timeout_did_is_not_said_not_to_have_run(monkeypatch):
+    # The timeout's wait can end with the thread done but its future's result not yet
+    # delivered to the loop: the record said "it did not run".
+    from pgqueue.models import Job
+    from pgqueue.worker import executor as executor_module
+
+    ran = threading.Event()
+
+    async def wait_past_the_end(futures: Any, timeout: float | None = None) -> Any:
+        await asyncio.to_thread(ran.wait, 10)  # the thread has run the handler
+        await asyncio.sleep(0.05)  # and returned
+        return set(), set(futures)
+
+    monkeypatch.setattr(executor_module.asyncio, "wait", wait_past_the_end)
+    now = datetime.now(UTC)
+    job = Job(1, "default", "t", {}, 0, 1, 3, now, now, uuid.uuid4(), now)
+    executor = executor_module.Executor(Registry(), "w", threads=1)
+    try:
+        with pytest.raises(executor_module._TimedOut, match=r"its thread ended just then\)$"):
+            asyncio.run(executor._call_in_thread(job, ran.set, {}, 1.0))
+        assert executor.abandoned == 0
+    finally:
+        executor.shutdown()
+
+
+def test_an_async_handler_that_ignores_its_timeout_is_given_up_on_and_holds_its_slot(dsn):
+    # It caught every CancelledError (a retry loop with a bare except): its timeout
+    # never ended the attempt, so the job stayed running, its lease renewed by every
+    # beat, and never counted an attempt, however often the worker restarted.
+    registry = Registry()
+    let_go = asyncio.Event()
+
+    @registry.task(name="stubborn", timeout=0.2, max_attempts=1)
+    async def stubborn() -> None:
+        while not let_go.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+
+    @registry.task(name="fine")
+    def fine() -> None: ...
+
+    sql_enqueue(dsn, "stubborn", max_attempts=1)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, concurrency=1) as worker:
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.dead_jobs", timeout=10)
+            # It runs on in the worker's one slot: nothing else runs meanwhile, and the
+            # worker says its claims are held back (its /healthz after a lease).
+            assert worker.running == 1
+            fine_id = sql_enqueue(dsn, "fine")
+            await asyncio.sleep(1.0)
+            assert fetch(dsn, "SELECT state FROM pgqueue.jobs WHERE id = %s", (fine_id,)) == [
+                ("queued",)
+            ]
+            assert worker.slots_held_for() > 0.5
+            let_go.set()
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'")
+            assert worker.slots_held_for() == 0.0
+
+    run(main)
+    ((reason, attempts, errors),) = fetch(
+        dsn, "SELECT reason, attempts, errors FROM pgqueue.dead_jobs"
+    )
+    assert (reason, attempts, [e["kind"] for e in errors]) == ("exhausted", 1, ["timeout"])
+    assert "had not ended 3s later; it runs on, holding its slot" in errors[0]["error"]
+
+
+def test_a_released_job_whose_clean_up_raises_is_still_released(dsn):
+    # Shutdown cancels what outlives the shutdown timeout; a handler whose finally then
+    # raised counted a failed attempt (here its only one: dead-lettered) instead of being
+    # given back to the queue.
+    registry = Registry()
+
+    @registry.task(name="cleanup_raises", max_attempts=1)
+    async def cleanup_raises() -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            raise RuntimeError("cleanup failed: connection closed")
+
+    job_id = sql_enqueue(dsn, "cleanup_raises", max_attempts=1)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, shutdown_timeout=0.5):
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'running'")
+
+    run(main)
+    assert fetch(dsn, "SELECT id, state, attempts FROM pgqueue.jobs") == [(job_id, "queued", 0)]
+    assert fetch(dsn, "SELECT count(*) FROM pgqueue.dead_jobs") == [(0,)]
+
+
+def test_a_timed_out_handler_whose_clean_up_raises_records_a_timeout(dsn):
+    registry = Registry()
+
+    @registry.task(name="slow_cleanup", timeout=0.2, max_attempts=1)
+    async def slow_cleanup() -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            raise RuntimeError("cleanup failed")
+
+    sql_enqueue(dsn, "slow_cleanup", max_attempts=1)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.dead_jobs")
+
+    run(main)
+    ((errors,),) = fetch(dsn, "SELECT errors FROM pgqueue.dead_jobs")
+    assert errors[0]["kind"] == "timeout"
+    assert errors[0]["error"].startswith("timed out after 0.2s")
+    assert "RuntimeError: cleanup failed" in errors[0]["error"]
+
+
 def test_snooze_and_backoff_refuse_delays_beyond_ten_years():
     with pytest.raises(ValueError):
         Snooze(1e12)

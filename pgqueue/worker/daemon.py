@@ -41,7 +41,7 @@ from pgqueue.worker.backoff import (
     retry_event,
 )
 from pgqueue.worker.completer import Completer, WriteResult
-from pgqueue.worker.executor import Executor, contain_handler_tasks
+from pgqueue.worker.executor import Executor, contain_handler_tasks, describe
 from pgqueue.worker.heartbeat import Heartbeat
 from pgqueue.worker.listener import Listener
 
@@ -158,6 +158,7 @@ class Worker:
         self.executor = Executor(
             registry, self.worker_id, threads=config.concurrency, on_thread_freed=self._thread_freed
         )
+        self.executor.on_gave_up = self._on_gave_up
         # Held from sending a claim until its jobs are in _held, so that the heartbeat
         # can tell this worker's orphans (running under its name, not held) from jobs
         # whose claim is still on its way back.
@@ -190,7 +191,14 @@ class Worker:
         # Async handlers still running when the worker stopped: they ignored their
         # cancellation (see _release_stubborn). The process exits without waiting for them.
         self.stubborn_handlers = 0
+        # Lease tokens of attempts whose outcome was submitted while their handler still
+        # ran (released at shutdown, or given up on after a timeout it ignored): the
+        # outcome of the handler's end is dropped, one outcome per attempt.
         self._released_early: set[uuid.UUID] = set()
+        # When each async handler that ignored its timeout was given up on (monotonic),
+        # while it runs on in its slot; a tuple, replaced whole (read from other threads).
+        self._gave_up: dict[Job, float] = {}
+        self._gave_up_times: tuple[float, ...] = ()
         self._started = False
         self._started_at = 0.0
         # Rescued-job isolation (see run_once): the job running alone, whether a rescued
@@ -266,15 +274,18 @@ class Worker:
         return time.monotonic() - last_beat
 
     def slots_held_for(self) -> float:
-        """Seconds for which plain handlers that timed out (or were released at
-        shutdown) and still run have held back every claim, 0.0 if they do not: every
-        slot is held by one, or one runs on after the rescued job that ran alone ended.
-        Python cannot stop a thread, so until one of them returns the worker runs
-        nothing. Safe to call from any thread."""
+        """Seconds for which handlers that timed out (or were released at shutdown) and
+        still run have held back every claim, 0.0 if they do not: every slot is held by
+        one (a plain handler's thread, which Python cannot stop, or an async handler that
+        ignored its cancellation), or a thread runs on after the rescued job that ran
+        alone ended. Until one of them returns the worker runs nothing. Safe to call from
+        any thread."""
         now = time.monotonic()
         held = [0.0]
-        if (since := self.executor.all_abandoned_since) is not None:
-            held.append(now - since)
+        given_up = sorted((*self.executor.abandoned_times(), *self._gave_up_times))
+        if len(given_up) >= self.config.concurrency:
+            # Since the one that took the last free slot.
+            held.append(now - given_up[self.config.concurrency - 1])
         tail, since = self._isolation_tail, self._tail_held_since
         if tail is not None and since is not None and self.executor.runs_on(tail):
             held.append(now - since)
@@ -292,9 +303,9 @@ class Worker:
         held = self.slots_held_for()
         if held > self.config.lease_seconds:
             return False, (
-                f"claims held back for {held:.0f}s by plain handlers that timed out and"
-                " still run (a thread cannot be stopped): this worker runs nothing until"
-                " one returns; restart it"
+                f"claims held back for {held:.0f}s by handlers that timed out and still"
+                " run (a plain handler's thread cannot be stopped; an async one ignored its"
+                " cancellation): this worker runs nothing until one returns; restart it"
             )
         silent = self.heartbeat_silence()
         if silent <= self.config.lease_seconds:
@@ -637,15 +648,27 @@ class Worker:
             outcome = await self.executor.execute(job)
         except asyncio.CancelledError:
             outcome = Outcome(job, OutcomeKind.RELEASED, time.monotonic() - started)
-        except Exception as exc:
-            self._log.exception(
-                "job.internal_error", job_id=job.id, task=job.task, queue=job.queue,
-                attempt=job.attempt,
-            )  # fmt: skip
+        except BaseException as exc:
+            # Whatever it was (SystemExit from an exception's own code, say), the attempt
+            # gets an outcome: without one the job held its lease, renewed by every beat,
+            # for as long as the worker lived.
+            fields = {"job_id": job.id, "task": job.task, "queue": job.queue}
+            try:
+                self._log.exception("job.internal_error", attempt=job.attempt, **fields)
+            except BaseException:  # the traceback itself cannot be formatted
+                self._log.error(
+                    "job.internal_error", attempt=job.attempt, error=describe(exc), **fields
+                )
             outcome = self.executor.internal_error(job, started, exc)
         finally:
             self._running.pop(job, None)
             self._run_started.pop(job, None)
+            if self._gave_up.pop(job, None) is not None:
+                self._gave_up_times = tuple(self._gave_up.values())
+                self._log.info(
+                    "job.given_up_ended", job_id=job.id, task=job.task, queue=job.queue,
+                    attempt=job.attempt, ran=round(time.monotonic() - started, 3),
+                )  # fmt: skip
             metrics.child(metrics.JOBS_RUNNING, job.queue).dec()
             if self._isolated is job:
                 self._isolated = None
@@ -657,7 +680,10 @@ class Worker:
             outcome.duration
         )
         if job.lease_token in self._released_early:
-            return  # released by _release_stubborn already: one outcome per attempt
+            # Released by _release_stubborn, or given up on after its timeout
+            # (_on_gave_up): its outcome went out then, one outcome per attempt.
+            self._released_early.discard(job.lease_token)
+            return
         if (job.id, job.lease_token) in self._lost:
             # Fenced already: the heartbeat found the lease gone. Nothing to write.
             self._lost.discard((job.id, job.lease_token))
@@ -810,14 +836,33 @@ class Worker:
         log.info("worker.stopping", signal=sig.name, running=len(self._running))
         self.stop()
 
+    def _on_gave_up(self, outcome: Outcome) -> None:
+        """An async handler caught its timeout's cancellation and went on: its attempt's
+        timeout outcome goes out now (retried or dead-lettered, as any timeout), and the
+        handler runs on in its slot, counted as running, to whatever end (what it writes
+        then is fenced off by its lease token). Without this its job stayed running, its
+        lease renewed by every beat, for as long as the handler went on: for ever, for a
+        loop that swallows every CancelledError."""
+        job = outcome.job
+        if job not in self._running or job.lease_token in self._released_early:
+            return
+        self._log.warning(
+            "job.ignored_timeout", job_id=job.id, task=job.task, queue=job.queue,
+            attempt=job.attempt,
+        )  # fmt: skip
+        self._released_early.add(job.lease_token)
+        self._gave_up[job] = time.monotonic()
+        self._gave_up_times = tuple(self._gave_up.values())
+        self.completer.submit(outcome)
+
     def _release_stubborn(self, stubborn: set[asyncio.Task[None]]) -> None:
         """Release the jobs of handlers that went on after being cancelled (they caught
         the CancelledError): shutdown must not wait for them without end, and their jobs
         go back to the queue like any other released job. Whatever such a handler writes
         later is fenced off by its lease token."""
         for job, task in list(self._running.items()):
-            if task not in stubborn:
-                continue
+            if task not in stubborn or job.lease_token in self._released_early:
+                continue  # a handler given up on after its timeout has its outcome
             self._log.warning(
                 "job.ignored_cancel", job_id=job.id, task=job.task, queue=job.queue,
                 attempt=job.attempt,

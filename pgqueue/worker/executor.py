@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+from pgqueue.config import CANCEL_GRACE_SECONDS
 from pgqueue.context import JobContext, reset_current, running_job, set_current
 from pgqueue.errors import (
     HandlerTaskExit,
@@ -107,6 +108,18 @@ def contain_handler_tasks(loop: asyncio.AbstractEventLoop) -> Callable[[], None]
     return undo
 
 
+def call_plain(call: Callable[[], Any]) -> Any:
+    """Call a plain handler, its StopIteration (a next() on an empty iterator) turned into
+    RuntimeError, as Python does in a coroutine (PEP 479): asyncio cannot set
+    StopIteration on a future (a TypeError in a callback), so the await of a thread that
+    raised it never ended, holding the job's slot and lease for as long as the worker
+    lived."""
+    try:
+        return call()
+    except StopIteration as exc:
+        raise RuntimeError(f"the handler raised {describe(exc)}") from exc
+
+
 def error_record(
     job: Job, worker_id: str, kind: str, exc: BaseException | None, message: str | None = None
 ) -> dict[str, Any]:
@@ -122,9 +135,18 @@ def error_record(
         "error": clean_text(message[:MAX_ERROR_CHARS]),
     }
     if exc is not None and exc.__traceback__ is not None:
-        tb = "".join(traceback.format_exception(exc))
-        record["traceback"] = clean_text(tb[-MAX_TRACEBACK_CHARS:])
+        record["traceback"] = clean_text(format_traceback(exc)[-MAX_TRACEBACK_CHARS:])
     return record
+
+
+def format_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback as text, or a line saying why there is none: formatting runs
+    the exception's own code (a SyntaxError whose offset is text, a ``__notes__`` that
+    raises, even SystemExit), and an attempt must get its outcome whatever that does."""
+    try:
+        return "".join(traceback.format_exception(exc))
+    except BaseException as broken:
+        return f"{describe(exc)}\n<its traceback could not be formatted: {describe(broken)}>\n"
 
 
 class Executor:
@@ -141,17 +163,19 @@ class Executor:
         # Pool threads still running a handler whose job was given up on (timed out,
         # released at shutdown); the worker counts them against its free slots.
         self.abandoned = 0
-        # Since when every pool thread has been abandoned (monotonic), or None: the
-        # worker can then run nothing until one of those handlers returns.
-        self.all_abandoned_since: float | None = None
-        self._threads = threads
-        # The jobs (by lease token) whose abandoned threads run on: see runs_on.
-        self._running_on: set[uuid.UUID] = set()
+        # The jobs (by lease token) whose abandoned threads run on (see runs_on), and
+        # since when (monotonic).
+        self._running_on: dict[uuid.UUID, float] = {}
         self._abandon_lock = threading.Lock()
         # Lease tokens of jobs the worker released at shutdown before cancelling their
         # task: only for them is a CancelledError a release, not the handler's failure.
         self._released: set[uuid.UUID] = set()
         self._on_thread_freed = on_thread_freed
+        # Called with a timeout outcome for an async handler that went on for
+        # CANCEL_GRACE_SECONDS after its timeout cancelled it (it caught the
+        # CancelledError): the worker writes that outcome then, and the handler's task
+        # holds its slot until it ends (see _await). Set by the worker.
+        self.on_gave_up: Callable[[Outcome], None] | None = None
 
     async def execute(self, job: Job) -> Outcome:
         """Run ``job`` once. Cancellation (shutdown) propagates as ``CancelledError``."""
@@ -191,8 +215,19 @@ class Executor:
                 _cancel=job.cancel,
             )
             token = set_current(ctx)
+            give_up = functools.partial(self._give_up, job, started, backoff)
             try:
-                await self._call(job, task.fn, task.is_async, task.options.timeout)
+                await self._call(job, task.fn, task.is_async, task.options.timeout, give_up)
+            except BaseException as exc:
+                if self.released(job) and not isinstance(exc, asyncio.CancelledError):
+                    # Shutdown cancelled it and its clean-up raised: still a release,
+                    # its attempt given back, not a failure counted (or dead-lettered).
+                    log.warning(
+                        "job.release_cleanup_failed", job_id=job.id, task=job.task,
+                        queue=job.queue, attempt=job.attempt, error=describe(exc),
+                    )  # fmt: skip
+                    raise asyncio.CancelledError from exc
+                raise
             finally:
                 reset_current(token)
         except asyncio.CancelledError as exc:
@@ -221,16 +256,21 @@ class Executor:
                 )
             snoozes = [e for e in leaves if isinstance(e, Snooze)]
             if snoozes and len(snoozes) == len(leaves):
+                try:
+                    seconds = max(_snooze_seconds(s) for s in snoozes)
+                except (TypeError, ValueError) as exc:
+                    return self._failed(job, started, backoff, "error", group, describe(exc))
                 return Outcome(
-                    job,
-                    OutcomeKind.SNOOZED,
-                    time.monotonic() - started,
-                    delay_seconds=max(s.seconds for s in snoozes),
+                    job, OutcomeKind.SNOOZED, time.monotonic() - started, delay_seconds=seconds
                 )
             return self._failed(job, started, backoff, "error", group)
         except Snooze as snooze:
+            try:
+                seconds = _snooze_seconds(snooze)
+            except (TypeError, ValueError) as exc:
+                return self._failed(job, started, backoff, "error", snooze, describe(exc))
             return Outcome(
-                job, OutcomeKind.SNOOZED, time.monotonic() - started, delay_seconds=snooze.seconds
+                job, OutcomeKind.SNOOZED, time.monotonic() - started, delay_seconds=seconds
             )
         except PermanentError as exc:
             return Outcome(
@@ -250,13 +290,20 @@ class Executor:
             return self._failed(job, started, backoff, "error", exc)
         return Outcome(job, OutcomeKind.SUCCEEDED, time.monotonic() - started)
 
-    async def _call(self, job: Job, fn: Any, is_async: bool, timeout: float | None) -> None:
+    async def _call(
+        self,
+        job: Job,
+        fn: Any,
+        is_async: bool,
+        timeout: float | None,
+        give_up: Callable[[str], None],
+    ) -> None:
         args = job.args
         if is_async and timeout is None:
             await fn(**args)
             return
         if is_async:
-            await self._await(job, fn(**args), timeout)
+            await self._await(job, fn(**args), timeout, give_up)
             return
         started = time.monotonic()
         result = await self._call_in_thread(job, fn, args, timeout)
@@ -266,29 +313,45 @@ class Executor:
             # what is left of the timeout; dropping it would count a job that never ran
             # as succeeded.
             remaining = None if timeout is None else timeout - (time.monotonic() - started)
-            await self._await(job, result, remaining, timeout)
+            await self._await(job, result, remaining, give_up, timeout)
 
     async def _await(
         self,
         job: Job,
         awaitable: Any,
         timeout: float | None,
+        give_up: Callable[[str], None],
         budget: float | None = None,
     ) -> None:
         """Await a handler's awaitable, failing the attempt after ``timeout`` seconds (of
-        a whole ``budget``, for the message)."""
+        a whole ``budget``, for the message). One that catches the cancellation and goes
+        on for CANCEL_GRACE_SECONDS is given up on (``give_up``): its attempt gets its
+        timeout outcome then, while it runs on, holding its slot, to whatever end."""
         if timeout is None:
             await awaitable
             return
+        seconds = max(timeout, 0.0)
+        given_up = asyncio.get_running_loop().call_later(
+            seconds + CANCEL_GRACE_SECONDS,
+            give_up,
+            f"timed out after {budget or timeout}s (the handler caught the cancellation and"
+            f" had not ended {CANCEL_GRACE_SECONDS:g}s later; it runs on, holding its slot)",
+        )
         try:
-            async with asyncio.timeout(max(timeout, 0.0)) as scope:
+            async with asyncio.timeout(seconds) as scope:
                 await awaitable
-        except (TimeoutError, asyncio.CancelledError):
+        except BaseException as exc:
             # An expiry surfaces as CancelledError instead of TimeoutError when the
-            # task's cancel count was already off (the 3.11 TaskGroup leftover above).
+            # task's cancel count was already off (the 3.11 TaskGroup leftover above),
+            # and as whatever the handler's clean-up raised on its cancellation.
             if scope.expired() and not self.released(job):
-                raise _TimedOut(f"timed out after {budget or timeout}s") from None
+                after = ""
+                if not isinstance(exc, TimeoutError | asyncio.CancelledError):
+                    after = f" (its clean-up then raised {describe(exc)})"
+                raise _TimedOut(f"timed out after {budget or timeout}s{after}") from None
             raise
+        finally:
+            given_up.cancel()
         if scope.expired() and not self.released(job):
             # The handler caught the timeout's cancellation and went on to return: its
             # attempt still timed out.
@@ -313,11 +376,12 @@ class Executor:
             # The thread runs on; its result is dropped (see the module docstring).
             running = self._abandon(state)
             future.cancel()
+            if running:
+                raise _TimedOut(f"timed out after {timeout}s (the thread runs on to its end)")
+            if state.started:  # it ended as the wait did; its result is not taken
+                raise _TimedOut(f"timed out after {timeout}s (its thread ended just then)")
             raise _TimedOut(
-                f"timed out after {timeout}s (the thread runs on to its end)"
-                if running
-                else f"timed out after {timeout}s before a thread was free to start it"
-                " (it did not run)"
+                f"timed out after {timeout}s before a thread was free to start it (it did not run)"
             )
         return future.result()
 
@@ -327,15 +391,14 @@ class Executor:
                 return None  # its attempt ended before a thread took it up
             state.started = True
         try:
-            return call()
+            return call_plain(call)
         finally:
             with self._abandon_lock:
                 state.done = True
                 freed = state.abandoned
                 if freed:
                     self.abandoned -= 1
-                    self.all_abandoned_since = None
-                    self._running_on.discard(state.lease_token)
+                    self._running_on.pop(state.lease_token, None)
             if freed and self._on_thread_freed is not None:
                 self._on_thread_freed()
 
@@ -356,10 +419,14 @@ class Executor:
             if not state.done and not state.abandoned:
                 state.abandoned = True
                 self.abandoned += 1
-                self._running_on.add(state.lease_token)
-                if self.abandoned >= self._threads and self.all_abandoned_since is None:
-                    self.all_abandoned_since = time.monotonic()
+                self._running_on[state.lease_token] = time.monotonic()
             return not state.done
+
+    def abandoned_times(self) -> list[float]:
+        """When each thread that runs on was abandoned (monotonic). Safe to call from any
+        thread."""
+        with self._abandon_lock:
+            return list(self._running_on.values())
 
     def _failed(
         self,
@@ -382,6 +449,14 @@ class Executor:
             error=error,
         )
 
+    def _give_up(self, job: Job, started: float, backoff: Backoff, message: str) -> None:
+        """The timeout outcome of an async handler that ignored its timeout's cancellation,
+        handed to the worker (on_gave_up) while the handler runs on. Not at shutdown: a
+        released job's handler is the shutdown's to give up on."""
+        if self.released(job) or self.on_gave_up is None:
+            return
+        self.on_gave_up(self._failed(job, started, backoff, "timeout", None, message))
+
     def release(self, job: Job) -> None:
         """Mark ``job`` released: call just before cancelling its task at shutdown."""
         self._released.add(job.lease_token)
@@ -389,7 +464,7 @@ class Executor:
     def released(self, job: Job) -> bool:
         return job.lease_token in self._released
 
-    def internal_error(self, job: Job, started: float, exc: Exception) -> Outcome:
+    def internal_error(self, job: Job, started: float, exc: BaseException) -> Outcome:
         """The outcome of an attempt ``execute`` itself failed on (a bug in pgqueue, not
         in the handler): a failed attempt, retried with the default backoff, so that the
         job still gets an outcome instead of holding its lease for as long as the worker
@@ -419,6 +494,16 @@ def _retry_delay(job: Job, backoff: Any) -> float:
         )  # fmt: skip
         return fallback
     return seconds
+
+
+def _snooze_seconds(snooze: Snooze) -> float:
+    """A Snooze's delay, checked again: a subclass that does not call Snooze.__init__ has
+    no ``seconds``, or may have set anything there (the handler's error, not pgqueue's)."""
+    value = getattr(snooze, "seconds", None)
+    what = f"{type(snooze).__name__}.seconds"
+    if value is None:
+        raise TypeError(f"{what} is not set (a Snooze subclass must call Snooze.__init__)")
+    return delay_seconds(value, what)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
