@@ -29,6 +29,11 @@ FLUSH_TIMEOUT_SECONDS = 10.0
 # it). Kept small: the supervisor's deadline and the documented stop grace period allow
 # 2 * FLUSH_TIMEOUT_SECONDS + 5 s beyond --shutdown-timeout.
 CANCEL_GRACE_SECONDS = 3.0
+# A stop signal repeated within this many seconds of the first is the same stop reaching
+# the process twice (coreutils' `timeout` signals its child and then the child's process
+# group; so do some process managers), not an operator asking for "exit now" (which
+# aborts the running jobs, leaving them to their leases, and makes them rescued).
+REPEATED_SIGNAL_SECONDS = 0.5
 
 
 # Far more than one process can run at once, and within the int column

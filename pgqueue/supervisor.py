@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
-from pgqueue.config import FLUSH_TIMEOUT_SECONDS
+from pgqueue.config import FLUSH_TIMEOUT_SECONDS, REPEATED_SIGNAL_SECONDS
 from pgqueue.log import get_logger
 from pgqueue.metrics import (
     DEFAULT_METRICS_HOST,
@@ -132,6 +132,7 @@ class Supervisor:
         self.metrics_dir: str | None = None
         self.children: list[_Child] = []
         self._signals: list[int] = []
+        self._first_signal_at = 0.0
         # Pids of children the stop signal was passed to.
         self._signalled: set[int] = set()
 
@@ -184,6 +185,15 @@ class Supervisor:
         return proc
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if (
+            self._signals
+            and signum != signal.SIGQUIT
+            and now - self._first_signal_at <= REPEATED_SIGNAL_SECONDS
+        ):
+            return  # the first stop reaching us twice (`timeout`: us, then our group)
+        if not self._signals:
+            self._first_signal_at = now
         self._signals.append(signum)
         # First signal: a graceful stop, passed on as SIGTERM (a SIGINT reaching a child
         # before its handlers are installed, or after its loop closed, would end it in a

@@ -24,6 +24,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
 from pgqueue import enqueue
+from pgqueue.config import REPEATED_SIGNAL_SECONDS
 from tests.conftest import (
     BIN,
     ROOT,
@@ -342,8 +343,10 @@ def test_second_signal_exits_at_once(conn, daemons):
     wait_until(lambda: executions(conn, job_id, "start") == 1)
 
     worker.send_signal(signal.SIGTERM)
-    # Make sure the first signal was handled before the second one is sent.
+    # Make sure the first signal was handled before the second one is sent, and that the
+    # second does not come right after it (that is the same stop reaching it twice).
     wait_until(lambda: logged(daemons, worker, "worker.stopping"), timeout=10)
+    time.sleep(REPEATED_SIGNAL_SECONDS + 0.2)
     worker.send_signal(signal.SIGTERM)
 
     code = worker.wait(timeout=10)
@@ -366,6 +369,26 @@ def test_second_signal_exits_at_once(conn, daemons):
     assert row["attempts"] == 1  # the crash was not counted; the rescued run was
     assert [e["kind"] for e in row["errors"]] == ["lease_expired"]
     assert executions(conn, job_id, "start") == 2
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_stop_signal_that_arrives_twice_at_once_is_one_graceful_stop(conn, daemons, processes):
+    # coreutils' `timeout` signals its child and then the child's process group: the
+    # same SIGTERM twice, microseconds apart. A worker took the second for "exit now"
+    # (and a supervisor passed SIGQUIT on): its running jobs were left to their leases,
+    # to run again alone as rescued jobs.
+    job_id = enqueue(conn, "sleep", {"seconds": 1.5, "note": f"twice-{processes}"})
+    extra = ("--processes", str(processes)) if processes > 1 else ()
+    proc = daemons.worker("--shutdown-timeout", "30", *extra)
+    wait_until(lambda: executions(conn, job_id, "start") == 1)
+
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)  # handled one by one (two at the same instant may be merged)
+    proc.send_signal(signal.SIGTERM)
+
+    assert proc.wait(timeout=30) == 0, daemons.output(proc)
+    assert job_state(conn, job_id) == "succeeded"
+    assert "worker.killed" not in daemons.output(proc)
 
 
 def test_worker_survives_pg_terminate_backend(conn, daemons):

@@ -27,7 +27,12 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import __version__, metrics, store
-from pgqueue.config import CANCEL_GRACE_SECONDS, FLUSH_TIMEOUT_SECONDS, WorkerConfig
+from pgqueue.config import (
+    CANCEL_GRACE_SECONDS,
+    FLUSH_TIMEOUT_SECONDS,
+    REPEATED_SIGNAL_SECONDS,
+    WorkerConfig,
+)
 from pgqueue.errors import SCHEMA_HINT, first_line
 from pgqueue.log import get_logger, schema_missing
 from pgqueue.migrate import SchemaWatch
@@ -185,6 +190,7 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._signals = 0
+        self._first_signal_at = 0.0
         self._schema = SchemaWatch(log, "worker")
         # True when the worker stopped because one of its parts died (exit code 1).
         self.failed = False
@@ -823,14 +829,22 @@ class Worker:
     # --- shutdown -------------------------------------------------------------------
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        now = time.monotonic()
         self._signals += 1
-        if sig is signal.SIGQUIT or (self._signals > 1 and not self.supervised):
+        if self._signals == 1:
+            self._first_signal_at = now
+        # Under a supervisor a repeated SIGTERM/SIGINT is usually the same stop reaching
+        # us twice (systemd's cgroup kill, Ctrl-C to the process group, plus the
+        # supervisor's forward); the supervisor sends SIGQUIT for "exit now". Alone, one
+        # that comes right after the first is that too (`timeout`: the child, then its
+        # process group).
+        repeated = self._signals > 1 and (
+            self.supervised or now - self._first_signal_at <= REPEATED_SIGNAL_SECONDS
+        )
+        if sig is signal.SIGQUIT or (self._signals > 1 and not repeated):
             log.warning("worker.killed", signal=sig.name, running=len(self._running))
             os._exit(1)
-        if self._signals > 1:
-            # Under a supervisor a repeated SIGTERM/SIGINT is usually the same stop reaching
-            # us twice (systemd's cgroup kill, Ctrl-C to the process group, plus the
-            # supervisor's forward); the supervisor sends SIGQUIT for "exit now".
+        if repeated:
             log.info("worker.signal_repeated", signal=sig.name)
             return
         log.info("worker.stopping", signal=sig.name, running=len(self._running))
