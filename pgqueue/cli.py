@@ -223,16 +223,29 @@ def load_registry(spec: str) -> Registry:
         raise AppImportError(
             f"{spec!r} is of type {type(registry).__name__}, not a pgqueue.Registry"
         )
+    if len(registry) == 0:
+        # Its worker would claim every job of its queues (`default`, unless --queues) and
+        # fail each as an unknown task until dead-lettered: the usual cause is a registry
+        # in a module of its own whose tasks live in modules nothing imported.
+        raise AppImportError(
+            f"{spec!r} has no tasks: import the modules that register them (in"
+            f" {module_name!r}, or name the module that does)"
+        )
     return registry
 
 
 def _raised_at(exc: BaseException) -> str:
     """Where in the user's code an import failed, for a one-line error: the innermost
-    frame outside the import machinery; empty when the app module itself is missing."""
+    frame outside the import machinery, and outside pgqueue's own code when the app's
+    call into it raised (a task registered twice: the app's line, not the registry's);
+    empty when the app module itself is missing."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
     if not frames or frames[-1].filename == importlib.__file__:
         return ""
-    return f" (at {frames[-1].filename}, line {frames[-1].lineno})"
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    theirs = [f for f in frames if not os.path.abspath(f.filename).startswith(package)]
+    frame = theirs[-1] if theirs and theirs[-1].filename != importlib.__file__ else frames[-1]
+    return f" (at {frame.filename}, line {frame.lineno})"
 
 
 def _split_queues(value: str | None) -> tuple[str, ...]:
@@ -557,7 +570,8 @@ def metrics_options(fn: F) -> F:
     metavar="MODULE:REGISTRY",
     envvar="PGQUEUE_APP",
     show_envvar=True,
-    help="Where the task Registry lives.",
+    help="Where the task Registry lives (importing the module must register its tasks:"
+    " a registry with none is refused).",
 )
 @click.option(
     "--queues",

@@ -611,6 +611,9 @@ def test_a_queue_list_with_an_empty_name_is_refused(dsn, queues):
         ("nocolon", "nocolon"),
         # An error inside the app's own imports names where it was raised.
         ("tests.apps.broken_import:registry", "broken_import.py, line 5)"),
+        # pgqueue's own refusal of the app's call names the app's line, not pgqueue's.
+        ("tests.apps.twice:registry", "twice.py, line 14)"),
+        ("tests.apps.empty:registry", "'tests.apps.empty:registry' has no tasks"),
     ],
 )
 def test_bad_app_exits_nonzero_with_one_line(daemons, app, mentions):
