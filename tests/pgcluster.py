@@ -48,6 +48,8 @@ class PgCluster:
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
         self.run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
         self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        # More server settings (-c name=value), set before start().
+        self.settings: dict[str, str] = {}
 
     def run(self, tool: str, *args: str) -> None:
         cmd = [str(self.bindir / tool), *args]
@@ -59,6 +61,7 @@ class PgCluster:
         return (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root}"
             " -c fsync=off -c max_connections=100"
+            + "".join(f" -c {name}={value}" for name, value in self.settings.items())
         )
 
     def start(self) -> None:

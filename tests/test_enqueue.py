@@ -1192,3 +1192,46 @@ def test_a_hangul_syllable_euc_kr_cannot_carry_is_refused_and_one_it_can_is_not(
         c.commit()
     with psycopg.connect(dsn, autocommit=True) as utf8:
         assert job_row(utf8, job_id)[2] == {"x": "\uac00\u3164"}
+
+
+def test_a_plain_insert_of_a_taken_key_with_the_readmes_on_conflict_inserts_nothing(conn):
+    # The README's SQL form: a plain INSERT of a taken key fails without it.
+    first = enqueue(conn, "emails.send", {}, idempotency_key="k1")
+    insert = (
+        "INSERT INTO pgqueue.jobs (task, args, idempotency_key) VALUES ('emails.send', '{}',"
+        " 'k1') ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+        " RETURNING id"
+    )
+    assert conn.execute(insert).fetchall() == []
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 1
+    with pytest.raises(psycopg.errors.UniqueViolation, match="jobs_idempotency_key_idx"):
+        conn.execute(insert.split(" ON CONFLICT")[0])
+    assert scalar(conn, "SELECT id FROM pgqueue.jobs") == first
+
+
+def test_an_enqueue_in_a_prepared_transaction_needs_notify_inserts_off():
+    # Postgres refuses PREPARE TRANSACTION after a NOTIFY, and every enqueue notifies:
+    # the README tells two-phase-commit producers to turn it off in that transaction.
+    from pgqueue.migrate import migrate
+    from tests.pgcluster import PgCluster
+
+    cluster = PgCluster()
+    cluster.settings["max_prepared_transactions"] = "2"
+    try:
+        cluster.start()
+        migrate(cluster.dsn)
+        with psycopg.connect(cluster.dsn, autocommit=True) as c:
+            c.execute("BEGIN")
+            enqueue(c, "xa.task", {})
+            with pytest.raises(psycopg.errors.FeatureNotSupported, match="NOTIFY"):
+                c.execute("PREPARE TRANSACTION 'with_notify'")
+            c.execute("BEGIN")
+            c.execute("SET LOCAL pgqueue.notify_inserts = off")
+            job_id = enqueue(c, "xa.task", {})
+            c.execute("PREPARE TRANSACTION 'without_notify'")
+            c.execute("COMMIT PREPARED 'without_notify'")
+            assert c.execute("SELECT id, task FROM pgqueue.jobs").fetchall() == [
+                (job_id, "xa.task")
+            ]
+    finally:
+        cluster.destroy()
