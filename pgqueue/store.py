@@ -86,6 +86,28 @@ def client_encoding_is_utf8(conn: SyncConn | AsyncConn) -> bool:
     return encoding.upper() in (b"UTF8", b"UNICODE")
 
 
+def storable_errors(
+    conn: SyncConn | AsyncConn, errors: Sequence[dict[str, Any]]
+) -> Sequence[dict[str, Any]]:
+    """Error records as a database of this connection's server encoding can store them:
+    unchanged in a UTF8 database; elsewhere each text with every character other than
+    ASCII written as its Python escape (``\\u00e9``). A handler's error message is any
+    text: sent from a UTF-8 session to a WIN1252 or LATIN1 database, a character it lacks
+    (SQL_ASCII: any character other than ASCII in jsonb) failed the whole outcome write,
+    and the job ran again, alone, once its lease expired, attempt after attempt."""
+    encoding = (conn.pgconn.parameter_status(b"server_encoding") or b"UTF8").upper()
+    if encoding in (b"UTF8", b"UNICODE"):
+        return errors
+    return [
+        {key: _ascii(value) if isinstance(value, str) else value for key, value in e.items()}
+        for e in errors
+    ]
+
+
+def _ascii(text: str) -> str:
+    return text if text.isascii() else text.encode("ascii", "backslashreplace").decode("ascii")
+
+
 def _session_fix(conn: SyncConn | AsyncConn) -> LiteralString | None:
     datestyle = (conn.pgconn.parameter_status(b"DateStyle") or b"").upper()
     key = (not datestyle.startswith(b"ISO"), not client_encoding_is_utf8(conn))
@@ -431,7 +453,7 @@ async def retry_jobs(
             "ids": _array(ids),
             "tokens": _uuid_array(tokens),
             "delays": _array(delays),
-            "errors": [Jsonb(e) for e in errors],
+            "errors": [Jsonb(e) for e in storable_errors(conn, errors)],
             "durations": _array(durations),
         },
     )
@@ -489,7 +511,7 @@ async def dead_letter_jobs(
         {
             "ids": _array(ids),
             "tokens": _uuid_array(tokens),
-            "errors": [Jsonb(e) for e in errors],
+            "errors": [Jsonb(e) for e in storable_errors(conn, errors)],
             "reasons": list(reasons),
             "durations": _array(durations),
         },

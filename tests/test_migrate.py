@@ -3,6 +3,7 @@ migrators serialise, an edited migration is refused, and the CLI reports in one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -446,6 +447,88 @@ def test_migration_0013_in_a_single_byte_encoding_refuses_no_letter(
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+@contextlib.contextmanager
+def database_in(server_dsn: str, encoding: str) -> Iterator[str]:
+    """A migrated throwaway database of that server encoding (locale C), dropped after."""
+    name = f"pgqueue_enc_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL(
+                "CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_CTYPE 'C' LC_COLLATE 'C'"
+            ).format(sql.Identifier(name), sql.Literal(encoding))
+        )
+    try:
+        dsn = make_conninfo(server_dsn, dbname=name)
+        migrate(dsn)
+        yield dsn
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.mark.parametrize(
+    ("encoding", "bad_bytes"),
+    [
+        # Any bytes go in; they are checked only on the way out, to a UTF-8 session.
+        ("SQL_ASCII", "636166e9"),  # "caf" and a LATIN1 e-acute: not UTF-8
+        # 0x81 has no Unicode character in WIN1252.
+        ("WIN1252", "78817a"),
+    ],
+)
+def test_a_database_not_in_utf8_refuses_job_text_workers_could_not_read_and_stores_errors(
+    server_dsn, encoding, bad_bytes
+):
+    # Such a row made every claim of its queue fail for good (nothing dead-lettered, every
+    # job behind it waiting), and a handler's error text the database could not hold
+    # failed the outcome's write (the job ran again, alone, once its lease expired).
+    from pgqueue import Backoff, Registry
+    from pgqueue.testing import drain
+
+    registry = Registry()
+
+    @registry.task(name="ok", max_attempts=1)
+    def ok(note: str) -> None: ...
+
+    @registry.task(name="boom", max_attempts=1, backoff=Backoff(base_seconds=0.01))
+    def boom() -> None:
+        raise ValueError("no \U0001f389, no \u0436")
+
+    with database_in(server_dsn, encoding) as dsn, psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("SET client_encoding = 'UTF8'")  # as a worker's session
+        bad = sql.SQL("convert_from({}::bytea, {})").format(
+            sql.Literal(bytes.fromhex(bad_bytes)), sql.Literal(encoding)
+        )
+        for column, value in (
+            ("task", sql.SQL("{}").format(bad)),
+            ("queue", sql.SQL("{}").format(bad)),
+            ("idempotency_key", sql.SQL("{}").format(bad)),
+            ("args", sql.SQL("jsonb_build_object('note', {})").format(bad)),
+        ):
+            insert = sql.SQL("INSERT INTO pgqueue.jobs ({}) VALUES ({})").format(
+                sql.SQL("task, args" if column == "task" else f"task, {column}"),
+                sql.SQL("{}, '{{}}'").format(value)
+                if column == "task"
+                else sql.SQL("'ok', {}").format(value),
+            )
+            with pytest.raises(psycopg.errors.CharacterNotInRepertoire, match="no UTF-8 form"):
+                c.execute(insert)
+        # An update of those columns too.
+        c.execute("INSERT INTO pgqueue.jobs (task, args) VALUES ('ok', '{\"note\": \"x\"}')")
+        with pytest.raises(psycopg.errors.CharacterNotInRepertoire, match="no UTF-8 form"):
+            c.execute(sql.SQL("UPDATE pgqueue.jobs SET task = {}").format(bad))
+        c.execute("DELETE FROM pgqueue.jobs")
+        c.execute(
+            "INSERT INTO pgqueue.jobs (task, args, max_attempts) VALUES"
+            " ('ok', '{\"note\": \"plain\"}', 1), ('boom', '{}', 1)"
+        )
+        result = drain(registry, dsn, timeout=30)
+        assert sorted(result.outcomes.items()) == [("dead", 1), ("succeeded", 1)]
+        ((error,),) = c.execute("SELECT errors -> 0 ->> 'error' FROM pgqueue.dead_jobs")
+        assert error == "ValueError: no \\U0001f389, no \\u0436"
 
 
 def test_migration_warnings_reach_the_user_and_a_failure_is_one_line_naming_what_applied(
