@@ -160,7 +160,20 @@ class Task(Generic[P, R]):
         try:
             self.signature.bind(**args)
         except TypeError as exc:
-            raise TypeError(f"args do not fit {self.name}{self.signature}: {exc}") from None
+            raise TypeError(
+                f"args do not fit {self.name}{self.signature}: {self._unexpected(args) or exc}"
+            ) from None
+
+    def _unexpected(self, args: Mapping[str, Any]) -> str | None:
+        """The first arg no parameter takes, said first: ``bind`` names a missing
+        parameter before it, and a misspelled name then reads as a missing one."""
+        params = self.signature.parameters
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return None
+        for key in args:
+            if key not in params or params[key].kind is inspect.Parameter.POSITIONAL_ONLY:
+                return f"got an unexpected keyword argument {key!r}"
+        return None
 
     def job_args(self, /, *args: P.args, **kwargs: P.kwargs) -> dict[str, Any]:
         """The args of a job whose handler call is ``fn(*args, **kwargs)``: each argument
@@ -170,7 +183,9 @@ class Task(Generic[P, R]):
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise TypeError(f"{self.name}{self.signature}: {exc}") from None
+            raise TypeError(
+                f"{self.name}{self.signature}: {self._unexpected(kwargs) or exc}"
+            ) from None
         job_args: dict[str, Any] = {}
         for name, value in bound.arguments.items():
             kind = self.signature.parameters[name].kind
@@ -375,6 +390,19 @@ class Registry:
             if task_name in self._tasks:
                 raise ConfigError(f"task {task_name!r} is already registered")
             registered: Task[P, R] = Task(task_name, fn, options)
+            unreachable = [
+                p.name
+                for p in registered.signature.parameters.values()
+                if p.kind is p.POSITIONAL_ONLY and p.default is p.empty
+            ]
+            if unreachable:
+                # The worker calls handlers with keyword arguments only: every job of the
+                # task would fail (bad_args) until dead-lettered.
+                raise ConfigError(
+                    f"task {task_name!r}: parameter {unreachable[0]!r} is positional-only"
+                    " without a default, which a worker (calling with keyword arguments)"
+                    " can never pass"
+                )
             self._tasks[task_name] = registered
             _known_options[task_name] = options
             return registered

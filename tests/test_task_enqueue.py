@@ -29,7 +29,7 @@ def anything(kind: str, **extra: Any) -> None: ...
 
 
 @registry.task(name="typed.positional_only")
-def positional_only(a: int, /) -> None: ...
+def positional_only(a: int = 0, /) -> None: ...  # a default: registrable
 
 
 @registry.task(name="typed.self")
@@ -209,6 +209,34 @@ def test_an_empty_or_non_string_task_name_is_refused_at_registration():
         Backoff(base_seconds=-1)
     with pytest.raises(ValueError, match="backoff jitter"):
         Backoff(jitter=2)
+
+
+def test_a_handler_no_job_could_call_is_refused_at_registration():
+    # A worker calls handlers with keyword arguments: a positional-only parameter without
+    # a default failed every job of the task (bad_args) until it was dead-lettered.
+    from pgqueue import ConfigError
+
+    local = Registry()
+    with pytest.raises(ConfigError, match="parameter 'a' is positional-only without a default"):
+
+        @local.task(name="never")
+        def never(a: int, /, b: int) -> None: ...
+
+    assert len(local) == 0
+
+
+def test_a_misspelled_argument_is_named_as_unexpected_not_as_a_missing_one(conn):
+    # bind() names a missing parameter first: `subjct` read as a missing `subject`.
+    local = Registry()
+
+    @local.task(name="typed.mail")
+    def mail(to: str, subject: str) -> None: ...
+
+    with pytest.raises(TypeError, match="unexpected keyword argument 'subjct'"):
+        mail.enqueue(conn, to="a", subjct="b")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"args do not fit .*unexpected keyword argument 'subjct'"):
+        mail.check_args({"to": "a", "subjct": "b"})
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 0
 
 
 def test_a_callable_without_a_qualname_needs_a_task_name():
