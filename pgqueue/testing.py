@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import math
@@ -33,11 +34,11 @@ from pgqueue import store
 from pgqueue.config import WorkerConfig
 from pgqueue.context import JobContext, reset_current, set_current
 from pgqueue.enqueue import _dump_args, max_args_bytes
-from pgqueue.errors import SCHEMA_HINT, ConfigError, PgQueueError
+from pgqueue.errors import SCHEMA_HINT, ConfigError, PermanentError, PgQueueError, Snooze
 from pgqueue.migrate import schema_drift
 from pgqueue.registry import Registry
 from pgqueue.worker import Worker
-from pgqueue.worker.executor import call_plain
+from pgqueue.worker.executor import _leaves, _snooze_seconds, call_plain
 
 __all__ = [
     "Attempt",
@@ -126,6 +127,11 @@ def perform(
         if inspect.isawaitable(result):
             return _run_here(result, "perform_async")
         return result
+    except BaseExceptionGroup as group:
+        taken = _as_a_worker_takes_it(group)
+        if taken is group:
+            raise
+        raise taken from group
     finally:
         reset_current(token)
 
@@ -149,8 +155,28 @@ async def perform_async(
         if inspect.isawaitable(result):
             return await result
         return result
+    except BaseExceptionGroup as group:
+        taken = _as_a_worker_takes_it(group)
+        if taken is group:
+            raise
+        raise taken from group
     finally:
         reset_current(token)
+
+
+def _as_a_worker_takes_it(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What a worker acts on when a handler raises an exception group (a TaskGroup's):
+    a PermanentError among its exceptions (the job is dead-lettered), else the longest
+    Snooze if it holds nothing else (the job snoozes), else the group (a failure)."""
+    leaves = _leaves(group)
+    permanent = [e for e in leaves if isinstance(e, PermanentError)]
+    if permanent:
+        return permanent[0]
+    snoozes = [e for e in leaves if isinstance(e, Snooze)]
+    if snoozes and len(snoozes) == len(leaves):
+        with contextlib.suppress(TypeError, ValueError):
+            return max(snoozes, key=_snooze_seconds)
+    return group
 
 
 def _run_here(awaitable: Any, instead: str) -> Any:

@@ -82,6 +82,20 @@ def empty_next() -> None:
     next(iter([]))
 
 
+@registry.task(name="t.grouped")
+async def grouped(kinds: list[str]) -> None:
+    async def raise_(kind: str) -> None:
+        if kind == "snooze":
+            raise Snooze(len(kinds) * 10)
+        if kind == "permanent":
+            raise PermanentError("never")
+        raise RuntimeError(kind)
+
+    async with asyncio.TaskGroup() as group:
+        for kind in kinds:
+            group.create_task(raise_(kind))
+
+
 @registry.task(name="t.forever")
 async def forever() -> None:
     await asyncio.sleep(3600)
@@ -138,6 +152,24 @@ def test_perform_lets_control_signals_reach_the_test():
         perform(registry, "t.permanent")
     with pytest.raises(RuntimeError, match="flaky went wrong"):
         perform(registry, "t.flaky")
+
+
+def test_perform_raises_what_a_worker_acts_on_from_a_task_groups_exceptions():
+    # A worker snoozes a job whose TaskGroup raised only Snoozes, and dead-letters one
+    # with a PermanentError among them; perform raised the ExceptionGroup.
+    with pytest.raises(Snooze) as snoozed:
+        perform(registry, "t.grouped", {"kinds": ["snooze", "snooze"]})
+    assert snoozed.value.seconds == 20
+    with pytest.raises(PermanentError):
+        perform(registry, "t.grouped", {"kinds": ["snooze", "permanent", "oops"]})
+    with pytest.raises(ExceptionGroup):
+        perform(registry, "t.grouped", {"kinds": ["snooze", "oops"]})
+
+    async def main() -> None:
+        with pytest.raises(Snooze):
+            await perform_async(registry, "t.grouped", {"kinds": ["snooze"]})
+
+    asyncio.run(main())
 
 
 def test_perform_async_runs_sync_handlers_in_a_thread_and_perform_refuses_a_running_loop():
