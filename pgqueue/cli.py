@@ -725,7 +725,8 @@ def worker_command(
     """Run jobs: claim from Postgres, execute, heartbeat, record outcomes.
 
     SIGTERM or SIGINT stops claiming, waits up to --shutdown-timeout for running jobs,
-    returns the rest to the queue and exits 0; a second signal exits at once.
+    returns the rest to the queue and exits 0; a second signal exits at once (one
+    within 0.5 s of the first is taken for the same stop arriving twice).
     """
     log.configure(log_level, log_format)
 

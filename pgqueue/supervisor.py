@@ -239,8 +239,9 @@ class Supervisor:
         held = [c.slot for c in self.children if c.report == SLOTS_HELD]
         if held:
             return False, (
-                f"worker processes {held}: claims held back for over a lease by plain"
-                " handlers that timed out and still run: they run nothing until one"
+                f"worker processes {held}: claims held back for over a lease by"
+                " handlers that timed out and still run (a plain handler's thread, or an"
+                " async one that ignored its cancellation): they run nothing until one"
                 " returns; restart them"
             )
         return database

@@ -25,13 +25,13 @@ import math
 import os
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from pgqueue import store
-from pgqueue.config import WorkerConfig
+from pgqueue.config import CANCEL_GRACE_SECONDS, WorkerConfig
 from pgqueue.context import JobContext, reset_current, set_current
 from pgqueue.enqueue import _dump_args, max_args_bytes
 from pgqueue.errors import SCHEMA_HINT, ConfigError, PermanentError, PgQueueError, Snooze
@@ -189,12 +189,47 @@ def _run_here(awaitable: Any, instead: str) -> Any:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(wrapped())
+        return _run_in_a_new_loop(wrapped())
     if inspect.iscoroutine(awaitable):
         awaitable.close()  # never awaited: no "was never awaited" warning
     raise PgQueueError(
         f"an event loop is running in this thread: use `await pgqueue.testing.{instead}(...)`"
     )
+
+
+# Tasks that ignored their cancellation when a drain's loop closed (see
+# _run_in_a_new_loop), kept for the life of the process.
+_LEFT_BEHIND: set[asyncio.Task[Any]] = set()
+
+
+def _run_in_a_new_loop(coro: Coroutine[Any, Any, Any]) -> Any:
+    """``asyncio.run``, except that the tasks left when ``coro`` ends are waited for
+    CANCEL_GRACE_SECONDS after their cancellation, not for ever: a handler that swallows
+    its cancellation (given up on by the drain's worker after its timeout, its job's
+    outcome written) kept ``drain`` from returning. Such a task is left behind with the
+    closed loop, as the worker's process leaves it when it exits."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            if left:
+                _, pending = loop.run_until_complete(
+                    asyncio.wait(left, timeout=CANCEL_GRACE_SECONDS)
+                )
+                # Kept, never closed: closing one at garbage collection runs its code at
+                # whatever moment that comes (inside an ast.parse, CPython 3.11 then
+                # fails with "AST constructor recursion depth mismatch").
+                _LEFT_BEHIND.update(pending)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 @dataclass(frozen=True)

@@ -391,6 +391,23 @@ def test_a_stop_signal_that_arrives_twice_at_once_is_one_graceful_stop(conn, dae
     assert "worker.killed" not in daemons.output(proc)
 
 
+def test_a_second_signal_to_a_worker_whose_loop_is_blocked_still_exits_at_once(conn, daemons):
+    # The window is measured from when the signals arrive: asyncio runs its handlers
+    # when the loop next runs, so two SIGTERMs seconds apart reached a blocked loop
+    # together, and the operator's "exit now" was taken for a repeat of the first.
+    job_id = enqueue(conn, "block_loop", {"seconds": 6})
+    worker = daemons.worker("--shutdown-timeout", "30")
+    wait_until(lambda: job_state(conn, job_id) == "running")
+    time.sleep(0.5)  # in the handler's blocking sleep
+
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(REPEATED_SIGNAL_SECONDS + 1.0)
+    worker.send_signal(signal.SIGTERM)
+
+    assert worker.wait(timeout=30) == 1, daemons.output(worker)
+    assert logged(daemons, worker, "worker.killed")
+
+
 def test_worker_survives_pg_terminate_backend(conn, daemons):
     worker = daemons.worker("--poll-interval", "0.5", "--lease-seconds", "3")
     first = wait_until(lambda: pids(conn, LISTEN_BACKENDS) and pids(conn, WORKER_BACKENDS))

@@ -4,6 +4,7 @@ worker until the queues are empty and reports each attempt from the jobs' histor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
 from typing import Any
@@ -94,6 +95,13 @@ async def grouped(kinds: list[str]) -> None:
     async with asyncio.TaskGroup() as group:
         for kind in kinds:
             group.create_task(raise_(kind))
+
+
+@registry.task(name="t.deaf", timeout=0.2, max_attempts=1)
+async def deaf() -> None:
+    while True:  # swallows every cancellation, its timeout's included
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.05)
 
 
 @registry.task(name="t.forever")
@@ -289,6 +297,21 @@ def test_drain_leaves_paused_queues_and_times_out_on_a_job_that_always_snoozes(c
     # The worker was stopped: the job is back in the queue, nothing runs, no worker row.
     assert job_state(conn, snoozer) == "queued"
     assert scalar(conn, "SELECT count(*) FROM pgqueue.workers") == 0
+
+
+def test_drain_returns_though_a_handler_swallows_its_cancellation(conn, dsn):
+    # Its worker gives the handler up after its timeout and stops; asyncio.run then
+    # waited for the handler's task without end.
+    job = enqueue(conn, "t.deaf", {}, max_attempts=1)
+    done: list[DrainResult] = []
+    runner = threading.Thread(
+        target=lambda: done.append(drain(registry, dsn, timeout=30)), daemon=True
+    )
+    runner.start()
+    runner.join(timeout=60)
+    assert not runner.is_alive(), "drain did not return"
+    assert done[0].outcomes == {"dead": 1}
+    assert dead_row(conn, job) is not None
 
 
 def test_drain_async_runs_on_the_callers_event_loop(conn, dsn):

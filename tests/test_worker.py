@@ -1053,6 +1053,113 @@ def test_an_async_handler_that_ignores_its_timeout_is_given_up_on_and_holds_its_
     assert "had not ended 3s later; it runs on, holding its slot" in errors[0]["error"]
 
 
+def test_a_handler_given_up_on_does_not_keep_a_rescued_job_waiting(dsn):
+    # A rescued job waits until nothing else runs: a handler given up on after its
+    # timeout, which may never end, held it (and every other claim) back for good.
+    registry = Registry()
+    let_go = asyncio.Event()
+
+    @registry.task(name="stubborn", timeout=0.2, max_attempts=1)
+    async def stubborn() -> None:
+        while not let_go.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+
+    @registry.task(name="fine")
+    def fine() -> None: ...
+
+    sql_enqueue(dsn, "stubborn", max_attempts=1)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, concurrency=3) as worker:
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.dead_jobs", timeout=10)
+            rescued = sql_enqueue(dsn, "fine")
+            with psycopg.connect(dsn, autocommit=True) as c:
+                c.execute("UPDATE pgqueue.jobs SET rescued = true WHERE id = %s", (rescued,))
+            sql_enqueue(dsn, "fine")
+            await wait_for_db(
+                dsn, "SELECT count(*) = 2 FROM pgqueue.jobs WHERE state = 'succeeded'"
+            )
+            assert worker.running == 1  # the stubborn handler, still in its slot
+            let_go.set()
+
+    run(main)
+
+
+def test_a_rescued_job_whose_async_handler_ignores_its_timeout_holds_claims_back(dsn):
+    # Running alone, it keeps every other claim back until it ends, whatever the free
+    # slots: once given up on, the worker says so (its /healthz after a lease).
+    registry = Registry()
+    let_go = asyncio.Event()
+
+    @registry.task(name="stubborn", timeout=0.2, max_attempts=1)
+    async def stubborn() -> None:
+        while not let_go.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+
+    @registry.task(name="fine")
+    def fine() -> None: ...
+
+    job_id = sql_enqueue(dsn, "stubborn", max_attempts=1)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("UPDATE pgqueue.jobs SET rescued = true WHERE id = %s", (job_id,))
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, concurrency=2) as worker:
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.dead_jobs", timeout=10)
+            fine_id = sql_enqueue(dsn, "fine")
+            await asyncio.sleep(1.0)
+            assert fetch(dsn, "SELECT state FROM pgqueue.jobs WHERE id = %s", (fine_id,)) == [
+                ("queued",)
+            ]
+            assert worker.slots_held_for() > 0.5
+            let_go.set()
+            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'")
+            assert worker.slots_held_for() == 0.0
+
+    run(main)
+
+
+def test_a_handlers_coroutine_closed_after_its_loop_is_gone_closes():
+    # A task that swallowed its cancellation is left pending when its loop stops (a
+    # drain's), and its coroutine is closed later (GeneratorExit). The executor took that
+    # for the handler's failure (an outcome nobody would write) or for a release whose
+    # clean-up failed (a warning), at whatever moment garbage collection closed it.
+    from pgqueue.models import Job
+    from pgqueue.worker.executor import Executor
+
+    registry = Registry()
+
+    @registry.task(name="deaf")
+    async def deaf() -> None:
+        while True:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.01)
+
+    now = datetime.now(UTC)
+    for released in (True, False):
+        job = Job(1, "default", "deaf", {}, 0, 1, 3, now, now, uuid.uuid4(), now)
+        executor = Executor(registry, "w", threads=1)
+        loop = asyncio.new_event_loop()
+        try:
+            task = loop.create_task(executor.execute(job))
+            loop.run_until_complete(asyncio.sleep(0.05))
+            if released:
+                executor.release(job)
+            task.cancel()
+            loop.run_until_complete(asyncio.sleep(0.05))
+            assert not task.done()
+        finally:
+            loop.close()
+            executor.shutdown()
+        coro = task.get_coro()
+        assert coro is not None
+        with structlog.testing.capture_logs() as logs, pytest.raises(GeneratorExit):
+            coro.throw(GeneratorExit)  # what close() does, its result seen
+        assert logs == []
+
+
 def test_a_released_job_whose_clean_up_raises_is_still_released(dsn):
     # Shutdown cancels what outlives the shutdown timeout; a handler whose finally then
     # raised counted a failed attempt (here its only one: dead-lettered) instead of being

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
+from types import FrameType
 from typing import Any
 
 import psycopg
@@ -191,6 +192,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._signals = 0
         self._first_signal_at = 0.0
+        # When each stop signal arrived (monotonic; see run and _on_signal).
+        self._signal_arrivals: list[float] = []
         self._schema = SchemaWatch(log, "worker")
         # True when the worker stopped because one of its parts died (exit code 1).
         self.failed = False
@@ -283,9 +286,9 @@ class Worker:
         """Seconds for which handlers that timed out (or were released at shutdown) and
         still run have held back every claim, 0.0 if they do not: every slot is held by
         one (a plain handler's thread, which Python cannot stop, or an async handler that
-        ignored its cancellation), or a thread runs on after the rescued job that ran
-        alone ended. Until one of them returns the worker runs nothing. Safe to call from
-        any thread."""
+        ignored its cancellation), or the rescued job running alone is such a handler, or
+        a thread runs on after the rescued job that ran alone ended. Until one of them
+        returns the worker runs nothing. Safe to call from any thread."""
         now = time.monotonic()
         held = [0.0]
         given_up = sorted((*self.executor.abandoned_times(), *self._gave_up_times))
@@ -295,6 +298,11 @@ class Worker:
         tail, since = self._isolation_tail, self._tail_held_since
         if tail is not None and since is not None and self.executor.runs_on(tail):
             held.append(now - since)
+        isolated = self._isolated
+        if isolated is not None and (gave_up_at := self._gave_up.get(isolated)) is not None:
+            # A rescued job's async handler that ignored its timeout: nothing else is
+            # claimed beside it until it ends.
+            held.append(now - gave_up_at)
         return max(held)
 
     def health(self) -> tuple[bool, str]:
@@ -332,6 +340,12 @@ class Worker:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+                # asyncio's handler runs when the loop next runs: two signals sent seconds
+                # apart to a loop a handler blocks reach it together. This one runs when a
+                # signal arrives (the main thread runs it between two bytecodes, a blocked
+                # loop's too), for _on_signal's window; asyncio still gets every signal by
+                # its wake-up fd.
+                signal.signal(sig, self._signal_arrived)
             _reset_signals_after_fork()
         self._log = log.bind()
         uncontain = contain_handler_tasks(loop)
@@ -435,7 +449,7 @@ class Worker:
             if self._stopping.is_set():
                 return []
             if self._rescue_pending:
-                if self._running:
+                if self._draining():
                     return []  # drain: the rescued job must run alone
                 rescued = await store.claim_rescued_job(
                     conn,
@@ -472,6 +486,13 @@ class Worker:
                 # (job latency; see _fetch_loop).
                 await asyncio.sleep(0)
         return jobs
+
+    def _draining(self) -> bool:
+        """Whether jobs still run that a rescued job must wait for: not async handlers
+        given up on after their timeout (_on_gave_up), which may never end, as threads
+        left by timed-out plain handlers do not count either (if one kills the process,
+        the rescued job running then is charged that attempt)."""
+        return len(self._running) > len(self._gave_up)
 
     def _check_rescued_now(self) -> None:
         """A rescued job of our queues was made runnable (the listener's notification),
@@ -557,7 +578,7 @@ class Worker:
                 # round trips (about 1,400 a second).
                 await self._wait_for(self._wake, self.config.poll_interval)
                 continue
-            if self._rescue_pending and self._running:
+            if self._rescue_pending and self._draining():
                 # Draining so that a rescued job can run alone: wait for a slot.
                 self._slot_freed.clear()
                 await self._wait_for(self._slot_freed, self.config.poll_interval)
@@ -654,6 +675,8 @@ class Worker:
             outcome = await self.executor.execute(job)
         except asyncio.CancelledError:
             outcome = Outcome(job, OutcomeKind.RELEASED, time.monotonic() - started)
+        except GeneratorExit:
+            raise  # the task's coroutine is being closed, its loop gone (executor._closing)
         except BaseException as exc:
             # Whatever it was (SystemExit from an exception's own code, say), the attempt
             # gets an outcome: without one the job held its lease, renewed by every beat,
@@ -828,18 +851,24 @@ class Worker:
 
     # --- shutdown -------------------------------------------------------------------
 
+    def _signal_arrived(self, signum: int, frame: FrameType | None) -> None:
+        self._signal_arrivals.append(time.monotonic())
+
     def _on_signal(self, sig: signal.Signals) -> None:
         now = time.monotonic()
         self._signals += 1
+        arrivals = self._signal_arrivals
         if self._signals == 1:
-            self._first_signal_at = now
+            self._first_signal_at = arrivals[0] if arrivals else now
         # Under a supervisor a repeated SIGTERM/SIGINT is usually the same stop reaching
         # us twice (systemd's cgroup kill, Ctrl-C to the process group, plus the
         # supervisor's forward); the supervisor sends SIGQUIT for "exit now". Alone, one
-        # that comes right after the first is that too (`timeout`: the child, then its
-        # process group).
+        # that came right after the first is that too (`timeout`: the child, then its
+        # process group); the latest arrival decides (two copies of one signal that
+        # arrive together may run _signal_arrived once).
+        latest = max(arrivals, default=now)
         repeated = self._signals > 1 and (
-            self.supervised or now - self._first_signal_at <= REPEATED_SIGNAL_SECONDS
+            self.supervised or latest - self._first_signal_at <= REPEATED_SIGNAL_SECONDS
         )
         if sig is signal.SIGQUIT or (self._signals > 1 and not repeated):
             log.warning("worker.killed", signal=sig.name, running=len(self._running))

@@ -219,7 +219,9 @@ class Executor:
             try:
                 await self._call(job, task.fn, task.is_async, task.options.timeout, give_up)
             except BaseException as exc:
-                if self.released(job) and not isinstance(exc, asyncio.CancelledError):
+                if self.released(job) and not isinstance(
+                    exc, asyncio.CancelledError | GeneratorExit
+                ):
                     # Shutdown cancelled it and its clean-up raised: still a release,
                     # its attempt given back, not a failure counted (or dead-lettered).
                     log.warning(
@@ -229,7 +231,8 @@ class Executor:
                     raise asyncio.CancelledError from exc
                 raise
             finally:
-                reset_current(token)
+                if not _closing():  # closed outside its task, the token is another context's
+                    reset_current(token)
         except asyncio.CancelledError as exc:
             if self.released(job):
                 raise  # shutdown: the worker cancelled this job's task (see release)
@@ -286,6 +289,10 @@ class Executor:
             return self._failed(job, started, backoff, "unknown_task", exc, str(exc))
         except _BadArgs as exc:
             return self._failed(job, started, backoff, "bad_args", None, str(exc))
+        except GeneratorExit as exc:
+            if _closing():
+                raise
+            return self._failed(job, started, backoff, "error", exc)  # raised by the handler
         except BaseException as exc:
             return self._failed(job, started, backoff, "error", exc)
         return Outcome(job, OutcomeKind.SUCCEEDED, time.monotonic() - started)
@@ -340,6 +347,8 @@ class Executor:
         try:
             async with asyncio.timeout(seconds) as scope:
                 await awaitable
+        except GeneratorExit:
+            raise  # see _closing
         except BaseException as exc:
             # An expiry surfaces as CancelledError instead of TimeoutError when the
             # task's cancel count was already off (the 3.11 TaskGroup leftover above),
@@ -494,6 +503,19 @@ def _retry_delay(job: Job, backoff: Any) -> float:
         )  # fmt: skip
         return fallback
     return seconds
+
+
+def _closing() -> bool:
+    """Whether a GeneratorExit is the coroutine being closed, not one the handler raised:
+    a task left pending when its loop stopped (a handler that swallows its cancellation,
+    left behind by a drain) is closed once the loop is gone, and must close. Caught, the
+    attempt's outcome was recorded in place of closing, and Python raised "coroutine
+    ignored GeneratorExit" at garbage collection."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return True
+    return False
 
 
 def _snooze_seconds(snooze: Snooze) -> float:
