@@ -178,6 +178,11 @@ def _guard(fn: Callable[[], int | None]) -> None:
         if log.schema_missing(exc):
             _fail(SCHEMA_HINT)
         first = first_line(exc)
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            _fail(
+                f"database error: {first} (this role may not run this command: the README's"
+                " Least privilege section says which role runs which)"
+            )
         _fail(f"database error: {first}")
     except UnicodeEncodeError as exc:
         # Bytes that are not UTF-8 in argv or the environment reach Python as lone

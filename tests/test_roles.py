@@ -734,3 +734,41 @@ def test_worker_and_producer_roles_together_enqueue_from_a_handler(strict_db, lo
             await asyncio.wait_for(task, 30)
 
     asyncio.run(main())
+
+
+def test_the_admin_commands_each_role_may_run_are_the_readmes(strict_db, login_as):
+    # The README's table of admin commands by role; a refused one says where to look.
+    import subprocess
+    import sys
+
+    with connect(strict_db) as c:
+        c.execute("INSERT INTO pgqueue.jobs (task) VALUES ('a'), ('b'), ('c')")
+        c.execute(
+            "INSERT INTO pgqueue.dead_jobs (id, task, queue, args, priority, attempts,"
+            " max_attempts, run_at, created_at, reason, errors, history) VALUES (100, 'd',"
+            " 'default', '{}', 0, 1, 1, now(), now(), 'exhausted', '[]', '[]')"
+        )
+    commands = {
+        "jobs list": ("yes", "yes"), "status 1": ("yes", "yes"),
+        "dead list": ("yes", "yes"), "dead show 100": ("yes", "yes"),
+        "stats": ("no", "yes"), "workers": ("no", "yes"),
+        "cancel 2": ("no", "yes"), "run-now 3": ("no", "yes"),
+        "dead retry 100": ("no", "no"), "dead purge": ("no", "no"),
+        "queue pause q": ("no", "no"), "queue resume q": ("no", "no"),
+    }  # fmt: skip
+    for column, role in enumerate(("pgqueue_producer", "pgqueue_worker")):
+        dsn = login_as(role)
+        for command, allowed in commands.items():
+            result = subprocess.run(
+                [sys.executable, "-m", "pgqueue", *command.split(), "--dsn", dsn],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            if allowed[column] == "yes":
+                assert result.returncode == 0, (role, command, result.stderr)
+            else:
+                assert result.returncode == 1, (role, command, result.stderr)
+                assert "permission denied" in result.stderr, (role, command, result.stderr)
+                assert "Least privilege" in result.stderr, (role, command, result.stderr)
+    with connect(strict_db) as c:  # nothing the refused commands touched changed
+        assert c.execute("SELECT count(*) FROM pgqueue.dead_jobs").fetchone() == (1,)
+        assert c.execute("SELECT count(*) FROM pgqueue.queues").fetchone() == (0,)
