@@ -1011,10 +1011,9 @@ def test_a_thread_that_ended_as_its_timeout_did_is_not_said_not_to_have_run(monk
         executor.shutdown()
 
 
-def test_an_async_handler_that_ignores_its_timeout_is_given_up_on_and_holds_its_slot(dsn):
-    # It caught every CancelledError (a retry loop with a bare except): its timeout
-    # never ended the attempt, so the job stayed running, its lease renewed by every
-    # beat, and never counted an attempt, however often the worker restarted.
+def deaf_to_its_timeout() -> tuple[Registry, asyncio.Event]:
+    """A registry with `stubborn`, an async handler (timeout 0.2 s, one attempt) that
+    swallows every cancellation until the event is set, and `fine`, a no-op."""
     registry = Registry()
     let_go = asyncio.Event()
 
@@ -1026,6 +1025,15 @@ def test_an_async_handler_that_ignores_its_timeout_is_given_up_on_and_holds_its_
 
     @registry.task(name="fine")
     def fine() -> None: ...
+
+    return registry, let_go
+
+
+def test_an_async_handler_that_ignores_its_timeout_is_given_up_on_and_holds_its_slot(dsn):
+    # It caught every CancelledError (a retry loop with a bare except): its timeout
+    # never ended the attempt, so the job stayed running, its lease renewed by every
+    # beat, and never counted an attempt, however often the worker restarted.
+    registry, let_go = deaf_to_its_timeout()
 
     sql_enqueue(dsn, "stubborn", max_attempts=1)
 
@@ -1056,17 +1064,7 @@ def test_an_async_handler_that_ignores_its_timeout_is_given_up_on_and_holds_its_
 def test_a_handler_given_up_on_does_not_keep_a_rescued_job_waiting(dsn):
     # A rescued job waits until nothing else runs: a handler given up on after its
     # timeout, which may never end, held it (and every other claim) back for good.
-    registry = Registry()
-    let_go = asyncio.Event()
-
-    @registry.task(name="stubborn", timeout=0.2, max_attempts=1)
-    async def stubborn() -> None:
-        while not let_go.is_set():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.sleep(0.05)
-
-    @registry.task(name="fine")
-    def fine() -> None: ...
+    registry, let_go = deaf_to_its_timeout()
 
     sql_enqueue(dsn, "stubborn", max_attempts=1)
 
@@ -1089,17 +1087,7 @@ def test_a_handler_given_up_on_does_not_keep_a_rescued_job_waiting(dsn):
 def test_a_rescued_job_whose_async_handler_ignores_its_timeout_holds_claims_back(dsn):
     # Running alone, it keeps every other claim back until it ends, whatever the free
     # slots: once given up on, the worker says so (its /healthz after a lease).
-    registry = Registry()
-    let_go = asyncio.Event()
-
-    @registry.task(name="stubborn", timeout=0.2, max_attempts=1)
-    async def stubborn() -> None:
-        while not let_go.is_set():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.sleep(0.05)
-
-    @registry.task(name="fine")
-    def fine() -> None: ...
+    registry, let_go = deaf_to_its_timeout()
 
     job_id = sql_enqueue(dsn, "stubborn", max_attempts=1)
     with psycopg.connect(dsn, autocommit=True) as c:
