@@ -1029,6 +1029,18 @@ def deaf_to_its_timeout() -> tuple[Registry, asyncio.Event]:
     return registry, let_go
 
 
+async def claims_held_back_until_let_go(dsn: str, worker: Worker, let_go: asyncio.Event) -> None:
+    """A `fine` job enqueued now waits, and the worker says its claims are held back (its
+    /healthz after a lease), until the stubborn handler is let go."""
+    fine_id = sql_enqueue(dsn, "fine")
+    await asyncio.sleep(1.0)
+    assert fetch(dsn, "SELECT state FROM pgqueue.jobs WHERE id = %s", (fine_id,)) == [("queued",)]
+    assert worker.slots_held_for() > 0.5
+    let_go.set()
+    await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'")
+    assert worker.slots_held_for() == 0.0
+
+
 def test_an_async_handler_that_ignores_its_timeout_is_given_up_on_and_holds_its_slot(dsn):
     # It caught every CancelledError (a retry loop with a bare except): its timeout
     # never ended the attempt, so the job stayed running, its lease renewed by every
@@ -1043,15 +1055,7 @@ def test_an_async_handler_that_ignores_its_timeout_is_given_up_on_and_holds_its_
             # It runs on in the worker's one slot: nothing else runs meanwhile, and the
             # worker says its claims are held back (its /healthz after a lease).
             assert worker.running == 1
-            fine_id = sql_enqueue(dsn, "fine")
-            await asyncio.sleep(1.0)
-            assert fetch(dsn, "SELECT state FROM pgqueue.jobs WHERE id = %s", (fine_id,)) == [
-                ("queued",)
-            ]
-            assert worker.slots_held_for() > 0.5
-            let_go.set()
-            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'")
-            assert worker.slots_held_for() == 0.0
+            await claims_held_back_until_let_go(dsn, worker, let_go)
 
     run(main)
     ((reason, attempts, errors),) = fetch(
@@ -1096,15 +1100,7 @@ def test_a_rescued_job_whose_async_handler_ignores_its_timeout_holds_claims_back
     async def main() -> None:
         async with running_worker(registry, dsn, concurrency=2) as worker:
             await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.dead_jobs", timeout=10)
-            fine_id = sql_enqueue(dsn, "fine")
-            await asyncio.sleep(1.0)
-            assert fetch(dsn, "SELECT state FROM pgqueue.jobs WHERE id = %s", (fine_id,)) == [
-                ("queued",)
-            ]
-            assert worker.slots_held_for() > 0.5
-            let_go.set()
-            await wait_for_db(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'")
-            assert worker.slots_held_for() == 0.0
+            await claims_held_back_until_let_go(dsn, worker, let_go)
 
     run(main)
 
