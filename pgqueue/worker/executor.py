@@ -507,10 +507,10 @@ def _retry_delay(job: Job, backoff: Any) -> float:
 
 def _closing() -> bool:
     """Whether a GeneratorExit is the coroutine being closed, not one the handler raised:
-    a task left pending when its loop stopped (a handler that swallows its cancellation,
-    left behind by a drain) is closed once the loop is gone, and must close. Caught, the
-    attempt's outcome was recorded in place of closing, and Python raised "coroutine
-    ignored GeneratorExit" at garbage collection."""
+    a task left pending when its loop stopped (a handler that swallows its cancellation)
+    is closed once the loop is gone, and must just close. Caught, it made an outcome that
+    nobody would write (or, released, logged that its clean-up failed), and resetting the
+    job's context variable failed: the close runs in another context than the task's."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
