@@ -91,7 +91,7 @@ def storable_errors(
 ) -> Sequence[dict[str, Any]]:
     """Error records as a database of this connection's server encoding can store them:
     unchanged in a UTF8 database; elsewhere each text with every character other than
-    ASCII written as its Python escape (``\\u00e9``). A handler's error message is any
+    ASCII written as its Python escape (``é`` as ``\\xe9``). A handler's error message is any
     text: sent from a UTF-8 session to a WIN1252 or LATIN1 database, a character it lacks
     (SQL_ASCII: any character other than ASCII in jsonb) failed the whole outcome write,
     and the job ran again, alone, once its lease expired, attempt after attempt."""
