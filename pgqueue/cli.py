@@ -1616,19 +1616,40 @@ def dead_retry(
 @click.option("--queue", help="Only this queue.")
 @click.option("--task", help="Only this task.")
 @click.option("--dry-run", is_flag=True, help="Delete nothing: say how many would go.")
+@click.option(
+    "--yes",
+    "-y",
+    is_flag=True,
+    help="Do not ask first (at a terminal, a purge of every dead job asks).",
+)
 @dsn_option
 def dead_purge(
-    older_than: str | None, queue: str | None, task: str | None, dry_run: bool, dsn: str | None
+    older_than: str | None,
+    queue: str | None,
+    task: str | None,
+    dry_run: bool,
+    yes: bool,
+    dsn: str | None,
 ) -> None:
-    """Delete dead jobs for good (all of them, unless filtered)."""
+    """Delete dead jobs for good (all of them, unless filtered). At a terminal, one
+    without a filter says how many and asks first, unless --yes."""
 
     def body() -> int:
         seconds = parse_duration(older_than) if older_than is not None else None
+        everything = seconds is None and queue is None and task is None
         with _connect(dsn) as conn:
-            if dry_run:
+            if dry_run or (everything and not yes and sys.stdin.isatty()):
                 count = store.count_dead(conn, older_than_seconds=seconds, queue=queue, task=task)
-                click.echo(f"would purge {count} dead job(s)")
-                return 0
+                if dry_run:
+                    click.echo(f"would purge {count} dead job(s)")
+                    return 0
+                # Typed bare to see what it does, it deleted the whole table, every
+                # traceback with it (`dead retry` without ids refuses).
+                if not click.confirm(
+                    f"Delete all {count} dead job(s) for good, with their errors?"
+                ):
+                    click.echo("purged nothing")
+                    return 1
             purged = _walk_dead(
                 conn,
                 lambda after, upto: store.purge_dead(

@@ -1681,6 +1681,60 @@ def test_dead_purge_deletes_older_ones_or_all(conn, dsn):
     assert count(conn, "SELECT count(*) FROM pgqueue.jobs") == 0
 
 
+def at_a_terminal(dsn: str, args: list[str], answer: str) -> tuple[int, str]:
+    """Run ``pgqueue ARGS`` with a pseudo-terminal for stdin, stdout and stderr, type
+    ``answer`` and Enter at its prompt; its exit code and all it wrote."""
+    import pty
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGQUEUE_")}
+    env["PGQUEUE_DSN"] = dsn
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [str(BIN / "pgqueue"), *args], stdin=terminal, stdout=terminal, stderr=terminal,
+        env=env, cwd=ROOT,
+    )  # fmt: skip
+    os.close(terminal)
+    seen = b""
+    try:
+        while b"[y/N]" not in seen and b"purged" not in seen:
+            chunk = os.read(controller, 1024)
+            if not chunk:
+                break
+            seen += chunk
+        if b"[y/N]" in seen:
+            os.write(controller, answer.encode() + b"\n")
+        code = proc.wait(timeout=60)
+        with contextlib.suppress(OSError):  # EIO once the process has gone
+            while chunk := os.read(controller, 1024):
+                seen += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(controller)
+    return code, seen.decode()
+
+
+def test_dead_purge_of_everything_at_a_terminal_asks_first(conn, dsn):
+    # Typed bare to see what it does, it deleted the whole dead-letter table at once.
+    for _ in range(3):
+        insert_dead(conn)
+
+    code, out = at_a_terminal(dsn, ["dead", "purge"], "n")
+    assert code == 1 and "Delete all 3 dead job(s) for good" in out and "purged nothing" in out
+    assert count(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 3
+    code, out = at_a_terminal(dsn, ["dead", "purge"], "y")
+    assert code == 0 and "purged 3 dead job(s)" in out, out
+    assert count(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 0
+    # --yes, or a filter, does not ask.
+    insert_dead(conn, queue="other")
+    code, out = at_a_terminal(dsn, ["dead", "purge", "--queue", "other"], "")
+    assert code == 0 and "[y/N]" not in out and "purged 1 dead job(s)" in out, out
+    insert_dead(conn)
+    code, out = at_a_terminal(dsn, ["dead", "purge", "--yes"], "")
+    assert code == 0 and "[y/N]" not in out and "purged 1 dead job(s)" in out, out
+
+
 def test_dead_purge_by_task_deletes_and_counts_only_that_tasks_jobs(conn, dsn):
     # Without the task filter in purge_dead, `dead purge --task crash` deleted every dead
     # job; without it in count_dead, --dry-run counted them all.
