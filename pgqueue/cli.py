@@ -1685,8 +1685,12 @@ def queue_pause(name: str, dsn: str | None) -> None:
     def body() -> int:
         with _connect(dsn) as conn:
             queue_name = _queue_name(name)
-            store.pause_queue(conn, name=queue_name)
-            click.echo(f"queue {name} paused")
+            since = store.pause_queue(conn, name=queue_name)
+            click.echo(
+                f"queue {name} paused"
+                if since is None
+                else f"queue {name} was paused already (since {since.isoformat()})"
+            )
             try:
                 in_use = store.queue_in_use(conn, name=queue_name)
             except psycopg.Error:  # the pause is committed; only the typo check failed

@@ -1080,8 +1080,10 @@ def run_now(conn: SyncConn, *, job_ids: Sequence[int]) -> dict[int, str | None]:
     return {r["id"]: r["queue"] if r["paused"] else None for r in rows}
 
 
-def pause_queue(conn: SyncConn, *, name: str) -> None:
-    _fetch(conn, "pause_queue", {"name": name})
+def pause_queue(conn: SyncConn, *, name: str) -> datetime | None:
+    """Pause a queue; None if this paused it, else when it was paused already."""
+    (row,) = _fetch(conn, "pause_queue", {"name": name})
+    return None if row["newly"] else row["paused_at"]
 
 
 def resume_queue(conn: SyncConn, *, name: str) -> bool:

@@ -1779,6 +1779,12 @@ def test_pausing_an_unused_queue_warns_and_resuming_an_unpaused_one_says_so(conn
     # Pausing ahead is allowed, but a typo must not look like plain success.
     enqueue(conn, "record", {"note": "waits"}, queue="busy")
     assert ok(cli(dsn, "queue", "pause", "busy")).strip() == "queue busy paused"
+    # Paused again: it says so, and keeps the time of the first pause.
+    since = conn.execute("SELECT paused_at FROM pgqueue.queues WHERE name = 'busy'").fetchone()
+    assert since is not None
+    assert ok(cli(dsn, "queue", "pause", "busy")).strip() == (
+        f"queue busy was paused already (since {since[0].isoformat()})"
+    )
 
     typo = cli(dsn, "queue", "pause", "bussy")
     assert typo.returncode == 0 and typo.stdout.strip() == "queue bussy paused"

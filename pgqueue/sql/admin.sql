@@ -378,11 +378,12 @@ SELECT m.id, m.queue,
 FROM moved AS m, (SELECT count(*) FROM notified) AS n ORDER BY m.id;
 
 -- name: pause_queue
--- Pauses a queue: workers claim nothing more from it (running jobs finish).
+-- Pauses a queue: workers claim nothing more from it (running jobs finish). A queue
+-- paused already keeps the time it was paused; `newly` says which it was.
 INSERT INTO pgqueue.queues AS q (name, paused_at) VALUES (%(name)s, now())
 ON CONFLICT (name) DO UPDATE
 SET paused_at = coalesce(q.paused_at, now()), updated_at = now()
-RETURNING q.name, q.paused_at;
+RETURNING q.name, q.paused_at, q.paused_at = now() AS newly;
 
 -- name: resume_queue
 -- Resumes a paused queue and wakes its workers at once, also to check for rescued jobs
