@@ -32,6 +32,7 @@ import psycopg
 from pgqueue import __version__, log, store
 from pgqueue.config import (
     DEFAULT_CONCURRENCY,
+    DEFAULT_EXECUTOR_GRACE_SECONDS,
     DEFAULT_LEASE_SECONDS,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_REAPER_INTERVAL,
@@ -1036,9 +1037,6 @@ class _DefaultExecutor(ThreadPoolExecutor):
 # How long a stopped worker waits for its embedded reaper, whose statement in flight it
 # cancelled, to end its pass.
 REAPER_STOP_SECONDS = 3.0
-
-# How long a stopped worker waits for calls left in its default executor's threads.
-DEFAULT_EXECUTOR_GRACE_SECONDS = 1.0
 
 
 async def _run_worker(worker: Worker, child: _SupervisedChild) -> None:

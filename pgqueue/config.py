@@ -26,9 +26,21 @@ DEFAULT_RECONNECT_MAX_SECONDS = 10.0
 FLUSH_TIMEOUT_SECONDS = 10.0
 # How long shutdown waits for handlers it cancelled to end; one that catches its
 # cancellation and goes on is then released all the same (and the process exits without
-# it). Kept small: the supervisor's deadline and the documented stop grace period allow
-# 2 * FLUSH_TIMEOUT_SECONDS + 5 s beyond --shutdown-timeout.
+# it). Kept small: it is part of STOP_MARGIN_SECONDS.
 CANCEL_GRACE_SECONDS = 3.0
+# How long a stopping worker tries to remove its row from pgqueue.workers (the reaper
+# forgets a worker that did not after three missed heartbeats).
+DEREGISTER_TIMEOUT_SECONDS = 2.0
+# How long a stopped worker waits for calls left in its default executor's threads.
+DEFAULT_EXECUTOR_GRACE_SECONDS = 1.0
+# The most a worker's stop takes beyond --shutdown-timeout: FLUSH_TIMEOUT_SECONDS for a
+# claim in flight, CANCEL_GRACE_SECONDS for the handlers it cancelled,
+# FLUSH_TIMEOUT_SECONDS writing outcomes, DEREGISTER_TIMEOUT_SECONDS,
+# DEFAULT_EXECUTOR_GRACE_SECONDS (26 s), and room for closing connections and exiting.
+# The supervisor waits this long for its children before killing them, and process
+# managers must allow it (README, Upgrading; deploy/); an embedded reaper adds
+# REAPER_STOP_MARGIN_SECONDS (supervisor.py).
+STOP_MARGIN_SECONDS = 30.0
 # A stop signal repeated within this many seconds of the first is the same stop reaching
 # the process twice (coreutils' `timeout` signals its child and then the child's process
 # group; so do some process managers), not an operator asking for "exit now" (which

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
-from pgqueue.config import FLUSH_TIMEOUT_SECONDS, REPEATED_SIGNAL_SECONDS
+from pgqueue.config import REPEATED_SIGNAL_SECONDS, STOP_MARGIN_SECONDS
 from pgqueue.log import get_logger
 from pgqueue.metrics import (
     DEFAULT_METRICS_HOST,
@@ -324,14 +324,12 @@ class Supervisor:
                 child.proc.send_signal(signal.SIGTERM if graceful else signal.SIGQUIT)
                 self._signalled.add(child.proc.pid)
         # Children got the signal in _on_signal. A child may take its grace period plus
-        # up to FLUSH_TIMEOUT_SECONDS waiting for an in-flight claim, CANCEL_GRACE_SECONDS
-        # (3, within the 5 s below) for handlers it cancelled, and FLUSH_TIMEOUT_SECONDS
-        # flushing outcomes; killing it sooner would lose those outcomes.
+        # STOP_MARGIN_SECONDS (an in-flight claim, handlers it cancelled, flushing
+        # outcomes, deregistering); killing it sooner could lose those outcomes.
         deadline = (
             time.monotonic()
             + self.shutdown_timeout
-            + 2 * FLUSH_TIMEOUT_SECONDS
-            + 5.0
+            + STOP_MARGIN_SECONDS
             + (REAPER_STOP_MARGIN_SECONDS if self.reapers else 0.0)
         )
         codes: list[int] = []

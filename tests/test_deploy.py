@@ -40,7 +40,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pgqueue import cli, enqueue
 from pgqueue import metrics as pgmetrics
-from pgqueue.config import DEFAULT_SHUTDOWN_TIMEOUT
+from pgqueue.config import (
+    CANCEL_GRACE_SECONDS,
+    DEFAULT_EXECUTOR_GRACE_SECONDS,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    DEREGISTER_TIMEOUT_SECONDS,
+    FLUSH_TIMEOUT_SECONDS,
+    STOP_MARGIN_SECONDS,
+)
+from pgqueue.supervisor import REAPER_STOP_MARGIN_SECONDS
 from tests.conftest import BIN, ROOT, Daemons, scalar, wait_until
 
 DEPLOY = ROOT / "deploy"
@@ -52,6 +60,40 @@ DASHBOARD = DEPLOY / "grafana" / "pgqueue-dashboard.json"
 JOB_NAMES = {"pgqueue-worker", "pgqueue-reaper"}
 
 # --- what pgqueue really offers ------------------------------------------------------
+
+
+def stop_margin(params: dict[str, Any]) -> float:
+    """What a worker started with these parameters may take beyond its shutdown timeout."""
+    return STOP_MARGIN_SECONDS + (REAPER_STOP_MARGIN_SECONDS if params["with_reaper"] else 0.0)
+
+
+def test_the_stop_margin_covers_a_workers_slowest_stop() -> None:
+    """The documented margin (and the supervisor's wait) covers every bounded wait of a
+    worker's stop after --shutdown-timeout, with room to close and exit."""
+    waits = (
+        FLUSH_TIMEOUT_SECONDS  # a claim in flight
+        + CANCEL_GRACE_SECONDS  # handlers it cancelled
+        + FLUSH_TIMEOUT_SECONDS  # writing outcomes
+        + DEREGISTER_TIMEOUT_SECONDS
+        + DEFAULT_EXECUTOR_GRACE_SECONDS
+    )
+    assert waits + 2.0 <= STOP_MARGIN_SECONDS
+    # What the deploy files tell operators to allow.
+    margin = f"--shutdown-timeout` + {STOP_MARGIN_SECONDS:.0f} s"
+    assert margin in " ".join((DEPLOY / "README.md").read_text().split())
+    margin = f"SHUTDOWN_TIMEOUT + {STOP_MARGIN_SECONDS:.0f} s"
+    assert margin in (SYSTEMD / "pgqueue-worker@.service").read_text()
+    margin = f"--shutdown-timeout + {STOP_MARGIN_SECONDS:.0f} s"
+    for path in (
+        K8S / "base" / "worker-deployment.yaml",
+        K8S / "components" / "monitoring" / "prometheusrule.yaml",
+        COMPOSE / "docker-compose.yml",
+        PROMETHEUS / "alerts.yml",
+    ):
+        assert margin in " ".join(path.read_text().split()), path
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"the shutdown timeout plus {STOP_MARGIN_SECONDS:.0f} s" in readme
+
 
 COMMANDS: dict[str, click.Command] = {
     "pgqueue": cli.main,
@@ -454,8 +496,8 @@ def test_systemd_units_content() -> None:
         stop_timeout = float(one("TimeoutStopSec").rstrip("s"))
         if program == "pgqueue-worker":
             # The stop timeout covers the shutdown timeout (defaults and example file).
-            assert params["shutdown_timeout"] + 10 <= stop_timeout
-            assert stop_timeout >= DEFAULT_SHUTDOWN_TIMEOUT + 10
+            assert params["shutdown_timeout"] + stop_margin(params) <= stop_timeout
+            assert stop_timeout >= DEFAULT_SHUTDOWN_TIMEOUT + STOP_MARGIN_SECONDS
             # The instance name is the default queue list.
             assert unit_environment(unit, "reports")["PGQUEUE_QUEUES"] == "reports,exports"
             assert "PGQUEUE_QUEUES=%i" in service["Environment"]
@@ -770,7 +812,9 @@ def test_kustomize_renders_valid_consistent_manifests(overlay: str) -> None:
         assert name == program
         # Graceful termination: the grace period covers the shutdown timeout.
         if program == "pgqueue-worker":
-            assert spec["terminationGracePeriodSeconds"] >= params["shutdown_timeout"] + 10
+            assert spec["terminationGracePeriodSeconds"] >= (
+                params["shutdown_timeout"] + stop_margin(params)
+            )
         # Probes on /healthz of the --metrics-port, through the named port.
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["metrics"] == params["metrics_port"]
@@ -912,7 +956,7 @@ def test_compose_services_are_consistent() -> None:
         assert str(params["metrics_port"]) in " ".join(service["healthcheck"]["test"])
         if program == "pgqueue-worker":
             grace = _seconds(service["stop_grace_period"])
-            assert grace >= params["shutdown_timeout"] + 10
+            assert grace >= params["shutdown_timeout"] + stop_margin(params)
             # The app named by --app exists in the mounted folder.
             module = params["app"].split(":")[0]
             assert (ROOT / "examples" / f"{module}.py").exists()

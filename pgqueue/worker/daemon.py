@@ -30,6 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 from pgqueue import __version__, metrics, store
 from pgqueue.config import (
     CANCEL_GRACE_SECONDS,
+    DEREGISTER_TIMEOUT_SECONDS,
     FLUSH_TIMEOUT_SECONDS,
     REPEATED_SIGNAL_SECONDS,
     WorkerConfig,
@@ -950,7 +951,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         try:
-            async with self.pool.connection(timeout=2.0) as conn:
+            async with self.pool.connection(timeout=DEREGISTER_TIMEOUT_SECONDS) as conn:
                 await store.deregister_worker(conn, worker_id=self.worker_id)
         except Exception as exc:  # the reaper forgets it after three missed heartbeats
             error = first_line(exc)
