@@ -1017,6 +1017,49 @@ def test_rescued_waiting_says_when_it_looked(conn, dsn):
     assert run_async(dsn, store.rescued_waiting, queues=["b"]).waiting is False
 
 
+def test_workers_take_turns_to_drain_for_a_rescued_job(conn, dsn):
+    # Three live workers serve queue a (one of them a as well as b), one serves only b,
+    # one is stale: only the three take turns, a stagger apart, from when the job fell
+    # due, the first chosen by the job's id.
+    for worker_id, queues, beat_ago in [
+        ("w1", ["a"], 0), ("w2", ["b", "a"], 0), ("w3", ["a"], 0), ("wb", ["b"], 0),
+        ("w0-stale", ["a"], 30),
+    ]:  # fmt: skip
+        conn.execute(
+            "INSERT INTO pgqueue.workers (id, host, pid, queues, concurrency,"
+            " heartbeat_seconds, version, last_heartbeat_at)"
+            " VALUES (%s, 'h', 1, %s, 1, 10, 'v', now() - make_interval(secs => %s))",
+            (worker_id, queues, beat_ago),
+        )
+    waited = 4.0
+    job_id = make_job(
+        conn, queue="a", rescued=True, run_at=db_clock(conn) - timedelta(seconds=waited)
+    )
+
+    def drain_in(worker_id: str, queues: list[str]) -> float | None:
+        check = run_async(
+            dsn, store.rescued_waiting, queues=queues, worker_id=worker_id, stagger_seconds=10.0
+        )
+        assert check.waiting is True
+        return check.drain_in
+
+    fleet = ["w1", "w2", "w3"]
+    turns = {w: round((drain_in(w, ["a"]) + waited) / 10.0) for w in fleet}  # type: ignore[operator]
+    first = fleet[job_id % 3]
+    assert turns[first] == 0
+    assert sorted(turns.values()) == [0, 1, 2]
+    assert [turns[w] for w in fleet] == [(i - job_id % 3) % 3 for i in range(3)]
+    # The first one's turn came when the job fell due: it drains now.
+    assert drain_in(first, ["a"]) == pytest.approx(-waited, abs=1.0)
+    # A worker not in the list (not registered yet, or stale) drains at once, as all did.
+    assert drain_in("w0-stale", ["a"]) == pytest.approx(-waited, abs=1.0)
+    assert drain_in("unknown", ["a"]) == pytest.approx(-waited, abs=1.0)
+    # Nothing is due in b.
+    assert run_async(
+        dsn, store.rescued_waiting, queues=["b"], worker_id="wb", stagger_seconds=10.0
+    ) == (False, pytest.approx(db_clock(conn), abs=timedelta(seconds=5)), None)
+
+
 # --- notify trigger -----------------------------------------------------------------------
 
 
@@ -1659,7 +1702,7 @@ def _plan_params(dsn: str, name: str) -> dict[str, Any]:
         since = datetime.now(UTC) - timedelta(seconds=5)
         return {"queues": queues, "lookback_seconds": 0.05, "rescued_since": since}
     if name == "rescued_waiting":
-        return {"queues": queues}
+        return {"queues": queues, "worker_id": WORKER, "stagger_seconds": LEASE}
     if name == "queue_stats":
         return {"with_finished": True}
     if name in ("extend_leases", "complete_jobs"):
@@ -1952,6 +1995,20 @@ def test_statement_planned_on_a_new_table_never_seq_scans_it_later(new_table_dsn
     if name in LEASE_FENCED:
         scans = [n for n in nodes if n.get("Relation Name") == "jobs" and "Scan" in n["Node Type"]]
         assert {n.get("Index Name") for n in scans} == {"jobs_pkey"}, scans
+
+
+@pytest.mark.parametrize("name", LONG_LIVED_PLANS)
+def test_statement_planned_with_seq_scans_priced_out_makes_none_anywhere(new_table_dsn, name):
+    # A sequential scan of any table, the small ones too, costs such a plan over
+    # jit_above_cost (rescued_waiting's read of pgqueue.workers did: 0.5 s of JIT for a
+    # 0.3 ms query, on every check). store.NO_JIT turns JIT off; this keeps the plans
+    # honest without it.
+    params = _new_table_params(new_table_dsn, name)
+
+    nodes = _generic_plan(new_table_dsn, name, params, [store.NO_SEQ_SCANS])
+
+    assert [n for n in nodes if n["Node Type"] == "Seq Scan"] == [], nodes
+    assert nodes[0]["Total Cost"] < 100_000  # jit_above_cost's default
 
 
 @pytest.mark.parametrize("name", ["extend_leases", "complete_jobs", "prune_finished"])

@@ -61,8 +61,11 @@ def test_reaper_connection_prices_out_seq_scans_while_its_plans_are_kept(dsn, op
     # (tests/test_queries.py, new_table_dsn); unprepared ones are planned on every run.
     with reaper(dsn, **options) as r:
         row = r._connection().execute("SHOW enable_seqscan").fetchone()
+        jit = r._connection().execute("SHOW jit").fetchone()
 
     assert row == (setting,)
+    # JIT off beside it (store.NO_JIT): the server's default is on.
+    assert jit == (setting,)
 
 
 def expired_job(conn: psycopg.Connection[Any], **columns: Any) -> int:

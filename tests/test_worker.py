@@ -1350,6 +1350,153 @@ def test_a_rescued_job_runs_alone_and_is_not_starved_by_a_busy_worker(dsn):
     assert rescued_end < last_busy_end
 
 
+async def until_one_drains_for_a_rescued_job(*workers: Worker) -> Worker:
+    """Wait until each of these busy workers made its check for rescued jobs and exactly
+    one drains for the one waiting; return one whose turn is later."""
+    deadline = time.monotonic() + 10
+    while True:
+        draining = [w for w in workers if w._rescue_pending]
+        later = [w for w in workers if w._rescue_seen]
+        if len(draining) == 1 and len(later) == len(workers) - 1:
+            return later[0]
+        assert time.monotonic() < deadline, [(w._rescue_pending, w._rescue_seen) for w in workers]
+        await asyncio.sleep(0.02)
+
+
+def test_one_busy_worker_at_a_time_drains_for_a_rescued_job(dsn):
+    # Two workers, each busy with a long job of a queue of its own, both serving
+    # "shared". A rescued job of "shared" is due: the worker whose turn it is drains for
+    # it; the other goes on running "shared" jobs (before, both stopped claiming until a
+    # long job ended). Then the rescued job runs alone.
+    registry = Registry()
+    release = threading.Event()
+    lock = threading.Lock()
+    active: set[str] = set()
+    seen_beside_rescued: set[str] = set()
+
+    @registry.task(name="long")
+    def long_job() -> None:
+        release.wait(30)
+
+    @registry.task(name="short", queue="shared")
+    def short(n: int) -> None:
+        with lock:
+            if "rescued" in active:
+                seen_beside_rescued.add(f"short{n}")
+
+    @registry.task(name="rescued", queue="shared")
+    def rescued() -> None:
+        with lock:
+            active.add("rescued")
+        time.sleep(0.3)
+        with lock:
+            active.discard("rescued")
+
+    def insert(statement: str) -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(statement)  # type: ignore[call-overload]
+
+    async def main() -> None:
+        options: dict[str, Any] = {"concurrency": 4, "poll_interval": 0.2, "lease_seconds": 30}
+        async with (
+            running_worker(registry, dsn, queues=("a", "shared"), **options) as wa,
+            running_worker(registry, dsn, queues=("b", "shared"), **options) as wb,
+        ):
+            await asyncio.to_thread(insert, "INSERT INTO pgqueue.jobs (task, queue)"
+                                    " VALUES ('long', 'a'), ('long', 'b')")  # fmt: skip
+            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.jobs WHERE state = 'running'")
+            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.workers")
+            # What the reaper leaves after a crash: queued, runnable, marked rescued.
+            await asyncio.to_thread(insert, "INSERT INTO pgqueue.jobs (task, queue, rescued)"
+                                    " VALUES ('rescued', 'shared', true)")  # fmt: skip
+            await until_one_drains_for_a_rescued_job(wa, wb)
+            await asyncio.to_thread(insert, "INSERT INTO pgqueue.jobs (task, queue, args)"
+                                    " SELECT 'short', 'shared', jsonb_build_object('n', g)"
+                                    " FROM generate_series(1, 20) AS g")  # fmt: skip
+            await wait_for_db(
+                dsn,
+                "SELECT count(*) = 20 FROM pgqueue.jobs"
+                " WHERE task = 'short' AND state = 'succeeded'",
+            )
+            (rows,) = await asyncio.to_thread(
+                fetch, dsn, "SELECT array_agg(state::text) FROM pgqueue.jobs WHERE task <> 'short'"
+            )
+            assert sorted(rows[0]) == ["queued", "running", "running"]
+            release.set()
+            await wait_for_db(
+                dsn, "SELECT state = 'succeeded' FROM pgqueue.jobs WHERE task = 'rescued'"
+            )
+
+    run(main)
+    assert seen_beside_rescued == set()
+    # It ran alone on its worker: no other job of that worker overlapped it.
+    overlaps = fetch(
+        dsn,
+        "SELECT o.id FROM pgqueue.jobs AS r JOIN pgqueue.jobs AS o"
+        " ON o.id <> r.id AND o.leased_by IS NULL AND r.task = 'rescued'"
+        " AND o.attempted_at < r.finished_at AND o.finished_at > r.attempted_at"
+        " AND o.history -> -1 ->> 'worker' = r.history -> -1 ->> 'worker'",
+    )
+    assert overlaps == []
+
+
+def test_a_worker_whose_turn_to_drain_has_not_come_takes_the_rescued_job_once_idle(dsn):
+    # Two busy workers serve "shared", where a rescued job is due: the one whose turn it
+    # is drains, but its long job goes on. The other's long job ends: idle, it takes the
+    # rescued job at once, not at its turn (a lease later) or its next poll.
+    registry = Registry()
+    releases = {"a": threading.Event(), "b": threading.Event()}
+
+    @registry.task(name="long")
+    def long_job(queue: str) -> None:
+        releases[queue].wait(30)
+
+    @registry.task(name="rescued", queue="shared")
+    def rescued() -> None: ...
+
+    def execute(statement: str) -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(statement)  # type: ignore[call-overload]
+
+    async def main() -> None:
+        options: dict[str, Any] = {"concurrency": 4, "poll_interval": 60, "lease_seconds": 30}
+        async with (
+            running_worker(registry, dsn, queues=("a", "shared"), **options) as wa,
+            running_worker(registry, dsn, queues=("b", "shared"), **options) as wb,
+        ):
+            await asyncio.to_thread(execute, "INSERT INTO pgqueue.jobs (task, queue, args)"
+                                    " VALUES ('long', 'a', '{\"queue\": \"a\"}'),"
+                                    " ('long', 'b', '{\"queue\": \"b\"}')")  # fmt: skip
+            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.jobs WHERE state = 'running'")
+            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.workers")
+            # As the reaper leaves it after a crash, and says so.
+            await asyncio.to_thread(
+                execute,
+                "INSERT INTO pgqueue.jobs (task, queue, rescued)"
+                " VALUES ('rescued', 'shared', true);"
+                " SELECT pg_notify('pgqueue_jobs', ' rescued shared')",
+            )
+            # Each made its check: one drains for it, the other's turn is a lease away.
+            later = await until_one_drains_for_a_rescued_job(wa, wb)
+            (queue,) = [q for q, w in {"a": wa, "b": wb}.items() if w is later]
+            releases[queue].set()
+            await wait_for_db(
+                dsn, "SELECT state = 'succeeded' FROM pgqueue.jobs WHERE task = 'rescued'"
+            )
+            (rows,) = await asyncio.to_thread(
+                fetch, dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'running'"
+            )
+            assert rows == (1,)  # the other long job still runs
+            for event in releases.values():
+                event.set()
+
+    try:
+        run(main)
+    finally:
+        for event in releases.values():
+            event.set()
+
+
 def test_worker_without_prepared_statements_runs_jobs(dsn):
     registry = Registry()
 
@@ -1446,27 +1593,30 @@ async def show_on_every_pool_connection(worker: Worker, setting: str) -> list[st
 
 
 @pytest.mark.parametrize(
-    ("config", "mode", "seqscan"),
+    ("config", "mode", "seqscan", "jit"),
     [
-        ({}, "force_generic_plan", "off"),
-        ({"generic_plans": False}, "auto", "on"),
-        ({"prepared_statements": False}, "auto", "on"),
+        ({}, "force_generic_plan", "off", "off"),
+        ({"generic_plans": False}, "auto", "on", "on"),
+        ({"prepared_statements": False}, "auto", "on", "on"),
     ],
 )
-def test_worker_connections_run_generic_plans_unless_told_not_to(dsn, config, mode, seqscan):
+def test_worker_connections_run_generic_plans_unless_told_not_to(dsn, config, mode, seqscan, jit):
     # Generic plans, kept for the connection's life, never scan the jobs table whatever
-    # its size when they were made (store.NO_SEQ_SCANS, tests/test_queries.py).
-    async def main() -> tuple[list[str], list[str]]:
+    # its size when they were made (store.NO_SEQ_SCANS, tests/test_queries.py); JIT is
+    # off beside them (store.NO_JIT). The server's default jit is on.
+    async def main() -> tuple[list[str], list[str], list[str]]:
         async with running_worker(Registry(), dsn, queues=("q",), **config) as worker:
             await asyncio.wait_for(worker.listener.connected.wait(), 10)
             return (
                 await show_on_every_pool_connection(worker, "plan_cache_mode"),
                 await show_on_every_pool_connection(worker, "enable_seqscan"),
+                await show_on_every_pool_connection(worker, "jit"),
             )
 
-    modes, seqscans = run(main)
+    modes, seqscans, jits = run(main)
     assert set(modes) == {mode}
     assert set(seqscans) == {seqscan}
+    assert set(jits) == {jit}
 
 
 @pytest.mark.parametrize(

@@ -81,16 +81,54 @@ RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts,
           j.cancel_requested_at IS NOT NULL AS cancel_requested, j.attempted_at;
 
 -- name: rescued_waiting
--- Whether a rescued job is due in one of the given (unpaused) queues: a busy worker that
--- sees one stops claiming until it is idle, then takes it alone (no starvation). And the
--- now() it looked at: a rescued job that falls due after it is seconds_until_due's.
-SELECT EXISTS (
-    SELECT 1 FROM unnest(%(queues)s::text[]) AS q(name)
-    JOIN pgqueue.jobs AS j ON j.queue = q.name
-    WHERE j.state = 'queued' AND j.rescued AND j.run_at <= now()
-      AND NOT EXISTS (SELECT 1 FROM pgqueue.queues AS p
+-- Whether a rescued job is due in one of the given (unpaused) queues: a worker that sees
+-- one stops claiming until it is idle, then takes it alone (no starvation). And the now()
+-- it looked at: a rescued job that falls due after it is seconds_until_due's.
+-- drain_in: seconds until this worker's turn to drain for one (<= 0: now). The live
+-- workers serving a job's queue take turns, one every %(stagger_seconds)s from the time
+-- the job fell due, the first chosen by the job's id: one busy worker drains for it at
+-- once, not every worker of the queue, and the next follows only if the job still waits
+-- (the first may be running a long job, stopping, or dead and not yet gone from
+-- pgqueue.workers). An idle worker takes the job whatever its turn. A worker not in that
+-- list (its row not written yet, or stale) has turn 0: it drains at once, as all did.
+WITH due AS MATERIALIZED (
+    SELECT d.id, d.queue, d.run_at
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.queue, j.run_at
+        FROM pgqueue.jobs AS j
+        WHERE j.queue = q.name AND j.state = 'queued' AND j.rescued AND j.run_at <= now()
+        ORDER BY j.priority, j.run_at, j.id
+        LIMIT 10
+    ) AS d
+    WHERE NOT EXISTS (SELECT 1 FROM pgqueue.queues AS p
                       WHERE p.name = q.name AND p.paused_at IS NOT NULL)
-) AS waiting, now() AS checked_at;
+),
+fleet AS MATERIALIZED (
+    -- Workers that beat within two intervals (the reaper removes rows after three). In
+    -- the primary key's order, so that the plan reads the table by that index: a worker's
+    -- sessions price sequential scans out, and a plan that has to make one costs enough
+    -- to be JIT-compiled (about 0.5 s for a 0.3 ms query).
+    SELECT w.id, w.queues
+    FROM pgqueue.workers AS w
+    WHERE w.last_heartbeat_at > now() - make_interval(secs => 2 * w.heartbeat_seconds)
+    ORDER BY w.id
+),
+turns AS (
+    SELECT d.run_at,
+           (SELECT mod(r.pos - mod(d.id, r.n) + r.n, r.n)
+            FROM (SELECT f.id, row_number() OVER (ORDER BY f.id) - 1 AS pos,
+                         count(*) OVER () AS n
+                  FROM fleet AS f
+                  WHERE d.queue = ANY (f.queues)) AS r
+            WHERE r.id = %(worker_id)s::text) AS turn
+    FROM due AS d
+)
+SELECT count(*) > 0 AS waiting,
+       min(extract(epoch FROM t.run_at - now())
+           + coalesce(t.turn, 0) * %(stagger_seconds)s::float8)::float8 AS drain_in,
+       now() AS checked_at
+FROM turns AS t;
 
 -- name: seconds_until_due
 -- Seconds until the earliest run_at of a queued job in the given queues that is in the

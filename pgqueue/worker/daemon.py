@@ -221,6 +221,9 @@ class Worker:
         # runs, the wait holds every claim back.
         self._tail_held_since: float | None = None
         self._rescue_pending = False
+        # A rescued job was due at the last check but this busy worker's turn to drain
+        # for it had not come: once idle, it looks again at once (and takes it).
+        self._rescue_seen = False
         self._next_rescue_check = 0.0
         # The database's now() at the last check for rescued jobs (None: none made yet).
         self._rescued_checked_at: datetime | None = None
@@ -432,18 +435,35 @@ class Worker:
                 self._schema.observe(await store.applied_versions_async(conn))
                 if self._schema.behind:
                     return []
-            if loop.time() >= self._next_rescue_check:
+            if loop.time() >= self._next_rescue_check or (
+                self._rescue_seen and not self._draining()
+            ):
                 # Set before the check: a rescued job's notification arriving while it
                 # runs brings the next one forward again (_check_rescued_now).
                 self._next_rescue_check = loop.time() + self.config.poll_interval
                 try:
-                    check = await store.rescued_waiting(conn, queues=self.queues)
+                    check = await store.rescued_waiting(
+                        conn,
+                        queues=self.queues,
+                        worker_id=self.worker_id,
+                        stagger_seconds=self.config.lease_seconds,
+                    )
                 except CONNECTION_ERRORS:
                     # Not made: make it on the fetcher's next try, not a poll interval
                     # later (a rescued job waiting would wait for that poll).
                     self._next_rescue_check = 0.0
                     raise
-                self._rescue_pending = check.waiting
+                # Idle, it takes the job now; busy, it drains for it when its turn comes
+                # (one worker at a time, a lease apart: rescued_waiting), and looks again
+                # then if that is before the next check.
+                self._rescue_pending = check.waiting and (
+                    not self._draining() or (check.drain_in or 0.0) <= 0.0
+                )
+                self._rescue_seen = check.waiting and not self._rescue_pending
+                if self._rescue_seen and check.drain_in is not None:
+                    self._next_rescue_check = min(
+                        self._next_rescue_check, loop.time() + check.drain_in
+                    )
                 self._rescued_checked_at = check.checked_at
             # A stop may have come while this waited for the lock, a connection or the
             # check above: SIGTERM stops claiming.
@@ -705,6 +725,9 @@ class Worker:
                 self._isolation_tail = job
                 self._tail_held_since = time.monotonic()
                 self._next_rescue_check = 0.0  # more rescued jobs may be waiting
+            elif self._rescue_seen and not self._draining():
+                # Idle now, with a rescued job waiting for another's turn: take it.
+                self._wake.set()
             self._slot_freed.set()
         metrics.child(metrics.JOB_DURATION, job.queue, self._task_label(job)).observe(
             outcome.duration

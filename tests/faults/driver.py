@@ -200,8 +200,11 @@ class Settings:
             *([("standby grace", 2 * self.reaper_interval + 5.0)] if self.embedded_reapers else []),
             # A busy worker looks for waiting rescued jobs once per poll interval...
             ("poll interval", self.poll_interval),
-            # ...then drains its running handlers and runs the rescued job alone.
+            # ...then drains its running handlers and runs the rescued job alone. Busy
+            # workers take turns to drain, a lease apart: one whose turn was skipped (a
+            # stop under way) costs a lease.
             ("drain + solo run", 2 * self.max_handler_seconds),
+            ("a skipped drain turn", self.lease_seconds),
             # psycopg_pool retries a failed connect after 1 s, then 2 s.
             ("pool reconnect", 3.0),
             # A shared 2-core machine: replacement processes take ~1 s of CPU to start.
