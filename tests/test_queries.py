@@ -320,6 +320,21 @@ def _gated(name: str) -> str:
     return query.replace(plain, gate)
 
 
+def test_claim_rescued_job_takes_one_job_however_many_wait(conn, dsn):
+    # Found by a mutation audit: a claim of two rescued jobs at once was noticed only by
+    # the random state machine. Each must run alone.
+    ids = [make_job(conn, queue=q, rescued=True) for q in ("default", "default", "other")]
+
+    claimed = run_async(
+        dsn, store.claim_rescued_job, queues=["default", "other"], worker_id=WORKER,
+        lease_seconds=LEASE,
+    )  # fmt: skip
+
+    assert claimed is not None and claimed.id == ids[0]
+    running = conn.execute("SELECT id FROM pgqueue.jobs WHERE state = 'running'").fetchall()
+    assert running == [(ids[0],)]
+
+
 @pytest.mark.parametrize("race", list(RACES))
 @pytest.mark.parametrize("name", ["claim_jobs", "claim_rescued_job"])
 def test_claim_skips_a_job_changed_after_its_snapshot(conn, dsn, name, race):

@@ -157,6 +157,21 @@ def test_running_job_whose_lease_has_not_expired_is_untouched(conn, dsn):
     assert job_row(conn, job_id) == before
 
 
+def test_running_job_whose_lease_expires_in_a_moment_is_untouched(conn, dsn):
+    # Found by a mutation audit: a reaper reaping a second early went unnoticed with
+    # only a five-minute lease in the tests. Expiry is exact.
+    expires = db_clock(conn) + timedelta(seconds=1)
+    job_id = make_job(conn, state="running", lease_expires_at=expires)
+    before = job_row(conn, job_id)
+
+    result = run_once(dsn)
+
+    if result.requeued and db_clock(conn) >= expires:
+        pytest.skip("the reaper's pass outlasted the lease: nothing to tell")
+    assert result == ReapResult(requeued=[], dead=[], pruned=0)
+    assert job_row(conn, job_id) == before
+
+
 def test_job_whose_expired_lease_was_extended_by_a_heartbeat_is_untouched(conn, dsn):
     token = uuid.uuid4()
     job_id = expired_job(conn, lease_token=token)

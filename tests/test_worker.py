@@ -1592,6 +1592,14 @@ async def show_on_every_pool_connection(worker: Worker, setting: str) -> list[st
     return values
 
 
+@pytest.mark.parametrize("lease", [1.0, 30.0, 600.0])
+def test_the_heartbeat_beats_three_times_a_lease(lease):
+    # Found by a mutation audit: a beat once per lease was noticed only by a test of
+    # cancel requests. Two beats may fail (a restart, a dead pooled connection) before
+    # the lease is at risk.
+    assert WorkerConfig(dsn="postgresql://", lease_seconds=lease).heartbeat_interval <= lease / 3
+
+
 @pytest.mark.parametrize(
     ("config", "mode", "seqscan", "jit"),
     [
@@ -2505,6 +2513,52 @@ def test_a_stopping_worker_finishes_its_job_and_claims_no_more(dsn):
     )
     assert rows[running][:2] == ("succeeded", 1)
     assert rows[waiting] == ("queued", 0, [])
+
+
+def test_the_heartbeat_keeps_the_leases_while_the_shutdown_flush_writes_slowly(dsn, monkeypatch):
+    # Found by a mutation audit: the heartbeat stopped before the final flush went
+    # unnoticed. An outcome written slowly (a database under load) at the stop must keep
+    # its lease until written, or the reaper requeues a job that succeeded.
+    registry = Registry()
+    started = threading.Event()
+
+    @registry.task(name="quick_at_stop")
+    async def quick_at_stop() -> None:
+        started.set()
+        await asyncio.sleep(0.3)
+
+    job_id = sql_enqueue(dsn, "quick_at_stop")
+    real_complete = store.complete_jobs
+
+    async def slow_write(conn: Any, **kw: Any) -> Any:
+        await asyncio.sleep(4)  # twice the lease, during the shutdown flush
+        return await real_complete(conn, **kw)
+
+    monkeypatch.setattr(store, "complete_jobs", slow_write)
+    reaper = Reaper(ReaperConfig(dsn=dsn))
+
+    async def main() -> None:
+        worker = Worker(
+            registry,
+            WorkerConfig(dsn=dsn, lease_seconds=2, shutdown_timeout=10, poll_interval=0.5),
+        )
+        task = asyncio.create_task(worker.run(handle_signals=False))
+        try:
+            await asyncio.wait_for(asyncio.to_thread(started.wait), 15)
+            worker.stop()
+            while not task.done():
+                result = await asyncio.to_thread(reaper.run_once)
+                assert job_id not in result.requeued, "lease expired during the shutdown flush"
+                await asyncio.sleep(0.3)
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 30)
+            reaper._close()
+
+    run(main)
+    assert fetch(dsn, "SELECT state, attempts FROM pgqueue.jobs WHERE id = %s", (job_id,)) == [
+        ("succeeded", 1)
+    ]
 
 
 def test_the_heartbeat_keeps_the_leases_through_a_graceful_shutdown(dsn):
