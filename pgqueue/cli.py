@@ -1282,6 +1282,11 @@ def limit_option(fn: F) -> F:
     )(fn)
 
 
+def _more(note: str) -> None:
+    """Say on stderr that a listing was cut at its --limit (stdout stays the listing)."""
+    click.echo(note, err=True)
+
+
 def _connect(dsn: str | None) -> psycopg.Connection[Any]:
     return store.connect(_require_dsn(dsn), connect_timeout=10)
 
@@ -1353,8 +1358,10 @@ def jobs_list(
 
     def body() -> int:
         with _connect(dsn) as conn:
-            rows = store.list_jobs(conn, state=state, queue=queue, task=task, limit=limit)
-        _emit(rows, as_json, "no jobs match")
+            rows = store.list_jobs(conn, state=state, queue=queue, task=task, limit=limit + 1)
+        _emit(rows[:limit], as_json, "no jobs match")
+        if len(rows) > limit:
+            _more(f"showing the newest {limit}; more match (--limit N shows up to 10000)")
         return 0
 
     _guard(body)
@@ -1436,9 +1443,17 @@ def dead_list(
     def body() -> int:
         with _connect(dsn) as conn:
             rows = store.list_dead(conn, queue=queue, task=task, limit=limit)
+            total = (
+                store.count_dead(conn, older_than_seconds=None, queue=queue, task=task)
+                if len(rows) == limit
+                else len(rows)
+            )
+        shown = len(rows)
         if not as_json and all(row["original_id"] is None for row in rows):
             rows = [{k: v for k, v in row.items() if k != "original_id"} for row in rows]
         _emit(rows, as_json, "no dead jobs")
+        if total > shown:
+            _more(f"showing the newest {shown} of {total} dead jobs (--limit N shows up to 10000)")
         return 0
 
     _guard(body)

@@ -1168,13 +1168,20 @@ def test_jobs_list_applies_state_queue_task_filters_and_limit(conn, dsn):
     make_running(conn, insert_job(conn, queue="q", task="t"), lease_in=600)
 
     args = ("jobs", "list", "--state", "queued", "--queue", "q", "--task", "t", "--limit", "2")
-    rows = json.loads(ok(cli(dsn, *args, "--json")))
+    # Cut at the limit: stderr says so, stdout stays the listing.
+    cut = "showing the newest 2; more match (--limit N shows up to 10000)\n"
+    result = cli(dsn, *args, "--json")
+    assert (result.returncode, result.stderr) == (0, cut)
+    rows = json.loads(result.stdout)
     assert [r["id"] for r in rows] == sorted(wanted, reverse=True)[:2]  # newest first
     assert all((r["state"], r["queue"], r["task"]) == ("queued", "q", "t") for r in rows)
 
-    table = parse_table(ok(cli(dsn, *args)))
+    result = cli(dsn, *args)
+    assert (result.returncode, result.stderr) == (0, cut)
+    table = parse_table(result.stdout)
     assert [int(r["id"]) for r in table] == sorted(wanted, reverse=True)[:2]
     assert all((r["state"], r["queue"], r["task"]) == ("queued", "q", "t") for r in table)
+    assert len(parse_table(ok(cli(dsn, *args[:-1], "3")))) == 3  # all fit: nothing said
 
     running = json.loads(ok(cli(dsn, "jobs", "list", "--state", "running", "--json")))
     assert [r["task"] for r in running] == ["t"]
@@ -1541,6 +1548,14 @@ def test_dead_list_and_show_print_jobs_and_tracebacks(conn, dsn):
     assert [(r["id"], r["queue"], r["reason"], r["original_id"]) for r in listed] == [
         (second, "other", "exhausted", None)
     ]
+    # Cut at the limit: stderr says how many there are (the runbook's "how many?").
+    cut = cli(dsn, "dead", "list", "--limit", "1")
+    assert (cut.returncode, cut.stderr) == (
+        0,
+        "showing the newest 1 of 2 dead jobs (--limit N shows up to 10000)\n",
+    )
+    assert [int(r["id"]) for r in parse_table(cut.stdout)] == [second]
+    assert len(parse_table(ok(cli(dsn, "dead", "list", "--limit", "2")))) == 2
 
     shown = ok(cli(dsn, "dead", "show", str(first)))
     assert "Traceback (most recent call last)" in shown
