@@ -1272,10 +1272,13 @@ def json_option(fn: F) -> F:
     )
 
 
+MAX_LIST_LIMIT = 10_000
+
+
 def limit_option(fn: F) -> F:
     return click.option(
         "--limit",
-        type=click.IntRange(1, 10_000),
+        type=click.IntRange(1, MAX_LIST_LIMIT),
         default=50,
         show_default=True,
         help="At most this many, newest first.",
@@ -1283,8 +1286,13 @@ def limit_option(fn: F) -> F:
 
 
 def _more(note: str) -> None:
-    """Say on stderr that a listing was cut at its --limit (stdout stays the listing)."""
+    """Say on stderr that a listing was cut at its --limit (stdout stays the listing; not
+    with --json, whose readers may take stderr in with it)."""
     click.echo(note, err=True)
+
+
+def _more_hint(limit: int) -> str:
+    return f" (--limit N shows up to {MAX_LIST_LIMIT})" if limit < MAX_LIST_LIMIT else ""
 
 
 def _connect(dsn: str | None) -> psycopg.Connection[Any]:
@@ -1360,8 +1368,8 @@ def jobs_list(
         with _connect(dsn) as conn:
             rows = store.list_jobs(conn, state=state, queue=queue, task=task, limit=limit + 1)
         _emit(rows[:limit], as_json, "no jobs match")
-        if len(rows) > limit:
-            _more(f"showing the newest {limit}; more match (--limit N shows up to 10000)")
+        if len(rows) > limit and not as_json:
+            _more(f"showing the newest {limit}; more match" + _more_hint(limit))
         return 0
 
     _guard(body)
@@ -1452,8 +1460,8 @@ def dead_list(
         if not as_json and all(row["original_id"] is None for row in rows):
             rows = [{k: v for k, v in row.items() if k != "original_id"} for row in rows]
         _emit(rows, as_json, "no dead jobs")
-        if total > shown:
-            _more(f"showing the newest {shown} of {total} dead jobs (--limit N shows up to 10000)")
+        if total > shown and not as_json:
+            _more(f"showing the newest {shown} of {total} dead jobs" + _more_hint(limit))
         return 0
 
     _guard(body)

@@ -39,7 +39,11 @@ DEFAULT_EXECUTOR_GRACE_SECONDS = 1.0
 # DEFAULT_EXECUTOR_GRACE_SECONDS (26 s), and room for closing connections and exiting.
 # The supervisor waits this long for its children before killing them, and process
 # managers must allow it (README, Upgrading; deploy/); an embedded reaper adds
-# REAPER_STOP_MARGIN_SECONDS (supervisor.py).
+# REAPER_STOP_MARGIN_SECONDS (supervisor.py). It holds while Postgres answers: with the
+# database out of reach, psycopg's cancel of a statement in flight adds up to 10 s to a
+# step and a statement on a dead connection waits for its TCP timeout, so a stop may be
+# killed then; that costs no job (one whose outcome was not written runs again after its
+# lease), only the worker's row, which the reaper removes.
 STOP_MARGIN_SECONDS = 30.0
 # A stop signal repeated within this many seconds of the first is the same stop reaching
 # the process twice (coreutils' `timeout` signals its child and then the child's process

@@ -1497,6 +1497,59 @@ def test_a_worker_whose_turn_to_drain_has_not_come_takes_the_rescued_job_once_id
             event.set()
 
 
+def test_a_busy_worker_drains_for_a_rescued_job_when_its_turn_comes(dsn):
+    # Two busy workers serve "shared", where a rescued job is due: one drains at once, the
+    # other a lease (2 s) later, though its next poll is a minute away and its long job
+    # goes on.
+    registry = Registry()
+    release = threading.Event()
+
+    @registry.task(name="long")
+    def long_job() -> None:
+        release.wait(30)
+
+    @registry.task(name="rescued", queue="shared")
+    def rescued() -> None: ...
+
+    def execute(statement: str) -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(statement)  # type: ignore[call-overload]
+
+    async def main() -> None:
+        options: dict[str, Any] = {"concurrency": 4, "poll_interval": 60, "lease_seconds": 2}
+        async with (
+            running_worker(registry, dsn, queues=("a", "shared"), **options) as wa,
+            running_worker(registry, dsn, queues=("b", "shared"), **options) as wb,
+        ):
+            await asyncio.to_thread(
+                execute,
+                "INSERT INTO pgqueue.jobs (task, queue) VALUES ('long', 'a'), ('long', 'b')",
+            )
+            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.jobs WHERE state = 'running'")
+            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.workers")
+            await asyncio.to_thread(
+                execute,
+                "INSERT INTO pgqueue.jobs (task, queue, rescued)"
+                " VALUES ('rescued', 'shared', true);"
+                " SELECT pg_notify('pgqueue_jobs', ' rescued shared')",
+            )
+            later = await until_one_drains_for_a_rescued_job(wa, wb)
+            deadline = time.monotonic() + 15
+            while not later._rescue_pending:
+                assert time.monotonic() < deadline, "its turn came and went"
+                await asyncio.sleep(0.05)
+            assert wa._rescue_pending and wb._rescue_pending  # both drain now
+            release.set()
+            await wait_for_db(
+                dsn, "SELECT state = 'succeeded' FROM pgqueue.jobs WHERE task = 'rescued'"
+            )
+
+    try:
+        run(main)
+    finally:
+        release.set()
+
+
 def test_worker_without_prepared_statements_runs_jobs(dsn):
     registry = Registry()
 
