@@ -1435,14 +1435,35 @@ def dead() -> None:
     """The dead-letter table: list, show, retry, purge."""
 
 
+DEAD_REASONS = ("exhausted", "permanent", "lease_expired")
+
+
+def reason_option(help_text: str) -> Callable[[F], F]:
+    """--reason: why the jobs died (`dead list`'s REASON)."""
+
+    def decorate(fn: F) -> F:
+        return click.option("--reason", type=click.Choice(DEAD_REASONS), help=help_text)(fn)
+
+    return decorate
+
+
 @dead.command("list")
 @click.option("--queue", help="Only this queue.")
 @click.option("--task", help="Only this task.")
+@reason_option(
+    "Only jobs dead for this reason: attempts used up, a PermanentError (or args no worker"
+    " can decode), or the lease lost on the last attempt (the worker died or froze)."
+)
 @limit_option
 @json_option
 @dsn_option
 def dead_list(
-    queue: str | None, task: str | None, limit: int, as_json: bool, dsn: str | None
+    queue: str | None,
+    task: str | None,
+    reason: str | None,
+    limit: int,
+    as_json: bool,
+    dsn: str | None,
 ) -> None:
     """List dead jobs, most recent first, with their last error. ORIGINAL_ID, shown
     when a listed job has one, is the id a job was enqueued as when it died under a new
@@ -1450,9 +1471,11 @@ def dead_list(
 
     def body() -> int:
         with _connect(dsn) as conn:
-            rows = store.list_dead(conn, queue=queue, task=task, limit=limit)
+            rows = store.list_dead(conn, queue=queue, task=task, reason=reason, limit=limit)
             total = (
-                store.count_dead(conn, older_than_seconds=None, queue=queue, task=task)
+                store.count_dead(
+                    conn, older_than_seconds=None, queue=queue, task=task, reason=reason
+                )
                 if len(rows) == limit
                 else len(rows)
             )
@@ -1547,28 +1570,33 @@ def _walk_dead(
 @click.option("--all", "retry_all", is_flag=True, help="Retry every dead job (with the filters).")
 @click.option("--queue", help="With --all: only this queue.")
 @click.option("--task", help="With --all: only this task.")
+@reason_option(
+    "With --all: only jobs dead for this reason (lease_expired ones may have killed their"
+    " worker: a poison job comes back to do it again)."
+)
 @dsn_option
 def dead_retry(
     job_ids: tuple[int, ...],
     retry_all: bool,
     queue: str | None,
     task: str | None,
+    reason: str | None,
     dsn: str | None,
 ) -> None:
     """Move dead jobs back to the queue with fresh attempts (atomically: nothing is lost in
-    between). Give ids, or --all [--queue Q] [--task T]. A job whose id pgqueue.jobs holds
-    comes back under a new id (said on stderr)."""
+    between). Give ids, or --all [--queue Q] [--task T] [--reason R]. A job whose id
+    pgqueue.jobs holds comes back under a new id (said on stderr)."""
 
     def body() -> int:
         if bool(job_ids) == retry_all:
             raise ConfigError("give job ids or --all, not both and not neither")
-        if job_ids and (queue or task):
-            raise ConfigError("--queue and --task go with --all")
+        if job_ids and (queue or task or reason):
+            raise ConfigError("--queue, --task and --reason go with --all")
         picked: list[store.RevivedDead] = []
 
         def step(after: int | None, upto: int) -> list[int]:
             rows = store.retry_dead_jobs(
-                conn, ids=None, queue=queue, task=task, limit=RETRY_BATCH,
+                conn, ids=None, queue=queue, task=task, reason=reason, limit=RETRY_BATCH,
                 after_id=after, upto_id=upto,
             )  # fmt: skip
             picked.extend(rows)
@@ -1636,6 +1664,7 @@ def dead_retry(
 )
 @click.option("--queue", help="Only this queue.")
 @click.option("--task", help="Only this task.")
+@reason_option("Only jobs dead for this reason.")
 @click.option("--dry-run", is_flag=True, help="Delete nothing: say how many would go.")
 @click.option(
     "--yes",
@@ -1648,6 +1677,7 @@ def dead_purge(
     older_than: str | None,
     queue: str | None,
     task: str | None,
+    reason: str | None,
     dry_run: bool,
     yes: bool,
     dsn: str | None,
@@ -1657,10 +1687,12 @@ def dead_purge(
 
     def body() -> int:
         seconds = parse_duration(older_than) if older_than is not None else None
-        everything = seconds is None and queue is None and task is None
+        everything = seconds is None and queue is None and task is None and reason is None
         with _connect(dsn) as conn:
             if dry_run or (everything and not yes and sys.stdin.isatty()):
-                count = store.count_dead(conn, older_than_seconds=seconds, queue=queue, task=task)
+                count = store.count_dead(
+                    conn, older_than_seconds=seconds, queue=queue, task=task, reason=reason
+                )
                 if dry_run:
                     click.echo(f"would purge {count} dead job(s)")
                     return 0
@@ -1674,7 +1706,7 @@ def dead_purge(
             purged = _walk_dead(
                 conn,
                 lambda after, upto: store.purge_dead(
-                    conn, older_than_seconds=seconds, queue=queue, task=task,
+                    conn, older_than_seconds=seconds, queue=queue, task=task, reason=reason,
                     limit=RETRY_BATCH, after_id=after, upto_id=upto,
                 ),
             )  # fmt: skip

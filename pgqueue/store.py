@@ -973,8 +973,12 @@ def list_jobs(
     return _fetch(conn, "list_jobs", {"state": state, "queue": queue, "task": task, "limit": limit})
 
 
-def list_dead(conn: SyncConn, *, queue: str | None, task: str | None, limit: int) -> list[Row]:
-    return _fetch(conn, "list_dead", {"queue": queue, "task": task, "limit": limit})
+def list_dead(
+    conn: SyncConn, *, queue: str | None, task: str | None, limit: int, reason: str | None = None
+) -> list[Row]:
+    return _fetch(
+        conn, "list_dead", {"queue": queue, "task": task, "reason": reason, "limit": limit}
+    )
 
 
 def get_dead(conn: SyncConn, *, job_id: int) -> Row | None:
@@ -1010,11 +1014,13 @@ def retry_dead(
     limit: int,
     after_id: int | None = None,
     upto_id: int | None = None,
+    reason: str | None = None,
 ) -> list[int]:
     """The dead ids of the jobs revived (retry_dead_jobs without their new ids)."""
     picked = retry_dead_jobs(
-        conn, ids=ids, queue=queue, task=task, limit=limit, after_id=after_id, upto_id=upto_id
-    )
+        conn, ids=ids, queue=queue, task=task, limit=limit, after_id=after_id, upto_id=upto_id,
+        reason=reason,
+    )  # fmt: skip
     return [p.dead_id for p in picked if p.job_id is not None]
 
 
@@ -1027,6 +1033,7 @@ def retry_dead_jobs(
     limit: int,
     after_id: int | None = None,
     upto_id: int | None = None,
+    reason: str | None = None,
 ) -> list[RevivedDead]:
     """Revives dead jobs; (dead id, id in pgqueue.jobs, key dropped) of each job picked,
     in dead id order. The two ids differ where pgqueue.jobs already held the dead id; the
@@ -1039,6 +1046,7 @@ def retry_dead_jobs(
             "ids": list(ids) if ids is not None else None,
             "queue": queue,
             "task": task,
+            "reason": reason,
             "limit": limit,
             "after_id": after_id,
             "upto_id": upto_id,
@@ -1056,6 +1064,7 @@ def purge_dead(
     limit: int,
     after_id: int | None = None,
     upto_id: int | None = None,
+    reason: str | None = None,
 ) -> list[int]:
     """Deletes dead jobs for good; returns their ids."""
     rows = _fetch(
@@ -1065,6 +1074,7 @@ def purge_dead(
             "older_than_seconds": older_than_seconds,
             "queue": queue,
             "task": task,
+            "reason": reason,
             "limit": limit,
             "after_id": after_id,
             "upto_id": upto_id,
@@ -1087,9 +1097,19 @@ def cancel_job(conn: SyncConn, *, job_id: int) -> str | None:
 
 
 def count_dead(
-    conn: SyncConn, *, older_than_seconds: float | None, queue: str | None, task: str | None
+    conn: SyncConn,
+    *,
+    older_than_seconds: float | None,
+    queue: str | None,
+    task: str | None,
+    reason: str | None = None,
 ) -> int:
-    params = {"older_than_seconds": older_than_seconds, "queue": queue, "task": task}
+    params = {
+        "older_than_seconds": older_than_seconds,
+        "queue": queue,
+        "task": task,
+        "reason": reason,
+    }
     return int(_fetch(conn, "count_dead", params)[0]["n"])
 
 

@@ -1571,6 +1571,34 @@ def test_dead_list_and_show_print_jobs_and_tracebacks(conn, dsn):
     assert "987654321" in one_line_error(missing)
 
 
+def test_dead_list_retry_and_purge_filter_by_reason(conn, dsn):
+    exhausted = insert_dead(conn, task="fail")
+    poison = [insert_dead(conn, task="fail") for _ in range(2)]
+    permanent = insert_dead(conn, task="fail")
+    conn.execute(
+        "UPDATE pgqueue.dead_jobs SET reason = 'lease_expired' WHERE id = ANY(%s)", (poison,)
+    )
+    conn.execute("UPDATE pgqueue.dead_jobs SET reason = 'permanent' WHERE id = %s", (permanent,))
+
+    listed = json.loads(ok(cli(dsn, "dead", "list", "--reason", "lease_expired", "--json")))
+    assert sorted(r["id"] for r in listed) == poison
+    assert ok(cli(dsn, "dead", "purge", "--reason", "permanent", "--dry-run")) == (
+        "would purge 1 dead job(s)\n"
+    )
+    # Retry all but the jobs that killed their workers; purge those.
+    assert ok(cli(dsn, "dead", "retry", "--all", "--reason", "exhausted")) == (
+        "retried 1 dead job(s)\n"
+    )
+    assert dead_row(conn, exhausted) is None and job_row(conn, exhausted) is not None
+    assert ok(cli(dsn, "dead", "purge", "--reason", "lease_expired")) == "purged 2 dead job(s)\n"
+    assert [r[0] for r in conn.execute("SELECT id FROM pgqueue.dead_jobs")] == [permanent]
+    # --reason goes with --all; an unknown reason is a usage error.
+    given = cli(dsn, "dead", "retry", str(permanent), "--reason", "permanent")
+    assert given.returncode == 2 and "--reason go with --all" in one_line_error(given)
+    unknown = cli(dsn, "dead", "list", "--reason", "crashed")
+    assert unknown.returncode == 2 and "crashed" in unknown.stderr
+
+
 def test_dead_retry_moves_jobs_back_to_the_queue_keeping_their_history(conn, dsn):
     one = insert_dead(conn, task="fail")
     more = [insert_dead(conn, task="fail") for _ in range(2)]

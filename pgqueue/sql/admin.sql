@@ -203,6 +203,7 @@ SELECT id, original_id, queue, task, attempts, max_attempts, reason, died_at,
 FROM pgqueue.dead_jobs
 WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
   AND (%(task)s::text IS NULL OR task = %(task)s)
+  AND (%(reason)s::text IS NULL OR reason = %(reason)s)
 ORDER BY died_at DESC, id DESC
 LIMIT %(limit)s;
 
@@ -252,6 +253,7 @@ WITH picked AS MATERIALIZED (
     WHERE (%(ids)s::bigint[] IS NULL OR x.id = ANY (%(ids)s::bigint[]))
       AND (%(queue)s::text IS NULL OR x.queue = %(queue)s)
       AND (%(task)s::text IS NULL OR x.task = %(task)s)
+      AND (%(reason)s::text IS NULL OR x.reason = %(reason)s)
       AND (%(after_id)s::bigint IS NULL OR x.id > %(after_id)s::bigint)
       AND (%(upto_id)s::bigint IS NULL OR x.id <= %(upto_id)s::bigint)
     ORDER BY x.id
@@ -314,6 +316,7 @@ WHERE d.id IN (
            OR x.died_at < now() - make_interval(secs => %(older_than_seconds)s::float8))
       AND (%(queue)s::text IS NULL OR x.queue = %(queue)s)
       AND (%(task)s::text IS NULL OR x.task = %(task)s)
+      AND (%(reason)s::text IS NULL OR x.reason = %(reason)s)
       AND (%(after_id)s::bigint IS NULL OR x.id > %(after_id)s::bigint)
       AND (%(upto_id)s::bigint IS NULL OR x.id <= %(upto_id)s::bigint)
     ORDER BY x.id
@@ -327,7 +330,8 @@ SELECT count(*) AS n FROM pgqueue.dead_jobs AS x
 WHERE (%(older_than_seconds)s::float8 IS NULL
        OR x.died_at < now() - make_interval(secs => %(older_than_seconds)s::float8))
   AND (%(queue)s::text IS NULL OR x.queue = %(queue)s)
-  AND (%(task)s::text IS NULL OR x.task = %(task)s);
+  AND (%(task)s::text IS NULL OR x.task = %(task)s)
+  AND (%(reason)s::text IS NULL OR x.reason = %(reason)s);
 
 -- name: max_dead_id
 -- Where `dead retry --all` and `dead purge` stop: the highest id in the table when they
