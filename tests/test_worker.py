@@ -1363,20 +1363,67 @@ async def until_one_drains_for_a_rescued_job(*workers: Worker) -> Worker:
         await asyncio.sleep(0.02)
 
 
+def execute(dsn: str, statement: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(statement)  # type: ignore[call-overload]
+
+
+def long_jobs_registry(releases: dict[str, threading.Event], *, rescued: bool = True) -> Registry:
+    """A registry whose task "long" runs until ``releases[queue]`` is set, and (unless
+    told not to) a task "rescued" of queue "shared" that does nothing."""
+    registry = Registry()
+
+    @registry.task(name="long")
+    def long_job(queue: str) -> None:
+        releases[queue].wait(30)
+
+    if rescued:
+        registry.task(name="rescued", queue="shared")(lambda: None)
+    return registry
+
+
+def run_releasing(main: Callable[[], Any], releases: dict[str, threading.Event]) -> None:
+    """run(main), then let every long job end, whatever happened."""
+    try:
+        run(main)
+    finally:
+        for event in releases.values():
+            event.set()
+
+
+@asynccontextmanager
+async def two_busy_workers_and_a_rescued_job(
+    dsn: str, registry: Registry, **options: Any
+) -> AsyncIterator[dict[str, Worker]]:
+    """Two workers, of queues "a" and "b", both serving "shared", each busy with a long job
+    of its own queue; then a rescued job due in "shared", announced as the reaper does.
+    The workers by their own queue."""
+    async with (
+        running_worker(registry, dsn, queues=("a", "shared"), **options) as wa,
+        running_worker(registry, dsn, queues=("b", "shared"), **options) as wb,
+    ):
+        await asyncio.to_thread(execute, dsn, "INSERT INTO pgqueue.jobs (task, queue, args)"
+                                " VALUES ('long', 'a', '{\"queue\": \"a\"}'),"
+                                " ('long', 'b', '{\"queue\": \"b\"}')")  # fmt: skip
+        await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.jobs WHERE state = 'running'")
+        await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.workers")
+        # What the reaper leaves after a crash (queued, runnable, marked rescued), and says.
+        await asyncio.to_thread(execute, dsn, "INSERT INTO pgqueue.jobs (task, queue, rescued)"
+                                " VALUES ('rescued', 'shared', true);"
+                                " SELECT pg_notify('pgqueue_jobs', ' rescued shared')")  # fmt: skip
+        yield {"a": wa, "b": wb}
+
+
 def test_one_busy_worker_at_a_time_drains_for_a_rescued_job(dsn):
     # Two workers, each busy with a long job of a queue of its own, both serving
     # "shared". A rescued job of "shared" is due: the worker whose turn it is drains for
     # it; the other goes on running "shared" jobs (before, both stopped claiming until a
     # long job ended). Then the rescued job runs alone.
-    registry = Registry()
-    release = threading.Event()
+    releases = {"a": threading.Event(), "b": threading.Event()}
+    registry = long_jobs_registry(releases, rescued=False)
     lock = threading.Lock()
     active: set[str] = set()
     seen_beside_rescued: set[str] = set()
-
-    @registry.task(name="long")
-    def long_job() -> None:
-        release.wait(30)
 
     @registry.task(name="short", queue="shared")
     def short(n: int) -> None:
@@ -1392,25 +1439,11 @@ def test_one_busy_worker_at_a_time_drains_for_a_rescued_job(dsn):
         with lock:
             active.discard("rescued")
 
-    def insert(statement: str) -> None:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(statement)  # type: ignore[call-overload]
-
     async def main() -> None:
         options: dict[str, Any] = {"concurrency": 4, "poll_interval": 0.2, "lease_seconds": 30}
-        async with (
-            running_worker(registry, dsn, queues=("a", "shared"), **options) as wa,
-            running_worker(registry, dsn, queues=("b", "shared"), **options) as wb,
-        ):
-            await asyncio.to_thread(insert, "INSERT INTO pgqueue.jobs (task, queue)"
-                                    " VALUES ('long', 'a'), ('long', 'b')")  # fmt: skip
-            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.jobs WHERE state = 'running'")
-            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.workers")
-            # What the reaper leaves after a crash: queued, runnable, marked rescued.
-            await asyncio.to_thread(insert, "INSERT INTO pgqueue.jobs (task, queue, rescued)"
-                                    " VALUES ('rescued', 'shared', true)")  # fmt: skip
-            await until_one_drains_for_a_rescued_job(wa, wb)
-            await asyncio.to_thread(insert, "INSERT INTO pgqueue.jobs (task, queue, args)"
+        async with two_busy_workers_and_a_rescued_job(dsn, registry, **options) as workers:
+            await until_one_drains_for_a_rescued_job(*workers.values())
+            await asyncio.to_thread(execute, dsn, "INSERT INTO pgqueue.jobs (task, queue, args)"
                                     " SELECT 'short', 'shared', jsonb_build_object('n', g)"
                                     " FROM generate_series(1, 20) AS g")  # fmt: skip
             await wait_for_db(
@@ -1422,12 +1455,13 @@ def test_one_busy_worker_at_a_time_drains_for_a_rescued_job(dsn):
                 fetch, dsn, "SELECT array_agg(state::text) FROM pgqueue.jobs WHERE task <> 'short'"
             )
             assert sorted(rows[0]) == ["queued", "running", "running"]
-            release.set()
+            for event in releases.values():
+                event.set()
             await wait_for_db(
                 dsn, "SELECT state = 'succeeded' FROM pgqueue.jobs WHERE task = 'rescued'"
             )
 
-    run(main)
+    run_releasing(main, releases)
     assert seen_beside_rescued == set()
     # It ran alone on its worker: no other job of that worker overlapped it.
     overlaps = fetch(
@@ -1444,41 +1478,15 @@ def test_a_worker_whose_turn_to_drain_has_not_come_takes_the_rescued_job_once_id
     # Two busy workers serve "shared", where a rescued job is due: the one whose turn it
     # is drains, but its long job goes on. The other's long job ends: idle, it takes the
     # rescued job at once, not at its turn (a lease later) or its next poll.
-    registry = Registry()
     releases = {"a": threading.Event(), "b": threading.Event()}
-
-    @registry.task(name="long")
-    def long_job(queue: str) -> None:
-        releases[queue].wait(30)
-
-    @registry.task(name="rescued", queue="shared")
-    def rescued() -> None: ...
-
-    def execute(statement: str) -> None:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(statement)  # type: ignore[call-overload]
+    registry = long_jobs_registry(releases)
 
     async def main() -> None:
         options: dict[str, Any] = {"concurrency": 4, "poll_interval": 60, "lease_seconds": 30}
-        async with (
-            running_worker(registry, dsn, queues=("a", "shared"), **options) as wa,
-            running_worker(registry, dsn, queues=("b", "shared"), **options) as wb,
-        ):
-            await asyncio.to_thread(execute, "INSERT INTO pgqueue.jobs (task, queue, args)"
-                                    " VALUES ('long', 'a', '{\"queue\": \"a\"}'),"
-                                    " ('long', 'b', '{\"queue\": \"b\"}')")  # fmt: skip
-            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.jobs WHERE state = 'running'")
-            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.workers")
-            # As the reaper leaves it after a crash, and says so.
-            await asyncio.to_thread(
-                execute,
-                "INSERT INTO pgqueue.jobs (task, queue, rescued)"
-                " VALUES ('rescued', 'shared', true);"
-                " SELECT pg_notify('pgqueue_jobs', ' rescued shared')",
-            )
+        async with two_busy_workers_and_a_rescued_job(dsn, registry, **options) as workers:
             # Each made its check: one drains for it, the other's turn is a lease away.
-            later = await until_one_drains_for_a_rescued_job(wa, wb)
-            (queue,) = [q for q, w in {"a": wa, "b": wb}.items() if w is later]
+            later = await until_one_drains_for_a_rescued_job(*workers.values())
+            (queue,) = [q for q, w in workers.items() if w is later]
             releases[queue].set()
             await wait_for_db(
                 dsn, "SELECT state = 'succeeded' FROM pgqueue.jobs WHERE task = 'rescued'"
@@ -1490,64 +1498,32 @@ def test_a_worker_whose_turn_to_drain_has_not_come_takes_the_rescued_job_once_id
             for event in releases.values():
                 event.set()
 
-    try:
-        run(main)
-    finally:
-        for event in releases.values():
-            event.set()
+    run_releasing(main, releases)
 
 
 def test_a_busy_worker_drains_for_a_rescued_job_when_its_turn_comes(dsn):
     # Two busy workers serve "shared", where a rescued job is due: one drains at once, the
     # other a lease (2 s) later, though its next poll is a minute away and its long job
     # goes on.
-    registry = Registry()
-    release = threading.Event()
-
-    @registry.task(name="long")
-    def long_job() -> None:
-        release.wait(30)
-
-    @registry.task(name="rescued", queue="shared")
-    def rescued() -> None: ...
-
-    def execute(statement: str) -> None:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(statement)  # type: ignore[call-overload]
+    releases = {"a": threading.Event(), "b": threading.Event()}
+    registry = long_jobs_registry(releases)
 
     async def main() -> None:
         options: dict[str, Any] = {"concurrency": 4, "poll_interval": 60, "lease_seconds": 2}
-        async with (
-            running_worker(registry, dsn, queues=("a", "shared"), **options) as wa,
-            running_worker(registry, dsn, queues=("b", "shared"), **options) as wb,
-        ):
-            await asyncio.to_thread(
-                execute,
-                "INSERT INTO pgqueue.jobs (task, queue) VALUES ('long', 'a'), ('long', 'b')",
-            )
-            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.jobs WHERE state = 'running'")
-            await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.workers")
-            await asyncio.to_thread(
-                execute,
-                "INSERT INTO pgqueue.jobs (task, queue, rescued)"
-                " VALUES ('rescued', 'shared', true);"
-                " SELECT pg_notify('pgqueue_jobs', ' rescued shared')",
-            )
-            later = await until_one_drains_for_a_rescued_job(wa, wb)
+        async with two_busy_workers_and_a_rescued_job(dsn, registry, **options) as workers:
+            later = await until_one_drains_for_a_rescued_job(*workers.values())
             deadline = time.monotonic() + 15
             while not later._rescue_pending:
                 assert time.monotonic() < deadline, "its turn came and went"
                 await asyncio.sleep(0.05)
-            assert wa._rescue_pending and wb._rescue_pending  # both drain now
-            release.set()
+            assert all(w._rescue_pending for w in workers.values())  # both drain now
+            for event in releases.values():
+                event.set()
             await wait_for_db(
                 dsn, "SELECT state = 'succeeded' FROM pgqueue.jobs WHERE task = 'rescued'"
             )
 
-    try:
-        run(main)
-    finally:
-        release.set()
+    run_releasing(main, releases)
 
 
 def test_worker_without_prepared_statements_runs_jobs(dsn):
@@ -2568,26 +2544,36 @@ def test_a_stopping_worker_finishes_its_job_and_claims_no_more(dsn):
     assert rows[waiting] == ("queued", 0, [])
 
 
+def job_with_slow_outcomes(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, *, runs: float, writes: float
+) -> tuple[Registry, threading.Event, int]:
+    """A registry whose one task sets the event returned and runs ``runs`` seconds, its
+    job enqueued, and outcomes taking ``writes`` seconds to write (a database answering
+    slowly)."""
+    registry = Registry()
+    started = threading.Event()
+
+    @registry.task(name="slow")
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(runs)
+
+    real_complete = store.complete_jobs
+
+    async def slow_write(conn: Any, **kw: Any) -> Any:
+        await asyncio.sleep(writes)
+        return await real_complete(conn, **kw)
+
+    monkeypatch.setattr(store, "complete_jobs", slow_write)
+    return registry, started, sql_enqueue(dsn, "slow")
+
+
 def test_the_heartbeat_keeps_the_leases_while_the_shutdown_flush_writes_slowly(dsn, monkeypatch):
     # Found by a mutation audit: the heartbeat stopped before the final flush went
     # unnoticed. An outcome written slowly (a database under load) at the stop must keep
     # its lease until written, or the reaper requeues a job that succeeded.
-    registry = Registry()
-    started = threading.Event()
-
-    @registry.task(name="quick_at_stop")
-    async def quick_at_stop() -> None:
-        started.set()
-        await asyncio.sleep(0.3)
-
-    job_id = sql_enqueue(dsn, "quick_at_stop")
-    real_complete = store.complete_jobs
-
-    async def slow_write(conn: Any, **kw: Any) -> Any:
-        await asyncio.sleep(4)  # twice the lease, during the shutdown flush
-        return await real_complete(conn, **kw)
-
-    monkeypatch.setattr(store, "complete_jobs", slow_write)
+    # Outcomes take twice the lease to write, during the shutdown flush.
+    registry, started, job_id = job_with_slow_outcomes(dsn, monkeypatch, runs=0.3, writes=4)
     reaper = Reaper(ReaperConfig(dsn=dsn))
 
     async def main() -> None:
@@ -2704,22 +2690,7 @@ def test_the_shutdown_flush_writes_an_outcome_that_comes_at_the_stop(dsn, monkey
     # Found by a mutation audit: a shutdown flush given no time (flush(0)) gave up on
     # an outcome whose write was under way and the job was left running; no test wrote
     # outcomes slowly enough at shutdown to notice.
-    registry = Registry()
-    started = threading.Event()
-
-    @registry.task(name="slow")
-    async def slow() -> None:
-        started.set()
-        await asyncio.sleep(1.0)
-
-    job_id = sql_enqueue(dsn, "slow")
-    real_complete = store.complete_jobs
-
-    async def slow_write(conn: Any, **kw: Any) -> Any:
-        await asyncio.sleep(0.2)  # a database answering slowly
-        return await real_complete(conn, **kw)
-
-    monkeypatch.setattr(store, "complete_jobs", slow_write)
+    registry, started, job_id = job_with_slow_outcomes(dsn, monkeypatch, runs=1.0, writes=0.2)
 
     async def main() -> None:
         worker = Worker(registry, WorkerConfig(dsn=dsn, shutdown_timeout=10, poll_interval=0.5))
