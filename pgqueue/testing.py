@@ -34,11 +34,11 @@ from pgqueue import store
 from pgqueue.config import CANCEL_GRACE_SECONDS, WorkerConfig
 from pgqueue.context import JobContext, reset_current, set_current
 from pgqueue.enqueue import _dump_args, max_args_bytes
-from pgqueue.errors import SCHEMA_HINT, ConfigError, PermanentError, PgQueueError, Snooze
+from pgqueue.errors import SCHEMA_HINT, ConfigError, PgQueueError
 from pgqueue.migrate import schema_drift
 from pgqueue.registry import Registry
 from pgqueue.worker import Worker
-from pgqueue.worker.executor import _leaves, _snooze_seconds, call_plain
+from pgqueue.worker.executor import call_plain, taken_from_group
 
 __all__ = [
     "Attempt",
@@ -165,17 +165,10 @@ async def perform_async(
 
 
 def _as_a_worker_takes_it(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """What a worker acts on when a handler raises an exception group (a TaskGroup's):
-    a PermanentError among its exceptions (the job is dead-lettered), else the longest
-    Snooze if it holds nothing else (the job snoozes), else the group (a failure)."""
-    leaves = _leaves(group)
-    permanent = [e for e in leaves if isinstance(e, PermanentError)]
-    if permanent:
-        return permanent[0]
-    snoozes = [e for e in leaves if isinstance(e, Snooze)]
-    if snoozes and len(snoozes) == len(leaves):
-        with contextlib.suppress(TypeError, ValueError):
-            return max(snoozes, key=_snooze_seconds)
+    """What a worker acts on when a handler raises an exception group (taken_from_group);
+    the group itself where a Snooze in it has no usable seconds (a failure)."""
+    with contextlib.suppress(TypeError, ValueError):
+        return taken_from_group(group)
     return group
 
 

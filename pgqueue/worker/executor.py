@@ -247,24 +247,24 @@ class Executor:
             # A TaskGroup (or gather's successor) wraps what its tasks raised: a
             # PermanentError among them dead-letters, Snoozes alone snooze (for the longest
             # asked), anything else fails the attempt.
-            leaves = _leaves(group)
-            permanent = [e for e in leaves if isinstance(e, PermanentError)]
-            if permanent:
+            try:
+                taken = taken_from_group(group)
+            except (TypeError, ValueError) as exc:
+                return self._failed(job, started, backoff, "error", group, describe(exc))
+            if isinstance(taken, PermanentError):
                 return Outcome(
                     job,
                     OutcomeKind.DEAD,
                     time.monotonic() - started,
-                    error=error_record(job, self.worker_id, "permanent", permanent[0]),
+                    error=error_record(job, self.worker_id, "permanent", taken),
                     dead_reason="permanent",
                 )
-            snoozes = [e for e in leaves if isinstance(e, Snooze)]
-            if snoozes and len(snoozes) == len(leaves):
-                try:
-                    seconds = max(_snooze_seconds(s) for s in snoozes)
-                except (TypeError, ValueError) as exc:
-                    return self._failed(job, started, backoff, "error", group, describe(exc))
+            if isinstance(taken, Snooze):
                 return Outcome(
-                    job, OutcomeKind.SNOOZED, time.monotonic() - started, delay_seconds=seconds
+                    job,
+                    OutcomeKind.SNOOZED,
+                    time.monotonic() - started,
+                    delay_seconds=_snooze_seconds(taken),
                 )
             return self._failed(job, started, backoff, "error", group)
         except Snooze as snooze:
@@ -526,6 +526,21 @@ def _snooze_seconds(snooze: Snooze) -> float:
     if value is None:
         raise TypeError(f"{what} is not set (a Snooze subclass must call Snooze.__init__)")
     return delay_seconds(value, what)
+
+
+def taken_from_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What a worker acts on when a handler raises an exception group (a TaskGroup's): a
+    PermanentError among its exceptions (the job is dead-lettered), else the Snooze asking
+    the longest if it holds nothing else (the job snoozes), else the group (a failure).
+    TypeError or ValueError: one of those Snoozes has no usable seconds."""
+    leaves = _leaves(group)
+    permanent = [e for e in leaves if isinstance(e, PermanentError)]
+    if permanent:
+        return permanent[0]
+    snoozes = [e for e in leaves if isinstance(e, Snooze)]
+    if snoozes and len(snoozes) == len(leaves):
+        return max(snoozes, key=_snooze_seconds)
+    return group
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
