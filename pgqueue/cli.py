@@ -39,6 +39,7 @@ from pgqueue.config import (
     DEFAULT_RETENTION_SECONDS,
     DEFAULT_SHUTDOWN_TIMEOUT,
     MAX_CONCURRENCY,
+    REAPER_STOP_SECONDS,
     ReaperConfig,
     WorkerConfig,
     check_dsn,
@@ -1032,11 +1033,6 @@ class _DefaultExecutor(ThreadPoolExecutor):
         if idle and self.on_idle is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed
                 self.on_idle()
-
-
-# How long a stopped worker waits for its embedded reaper, whose statement in flight it
-# cancelled, to end its pass.
-REAPER_STOP_SECONDS = 3.0
 
 
 async def _run_worker(worker: Worker, child: _SupervisedChild) -> None:

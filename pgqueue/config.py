@@ -21,8 +21,11 @@ DEFAULT_REAPER_INTERVAL = 5.0
 DEFAULT_RETENTION_SECONDS = 24 * 3600.0
 DEFAULT_REAPER_BATCH = 1000
 DEFAULT_RECONNECT_MAX_SECONDS = 10.0
-# How long shutdown waits for an in-flight claim, and again for writing outcomes when the
-# database is slow or away; after that, leases (and the reaper) take care of the rest.
+# How long shutdown waits for a claim in flight, so that its jobs get the same grace (or
+# release) as the others rather than waiting out their leases.
+CLAIM_WAIT_SECONDS = 5.0
+# How long shutdown tries to write outcomes when the database is slow or away; after
+# that, leases (and the reaper) take care of the rest.
 FLUSH_TIMEOUT_SECONDS = 10.0
 # How long shutdown waits for handlers it cancelled to end; one that catches its
 # cancellation and goes on is then released all the same (and the process exits without
@@ -31,19 +34,29 @@ CANCEL_GRACE_SECONDS = 3.0
 # How long a stopping worker tries to remove its row from pgqueue.workers (the reaper
 # forgets a worker that did not after three missed heartbeats).
 DEREGISTER_TIMEOUT_SECONDS = 2.0
+# How long a step of a stop that was cut short (a statement the database does not
+# answer) may take to end, twice: once for psycopg to ask the server to cancel the
+# statement, once more after psycopg is told to drop the connection (worker/abort.py).
+ABORT_GRACE_SECONDS = 0.5
+# How long closing the connection pool waits for its background connects.
+POOL_CLOSE_TIMEOUT_SECONDS = 1.0
 # How long a stopped worker waits for calls left in its default executor's threads.
 DEFAULT_EXECUTOR_GRACE_SECONDS = 1.0
-# The most a worker's stop takes beyond --shutdown-timeout: FLUSH_TIMEOUT_SECONDS for a
-# claim in flight, CANCEL_GRACE_SECONDS for the handlers it cancelled,
-# FLUSH_TIMEOUT_SECONDS writing outcomes, DEREGISTER_TIMEOUT_SECONDS,
-# DEFAULT_EXECUTOR_GRACE_SECONDS (26 s), and room for closing connections and exiting.
-# The supervisor waits this long for its children before killing them, and process
-# managers must allow it (README, Upgrading; deploy/); an embedded reaper adds
-# REAPER_STOP_MARGIN_SECONDS (supervisor.py). It holds while Postgres answers: with the
-# database out of reach, psycopg's cancel of a statement in flight adds up to 10 s to a
-# step and a statement on a dead connection waits for its TCP timeout, so a stop may be
-# killed then; that costs no job (one whose outcome was not written runs again after its
-# lease), only the worker's row, which the reaper removes.
+# How long a stopping reaper lets its statement in flight run before it cuts the
+# statement's connection (a database that takes a statement and never answers would keep
+# it from stopping; each statement of a pass commits alone or not at all), and how long
+# a stopped worker waits for its embedded reaper to end.
+REAPER_STOP_SECONDS = 3.0
+# The most a worker's stop takes beyond --shutdown-timeout, answered or not (each step
+# that waits on the database is cut short at its time, plus up to two ABORT_GRACE_SECONDS):
+# CLAIM_WAIT_SECONDS for a claim in flight, CANCEL_GRACE_SECONDS for the handlers it
+# cancelled, FLUSH_TIMEOUT_SECONDS writing outcomes, the background loops' end,
+# DEREGISTER_TIMEOUT_SECONDS, POOL_CLOSE_TIMEOUT_SECONDS, DEFAULT_EXECUTOR_GRACE_SECONDS
+# (26 s), and room for exiting. The supervisor waits this long for its children before
+# killing them, and process managers must allow it (README, Upgrading; deploy/); an
+# embedded reaper adds REAPER_STOP_MARGIN_SECONDS (supervisor.py). A kill all the same
+# costs no job (one whose outcome was not written runs again after its lease), only the
+# worker's row, which the reaper removes.
 STOP_MARGIN_SECONDS = 30.0
 # A stop signal repeated within this many seconds of the first is the same stop reaching
 # the process twice (coreutils' `timeout` signals its child and then the child's process

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from typing import Any
 import psycopg
 
 from pgqueue import metrics, store
-from pgqueue.config import ReaperConfig
+from pgqueue.config import REAPER_STOP_SECONDS, ReaperConfig
 from pgqueue.log import get_logger
 from pgqueue.migrate import SchemaWatch
 from pgqueue.worker.backoff import (
@@ -65,6 +66,9 @@ class Reaper:
         # it would hang the reaper. The loop waits in short slices and checks this too.
         self._signal: int | None = None
         self._conn: psycopg.Connection[Any] | None = None
+        # Held while _conn is replaced or closed, and while _cut_short shuts its socket
+        # down from another thread: never a file descriptor reused meanwhile.
+        self._conn_lock = threading.Lock()
         self.backoff = ReconnectBackoff(config.reconnect_max_seconds)
         self._looping = False
         self._database_health = metrics.database_health(config.dsn)
@@ -135,13 +139,15 @@ class Reaper:
                 # for it again).
                 log.info("reaper.leadership_lost", pid=os.getpid())
             self._leader = None
-            self._conn = store.connect(
+            conn = store.connect(
                 self.config.dsn,
                 application_name="pgqueue-reaper",
                 prepare_threshold=5 if self.config.prepared_statements else None,
                 # Its prepared statements' plans live as long as the connection.
                 no_seq_scans=self.config.prepared_statements,
             )
+            with self._conn_lock:
+                self._conn = conn
         return self._conn
 
     def _batches(self, fetch: Callable[[], list[Any]]) -> Iterator[list[Any]]:
@@ -284,7 +290,8 @@ class Reaper:
 
     def handle_signals(self) -> None:
         """SIGTERM and SIGINT stop this reaper after the statement in flight (the loop, or
-        a pass between two batches). Main thread only."""
+        a pass between two batches); one the database has not answered within
+        REAPER_STOP_SECONDS is cut short. Main thread only."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
 
@@ -294,6 +301,7 @@ class Reaper:
             self.handle_signals()
         log.info("reaper.started", interval=self.config.interval)
         self._looping = True
+        threading.Thread(target=self._watch_stop, name="reaper-stop", daemon=True).start()
         while not self._stopping():
             try:
                 self._progress_at = time.monotonic()
@@ -344,11 +352,42 @@ class Reaper:
         )
 
     def _close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            finally:
-                self._conn = None
+        with self._conn_lock:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                finally:
+                    self._conn = None
+
+    def _watch_stop(self) -> None:
+        """Once a stop is asked for, give the statement in flight REAPER_STOP_SECONDS,
+        then cut it short: a database that took it and does not answer (a hung server, a
+        PgBouncer whose server is gone) would keep the loop, and the process, from ever
+        stopping. Runs in a thread of its own while the loop runs."""
+        while self._looping and not self._stopping():
+            self._stop.wait(SIGNAL_CHECK_SECONDS)
+        deadline = time.monotonic() + REAPER_STOP_SECONDS
+        while self._looping:
+            if time.monotonic() >= deadline and self._cut_short():
+                return
+            time.sleep(SIGNAL_CHECK_SECONDS)
+
+    def _cut_short(self) -> bool:
+        """Shut down the socket of a connection waiting for a statement's answer: libpq's
+        wait ends with a lost connection, which a stopping loop takes as its end, and the
+        server rolls the statement back. True if it did."""
+        with self._conn_lock:
+            conn = self._conn
+            if conn is None or conn.closed:
+                return False
+            if conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.ACTIVE:
+                return False
+            # A duplicate of the descriptor: shutdown() acts on the socket both share,
+            # and closing the duplicate leaves libpq's descriptor to libpq.
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        log.warning("reaper.statement_abandoned", waited_seconds=REAPER_STOP_SECONDS)
+        return True
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only a plain assignment: the handler runs on the main thread wherever it was

@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -262,3 +263,58 @@ def daemons(dsn: str, tmp_path: Path) -> Iterator[Daemons]:
         yield d
     finally:
         d.stop_all()
+
+
+class LoginThenSilence:
+    """A TCP proxy in front of Postgres that passes each connection's login, then drops
+    whatever the client sends (while ``silent``): a PgBouncer whose server has gone away
+    after the login, or a server that hangs. ``release`` closes the connections it holds
+    and lets new ones through."""
+
+    def __init__(self, dsn: str, *, silent: bool = True) -> None:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+        self._upstream = (str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.dsn = make_conninfo(dsn, host="127.0.0.1", port=self._listener.getsockname()[1])
+        self.silent = silent
+        self.connections = 0
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(self._upstream)
+                self._sockets += [client, server]
+                self.connections += 1
+                logged_in = threading.Event()
+                threading.Thread(target=self._up, args=(client, server, logged_in)).start()
+                threading.Thread(target=self._down, args=(server, client, logged_in)).start()
+
+    def _up(self, client: socket.socket, server: socket.socket, logged_in: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                if not (self.silent and logged_in.is_set()):
+                    server.sendall(data)
+
+    def _down(
+        self, server: socket.socket, client: socket.socket, logged_in: threading.Event
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                client.sendall(data)
+                if b"Z\x00\x00\x00\x05" in data:  # ReadyForQuery: logged in
+                    logged_in.set()
+
+    def release(self) -> None:
+        self.silent = False
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._sockets.clear()
+
+    def close(self) -> None:
+        self.release()
+        self._listener.close()

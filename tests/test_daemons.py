@@ -24,11 +24,12 @@ from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
 from pgqueue import enqueue
-from pgqueue.config import REPEATED_SIGNAL_SECONDS
+from pgqueue.config import REAPER_STOP_SECONDS, REPEATED_SIGNAL_SECONDS, STOP_MARGIN_SECONDS
 from tests.conftest import (
     BIN,
     ROOT,
     Daemons,
+    LoginThenSilence,
     dead_row,
     job_row,
     job_state,
@@ -298,6 +299,39 @@ def test_sigterm_releases_job_that_outlives_shutdown_timeout(conn, daemons):
     assert row["errors"] == []
     assert row["lease_token"] is None
     assert row["lease_expires_at"] is None
+
+
+def test_a_stop_ends_within_its_budget_when_the_database_stops_answering(conn, dsn, daemons):
+    # A database that takes statements and never answers (a PgBouncer whose server is
+    # gone, a hung server): each step of the stop waiting on one (writing the release,
+    # the heartbeat's beat) took psycopg's cancel, up to 10 s more, and removing the
+    # worker's row waited without end, past what the supervisor and process managers
+    # allow (--shutdown-timeout + STOP_MARGIN_SECONDS), which then kill the worker.
+    proxy = LoginThenSilence(dsn, silent=False)
+    try:
+        job_id = enqueue(conn, "sleep", {"seconds": 60, "note": "s"})
+        worker = daemons.worker(
+            "--dsn", proxy.dsn, "--shutdown-timeout", "0.5", "--lease-seconds", "3"
+        )
+        wait_until(lambda: executions(conn, job_id, "start") == 1)
+        proxy.silent = True
+        time.sleep(1.5)  # the heartbeat (every second) now waits on its statement
+        stopped = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.wait(timeout=0.5 + STOP_MARGIN_SECONDS + 15)
+        took = time.monotonic() - stopped
+        assert took < 0.5 + STOP_MARGIN_SECONDS, (took, daemons.output(worker))
+        assert worker.returncode == 0, daemons.output(worker)
+        assert logged(daemons, worker, "completer.flush_failed"), daemons.output(worker)
+        assert logged(daemons, worker, "worker.deregister_failed"), daemons.output(worker)
+        # Nothing was written: the job keeps the lease it had, and the reaper takes it
+        # back when that expires, as after a crash.
+        row = job_row(conn, job_id)
+        assert row is not None
+        assert (row["state"], row["attempts"]) == ("running", 1), row
+    finally:
+        proxy.close()
 
 
 def test_sigterm_exits_and_releases_a_job_whose_handler_ignores_cancellation(conn, daemons):
@@ -957,6 +991,27 @@ def test_reaper_daemon_exits_zero_on_sigterm(conn, daemons):
     assert reaper.wait(timeout=10) == 0, daemons.output(reaper)
     assert logged(daemons, reaper, "reaper.stopped")
     assert "Traceback" not in daemons.output(reaper)
+
+
+def test_reaper_daemon_stops_when_the_database_takes_its_statement_and_never_answers(
+    conn, dsn, daemons
+):
+    # It stopped after its statement in flight; with a database that does not answer (a
+    # hung server, a PgBouncer whose server is gone) that statement never ended, nor the
+    # process, until the process manager's SIGKILL.
+    proxy = LoginThenSilence(dsn, silent=False)
+    try:
+        reaper = daemons.reaper("--dsn", proxy.dsn, "--interval", "0.2")
+        wait_until(lambda: logged(daemons, reaper, "reaper.started"))
+        proxy.silent = True
+        time.sleep(1.0)  # its next pass now waits on its first statement
+        reaper.send_signal(signal.SIGTERM)
+        assert reaper.wait(timeout=REAPER_STOP_SECONDS + 10) == 0, daemons.output(reaper)
+        assert logged(daemons, reaper, "reaper.stopped"), daemons.output(reaper)
+        (cut,) = logged(daemons, reaper, "reaper.statement_abandoned")
+        assert cut["waited_seconds"] == REAPER_STOP_SECONDS
+    finally:
+        proxy.close()
 
 
 def test_status_command(conn, dsn, daemons):

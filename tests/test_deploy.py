@@ -41,11 +41,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from pgqueue import cli, enqueue
 from pgqueue import metrics as pgmetrics
 from pgqueue.config import (
+    ABORT_GRACE_SECONDS,
     CANCEL_GRACE_SECONDS,
+    CLAIM_WAIT_SECONDS,
     DEFAULT_EXECUTOR_GRACE_SECONDS,
     DEFAULT_SHUTDOWN_TIMEOUT,
     DEREGISTER_TIMEOUT_SECONDS,
     FLUSH_TIMEOUT_SECONDS,
+    POOL_CLOSE_TIMEOUT_SECONDS,
     STOP_MARGIN_SECONDS,
 )
 from pgqueue.supervisor import REAPER_STOP_MARGIN_SECONDS
@@ -70,13 +73,18 @@ def stop_margin(params: dict[str, Any]) -> float:
 def test_the_stop_margin_covers_a_workers_slowest_stop() -> None:
     """The documented margin (and the supervisor's wait) covers every bounded wait of a
     worker's stop after --shutdown-timeout, with room to close and exit."""
+    # A step that waits on the database is cut short at its time, then takes up to two
+    # ABORT_GRACE_SECONDS to end (worker/abort.py).
+    cut_short = 2 * ABORT_GRACE_SECONDS
     waits = (
-        FLUSH_TIMEOUT_SECONDS  # a claim in flight
+        CLAIM_WAIT_SECONDS + cut_short  # a claim in flight
         + CANCEL_GRACE_SECONDS  # handlers it cancelled
-        + FLUSH_TIMEOUT_SECONDS  # writing outcomes
-        + DEREGISTER_TIMEOUT_SECONDS
+        + FLUSH_TIMEOUT_SECONDS + cut_short  # writing outcomes
+        + cut_short  # the heartbeat, listener and completer loops
+        + DEREGISTER_TIMEOUT_SECONDS + cut_short
+        + POOL_CLOSE_TIMEOUT_SECONDS + cut_short  # the pool's background connects
         + DEFAULT_EXECUTOR_GRACE_SECONDS
-    )
+    )  # fmt: skip
     assert waits + 2.0 <= STOP_MARGIN_SECONDS
     # What the deploy files tell operators to allow.
     margin = f"--shutdown-timeout` + {STOP_MARGIN_SECONDS:.0f} s"

@@ -66,6 +66,7 @@ from tests.conftest import (
     EXECUTIONS_DDL,
     ROOT,
     Daemons,
+    LoginThenSilence,
     dead_row,
     job_row,
     job_state,
@@ -3744,61 +3745,6 @@ def test_stored_queue_stats_another_version_wrote_differently_are_counted_anew(c
     assert [(r["queue"], r["ready"]) for r in stats.rows] == [("v", 1)]
     stored = conn.execute("SELECT queues FROM pgqueue.queue_stats_snapshot").fetchone()
     assert stored is not None and stored[0][0]["ready"] == 1
-
-
-class LoginThenSilence:
-    """A TCP proxy in front of Postgres that passes each connection's login, then drops
-    whatever the client sends (while ``silent``): a PgBouncer whose server has gone away
-    after the login. ``release`` closes the connections it holds and lets new ones
-    through."""
-
-    def __init__(self, dsn: str) -> None:
-        info = psycopg.conninfo.conninfo_to_dict(dsn)
-        self._upstream = (str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432))
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.dsn = make_conninfo(dsn, host="127.0.0.1", port=self._listener.getsockname()[1])
-        self.silent = True
-        self.connections = 0
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = self._listener.accept()
-                server = socket.create_connection(self._upstream)
-                self._sockets += [client, server]
-                self.connections += 1
-                logged_in = threading.Event()
-                threading.Thread(target=self._up, args=(client, server, logged_in)).start()
-                threading.Thread(target=self._down, args=(server, client, logged_in)).start()
-
-    def _up(self, client: socket.socket, server: socket.socket, logged_in: threading.Event) -> None:
-        with contextlib.suppress(OSError):
-            while data := client.recv(65536):
-                if not (self.silent and logged_in.is_set()):
-                    server.sendall(data)
-
-    def _down(
-        self, server: socket.socket, client: socket.socket, logged_in: threading.Event
-    ) -> None:
-        with contextlib.suppress(OSError):
-            while data := server.recv(65536):
-                client.sendall(data)
-                if b"Z\x00\x00\x00\x05" in data:  # ReadyForQuery: logged in
-                    logged_in.set()
-
-    def release(self) -> None:
-        self.silent = False
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        self._sockets.clear()
-
-    def close(self) -> None:
-        self.release()
-        self._listener.close()
 
 
 def test_a_scrape_answers_when_the_database_takes_the_connection_but_not_its_queries(conn, dsn):

@@ -2748,6 +2748,47 @@ def test_a_failed_shutdown_flush_counts_the_batch_in_flight_and_names_a_timeout(
     assert failed["error"] == "TimeoutError"
 
 
+def test_a_stop_step_cut_short_is_cancelled_a_second_time_as_psycopg_needs():
+    # psycopg, cancelled in a statement, asks the server to cancel it and waits for that
+    # (up to 10 s against a database that does not answer); only a second cancellation
+    # makes it drop the connection. A stop's steps were cancelled once.
+    from pgqueue.worker.abort import finish_within, run_within
+
+    cancellations: list[str] = []
+
+    async def statement_no_one_answers() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancellations.append("first")
+            try:
+                await asyncio.sleep(60)  # psycopg's cancel request, unanswered too
+            except asyncio.CancelledError:
+                cancellations.append("second")
+                raise
+
+    async def answered() -> str:
+        await asyncio.sleep(0.01)
+        return "done"
+
+    async def refused() -> None:
+        raise psycopg.errors.UndefinedTable("no such table")
+
+    async def scenario() -> None:
+        task = asyncio.create_task(statement_no_one_answers())
+        assert await finish_within(task, 0.05) is False
+        assert task.cancelled() and cancellations == ["first", "second"]
+        quick = asyncio.create_task(answered())
+        assert await finish_within(quick, 30) is True and quick.result() == "done"
+        assert await run_within(answered(), 30) == "done"
+        with pytest.raises(TimeoutError):
+            await run_within(statement_no_one_answers(), 0.05)
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            await run_within(refused(), 30)
+
+    asyncio.run(scenario())
+
+
 def test_a_shutdown_flush_writes_the_good_outcomes_beside_one_the_database_refuses(dsn):
     # Found by a mutation audit: a flush whose batch the database refused could give up
     # instead of writing the outcomes one by one, and every good outcome pending at

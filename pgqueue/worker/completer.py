@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 from pgqueue import store
 from pgqueue.log import get_logger
 from pgqueue.models import Job, Outcome, OutcomeKind
+from pgqueue.worker.abort import run_within
 from pgqueue.worker.backoff import (
     CONNECTION_ERRORS,
     ReconnectBackoff,
@@ -221,7 +222,7 @@ class Completer:
         deadline = loop.time() + timeout
         while self._pending or self._writing.locked():
             try:
-                await asyncio.wait_for(self.run_once(), max(0.01, deadline - loop.time()))
+                await run_within(self.run_once(), max(0.01, deadline - loop.time()))
             except _FLUSH_RETRYABLE as exc:
                 error: BaseException | None = exc
             except Exception:

@@ -30,8 +30,10 @@ from psycopg_pool import AsyncConnectionPool
 from pgqueue import __version__, metrics, store
 from pgqueue.config import (
     CANCEL_GRACE_SECONDS,
+    CLAIM_WAIT_SECONDS,
     DEREGISTER_TIMEOUT_SECONDS,
     FLUSH_TIMEOUT_SECONDS,
+    POOL_CLOSE_TIMEOUT_SECONDS,
     REPEATED_SIGNAL_SECONDS,
     WorkerConfig,
 )
@@ -40,6 +42,7 @@ from pgqueue.log import get_logger, schema_missing
 from pgqueue.migrate import SchemaWatch
 from pgqueue.models import Job, Outcome, OutcomeKind
 from pgqueue.registry import Registry
+from pgqueue.worker.abort import finish_within, run_within
 from pgqueue.worker.backoff import (
     CONNECTION_ERRORS,
     READ_ONLY_ERRORS,
@@ -160,7 +163,9 @@ class Worker:
                 "application_name": "pgqueue-worker",
                 "prepare_threshold": 5 if config.prepared_statements else None,
             },
-            name="pgqueue-worker",
+            # Its own name: its background tasks are named after it (see _shutdown), and
+            # psycopg's warnings name it.
+            name=f"pgqueue-worker {self.worker_id}",
         )
         self.executor = Executor(
             registry, self.worker_id, threads=config.concurrency, on_thread_freed=self._thread_freed
@@ -941,6 +946,10 @@ class Worker:
             self.completer.submit(Outcome(job, OutcomeKind.RELEASED, ran))
         self.stubborn_handlers = len(stubborn)
 
+    async def _deregister(self) -> None:
+        async with self.pool.connection(timeout=DEREGISTER_TIMEOUT_SECONDS) as conn:
+            await store.deregister_worker(conn, worker_id=self.worker_id)
+
     async def _shutdown(
         self, fetcher: asyncio.Task[None], services: list[asyncio.Task[None]]
     ) -> None:
@@ -948,11 +957,7 @@ class Worker:
         # The fetcher notices the stop at its next wait; a claim in flight completes, so
         # its jobs get the same grace (or release) as the others instead of being left
         # claimed until their lease expires.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(fetcher), FLUSH_TIMEOUT_SECONDS)
-        fetcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await fetcher
+        await finish_within(fetcher, CLAIM_WAIT_SECONDS)
         running = list(self._running.values())
         if running:
             _, late = await asyncio.wait(running, timeout=self.config.shutdown_timeout)
@@ -968,21 +973,24 @@ class Worker:
         # Outcomes (including releases) go out before the heartbeat stops: until then
         # the leases of jobs with unwritten outcomes must stay alive.
         flushed = await self.completer.flush(FLUSH_TIMEOUT_SECONDS)
-        for task in services:
-            task.cancel()
-        for task in services:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Every step from here on is cut short when the database does not answer (see
+        # abort.py), so that the stop ends within STOP_MARGIN_SECONDS all the same.
+        await asyncio.gather(*(finish_within(task, 0) for task in services))
         try:
-            async with self.pool.connection(timeout=DEREGISTER_TIMEOUT_SECONDS) as conn:
-                await store.deregister_worker(conn, worker_id=self.worker_id)
+            await run_within(self._deregister(), DEREGISTER_TIMEOUT_SECONDS)
         except Exception as exc:  # the reaper forgets it after three missed heartbeats
             error = first_line(exc)
             if schema_missing(exc):
                 log.warning("worker.deregister_failed", error=error, hint=SCHEMA_HINT)
             else:
                 log.warning("worker.deregister_failed", error=error)
-        await self.pool.close()
+        await self.pool.close(timeout=POOL_CLOSE_TIMEOUT_SECONDS)
+        # The pool leaves a background connect that outlasts its close running, for
+        # asyncio.run to cancel once and wait on psycopg's cancel of its statement. Its
+        # tasks are "<pool name>-worker-<n>" and "<pool name>-scheduler" (psycopg_pool).
+        ours = self.pool.name + "-"
+        left = [t for t in asyncio.all_tasks() if t.get_name().startswith(ours)]
+        await asyncio.gather(*(finish_within(task, 0) for task in left))
         self.executor.shutdown()
         metrics.WORKER_INFO.labels(__version__, ",".join(self.queues)).set(0)
         log.info("worker.stopped", worker_id=self.worker_id, flushed=flushed)
