@@ -86,18 +86,35 @@ def check_dsn(dsn: str | None) -> str:
     daemon would otherwise retry a DSN that can never work, for ever."""
     if not dsn:
         raise ConfigError("no database: pass --dsn or set PGQUEUE_DSN")
+    # What goes wrong with a connection string usually comes from a password holding
+    # characters a URI reserves, and the part quoted would be a piece of that password:
+    # these messages quote nothing of the string (they end up in logs and on screens).
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.Error as exc:
-        first = first_line(exc)
-        raise ConfigError(f"bad connection string: {first}") from None
+        first = _QUOTED.sub('"…"', first_line(exc))
+        raise ConfigError(f"bad connection string: {first}{_PASSWORD_HINT}") from None
     for port in str(params.get("port") or "").split(","):
         # As libpq reads a port: strtol (white space and a sign around ASCII digits),
         # then 1..65535; an empty one is the default.
         number = _PORT.fullmatch(port)
         if port.strip() and not (number and 0 < int(number.group(1)) < 65536):
-            raise ConfigError(f"bad connection string: port {port.strip()!r} is not a port")
+            raise ConfigError(
+                f"bad connection string: a port is not a number from 1 to 65535{_PASSWORD_HINT}"
+            )
+    if any("@" in host for host in str(params.get("host") or "").split(",")):
+        # libpq takes the first '@' of user:pa@ss@host as the end of the password: the
+        # rest of it became a host name, which every failed connection then logged.
+        raise ConfigError(f"bad connection string: a host name holds '@'{_PASSWORD_HINT}")
     return dsn
+
+
+_QUOTED = re.compile(r"\"[^\"]*\"|'[^']*'")
+_PASSWORD_HINT = (
+    " (nothing of the string is quoted here: it may hold the password; in a URI, a"
+    " password's @ : / ? # % and spaces are written percent-encoded, as %40 %3A %2F %3F"
+    " %23 %25 %20; in key=value form, a value with spaces is written in single quotes)"
+)
 
 
 # libpq settings the daemons add to a DSN that does not set them itself, so that a

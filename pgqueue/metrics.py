@@ -345,13 +345,18 @@ Health = Callable[[], tuple[bool, str]]
 # PgBouncer whose server is gone) held each probe, its thread and a connection for as
 # long as that lasted, one more for every probe.
 HEALTH_TIMEOUT_SECONDS = 3.0
+# A check's answer serves the probes that come within this long of its start: each
+# probe opened a database connection of its own (and logged in: SCRAM, TLS), so a
+# client calling /healthz in a loop drove about 60 logins a second.
+HEALTH_REUSE_SECONDS = 1.0
 
 
 def database_health(dsn: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> Health:
     """A health check: does ``dsn`` take a connection and a query now, and is the pgqueue
     schema there (a daemon pointed at an unmigrated database is not ready)? Answers
-    within ``timeout`` (False past it); one check runs at a time, and callers that come
-    while it runs wait for its answer."""
+    within ``timeout`` (False past it); one check runs at a time, callers that come
+    while it runs wait for its answer, and that answer serves those that come within
+    HEALTH_REUSE_SECONDS of its start."""
 
     def check_once() -> tuple[bool, str]:
         try:
@@ -376,12 +381,15 @@ def database_health(dsn: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> Health
 
     lock = threading.Lock()
     latest: _InThread[tuple[bool, str]] | None = None
+    started = 0.0
 
     def check() -> tuple[bool, str]:
-        nonlocal latest
+        nonlocal latest, started
         with lock:
-            if latest is None or latest.done.is_set():
+            now = time.monotonic()
+            if latest is None or (latest.done.is_set() and now - started >= HEALTH_REUSE_SECONDS):
                 latest = _InThread(check_once, "pgqueue-health")
+                started = now
             running = latest
         if not running.done.wait(timeout):
             return False, (
@@ -395,29 +403,73 @@ def database_health(dsn: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> Health
     return check
 
 
-class _ThreadingHTTPServerV6(ThreadingHTTPServer):
+# The metrics port answers anyone who reaches it (0.0.0.0 by default, as exporters do).
+# A client that opens connections and sends nothing held a thread each, for ever: enough
+# of them ran the process out of threads or file descriptors, its database connections
+# and handler threads with it. Each connection now gets HTTP_IDLE_TIMEOUT_SECONDS to send
+# its request, and past MAX_HTTP_CONNECTIONS at once new ones are closed unanswered.
+HTTP_IDLE_TIMEOUT_SECONDS = 10.0
+MAX_HTTP_CONNECTIONS = 32
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _HTTPServerV6(_HTTPServer):
     address_family = socket.AF_INET6
 
 
-def _server_for(host: str) -> type[ThreadingHTTPServer]:
+def _server_for(host: str) -> type[_HTTPServer]:
     """The server class for ``host``: IPv6 for an IPv6 address (``::``, ``::1``) or a
     name that resolves only to IPv6; IPv4 otherwise, as before."""
     try:
         families = {info[0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
     except OSError:
-        return ThreadingHTTPServer  # the bind says what is wrong with the name
+        return _HTTPServer  # the bind says what is wrong with the name
     if socket.AF_INET not in families and socket.AF_INET6 in families:
-        return _ThreadingHTTPServerV6
-    return ThreadingHTTPServer
+        return _HTTPServerV6
+    return _HTTPServer
 
 
 class MetricsServer:
     """Serves /metrics and /healthz on a daemon thread; ``stop()`` shuts it down."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        health: Health,
+        *,
+        idle_timeout: float = HTTP_IDLE_TIMEOUT_SECONDS,
+        max_connections: int = MAX_HTTP_CONNECTIONS,
+    ) -> None:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = idle_timeout  # each read and write on the connection
+
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
@@ -442,10 +494,9 @@ class MetricsServer:
         self.registry = registry
         self.health = health
         try:
-            self._httpd = _server_for(host)((host, port), Handler)
+            self._httpd = _server_for(host)((host, port), Handler, max_connections=max_connections)
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc
-        self._httpd.daemon_threads = True
         self.port = int(self._httpd.server_address[1])
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="pgqueue-metrics", daemon=True

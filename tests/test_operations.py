@@ -59,6 +59,7 @@ from pgqueue import (
 )
 from pgqueue.errors import SCHEMA_HINT
 from pgqueue.log import _LineWriter, schema_missing
+from pgqueue.metrics import HEALTH_REUSE_SECONDS
 from pgqueue.migrate import load_migrations
 from pgqueue.models import Job
 from tests.conftest import (
@@ -627,6 +628,7 @@ def test_healthz_answers_within_seconds_when_the_database_takes_connections_but_
     with psycopg.connect(conn.info.dsn, autocommit=True) as blocker:
         blocker.execute("BEGIN")
         blocker.execute("LOCK TABLE pgqueue.schema_migrations IN ACCESS EXCLUSIVE MODE")
+        time.sleep(HEALTH_REUSE_SECONDS)  # the last answer ("ok") is not served again
         for _ in range(3):
             started = time.monotonic()
             status, body = http_get(port, "/healthz")
@@ -640,6 +642,60 @@ def test_healthz_answers_within_seconds_when_the_database_takes_connections_but_
         assert waiting == (1,)
         blocker.execute("ROLLBACK")
     wait_until(lambda: http_status(port, "/healthz") == 200)
+
+
+def test_the_metrics_port_lets_idle_connections_go_and_caps_how_many_it_holds():
+    # Found by a security review: a connection that sent nothing (or half a request) held
+    # a thread for ever, and enough of them took the process's threads or descriptors.
+    from prometheus_client import CollectorRegistry
+
+    from pgqueue.metrics import MetricsServer
+
+    server = MetricsServer(
+        "127.0.0.1", 0, CollectorRegistry(), lambda: (True, "ok"),
+        idle_timeout=5.0, max_connections=3,
+    ).start()  # fmt: skip
+    held = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(3)]
+    try:
+        held[0].sendall(b"GET /metr")  # a request never finished
+        # Past the cap: closed unanswered, at once (not at the idle timeout).
+        with socket.create_connection(("127.0.0.1", server.port), timeout=1) as extra:
+            assert extra.recv(100) == b""
+        # The idle ones are let go after the idle timeout (an answer: 408, or nothing).
+        for sock in held:
+            assert b"200 OK" not in sock.recv(1000)
+        # Their slots are free again.
+        status, body = http_get(server.port, "/healthz")
+        assert (status, body) == (200, "ok\n")
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def test_healthz_probes_in_a_burst_share_one_database_check(dsn, monkeypatch):
+    # Found by a security review: every probe opened (and logged in) a database connection
+    # of its own, so a client calling /healthz in a loop drove about 60 logins a second.
+    from pgqueue import metrics
+
+    connects = 0
+    real_connect = store.connect
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal connects
+        connects += 1
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(store, "connect", counted)
+    monkeypatch.setattr(metrics, "HEALTH_REUSE_SECONDS", 60.0)
+    check = metrics.database_health(dsn)
+    for _ in range(20):
+        assert check() == (True, "ok")
+    assert connects == 1
+    # Past the reuse window, a probe checks afresh.
+    monkeypatch.setattr(metrics, "HEALTH_REUSE_SECONDS", 0.0)
+    assert check() == (True, "ok")
+    assert connects == 2
 
 
 @pytest.mark.parametrize("processes", [1, 2])

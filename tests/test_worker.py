@@ -1919,6 +1919,28 @@ def test_connection_strings_libpq_takes_are_taken(dsn):
 
 
 @pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://app:100%SECRET@db/app",  # a '%' not percent-encoded
+        "postgresql://app:Sup3r@SECRET@db.invalid/app",  # an '@' not percent-encoded
+        "postgresql://app:pa/ssSECRET@db/app",  # a '/' not percent-encoded
+        "postgresql://app:SECRET@[]/db",
+        "host=db password=correct horse SECRET",  # spaces not quoted
+        "host=db password='SECRET",
+    ],
+)
+def test_a_bad_connection_string_is_refused_without_quoting_its_password(dsn):
+    # Found by a security review: libpq's message quoted the part it could not read (or
+    # the whole URI), and a password's rest after an '@' became a host name that every
+    # failed connection of a daemon logged, and /healthz served.
+    for config in (WorkerConfig(dsn=dsn), ReaperConfig(dsn=dsn)):
+        with pytest.raises(ConfigError, match=r"^bad connection string: ") as error:
+            config.validate()
+        assert "SECRET" not in str(error.value).upper()
+        assert "percent-encoded" in str(error.value)
+
+
+@pytest.mark.parametrize(
     "argv",
     [
         ["worker", "--app", "tests.apps.sample:registry"],
