@@ -1180,7 +1180,8 @@ def reaper_command(
             # A stop signal ends the pass between two batches (each commits alone): the
             # summary still says what was done.
             reaper.handle_signals()
-            result = reaper.run_once()
+            with reaper.watching_stops():
+                result = reaper.run_once()
             click.echo(
                 f"requeued {len(result.requeued)}, dead-lettered {len(result.dead)},"
                 f" cancelled {len(result.cancelled)}, pruned {result.pruned}"

@@ -44,15 +44,16 @@ POOL_CLOSE_TIMEOUT_SECONDS = 1.0
 DEFAULT_EXECUTOR_GRACE_SECONDS = 1.0
 # How long a stopping reaper lets its statement in flight run before it cuts the
 # statement's connection (a database that takes a statement and never answers would keep
-# it from stopping; each statement of a pass commits alone or not at all), and how long
-# a stopped worker waits for its embedded reaper to end.
+# it from stopping; the statement is abandoned, and whether the server completes it or
+# not, it commits alone or not at all), and how long a stopped worker waits for its
+# embedded reaper to end.
 REAPER_STOP_SECONDS = 3.0
 # The most a worker's stop takes beyond --shutdown-timeout, answered or not (each step
 # that waits on the database is cut short at its time, plus up to two ABORT_GRACE_SECONDS):
 # CLAIM_WAIT_SECONDS for a claim in flight, CANCEL_GRACE_SECONDS for the handlers it
 # cancelled, FLUSH_TIMEOUT_SECONDS writing outcomes, the background loops' end,
 # DEREGISTER_TIMEOUT_SECONDS, POOL_CLOSE_TIMEOUT_SECONDS, DEFAULT_EXECUTOR_GRACE_SECONDS
-# (26 s), and room for exiting. The supervisor waits this long for its children before
+# (27 s), and room for exiting. The supervisor waits this long for its children before
 # killing them, and process managers must allow it (README, Upgrading; deploy/); an
 # embedded reaper adds REAPER_STOP_MARGIN_SECONDS (supervisor.py). A kill all the same
 # costs no job (one whose outcome was not written runs again after its lease), only the
@@ -92,7 +93,11 @@ def check_dsn(dsn: str | None) -> str:
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.Error as exc:
-        first = _QUOTED.sub('"…"', first_line(exc))
+        # libpq's message up to the first thing it quotes (an unbalanced quote in the
+        # string makes the quoted parts' ends unknowable).
+        first = re.split("[\"']", first_line(exc), maxsplit=1)[0].rstrip(" :")
+        if first == "missing":  # missing "=" after "<text>"
+            first = "a word with no '=' after it"
         raise ConfigError(f"bad connection string: {first}{_PASSWORD_HINT}") from None
     for port in str(params.get("port") or "").split(","):
         # As libpq reads a port: strtol (white space and a sign around ASCII digits),
@@ -102,14 +107,15 @@ def check_dsn(dsn: str | None) -> str:
             raise ConfigError(
                 f"bad connection string: a port is not a number from 1 to 65535{_PASSWORD_HINT}"
             )
-    if any("@" in host for host in str(params.get("host") or "").split(",")):
+    hosts = str(params.get("host") or "").split(",")
+    if any("@" in host and not host.startswith("/") for host in hosts):
         # libpq takes the first '@' of user:pa@ss@host as the end of the password: the
-        # rest of it became a host name, which every failed connection then logged.
+        # rest of it became a host name, which every failed connection then logged. (A
+        # directory, a Unix socket's, may hold one.)
         raise ConfigError(f"bad connection string: a host name holds '@'{_PASSWORD_HINT}")
     return dsn
 
 
-_QUOTED = re.compile(r"\"[^\"]*\"|'[^']*'")
 _PASSWORD_HINT = (
     " (nothing of the string is quoted here: it may hold the password; in a URI, a"
     " password's @ : / ? # % and spaces are written percent-encoded, as %40 %3A %2F %3F"
@@ -127,6 +133,9 @@ TCP_DEFAULTS = {
     "keepalives_interval": "5",
     "keepalives_count": "3",
     "tcp_user_timeout": "30000",  # milliseconds
+    # A server that takes the TCP connection and never answers the login (psycopg
+    # waits 130 s by default).
+    "connect_timeout": "10",
 }
 
 

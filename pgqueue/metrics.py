@@ -12,6 +12,7 @@ cached between scrapes.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import socket
 import threading
@@ -404,36 +405,81 @@ def database_health(dsn: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> Health
 
 
 # The metrics port answers anyone who reaches it (0.0.0.0 by default, as exporters do).
-# A client that opens connections and sends nothing held a thread each, for ever: enough
+# A client that opened connections and sent nothing held a thread each, for ever: enough
 # of them ran the process out of threads or file descriptors, its database connections
-# and handler threads with it. Each connection now gets HTTP_IDLE_TIMEOUT_SECONDS to send
-# its request, and past MAX_HTTP_CONNECTIONS at once new ones are closed unanswered.
+# and handler threads with it. Each connection now gets HTTP_IDLE_TIMEOUT_SECONDS in all
+# to send its request (however slowly it sends it) and as long again for the answer;
+# past MAX_HTTP_CONNECTIONS at once, or MAX_HTTP_CONNECTIONS_PER_CLIENT from one address,
+# new ones are closed unanswered, so one client cannot take every slot from the probes.
 HTTP_IDLE_TIMEOUT_SECONDS = 10.0
 MAX_HTTP_CONNECTIONS = 32
+MAX_HTTP_CONNECTIONS_PER_CLIENT = 8
 
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, max_connections: int, max_per_client: int, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self._max_connections = max_connections
+        self._max_per_client = max_per_client
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}  # client address: connections being served
+
+    def _take(self, client: str) -> bool:
+        with self._lock:
+            if sum(self._open.values()) >= self._max_connections:
+                return False
+            if self._open.get(client, 0) >= self._max_per_client:
+                return False
+            self._open[client] = self._open.get(client, 0) + 1
+            return True
+
+    def _give_back(self, client: str) -> None:
+        with self._lock:
+            left = self._open[client] - 1
+            if left:
+                self._open[client] = left
+            else:
+                del self._open[client]
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
+        client = str(client_address[0])
+        if not self._take(client):
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._give_back(client)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._give_back(str(client_address[0]))
+
+
+class _ReadBy(io.RawIOBase):
+    """A socket's reads, each given what is left until one deadline: a client that sends
+    its request a byte at a time gets no more time than one that sends nothing."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took too long")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
 
 
 class _HTTPServerV6(_HTTPServer):
@@ -464,13 +510,21 @@ class MetricsServer:
         *,
         idle_timeout: float = HTTP_IDLE_TIMEOUT_SECONDS,
         max_connections: int = MAX_HTTP_CONNECTIONS,
+        max_per_client: int = MAX_HTTP_CONNECTIONS_PER_CLIENT,
     ) -> None:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            timeout = idle_timeout  # each read and write on the connection
+            timeout = idle_timeout
+
+            def setup(self) -> None:
+                super().setup()
+                self.rfile.close()
+                deadline = time.monotonic() + idle_timeout
+                self.rfile = io.BufferedReader(_ReadBy(self.connection, deadline))
 
             def do_GET(self) -> None:
+                self.connection.settimeout(idle_timeout)  # for the answer, in all
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     body = generate_latest(server.registry)
@@ -494,7 +548,12 @@ class MetricsServer:
         self.registry = registry
         self.health = health
         try:
-            self._httpd = _server_for(host)((host, port), Handler, max_connections=max_connections)
+            self._httpd = _server_for(host)(
+                (host, port),
+                Handler,
+                max_connections=max_connections,
+                max_per_client=max_per_client,
+            )
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc
         self.port = int(self._httpd.server_address[1])

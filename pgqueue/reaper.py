@@ -66,9 +66,14 @@ class Reaper:
         # it would hang the reaper. The loop waits in short slices and checks this too.
         self._signal: int | None = None
         self._conn: psycopg.Connection[Any] | None = None
-        # Held while _conn is replaced or closed, and while _cut_short shuts its socket
-        # down from another thread: never a file descriptor reused meanwhile.
+        # A connection still being set up (its session statements), for _cut_short.
+        self._connecting: psycopg.Connection[Any] | None = None
+        # Held while _conn or _connecting is replaced or closed, and while _cut_short
+        # shuts a socket down from another thread: never a file descriptor reused.
         self._conn_lock = threading.Lock()
+        # Whether a _watch_stop thread runs (see watching_stops); set to end it at once.
+        self._watching = False
+        self._stop_watched = threading.Event()
         self.backoff = ReconnectBackoff(config.reconnect_max_seconds)
         self._looping = False
         self._database_health = metrics.database_health(config.dsn)
@@ -139,16 +144,24 @@ class Reaper:
                 # for it again).
                 log.info("reaper.leadership_lost", pid=os.getpid())
             self._leader = None
-            conn = store.connect(
-                self.config.dsn,
-                application_name="pgqueue-reaper",
-                prepare_threshold=5 if self.config.prepared_statements else None,
-                # Its prepared statements' plans live as long as the connection.
-                no_seq_scans=self.config.prepared_statements,
-            )
+            try:
+                conn = store.connect(
+                    self.config.dsn,
+                    application_name="pgqueue-reaper",
+                    prepare_threshold=5 if self.config.prepared_statements else None,
+                    # Its prepared statements' plans live as long as the connection.
+                    no_seq_scans=self.config.prepared_statements,
+                    on_connected=self._set_connecting,
+                )
+            finally:
+                self._set_connecting(None)
             with self._conn_lock:
                 self._conn = conn
         return self._conn
+
+    def _set_connecting(self, conn: psycopg.Connection[Any] | None) -> None:
+        with self._conn_lock:
+            self._connecting = conn
 
     def _batches(self, fetch: Callable[[], list[Any]]) -> Iterator[list[Any]]:
         """Run ``fetch`` batch after batch until a short batch (or stop): a huge backlog
@@ -301,7 +314,15 @@ class Reaper:
             self.handle_signals()
         log.info("reaper.started", interval=self.config.interval)
         self._looping = True
-        threading.Thread(target=self._watch_stop, name="reaper-stop", daemon=True).start()
+        with self.watching_stops():
+            self._loop()
+        if self._signal is not None:
+            log.info("reaper.stopping", signal=signal.Signals(self._signal).name)
+        self._looping = False
+        self._close()
+        log.info("reaper.stopped")
+
+    def _loop(self) -> None:
         while not self._stopping():
             try:
                 self._progress_at = time.monotonic()
@@ -336,11 +357,6 @@ class Reaper:
                 wait = self.backoff.next_delay()
                 log.exception("reaper.failed", retry_in=round(wait, 2))
             self._sleep(wait)
-        if self._signal is not None:
-            log.info("reaper.stopping", signal=signal.Signals(self._signal).name)
-        self._looping = False
-        self._close()
-        log.info("reaper.stopped")
 
     def _conn_idle(self) -> bool:
         conn = self._conn
@@ -359,25 +375,39 @@ class Reaper:
                 finally:
                     self._conn = None
 
+    @contextlib.contextmanager
+    def watching_stops(self) -> Iterator[None]:
+        """While in this block (run(), or one pass of `pgqueue-reaper --once`), a stop
+        gives the statement in flight REAPER_STOP_SECONDS and then cuts it short: a
+        database that took it and does not answer (a hung server, a PgBouncer whose
+        server is gone) would keep the reaper, and its process, from ever stopping."""
+        self._watching = True
+        watcher = threading.Thread(target=self._watch_stop, name="reaper-stop", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            self._watching = False
+            self._stop_watched.set()
+            watcher.join()
+            self._stop_watched.clear()
+
     def _watch_stop(self) -> None:
-        """Once a stop is asked for, give the statement in flight REAPER_STOP_SECONDS,
-        then cut it short: a database that took it and does not answer (a hung server, a
-        PgBouncer whose server is gone) would keep the loop, and the process, from ever
-        stopping. Runs in a thread of its own while the loop runs."""
-        while self._looping and not self._stopping():
-            self._stop.wait(SIGNAL_CHECK_SECONDS)
+        while self._watching and not self._stopping():
+            self._stop_watched.wait(SIGNAL_CHECK_SECONDS)
         deadline = time.monotonic() + REAPER_STOP_SECONDS
-        while self._looping:
+        while self._watching:
             if time.monotonic() >= deadline and self._cut_short():
                 return
-            time.sleep(SIGNAL_CHECK_SECONDS)
+            self._stop_watched.wait(SIGNAL_CHECK_SECONDS)
 
     def _cut_short(self) -> bool:
         """Shut down the socket of a connection waiting for a statement's answer: libpq's
-        wait ends with a lost connection, which a stopping loop takes as its end, and the
-        server rolls the statement back. True if it did."""
+        wait ends with a lost connection, which a stopping reaper takes as its end. The
+        statement is abandoned, not undone: the server may still complete it, and each
+        statement of a pass commits alone or not at all. True if it did."""
         with self._conn_lock:
-            conn = self._conn
+            conn = self._connecting or self._conn
             if conn is None or conn.closed:
                 return False
             if conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.ACTIVE:

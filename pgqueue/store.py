@@ -129,12 +129,21 @@ async def pin_session_async(conn: AsyncConn) -> None:
         await conn.execute(fix)
 
 
-def connect(conninfo: str, *, no_seq_scans: bool = False, **kwargs: Any) -> SyncConn:
+def connect(
+    conninfo: str,
+    *,
+    no_seq_scans: bool = False,
+    on_connected: Callable[[SyncConn], object] | None = None,
+    **kwargs: Any,
+) -> SyncConn:
     """A connection of pgqueue's own (the CLI, the reaper, metrics, migrate): autocommit,
     its session pinned (pin_session), with NO_SEQ_SCANS if asked (a connection whose
-    prepared statements live long: the reaper's); closed again if that fails."""
+    prepared statements live long: the reaper's); closed again if that fails.
+    ``on_connected`` gets it before those statements are sent."""
     conn = psycopg.connect(conninfo, autocommit=True, **kwargs)
     try:
+        if on_connected is not None:
+            on_connected(conn)
         pin_session(conn)
         if no_seq_scans:
             conn.execute(NO_SEQ_SCANS)

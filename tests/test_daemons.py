@@ -993,23 +993,41 @@ def test_reaper_daemon_exits_zero_on_sigterm(conn, daemons):
     assert "Traceback" not in daemons.output(reaper)
 
 
+@pytest.mark.parametrize("silent", ["after_start", "from_start"])
 def test_reaper_daemon_stops_when_the_database_takes_its_statement_and_never_answers(
-    conn, dsn, daemons
+    conn, dsn, daemons, silent
 ):
     # It stopped after its statement in flight; with a database that does not answer (a
     # hung server, a PgBouncer whose server is gone) that statement never ended, nor the
-    # process, until the process manager's SIGKILL.
-    proxy = LoginThenSilence(dsn, silent=False)
+    # process, until the process manager's SIGKILL. From the start, the statement is one
+    # of those that set up its session, on a connection not yet its own.
+    proxy = LoginThenSilence(dsn, silent=silent == "from_start")
     try:
         reaper = daemons.reaper("--dsn", proxy.dsn, "--interval", "0.2")
         wait_until(lambda: logged(daemons, reaper, "reaper.started"))
         proxy.silent = True
-        time.sleep(1.0)  # its next pass now waits on its first statement
+        time.sleep(1.0)  # its pass now waits on its first statement
         reaper.send_signal(signal.SIGTERM)
         assert reaper.wait(timeout=REAPER_STOP_SECONDS + 10) == 0, daemons.output(reaper)
         assert logged(daemons, reaper, "reaper.stopped"), daemons.output(reaper)
         (cut,) = logged(daemons, reaper, "reaper.statement_abandoned")
         assert cut["waited_seconds"] == REAPER_STOP_SECONDS
+    finally:
+        proxy.close()
+
+
+def test_a_reaper_pass_run_once_stops_when_the_database_never_answers(dsn, daemons):
+    # `pgqueue-reaper --once` (say, from cron) waited for its statement for ever too.
+    proxy = LoginThenSilence(dsn, silent=True)
+    try:
+        reaper = daemons.start("pgqueue-reaper", "--once", "--dsn", proxy.dsn)
+        wait_until(lambda: proxy.connections == 1)
+        time.sleep(0.5)  # it waits on the statements that set up its session
+        reaper.send_signal(signal.SIGTERM)
+        # Its pass did not run: exit 1, saying why, rather than a summary.
+        assert reaper.wait(timeout=REAPER_STOP_SECONDS + 10) == 1, daemons.output(reaper)
+        assert "reaper.statement_abandoned" in daemons.output(reaper)
+        assert "requeued" not in daemons.output(reaper)
     finally:
         proxy.close()
 

@@ -653,14 +653,25 @@ def test_the_metrics_port_lets_idle_connections_go_and_caps_how_many_it_holds():
 
     server = MetricsServer(
         "127.0.0.1", 0, CollectorRegistry(), lambda: (True, "ok"),
-        idle_timeout=5.0, max_connections=3,
+        idle_timeout=5.0, max_connections=3, max_per_client=2,
     ).start()  # fmt: skip
-    held = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(3)]
+
+    def connect(source: str, timeout: float = 10) -> socket.socket:
+        return socket.create_connection(
+            ("127.0.0.1", server.port), timeout=timeout, source_address=(source, 0)
+        )
+
+    def refused(source: str) -> bool:
+        """Closed unanswered at once (not at the idle timeout)."""
+        with connect(source, timeout=1) as extra:
+            return extra.recv(100) == b""
+
+    held = [connect("127.0.0.1"), connect("127.0.0.1")]
     try:
         held[0].sendall(b"GET /metr")  # a request never finished
-        # Past the cap: closed unanswered, at once (not at the idle timeout).
-        with socket.create_connection(("127.0.0.1", server.port), timeout=1) as extra:
-            assert extra.recv(100) == b""
+        assert refused("127.0.0.1")  # past the cap for one client
+        held.append(connect("127.0.0.2"))
+        assert refused("127.0.0.3")  # past the cap for all
         # The idle ones are let go after the idle timeout (an answer: 408, or nothing).
         for sock in held:
             assert b"200 OK" not in sock.recv(1000)
@@ -670,6 +681,41 @@ def test_the_metrics_port_lets_idle_connections_go_and_caps_how_many_it_holds():
     finally:
         for sock in held:
             sock.close()
+        server.stop()
+
+
+def test_the_metrics_port_gives_a_request_sent_byte_by_byte_no_more_time():
+    # The first limit held for each read: a client sending a byte a second kept its
+    # connection (and a slot) for as long as it liked.
+    from prometheus_client import CollectorRegistry
+
+    from pgqueue.metrics import MetricsServer
+
+    server = MetricsServer(
+        "127.0.0.1", 0, CollectorRegistry(), lambda: (True, "ok"), idle_timeout=1.0
+    ).start()
+    sent = 0
+    try:
+        # OSError: a reset, or a broken pipe, once the connection is let go.
+        with (
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock,
+            contextlib.suppress(OSError),
+        ):
+            for byte in b"GET /healthz HTTP/1.0\r\nX-Slow: " + b"x" * 100:
+                sock.sendall(bytes([byte]))
+                sent += 1
+                time.sleep(0.2)
+                sock.setblocking(False)
+                try:
+                    if sock.recv(1000) is not None:
+                        break  # answered (408) or closed
+                except BlockingIOError:
+                    pass
+                finally:
+                    sock.setblocking(True)
+        # At a byte every 0.2 s, 1 s allows about 5 (with room for a slow machine).
+        assert sent < 40, sent
+    finally:
         server.stop()
 
 

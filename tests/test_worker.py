@@ -1911,6 +1911,7 @@ def test_daemon_options_out_of_range_fail_with_one_line(dsn, argv):
         "postgresql://%2Fvar%2Frun%2Fpostgresql/db",
         "service=pgqueue",
         "host=h password=a=b==c",
+        "host=/tmp/a@b",  # a Unix socket's directory may hold an '@'
     ],
 )
 def test_connection_strings_libpq_takes_are_taken(dsn):
@@ -1927,6 +1928,7 @@ def test_connection_strings_libpq_takes_are_taken(dsn):
         "postgresql://app:SECRET@[]/db",
         "host=db password=correct horse SECRET",  # spaces not quoted
         "host=db password='SECRET",
+        'host=db password=SEC RET"SECRET',  # quoted parts' ends unknowable
     ],
 )
 def test_a_bad_connection_string_is_refused_without_quoting_its_password(dsn):
@@ -2500,6 +2502,7 @@ def test_daemon_connections_detect_a_dead_peer_unless_the_dsn_says_otherwise(dsn
         "keepalives_interval": "5",
         "keepalives_count": "3",
         "tcp_user_timeout": "30000",
+        "connect_timeout": "10",
     }
 
     def settings(conninfo: str) -> dict[str, str]:
@@ -2807,8 +2810,57 @@ def test_a_stop_step_cut_short_is_cancelled_a_second_time_as_psycopg_needs():
             await run_within(statement_no_one_answers(), 0.05)
         with pytest.raises(psycopg.errors.UndefinedTable):
             await run_within(refused(), 30)
+        # What ends as it is cut short still counts: a row removed, an error raised.
+        assert await run_within(answers_as_it_is_cancelled(), 0.05) == "late"
+        # A caller cancelled meanwhile passes both cancellations on.
+        cancellations.clear()
+        inner = asyncio.create_task(statement_no_one_answers())
+        caller = asyncio.create_task(finish_within(inner, 30))
+        await asyncio.sleep(0.05)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await asyncio.wait({inner}, timeout=30)
+        assert inner.cancelled() and cancellations == ["first", "second"]
+
+    async def answers_as_it_is_cancelled() -> str:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            return "late"
+        return "in time"
 
     asyncio.run(scenario())
+
+
+def test_a_worker_that_stops_leaves_the_pool_of_another_in_its_loop_alone(dsn):
+    # The first version found its pool's background tasks by a prefix of their names:
+    # stopping worker "w" cancelled those of worker "w-2" ("pgqueue-worker w-2-worker-0").
+    registry = Registry()
+
+    @registry.task(name="t")
+    def t() -> None:
+        pass
+
+    async def main() -> None:
+        workers = [
+            Worker(registry, WorkerConfig(dsn=dsn, poll_interval=0.2), worker_id=worker_id)
+            for worker_id in ("w", "w-2")
+        ]
+        runs = [asyncio.create_task(w.run(handle_signals=False)) for w in workers]
+        await wait_for_db(dsn, "SELECT count(*) = 2 FROM pgqueue.workers")
+        workers[0].stop()
+        await asyncio.wait_for(runs[0], 30)
+        others = [x for x in asyncio.all_tasks() if x.get_name().startswith("pgqueue-worker w-2-")]
+        assert others and not any(x.done() for x in others)
+        job_id = await asyncio.to_thread(sql_enqueue, dsn, "t")
+        await wait_for_db(
+            dsn, "SELECT state = 'succeeded' FROM pgqueue.jobs WHERE id = %s", [job_id]
+        )
+        workers[1].stop()
+        await asyncio.wait_for(runs[1], 30)
+
+    run(main)
 
 
 def test_a_shutdown_flush_writes_the_good_outcomes_beside_one_the_database_refuses(dsn):

@@ -37,7 +37,9 @@ async def finish_within(task: asyncio.Future[Any], seconds: float) -> bool:
                 break
         return False
     except asyncio.CancelledError:
+        # The caller is cancelled: so is the task, twice as well.
         task.cancel()
+        asyncio.get_running_loop().call_later(ABORT_GRACE_SECONDS, task.cancel)
         raise
     finally:
         # Its exception is the caller's to read when it ended in time; otherwise it is
@@ -51,9 +53,11 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 
 
 async def run_within(coro: Coroutine[Any, Any, T], seconds: float) -> T:
-    """Run ``coro`` as a task for up to ``seconds`` (see finish_within); its result, or
-    TimeoutError if it had to be cut short."""
+    """Run ``coro`` as a task for up to ``seconds`` (see finish_within); its result or
+    exception, even one that came as it was being cut short; TimeoutError if it ended
+    cancelled, or not at all."""
     task = asyncio.ensure_future(coro)
-    if not await finish_within(task, seconds):
+    await finish_within(task, seconds)
+    if not task.done() or task.cancelled():
         raise TimeoutError
     return task.result()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import signal
 import socket
@@ -988,8 +989,8 @@ class Worker:
         # The pool leaves a background connect that outlasts its close running, for
         # asyncio.run to cancel once and wait on psycopg's cancel of its statement. Its
         # tasks are "<pool name>-worker-<n>" and "<pool name>-scheduler" (psycopg_pool).
-        ours = self.pool.name + "-"
-        left = [t for t in asyncio.all_tasks() if t.get_name().startswith(ours)]
+        ours = re.compile(re.escape(self.pool.name) + r"-(worker-[0-9]+|scheduler)")
+        left = [t for t in asyncio.all_tasks() if ours.fullmatch(t.get_name())]
         await asyncio.gather(*(finish_within(task, 0) for task in left))
         self.executor.shutdown()
         metrics.WORKER_INFO.labels(__version__, ",".join(self.queues)).set(0)
