@@ -10,6 +10,7 @@ functions revoked from PUBLIC (Postgres grants it by default), so the explicit g
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import subprocess
 import threading
 import time
@@ -240,6 +241,48 @@ def test_migration_warns_instead_of_failing_without_createrole(strict_db, login_
                 if _role_exists(c, role):  # only if the test failed
                     c.execute(f'DROP OWNED BY "{role}"')
                     c.execute(f'DROP ROLE "{role}"')
+
+
+def test_the_schemas_owner_upgrades_it_without_create_on_the_database(strict_db, login_as):
+    # Found by an upgrade review: bootstrapping the migrations' record ran CREATE SCHEMA IF
+    # NOT EXISTS, which checks CREATE on the database before it looks for the schema, so
+    # the owner of schema pgqueue could not apply a new migration.
+    from pgqueue.migrate import migrate
+
+    owner = login_as()
+    name = psycopg.conninfo.conninfo_to_dict(owner)["user"]
+    try:
+        with connect(strict_db) as c:
+            c.execute(pgsql.SQL("ALTER SCHEMA pgqueue OWNER TO {}").format(pgsql.Identifier(name)))
+            c.execute(
+                pgsql.SQL("GRANT ALL ON pgqueue.schema_migrations TO {}").format(
+                    pgsql.Identifier(name)
+                )
+            )
+            # The newest migration (which creates nothing in a UTF8 database) as if new.
+            (last,) = c.execute("SELECT max(version) FROM pgqueue.schema_migrations").fetchone()
+            c.execute("DELETE FROM pgqueue.schema_migrations WHERE version = %s", (last,))
+            may_create = c.execute(
+                "SELECT has_database_privilege(%s, current_database(), 'CREATE')", (name,)
+            ).fetchone()
+        assert may_create == (False,)
+        applied = migrate(owner)
+        assert [m.version for m in applied] == [last]
+        with connect(strict_db) as c:
+            # Another migrator holds the lock: a role's own lock_timeout does not fail the
+            # wait for it with a bare "lock timeout".
+            c.execute("SELECT pg_advisory_lock(hashtext('pgqueue.migrate'))")
+            waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
+                migrate, make_conninfo(owner, options="-c lock_timeout=100")
+            )
+            time.sleep(0.5)
+            assert not waiting.done()
+            c.execute("SELECT pg_advisory_unlock(hashtext('pgqueue.migrate'))")
+            assert waiting.result(timeout=30) == []
+    finally:
+        # Given back, so that dropping the role does not try to drop the schema.
+        with connect(strict_db) as c:
+            c.execute("ALTER SCHEMA pgqueue OWNER TO CURRENT_USER")
 
 
 # --- producer -------------------------------------------------------------------------------

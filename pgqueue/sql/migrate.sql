@@ -1,13 +1,25 @@
 -- name: lock_migrations
 -- Serialises concurrent migrators: a session advisory lock, held until unlock_migrations.
+-- Waited for without limit, whatever lock_timeout the role or database sets (a second
+-- migrator failed with a bare "lock timeout"): the other migrator ends, each of its
+-- migrations bounded by its own lock timeout (set_migration_lock_timeout).
+SET lock_timeout = 0;
 SELECT pg_advisory_lock(hashtext('pgqueue.migrate'));
 
 -- name: unlock_migrations
 SELECT pg_advisory_unlock(hashtext('pgqueue.migrate'));
 
 -- name: create_migrations_table
--- The record of applied migrations; created before the first migration runs.
-CREATE SCHEMA IF NOT EXISTS pgqueue;
+-- The record of applied migrations; created before the first migration runs. The schema
+-- only where it is missing: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even
+-- when the schema exists, which its owner, upgrading it, may lack.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = 'pgqueue') THEN
+        CREATE SCHEMA pgqueue;
+    END IF;
+END
+$$;
 CREATE TABLE IF NOT EXISTS pgqueue.schema_migrations (
     version     integer PRIMARY KEY,
     name        text NOT NULL,
