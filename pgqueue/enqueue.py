@@ -441,6 +441,30 @@ def _copy_rows(specs: Sequence[JobSpec], limit: int, defaults: bool) -> Iterator
             )
 
 
+def _psycopg_connection(
+    conn: object, caller: str
+) -> psycopg.Connection[Any] | psycopg.AsyncConnection[Any]:
+    """``conn``, or the psycopg connection a pool or ORM wraps (``driver_connection``: what
+    SQLAlchemy's pooled connection and its async adapter hold); otherwise TypeError,
+    saying what to pass. Before, another object failed deep inside (``'psycopg2...' has
+    no attribute 'pgconn'``, ``'Lock' object does not support the context manager``)."""
+    if isinstance(conn, psycopg.Connection | psycopg.AsyncConnection):
+        return conn
+    inner = getattr(conn, "driver_connection", None)
+    if isinstance(inner, psycopg.Connection | psycopg.AsyncConnection):
+        return inner
+    kind = "None" if conn is None else f"{type(conn).__module__}.{type(conn).__qualname__}"
+    raise TypeError(
+        f"{caller} takes a psycopg 3 connection (psycopg.Connection or AsyncConnection),"
+        f" not {kind}. From SQLAlchemy (a postgresql+psycopg:// URL, not psycopg2), pass"
+        " session.connection().connection.driver_connection (async:"
+        " (await (await session.connection()).get_raw_connection()).driver_connection);"
+        " from Django (psycopg 3 backend), connection.connection inside"
+        " transaction.atomic(); from other drivers, call the SQL function pgqueue.enqueue"
+        " (README: From an ORM or another driver)"
+    )
+
+
 def _client_encoding(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str | None:
     """None when the connection's client encoding is UTF-8 (any text can be sent), else
     Python's name for it."""
@@ -579,8 +603,10 @@ def enqueue(
     (seconds or a timedelta, on the database's clock, from this call rather than from
     the transaction's start) schedule it later. With an ``idempotency_key``
     already held by a retained job, nothing is inserted and that job's id is returned.
-    Raises ``ValidationError`` (nothing sent) on bad input.
+    Raises ``ValidationError`` (nothing sent) on bad input, ``TypeError`` for a ``conn``
+    that is not a psycopg 3 connection (or an ORM's wrapper of one).
     """
+    conn = _psycopg_connection(conn, "enqueue")
     params = _prepare_fields(
         task, args, queue, priority, run_at, delay, max_attempts, idempotency_key, None
     )
@@ -616,8 +642,10 @@ def enqueue_many(
     raises ``ValidationError`` and enqueues none; the caller's transaction stays usable
     (an error from the database itself aborts it, as any failed statement does). Batches
     without idempotency keys or delays go in by COPY; large ones are checked while they
-    stream, so that Python and Postgres work at the same time.
+    stream, so that Python and Postgres work at the same time. ``conn`` as for
+    ``enqueue``.
     """
+    conn = _psycopg_connection(conn, "enqueue_many")
     if isinstance(jobs, str | bytes | Mapping):
         raise ValidationError(
             f"enqueue_many takes a sequence of JobSpec items, got {type(jobs).__name__}"

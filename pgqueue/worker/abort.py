@@ -3,8 +3,10 @@ no longer answers.
 
 A task cancelled while psycopg waits for a statement does not end at once: psycopg asks
 the server to cancel the statement (over a new connection, up to 5 s) and then waits for
-it to end (up to 5 s more). Cancelled a second time meanwhile, psycopg closes the
-connection outright and lets the cancellation through. ``finish_within`` cancels twice,
+it to end (up to 5 s more; psycopg 3.2 without limit). Cancelled a second time meanwhile,
+psycopg lets the cancellation through, the statement given up on: 3.3 closes the
+connection, and the pool closes one given back in the middle of a statement (3.2).
+``finish_within`` cancels twice,
 so a step of a stop ends within its own time plus about ABORT_GRACE_SECONDS, answer or
 not; a statement it cut short is as uncertain as one whose connection broke, and every
 caller treats it so (the completer keeps such outcomes, leases cover the rest).
