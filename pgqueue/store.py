@@ -23,7 +23,7 @@ from psycopg.adapt import Loader
 from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb, set_json_loads
 
-from pgqueue.errors import SCHEMA_HINT, PayloadTooLarge, first_line, schema_missing
+from pgqueue.errors import SCHEMA_HINT, PayloadTooLarge, PgQueueError, first_line, schema_missing
 from pgqueue.models import Job, JobState, JobStatus, UndecodableArgs
 from pgqueue.registry import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY
 from pgqueue.sql import QUERIES
@@ -691,17 +691,39 @@ def _too_large(exc: psycopg.errors.ProgramLimitExceeded) -> PayloadTooLarge:
 # or row factory that connection has.
 
 
+# What _check_ours raises: see sql/enqueue.sql.
+NOT_OURS = (
+    "the database ran another statement than pgqueue's enqueue on this connection (its"
+    " result is not pgqueue's): a pooler in transaction mode (PgBouncer) hands psycopg's"
+    " prepared statements to other clients' connections, and nothing was enqueued, while"
+    " that statement may have written with pgqueue's values: roll the transaction back."
+    " Set prepare_threshold=None on producers' connections, or use PgBouncer 1.21+ with"
+    " max_prepared_statements (README, PgBouncer)"
+)
+
+
+def _check_ours(cur: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any], column: bytes) -> None:
+    """PgQueueError (NOT_OURS) unless the statement that ran named its one result column
+    ``column``."""
+    result = cur.pgresult
+    if result is None or result.nfields != 1 or result.fname(0) != column:
+        raise PgQueueError(NOT_OURS)
+
+
 def enqueue_job(conn: SyncConn, params: dict[str, Any]) -> int:
     query, values = _single_insert(params)
     # A try block, not the _payload_limit context manager: one enqueue is a few dozen
     # microseconds of Python, and the generator-based manager cost about 5 of them.
+    cur = psycopg.Cursor(conn, row_factory=tuple_row)
     try:
-        row = psycopg.Cursor(conn, row_factory=tuple_row).execute(query, values).fetchone()
+        cur.execute(query, values)
     except psycopg.errors.ProgramLimitExceeded as exc:
         raise _too_large(exc) from exc
     except psycopg.Error as exc:
         _hint_schema(exc)
         raise
+    row = cur.fetchone()
+    _check_ours(cur, b"pgqueue_job_id")  # after the fetch, which a pipeline's result needs
     assert row is not None
     return int(row[0])
 
@@ -716,6 +738,7 @@ async def enqueue_job_async(conn: AsyncConn, params: dict[str, Any]) -> int:
         _hint_schema(exc)
         raise
     row = await cur.fetchone()
+    _check_ours(cur, b"pgqueue_job_id")
     assert row is not None
     return int(row[0])
 
@@ -724,6 +747,7 @@ def enqueue_jobs(conn: SyncConn, params: dict[str, Any]) -> list[int]:
     with psycopg.Cursor(conn, row_factory=tuple_row) as cur, _payload_limit():
         cur.execute(QUERIES["enqueue_jobs"], params)
         row = cur.fetchone()
+        _check_ours(cur, b"pgqueue_job_ids")
     assert row is not None
     return [int(i) for i in row[0]]
 
@@ -756,6 +780,7 @@ def copy_jobs(
             # In the caller's transaction if there is one (this statement may begin it).
             cur.execute(QUERIES["reserve_job_ids"], {"n": count})
             fetched = cur.fetchone()
+            _check_ours(cur, b"pgqueue_job_ids")
             assert fetched is not None
             ids: list[int] = fetched[0]
             with (
@@ -787,6 +812,7 @@ async def copy_jobs_async(
             try:
                 await cur.execute(QUERIES["reserve_job_ids"], {"n": count})
                 fetched = await cur.fetchone()
+                _check_ours(cur, b"pgqueue_job_ids")
                 assert fetched is not None
                 ids: list[int] = fetched[0]
                 async with (
@@ -809,6 +835,7 @@ async def enqueue_jobs_async(conn: AsyncConn, params: dict[str, Any]) -> list[in
         with _payload_limit():
             await cur.execute(QUERIES["enqueue_jobs"], params)
         row = await cur.fetchone()
+        _check_ours(cur, b"pgqueue_job_ids")
     assert row is not None
     return [int(i) for i in row[0]]
 

@@ -1235,3 +1235,50 @@ def test_an_enqueue_in_a_prepared_transaction_needs_notify_inserts_off():
             ]
     finally:
         cluster.destroy()
+
+
+@pytest.mark.parametrize("call", ["enqueue", "enqueue_many_copy", "enqueue_many_keys"])
+def test_an_enqueue_that_ran_another_clients_prepared_statement_fails_loudly(conn, dsn, call):
+    # Found with a real PgBouncer (1.18) in transaction mode and psycopg's default
+    # prepare_threshold: a statement psycopg had prepared as "_pg3_0" ran, on another
+    # server connection, the "_pg3_0" another client had prepared there. The enqueue
+    # returned that statement's answer as the job's id (-1), inserted no job, and wrote
+    # the job's task, args and queue into the other client's table. Here the other
+    # client's statement is put in place of pgqueue's under the name psycopg gave it.
+    from psycopg import sql
+
+    from pgqueue import PgQueueError
+
+    conn.execute("CREATE TABLE public.audit (a text, b text, c text)")
+    attempts = {
+        "enqueue": lambda c, n: enqueue(c, "t", {"n": n}),
+        "enqueue_many_copy": lambda c, n: enqueue_many(c, [JobSpec("t", {"n": n})]),
+        "enqueue_many_keys": lambda c, n: enqueue_many(
+            c, [JobSpec("t", {"n": n}, idempotency_key=f"k{n}")]
+        ),
+    }
+    attempt = attempts[call]
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as producer:
+        attempt(producer, 1)  # its statement is prepared now
+        # The other client's statement takes the same parameters (psycopg binds them as
+        # it would its own), and stores the first three as text.
+        (name, types) = producer.execute(
+            "SELECT name, parameter_types::text[] FROM pg_prepared_statements"
+            " WHERE statement LIKE '%%pgqueue_job_id%%'",
+            prepare=False,
+        ).fetchone()  # type: ignore[misc]
+        producer.execute(sql.SQL("DEALLOCATE {}").format(sql.Identifier(name)), prepare=False)
+        values = [sql.SQL(f"${i}::text") for i in range(1, len(types) + 1)][:3]
+        values += [sql.SQL("NULL")] * (3 - len(values))
+        producer.execute(
+            sql.SQL("PREPARE {} ({}) AS INSERT INTO public.audit SELECT {} RETURNING -1").format(
+                sql.Identifier(name),
+                sql.SQL(", ").join(sql.SQL(t) for t in types),
+                sql.SQL(", ").join(values),
+            ),
+            prepare=False,
+        )
+        with pytest.raises(PgQueueError, match="another statement than pgqueue's"):
+            attempt(producer, 2)
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 1
+    assert scalar(conn, "SELECT count(*) FROM public.audit") == 1

@@ -1,3 +1,8 @@
+-- The producer statements below run on the caller's connection and name their result
+-- column pgqueue_job_id(s), which store._check_ours reads: behind a pooler in transaction
+-- mode, a statement psycopg prepared under a name another client also used runs that
+-- client's statement instead (its result, and its writes, are not ours).
+
 -- name: enqueue_job
 -- Enqueues one job through pgqueue.enqueue (one round trip, in the caller's transaction);
 -- an idempotency key already held returns the holder's id and inserts nothing. A delay
@@ -13,7 +18,7 @@ SELECT pgqueue.enqueue(
     %(task)s::text, %(args)s::jsonb, %(queue)s::text, %(priority)s::int,
     coalesce(%(run_at)s::timestamptz,
              statement_timestamp() + make_interval(secs => %(delay_seconds)s::float8), now()),
-    %(max_attempts)s::int, %(idempotency_key)s::text) AS id;
+    %(max_attempts)s::int, %(idempotency_key)s::text) AS pgqueue_job_id;
 
 -- name: insert_job
 -- Enqueues one job without an idempotency key: the INSERT pgqueue.enqueue would run,
@@ -26,7 +31,7 @@ INSERT INTO pgqueue.jobs (task, args, queue, priority, run_at, max_attempts)
 VALUES (%s, %s::jsonb, %s, %s,
         coalesce(%s::timestamptz, statement_timestamp() + make_interval(secs => %s::float8),
                  now()), %s)
-RETURNING id;
+RETURNING id AS pgqueue_job_id;
 
 -- name: insert_job_with_defaults
 -- As insert_job, for a job that takes the columns' defaults for priority (0),
@@ -34,7 +39,7 @@ RETURNING id;
 -- client to adapt and for Postgres to bind and evaluate (tests/test_enqueue.py checks
 -- the defaults match Python's). Positional parameters: task, args, queue.
 INSERT INTO pgqueue.jobs (task, args, queue) VALUES (%s, %s::jsonb, %s)
-RETURNING id;
+RETURNING id AS pgqueue_job_id;
 
 -- name: enqueue_jobs
 -- Enqueues many jobs in one round trip through pgqueue.enqueue_many; ids in input order.
@@ -47,7 +52,7 @@ SELECT pgqueue.enqueue_many(
           FROM unnest(%(run_ats)s::timestamptz[], %(delays)s::float8[])
               WITH ORDINALITY AS t(run_at, delay_seconds, k)
           ORDER BY t.k),
-    %(max_attempts)s::int[], %(idempotency_keys)s::text[]) AS ids;
+    %(max_attempts)s::int[], %(idempotency_keys)s::text[]) AS pgqueue_job_ids;
 
 -- name: reserve_job_ids
 -- Draws %(n)s job ids from the jobs id sequence, for a COPY that must report its ids in
@@ -55,7 +60,7 @@ SELECT pgqueue.enqueue_many(
 -- subquery (an InitPlan): written as nextval(pg_get_serial_sequence(...)) the lookup and
 -- its text-to-regclass cast ran for every id, about 8 us each (50,000 ids: 385 ms -> 41 ms).
 SELECT array_agg(nextval((SELECT pg_get_serial_sequence('pgqueue.jobs', 'id')::regclass)))
-    AS ids
+    AS pgqueue_job_ids
 FROM generate_series(1, %(n)s);
 
 -- name: copy_jobs

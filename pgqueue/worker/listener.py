@@ -14,9 +14,11 @@ itself.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Callable, Collection
 
 import psycopg
+from psycopg import sql
 
 from pgqueue import store
 from pgqueue.log import get_logger
@@ -58,6 +60,10 @@ class Listener:
         self.backoff = ReconnectBackoff(reconnect_max_seconds)
         self.connected = asyncio.Event()
         self._conn: psycopg.AsyncConnection[object] | None = None
+        self.check_channel = f"pgqueue_check_{secrets.token_hex(6)}"
+        # Whether the notification it sent itself on its current connection came back
+        # (None: not yet, or not connected).
+        self.notifications_arrive: bool | None = None
 
     async def run(self) -> None:
         """Listen until cancelled."""
@@ -67,6 +73,8 @@ class Listener:
                     self.dsn, application_name="pgqueue-worker"
                 ) as conn:
                     self._conn = conn
+                    await self._check_notifications(conn)
+                    # Last: pg_stat_activity shows the listening connection by this query.
                     await conn.execute("LISTEN pgqueue_jobs")
                     reconnected = self.backoff.failures > 0
                     if reconnected:
@@ -96,6 +104,7 @@ class Listener:
                             self.on_cancel()
                 raise psycopg.OperationalError("the notification stream ended")
             except Exception as exc:
+                self.notifications_arrive = None
                 self.connected.clear()
                 delay = self.backoff.next_delay()
                 if isinstance(exc, CONNECTION_ERRORS):
@@ -110,6 +119,38 @@ class Listener:
                 await asyncio.sleep(delay)
             finally:
                 self._conn = None
+
+    async def _check_notifications(self, conn: psycopg.AsyncConnection[object]) -> None:
+        """Once listening, send this connection a notification on a channel of its own
+        (no other worker hears it). Postgres delivers a session's own notification with
+        the NOTIFY's answer, before it is ready for the next statement: missing, it means
+        notifications do not reach this connection (a pooler in transaction mode,
+        PgBouncer's default), and this worker would find jobs only at its poll without
+        a word; `listener.notifications_lost` says so."""
+        came_back: list[psycopg.Notify] = []
+
+        def seen(note: psycopg.Notify) -> None:
+            if note.channel == self.check_channel:
+                came_back.append(note)
+
+        # A handler, removed before the notifies() loop (psycopg warns when both are
+        # used): the notification arrives with the NOTIFY's answer, before that loop.
+        conn.add_notify_handler(seen)
+        try:
+            channel = sql.Identifier(self.check_channel)
+            await conn.execute(sql.SQL("LISTEN {}").format(channel))
+            await conn.execute(sql.SQL("NOTIFY {}").format(channel))
+        finally:
+            conn.remove_notify_handler(seen)
+        self.notifications_arrive = bool(came_back)
+        if not came_back:
+            log.warning(
+                "listener.notifications_lost",
+                hint="a notification this worker sent itself did not come back:"
+                " notifications do not reach this connection (a pooler in transaction"
+                " mode?), so jobs are found only at --poll-interval; connect workers"
+                " directly or through session pooling (README, PgBouncer)",
+            )
 
     def _look_again(self) -> None:
         """Notifications sent while no connection listened are lost: wake the fetcher,
