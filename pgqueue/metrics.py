@@ -395,6 +395,8 @@ def database_health(dsn: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> Health
         if not running.done.wait(timeout):
             return False, (
                 f"database unreachable: no answer to the health check within {timeout:g} s"
+                " (a lock on pgqueue.schema_migrations, a pooler whose pool is all in use,"
+                " or a server that takes connections and does not answer)"
             )
         if running.value is None:
             error = running.error

@@ -710,20 +710,50 @@ def _check_ours(cur: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any], column: byt
         raise PgQueueError(NOT_OURS)
 
 
+def _fetch_ours(cur: psycopg.Cursor[Any], column: bytes) -> Any:
+    """The first row of the statement ``cur`` ran, once _check_ours has found it ours:
+    before the fetch (another statement may return no rows at all), or, in pipeline
+    mode, where the result only comes with the fetch, after it."""
+    if cur.pgresult is not None:
+        _check_ours(cur, column)
+    try:
+        row = cur.fetchone()
+    except psycopg.ProgrammingError as exc:
+        if exc.sqlstate is None:  # psycopg's own: the statement returned no rows
+            _check_ours(cur, column)
+        raise
+    _check_ours(cur, column)
+    return row
+
+
+async def _fetch_ours_async(cur: psycopg.AsyncCursor[Any], column: bytes) -> Any:
+    """_fetch_ours for an async cursor."""
+    if cur.pgresult is not None:
+        _check_ours(cur, column)
+    try:
+        row = await cur.fetchone()
+    except psycopg.ProgrammingError as exc:
+        if exc.sqlstate is None:
+            _check_ours(cur, column)
+        raise
+    _check_ours(cur, column)
+    return row
+
+
 def enqueue_job(conn: SyncConn, params: dict[str, Any]) -> int:
     query, values = _single_insert(params)
     # A try block, not the _payload_limit context manager: one enqueue is a few dozen
-    # microseconds of Python, and the generator-based manager cost about 5 of them.
+    # microseconds of Python, and the generator-based manager cost about 5 of them. The
+    # fetch inside it: in pipeline mode, the statement's error comes with it.
     cur = psycopg.Cursor(conn, row_factory=tuple_row)
     try:
         cur.execute(query, values)
+        row = _fetch_ours(cur, b"pgqueue_job_id")
     except psycopg.errors.ProgramLimitExceeded as exc:
         raise _too_large(exc) from exc
     except psycopg.Error as exc:
         _hint_schema(exc)
         raise
-    row = cur.fetchone()
-    _check_ours(cur, b"pgqueue_job_id")  # after the fetch, which a pipeline's result needs
     assert row is not None
     return int(row[0])
 
@@ -732,13 +762,12 @@ async def enqueue_job_async(conn: AsyncConn, params: dict[str, Any]) -> int:
     query, values = _single_insert(params)
     try:
         cur = await psycopg.AsyncCursor(conn, row_factory=tuple_row).execute(query, values)
+        row = await _fetch_ours_async(cur, b"pgqueue_job_id")
     except psycopg.errors.ProgramLimitExceeded as exc:
         raise _too_large(exc) from exc
     except psycopg.Error as exc:
         _hint_schema(exc)
         raise
-    row = await cur.fetchone()
-    _check_ours(cur, b"pgqueue_job_id")
     assert row is not None
     return int(row[0])
 
@@ -746,8 +775,7 @@ async def enqueue_job_async(conn: AsyncConn, params: dict[str, Any]) -> int:
 def enqueue_jobs(conn: SyncConn, params: dict[str, Any]) -> list[int]:
     with psycopg.Cursor(conn, row_factory=tuple_row) as cur, _payload_limit():
         cur.execute(QUERIES["enqueue_jobs"], params)
-        row = cur.fetchone()
-        _check_ours(cur, b"pgqueue_job_ids")
+        row = _fetch_ours(cur, b"pgqueue_job_ids")
     assert row is not None
     return [int(i) for i in row[0]]
 
@@ -779,8 +807,7 @@ def copy_jobs(
         try:
             # In the caller's transaction if there is one (this statement may begin it).
             cur.execute(QUERIES["reserve_job_ids"], {"n": count})
-            fetched = cur.fetchone()
-            _check_ours(cur, b"pgqueue_job_ids")
+            fetched = _fetch_ours(cur, b"pgqueue_job_ids")
             assert fetched is not None
             ids: list[int] = fetched[0]
             with (
@@ -811,8 +838,7 @@ async def copy_jobs_async(
         with _payload_limit():
             try:
                 await cur.execute(QUERIES["reserve_job_ids"], {"n": count})
-                fetched = await cur.fetchone()
-                _check_ours(cur, b"pgqueue_job_ids")
+                fetched = await _fetch_ours_async(cur, b"pgqueue_job_ids")
                 assert fetched is not None
                 ids: list[int] = fetched[0]
                 async with (
@@ -834,8 +860,7 @@ async def enqueue_jobs_async(conn: AsyncConn, params: dict[str, Any]) -> list[in
     async with psycopg.AsyncCursor(conn, row_factory=tuple_row) as cur:
         with _payload_limit():
             await cur.execute(QUERIES["enqueue_jobs"], params)
-        row = await cur.fetchone()
-        _check_ours(cur, b"pgqueue_job_ids")
+            row = await _fetch_ours_async(cur, b"pgqueue_job_ids")
     assert row is not None
     return [int(i) for i in row[0]]
 

@@ -1237,8 +1237,11 @@ def test_an_enqueue_in_a_prepared_transaction_needs_notify_inserts_off():
         cluster.destroy()
 
 
+@pytest.mark.parametrize("returning", ["RETURNING -1", ""])
 @pytest.mark.parametrize("call", ["enqueue", "enqueue_many_copy", "enqueue_many_keys"])
-def test_an_enqueue_that_ran_another_clients_prepared_statement_fails_loudly(conn, dsn, call):
+def test_an_enqueue_that_ran_another_clients_prepared_statement_fails_loudly(
+    conn, dsn, call, returning
+):
     # Found with a real PgBouncer (1.18) in transaction mode and psycopg's default
     # prepare_threshold: a statement psycopg had prepared as "_pg3_0" ran, on another
     # server connection, the "_pg3_0" another client had prepared there. The enqueue
@@ -1271,10 +1274,11 @@ def test_an_enqueue_that_ran_another_clients_prepared_statement_fails_loudly(con
         values = [sql.SQL(f"${i}::text") for i in range(1, len(types) + 1)][:3]
         values += [sql.SQL("NULL")] * (3 - len(values))
         producer.execute(
-            sql.SQL("PREPARE {} ({}) AS INSERT INTO public.audit SELECT {} RETURNING -1").format(
+            sql.SQL("PREPARE {} ({}) AS INSERT INTO public.audit SELECT {} {}").format(
                 sql.Identifier(name),
                 sql.SQL(", ").join(sql.SQL(t) for t in types),
                 sql.SQL(", ").join(values),
+                sql.SQL(returning),  # type: ignore[arg-type]
             ),
             prepare=False,
         )
@@ -1282,3 +1286,24 @@ def test_an_enqueue_that_ran_another_clients_prepared_statement_fails_loudly(con
             attempt(producer, 2)
     assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 1
     assert scalar(conn, "SELECT count(*) FROM public.audit") == 1
+
+
+def test_an_enqueue_in_pipeline_mode_maps_the_databases_refusal_as_outside_one(conn, dsn):
+    # Found by a review: with the check of the statement's result, the fetch (where a
+    # pipeline's error comes) had left the block that maps it: a raw ProgramLimitExceeded
+    # instead of PayloadTooLarge.
+    from pgqueue import PayloadTooLarge
+
+    with psycopg.connect(dsn, autocommit=True) as producer:
+        producer.execute("SET pgqueue.max_args_bytes = '100'")
+        with producer.pipeline(), pytest.raises(PayloadTooLarge):
+            enqueue(producer, "t", {"blob": "x" * 200})
+
+    async def in_async_pipeline() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
+            await aconn.execute("SET pgqueue.max_args_bytes = '100'")
+            async with aconn.pipeline():
+                await enqueue(aconn, "t", {"blob": "x" * 200})
+
+    with pytest.raises(PayloadTooLarge):
+        asyncio.run(in_async_pipeline())

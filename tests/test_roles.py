@@ -279,6 +279,18 @@ def test_the_schemas_owner_upgrades_it_without_create_on_the_database(strict_db,
             assert not waiting.done()
             c.execute("SELECT pg_advisory_unlock(hashtext('pgqueue.migrate'))")
             assert waiting.result(timeout=30) == []
+            # Only that wait: its later statements keep the role's lock_timeout (a session
+            # setting made them wait behind a lock on the migrations' record for ever).
+            c.execute("BEGIN")
+            c.execute("LOCK TABLE pgqueue.schema_migrations IN ACCESS EXCLUSIVE MODE")
+            blocked = concurrent.futures.ThreadPoolExecutor(1).submit(
+                migrate, make_conninfo(owner, options="-c lock_timeout=100")
+            )
+            try:
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    blocked.result(timeout=30)
+            finally:
+                c.execute("ROLLBACK")
     finally:
         # Given back, so that dropping the role does not try to drop the schema.
         with connect(strict_db) as c:

@@ -553,13 +553,8 @@ def test_a_worker_says_when_notifications_do_not_reach_it(dsn):
             running_worker(Registry(), dsn) as direct,
             running_worker(Registry(), proxy.dsn) as pooled,
         ):
-            for _ in range(300):
-                if None not in (
-                    direct.listener.notifications_arrive,
-                    pooled.listener.notifications_arrive,
-                ):
-                    break
-                await asyncio.sleep(0.02)
+            for listening in (direct, pooled):
+                await asyncio.wait_for(listening.listener.connected.wait(), 20)
             return (
                 direct.listener.notifications_arrive,
                 pooled.listener.notifications_arrive,
@@ -572,6 +567,41 @@ def test_a_worker_says_when_notifications_do_not_reach_it(dsn):
         proxy.close()
     (lost,) = [e for e in logs if e["event"] == "listener.notifications_lost"]
     assert "poll-interval" in lost["hint"]
+
+
+def test_a_listener_whose_check_the_database_refuses_listens_all_the_same(dsn, monkeypatch):
+    # A review of the check: its NOTIFY refused (the server's NOTIFY queue full, which a
+    # test cannot reach: injected here into a real connection) kept the listener from
+    # ever getting to LISTEN pgqueue_jobs, reconnecting in a loop.
+    from psycopg import sql
+
+    from pgqueue.worker import listener as listener_module
+
+    class QueueFull(psycopg.AsyncConnection[Any]):
+        async def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+            text = query.as_string(self) if isinstance(query, sql.Composable) else str(query)
+            if text.startswith('NOTIFY "pgqueue_check_'):
+                raise psycopg.errors.ProgramLimitExceeded("too many notifications")
+            return await super().execute(query, *args, **kwargs)
+
+    async def connect(conninfo: str, **kwargs: Any) -> Any:
+        # The listener's connection (store.connect_async), of the class above.
+        conn = await QueueFull.connect(conninfo, autocommit=True, **kwargs)
+        await store.pin_session_async(conn)
+        return conn
+
+    monkeypatch.setattr(listener_module.store, "connect_async", connect)
+
+    async def main() -> bool | None:
+        async with running_worker(Registry(), dsn) as worker:
+            await asyncio.wait_for(worker.listener.connected.wait(), 20)
+            return worker.listener.notifications_arrive
+
+    with structlog.testing.capture_logs() as logs:
+        assert run(main) is None
+    assert [e["event"] for e in logs if e["event"].startswith("listener.")] == [
+        "listener.check_failed"
+    ]
 
 
 async def checked_for_rescued_jobs(worker: Worker) -> None:

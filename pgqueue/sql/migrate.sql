@@ -2,8 +2,10 @@
 -- Serialises concurrent migrators: a session advisory lock, held until unlock_migrations.
 -- Waited for without limit, whatever lock_timeout the role or database sets (a second
 -- migrator failed with a bare "lock timeout"): the other migrator ends, each of its
--- migrations bounded by its own lock timeout (set_migration_lock_timeout).
-SET lock_timeout = 0;
+-- migrations bounded by its own lock timeout (set_migration_lock_timeout). SET LOCAL:
+-- for this wait alone (the two statements are one implicit transaction), not for the
+-- session's later statements.
+SET LOCAL lock_timeout = 0;
 SELECT pg_advisory_lock(hashtext('pgqueue.migrate'));
 
 -- name: unlock_migrations

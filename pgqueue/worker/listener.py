@@ -26,6 +26,7 @@ from pgqueue.worker.backoff import (
     CONNECTION_ERRORS,
     ReconnectBackoff,
     error_fields,
+    lost_connection,
     retry_event,
 )
 
@@ -140,6 +141,13 @@ class Listener:
             channel = sql.Identifier(self.check_channel)
             await conn.execute(sql.SQL("LISTEN {}").format(channel))
             await conn.execute(sql.SQL("NOTIFY {}").format(channel))
+        except psycopg.Error as exc:
+            if lost_connection(exc, conn):
+                raise
+            # A check the database refuses (its NOTIFY queue full, say) must not keep
+            # the listener from listening.
+            log.warning("listener.check_failed", **error_fields(exc))
+            return
         finally:
             conn.remove_notify_handler(seen)
         self.notifications_arrive = bool(came_back)
