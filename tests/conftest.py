@@ -265,18 +265,17 @@ def daemons(dsn: str, tmp_path: Path) -> Iterator[Daemons]:
         d.stop_all()
 
 
-class LoginThenSilence:
-    """A TCP proxy in front of Postgres that passes each connection's login, then drops
-    whatever the client sends (while ``silent``): a PgBouncer whose server has gone away
-    after the login, or a server that hangs. ``release`` closes the connections it holds
-    and lets new ones through."""
+class TcpProxy:
+    """A TCP proxy on a free local port in front of Postgres (``dsn`` is the way through
+    it). Subclasses decide what passes: ``_up`` (client to server) and ``_down`` (server
+    to client), each run in a thread of its own per connection."""
 
-    def __init__(self, dsn: str, *, silent: bool = True) -> None:
+    def __init__(self, dsn: str, **conninfo: Any) -> None:
         info = psycopg.conninfo.conninfo_to_dict(dsn)
         self._upstream = (str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432))
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self.dsn = make_conninfo(dsn, host="127.0.0.1", port=self._listener.getsockname()[1])
-        self.silent = silent
+        port = self._listener.getsockname()[1]
+        self.dsn = make_conninfo(dsn, host="127.0.0.1", port=port, **conninfo)
         self.connections = 0
         self._sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -288,27 +287,25 @@ class LoginThenSilence:
                 server = socket.create_connection(self._upstream)
                 self._sockets += [client, server]
                 self.connections += 1
-                logged_in = threading.Event()
-                threading.Thread(target=self._up, args=(client, server, logged_in)).start()
-                threading.Thread(target=self._down, args=(server, client, logged_in)).start()
+                state = self._new_connection()
+                for target, ends in ((self._up, (client, server)), (self._down, (server, client))):
+                    threading.Thread(target=target, args=(*ends, state), daemon=True).start()
 
-    def _up(self, client: socket.socket, server: socket.socket, logged_in: threading.Event) -> None:
+    def _new_connection(self) -> Any:
+        """What _up and _down of one connection share."""
+        return None
+
+    def _up(self, client: socket.socket, server: socket.socket, state: Any) -> None:
         with contextlib.suppress(OSError):
             while data := client.recv(65536):
-                if not (self.silent and logged_in.is_set()):
-                    server.sendall(data)
+                server.sendall(data)
 
-    def _down(
-        self, server: socket.socket, client: socket.socket, logged_in: threading.Event
-    ) -> None:
+    def _down(self, server: socket.socket, client: socket.socket, state: Any) -> None:
         with contextlib.suppress(OSError):
             while data := server.recv(65536):
                 client.sendall(data)
-                if b"Z\x00\x00\x00\x05" in data:  # ReadyForQuery: logged in
-                    logged_in.set()
 
-    def release(self) -> None:
-        self.silent = False
+    def _drop_connections(self) -> None:
         for sock in self._sockets:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -316,5 +313,62 @@ class LoginThenSilence:
         self._sockets.clear()
 
     def close(self) -> None:
-        self.release()
+        self._drop_connections()
         self._listener.close()
+
+
+class LoginThenSilence(TcpProxy):
+    """A TCP proxy in front of Postgres that passes each connection's login, then drops
+    whatever the client sends (while ``silent``): a PgBouncer whose server has gone away
+    after the login, or a server that hangs. ``release`` closes the connections it holds
+    and lets new ones through."""
+
+    def __init__(self, dsn: str, *, silent: bool = True) -> None:
+        self.silent = silent
+        super().__init__(dsn)
+
+    def _new_connection(self) -> threading.Event:
+        return threading.Event()  # set once logged in
+
+    def _up(self, client: socket.socket, server: socket.socket, state: Any) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                if not (self.silent and state.is_set()):
+                    server.sendall(data)
+
+    def _down(self, server: socket.socket, client: socket.socket, state: Any) -> None:
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                client.sendall(data)
+                if b"Z\x00\x00\x00\x05" in data:  # ReadyForQuery: logged in
+                    state.set()
+
+    def release(self) -> None:
+        self.silent = False
+        self._drop_connections()
+
+
+class DropsNotifications(TcpProxy):
+    """A TCP proxy in front of Postgres that passes everything but the notifications
+    (NotificationResponse messages) to the client: what a worker connected through a
+    pooler in transaction mode sees."""
+
+    def __init__(self, dsn: str) -> None:
+        # Plain messages from the first byte on (no SSL or GSS negotiation answers).
+        super().__init__(dsn, sslmode="disable", gssencmode="disable")
+
+    def _down(self, server: socket.socket, client: socket.socket, state: Any) -> None:
+        buffer = b""
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                buffer += data
+                out = b""
+                while len(buffer) >= 5:
+                    size = 1 + int.from_bytes(buffer[1:5], "big")
+                    if len(buffer) < size:
+                        break
+                    message, buffer = buffer[:size], buffer[size:]
+                    if message[:1] != b"A":  # NotificationResponse
+                        out += message
+                if out:
+                    client.sendall(out)

@@ -39,6 +39,7 @@ from pgqueue import (
     enqueue_many,
     store,
 )
+from tests.conftest import DropsNotifications
 
 FAST = Backoff(base_seconds=0.01, max_seconds=0.05)
 
@@ -479,68 +480,6 @@ def seconds_until_an_idle_worker_ran(dsn: str, make_job: Callable[[], object]) -
 
 def test_notification_wakes_an_idle_worker_long_before_the_poll(dsn):
     assert seconds_until_an_idle_worker_ran(dsn, lambda: sql_enqueue(dsn, "ping")) < 20
-
-
-class DropsNotifications:
-    """A TCP proxy in front of Postgres that passes everything but the notifications
-    (NotificationResponse messages) to the client: what a worker connected through a
-    pooler in transaction mode sees."""
-
-    def __init__(self, dsn: str) -> None:
-        import socket
-
-        from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-        info = conninfo_to_dict(dsn)
-        self._upstream = (str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432))
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        # Plain messages from the first byte on (no SSL or GSS negotiation answers).
-        self.dsn = make_conninfo(
-            dsn, host="127.0.0.1", port=self._listener.getsockname()[1],
-            sslmode="disable", gssencmode="disable",
-        )  # fmt: skip
-        self._sockets: list[Any] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = self._listener.accept()
-                server = socket.create_connection(self._upstream)
-                self._sockets += [client, server]
-                threading.Thread(target=self._up, args=(client, server), daemon=True).start()
-                threading.Thread(target=self._down, args=(server, client), daemon=True).start()
-
-    @staticmethod
-    def _up(client: Any, server: Any) -> None:
-        with contextlib.suppress(OSError):
-            while data := client.recv(65536):
-                server.sendall(data)
-
-    @staticmethod
-    def _down(server: Any, client: Any) -> None:
-        buffer = b""
-        with contextlib.suppress(OSError):
-            while data := server.recv(65536):
-                buffer += data
-                out = b""
-                while len(buffer) >= 5:
-                    size = 1 + int.from_bytes(buffer[1:5], "big")
-                    if len(buffer) < size:
-                        break
-                    message, buffer = buffer[:size], buffer[size:]
-                    if message[:1] != b"A":  # NotificationResponse
-                        out += message
-                if out:
-                    client.sendall(out)
-
-    def close(self) -> None:
-        self._listener.close()
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
 
 
 def test_a_worker_says_when_notifications_do_not_reach_it(dsn):
