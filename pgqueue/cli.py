@@ -1161,7 +1161,8 @@ def reaper_command(
     (queue depth, oldest ready job, dead jobs, live workers).
 
     Several reapers may run at once. SIGTERM or SIGINT ends the loop (or a --once pass)
-    after the current statement.
+    after the current statement; one the database has not answered within 3 s is cut
+    short (a --once pass then exits 1).
     """
     log.configure(log_level, log_format)
     from pgqueue.reaper import Reaper

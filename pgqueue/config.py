@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -140,8 +141,12 @@ TCP_DEFAULTS = {
 
 
 def with_tcp_defaults(dsn: str) -> str:
-    """``dsn`` with TCP_DEFAULTS for the settings it leaves out (its own win)."""
+    """``dsn`` with TCP_DEFAULTS for the settings it leaves out (its own win, and so does
+    a PGCONNECT_TIMEOUT in the environment, which libpq reads only for a DSN without
+    connect_timeout)."""
     given = conninfo_to_dict(dsn)
+    if os.environ.get("PGCONNECT_TIMEOUT"):
+        given["connect_timeout"] = os.environ["PGCONNECT_TIMEOUT"]
     missing = {k: v for k, v in TCP_DEFAULTS.items() if k not in given}
     return make_conninfo(dsn, **missing) if missing else dsn
 

@@ -2567,6 +2567,13 @@ def test_daemon_connections_detect_a_dead_peer_unless_the_dsn_says_otherwise(dsn
         "connect_timeout": "10",
     }
 
+    # A PGCONNECT_TIMEOUT in the environment is the user's setting, as the DSN's is.
+    from pgqueue.config import with_tcp_defaults
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PGCONNECT_TIMEOUT", "3")
+        assert "connect_timeout" not in conninfo_to_dict(with_tcp_defaults(base))
+
     def settings(conninfo: str) -> dict[str, str]:
         given = conninfo_to_dict(conninfo)
         return {k: str(given.get(k)) for k in expected}
