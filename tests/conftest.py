@@ -265,6 +265,23 @@ def daemons(dsn: str, tmp_path: Path) -> Iterator[Daemons]:
         d.stop_all()
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct local ports free now (all held open at once while they are
+    picked: picked one after the other, two could be the same)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
 class TcpProxy:
     """A TCP proxy on a free local port in front of Postgres (``dsn`` is the way through
     it). Subclasses decide what passes: ``_up`` (client to server) and ``_down`` (server

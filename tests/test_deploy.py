@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -52,7 +51,7 @@ from pgqueue.config import (
     STOP_MARGIN_SECONDS,
 )
 from pgqueue.supervisor import REAPER_STOP_MARGIN_SECONDS
-from tests.conftest import BIN, ROOT, Daemons, scalar, wait_until
+from tests.conftest import BIN, ROOT, Daemons, free_ports, scalar, wait_until
 
 DEPLOY = ROOT / "deploy"
 SYSTEMD = DEPLOY / "systemd"
@@ -241,7 +240,7 @@ def test_promql_reader() -> None:
 
 def test_exported_metrics_match_a_live_scrape(dsn: str, daemons: Daemons) -> None:
     """The names above are what a worker and a reaper really serve on /metrics."""
-    worker_port, reaper_port = free_port(), free_port()
+    worker_port, reaper_port = free_ports(2)
     worker = daemons.worker("--metrics-port", str(worker_port), "--poll-interval", "0.2")
     reaper = daemons.reaper("--metrics-port", str(reaper_port), "--interval", "0.2")
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -285,12 +284,6 @@ def test_exported_metrics_match_a_live_scrape(dsn: str, daemons: Daemons) -> Non
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_get(port: int, path: str) -> tuple[int, str] | None:
@@ -567,7 +560,7 @@ def test_systemd_exec_lines_run(dsn: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "up to date" in result.stdout
 
-    reaper_port, worker_port = free_port(), free_port()
+    reaper_port, worker_port = free_ports(2)
     argv, env, preexec = prepare("pgqueue-reaper.service", PGQUEUE_METRICS_PORT=str(reaper_port))
     with running(argv, env=env, cwd=ROOT, preexec_fn=preexec) as reaper:
         wait_until(lambda: (http_get(reaper_port, "/healthz") or (0,))[0] == 200, timeout=30)

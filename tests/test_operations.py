@@ -69,6 +69,8 @@ from tests.conftest import (
     Daemons,
     LoginThenSilence,
     dead_row,
+    free_port,
+    free_ports,
     job_row,
     job_state,
     notified_before_sentinel,
@@ -84,12 +86,6 @@ UNREACHABLE_DSN = "postgresql://postgres@127.0.0.1:1/x"
 
 
 # --- helpers: processes -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cli(dsn: str | None, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -402,7 +398,7 @@ def test_worker_serves_the_database_wide_gauges_unless_told_not_to(conn, daemons
     insert_job(conn, queue="elsewhere", run_in=-60)
     insert_job(conn, queue="elsewhere", run_in=3600)
     insert_dead(conn, queue="elsewhere")
-    port, quiet_port = free_port(), free_port()
+    port, quiet_port = free_ports(2)
     worker = daemons.worker("--metrics-port", str(port), *LOCAL)
     quiet = daemons.worker("--metrics-port", str(quiet_port), "--no-queue-stats", *LOCAL)
     wait_listening(port)
@@ -432,7 +428,7 @@ def test_worker_serves_the_database_wide_gauges_unless_told_not_to(conn, daemons
 
 def test_supervisor_serves_the_database_wide_gauges_once_unless_told_not_to(conn, daemons):
     insert_job(conn, queue="elsewhere", run_in=-60)
-    port, quiet_port = free_port(), free_port()
+    port, quiet_port = free_ports(2)
     supervisor = daemons.worker("--processes", "2", "--metrics-port", str(port), *LOCAL)
     quiet = daemons.worker(
         "--processes", "2", "--metrics-port", str(quiet_port), "--no-queue-stats", *LOCAL
@@ -553,7 +549,7 @@ def test_healthz_follows_the_database_for_worker_and_reaper(cluster, tmp_path):
         c.execute(EXECUTIONS_DDL)  # type: ignore[arg-type]
     daemons = Daemons(cluster.dsn, tmp_path)
     try:
-        worker_port, reaper_port = free_port(), free_port()
+        worker_port, reaper_port = free_ports(2)
         worker = daemons.worker("--metrics-port", str(worker_port), *LOCAL)
         reaper = daemons.reaper("--interval", "0.5", "--metrics-port", str(reaper_port), *LOCAL)
         ports = (worker_port, reaper_port)
