@@ -85,6 +85,15 @@ def pids(conn: psycopg.Connection[Any], sql: str) -> set[int]:
     return {row[0] for row in conn.execute(sql).fetchall()}  # type: ignore[arg-type]
 
 
+def terminate(conn: psycopg.Connection[Any], backends: str) -> None:
+    """End the backends the query finds, and wait (up to 10 s each) until they are gone:
+    pg_terminate_backend only sends the signal, and a backend stays in pg_stat_activity
+    until it has exited. A CI run on a busy machine saw one still listed after two
+    rounds of terminations and reconnects."""
+    query = f"SELECT pg_terminate_backend(pid, 10000) FROM ({backends}) AS b"
+    conn.execute(query)  # type: ignore[arg-type]
+
+
 def events(daemons: Daemons, proc: subprocess.Popen[bytes]) -> list[dict[str, Any]]:
     """The JSON log lines a daemon wrote so far."""
     found = []
@@ -448,7 +457,7 @@ def test_worker_survives_pg_terminate_backend(conn, daemons):
 
     for _ in range(2):
         before = pids(conn, WORKER_BACKENDS)
-        conn.execute(f"SELECT pg_terminate_backend(pid) FROM ({WORKER_BACKENDS}) AS w")
+        terminate(conn, WORKER_BACKENDS)
         # Wait until it has connected again: a new LISTEN backend and a new pool backend.
         wait_until(
             lambda b=before: pids(conn, LISTEN_BACKENDS) - b and pids(conn, POOL_BACKENDS) - b
@@ -539,7 +548,7 @@ def test_a_worker_reconnects_with_its_default_executor_full_of_stuck_threads(con
         ),
         timeout=30,
     )
-    conn.execute(f"SELECT pg_terminate_backend(pid) FROM ({WORKER_BACKENDS}) AS w")
+    terminate(conn, WORKER_BACKENDS)
     after = enqueue(conn, "record", {"note": "after the cut"})
     wait_until(lambda: all_succeeded(conn, [after]), timeout=30)
     assert worker.poll() is None
@@ -551,7 +560,7 @@ def test_worker_wakes_on_notify_after_listener_reconnect(conn, daemons):
     worker = daemons.worker("--poll-interval", "60", "--lease-seconds", "3")
     old = wait_until(lambda: pids(conn, LISTEN_BACKENDS))
 
-    conn.execute(f"SELECT pg_terminate_backend(pid) FROM ({WORKER_BACKENDS}) AS w")
+    terminate(conn, WORKER_BACKENDS)
     wait_until(lambda: pids(conn, LISTEN_BACKENDS) - old, timeout=20)
     # The first job may still be caught by the post-reconnect wake-up; once it is done the
     # fetcher is idle again, so the second one can only be claimed through its NOTIFY
@@ -1193,7 +1202,7 @@ def test_outcomes_written_while_the_database_is_read_only_wait_for_it_to_be_writ
         sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(database)
     )
     # The worker's sessions from now on start read-only.
-    conn.execute(f"SELECT pg_terminate_backend(pid) FROM ({WORKER_BACKENDS}) AS b")  # type: ignore[arg-type]
+    terminate(conn, WORKER_BACKENDS)
 
     def refused_read_only() -> bool:
         return any(

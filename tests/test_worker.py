@@ -2638,6 +2638,14 @@ def test_a_stopping_worker_finishes_its_job_and_claims_no_more(dsn):
     assert rows[waiting] == ("queued", 0, [])
 
 
+def steady_lease(dsn: str) -> WorkerConfig:
+    """A 4 s lease beaten every 0.5 s: a lease that expires while the worker runs means
+    beats were missed, not that the machine was busy for a moment."""
+    return WorkerConfig(
+        dsn=dsn, lease_seconds=4, heartbeat_seconds=0.5, shutdown_timeout=10, poll_interval=0.5
+    )
+
+
 def job_with_slow_outcomes(
     dsn: str, monkeypatch: pytest.MonkeyPatch, *, runs: float, writes: float
 ) -> tuple[Registry, threading.Event, int]:
@@ -2666,15 +2674,14 @@ def test_the_heartbeat_keeps_the_leases_while_the_shutdown_flush_writes_slowly(d
     # Found by a mutation audit: the heartbeat stopped before the final flush went
     # unnoticed. An outcome written slowly (a database under load) at the stop must keep
     # its lease until written, or the reaper requeues a job that succeeded.
-    # Outcomes take twice the lease to write, during the shutdown flush.
-    registry, started, job_id = job_with_slow_outcomes(dsn, monkeypatch, runs=0.3, writes=4)
+    # Outcomes take 1.5 times the lease to write, during the shutdown flush. The lease
+    # is 4 s with a beat every 0.5 s, so that only a missed beat (not a machine too busy
+    # to answer for 2 s, as a CI run saw with a 2 s lease) lets it expire.
+    registry, started, job_id = job_with_slow_outcomes(dsn, monkeypatch, runs=0.3, writes=6)
     reaper = Reaper(ReaperConfig(dsn=dsn))
 
     async def main() -> None:
-        worker = Worker(
-            registry,
-            WorkerConfig(dsn=dsn, lease_seconds=2, shutdown_timeout=10, poll_interval=0.5),
-        )
+        worker = Worker(registry, steady_lease(dsn))
         task = asyncio.create_task(worker.run(handle_signals=False))
         try:
             await asyncio.wait_for(asyncio.to_thread(started.wait), 15)
@@ -2706,22 +2713,19 @@ def test_the_heartbeat_keeps_the_leases_through_a_graceful_shutdown(dsn):
     async def slow() -> None:
         runs.append(1)
         started.set()
-        await asyncio.sleep(5)
+        await asyncio.sleep(6)
 
     job_id = sql_enqueue(dsn, "slow")
     reaper = Reaper(ReaperConfig(dsn=dsn))
 
     async def main() -> None:
-        worker = Worker(
-            registry,
-            WorkerConfig(dsn=dsn, lease_seconds=2, shutdown_timeout=10, poll_interval=0.5),
-        )
+        worker = Worker(registry, steady_lease(dsn))
         task = asyncio.create_task(worker.run(handle_signals=False))
         try:
             await asyncio.wait_for(asyncio.to_thread(started.wait), 15)
             await asyncio.sleep(0.5)
             worker.stop()
-            # Past twice the lease while the job runs on: reaper passes all along.
+            # Past the lease while the job runs on: reaper passes all along.
             while not task.done():
                 result = await asyncio.to_thread(reaper.run_once)
                 assert job_id not in result.requeued, "a running job's lease expired"
