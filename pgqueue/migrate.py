@@ -29,6 +29,11 @@ DEFAULT_LOCK_TIMEOUT_SECONDS = 5.0
 # Migrations that set their own lock timeout (SET LOCAL in the file, which overrides the
 # one `migrate` sets): 0013 waits at most 5 s whatever is asked.
 OWN_LOCK_TIMEOUT = frozenset({13})
+# Migrations that lock pgqueue.jobs (ACCESS EXCLUSIVE; README, Upgrading). Enqueues and
+# claims queue behind such a migration while it waits for its locks, not only while it
+# holds them: its failure says that a longer wait is a longer stall. 0024 locks it only
+# outside UTF8 databases (it creates a trigger there).
+LOCKS_JOBS = frozenset({2, 3, 7, 10, 13, 15, 16, 17, 24})
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -142,6 +147,11 @@ def migrate(
                             ", or allow longer with --lock-timeout"
                             if migration.version not in OWN_LOCK_TIMEOUT
                             else " (this migration waits at most 5s whatever --lock-timeout)"
+                        )
+                        + (
+                            "; enqueues and claims wait behind it for as long as it waits"
+                            if migration.version in LOCKS_JOBS
+                            else ""
                         )
                         + (f" (applied before it: {done})" if done else "")
                     ) from exc

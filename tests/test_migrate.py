@@ -22,7 +22,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from pgqueue.errors import MigrationError
-from pgqueue.migrate import Migration, load_migrations, migrate
+from pgqueue.migrate import LOCKS_JOBS, Migration, load_migrations, migrate
 from tests.conftest import run_at_once, scalar
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -380,6 +380,26 @@ def test_migrate_with_nothing_pending_needs_no_create_privilege(empty_dsn):
             c.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
+# Statements that lock pgqueue.jobs against enqueues and claims (VALIDATE CONSTRAINT takes
+# a lock that lets both through).
+LOCKS_JOBS_STATEMENT = re.compile(
+    r"(ALTER\s+TABLE\s+(ONLY\s+)?pgqueue\.jobs\s+(?!\s|VALIDATE)"
+    r"|LOCK\s+TABLE\s+[^;]*pgqueue\.jobs"
+    r"|CREATE\s+(UNIQUE\s+)?INDEX\s+(?!CONCURRENTLY)[^;]*\bON\s+pgqueue\.jobs\b"
+    r"|(CREATE|DROP)\s+TRIGGER\s+[^;]*\bON\s+pgqueue\.jobs\b)",
+    re.IGNORECASE,
+)
+
+
+def test_the_migrations_said_to_lock_the_jobs_table_are_those_that_do():
+    # A failed migration's message says that enqueues wait behind it (LOCKS_JOBS): a new
+    # migration that locks pgqueue.jobs must be added there (and to README, Upgrading).
+    locking = {
+        m.version for m in load_migrations() if m.version > 1 and LOCKS_JOBS_STATEMENT.search(m.sql)
+    }
+    assert locking == LOCKS_JOBS
+
+
 def test_every_migration_gives_up_on_its_lock_after_the_lock_timeout(empty_dsn, monkeypatch):
     # 0013 had its own 5 s limit; 0015 (and 0007, 0010) waited behind an open transaction
     # for as long as it lasted, and every enqueue and claim queued behind them.
@@ -398,6 +418,7 @@ def test_every_migration_gives_up_on_its_lock_after_the_lock_timeout(empty_dsn, 
         assert cli.returncode == 1, (cli.stdout, cli.stderr)
         assert re.search(r"0015_created_at_range failed: it waited \d+\.\ds for a lock", cli.stderr)
         assert "run it again once that ends, or allow longer with --lock-timeout" in cli.stderr
+        assert "enqueues and claims wait behind it for as long as it waits" in cli.stderr
         # Its own lock went with it: the reader's transaction goes on.
         assert reader.execute("SELECT count(*) FROM pgqueue.jobs").fetchone() == (0,)
     with psycopg.connect(empty_dsn, autocommit=True) as c:
