@@ -301,6 +301,9 @@ class TcpProxy:
         with contextlib.suppress(OSError):
             while True:
                 client, _ = self._listener.accept()
+                if self._refuse():
+                    client.close()
+                    continue
                 server = socket.create_connection(self._upstream)
                 self._sockets += [client, server]
                 self.connections += 1
@@ -311,6 +314,10 @@ class TcpProxy:
     def _new_connection(self) -> Any:
         """What _up and _down of one connection share."""
         return None
+
+    def _refuse(self) -> bool:
+        """Whether to close a new client's connection at once."""
+        return False
 
     def _up(self, client: socket.socket, server: socket.socket, state: Any) -> None:
         with contextlib.suppress(OSError):
@@ -332,6 +339,25 @@ class TcpProxy:
     def close(self) -> None:
         self._drop_connections()
         self._listener.close()
+
+
+class Outage(TcpProxy):
+    """A TCP proxy that takes the database away: ``down()`` cuts every connection through
+    it and closes new ones at once, until ``up()``."""
+
+    def __init__(self, dsn: str) -> None:
+        self.is_down = False
+        super().__init__(dsn)
+
+    def down(self) -> None:
+        self.is_down = True
+        self._drop_connections()
+
+    def up(self) -> None:
+        self.is_down = False
+
+    def _refuse(self) -> bool:
+        return self.is_down
 
 
 class LoginThenSilence(TcpProxy):

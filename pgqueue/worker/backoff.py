@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 from typing import Any
 
@@ -67,13 +69,38 @@ def retry_event(component: str, exc: BaseException, conn: Any = None) -> str:
     return f"{component}.disconnected" if lost_connection(exc, conn) else f"{component}.db_error"
 
 
-class ReconnectBackoff:
-    """Exponential delays with jitter for reconnect attempts; ``reset()`` after success."""
+class Reconnects:
+    """Tells the loops of a worker that its pool has made a new connection: the database
+    answers again. Each loop gets an event of its own (``event()``), set at every new
+    connection, which its ReconnectBackoff waits on beside the delay. Without it, after
+    an outage the worker's claims waited out the fetcher's backoff (up to
+    reconnect_max_seconds, 5-10 s by default) while the pool was connected already."""
 
-    def __init__(self, max_seconds: float, first_seconds: float = 0.1) -> None:
+    def __init__(self) -> None:
+        self._events: list[asyncio.Event] = []
+
+    def event(self) -> asyncio.Event:
+        event = asyncio.Event()
+        self._events.append(event)
+        return event
+
+    def connected(self) -> None:
+        for event in self._events:
+            event.set()
+
+
+class ReconnectBackoff:
+    """Exponential delays with jitter for reconnect attempts; ``reset()`` after success.
+    With ``cut`` (an event of Reconnects), ``sleep`` ends early when it is set."""
+
+    def __init__(
+        self, max_seconds: float, first_seconds: float = 0.1, *, cut: asyncio.Event | None = None
+    ) -> None:
         self.max_seconds = max_seconds
         self.first_seconds = first_seconds
         self.failures = 0
+        self.cut = cut
+        self._cut_used = False
 
     def next_delay(self) -> float:
         self.failures += 1
@@ -82,3 +109,21 @@ class ReconnectBackoff:
 
     def reset(self) -> None:
         self.failures = 0
+        self._cut_used = False
+
+    async def sleep(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, or until ``cut`` is set meanwhile (a new connection:
+        the next try goes at once, and the delays start over from the first). Only once
+        until the next reset(): a database that takes connections and then fails every
+        statement on them must not be retried at the pace of its connections. A cut set
+        before this call (a connection made during the try that failed) does not count."""
+        if self.cut is None or self._cut_used:
+            await asyncio.sleep(delay)
+            return
+        self.cut.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self.cut.wait()
+        if self.cut.is_set():
+            self._cut_used = True
+            self.failures = 0

@@ -78,11 +78,13 @@ class Completer:
         *,
         worker_id: str,
         reconnect_max_seconds: float,
+        reconnected: asyncio.Event | None = None,
     ) -> None:
         self.pool = pool
         self.on_written = on_written
         self.worker_id = worker_id
-        self.backoff = ReconnectBackoff(reconnect_max_seconds)
+        # Cut short by a new connection of the pool (reconnected).
+        self.backoff = ReconnectBackoff(reconnect_max_seconds, cut=reconnected)
         self._pending: list[Outcome] = []
         # (id, lease token) of outcomes whose last write attempt failed: it may have
         # committed (see the module docstring). Cleared when the outcome is reported.
@@ -132,7 +134,7 @@ class Completer:
                 log.warning(
                     retry_event("completer", exc), **error_fields(exc), retry_in=round(delay, 2)
                 )
-                await asyncio.sleep(delay)
+                await self.backoff.sleep(delay)
             except Exception:
                 # Not a connection problem: some outcome in the batch is refused. Write
                 # them one by one so one bad outcome cannot block the others.
@@ -146,7 +148,7 @@ class Completer:
                         **error_fields(exc),
                         retry_in=round(delay, 2),
                     )
-                    await asyncio.sleep(delay)
+                    await self.backoff.sleep(delay)
 
     async def _write_singly(self) -> None:
         async with self._writing:
@@ -247,7 +249,7 @@ class Completer:
                         error=str(error).strip() or type(error).__name__,
                     )
                     return False
-                await asyncio.sleep(min(remaining, self.backoff.next_delay()))
+                await self.backoff.sleep(min(remaining, self.backoff.next_delay()))
         return True
 
     async def _write(self, batch: list[Outcome]) -> store.Changed:

@@ -48,6 +48,7 @@ from pgqueue.worker.backoff import (
     CONNECTION_ERRORS,
     READ_ONLY_ERRORS,
     ReconnectBackoff,
+    Reconnects,
     error_fields,
     retry_event,
 )
@@ -139,6 +140,12 @@ class Worker:
         # Deduplicated: the claim scans each queue once per name it is given.
         self.queues: tuple[str, ...] = tuple(dict.fromkeys(config.queues or registry.queues()))
         self.worker_id = worker_id or make_worker_id()
+        # Each new connection of the pool cuts short the loops' reconnect backoffs.
+        self._reconnects = Reconnects()
+        self._configure_session = store.worker_connection_configurer(
+            generic_plans=config.prepared_statements and config.generic_plans,
+            async_commit=config.async_commit,
+        )
         self.pool = _WorkerPool(
             config.dsn,
             # Fetcher, completer and heartbeat each hold one at times. All three are opened
@@ -155,10 +162,7 @@ class Worker:
             # after it the connections came back as late as the outage had lasted (one of
             # 40 s: 23 s), while leases expired and a shutdown's flush failed.
             reconnect_timeout=config.reconnect_max_seconds,
-            configure=store.worker_connection_configurer(
-                generic_plans=config.prepared_statements and config.generic_plans,
-                async_commit=config.async_commit,
-            ),
+            configure=self._configure_connection,
             kwargs={
                 "autocommit": True,
                 "application_name": "pgqueue-worker",
@@ -239,6 +243,7 @@ class Worker:
             self._on_written,
             worker_id=self.worker_id,
             reconnect_max_seconds=config.reconnect_max_seconds,
+            reconnected=self._reconnects.event(),
         )
         self.heartbeat = Heartbeat(
             self.pool,
@@ -251,6 +256,7 @@ class Worker:
             worker_id=self.worker_id,
             claiming=self._claiming,
             refused=self._refused_tokens,
+            reconnected=self._reconnects.event(),
         )
         self.listener = Listener(
             config.dsn,
@@ -260,8 +266,11 @@ class Worker:
             worker_id=self.worker_id,
             on_cancel=self.heartbeat.beat_soon,
             on_rescued=self._check_rescued_now,
+            reconnected=self._reconnects.event(),
         )
-        self._backoff = ReconnectBackoff(config.reconnect_max_seconds)
+        # Set by stop() too: a fetcher backing off stops at once.
+        self._retry_now = self._reconnects.event()
+        self._backoff = ReconnectBackoff(config.reconnect_max_seconds, cut=self._retry_now)
         # The per-job events go through a logger bound in run() (after the caller has
         # configured logging): the module-level proxy resolves itself on every call.
         self._log = log
@@ -283,6 +292,7 @@ class Worker:
         # Wake the fetcher from whichever wait it is in (see _wait_for).
         self._wake.set()
         self._slot_freed.set()
+        self._retry_now.set()
 
     def heartbeat_silence(self) -> float:
         """Seconds since the last successful heartbeat (or the start). The heartbeat runs
@@ -589,7 +599,9 @@ class Worker:
                 log.warning(
                     retry_event("fetcher", exc), **error_fields(exc), retry_in=round(delay, 2)
                 )
-                await self._wait_for(self._stopping, delay)
+                # Until the delay is up, or the pool has a new connection.
+                if not self._stopping.is_set():
+                    await self._backoff.sleep(delay)
                 continue
             except Exception:
                 # A claim the database refuses (say, the schema is not migrated yet):
@@ -946,6 +958,12 @@ class Worker:
             ran = 0.0 if started is None else time.monotonic() - started
             self.completer.submit(Outcome(job, OutcomeKind.RELEASED, ran))
         self.stubborn_handlers = len(stubborn)
+
+    async def _configure_connection(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The pool's configure callback: the session set up, then the loops backing off
+        after a lost connection told that the database answers again."""
+        await self._configure_session(conn)
+        self._reconnects.connected()
 
     async def _deregister(self) -> None:
         async with self.pool.connection(timeout=DEREGISTER_TIMEOUT_SECONDS) as conn:

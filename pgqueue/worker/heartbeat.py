@@ -48,6 +48,7 @@ class Heartbeat:
         worker_id: str,
         claiming: asyncio.Lock,
         refused: Callable[[], list[uuid.UUID]],
+        reconnected: asyncio.Event | None = None,
     ) -> None:
         self.pool = pool
         self.held = held
@@ -66,6 +67,8 @@ class Heartbeat:
         self.claiming = claiming
         # Tokens of outcomes the database refused: their jobs are left to the reaper.
         self.refused = refused
+        # Set when the pool makes a new connection: it cuts a failed beat's backoff short.
+        self.reconnected = reconnected
         self.last_success: float | None = None
         # Set to beat before the interval is up (a job of this worker was cancelled); an
         # early beat comes at least min_gap after the one before.
@@ -90,7 +93,7 @@ class Heartbeat:
         hands each one out once before it finds out. Waiting a whole interval per dead
         connection let three beats fail in a row, and the leases of healthy jobs
         expired."""
-        backoff = ReconnectBackoff(self.interval)
+        backoff = ReconnectBackoff(self.interval, cut=self.reconnected)
         while True:
             started = time.monotonic()
             try:
@@ -98,7 +101,7 @@ class Heartbeat:
                 backoff.reset()
             except CONNECTION_ERRORS as exc:
                 log.warning("heartbeat.failed", **error_fields(exc))
-                await asyncio.sleep(min(self.interval, backoff.next_delay()))
+                await backoff.sleep(min(self.interval, backoff.next_delay()))
                 continue
             except Exception:
                 log.exception("heartbeat.failed")

@@ -50,6 +50,7 @@ class Listener:
         worker_id: str = "",
         on_cancel: Callable[[], None] | None = None,
         on_rescued: Callable[[], None] | None = None,
+        reconnected: asyncio.Event | None = None,
     ) -> None:
         self.dsn = dsn
         self.queues = frozenset(queues)
@@ -58,13 +59,19 @@ class Listener:
         self.on_cancel = on_cancel
         self.rescued_payloads = frozenset(RESCUED_PREFIX + queue for queue in self.queues)
         self.on_rescued = on_rescued
-        self.backoff = ReconnectBackoff(reconnect_max_seconds)
+        # Cut short when the worker's pool makes a new connection (reconnected): the
+        # database answers again.
+        self.backoff = ReconnectBackoff(reconnect_max_seconds, cut=reconnected)
         self.connected = asyncio.Event()
         self._conn: psycopg.AsyncConnection[object] | None = None
         self.check_channel = f"pgqueue_check_{secrets.token_hex(6)}"
         # Whether the notification it sent itself on its current connection came back
         # (None: not yet, or not connected).
         self.notifications_arrive: bool | None = None
+        # Whether a connection was lost (or never made) since the last one that listened:
+        # the next one logs listener.reconnected. (Not the backoff's count of failures,
+        # which a new connection of the pool sets back to 0.)
+        self._lost = False
 
     async def run(self) -> None:
         """Listen until cancelled."""
@@ -77,7 +84,8 @@ class Listener:
                     await self._check_notifications(conn)
                     # Last: pg_stat_activity shows the listening connection by this query.
                     await conn.execute("LISTEN pgqueue_jobs")
-                    reconnected = self.backoff.failures > 0
+                    reconnected = self._lost
+                    self._lost = False
                     if reconnected:
                         log.info("listener.reconnected")
                     self.backoff.reset()
@@ -105,6 +113,7 @@ class Listener:
                             self.on_cancel()
                 raise psycopg.OperationalError("the notification stream ended")
             except Exception as exc:
+                self._lost = True
                 self.notifications_arrive = None
                 self.connected.clear()
                 delay = self.backoff.next_delay()
@@ -117,7 +126,7 @@ class Listener:
                 else:
                     log.exception("listener.failed", retry_in=round(delay, 2))
                 self._look_again()
-                await asyncio.sleep(delay)
+                await self.backoff.sleep(delay)
             finally:
                 self._conn = None
 
