@@ -733,7 +733,7 @@ def worker_command(
 
     SIGTERM or SIGINT stops claiming, waits up to --shutdown-timeout for running jobs,
     returns the rest to the queue and exits 0; a second signal exits at once (one
-    within 0.5 s of the first is taken for the same stop arriving twice).
+    within 0.2 s of the first is taken for the same stop arriving twice).
     """
     log.configure(log_level, log_format)
 

@@ -63,8 +63,11 @@ STOP_MARGIN_SECONDS = 30.0
 # A stop signal repeated within this many seconds of the first is the same stop reaching
 # the process twice (coreutils' `timeout` signals its child and then the child's process
 # group; so do some process managers), not an operator asking for "exit now" (which
-# aborts the running jobs, leaving them to their leases, and makes them rescued).
-REPEATED_SIGNAL_SECONDS = 0.5
+# aborts the running jobs, leaving them to their leases, and makes them rescued). Those
+# two arrive microseconds apart; a person, a script or a test that means a second signal
+# leaves more than 0.2 s between them (with 0.5 s, a second SIGTERM sent half a second
+# after the first could be taken for the same stop: the first one's handler may run late).
+REPEATED_SIGNAL_SECONDS = 0.2
 
 
 # Far more than one process can run at once, and within the int column

@@ -380,6 +380,20 @@ def test_sigterm_exits_though_a_released_async_handler_left_a_thread(conn, daemo
     assert (row["state"], row["attempts"], row["lease_token"]) == ("queued", 0, None)
 
 
+def test_a_second_signal_sent_without_waiting_for_the_first_exits_at_once(conn, daemons):
+    # As a person or a test sends it, a moment after the first, without waiting for it
+    # to be handled. With a 0.5 s window for the copies of one signal, this was taken
+    # for the same stop, and the worker waited out its shutdown timeout.
+    job_id = enqueue(conn, "sleep", {"seconds": 20, "note": "half"})
+    worker = daemons.worker("--shutdown-timeout", "30")
+    wait_until(lambda: executions(conn, job_id, "start") == 1)
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(0.4)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=10) == 1, daemons.output(worker)
+    assert logged(daemons, worker, "worker.killed")
+
+
 def test_second_signal_exits_at_once(conn, daemons):
     job_id = enqueue(conn, "sleep", {"seconds": 20, "note": "twice"})
     worker = daemons.worker("--shutdown-timeout", "30", "--lease-seconds", "2")
