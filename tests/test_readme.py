@@ -64,13 +64,12 @@ def _snippet(marker: str) -> str:
 def test_the_tasks_follow_up_and_testing_snippets_run_as_pasted(dsn, tmp_path):
     # Found by running them by hand: the follow-up snippet lacked `import psycopg` and
     # read PGQUEUE_DSN at import, so a test's follow-up jobs went to another database.
-    # Only what the README leaves to the user is filled in: data_ready and place_order.
+    # Only what the README leaves to the user is filled in: place_order. (data_ready was
+    # too, and the tasks as pasted failed every reports.build job with a NameError.)
     (tmp_path / "myapp").mkdir()
     (tmp_path / "myapp" / "__init__.py").write_text("")
     (tmp_path / "myapp" / "tasks.py").write_text(
-        "async def data_ready(report_id: int) -> bool:\n    return False\n\n\n"
-        + _snippet('@registry.task(name="emails.send"')
-        + _snippet("def confirm(")
+        _snippet('@registry.task(name="emails.send"') + _snippet("def confirm(")
     )
     (tmp_path / "test_snippet.py").write_text(
         _snippet("from pgqueue.testing import drain, perform") + "\n\ndef place_order(dsn):\n"
