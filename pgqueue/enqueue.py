@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from json import encoder as json_encoder
-from typing import Any, overload
+from typing import Any, cast, overload
 
 import psycopg
 from psycopg import pq
@@ -620,40 +620,71 @@ def enqueue(
     return store.enqueue_job(conn, params)
 
 
+# What enqueue_many takes for one job (see _spec_from).
+JobItem = JobSpec | str | tuple[Any, ...] | Mapping[str, Any]
+_SPEC_FIELDS = frozenset(
+    ("task", "args", "queue", "priority", "run_at", "delay", "max_attempts", "idempotency_key")
+)
+
+
+def _spec_from(item: object) -> JobSpec:
+    """A JobSpec from the other forms enqueue_many takes: a mapping of JobSpec's fields
+    (``{"task": ..., "args": ...}``) or a ``(task,)`` / ``(task, args)`` tuple."""
+    if isinstance(item, Mapping):
+        unknown = sorted(str(key) for key in item if key not in _SPEC_FIELDS)
+        if unknown:
+            raise ValidationError(
+                f"enqueue_many: unknown job field(s) {', '.join(map(repr, unknown))};"
+                f" a job takes {', '.join(sorted(_SPEC_FIELDS))}"
+            )
+        if "task" not in item:
+            raise ValidationError("enqueue_many: a job given as a mapping needs a 'task'")
+        return JobSpec(**item)
+    if isinstance(item, tuple) and len(item) in (1, 2):
+        return JobSpec(*item)
+    raise ValidationError(
+        "enqueue_many takes JobSpec items (or a task name, a (task, args) tuple, or a"
+        f" mapping of JobSpec's fields), got {type(item).__name__}"
+    )
+
+
 @overload
-def enqueue_many(conn: psycopg.Connection[Any], jobs: Sequence[JobSpec | str]) -> list[int]: ...
+def enqueue_many(conn: psycopg.Connection[Any], jobs: Sequence[JobItem]) -> list[int]: ...
 
 
 @overload
 def enqueue_many(
-    conn: psycopg.AsyncConnection[Any], jobs: Sequence[JobSpec | str]
+    conn: psycopg.AsyncConnection[Any], jobs: Sequence[JobItem]
 ) -> Awaitable[list[int]]: ...
 
 
 def enqueue_many(
     conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
-    jobs: Sequence[JobSpec | str],
+    jobs: Sequence[JobItem],
 ) -> list[int] | Awaitable[list[int]]:
     """Enqueue many jobs in one call, a few round trips whatever their number (by COPY:
     the ids, the COPY, its end; a savepoint around large ones); returns their ids in
     input order.
 
-    Each item is a ``JobSpec`` (or a bare task name). One item that fails the checks
-    raises ``ValidationError`` and enqueues none; the caller's transaction stays usable
-    (an error from the database itself aborts it, as any failed statement does). Batches
-    without idempotency keys or delays go in by COPY; large ones are checked while they
-    stream, so that Python and Postgres work at the same time. ``conn`` as for
-    ``enqueue``.
+    Each item is a ``JobSpec``, a bare task name, a ``(task, args)`` tuple or a mapping
+    of JobSpec's fields (``{"task": "emails.send", "args": {...}, "queue": ...}``). One
+    item that fails the checks raises ``ValidationError`` and enqueues none; the caller's
+    transaction stays usable (an error from the database itself aborts it, as any failed
+    statement does). Batches without idempotency keys or delays go in by COPY; large ones
+    are checked while they stream, so that Python and Postgres work at the same time.
+    ``conn`` as for ``enqueue``.
     """
     conn = _psycopg_connection(conn, "enqueue_many")
     if isinstance(jobs, str | bytes | Mapping):
         raise ValidationError(
             f"enqueue_many takes a sequence of JobSpec items, got {type(jobs).__name__}"
         )
-    specs = [JobSpec(task=j) if isinstance(j, str) else j for j in jobs]
-    for spec in specs:
-        if not isinstance(spec, JobSpec):
-            raise ValidationError(f"enqueue_many takes JobSpec items, got {type(spec).__name__}")
+    items = [JobSpec(task=j) if isinstance(j, str) else j for j in jobs]
+    specs = cast(list[JobSpec], items)
+    for item in items:
+        if not isinstance(item, JobSpec):
+            specs = [s if isinstance(s, JobSpec) else _spec_from(s) for s in items]
+            break
     if not specs:
         # Nothing to send: no round trip (which would also open a transaction on a
         # connection that is not in autocommit).

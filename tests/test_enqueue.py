@@ -467,6 +467,53 @@ def test_enqueue_many_with_one_bad_item_enqueues_none(conn):
     assert count_jobs(conn) == 0
 
 
+@pytest.mark.parametrize("keyed", [False, True], ids=["copy", "keys"])
+def test_enqueue_many_takes_tuples_and_mappings_as_well_as_jobspecs(conn, keyed):
+    # The issue names enqueue_many without its items' type: a user (or a test) writing
+    # [("emails.send", {...})] or [{"task": ..., "args": ...}] got "takes JobSpec items".
+    key = {"idempotency_key": "k-map"} if keyed else {}
+    ids = enqueue_many(
+        conn,
+        [
+            ("t.tuple", {"n": 1}),
+            ("t.bare",),
+            {"task": "t.map", "args": {"n": 2}, "queue": "q", "max_attempts": 2, **key},
+            JobSpec("t.spec", {"n": 3}),
+            "t.name",
+        ],
+    )
+    rows = conn.execute(
+        "SELECT task, args, queue, max_attempts, idempotency_key FROM pgqueue.jobs"
+        " WHERE id = ANY (%s) ORDER BY array_position(%s, id)",
+        (ids, ids),
+    ).fetchall()
+    assert rows == [
+        ("t.tuple", {"n": 1}, "default", DEFAULT_MAX_ATTEMPTS, None),
+        ("t.bare", {}, "default", DEFAULT_MAX_ATTEMPTS, None),
+        ("t.map", {"n": 2}, "q", 2, "k-map" if keyed else None),
+        ("t.spec", {"n": 3}, "default", DEFAULT_MAX_ATTEMPTS, None),
+        ("t.name", {}, "default", DEFAULT_MAX_ATTEMPTS, None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ({"task": "t", "arg": {}}, "unknown job field.*'arg'"),
+        ({"args": {}}, "needs a 'task'"),
+        (("t", {}, "q"), "got tuple"),
+        ((), "got tuple"),
+        (7, "got int"),
+        (None, "got NoneType"),
+        (("", {}), "task"),
+    ],
+)
+def test_enqueue_many_refuses_a_malformed_item_and_enqueues_none(conn, item, message):
+    with pytest.raises(ValidationError, match=message):
+        enqueue_many(conn, [("ok", {}), item])
+    assert count_jobs(conn) == 0
+
+
 # Above STREAM_COPY_FROM jobs, each job is checked while the COPY streams: a bad one
 # found late must still leave nothing behind, and the caller's transaction usable.
 BIG = STREAM_COPY_FROM + 500
