@@ -1273,6 +1273,21 @@ def json_option(fn: F) -> F:
 MAX_LIST_LIMIT = 10_000
 
 
+class _NameFilter(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.2 only
+    """A --queue or --task filter: a blank one can match no job (the tables refuse blank
+    names), so it is a mistake, not "no filter"."""
+
+    name = "name"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if not str(value).strip():
+            self.fail("must not be empty", param, ctx)
+        return str(value)
+
+
+NAME_FILTER = _NameFilter()
+
+
 def limit_option(fn: F) -> F:
     return click.option(
         "--limit",
@@ -1342,8 +1357,8 @@ def jobs() -> None:
     type=click.Choice([s.value for s in JobState]),
     help="Only jobs in this state (dead jobs: `pgqueue dead list`).",
 )
-@click.option("--queue", help="Only this queue.")
-@click.option("--task", help="Only this task.")
+@click.option("--queue", type=NAME_FILTER, help="Only this queue.")
+@click.option("--task", type=NAME_FILTER, help="Only this task.")
 @limit_option
 @json_option
 @dsn_option
@@ -1446,8 +1461,8 @@ def reason_option(help_text: str) -> Callable[[F], F]:
 
 
 @dead.command("list")
-@click.option("--queue", help="Only this queue.")
-@click.option("--task", help="Only this task.")
+@click.option("--queue", type=NAME_FILTER, help="Only this queue.")
+@click.option("--task", type=NAME_FILTER, help="Only this task.")
 @reason_option(
     "Only jobs dead for this reason: attempts used up, a PermanentError (or args no worker"
     " can decode), or the lease lost on the last attempt (the worker died or froze)."
@@ -1566,8 +1581,8 @@ def _walk_dead(
 @dead.command("retry")
 @click.argument("job_ids", type=JOB_ID, nargs=-1)
 @click.option("--all", "retry_all", is_flag=True, help="Retry every dead job (with the filters).")
-@click.option("--queue", help="With --all: only this queue.")
-@click.option("--task", help="With --all: only this task.")
+@click.option("--queue", type=NAME_FILTER, help="With --all: only this queue.")
+@click.option("--task", type=NAME_FILTER, help="With --all: only this task.")
 @reason_option(
     "With --all: only jobs dead for this reason (lease_expired ones may have killed their"
     " worker: a poison job comes back to do it again)."
@@ -1660,8 +1675,8 @@ def dead_retry(
     help="Only jobs that died longer ago than this: 2w, 7d, 12h, 30m, 90s (a bare number is"
     " seconds).",
 )
-@click.option("--queue", help="Only this queue.")
-@click.option("--task", help="Only this task.")
+@click.option("--queue", type=NAME_FILTER, help="Only this queue.")
+@click.option("--task", type=NAME_FILTER, help="Only this task.")
 @reason_option("Only jobs dead for this reason.")
 @click.option("--dry-run", is_flag=True, help="Delete nothing: say how many would go.")
 @click.option(

@@ -1349,6 +1349,12 @@ def test_run_now_leaves_jobs_that_are_not_queued_and_says_why(conn, dsn):
         ("queue", "pause", " "),
         ("queue", "pause", " cancel w-1"),  # no job can be in it (0013)
         ("queue", "resume", "q\n"),
+        # A blank filter matches no job: it was "no jobs match", exit 0.
+        ("jobs", "list", "--queue", ""),
+        ("jobs", "list", "--task", " "),
+        ("dead", "list", "--queue", ""),
+        ("dead", "retry", "--all", "--task", ""),
+        ("dead", "purge", "--queue", "", "--yes"),
     ],
 )
 def test_bad_admin_arguments_exit_2_with_one_line(dsn, args):
