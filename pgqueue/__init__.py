@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 from pgqueue.config import ReaperConfig, WorkerConfig
 from pgqueue.context import JobContext, current_job
-from pgqueue.enqueue import JobSpec, enqueue, enqueue_many
+from pgqueue.enqueue import JobDict, JobSpec, enqueue, enqueue_many
 from pgqueue.errors import (
     AppImportError,
     ConfigError,
@@ -52,6 +52,7 @@ __all__ = [
     "ConfigError",
     "HandlerTaskExit",
     "JobContext",
+    "JobDict",
     "JobNotFound",
     "JobSpec",
     "JobState",

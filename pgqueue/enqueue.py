@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from json import encoder as json_encoder
-from typing import Any, cast, overload
+from typing import Any, Required, TypedDict, cast, overload
 
 import psycopg
 from psycopg import pq
@@ -620,11 +620,22 @@ def enqueue(
     return store.enqueue_job(conn, params)
 
 
+class JobDict(TypedDict, total=False):
+    """One job for ``enqueue_many`` as a mapping: JobSpec's fields, ``task`` required."""
+
+    task: Required[str]
+    args: Mapping[str, Any] | None
+    queue: str | None
+    priority: int | None
+    run_at: datetime | None
+    delay: float | timedelta | None
+    max_attempts: int | None
+    idempotency_key: str | None
+
+
 # What enqueue_many takes for one job (see _spec_from).
-JobItem = JobSpec | str | tuple[Any, ...] | Mapping[str, Any]
-_SPEC_FIELDS = frozenset(
-    ("task", "args", "queue", "priority", "run_at", "delay", "max_attempts", "idempotency_key")
-)
+JobItem = JobSpec | str | tuple[str] | tuple[str, Mapping[str, Any] | None] | JobDict
+_SPEC_FIELDS = frozenset(f.name for f in fields(JobSpec))
 
 
 def _spec_from(item: object) -> JobSpec:
@@ -635,10 +646,14 @@ def _spec_from(item: object) -> JobSpec:
         if unknown:
             raise ValidationError(
                 f"enqueue_many: unknown job field(s) {', '.join(map(repr, unknown))};"
-                f" a job takes {', '.join(sorted(_SPEC_FIELDS))}"
+                f" a job takes {', '.join(sorted(_SPEC_FIELDS))} (its args go under"
+                " 'args'; enqueue_many takes a list of jobs)"
             )
         if "task" not in item:
-            raise ValidationError("enqueue_many: a job given as a mapping needs a 'task'")
+            raise ValidationError(
+                "enqueue_many: a job given as a mapping needs a 'task' (its args go under"
+                " 'args'; enqueue_many takes a list of jobs)"
+            )
         return JobSpec(**item)
     if isinstance(item, tuple) and len(item) in (1, 2):
         return JobSpec(*item)

@@ -382,13 +382,14 @@ def test_sigterm_exits_though_a_released_async_handler_left_a_thread(conn, daemo
 
 def test_a_second_signal_sent_without_waiting_for_the_first_exits_at_once(conn, daemons):
     # As a person or a test sends it, a moment after the first, without waiting for it
-    # to be handled. With a 0.5 s window for the copies of one signal, this was taken
-    # for the same stop, and the worker waited out its shutdown timeout.
+    # to be handled. With a 0.5 s window for the copies of one signal, one sent half a
+    # second after the first could be taken for the same stop, and the worker waited
+    # out its shutdown timeout.
     job_id = enqueue(conn, "sleep", {"seconds": 20, "note": "half"})
     worker = daemons.worker("--shutdown-timeout", "30")
     wait_until(lambda: executions(conn, job_id, "start") == 1)
     worker.send_signal(signal.SIGTERM)
-    time.sleep(0.4)
+    time.sleep(REPEATED_SIGNAL_SECONDS + 0.4)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=10) == 1, daemons.output(worker)
     assert logged(daemons, worker, "worker.killed")
@@ -440,7 +441,9 @@ def test_a_stop_signal_that_arrives_twice_at_once_is_one_graceful_stop(conn, dae
     wait_until(lambda: executions(conn, job_id, "start") == 1)
 
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.05)  # handled one by one (two at the same instant may be merged)
+    # Handled one by one (two at the same instant may be merged), well inside
+    # REPEATED_SIGNAL_SECONDS even if this process stalls for a moment.
+    time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
 
     assert proc.wait(timeout=30) == 0, daemons.output(proc)

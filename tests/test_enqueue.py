@@ -19,6 +19,7 @@ from psycopg.types.json import Jsonb
 
 from pgqueue import (
     ConfigError,
+    JobDict,
     JobSpec,
     Registry,
     SerializationError,
@@ -494,6 +495,8 @@ def test_enqueue_many_takes_tuples_and_mappings_as_well_as_jobspecs(conn, keyed)
         ("t.spec", {"n": 3}, "default", DEFAULT_MAX_ATTEMPTS, None),
         ("t.name", {}, "default", DEFAULT_MAX_ATTEMPTS, None),
     ]
+    # The mapping's type names exactly JobSpec's fields.
+    assert set(JobDict.__annotations__) == {f.name for f in dataclasses.fields(JobSpec)}
 
 
 @pytest.mark.parametrize(
@@ -501,6 +504,7 @@ def test_enqueue_many_takes_tuples_and_mappings_as_well_as_jobspecs(conn, keyed)
     [
         ({"task": "t", "arg": {}}, "unknown job field.*'arg'"),
         ({"args": {}}, "needs a 'task'"),
+        ({"to": "a@b.c"}, "unknown job field.*'to'.*its args go under 'args'"),
         (("t", {}, "q"), "got tuple"),
         ((), "got tuple"),
         (7, "got int"),

@@ -3281,6 +3281,17 @@ def test_a_new_connection_cuts_a_backoff_short_once_until_it_is_reset():
         assert not await cut_short()
         backoff.reset()
         assert await cut_short()
+        # A stop ends a sleep whose cut is spent (whoever stops sets the cut too): a
+        # fetcher backing off kept a stopping worker waiting for 5 s.
+        stop = asyncio.Event()
+        stoppable = ReconnectBackoff(60, cut=reconnects.event(), stop=stop)
+        stoppable._cut_used = True
+        sleeping = asyncio.create_task(stoppable.sleep(30))
+        await asyncio.sleep(0.05)
+        stop.set()
+        assert stoppable.cut is not None
+        stoppable.cut.set()
+        await asyncio.wait_for(sleeping, 1)
         # Without a cut event, a backoff just sleeps.
         plain = ReconnectBackoff(60)
         sleeping = asyncio.create_task(plain.sleep(30))
@@ -3293,11 +3304,49 @@ def test_a_new_connection_cuts_a_backoff_short_once_until_it_is_reset():
     run(scenario)
 
 
+def test_a_stop_ends_the_fetchers_backoff_at_once_when_its_cut_is_spent(dsn):
+    # Found by review: once a new connection had cut one backoff short, the fetcher's
+    # next backoff ignored the stop, and the worker's stop waited 5 s for it (a failover
+    # replacing read-only sessions, a flapping network).
+    registry = Registry()
+
+    @registry.task(name="quick")
+    async def quick() -> None:
+        pass
+
+    proxy = Outage(dsn)
+
+    async def main() -> None:
+        worker = Worker(registry, WorkerConfig(dsn=proxy.dsn, poll_interval=0.2))
+        task = asyncio.create_task(worker.run(handle_signals=False))
+        try:
+            await asyncio.to_thread(wait_until, lambda: worker.heartbeat.last_success)
+            (fetcher,) = [t for t in asyncio.all_tasks() if t.get_name() == "fetcher"]
+            proxy.down()
+            await asyncio.to_thread(wait_until, lambda: worker._backoff.failures, interval=0.02)
+            # Failing now, and nothing can succeed: its next delay is to be 5-10 s.
+            worker._backoff.failures = 12
+            worker._backoff._cut_used = True
+            await asyncio.to_thread(
+                wait_until, lambda: worker._backoff.failures > 12, interval=0.02
+            )
+            worker.stop()
+            await asyncio.wait_for(asyncio.shield(fetcher), 1)
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 30)
+            proxy.close()
+
+    run(main)
+
+
 def test_after_an_outage_the_worker_claims_once_its_pool_reconnects(dsn):
     # Measured: after a 40 s outage a job enqueued as Postgres came back started 1.0-4.7
     # s later, the longest waits the fetcher's backoff (up to 10 s), while the pool had a
-    # connection again. Here the fetcher's first delay is 20-40 s: only the pool's new
-    # connection can bring its next claim sooner.
+    # connection again. Here the fetcher's backoff has grown as in a long outage (its
+    # next delay 30-60 s): only the pool's new connection can bring its next claim
+    # sooner. (After the cut, delays start over from 0.1 s: a pooled connection that
+    # broke while idle may fail the first retry.)
     registry = Registry()
     ran = threading.Event()
 
@@ -3312,13 +3361,17 @@ def test_after_an_outage_the_worker_claims_once_its_pool_reconnects(dsn):
             registry,
             WorkerConfig(dsn=proxy.dsn, poll_interval=0.2, reconnect_max_seconds=60),
         )
-        worker._backoff.first_seconds = 40
         task = asyncio.create_task(worker.run(handle_signals=False))
         try:
             await asyncio.to_thread(wait_until, lambda: worker.heartbeat.last_success)
             proxy.down()
-            # The next poll's claim fails: the fetcher backs off.
             await asyncio.to_thread(wait_until, lambda: worker._backoff.failures, interval=0.02)
+            # Failing now, and nothing can succeed (or connect) while the proxy is down:
+            # its next delay is to be 30-60 s.
+            worker._backoff.failures = 12
+            await asyncio.to_thread(
+                wait_until, lambda: worker._backoff.failures > 12, interval=0.02
+            )
             proxy.up()
             await asyncio.to_thread(sql_enqueue, dsn, "quick")
             assert await asyncio.to_thread(ran.wait, 15), "the fetcher waited out its backoff"

@@ -91,15 +91,23 @@ class Reconnects:
 
 class ReconnectBackoff:
     """Exponential delays with jitter for reconnect attempts; ``reset()`` after success.
-    With ``cut`` (an event of Reconnects), ``sleep`` ends early when it is set."""
+    With ``cut`` (an event of Reconnects), ``sleep`` ends early when it is set; with
+    ``stop`` too, whenever ``stop`` is set (whoever sets ``stop`` sets ``cut`` as well,
+    to wake the sleeper)."""
 
     def __init__(
-        self, max_seconds: float, first_seconds: float = 0.1, *, cut: asyncio.Event | None = None
+        self,
+        max_seconds: float,
+        first_seconds: float = 0.1,
+        *,
+        cut: asyncio.Event | None = None,
+        stop: asyncio.Event | None = None,
     ) -> None:
         self.max_seconds = max_seconds
         self.first_seconds = first_seconds
         self.failures = 0
         self.cut = cut
+        self.stop = stop
         self._cut_used = False
 
     def next_delay(self) -> float:
@@ -116,14 +124,22 @@ class ReconnectBackoff:
         the next try goes at once, and the delays start over from the first). Only once
         until the next reset(): a database that takes connections and then fails every
         statement on them must not be retried at the pace of its connections. A cut set
-        before this call (a connection made during the try that failed) does not count."""
-        if self.cut is None or self._cut_used:
+        before this call (a connection made during the try that failed) does not count.
+        A stop ends the sleep whether or not the cut is spent."""
+        if self.cut is None:
             await asyncio.sleep(delay)
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
         self.cut.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
-                await self.cut.wait()
-        if self.cut.is_set():
-            self._cut_used = True
-            self.failures = 0
+        while (left := deadline - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self.cut.wait()
+            if not self.cut.is_set() or (self.stop is not None and self.stop.is_set()):
+                return
+            if not self._cut_used:
+                self._cut_used = True
+                self.failures = 0
+                return
+            self.cut.clear()  # the cut is spent until the next reset(): sleep on

@@ -28,6 +28,7 @@ from pgqueue.worker.abort import run_within
 from pgqueue.worker.backoff import (
     CONNECTION_ERRORS,
     ReconnectBackoff,
+    Reconnects,
     error_fields,
     retry_event,
 )
@@ -78,13 +79,17 @@ class Completer:
         *,
         worker_id: str,
         reconnect_max_seconds: float,
-        reconnected: asyncio.Event | None = None,
+        reconnects: Reconnects | None = None,
     ) -> None:
         self.pool = pool
         self.on_written = on_written
         self.worker_id = worker_id
-        # Cut short by a new connection of the pool (reconnected).
-        self.backoff = ReconnectBackoff(reconnect_max_seconds, cut=reconnected)
+        # Cut short by a new connection of the pool (reconnects). The shutdown flush has
+        # its own (it may back off while the run loop does).
+        self.backoff = ReconnectBackoff(
+            reconnect_max_seconds, cut=reconnects.event() if reconnects else None
+        )
+        self._flush_cut = reconnects.event() if reconnects else None
         self._pending: list[Outcome] = []
         # (id, lease token) of outcomes whose last write attempt failed: it may have
         # committed (see the module docstring). Cleared when the outcome is reported.
@@ -222,6 +227,7 @@ class Completer:
         seconds; True if nothing is left."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        backoff = ReconnectBackoff(self.backoff.max_seconds, cut=self._flush_cut)
         while self._pending or self._writing.locked():
             try:
                 await run_within(self.run_once(), max(0.01, deadline - loop.time()))
@@ -249,7 +255,7 @@ class Completer:
                         error=str(error).strip() or type(error).__name__,
                     )
                     return False
-                await self.backoff.sleep(min(remaining, self.backoff.next_delay()))
+                await backoff.sleep(min(remaining, backoff.next_delay()))
         return True
 
     async def _write(self, batch: list[Outcome]) -> store.Changed:

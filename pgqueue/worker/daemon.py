@@ -243,7 +243,7 @@ class Worker:
             self._on_written,
             worker_id=self.worker_id,
             reconnect_max_seconds=config.reconnect_max_seconds,
-            reconnected=self._reconnects.event(),
+            reconnects=self._reconnects,
         )
         self.heartbeat = Heartbeat(
             self.pool,
@@ -270,7 +270,9 @@ class Worker:
         )
         # Set by stop() too: a fetcher backing off stops at once.
         self._retry_now = self._reconnects.event()
-        self._backoff = ReconnectBackoff(config.reconnect_max_seconds, cut=self._retry_now)
+        self._backoff = ReconnectBackoff(
+            config.reconnect_max_seconds, cut=self._retry_now, stop=self._stopping
+        )
         # The per-job events go through a logger bound in run() (after the caller has
         # configured logging): the module-level proxy resolves itself on every call.
         self._log = log
@@ -289,7 +291,8 @@ class Worker:
     def stop(self) -> None:
         """Ask for a graceful shutdown; idempotent. Call it on the worker's event loop."""
         self._stopping.set()
-        # Wake the fetcher from whichever wait it is in (see _wait_for).
+        # Wake the fetcher from whichever wait it is in (see _wait_for; a backoff after
+        # a lost connection waits on _retry_now).
         self._wake.set()
         self._slot_freed.set()
         self._retry_now.set()
