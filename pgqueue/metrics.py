@@ -78,6 +78,12 @@ LEASES_EXPIRED_HELP = (
 )
 LEASES_EXPIRED = Counter(LEASES_EXPIRED_NAME, LEASES_EXPIRED_HELP, ["queue"])
 JOBS_PRUNED = Counter("pgqueue_jobs_pruned", "Finished jobs deleted after retention.")
+DB_DISCONNECTS = Counter(
+    "pgqueue_db_disconnects",
+    "Times a daemon's loop found its database connection lost (or none to be had) and"
+    " backed off to reconnect, by loop: fetcher, heartbeat, completer, listener, reaper.",
+    ["component"],
+)
 BUILD_INFO.labels(__version__).set(1)
 
 

@@ -210,6 +210,35 @@ def named(samples: list[Sample], name: str) -> list[Sample]:
     return [s for s in samples if s.name == name]
 
 
+def test_lost_database_connections_are_counted_by_loop(dsn, daemons):
+    # An operator sees connection flaps on the dashboard, not only in the logs.
+    port = free_port()
+    worker = daemons.worker("--metrics-port", str(port), "--poll-interval", "0.2", *LOCAL)
+    wait_listening(port)
+    assert not named(scrape(port), "pgqueue_db_disconnects_total")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        wait_until(
+            lambda: scalar(
+                conn,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND query = 'LISTEN pgqueue_jobs'",
+            )
+        )
+        conn.execute(
+            "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND application_name = 'pgqueue-worker'"
+        )
+    wait_until(lambda: total(scrape(port), "pgqueue_db_disconnects_total", component="listener"))
+    assert {s.labels["component"] for s in named(scrape(port), "pgqueue_db_disconnects_total")} <= {
+        "fetcher",
+        "heartbeat",
+        "completer",
+        "listener",
+    }
+    assert worker.poll() is None
+
+
 # --- helpers: database -------------------------------------------------------------------------
 
 

@@ -10,6 +10,8 @@ from typing import Any
 import psycopg
 from psycopg_pool import PoolTimeout
 
+from pgqueue import metrics
+
 # A write refused because the session is read-only: connected to a standby (a failover
 # under way, a multi-host DSN without target_session_attrs=read-write) or started under
 # default_transaction_read_only (maintenance; some managed services set it while the disk
@@ -65,8 +67,12 @@ def error_fields(exc: BaseException) -> dict[str, Any]:
 
 def retry_event(component: str, exc: BaseException, conn: Any = None) -> str:
     """``<component>.disconnected`` for a lost connection, ``<component>.db_error`` for
-    a statement the server refused on a sound one (both are retried with backoff)."""
-    return f"{component}.disconnected" if lost_connection(exc, conn) else f"{component}.db_error"
+    a statement the server refused on a sound one (both are retried with backoff). A
+    lost one is counted in pgqueue_db_disconnects_total."""
+    if lost_connection(exc, conn):
+        metrics.DB_DISCONNECTS.labels(component).inc()
+        return f"{component}.disconnected"
+    return f"{component}.db_error"
 
 
 class Reconnects:

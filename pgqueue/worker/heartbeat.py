@@ -26,10 +26,15 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from pgqueue import store
+from pgqueue import metrics, store
 from pgqueue.log import get_logger
 from pgqueue.models import Job
-from pgqueue.worker.backoff import CONNECTION_ERRORS, ReconnectBackoff, error_fields
+from pgqueue.worker.backoff import (
+    CONNECTION_ERRORS,
+    ReconnectBackoff,
+    error_fields,
+    lost_connection,
+)
 
 log = get_logger("pgqueue.heartbeat")
 
@@ -100,6 +105,8 @@ class Heartbeat:
                 await self.run_once()
                 backoff.reset()
             except CONNECTION_ERRORS as exc:
+                if lost_connection(exc):
+                    metrics.DB_DISCONNECTS.labels("heartbeat").inc()
                 log.warning("heartbeat.failed", **error_fields(exc))
                 await backoff.sleep(min(self.interval, backoff.next_delay()))
                 continue
