@@ -306,6 +306,9 @@ class TcpProxy:
                     continue
                 server = socket.create_connection(self._upstream)
                 self._sockets += [client, server]
+                if self._refuse():  # down() came while it connected: not let through
+                    self._drop_connections()
+                    continue
                 self.connections += 1
                 state = self._new_connection()
                 for target, ends in ((self._up, (client, server)), (self._down, (server, client))):
