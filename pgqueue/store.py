@@ -716,6 +716,7 @@ def _fetch_ours(cur: psycopg.Cursor[Any], column: bytes) -> Any:
     mode, where the result only comes with the fetch, after it."""
     if cur.pgresult is not None:
         _check_ours(cur, column)
+        return cur.fetchone()
     try:
         row = cur.fetchone()
     except psycopg.ProgrammingError as exc:
@@ -730,6 +731,7 @@ async def _fetch_ours_async(cur: psycopg.AsyncCursor[Any], column: bytes) -> Any
     """_fetch_ours for an async cursor."""
     if cur.pgresult is not None:
         _check_ours(cur, column)
+        return await cur.fetchone()
     try:
         row = await cur.fetchone()
     except psycopg.ProgrammingError as exc:

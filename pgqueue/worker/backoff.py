@@ -65,12 +65,20 @@ def error_fields(exc: BaseException) -> dict[str, Any]:
     return fields
 
 
-def retry_event(component: str, exc: BaseException, conn: Any = None) -> str:
-    """``<component>.disconnected`` for a lost connection, ``<component>.db_error`` for
-    a statement the server refused on a sound one (both are retried with backoff). A
-    lost one is counted in pgqueue_db_disconnects_total."""
-    if lost_connection(exc, conn):
+def count_lost(component: str, exc: BaseException, conn: Any = None) -> bool:
+    """Whether ``exc`` means a lost connection (lost_connection); if so, counted in
+    pgqueue_db_disconnects_total for ``component``."""
+    lost = lost_connection(exc, conn)
+    if lost:
         metrics.DB_DISCONNECTS.labels(component).inc()
+    return lost
+
+
+def retry_event(component: str, exc: BaseException, conn: Any = None) -> str:
+    """``<component>.disconnected`` for a lost connection (counted: count_lost),
+    ``<component>.db_error`` for a statement the server refused on a sound one (both
+    are retried with backoff)."""
+    if count_lost(component, exc, conn):
         return f"{component}.disconnected"
     return f"{component}.db_error"
 

@@ -256,7 +256,7 @@ class Worker:
             worker_id=self.worker_id,
             claiming=self._claiming,
             refused=self._refused_tokens,
-            reconnected=self._reconnects.event(),
+            reconnects=self._reconnects,
         )
         self.listener = Listener(
             config.dsn,
@@ -266,7 +266,7 @@ class Worker:
             worker_id=self.worker_id,
             on_cancel=self.heartbeat.beat_soon,
             on_rescued=self._check_rescued_now,
-            reconnected=self._reconnects.event(),
+            reconnects=self._reconnects,
         )
         # Set by stop() too: a fetcher backing off stops at once.
         self._retry_now = self._reconnects.event()

@@ -26,14 +26,15 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from pgqueue import metrics, store
+from pgqueue import store
 from pgqueue.log import get_logger
 from pgqueue.models import Job
 from pgqueue.worker.backoff import (
     CONNECTION_ERRORS,
     ReconnectBackoff,
+    Reconnects,
+    count_lost,
     error_fields,
-    lost_connection,
 )
 
 log = get_logger("pgqueue.heartbeat")
@@ -53,7 +54,7 @@ class Heartbeat:
         worker_id: str,
         claiming: asyncio.Lock,
         refused: Callable[[], list[uuid.UUID]],
-        reconnected: asyncio.Event | None = None,
+        reconnects: Reconnects | None = None,
     ) -> None:
         self.pool = pool
         self.held = held
@@ -73,7 +74,7 @@ class Heartbeat:
         # Tokens of outcomes the database refused: their jobs are left to the reaper.
         self.refused = refused
         # Set when the pool makes a new connection: it cuts a failed beat's backoff short.
-        self.reconnected = reconnected
+        self.reconnected = reconnects.event() if reconnects else None
         self.last_success: float | None = None
         # Set to beat before the interval is up (a job of this worker was cancelled); an
         # early beat comes at least min_gap after the one before.
@@ -105,8 +106,7 @@ class Heartbeat:
                 await self.run_once()
                 backoff.reset()
             except CONNECTION_ERRORS as exc:
-                if lost_connection(exc):
-                    metrics.DB_DISCONNECTS.labels("heartbeat").inc()
+                count_lost("heartbeat", exc)
                 log.warning("heartbeat.failed", **error_fields(exc))
                 await backoff.sleep(min(self.interval, backoff.next_delay()))
                 continue

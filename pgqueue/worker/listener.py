@@ -25,6 +25,7 @@ from pgqueue.log import get_logger
 from pgqueue.worker.backoff import (
     CONNECTION_ERRORS,
     ReconnectBackoff,
+    Reconnects,
     error_fields,
     lost_connection,
     retry_event,
@@ -50,7 +51,7 @@ class Listener:
         worker_id: str = "",
         on_cancel: Callable[[], None] | None = None,
         on_rescued: Callable[[], None] | None = None,
-        reconnected: asyncio.Event | None = None,
+        reconnects: Reconnects | None = None,
     ) -> None:
         self.dsn = dsn
         self.queues = frozenset(queues)
@@ -59,9 +60,11 @@ class Listener:
         self.on_cancel = on_cancel
         self.rescued_payloads = frozenset(RESCUED_PREFIX + queue for queue in self.queues)
         self.on_rescued = on_rescued
-        # Cut short when the worker's pool makes a new connection (reconnected): the
+        # Cut short when the worker's pool makes a new connection (reconnects): the
         # database answers again.
-        self.backoff = ReconnectBackoff(reconnect_max_seconds, cut=reconnected)
+        self.backoff = ReconnectBackoff(
+            reconnect_max_seconds, cut=reconnects.event() if reconnects else None
+        )
         self.connected = asyncio.Event()
         self._conn: psycopg.AsyncConnection[object] | None = None
         self.check_channel = f"pgqueue_check_{secrets.token_hex(6)}"
