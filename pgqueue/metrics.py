@@ -85,6 +85,14 @@ DB_DISCONNECTS = Counter(
     ["component"],
 )
 BUILD_INFO.labels(__version__).set(1)
+WORKER_LOOPS = ("fetcher", "heartbeat", "completer", "listener")
+
+
+def count_disconnects_from_zero(*components: str) -> None:
+    """Serve pgqueue_db_disconnects_total at 0 for ``components`` before any loss: a
+    series born at its first count hides that count from rate() and increase()."""
+    for component in components:
+        DB_DISCONNECTS.labels(component)
 
 
 @functools.lru_cache(maxsize=8192)

@@ -312,6 +312,7 @@ class Reaper:
         """Pass every ``interval`` seconds until stopped (SIGTERM/SIGINT)."""
         if handle_signals:
             self.handle_signals()
+        metrics.count_disconnects_from_zero("reaper")
         log.info("reaper.started", interval=self.config.interval)
         self._looping = True
         with self.watching_stops():

@@ -1120,6 +1120,7 @@ def test_dashboard_reads_only_exported_metrics() -> None:
         "pgqueue_leases_expired_total",
         "pgqueue_dead_jobs",
         "pgqueue_workers",
+        "pgqueue_db_disconnects_total",
         "up",
     }
     exprs = " ".join(e for _, e in dashboard_targets())
@@ -1170,6 +1171,7 @@ def test_alerts_read_only_exported_metrics() -> None:
         "PgqueueQueueLagGrowing",
         "PgqueueDeadLetterGrowth",
         "PgqueueLeaseExpirySpike",
+        "PgqueueDatabaseConnectionsLost",
     }
     used: set[str] = set()
     for rule in rules:
@@ -1184,6 +1186,7 @@ def test_alerts_read_only_exported_metrics() -> None:
         "pgqueue_queue_oldest_ready_age_seconds",
         "pgqueue_dead_jobs",
         "pgqueue_leases_expired_total",
+        "pgqueue_db_disconnects_total",
     }
 
 

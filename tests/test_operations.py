@@ -215,7 +215,19 @@ def test_lost_database_connections_are_counted_by_loop(dsn, daemons):
     port = free_port()
     worker = daemons.worker("--metrics-port", str(port), "--poll-interval", "0.2", *LOCAL)
     wait_listening(port)
-    assert not named(scrape(port), "pgqueue_db_disconnects_total")
+    # Each loop's series is there at 0 from the start, so that rate() and the alert see
+    # the first loss too (a series born at 1 hides it).
+    loops = {"fetcher", "heartbeat", "completer", "listener"}
+    wait_until(lambda: len(named(scrape(port), "pgqueue_db_disconnects_total")) == len(loops))
+    before = named(scrape(port), "pgqueue_db_disconnects_total")
+    assert {s.labels["component"]: s.value for s in before} == dict.fromkeys(loops, 0.0)
+    reaper_port = free_port()
+    daemons.reaper("--interval", "0.5", "--metrics-port", str(reaper_port), *LOCAL)
+    wait_until(lambda: http_status(reaper_port, "/metrics") == 200)
+    wait_until(lambda: named(scrape(reaper_port), "pgqueue_db_disconnects_total"))
+    assert [
+        (s.labels, s.value) for s in named(scrape(reaper_port), "pgqueue_db_disconnects_total")
+    ] == [({"component": "reaper"}, 0.0)]
     with psycopg.connect(dsn, autocommit=True) as conn:
         wait_until(
             lambda: scalar(
@@ -230,12 +242,9 @@ def test_lost_database_connections_are_counted_by_loop(dsn, daemons):
             " AND application_name = 'pgqueue-worker'"
         )
     wait_until(lambda: total(scrape(port), "pgqueue_db_disconnects_total", component="listener"))
-    assert {s.labels["component"] for s in named(scrape(port), "pgqueue_db_disconnects_total")} <= {
-        "fetcher",
-        "heartbeat",
-        "completer",
-        "listener",
-    }
+    assert {s.labels["component"] for s in named(scrape(port), "pgqueue_db_disconnects_total")} == (
+        loops
+    )
     assert worker.poll() is None
 
 

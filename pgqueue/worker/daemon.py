@@ -380,6 +380,7 @@ class Worker:
     async def _run_until_stopped(self) -> None:
         await self.pool.open(wait=False)
         metrics.WORKER_INFO.labels(__version__, ",".join(self.queues)).set(1)
+        metrics.count_disconnects_from_zero(*metrics.WORKER_LOOPS)
         log.info(
             "worker.started",
             worker_id=self.worker_id,
