@@ -1522,7 +1522,8 @@ def dead_show(job_id: int, as_json: bool, dsn: str | None) -> None:
             return 0
         for key in ("id", "task", "queue", "reason", "attempts", "max_attempts", "died_at",
                     "created_at", "idempotency_key"):  # fmt: skip
-            click.echo(f"{key:<16}{_cell(row[key])}")
+            if row[key] is not None:
+                click.echo(f"{key:<16}{_cell(row[key])}")
         if row["original_id"] is not None:
             click.echo(
                 f"{'original_id':<16}{row['original_id']} (pgqueue.dead_jobs held that id"

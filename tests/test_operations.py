@@ -1706,6 +1706,8 @@ def test_dead_list_and_show_print_jobs_and_tracebacks(conn, dsn):
         "1", "2", "3",
     ]  # fmt: skip
     assert '{"n": 1}' in shown
+    # A job enqueued without an idempotency key shows no empty line for it.
+    assert [line for line in shown.splitlines() if line.startswith("idempotency_key")] == []
     data = json.loads(ok(cli(dsn, "dead", "show", str(first), "--json")))
     assert data["id"] == first and len(data["errors"]) == 3 and data["reason"] == "exhausted"
 
