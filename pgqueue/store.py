@@ -892,14 +892,23 @@ def job_status(conn: SyncConn, *, job_id: int, with_args: bool = False) -> JobSt
         lease_expires_at=r["lease_expires_at"],
         leased_by=r["leased_by"],
         idempotency_key=r["idempotency_key"],
-        errors=list(r["errors"] or []),
-        history=list(r["history"] or []),
+        errors=_json_list(r["errors"]),
+        history=_json_list(r["history"]),
         cancel_requested_at=r["cancel_requested_at"],
         dead_reason=r["dead_reason"],
         rescued=r["rescued"],
         args=_lenient_json_loads(r["args"]) if with_args else None,
         original_id=r["original_id"],
     )
+
+
+def _json_list(value: Any) -> list[Any]:
+    """A job's ``errors`` or ``history``: pgqueue writes arrays, but a plain SQL write may
+    have left any JSON there, kept as the one entry of the list (not iterated: a string
+    became its characters, a number a TypeError); SQL NULL is no entry."""
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
 
 
 def schema_ready(conn: SyncConn) -> bool:

@@ -3723,6 +3723,24 @@ def test_status_and_dead_show_print_errors_and_history_a_plain_insert_left_odd(c
     shown = cli(dsn, "dead", "show", "990001")
     assert shown.returncode == 0, shown.stderr
     assert '{"odd": true}' in shown.stdout
+    # Nor arrays at all: a number or true crashed status, a string printed one entry
+    # per character, and 0, false or "" printed none. Each shows as the one entry it is.
+    for errors, history in (("3", "true"), ('"abc"', "0"), ("false", '""')):
+        odd = scalar(
+            conn,
+            "INSERT INTO pgqueue.jobs (task, errors, history) VALUES ('t', %s, %s) RETURNING id",
+            (errors, history),
+        )
+        status = cli(dsn, "status", str(odd))
+        assert status.returncode == 0 and status.stderr == "", status.stderr
+        printed = status.stdout.split("attempts:\n")[-1]
+        assert errors in printed and history in printed, status.stdout
+        assert "  a  " not in printed and '"a"' not in printed, status.stdout
+        as_json = json.loads(ok(cli(dsn, "status", str(odd), "--json")))
+        assert (as_json["errors"], as_json["history"]) == (
+            [json.loads(errors)],
+            [json.loads(history)],
+        )
 
 
 def _depth_ready(collector: Any, queue: str) -> float | None:
