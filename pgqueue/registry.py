@@ -98,7 +98,9 @@ class TaskOptions:
             and not isinstance(self.timeout, bool)
             and 0 < self.timeout < float("inf")
         ):
-            raise ConfigError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
+            raise ConfigError(
+                f"timeout must be a number of seconds > 0 (or a timedelta), got {self.timeout!r}"
+            )
         if not plain_int(self.priority) or not -32768 <= self.priority <= 32767:
             raise ConfigError(
                 f"priority must be an integer in -32768..32767, got {self.priority!r}"
@@ -332,7 +334,7 @@ class Registry:
         queue: str = DEFAULT_QUEUE,
         priority: int = DEFAULT_PRIORITY,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        timeout: float | None = None,
+        timeout: float | timedelta | None = None,
         backoff: Backoff | None = None,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
@@ -343,7 +345,7 @@ class Registry:
         queue: str = DEFAULT_QUEUE,
         priority: int = DEFAULT_PRIORITY,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        timeout: float | None = None,
+        timeout: float | timedelta | None = None,
         backoff: Backoff | None = None,
     ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
         """Register the decorated function (sync or ``async def``) as a task:
@@ -364,7 +366,8 @@ class Registry:
             queue=queue,
             priority=priority,
             max_attempts=max_attempts,
-            timeout=timeout,
+            # Seconds or a timedelta, as Snooze and enqueue's delay take them.
+            timeout=timeout.total_seconds() if isinstance(timeout, timedelta) else timeout,
             backoff=Backoff() if backoff is None else backoff,
         )
 

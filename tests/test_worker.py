@@ -2542,6 +2542,8 @@ def test_a_foreign_key_share_lock_on_a_running_job_does_not_stop_its_heartbeat(d
         {"timeout": True},
         {"timeout": float("nan")},
         {"timeout": 0},
+        {"timeout": timedelta(0)},
+        {"timeout": timedelta(seconds=-5)},
         {"backoff": 5},
     ],
 )
@@ -2549,6 +2551,20 @@ def test_bad_task_options_are_refused_at_registration(options):
     # Accepted before (or a TypeError), and then every enqueue of the task failed.
     with pytest.raises(ConfigError):
         Registry().task(name="t", **options)
+
+
+def test_a_task_timeout_may_be_a_timedelta():
+    # As Snooze and enqueue's delay take one; it was refused with a ConfigError.
+    registry = Registry()
+
+    @registry.task(name="t", timeout=timedelta(minutes=1, milliseconds=500))
+    def t() -> None: ...
+
+    @registry.task(timeout=timedelta(seconds=2))
+    def bare() -> None: ...
+
+    assert registry.get("t").options.timeout == 60.5
+    assert bare.options.timeout == 2.0
 
 
 @pytest.mark.parametrize("own", [None, "keepalives_idle=60"])
