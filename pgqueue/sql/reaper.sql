@@ -10,11 +10,15 @@
 -- requeues is rescued, which the workers' claim leaves to their check for rescued jobs:
 -- the payload ' rescued <queue>' (no queue name starts with a space, migration 0013)
 -- makes them check at once, not at their next poll.
+-- No ORDER BY: SKIP LOCKED needs none, and with one the generic plan (the reaper prepares
+-- its statements) walked the primary key in id order through the whole table whenever
+-- the statistics showed the running leases expired (taken before the heartbeats moved
+-- them on): every pass until the next ANALYZE. Without it the plan reads the running
+-- jobs' index (test_the_reapers_generic_plans_read_the_running_jobs_not_the_whole_table).
 WITH expired AS MATERIALIZED (
     SELECT j.id, j.attempts AS ran_attempt, j.rescued AS counted FROM pgqueue.jobs AS j
     WHERE j.state = 'running' AND j.lease_expires_at < now()
       AND (NOT j.rescued OR j.attempts < j.max_attempts OR j.cancel_requested_at IS NOT NULL)
-    ORDER BY j.id
     LIMIT %(batch_size)s
     FOR NO KEY UPDATE SKIP LOCKED
 ), updated AS (
@@ -52,12 +56,11 @@ FROM updated AS u, LATERAL (SELECT pgqueue.wake(' rescued ' || u.queue)) AS n;
 -- used up to the dead-letter table (reason 'lease_expired'), atomically, a batch at a
 -- time. A job whose id the dead-letter table already holds is stored under a new one
 -- (pgqueue.dead_letter_id, migration 0023), its own in original_id. Returns each job's
--- id and the id it is stored under.
+-- id and the id it is stored under. No ORDER BY, as requeue_expired.
 WITH expired AS MATERIALIZED (
     SELECT j.id FROM pgqueue.jobs AS j
     WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts >= j.max_attempts
       AND j.rescued AND j.cancel_requested_at IS NULL
-    ORDER BY j.id
     LIMIT %(batch_size)s
     FOR UPDATE SKIP LOCKED
 ), moved AS (
