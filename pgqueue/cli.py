@@ -12,6 +12,7 @@ import fcntl
 import gc
 import importlib
 import json
+import math
 import os
 import re
 import signal
@@ -1112,7 +1113,7 @@ def _exit_after(body: Callable[[], int | None]) -> None:
 @click.option(
     "--once",
     is_flag=True,
-    help="Run one pass, print what it did, and exit.",
+    help="Run one pass (pruning every finished job past retention), print what it did, and exit.",
 )
 @click.option(
     "--retention-seconds",
@@ -1182,7 +1183,8 @@ def reaper_command(
             # summary still says what was done.
             reaper.handle_signals()
             with reaper.watching_stops():
-                result = reaper.run_once()
+                # The whole pruning backlog: nothing waits for a next pass here.
+                result = reaper.run_once(prune_seconds=math.inf)
             click.echo(
                 f"requeued {len(result.requeued)}, dead-lettered {len(result.dead)},"
                 f" cancelled {len(result.cancelled)}, pruned {result.pruned}"

@@ -21,6 +21,10 @@ DEFAULT_POLL_INTERVAL = 5.0
 DEFAULT_REAPER_INTERVAL = 5.0
 DEFAULT_RETENTION_SECONDS = 24 * 3600.0
 DEFAULT_REAPER_BATCH = 1000
+# How long one reaper pass prunes before it ends (the next pass then starts at once): a
+# huge backlog of finished jobs (retention shortened, a reaper down for days) must not
+# hold back the requeue of expired leases for as long as the whole backlog takes.
+DEFAULT_PRUNE_SECONDS_PER_PASS = 2.0
 DEFAULT_RECONNECT_MAX_SECONDS = 10.0
 # How long shutdown waits for a claim in flight, so that its jobs get the same grace (or
 # release) as the others rather than waiting out their leases.
@@ -236,6 +240,7 @@ class ReaperConfig:
     interval: float = DEFAULT_REAPER_INTERVAL
     retention_seconds: float = DEFAULT_RETENTION_SECONDS
     batch_size: int = DEFAULT_REAPER_BATCH
+    prune_seconds_per_pass: float = DEFAULT_PRUNE_SECONDS_PER_PASS
     backoff_base_seconds: float = 1.0
     backoff_max_seconds: float = 3600.0
     reconnect_max_seconds: float = DEFAULT_RECONNECT_MAX_SECONDS
@@ -250,6 +255,7 @@ class ReaperConfig:
         _seconds("interval", self.interval, 0, low_open=True)
         _seconds("retention", self.retention_seconds, 0)
         _count("batch size", self.batch_size, MAX_BATCH_SIZE)
+        _seconds("prune time per pass", self.prune_seconds_per_pass, 0, low_open=True)
         _seconds("backoff base", self.backoff_base_seconds, 0)
         _seconds("backoff max", self.backoff_max_seconds, 0)
         if self.backoff_base_seconds > self.backoff_max_seconds:

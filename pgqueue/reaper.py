@@ -44,6 +44,9 @@ class ReapResult:
     # Jobs whose lease expired after an operator asked to cancel them: cancelled, not
     # requeued.
     cancelled: list[int] = field(default_factory=list)
+    # Finished jobs past their retention were left for the next pass: this one pruned for
+    # its prune_seconds_per_pass.
+    more_to_prune: bool = False
 
 
 # Added to two reaper intervals: how long a lease may have been expired before a standby
@@ -227,10 +230,12 @@ class Reaper:
         self._covering = why
         return why is not None
 
-    def run_once(self) -> ReapResult:
+    def run_once(self, *, prune_seconds: float | None = None) -> ReapResult:
         """One pass: requeue expired, dead-letter exhausted, prune; batch by batch. With
         ``leader_only``, nothing unless this reaper holds (or takes) the lead, or the
-        leader looks stalled (see _cover)."""
+        leader looks stalled (see _cover). Pruning stops after ``prune_seconds``
+        (``config.prune_seconds_per_pass`` unless given; ``math.inf``: the whole
+        backlog) at the end of a batch, and the result says whether any was left."""
         conn = self._connection()
         # Each pass until the database is known to have this version's migrations.
         if not self._schema.settled:
@@ -286,20 +291,26 @@ class Reaper:
                     **renamed,
                 )
                 dead.append(row["id"])
-        pruned = sum(
-            len(ids)
-            for ids in self._batches(
-                lambda: store.prune_finished(
-                    conn, retention_seconds=cfg.retention_seconds, batch_size=cfg.batch_size
-                )
-            )
+        pruned = 0
+        more_to_prune = False
+        until = time.monotonic() + (
+            cfg.prune_seconds_per_pass if prune_seconds is None else prune_seconds
         )
+        for ids in self._batches(
+            lambda: store.prune_finished(
+                conn, retention_seconds=cfg.retention_seconds, batch_size=cfg.batch_size
+            )
+        ):
+            pruned += len(ids)
+            if len(ids) == cfg.batch_size and time.monotonic() >= until:
+                more_to_prune = True
+                break
         if pruned:
             metrics.JOBS_PRUNED.inc(pruned)
-            log.info("reaper.pruned", jobs=pruned)
+            log.info("reaper.pruned", jobs=pruned, more=more_to_prune)
         for row in store.delete_stale_workers(conn):
             log.warning("reaper.worker_gone", worker_id=row["id"], host=row["host"], pid=row["pid"])
-        return ReapResult(requeued, dead, pruned, cancelled)
+        return ReapResult(requeued, dead, pruned, cancelled, more_to_prune)
 
     def handle_signals(self) -> None:
         """SIGTERM and SIGINT stop this reaper after the statement in flight (the loop, or
@@ -328,13 +339,15 @@ class Reaper:
             try:
                 self._progress_at = time.monotonic()
                 try:
-                    self.run_once()
+                    result = self.run_once()
                 finally:
                     self._progress_at = None
                 if self.backoff.failures:
                     log.info("reaper.reconnected")
                 self.backoff.reset()
-                wait = self.config.interval
+                # A pass that left finished jobs to prune is followed by the next at once:
+                # its requeue first, then more pruning.
+                wait = 0.0 if result.more_to_prune else self.config.interval
             except CONNECTION_ERRORS as exc:
                 if self._stopping():
                     # The statement cancelled by stop(cancel=True) (QueryCanceled is an

@@ -7,6 +7,7 @@ to the database's clock, so nothing waits for a lease to run out.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -305,6 +306,53 @@ def test_prune_deletes_only_finished_jobs_older_than_retention(conn, dsn):
     assert remaining == kept
     assert remaining.isdisjoint(pruned)
     assert scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 0
+
+
+def insert_finished(conn: psycopg.Connection[Any], n: int) -> None:
+    conn.execute(
+        "INSERT INTO pgqueue.jobs (task, state, finished_at)"
+        " SELECT 't', 'succeeded', now() - interval '2 days' FROM generate_series(1, %s)",
+        (n,),
+    )
+
+
+def test_a_pass_prunes_for_its_time_and_leaves_the_rest_to_the_next(conn, dsn):
+    # A backlog of finished jobs (a retention shortened, a reaper down for days) was
+    # pruned to its end before the pass ended: a lease expiring meanwhile waited for all
+    # of it. A pass prunes for prune_seconds_per_pass, at least one batch, and says
+    # whether it left any; the next pass requeues first.
+    insert_finished(conn, 35)
+    with reaper(dsn, batch_size=10, prune_seconds_per_pass=1e-6) as r:
+        first = r.run_once()
+        assert (first.pruned, first.more_to_prune) == (10, True)
+        job = expired_job(conn)
+        second = r.run_once()
+        assert (second.requeued, second.pruned, second.more_to_prune) == ([job], 10, True)
+        # Told to, a pass prunes the whole backlog (`pgqueue reaper --once`).
+        rest = r.run_once(prune_seconds=math.inf)
+        assert (rest.pruned, rest.more_to_prune) == (15, False)
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'") == 0
+    # A backlog that ends within a pass's time leaves nothing: the last batch is short.
+    insert_finished(conn, 20)
+    with reaper(dsn, batch_size=10, prune_seconds_per_pass=60.0) as r:
+        assert (r.run_once().pruned, r.run_once().more_to_prune) == (20, False)
+
+
+def test_the_next_pass_starts_at_once_while_finished_jobs_are_left_to_prune(conn, dsn):
+    # Passes that leave pruning to the next do not wait an interval in between: pruning
+    # goes on at the rate it had, with a requeue between two passes.
+    insert_finished(conn, 60)
+    r = Reaper(ReaperConfig(dsn=dsn, interval=30, batch_size=10, prune_seconds_per_pass=1e-6))
+    thread = threading.Thread(target=r.run, kwargs={"handle_signals": False})
+    thread.start()
+    try:
+        # Six passes with no wait between them; an interval of 30 s between each would
+        # leave 50 jobs for minutes.
+        wait_until(lambda: scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 0, timeout=10)
+    finally:
+        r.stop(cancel=True)
+        thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 def test_pruning_a_finished_job_frees_its_idempotency_key(conn, dsn):
