@@ -426,8 +426,11 @@ def test_worker_metrics_count_every_claimed_attempt_and_outcome(conn, daemons):
     assert len(info) == 1 and info[0].value == 1
     assert info[0].labels["version"] and "default" in info[0].labels["queues"].split(",")
     assert all("job_id" not in s.labels for s in samples)
-    assert all(set(s.labels) <= {"queue", "task", "outcome", "le", "version", "queues"}
-               for s in samples if s.name.startswith("pgqueue_"))  # fmt: skip
+    # (component: pgqueue_db_disconnects_total's loop, at 0 from the start.)
+    assert all(
+        set(s.labels) <= {"queue", "task", "outcome", "le", "version", "queues", "component"}
+        for s in samples if s.name.startswith("pgqueue_")
+    )  # fmt: skip
     assert worker.poll() is None
 
 
