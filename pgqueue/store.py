@@ -1042,6 +1042,8 @@ def list_workers(conn: SyncConn) -> list[Row]:
 def list_jobs(
     conn: SyncConn, *, state: str | None, queue: str | None, task: str | None, limit: int
 ) -> list[Row]:
+    if state == JobState.RUNNING.value:
+        return _fetch(conn, "list_running_jobs", {"queue": queue, "task": task, "limit": limit})
     return _fetch(conn, "list_jobs", {"state": state, "queue": queue, "task": task, "limit": limit})
 
 

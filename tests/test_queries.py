@@ -2467,3 +2467,52 @@ def test_the_reapers_generic_plans_read_the_running_jobs_not_the_whole_table(
     ]  # fmt: skip
     assert whole == [], whole
     assert "jobs_running_idx" in {n.get("Index Name") for n in nodes}, nodes
+
+
+# Running jobs older than a backlog of queued ones (the claim takes the oldest first).
+RUNNING_UNDER_BACKLOG_SQL = [
+    """
+    INSERT INTO pgqueue.jobs (task, queue, state, attempts, lease_token, leased_by,
+                              lease_expires_at, attempted_at)
+    SELECT 't', 'q' || (i % 2), 'running', 1, gen_random_uuid(), 'w', now() + interval '1 minute',
+           now() FROM generate_series(1, 5000) AS i
+    """,
+    "INSERT INTO pgqueue.jobs (task, queue) SELECT 't', 'q0' FROM generate_series(1, 100000)",
+    "ANALYZE pgqueue.jobs",
+]
+
+
+@pytest.mark.parametrize("queue", [None, "q1"])
+def test_listing_running_jobs_reads_the_running_ones_not_the_backlog(
+    server_dsn, template_db, queue
+):
+    # `pgqueue jobs list --state running` walked the primary key from the newest job down
+    # past the whole backlog (a review: 2,000,000 rows filtered, 0.56 s).
+    with (
+        scratch_database(server_dsn, template_db, RUNNING_UNDER_BACKLOG_SQL) as dsn,
+        psycopg.connect(dsn, autocommit=True) as c,
+    ):
+        plan = c.execute(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES["list_running_jobs"],  # type: ignore[operator]
+            {"queue": queue, "task": None, "limit": 50},
+        ).fetchone()
+        with c.transaction():
+            listed = store.list_jobs(c, state="running", queue=queue, task=None, limit=50)
+            # What that read, as this transaction's statistics count it.
+            pkey_read = c.execute(
+                "SELECT pg_stat_get_xact_tuples_returned('pgqueue.jobs_pkey'::regclass)"
+            ).fetchone()
+        newest = c.execute(
+            "SELECT id FROM pgqueue.jobs WHERE state = 'running'"
+            " AND (%(q)s::text IS NULL OR queue = %(q)s) ORDER BY id DESC LIMIT 50",
+            {"q": queue},
+        ).fetchall()
+    assert plan is not None
+    on_jobs = [n for n in _plan_nodes(plan[0][0]["Plan"]) if n.get("Relation Name") == "jobs"]
+    read = sum(
+        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in on_jobs
+    )
+    assert read <= 5000, read
+    assert pkey_read == (0,), pkey_read
+    assert [r["id"] for r in listed] == [r[0] for r in newest]
+    assert {r["state"] for r in listed} == {"running"} and all(r["leased_by"] for r in listed)

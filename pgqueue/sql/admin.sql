@@ -201,6 +201,21 @@ WHERE (%(state)s::pgqueue.job_state IS NULL OR state = %(state)s::pgqueue.job_st
 ORDER BY id DESC
 LIMIT %(limit)s;
 
+-- name: list_running_jobs
+-- list_jobs for the running state: read through jobs_running_idx (the running set is
+-- bounded by the workers' concurrency), then sorted. list_jobs' ORDER BY id DESC LIMIT
+-- walked the primary key from the newest job down past every newer queued or finished
+-- one: with a backlog of millions, seconds, when an operator most wants to see what runs.
+WITH running AS MATERIALIZED (
+    SELECT id, queue, task, state::text AS state, attempts, max_attempts, priority, run_at,
+           created_at, finished_at, leased_by
+    FROM pgqueue.jobs
+    WHERE state = 'running'
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+      AND (%(task)s::text IS NULL OR task = %(task)s)
+)
+SELECT * FROM running ORDER BY id DESC LIMIT %(limit)s;
+
 -- name: list_dead
 -- Dead jobs, most recently dead first, filtered by queue and task when given;
 -- original_id is set for a job stored under a new id (migration 0023).
