@@ -681,7 +681,8 @@ def metrics_options(fn: F) -> F:
     show_default=True,
     envvar="PGQUEUE_REAPER_INTERVAL",
     show_envvar=True,
-    help="With --reaper: seconds between its passes (and between asks for the lead).",
+    help="With --reaper: seconds between its passes (and between asks for the lead; none"
+    " while finished jobs past retention are left to prune).",
 )
 @click.option(
     "--retention-seconds",
@@ -1108,7 +1109,8 @@ def _exit_after(body: Callable[[], int | None]) -> None:
     show_default=True,
     envvar="PGQUEUE_REAPER_INTERVAL",
     show_envvar=True,
-    help="Seconds between passes.",
+    help="Seconds between passes (none while finished jobs past retention are left to"
+    " prune: a pass prunes for about 2 s).",
 )
 @click.option(
     "--once",

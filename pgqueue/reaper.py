@@ -23,6 +23,7 @@ import psycopg
 
 from pgqueue import metrics, store
 from pgqueue.config import REAPER_STOP_SECONDS, ReaperConfig
+from pgqueue.errors import ConfigError
 from pgqueue.log import get_logger
 from pgqueue.migrate import SchemaWatch
 from pgqueue.worker.backoff import (
@@ -236,6 +237,14 @@ class Reaper:
         leader looks stalled (see _cover). Pruning stops after ``prune_seconds``
         (``config.prune_seconds_per_pass`` unless given; ``math.inf``: the whole
         backlog) at the end of a batch, and the result says whether any was left."""
+        if prune_seconds is not None and not (
+            isinstance(prune_seconds, int | float)
+            and not isinstance(prune_seconds, bool)
+            and prune_seconds > 0  # NaN is not; math.inf is
+        ):
+            raise ConfigError(
+                f"prune_seconds must be seconds > 0 or math.inf, got {prune_seconds!r}"
+            )
         conn = self._connection()
         # Each pass until the database is known to have this version's migrations.
         if not self._schema.settled:

@@ -26,6 +26,7 @@ from prometheus_client import REGISTRY
 
 from pgqueue import store
 from pgqueue.config import ReaperConfig
+from pgqueue.errors import ConfigError
 from pgqueue.reaper import Reaper, ReapResult
 from tests.conftest import (
     BIN,
@@ -331,6 +332,9 @@ def test_a_pass_prunes_for_its_time_and_leaves_the_rest_to_the_next(conn, dsn):
         # Told to, a pass prunes the whole backlog (`pgqueue reaper --once`).
         rest = r.run_once(prune_seconds=math.inf)
         assert (rest.pruned, rest.more_to_prune) == (15, False)
+        for bad in (0, -1, math.nan, True, "2"):
+            with pytest.raises(ConfigError, match="prune_seconds"):
+                r.run_once(prune_seconds=bad)  # type: ignore[arg-type]
     assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'") == 0
     # A backlog that ends within a pass's time leaves nothing: the last batch is short.
     insert_finished(conn, 20)

@@ -1933,6 +1933,9 @@ def test_worker_settings_out_of_range_are_refused(settings):
         {"backoff_max_seconds": float("inf")},
         {"interval": 10**400},
         {"batch_size": 10**10},
+        {"prune_seconds_per_pass": 0},
+        {"prune_seconds_per_pass": float("nan")},
+        {"prune_seconds_per_pass": float("inf")},
         {"dsn": "garbage=="},
     ],
 )
