@@ -1645,6 +1645,25 @@ def explain(dsn: str, name: str, params: dict[str, Any]) -> list[dict[str, Any]]
     return list(_plan_nodes(row[0][0]["Plan"]))
 
 
+def analysed(
+    conn: psycopg.Connection[Any], name: str, params: dict[str, Any], *, buffers: bool = False
+) -> list[dict[str, Any]]:
+    """The plan nodes of a named query as it ran (EXPLAIN ANALYZE, with BUFFERS if asked)."""
+    options = "ANALYZE, BUFFERS, FORMAT JSON" if buffers else "ANALYZE, FORMAT JSON"
+    with conn.cursor() as cur:
+        cur.execute(f"EXPLAIN ({options}) " + QUERIES[name], params)  # type: ignore[arg-type]
+        row = cur.fetchone()
+    assert row is not None
+    return list(_plan_nodes(row[0][0]["Plan"]))
+
+
+def rows_read(nodes: list[dict[str, Any]]) -> int:
+    """Rows the nodes read, kept or filtered out, over all their loops."""
+    return sum(
+        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in nodes
+    )
+
+
 def assert_sequence_looked_up_once(nodes: list[dict[str, Any]]) -> None:
     """The plan (EXPLAIN VERBOSE) looks up the jobs id sequence only in an InitPlan."""
     in_output = [n for n in nodes if "pg_get_serial_sequence" in " ".join(n.get("Output", []))]
@@ -2339,16 +2358,10 @@ def test_seconds_until_due_reads_a_handful_of_rows_whatever_waits(conn, dsn):
     conn.execute("ANALYZE pgqueue.jobs")
     since = db_clock(conn) - timedelta(seconds=30)
     params = {"queues": ["a"], "lookback_seconds": 0.1, "rescued_since": since}
-    with conn.cursor() as cur:
-        cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES["seconds_until_due"], params)  # type: ignore[operator]
-        row = cur.fetchone()
-    assert row is not None
-    nodes = list(_plan_nodes(row[0][0]["Plan"]))
+    nodes = analysed(conn, "seconds_until_due", params)
 
     on_jobs = [n for n in nodes if n.get("Relation Name") == "jobs"]
-    read = sum(
-        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in on_jobs
-    )
+    read = rows_read(on_jobs)
     assert on_jobs and read < 50, [
         (n["Node Type"], n.get("Index Name"), n["Actual Rows"]) for n in on_jobs
     ]
@@ -2368,17 +2381,8 @@ def test_the_gauges_do_not_read_the_jobs_finished_in_the_last_minute(conn, with_
         "INSERT INTO pgqueue.jobs (task, queue) SELECT 't', 'q1' FROM generate_series(1, 3)"
     )
     conn.execute("ANALYZE pgqueue.jobs")
-    with conn.cursor() as cur:
-        cur.execute(
-            "EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES["queue_stats"],  # type: ignore[operator]
-            {"with_finished": with_finished},
-        )
-        row = cur.fetchone()
-    assert row is not None
-    on_jobs = [n for n in _plan_nodes(row[0][0]["Plan"]) if n.get("Relation Name") == "jobs"]
-    read = sum(
-        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in on_jobs
-    )
+    nodes = analysed(conn, "queue_stats", {"with_finished": with_finished})
+    read = rows_read([n for n in nodes if n.get("Relation Name") == "jobs"])
     # Listing the queues reads the finished jobs once; counting them per queue, again.
     assert (read >= 10_000) if with_finished else (read < 5_100), read
     rows = {r["queue"]: r for r in store.queue_stats(conn, with_finished=with_finished)}
@@ -2404,22 +2408,11 @@ def test_the_gauges_read_each_queued_and_running_job_once(conn):
         " '1 minute', now() FROM generate_series(1, 400) AS g"
     )
     conn.execute("VACUUM ANALYZE pgqueue.jobs")
-    with conn.cursor() as cur:
-        cur.execute(
-            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + QUERIES["queue_stats"],  # type: ignore[operator]
-            {"with_finished": False},
-        )
-        row = cur.fetchone()
-    assert row is not None
-    nodes = list(_plan_nodes(row[0][0]["Plan"]))
+    nodes = analysed(conn, "queue_stats", {"with_finished": False}, buffers=True)
     # Running jobs: each row once (the rows the plan read from the table, beside the
     # index-only reads of the claim index).
     on_jobs = [n for n in nodes if n.get("Relation Name") == "jobs"]
-    from_heap = sum(
-        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"]
-        for n in on_jobs
-        if n.get("Index Name") != "jobs_claim_idx"
-    )
+    from_heap = rows_read([n for n in on_jobs if n.get("Index Name") != "jobs_claim_idx"])
     assert from_heap <= 400, from_heap
     # Queued jobs: the claim index's pages once, and a few descents to list the queues
     # and their priorities (reading it twice came to about twice its size).
@@ -2508,10 +2501,7 @@ def test_listing_running_jobs_reads_the_running_ones_not_the_backlog(
         scratch_database(server_dsn, template_db, RUNNING_UNDER_BACKLOG_SQL) as dsn,
         psycopg.connect(dsn, autocommit=True) as c,
     ):
-        plan = c.execute(
-            "EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES["list_running_jobs"],  # type: ignore[operator]
-            {"queue": queue, "task": None, "limit": 50},
-        ).fetchone()
+        nodes = analysed(c, "list_running_jobs", {"queue": queue, "task": None, "limit": 50})
         with c.transaction():
             listed = store.list_jobs(c, state="running", queue=queue, task=None, limit=50)
             # What that read, as this transaction's statistics count it.
@@ -2523,11 +2513,7 @@ def test_listing_running_jobs_reads_the_running_ones_not_the_backlog(
             " AND (%(q)s::text IS NULL OR queue = %(q)s) ORDER BY id DESC LIMIT 50",
             {"q": queue},
         ).fetchall()
-    assert plan is not None
-    on_jobs = [n for n in _plan_nodes(plan[0][0]["Plan"]) if n.get("Relation Name") == "jobs"]
-    read = sum(
-        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in on_jobs
-    )
+    read = rows_read([n for n in nodes if n.get("Relation Name") == "jobs"])
     assert read <= 5000, read
     assert pkey_read == (0,), pkey_read
     assert [r["id"] for r in listed] == [r[0] for r in newest]
