@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 from pgqueue.config import ReaperConfig, WorkerConfig
 from pgqueue.context import JobContext, current_job
-from pgqueue.enqueue import JobDict, JobSpec, enqueue, enqueue_many
+from pgqueue.enqueue import JobDict, JobItem, JobSpec, enqueue, enqueue_many
 from pgqueue.errors import (
     AppImportError,
     ConfigError,
@@ -53,6 +53,7 @@ __all__ = [
     "HandlerTaskExit",
     "JobContext",
     "JobDict",
+    "JobItem",
     "JobNotFound",
     "JobSpec",
     "JobState",
@@ -81,15 +82,20 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> _typing.Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pgqueue' has no attribute {name!r}")
-    from importlib import import_module
+if not _typing.TYPE_CHECKING:
+    # Hidden from type checkers: a module __getattr__ typed to return Any made every
+    # name, a misspelled import too, pass them (Worker and Reaper are imported above
+    # for them).
 
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
+    def __getattr__(name: str) -> _typing.Any:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'pgqueue' has no attribute {name!r}")
+        from importlib import import_module
+
+        value = getattr(import_module(module), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from json import encoder as json_encoder
@@ -581,7 +581,7 @@ def enqueue(
     delay: float | timedelta | None = None,
     max_attempts: int | None = None,
     idempotency_key: str | None = None,
-) -> Awaitable[int]: ...
+) -> Coroutine[Any, Any, int]: ...
 
 
 def enqueue(
@@ -595,7 +595,7 @@ def enqueue(
     delay: float | timedelta | None = None,
     max_attempts: int | None = None,
     idempotency_key: str | None = None,
-) -> int | Awaitable[int]:
+) -> int | Coroutine[Any, Any, int]:
     """Enqueue one job in ``conn``'s current transaction and return its id.
 
     Defaults come from the task's registration when this process registered it, else
@@ -664,19 +664,19 @@ def _spec_from(item: object) -> JobSpec:
 
 
 @overload
-def enqueue_many(conn: psycopg.Connection[Any], jobs: Sequence[JobItem]) -> list[int]: ...
+def enqueue_many(conn: psycopg.Connection[Any], jobs: Iterable[JobItem]) -> list[int]: ...
 
 
 @overload
 def enqueue_many(
-    conn: psycopg.AsyncConnection[Any], jobs: Sequence[JobItem]
-) -> Awaitable[list[int]]: ...
+    conn: psycopg.AsyncConnection[Any], jobs: Iterable[JobItem]
+) -> Coroutine[Any, Any, list[int]]: ...
 
 
 def enqueue_many(
     conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
-    jobs: Sequence[JobItem],
-) -> list[int] | Awaitable[list[int]]:
+    jobs: Iterable[JobItem],
+) -> list[int] | Coroutine[Any, Any, list[int]]:
     """Enqueue many jobs in one call, a few round trips whatever their number (by COPY:
     the ids, the COPY, its end; a savepoint around large ones); returns their ids in
     input order.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
@@ -240,7 +240,7 @@ class Task(Generic[P, R]):
     @overload
     def enqueue(
         self, conn: psycopg.AsyncConnection[Any], /, *args: P.args, **kwargs: P.kwargs
-    ) -> Awaitable[int]: ...
+    ) -> Coroutine[Any, Any, int]: ...
 
     def enqueue(
         self,
@@ -248,7 +248,7 @@ class Task(Generic[P, R]):
         /,
         *args: P.args,
         **kwargs: P.kwargs,
-    ) -> int | Awaitable[int]:
+    ) -> int | Coroutine[Any, Any, int]:
         """Enqueue a job of this task, its args checked against the handler's signature
         (a type checker checks them too): ``send.enqueue(conn, to="a@b.c")``. Returns
         the job's id (an awaitable of it on an ``AsyncConnection``), like
@@ -286,7 +286,7 @@ class TaskCall(Generic[P]):
     @overload
     def enqueue(
         self, conn: psycopg.AsyncConnection[Any], /, *args: P.args, **kwargs: P.kwargs
-    ) -> Awaitable[int]: ...
+    ) -> Coroutine[Any, Any, int]: ...
 
     def enqueue(
         self,
@@ -294,7 +294,7 @@ class TaskCall(Generic[P]):
         /,
         *args: P.args,
         **kwargs: P.kwargs,
-    ) -> int | Awaitable[int]:
+    ) -> int | Coroutine[Any, Any, int]:
         """As ``Task.enqueue``, with these options."""
         from pgqueue.enqueue import enqueue
 

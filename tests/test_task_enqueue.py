@@ -143,7 +143,7 @@ def test_a_type_checker_checks_the_arguments(tmp_path: Path):
         from typing import Any
 
         import psycopg
-        from pgqueue import Registry
+        from pgqueue import JobItem, Registry, enqueue, enqueue_many
 
         registry = Registry()
 
@@ -154,9 +154,19 @@ def test_a_type_checker_checks_the_arguments(tmp_path: Path):
             job_id: int = send.enqueue(conn, "a@b.c", retries=2)
             send.with_options(delay=5).enqueue(conn, to="a")
             pending = send.enqueue(aconn, "a")
-            reveal_type(pending)
+            reveal_type(pending)  # type: ignore[unused-coroutine]
             send.enqueue(conn, 42)
             send.enqueue(conn, "a", retries="many")
+
+        async def forgot(aconn: psycopg.AsyncConnection[Any]) -> None:
+            send.enqueue(aconn, "a")
+            enqueue(aconn, "t")
+
+        def many(conn: psycopg.Connection[Any]) -> list[int]:
+            items: list[JobItem] = ["t", ("t", {"to": "a"}), {"task": "t"}]
+            return enqueue_many(conn, items) + enqueue_many(conn, (send.spec("a") for _ in "ab"))
+
+        from pgqueue import Snoze
         """
     )
     (tmp_path / "producer.py").write_text(source)
@@ -166,11 +176,23 @@ def test_a_type_checker_checks_the_arguments(tmp_path: Path):
     )  # fmt: skip
     lines = result.stdout.splitlines()
     errors = [line for line in lines if ": error:" in line]
-    assert any("Awaitable[int]" in line for line in lines if "note: Revealed" in line), lines
-    # The two bad calls (lines 17 and 18 of the snippet), nothing else.
-    assert [line.split(": error:")[0] for line in errors] == ["producer.py:17", "producer.py:18"]
-    assert all('No overload variant of "enqueue" of "Task"' in line for line in errors), errors
+    revealed = [line for line in lines if "note: Revealed" in line]
+    assert any("Coroutine[Any, Any, int]" in line for line in revealed), lines
+    # The two bad calls (lines 17 and 18 of the snippet); an enqueue on an async
+    # connection not awaited (the job would never be sent: 21, 22); a misspelled import
+    # (28: the module's lazy __getattr__ made any name pass). Nothing else: the JobItem
+    # list and the generator for enqueue_many are fine.
+    assert [line.split(": error:")[0] for line in errors] == [
+        "producer.py:17",
+        "producer.py:18",
+        "producer.py:21",
+        "producer.py:22",
+        "producer.py:28",
+    ], lines
+    assert all('No overload variant of "enqueue" of "Task"' in line for line in errors[:2])
     assert any("to: str, retries: int = ..." in line for line in lines), lines
+    assert all("[unused-coroutine]" in line for line in errors[2:4]), errors
+    assert 'Module "pgqueue" has no attribute "Snoze"' in errors[4], errors
 
 
 def test_the_bare_decorator_registers_under_the_functions_own_name(conn):
