@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from pgqueue import store
 from pgqueue.config import CANCEL_GRACE_SECONDS, WorkerConfig
@@ -36,7 +36,7 @@ from pgqueue.context import JobContext, reset_current, set_current
 from pgqueue.enqueue import _dump_args, max_args_bytes
 from pgqueue.errors import SCHEMA_HINT, ConfigError, PgQueueError
 from pgqueue.migrate import schema_drift
-from pgqueue.registry import Registry
+from pgqueue.registry import Registry, Task
 from pgqueue.worker import Worker
 from pgqueue.worker.executor import call_plain, taken_from_group
 
@@ -79,21 +79,27 @@ def job_context(
     )
 
 
+R = TypeVar("R")
+
+
 def _prepared(
     registry: Registry,
-    task: str,
+    task: str | Task[Any, Any],
     args: Mapping[str, Any] | None,
     attempt: int,
     job_id: int,
 ) -> tuple[Any, dict[str, Any], JobContext]:
-    handler = registry.get(task)
+    # A Task is looked up by its name: what runs is what this registry holds under it,
+    # as in a worker of this registry.
+    name = task.name if isinstance(task, Task) else task
+    handler = registry.get(name)
     # What a worker would receive: enqueue's checks and encoding, then JSON decoding; and
     # the worker's check of them against the handler's signature (its bad_args).
     decoded = store._DECODER.decode(_dump_args({} if args is None else args, max_args_bytes()))
     handler.check_args(decoded)
     options = handler.options
     ctx = job_context(
-        task,
+        name,
         id=job_id,
         queue=options.queue,
         attempt=attempt,
@@ -103,6 +109,29 @@ def _prepared(
     return handler, decoded, ctx
 
 
+@overload
+def perform(
+    registry: Registry,
+    task: Task[..., Coroutine[Any, Any, R]],
+    args: Mapping[str, Any] | None = None,
+    *,
+    attempt: int = 1,
+    job_id: int = 1,
+) -> R: ...
+
+
+@overload
+def perform(
+    registry: Registry,
+    task: Task[..., R],
+    args: Mapping[str, Any] | None = None,
+    *,
+    attempt: int = 1,
+    job_id: int = 1,
+) -> R: ...
+
+
+@overload
 def perform(
     registry: Registry,
     task: str,
@@ -110,9 +139,20 @@ def perform(
     *,
     attempt: int = 1,
     job_id: int = 1,
+) -> Any: ...
+
+
+def perform(
+    registry: Registry,
+    task: str | Task[Any, Any],
+    args: Mapping[str, Any] | None = None,
+    *,
+    attempt: int = 1,
+    job_id: int = 1,
 ) -> Any:
-    """Run task ``task``'s handler once, here, and return what it returns. An async
-    handler runs in a new event loop (from a coroutine, use ``perform_async``).
+    """Run task ``task``'s handler once, here, and return what it returns. ``task`` is a
+    name or a ``Task`` (typed: its handler's return type, awaited for an async one). An
+    async handler runs in a new event loop (from a coroutine, use ``perform_async``).
     ``UnknownTask`` for a name the registry lacks; ``SerializationError`` or
     ``PayloadTooLarge`` for args enqueue would refuse; a ``TypeError`` before the handler
     runs when they do not fit its signature, with the message a worker records as that
@@ -136,9 +176,42 @@ def perform(
         reset_current(token)
 
 
+@overload
+async def perform_async(
+    registry: Registry,
+    task: Task[..., Coroutine[Any, Any, R]],
+    args: Mapping[str, Any] | None = None,
+    *,
+    attempt: int = 1,
+    job_id: int = 1,
+) -> R: ...
+
+
+@overload
+async def perform_async(
+    registry: Registry,
+    task: Task[..., R],
+    args: Mapping[str, Any] | None = None,
+    *,
+    attempt: int = 1,
+    job_id: int = 1,
+) -> R: ...
+
+
+@overload
 async def perform_async(
     registry: Registry,
     task: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    attempt: int = 1,
+    job_id: int = 1,
+) -> Any: ...
+
+
+async def perform_async(
+    registry: Registry,
+    task: str | Task[Any, Any],
     args: Mapping[str, Any] | None = None,
     *,
     attempt: int = 1,

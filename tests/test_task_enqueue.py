@@ -167,6 +167,16 @@ def test_a_type_checker_checks_the_arguments(tmp_path: Path):
             return enqueue_many(conn, items) + enqueue_many(conn, (send.spec("a") for _ in "ab"))
 
         from pgqueue import Snoze
+        from typing import assert_type
+        from pgqueue.testing import perform
+
+        @registry.task(name="u")
+        async def upper(s: str) -> str:
+            return s.upper()
+
+        assert_type(perform(registry, upper, {"s": "x"}), str)
+        assert_type(perform(registry, send, {"to": "x"}), None)
+        assert_type(perform(registry, "u", {"s": "x"}), Any)
         """
     )
     (tmp_path / "producer.py").write_text(source)
@@ -181,7 +191,8 @@ def test_a_type_checker_checks_the_arguments(tmp_path: Path):
     # The two bad calls (lines 17 and 18 of the snippet); an enqueue on an async
     # connection not awaited (the job would never be sent: 21, 22); a misspelled import
     # (28: the module's lazy __getattr__ made any name pass). Nothing else: the JobItem
-    # list and the generator for enqueue_many are fine.
+    # list and the generator for enqueue_many are fine, and perform of a Task has its
+    # handler's return type (awaited for an async one).
     assert [line.split(": error:")[0] for line in errors] == [
         "producer.py:17",
         "producer.py:18",

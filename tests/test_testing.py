@@ -127,6 +127,21 @@ def test_perform_runs_a_handler_with_its_job_context_and_returns_its_result():
     assert perform(registry, "t.async_add", {"a": 2, "b": 3}) == 6
 
 
+def test_perform_takes_the_task_itself():
+    # As a test holding the Task would write it; it was refused (UnknownTask, naming the
+    # Task's repr).
+    assert perform(registry, async_add, {"a": 2, "b": 3}, attempt=2) == 7
+    assert asyncio.run(perform_async(registry, async_add, {"a": 1, "b": 1})) == 3
+    # Looked up by its name: a Task this registry does not hold is unknown to it.
+    elsewhere = Registry()
+
+    @elsewhere.task(name="t.not_here")
+    def not_here() -> None: ...
+
+    with pytest.raises(UnknownTask, match=r"t\.not_here"):
+        perform(registry, not_here)
+
+
 def test_perform_passes_args_through_json_as_a_worker_receives_them():
     got = perform(registry, "t.echo", {"items": (1, 2), "nested": {"x": 1.5}, "none": None})
     assert got == {"items": [1, 2], "nested": {"x": 1.5}, "none": None}
