@@ -103,7 +103,7 @@ class Snooze(Exception):
 
     def __init__(self, seconds: float | timedelta | Decimal) -> None:
         # A bool or a string is a mistake, said here rather than as a comparison's error.
-        self.seconds = delay_seconds(seconds, "Snooze")
+        self.seconds: float = delay_seconds(seconds, "Snooze")
         super().__init__(f"snoozed for {self.seconds:g}s")
 
 

@@ -138,15 +138,15 @@ class Task(Generic[P, R]):
         # An object whose __call__ is ``async def`` is async too. A plain function that
         # returns an awaitable (an async function behind a plain decorator) runs in a
         # thread, and the worker awaits what it returns.
-        self.is_async = inspect.iscoroutinefunction(fn) or (
+        self.is_async: bool = inspect.iscoroutinefunction(fn) or (
             not inspect.isroutine(fn)
             and not inspect.isclass(fn)
             and inspect.iscoroutinefunction(type(fn).__call__)
         )
-        self.signature = inspect.signature(fn)
+        self.signature: inspect.Signature = inspect.signature(fn)
         # Whether every JSON object binds (only **kwargs and parameters with defaults that
         # can be passed by keyword): the worker then skips the per-job signature check.
-        self.binds_any_kwargs = _binds_any_kwargs(self.signature)
+        self.binds_any_kwargs: bool = _binds_any_kwargs(self.signature)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -271,7 +271,7 @@ class TaskCall(Generic[P]):
         task_options = task.options
         # The task's own defaults, not the process-wide index's (another registry may
         # have registered the same name with other options).
-        self.options = {
+        self.options: dict[str, Any] = {
             "queue": task_options.queue,
             "priority": task_options.priority,
             "max_attempts": task_options.max_attempts,
