@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -184,7 +185,8 @@ def _seconds(name: str, value: float, low: float, *, low_open: bool = False) -> 
 @dataclass(frozen=True)
 class WorkerConfig:
     dsn: str
-    queues: tuple[str, ...] = ()
+    # Any sequence of names (a list too); validate() keeps a tuple.
+    queues: Sequence[str] = ()
     concurrency: int = DEFAULT_CONCURRENCY
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     # Heartbeats run every lease_seconds / 3 unless set, so two can be lost in a row.
@@ -231,7 +233,7 @@ class WorkerConfig:
                 check_name("queue", queue, MAX_QUEUE_LENGTH)
             except ConfigError as exc:
                 raise ConfigError(f"bad queue name {queue!r}: {exc}") from None
-        return dataclasses.replace(self, dsn=with_tcp_defaults(self.dsn))
+        return dataclasses.replace(self, dsn=with_tcp_defaults(self.dsn), queues=tuple(self.queues))
 
 
 @dataclass(frozen=True)

@@ -1923,6 +1923,12 @@ def test_worker_settings_out_of_range_are_refused(settings):
         WorkerConfig(**{"dsn": "postgresql://x", **settings}).validate()
 
 
+def test_worker_queues_may_be_any_sequence_of_names():
+    # Typed tuple[str, ...], a list was refused by a type checker though it worked.
+    config = WorkerConfig(dsn="postgresql://x", queues=["emails", "default"]).validate()
+    assert config.queues == ("emails", "default")
+
+
 @pytest.mark.parametrize(
     "settings",
     [
