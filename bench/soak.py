@@ -89,7 +89,10 @@ def soak(dsn: str, seconds: float, rate: int, port: int) -> list[float]:
                 time.sleep(1)
             left = unfinished(conn)
             dead = conn.execute("SELECT count(*) FROM pgqueue.dead_jobs").fetchone()
-        print(f"enqueued {sent}; not done {left}; dead {dead[0] if dead else '?'}")
+        print(
+            f"enqueued {sent} ({sent / seconds:.0f} a second); not done {left};"
+            f" dead {dead[0] if dead else '?'}"
+        )
         if worker.poll() is not None:
             raise SystemExit(f"the worker exited with {worker.returncode}")
     finally:
@@ -118,6 +121,10 @@ def main() -> None:
         help="a server where this may create and drop a database",
     )  # fmt: skip
     args = parser.parse_args()
+    # A SIGTERM or SIGHUP (timeout, a closed terminal) becomes SystemExit, so that the
+    # finally blocks stop the worker (in a session of its own) and drop the database.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(143))
     name = f"bench_soak_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(args.admin_dsn, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))

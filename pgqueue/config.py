@@ -6,7 +6,6 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -185,8 +184,8 @@ def _seconds(name: str, value: float, low: float, *, low_open: bool = False) -> 
 @dataclass(frozen=True)
 class WorkerConfig:
     dsn: str
-    # Any sequence of names (a list too); validate() keeps a tuple.
-    queues: Sequence[str] = ()
+    # A tuple or a list of names (not Sequence: a str is one); validate() keeps a tuple.
+    queues: tuple[str, ...] | list[str] = ()
     concurrency: int = DEFAULT_CONCURRENCY
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     # Heartbeats run every lease_seconds / 3 unless set, so two can be lost in a row.

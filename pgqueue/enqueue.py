@@ -664,18 +664,20 @@ def _spec_from(item: object) -> JobSpec:
 
 
 @overload
-def enqueue_many(conn: psycopg.Connection[Any], jobs: Iterable[JobItem]) -> list[int]: ...
+def enqueue_many(
+    conn: psycopg.Connection[Any], jobs: Sequence[JobItem] | Iterator[JobItem]
+) -> list[int]: ...
 
 
 @overload
 def enqueue_many(
-    conn: psycopg.AsyncConnection[Any], jobs: Iterable[JobItem]
+    conn: psycopg.AsyncConnection[Any], jobs: Sequence[JobItem] | Iterator[JobItem]
 ) -> Coroutine[Any, Any, list[int]]: ...
 
 
 def enqueue_many(
     conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
-    jobs: Iterable[JobItem],
+    jobs: Sequence[JobItem] | Iterator[JobItem],
 ) -> list[int] | Coroutine[Any, Any, list[int]]:
     """Enqueue many jobs in one call, a few round trips whatever their number (by COPY:
     the ids, the COPY, its end; a savepoint around large ones); returns their ids in

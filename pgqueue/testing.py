@@ -25,7 +25,7 @@ import math
 import os
 import uuid
 from collections import Counter
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar, overload
@@ -123,6 +123,17 @@ def perform(
 @overload
 def perform(
     registry: Registry,
+    task: Task[..., Awaitable[R]],
+    args: Mapping[str, Any] | None = None,
+    *,
+    attempt: int = 1,
+    job_id: int = 1,
+) -> R: ...
+
+
+@overload
+def perform(
+    registry: Registry,
     task: Task[..., R],
     args: Mapping[str, Any] | None = None,
     *,
@@ -180,6 +191,17 @@ def perform(
 async def perform_async(
     registry: Registry,
     task: Task[..., Coroutine[Any, Any, R]],
+    args: Mapping[str, Any] | None = None,
+    *,
+    attempt: int = 1,
+    job_id: int = 1,
+) -> R: ...
+
+
+@overload
+async def perform_async(
+    registry: Registry,
+    task: Task[..., Awaitable[R]],
     args: Mapping[str, Any] | None = None,
     *,
     attempt: int = 1,

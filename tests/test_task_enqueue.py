@@ -177,6 +177,7 @@ def test_a_type_checker_checks_the_arguments(tmp_path: Path):
         assert_type(perform(registry, upper, {"s": "x"}), str)
         assert_type(perform(registry, send, {"to": "x"}), None)
         assert_type(perform(registry, "u", {"s": "x"}), Any)
+        enqueue_many(psycopg.connect(""), {"task": "t"})
         """
     )
     (tmp_path / "producer.py").write_text(source)
@@ -199,11 +200,14 @@ def test_a_type_checker_checks_the_arguments(tmp_path: Path):
         "producer.py:21",
         "producer.py:22",
         "producer.py:28",
+        "producer.py:39",
     ], lines
     assert all('No overload variant of "enqueue" of "Task"' in line for line in errors[:2])
     assert any("to: str, retries: int = ..." in line for line in lines), lines
     assert all("[unused-coroutine]" in line for line in errors[2:4]), errors
     assert 'Module "pgqueue" has no attribute "Snoze"' in errors[4], errors
+    # One mapping is not a list of jobs (it iterates as its keys, each a task name).
+    assert "enqueue_many" in errors[5], errors
 
 
 def test_the_bare_decorator_registers_under_the_functions_own_name(conn):
