@@ -39,7 +39,7 @@ from pgqueue.errors import ConfigError
 from pgqueue.log import get_logger
 from pgqueue.migrate import schema_drift
 
-log = get_logger("pgqueue.metrics")
+log: Any = get_logger("pgqueue.metrics")
 
 DEFAULT_METRICS_HOST = "0.0.0.0"
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -572,7 +572,7 @@ class MetricsServer:
             )
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc
-        self.port = int(self._httpd.server_address[1])
+        self.port: int = int(self._httpd.server_address[1])
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="pgqueue-metrics", daemon=True
         )

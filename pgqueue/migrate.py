@@ -244,8 +244,8 @@ class SchemaWatch:
         self._log = logger
         self._daemon = daemon
         self._missing: tuple[str, ...] = ()
-        self.settled = False
-        self.notify_limit_checked = False
+        self.settled: bool = False
+        self.notify_limit_checked: bool = False
 
     @property
     def behind(self) -> bool:

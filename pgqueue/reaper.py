@@ -34,7 +34,7 @@ from pgqueue.worker.backoff import (
     retry_event,
 )
 
-log = get_logger("pgqueue.reaper")
+log: Any = get_logger("pgqueue.reaper")
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,8 @@ SIGNAL_CHECK_SECONDS = 0.1
 
 class Reaper:
     def __init__(self, config: ReaperConfig) -> None:
-        self.config = config = config.validate()
+        self.config: ReaperConfig = config.validate()
+        config = self.config
         self._stop = threading.Event()
         # Set by the signal handler, which must not touch the Event: its lock may be held
         # by the very thread the signal interrupted (inside Event.wait), and waiting for
@@ -78,7 +79,7 @@ class Reaper:
         # Whether a _watch_stop thread runs (see watching_stops); set to end it at once.
         self._watching = False
         self._stop_watched = threading.Event()
-        self.backoff = ReconnectBackoff(config.reconnect_max_seconds)
+        self.backoff: ReconnectBackoff = ReconnectBackoff(config.reconnect_max_seconds)
         self._looping = False
         self._database_health = metrics.database_health(config.dsn)
         self._schema = SchemaWatch(log, "reaper")

@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any
 
 from pgqueue.config import REPEATED_SIGNAL_SECONDS, STOP_MARGIN_SECONDS
 from pgqueue.log import get_logger
@@ -33,7 +34,7 @@ from pgqueue.metrics import (
     supervisor_registry,
 )
 
-log = get_logger("pgqueue.supervisor")
+log: Any = get_logger("pgqueue.supervisor")
 
 # Set in each child's environment: the worker then treats signals as a supervised child.
 SUPERVISED_ENV = "PGQUEUE_SUPERVISED"
@@ -114,7 +115,7 @@ class Supervisor:
         queue_stats: bool = False,
         lease_seconds: float = 30.0,
     ) -> None:
-        self.child_argv = list(child_argv)
+        self.child_argv: list[str] = list(child_argv)
         # The children's lease: a child that reports nothing for longer is frozen.
         self.lease_seconds = lease_seconds
         # The children run the reaper (--reaper): export the database-wide gauges, and

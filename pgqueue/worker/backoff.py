@@ -119,7 +119,7 @@ class ReconnectBackoff:
     ) -> None:
         self.max_seconds = max_seconds
         self.first_seconds = first_seconds
-        self.failures = 0
+        self.failures: int = 0
         self.cut = cut
         self.stop = stop
         self._cut_used = False

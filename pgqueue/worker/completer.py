@@ -33,7 +33,7 @@ from pgqueue.worker.backoff import (
     retry_event,
 )
 
-log = get_logger("pgqueue.completer")
+log: Any = get_logger("pgqueue.completer")
 
 
 class WriteResult(enum.Enum):
@@ -81,12 +81,12 @@ class Completer:
         reconnect_max_seconds: float,
         reconnects: Reconnects | None = None,
     ) -> None:
-        self.pool = pool
+        self.pool: AsyncConnectionPool = pool
         self.on_written = on_written
         self.worker_id = worker_id
         # Cut short by a new connection of the pool (reconnects). The shutdown flush has
         # its own (it may back off while the run loop does).
-        self.backoff = ReconnectBackoff(
+        self.backoff: ReconnectBackoff = ReconnectBackoff(
             reconnect_max_seconds, cut=reconnects.event() if reconnects else None
         )
         self._flush_cut = reconnects.event() if reconnects else None

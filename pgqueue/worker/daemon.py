@@ -57,7 +57,7 @@ from pgqueue.worker.executor import Executor, contain_handler_tasks, describe
 from pgqueue.worker.heartbeat import Heartbeat
 from pgqueue.worker.listener import Listener
 
-log = get_logger("pgqueue.worker")
+log: Any = get_logger("pgqueue.worker")
 
 # Added to the time since a claim was sent when asking for the next due job: the claim's
 # now() on the server is later than its sending, but this covers a server that took the
@@ -132,21 +132,22 @@ class Worker:
         # Called once the worker's loops run (a supervised child tells its supervisor).
         self._on_started = on_started
         # Run by a --processes supervisor: see _on_signal.
-        self.supervised = supervised
+        self.supervised: bool = supervised
         # The supervisor's pid: if it dies (SIGKILL, OOM killer) this worker is orphaned
         # and stops gracefully rather than run on unsupervised (see _watch_parent).
         self.parent_pid = parent_pid
-        self.config = config = config.validate()
+        self.config: WorkerConfig = config.validate()
+        config = self.config
         # Deduplicated: the claim scans each queue once per name it is given.
         self.queues: tuple[str, ...] = tuple(dict.fromkeys(config.queues or registry.queues()))
-        self.worker_id = worker_id or make_worker_id()
+        self.worker_id: str = worker_id or make_worker_id()
         # Each new connection of the pool cuts short the loops' reconnect backoffs.
         self._reconnects = Reconnects()
         self._configure_session = store.worker_connection_configurer(
             generic_plans=config.prepared_statements and config.generic_plans,
             async_commit=config.async_commit,
         )
-        self.pool = _WorkerPool(
+        self.pool: _WorkerPool = _WorkerPool(
             config.dsn,
             # Fetcher, completer and heartbeat each hold one at times. All three are opened
             # at start: a pool that grows on demand makes the first claims that meet a
@@ -172,7 +173,7 @@ class Worker:
             # psycopg's warnings name it.
             name=f"pgqueue-worker {self.worker_id}",
         )
-        self.executor = Executor(
+        self.executor: Executor = Executor(
             registry, self.worker_id, threads=config.concurrency, on_thread_freed=self._thread_freed
         )
         self.executor.on_gave_up = self._on_gave_up
@@ -207,10 +208,10 @@ class Worker:
         self._signal_arrivals: list[float] = []
         self._schema = SchemaWatch(log, "worker")
         # True when the worker stopped because one of its parts died (exit code 1).
-        self.failed = False
+        self.failed: bool = False
         # Async handlers still running when the worker stopped: they ignored their
         # cancellation (see _release_stubborn). The process exits without waiting for them.
-        self.stubborn_handlers = 0
+        self.stubborn_handlers: int = 0
         # Lease tokens of attempts whose outcome was submitted while their handler still
         # ran (released at shutdown, or given up on after a timeout it ignored): the
         # outcome of the handler's end is dropped, one outcome per attempt.
@@ -238,14 +239,14 @@ class Worker:
         # The database's now() at the last check for rescued jobs (None: none made yet).
         self._rescued_checked_at: datetime | None = None
         self._database_health = metrics.database_health(config.dsn)
-        self.completer = Completer(
+        self.completer: Completer = Completer(
             self.pool,
             self._on_written,
             worker_id=self.worker_id,
             reconnect_max_seconds=config.reconnect_max_seconds,
             reconnects=self._reconnects,
         )
-        self.heartbeat = Heartbeat(
+        self.heartbeat: Heartbeat = Heartbeat(
             self.pool,
             lambda: list(self._held),
             self._settling,
@@ -258,7 +259,7 @@ class Worker:
             refused=self._refused_tokens,
             reconnects=self._reconnects,
         )
-        self.listener = Listener(
+        self.listener: Listener = Listener(
             config.dsn,
             self.queues,
             self._wake,

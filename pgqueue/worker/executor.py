@@ -35,7 +35,7 @@ from pgqueue.models import Job, Outcome, OutcomeKind, UndecodableArgs
 from pgqueue.registry import Registry
 from pgqueue.retry import Backoff
 
-log = get_logger("pgqueue.worker")
+log: Any = get_logger("pgqueue.worker")
 
 MAX_TRACEBACK_CHARS = 16_000
 MAX_ERROR_CHARS = 2_000
@@ -159,10 +159,12 @@ class Executor:
     ) -> None:
         self.registry = registry
         self.worker_id = worker_id
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pgqueue-job")
+        self.pool: ThreadPoolExecutor = ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="pgqueue-job"
+        )
         # Pool threads still running a handler whose job was given up on (timed out,
         # released at shutdown); the worker counts them against its free slots.
-        self.abandoned = 0
+        self.abandoned: int = 0
         # The jobs (by lease token) whose abandoned threads run on (see runs_on), and
         # since when (monotonic).
         self._running_on: dict[uuid.UUID, float] = {}

@@ -37,7 +37,7 @@ from pgqueue.worker.backoff import (
     error_fields,
 )
 
-log = get_logger("pgqueue.heartbeat")
+log: Any = get_logger("pgqueue.heartbeat")
 
 
 class Heartbeat:
@@ -56,7 +56,7 @@ class Heartbeat:
         refused: Callable[[], list[uuid.UUID]],
         reconnects: Reconnects | None = None,
     ) -> None:
-        self.pool = pool
+        self.pool: AsyncConnectionPool = pool
         self.held = held
         # Of the given attempts, those that no longer need their lease, or may not: no
         # longer held (the outcome was written), or with an outcome waiting to be written
@@ -74,16 +74,16 @@ class Heartbeat:
         # Tokens of outcomes the database refused: their jobs are left to the reaper.
         self.refused = refused
         # Set when the pool makes a new connection: it cuts a failed beat's backoff short.
-        self.reconnected = reconnects.event() if reconnects else None
+        self.reconnected: asyncio.Event | None = reconnects.event() if reconnects else None
         self.last_success: float | None = None
         # Set to beat before the interval is up (a job of this worker was cancelled); an
         # early beat comes at least min_gap after the one before.
         self._soon = asyncio.Event()
-        self.min_gap = min(1.0, interval / 10)
+        self.min_gap: float = min(1.0, interval / 10)
         # How many times beat_soon was called: a claim in flight when a cancel request
         # came asks for one more beat once its jobs are held (the early beat may have
         # missed them).
-        self.soon_requests = 0
+        self.soon_requests: int = 0
 
     def beat_soon(self) -> None:
         """Beat now rather than at the end of the interval (at least ``min_gap`` after

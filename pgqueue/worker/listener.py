@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Callable, Collection
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -37,7 +38,7 @@ CANCEL_PREFIX = " cancel "
 # The payload for a rescued job made runnable (the reaper's requeue; a retry, snooze or
 # release of one; run-now; a queue resumed), before its queue.
 RESCUED_PREFIX = " rescued "
-log = get_logger("pgqueue.listener")
+log: Any = get_logger("pgqueue.listener")
 
 
 class Listener:
@@ -54,20 +55,22 @@ class Listener:
         reconnects: Reconnects | None = None,
     ) -> None:
         self.dsn = dsn
-        self.queues = frozenset(queues)
+        self.queues: frozenset[str] = frozenset(queues)
         self.wake = wake
-        self.cancel_payload = CANCEL_PREFIX + worker_id
+        self.cancel_payload: str = CANCEL_PREFIX + worker_id
         self.on_cancel = on_cancel
-        self.rescued_payloads = frozenset(RESCUED_PREFIX + queue for queue in self.queues)
+        self.rescued_payloads: frozenset[str] = frozenset(
+            RESCUED_PREFIX + queue for queue in self.queues
+        )
         self.on_rescued = on_rescued
         # Cut short when the worker's pool makes a new connection (reconnects): the
         # database answers again.
-        self.backoff = ReconnectBackoff(
+        self.backoff: ReconnectBackoff = ReconnectBackoff(
             reconnect_max_seconds, cut=reconnects.event() if reconnects else None
         )
-        self.connected = asyncio.Event()
+        self.connected: asyncio.Event = asyncio.Event()
         self._conn: psycopg.AsyncConnection[object] | None = None
-        self.check_channel = f"pgqueue_check_{secrets.token_hex(6)}"
+        self.check_channel: str = f"pgqueue_check_{secrets.token_hex(6)}"
         # Whether the notification it sent itself on its current connection came back
         # (None: not yet, or not connected).
         self.notifications_arrive: bool | None = None
