@@ -33,7 +33,7 @@ OWN_LOCK_TIMEOUT = frozenset({13})
 # claims queue behind such a migration while it waits for its locks, not only while it
 # holds them: its failure says that a longer wait is a longer stall. 0024 locks it only
 # outside UTF8 databases (it creates a trigger there).
-LOCKS_JOBS = frozenset({2, 3, 7, 10, 13, 15, 16, 17, 24})
+LOCKS_JOBS = frozenset({2, 3, 7, 10, 13, 15, 16, 17, 24, 25})
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 

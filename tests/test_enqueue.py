@@ -1108,6 +1108,71 @@ def test_sql_enqueue_many_refuses_arrays_that_do_not_line_up(conn, call, named):
     assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 0
 
 
+# What migration 0025's checks say, the SQLSTATE the constraint (or the smallint cast)
+# raised before, and the constraint they stand for (None: the cast, which names none).
+REFUSED_SQL_ARGUMENTS = [
+    ("args", "'[1, 2]'", "args must be a JSON object, not a JSON array", "jobs_args_check"),
+    ("args", "'null'", "args must be a JSON object, not a JSON null", "jobs_args_check"),
+    ("priority", "32768", "priority must be from -32768 to 32767, not 32768", None),
+    ("priority", "-32769", "priority must be from -32768 to 32767, not -32769", None),
+    ("max_attempts", "0", "max_attempts must be at least 1, not 0", "jobs_max_attempts_check"),
+    (
+        "run_at",
+        "'infinity'",
+        "run_at must lie between 0001-01-02 and 9999-12-30 UTC, not infinity",
+        "jobs_run_at_range",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "message", "constraint"), REFUSED_SQL_ARGUMENTS)
+def test_sql_enqueue_says_which_argument_is_refused_and_why(conn, name, value, message, constraint):
+    # Before, a constraint's name and a dump of the row; for a priority out of range, only
+    # "smallint out of range".
+    error = (
+        psycopg.errors.NumericValueOutOfRange
+        if constraint is None
+        else psycopg.errors.CheckViolation
+    )
+    with pytest.raises(error) as refused:
+        conn.execute(f"SELECT pgqueue.enqueue('t', {name} => {value})")
+    assert refused.value.diag.message_primary == f"pgqueue.enqueue: {message}"
+    assert refused.value.diag.constraint_name == constraint
+    conn.rollback()
+    assert count_jobs(conn) == 0
+
+
+@pytest.mark.parametrize(("name", "value", "message", "constraint"), REFUSED_SQL_ARGUMENTS)
+def test_sql_enqueue_many_names_the_first_element_refused(conn, name, value, message, constraint):
+    arrays = {
+        "args": "ARRAY['{}', '{}', '{}']::jsonb[]",
+        "priority": "ARRAY[NULL, NULL, NULL]::int[]",
+        "run_at": "ARRAY[NULL, NULL, NULL]::timestamptz[]",
+        "max_attempts": "ARRAY[NULL, NULL, NULL]::int[]",
+    }
+    cast = arrays[name].rsplit("::", 1)[1]
+    # The second and third elements are both refused: the second is named.
+    arrays[name] = f"ARRAY[NULL, {value}, {value}]::{cast}"
+    error = (
+        psycopg.errors.NumericValueOutOfRange
+        if constraint is None
+        else psycopg.errors.CheckViolation
+    )
+    with pytest.raises(error) as refused:
+        conn.execute(
+            "SELECT pgqueue.enqueue_many(ARRAY['a', 'b', 'c'], {args}, ARRAY['q', 'q', 'q'],"
+            " {priority}, {run_at}, {max_attempts}, ARRAY[NULL, NULL, 'k']::text[])".format(
+                **arrays
+            )
+        )
+    plural = {"priority": "priorities", "run_at": "run_ats"}.get(name, name)
+    expected = message.replace(name, f"{plural}[2]", 1)
+    assert refused.value.diag.message_primary == f"pgqueue.enqueue_many: {expected}"
+    assert refused.value.diag.constraint_name == constraint
+    conn.rollback()
+    assert count_jobs(conn) == 0
+
+
 def test_sql_enqueue_many_takes_null_elements_as_defaults_and_empty_arrays(conn):
     ids = scalar(
         conn,

@@ -290,8 +290,9 @@ def check_sql_path(db: Db, task: str, queue: str, args: dict[str, Any], sql: str
         not db.pg_name_ok(task, 255)
         or not db.pg_name_ok(queue, 128)
         # Migration 0013: a queue name is not padded, white space as Python has it;
-        # 0016: nor has it a comma.
+        # 0016: nor has it a comma; 0025: a task name is not white space alone.
         or queue != queue.strip()
+        or not task.strip()
         or "," in queue
     ):
         refusals.append(psycopg.errors.CheckViolation)

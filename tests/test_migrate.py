@@ -308,6 +308,42 @@ def test_migration_0016_names_jobs_whose_queue_has_a_comma(empty_dsn, monkeypatc
         c.execute(insert, ("a,b",))
 
 
+def test_migration_0025_names_jobs_whose_task_is_white_space_alone(empty_dsn, monkeypatch):
+    # jobs_task_check's \s follows the locale and let these through; no registry can hold
+    # such a name (Python refuses it), so each job was retried as an unknown task for
+    # hours, then dead-lettered.
+    migrate_before(empty_dsn, 25, monkeypatch)
+    insert = "INSERT INTO pgqueue.jobs (task) VALUES (%s) RETURNING id"
+    blank = ["\xa0", "\x1c", "\x85\x1f"]
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        bad = [scalar(c, insert, (t,)) for t in blank]
+        fine = [scalar(c, insert, (t,)) for t in (" padded task ", "a\xa0b")]
+
+    with pytest.raises(MigrationError) as refused:
+        migrate(empty_dsn)
+    message = str(refused.value)
+    assert f"jobs {{{','.join(map(str, bad))}}} have a task name of white space alone" in message
+    assert "; hint: delete them (DELETE FROM pgqueue.jobs WHERE id = ANY (...))" in message
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        # Refused whole: nothing was changed.
+        assert scalar(c, "SELECT max(version) FROM pgqueue.schema_migrations") == 24
+        assert scalar(c, "SELECT count(*) FROM pgqueue.jobs") == 5
+        c.execute("DELETE FROM pgqueue.jobs WHERE id = ANY (%s)", (bad,))
+    assert 25 in versions(migrate(empty_dsn))
+
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        # (jobs_task_check, older, still refuses what the locale's \s knows.)
+        for task in [*blank, "\u3000", "\u2028 \t", "\u205f"]:
+            named = "jobs_task_not_blank" if task in blank else "jobs_task_(check|not_blank)"
+            with pytest.raises(psycopg.errors.CheckViolation, match=named):
+                c.execute(insert, (task,))
+            with pytest.raises(psycopg.errors.CheckViolation, match=named):
+                c.execute("SELECT pgqueue.enqueue(%s)", (task,))
+        # Names Python takes still go in, padded ones and inner white space included.
+        assert sorted(r[0] for r in c.execute("SELECT id FROM pgqueue.jobs")) == fine
+        scalar(c, insert, (" padded task ",))
+
+
 def test_migration_0017_dates_finished_jobs_without_finished_at_and_refuses_more(
     empty_dsn, monkeypatch
 ):
