@@ -152,7 +152,7 @@ class Reaper:
             try:
                 conn = store.connect(
                     self.config.dsn,
-                    application_name="pgqueue-reaper",
+                    **store.application_name(self.config.dsn, "pgqueue-reaper"),
                     prepare_threshold=5 if self.config.prepared_statements else None,
                     # Its prepared statements' plans live as long as the connection.
                     no_seq_scans=self.config.prepared_statements,

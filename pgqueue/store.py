@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -20,6 +21,7 @@ import psycopg
 from psycopg import pq
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb, set_json_loads
 
@@ -127,6 +129,19 @@ async def pin_session_async(conn: AsyncConn) -> None:
     fix = _session_fix(conn)
     if fix is not None:
         await conn.execute(fix)
+
+
+def application_name(conninfo: str, default: str) -> dict[str, str]:
+    """``{"application_name": default}`` for the connection kwargs, unless the connection
+    string or PGAPPNAME names the application already: a name the operator gave wins
+    (pg_stat_activity shows it), else pgqueue's daemons name their connections."""
+    try:
+        named = "application_name" in conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        named = False  # a bad string: connecting says why
+    if named or os.environ.get("PGAPPNAME"):
+        return {}
+    return {"application_name": default}
 
 
 def connect(

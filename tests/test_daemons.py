@@ -624,6 +624,36 @@ def test_listen_connection_is_named_pgqueue_worker(conn, daemons):
     assert names == {"pgqueue-worker"}
 
 
+def test_a_name_the_dsn_or_pgappname_gives_wins_over_the_daemons_own(conn, daemons):
+    # The worker's pool and listener, and the reaper, named their connections
+    # pgqueue-worker / pgqueue-reaper whatever the DSN said (deploy/systemd's example set
+    # application_name there, to no effect): a DBA could not tell two apps' workers apart.
+    named = make_conninfo(daemons.dsn, application_name="billing-worker")
+    daemons.worker("--poll-interval", "0.5", env={"PGQUEUE_DSN": named})
+    daemons.start("pgqueue-reaper", "--log-format", "json", env={"PGAPPNAME": "billing-reaper"})
+
+    def names() -> set[str]:
+        rows = conn.execute(
+            "SELECT application_name FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return {row[0] for row in rows}
+
+    # The listener, the pool's connections and the reaper's.
+    wait_until(lambda: names() == {"billing-worker", "billing-reaper"}, timeout=20)
+    wait_until(
+        lambda: pids(
+            conn,
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE query = 'LISTEN pgqueue_jobs'"
+            " AND application_name = 'billing-worker'",
+        )
+    )
+    job = enqueue(conn, "record", {"note": "named"})
+    wait_until(lambda: job_state(conn, job) == "succeeded", timeout=20)
+    assert names() == {"billing-worker", "billing-reaper"}
+
+
 def test_the_worker_reads_its_settings_from_the_environment(daemons):
     # deploy/systemd/worker-example.env.example names these as settings; outside the
     # unit's ExecStart (Docker, supervisord, `env $(cat ...)`) they were ignored.

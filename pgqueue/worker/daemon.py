@@ -166,7 +166,7 @@ class Worker:
             configure=self._configure_connection,
             kwargs={
                 "autocommit": True,
-                "application_name": "pgqueue-worker",
+                **store.application_name(config.dsn, "pgqueue-worker"),
                 "prepare_threshold": 5 if config.prepared_statements else None,
             },
             # Its own name: its background tasks are named after it (see _shutdown), and
