@@ -733,9 +733,10 @@ def worker_command(
 ) -> None:
     """Run jobs: claim from Postgres, execute, heartbeat, record outcomes.
 
-    SIGTERM or SIGINT stops claiming, waits up to --shutdown-timeout for running jobs,
-    returns the rest to the queue and exits 0; a second signal exits at once (one
-    within 0.2 s of the first is taken for the same stop arriving twice).
+    SIGTERM, SIGINT or SIGHUP stops claiming, waits up to --shutdown-timeout for running
+    jobs, returns the rest to the queue and exits 0 (1 if outcomes could not be
+    written); a second signal, or SIGQUIT, exits at once with 1 (one within 0.2 s of
+    the first is taken for the same stop arriving twice).
     """
     log.configure(log_level, log_format)
 
@@ -861,7 +862,7 @@ def worker_command(
                     _log.warning("reaper.abandoned", waited_seconds=REAPER_STOP_SECONDS)
             if server is not None:
                 server.stop()
-        return 1 if worker.failed else 0
+        return 1 if worker.failed or not worker.flushed else 0
 
     _exit_after(body)
 
@@ -1083,7 +1084,7 @@ async def _run_worker(worker: Worker, child: _SupervisedChild) -> None:
         # its final join; their jobs have been released already.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(EXIT_ERROR if worker.failed else 0)
+        os._exit(EXIT_ERROR if worker.failed or not worker.flushed else 0)
 
 
 def _exit_after(body: Callable[[], int | None]) -> None:
@@ -1163,7 +1164,7 @@ def reaper_command(
     forget dead workers. With --metrics-port it also exports the database-wide gauges
     (queue depth, oldest ready job, dead jobs, live workers).
 
-    Several reapers may run at once. SIGTERM or SIGINT ends the loop (or a --once pass)
+    Several reapers may run at once. SIGTERM, SIGINT or SIGHUP ends the loop (or a --once pass)
     after the current statement; one the database has not answered within 3 s is cut
     short (a --once pass then exits 1).
     """

@@ -323,14 +323,15 @@ class Reaper:
         return ReapResult(requeued, dead, pruned, cancelled, more_to_prune)
 
     def handle_signals(self) -> None:
-        """SIGTERM and SIGINT stop this reaper after the statement in flight (the loop, or
-        a pass between two batches); one the database has not answered within
+        """SIGTERM, SIGINT and SIGHUP stop this reaper after the statement in flight (the
+        loop, or a pass between two batches); one the database has not answered within
         REAPER_STOP_SECONDS is cut short. Main thread only."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
 
     def run(self, *, handle_signals: bool = True) -> None:
-        """Pass every ``interval`` seconds until stopped (SIGTERM/SIGINT)."""
+        """Pass every ``interval`` seconds until stopped (SIGTERM/SIGINT/SIGHUP)."""
         if handle_signals:
             self.handle_signals()
         metrics.count_disconnects_from_zero("reaper")

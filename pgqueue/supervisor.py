@@ -1,7 +1,8 @@
-"""``pgqueue-worker --processes N``: runs N worker processes, forwards SIGTERM/SIGINT to
-them, and replaces a child that dies: after 1 s, doubled up to 30 s while it keeps dying
-within 10 s of its start (at start-up, or killed by its first jobs: each new child
-claims at once), back to 1 s once one has lived 10 s.
+"""``pgqueue-worker --processes N``: runs N worker processes, passes a stop signal
+(SIGTERM, SIGINT, SIGHUP; SIGQUIT) on to them, and replaces a child that dies: after
+1 s, doubled up to 30 s while it keeps dying within 10 s of its start (at start-up, or
+killed by its first jobs: each new child claims at once), back to 1 s once one has
+lived 10 s.
 
 Each child is a full worker (``python -m pgqueue worker ... --processes 1``). With
 ``--metrics-port`` the supervisor serves the children's metrics summed (prometheus-client
@@ -251,6 +252,7 @@ class Supervisor:
         """Supervise until a signal stops the children; returns the exit code."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
         signal.signal(signal.SIGQUIT, self._on_signal)
         server: MetricsServer | None = None
         try:
@@ -351,7 +353,7 @@ class Supervisor:
         log.info("supervisor.stopped", exit_codes=codes)
         # A child killed by the stop signal itself did not get to install its handlers
         # (still starting) or had already finished (handlers gone): it held no jobs.
-        clean = {0, -signal.SIGTERM, -signal.SIGINT}
+        clean = {0, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP}
         return 0 if all(c in clean for c in codes) else 1
 
 

@@ -331,7 +331,11 @@ def test_a_stop_ends_within_its_budget_when_the_database_stops_answering(conn, d
             worker.wait(timeout=0.5 + STOP_MARGIN_SECONDS + 15)
         took = time.monotonic() - stopped
         assert took < 0.5 + STOP_MARGIN_SECONDS, (took, daemons.output(worker))
-        assert worker.returncode == 0, daemons.output(worker)
+        # Not a clean stop: exit 1 (it exited 0, and said so at info level), so that a
+        # process manager shows it.
+        assert worker.returncode == 1, daemons.output(worker)
+        (stopped_event,) = logged(daemons, worker, "worker.stopped")
+        assert (stopped_event["level"], stopped_event["flushed"]) == ("error", False)
         assert logged(daemons, worker, "completer.flush_failed"), daemons.output(worker)
         assert logged(daemons, worker, "worker.deregister_failed"), daemons.output(worker)
         # Nothing was written: the job keeps the lease it had, and the reaper takes it
@@ -466,6 +470,87 @@ def test_a_second_signal_to_a_worker_whose_loop_is_blocked_still_exits_at_once(c
 
     assert worker.wait(timeout=30) == 1, daemons.output(worker)
     assert logged(daemons, worker, "worker.killed")
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGQUIT])
+def test_exit_now_does_not_wait_for_a_handler_blocking_the_loop(conn, daemons, second):
+    # The loop carried out "exit now" only once the handler let it run again: a minute
+    # later here, as long as the handler blocked.
+    job_id = enqueue(conn, "block_loop", {"seconds": 60})
+    worker = daemons.worker("--shutdown-timeout", "30")
+    wait_until(lambda: job_state(conn, job_id) == "running")
+    time.sleep(0.5)  # in the handler's blocking sleep
+
+    if second is signal.SIGTERM:
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(REPEATED_SIGNAL_SECONDS + 1.0)
+    worker.send_signal(second)
+
+    assert worker.wait(timeout=15) == 1, daemons.output(worker)
+    (killed,) = logged(daemons, worker, "worker.killed")
+    assert (killed["signal"], killed["loop_blocked"]) == (second.name, True)
+    assert job_state(conn, job_id) == "running"  # left to its lease, as documented
+
+
+def test_sighup_stops_a_worker_gracefully(conn, daemons):
+    # A terminal that hangs up sends SIGHUP, whose default action killed the worker on
+    # the spot: no log line, its jobs left to their leases (to come back as rescued
+    # jobs, run alone) and its row in pgqueue.workers left for the reaper.
+    done = enqueue(conn, "sleep", {"seconds": 1.5, "note": "hup-done"})
+    released = enqueue(conn, "sleep", {"seconds": 60, "note": "hup-released"})
+    worker = daemons.worker("--shutdown-timeout", "3", "--concurrency", "2")
+    wait_until(lambda: executions(conn, done, "start") + executions(conn, released, "start") == 2)
+
+    worker.send_signal(signal.SIGHUP)
+
+    assert worker.wait(timeout=30) == 0, daemons.output(worker)
+    assert logged(daemons, worker, "worker.stopping")[0]["signal"] == "SIGHUP"
+    assert job_state(conn, done) == "succeeded"
+    row = job_row(conn, released)
+    assert row is not None
+    assert (row["state"], row["attempts"], row["lease_token"]) == ("queued", 0, None)
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.workers") == 0
+
+
+def test_a_clean_stop_runs_the_apps_exit_hooks(conn, daemons, tmp_path):
+    # The thread that carries out "exit now" for a blocked loop ends with the worker: a
+    # thread left running makes the process end with os._exit, which skips atexit hooks
+    # (an error reporter's or a tracer's flush).
+    hooks = tmp_path / "atexit"
+    job_id = enqueue(conn, "record", {"note": "hooks"})
+    worker = daemons.worker(env={"SAMPLE_ATEXIT_FILE": str(hooks)})
+    wait_until(lambda: job_state(conn, job_id) == "succeeded", timeout=20)
+
+    worker.send_signal(signal.SIGTERM)
+
+    assert worker.wait(timeout=20) == 0, daemons.output(worker)
+    assert hooks.read_text() == "ran"
+
+
+def test_sighup_stops_a_supervisor_and_its_children_gracefully(conn, daemons):
+    job_id = enqueue(conn, "sleep", {"seconds": 60, "note": "hup-supervised"})
+    proc = daemons.worker("--shutdown-timeout", "1", "--processes", "2")
+    wait_until(lambda: executions(conn, job_id, "start") == 1)
+
+    # As a terminal's hang-up: to the whole process group.
+    os.killpg(proc.pid, signal.SIGHUP)
+
+    assert proc.wait(timeout=30) == 0, daemons.output(proc)
+    assert "worker.killed" not in daemons.output(proc)
+    row = job_row(conn, job_id)
+    assert row is not None
+    assert (row["state"], row["attempts"], row["lease_token"]) == ("queued", 0, None)
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.workers") == 0
+
+
+def test_sighup_stops_the_reaper(daemons):
+    reaper = daemons.reaper("--interval", "0.5")
+    wait_until(lambda: logged(daemons, reaper, "reaper.started"))
+
+    reaper.send_signal(signal.SIGHUP)
+
+    assert reaper.wait(timeout=15) == 0, daemons.output(reaper)
+    assert logged(daemons, reaper, "reaper.stopping")[0]["signal"] == "SIGHUP"
 
 
 def test_worker_survives_pg_terminate_backend(conn, daemons):

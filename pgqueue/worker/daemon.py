@@ -18,6 +18,7 @@ import re
 import secrets
 import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -67,6 +68,12 @@ DUE_LOOKBACK_MARGIN = 0.05
 REFUSED_KEPT = 10_000
 # How often a supervised worker checks that its supervisor still lives.
 PARENT_CHECK_SECONDS = 1.0
+# The signals the worker stops on: SIGTERM, SIGINT and SIGHUP (a terminal that hangs up)
+# gracefully, SIGQUIT at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+# How long the loop gets to carry out an "exit now" signal before the exit-now thread
+# does (see Worker._signal_arrived).
+EXIT_NOW_SECONDS = 0.5
 
 
 def make_worker_id() -> str:
@@ -87,6 +94,7 @@ def _forked_child_signals() -> None:
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
@@ -206,9 +214,14 @@ class Worker:
         self._first_signal_at = 0.0
         # When each stop signal arrived (monotonic; see run and _on_signal).
         self._signal_arrivals: list[float] = []
+        # The write end of the pipe that wakes _exit_if_loop_blocked (see run), once.
+        self._exit_pipe: int | None = None
         self._schema = SchemaWatch(log, "worker")
         # True when the worker stopped because one of its parts died (exit code 1).
         self.failed: bool = False
+        # False when the stop could not write every outcome (exit code 1 too): their
+        # jobs stay running until their leases expire, and the reaper requeues them.
+        self.flushed: bool = True
         # Async handlers still running when the worker stopped: they ignored their
         # cancellation (see _release_stubborn). The process exits without waiting for them.
         self.stubborn_handlers: int = 0
@@ -358,11 +371,20 @@ class Worker:
         )
 
     async def run(self, *, handle_signals: bool = True) -> None:
-        """Run until ``stop()`` (or SIGTERM/SIGINT), then shut down gracefully."""
+        """Run until ``stop()`` (or SIGTERM/SIGINT/SIGHUP), then shut down gracefully."""
         loop = asyncio.get_running_loop()
         self._loop = loop
+        exit_now: threading.Thread | None = None
         if handle_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            read_end, self._exit_pipe = os.pipe()
+            exit_now = threading.Thread(
+                target=self._exit_if_loop_blocked,
+                args=(read_end,),
+                name="pgqueue-exit-now",
+                daemon=True,
+            )
+            exit_now.start()
+            for sig in STOP_SIGNALS:
                 loop.add_signal_handler(sig, self._on_signal, sig)
                 # asyncio's handler runs when the loop next runs: two signals sent seconds
                 # apart to a loop a handler blocks reach it together. This one runs when a
@@ -377,6 +399,13 @@ class Worker:
             await self._run_until_stopped()
         finally:
             uncontain()
+            if exit_now is not None:
+                # Stopped: the thread ends (its read sees the pipe closed), so that the
+                # process exits as one with no threads left (see cli._exit_after).
+                write_end, self._exit_pipe = self._exit_pipe, None
+                if write_end is not None:
+                    os.close(write_end)
+                    exit_now.join(1.0)
 
     async def _run_until_stopped(self) -> None:
         await self.pool.open(wait=False)
@@ -899,7 +928,47 @@ class Worker:
     # --- shutdown -------------------------------------------------------------------
 
     def _signal_arrived(self, signum: int, frame: FrameType | None) -> None:
-        self._signal_arrivals.append(time.monotonic())
+        now = time.monotonic()
+        arrivals = self._signal_arrivals
+        arrivals.append(now)
+        # "Exit now" (see _on_signal) is the loop's to carry out, but a handler blocking
+        # the loop would hold it back for as long as it blocks: the exit-now thread does
+        # it then. A byte down a pipe (a signal handler must not take a lock: the thread
+        # it interrupted may hold it).
+        exit_now = signum == signal.SIGQUIT or (
+            not self.supervised
+            and len(arrivals) > 1
+            and now - arrivals[0] > REPEATED_SIGNAL_SECONDS
+        )
+        if exit_now and self._exit_pipe is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._exit_pipe, bytes([signum]))
+            self._exit_pipe = None
+
+    def _exit_if_loop_blocked(self, read_end: int) -> None:
+        """Exit at once (status 1) if the loop has not done so EXIT_NOW_SECONDS after an
+        "exit now" signal: a handler blocks it (time.sleep, a blocking call in an async
+        handler). Logged from a thread of its own, waited for briefly: the blocked main
+        thread may hold the log's lock."""
+        try:
+            data = os.read(read_end, 1)
+        except OSError:
+            return
+        finally:
+            os.close(read_end)
+        if not data:
+            return
+        time.sleep(EXIT_NOW_SECONDS)
+        name = signal.Signals(data[0]).name
+        logging = threading.Thread(
+            target=lambda: log.warning(
+                "worker.killed", signal=name, running=len(self._running), loop_blocked=True
+            ),
+            daemon=True,
+        )
+        logging.start()
+        logging.join(EXIT_NOW_SECONDS)
+        os._exit(1)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         now = time.monotonic()
@@ -996,7 +1065,7 @@ class Worker:
                     self._release_stubborn(stubborn)
         # Outcomes (including releases) go out before the heartbeat stops: until then
         # the leases of jobs with unwritten outcomes must stay alive.
-        flushed = await self.completer.flush(FLUSH_TIMEOUT_SECONDS)
+        flushed = self.flushed = await self.completer.flush(FLUSH_TIMEOUT_SECONDS)
         # Every step from here on is cut short when the database does not answer (see
         # abort.py), so that the stop ends within STOP_MARGIN_SECONDS all the same.
         await asyncio.gather(*(finish_within(task, 0) for task in services))
@@ -1017,4 +1086,14 @@ class Worker:
         await asyncio.gather(*(finish_within(task, 0) for task in left))
         self.executor.shutdown()
         metrics.WORKER_INFO.labels(__version__, ",".join(self.queues)).set(0)
-        log.info("worker.stopped", worker_id=self.worker_id, flushed=flushed)
+        if flushed:
+            log.info("worker.stopped", worker_id=self.worker_id, flushed=True)
+        else:
+            # Exit code 1: outcomes of this stop (releases included) were not written.
+            log.error(
+                "worker.stopped",
+                worker_id=self.worker_id,
+                flushed=False,
+                hint="jobs whose outcome was not written stay running until their leases"
+                " expire; the reaper then requeues them",
+            )

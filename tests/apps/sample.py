@@ -5,9 +5,11 @@ from the database alone, including runs whose job result was later lost."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import time
+from pathlib import Path
 
 import psycopg
 import structlog
@@ -17,6 +19,10 @@ from pgqueue.retry import Backoff
 
 registry = Registry()
 FAST = Backoff(base_seconds=0.05, max_seconds=0.2)
+
+if _ATEXIT_FILE := os.environ.get("SAMPLE_ATEXIT_FILE"):
+    # As an app's error reporter or tracer flushes at exit: whether the hooks ran.
+    atexit.register(lambda: Path(_ATEXIT_FILE).write_text("ran"))
 
 
 def _record(note: str = "") -> None:
