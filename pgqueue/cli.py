@@ -73,6 +73,9 @@ _log = log.get_logger("pgqueue.worker")
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+# `pgqueue migrate --status`: the database has migrations this pgqueue does not know
+# (a newer one migrated it; running this one there is a downgrade).
+EXIT_NEWER_SCHEMA = 3
 
 
 def dsn_option(fn: F) -> F:
@@ -279,9 +282,9 @@ def main() -> None:
     "--status",
     "show_status",
     is_flag=True,
-    help="Apply nothing: list each migration as applied, pending, changed (edited after it"
-    " was applied) or newer (applied by a newer pgqueue); exit 1 when any is pending or"
-    " changed.",
+    help="Apply nothing: list each migration as applied, pending, changed (applied from"
+    " another text than this pgqueue ships) or newer (applied by a newer pgqueue); exit 1"
+    " when any is pending or changed, else 3 when any is newer.",
 )
 @click.option("--json", "as_json", is_flag=True, help="With --status: print JSON.")
 @click.option(
@@ -290,12 +293,19 @@ def main() -> None:
     default=5.0,
     show_default=True,
     help="Seconds a migration waits for a lock on pgqueue's tables (0: no limit; 0013"
-    " keeps its own 5 s); past it the migration fails with nothing changed (run it"
-    " again). While it waits, every statement on that table queues behind it.",
+    " keeps its own 5 s); past it that migration fails, changing nothing (those before it"
+    " stay applied; run it again). While it waits, every statement on that table queues"
+    " behind it.",
 )
 @dsn_option
 def migrate(show_status: bool, as_json: bool, lock_timeout: float, dsn: str | None) -> None:
-    """Apply the missing schema migrations (a no-op when up to date; safe to run twice at once)."""
+    """Apply the missing schema migrations (a no-op when up to date; safe to run twice at once).
+
+    Run it as the owner of schema pgqueue (a first install also needs CREATE on the
+    database). A second run waits for the first, saying so. The role's statement_timeout
+    does not apply; each migration's lock waits are bounded by --lock-timeout.
+    """
+    from pgqueue.migrate import load_migrations
     from pgqueue.migrate import migrate as run_migrate
     from pgqueue.migrate import status as migration_status
 
@@ -317,16 +327,15 @@ def migrate(show_status: bool, as_json: bool, lock_timeout: float, dsn: str | No
                     for r in rows
                 ]
             )
-            if pending:
+            if pending and not changed:
                 click.echo(f"{len(pending)} pending: `pgqueue migrate` applies them")
+            elif pending:
+                click.echo(f"{len(pending)} pending, which `pgqueue migrate` will not apply")
             elif not changed:
                 click.echo("pgqueue schema is up to date")
+        shipped = {m.version: m for m in load_migrations()}
         for r in changed:
-            click.echo(
-                f"pgqueue: migration {r.version:04d}_{r.name} was changed after it was"
-                " applied; released migrations must not be edited",
-                err=True,
-            )
+            click.echo(f"pgqueue: {shipped[r.version].changed_message()}", err=True)
         newer = [f"{r.version:04d}" for r in rows if r.state == "newer"]
         if newer:
             # As `pgqueue migrate` says it.
@@ -335,12 +344,15 @@ def migrate(show_status: bool, as_json: bool, lock_timeout: float, dsn: str | No
                 f" ({', '.join(newer)}): it was migrated by a newer version; upgrade this one",
                 err=True,
             )
-        return EXIT_ERROR if pending or changed else 0
+        if pending or changed:
+            return EXIT_ERROR
+        return EXIT_NEWER_SCHEMA if newer else 0
 
     def body() -> int:
         applied = run_migrate(
             _require_dsn(dsn),
             on_warning=lambda text: click.echo(f"pgqueue: warning: {text}", err=True),
+            on_wait=lambda text: click.echo(f"pgqueue: {text}", err=True),
             lock_timeout=lock_timeout,
         )
         if applied:

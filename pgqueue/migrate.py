@@ -2,7 +2,8 @@
 
 Concurrent migrators serialise on an advisory lock; each file and its record commit
 together, so a failure leaves the database at the last good version. An applied file
-whose text changed is refused: released migrations are never edited.
+whose text changed is refused (released migrations are never edited), except for
+earlier texts known to differ in comments alone (SAME_SCHEMA_CHECKSUMS).
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ OWN_LOCK_TIMEOUT = frozenset({13})
 # outside UTF8 databases (it creates a trigger there).
 LOCKS_JOBS = frozenset({2, 3, 7, 10, 13, 15, 16, 17, 24, 25})
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# Checksums of earlier texts of a migration that differ from the shipped one in comments
+# alone: a database migrated by a development build of pgqueue that shipped such a text
+# (before 0.1.0) has the same schema, and its record is brought up to date. Migrations
+# edited in substance before 0.1.0 are not listed: a database they were applied to has
+# another schema (README, Upgrading). From 0.1.0 on no migration is edited
+# (tests/test_migrate.py checks them against tests/migration_checksums.txt).
+SAME_SCHEMA_CHECKSUMS: dict[int, frozenset[str]] = {
+    19: frozenset({"31d4a904f7470d2e2ca830c3eecbed2b8c2ff620a564f18d6db3669920fd9227"}),
+    23: frozenset({"5638182957e20ab2e72778e6ea2ac4d37069fa89d2bc61e461bc554a928ddd44"}),
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,22 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode("utf-8")).hexdigest()
+
+    def matches(self, recorded: str) -> bool:
+        """Whether a database that recorded ``recorded`` for this migration has its
+        schema: the shipped text's checksum, or an earlier one differing in comments."""
+        return recorded == self.checksum or recorded in SAME_SCHEMA_CHECKSUMS.get(
+            self.version, frozenset()
+        )
+
+    def changed_message(self) -> str:
+        return (
+            f"migration {self.version:04d}_{self.name} was applied to this database from"
+            " another text than this pgqueue ships (its checksum differs): a development"
+            " build of pgqueue before 0.1.0 shipped a different version of it, so the"
+            " schema may differ from what this pgqueue expects; `pgqueue migrate` refuses"
+            " to go on (README, Upgrading: recreate or restore the database)"
+        )
 
 
 def _migrations_dir() -> Traversable:
@@ -78,14 +105,18 @@ def migrate(
     conninfo: str,
     *,
     on_warning: Callable[[str], None] | None = None,
+    on_wait: Callable[[str], None] | None = None,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
     **kwargs: Any,
 ) -> list[Migration]:
     """Apply the missing migrations; returns those applied (empty when up to date).
     ``on_warning`` receives the text of each WARNING a migration raises (0005 warns when
-    it cannot create the roles). ``lock_timeout``: seconds a migration's statements wait
-    for a lock on pgqueue's tables (0: without limit) before it fails with nothing
-    changed; while one waits, every statement on that table queues behind it."""
+    it cannot create the roles), with its hint. ``on_wait`` is told when another
+    migrator holds the lock and this one waits for it. ``lock_timeout``: seconds a
+    migration's statements wait for a lock on pgqueue's tables (0: without limit) before
+    that migration fails, changing nothing (those applied before it stay applied); while
+    one waits, every statement on that table queues behind it. The role's or database's
+    statement_timeout does not apply to migrating (a migration reads whole tables)."""
     if not (lock_timeout >= 0 and lock_timeout * 1000 < 2**31):
         raise ConfigError(
             f"lock_timeout must be 0 or more seconds (at most 2147483), not {lock_timeout!r}"
@@ -99,10 +130,20 @@ def migrate(
 
             def forward(diag: psycopg.errors.Diagnostic) -> None:
                 if diag.severity_nonlocalized == "WARNING" and diag.message_primary:
-                    report(diag.message_primary)
+                    text = diag.message_primary.removeprefix("pgqueue: ")
+                    hint = " ".join((diag.message_hint or "").split())
+                    report(f"{text}; hint: {hint}" if hint else text)
 
             conn.add_notice_handler(forward)
-        store.lock_migrations(conn)
+        acquired, holder = store.try_lock_migrations(conn)
+        if not acquired:
+            if on_wait is not None:
+                on_wait(
+                    "another `pgqueue migrate` is running"
+                    + (f" (backend pid {holder})" if holder is not None else "")
+                    + ": waiting for it to finish"
+                )
+            store.lock_migrations(conn)
         try:
             applied = {r["version"]: r["checksum"] for r in store.migration_records(conn)}
             if any(m.version not in applied for m in migrations):
@@ -120,10 +161,12 @@ def migrate(
                 )
             for migration in migrations:
                 if migration.version in applied:
-                    if applied[migration.version] != migration.checksum:
-                        raise MigrationError(
-                            f"migration {migration.version:04d}_{migration.name} was changed "
-                            "after it was applied; released migrations must not be edited"
+                    recorded = applied[migration.version]
+                    if not migration.matches(recorded):
+                        raise MigrationError(migration.changed_message())
+                    if recorded != migration.checksum:
+                        store.update_migration_checksum(
+                            conn, version=migration.version, checksum=migration.checksum
                         )
                     continue
                 began = time.monotonic()
@@ -202,7 +245,7 @@ def status(conninfo: str, **kwargs: Any) -> list[MigrationStatus]:
         elif migration is None:
             found.append(MigrationStatus(version, record["name"], "newer", record["applied_at"]))
         else:
-            same = record["checksum"] == migration.checksum
+            same = migration.matches(record["checksum"])
             found.append(
                 MigrationStatus(
                     version, migration.name, "applied" if same else "changed", record["applied_at"]

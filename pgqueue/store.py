@@ -1228,8 +1228,20 @@ def queue_in_use(conn: SyncConn, *, name: str) -> bool:
 # --- migrations ---------------------------------------------------------------------------
 
 
+def try_lock_migrations(conn: SyncConn) -> tuple[bool, int | None]:
+    """Take the migrators' lock if it is free: (True, None); else (False, the backend
+    pid of the migrator holding it, if it can be seen)."""
+    row = conn.execute(QUERIES["try_lock_migrations"]).fetchone()
+    assert row is not None
+    return bool(row[0]), row[1]
+
+
 def lock_migrations(conn: SyncConn) -> None:
     conn.execute(QUERIES["lock_migrations"])
+
+
+def update_migration_checksum(conn: SyncConn, *, version: int, checksum: str) -> None:
+    conn.execute(QUERIES["update_migration_checksum"], {"version": version, "checksum": checksum})
 
 
 def unlock_migrations(conn: SyncConn) -> None:

@@ -4,6 +4,7 @@ migrators serialise, an edited migration is refused, and the CLI reports in one 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -22,7 +23,14 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from pgqueue.errors import MigrationError
-from pgqueue.migrate import LOCKS_JOBS, Migration, load_migrations, migrate
+from pgqueue.migrate import (
+    LOCKS_JOBS,
+    SAME_SCHEMA_CHECKSUMS,
+    Migration,
+    load_migrations,
+    migrate,
+)
+from pgqueue.migrate import status as migration_status
 from tests.conftest import run_at_once, scalar
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -588,7 +596,14 @@ def test_migration_warnings_reach_the_user_and_a_failure_is_one_line_naming_what
 
     migrate_module = sys.modules["pgqueue.migrate"]
     extra = [
-        Migration(9001, "warns", "DO $$ BEGIN RAISE WARNING 'roles not created'; END $$;"),
+        # 0005's warning has pgqueue's prefix and a hint: the hint was dropped, and the
+        # prefix came twice ("pgqueue: warning: pgqueue: ...").
+        Migration(
+            9001,
+            "warns",
+            "DO $$ BEGIN RAISE WARNING 'pgqueue: roles not created'"
+            " USING HINT = 'have a superuser run it again'; END $$;",
+        ),
         Migration(9002, "fine", "CREATE TABLE pgqueue.t9002 (x int);"),
         Migration(9003, "broken", "CREATE TABLE pgqueue.t9003 (x nosuchtype);"),
     ]
@@ -600,7 +615,9 @@ def test_migration_warnings_reach_the_user_and_a_failure_is_one_line_naming_what
     assert result.exit_code == 1, result.output
     # The warning used to be dropped; the failure ran to several lines (HINT, CONTEXT)
     # and did not say that 9001 and 9002 had been applied.
-    assert "pgqueue: warning: roles not created" in result.stderr
+    assert "pgqueue: warning: roles not created; hint: have a superuser run it again" in (
+        result.stderr
+    )
     (failure,) = [line for line in result.stderr.splitlines() if "failed" in line]
     assert "9003_broken failed:" in failure and "nosuchtype" in failure
     assert "applied before it:" in failure and "9001_warns, 9002_fine" in failure
@@ -685,11 +702,154 @@ def test_migrate_status_names_changed_newer_and_pending_migrations(empty_dsn):
         last.version: "pending",
         9999: "newer",
     }
-    assert f"migration {first.version:04d}_{first.name} was changed" in result.stderr
+    assert (
+        f"migration {first.version:04d}_{first.name} was applied to this database from"
+        " another text" in result.stderr
+    )
+    # `pgqueue migrate` refuses to go on: it said it would apply the pending one.
+    assert result.stdout.count("pending, which `pgqueue migrate` will not apply") == 0  # JSON
     assert "warning: the database has migrations this pgqueue does not know (9999)" in (
         result.stderr
     )
     assert schema_snapshot(empty_dsn) == before
+
+
+def test_migrate_status_exits_3_on_a_database_a_newer_pgqueue_migrated(dsn):
+    # It exited 0 ("up to date"): a deploy gate on its exit code let a downgrade through.
+    from click.testing import CliRunner
+
+    from pgqueue.cli import main
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(
+            "INSERT INTO pgqueue.schema_migrations (version, name, checksum)"
+            " VALUES (9999, 'from_the_future', 'x')"
+        )
+    result = CliRunner().invoke(main, ["migrate", "--status", "--dsn", dsn])
+    assert result.exit_code == 3, result.output
+    assert "(9999)" in result.stderr
+
+
+def test_the_status_of_a_changed_migration_says_migrate_will_not_apply_the_pending(dsn):
+    from click.testing import CliRunner
+
+    from pgqueue.cli import main
+
+    shipped = load_migrations()
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("UPDATE pgqueue.schema_migrations SET checksum = 'x' WHERE version = 1")
+        c.execute(
+            "DELETE FROM pgqueue.schema_migrations WHERE version = %s", (shipped[-1].version,)
+        )
+    result = CliRunner().invoke(main, ["migrate", "--status", "--dsn", dsn])
+    assert result.exit_code == 1, result.output
+    assert result.stdout.splitlines()[-1] == "1 pending, which `pgqueue migrate` will not apply"
+    assert "development build of pgqueue before 0.1.0" in result.stderr
+
+
+@pytest.mark.parametrize("version", sorted(SAME_SCHEMA_CHECKSUMS))
+def test_a_migration_recorded_with_a_text_differing_in_comments_alone_is_accepted(dsn, version):
+    # 0019 and 0023 were edited in comments alone after development builds shipped them:
+    # a database those builds migrated was refused for good ("changed"), though its
+    # schema is the same.
+    shipped = {m.version: m for m in load_migrations()}
+    (earlier,) = SAME_SCHEMA_CHECKSUMS[version]
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(
+            "UPDATE pgqueue.schema_migrations SET checksum = %s WHERE version = %s",
+            (earlier, version),
+        )
+    states = {s.version: s.state for s in migration_status(dsn)}
+    assert states[version] == "applied"
+    assert migrate(dsn) == []
+    with psycopg.connect(dsn, autocommit=True) as c:
+        recorded = scalar(
+            c, "SELECT checksum FROM pgqueue.schema_migrations WHERE version = %s", (version,)
+        )
+    assert recorded == shipped[version].checksum
+
+
+def test_the_earlier_texts_accepted_differ_in_comments_alone():
+    # What SAME_SCHEMA_CHECKSUMS stands for, checked against git's copies of those texts
+    # where the history is at hand (a source checkout).
+    if not (ROOT / ".git").exists():
+        pytest.skip("no git history")
+    shipped = {m.version: m for m in load_migrations()}
+
+    def code(text: str) -> list[str]:
+        return [
+            line for line in (re.sub(r"--.*", "", x).rstrip() for x in text.splitlines()) if line
+        ]
+
+    for version, checksums in SAME_SCHEMA_CHECKSUMS.items():
+        path = f"migrations/{version:04d}_{shipped[version].name}.sql"
+        revisions = subprocess.run(
+            ["git", "log", "--format=%H", "--", path], cwd=ROOT, capture_output=True, text=True
+        ).stdout.split()
+        if not revisions:
+            pytest.skip("a shallow clone: no history of the migrations")
+        texts = {
+            hashlib.sha256(t.encode()).hexdigest(): t
+            for t in (
+                subprocess.run(
+                    ["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True
+                ).stdout
+                for rev in revisions
+            )
+        }
+        for checksum in checksums:
+            assert code(texts[checksum]) == code(shipped[version].sql), version
+
+
+def test_no_migration_is_edited_once_committed():
+    # tests/migration_checksums.txt holds each migration's checksum: a migration that is
+    # edited after it shipped leaves every database it was applied to refused by
+    # `pgqueue migrate` (its record's checksum differs). A new migration is added to the
+    # file with it.
+    frozen = dict(
+        line.split()
+        for line in (ROOT / "tests" / "migration_checksums.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    shipped = {f"{m.version:04d}": m.checksum for m in load_migrations()}
+    assert shipped == frozen
+
+
+def test_migrate_waits_for_another_migrator_whatever_the_statement_timeout_and_says_so(dsn):
+    # A role's statement_timeout cancelled the wait for the lock ("canceling statement due
+    # to statement timeout", nothing said about another migrator).
+    waits: list[str] = []
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(hashtext('pgqueue.migrate'))")
+        holder = other.info.backend_pid
+        waiting = threading.Thread(
+            target=lambda: waits.append(
+                str(
+                    migrate(
+                        make_conninfo(dsn, options="-c statement_timeout=200"), on_wait=waits.append
+                    )
+                )
+            )
+        )
+        waiting.start()
+        time.sleep(1.0)
+        assert waiting.is_alive()
+        other.execute("SELECT pg_advisory_unlock(hashtext('pgqueue.migrate'))")
+        waiting.join(timeout=30)
+    assert waits == [
+        f"another `pgqueue migrate` is running (backend pid {holder}): waiting for it to finish",
+        "[]",
+    ]
+
+
+def test_a_migration_is_not_cut_short_by_the_roles_statement_timeout(empty_dsn, monkeypatch):
+    # 0025 reads every job: 300,000 of them under a statement_timeout of 10 ms failed with
+    # "canceling statement due to statement timeout".
+    migrate_before(empty_dsn, 25, monkeypatch)
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        c.execute("SET pgqueue.notify_inserts = off")
+        c.execute("INSERT INTO pgqueue.jobs (task) SELECT 't' FROM generate_series(1, 300000)")
+    assert 25 in versions(migrate(make_conninfo(empty_dsn, options="-c statement_timeout=10")))
 
 
 def test_migrate_json_without_status_is_a_usage_error(empty_dsn):
