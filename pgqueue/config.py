@@ -16,7 +16,11 @@ from pgqueue.registry import MAX_QUEUE_LENGTH, check_name, plain_int
 
 DEFAULT_CONCURRENCY = 10
 DEFAULT_LEASE_SECONDS = 30.0
-DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+# 25 s, under the 30 s most platforms give a stop by default (Kubernetes'
+# terminationGracePeriodSeconds, Heroku, ECS): at 30 s the release of unfinished jobs
+# raced the platform's SIGKILL, and a killed worker's jobs come back as rescued jobs,
+# run alone. (The deploy files set 30 s with a 60 s grace.)
+DEFAULT_SHUTDOWN_TIMEOUT = 25.0
 DEFAULT_POLL_INTERVAL = 5.0
 DEFAULT_REAPER_INTERVAL = 5.0
 DEFAULT_RETENTION_SECONDS = 24 * 3600.0
