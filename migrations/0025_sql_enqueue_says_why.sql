@@ -6,7 +6,10 @@
 -- under ctype C) were stored. Python refuses them (no registry can hold one), so no
 -- worker could run such a job: it was retried as an unknown task, 20 attempts over
 -- about 8 hours by default, then dead-lettered. White space is spelt out as in 0013
--- (what Python's str.isspace() says it is). A job already stored with such a task
+-- (what Python's str.isspace() says it is), with 0013's limits: in a single-byte
+-- encoding the regex compares bytes, so outside UTF8 and LATIN1 only ASCII white space
+-- is refused (0xA0 is a letter in some). Jobs already dead with such a task are not
+-- checked: `pgqueue dead retry` names one it cannot move back. A job already stored with such a task
 -- stops the migration, naming its id: delete it (no worker can run it), then migrate
 -- again. The table is locked first, so that no such row can slip in between the check
 -- and the constraint (each reads the table once, as 0013's did: 0.46 s for a million
@@ -15,9 +18,11 @@
 -- The functions refused bad input only through the table's constraints, whose messages
 -- name a constraint and dump the row; a priority outside smallint's range failed with
 -- a bare `smallint out of range`, naming no column. They now check first and name the
--- argument (and, in enqueue_many, the element) and the rule, with the same SQLSTATE as
--- before (23514 check_violation, 22003 numeric_value_out_of_range) and the constraint
--- it stands for, so that code catching those errors keeps working. A plain INSERT still
+-- argument (and, in enqueue_many, the element) and the rule, with the SQLSTATE the
+-- INSERT raised for it (23514 check_violation, 22003 numeric_value_out_of_range) and
+-- the constraint it stands for, so that code catching those errors keeps working. The
+-- checks come in the order the INSERT met them (the priority's cast, then the
+-- constraints by name), and a NULL task is left to the INSERT's 23502, as before. A plain INSERT still
 -- reports the constraint itself (the README lists what each one means). Python's
 -- producers check all of this before sending, so the checks cost them only the few
 -- comparisons each call makes.
@@ -63,25 +68,24 @@ LANGUAGE plpgsql AS $$
 DECLARE
     new_id bigint;
 BEGIN
-    IF jsonb_typeof(enqueue.args) <> 'object' THEN
+    IF enqueue.task IS NULL THEN
+        NULL;  -- the INSERT's not-null violation (23502), as before
+    ELSIF enqueue.priority NOT BETWEEN -32768 AND 32767 THEN
+        RAISE EXCEPTION 'pgqueue.enqueue: priority must be from -32768 to 32767, not %',
+                        enqueue.priority
+            USING ERRCODE = '22003';
+    ELSIF jsonb_typeof(enqueue.args) <> 'object' THEN
         RAISE EXCEPTION 'pgqueue.enqueue: args must be a JSON object, not a JSON %',
                         jsonb_typeof(enqueue.args)
             USING ERRCODE = '23514', SCHEMA = 'pgqueue', TABLE = 'jobs',
                   CONSTRAINT = 'jobs_args_check',
                   HINT = 'pass the handler''s keyword arguments as an object: {"to": "a@b.c"}';
-    END IF;
-    IF enqueue.priority NOT BETWEEN -32768 AND 32767 THEN
-        RAISE EXCEPTION 'pgqueue.enqueue: priority must be from -32768 to 32767, not %',
-                        enqueue.priority
-            USING ERRCODE = '22003';
-    END IF;
-    IF enqueue.max_attempts < 1 THEN
+    ELSIF enqueue.max_attempts < 1 THEN
         RAISE EXCEPTION 'pgqueue.enqueue: max_attempts must be at least 1, not %',
                         enqueue.max_attempts
             USING ERRCODE = '23514', SCHEMA = 'pgqueue', TABLE = 'jobs',
                   CONSTRAINT = 'jobs_max_attempts_check';
-    END IF;
-    IF enqueue.run_at NOT BETWEEN '0001-01-02 00:00:00+00' AND '9999-12-30 00:00:00+00' THEN
+    ELSIF enqueue.run_at NOT BETWEEN '0001-01-02 00:00:00+00' AND '9999-12-30 00:00:00+00' THEN
         RAISE EXCEPTION 'pgqueue.enqueue: run_at must lie between 0001-01-02 and 9999-12-30'
                         ' UTC, not %', enqueue.run_at
             USING ERRCODE = '23514', SCHEMA = 'pgqueue', TABLE = 'jobs',
@@ -163,42 +167,47 @@ BEGIN
         RETURN ARRAY[]::bigint[];
     END IF;
     -- The first element refused, in input order: what is wrong with it, its SQLSTATE and
-    -- the constraint it stands for (NULL elements take the defaults, which pass).
-    SELECT CASE
-               WHEN jsonb_typeof(t.args) <> 'object' THEN
-                   format('args[%s] must be a JSON object, not a JSON %s', t.k,
-                          jsonb_typeof(t.args))
-               WHEN t.priority NOT BETWEEN -32768 AND 32767 THEN
-                   format('priorities[%s] must be from -32768 to 32767, not %s', t.k,
-                          t.priority)
-               WHEN t.max_attempts < 1 THEN
-                   format('max_attempts[%s] must be at least 1, not %s', t.k, t.max_attempts)
-               ELSE
-                   format('run_ats[%s] must lie between 0001-01-02 and 9999-12-30 UTC, not %s',
-                          t.k, t.run_at)
-           END AS message,
-           CASE
-               WHEN jsonb_typeof(t.args) <> 'object' THEN 'jobs_args_check'
-               WHEN t.priority NOT BETWEEN -32768 AND 32767 THEN ''
-               WHEN t.max_attempts < 1 THEN 'jobs_max_attempts_check'
-               ELSE 'jobs_run_at_range'
-           END AS constraint_name
-        INTO refused
-    FROM unnest(args, priorities, run_ats, max_attempts)
-        WITH ORDINALITY AS t(args, priority, run_at, max_attempts, k)
-    WHERE jsonb_typeof(t.args) <> 'object'
-       OR t.priority NOT BETWEEN -32768 AND 32767
-       OR t.max_attempts < 1
-       OR t.run_at NOT BETWEEN '0001-01-02 00:00:00+00' AND '9999-12-30 00:00:00+00'
-    ORDER BY t.k
-    LIMIT 1;
-    IF refused.message IS NOT NULL THEN
-        IF refused.constraint_name = '' THEN
-            RAISE EXCEPTION 'pgqueue.enqueue_many: %', refused.message USING ERRCODE = '22003';
+    -- the constraint it stands for (NULL elements take the defaults, which pass). A
+    -- NULL task is left to the INSERT's not-null violation (23502), as before.
+    IF array_position(tasks, NULL) IS NULL THEN
+        SELECT CASE
+                   WHEN t.priority NOT BETWEEN -32768 AND 32767 THEN
+                       format('priorities[%s] must be from -32768 to 32767, not %s', t.k,
+                              t.priority)
+                   WHEN jsonb_typeof(t.args) <> 'object' THEN
+                       format('args[%s] must be a JSON object, not a JSON %s', t.k,
+                              jsonb_typeof(t.args))
+                   WHEN t.max_attempts < 1 THEN
+                       format('max_attempts[%s] must be at least 1, not %s', t.k,
+                              t.max_attempts)
+                   ELSE
+                       format('run_ats[%s] must lie between 0001-01-02 and 9999-12-30 UTC,'
+                              ' not %s', t.k, t.run_at)
+               END AS message,
+               CASE
+                   WHEN t.priority NOT BETWEEN -32768 AND 32767 THEN ''
+                   WHEN jsonb_typeof(t.args) <> 'object' THEN 'jobs_args_check'
+                   WHEN t.max_attempts < 1 THEN 'jobs_max_attempts_check'
+                   ELSE 'jobs_run_at_range'
+               END AS constraint_name
+            INTO refused
+        FROM unnest(args, priorities, run_ats, max_attempts)
+            WITH ORDINALITY AS t(args, priority, run_at, max_attempts, k)
+        WHERE jsonb_typeof(t.args) <> 'object'
+           OR t.priority NOT BETWEEN -32768 AND 32767
+           OR t.max_attempts < 1
+           OR t.run_at NOT BETWEEN '0001-01-02 00:00:00+00' AND '9999-12-30 00:00:00+00'
+        ORDER BY t.k
+        LIMIT 1;
+        IF refused.message IS NOT NULL THEN
+            IF refused.constraint_name = '' THEN
+                RAISE EXCEPTION 'pgqueue.enqueue_many: %', refused.message
+                    USING ERRCODE = '22003';
+            END IF;
+            RAISE EXCEPTION 'pgqueue.enqueue_many: %', refused.message
+                USING ERRCODE = '23514', SCHEMA = 'pgqueue', TABLE = 'jobs',
+                      CONSTRAINT = refused.constraint_name;
         END IF;
-        RAISE EXCEPTION 'pgqueue.enqueue_many: %', refused.message
-            USING ERRCODE = '23514', SCHEMA = 'pgqueue', TABLE = 'jobs',
-                  CONSTRAINT = refused.constraint_name;
     END IF;
     -- Ids are drawn first so the result can be returned in input order (bigint[] is
     -- fixed-width: subscripting it is cheap).

@@ -21,7 +21,7 @@ import stat
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from types import FrameType
@@ -1596,6 +1596,28 @@ def _walk_dead(
     return handled
 
 
+_FAILING_ROW_ID = re.compile(r"Failing row contains \((\d+),")
+
+
+@contextlib.contextmanager
+def _refused_back(picked: list[store.RevivedDead]) -> Iterator[None]:
+    """A dead job pgqueue.jobs' constraints refuse (one stored before a migration that
+    added a constraint: 0025's task name of white space alone, say) fails its batch's
+    move as a whole; say which job and what to do instead of a bare constraint error."""
+    try:
+        yield
+    except psycopg.errors.CheckViolation as exc:
+        found = _FAILING_ROW_ID.search(exc.diag.message_detail or "")
+        which = f"dead job {found.group(1)}" if found else "a dead job"
+        done = [row.dead_id for row in picked if row.job_id is not None]
+        raise PgQueueError(
+            f"{which} cannot go back to pgqueue.jobs: {exc.diag.constraint_name or 'a check'}"
+            " refuses it (no worker could run it); its batch was left dead"
+            + (f" ({len(done)} retried before it)" if done else "")
+            + ". Delete it with SQL (its row in pgqueue.dead_jobs), then retry the rest"
+        ) from exc
+
+
 @dead.command("retry")
 @click.argument("job_ids", type=JOB_ID, nargs=-1)
 @click.option("--all", "retry_all", is_flag=True, help="Retry every dead job (with the filters).")
@@ -1635,7 +1657,7 @@ def dead_retry(
 
         missing: list[int] = []
         renamed: dict[int, list[int]] = {}
-        with _connect(dsn) as conn:
+        with _connect(dsn) as conn, _refused_back(picked):
             if job_ids:
                 # An id given may be the one a job was enqueued as, which died under a new
                 # id (0023) while an older dead job kept it: say so, whichever is retried.

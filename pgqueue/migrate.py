@@ -68,10 +68,10 @@ class Migration:
     def changed_message(self) -> str:
         return (
             f"migration {self.version:04d}_{self.name} was applied to this database from"
-            " another text than this pgqueue ships (its checksum differs): a development"
-            " build of pgqueue before 0.1.0 shipped a different version of it, so the"
-            " schema may differ from what this pgqueue expects; `pgqueue migrate` refuses"
-            " to go on (README, Upgrading: recreate or restore the database)"
+            " another text than this pgqueue ships (its checksum differs: a development"
+            " build of pgqueue before 0.1.0 shipped a different version of it, or the file"
+            " was edited), so the schema may differ from what this pgqueue expects;"
+            " `pgqueue migrate` refuses to go on (README, Upgrading)"
         )
 
 

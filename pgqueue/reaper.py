@@ -152,7 +152,7 @@ class Reaper:
             try:
                 conn = store.connect(
                     self.config.dsn,
-                    **store.application_name(self.config.dsn, "pgqueue-reaper"),
+                    **store.application_name("pgqueue-reaper"),
                     prepare_threshold=5 if self.config.prepared_statements else None,
                     # Its prepared statements' plans live as long as the connection.
                     no_seq_scans=self.config.prepared_statements,
@@ -323,12 +323,14 @@ class Reaper:
         return ReapResult(requeued, dead, pruned, cancelled, more_to_prune)
 
     def handle_signals(self) -> None:
-        """SIGTERM, SIGINT and SIGHUP stop this reaper after the statement in flight (the
-        loop, or a pass between two batches); one the database has not answered within
-        REAPER_STOP_SECONDS is cut short. Main thread only."""
+        """SIGTERM, SIGINT and SIGHUP (unless ignored when it started, as under `nohup`)
+        stop this reaper after the statement in flight (the loop, or a pass between two
+        batches); one the database has not answered within REAPER_STOP_SECONDS is cut
+        short. Main thread only."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGHUP, self._on_signal)
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # not under `nohup`
+            signal.signal(signal.SIGHUP, self._on_signal)
 
     def run(self, *, handle_signals: bool = True) -> None:
         """Pass every ``interval`` seconds until stopped (SIGTERM/SIGINT/SIGHUP)."""

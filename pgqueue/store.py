@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -21,7 +20,6 @@ import psycopg
 from psycopg import pq
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb, set_json_loads
 
@@ -131,17 +129,11 @@ async def pin_session_async(conn: AsyncConn) -> None:
         await conn.execute(fix)
 
 
-def application_name(conninfo: str, default: str) -> dict[str, str]:
-    """``{"application_name": default}`` for the connection kwargs, unless the connection
-    string or PGAPPNAME names the application already: a name the operator gave wins
-    (pg_stat_activity shows it), else pgqueue's daemons name their connections."""
-    try:
-        named = "application_name" in conninfo_to_dict(conninfo)
-    except psycopg.ProgrammingError:
-        named = False  # a bad string: connecting says why
-    if named or os.environ.get("PGAPPNAME"):
-        return {}
-    return {"application_name": default}
+def application_name(default: str) -> dict[str, str]:
+    """The connection kwargs that name a daemon's connections ``default`` unless the
+    operator named them (the connection string, a service file, PGAPPNAME): libpq's
+    fallback_application_name, which each of those overrides."""
+    return {"fallback_application_name": default}
 
 
 def connect(

@@ -252,7 +252,10 @@ class Supervisor:
         """Supervise until a signal stops the children; returns the exit code."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGHUP, self._on_signal)
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            # Not under `nohup`: then it stays ignored, by the children too (an ignored
+            # signal stays ignored across exec).
+            signal.signal(signal.SIGHUP, self._on_signal)
         signal.signal(signal.SIGQUIT, self._on_signal)
         server: MetricsServer | None = None
         try:

@@ -211,7 +211,7 @@ class Daemons:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(
-        self, command: str, *args: str, env: dict[str, str] | None = None
+        self, command: str, *args: str, env: dict[str, str] | None = None, nohup: bool = False
     ) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{command}-{len(self.procs)}.log", "wb")  # noqa: SIM115
         # TMPDIR: a supervisor killed at teardown leaves its metrics directory behind; in
@@ -227,6 +227,8 @@ class Daemons:
             stderr=subprocess.STDOUT,
             cwd=ROOT,
             start_new_session=True,
+            # As `nohup` starts it: SIGHUP ignored (which survives exec).
+            preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None,
         )
         proc.log_path = log.name  # type: ignore[attr-defined]
         self.procs.append(proc)
@@ -237,8 +239,11 @@ class Daemons:
         *args: str,
         app: str = "tests.apps.sample:registry",
         env: dict[str, str] | None = None,
+        nohup: bool = False,
     ) -> subprocess.Popen[bytes]:
-        return self.start("pgqueue-worker", "--app", app, "--log-format", "json", *args, env=env)
+        return self.start(
+            "pgqueue-worker", "--app", app, "--log-format", "json", *args, env=env, nohup=nohup
+        )
 
     def reaper(self, *args: str) -> subprocess.Popen[bytes]:
         return self.start("pgqueue-reaper", "--log-format", "json", *args)

@@ -137,6 +137,19 @@ def children(pid: int) -> set[int]:
     return alive
 
 
+def group_members(pgid: int) -> set[int]:
+    """Live processes of process group ``pgid`` (a daemon's, started in a session of its
+    own: the processes its handlers forked stay in it)."""
+    found = set()
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                found.add(proc.pid)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+    return found
+
+
 def exec_children(pid: int) -> set[int]:
     """Children of ``pid`` that already run the worker's command (past fork and exec: a
     signal sent between the two is taken by the supervisor's handler, copied by fork)."""
@@ -512,12 +525,15 @@ def test_sighup_stops_a_worker_gracefully(conn, daemons):
     assert scalar(conn, "SELECT count(*) FROM pgqueue.workers") == 0
 
 
-def test_a_clean_stop_runs_the_apps_exit_hooks(conn, daemons, tmp_path):
+@pytest.mark.parametrize("task", ["record", "fork_helper"])
+def test_a_clean_stop_runs_the_apps_exit_hooks(conn, daemons, tmp_path, task):
     # The thread that carries out "exit now" for a blocked loop ends with the worker: a
     # thread left running makes the process end with os._exit, which skips atexit hooks
-    # (an error reporter's or a tracer's flush).
+    # (an error reporter's or a tracer's flush, multiprocessing's end of its daemonic
+    # helpers). A process a handler forked holds the thread's pipe too: told to end by
+    # the pipe's closing, the thread never was, and the stop took a second more.
     hooks = tmp_path / "atexit"
-    job_id = enqueue(conn, "record", {"note": "hooks"})
+    job_id = enqueue(conn, task, {})
     worker = daemons.worker(env={"SAMPLE_ATEXIT_FILE": str(hooks)})
     wait_until(lambda: job_state(conn, job_id) == "succeeded", timeout=20)
 
@@ -525,6 +541,36 @@ def test_a_clean_stop_runs_the_apps_exit_hooks(conn, daemons, tmp_path):
 
     assert worker.wait(timeout=20) == 0, daemons.output(worker)
     assert hooks.read_text() == "ran"
+    if task == "fork_helper":
+        # multiprocessing's exit hook ended the helper.
+        wait_until(lambda: not group_members(worker.pid), timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("program", "args"),
+    [("pgqueue-worker", ()), ("pgqueue-worker", ("--processes", "2")), ("pgqueue-reaper", ())],
+)
+def test_under_nohup_sighup_stays_ignored(conn, daemons, program, args):
+    # The SIGHUP handlers replaced the ignore `nohup` sets: a daemon started with it
+    # stopped when its terminal hung up.
+    if program == "pgqueue-worker":
+        proc = daemons.worker(*args, nohup=True)
+        wait_until(lambda: logged(daemons, proc, "worker.started"), timeout=20)
+    else:
+        proc = daemons.start(program, "--log-format", "json", "--interval", "0.5", nohup=True)
+        wait_until(lambda: logged(daemons, proc, "reaper.started"), timeout=20)
+    if args:
+        wait_until(lambda: len(started_workers(daemons, proc)) == 2, timeout=30)
+
+    os.killpg(proc.pid, signal.SIGHUP)  # as a terminal's hang-up: the whole group
+    time.sleep(1.5)
+
+    assert proc.poll() is None, daemons.output(proc)
+    if program == "pgqueue-worker":
+        job_id = enqueue(conn, "record", {"note": "after-hup"})
+        wait_until(lambda: job_state(conn, job_id) == "succeeded", timeout=20)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, daemons.output(proc)
 
 
 def test_sighup_stops_a_supervisor_and_its_children_gracefully(conn, daemons):
@@ -709,12 +755,24 @@ def test_listen_connection_is_named_pgqueue_worker(conn, daemons):
     assert names == {"pgqueue-worker"}
 
 
-def test_a_name_the_dsn_or_pgappname_gives_wins_over_the_daemons_own(conn, daemons):
+@pytest.mark.parametrize("source", ["dsn", "service"])
+def test_a_name_the_operator_gives_wins_over_the_daemons_own(conn, daemons, tmp_path, source):
     # The worker's pool and listener, and the reaper, named their connections
-    # pgqueue-worker / pgqueue-reaper whatever the DSN said (deploy/systemd's example set
-    # application_name there, to no effect): a DBA could not tell two apps' workers apart.
-    named = make_conninfo(daemons.dsn, application_name="billing-worker")
-    daemons.worker("--poll-interval", "0.5", env={"PGQUEUE_DSN": named})
+    # pgqueue-worker / pgqueue-reaper whatever the DSN, a service file or PGAPPNAME said
+    # (deploy/systemd's example set application_name in the DSN, to no effect): a DBA
+    # could not tell two apps' workers apart.
+    if source == "dsn":
+        env = {"PGQUEUE_DSN": make_conninfo(daemons.dsn, application_name="billing-worker")}
+    else:
+        info = psycopg.conninfo.conninfo_to_dict(daemons.dsn)
+        services = tmp_path / "pg_service.conf"
+        services.write_text(
+            "[billing]\n"
+            + "".join(f"{key}={value}\n" for key, value in info.items())
+            + "application_name=billing-worker\n"
+        )
+        env = {"PGSERVICEFILE": str(services), "PGQUEUE_DSN": "service=billing"}
+    daemons.worker("--poll-interval", "0.5", env=env)
     daemons.start("pgqueue-reaper", "--log-format", "json", env={"PGAPPNAME": "billing-reaper"})
 
     def names() -> set[str]:
@@ -729,8 +787,7 @@ def test_a_name_the_dsn_or_pgappname_gives_wins_over_the_daemons_own(conn, daemo
     wait_until(
         lambda: pids(
             conn,
-            "SELECT pid FROM pg_stat_activity"
-            " WHERE query = 'LISTEN pgqueue_jobs'"
+            "SELECT pid FROM pg_stat_activity WHERE query = 'LISTEN pgqueue_jobs'"
             " AND application_name = 'billing-worker'",
         )
     )

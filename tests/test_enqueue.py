@@ -1173,6 +1173,40 @@ def test_sql_enqueue_many_names_the_first_element_refused(conn, name, value, mes
     assert count_jobs(conn) == 0
 
 
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        # What the INSERT alone raised (0024's functions, checked by hand): the priority's
+        # cast before the NULL task and before the constraints; row by row in
+        # enqueue_many. The checks keep that order.
+        (
+            "pgqueue.enqueue(NULL, '[1]', priority => 40000)",
+            psycopg.errors.NumericValueOutOfRange,
+        ),
+        ("pgqueue.enqueue(NULL, '[1]')", psycopg.errors.NotNullViolation),
+        ("pgqueue.enqueue('t', '[1]', priority => 40000)", psycopg.errors.NumericValueOutOfRange),
+        ("pgqueue.enqueue('t', '[1]', max_attempts => 0)", psycopg.errors.CheckViolation),
+        (
+            "pgqueue.enqueue_many(ARRAY['a', NULL], ARRAY['[1]', '{}']::jsonb[], ARRAY['q', 'q'],"
+            " ARRAY[1, 1], ARRAY[NULL, NULL]::timestamptz[], ARRAY[1, 1],"
+            " ARRAY[NULL, NULL]::text[])",
+            psycopg.errors.CheckViolation,
+        ),
+        (
+            "pgqueue.enqueue_many(ARRAY['a', 'b'], ARRAY['[1]', '{}']::jsonb[], ARRAY['q', 'q'],"
+            " ARRAY[1, 40000], ARRAY[NULL, NULL]::timestamptz[], ARRAY[1, 1],"
+            " ARRAY[NULL, NULL]::text[])",
+            psycopg.errors.CheckViolation,
+        ),
+    ],
+)
+def test_sql_enqueue_with_several_faults_raises_what_it_raised_before(conn, call, error):
+    with pytest.raises(error):
+        conn.execute(f"SELECT {call}")
+    conn.rollback()
+    assert count_jobs(conn) == 0
+
+
 def test_sql_enqueue_many_takes_null_elements_as_defaults_and_empty_arrays(conn):
     ids = scalar(
         conn,

@@ -706,8 +706,6 @@ def test_migrate_status_names_changed_newer_and_pending_migrations(empty_dsn):
         f"migration {first.version:04d}_{first.name} was applied to this database from"
         " another text" in result.stderr
     )
-    # `pgqueue migrate` refuses to go on: it said it would apply the pending one.
-    assert result.stdout.count("pending, which `pgqueue migrate` will not apply") == 0  # JSON
     assert "warning: the database has migrations this pgqueue does not know (9999)" in (
         result.stderr
     )

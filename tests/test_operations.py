@@ -3536,6 +3536,25 @@ def test_dead_retry_of_an_id_pgqueue_jobs_holds_revives_it_under_a_new_id(conn, 
     assert scalar(conn, "SELECT task FROM pgqueue.jobs WHERE id = %s", (renumbered,)) == "fail"
 
 
+def test_dead_retry_of_a_job_the_jobs_table_now_refuses_names_it_and_moves_nothing(conn, dsn):
+    # A dead job stored before migration 0025 with a task of white space alone failed the
+    # bulk move with a bare constraint error naming no job.
+    good = insert_dead(conn)
+    blank = insert_dead(conn, task="\xa0")
+
+    result = cli(dsn, "dead", "retry", "--all")
+
+    assert result.returncode == 1, result.stderr
+    assert f"dead job {blank} cannot go back to pgqueue.jobs: jobs_task_not_blank" in (
+        result.stderr
+    )
+    assert "Delete it with SQL (its row in pgqueue.dead_jobs)" in result.stderr
+    assert sorted(r[0] for r in conn.execute("SELECT id FROM pgqueue.dead_jobs")) == [good, blank]
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 0
+    conn.execute("DELETE FROM pgqueue.dead_jobs WHERE id = %s", (blank,))
+    assert cli(dsn, "dead", "retry", "--all").returncode == 0
+
+
 def test_dead_retry_leaves_dead_only_a_job_whose_new_id_is_taken_too(conn, dsn):
     # The sequence set back onto the dead ids: the next id is a dead one too. That job
     # stays dead, named with what to do; the rest of the batch is revived.

@@ -71,6 +71,21 @@ PARENT_CHECK_SECONDS = 1.0
 # The signals the worker stops on: SIGTERM, SIGINT and SIGHUP (a terminal that hangs up)
 # gracefully, SIGQUIT at once.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+# Down the exit-now pipe when the worker stopped: the thread ends (signal numbers are
+# never 0).
+STOPPED_BYTE = b"\x00"
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """STOP_SIGNALS, less SIGHUP where the process was started with it ignored (`nohup`,
+    or a supervisor that was): that stays ignored, as the operator asked."""
+    return tuple(
+        sig
+        for sig in STOP_SIGNALS
+        if not (sig is signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN)
+    )
+
+
 # How long the loop gets to carry out an "exit now" signal before the exit-now thread
 # does (see Worker._signal_arrived).
 EXIT_NOW_SECONDS = 0.5
@@ -94,7 +109,8 @@ def _forked_child_signals() -> None:
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
@@ -174,7 +190,7 @@ class Worker:
             configure=self._configure_connection,
             kwargs={
                 "autocommit": True,
-                **store.application_name(config.dsn, "pgqueue-worker"),
+                **store.application_name("pgqueue-worker"),
                 "prepare_threshold": 5 if config.prepared_statements else None,
             },
             # Its own name: its background tasks are named after it (see _shutdown), and
@@ -376,15 +392,7 @@ class Worker:
         self._loop = loop
         exit_now: threading.Thread | None = None
         if handle_signals:
-            read_end, self._exit_pipe = os.pipe()
-            exit_now = threading.Thread(
-                target=self._exit_if_loop_blocked,
-                args=(read_end,),
-                name="pgqueue-exit-now",
-                daemon=True,
-            )
-            exit_now.start()
-            for sig in STOP_SIGNALS:
+            for sig in stop_signals():
                 loop.add_signal_handler(sig, self._on_signal, sig)
                 # asyncio's handler runs when the loop next runs: two signals sent seconds
                 # apart to a loop a handler blocks reach it together. This one runs when a
@@ -393,6 +401,16 @@ class Worker:
                 # its wake-up fd.
                 signal.signal(sig, self._signal_arrived)
             _reset_signals_after_fork()
+            # After the handlers (which refuse a loop outside the main thread): nothing
+            # is left behind when they fail.
+            read_end, self._exit_pipe = os.pipe()
+            exit_now = threading.Thread(
+                target=self._exit_if_loop_blocked,
+                args=(read_end,),
+                name="pgqueue-exit-now",
+                daemon=True,
+            )
+            exit_now.start()
         self._log = log.bind()
         uncontain = contain_handler_tasks(loop)
         try:
@@ -400,10 +418,13 @@ class Worker:
         finally:
             uncontain()
             if exit_now is not None:
-                # Stopped: the thread ends (its read sees the pipe closed), so that the
-                # process exits as one with no threads left (see cli._exit_after).
+                # Stopped: the thread ends, so that the process exits as one with no
+                # threads left (see cli._exit_after). Told by a byte, not by the pipe's
+                # closing: a process a handler forked holds the write end too.
                 write_end, self._exit_pipe = self._exit_pipe, None
                 if write_end is not None:
+                    with contextlib.suppress(OSError):
+                        os.write(write_end, STOPPED_BYTE)
                     os.close(write_end)
                     exit_now.join(1.0)
 
@@ -956,7 +977,7 @@ class Worker:
             return
         finally:
             os.close(read_end)
-        if not data:
+        if not data or data == STOPPED_BYTE:
             return
         time.sleep(EXIT_NOW_SECONDS)
         name = signal.Signals(data[0]).name

@@ -84,7 +84,7 @@ class Listener:
         while True:
             try:
                 async with await store.connect_async(
-                    self.dsn, **store.application_name(self.dsn, "pgqueue-worker")
+                    self.dsn, **store.application_name("pgqueue-worker")
                 ) as conn:
                     self._conn = conn
                     await self._check_notifications(conn)

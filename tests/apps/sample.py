@@ -59,6 +59,16 @@ async def watch_lease(seconds: float) -> None:
     await asyncio.to_thread(_record, "kept")
 
 
+@registry.task(name="fork_helper", backoff=FAST)
+def fork_helper() -> None:
+    """Leaves a daemonic helper process running (multiprocessing's fork), as a handler
+    starting a background helper does; the interpreter's exit ends it."""
+    import multiprocessing
+
+    multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,), daemon=True).start()
+    _record("forked")
+
+
 @registry.task(name="fork_and_terminate", backoff=FAST)
 def fork_and_terminate() -> None:
     """Starts a process with multiprocessing's fork and terminates it, as Pool's exit does:
