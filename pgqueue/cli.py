@@ -353,12 +353,11 @@ def migrate(show_status: bool, as_json: bool, lock_timeout: float, dsn: str | No
             _require_dsn(dsn),
             on_warning=lambda text: click.echo(f"pgqueue: warning: {text}", err=True),
             on_wait=lambda text: click.echo(f"pgqueue: {text}", err=True),
+            # As each commits: a long run shows its progress.
+            on_applied=lambda m: click.echo(f"applied {m.version:04d}_{m.name}"),
             lock_timeout=lock_timeout,
         )
-        if applied:
-            for m in applied:
-                click.echo(f"applied {m.version:04d}_{m.name}")
-        else:
+        if not applied:
             click.echo("pgqueue schema is up to date")
         return 0
 

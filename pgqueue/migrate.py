@@ -106,13 +106,15 @@ def migrate(
     *,
     on_warning: Callable[[str], None] | None = None,
     on_wait: Callable[[str], None] | None = None,
+    on_applied: Callable[[Migration], None] | None = None,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
     **kwargs: Any,
 ) -> list[Migration]:
     """Apply the missing migrations; returns those applied (empty when up to date).
     ``on_warning`` receives the text of each WARNING a migration raises (0005 warns when
     it cannot create the roles), with its hint. ``on_wait`` is told when another
-    migrator holds the lock and this one waits for it. ``lock_timeout``: seconds a
+    migrator holds the lock and this one waits for it; ``on_applied`` of each migration
+    once it committed (a long run shows its progress). ``lock_timeout``: seconds a
     migration's statements wait for a lock on pgqueue's tables (0: without limit) before
     that migration fails, changing nothing (those applied before it stay applied); while
     one waits, every statement on that table queues behind it. The role's or database's
@@ -181,11 +183,13 @@ def migrate(
                     )
                 except psycopg.errors.LockNotAvailable as exc:
                     done = ", ".join(f"{m.version:04d}_{m.name}" for m in applied_now)
+                    holders = _lock_holders(conn)
                     raise MigrationError(
                         f"migration {migration.version:04d}_{migration.name} failed: it waited"
                         f" {time.monotonic() - began:.1f}s for a lock on pgqueue's tables that"
-                        " another session holds (an open transaction?) and changed nothing;"
-                        " run it again once that ends"
+                        " another session holds (an open transaction?"
+                        + (f" {holders}" if holders else "")
+                        + ") and changed nothing; run it again once that ends"
                         + (
                             ", or allow longer with --lock-timeout"
                             if migration.version not in OWN_LOCK_TIMEOUT
@@ -210,10 +214,26 @@ def migrate(
                         + (f" (applied before it: {done})" if done else "")
                     ) from exc
                 applied_now.append(migration)
+                if on_applied is not None:
+                    on_applied(migration)
         finally:
             with contextlib.suppress(psycopg.Error):
                 store.unlock_migrations(conn)
     return applied_now
+
+
+def _lock_holders(conn: psycopg.Connection[Any]) -> str:
+    """The oldest open transactions holding a lock on one of pgqueue's tables, as
+    "backend pid 123 (idle in transaction for 40s)", for a migration that gave up
+    waiting; empty if none is seen (or they cannot be read)."""
+    try:
+        rows = store.lock_holders(conn)
+    except psycopg.Error:
+        return ""
+    return ", ".join(
+        f"backend pid {r['pid']} ({r['state'] or 'state unknown'} for {r['xact_seconds']:.0f}s)"
+        for r in rows
+    )
 
 
 @dataclass(frozen=True)

@@ -1232,6 +1232,10 @@ def lock_migrations(conn: SyncConn) -> None:
     conn.execute(QUERIES["lock_migrations"])
 
 
+def lock_holders(conn: SyncConn) -> list[Row]:
+    return _fetch(conn, "lock_holders", {})
+
+
 def update_migration_checksum(conn: SyncConn, *, version: int, checksum: str) -> None:
     conn.execute(QUERIES["update_migration_checksum"], {"version": version, "checksum": checksum})
 

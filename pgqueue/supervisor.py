@@ -299,7 +299,9 @@ class Supervisor:
                     if lived >= HEALTHY_SECONDS:
                         child.restart_delay = RESTART_MIN_SECONDS
                     child.restart_at = now + child.restart_delay
-                    log.error(
+                    # Exit 0: stopped gracefully by a signal of its own (its jobs
+                    # released), not a crash; replaced all the same.
+                    (log.warning if code == 0 else log.error)(
                         "supervisor.child_died",
                         slot=child.slot,
                         pid=child.proc.pid,

@@ -904,6 +904,23 @@ def test_processes_supervisor_replaces_dead_child_and_forwards_sigterm(conn, dae
     assert logged(daemons, supervisor, "supervisor.child_died")
 
 
+def test_a_child_stopped_on_its_own_is_replaced_and_logged_as_a_warning(conn, daemons):
+    # A child stopped by a SIGTERM of its own (an operator's `kill`, a process manager
+    # that signalled the wrong pid) exits 0 having released its jobs: that was logged as
+    # an error, like a crash. It is still replaced: the supervisor keeps its N children.
+    supervisor = daemons.worker("--processes", "2", "--shutdown-timeout", "1")
+    first = wait_until(lambda: up_children(daemons, supervisor, 2))
+    victim = min(first)
+    os.kill(victim, signal.SIGTERM)
+
+    wait_until(lambda: logged(daemons, supervisor, "supervisor.child_died"), timeout=20)
+    (event,) = logged(daemons, supervisor, "supervisor.child_died")
+    assert (event["exit_code"], event["level"]) == (0, "warning")
+    wait_until(lambda: (now := up_children(daemons, supervisor, 2)) and victim not in now)
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=30) == 0, daemons.output(supervisor)
+
+
 def supervisor_running_a_job(
     conn: psycopg.Connection[Any], daemons: Daemons, note: str
 ) -> tuple[subprocess.Popen[bytes], set[int], int]:

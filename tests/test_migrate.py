@@ -469,6 +469,10 @@ def test_every_migration_gives_up_on_its_lock_after_the_lock_timeout(empty_dsn, 
         assert re.search(r"0015_created_at_range failed: it waited \d+\.\ds for a lock", cli.stderr)
         assert "run it again once that ends, or allow longer with --lock-timeout" in cli.stderr
         assert "enqueues and claims wait behind it for as long as it waits" in cli.stderr
+        # It names the session to end (it said only "an open transaction?").
+        assert f"an open transaction? backend pid {reader.info.backend_pid} (idle in" in (
+            cli.stderr
+        )
         # Its own lock went with it: the reader's transaction goes on.
         assert reader.execute("SELECT count(*) FROM pgqueue.jobs").fetchone() == (0,)
     with psycopg.connect(empty_dsn, autocommit=True) as c:
@@ -622,6 +626,10 @@ def test_migration_warnings_reach_the_user_and_a_failure_is_one_line_naming_what
     assert "9003_broken failed:" in failure and "nosuchtype" in failure
     assert "applied before it:" in failure and "9001_warns, 9002_fine" in failure
     assert len(result.stderr.strip().splitlines()) == 2
+    # Each migration is reported as it commits (all were printed at the end, so a run
+    # that failed printed none of those it applied).
+    applied = [f"{m.version:04d}_{m.name}" for m in [*everything, *extra[:2]]]
+    assert result.stdout.splitlines() == [f"applied {name}" for name in applied]
     with psycopg.connect(empty_dsn, autocommit=True) as c:
         assert scalar(c, "SELECT max(version) FROM pgqueue.schema_migrations") == 9002
 

@@ -70,3 +70,18 @@ VALUES (%(version)s, %(name)s, %(checksum)s);
 -- A migration recorded with an earlier text that differs in comments alone (see
 -- migrate.SAME_SCHEMA_CHECKSUMS): the record takes the shipped text's checksum.
 UPDATE pgqueue.schema_migrations SET checksum = %(checksum)s WHERE version = %(version)s;
+
+-- name: lock_holders
+-- For a migration that gave up waiting for its lock: the oldest open transactions that
+-- hold a lock on one of pgqueue's tables (the usual blocker is a session idle in a
+-- transaction that read or wrote one), so that its error can name them.
+SELECT a.pid, a.state, extract(epoch FROM now() - a.xact_start)::float8 AS xact_seconds
+FROM pg_catalog.pg_stat_activity AS a
+WHERE a.xact_start IS NOT NULL
+  AND a.pid IN (SELECT l.pid
+                FROM pg_catalog.pg_locks AS l
+                JOIN pg_catalog.pg_class AS c ON c.oid = l.relation
+                JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+                WHERE l.granted AND n.nspname = 'pgqueue' AND l.pid <> pg_backend_pid())
+ORDER BY a.xact_start
+LIMIT 3;
