@@ -19,10 +19,12 @@
 -- name a constraint and dump the row; a priority outside smallint's range failed with
 -- a bare `smallint out of range`, naming no column. They now check first and name the
 -- argument (and, in enqueue_many, the element) and the rule, with the SQLSTATE the
--- INSERT raised for it (23514 check_violation, 22003 numeric_value_out_of_range) and
--- the constraint it stands for, so that code catching those errors keeps working. The
--- checks come in the order the INSERT met them (the priority's cast, then the
--- constraints by name), and a NULL task is left to the INSERT's 23502, as before. A plain INSERT still
+-- INSERT raises for that fault (23514 check_violation, 22003 numeric_value_out_of_range)
+-- and the constraint it stands for, so that code catching those errors keeps working.
+-- A NULL task is left to the INSERT's 23502, as before. Input with several faults may
+-- be refused for another of them than before: the checks run before the INSERT, in
+-- their own order (priority, args, max_attempts, run_at; enqueue_many's elements in
+-- input order), and the INSERT's constraints (task, queue, key) after them. A plain INSERT still
 -- reports the constraint itself (the README lists what each one means). Python's
 -- producers check all of this before sending, so the checks cost them only the few
 -- comparisons each call makes.

@@ -21,7 +21,7 @@ import stat
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from types import FrameType
@@ -65,6 +65,7 @@ from pgqueue.models import JobState, JobStatus, UndecodableArgs
 from pgqueue.registry import MAX_QUEUE_LENGTH, Registry, check_name
 
 if TYPE_CHECKING:
+    from pgqueue.migrate import Migration
     from pgqueue.worker import Worker
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -277,6 +278,13 @@ def main() -> None:
     """pgqueue: a Postgres-native background job queue."""
 
 
+def _say_applied(migration: Migration) -> None:
+    """`pgqueue migrate`'s line for a migration that committed. A reader that went away
+    (`| head -1`) must not stop the run between two migrations: the line is dropped."""
+    with contextlib.suppress(OSError):
+        click.echo(f"applied {migration.version:04d}_{migration.name}")
+
+
 @main.command()
 @click.option(
     "--status",
@@ -354,7 +362,7 @@ def migrate(show_status: bool, as_json: bool, lock_timeout: float, dsn: str | No
             on_warning=lambda text: click.echo(f"pgqueue: warning: {text}", err=True),
             on_wait=lambda text: click.echo(f"pgqueue: {text}", err=True),
             # As each commits: a long run shows its progress.
-            on_applied=lambda m: click.echo(f"applied {m.version:04d}_{m.name}"),
+            on_applied=_say_applied,
             lock_timeout=lock_timeout,
         )
         if not applied:
@@ -744,10 +752,10 @@ def worker_command(
 ) -> None:
     """Run jobs: claim from Postgres, execute, heartbeat, record outcomes.
 
-    SIGTERM, SIGINT or SIGHUP stops claiming, waits up to --shutdown-timeout for running
-    jobs, returns the rest to the queue and exits 0 (1 if outcomes could not be
-    written); a second signal, or SIGQUIT, exits at once with 1 (one within 0.2 s of
-    the first is taken for the same stop arriving twice).
+    SIGTERM, SIGINT or SIGHUP (unless ignored, as under nohup) stops claiming, waits up to
+    --shutdown-timeout for running jobs, returns the rest to the queue and exits 0 (1 if
+    outcomes could not be written); a second signal, or SIGQUIT, exits at once with 1
+    (one within 0.2 s of the first is taken for the same stop arriving twice).
     """
     log.configure(log_level, log_format)
 
@@ -1175,7 +1183,8 @@ def reaper_command(
     forget dead workers. With --metrics-port it also exports the database-wide gauges
     (queue depth, oldest ready job, dead jobs, live workers).
 
-    Several reapers may run at once. SIGTERM, SIGINT or SIGHUP ends the loop (or a --once pass)
+    Several reapers may run at once. SIGTERM, SIGINT or SIGHUP (unless ignored, as under
+    nohup) ends the loop (or a --once pass)
     after the current statement; one the database has not answered within 3 s is cut
     short (a --once pass then exits 1).
     """
@@ -1595,26 +1604,27 @@ def _walk_dead(
     return handled
 
 
-_FAILING_ROW_ID = re.compile(r"Failing row contains \((\d+),")
+_FAILING_ROW_ID = re.compile(r"Failing row contains \((-?\d+),")
 
 
-@contextlib.contextmanager
-def _refused_back(picked: list[store.RevivedDead]) -> Iterator[None]:
-    """A dead job pgqueue.jobs' constraints refuse (one stored before a migration that
-    added a constraint: 0025's task name of white space alone, say) fails its batch's
-    move as a whole; say which job and what to do instead of a bare constraint error."""
-    try:
-        yield
-    except psycopg.errors.CheckViolation as exc:
-        found = _FAILING_ROW_ID.search(exc.diag.message_detail or "")
-        which = f"dead job {found.group(1)}" if found else "a dead job"
-        done = [row.dead_id for row in picked if row.job_id is not None]
-        raise PgQueueError(
-            f"{which} cannot go back to pgqueue.jobs: {exc.diag.constraint_name or 'a check'}"
-            " refuses it (no worker could run it); its batch was left dead"
-            + (f" ({len(done)} retried before it)" if done else "")
-            + ". Delete it with SQL (its row in pgqueue.dead_jobs), then retry the rest"
-        ) from exc
+def _refused_back(conn: psycopg.Connection[Any], exc: psycopg.errors.CheckViolation) -> str:
+    """What to say of a dead job pgqueue.jobs' constraints refuse (one stored before a
+    migration added a constraint: 0025's task name of white space alone, say), whose
+    batch's move failed as a whole. The failing row's first column is its id in
+    pgqueue.jobs, which is its dead id unless it came back under a new one: named only
+    when the dead-letter table holds it."""
+    detail = exc.diag.message_detail or ""
+    found = _FAILING_ROW_ID.search(detail)
+    which = "a dead job"
+    if found and store.get_dead(conn, job_id=int(found.group(1))) is not None:
+        which = f"dead job {found.group(1)}"
+    elif detail:
+        which += f" ({' '.join(detail.split())[:200]})"
+    return (
+        f"{which} cannot go back to pgqueue.jobs: {exc.diag.constraint_name or 'a check'}"
+        " refuses it (no worker could run it); its batch was left dead. Delete it with"
+        " SQL (its row in pgqueue.dead_jobs), then retry the rest"
+    )
 
 
 @dead.command("retry")
@@ -1656,17 +1666,23 @@ def dead_retry(
 
         missing: list[int] = []
         renamed: dict[int, list[int]] = {}
-        with _connect(dsn) as conn, _refused_back(picked):
-            if job_ids:
-                # An id given may be the one a job was enqueued as, which died under a new
-                # id (0023) while an older dead job kept it: say so, whichever is retried.
-                renamed = store.dead_ids_by_original(conn, ids=list(job_ids))
-                picked = store.retry_dead_jobs(
-                    conn, ids=list(job_ids), queue=None, task=None, limit=len(job_ids)
-                )
-                missing = sorted(set(job_ids) - {row.dead_id for row in picked})
-            else:
-                _walk_dead(conn, step)
+        refused: str | None = None
+        with _connect(dsn) as conn:
+            try:
+                if job_ids:
+                    # An id given may be the one a job was enqueued as, which died under a
+                    # new id (0023) while an older dead job kept it: say so, whichever is
+                    # retried.
+                    renamed = store.dead_ids_by_original(conn, ids=list(job_ids))
+                    picked = store.retry_dead_jobs(
+                        conn, ids=list(job_ids), queue=None, task=None, limit=len(job_ids)
+                    )
+                    missing = sorted(set(job_ids) - {row.dead_id for row in picked})
+                else:
+                    _walk_dead(conn, step)
+            except psycopg.errors.CheckViolation as exc:
+                # The batches before it are revived: they are reported below all the same.
+                refused = _refused_back(conn, exc)
         revived = [row for row in picked if row.job_id is not None]
         stuck = [row.dead_id for row in picked if row.job_id is None]
         click.echo(f"retried {len(revived)} dead job(s)")
@@ -1703,7 +1719,9 @@ def dead_retry(
                     f"pgqueue: {_died_as(job_id, others)}: give its dead id to retry it",
                     err=True,
                 )
-        return 1 if stuck or missing else 0
+        if refused is not None:
+            click.echo(f"pgqueue: {refused}", err=True)
+        return 1 if stuck or missing or refused else 0
 
     _guard(body)
 

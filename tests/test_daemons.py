@@ -562,10 +562,14 @@ def test_under_nohup_sighup_stays_ignored(conn, daemons, program, args):
     if args:
         wait_until(lambda: len(started_workers(daemons, proc)) == 2, timeout=30)
 
+    before = children(proc.pid)
     os.killpg(proc.pid, signal.SIGHUP)  # as a terminal's hang-up: the whole group
     time.sleep(1.5)
 
     assert proc.poll() is None, daemons.output(proc)
+    # Nothing stopped: a supervisor's children were not stopped (and replaced) either.
+    assert children(proc.pid) == before
+    assert not logged(daemons, proc, "worker.stopping"), daemons.output(proc)
     if program == "pgqueue-worker":
         job_id = enqueue(conn, "record", {"note": "after-hup"})
         wait_until(lambda: job_state(conn, job_id) == "succeeded", timeout=20)

@@ -1176,9 +1176,9 @@ def test_sql_enqueue_many_names_the_first_element_refused(conn, name, value, mes
 @pytest.mark.parametrize(
     ("call", "error"),
     [
-        # What the INSERT alone raised (0024's functions, checked by hand): the priority's
-        # cast before the NULL task and before the constraints; row by row in
-        # enqueue_many. The checks keep that order.
+        # What the INSERT alone raised (0024's functions, checked by hand) in these cases
+        # of several faults; not in every such case (the checks run first, in an order
+        # of their own).
         (
             "pgqueue.enqueue(NULL, '[1]', priority => 40000)",
             psycopg.errors.NumericValueOutOfRange,

@@ -31,7 +31,7 @@ from pgqueue.migrate import (
     migrate,
 )
 from pgqueue.migrate import status as migration_status
-from tests.conftest import run_at_once, scalar
+from tests.conftest import _admin, run_at_once, scalar
 
 ROOT = Path(__file__).resolve().parent.parent
 PGQUEUE = Path(sys.executable).parent / "pgqueue"
@@ -481,6 +481,50 @@ def test_every_migration_gives_up_on_its_lock_after_the_lock_timeout(empty_dsn, 
         with pytest.raises(ValueError, match="lock_timeout must be 0 or more seconds"):
             migrate(empty_dsn, lock_timeout=bad)
     assert 15 in versions(migrate(empty_dsn, lock_timeout=0))
+
+
+def test_a_reader_that_goes_away_does_not_stop_migrate_half_way(empty_dsn):
+    # Each migration is printed as it commits: with `| head -1` the second line met a
+    # closed pipe, and the BrokenPipeError ended the run after two migrations.
+    pgqueue = Path(sys.executable).parent / "pgqueue"
+    run = subprocess.run(
+        f"'{pgqueue}' migrate --dsn \"$DSN\" | head -1",
+        shell=True, env={**os.environ, "DSN": empty_dsn}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert run.stdout.startswith("applied 0001_"), (run.stdout, run.stderr)
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        applied = scalar(c, "SELECT count(*) FROM pgqueue.schema_migrations")
+    assert applied == len(load_migrations())
+
+
+def test_a_migration_that_gave_up_names_only_this_databases_lock_holders(
+    dsn, server_dsn, template_db, monkeypatch
+):
+    # Databases cloned from one template share their tables' oids: a session holding a
+    # lock on another clone's pgqueue.jobs was named too (first, being older).
+    other = f"pgqueue_t_{uuid.uuid4().hex[:10]}"
+    _admin(server_dsn, f'CREATE DATABASE "{other}" TEMPLATE "{template_db}"')
+    try:
+        everything = load_migrations()
+        locks = Migration(9100, "locks_jobs", "LOCK TABLE pgqueue.jobs IN ACCESS EXCLUSIVE MODE;")
+        monkeypatch.setattr(
+            sys.modules["pgqueue.migrate"], "load_migrations", lambda: [*everything, locks]
+        )
+        with (
+            psycopg.connect(make_conninfo(server_dsn, dbname=other)) as elsewhere,
+            psycopg.connect(dsn) as reader,
+        ):
+            elsewhere.execute("SELECT count(*) FROM pgqueue.jobs")  # open, and older
+            reader.execute("SELECT count(*) FROM pgqueue.jobs")
+            pids = (reader.info.backend_pid, elsewhere.info.backend_pid)
+            with pytest.raises(MigrationError) as refused:
+                migrate(dsn, lock_timeout=0.3)
+        message = str(refused.value)
+        assert f"backend pid {pids[0]} (idle in transaction" in message
+        assert f"backend pid {pids[1]} " not in message
+    finally:
+        _admin(server_dsn, f'DROP DATABASE IF EXISTS "{other}" WITH (FORCE)')
 
 
 @contextlib.contextmanager

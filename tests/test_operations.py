@@ -3545,6 +3545,7 @@ def test_dead_retry_of_a_job_the_jobs_table_now_refuses_names_it_and_moves_nothi
     result = cli(dsn, "dead", "retry", "--all")
 
     assert result.returncode == 1, result.stderr
+    assert result.stdout.strip() == "retried 0 dead job(s)"
     assert f"dead job {blank} cannot go back to pgqueue.jobs: jobs_task_not_blank" in (
         result.stderr
     )
@@ -3553,6 +3554,26 @@ def test_dead_retry_of_a_job_the_jobs_table_now_refuses_names_it_and_moves_nothi
     assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 0
     conn.execute("DELETE FROM pgqueue.dead_jobs WHERE id = %s", (blank,))
     assert cli(dsn, "dead", "retry", "--all").returncode == 0
+
+
+def test_dead_retry_refused_in_a_later_batch_reports_the_batches_it_revived(conn, dsn):
+    # The batches before the refused one are revived: their summary, and the job that
+    # came back under a new id, were not printed. The refused job, itself back under a
+    # new id, is not named by that id (no table holds it).
+    first = [insert_dead(conn) for _ in range(1000)]
+    conn.execute("INSERT INTO pgqueue.jobs (id, task) VALUES (%s, 'record')", (first[0],))
+    blank = insert_dead(conn, task="\xa0")
+    conn.execute("INSERT INTO pgqueue.jobs (id, task) VALUES (%s, 'record')", (blank,))
+
+    result = cli(dsn, "dead", "retry", "--all")
+
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.strip() == "retried 1000 dead job(s)"
+    assert f"pgqueue: dead job {first[0]} is back as job " in result.stderr
+    (refusal,) = [line for line in result.stderr.splitlines() if "cannot go back" in line]
+    assert refusal.startswith("pgqueue: a dead job (Failing row contains ("), refusal
+    assert "jobs_task_not_blank refuses it" in refusal
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 1
 
 
 def test_dead_retry_leaves_dead_only_a_job_whose_new_id_is_taken_too(conn, dsn):

@@ -82,6 +82,9 @@ WHERE a.xact_start IS NOT NULL
                 FROM pg_catalog.pg_locks AS l
                 JOIN pg_catalog.pg_class AS c ON c.oid = l.relation
                 JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
-                WHERE l.granted AND n.nspname = 'pgqueue' AND l.pid <> pg_backend_pid())
+                WHERE l.granted AND n.nspname = 'pgqueue' AND l.pid <> pg_backend_pid()
+                  -- This database's (a copy from a template has the same oids).
+                  AND l.database = (SELECT d.oid FROM pg_catalog.pg_database AS d
+                                    WHERE d.datname = current_database()))
 ORDER BY a.xact_start
 LIMIT 3;
