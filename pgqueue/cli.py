@@ -466,8 +466,11 @@ def status(job_id: int, as_json: bool, show_args: bool, dsn: str | None) -> None
     """Show a job's state, attempts, run_at and each attempt's error."""
 
     def body() -> int:
+        waiting: str | None = None
         with _connect(dsn) as conn:
             job = store.job_status(conn, job_id=job_id, with_args=show_args)
+            if job is not None and job.state is JobState.QUEUED and not as_json:
+                waiting = _why_waiting(conn, job.queue)
         if job is None:
             raise JobNotFound(f"no job with id {job_id}")
         if as_json:
@@ -513,6 +516,8 @@ def status(job_id: int, as_json: bool, show_args: bool, dsn: str | None) -> None
             rows.append(("idempotency_key", job.idempotency_key))
         if job.cancel_requested_at:
             rows.append(("cancel_requested_at", job.cancel_requested_at.isoformat()))
+        if waiting is not None:
+            rows.append(("waiting", waiting))
         if show_args:
             args = job.args
             rows.append(
@@ -552,6 +557,24 @@ def status(job_id: int, as_json: bool, show_args: bool, dsn: str | None) -> None
         return 0
 
     _guard(body)
+
+
+def _why_waiting(conn: psycopg.Connection[Any], queue: str) -> str | None:
+    """For a queued job: its queue is paused, or no live worker serves it (a queue name
+    misspelt by a producer, a worker group not deployed). None when neither, or when
+    this role may not read pgqueue.queues and pgqueue.workers (pgqueue_producer)."""
+    try:
+        row = store.queue_service(conn, queue=queue)
+    except psycopg.errors.InsufficientPrivilege:
+        return None
+    if row["paused"]:
+        return f"queue {queue!r} is paused: `pgqueue queue resume {queue}` resumes it"
+    if not row["served"]:
+        return (
+            f"no live worker serves queue {queue!r} (`pgqueue workers` lists the live"
+            " ones and their queues)"
+        )
+    return None
 
 
 # --- worker -------------------------------------------------------------------------------

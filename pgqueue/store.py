@@ -1232,6 +1232,12 @@ def lock_migrations(conn: SyncConn) -> None:
     conn.execute(QUERIES["lock_migrations"])
 
 
+def queue_service(conn: SyncConn, *, queue: str) -> Row:
+    """Whether ``queue`` is paused, and whether a live worker serves it."""
+    (row,) = _fetch(conn, "queue_service", {"queue": queue})
+    return row
+
+
 def lock_holders(conn: SyncConn) -> list[Row]:
     return _fetch(conn, "lock_holders", {})
 

@@ -2052,6 +2052,35 @@ def test_workers_lists_live_workers_and_forgets_them_when_they_go(conn, dsn, dae
 # --- 9. execution history ---------------------------------------------------------------------
 
 
+def test_status_says_why_a_queued_job_waits(conn, dsn):
+    # A job enqueued (from SQL, say) to a misspelt queue, or to a paused one, showed as
+    # plain "queued", for ever.
+    def waiting(job_id: int) -> list[str]:
+        lines = ok(cli(dsn, "status", str(job_id))).splitlines()
+        return [line.split(None, 1)[1] for line in lines if line.startswith("waiting ")]
+
+    misspelt = enqueue(conn, "record", {}, queue="emial")
+    assert waiting(misspelt) == [
+        "no live worker serves queue 'emial' (`pgqueue workers` lists the live ones and"
+        " their queues)"
+    ]
+    # A worker that stopped beating three of its intervals ago does not count.
+    conn.execute(
+        "INSERT INTO pgqueue.workers (id, host, pid, queues, concurrency, heartbeat_seconds,"
+        " version, last_heartbeat_at) VALUES ('h:1:x', 'h', 1, '{emial}', 1, 10, '0',"
+        " now() - interval '31 seconds')"
+    )
+    assert waiting(misspelt) != []
+    conn.execute("UPDATE pgqueue.workers SET last_heartbeat_at = now()")
+    assert waiting(misspelt) == []
+    ok(cli(dsn, "queue", "pause", "emial"))
+    assert waiting(misspelt) == ["queue 'emial' is paused: `pgqueue queue resume emial` resumes it"]
+    # Not for a job that is not queued, nor in --json (its fields are the job's).
+    assert "waiting" not in ok(cli(dsn, "status", str(misspelt), "--json"))
+    dead = insert_dead(conn, queue="emial")
+    assert waiting(dead) == []
+
+
 def test_status_shows_args_only_when_asked(conn, dsn):
     args = {"email": "ada@example.org", "big": 10**20, "name": "Zoë"}
     job_id = enqueue(conn, "record", args)

@@ -347,6 +347,18 @@ def test_producer_can_enqueue_every_way_and_read_status(strict_db, login_as):
     )
     assert result.returncode == 0, result.stderr
     assert '"state": "queued"' in result.stdout
+    # The text form too: it reads pgqueue.queues and pgqueue.workers for the "waiting"
+    # line, which a producer may not (no line then, and no error).
+    text = subprocess.run(
+        [str(BIN / "pgqueue"), "status", str(d)],
+        env={"PGQUEUE_DSN": producer, "PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert text.returncode == 0, text.stderr
+    assert "state" in text.stdout and "waiting" not in text.stdout
 
 
 def test_producer_reads_dead_jobs(strict_db, login_as):

@@ -189,6 +189,16 @@ SELECT id, host, pid, queues, concurrency, running, version, started_at, last_he
 FROM pgqueue.workers
 ORDER BY started_at DESC, id;
 
+-- name: queue_service
+-- For `pgqueue status` of a queued job: is its queue paused, and does a live worker
+-- (one that beat within three of its heartbeat intervals, as the reaper judges) serve it?
+SELECT EXISTS (SELECT 1 FROM pgqueue.queues AS q
+               WHERE q.name = %(queue)s AND q.paused_at IS NOT NULL) AS paused,
+       EXISTS (SELECT 1 FROM pgqueue.workers AS w
+               WHERE %(queue)s = ANY (w.queues)
+                 AND w.last_heartbeat_at
+                     > now() - make_interval(secs => 3 * w.heartbeat_seconds)) AS served;
+
 -- name: list_jobs
 -- Jobs, newest first, filtered by state, queue and task when given (NULL = any).
 -- leased_by only while running: a requeued job keeps its last worker's name in the row.
