@@ -484,8 +484,12 @@ class Executor:
         return self._failed(job, started, _DEFAULT_BACKOFF, "internal", None, message)
 
     def shutdown(self) -> None:
-        # Threads still running a handler are left to finish; the process does not wait.
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        # Threads still running a handler (released or given up on) are left to finish;
+        # the process does not wait for them (and ends with os._exit). With none, the
+        # idle threads are waited for (they end at once): left to end by themselves,
+        # one could still be there when the process looks for threads it must not wait
+        # for, and a clean stop ended with os._exit, which skips the app's atexit hooks.
+        self.pool.shutdown(wait=self.abandoned == 0, cancel_futures=True)
 
 
 def _retry_delay(job: Job, backoff: Any) -> float:
