@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import re
+import signal
 from dataclasses import dataclass
 
 import psycopg
@@ -76,6 +77,13 @@ STOP_MARGIN_SECONDS = 30.0
 # leaves more than 0.2 s between them (with 0.5 s, a second SIGTERM sent half a second
 # after the first could be taken for the same stop: the first one's handler may run late).
 REPEATED_SIGNAL_SECONDS = 0.2
+
+
+def hangup_ignored() -> bool:
+    """Whether this process was started with SIGHUP ignored (`nohup`, or a supervisor
+    that was, since an ignored signal stays ignored across exec). Worker, supervisor and
+    reaper stop on SIGHUP as on SIGTERM, except then: it stays ignored, as asked."""
+    return signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
 
 
 # Far more than one process can run at once, and within the int column

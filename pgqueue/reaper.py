@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 
 from pgqueue import metrics, store
-from pgqueue.config import REAPER_STOP_SECONDS, ReaperConfig
+from pgqueue.config import REAPER_STOP_SECONDS, ReaperConfig, hangup_ignored
 from pgqueue.errors import ConfigError
 from pgqueue.log import get_logger
 from pgqueue.migrate import SchemaWatch
@@ -329,7 +329,7 @@ class Reaper:
         short. Main thread only."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # not under `nohup`
+        if not hangup_ignored():
             signal.signal(signal.SIGHUP, self._on_signal)
 
     def run(self, *, handle_signals: bool = True) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from pgqueue.config import REPEATED_SIGNAL_SECONDS, STOP_MARGIN_SECONDS
+from pgqueue.config import REPEATED_SIGNAL_SECONDS, STOP_MARGIN_SECONDS, hangup_ignored
 from pgqueue.log import get_logger
 from pgqueue.metrics import (
     DEFAULT_METRICS_HOST,
@@ -252,9 +252,7 @@ class Supervisor:
         """Supervise until a signal stops the children; returns the exit code."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-            # Not under `nohup`: then it stays ignored, by the children too (an ignored
-            # signal stays ignored across exec).
+        if not hangup_ignored():
             signal.signal(signal.SIGHUP, self._on_signal)
         signal.signal(signal.SIGQUIT, self._on_signal)
         server: MetricsServer | None = None

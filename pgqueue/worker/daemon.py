@@ -38,6 +38,7 @@ from pgqueue.config import (
     POOL_CLOSE_TIMEOUT_SECONDS,
     REPEATED_SIGNAL_SECONDS,
     WorkerConfig,
+    hangup_ignored,
 )
 from pgqueue.errors import SCHEMA_HINT, first_line
 from pgqueue.log import get_logger, schema_missing
@@ -77,13 +78,8 @@ STOPPED_BYTE = b"\x00"
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:
-    """STOP_SIGNALS, less SIGHUP where the process was started with it ignored (`nohup`,
-    or a supervisor that was): that stays ignored, as the operator asked."""
-    return tuple(
-        sig
-        for sig in STOP_SIGNALS
-        if not (sig is signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN)
-    )
+    """STOP_SIGNALS, less SIGHUP where it is ignored (config.hangup_ignored)."""
+    return tuple(sig for sig in STOP_SIGNALS if not (sig is signal.SIGHUP and hangup_ignored()))
 
 
 # How long the loop gets to carry out an "exit now" signal before the exit-now thread
@@ -109,7 +105,7 @@ def _forked_child_signals() -> None:
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        if not hangup_ignored():
             signal.signal(signal.SIGHUP, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
