@@ -39,6 +39,7 @@ from pgqueue import (
     enqueue_many,
     store,
 )
+from pgqueue.worker import executor as executor_module
 from tests.conftest import DropsNotifications, Outage, wait_until
 
 FAST = Backoff(base_seconds=0.01, max_seconds=0.05)
@@ -395,7 +396,9 @@ def test_async_handlers_behind_a_plain_decorator_or_in_an_object_run_and_count(d
     assert "timed out after 0.3s" in dead["wrapped.slow"]["error"]
 
 
-def test_unknown_task_and_bad_args_fail_the_attempt_and_retry(dsn):
+def test_unknown_task_and_bad_args_fail_the_attempt_and_retry(dsn, monkeypatch):
+    # The deploy floor (next test) would make the second attempt wait a minute.
+    monkeypatch.setattr(executor_module, "DEPLOY_BACKOFF", FAST)
     registry = Registry()
 
     @registry.task(name="typed", backoff=FAST)
@@ -417,6 +420,45 @@ def test_unknown_task_and_bad_args_fail_the_attempt_and_retry(dsn):
     ]
     assert "args do not fit" in rows[1][2][0]["error"]
     assert worker.running == 0
+
+
+def test_a_task_the_worker_does_not_know_is_retried_slowly_enough_to_outlive_a_deploy(dsn):
+    # A rolling deploy: producers run new code, an old worker serves the queue. Retried by
+    # the default backoff (1 s, 2 s) or the task's own short one, a job with 3 attempts was
+    # dead-lettered by the old worker within 3 s, before the new workers came up.
+    registry = Registry()
+
+    @registry.task(name="typed", backoff=FAST)
+    def typed(a: int) -> None: ...
+
+    @registry.task(name="fails", backoff=FAST)
+    def fails() -> None:
+        raise RuntimeError("boom")
+
+    unknown = sql_enqueue(dsn, "new.task", max_attempts=3)
+    misfit = sql_enqueue(dsn, "typed", {"b": 1}, max_attempts=3)
+    sql_enqueue(dsn, "fails", max_attempts=3)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn):
+            # A handler's own failure keeps its task's backoff: dead in moments.
+            await wait_for_db(
+                dsn,
+                "SELECT count(*) = 2 FROM pgqueue.jobs WHERE state = 'queued' AND attempts = 1"
+                " AND task <> 'fails' AND (SELECT count(*) = 1 FROM pgqueue.dead_jobs)",
+            )
+
+    run(main)
+    waits = dict(
+        fetch(
+            dsn,
+            "SELECT id, extract(epoch FROM run_at - now()) FROM pgqueue.jobs WHERE id = ANY(%s)",
+            ([unknown, misfit],),
+        )
+    )
+    # DEPLOY_BACKOFF's first delay is 60 s less its jitter, 45 s at the least; a few
+    # seconds may have passed since the retry was written.
+    assert len(waits) == 2 and all(float(wait) > 35 for wait in waits.values()), waits
 
 
 def test_handler_exceptions_never_stop_the_worker(dsn):

@@ -40,6 +40,14 @@ log: Any = get_logger("pgqueue.worker")
 MAX_TRACEBACK_CHARS = 16_000
 MAX_ERROR_CHARS = 2_000
 _DEFAULT_BACKOFF = Backoff()
+# A task this worker does not know, or args its handler does not take, is most often a
+# deploy in progress: producers (or workers of another version) already run code this
+# worker does not have yet. Such an attempt still counts, but is retried no sooner than
+# this backoff says (45-75 s, then 90-150 s, ...), so that a task with few attempts
+# outlives a rolling deploy instead of being dead-lettered by the old workers within
+# seconds by the task's own backoff (or the default one, for a task they do not know).
+DEPLOY_BACKOFF = Backoff(base_seconds=60.0, max_seconds=3600.0)
+_DEPLOY_KINDS = frozenset({"unknown_task", "bad_args"})
 
 
 def clean_text(text: str) -> str:
@@ -452,13 +460,10 @@ class Executor:
         error = error_record(job, self.worker_id, kind, exc, message)
         if job.attempt >= job.max_attempts:
             return Outcome(job, OutcomeKind.DEAD, duration, error=error, dead_reason="exhausted")
-        return Outcome(
-            job,
-            OutcomeKind.RETRIED,
-            duration,
-            delay_seconds=_retry_delay(job, backoff),
-            error=error,
-        )
+        delay = _retry_delay(job, backoff)
+        if kind in _DEPLOY_KINDS:
+            delay = max(delay, DEPLOY_BACKOFF.delay(job.attempt))
+        return Outcome(job, OutcomeKind.RETRIED, duration, delay_seconds=delay, error=error)
 
     def _give_up(self, job: Job, started: float, backoff: Backoff, message: str) -> None:
         """The timeout outcome of an async handler that ignored its timeout's cancellation,
