@@ -60,6 +60,29 @@ STALL_SLACK_SECONDS = 30.0
 # How soon the loop notices a stop signal while it waits between passes.
 SIGNAL_CHECK_SECONDS = 0.1
 
+# The errors by which the database refuses a dead-letter move or a prune for some of its
+# jobs, not for all: a foreign key to pgqueue.jobs that forbids the delete (NO ACTION or
+# RESTRICT), a constraint or a trigger of the user's (RAISE). Not a schema missing
+# (ProgrammingError) or a connection problem: those fail the pass as before.
+REFUSALS: tuple[type[psycopg.Error], ...] = (
+    psycopg.IntegrityError,
+    psycopg.DataError,
+    psycopg.errors.RaiseException,
+)
+# A job refused so is left out of this reaper's batches for this long, then tried again
+# (the foreign key may have been changed meanwhile). At most MAX_REFUSED of them are
+# remembered per step (each batch statement filters on that list); those beyond are
+# tried, one at a time, every pass.
+REFUSED_RETRY_SECONDS = 600.0
+MAX_REFUSED = 1000
+# Candidates the dead-letter step moves one at a time after a refused batch.
+MAX_DEAD_LETTER_SINGLY = 100
+REFUSED_HINT = (
+    "pgqueue deletes a job's row when it dead-letters or prunes it: a foreign key that"
+    " references pgqueue.jobs must be ON DELETE SET NULL or ON DELETE CASCADE. These jobs"
+    f" are left as they are, and tried again in {REFUSED_RETRY_SECONDS / 60:g} minutes"
+)
+
 
 class Reaper:
     def __init__(self, config: ReaperConfig) -> None:
@@ -99,6 +122,10 @@ class Reaper:
         self._covering: str | None = None
         # While a pass runs: when it last got an answer from the database (monotonic).
         self._progress_at: float | None = None
+        # Per step ("dead_letter", "prune"): jobs the database refused, and when
+        # (_refusable).
+        self._refused: dict[str, dict[int, float]] = {"dead_letter": {}, "prune": {}}
+        self._refused_now = 0
 
     def health(self) -> tuple[bool, str]:
         """For /healthz (called from the metrics thread): is the loop running and does
@@ -170,12 +197,14 @@ class Reaper:
 
     def _batches(self, fetch: Callable[[], list[Any]]) -> Iterator[list[Any]]:
         """Run ``fetch`` batch after batch until a short batch (or stop): a huge backlog
-        never becomes one giant transaction."""
+        never becomes one giant transaction. A batch the database refused some jobs of
+        (_refusable) is short by those only."""
         while not self._stopping():
+            self._refused_now = 0
             rows = fetch()
             self._progress_at = time.monotonic()
             yield rows
-            if len(rows) < self.config.batch_size:
+            if len(rows) + self._refused_now < self.config.batch_size:
                 return
 
     @property
@@ -284,7 +313,15 @@ class Reaper:
                     reason="lease_expired",
                 )
         for rows in self._batches(
-            lambda: store.dead_letter_expired(conn, batch_size=cfg.batch_size)
+            lambda: self._refusable(
+                "dead_letter",
+                lambda skip: store.dead_letter_expired(conn, batch_size=cfg.batch_size, skip=skip),
+                lambda skip: store.dead_letter_candidates(
+                    conn, batch_size=min(cfg.batch_size, MAX_DEAD_LETTER_SINGLY), skip=skip
+                ),
+                # The batch statement, left to pick this one job alone.
+                lambda job_id, others: store.dead_letter_expired(conn, batch_size=1, skip=others),
+            )
         ):
             for row in rows:
                 metrics.LEASES_EXPIRED.labels(row["queue"]).inc()
@@ -306,13 +343,23 @@ class Reaper:
         until = time.monotonic() + (
             cfg.prune_seconds_per_pass if prune_seconds is None else prune_seconds
         )
+        retention = cfg.retention_seconds
         for ids in self._batches(
-            lambda: store.prune_finished(
-                conn, retention_seconds=cfg.retention_seconds, batch_size=cfg.batch_size
+            lambda: self._refusable(
+                "prune",
+                lambda skip: store.prune_finished(
+                    conn, retention_seconds=retention, batch_size=cfg.batch_size, skip=skip
+                ),
+                lambda skip: store.prune_candidates(
+                    conn, retention_seconds=retention, batch_size=cfg.batch_size, skip=skip
+                ),
+                lambda job_id, others: store.prune_job(
+                    conn, job_id=job_id, retention_seconds=retention
+                ),
             )
         ):
             pruned += len(ids)
-            if len(ids) == cfg.batch_size and time.monotonic() >= until:
+            if len(ids) + self._refused_now == cfg.batch_size and time.monotonic() >= until:
                 more_to_prune = True
                 break
         if pruned:
@@ -321,6 +368,53 @@ class Reaper:
         for row in store.delete_stale_workers(conn):
             log.warning("reaper.worker_gone", worker_id=row["id"], host=row["host"], pid=row["pid"])
         return ReapResult(requeued, dead, pruned, cancelled, more_to_prune)
+
+    def _refusable(
+        self,
+        step: str,
+        batch: Callable[[list[int]], list[Any]],
+        candidates: Callable[[list[int]], list[int]],
+        one: Callable[[int, list[int]], list[Any]],
+    ) -> list[Any]:
+        """One batch of ``step``, leaving out the jobs the database refused lately. If it
+        refuses this batch (REFUSALS), its jobs one at a time: one job referenced by a
+        foreign key that forbids its delete failed every batch it was in, and with it
+        every later step of the pass, so that nothing was pruned or dead-lettered again,
+        and stale workers stayed. The refused ones are logged (reaper.refused) and left
+        out for REFUSED_RETRY_SECONDS. ``one`` gets a job and the ids to leave out so
+        that a batch statement picks that job alone."""
+        refused = self._refused[step]
+        cutoff = time.monotonic() - REFUSED_RETRY_SECONDS
+        for job_id in [j for j, at in refused.items() if at < cutoff]:
+            del refused[job_id]
+        skip = list(refused)
+        try:
+            return batch(skip)
+        except REFUSALS as exc:
+            error = exc
+        jobs = candidates(skip)
+        rows: list[Any] = []
+        refused_now: list[int] = []
+        for job_id in jobs:
+            try:
+                rows.extend(one(job_id, skip + [j for j in jobs if j != job_id]))
+            except REFUSALS as exc:
+                error = exc
+                refused_now.append(job_id)
+                if len(refused) < MAX_REFUSED:
+                    refused[job_id] = time.monotonic()
+            self._progress_at = time.monotonic()
+        self._refused_now = len(refused_now)
+        if refused_now:
+            log.error(
+                "reaper.refused",
+                step=step,
+                jobs=len(refused_now),
+                job_ids=refused_now[:20],
+                **error_fields(error),
+                hint=REFUSED_HINT,
+            )
+        return rows
 
     def handle_signals(self) -> None:
         """SIGTERM, SIGINT and SIGHUP (unless ignored when it started, as under `nohup`)

@@ -604,8 +604,13 @@ def requeue_expired(
     )
 
 
-def dead_letter_expired(conn: SyncConn, *, batch_size: int) -> list[Row]:
-    return _fetch(conn, "dead_letter_expired", {"batch_size": batch_size})
+def dead_letter_expired(conn: SyncConn, *, batch_size: int, skip: Sequence[int] = ()) -> list[Row]:
+    return _fetch(conn, "dead_letter_expired", {"batch_size": batch_size, "skip": list(skip)})
+
+
+def dead_letter_candidates(conn: SyncConn, *, batch_size: int, skip: Sequence[int]) -> list[int]:
+    rows = _fetch(conn, "dead_letter_candidates", {"batch_size": batch_size, "skip": list(skip)})
+    return [r["id"] for r in rows]
 
 
 def delete_stale_workers(conn: SyncConn) -> list[Row]:
@@ -629,13 +634,23 @@ def reaper_backend_pid(conn: SyncConn) -> int:
     return int(_fetch(conn, "reaper_backend_pid", {})[0]["pid"])
 
 
-def prune_finished(conn: SyncConn, *, retention_seconds: float, batch_size: int) -> list[int]:
-    rows = _fetch(
-        conn,
-        "prune_finished",
-        {"retention_seconds": retention_seconds, "batch_size": batch_size},
-    )
-    return [r["id"] for r in rows]
+def prune_finished(
+    conn: SyncConn, *, retention_seconds: float, batch_size: int, skip: Sequence[int] = ()
+) -> list[int]:
+    params = {"retention_seconds": retention_seconds, "batch_size": batch_size, "skip": list(skip)}
+    return [r["id"] for r in _fetch(conn, "prune_finished", params)]
+
+
+def prune_candidates(
+    conn: SyncConn, *, retention_seconds: float, batch_size: int, skip: Sequence[int]
+) -> list[int]:
+    params = {"retention_seconds": retention_seconds, "batch_size": batch_size, "skip": list(skip)}
+    return [r["id"] for r in _fetch(conn, "prune_candidates", params)]
+
+
+def prune_job(conn: SyncConn, *, job_id: int, retention_seconds: float) -> list[int]:
+    params = {"id": job_id, "retention_seconds": retention_seconds}
+    return [r["id"] for r in _fetch(conn, "prune_job", params)]
 
 
 # --- producers ----------------------------------------------------------------------------

@@ -1756,10 +1756,12 @@ def _plan_params(dsn: str, name: str) -> dict[str, Any]:
         return {"worker_id": WORKER, "ids": ids, "started_ats": [now] * len(ids)}
     if name == "requeue_expired":
         return {"batch_size": 1000, "backoff_base_seconds": 1.0, "backoff_max_seconds": 3600.0}
-    if name == "dead_letter_expired":
-        return {"batch_size": 1000}
-    if name == "prune_finished":
-        return {"retention_seconds": 86400.0, "batch_size": 1000}
+    if name in ("dead_letter_expired", "dead_letter_candidates"):
+        return {"batch_size": 1000, "skip": [1, 2, 3]}
+    if name in ("prune_finished", "prune_candidates"):
+        return {"retention_seconds": 86400.0, "batch_size": 1000, "skip": [1, 2, 3]}
+    if name == "prune_job":
+        return {"id": 1, "retention_seconds": 86400.0}
     raise AssertionError(name)
 
 
@@ -1787,6 +1789,9 @@ def _seq_scans_on_jobs(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "release_orphans",
         "requeue_expired",
         "prune_finished",
+        "prune_candidates",
+        "prune_job",
+        "dead_letter_candidates",
         "queue_stats",
     ],
 )
@@ -1911,7 +1916,7 @@ def test_dead_letter_moves_probe_the_dead_letter_table_by_key(server_dsn, templa
         if name == "dead_letter_jobs":
             params = _lease_fenced_params(dsn, name, 1000)
         else:
-            params = {"batch_size": 1000}
+            params = {"batch_size": 1000, "skip": []}
         nodes = explain(dsn, name, params)
 
     scans = [n for n in nodes if n.get("Relation Name") == "dead_jobs" and "Scan" in n["Node Type"]]
@@ -2015,7 +2020,8 @@ def _new_table_params(dsn: str, name: str) -> dict[str, Any]:
 LONG_LIVED_PLANS = sorted(
     {"claim_jobs", "claim_rescued_job", "rescued_waiting", "seconds_until_due",
      "recorded_outcomes", "release_orphans", "requeue_expired", "dead_letter_expired",
-     "prune_finished"} | set(LEASE_FENCED)
+     "dead_letter_candidates", "prune_finished", "prune_candidates", "prune_job"}
+    | set(LEASE_FENCED)
 )  # fmt: skip
 
 
@@ -2450,7 +2456,9 @@ STALE_LEASES_SQL = [
 ]
 
 
-@pytest.mark.parametrize("name", ["requeue_expired", "dead_letter_expired"])
+@pytest.mark.parametrize(
+    "name", ["requeue_expired", "dead_letter_expired", "dead_letter_candidates"]
+)
 def test_the_reapers_generic_plans_read_the_running_jobs_not_the_whole_table(
     server_dsn, template_db, name
 ):
@@ -2464,6 +2472,8 @@ def test_the_reapers_generic_plans_read_the_running_jobs_not_the_whole_table(
     params: dict[str, Any] = {"batch_size": 1000}
     if name == "requeue_expired":
         params |= {"backoff_base_seconds": 1.0, "backoff_max_seconds": 3600.0}
+    else:
+        params["skip"] = [1, 2, 3]
     with scratch_database(server_dsn, template_db, STALE_LEASES_SQL) as dsn:
         nodes = _generic_plan(dsn, name, params, [store.NO_SEQ_SCANS, store.NO_JIT])
     # Whole-table reads: an index walked with no condition (but the running jobs'

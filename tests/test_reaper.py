@@ -904,3 +904,65 @@ def test_the_reapers_counters_count_every_expiry_and_every_pruned_job(conn, dsn)
     for queue in queues.values():
         assert sample("pgqueue_leases_expired_total", queue=queue) == 1
     assert sample("pgqueue_jobs_pruned_total") == pruned_before + 2
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_a_job_a_foreign_key_keeps_does_not_stop_the_reapers_other_work(
+    conn, dsn, monkeypatch, prepared
+):
+    # A table of the user's references jobs with a plain foreign key (NO ACTION). One
+    # referenced job failed each batch it was in: nothing was pruned or dead-lettered
+    # again, every later step of the pass (stale workers) was skipped, and a referenced
+    # job out of attempts stayed running for good. Found by a review.
+    conn.execute("CREATE TABLE public.receipts (job_id bigint REFERENCES pgqueue.jobs (id))")
+    now = db_clock(conn)
+    finished = [
+        make_job(conn, state="succeeded", finished_at=now - timedelta(hours=10 - i))
+        for i in range(5)
+    ]
+    exhausted = insert_expired(conn, 3, attempts=5)
+    # The oldest finished job (first in every prune batch), and one dead-letter candidate.
+    conn.execute("INSERT INTO public.receipts VALUES (%s), (%s)", (finished[0], exhausted[1]))
+    conn.execute(
+        "INSERT INTO pgqueue.workers (id, host, pid, queues, concurrency,"
+        " heartbeat_seconds, version, last_heartbeat_at) VALUES ('gone', 'h', 1,"
+        " ARRAY['default'], 1, 1, '0', now() - interval '1 hour')"
+    )
+    options = {"retention_seconds": 3600.0, "batch_size": 2, "prepared_statements": prepared}
+    with reaper(dsn, **options) as r:
+        with structlog.testing.capture_logs() as logs:
+            result = r.run_once()
+        assert result.pruned == 4
+        assert sorted(result.dead) == [exhausted[0], exhausted[2]]
+        assert [e["worker_id"] for e in logs if e["event"] == "reaper.worker_gone"] == ["gone"]
+        refused = {e["step"]: e for e in logs if e["event"] == "reaper.refused"}
+        assert {step: e["job_ids"] for step, e in refused.items()} == {
+            "prune": [finished[0]],
+            "dead_letter": [exhausted[1]],
+        }
+        for event in refused.values():
+            assert event["sqlstate"] == "23503" and "receipts" in event["error"]
+            assert "ON DELETE SET NULL" in event["hint"]
+        remaining = conn.execute("SELECT id, state::text FROM pgqueue.jobs ORDER BY id").fetchall()
+        assert remaining == sorted([(finished[0], "succeeded"), (exhausted[1], "running")])
+
+        # Left out of the next passes' batches: no error, nothing refused again, and the
+        # jobs finished since are pruned as usual.
+        later = make_job(conn, state="succeeded", finished_at=now - timedelta(hours=2))
+        for _ in range(7):  # past psycopg's prepare threshold: the generic plans too
+            with structlog.testing.capture_logs() as logs:
+                result = r.run_once()
+            assert [e["event"] for e in logs if e["log_level"] == "error"] == []
+        assert job_row(conn, later) is None
+
+        # The foreign key fixed: tried again once REFUSED_RETRY_SECONDS have passed.
+        conn.execute("ALTER TABLE public.receipts DROP CONSTRAINT receipts_job_id_fkey")
+        conn.execute(
+            "ALTER TABLE public.receipts ADD FOREIGN KEY (job_id)"
+            " REFERENCES pgqueue.jobs (id) ON DELETE SET NULL"
+        )
+        monkeypatch.setattr("pgqueue.reaper.REFUSED_RETRY_SECONDS", 0.0)
+        result = r.run_once()
+    assert (result.pruned, result.dead) == (1, [exhausted[1]])
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 0
+    assert scalar(conn, "SELECT count(*) FROM public.receipts WHERE job_id IS NULL") == 2

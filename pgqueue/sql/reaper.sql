@@ -56,11 +56,15 @@ FROM updated AS u, LATERAL (SELECT pgqueue.wake(' rescued ' || u.queue)) AS n;
 -- used up to the dead-letter table (reason 'lease_expired'), atomically, a batch at a
 -- time. A job whose id the dead-letter table already holds is stored under a new one
 -- (pgqueue.dead_letter_id, migration 0023), its own in original_id. Returns each job's
--- id and the id it is stored under. No ORDER BY, as requeue_expired.
+-- id and the id it is stored under. No ORDER BY, as requeue_expired. %(skip)s: jobs the
+-- database refused to move on an earlier try (a foreign key to pgqueue.jobs that forbids
+-- the delete, a trigger of the user's): the reaper leaves them out for a while, so that
+-- they do not fail every batch (reaper.Reaper._refusable).
 WITH expired AS MATERIALIZED (
     SELECT j.id FROM pgqueue.jobs AS j
     WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts >= j.max_attempts
       AND j.rescued AND j.cancel_requested_at IS NULL
+      AND j.id <> ALL (%(skip)s::bigint[])
     LIMIT %(batch_size)s
     FOR UPDATE SKIP LOCKED
 ), moved AS (
@@ -94,9 +98,19 @@ SELECT dead_id, CASE WHEN dead_id <> id THEN id END, queue, task, args, priority
 FROM named
 RETURNING coalesce(d.original_id, d.id) AS id, d.id AS dead_id, d.task, d.queue, d.attempts;
 
+-- name: dead_letter_candidates
+-- The jobs dead_letter_expired would move (not locked): after the database refused a
+-- batch, the reaper moves them one at a time to find the ones it refuses.
+SELECT j.id FROM pgqueue.jobs AS j
+WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts >= j.max_attempts
+  AND j.rescued AND j.cancel_requested_at IS NULL
+  AND j.id <> ALL (%(skip)s::bigint[])
+LIMIT %(batch_size)s;
+
 -- name: prune_finished
 -- Deletes succeeded and cancelled jobs finished more than %(retention_seconds)s ago, a
--- batch at a time (jobs_finished_idx), freeing their idempotency keys.
+-- batch at a time (jobs_finished_idx), freeing their idempotency keys. %(skip)s: jobs
+-- the database refused to delete on an earlier try, as for dead_letter_expired.
 -- Planner trap: `DELETE ... WHERE id IN (subquery)` is planned as a hash semi-join over a
 -- sequential scan of the whole table once the batch is large; an id array from a
 -- materialised batch makes it primary-key lookups.
@@ -104,12 +118,30 @@ WITH batch AS MATERIALIZED (
     SELECT f.id FROM pgqueue.jobs AS f
     WHERE f.state IN ('succeeded', 'cancelled')
       AND f.finished_at < now() - make_interval(secs => %(retention_seconds)s)
+      AND f.id <> ALL (%(skip)s::bigint[])
     ORDER BY f.finished_at
     LIMIT %(batch_size)s
     FOR UPDATE SKIP LOCKED
 )
 DELETE FROM pgqueue.jobs AS j
 WHERE j.id = ANY (ARRAY(SELECT id FROM batch))
+RETURNING j.id;
+
+-- name: prune_candidates
+-- The jobs prune_finished would delete (not locked), for the reaper to delete one at a
+-- time (prune_job) after the database refused a batch.
+SELECT f.id FROM pgqueue.jobs AS f
+WHERE f.state IN ('succeeded', 'cancelled')
+  AND f.finished_at < now() - make_interval(secs => %(retention_seconds)s)
+  AND f.id <> ALL (%(skip)s::bigint[])
+ORDER BY f.finished_at
+LIMIT %(batch_size)s;
+
+-- name: prune_job
+-- One job of prune_candidates, if it is still finished and past its retention.
+DELETE FROM pgqueue.jobs AS j
+WHERE j.id = %(id)s AND j.state IN ('succeeded', 'cancelled')
+  AND j.finished_at < now() - make_interval(secs => %(retention_seconds)s)
 RETURNING j.id;
 
 -- name: delete_stale_workers
