@@ -1357,7 +1357,9 @@ def _more_hint(limit: int) -> str:
 
 
 def _connect(dsn: str | None) -> psycopg.Connection[Any]:
-    return store.connect(_require_dsn(dsn), connect_timeout=10)
+    return store.connect(
+        _require_dsn(dsn), connect_timeout=10, **store.application_name("pgqueue-cli")
+    )
 
 
 @main.command()
@@ -1608,23 +1610,40 @@ def _died_as(job_id: int, dead_ids: list[int]) -> str:
     )
 
 
+# Exit code of a batched command stopped by Ctrl-C (SIGINT), after it said what it did.
+EXIT_INTERRUPTED = 130
+
+
 def _walk_dead(
     conn: psycopg.Connection[Any], step: Callable[[int | None, int], list[int]]
-) -> list[int]:
+) -> tuple[list[int], bool]:
     """Run ``step(after_id, upto_id)`` over the dead-letter table once, in id order, up to
-    the highest id there now, a batch at a time; returns the ids it handled. Once: a job
-    `dead retry --all` revives may die again meanwhile (same id, behind the walk), and
-    taking it again would count it twice and, with jobs dying fast, might never end."""
-    upto = store.max_dead_id(conn)
+    the highest id there now, a batch at a time; returns the ids it handled, and whether
+    Ctrl-C stopped it (each batch commits on its own: the ones before stay done, and the
+    caller says so). Once: a job `dead retry --all` revives may die again meanwhile (same
+    id, behind the walk), and taking it again would count it twice and, with jobs dying
+    fast, might never end."""
     handled: list[int] = []
-    after: int | None = None
-    while upto is not None:
-        batch = step(after, upto)
-        handled += batch
-        if len(batch) < RETRY_BATCH:
-            break
-        after = max(batch)
-    return handled
+    try:
+        upto = store.max_dead_id(conn)
+        after: int | None = None
+        while upto is not None:
+            batch = step(after, upto)
+            handled += batch
+            if len(batch) < RETRY_BATCH:
+                break
+            after = max(batch)
+    except KeyboardInterrupt:
+        return handled, True
+    return handled, False
+
+
+def _say_interrupted(done: str, again: str) -> None:
+    click.echo(
+        f"pgqueue: interrupted: {done} (each batch of up to {RETRY_BATCH} commits on its"
+        f" own; the one in flight was cancelled, or had committed just before); {again}",
+        err=True,
+    )
 
 
 _FAILING_ROW_ID = re.compile(r"Failing row contains \((-?\d+),")
@@ -1670,7 +1689,8 @@ def dead_retry(
 ) -> None:
     """Move dead jobs back to the queue with fresh attempts (atomically: nothing is lost in
     between). Give ids, or --all [--queue Q] [--task T] [--reason R]. A job whose id
-    pgqueue.jobs holds comes back under a new id (said on stderr)."""
+    pgqueue.jobs holds comes back under a new id (said on stderr). --all commits a batch
+    of 1,000 at a time: Ctrl-C says how many are back and exits 130."""
 
     def body() -> int:
         if bool(job_ids) == retry_all:
@@ -1690,6 +1710,7 @@ def dead_retry(
         missing: list[int] = []
         renamed: dict[int, list[int]] = {}
         refused: str | None = None
+        interrupted = False
         with _connect(dsn) as conn:
             try:
                 if job_ids:
@@ -1702,7 +1723,7 @@ def dead_retry(
                     )
                     missing = sorted(set(job_ids) - {row.dead_id for row in picked})
                 else:
-                    _walk_dead(conn, step)
+                    interrupted = _walk_dead(conn, step)[1]
             except psycopg.errors.CheckViolation as exc:
                 # The batches before it are revived: they are reported below all the same.
                 refused = _refused_back(conn, exc)
@@ -1744,6 +1765,12 @@ def dead_retry(
                 )
         if refused is not None:
             click.echo(f"pgqueue: {refused}", err=True)
+        if interrupted:
+            _say_interrupted(
+                f"{len(revived)} dead job(s) are back in the queue, the rest still dead",
+                "run the same command again to retry the rest",
+            )
+            return EXIT_INTERRUPTED
         return 1 if stuck or missing or refused else 0
 
     _guard(body)
@@ -1775,7 +1802,8 @@ def dead_purge(
     yes: bool,
     dsn: str | None,
 ) -> None:
-    """Delete dead jobs for good (all of them, unless filtered). At a terminal, one
+    """Delete dead jobs for good (all of them, unless filtered), committing a batch of
+    1,000 at a time: Ctrl-C says how many are gone and exits 130. At a terminal, one
     without a filter says how many and asks first, unless --yes."""
 
     def body() -> int:
@@ -1796,7 +1824,7 @@ def dead_purge(
                 ):
                     click.echo("purged nothing")
                     return 1
-            purged = _walk_dead(
+            purged, interrupted = _walk_dead(
                 conn,
                 lambda after, upto: store.purge_dead(
                     conn, older_than_seconds=seconds, queue=queue, task=task, reason=reason,
@@ -1804,6 +1832,12 @@ def dead_purge(
                 ),
             )  # fmt: skip
         click.echo(f"purged {len(purged)} dead job(s)")
+        if interrupted:
+            _say_interrupted(
+                f"{len(purged)} dead job(s) are deleted for good, the rest kept",
+                "run the same command again to purge the rest",
+            )
+            return EXIT_INTERRUPTED
         return 0
 
     _guard(body)

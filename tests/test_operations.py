@@ -4070,3 +4070,59 @@ def test_queue_stats_gauges_are_dropped_not_frozen_when_their_query_fails(conn, 
     again = samples()
     assert total(again, "pgqueue_queue_stats_up") == 1
     assert total(again, "pgqueue_queue_depth", queue="watched", state="ready") == 1
+
+
+@pytest.mark.parametrize("command", ["retry", "purge"])
+def test_ctrl_c_during_a_batched_dead_command_says_what_it_did(conn, dsn, command):
+    # Each batch of 1,000 commits on its own. Interrupted, `dead retry --all` and `dead
+    # purge` said only "aborted" (exit 1), though batches were done: 28,000 jobs back in
+    # the queue, or 20,000 deleted for good, in a review's run.
+    conn.execute(
+        "INSERT INTO pgqueue.dead_jobs (id, queue, task, args, priority, attempts,"
+        " max_attempts, run_at, created_at, errors, history, reason)"
+        " SELECT nextval(pg_get_serial_sequence('pgqueue.jobs', 'id')), 'default', 't',"
+        " '{}', 0, 3, 3, now(), now(), '[]', '[]', 'exhausted' FROM generate_series(1, 2500)"
+    )
+    second_batch = scalar(conn, "SELECT min(id) + 1000 FROM pgqueue.dead_jobs")
+    # A trigger makes the second batch's statement sleep (both commands delete their
+    # rows from the dead-letter table): Ctrl-C comes while it runs.
+    conn.execute(
+        "CREATE FUNCTION public.slow() RETURNS trigger LANGUAGE plpgsql AS $$"
+        f" BEGIN IF OLD.id >= {int(second_batch)} THEN PERFORM pg_sleep(60); END IF;"
+        " RETURN OLD; END $$"
+    )
+    conn.execute(
+        "CREATE TRIGGER slow BEFORE DELETE ON pgqueue.dead_jobs"
+        " FOR EACH ROW EXECUTE FUNCTION public.slow()"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGQUEUE_")}
+    env["PGQUEUE_DSN"] = dsn
+    args = ["dead", "retry", "--all"] if command == "retry" else ["dead", "purge", "--yes"]
+    proc = subprocess.Popen(
+        [str(BIN / "pgqueue"), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 1500)
+        wait_until(
+            lambda: scalar(
+                conn,
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                " AND application_name = 'pgqueue-cli'"
+                " AND datname = current_database()",
+            )
+        )
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (out, err)
+    done = "retried" if command == "retry" else "purged"
+    assert out.strip() == f"{done} 1000 dead job(s)"
+    assert err.startswith("pgqueue: interrupted: 1000 dead job(s) are"), err
+    assert f"run the same command again to {command} the rest" in err
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 1500
+    back = scalar(conn, "SELECT count(*) FROM pgqueue.jobs")
+    assert back == (1000 if command == "retry" else 0)
