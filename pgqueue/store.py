@@ -129,7 +129,7 @@ async def pin_session_async(conn: AsyncConn) -> None:
         await conn.execute(fix)
 
 
-def application_name(default: str) -> dict[str, str]:
+def application_name(default: str) -> dict[str, Any]:
     """The connection kwargs that name a daemon's connections ``default`` unless the
     operator named them (the connection string, a service file, PGAPPNAME): libpq's
     fallback_application_name, which each of those overrides."""
