@@ -18,7 +18,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from pgqueue import JobSpec, Registry, enqueue, enqueue_many
-from tests.conftest import ROOT, scalar
+from tests.conftest import ROOT, scalar, wait_until
 
 ORDERS = "CREATE TABLE IF NOT EXISTS public.orders (id serial PRIMARY KEY, note text)"
 
@@ -240,3 +240,89 @@ def test_psycopg2_enqueues_through_the_sql_functions(conn, dsn):
     finally:
         old_driver.close()
     assert int(scalar(conn, "SELECT count(*) FROM pgqueue.jobs WHERE queue = 'emails'")) == 3
+
+
+DJANGO_APP = """
+import django
+from django.conf import settings
+
+settings.configure(DATABASES={{"default": {{
+    "ENGINE": "django.db.backends.postgresql", "NAME": {name!r}, "USER": {user!r},
+    "HOST": {host!r}, "PORT": {port!r}, "CONN_MAX_AGE": {max_age!r},
+    "OPTIONS": {{"application_name": "djangoapp"}},
+}}}})
+django.setup()
+
+from django.db import connection
+
+from pgqueue import Backoff, Registry
+
+registry = Registry()
+
+
+@registry.task(name="dj.query", max_attempts=3, backoff=Backoff(base_seconds=0.01))
+def query(n: int) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT %s", [n])
+"""
+
+
+def django_sessions(conn: psycopg.Connection[Any]) -> int:
+    return int(
+        scalar(
+            conn,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'djangoapp'"
+            " AND datname = current_database()",
+        )
+    )
+
+
+@pytest.mark.parametrize("max_age", [0, None], ids=["default", "persistent"])
+def test_a_django_handlers_connections_are_closed_as_django_closes_a_requests(
+    conn, dsn, daemons, tmp_path, max_age
+):
+    # Django's connections are per thread, and the worker's threads outlive their jobs:
+    # they stayed open after each job whatever CONN_MAX_AGE said, and once Postgres
+    # dropped them (a restart, a failover, a pooler's recycle) every job their thread ran
+    # failed on them until dead-lettered. Found by an app developer's review.
+    info = conninfo_to_dict(dsn)
+    (tmp_path / "djapp.py").write_text(
+        DJANGO_APP.format(
+            name=info["dbname"],
+            user=str(info.get("user") or "postgres"),
+            host=str(info.get("host") or "127.0.0.1"),
+            port=str(info.get("port") or 5432),
+            max_age=max_age,
+        )  # fmt: skip
+    )
+    worker = daemons.worker(
+        "--concurrency", "2", app="djapp:registry", env={"PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    )
+
+    def succeeded(n: int) -> bool:
+        return scalar(conn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'") == n
+
+    try:
+        for n in range(6):
+            enqueue(conn, "dj.query", {"n": n})
+        wait_until(lambda: succeeded(6), timeout=60)
+        if max_age == 0:
+            # Closed at the end of each job, as at the end of a request.
+            wait_until(lambda: django_sessions(conn) == 0, timeout=5)
+        else:
+            assert django_sessions(conn) >= 1
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'djangoapp'"
+        )
+        for n in range(6):
+            enqueue(conn, "dj.query", {"n": n})
+        # A persistent connection Postgres dropped fails the one job that finds it so
+        # (Django marks it unusable), and is closed after it: each thread fails at most
+        # once, so no job runs out of its 3 attempts.
+        wait_until(lambda: succeeded(12), timeout=60)
+        assert scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 0
+        failed = scalar(conn, "SELECT sum(jsonb_array_length(errors)) FROM pgqueue.jobs")
+        assert failed <= (0 if max_age == 0 else 2), daemons.output(worker)
+    finally:
+        daemons.stop_all()

@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import sys
 import threading
 import time
 import traceback
@@ -410,8 +411,10 @@ class Executor:
                 return None  # its attempt ended before a thread took it up
             state.started = True
         try:
+            close_old_django_connections()
             return call_plain(call)
         finally:
+            close_old_django_connections()
             with self._abandon_lock:
                 state.done = True
                 freed = state.abandoned
@@ -514,6 +517,34 @@ def _retry_delay(job: Job, backoff: Any) -> float:
         )  # fmt: skip
         return fallback
     return seconds
+
+
+_django_warned = False
+
+
+def close_old_django_connections() -> None:
+    """Django's database connections are per thread, and a worker's threads outlive their
+    jobs: a plain handler's connection stayed open after its job (whatever CONN_MAX_AGE
+    said), and once it was lost (Postgres restarted, a failover, a pooler's recycle) every
+    job its thread ran failed on it until dead-lettered. As Django does around each
+    request, and Celery around each task, each plain handler's thread calls
+    ``close_old_connections()`` before and after the job: connections that errors made
+    unusable, or older than CONN_MAX_AGE (at 0, Django's default, every one), are closed.
+    Only where the app imported Django and configured its settings; a failure is logged
+    once, never the job's."""
+    global _django_warned
+    db = sys.modules.get("django.db")
+    if db is None:
+        return
+    try:
+        from django.conf import settings  # type: ignore[import-untyped]
+
+        if settings.configured:
+            db.close_old_connections()
+    except Exception as exc:
+        if not _django_warned:
+            _django_warned = True
+            log.warning("django.close_old_connections_failed", error=describe(exc))
 
 
 def _closing() -> bool:
