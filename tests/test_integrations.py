@@ -293,7 +293,7 @@ def test_a_django_handlers_connections_are_closed_as_django_closes_a_requests(
             host=str(info.get("host") or "127.0.0.1"),
             port=str(info.get("port") or 5432),
             max_age=max_age,
-        )  # fmt: skip
+        )
     )
     worker = daemons.worker(
         "--concurrency", "2", app="djapp:registry", env={"PYTHONPATH": f"{tmp_path}:{ROOT}"}
