@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import warnings
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -388,7 +389,20 @@ class Registry:
                         f"{fn!r} has no __qualname__ to name its task after: pass"
                         " name=... to registry.task"
                     )
-                given = f"{getattr(fn, '__module__', None)}.{qualname}"
+                module = getattr(fn, "__module__", None)
+                given = f"{module}.{qualname}"
+                if module == "__main__":
+                    # A script run as `python app.py` enqueues `__main__.send`; a worker
+                    # started with `--app app:registry` imports it as `app` and knows
+                    # `app.send` only: every job is retried as an unknown task, then
+                    # dead-lettered.
+                    warnings.warn(
+                        f"task {given!r} is named after the __main__ module: a worker that"
+                        " imports this file as a module (--app) gives it another name, and"
+                        " never runs these jobs; pass name=... to registry.task",
+                        UserWarning,
+                        stacklevel=2,
+                    )
             task_name = check_name("task", given, MAX_NAME_LENGTH)
             if task_name in self._tasks:
                 raise ConfigError(f"task {task_name!r} is already registered")

@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -305,3 +306,22 @@ def test_a_backoff_never_answers_more_than_a_retry_can_wait():
     assert longest.delay(1, rand=lambda: 0.999) == MAX_DELAY_SECONDS
     assert delay_seconds(longest.delay(30, rand=lambda: 0.999), "delay") == MAX_DELAY_SECONDS
     assert Backoff(base_seconds=8, jitter=0.5).delay(1, rand=lambda: 0.75) == 10.0
+
+
+def test_a_task_named_after_the_main_module_warns_that_workers_name_it_otherwise():
+    # `python app.py` enqueued `__main__.hello`, which a worker started with `--app
+    # app:registry` does not know (it registers `app.hello`). Found by a review.
+    local = Registry()
+
+    def hello() -> None: ...
+
+    hello.__module__ = "__main__"
+    with pytest.warns(UserWarning, match=r"'__main__\.test_.*hello' is named after the __main__"):
+        local.task(hello)
+
+    def named() -> None: ...
+
+    named.__module__ = "__main__"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        local.task(name="named")(named)  # a name given: nothing to warn about
