@@ -2350,6 +2350,10 @@ def test_worker_logs_json_lines_without_job_args_unless_asked(conn, daemons, tmp
     bad = enqueue(conn, "fail", {"secret": "hunter2"}, max_attempts=2)
     worker, out, err = spawn_split(daemons, tmp_path, "pgqueue-worker", "--app", APP,
                                    "--log-format", "json")  # fmt: skip
+    # Its retry waits out the deploy backoff (45 s at the least): made due now.
+    wait_until(lambda: scalar(conn, "SELECT attempts FROM pgqueue.jobs WHERE id = %s", (bad,)))
+    wait_until(lambda: job_state(conn, bad) == "queued")
+    ok(cli(daemons.dsn, "run-now", str(bad)))
     wait_until(lambda: job_state(conn, fine) == "succeeded" and dead_row(conn, bad) is not None)
 
     def logged(event: str) -> list[dict[str, Any]]:

@@ -2374,11 +2374,12 @@ def test_seconds_until_due_reads_a_handful_of_rows_whatever_waits(conn, dsn):
 
 
 @pytest.mark.parametrize("with_finished", [False, True])
-def test_the_gauges_do_not_read_the_jobs_finished_in_the_last_minute(conn, with_finished):
+def test_the_queue_stats_read_the_jobs_finished_in_the_last_minute_once(conn, with_finished):
     # The metrics' refresh counted the jobs finished in the last minute of each queue,
     # reading every one of them once per queue, for a column no gauge exports: at 10,000
     # jobs/s over 40 queues it took past its 5 s limit and the gauges went missing.
-    # `pgqueue stats` (with_finished) still counts them.
+    # `pgqueue stats` (with_finished) still counts them, now in the same single read
+    # (it read them once more per queue: 5.9-10 s under load with 20 queues, a review).
     conn.execute(
         "INSERT INTO pgqueue.jobs (task, queue, state, attempts, finished_at)"
         " SELECT 't', 'q' || (g % 4), 'succeeded', 1, now() FROM generate_series(1, 5000) AS g"
@@ -2389,8 +2390,8 @@ def test_the_gauges_do_not_read_the_jobs_finished_in_the_last_minute(conn, with_
     conn.execute("ANALYZE pgqueue.jobs")
     nodes = analysed(conn, "queue_stats", {"with_finished": with_finished})
     read = rows_read([n for n in nodes if n.get("Relation Name") == "jobs"])
-    # Listing the queues reads the finished jobs once; counting them per queue, again.
-    assert (read >= 10_000) if with_finished else (read < 5_100), read
+    # Listing the queues and counting them reads the finished jobs once.
+    assert read < 5_100, read
     rows = {r["queue"]: r for r in store.queue_stats(conn, with_finished=with_finished)}
     assert set(rows) == {"q0", "q1", "q2", "q3"}
     assert rows["q1"]["ready"] == 3
