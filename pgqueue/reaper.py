@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
 
@@ -126,6 +127,10 @@ class Reaper:
         # (_refusable).
         self._refused: dict[str, dict[int, float]] = {"dead_letter": {}, "prune": {}}
         self._refused_now = 0
+        # Whether this reaper had a connection (or tried to) before, and when (the
+        # server's clock) it last got one back after that: requeue_expired.
+        self._connected_once = False
+        self._regained_at: datetime | None = None
 
     def health(self) -> tuple[bool, str]:
         """For /healthz (called from the metrics thread): is the loop running and does
@@ -176,6 +181,7 @@ class Reaper:
                 # for it again).
                 log.info("reaper.leadership_lost", pid=os.getpid())
             self._leader = None
+            regained = self._connected_once
             try:
                 conn = store.connect(
                     self.config.dsn,
@@ -185,10 +191,25 @@ class Reaper:
                     no_seq_scans=self.config.prepared_statements,
                     on_connected=self._set_connecting,
                 )
+                if regained:
+                    # Not the first connection: the last one was lost (or none could be
+                    # had). Leases that ran out meanwhile say nothing of their workers
+                    # (requeue_expired): those registered get three heartbeats, from the
+                    # time their own reconnect may take (the backoff's bound) from now.
+                    slack = timedelta(seconds=self.config.reconnect_max_seconds)
+                    try:
+                        self._regained_at = store.database_now(conn) + slack
+                    except BaseException:
+                        conn.close()
+                        raise
+            except BaseException:
+                self._connected_once = True  # a reaper that starts in an outage waits too
+                raise
             finally:
                 self._set_connecting(None)
             with self._conn_lock:
                 self._conn = conn
+            self._connected_once = True
         return self._conn
 
     def _set_connecting(self, conn: psycopg.Connection[Any] | None) -> None:
@@ -288,12 +309,14 @@ class Reaper:
         cancelled: list[int] = []
         dead: list[int] = []
         cfg = self.config
+        regained = self._regained_at
         for rows in self._batches(
             lambda: store.requeue_expired(
                 conn,
                 batch_size=cfg.batch_size,
                 backoff_base_seconds=cfg.backoff_base_seconds,
                 backoff_max_seconds=cfg.backoff_max_seconds,
+                regained_at=self._regained_at,
             )
         ):
             for row in rows:
@@ -315,12 +338,19 @@ class Reaper:
         for rows in self._batches(
             lambda: self._refusable(
                 "dead_letter",
-                lambda skip: store.dead_letter_expired(conn, batch_size=cfg.batch_size, skip=skip),
+                lambda skip: store.dead_letter_expired(
+                    conn, batch_size=cfg.batch_size, skip=skip, regained_at=regained
+                ),
                 lambda skip: store.dead_letter_candidates(
-                    conn, batch_size=min(cfg.batch_size, MAX_DEAD_LETTER_SINGLY), skip=skip
+                    conn,
+                    batch_size=min(cfg.batch_size, MAX_DEAD_LETTER_SINGLY),
+                    skip=skip,
+                    regained_at=regained,
                 ),
                 # The batch statement, left to pick this one job alone.
-                lambda job_id, others: store.dead_letter_expired(conn, batch_size=1, skip=others),
+                lambda job_id, others: store.dead_letter_expired(
+                    conn, batch_size=1, skip=others, regained_at=regained
+                ),
             )
         ):
             for row in rows:
@@ -365,7 +395,7 @@ class Reaper:
         if pruned:
             metrics.JOBS_PRUNED.inc(pruned)
             log.info("reaper.pruned", jobs=pruned, more=more_to_prune)
-        for row in store.delete_stale_workers(conn):
+        for row in store.delete_stale_workers(conn, regained_at=regained):
             log.warning("reaper.worker_gone", worker_id=row["id"], host=row["host"], pid=row["pid"])
         return ReapResult(requeued, dead, pruned, cancelled, more_to_prune)
 

@@ -591,7 +591,12 @@ async def deregister_worker(conn: AsyncConn, *, worker_id: str) -> None:
 
 
 def requeue_expired(
-    conn: SyncConn, *, batch_size: int, backoff_base_seconds: float, backoff_max_seconds: float
+    conn: SyncConn,
+    *,
+    batch_size: int,
+    backoff_base_seconds: float,
+    backoff_max_seconds: float,
+    regained_at: datetime | None = None,
 ) -> list[Row]:
     return _fetch(
         conn,
@@ -600,21 +605,31 @@ def requeue_expired(
             "batch_size": batch_size,
             "backoff_base_seconds": backoff_base_seconds,
             "backoff_max_seconds": backoff_max_seconds,
+            "regained_at": regained_at,
         },
     )
 
 
-def dead_letter_expired(conn: SyncConn, *, batch_size: int, skip: Sequence[int] = ()) -> list[Row]:
-    return _fetch(conn, "dead_letter_expired", {"batch_size": batch_size, "skip": list(skip)})
+def dead_letter_expired(
+    conn: SyncConn,
+    *,
+    batch_size: int,
+    skip: Sequence[int] = (),
+    regained_at: datetime | None = None,
+) -> list[Row]:
+    params = {"batch_size": batch_size, "skip": list(skip), "regained_at": regained_at}
+    return _fetch(conn, "dead_letter_expired", params)
 
 
-def dead_letter_candidates(conn: SyncConn, *, batch_size: int, skip: Sequence[int]) -> list[int]:
-    rows = _fetch(conn, "dead_letter_candidates", {"batch_size": batch_size, "skip": list(skip)})
-    return [r["id"] for r in rows]
+def dead_letter_candidates(
+    conn: SyncConn, *, batch_size: int, skip: Sequence[int], regained_at: datetime | None = None
+) -> list[int]:
+    params = {"batch_size": batch_size, "skip": list(skip), "regained_at": regained_at}
+    return [r["id"] for r in _fetch(conn, "dead_letter_candidates", params)]
 
 
-def delete_stale_workers(conn: SyncConn) -> list[Row]:
-    return _fetch(conn, "delete_stale_workers", {})
+def delete_stale_workers(conn: SyncConn, *, regained_at: datetime | None = None) -> list[Row]:
+    return _fetch(conn, "delete_stale_workers", {"regained_at": regained_at})
 
 
 def standby_check(conn: SyncConn, *, grace_seconds: float, stall_seconds: float) -> Row:
@@ -632,6 +647,11 @@ def try_reaper_leadership(conn: SyncConn) -> tuple[bool, int]:
 
 def reaper_backend_pid(conn: SyncConn) -> int:
     return int(_fetch(conn, "reaper_backend_pid", {})[0]["pid"])
+
+
+def database_now(conn: SyncConn) -> datetime:
+    now: datetime = _fetch(conn, "database_now", {})[0]["now"]
+    return now
 
 
 def prune_finished(

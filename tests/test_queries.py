@@ -1755,9 +1755,12 @@ def _plan_params(dsn: str, name: str) -> dict[str, Any]:
         now = datetime.now(UTC)
         return {"worker_id": WORKER, "ids": ids, "started_ats": [now] * len(ids)}
     if name == "requeue_expired":
-        return {"batch_size": 1000, "backoff_base_seconds": 1.0, "backoff_max_seconds": 3600.0}
+        return {
+            "batch_size": 1000, "backoff_base_seconds": 1.0, "backoff_max_seconds": 3600.0,
+            "regained_at": datetime.now(UTC),
+        }  # fmt: skip
     if name in ("dead_letter_expired", "dead_letter_candidates"):
-        return {"batch_size": 1000, "skip": [1, 2, 3]}
+        return {"batch_size": 1000, "skip": [1, 2, 3], "regained_at": datetime.now(UTC)}
     if name in ("prune_finished", "prune_candidates"):
         return {"retention_seconds": 86400.0, "batch_size": 1000, "skip": [1, 2, 3]}
     if name == "prune_job":
@@ -1916,7 +1919,7 @@ def test_dead_letter_moves_probe_the_dead_letter_table_by_key(server_dsn, templa
         if name == "dead_letter_jobs":
             params = _lease_fenced_params(dsn, name, 1000)
         else:
-            params = {"batch_size": 1000, "skip": []}
+            params = {"batch_size": 1000, "skip": [], "regained_at": None}
         nodes = explain(dsn, name, params)
 
     scans = [n for n in nodes if n.get("Relation Name") == "dead_jobs" and "Scan" in n["Node Type"]]
@@ -2269,7 +2272,12 @@ def test_claim_and_requeue_take_a_job_whose_row_a_foreign_key_holds(conn, dsn):
         assert [j.id for j in claim(dsn, ["fk"], 10)] == [queued]
         requeued = conn.execute(
             QUERIES["requeue_expired"],
-            {"batch_size": 10, "backoff_base_seconds": 1.0, "backoff_max_seconds": 10.0},
+            {
+                "batch_size": 10,
+                "backoff_base_seconds": 1.0,
+                "backoff_max_seconds": 10.0,
+                "regained_at": None,
+            },
         ).fetchall()
         assert [r[0] for r in requeued] == [expired]
     finally:
@@ -2470,7 +2478,7 @@ def test_the_reapers_generic_plans_read_the_running_jobs_not_the_whole_table(
     # review: 2,000,000 rows removed, about 1 s, each pass until the next ANALYZE).
     # dead_letter_expired had the same shape, but its plan read the running jobs even
     # then (it estimates far fewer rows): its case guards the shape from here on.
-    params: dict[str, Any] = {"batch_size": 1000}
+    params: dict[str, Any] = {"batch_size": 1000, "regained_at": datetime.now(UTC)}
     if name == "requeue_expired":
         params |= {"backoff_base_seconds": 1.0, "backoff_max_seconds": 3600.0}
     else:

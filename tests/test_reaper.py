@@ -966,3 +966,60 @@ def test_a_job_a_foreign_key_keeps_does_not_stop_the_reapers_other_work(
     assert (result.pruned, result.dead) == (1, [exhausted[1]])
     assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs") == 0
     assert scalar(conn, "SELECT count(*) FROM public.receipts WHERE job_id IS NULL") == 2
+
+
+def test_after_losing_the_database_the_reaper_waits_for_live_workers_to_beat(conn, dsn):
+    # A database outage longer than the lease lets every lease run out. The reaper's first
+    # pass once it got the database back requeued every job in flight as rescued, though
+    # their workers lived through it and would extend them at their next beat: each then
+    # ran alone, and the fleet crawled (found by the on-call review). Workers registered
+    # in pgqueue.workers now get three of their heartbeats first.
+    def register(name: str, beat: float) -> None:
+        conn.execute(
+            "INSERT INTO pgqueue.workers (id, host, pid, queues, concurrency,"
+            " heartbeat_seconds, version, last_heartbeat_at) VALUES (%s, 'h', 1,"
+            " ARRAY['default'], 1, %s, '0', now() - interval '1 minute')",
+            (name, beat),
+        )
+
+    # The time a worker's reconnect may take is added to the wait: 0.5 s here.
+    with reaper(dsn, reconnect_max_seconds=0.5) as r:
+        assert r.run_once() == ReapResult([], [], 0)  # connected; nothing to do
+        register("alive", 10.0)
+        register("gone", 0.5)
+        alive = expired_job(conn, leased_by="alive")
+        last_try = expired_job(conn, leased_by="alive", rescued=True, attempts=3, max_attempts=3)
+        gone = expired_job(conn, leased_by="gone")
+        unknown = expired_job(conn, leased_by="never-registered")
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'pgqueue-reaper' AND datname = current_database()"
+        )
+        with pytest.raises(psycopg.OperationalError):
+            r.run_once()
+        first = r.run_once()  # a new connection: the database got back
+        assert (first.requeued, first.dead) == ([unknown], [])
+        # Their rows stay too (stale by their last beats, taken before the outage): a
+        # row deleted would end the wait for that worker's jobs.
+        workers = "SELECT array_agg(id ORDER BY id) FROM pgqueue.workers"
+        assert scalar(conn, workers) == ["alive", "gone"]
+        # The live worker beats: its leases are extended (extend_leases), as a worker
+        # that lived through the outage does at its next beat.
+        conn.execute(
+            "UPDATE pgqueue.jobs SET lease_expires_at = now() + interval '30 seconds'"
+            " WHERE id = ANY(%s)",
+            ([alive, last_try],),
+        )
+        conn.execute("UPDATE pgqueue.workers SET last_heartbeat_at = now() WHERE id = 'alive'")
+        time.sleep(2.1)  # the reconnect bound and three of the gone worker's 0.5 s beats
+        later = r.run_once()
+        assert (later.requeued, later.dead) == ([gone], [])
+        assert scalar(conn, workers) == ["alive"]
+    for job in (alive, last_try):
+        row = job_row(conn, job)
+        assert row is not None
+        assert (row["state"], row["rescued"], row["errors"]) == ("running", job == last_try, [])
+
+    # The first connection of a reaper is no regain: nothing waits.
+    fresh = expired_job(conn, leased_by="alive", lease_expires_at=db_clock(conn) - timedelta(1))
+    assert run_once(dsn).requeued == [fresh]

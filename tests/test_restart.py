@@ -105,3 +105,43 @@ def test_after_a_long_outage_a_worker_runs_jobs_again_within_seconds(
         assert worker.poll() is None
     finally:
         daemons.stop_all()
+
+
+def test_jobs_whose_workers_live_through_an_outage_are_not_taken_from_them(
+    cluster: PgCluster, tmp_path: Path
+):
+    # Postgres down for longer than the lease: every lease ran out. The reaper, back
+    # first, requeued each job in flight as rescued while its worker still ran it: each
+    # ran twice, and then alone (found by the on-call review: a one-minute outage slowed
+    # a worker of 8 slots to one job at a time). The reaper now gives the workers it knows
+    # three heartbeats to extend their leases once it has the database back.
+    migrate(cluster.dsn)
+    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        conn.execute(EXECUTIONS_DDL)  # type: ignore[arg-type]
+        # Each records its start and its end in the database: both while it is up.
+        enqueue_many(conn, [JobSpec("sleep", {"seconds": 35}) for _ in range(4)])
+    daemons = Daemons(cluster.dsn, tmp_path)
+    try:
+        worker = daemons.worker("--lease-seconds", "3", "--concurrency", "4")
+        reaper = daemons.reaper("--interval", "0.5")
+
+        def count(sql: str) -> int:
+            with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+                return int(scalar(conn, sql))
+
+        wait_until(lambda: count("SELECT count(*) FROM pgqueue.jobs WHERE state = 'running'") == 4)
+        cluster.stop("fast")
+        time.sleep(20)  # several leases, and reconnect backoffs that grew
+        cluster.start()
+        wait_until(
+            lambda: count("SELECT count(*) FROM pgqueue.jobs WHERE state = 'succeeded'") == 4,
+            timeout=90,
+        )
+        assert worker.poll() is None and reaper.poll() is None
+        assert "reaper.reconnected" in Daemons.output(reaper)
+        assert count("SELECT count(*) FROM pgqueue.jobs WHERE rescued") == 0
+        # One run each (a run records its start and its end).
+        assert count("SELECT count(*) FROM public.executions WHERE note LIKE 'start%'") == 4
+        assert "reaper.requeued" not in Daemons.output(reaper)
+    finally:
+        daemons.stop_all()

@@ -10,6 +10,14 @@
 -- requeues is rescued, which the workers' claim leaves to their check for rescued jobs:
 -- the payload ' rescued <queue>' (no queue name starts with a space, migration 0013)
 -- makes them check at once, not at their next poll.
+-- %(regained_at)s: when this reaper got its database back (a new connection after a lost
+-- one), plus the time a worker's own reconnect may take (the reconnect backoff's bound),
+-- or NULL. For three of their heartbeats from then, the jobs of workers registered
+-- in pgqueue.workers are left to them: an outage of the database (or of the reaper's link
+-- to it) longer than the lease let every lease run out, and says nothing of whether their
+-- workers live. Those that do extend their leases at their next beat (extend_leases takes
+-- an expired lease the reaper has not acted on); without the wait the reaper's first pass
+-- requeued every job in flight as rescued, each then run alone, and the fleet crawled.
 -- No ORDER BY: SKIP LOCKED needs none, and with one the generic plan (the reaper prepares
 -- its statements) walked the primary key in id order through the whole table whenever
 -- the statistics showed the running leases expired (taken before the heartbeats moved
@@ -19,6 +27,11 @@ WITH expired AS MATERIALIZED (
     SELECT j.id, j.attempts AS ran_attempt, j.rescued AS counted FROM pgqueue.jobs AS j
     WHERE j.state = 'running' AND j.lease_expires_at < now()
       AND (NOT j.rescued OR j.attempts < j.max_attempts OR j.cancel_requested_at IS NOT NULL)
+      AND NOT EXISTS (
+          SELECT 1 FROM pgqueue.workers AS w
+          WHERE w.id = j.leased_by
+            AND now() < %(regained_at)s::timestamptz
+                        + make_interval(secs => 3 * w.heartbeat_seconds))
     LIMIT %(batch_size)s
     FOR NO KEY UPDATE SKIP LOCKED
 ), updated AS (
@@ -56,15 +69,22 @@ FROM updated AS u, LATERAL (SELECT pgqueue.wake(' rescued ' || u.queue)) AS n;
 -- used up to the dead-letter table (reason 'lease_expired'), atomically, a batch at a
 -- time. A job whose id the dead-letter table already holds is stored under a new one
 -- (pgqueue.dead_letter_id, migration 0023), its own in original_id. Returns each job's
--- id and the id it is stored under. No ORDER BY, as requeue_expired. %(skip)s: jobs the
--- database refused to move on an earlier try (a foreign key to pgqueue.jobs that forbids
--- the delete, a trigger of the user's): the reaper leaves them out for a while, so that
--- they do not fail every batch (reaper.Reaper._refusable).
+-- id and the id it is stored under. No ORDER BY, as requeue_expired, whose
+-- %(regained_at)s wait applies here too (else a job would be dead-lettered while its
+-- worker finishes it). %(skip)s: jobs the database refused to move on an earlier try (a
+-- foreign key to pgqueue.jobs that forbids the delete, a trigger of the user's): the
+-- reaper leaves them out for a while, so that they do not fail every batch
+-- (reaper.Reaper._refusable).
 WITH expired AS MATERIALIZED (
     SELECT j.id FROM pgqueue.jobs AS j
     WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts >= j.max_attempts
       AND j.rescued AND j.cancel_requested_at IS NULL
       AND j.id <> ALL (%(skip)s::bigint[])
+      AND NOT EXISTS (
+          SELECT 1 FROM pgqueue.workers AS w
+          WHERE w.id = j.leased_by
+            AND now() < %(regained_at)s::timestamptz
+                        + make_interval(secs => 3 * w.heartbeat_seconds))
     LIMIT %(batch_size)s
     FOR UPDATE SKIP LOCKED
 ), moved AS (
@@ -105,6 +125,11 @@ SELECT j.id FROM pgqueue.jobs AS j
 WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts >= j.max_attempts
   AND j.rescued AND j.cancel_requested_at IS NULL
   AND j.id <> ALL (%(skip)s::bigint[])
+  AND NOT EXISTS (
+      SELECT 1 FROM pgqueue.workers AS w
+      WHERE w.id = j.leased_by
+        AND now() < %(regained_at)s::timestamptz + make_interval(secs => 3 * w.heartbeat_seconds)
+  )
 LIMIT %(batch_size)s;
 
 -- name: prune_finished
@@ -148,10 +173,14 @@ RETURNING j.id;
 -- Forgets workers that missed three heartbeats in a row (they died without deregistering).
 -- Rows another session holds locked wait for the next pass (SKIP LOCKED, as every other
 -- statement of a pass): waiting on them failed the pass under a lock timeout, and the
--- retries backed off, spreading out the requeues.
+-- retries backed off, spreading out the requeues. Not while requeue_expired waits for the
+-- workers after this reaper got its database back (%(regained_at)s): their beats stopped
+-- in the outage too, and a row deleted would end that wait for their jobs.
 DELETE FROM pgqueue.workers AS w
 USING (SELECT s.id FROM pgqueue.workers AS s
        WHERE s.last_heartbeat_at < now() - make_interval(secs => 3 * s.heartbeat_seconds)
+         AND NOT coalesce(now() < %(regained_at)s::timestamptz
+                                  + make_interval(secs => 3 * s.heartbeat_seconds), false)
        FOR UPDATE SKIP LOCKED) AS stale
 WHERE w.id = stale.id
 RETURNING w.id, w.host, w.pid;
@@ -167,6 +196,11 @@ SELECT pg_try_advisory_lock(hashtext('pgqueue.reaper')) AS leader, pg_backend_pi
 
 -- name: reaper_backend_pid
 SELECT pg_backend_pid() AS pid;
+
+-- name: database_now
+-- The server's clock: when a reaper got its database back (requeue_expired's
+-- regained_at).
+SELECT now() AS now;
 
 -- name: standby_check
 -- For an embedded reaper standing by, whether to reap anyway. overdue: a running job's
