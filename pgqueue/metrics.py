@@ -15,6 +15,7 @@ import functools
 import io
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -477,6 +478,19 @@ class _HTTPServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._give_back(str(client_address[0]))
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A scraper that went away (its timeout, a probe that closed its connection) or
+        was too slow is routine: nothing to say. Anything else is one log event, not
+        socketserver's traceback on stderr amid the JSON log lines."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            return
+        log.warning(
+            "metrics.request_failed",
+            client=str(client_address[0]),
+            error=f"{type(exc).__name__}: {exc}",
+        )
 
 
 class _ReadBy(io.RawIOBase):

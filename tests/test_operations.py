@@ -4130,3 +4130,45 @@ def test_ctrl_c_during_a_batched_dead_command_says_what_it_did(conn, dsn, comman
     assert scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 1500
     back = scalar(conn, "SELECT count(*) FROM pgqueue.jobs")
     assert back == (1000 if command == "retry" else 0)
+
+
+def test_a_scraper_that_goes_away_leaves_no_traceback_in_the_logs(capfd):
+    # A scrape that timed out (the client gone before the answer) printed socketserver's
+    # BrokenPipeError traceback on stderr amid the JSON log lines (the on-call review).
+    import struct
+
+    from prometheus_client import CollectorRegistry
+
+    from pgqueue.metrics import MetricsServer
+
+    def slow_health() -> tuple[bool, str]:
+        time.sleep(0.5)
+        return True, "ok"
+
+    def broken_health() -> tuple[bool, str]:
+        raise RuntimeError("boom")
+
+    for health in (slow_health, broken_health):
+        server = MetricsServer("127.0.0.1", 0, CollectorRegistry(), health).start()
+        try:
+            with structlog.testing.capture_logs() as logs:
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                if health is slow_health:
+                    # Gone with a reset before the answer is written.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sock.close()
+                    time.sleep(1.0)
+                else:
+                    with contextlib.suppress(OSError):
+                        sock.recv(1000)
+                    sock.close()
+                    wait_until(lambda: logs)
+        finally:
+            server.stop()
+        failed = [e for e in logs if e["event"] == "metrics.request_failed"]
+        if health is slow_health:
+            assert failed == []
+        else:
+            assert [e["error"] for e in failed] == ["RuntimeError: boom"]
+    assert "Traceback" not in capfd.readouterr().err
