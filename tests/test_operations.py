@@ -2336,6 +2336,12 @@ def test_jobs_list_names_a_worker_only_for_running_jobs(conn, dsn):
     rows = {r["id"]: r for r in json.loads(ok(cli(dsn, "jobs", "list", "--json")))}
     assert rows[requeued]["leased_by"] is None
     assert rows[running]["leased_by"] == "host:2:now"
+    # When the attempt under way began, to find the longest-running (the on-call review).
+    assert rows[requeued]["started_at"] is None
+    started = scalar(conn, "SELECT attempted_at FROM pgqueue.jobs WHERE id = %s", (running,))
+    assert started is not None and rows[running]["started_at"] == started.isoformat()
+    [only] = json.loads(ok(cli(dsn, "jobs", "list", "--state", "running", "--json")))
+    assert (only["id"], only["started_at"]) == (running, started.isoformat())
     table = {int(r["id"]): r for r in parse_table(ok(cli(dsn, "jobs", "list")))}
     assert table[requeued]["leased_by"] == ""
     assert table[running]["leased_by"] == "host:2:now"

@@ -203,9 +203,11 @@ SELECT EXISTS (SELECT 1 FROM pgqueue.queues AS q
 
 -- name: list_jobs
 -- Jobs, newest first, filtered by state, queue and task when given (NULL = any).
--- leased_by only while running: a requeued job keeps its last worker's name in the row.
+-- leased_by and started_at (when the attempt under way began) only while running: a
+-- requeued job keeps its last worker's name and attempt's start in the row.
 SELECT id, queue, task, state::text AS state, attempts, max_attempts, priority, run_at,
-       created_at, finished_at, CASE WHEN state = 'running' THEN leased_by END AS leased_by
+       created_at, finished_at, CASE WHEN state = 'running' THEN leased_by END AS leased_by,
+       CASE WHEN state = 'running' THEN attempted_at END AS started_at
 FROM pgqueue.jobs
 WHERE (%(state)s::pgqueue.job_state IS NULL OR state = %(state)s::pgqueue.job_state)
   AND (%(queue)s::text IS NULL OR queue = %(queue)s)
@@ -220,7 +222,7 @@ LIMIT %(limit)s;
 -- one: with a backlog of millions, seconds, when an operator most wants to see what runs.
 WITH running AS MATERIALIZED (
     SELECT id, queue, task, state::text AS state, attempts, max_attempts, priority, run_at,
-           created_at, finished_at, leased_by
+           created_at, finished_at, leased_by, attempted_at AS started_at
     FROM pgqueue.jobs
     WHERE state = 'running'
       AND (%(queue)s::text IS NULL OR queue = %(queue)s)
