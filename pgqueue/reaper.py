@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from types import FrameType
 from typing import Any
 
@@ -78,6 +78,8 @@ REFUSED_RETRY_SECONDS = 600.0
 MAX_REFUSED = 1000
 # Candidates the dead-letter step moves one at a time after a refused batch.
 MAX_DEAD_LETTER_SINGLY = 100
+# The outage a reaper that never had a good pass assumes (it started in one): long.
+UNKNOWN_OUTAGE_SECONDS = 1e9
 REFUSED_HINT = (
     "pgqueue deletes a job's row when it dead-letters or prunes it: a foreign key that"
     " references pgqueue.jobs must be ON DELETE SET NULL or ON DELETE CASCADE. These jobs"
@@ -131,6 +133,10 @@ class Reaper:
         # server's clock) it last got one back after that: requeue_expired.
         self._connected_once = False
         self._regained_at: datetime | None = None
+        # How long it was without the database then (since _last_good: the end of its
+        # last pass, or its connection's start).
+        self._outage_seconds = 0.0
+        self._last_good: float | None = None
 
     def health(self) -> tuple[bool, str]:
         """For /healthz (called from the metrics thread): is the loop running and does
@@ -194,14 +200,19 @@ class Reaper:
                 if regained:
                     # Not the first connection: the last one was lost (or none could be
                     # had). Leases that ran out meanwhile say nothing of their workers
-                    # (requeue_expired): those registered get three heartbeats, from the
-                    # time their own reconnect may take (the backoff's bound) from now.
-                    slack = timedelta(seconds=self.config.reconnect_max_seconds)
+                    # (requeue_expired): those registered get three heartbeats from now,
+                    # if the outage was longer than one.
                     try:
-                        self._regained_at = store.database_now(conn) + slack
+                        regained_at = store.database_now(conn)
                     except BaseException:
                         conn.close()
                         raise
+                    self._regained_at = regained_at
+                    self._outage_seconds = (
+                        UNKNOWN_OUTAGE_SECONDS
+                        if self._last_good is None
+                        else time.monotonic() - self._last_good
+                    )
             except BaseException:
                 self._connected_once = True  # a reaper that starts in an outage waits too
                 raise
@@ -210,6 +221,7 @@ class Reaper:
             with self._conn_lock:
                 self._conn = conn
             self._connected_once = True
+            self._last_good = time.monotonic()
         return self._conn
 
     def _set_connecting(self, conn: psycopg.Connection[Any] | None) -> None:
@@ -303,20 +315,22 @@ class Reaper:
         if not self._schema.notify_limit_checked:
             self._schema.observe_notify_limit(store.notify_limit_ignored(conn))
         if self.config.leader_only and not self._lead(conn) and not self._cover(conn):
+            self._last_good = time.monotonic()
             return ReapResult([], [], 0)
         self._progress_at = time.monotonic()
         requeued: list[int] = []
         cancelled: list[int] = []
         dead: list[int] = []
         cfg = self.config
-        regained = self._regained_at
+        regained, outage = self._regained_at, self._outage_seconds
         for rows in self._batches(
             lambda: store.requeue_expired(
                 conn,
                 batch_size=cfg.batch_size,
                 backoff_base_seconds=cfg.backoff_base_seconds,
                 backoff_max_seconds=cfg.backoff_max_seconds,
-                regained_at=self._regained_at,
+                regained_at=regained,
+                outage_seconds=outage,
             )
         ):
             for row in rows:
@@ -339,17 +353,22 @@ class Reaper:
             lambda: self._refusable(
                 "dead_letter",
                 lambda skip: store.dead_letter_expired(
-                    conn, batch_size=cfg.batch_size, skip=skip, regained_at=regained
+                    conn,
+                    batch_size=cfg.batch_size,
+                    skip=skip,
+                    regained_at=regained,
+                    outage_seconds=outage,
                 ),
                 lambda skip: store.dead_letter_candidates(
                     conn,
                     batch_size=min(cfg.batch_size, MAX_DEAD_LETTER_SINGLY),
                     skip=skip,
                     regained_at=regained,
+                    outage_seconds=outage,
                 ),
                 # The batch statement, left to pick this one job alone.
                 lambda job_id, others: store.dead_letter_expired(
-                    conn, batch_size=1, skip=others, regained_at=regained
+                    conn, batch_size=1, skip=others, regained_at=regained, outage_seconds=outage
                 ),
             )
         ):
@@ -395,8 +414,9 @@ class Reaper:
         if pruned:
             metrics.JOBS_PRUNED.inc(pruned)
             log.info("reaper.pruned", jobs=pruned, more=more_to_prune)
-        for row in store.delete_stale_workers(conn, regained_at=regained):
+        for row in store.delete_stale_workers(conn, regained_at=regained, outage_seconds=outage):
             log.warning("reaper.worker_gone", worker_id=row["id"], host=row["host"], pid=row["pid"])
+        self._last_good = time.monotonic()
         return ReapResult(requeued, dead, pruned, cancelled, more_to_prune)
 
     def _refusable(

@@ -597,6 +597,7 @@ def requeue_expired(
     backoff_base_seconds: float,
     backoff_max_seconds: float,
     regained_at: datetime | None = None,
+    outage_seconds: float = 0.0,
 ) -> list[Row]:
     return _fetch(
         conn,
@@ -606,6 +607,7 @@ def requeue_expired(
             "backoff_base_seconds": backoff_base_seconds,
             "backoff_max_seconds": backoff_max_seconds,
             "regained_at": regained_at,
+            "outage_seconds": outage_seconds,
         },
     )
 
@@ -616,20 +618,31 @@ def dead_letter_expired(
     batch_size: int,
     skip: Sequence[int] = (),
     regained_at: datetime | None = None,
+    outage_seconds: float = 0.0,
 ) -> list[Row]:
-    params = {"batch_size": batch_size, "skip": list(skip), "regained_at": regained_at}
+    params = {"batch_size": batch_size, "skip": list(skip)}
+    params |= {"regained_at": regained_at, "outage_seconds": outage_seconds}
     return _fetch(conn, "dead_letter_expired", params)
 
 
 def dead_letter_candidates(
-    conn: SyncConn, *, batch_size: int, skip: Sequence[int], regained_at: datetime | None = None
+    conn: SyncConn,
+    *,
+    batch_size: int,
+    skip: Sequence[int],
+    regained_at: datetime | None = None,
+    outage_seconds: float = 0.0,
 ) -> list[int]:
-    params = {"batch_size": batch_size, "skip": list(skip), "regained_at": regained_at}
+    params = {"batch_size": batch_size, "skip": list(skip)}
+    params |= {"regained_at": regained_at, "outage_seconds": outage_seconds}
     return [r["id"] for r in _fetch(conn, "dead_letter_candidates", params)]
 
 
-def delete_stale_workers(conn: SyncConn, *, regained_at: datetime | None = None) -> list[Row]:
-    return _fetch(conn, "delete_stale_workers", {"regained_at": regained_at})
+def delete_stale_workers(
+    conn: SyncConn, *, regained_at: datetime | None = None, outage_seconds: float = 0.0
+) -> list[Row]:
+    params = {"regained_at": regained_at, "outage_seconds": outage_seconds}
+    return _fetch(conn, "delete_stale_workers", params)
 
 
 def standby_check(conn: SyncConn, *, grace_seconds: float, stall_seconds: float) -> Row:

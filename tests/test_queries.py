@@ -1757,10 +1757,13 @@ def _plan_params(dsn: str, name: str) -> dict[str, Any]:
     if name == "requeue_expired":
         return {
             "batch_size": 1000, "backoff_base_seconds": 1.0, "backoff_max_seconds": 3600.0,
-            "regained_at": datetime.now(UTC),
+            "regained_at": datetime.now(UTC), "outage_seconds": 60.0,
         }  # fmt: skip
     if name in ("dead_letter_expired", "dead_letter_candidates"):
-        return {"batch_size": 1000, "skip": [1, 2, 3], "regained_at": datetime.now(UTC)}
+        return {
+            "batch_size": 1000, "skip": [1, 2, 3], "regained_at": datetime.now(UTC),
+            "outage_seconds": 60.0,
+        }  # fmt: skip
     if name in ("prune_finished", "prune_candidates"):
         return {"retention_seconds": 86400.0, "batch_size": 1000, "skip": [1, 2, 3]}
     if name == "prune_job":
@@ -1919,7 +1922,7 @@ def test_dead_letter_moves_probe_the_dead_letter_table_by_key(server_dsn, templa
         if name == "dead_letter_jobs":
             params = _lease_fenced_params(dsn, name, 1000)
         else:
-            params = {"batch_size": 1000, "skip": [], "regained_at": None}
+            params = {"batch_size": 1000, "skip": [], "regained_at": None, "outage_seconds": 0.0}
         nodes = explain(dsn, name, params)
 
     scans = [n for n in nodes if n.get("Relation Name") == "dead_jobs" and "Scan" in n["Node Type"]]
@@ -2277,6 +2280,7 @@ def test_claim_and_requeue_take_a_job_whose_row_a_foreign_key_holds(conn, dsn):
                 "backoff_base_seconds": 1.0,
                 "backoff_max_seconds": 10.0,
                 "regained_at": None,
+                "outage_seconds": 0.0,
             },
         ).fetchall()
         assert [r[0] for r in requeued] == [expired]
@@ -2478,7 +2482,9 @@ def test_the_reapers_generic_plans_read_the_running_jobs_not_the_whole_table(
     # review: 2,000,000 rows removed, about 1 s, each pass until the next ANALYZE).
     # dead_letter_expired had the same shape, but its plan read the running jobs even
     # then (it estimates far fewer rows): its case guards the shape from here on.
-    params: dict[str, Any] = {"batch_size": 1000, "regained_at": datetime.now(UTC)}
+    params: dict[str, Any] = {
+        "batch_size": 1000, "regained_at": datetime.now(UTC), "outage_seconds": 60.0,
+    }  # fmt: skip
     if name == "requeue_expired":
         params |= {"backoff_base_seconds": 1.0, "backoff_max_seconds": 3600.0}
     else:

@@ -972,8 +972,9 @@ def test_after_losing_the_database_the_reaper_waits_for_live_workers_to_beat(con
     # A database outage longer than the lease lets every lease run out. The reaper's first
     # pass once it got the database back requeued every job in flight as rescued, though
     # their workers lived through it and would extend them at their next beat: each then
-    # ran alone, and the fleet crawled (found by the on-call review). Workers registered
-    # in pgqueue.workers now get three of their heartbeats first.
+    # ran alone, and the fleet crawled (found by the on-call review). After an outage
+    # longer than a worker's heartbeat interval, that worker's jobs and row now wait for
+    # three of its heartbeats.
     def register(name: str, beat: float) -> None:
         conn.execute(
             "INSERT INTO pgqueue.workers (id, host, pid, queues, concurrency,"
@@ -982,27 +983,33 @@ def test_after_losing_the_database_the_reaper_waits_for_live_workers_to_beat(con
             (name, beat),
         )
 
-    # The time a worker's reconnect may take is added to the wait: 0.5 s here.
-    with reaper(dsn, reconnect_max_seconds=0.5) as r:
-        assert r.run_once() == ReapResult([], [], 0)  # connected; nothing to do
-        register("alive", 10.0)
-        register("gone", 0.5)
-        alive = expired_job(conn, leased_by="alive")
-        last_try = expired_job(conn, leased_by="alive", rescued=True, attempts=3, max_attempts=3)
-        gone = expired_job(conn, leased_by="gone")
-        unknown = expired_job(conn, leased_by="never-registered")
+    def cut(r: Reaper) -> None:
         conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE application_name = 'pgqueue-reaper' AND datname = current_database()"
         )
         with pytest.raises(psycopg.OperationalError):
             r.run_once()
+
+    workers = "SELECT array_agg(id ORDER BY id) FROM pgqueue.workers"
+    with reaper(dsn) as r:
+        assert r.run_once() == ReapResult([], [], 0)  # connected; nothing to do
+        register("alive", 0.5)
+        register("gone", 0.3)
+        register("slow", 600.0)
+        alive = expired_job(conn, leased_by="alive")
+        last_try = expired_job(conn, leased_by="alive", rescued=True, attempts=3, max_attempts=3)
+        gone = expired_job(conn, leased_by="gone")
+        slow = expired_job(conn, leased_by="slow")
+        unknown = expired_job(conn, leased_by="never-registered")
+        time.sleep(0.6)  # the outage: longer than alive's and gone's beats, not slow's
+        cut(r)
         first = r.run_once()  # a new connection: the database got back
-        assert (first.requeued, first.dead) == ([unknown], [])
+        # slow's 600 s beat: an outage this short cannot have cost it a beat.
+        assert (sorted(first.requeued), first.dead) == (sorted([unknown, slow]), [])
         # Their rows stay too (stale by their last beats, taken before the outage): a
-        # row deleted would end the wait for that worker's jobs.
-        workers = "SELECT array_agg(id ORDER BY id) FROM pgqueue.workers"
-        assert scalar(conn, workers) == ["alive", "gone"]
+        # row deleted would end the wait for that worker's jobs. (slow's is not stale.)
+        assert scalar(conn, workers) == ["alive", "gone", "slow"]
         # The live worker beats: its leases are extended (extend_leases), as a worker
         # that lived through the outage does at its next beat.
         conn.execute(
@@ -1011,10 +1018,16 @@ def test_after_losing_the_database_the_reaper_waits_for_live_workers_to_beat(con
             ([alive, last_try],),
         )
         conn.execute("UPDATE pgqueue.workers SET last_heartbeat_at = now() WHERE id = 'alive'")
-        time.sleep(2.1)  # the reconnect bound and three of the gone worker's 0.5 s beats
+        time.sleep(1.0)  # three of the gone worker's 0.3 s heartbeats
         later = r.run_once()
         assert (later.requeued, later.dead) == ([gone], [])
-        assert scalar(conn, workers) == ["alive"]
+        assert scalar(conn, workers) == ["alive", "slow"]
+
+        # A connection cut short and got back at once: nothing waits.
+        register("other", 5.0)
+        other = expired_job(conn, leased_by="other")
+        cut(r)
+        assert r.run_once().requeued == [other]
     for job in (alive, last_try):
         row = job_row(conn, job)
         assert row is not None

@@ -11,13 +11,15 @@
 -- the payload ' rescued <queue>' (no queue name starts with a space, migration 0013)
 -- makes them check at once, not at their next poll.
 -- %(regained_at)s: when this reaper got its database back (a new connection after a lost
--- one), plus the time a worker's own reconnect may take (the reconnect backoff's bound),
--- or NULL. For three of their heartbeats from then, the jobs of workers registered
--- in pgqueue.workers are left to them: an outage of the database (or of the reaper's link
--- to it) longer than the lease let every lease run out, and says nothing of whether their
--- workers live. Those that do extend their leases at their next beat (extend_leases takes
--- an expired lease the reaper has not acted on); without the wait the reaper's first pass
--- requeued every job in flight as rescued, each then run alone, and the fleet crawled.
+-- one), or NULL; %(outage_seconds)s: how long it was without it (since its last good
+-- pass). After an outage longer than a worker's heartbeat interval, the jobs of that
+-- worker (registered in pgqueue.workers) are left to it for three of its heartbeats from
+-- then: an outage of the database (or of the reaper's link to it) longer than the lease
+-- let every lease run out, and says nothing of whether the workers live. Those that do
+-- extend their leases at their next beat (extend_leases takes an expired lease the reaper
+-- has not acted on); without the wait the reaper's first pass requeued every job in flight
+-- as rescued, each then run alone, and the fleet crawled. A shorter outage cannot have
+-- cost a worker its beats: its expired leases are its death's, and nothing waits.
 -- No ORDER BY: SKIP LOCKED needs none, and with one the generic plan (the reaper prepares
 -- its statements) walked the primary key in id order through the whole table whenever
 -- the statistics showed the running leases expired (taken before the heartbeats moved
@@ -30,6 +32,7 @@ WITH expired AS MATERIALIZED (
       AND NOT EXISTS (
           SELECT 1 FROM pgqueue.workers AS w
           WHERE w.id = j.leased_by
+            AND %(outage_seconds)s::float8 > w.heartbeat_seconds
             AND now() < %(regained_at)s::timestamptz
                         + make_interval(secs => 3 * w.heartbeat_seconds))
     LIMIT %(batch_size)s
@@ -83,6 +86,7 @@ WITH expired AS MATERIALIZED (
       AND NOT EXISTS (
           SELECT 1 FROM pgqueue.workers AS w
           WHERE w.id = j.leased_by
+            AND %(outage_seconds)s::float8 > w.heartbeat_seconds
             AND now() < %(regained_at)s::timestamptz
                         + make_interval(secs => 3 * w.heartbeat_seconds))
     LIMIT %(batch_size)s
@@ -128,6 +132,7 @@ WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts >= j.max
   AND NOT EXISTS (
       SELECT 1 FROM pgqueue.workers AS w
       WHERE w.id = j.leased_by
+        AND %(outage_seconds)s::float8 > w.heartbeat_seconds
         AND now() < %(regained_at)s::timestamptz + make_interval(secs => 3 * w.heartbeat_seconds)
   )
 LIMIT %(batch_size)s;
@@ -179,8 +184,9 @@ RETURNING j.id;
 DELETE FROM pgqueue.workers AS w
 USING (SELECT s.id FROM pgqueue.workers AS s
        WHERE s.last_heartbeat_at < now() - make_interval(secs => 3 * s.heartbeat_seconds)
-         AND NOT coalesce(now() < %(regained_at)s::timestamptz
-                                  + make_interval(secs => 3 * s.heartbeat_seconds), false)
+         AND NOT coalesce(%(outage_seconds)s::float8 > s.heartbeat_seconds
+                          AND now() < %(regained_at)s::timestamptz
+                                      + make_interval(secs => 3 * s.heartbeat_seconds), false)
        FOR UPDATE SKIP LOCKED) AS stale
 WHERE w.id = stale.id
 RETURNING w.id, w.host, w.pid;
