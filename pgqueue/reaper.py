@@ -80,6 +80,13 @@ MAX_REFUSED = 1000
 MAX_DEAD_LETTER_SINGLY = 100
 # The outage a reaper that never had a good pass assumes (it started in one): long.
 UNKNOWN_OUTAGE_SECONDS = 1e9
+# foreign_key_violation, and restrict_violation (ON DELETE RESTRICT).
+FOREIGN_KEY_STATES = frozenset({"23503", "23001"})
+REFUSED_OTHER_HINT = (
+    "the database refused these jobs' move or delete (a trigger or a constraint of"
+    f" yours?). They are left as they are, and tried again in {REFUSED_RETRY_SECONDS / 60:g}"
+    " minutes"
+)
 REFUSED_HINT = (
     "pgqueue deletes a job's row when it dead-letters or prunes it: a foreign key that"
     " references pgqueue.jobs must be ON DELETE SET NULL or ON DELETE CASCADE. These jobs"
@@ -366,9 +373,13 @@ class Reaper:
                     regained_at=regained,
                     outage_seconds=outage,
                 ),
-                # The batch statement, left to pick this one job alone.
-                lambda job_id, others: store.dead_letter_expired(
-                    conn, batch_size=1, skip=others, regained_at=regained, outage_seconds=outage
+                lambda job_id, skip: store.dead_letter_expired(
+                    conn,
+                    batch_size=1,
+                    skip=skip,
+                    only=job_id,
+                    regained_at=regained,
+                    outage_seconds=outage,
                 ),
             )
         ):
@@ -402,7 +413,7 @@ class Reaper:
                 lambda skip: store.prune_candidates(
                     conn, retention_seconds=retention, batch_size=cfg.batch_size, skip=skip
                 ),
-                lambda job_id, others: store.prune_job(
+                lambda job_id, skip: store.prune_job(
                     conn, job_id=job_id, retention_seconds=retention
                 ),
             )
@@ -431,8 +442,10 @@ class Reaper:
         foreign key that forbids its delete failed every batch it was in, and with it
         every later step of the pass, so that nothing was pruned or dead-lettered again,
         and stale workers stayed. The refused ones are logged (reaper.refused) and left
-        out for REFUSED_RETRY_SECONDS. ``one`` gets a job and the ids to leave out so
-        that a batch statement picks that job alone."""
+        out for REFUSED_RETRY_SECONDS. ``one(job, skip)`` acts on that job alone (not one
+        another session holds locked). Every try (two or more) refused for the same
+        reason, not a foreign key's, is the statement's error, not its jobs' (a NOT NULL
+        column someone added to pgqueue.dead_jobs, say): it fails the pass as before."""
         refused = self._refused[step]
         cutoff = time.monotonic() - REFUSED_RETRY_SECONDS
         for job_id in [j for j, at in refused.items() if at < cutoff]:
@@ -441,20 +454,37 @@ class Reaper:
         try:
             return batch(skip)
         except REFUSALS as exc:
-            error = exc
+            error: psycopg.Error = exc
         jobs = candidates(skip)
         rows: list[Any] = []
         refused_now: list[int] = []
+        states: set[str | None] = set()
+        remembered = 0
         for job_id in jobs:
+            if self._stopping():
+                break
             try:
-                rows.extend(one(job_id, skip + [j for j in jobs if j != job_id]))
+                rows.extend(one(job_id, skip))
             except REFUSALS as exc:
                 error = exc
+                states.add(exc.sqlstate)
                 refused_now.append(job_id)
                 if len(refused) < MAX_REFUSED:
                     refused[job_id] = time.monotonic()
+                    remembered += 1
             self._progress_at = time.monotonic()
-        self._refused_now = len(refused_now)
+        if (
+            len(refused_now) > 1
+            and not rows
+            and len(states) == 1
+            and not states & FOREIGN_KEY_STATES
+        ):
+            for job_id in refused_now:
+                refused.pop(job_id, None)
+            raise error
+        # Only the refusals remembered make the batch full: those beyond MAX_REFUSED
+        # would be picked again at once, and the pass would never end.
+        self._refused_now = remembered
         if refused_now:
             log.error(
                 "reaper.refused",
@@ -462,7 +492,7 @@ class Reaper:
                 jobs=len(refused_now),
                 job_ids=refused_now[:20],
                 **error_fields(error),
-                hint=REFUSED_HINT,
+                hint=REFUSED_HINT if states & FOREIGN_KEY_STATES else REFUSED_OTHER_HINT,
             )
         return rows
 

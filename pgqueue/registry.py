@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import sys
 import warnings
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -310,6 +311,18 @@ class TaskCall(Generic[P]):
 
 
 # name -> options of every task registered in this process, for enqueue's defaults.
+def _outside_this_module() -> int:
+    """The ``stacklevel`` that makes a warning raised in this module's caller point at
+    the first frame outside it (the user's decorator line, however the call came in:
+    ``@registry.task`` bare goes through ``task`` first)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+        level += 1
+    return level
+
+
 _known_options: dict[str, TaskOptions] = {}
 
 
@@ -401,7 +414,7 @@ class Registry:
                         " imports this file as a module (--app) gives it another name, and"
                         " never runs these jobs; pass name=... to registry.task",
                         UserWarning,
-                        stacklevel=2,
+                        stacklevel=_outside_this_module(),
                     )
             task_name = check_name("task", given, MAX_NAME_LENGTH)
             if task_name in self._tasks:

@@ -619,8 +619,9 @@ def dead_letter_expired(
     skip: Sequence[int] = (),
     regained_at: datetime | None = None,
     outage_seconds: float = 0.0,
+    only: int | None = None,
 ) -> list[Row]:
-    params = {"batch_size": batch_size, "skip": list(skip)}
+    params = {"batch_size": batch_size, "skip": list(skip), "only": only}
     params |= {"regained_at": regained_at, "outage_seconds": outage_seconds}
     return _fetch(conn, "dead_letter_expired", params)
 

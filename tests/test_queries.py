@@ -1762,7 +1762,7 @@ def _plan_params(dsn: str, name: str) -> dict[str, Any]:
     if name in ("dead_letter_expired", "dead_letter_candidates"):
         return {
             "batch_size": 1000, "skip": [1, 2, 3], "regained_at": datetime.now(UTC),
-            "outage_seconds": 60.0,
+            "outage_seconds": 60.0, "only": None,
         }  # fmt: skip
     if name in ("prune_finished", "prune_candidates"):
         return {"retention_seconds": 86400.0, "batch_size": 1000, "skip": [1, 2, 3]}
@@ -1922,7 +1922,10 @@ def test_dead_letter_moves_probe_the_dead_letter_table_by_key(server_dsn, templa
         if name == "dead_letter_jobs":
             params = _lease_fenced_params(dsn, name, 1000)
         else:
-            params = {"batch_size": 1000, "skip": [], "regained_at": None, "outage_seconds": 0.0}
+            params = {
+                "batch_size": 1000, "skip": [], "regained_at": None, "outage_seconds": 0.0,
+                "only": None,
+            }  # fmt: skip
         nodes = explain(dsn, name, params)
 
     scans = [n for n in nodes if n.get("Relation Name") == "dead_jobs" and "Scan" in n["Node Type"]]
@@ -2488,7 +2491,7 @@ def test_the_reapers_generic_plans_read_the_running_jobs_not_the_whole_table(
     if name == "requeue_expired":
         params |= {"backoff_base_seconds": 1.0, "backoff_max_seconds": 3600.0}
     else:
-        params["skip"] = [1, 2, 3]
+        params |= {"skip": [1, 2, 3], "only": None}
     with scratch_database(server_dsn, template_db, STALE_LEASES_SQL) as dsn:
         nodes = _generic_plan(dsn, name, params, [store.NO_SEQ_SCANS, store.NO_JIT])
     # Whole-table reads: an index walked with no condition (but the running jobs'

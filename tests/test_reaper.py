@@ -979,7 +979,7 @@ def test_after_losing_the_database_the_reaper_waits_for_live_workers_to_beat(con
         conn.execute(
             "INSERT INTO pgqueue.workers (id, host, pid, queues, concurrency,"
             " heartbeat_seconds, version, last_heartbeat_at) VALUES (%s, 'h', 1,"
-            " ARRAY['default'], 1, %s, '0', now() - interval '1 minute')",
+            " ARRAY['default'], 1, %s, '0', now())",
             (name, beat),
         )
 
@@ -997,18 +997,27 @@ def test_after_losing_the_database_the_reaper_waits_for_live_workers_to_beat(con
         register("alive", 0.5)
         register("gone", 0.3)
         register("slow", 600.0)
-        alive = expired_job(conn, leased_by="alive")
-        last_try = expired_job(conn, leased_by="alive", rescued=True, attempts=3, max_attempts=3)
-        gone = expired_job(conn, leased_by="gone")
-        slow = expired_job(conn, leased_by="slow")
-        unknown = expired_job(conn, leased_by="never-registered")
+        # Leases that run out during the outage, but one that ran out before it.
+        soon = {"lease_expires_at": db_clock(conn) + timedelta(seconds=0.3)}
+        alive = expired_job(conn, leased_by="alive", **soon)
+        last_try = expired_job(
+            conn, leased_by="alive", rescued=True, attempts=3, max_attempts=3, **soon
+        )
+        gone = expired_job(conn, leased_by="gone", **soon)
+        slow = expired_job(conn, leased_by="slow", **soon)
+        unknown = expired_job(conn, leased_by="never-registered", **soon)
+        before = expired_job(conn, leased_by="gone")
+        r.run_once()  # the last good pass: nothing has run out yet but `before`
+        assert job_row(conn, before)["state"] == "queued"  # type: ignore[index]
+        before = expired_job(conn, leased_by="gone")  # ran out before the outage too
         time.sleep(0.6)  # the outage: longer than alive's and gone's beats, not slow's
         cut(r)
         first = r.run_once()  # a new connection: the database got back
-        # slow's 600 s beat: an outage this short cannot have cost it a beat.
-        assert (sorted(first.requeued), first.dead) == (sorted([unknown, slow]), [])
-        # Their rows stay too (stale by their last beats, taken before the outage): a
-        # row deleted would end the wait for that worker's jobs. (slow's is not stale.)
+        # slow's 600 s beat: an outage this short cannot have cost it a beat; `before`'s
+        # lease ran out while the reaper still had the database.
+        assert (sorted(first.requeued), first.dead) == (sorted([unknown, slow, before]), [])
+        # Their rows stay too (gone's is stale by its last beat, taken before the
+        # outage): a row deleted would end the wait for that worker's jobs.
         assert scalar(conn, workers) == ["alive", "gone", "slow"]
         # The live worker beats: its leases are extended (extend_leases), as a worker
         # that lived through the outage does at its next beat.
@@ -1036,3 +1045,61 @@ def test_after_losing_the_database_the_reaper_waits_for_live_workers_to_beat(con
     # The first connection of a reaper is no regain: nothing waits.
     fresh = expired_job(conn, leased_by="alive", lease_expires_at=db_clock(conn) - timedelta(1))
     assert run_once(dsn).requeued == [fresh]
+
+
+def test_refused_batches_never_spin_wait_on_locks_or_blame_the_wrong_job(conn, dsn, monkeypatch):
+    # From a review of the first version: refusals beyond MAX_REFUSED made every batch
+    # look full, so a pass (and `reaper --once`) never ended; the one-at-a-time delete
+    # waited on a row another session held; a dead-letter try for a locked job moved
+    # another job, whose refusal was blamed on it.
+    conn.execute("CREATE TABLE public.receipts (job_id bigint REFERENCES pgqueue.jobs (id))")
+    now = db_clock(conn)
+    finished = [
+        make_job(conn, state="succeeded", finished_at=now - timedelta(hours=10 - i))
+        for i in range(8)
+    ]
+    conn.execute("INSERT INTO public.receipts SELECT unnest(%s::bigint[])", (finished[:5],))
+    referenced, locked, *_ = insert_expired(conn, 3, attempts=5)
+    conn.execute("INSERT INTO public.receipts VALUES (%s)", (referenced,))
+    with psycopg.connect(dsn) as holder, reaper(dsn, batch_size=2, retention_seconds=60) as r:
+        # finished[5] shares a refused batch with finished[4], taken one at a time.
+        holder.execute(
+            "SELECT 1 FROM pgqueue.jobs WHERE id = ANY(%s) FOR UPDATE", ([finished[5], locked],)
+        )
+        r._connection().execute("SET lock_timeout = '3s'")
+        with structlog.testing.capture_logs() as logs:
+            result = r.run_once()  # waits on no lock
+        refused = {e["step"]: e["job_ids"] for e in logs if e["event"] == "reaper.refused"}
+        assert refused["dead_letter"] == [referenced]
+        assert referenced not in result.dead and locked not in result.dead
+        assert job_row(conn, finished[5]) is not None  # held: left for the next pass
+        holder.rollback()
+        r.run_once()
+    left = {r[0] for r in conn.execute("SELECT id FROM pgqueue.jobs WHERE state = 'succeeded'")}
+    assert left == set(finished[:5])
+
+    # More refused than a reaper remembers: the pass ends all the same, with nothing it
+    # could prune left (`reaper --once` prunes with no time limit; the daemon ran its next
+    # pass at once whenever one said more was left).
+    monkeypatch.setattr("pgqueue.reaper.MAX_REFUSED", 2)
+    with reaper(dsn, batch_size=2, retention_seconds=60) as r:
+        results: list[ReapResult] = []
+        worker = threading.Thread(
+            target=lambda: results.append(r.run_once(prune_seconds=math.inf)), daemon=True
+        )
+        worker.start()
+        worker.join(20)
+        assert [result.more_to_prune for result in results] == [False]
+
+
+def test_a_batch_every_job_of_which_is_refused_alike_fails_the_pass(conn, dsn):
+    # Not a foreign key: the statement's error (here a NOT NULL column someone added to
+    # the dead-letter table), not its jobs'. Logged as refused jobs with a foreign key's
+    # hint, it hid what was wrong; it fails the pass, as before.
+    insert_expired(conn, 3, attempts=5)
+    conn.execute("ALTER TABLE pgqueue.dead_jobs ADD COLUMN extra text NOT NULL")
+    try:
+        with reaper(dsn) as r, pytest.raises(psycopg.errors.NotNullViolation):
+            r.run_once()
+    finally:
+        conn.execute("ALTER TABLE pgqueue.dead_jobs DROP COLUMN extra")

@@ -316,8 +316,18 @@ def test_a_task_named_after_the_main_module_warns_that_workers_name_it_otherwise
     def hello() -> None: ...
 
     hello.__module__ = "__main__"
-    with pytest.warns(UserWarning, match=r"'__main__\.test_.*hello' is named after the __main__"):
+    with pytest.warns(
+        UserWarning, match=r"'__main__\.test_.*hello' is named after the __main__"
+    ) as caught:
         local.task(hello)
+    # It points at the user's line, not into pgqueue (both the bare decorator and the
+    # call with options go through more than one frame of the registry).
+    assert [w.filename for w in caught] == [__file__]
+    hello2 = lambda: None  # noqa: E731
+    hello2.__module__ = "__main__"
+    with pytest.warns(UserWarning) as caught:
+        local.task(queue="q")(hello2)
+    assert [w.filename for w in caught] == [__file__]
 
     def named() -> None: ...
 

@@ -13,18 +13,16 @@
 -- %(regained_at)s: when this reaper got its database back (a new connection after a lost
 -- one), or NULL; %(outage_seconds)s: how long it was without it (since its last good
 -- pass). After an outage longer than a worker's heartbeat interval, the jobs of that
--- worker (registered in pgqueue.workers) are left to it for three of its heartbeats from
--- then: an outage of the database (or of the reaper's link to it) longer than the lease
--- let every lease run out, and says nothing of whether the workers live. Those that do
--- extend their leases at their next beat (extend_leases takes an expired lease the reaper
--- has not acted on); without the wait the reaper's first pass requeued every job in flight
--- as rescued, each then run alone, and the fleet crawled. A shorter outage cannot have
--- cost a worker its beats: its expired leases are its death's, and nothing waits.
--- No ORDER BY: SKIP LOCKED needs none, and with one the generic plan (the reaper prepares
--- its statements) walked the primary key in id order through the whole table whenever
--- the statistics showed the running leases expired (taken before the heartbeats moved
--- them on): every pass until the next ANALYZE. Without it the plan reads the running
--- jobs' index (test_the_reapers_generic_plans_read_the_running_jobs_not_the_whole_table).
+-- worker (registered in pgqueue.workers) whose leases ran out during the outage are left
+-- to it for three of its heartbeats from then. An outage of the database (or of the
+-- reaper's link to it) longer than the lease let every lease run out, and says nothing of
+-- whether the workers live; those that do extend their leases at their next beat
+-- (extend_leases takes an expired lease the reaper has not acted on). Without the wait
+-- the reaper's first pass requeued every job in flight as rescued, each then run alone,
+-- and the fleet crawled. A shorter outage cannot have cost a worker its beats, and a
+-- lease that ran out before the outage, while the reaper had the database, is its
+-- worker's death's: nothing waits for those (a connection lost again and again, to an
+-- idle timeout say, cannot hold a dead worker's jobs for good).
 WITH expired AS MATERIALIZED (
     SELECT j.id, j.attempts AS ran_attempt, j.rescued AS counted FROM pgqueue.jobs AS j
     WHERE j.state = 'running' AND j.lease_expires_at < now()
@@ -33,6 +31,8 @@ WITH expired AS MATERIALIZED (
           SELECT 1 FROM pgqueue.workers AS w
           WHERE w.id = j.leased_by
             AND %(outage_seconds)s::float8 > w.heartbeat_seconds
+            AND j.lease_expires_at > %(regained_at)s::timestamptz
+                                     - make_interval(secs => %(outage_seconds)s::float8)
             AND now() < %(regained_at)s::timestamptz
                         + make_interval(secs => 3 * w.heartbeat_seconds))
     LIMIT %(batch_size)s
@@ -77,16 +77,21 @@ FROM updated AS u, LATERAL (SELECT pgqueue.wake(' rescued ' || u.queue)) AS n;
 -- worker finishes it). %(skip)s: jobs the database refused to move on an earlier try (a
 -- foreign key to pgqueue.jobs that forbids the delete, a trigger of the user's): the
 -- reaper leaves them out for a while, so that they do not fail every batch
--- (reaper.Reaper._refusable).
+-- (reaper.Reaper._refusable). %(only)s: this job alone (or NULL), to find which job of a
+-- refused batch the database refuses (the expired CTE reads the running jobs' index
+-- either way).
 WITH expired AS MATERIALIZED (
     SELECT j.id FROM pgqueue.jobs AS j
     WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts >= j.max_attempts
       AND j.rescued AND j.cancel_requested_at IS NULL
       AND j.id <> ALL (%(skip)s::bigint[])
+      AND (%(only)s::bigint IS NULL OR j.id = %(only)s::bigint)
       AND NOT EXISTS (
           SELECT 1 FROM pgqueue.workers AS w
           WHERE w.id = j.leased_by
             AND %(outage_seconds)s::float8 > w.heartbeat_seconds
+            AND j.lease_expires_at > %(regained_at)s::timestamptz
+                                     - make_interval(secs => %(outage_seconds)s::float8)
             AND now() < %(regained_at)s::timestamptz
                         + make_interval(secs => 3 * w.heartbeat_seconds))
     LIMIT %(batch_size)s
@@ -133,6 +138,8 @@ WHERE j.state = 'running' AND j.lease_expires_at < now() AND j.attempts >= j.max
       SELECT 1 FROM pgqueue.workers AS w
       WHERE w.id = j.leased_by
         AND %(outage_seconds)s::float8 > w.heartbeat_seconds
+        AND j.lease_expires_at > %(regained_at)s::timestamptz
+                                 - make_interval(secs => %(outage_seconds)s::float8)
         AND now() < %(regained_at)s::timestamptz + make_interval(secs => 3 * w.heartbeat_seconds)
   )
 LIMIT %(batch_size)s;
@@ -168,10 +175,14 @@ ORDER BY f.finished_at
 LIMIT %(batch_size)s;
 
 -- name: prune_job
--- One job of prune_candidates, if it is still finished and past its retention.
+-- One job of prune_candidates, if it is still finished and past its retention, and no
+-- other session holds it locked (SKIP LOCKED, as every statement of a pass: one waited
+-- for the transaction that held the row).
 DELETE FROM pgqueue.jobs AS j
-WHERE j.id = %(id)s AND j.state IN ('succeeded', 'cancelled')
-  AND j.finished_at < now() - make_interval(secs => %(retention_seconds)s)
+WHERE j.id = (SELECT f.id FROM pgqueue.jobs AS f
+              WHERE f.id = %(id)s AND f.state IN ('succeeded', 'cancelled')
+                AND f.finished_at < now() - make_interval(secs => %(retention_seconds)s)
+              FOR UPDATE SKIP LOCKED)
 RETURNING j.id;
 
 -- name: delete_stale_workers
@@ -185,6 +196,11 @@ DELETE FROM pgqueue.workers AS w
 USING (SELECT s.id FROM pgqueue.workers AS s
        WHERE s.last_heartbeat_at < now() - make_interval(secs => 3 * s.heartbeat_seconds)
          AND NOT coalesce(%(outage_seconds)s::float8 > s.heartbeat_seconds
+                          -- fresh when the reaper lost the database
+                          AND s.last_heartbeat_at
+                              >= %(regained_at)s::timestamptz
+                                 - make_interval(secs => %(outage_seconds)s::float8)
+                                 - make_interval(secs => 3 * s.heartbeat_seconds)
                           AND now() < %(regained_at)s::timestamptz
                                       + make_interval(secs => 3 * s.heartbeat_seconds), false)
        FOR UPDATE SKIP LOCKED) AS stale
