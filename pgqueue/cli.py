@@ -1616,32 +1616,55 @@ EXIT_INTERRUPTED = 130
 
 def _walk_dead(
     conn: psycopg.Connection[Any], step: Callable[[int | None, int], list[int]]
-) -> tuple[list[int], bool]:
+) -> tuple[list[int], str | None]:
     """Run ``step(after_id, upto_id)`` over the dead-letter table once, in id order, up to
     the highest id there now, a batch at a time; returns the ids it handled, and whether
-    Ctrl-C stopped it (each batch commits on its own: the ones before stay done, and the
-    caller says so). Once: a job `dead retry --all` revives may die again meanwhile (same
-    id, behind the walk), and taking it again would count it twice and, with jobs dying
-    fast, might never end."""
+    Ctrl-C stopped it: None (it did not), "between" (the first Ctrl-C lets the batch in
+    flight end and stops before the next: the count is exact) or "cut" (a second one
+    stopped the batch in flight, which may have committed all the same). Each batch
+    commits on its own: the ones before stay done, and the caller says so. Once: a job
+    `dead retry --all` revives may die again meanwhile (same id, behind the walk), and
+    taking it again would count it twice and, with jobs dying fast, might never end."""
     handled: list[int] = []
+    asked: list[bool] = []
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    if previous is None:  # not set from Python: Python's own
+        previous = signal.default_int_handler
+
+    def stop_after_this_batch(signum: int, frame: FrameType | None) -> None:
+        asked.append(True)
+        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C stops at once
+
+    if main_thread:
+        signal.signal(signal.SIGINT, stop_after_this_batch)
     try:
         upto = store.max_dead_id(conn)
         after: int | None = None
-        while upto is not None:
+        while upto is not None and not asked:
             batch = step(after, upto)
             handled += batch
             if len(batch) < RETRY_BATCH:
                 break
             after = max(batch)
     except KeyboardInterrupt:
-        return handled, True
-    return handled, False
+        return handled, "cut"
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+    return handled, "between" if asked else None
 
 
-def _say_interrupted(done: str, again: str) -> None:
+def _say_interrupted(stopped: str, done: str, again: str) -> None:
+    how = (
+        "Ctrl-C again stopped the batch in flight, which was cancelled, or had committed"
+        " just before"
+        if stopped == "cut"
+        else "it stopped after the batch in flight"
+    )
     click.echo(
         f"pgqueue: interrupted: {done} (each batch of up to {RETRY_BATCH} commits on its"
-        f" own; the one in flight was cancelled, or had committed just before); {again}",
+        f" own; {how}); {again}",
         err=True,
     )
 
@@ -1710,7 +1733,7 @@ def dead_retry(
         missing: list[int] = []
         renamed: dict[int, list[int]] = {}
         refused: str | None = None
-        interrupted = False
+        interrupted: str | None = None
         with _connect(dsn) as conn:
             try:
                 if job_ids:
@@ -1767,6 +1790,7 @@ def dead_retry(
             click.echo(f"pgqueue: {refused}", err=True)
         if interrupted:
             _say_interrupted(
+                interrupted,
                 f"{len(revived)} dead job(s) are back in the queue, the rest still dead",
                 "run the same command again to retry the rest",
             )
@@ -1834,6 +1858,7 @@ def dead_purge(
         click.echo(f"purged {len(purged)} dead job(s)")
         if interrupted:
             _say_interrupted(
+                interrupted,
                 f"{len(purged)} dead job(s) are deleted for good, the rest kept",
                 "run the same command again to purge the rest",
             )
