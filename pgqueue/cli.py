@@ -1409,6 +1409,12 @@ def jobs() -> None:
 )
 @click.option("--queue", type=NAME_FILTER, help="Only this queue.")
 @click.option("--task", type=NAME_FILTER, help="Only this task.")
+@click.option(
+    "--before",
+    type=click.IntRange(min=1),
+    metavar="ID",
+    help="Only jobs with an id below ID: the next page, after the last id shown.",
+)
 @limit_option
 @json_option
 @dsn_option
@@ -1416,6 +1422,7 @@ def jobs_list(
     state: str | None,
     queue: str | None,
     task: str | None,
+    before: int | None,
     limit: int,
     as_json: bool,
     dsn: str | None,
@@ -1429,10 +1436,15 @@ def jobs_list(
 
     def body() -> int:
         with _connect(dsn) as conn:
-            rows = store.list_jobs(conn, state=state, queue=queue, task=task, limit=limit + 1)
+            rows = store.list_jobs(
+                conn, state=state, queue=queue, task=task, limit=limit + 1, before=before
+            )
         _emit(rows[:limit], as_json, "no jobs match")
         if len(rows) > limit and not as_json:
-            _more(f"showing the newest {limit}; more match" + _more_hint(limit))
+            _more(
+                f"showing the newest {limit}; more match" + _more_hint(limit)
+                + f" (--before {rows[limit - 1]['id']} shows the next ones)"
+            )  # fmt: skip
         return 0
 
     _guard(body)

@@ -1096,11 +1096,18 @@ def list_workers(conn: SyncConn) -> list[Row]:
 
 
 def list_jobs(
-    conn: SyncConn, *, state: str | None, queue: str | None, task: str | None, limit: int
+    conn: SyncConn,
+    *,
+    state: str | None,
+    queue: str | None,
+    task: str | None,
+    limit: int,
+    before: int | None = None,
 ) -> list[Row]:
+    params = {"queue": queue, "task": task, "limit": limit, "before": before}
     if state == JobState.RUNNING.value:
-        return _fetch(conn, "list_running_jobs", {"queue": queue, "task": task, "limit": limit})
-    return _fetch(conn, "list_jobs", {"state": state, "queue": queue, "task": task, "limit": limit})
+        return _fetch(conn, "list_running_jobs", params)
+    return _fetch(conn, "list_jobs", params | {"state": state})
 
 
 def list_dead(

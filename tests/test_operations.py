@@ -1318,7 +1318,11 @@ def test_jobs_list_applies_state_queue_task_filters_and_limit(conn, dsn):
 
     args = ("jobs", "list", "--state", "queued", "--queue", "q", "--task", "t", "--limit", "2")
     # Cut at the limit: stderr says so, stdout stays the listing.
-    cut = "showing the newest 2; more match (--limit N shows up to 10000)\n"
+    newest = sorted(wanted, reverse=True)
+    cut = (
+        "showing the newest 2; more match (--limit N shows up to 10000)"
+        f" (--before {newest[1]} shows the next ones)\n"
+    )
     rows = json.loads(ok(cli(dsn, *args, "--json")))  # --json: stdout alone, nothing said
     assert [r["id"] for r in rows] == sorted(wanted, reverse=True)[:2]  # newest first
     assert all((r["state"], r["queue"], r["task"]) == ("queued", "q", "t") for r in rows)
@@ -1329,6 +1333,14 @@ def test_jobs_list_applies_state_queue_task_filters_and_limit(conn, dsn):
     assert [int(r["id"]) for r in table] == sorted(wanted, reverse=True)[:2]
     assert all((r["state"], r["queue"], r["task"]) == ("queued", "q", "t") for r in table)
     assert len(parse_table(ok(cli(dsn, *args[:-1], "3")))) == 3  # all fit: nothing said
+    # The next page: below the last id shown (keyset paging, as the hint says).
+    page = json.loads(ok(cli(dsn, *args, "--before", str(newest[1]), "--json")))
+    assert [r["id"] for r in page] == newest[2:]
+    running_id = scalar(conn, "SELECT id FROM pgqueue.jobs WHERE state = 'running'")
+    below = ("jobs", "list", "--state", "running", "--json", "--before")
+    assert json.loads(ok(cli(dsn, *below, str(running_id)))) == []
+    assert len(json.loads(ok(cli(dsn, *below, str(running_id + 1))))) == 1
+    assert cli(dsn, "jobs", "list", "--before", "0").returncode == 2
 
     running = json.loads(ok(cli(dsn, "jobs", "list", "--state", "running", "--json")))
     assert [r["task"] for r in running] == ["t"]

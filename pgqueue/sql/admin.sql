@@ -212,6 +212,8 @@ FROM pgqueue.jobs
 WHERE (%(state)s::pgqueue.job_state IS NULL OR state = %(state)s::pgqueue.job_state)
   AND (%(queue)s::text IS NULL OR queue = %(queue)s)
   AND (%(task)s::text IS NULL OR task = %(task)s)
+  -- The next page (--before): its ids are below the last one shown.
+  AND (%(before)s::bigint IS NULL OR id < %(before)s::bigint)
 ORDER BY id DESC
 LIMIT %(limit)s;
 
@@ -227,6 +229,7 @@ WITH running AS MATERIALIZED (
     WHERE state = 'running'
       AND (%(queue)s::text IS NULL OR queue = %(queue)s)
       AND (%(task)s::text IS NULL OR task = %(task)s)
+      AND (%(before)s::bigint IS NULL OR id < %(before)s::bigint)
 )
 SELECT * FROM running ORDER BY id DESC LIMIT %(limit)s;
 
