@@ -1667,6 +1667,23 @@ def _walk_dead(
     return handled, "between" if asked else None
 
 
+def _say_no_match(conn: psycopg.Connection[Any], queue: str | None) -> None:
+    """A `dead retry --all` or `dead purge` that found nothing: a queue filter that names
+    no queue in use is likely a typo, which "retried 0" let pass for success."""
+    if queue is None:
+        return
+    try:
+        in_use = store.queue_in_use(conn, name=queue)
+    except psycopg.Error:
+        return
+    if not in_use:
+        click.echo(
+            f"pgqueue: warning: no job waits, runs or lies dead in queue {queue} and no"
+            " worker serves it: check the name",
+            err=True,
+        )
+
+
 def _say_interrupted(stopped: str, done: str, again: str) -> None:
     how = (
         "Ctrl-C again stopped the batch in flight, which was cancelled, or had committed"
@@ -1759,6 +1776,8 @@ def dead_retry(
                     missing = sorted(set(job_ids) - {row.dead_id for row in picked})
                 else:
                     interrupted = _walk_dead(conn, step)[1]
+                    if not picked and not interrupted:
+                        _say_no_match(conn, queue)
             except psycopg.errors.CheckViolation as exc:
                 # The batches before it are revived: they are reported below all the same.
                 refused = _refused_back(conn, exc)
@@ -1867,6 +1886,8 @@ def dead_purge(
                     limit=RETRY_BATCH, after_id=after, upto_id=upto,
                 ),
             )  # fmt: skip
+            if not purged and not interrupted:
+                _say_no_match(conn, queue)
         click.echo(f"purged {len(purged)} dead job(s)")
         if interrupted:
             _say_interrupted(

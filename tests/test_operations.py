@@ -4192,3 +4192,19 @@ def test_a_scraper_that_goes_away_leaves_no_traceback_in_the_logs(capfd):
         else:
             assert [e["error"] for e in failed] == ["RuntimeError: boom"]
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("command", [("dead", "retry", "--all"), ("dead", "purge", "--yes")])
+def test_a_dead_command_whose_queue_filter_names_no_queue_says_check_the_name(conn, dsn, command):
+    # "retried 0 dead job(s)", exit 0, for a misspelt queue (the on-call review).
+    insert_dead(conn, queue="mail")
+    result = cli(dsn, *command, "--queue", "mial")
+    assert result.returncode == 0
+    assert result.stderr == (
+        "pgqueue: warning: no job waits, runs or lies dead in queue mial and no worker"
+        " serves it: check the name\n"
+    )
+    # A queue in use that has no dead job matching: nothing to warn about.
+    insert_job(conn, queue="other")
+    assert cli(dsn, *command, "--queue", "other").stderr == ""
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 1
