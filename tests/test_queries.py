@@ -2529,7 +2529,9 @@ def test_listing_running_jobs_reads_the_running_ones_not_the_backlog(
         scratch_database(server_dsn, template_db, RUNNING_UNDER_BACKLOG_SQL) as dsn,
         psycopg.connect(dsn, autocommit=True) as c,
     ):
-        nodes = analysed(c, "list_running_jobs", {"queue": queue, "task": None, "limit": 50})
+        nodes = analysed(
+            c, "list_running_jobs", {"queue": queue, "task": None, "limit": 50, "before": None}
+        )
         with c.transaction():
             listed = store.list_jobs(c, state="running", queue=queue, task=None, limit=50)
             # What that read, as this transaction's statistics count it.
