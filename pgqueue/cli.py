@@ -1667,9 +1667,11 @@ def _walk_dead(
     return handled, "between" if asked else None
 
 
-def _say_no_match(conn: psycopg.Connection[Any], queue: str | None) -> None:
-    """A `dead retry --all` or `dead purge` that found nothing: a queue filter that names
-    no queue in use is likely a typo, which "retried 0" let pass for success."""
+def _warn_if_unused(conn: psycopg.Connection[Any], queue: str | None) -> None:
+    """Warn on stderr when ``queue`` names no queue in use (no job waits, runs or lies
+    dead in it, no worker serves it): likely a typo, which `queue pause`'s "paused" or a
+    dead command's "retried 0" let pass for success. Nothing is said when the check
+    itself fails: what the command did is done."""
     if queue is None:
         return
     try:
@@ -1777,7 +1779,7 @@ def dead_retry(
                 else:
                     interrupted = _walk_dead(conn, step)[1]
                     if not picked and not interrupted:
-                        _say_no_match(conn, queue)
+                        _warn_if_unused(conn, queue)
             except psycopg.errors.CheckViolation as exc:
                 # The batches before it are revived: they are reported below all the same.
                 refused = _refused_back(conn, exc)
@@ -1887,7 +1889,7 @@ def dead_purge(
                 ),
             )  # fmt: skip
             if not purged and not interrupted:
-                _say_no_match(conn, queue)
+                _warn_if_unused(conn, queue)
         click.echo(f"purged {len(purged)} dead job(s)")
         if interrupted:
             _say_interrupted(
@@ -1929,17 +1931,8 @@ def queue_pause(name: str, dsn: str | None) -> None:
                 if since is None
                 else f"queue {name} was paused already (since {since.isoformat()})"
             )
-            try:
-                in_use = store.queue_in_use(conn, name=queue_name)
-            except psycopg.Error:  # the pause is committed; only the typo check failed
-                in_use = True
-        if not in_use:
             # Pausing ahead is allowed; a typo should not pass for success unnoticed.
-            click.echo(
-                f"pgqueue: warning: no job waits, runs or lies dead in queue {name} and no"
-                " worker serves it: check the name",
-                err=True,
-            )
+            _warn_if_unused(conn, queue_name)
         return 0
 
     _guard(body)

@@ -310,7 +310,6 @@ class TaskCall(Generic[P]):
         return JobSpec(self.task.name, self.task.job_args(*args, **kwargs), **self.options)
 
 
-# name -> options of every task registered in this process, for enqueue's defaults.
 def _outside_this_module() -> int:
     """The ``stacklevel`` that makes a warning raised in this module's caller point at
     the first frame outside it (the user's decorator line, however the call came in:
@@ -323,6 +322,7 @@ def _outside_this_module() -> int:
     return level
 
 
+# name -> options of every task registered in this process, for enqueue's defaults.
 _known_options: dict[str, TaskOptions] = {}
 
 
