@@ -65,7 +65,7 @@ from pgqueue.models import JobState, JobStatus, UndecodableArgs
 from pgqueue.registry import MAX_QUEUE_LENGTH, Registry, check_name
 
 if TYPE_CHECKING:
-    from pgqueue.migrate import Migration
+    from pgqueue.migrate import Migration, SchemaDrift
     from pgqueue.worker import Worker
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -163,6 +163,31 @@ def _fail(message: str, code: int = EXIT_ERROR) -> None:
     sys.exit(code)
 
 
+# Errors of a statement naming a column, table, function or type the database lacks: a
+# schema other than this version's (a new pgqueue whose `migrate` has not run yet).
+_SCHEMA_SHAPED = frozenset({"42703", "42P01", "42883", "42704", "3F000"})
+# The DSN of the command's last connection (_connect), for _schema_drift.
+_last_dsn: str | None = None
+
+
+def _schema_drift() -> SchemaDrift | None:
+    """After an error of _SCHEMA_SHAPED: how the database's migrations differ from this
+    version's, or None if that cannot be told (no connection made, or none to be had, or
+    this role may not read pgqueue.schema_migrations)."""
+    from pgqueue.migrate import schema_drift
+
+    if _last_dsn is None:
+        return None
+    try:
+        with store.connect(
+            _last_dsn, connect_timeout=5, **store.application_name("pgqueue-cli")
+        ) as conn:
+            applied = store.applied_versions(conn)
+    except psycopg.Error:
+        return None
+    return None if applied is None else schema_drift(applied)
+
+
 def _guard(fn: Callable[[], int | None]) -> None:
     """Run a command body: pgqueue errors and connection failures become one line."""
     try:
@@ -185,6 +210,15 @@ def _guard(fn: Callable[[], int | None]) -> None:
         if log.schema_missing(exc):
             _fail(SCHEMA_HINT)
         first = first_line(exc)
+        if exc.sqlstate in _SCHEMA_SHAPED:
+            drift = _schema_drift()
+            if drift is not None and drift.missing:
+                _fail(f"{SCHEMA_HINT} ({first}; not applied: {', '.join(drift.missing)})")
+            if drift is not None and drift.newer:
+                _fail(
+                    f"database error: {first} (a newer pgqueue migrated this database:"
+                    f" {', '.join(f'{v:04d}' for v in drift.newer)}; upgrade this one)"
+                )
         if isinstance(exc, psycopg.errors.InsufficientPrivilege):
             _fail(
                 f"database error: {first} (this role may not run this command: the README's"
@@ -1357,9 +1391,9 @@ def _more_hint(limit: int) -> str:
 
 
 def _connect(dsn: str | None) -> psycopg.Connection[Any]:
-    return store.connect(
-        _require_dsn(dsn), connect_timeout=10, **store.application_name("pgqueue-cli")
-    )
+    global _last_dsn
+    _last_dsn = _require_dsn(dsn)
+    return store.connect(_last_dsn, connect_timeout=10, **store.application_name("pgqueue-cli"))
 
 
 @main.command()

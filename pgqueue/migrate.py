@@ -45,6 +45,7 @@ _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 SAME_SCHEMA_CHECKSUMS: dict[int, frozenset[str]] = {
     19: frozenset({"31d4a904f7470d2e2ca830c3eecbed2b8c2ff620a564f18d6db3669920fd9227"}),
     23: frozenset({"5638182957e20ab2e72778e6ea2ac4d37069fa89d2bc61e461bc554a928ddd44"}),
+    25: frozenset({"7127de725e6a30d0a8e6d4e9b553c48d03f3a17217ca299268077ccef5b0c26b"}),
 }
 
 

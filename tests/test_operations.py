@@ -906,6 +906,55 @@ def test_unmigrated_database_gives_503_and_a_migrate_hint_until_migrated(server_
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def test_admin_commands_on_a_database_of_another_schema_say_so(server_dsn, monkeypatch):
+    """New pgqueue installed, `pgqueue migrate` not run yet: the commands whose statements
+    name a column that came later said only `database error: column "original_id" does
+    not exist` (a review). They say the schema is behind, and which migrations it lacks;
+    on a database a newer pgqueue migrated, that this one is older. Commands that work on
+    that schema still do."""
+    name = f"pgqueue_older_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = make_conninfo(server_dsn, dbname=name)
+    try:
+        migrate_module = sys.modules["pgqueue.migrate"]  # pgqueue.migrate is also a function
+        shipped = load_migrations()
+        # Before 0023, which gave the dead-letter table its original_id column.
+        older = [m for m in shipped if m.version < 23]
+        monkeypatch.setattr(migrate_module, "load_migrations", lambda: older)
+        migrate(dsn)
+        monkeypatch.undo()
+        missing = ", ".join(f"{m.version:04d}_{m.name}" for m in shipped if m.version >= 23)
+        with psycopg.connect(dsn, autocommit=True) as c:
+            job = scalar(c, "INSERT INTO pgqueue.jobs (task) VALUES ('t') RETURNING id")
+        for args in (("dead", "list"), ("status", str(job))):
+            line = one_line_error(cli(dsn, *args))
+            assert line.startswith(f"pgqueue: {SCHEMA_HINT} ("), (args, line)
+            assert "does not exist" in line and line.endswith(f"; not applied: {missing})"), line
+        assert cli(dsn, "stats").returncode == 0
+
+        migrate(dsn)
+        assert cli(dsn, "dead", "list").returncode == 0
+        # A newer pgqueue's schema (a migration this one does not know, a column renamed).
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(
+                "INSERT INTO pgqueue.schema_migrations (version, name, checksum)"
+                " VALUES (9999, 'from_the_future', 'x')"
+            )
+            c.execute("ALTER TABLE pgqueue.dead_jobs RENAME COLUMN original_id TO first_id")
+        line = one_line_error(cli(dsn, "dead", "list"))
+        assert line.startswith("pgqueue: database error: column"), line
+        assert line.endswith("(a newer pgqueue migrated this database: 9999; upgrade this one)")
+        # Another error of that shape on an up-to-date schema is told as it is.
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("DELETE FROM pgqueue.schema_migrations WHERE version = 9999")
+        line = one_line_error(cli(dsn, "dead", "list"))
+        assert line.startswith("pgqueue: database error: column") and "migrat" not in line
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def test_a_database_behind_this_version_is_named_until_migrated(server_dsn, tmp_path, monkeypatch):
     """Code upgraded, `pgqueue migrate` not run yet: both daemons say once which of their
     migrations the database lacks, /healthz answers 503 naming them, the worker claims
