@@ -928,8 +928,20 @@ def worker_command(
                 target=reaper.run, kwargs={"handle_signals": False}, name="reaper", daemon=True
             )
             reaping.start()
+        ended_under_worker = False
         try:
-            asyncio.run(_run_worker(worker, child))
+            with asyncio.Runner() as runner:
+                try:
+                    runner.run(_run_worker(worker, child))
+                except BaseException as exc:
+                    if worker.run_ended:
+                        raise
+                    # The loop stopped under the worker (a handler's doing): said, and its
+                    # jobs left to their leases, before the runner's close cancels them.
+                    worker.loop_ended(exc)
+                    if isinstance(exc, SystemExit):
+                        raise
+                    ended_under_worker = True
         finally:
             if reaper is not None and reaping is not None:
                 reaper.stop(cancel=True)
@@ -938,7 +950,7 @@ def worker_command(
                     _log.warning("reaper.abandoned", waited_seconds=REAPER_STOP_SECONDS)
             if server is not None:
                 server.stop()
-        return 1 if worker.failed or not worker.flushed else 0
+        return 1 if ended_under_worker or worker.failed or not worker.flushed else 0
 
     _exit_after(body)
 

@@ -685,6 +685,64 @@ def test_a_process_a_handler_forks_and_terminates_does_not_stop_the_worker(conn,
     assert "worker.stopping" not in daemons.output(worker)
 
 
+@pytest.mark.parametrize("task", ["fork_and_end", "async_fork_and_end"])
+def test_a_child_a_handler_forks_that_ends_as_a_script_does_is_ended(conn, daemons, task):
+    # A child that came back into the worker's code (sys.exit(), a return, an exception
+    # of its own) went on as a second worker on the worker's connections and epoll: other
+    # jobs were charged "another command is already in progress", the parent's signals
+    # never reached its loop again (two SIGTERMs did nothing), and under a sync handler
+    # the child sat in the thread pool while the parent waited for it (a review).
+    worker = daemons.worker("--lease-seconds", "5", "--shutdown-timeout", "5")
+    jobs = {how: enqueue(conn, task, {"how": how}) for how in ("exit", "return", "raise")}
+    others = [enqueue(conn, "record", {"note": f"beside {n}"}) for n in range(20)]
+    wait_until(lambda: all_succeeded(conn, [*jobs.values(), *others]), timeout=30)
+    assert executions(conn, jobs["exit"], "child exit 3") == 1
+    assert executions(conn, jobs["return"], "child exit 0") == 1
+    assert executions(conn, jobs["raise"], "child exit 1") == 1
+    # Each job ran once, and none beside them was charged anything.
+    assert scalar(conn, "SELECT count(*) FROM public.executions") == 23
+    assert scalar(conn, "SELECT max(attempts) FROM pgqueue.jobs") == 1
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.jobs WHERE errors <> '[]'") == 0
+    output = daemons.output(worker)
+    assert "ValueError: the child's own error" in output
+    for event in ("completer.batch_failed", "worker.component_died", "job.retried"):
+        assert event not in output, event
+    # And the worker's own SIGTERM still stops it gracefully.
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    assert "worker.stopped" in daemons.output(worker)
+
+
+@pytest.mark.parametrize(("how", "status"), [("exit", 4), ("stop", 1)])
+def test_a_handler_that_ends_the_event_loop_charges_no_job_beside_it(conn, daemons, how, status):
+    # asyncio lets a SystemExit raised in a loop callback (or a loop.stop()) out of the
+    # loop, then cancels every task: the jobs running beside the culprit took that for
+    # their handlers' failure, and those on their last attempt were dead-lettered as
+    # "CancelledError" (a review). They are left as a crash leaves them: the reaper
+    # requeues them uncounted, rescued, and each then runs alone.
+    worker = daemons.worker("--lease-seconds", "2", "--concurrency", "8")
+    beside = [enqueue(conn, "sleep", {"seconds": 3, "note": f"b{n}"}) for n in range(3)]
+    wait_until(lambda: all(executions(conn, j, "start") == 1 for j in beside))
+    enqueue(conn, "end_the_loop", {"how": how})
+    assert worker.wait(timeout=30) == status
+    (ended,) = [e for e in events(daemons, worker) if e.get("event") == "worker.loop_ended"]
+    assert ended["level"] == "error" and ended["running"] == 4, ended
+    assert set(beside) <= set(ended["job_ids"])
+    assert "worker.stopped" in daemons.output(worker)
+    # Nothing was written for them: no failed attempt, no dead job.
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.dead_jobs") == 0
+    for job_id in beside:
+        assert job_state(conn, job_id) == "running"
+        assert job_row(conn, job_id)["errors"] == []  # type: ignore[index]
+    daemons.reaper(*FAST_REAPER)
+    daemons.worker("--lease-seconds", "2", "--poll-interval", "0.5")
+    wait_until(lambda: all_succeeded(conn, beside), timeout=60)
+    for job_id in beside:
+        row = job_row(conn, job_id)
+        assert row is not None and row["attempts"] == 1 and row["rescued"] is True
+        assert [(e["kind"], e["counted"]) for e in row["errors"]] == [("lease_expired", False)]
+
+
 def test_a_worker_reconnects_with_its_default_executor_full_of_stuck_threads(conn, dsn, daemons):
     # psycopg resolves a host name in the loop's default executor, which asyncio.to_thread
     # calls of timed-out handlers had filled: after its connections were cut the worker

@@ -241,6 +241,12 @@ class Worker:
         # ran (released at shutdown, or given up on after a timeout it ignored): the
         # outcome of the handler's end is dropped, one outcome per attempt.
         self._released_early: set[uuid.UUID] = set()
+        # Whether run() has ended, and whether the loop ended under it (see loop_ended).
+        self.run_ended = False
+        self._loop_ended = False
+        # Jobs running when the event loop ended under the worker (loop_ended): no outcome
+        # is written for them; their leases run out and the reaper requeues them.
+        self._left_to_lease: set[uuid.UUID] = set()
         # When each async handler that ignored its timeout was given up on (monotonic),
         # while it runs on in its slot; a tuple, replaced whole (read from other threads).
         self._gave_up: dict[Job, float] = {}
@@ -412,6 +418,7 @@ class Worker:
         try:
             await self._run_until_stopped()
         finally:
+            self.run_ended = True
             uncontain()
             if exit_now is not None:
                 # Stopped: the thread ends, so that the process exits as one with no
@@ -810,6 +817,8 @@ class Worker:
             # Fenced already: the heartbeat found the lease gone. Nothing to write.
             self._lost.discard((job.id, job.lease_token))
             return
+        if outcome.kind is OutcomeKind.RELEASED and job.lease_token in self._left_to_lease:
+            return  # see loop_ended
         self.completer.submit(outcome)
 
     def _on_written(
@@ -1012,6 +1021,35 @@ class Worker:
         log.info("worker.stopping", signal=sig.name, running=len(self._running))
         self.stop()
 
+    def loop_ended(self, exc: BaseException) -> None:
+        """The event loop stopped under the worker, before run() ended: a handler called
+        ``loop.stop()``, or raised SystemExit or KeyboardInterrupt in a callback it gave
+        the loop (``loop.call_soon(sys.exit, 4)``), which asyncio lets out of the loop.
+        asyncio then cancels every task. Taken as their handlers' own failure, that
+        cancellation charged each job running beside the culprit an attempt (and
+        dead-lettered those on their last one). The jobs are left as a crash leaves them
+        instead: their leases run out, and the reaper requeues them without counting the
+        attempt and runs each alone (see "Crashes" in the README), so that only a job that
+        does it every time is dead-lettered. Outcomes already made are still written.
+        Called once the loop has stopped, before asyncio.run's cancellation."""
+        self._loop_ended = True
+        running = [job for job, task in self._running.items() if not task.done()]
+        for job in running:
+            self.executor.release(job)  # its cancellation is no failure of its handler
+            self._left_to_lease.add(job.lease_token)
+        log.error(
+            "worker.loop_ended",
+            worker_id=self.worker_id,
+            error=describe(exc),
+            running=len(running),
+            job_ids=sorted(job.id for job in running),
+            hint="a handler stopped the event loop (loop.stop()) or raised SystemExit or"
+            " KeyboardInterrupt in a loop callback; the jobs running are left to their"
+            " leases: the reaper requeues them, and one that does it every time is"
+            " dead-lettered",
+            exc_info=exc,
+        )
+
     def _on_gave_up(self, outcome: Outcome) -> None:
         """An async handler caught its timeout's cancellation and went on: its attempt's
         timeout outcome goes out now (retried or dead-lettered, as any timeout), and the
@@ -1094,7 +1132,13 @@ class Worker:
                 log.warning("worker.deregister_failed", error=error, hint=SCHEMA_HINT)
             else:
                 log.warning("worker.deregister_failed", error=error)
-        await self.pool.close(timeout=POOL_CLOSE_TIMEOUT_SECONDS)
+        try:
+            await self.pool.close(timeout=POOL_CLOSE_TIMEOUT_SECONDS)
+        except asyncio.CancelledError:
+            # After loop_ended, asyncio cancelled the pool's own tasks too, and its close
+            # gathers them; this task's own cancellation came (and went) before.
+            if not self._loop_ended:
+                raise
         # The pool leaves a background connect that outlasts its close running, for
         # asyncio.run to cancel once and wait on psycopg's cancel of its statement. Its
         # tasks are "<pool name>-worker-<n>" and "<pool name>-scheduler" (psycopg_pool).

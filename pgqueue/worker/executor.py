@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import os
 import sys
 import threading
 import time
@@ -20,7 +21,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from pgqueue.config import CANCEL_GRACE_SECONDS
 from pgqueue.context import JobContext, reset_current, running_job, set_current
@@ -129,6 +130,34 @@ def call_plain(call: Callable[[], Any]) -> Any:
         raise RuntimeError(f"the handler raised {describe(exc)}") from exc
 
 
+def end_forked_child(exc: BaseException | None) -> NoReturn:
+    """In a process a handler forked (``os.fork()``) whose code returned or raised into the
+    worker's (a child ended by ``sys.exit``, as one would end a plain script's): end it
+    now, as multiprocessing ends its children, with ``os._exit``. Else the child went on as
+    a second worker on the worker's connections, its epoll and its pipes (another
+    command in progress on them, the worker's signals lost to it), or sat in the thread
+    pool's loop for ever while the worker waited for it. Status: the SystemExit's, 0 for
+    a return, 1 for another exception (its traceback on stderr)."""
+    code = 0
+    try:
+        if isinstance(exc, SystemExit):
+            if isinstance(exc.code, int):
+                code = exc.code
+            elif exc.code is not None:
+                code = 1
+                print(exc.code, file=sys.stderr)
+        elif exc is not None:
+            code = 1
+            print(format_traceback(exc), end="", file=sys.stderr)
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except BaseException:
+        pass
+    finally:
+        os._exit(code & 0xFF)
+
+
 def error_record(
     job: Job, worker_id: str, kind: str, exc: BaseException | None, message: str | None = None
 ) -> dict[str, Any]:
@@ -168,6 +197,9 @@ class Executor:
     ) -> None:
         self.registry = registry
         self.worker_id = worker_id
+        # The worker's process: a handler's code that comes back in another one is in a
+        # child the handler forked (end_forked_child).
+        self._pid = os.getpid()
         self.pool: ThreadPoolExecutor = ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="pgqueue-job"
         )
@@ -229,7 +261,11 @@ class Executor:
             give_up = functools.partial(self._give_up, job, started, backoff)
             try:
                 await self._call(job, task.fn, task.is_async, task.options.timeout, give_up)
+                if os.getpid() != self._pid:
+                    end_forked_child(None)
             except BaseException as exc:
+                if os.getpid() != self._pid:
+                    end_forked_child(exc)
                 if self.released(job) and not isinstance(
                     exc, asyncio.CancelledError | GeneratorExit
                 ):
@@ -412,7 +448,15 @@ class Executor:
             state.started = True
         try:
             close_old_django_connections()
-            return call_plain(call)
+            try:
+                result = call_plain(call)
+            except BaseException as exc:
+                if os.getpid() != self._pid:
+                    end_forked_child(exc)
+                raise
+            if os.getpid() != self._pid:
+                end_forked_child(None)
+            return result
         finally:
             close_old_django_connections()
             with self._abandon_lock:

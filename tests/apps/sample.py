@@ -8,6 +8,7 @@ import asyncio
 import atexit
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -81,6 +82,48 @@ def fork_and_terminate() -> None:
     child.terminate()
     child.join(10)
     _record(f"child exit {child.exitcode}")
+
+
+def _fork_and_end(how: str) -> int:
+    """Forks; the child ends as a plain script's would (``sys.exit``, a return, an
+    exception) and the parent returns the child's exit status."""
+    pid = os.fork()
+    if pid == 0:
+        if how == "exit":
+            raise SystemExit(3)
+        if how == "raise":
+            raise ValueError("the child's own error")
+        return -1  # "return": the handler returns, back into the worker's code
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@registry.task(name="fork_and_end", max_attempts=1, backoff=FAST)
+def fork_and_end(how: str) -> None:
+    code = _fork_and_end(how)
+    if code == -1:
+        return  # the child: its handler returns
+    _record(f"child exit {code}")
+
+
+@registry.task(name="async_fork_and_end", max_attempts=1, backoff=FAST)
+async def async_fork_and_end(how: str) -> None:
+    code = _fork_and_end(how)
+    if code == -1:
+        return  # the child: its handler returns
+    await asyncio.to_thread(_record, f"child exit {code}")
+
+
+@registry.task(name="end_the_loop", max_attempts=1, backoff=FAST)
+async def end_the_loop(how: str) -> None:
+    """Ends the worker's event loop from under it, as a handler can by mistake: a
+    SystemExit raised in a loop callback, or the loop stopped."""
+    loop = asyncio.get_running_loop()
+    if how == "exit":
+        loop.call_soon(sys.exit, 4)
+    else:
+        loop.stop()
+    await asyncio.sleep(5)
 
 
 @registry.task(name="hang_in_thread", timeout=0.3, max_attempts=1, backoff=FAST)
