@@ -743,6 +743,28 @@ def test_a_handler_that_ends_the_event_loop_charges_no_job_beside_it(conn, daemo
         assert [(e["kind"], e["counted"]) for e in row["errors"]] == [("lease_expired", False)]
 
 
+@pytest.mark.parametrize("how", ["ignore", "loop", "remove"])
+def test_a_handler_that_takes_the_stop_signal_does_not_keep_the_worker_from_stopping(
+    conn, daemons, how
+):
+    # A handler's signal.signal(SIGTERM, SIG_IGN) or loop.add_signal_handler made the
+    # worker ignore every SIGTERM from then on; its loop.remove_signal_handler made a
+    # SIGTERM kill it without releasing its jobs. Nothing was logged (a review).
+    worker = daemons.worker()
+    job_id = enqueue(conn, "take_sigterm", {"how": how})
+    wait_until(lambda: all_succeeded(conn, [job_id]))
+    taken = wait_until(
+        lambda: [e for e in events(daemons, worker) if e.get("event") == "worker.signal_taken_back"]
+    )
+    assert taken[0]["signal"] == "SIGTERM" and taken[0]["level"] == "warning", taken
+    running = enqueue(conn, "sleep", {"seconds": 1, "note": how})
+    wait_until(lambda: executions(conn, running, "start") == 1)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    assert "worker.stopped" in daemons.output(worker)
+    assert job_state(conn, running) == "succeeded"
+
+
 def test_a_worker_reconnects_with_its_default_executor_full_of_stuck_threads(conn, dsn, daemons):
     # psycopg resolves a host name in the loop's default executor, which asyncio.to_thread
     # calls of timed-out handlers had filled: after its connections were cut the worker

@@ -72,6 +72,8 @@ PARENT_CHECK_SECONDS = 1.0
 # The signals the worker stops on: SIGTERM, SIGINT and SIGHUP (a terminal that hangs up)
 # gracefully, SIGQUIT at once.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+# How often the worker checks that its stop signals are still its own (_guard_signals).
+SIGNAL_GUARD_SECONDS = 1.0
 # Down the exit-now pipe when the worker stopped: the thread ends (signal numbers are
 # never 0).
 STOPPED_BYTE = b"\x00"
@@ -241,6 +243,7 @@ class Worker:
         # ran (released at shutdown, or given up on after a timeout it ignored): the
         # outcome of the handler's end is dropped, one outcome per attempt.
         self._released_early: set[uuid.UUID] = set()
+        self._handles_signals = False
         # Whether run() has ended, and whether the loop ended under it (see loop_ended).
         self.run_ended = False
         self._loop_ended = False
@@ -413,6 +416,7 @@ class Worker:
                 daemon=True,
             )
             exit_now.start()
+        self._handles_signals = handle_signals
         self._log = log.bind()
         uncontain = contain_handler_tasks(loop)
         try:
@@ -452,6 +456,8 @@ class Worker:
         ]
         if self.parent_pid is not None:
             services.append(asyncio.create_task(self._watch_parent(), name="parent-watch"))
+        if self._handles_signals:
+            services.append(asyncio.create_task(self._guard_signals(), name="signal-guard"))
         fetcher = asyncio.create_task(self._fetch_loop(), name="fetcher")
         for task in (*services, fetcher):
             task.add_done_callback(self._on_component_done)
@@ -463,6 +469,30 @@ class Worker:
             await self._stopping.wait()
         finally:
             await self._shutdown(fetcher, services)
+
+    async def _guard_signals(self) -> None:
+        """Take the stop signals back from a handler that took them: ``signal.signal(
+        SIGTERM, SIG_IGN)``, a ``loop.add_signal_handler`` or ``remove_signal_handler`` of
+        its own, in an async handler (a plain one's thread may not set them). Without
+        this the worker ignored every SIGTERM from then on, or died of one without
+        releasing its jobs, silently, and a supervisor killed it after its grace."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SIGNAL_GUARD_SECONDS)
+            for sig in stop_signals():
+                found = signal.getsignal(sig)
+                if found == self._signal_arrived:
+                    continue
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                signal.signal(sig, self._signal_arrived)
+                log.warning(
+                    "worker.signal_taken_back",
+                    signal=sig.name,
+                    found=getattr(found, "__qualname__", None) or str(found),
+                    hint="code in a handler changed how this process handles a stop signal,"
+                    " which the worker needs for its graceful stop: code that needs its own"
+                    " belongs in a subprocess",
+                )
 
     async def _watch_parent(self) -> None:
         """Stop gracefully once the supervisor is gone. A supervisor that is killed

@@ -8,6 +8,7 @@ import asyncio
 import atexit
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -124,6 +125,19 @@ async def end_the_loop(how: str) -> None:
     else:
         loop.stop()
     await asyncio.sleep(5)
+
+
+@registry.task(name="take_sigterm", max_attempts=1, backoff=FAST)
+async def take_sigterm(how: str) -> None:
+    """Changes how the process handles SIGTERM, as code run in a handler may."""
+    loop = asyncio.get_running_loop()
+    if how == "ignore":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    elif how == "loop":
+        loop.add_signal_handler(signal.SIGTERM, lambda: None)
+    else:
+        loop.remove_signal_handler(signal.SIGTERM)
+    await asyncio.to_thread(_record, how)
 
 
 @registry.task(name="hang_in_thread", timeout=0.3, max_attempts=1, backoff=FAST)
