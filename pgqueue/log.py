@@ -178,8 +178,16 @@ class _LineWriter:
     _lock = threading.RLock()
     _writing = False
 
+    # Said once on stderr: a closed stdout was reopened (_reopen).
+    _reopened = False
+
     def __init__(self, file: TextIO) -> None:
         self._file = file
+        try:
+            self._fd: int | None = file.fileno()
+        except (OSError, ValueError, AttributeError):
+            # Closed already (see _reopen), or no descriptor (a test's capture).
+            self._fd = 1 if file is sys.__stdout__ else None
 
     def msg(self, message: str) -> None:
         with self._lock:
@@ -187,16 +195,50 @@ class _LineWriter:
                 return
             try:
                 _LineWriter._writing = True
-                self._file.write(message + "\n")
-                self._file.flush()
+                for _ in range(2):
+                    try:
+                        self._file.write(message + "\n")
+                        self._file.flush()
+                        break
+                    except ValueError:
+                        if not self._reopen():
+                            raise
             except _GONE:
                 _to_devnull(self._file)
             except Exception:
-                # A closed file (ValueError), a full disk, or a re-entrant call into the
-                # buffered writer (RuntimeError): the line is dropped.
+                # A closed file that cannot be reopened (ValueError), a full disk, or a
+                # re-entrant call into the buffered writer (RuntimeError): the line is
+                # dropped.
                 pass
             finally:
                 _LineWriter._writing = False
+
+    def _reopen(self) -> bool:
+        """A handler closed ``sys.stdout`` (whose descriptor stays open): the lines go on
+        to that descriptor instead of being dropped, every one, for as long as the
+        worker lived. True if reopened."""
+        if not getattr(self._file, "closed", False) or self._fd is None:
+            return False
+        try:
+            os.fstat(self._fd)
+            self._file = open(  # noqa: SIM115 (lives as long as the writer)
+                self._fd,
+                "w",
+                encoding=getattr(self._file, "encoding", None) or "utf-8",
+                errors="backslashreplace",
+                closefd=False,
+            )
+        except (OSError, ValueError):
+            return False
+        if not _LineWriter._reopened:
+            _LineWriter._reopened = True
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                print(
+                    "pgqueue: sys.stdout was closed (by a handler?): logs go on to its file"
+                    " descriptor",
+                    file=sys.stderr,
+                )
+        return True
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg

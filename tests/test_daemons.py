@@ -765,6 +765,20 @@ def test_a_handler_that_takes_the_stop_signal_does_not_keep_the_worker_from_stop
     assert job_state(conn, running) == "succeeded"
 
 
+def test_a_handler_that_closes_stdout_does_not_silence_the_worker(conn, daemons):
+    # Every log line after it was dropped, the worker's stop included (a review).
+    worker = daemons.worker()
+    closer = enqueue(conn, "close_stdout", {})
+    wait_until(lambda: all_succeeded(conn, [closer]))
+    after = enqueue(conn, "record", {"note": "after the close"})
+    wait_until(lambda: all_succeeded(conn, [after]))
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    logged = {(e.get("event"), e.get("job_id")) for e in events(daemons, worker)}
+    assert {("job.succeeded", closer), ("job.succeeded", after), ("worker.stopped", None)} <= logged
+    assert daemons.output(worker).count("sys.stdout was closed") == 1
+
+
 def test_a_worker_reconnects_with_its_default_executor_full_of_stuck_threads(conn, dsn, daemons):
     # psycopg resolves a host name in the loop's default executor, which asyncio.to_thread
     # calls of timed-out handlers had filled: after its connections were cut the worker

@@ -140,6 +140,12 @@ async def take_sigterm(how: str) -> None:
     await asyncio.to_thread(_record, how)
 
 
+@registry.task(name="close_stdout", max_attempts=1, backoff=FAST)
+def close_stdout() -> None:
+    """Closes sys.stdout, as code done with its own output may."""
+    sys.stdout.close()
+
+
 @registry.task(name="hang_in_thread", timeout=0.3, max_attempts=1, backoff=FAST)
 async def hang_in_thread(seconds: float) -> None:
     """Times out inside asyncio.to_thread: the thread stays, holding a default-executor
