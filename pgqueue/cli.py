@@ -41,6 +41,7 @@ from pgqueue.config import (
     DEFAULT_SHUTDOWN_TIMEOUT,
     MAX_CONCURRENCY,
     REAPER_STOP_SECONDS,
+    STOP_MARGIN_SECONDS,
     ReaperConfig,
     WorkerConfig,
     check_dsn,
@@ -928,21 +929,18 @@ def worker_command(
                 target=reaper.run, kwargs={"handle_signals": False}, name="reaper", daemon=True
             )
             reaping.start()
-        ended_under_worker = False
+        ended_status: int | None = None
+        runner = asyncio.Runner()
         try:
-            with asyncio.Runner() as runner:
-                try:
-                    runner.run(_run_worker(worker, child))
-                except BaseException as exc:
-                    if worker.run_ended:
-                        raise
-                    # The loop stopped under the worker (a handler's doing): said, and its
-                    # jobs left to their leases, before the runner's close cancels them.
-                    worker.loop_ended(exc)
-                    if isinstance(exc, SystemExit):
-                        raise
-                    ended_under_worker = True
+            try:
+                runner.run(_run_worker(worker, child))
+            except BaseException as exc:
+                if worker.run_ended:
+                    raise
+                ended_status = _end_under_worker(runner, worker, exc)
         finally:
+            if ended_status is None:
+                runner.close()
             if reaper is not None and reaping is not None:
                 reaper.stop(cancel=True)
                 reaping.join(timeout=REAPER_STOP_SECONDS)
@@ -950,9 +948,38 @@ def worker_command(
                     _log.warning("reaper.abandoned", waited_seconds=REAPER_STOP_SECONDS)
             if server is not None:
                 server.stop()
-        return 1 if ended_under_worker or worker.failed or not worker.flushed else 0
+        if ended_status is not None:
+            return ended_status
+        return 1 if worker.failed or not worker.flushed else 0
 
     _exit_after(body)
+
+
+# The name of the task that runs Worker.run (_run_worker, _end_under_worker).
+WORKER_RUN_TASK = "pgqueue-worker-run"
+
+
+def _end_under_worker(runner: asyncio.Runner, worker: Worker, exc: BaseException) -> int:
+    """The event loop stopped under the worker (a handler's doing: Worker.loop_ended):
+    its running jobs are left to their leases, every task is cancelled, and the worker's
+    shutdown (outcomes already made, deregistering) gets the time of a graceful stop,
+    no more: the runner's own close would wait without end for a handler that swallows
+    its cancellation or a thread left in the default executor. The runner is not closed;
+    the process exits. Returns the exit status: the SystemExit's, else 1."""
+    worker.loop_ended(exc)
+    loop = runner.get_loop()
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    # The worker's run (its shutdown) ends; a handler that swallows its cancellation, not.
+    runs = {task for task in tasks if task.get_name() == WORKER_RUN_TASK} or tasks
+    with contextlib.suppress(BaseException):
+        loop.run_until_complete(
+            asyncio.wait(runs, timeout=worker.config.shutdown_timeout + STOP_MARGIN_SECONDS)
+        )
+    if isinstance(exc, SystemExit) and isinstance(exc.code, int):
+        return exc.code
+    return EXIT_ERROR
 
 
 class _SupervisedChild:
@@ -1145,7 +1172,7 @@ async def _run_worker(worker: Worker, child: _SupervisedChild) -> None:
         )
 
     loop.getaddrinfo = getaddrinfo  # type: ignore[method-assign]
-    running = asyncio.create_task(worker.run())
+    running = asyncio.create_task(worker.run(), name=WORKER_RUN_TASK)
     # run() installs its signal handlers before its first await.
     await asyncio.sleep(0)
     child.deliver()

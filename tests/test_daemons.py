@@ -713,6 +713,22 @@ def test_a_child_a_handler_forks_that_ends_as_a_script_does_is_ended(conn, daemo
     assert "worker.stopped" in daemons.output(worker)
 
 
+def test_a_worker_whose_loop_ended_under_it_exits_beside_a_handler_that_ignores_cancels(
+    conn, daemons
+):
+    # asyncio's own teardown would wait without end for a handler that swallows every
+    # cancellation; the worker's stop takes its graceful time and no more.
+    worker = daemons.worker("--lease-seconds", "2", "--shutdown-timeout", "1")
+    stubborn = enqueue(conn, "stubborn", {"note": "beside"})
+    wait_until(lambda: executions(conn, stubborn, "start") == 1)
+    enqueue(conn, "end_the_loop", {"how": "stop"})
+    assert worker.wait(timeout=30) == 1
+    logged = [e.get("event") for e in events(daemons, worker)]
+    assert "worker.loop_ended" in logged and "worker.stopped" in logged, logged
+    assert "job.released" not in logged  # left to its lease, as the others
+    assert job_state(conn, stubborn) == "running"
+
+
 @pytest.mark.parametrize(("how", "status"), [("exit", 4), ("stop", 1)])
 def test_a_handler_that_ends_the_event_loop_charges_no_job_beside_it(conn, daemons, how, status):
     # asyncio lets a SystemExit raised in a loop callback (or a loop.stop()) out of the

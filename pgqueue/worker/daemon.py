@@ -1107,6 +1107,8 @@ class Worker:
         for job, task in list(self._running.items()):
             if task not in stubborn or job.lease_token in self._released_early:
                 continue  # a handler given up on after its timeout has its outcome
+            if job.lease_token in self._left_to_lease:
+                continue  # see loop_ended
             self._log.warning(
                 "job.ignored_cancel", job_id=job.id, task=job.task, queue=job.queue,
                 attempt=job.attempt,
