@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import psycopg
 import pytest
@@ -1031,6 +1031,43 @@ class _NotesRaise(Exception):
 class _SnoozeWithoutSeconds(Snooze):
     def __init__(self) -> None:  # does not call Snooze.__init__
         pass
+
+
+class _SlowToSay(Exception):
+    """An exception whose text takes work (a lazy message, an ORM object's repr): records
+    the thread each str() of it ran in."""
+
+    said_in: ClassVar[list[str]] = []
+
+    def __str__(self) -> str:
+        _SlowToSay.said_in.append(threading.current_thread().name)
+        return "slow to say"
+
+
+def test_a_plain_handlers_exception_is_described_in_its_thread_not_on_the_loop(dsn):
+    # Its __str__ and traceback were formatted on the event loop, twice: one that took
+    # seconds blocked every other job and the heartbeat (their leases ran out, finished
+    # neighbours ran again). A review made one sleep 8 s.
+    registry = Registry()
+
+    @registry.task(name="slow_to_say", max_attempts=1)
+    def slow_to_say() -> None:
+        raise _SlowToSay()
+
+    _SlowToSay.said_in.clear()
+    sql_enqueue(dsn, "slow_to_say", max_attempts=1)
+
+    async def main() -> None:
+        async with running_worker(registry, dsn, concurrency=2):
+            await wait_for_db(dsn, "SELECT count(*) = 1 FROM pgqueue.dead_jobs", timeout=20)
+
+    run(main)
+    ((errors,),) = fetch(dsn, "SELECT errors FROM pgqueue.dead_jobs")
+    assert errors[0]["error"] == "_SlowToSay: slow to say"
+    assert "_SlowToSay: slow to say" in errors[0]["traceback"]
+    assert _SlowToSay.said_in and all(n.startswith("pgqueue-job") for n in _SlowToSay.said_in), (
+        _SlowToSay.said_in
+    )
 
 
 def test_what_a_handler_raises_always_ends_its_attempt_with_an_outcome(dsn):

@@ -9,6 +9,7 @@ its end (its result is discarded). Nothing a handler raises can crash the worker
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -158,13 +159,37 @@ def end_forked_child(exc: BaseException | None) -> NoReturn:
         os._exit(code & 0xFF)
 
 
+# Where describe_here leaves an exception's text and traceback, in its __dict__.
+_DESCRIBED = "_pgqueue_described"
+
+
+def describe_here(exc: BaseException) -> None:
+    """Describe ``exc`` (its text and traceback, for error_record) now, in the thread of
+    the plain handler that raised it: formatting runs the exception's own ``__str__``
+    and its traceback's, which had run on the event loop (twice), blocking every other
+    job's handler and the heartbeat for as long as they took."""
+    if isinstance(exc, Snooze):
+        return  # not a failure: no error record
+    with contextlib.suppress(BaseException):
+        vars(exc)[_DESCRIBED] = (describe(exc), format_traceback(exc))
+
+
+def _described(exc: BaseException) -> tuple[str, str] | None:
+    try:
+        found = vars(exc).get(_DESCRIBED)
+    except BaseException:
+        return None
+    return found if isinstance(found, tuple) else None
+
+
 def error_record(
     job: Job, worker_id: str, kind: str, exc: BaseException | None, message: str | None = None
 ) -> dict[str, Any]:
     """The JSON object stored for one failed attempt."""
+    described = None if exc is None else _described(exc)
     if message is None:
         assert exc is not None
-        message = describe(exc)
+        message = described[0] if described is not None else describe(exc)
     record: dict[str, Any] = {
         "attempt": job.attempt,
         "at": datetime.now(UTC).isoformat(),
@@ -173,7 +198,8 @@ def error_record(
         "error": clean_text(message[:MAX_ERROR_CHARS]),
     }
     if exc is not None and exc.__traceback__ is not None:
-        record["traceback"] = clean_text(format_traceback(exc)[-MAX_TRACEBACK_CHARS:])
+        text = described[1] if described is not None else format_traceback(exc)
+        record["traceback"] = clean_text(text[-MAX_TRACEBACK_CHARS:])
     return record
 
 
@@ -453,6 +479,7 @@ class Executor:
             except BaseException as exc:
                 if os.getpid() != self._pid:
                     end_forked_child(exc)
+                describe_here(exc)
                 raise
             if os.getpid() != self._pid:
                 end_forked_child(None)
