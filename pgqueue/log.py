@@ -183,11 +183,15 @@ class _LineWriter:
 
     def __init__(self, file: TextIO) -> None:
         self._file = file
+        # The descriptor and the file it is open on (device, inode), for _reopen.
+        self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None
         try:
-            self._fd: int | None = file.fileno()
+            fd = file.fileno()
+            self._identity = _identity(fd)
+            self._fd = fd
         except (OSError, ValueError, AttributeError):
-            # Closed already (see _reopen), or no descriptor (a test's capture).
-            self._fd = 1 if file is sys.__stdout__ else None
+            pass  # closed already, or no descriptor (a test's capture): never reopened
 
     def msg(self, message: str) -> None:
         with self._lock:
@@ -195,14 +199,16 @@ class _LineWriter:
                 return
             try:
                 _LineWriter._writing = True
-                for _ in range(2):
+                for attempt in range(2):
                     try:
                         self._file.write(message + "\n")
-                        self._file.flush()
-                        break
                     except ValueError:
-                        if not self._reopen():
-                            raise
+                        if attempt == 0 and self._reopen():
+                            continue
+                        raise
+                    # Not retried: a close between the write and here flushed the line.
+                    self._file.flush()
+                    break
             except _GONE:
                 _to_devnull(self._file)
             except Exception:
@@ -214,13 +220,17 @@ class _LineWriter:
                 _LineWriter._writing = False
 
     def _reopen(self) -> bool:
-        """A handler closed ``sys.stdout`` (whose descriptor stays open): the lines go on
-        to that descriptor instead of being dropped, every one, for as long as the
-        worker lived. True if reopened."""
+        """A handler closed ``sys.stdout``, whose descriptor stays open (Python's own
+        stdout does not close it): the lines go on to that descriptor instead of being
+        dropped, every one, for as long as the worker lived. Only if the descriptor is
+        still open on the same file: one that was closed with it (a file of our own, a
+        test's capture) may since have been given to a file or socket of the app's. True
+        if reopened."""
         if not getattr(self._file, "closed", False) or self._fd is None:
             return False
         try:
-            os.fstat(self._fd)
+            if _identity(self._fd) != self._identity:
+                return False
             self._file = open(  # noqa: SIM115 (lives as long as the writer)
                 self._fd,
                 "w",
@@ -242,6 +252,12 @@ class _LineWriter:
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    """The file ``fd`` is open on: (device, inode)."""
+    stat = os.fstat(fd)
+    return stat.st_dev, stat.st_ino
 
 
 def _to_devnull(file: TextIO) -> None:

@@ -759,9 +759,18 @@ def test_a_handler_that_ends_the_event_loop_charges_no_job_beside_it(conn, daemo
         assert [(e["kind"], e["counted"]) for e in row["errors"]] == [("lease_expired", False)]
 
 
-@pytest.mark.parametrize("how", ["ignore", "loop", "remove"])
+@pytest.mark.parametrize(
+    ("how", "sig"),
+    [
+        ("ignore", signal.SIGTERM),
+        ("loop", signal.SIGTERM),
+        ("remove", signal.SIGTERM),
+        # Not taken for nohup's: that is decided when the worker starts.
+        ("ignore_hup", signal.SIGHUP),
+    ],
+)
 def test_a_handler_that_takes_the_stop_signal_does_not_keep_the_worker_from_stopping(
-    conn, daemons, how
+    conn, daemons, how, sig
 ):
     # A handler's signal.signal(SIGTERM, SIG_IGN) or loop.add_signal_handler made the
     # worker ignore every SIGTERM from then on; its loop.remove_signal_handler made a
@@ -772,10 +781,10 @@ def test_a_handler_that_takes_the_stop_signal_does_not_keep_the_worker_from_stop
     taken = wait_until(
         lambda: [e for e in events(daemons, worker) if e.get("event") == "worker.signal_taken_back"]
     )
-    assert taken[0]["signal"] == "SIGTERM" and taken[0]["level"] == "warning", taken
+    assert taken[0]["signal"] == sig.name and taken[0]["level"] == "warning", taken
     running = enqueue(conn, "sleep", {"seconds": 1, "note": how})
     wait_until(lambda: executions(conn, running, "start") == 1)
-    worker.send_signal(signal.SIGTERM)
+    worker.send_signal(sig)
     assert worker.wait(timeout=30) == 0
     assert "worker.stopped" in daemons.output(worker)
     assert job_state(conn, running) == "succeeded"

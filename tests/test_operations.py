@@ -2528,6 +2528,35 @@ def test_a_line_logged_in_the_middle_of_another_is_dropped_not_deadlocked():
     assert written == ["first\n", "second\n"]
 
 
+def test_a_closed_stdout_is_reopened_only_on_the_file_it_was_open_on(tmp_path):
+    # A handler's sys.stdout.close() dropped every later line. Reopening the descriptor
+    # fixes that where it stays open (Python's stdout does not close it); where it was
+    # closed with the file (a file of pgqueue's own, a test's capture), the next file or
+    # socket the app opens takes its number, and must not get the lines (a review found
+    # them in an app's file and its Postgres connection).
+    kept = tmp_path / "stdout"
+    fd = os.open(kept, os.O_WRONLY | os.O_CREAT)
+    try:
+        stdout_like = open(fd, "w", closefd=False)  # noqa: SIM115
+        writer = _LineWriter(stdout_like)
+        writer.msg("before")
+        stdout_like.close()
+        writer.msg("after")
+    finally:
+        os.close(fd)
+    assert kept.read_text() == "before\nafter\n"
+
+    own = open(tmp_path / "own", "w")  # noqa: SIM115
+    number = own.fileno()
+    writer = _LineWriter(own)
+    own.close()
+    with open(tmp_path / "apps", "w") as apps:
+        assert apps.fileno() == number  # the lowest free number: the one just freed
+        writer.msg('{"event": "must not land here"}')
+        apps.write("the app's own\n")
+    assert (tmp_path / "apps").read_text() == "the app's own\n"
+
+
 def test_lines_logged_from_many_threads_arrive_whole():
     out = io.StringIO()
     writer = _LineWriter(out)

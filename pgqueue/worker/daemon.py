@@ -244,6 +244,7 @@ class Worker:
         # outcome of the handler's end is dropped, one outcome per attempt.
         self._released_early: set[uuid.UUID] = set()
         self._handles_signals = False
+        self._stop_signals: tuple[signal.Signals, ...] = ()
         # Whether run() has ended, and whether the loop ended under it (see loop_ended).
         self.run_ended = False
         self._loop_ended = False
@@ -397,7 +398,9 @@ class Worker:
         self._loop = loop
         exit_now: threading.Thread | None = None
         if handle_signals:
-            for sig in stop_signals():
+            # Decided once: a handler that ignores SIGHUP later is no nohup (_guard_signals).
+            self._stop_signals = stop_signals()
+            for sig in self._stop_signals:
                 loop.add_signal_handler(sig, self._on_signal, sig)
                 # asyncio's handler runs when the loop next runs: two signals sent seconds
                 # apart to a loop a handler blocks reach it together. This one runs when a
@@ -479,7 +482,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(SIGNAL_GUARD_SECONDS)
-            for sig in stop_signals():
+            for sig in self._stop_signals:
                 found = signal.getsignal(sig)
                 if found == self._signal_arrived:
                     continue

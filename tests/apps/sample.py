@@ -133,6 +133,8 @@ async def take_sigterm(how: str) -> None:
     loop = asyncio.get_running_loop()
     if how == "ignore":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    elif how == "ignore_hup":
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     elif how == "loop":
         loop.add_signal_handler(signal.SIGTERM, lambda: None)
     else:
