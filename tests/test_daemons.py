@@ -750,6 +750,11 @@ def test_a_handler_that_ends_the_event_loop_charges_no_job_beside_it(conn, daemo
     for job_id in beside:
         assert job_state(conn, job_id) == "running"
         assert job_row(conn, job_id)["errors"] == []  # type: ignore[index]
+    # Their next runs (each alone, as rescued jobs) should be short: args is plain jsonb.
+    conn.execute(
+        "UPDATE pgqueue.jobs SET args = %s WHERE id = ANY(%s)",
+        (Jsonb({"seconds": 0.05, "note": "again"}), beside),
+    )
     daemons.reaper(*FAST_REAPER)
     daemons.worker("--lease-seconds", "2", "--poll-interval", "0.5")
     wait_until(lambda: all_succeeded(conn, beside), timeout=60)
