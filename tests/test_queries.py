@@ -1075,6 +1075,50 @@ def test_workers_take_turns_to_drain_for_a_rescued_job(conn, dsn):
     ) == (False, pytest.approx(db_clock(conn), abs=timedelta(seconds=5)), None)
 
 
+def test_turns_for_rescued_jobs_in_several_queues_follow_each_queues_own_workers(conn, dsn):
+    # The turns are counted once per queue from the workers' queues (a review found the
+    # per-job count took 2 s a call with 40 workers serving 1,000 queues): each queue's
+    # turns are still its own live workers', in id order, a queue listed twice by one
+    # worker counted once.
+    fleet = {"w1": ["a", "b"], "w2": ["b"], "w3": ["a", "a", "c"], "w4": ["c", "b"]}
+    for worker_id, queues in fleet.items():
+        conn.execute(
+            "INSERT INTO pgqueue.workers (id, host, pid, queues, concurrency,"
+            " heartbeat_seconds, version) VALUES (%s, 'h', 1, %s, 1, 10, 'v')",
+            (worker_id, queues),
+        )
+    waited = 4.0
+    due = db_clock(conn) - timedelta(seconds=waited)
+    jobs = {q: make_job(conn, queue=q, rescued=True, run_at=due) for q in ("a", "b", "c")}
+    for queue, job_id in jobs.items():
+        serving = sorted(w for w, queues in fleet.items() if queue in queues)
+        for worker_id in [*fleet, "unknown"]:
+            check = run_async(
+                dsn, store.rescued_waiting, queues=[queue], worker_id=worker_id,
+                stagger_seconds=10.0,
+            )  # fmt: skip
+            assert check.waiting is True
+            turn = 0
+            if worker_id in serving:
+                n = len(serving)
+                turn = (serving.index(worker_id) - job_id % n) % n
+            assert check.drain_in == pytest.approx(turn * 10.0 - waited, abs=1.0), (
+                queue, worker_id,
+            )  # fmt: skip
+
+
+def test_the_rescued_check_counts_each_queues_workers_once_not_once_per_due_job(dsn):
+    # Counted in a correlated subquery per due rescued job (a SubPlan over every worker's
+    # queues array), the check took 2 s a call with 40 workers serving 1,000 queues after
+    # they all died at once (a review); counted in a CTE the generic plan did not keep
+    # apart, the grouping ran again for each due job (1.7 s). The worker's generic plan
+    # counts in one materialized CTE and has no SubPlan.
+    params = {"queues": ["a", "b"], "worker_id": "w1", "stagger_seconds": 10.0}
+    nodes = _generic_plan(dsn, "rescued_waiting", params, (store.NO_SEQ_SCANS, store.NO_JIT))
+    assert any(n.get("Subplan Name") == "CTE places" for n in nodes), nodes
+    assert not [n for n in nodes if n.get("Parent Relationship") == "SubPlan"], nodes
+
+
 # --- notify trigger -----------------------------------------------------------------------
 
 

@@ -114,15 +114,26 @@ fleet AS MATERIALIZED (
     WHERE w.last_heartbeat_at > now() - make_interval(secs => 2 * w.heartbeat_seconds)
     ORDER BY w.id
 ),
+-- Per queue with a due job: how many live workers serve it, and this worker's place
+-- among them by id (listed: whether it is one of them). Counted once per queue from the
+-- workers' queues unnested, not once per due job over every worker's array: that cost
+-- due jobs x workers x queues, about 2 s a call with 40 workers serving 1,000 queues
+-- after they all died at once (found by a review; 1.1 s -> 0.18 s with 60 workers, 1,000
+-- queues and 600 due jobs). MATERIALIZED: the generic plan expects one due job and
+-- would count again for each.
+places AS MATERIALIZED (
+    SELECT s.queue, count(*) AS n,
+           count(*) FILTER (WHERE s.id < %(worker_id)s::text) AS pos,
+           bool_or(s.id = %(worker_id)s::text) AS listed
+    FROM (SELECT DISTINCT f.id, fq.queue
+          FROM fleet AS f CROSS JOIN LATERAL unnest(f.queues) AS fq(queue)) AS s
+    WHERE s.queue IN (SELECT d.queue FROM due AS d)
+    GROUP BY s.queue
+),
 turns AS (
     SELECT d.run_at,
-           (SELECT mod(r.pos - mod(d.id, r.n) + r.n, r.n)
-            FROM (SELECT f.id, row_number() OVER (ORDER BY f.id) - 1 AS pos,
-                         count(*) OVER () AS n
-                  FROM fleet AS f
-                  WHERE d.queue = ANY (f.queues)) AS r
-            WHERE r.id = %(worker_id)s::text) AS turn
-    FROM due AS d
+           CASE WHEN p.listed THEN mod(p.pos - mod(d.id, p.n) + p.n, p.n) END AS turn
+    FROM due AS d LEFT JOIN places AS p ON p.queue = d.queue
 )
 SELECT count(*) > 0 AS waiting,
        min(extract(epoch FROM t.run_at - now())
