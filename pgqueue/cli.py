@@ -180,9 +180,7 @@ def _schema_drift() -> SchemaDrift | None:
     if _last_dsn is None:
         return None
     try:
-        with store.connect(
-            _last_dsn, connect_timeout=5, **store.application_name("pgqueue-cli")
-        ) as conn:
+        with _connect(_last_dsn) as conn:
             applied = store.applied_versions(conn)
     except psycopg.Error:
         return None

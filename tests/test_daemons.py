@@ -741,7 +741,7 @@ def test_a_handler_that_ends_the_event_loop_charges_no_job_beside_it(conn, daemo
     wait_until(lambda: all(executions(conn, j, "start") == 1 for j in beside))
     enqueue(conn, "end_the_loop", {"how": how})
     assert worker.wait(timeout=30) == status
-    (ended,) = [e for e in events(daemons, worker) if e.get("event") == "worker.loop_ended"]
+    (ended,) = logged(daemons, worker, "worker.loop_ended")
     assert ended["level"] == "error" and ended["running"] == 4, ended
     assert set(beside) <= set(ended["job_ids"])
     assert "worker.stopped" in daemons.output(worker)
@@ -783,9 +783,7 @@ def test_a_handler_that_takes_the_stop_signal_does_not_keep_the_worker_from_stop
     worker = daemons.worker()
     job_id = enqueue(conn, "take_sigterm", {"how": how})
     wait_until(lambda: all_succeeded(conn, [job_id]))
-    taken = wait_until(
-        lambda: [e for e in events(daemons, worker) if e.get("event") == "worker.signal_taken_back"]
-    )
+    taken = wait_until(lambda: logged(daemons, worker, "worker.signal_taken_back"))
     assert taken[0]["signal"] == sig.name and taken[0]["level"] == "warning", taken
     running = enqueue(conn, "sleep", {"seconds": 1, "note": how})
     wait_until(lambda: executions(conn, running, "start") == 1)

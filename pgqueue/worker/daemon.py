@@ -243,7 +243,7 @@ class Worker:
         # ran (released at shutdown, or given up on after a timeout it ignored): the
         # outcome of the handler's end is dropped, one outcome per attempt.
         self._released_early: set[uuid.UUID] = set()
-        self._handles_signals = False
+        # The stop signals run() took (none unless it handles signals): _guard_signals.
         self._stop_signals: tuple[signal.Signals, ...] = ()
         # Whether run() has ended, and whether the loop ended under it (see loop_ended).
         self.run_ended = False
@@ -419,7 +419,6 @@ class Worker:
                 daemon=True,
             )
             exit_now.start()
-        self._handles_signals = handle_signals
         self._log = log.bind()
         uncontain = contain_handler_tasks(loop)
         try:
@@ -459,7 +458,7 @@ class Worker:
         ]
         if self.parent_pid is not None:
             services.append(asyncio.create_task(self._watch_parent(), name="parent-watch"))
-        if self._handles_signals:
+        if self._stop_signals:
             services.append(asyncio.create_task(self._guard_signals(), name="signal-guard"))
         fetcher = asyncio.create_task(self._fetch_loop(), name="fetcher")
         for task in (*services, fetcher):
