@@ -699,7 +699,8 @@ def metrics_options(fn: F) -> F:
     show_default=True,
     envvar="PGQUEUE_SHUTDOWN_TIMEOUT",
     show_envvar=True,
-    help="Seconds running jobs get to finish after SIGTERM before they are released.",
+    help="Seconds running jobs get to finish after SIGTERM before they are released"
+    " (the app's stop hooks get what they leave, at least 1 s).",
 )
 @click.option(
     "--poll-interval",

@@ -52,6 +52,9 @@ ABORT_GRACE_SECONDS = 0.5
 POOL_CLOSE_TIMEOUT_SECONDS = 1.0
 # How long a stopped worker waits for calls left in its default executor's threads.
 DEFAULT_EXECUTOR_GRACE_SECONDS = 1.0
+# The least time a worker's stop hooks (Registry.on_shutdown) get, all together: they get
+# what the jobs left of --shutdown-timeout, and this much when the jobs took all of it.
+SHUTDOWN_HOOKS_MIN_SECONDS = 1.0
 # How long a stopping reaper lets its statement in flight run before it cuts the
 # statement's connection (a database that takes a statement and never answers would keep
 # it from stopping; the statement is abandoned, and whether the server completes it or
@@ -61,10 +64,12 @@ REAPER_STOP_SECONDS = 3.0
 # The most a worker's stop takes beyond --shutdown-timeout, answered or not (each step
 # that waits on the database is cut short at its time, plus up to two ABORT_GRACE_SECONDS):
 # CLAIM_WAIT_SECONDS for a claim in flight, CANCEL_GRACE_SECONDS for the handlers it
-# cancelled, FLUSH_TIMEOUT_SECONDS writing outcomes, the background loops' end,
-# DEREGISTER_TIMEOUT_SECONDS, POOL_CLOSE_TIMEOUT_SECONDS, DEFAULT_EXECUTOR_GRACE_SECONDS
-# (27 s), and room for exiting. The supervisor waits this long for its children before
-# killing them, and process managers must allow it (README, Upgrading; deploy/); an
+# cancelled, FLUSH_TIMEOUT_SECONDS writing outcomes, SHUTDOWN_HOOKS_MIN_SECONDS for the
+# app's stop hooks when the jobs took the whole shutdown timeout, the background loops'
+# end, DEREGISTER_TIMEOUT_SECONDS, POOL_CLOSE_TIMEOUT_SECONDS,
+# DEFAULT_EXECUTOR_GRACE_SECONDS (29 s), and room for exiting. The supervisor waits this
+# long for its children before killing them, and process managers must allow it (README,
+# Upgrading; deploy/); an
 # embedded reaper adds REAPER_STOP_MARGIN_SECONDS (supervisor.py). A kill all the same
 # costs no job (one whose outcome was not written runs again after its lease), only the
 # worker's row, which the reaper removes.

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+# A worker start or stop hook: called with no arguments, sync or ``async def``.
+Hook = TypeVar("Hook", bound=Callable[[], Any])
 
 MAX_NAME_LENGTH = 255
 MAX_QUEUE_LENGTH = 128
@@ -140,11 +142,7 @@ class Task(Generic[P, R]):
         # An object whose __call__ is ``async def`` is async too. A plain function that
         # returns an awaitable (an async function behind a plain decorator) runs in a
         # thread, and the worker awaits what it returns.
-        self.is_async: bool = inspect.iscoroutinefunction(fn) or (
-            not inspect.isroutine(fn)
-            and not inspect.isclass(fn)
-            and inspect.iscoroutinefunction(type(fn).__call__)
-        )
+        self.is_async: bool = is_async_callable(fn)
         self.signature: inspect.Signature = inspect.signature(fn)
         # Whether every JSON object binds (only **kwargs and parameters with defaults that
         # can be passed by keyword): the worker then skips the per-job signature check.
@@ -322,6 +320,45 @@ def _outside_this_module() -> int:
     return level
 
 
+def hook_name(fn: Callable[..., Any]) -> str:
+    """``module.qualname`` of a hook, for logs (its repr if it has no qualname)."""
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(qualname, str):
+        return repr(fn)
+    return f"{getattr(fn, '__module__', None)}.{qualname}"
+
+
+def is_async_callable(fn: Callable[..., Any]) -> bool:
+    """Whether calling ``fn`` makes a coroutine: an ``async def``, or an object whose
+    ``__call__`` is one (task handlers and worker hooks)."""
+    return inspect.iscoroutinefunction(fn) or (
+        not inspect.isroutine(fn)
+        and not inspect.isclass(fn)
+        and inspect.iscoroutinefunction(type(fn).__call__)
+    )
+
+
+def _checked_hook(kind: str, fn: Hook) -> Hook:
+    if not callable(fn):
+        raise ConfigError(f"registry.{kind} takes a function, got {type(fn).__name__}")
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise ConfigError(
+            f"{hook_name(fn)!r} is a generator function: a {kind} hook must do its work"
+            " when called (return, not yield)"
+        )
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have none: take them as they come
+        return fn
+    try:
+        signature.bind()
+    except TypeError:
+        raise ConfigError(
+            f"{kind} hook {hook_name(fn)!r} must take no arguments: the worker calls it with none"
+        ) from None
+    return fn
+
+
 # name -> options of every task registered in this process, for enqueue's defaults.
 _known_options: dict[str, TaskOptions] = {}
 
@@ -336,6 +373,8 @@ class Registry:
 
     def __init__(self) -> None:
         self._tasks: dict[str, Task[Any, Any]] = {}
+        self._startup_hooks: list[Callable[[], Any]] = []
+        self._shutdown_hooks: list[Callable[[], Any]] = []
 
     @overload
     def task(self, name: Callable[P, R], /) -> Task[P, R]: ...
@@ -438,6 +477,32 @@ class Registry:
             return registered
 
         return decorate
+
+    def on_startup(self, fn: Hook, /) -> Hook:
+        """Register ``fn`` (no arguments; sync or ``async def``) to run in each worker
+        process before its first claim, after the ones registered before it: to open
+        what handlers share (an HTTP client, a connection pool). A hook that raises
+        stops the worker before it claims anything (exit status 1). Returns ``fn``."""
+        self._startup_hooks.append(_checked_hook("on_startup", fn))
+        return fn
+
+    def on_shutdown(self, fn: Hook, /) -> Hook:
+        """Register ``fn`` (no arguments; sync or ``async def``) to run in each worker
+        process once its jobs have ended or been released and their outcomes written, in
+        the reverse order of registration (as nested ``with`` blocks close), only if every
+        startup hook succeeded. Returns ``fn``."""
+        self._shutdown_hooks.append(_checked_hook("on_shutdown", fn))
+        return fn
+
+    @property
+    def startup_hooks(self) -> tuple[Callable[[], Any], ...]:
+        """The startup hooks, in the order they run."""
+        return tuple(self._startup_hooks)
+
+    @property
+    def shutdown_hooks(self) -> tuple[Callable[[], Any], ...]:
+        """The shutdown hooks, in the order they run (the reverse of registration)."""
+        return tuple(reversed(self._shutdown_hooks))
 
     def get(self, name: str) -> Task[Any, Any]:
         """The task registered as ``name``; ``UnknownTask`` if there is none."""

@@ -444,7 +444,10 @@ async def drain_async(
             worker.stop()
             await runner
     if worker.failed:
-        raise PgQueueError("drain: the worker failed (see its worker.component_died event)")
+        raise PgQueueError(
+            "drain: the worker failed (see its worker.startup_failed or"
+            " worker.component_died event)"
+        )
     result = await _outcomes(dsn, names, worker.worker_id)
     if left:
         raise DrainTimeout(

@@ -1554,3 +1554,105 @@ def test_outcomes_written_while_the_database_is_read_only_wait_for_it_to_be_writ
         assert [h["outcome"] for h in row["history"]] == ["succeeded"]
     assert not logged(daemons, worker, "outcome.failed")
     assert worker.poll() is None
+
+
+# --- start and stop hooks (Registry.on_startup, on_shutdown) ------------------------------
+
+HOOKS_APP = "tests.apps.hooks:registry"
+
+
+def hook_notes(conn: psycopg.Connection[Any]) -> list[tuple[int, str]]:
+    """(pid, note) of every hook and job recorded by tests.apps.hooks, in order."""
+    rows = conn.execute("SELECT pid, note FROM public.executions ORDER BY id").fetchall()
+    return [(int(pid), str(note)) for pid, note in rows]
+
+
+def test_start_and_stop_hooks_run_in_each_worker_process_around_its_jobs(conn, daemons):
+    supervisor = daemons.worker("--processes", "2", "--concurrency", "2", app=HOOKS_APP)
+    pids_up = wait_until(lambda: up_children(daemons, supervisor, 2), timeout=30)
+    quick = [enqueue(conn, "uses_client", {}) for _ in range(6)]
+    wait_until(lambda: all_succeeded(conn, quick))
+    # Running when the stop comes: the stop hooks run only after they have finished and
+    # their outcomes are written (each counts the jobs not yet written as finished).
+    slow = [enqueue(conn, "uses_client", {"seconds": 1.5}) for _ in range(3)]
+    running = "SELECT count(*) FROM pgqueue.jobs WHERE id = ANY(%s) AND state = 'running'"
+    wait_until(lambda: scalar(conn, running, (slow,)) == 3)
+    with psycopg.connect(daemons.dsn) as holder:
+        # Their outcomes' writes wait behind this lock, after the handlers have ended: a
+        # stop hook that ran before the outcomes were written would see them unfinished.
+        holder.execute("SELECT 1 FROM pgqueue.jobs WHERE id = ANY(%s) FOR UPDATE", (slow,))
+        supervisor.send_signal(signal.SIGTERM)
+        wait_until(lambda: [note for _, note in hook_notes(conn)].count("job") == 9)
+        time.sleep(0.5)
+    assert supervisor.wait(timeout=30) == 0
+    assert all_succeeded(conn, quick + slow)
+    notes = hook_notes(conn)
+    assert {pid for pid, _ in notes} == pids_up
+    for pid in pids_up:
+        own = [note for p, note in notes if p == pid]
+        jobs = own.count("job")
+        # Startup hooks in the order registered, before any job; stop hooks in reverse,
+        # after every job, with nothing left unwritten.
+        assert own == [
+            "startup:plain",
+            "startup:async",
+            *["job"] * jobs,
+            "shutdown:async unfinished=0",
+            "shutdown:plain unfinished=0",
+        ], own
+    assert sum(note == "job" for _, note in notes) == 9
+
+
+def test_a_startup_hook_that_fails_stops_the_worker_before_it_claims(conn, daemons):
+    job_id = enqueue(conn, "uses_client", {})
+    worker = daemons.worker(app=HOOKS_APP, env={"HOOKS_MODE": "fail_startup"})
+    assert worker.wait(timeout=30) == 1
+    failed = logged(daemons, worker, "worker.startup_failed")
+    assert len(failed) == 1, daemons.output(worker)
+    assert failed[0]["hook"] == "tests.apps.hooks.open_client"
+    assert failed[0]["error"] == "RuntimeError: the payment service is down"
+    assert "Traceback" in daemons.output(worker)
+    assert not logged(daemons, worker, "worker.started")
+    # Nothing claimed, nothing registered, no stop hook run (what they close never opened).
+    assert job_row(conn, job_id)["state"] == "queued"  # type: ignore[index]
+    assert job_row(conn, job_id)["attempts"] == 0  # type: ignore[index]
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.workers") == 0
+    assert [note for _, note in hook_notes(conn)] == ["startup:plain"]
+
+
+def test_a_worker_stopped_during_a_startup_hook_stops_without_claiming(conn, daemons):
+    job_id = enqueue(conn, "uses_client", {})
+    worker = daemons.worker(app=HOOKS_APP, env={"HOOKS_MODE": "hang_startup"})
+    wait_until(lambda: "startup:hanging" in [note for _, note in hook_notes(conn)])
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    assert logged(daemons, worker, "worker.startup_interrupted")
+    assert job_state(conn, job_id) == "queued"
+    assert [note for _, note in hook_notes(conn)] == ["startup:plain", "startup:hanging"]
+
+
+@pytest.mark.parametrize("mode", ["fail_shutdown", "hang_shutdown"])
+def test_a_stop_hook_that_fails_or_hangs_does_not_keep_the_worker_from_stopping(
+    conn, daemons, mode
+):
+    worker = daemons.worker("--shutdown-timeout", "1", app=HOOKS_APP, env={"HOOKS_MODE": mode})
+    job_id = enqueue(conn, "uses_client", {})
+    wait_until(lambda: all_succeeded(conn, [job_id]))
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    notes = [note for _, note in hook_notes(conn)]
+    if mode == "fail_shutdown":
+        # Logged, and the next hook runs all the same.
+        failed = logged(daemons, worker, "worker.shutdown_hook_failed")
+        assert [e["hook"] for e in failed] == ["tests.apps.hooks.close_client"], failed
+        assert failed[0]["error"] == "RuntimeError: close failed"
+        assert notes[-1] == "shutdown:plain unfinished=0"
+    else:
+        # Given up on within the shutdown timeout; the hooks after it are skipped.
+        late = logged(daemons, worker, "worker.shutdown_hook_timeout")
+        assert len(late) == 1, daemons.output(worker)
+        assert late[0]["hook"] == "tests.apps.hooks.close_client"
+        assert late[0]["skipped"] == ["tests.apps.hooks.close_plain"]
+        assert notes[-1] == "shutdown:hanging"
+    assert "worker.stopped" in daemons.output(worker)
+    assert scalar(conn, "SELECT count(*) FROM pgqueue.workers") == 0

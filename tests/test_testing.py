@@ -424,3 +424,65 @@ def test_drain_on_a_database_without_the_schema_says_to_migrate(server_dsn):
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+def test_drain_runs_the_registrys_start_and_stop_hooks_around_the_jobs(conn, dsn):
+    hooked = Registry()
+    seen: list[str] = []
+
+    @hooked.on_startup
+    async def open_client() -> None:
+        seen.append("open")
+
+    @hooked.on_shutdown
+    def close_client() -> None:
+        seen.append("close")
+
+    @hooked.task(name="hooked.job")
+    def job() -> None:
+        seen.append("job")
+
+    enqueue(conn, "hooked.job")
+    assert drain(hooked, dsn).succeeded == 1
+    assert seen == ["open", "job", "close"]
+
+
+def test_drain_says_so_when_a_startup_hook_fails(conn, dsn):
+    hooked = Registry()
+
+    @hooked.on_startup
+    def fail() -> None:
+        raise RuntimeError("no client")
+
+    @hooked.task(name="hooked.never")
+    def never() -> None:
+        raise AssertionError("ran")
+
+    job_id = enqueue(conn, "hooked.never")
+    with pytest.raises(PgQueueError, match=r"worker\.startup_failed"):
+        drain(hooked, dsn)
+    assert job_state(conn, job_id) == "queued"
+
+
+def test_start_and_stop_hooks_must_be_callable_without_arguments():
+    hooked = Registry()
+
+    def takes_one(x: int) -> None: ...
+
+    async def optional(x: int = 0) -> None: ...
+
+    def gen() -> Any:
+        yield
+
+    with pytest.raises(ConfigError, match="must take no arguments"):
+        hooked.on_startup(takes_one)
+    with pytest.raises(ConfigError, match="generator function"):
+        hooked.on_shutdown(gen)
+    with pytest.raises(ConfigError, match="takes a function"):
+        hooked.on_startup("not a function")  # type: ignore[arg-type]
+    assert hooked.on_startup(optional) is optional
+    first, second = (lambda: None), (lambda: None)
+    hooked.on_shutdown(first)
+    hooked.on_shutdown(second)
+    assert hooked.startup_hooks == (optional,)
+    assert hooked.shutdown_hooks == (second, first)

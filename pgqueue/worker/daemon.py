@@ -37,6 +37,7 @@ from pgqueue.config import (
     FLUSH_TIMEOUT_SECONDS,
     POOL_CLOSE_TIMEOUT_SECONDS,
     REPEATED_SIGNAL_SECONDS,
+    SHUTDOWN_HOOKS_MIN_SECONDS,
     WorkerConfig,
     hangup_ignored,
 )
@@ -57,6 +58,7 @@ from pgqueue.worker.backoff import (
 from pgqueue.worker.completer import Completer, WriteResult
 from pgqueue.worker.executor import Executor, contain_handler_tasks, describe
 from pgqueue.worker.heartbeat import Heartbeat
+from pgqueue.worker.hooks import run_shutdown_hooks, run_startup_hooks
 from pgqueue.worker.listener import Listener
 
 log: Any = get_logger("pgqueue.worker")
@@ -257,6 +259,8 @@ class Worker:
         self._gave_up_times: tuple[float, ...] = ()
         self._started = False
         self._started_at = 0.0
+        # Whether every startup hook returned: only then do the shutdown hooks run.
+        self._hooks_started = False
         # Rescued-job isolation (see run_once): the job running alone, whether a rescued
         # job waits, and when to look again.
         self._isolated: Job | None = None
@@ -438,6 +442,14 @@ class Worker:
                     exit_now.join(1.0)
 
     async def _run_until_stopped(self) -> None:
+        # The app's startup hooks first: a worker whose hook failed claims nothing (and
+        # neither connects nor registers). Stopped meanwhile, it stops before starting.
+        if self._stopping.is_set() or not await run_startup_hooks(
+            self.registry.startup_hooks, self._stopping
+        ):
+            self.failed = not self._stopping.is_set()
+            return
+        self._hooks_started = True
         await self.pool.open(wait=False)
         metrics.WORKER_INFO.labels(__version__, ",".join(self.queues)).set(1)
         metrics.count_disconnects_from_zero(*metrics.WORKER_LOOPS)
@@ -1140,6 +1152,8 @@ class Worker:
         # its jobs get the same grace (or release) as the others instead of being left
         # claimed until their lease expires.
         await finish_within(fetcher, CLAIM_WAIT_SECONDS)
+        # The stop hooks get what the jobs leave of the shutdown timeout (see below).
+        hooks_until = asyncio.get_running_loop().time() + self.config.shutdown_timeout
         running = list(self._running.values())
         if running:
             _, late = await asyncio.wait(running, timeout=self.config.shutdown_timeout)
@@ -1155,6 +1169,15 @@ class Worker:
         # Outcomes (including releases) go out before the heartbeat stops: until then
         # the leases of jobs with unwritten outcomes must stay alive.
         flushed = self.flushed = await self.completer.flush(FLUSH_TIMEOUT_SECONDS)
+        if self._hooks_started and not self._loop_ended:
+            # Once every job has ended or been released (handlers that ignored their
+            # cancellation aside) and the outcomes are written: what the hooks close is
+            # no longer used. Within what is left of the shutdown timeout, at least
+            # SHUTDOWN_HOOKS_MIN_SECONDS (part of STOP_MARGIN_SECONDS).
+            hooks_seconds = hooks_until - asyncio.get_running_loop().time()
+            await run_shutdown_hooks(
+                self.registry.shutdown_hooks, max(hooks_seconds, SHUTDOWN_HOOKS_MIN_SECONDS)
+            )
         # Every step from here on is cut short when the database does not answer (see
         # abort.py), so that the stop ends within STOP_MARGIN_SECONDS all the same.
         await asyncio.gather(*(finish_within(task, 0) for task in services))

@@ -1,0 +1,101 @@
+"""The registry's start and stop hooks (``Registry.on_startup``, ``on_shutdown``), as each
+worker process runs them.
+
+An ``async def`` hook runs on the worker's event loop; a plain one in a thread, so that
+the loop stays free to take a stop signal while it runs, and a stop hook that blocks can
+be given up on. A hook's exception is logged with its traceback, never its locals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pgqueue.log import get_logger
+from pgqueue.registry import hook_name, is_async_callable
+from pgqueue.worker.abort import finish_within
+from pgqueue.worker.executor import describe
+
+log = get_logger("pgqueue.worker")
+
+
+async def call_hook(fn: Callable[[], Any]) -> BaseException | None:
+    """Call ``fn`` (awaiting what it returns, if awaitable); what it raised, or None.
+
+    SystemExit and KeyboardInterrupt are returned too: raised out of a task they would end
+    the event loop under the worker (Worker.loop_ended) rather than fail one hook.
+    """
+    try:
+        result = fn() if is_async_callable(fn) else await asyncio.to_thread(fn)
+        if inspect.isawaitable(result):
+            await result
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        return exc
+    return None
+
+
+async def run_startup_hooks(hooks: Sequence[Callable[[], Any]], stopping: asyncio.Event) -> bool:
+    """Run ``hooks`` in order; True if each returned. False when one raised (logged as
+    ``worker.startup_failed``) or a stop came first (the hook running is cancelled; a
+    plain one's thread is left to end on its own)."""
+    for fn in hooks:
+        name = hook_name(fn)
+        call = asyncio.create_task(call_hook(fn), name="pgqueue-startup-hook")
+        stop = asyncio.create_task(stopping.wait(), name="pgqueue-startup-stop")
+        try:
+            await asyncio.wait({call, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        finally:
+            stop.cancel()
+        if not call.done():
+            log.info("worker.startup_interrupted", hook=name)
+            await finish_within(call, 0)
+            return False
+        exc = None if call.cancelled() else call.result()
+        if call.cancelled() or exc is not None:
+            log.error(
+                "worker.startup_failed",
+                hook=name,
+                error="cancelled" if exc is None else describe(exc),
+                hint="the worker claimed nothing and exits with status 1",
+                exc_info=exc,
+            )
+            return False
+    return True
+
+
+async def run_shutdown_hooks(hooks: Sequence[Callable[[], Any]], seconds: float) -> None:
+    """Run ``hooks`` in order, all of them within ``seconds``: each one's exception is
+    logged (``worker.shutdown_hook_failed``) and the next runs; the one running when the
+    time is up is cancelled, and those after it are skipped
+    (``worker.shutdown_hook_timeout``)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    for index, fn in enumerate(hooks):
+        name = hook_name(fn)
+        call = asyncio.create_task(call_hook(fn), name="pgqueue-shutdown-hook")
+        if not await finish_within(call, max(deadline - loop.time(), 0.0)):
+            log.warning(
+                "worker.shutdown_hook_timeout",
+                hook=name,
+                seconds=round(seconds, 3),
+                skipped=[hook_name(later) for later in hooks[index + 1 :]],
+                hint="the stop hooks all share what is left of --shutdown-timeout once the"
+                " jobs have ended (at least 1 s); a plain hook's thread runs on until the"
+                " process exits",
+            )
+            return
+        exc = None if call.cancelled() else call.result()
+        if call.cancelled() or exc is not None:
+            log.error(
+                "worker.shutdown_hook_failed",
+                hook=name,
+                error="cancelled" if exc is None else describe(exc),
+                exc_info=exc,
+            )
