@@ -1,7 +1,8 @@
 """pgqueue: a Postgres-native background job queue.
 
 Public API: ``Registry`` (and its ``task`` decorator), ``enqueue``, ``enqueue_many``,
-``JobSpec``, ``current_job``, ``Worker``, ``Reaper``, the control signals
+``JobSpec``, ``current_job``, ``get_job`` and ``cancel_job`` (a ``JobStatus``),
+``Worker``, ``Reaper``, the control signals
 ``PermanentError`` and ``Snooze`` (alias ``RetryLater``), and the error tree.
 
 ``Worker`` and ``Reaper`` are imported when first used: a process that only enqueues
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 from pgqueue.config import ReaperConfig, WorkerConfig
 from pgqueue.context import JobContext, current_job
+from pgqueue.control import cancel_job, get_job
 from pgqueue.enqueue import JobDict, JobItem, JobSpec, enqueue, enqueue_many
 from pgqueue.errors import (
     AppImportError,
@@ -35,7 +37,7 @@ from pgqueue.errors import (
     ValidationError,
 )
 from pgqueue.migrate import migrate
-from pgqueue.models import JobState
+from pgqueue.models import JobState, JobStatus
 from pgqueue.registry import Registry, Task, TaskCall
 from pgqueue.retry import Backoff
 
@@ -57,6 +59,7 @@ __all__ = [
     "JobNotFound",
     "JobSpec",
     "JobState",
+    "JobStatus",
     "LeaseLost",
     "MigrationError",
     "PayloadTooLarge",
@@ -75,9 +78,11 @@ __all__ = [
     "Worker",
     "WorkerConfig",
     "__version__",
+    "cancel_job",
     "current_job",
     "enqueue",
     "enqueue_many",
+    "get_job",
     "migrate",
 ]
 

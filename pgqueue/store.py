@@ -930,9 +930,17 @@ def job_status(conn: SyncConn, *, job_id: int, with_args: bool = False) -> JobSt
     """One job from either table; with its args (decoded JSON, UndecodableArgs where
     Python cannot) only if ``with_args``."""
     rows = _fetch(conn, "job_status", {"id": job_id, "with_args": with_args})
-    if not rows:
-        return None
-    r = rows[0]
+    return _job_status(rows[0], with_args) if rows else None
+
+
+async def job_status_async(
+    conn: AsyncConn, *, job_id: int, with_args: bool = False
+) -> JobStatus | None:
+    rows = await _fetch_async(conn, "job_status", {"id": job_id, "with_args": with_args})
+    return _job_status(rows[0], with_args) if rows else None
+
+
+def _job_status(r: Row, with_args: bool) -> JobStatus:
     return JobStatus(
         id=r["id"],
         queue=r["queue"],
@@ -1230,6 +1238,11 @@ def cancel_job(conn: SyncConn, *, job_id: int) -> str | None:
     """Cancel or flag a job; returns its state afterwards, None if it was neither queued
     nor running."""
     rows = _fetch(conn, "cancel_job", {"id": job_id})
+    return rows[0]["state"] if rows else None
+
+
+async def cancel_job_async(conn: AsyncConn, *, job_id: int) -> str | None:
+    rows = await _fetch_async(conn, "cancel_job", {"id": job_id})
     return rows[0]["state"] if rows else None
 
 

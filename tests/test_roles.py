@@ -28,6 +28,7 @@ from psycopg.types.json import Jsonb
 from pgqueue import (
     Backoff,
     JobSpec,
+    JobState,
     PermanentError,
     Reaper,
     ReaperConfig,
@@ -35,8 +36,10 @@ from pgqueue import (
     Snooze,
     Worker,
     WorkerConfig,
+    cancel_job,
     enqueue,
     enqueue_many,
+    get_job,
     metrics,
     store,
 )
@@ -438,6 +441,18 @@ def test_producer_cannot_change_or_remove_jobs(strict_db, login_as):
         _cannot_touch_schema(c)
         after = table_counts(strict_db)
     assert after == before
+
+
+def test_the_producer_role_may_look_jobs_up_but_not_cancel_them(strict_db, login_as):
+    producer = login_as("pgqueue_producer")
+    worker = login_as("pgqueue_worker")
+    with connect(producer) as c:
+        job_id = enqueue(c, "t", {})
+        assert get_job(c, job_id).state is JobState.QUEUED  # type: ignore[union-attr]
+        with pytest.raises(Denied):
+            cancel_job(c, job_id)
+    with connect(worker) as c:
+        assert cancel_job(c, job_id).state is JobState.CANCELLED
 
 
 def _cannot_touch_schema(c: psycopg.Connection[Any]) -> None:
