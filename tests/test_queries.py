@@ -146,7 +146,91 @@ def fenced(dsn: str, op: str, ids: list[int], tokens: list[uuid.UUID]) -> set[in
 # --- claim --------------------------------------------------------------------------------
 
 
-def test_claim_takes_jobs_in_priority_then_run_at_then_id_order_across_queues(conn, dsn):
+@pytest.fixture(params=["claim_jobs", "claim_jobs_many"])
+def either_claim(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """store.claim_jobs through the named statement, whatever the queues and limit."""
+    monkeypatch.setattr(
+        store, "CLAIM_EXTRA_LOCKS_MAX", 10**9 if request.param == "claim_jobs" else -1
+    )
+    return str(request.param)
+
+
+def test_the_claim_over_several_queues_takes_the_two_step_statement_past_a_few_locks():
+    many = store.CLAIM_EXTRA_LOCKS_MAX
+    assert store.claim_statement(["a"], 1000) == "claim_jobs"
+    assert store.claim_statement(["a", "b", "c"], 10) == "claim_jobs"
+    assert store.claim_statement(["a", "b"], many) == "claim_jobs"
+    assert store.claim_statement(["a", "b"], many + 1) == "claim_jobs_many"
+    assert store.claim_statement(["a", "b", "c", "d", "e"], 1000) == "claim_jobs_many"
+
+
+def _unlocked_queued(dsn: str) -> int:
+    """Queued jobs no other transaction holds a lock on."""
+    with psycopg.connect(dsn) as c:
+        return len(
+            c.execute(
+                "SELECT id FROM pgqueue.jobs WHERE state = 'queued' FOR UPDATE SKIP LOCKED"
+            ).fetchall()
+        )
+
+
+@pytest.mark.parametrize(("name", "locked"), [("claim_jobs", 30), ("claim_jobs_many", 10)])
+def test_a_claim_over_several_queues_locks_only_the_jobs_it_claims_in_two_steps(
+    conn, dsn, name, locked
+):
+    # claim_jobs locks up to its limit in each queue before keeping its limit of them:
+    # 30 rows for 10 claimed here, 50,000 for a worker at --concurrency 1000 serving 50
+    # queues (a WAL record each). claim_jobs_many locks the 10 it claims.
+    for i in range(60):
+        make_job(conn, queue=f"q{i % 3}")
+    params = {"queues": ["q0", "q1", "q2"], "limit": 10, "worker_id": WORKER}
+    with psycopg.connect(dsn) as claimer:
+        rows = claimer.execute(QUERIES[name], {**params, "lease_seconds": LEASE}).fetchall()
+        assert len(rows) == 10
+        # Its transaction is open: the rows it locked are still locked.
+        assert _unlocked_queued(dsn) == 60 - locked
+        claimer.rollback()
+
+
+def test_a_two_step_claim_beside_another_in_flight_still_gets_its_share(conn, dsn):
+    # Both claims' first steps see the same first jobs of each queue; the second's
+    # locking step passes over those the first holds and takes the next of each queue.
+    ids = {make_job(conn, queue=f"q{i % 3}") for i in range(30)}
+    params = {"queues": ["q0", "q1", "q2"], "limit": 10, "lease_seconds": LEASE}
+    with psycopg.connect(dsn) as a, psycopg.connect(dsn, autocommit=True) as b:
+        b.execute("SET lock_timeout = '10s'")
+        got_a = {r[0] for r in a.execute(QUERIES["claim_jobs_many"], {**params, "worker_id": "A"})}
+        got_b = {r[0] for r in b.execute(QUERIES["claim_jobs_many"], {**params, "worker_id": "B"})}
+        a.commit()
+    assert len(got_a) == 10 and len(got_b) == 10 and got_a.isdisjoint(got_b)
+    assert got_a | got_b <= ids
+
+
+def test_the_two_step_claim_takes_what_the_one_step_claim_takes(conn, dsn):
+    # Without other claims in flight: the same jobs, the first by (priority, run_at, id)
+    # over all the queues, whatever each queue holds.
+    base = db_clock(conn) - timedelta(hours=1)
+    for i in range(90):
+        make_job(
+            conn, queue=f"q{i % 4 if i < 60 else 0}", priority=(i * 7) % 3,
+            run_at=base + timedelta(seconds=(i * 13) % 17),
+        )  # fmt: skip
+    params = {"queues": ["q0", "q1", "q2", "q3", "q9"], "worker_id": WORKER, "lease_seconds": 1}
+    for limit in (1, 7, 25, 200):
+        taken = {}
+        for name in ("claim_jobs", "claim_jobs_many"):
+            with psycopg.connect(dsn) as c:
+                taken[name] = sorted(
+                    r[0] for r in c.execute(QUERIES[name], {**params, "limit": limit})
+                )
+                c.rollback()
+        assert taken["claim_jobs"] == taken["claim_jobs_many"], limit
+        assert len(taken["claim_jobs"]) == min(limit, 90)
+
+
+def test_claim_takes_jobs_in_priority_then_run_at_then_id_order_across_queues(
+    conn, dsn, either_claim
+):
     base = db_clock(conn) - timedelta(hours=1)
     # (queue, priority, run_at offset in seconds); inserted so that id order disagrees
     # with claim order, with ties on priority and run_at broken by id.
@@ -179,7 +263,7 @@ def test_claim_takes_jobs_in_priority_then_run_at_then_id_order_across_queues(co
     assert claim(dsn, ["a", "b"], limit=1) == []
 
 
-def test_claim_takes_at_most_limit_jobs_across_all_queues(conn, dsn):
+def test_claim_takes_at_most_limit_jobs_across_all_queues(conn, dsn, either_claim):
     ids = [make_job(conn, queue=q) for q in ("a", "b") for _ in range(5)]
 
     jobs = claim(dsn, ["a", "b"], limit=3)
@@ -190,7 +274,7 @@ def test_claim_takes_at_most_limit_jobs_across_all_queues(conn, dsn):
     assert {j.id for j in jobs} <= set(ids)
 
 
-def test_claim_does_not_take_jobs_whose_run_at_is_in_the_future(conn, dsn):
+def test_claim_does_not_take_jobs_whose_run_at_is_in_the_future(conn, dsn, either_claim):
     now = db_clock(conn)
     due = make_job(conn, run_at=now - timedelta(seconds=1))
     future = make_job(conn, run_at=now + timedelta(hours=1))
@@ -205,7 +289,7 @@ def test_claim_does_not_take_jobs_whose_run_at_is_in_the_future(conn, dsn):
     assert future_row["lease_token"] is None
 
 
-def test_claim_takes_only_jobs_of_the_given_queues(conn, dsn):
+def test_claim_takes_only_jobs_of_the_given_queues(conn, dsn, either_claim):
     wanted = {make_job(conn, queue="a"), make_job(conn, queue="b")}
     other = make_job(conn, queue="c")
 
@@ -218,7 +302,7 @@ def test_claim_takes_only_jobs_of_the_given_queues(conn, dsn):
     assert other_row["state"] == "queued"
 
 
-def test_claim_does_not_take_running_or_finished_jobs(conn, dsn):
+def test_claim_does_not_take_running_or_finished_jobs(conn, dsn, either_claim):
     make_job(conn, state="running")
     make_job(conn, state="succeeded", finished_at=db_clock(conn))
     make_job(conn, state="cancelled", finished_at=db_clock(conn))
@@ -226,7 +310,7 @@ def test_claim_does_not_take_running_or_finished_jobs(conn, dsn):
     assert claim(dsn, ["default"], limit=10) == []
 
 
-def test_claim_marks_running_counts_the_attempt_and_sets_a_lease(conn, dsn):
+def test_claim_marks_running_counts_the_attempt_and_sets_a_lease(conn, dsn, either_claim):
     job_id = make_job(conn, attempts=2, args={"x": 1})
     before = db_clock(conn)
 
@@ -250,7 +334,7 @@ def test_claim_marks_running_counts_the_attempt_and_sets_a_lease(conn, dsn):
     assert job.lease_expires_at == row["lease_expires_at"]
 
 
-def test_each_claim_gets_a_different_lease_token(conn, dsn):
+def test_each_claim_gets_a_different_lease_token(conn, dsn, either_claim):
     for _ in range(3):
         make_job(conn)
 
@@ -259,7 +343,7 @@ def test_each_claim_gets_a_different_lease_token(conn, dsn):
     assert len({j.lease_token for j in jobs}) == 3
 
 
-def test_concurrent_claimers_never_get_the_same_job(conn, dsn):
+def test_concurrent_claimers_never_get_the_same_job(conn, dsn, either_claim):
     ids = {make_job(conn) for _ in range(10)}
 
     async def go() -> tuple[list[Any], list[Any]]:
@@ -336,7 +420,7 @@ def test_claim_rescued_job_takes_one_job_however_many_wait(conn, dsn):
 
 
 @pytest.mark.parametrize("race", list(RACES))
-@pytest.mark.parametrize("name", ["claim_jobs", "claim_rescued_job"])
+@pytest.mark.parametrize("name", ["claim_jobs", "claim_jobs_many", "claim_rescued_job"])
 def test_claim_skips_a_job_changed_after_its_snapshot(conn, dsn, name, race):
     job_id = make_job(conn, rescued=(name == "claim_rescued_job"))
     params = {"queues": ["default"], "limit": 10, "worker_id": "B", "lease_seconds": LEASE}
@@ -374,7 +458,7 @@ def test_claim_skips_a_job_changed_after_its_snapshot(conn, dsn, name, race):
                 )
             )
             statement = RACES[race]
-            if statement == "claim" and name == "claim_jobs":
+            if statement == "claim" and name != "claim_rescued_job":
                 assert [j.id for j in claim(dsn, ["default"], limit=10, worker_id="A")] == [job_id]
             elif statement == "claim":
                 other = run_async(
@@ -1772,7 +1856,7 @@ def _running_ids_and_tokens(dsn: str, n: int) -> tuple[list[int], list[uuid.UUID
 
 def _plan_params(dsn: str, name: str) -> dict[str, Any]:
     queues = ["q0", "q1", "q2"]
-    if name == "claim_jobs":
+    if name in ("claim_jobs", "claim_jobs_many"):
         return {"queues": queues, "limit": 10, "worker_id": WORKER, "lease_seconds": LEASE}
     if name == "claim_rescued_job":
         return {"queues": queues, "worker_id": WORKER, "lease_seconds": LEASE}
@@ -1830,6 +1914,7 @@ def _seq_scans_on_jobs(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     "name",
     [
         "claim_jobs",
+        "claim_jobs_many",
         "claim_rescued_job",
         "rescued_waiting",
         "seconds_until_due",
@@ -1851,7 +1936,7 @@ def test_hot_query_plan_never_seq_scans_the_jobs_table(seeded_dsn, name):
     assert _seq_scans_on_jobs(nodes) == [], nodes
 
 
-@pytest.mark.parametrize("name", ["claim_jobs", "seconds_until_due"])
+@pytest.mark.parametrize("name", ["claim_jobs", "claim_jobs_many", "seconds_until_due"])
 def test_claim_side_query_plan_uses_the_claim_index(seeded_dsn, name):
     nodes = explain(seeded_dsn, name, _plan_params(seeded_dsn, name))
 
@@ -2009,14 +2094,18 @@ def queued_after_idle_dsn(server_dsn: str, template_db: str) -> Iterator[str]:
 # plan scanned every queued job for each picked id.
 @pytest.mark.parametrize(
     ("name", "claim_index"),
-    [("claim_jobs", "jobs_claim_idx"), ("claim_rescued_job", "jobs_rescued_idx")],
+    [
+        ("claim_jobs", "jobs_claim_idx"),
+        ("claim_jobs_many", "jobs_claim_idx"),
+        ("claim_rescued_job", "jobs_rescued_idx"),
+    ],
 )
 def test_claims_update_picked_rows_by_primary_key_in_their_generic_plan(
     queued_after_idle_dsn, name, claim_index
 ):
     params: dict[str, Any] = {"queues": ["q0", "q1", "q2"], "worker_id": WORKER}
     params["lease_seconds"] = LEASE
-    if name == "claim_jobs":
+    if name != "claim_rescued_job":
         params["limit"] = 100
 
     nodes = _generic_plan(queued_after_idle_dsn, name, params)
@@ -2029,8 +2118,9 @@ def test_claims_update_picked_rows_by_primary_key_in_their_generic_plan(
 
 @pytest.mark.parametrize(
     "name",
-    ["claim_jobs", "claim_rescued_job", "rescued_waiting", "seconds_until_due", "extend_leases",
-     "complete_jobs", "recorded_outcomes", "release_orphans"],
+    ["claim_jobs", "claim_jobs_many", "claim_rescued_job", "rescued_waiting",
+     "seconds_until_due", "extend_leases", "complete_jobs", "recorded_outcomes",
+     "release_orphans"],
 )  # fmt: skip
 def test_worker_statement_generic_plan_never_seq_scans_the_jobs_table(queued_after_idle_dsn, name):
     nodes = _generic_plan(queued_after_idle_dsn, name, _plan_params(queued_after_idle_dsn, name))
@@ -2071,9 +2161,10 @@ def _new_table_params(dsn: str, name: str) -> dict[str, Any]:
 
 
 LONG_LIVED_PLANS = sorted(
-    {"claim_jobs", "claim_rescued_job", "rescued_waiting", "seconds_until_due",
-     "recorded_outcomes", "release_orphans", "requeue_expired", "dead_letter_expired",
-     "dead_letter_candidates", "prune_finished", "prune_candidates", "prune_job"}
+    {"claim_jobs", "claim_jobs_many", "claim_rescued_job", "rescued_waiting",
+     "seconds_until_due", "recorded_outcomes", "release_orphans", "requeue_expired",
+     "dead_letter_expired", "dead_letter_candidates", "prune_finished", "prune_candidates",
+     "prune_job"}
     | set(LEASE_FENCED)
 )  # fmt: skip
 
@@ -2134,7 +2225,7 @@ def test_lease_columns_are_set_exactly_while_running(conn, assignment):
         )
 
 
-@pytest.mark.parametrize("name", ["claim_jobs", "claim_rescued_job"])
+@pytest.mark.parametrize("name", ["claim_jobs", "claim_jobs_many", "claim_rescued_job"])
 def test_claim_returns_the_job_fields_in_order(conn, name):
     # store builds Job(*row) from a claim's row: the columns must be Job's fields, in order.
     make_job(conn, queue="q0", rescued=name == "claim_rescued_job")

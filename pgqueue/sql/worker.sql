@@ -44,6 +44,73 @@ RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts,
           j.created_at, j.lease_token, j.lease_expires_at,
           j.cancel_requested_at IS NOT NULL AS cancel_requested, j.attempted_at;
 
+-- name: claim_jobs_many
+-- claim_jobs for a worker serving several queues, locking no more rows than it claims.
+-- claim_jobs locks up to %(limit)s rows in each queue before the outer LIMIT keeps
+-- %(limit)s of them: a worker serving 50 queues at --concurrency 1000 locked up to 50,000
+-- rows (a WAL record each) per claim. Here the first step reads each queue's first
+-- %(limit)s due jobs without locking them and keeps the %(limit)s first of all, which
+-- says how many to take from each queue; the second takes that many from each queue,
+-- locked, with SKIP LOCKED (a row another claim holds gives way to the next of the same
+-- queue: a claim still gets its share while others run, in an order that is each
+-- queue's own, as jobs never had a global one). Both steps scan jobs_claim_idx per queue.
+WITH seen AS MATERIALIZED (
+    SELECT q.name, c.priority, c.run_at, c.id
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.priority, j.run_at
+        FROM pgqueue.jobs AS j
+        WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= now()
+          AND NOT j.rescued
+        ORDER BY j.priority, j.run_at, j.id
+        LIMIT %(limit)s
+    ) AS c
+    WHERE NOT EXISTS (
+        SELECT 1 FROM pgqueue.queues AS p WHERE p.name = q.name AND p.paused_at IS NOT NULL)
+    ORDER BY c.priority, c.run_at, c.id
+    LIMIT %(limit)s
+), shares AS MATERIALIZED (
+    -- Per queue: how many, and the first job seen, where the second scan starts (a
+    -- queue drained fast has a long run of claimed jobs' index entries before it, which
+    -- the first scan has walked through once already).
+    SELECT f.name, f.priority, f.run_at, f.id, f.n
+    FROM (
+        SELECT s.name, s.priority, s.run_at, s.id, count(*) OVER w AS n,
+               row_number() OVER (w ORDER BY s.priority, s.run_at, s.id) AS rank
+        FROM seen AS s
+        WINDOW w AS (PARTITION BY s.name)
+    ) AS f
+    WHERE f.rank = 1
+), picked AS MATERIALIZED (
+    SELECT c.id
+    FROM shares AS s
+    CROSS JOIN LATERAL (
+        SELECT j.id
+        FROM pgqueue.jobs AS j
+        WHERE j.queue = s.name AND j.state = 'queued' AND j.run_at <= now()
+          AND (j.priority, j.run_at, j.id) >= (s.priority, s.run_at, s.id)
+          AND NOT j.rescued
+        ORDER BY j.priority, j.run_at, j.id
+        LIMIT s.n
+        FOR NO KEY UPDATE SKIP LOCKED
+    ) AS c
+    -- Never more: tells the planner so (it cannot see through LIMIT s.n), for the
+    -- UPDATE's lookup of each picked id by primary key.
+    LIMIT %(limit)s
+)
+UPDATE pgqueue.jobs AS j
+SET state = 'running',
+    attempts = j.attempts + (j.attempts < 2147483647)::int,
+    lease_token = gen_random_uuid(),
+    leased_by = %(worker_id)s,
+    attempted_at = now(),
+    lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, j.run_at,
+          j.created_at, j.lease_token, j.lease_expires_at,
+          j.cancel_requested_at IS NOT NULL AS cancel_requested, j.attempted_at;
+
 -- name: claim_rescued_job
 -- Claims one rescued job (see migration 0003) for a worker that has nothing else running;
 -- the worker then claims nothing more until it is done. Same shape as claim_jobs, over
