@@ -1192,10 +1192,10 @@ async def _run_worker(worker: Worker, child: _SupervisedChild) -> None:
             thread.join(timeout=1.0)
     if default_executor.busy:
         _log.warning("worker.threads_left", threads=default_executor.busy)
-    if worker.stubborn_handlers or default_executor.busy:
-        # A handler that swallows its cancellation would keep asyncio.run's final
-        # cancel-and-wait going without end, and a thread left in the default executor
-        # its final join; their jobs have been released already.
+    if worker.stubborn_handlers or worker.hooks_left_running or default_executor.busy:
+        # A handler (or an async start or stop hook) that swallows its cancellation would
+        # keep asyncio.run's final cancel-and-wait going without end, and a thread left in
+        # the default executor its final join; their jobs have been released already.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_ERROR if worker.failed or not worker.flushed else 0)

@@ -418,6 +418,9 @@ async def drain_async(
             shutdown_timeout=0.0,
         ),
         worker_id=f"pgqueue.testing:{os.getpid()}:{uuid.uuid4().hex[:12]}",
+        # Its jobs are released at once at the end; the app's stop hooks get the
+        # drain's own time.
+        stop_hooks_seconds=timeout,
     )
     names = worker.queues
     loop = asyncio.get_running_loop()
@@ -475,8 +478,10 @@ def drain(
     the drain up). After ``timeout`` seconds, ``DrainTimeout`` (a ``TimeoutError``, with
     the attempts run so far): the worker stops at once and gives back what still runs
     (a sync handler's thread cannot be stopped: it runs on, and the interpreter waits
-    for it at exit). ``ConfigError`` for a registry without tasks, queues given as one
-    string or a bad timeout; ``PgQueueError`` when the database lacks migrations."""
+    for it at exit). The registry's start and stop hooks run around the jobs, the stop
+    hooks within ``timeout`` seconds more (at least 1). ``ConfigError`` for a registry
+    without tasks, queues given as one string or a bad timeout; ``PgQueueError`` when the
+    database lacks migrations."""
     result: DrainResult = _run_here(
         drain_async(
             registry,

@@ -1610,6 +1610,8 @@ def test_a_startup_hook_that_fails_stops_the_worker_before_it_claims(conn, daemo
     failed = logged(daemons, worker, "worker.startup_failed")
     assert len(failed) == 1, daemons.output(worker)
     assert failed[0]["hook"] == "tests.apps.hooks.open_client"
+    (starting,) = logged(daemons, worker, "worker.starting")
+    assert starting["hooks"] == ["tests.apps.hooks.open_plain", "tests.apps.hooks.open_client"]
     assert failed[0]["error"] == "RuntimeError: the payment service is down"
     assert "Traceback" in daemons.output(worker)
     assert not logged(daemons, worker, "worker.started")
@@ -1620,9 +1622,12 @@ def test_a_startup_hook_that_fails_stops_the_worker_before_it_claims(conn, daemo
     assert [note for _, note in hook_notes(conn)] == ["startup:plain"]
 
 
-def test_a_worker_stopped_during_a_startup_hook_stops_without_claiming(conn, daemons):
+@pytest.mark.parametrize("mode", ["hang_startup", "stubborn_startup"])
+def test_a_worker_stopped_during_a_startup_hook_stops_without_claiming(conn, daemons, mode):
+    # stubborn: the hook swallows its cancellation; the process exits without it (it
+    # ran on for ever, a review found).
     job_id = enqueue(conn, "uses_client", {})
-    worker = daemons.worker(app=HOOKS_APP, env={"HOOKS_MODE": "hang_startup"})
+    worker = daemons.worker(app=HOOKS_APP, env={"HOOKS_MODE": mode})
     wait_until(lambda: "startup:hanging" in [note for _, note in hook_notes(conn)])
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
@@ -1631,10 +1636,12 @@ def test_a_worker_stopped_during_a_startup_hook_stops_without_claiming(conn, dae
     assert [note for _, note in hook_notes(conn)] == ["startup:plain", "startup:hanging"]
 
 
-@pytest.mark.parametrize("mode", ["fail_shutdown", "hang_shutdown"])
+@pytest.mark.parametrize("mode", ["fail_shutdown", "hang_shutdown", "stubborn_shutdown"])
 def test_a_stop_hook_that_fails_or_hangs_does_not_keep_the_worker_from_stopping(
     conn, daemons, mode
 ):
+    # stubborn: the hook swallows its cancellation; the process exits without it (it
+    # ran on for ever, a review found).
     worker = daemons.worker("--shutdown-timeout", "1", app=HOOKS_APP, env={"HOOKS_MODE": mode})
     job_id = enqueue(conn, "uses_client", {})
     wait_until(lambda: all_succeeded(conn, [job_id]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -486,3 +487,34 @@ def test_start_and_stop_hooks_must_be_callable_without_arguments():
     hooked.on_shutdown(second)
     assert hooked.startup_hooks == (optional,)
     assert hooked.shutdown_hooks == (second, first)
+
+
+@pytest.mark.parametrize("when", ["startup", "shutdown"])
+def test_drain_returns_though_a_plain_hook_blocks(conn, dsn, when):
+    # A plain hook ran in the default executor, whose shutdown at the end of drain
+    # waits for its threads without end: drain never returned (a review).
+    hooked = Registry()
+    release = threading.Event()
+    ran: list[str] = []
+
+    def block() -> None:
+        release.wait(60)
+
+    (hooked.on_startup if when == "startup" else hooked.on_shutdown)(block)
+
+    @hooked.task(name="hooked.quick")
+    def quick() -> None:
+        ran.append("job")
+
+    enqueue(conn, "hooked.quick")
+    try:
+        started = time.monotonic()
+        if when == "startup":
+            with pytest.raises(DrainTimeout):
+                drain(hooked, dsn, timeout=1)
+        else:
+            assert drain(hooked, dsn, timeout=1).succeeded == 1
+        assert time.monotonic() - started < 30
+    finally:
+        release.set()
+    assert ran == ([] if when == "startup" else ["job"])

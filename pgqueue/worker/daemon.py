@@ -58,7 +58,7 @@ from pgqueue.worker.backoff import (
 from pgqueue.worker.completer import Completer, WriteResult
 from pgqueue.worker.executor import Executor, contain_handler_tasks, describe
 from pgqueue.worker.heartbeat import Heartbeat
-from pgqueue.worker.hooks import run_shutdown_hooks, run_startup_hooks
+from pgqueue.worker.hooks import Hooks
 from pgqueue.worker.listener import Listener
 
 log: Any = get_logger("pgqueue.worker")
@@ -151,8 +151,13 @@ class Worker:
         supervised: bool = False,
         parent_pid: int | None = None,
         on_started: Callable[[], object] | None = None,
+        stop_hooks_seconds: float | None = None,
     ) -> None:
         self.registry = registry
+        # How long the stop hooks get: by default what the jobs leave of the shutdown
+        # timeout, at least SHUTDOWN_HOOKS_MIN_SECONDS (pgqueue.testing.drain, which
+        # releases the jobs at once, gives them its own time).
+        self._stop_hooks_seconds = stop_hooks_seconds
         # Called once the worker's loops run (a supervised child tells its supervisor).
         self._on_started = on_started
         # Run by a --processes supervisor: see _on_signal.
@@ -261,6 +266,7 @@ class Worker:
         self._started_at = 0.0
         # Whether every startup hook returned: only then do the shutdown hooks run.
         self._hooks_started = False
+        self._hooks = Hooks()
         # Rescued-job isolation (see run_once): the job running alone, whether a rescued
         # job waits, and when to look again.
         self._isolated: Job | None = None
@@ -368,6 +374,12 @@ class Worker:
             held.append(now - gave_up_at)
         return max(held)
 
+    @property
+    def hooks_left_running(self) -> int:
+        """Async start or stop hooks that swallowed their cancellation and still run (the
+        process exits without waiting for them: cli._run_worker)."""
+        return self._hooks.left_running
+
     def health(self) -> tuple[bool, str]:
         """For /healthz (called from the metrics thread): are the loops alive and does
         the database answer?"""
@@ -444,7 +456,7 @@ class Worker:
     async def _run_until_stopped(self) -> None:
         # The app's startup hooks first: a worker whose hook failed claims nothing (and
         # neither connects nor registers). Stopped meanwhile, it stops before starting.
-        if self._stopping.is_set() or not await run_startup_hooks(
+        if self._stopping.is_set() or not await self._hooks.startup(
             self.registry.startup_hooks, self._stopping
         ):
             self.failed = not self._stopping.is_set()
@@ -1087,8 +1099,9 @@ class Worker:
             error=describe(exc),
             running=len(running),
             job_ids=sorted(job.id for job in running),
-            hint="a handler stopped the event loop (loop.stop()) or raised SystemExit or"
-            " KeyboardInterrupt in a loop callback; the jobs running are left to their"
+            hint="a handler (or a start or stop hook) stopped the event loop (loop.stop())"
+            " or raised SystemExit or KeyboardInterrupt in a loop callback; the stop hooks"
+            " do not run; the jobs running are left to their"
             " leases: the reaper requeues them, and one that does it every time is"
             " dead-lettered",
             exc_info=exc,
@@ -1175,7 +1188,9 @@ class Worker:
             # no longer used. Within what is left of the shutdown timeout, at least
             # SHUTDOWN_HOOKS_MIN_SECONDS (part of STOP_MARGIN_SECONDS).
             hooks_seconds = hooks_until - asyncio.get_running_loop().time()
-            await run_shutdown_hooks(
+            if self._stop_hooks_seconds is not None:
+                hooks_seconds = self._stop_hooks_seconds
+            await self._hooks.shutdown(
                 self.registry.shutdown_hooks, max(hooks_seconds, SHUTDOWN_HOOKS_MIN_SECONDS)
             )
         # Every step from here on is cut short when the database does not answer (see

@@ -1,7 +1,8 @@
 """An app with worker start and stop hooks (Registry.on_startup, on_shutdown), for the
 tests' worker processes. Each hook records itself in public.executions (job_id 0, the
 process's pid, the note) through its own connection; HOOKS_MODE picks a misbehaving one:
-fail_startup, hang_startup, fail_shutdown, hang_shutdown."""
+fail_startup, hang_startup, stubborn_startup, fail_shutdown, hang_shutdown,
+stubborn_shutdown (stubborn: an async hook that swallows every cancellation)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ def _unfinished() -> int:
     return int(row[0])
 
 
+async def _swallow_cancels() -> None:
+    while True:
+        try:
+            await asyncio.sleep(0.1)
+        except asyncio.CancelledError:
+            continue
+
+
 @registry.on_startup
 def open_plain() -> None:
     # A plain hook runs in a thread of its own, not the event loop's.
@@ -56,6 +65,9 @@ async def open_client() -> None:
     if MODE == "hang_startup":
         _record("startup:hanging")
         await asyncio.Event().wait()
+    if MODE == "stubborn_startup":
+        _record("startup:hanging")
+        await _swallow_cancels()
     client["session"] = "open"
     _record("startup:async")
 
@@ -75,6 +87,9 @@ async def close_client() -> None:
     if MODE == "hang_shutdown":
         _record("shutdown:hanging")
         await asyncio.Event().wait()
+    if MODE == "stubborn_shutdown":
+        _record("shutdown:hanging")
+        await _swallow_cancels()
     client.pop("session")
     await asyncio.to_thread(_record, f"shutdown:async unfinished={_unfinished()}")
 
