@@ -270,8 +270,8 @@ def _fetch(conn: SyncConn, name: str, params: dict[str, Any]) -> list[Row]:
 # two steps cost more than locking a few rows (claim_jobs locks up to `limit` in each
 # queue): a worker at --concurrency 10 serving 3 queues keeps claim_jobs; one at 1000
 # serving 5 (locking up to 5,000 rows for 1,000 claimed) or at 50 serving 200 does not.
-# Measured in the notes of issue 5: 50 queues, 2 processes at 1,000, from 8,200-11,400 to
-# 13,900-14,600 jobs/s and from 472 to 174 MiB of WAL for 150,000 jobs.
+# `python -m bench.many_queues`: 50 queues, 2 processes at 1,000, 9,600 -> 12,900 jobs/s
+# and 472 -> 174 MiB of WAL for 150,000 jobs (CHANGELOG).
 CLAIM_EXTRA_LOCKS_MAX = 100
 
 
