@@ -765,26 +765,29 @@ def test_a_handler_that_ends_the_event_loop_charges_no_job_beside_it(conn, daemo
 
 
 @pytest.mark.parametrize(
-    ("how", "sig"),
+    ("how", "sig", "taken_back"),
     [
-        ("ignore", signal.SIGTERM),
-        ("loop", signal.SIGTERM),
-        ("remove", signal.SIGTERM),
+        ("ignore", signal.SIGTERM, "SIGTERM"),
+        ("loop", signal.SIGTERM, "SIGTERM"),
+        ("remove", signal.SIGTERM, "SIGTERM"),
         # Not taken for nohup's: that is decided when the worker starts.
-        ("ignore_hup", signal.SIGHUP),
+        ("ignore_hup", signal.SIGHUP, "SIGHUP"),
+        # asyncio learns of every signal through its wake-up fd.
+        ("wakeup_fd", signal.SIGTERM, "wakeup_fd"),
     ],
 )
 def test_a_handler_that_takes_the_stop_signal_does_not_keep_the_worker_from_stopping(
-    conn, daemons, how, sig
+    conn, daemons, how, sig, taken_back
 ):
-    # A handler's signal.signal(SIGTERM, SIG_IGN) or loop.add_signal_handler made the
-    # worker ignore every SIGTERM from then on; its loop.remove_signal_handler made a
-    # SIGTERM kill it without releasing its jobs. Nothing was logged (a review).
+    # A handler's signal.signal(SIGTERM, SIG_IGN), loop.add_signal_handler or
+    # signal.set_wakeup_fd(-1) made the worker ignore every SIGTERM from then on; its
+    # loop.remove_signal_handler made a SIGTERM kill it without releasing its jobs.
+    # Nothing was logged (a review).
     worker = daemons.worker()
     job_id = enqueue(conn, "take_sigterm", {"how": how})
     wait_until(lambda: all_succeeded(conn, [job_id]))
     taken = wait_until(lambda: logged(daemons, worker, "worker.signal_taken_back"))
-    assert taken[0]["signal"] == sig.name and taken[0]["level"] == "warning", taken
+    assert taken[0]["signal"] == taken_back and taken[0]["level"] == "warning", taken
     running = enqueue(conn, "sleep", {"seconds": 1, "note": how})
     wait_until(lambda: executions(conn, running, "start") == 1)
     worker.send_signal(sig)

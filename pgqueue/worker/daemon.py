@@ -499,12 +499,29 @@ class Worker:
     async def _guard_signals(self) -> None:
         """Take the stop signals back from a handler that took them: ``signal.signal(
         SIGTERM, SIG_IGN)``, a ``loop.add_signal_handler`` or ``remove_signal_handler`` of
-        its own, in an async handler (a plain one's thread may not set them). Without
+        its own, ``signal.set_wakeup_fd``, in an async handler (a plain one's thread may
+        not set them). Without
         this the worker ignored every SIGTERM from then on, or died of one without
         releasing its jobs, silently, and a supervisor killed it after its grace."""
         loop = asyncio.get_running_loop()
+        # asyncio's loop learns of every signal through the wake-up fd it set (its
+        # self-pipe): a handler's signal.set_wakeup_fd(-1) cut it off from all of them.
+        csock = getattr(loop, "_csock", None)
+        wakeup_fd = csock.fileno() if csock is not None else None
         while True:
             await asyncio.sleep(SIGNAL_GUARD_SECONDS)
+            if wakeup_fd is not None:
+                # Read by setting it: put back in the same call.
+                found_fd = signal.set_wakeup_fd(wakeup_fd)
+                if found_fd != wakeup_fd:
+                    log.warning(
+                        "worker.signal_taken_back",
+                        signal="wakeup_fd",
+                        found=found_fd,
+                        hint="code in a handler called signal.set_wakeup_fd, which cut the"
+                        " worker off from the stop signals it needs for its graceful stop:"
+                        " code that needs its own belongs in a subprocess",
+                    )
             for sig in self._stop_signals:
                 found = signal.getsignal(sig)
                 if found == self._signal_arrived:

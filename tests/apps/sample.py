@@ -137,6 +137,8 @@ async def take_sigterm(how: str) -> None:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     elif how == "loop":
         loop.add_signal_handler(signal.SIGTERM, lambda: None)
+    elif how == "wakeup_fd":
+        signal.set_wakeup_fd(-1)
     else:
         loop.remove_signal_handler(signal.SIGTERM)
     await asyncio.to_thread(_record, how)
