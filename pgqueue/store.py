@@ -267,12 +267,13 @@ def _fetch(conn: SyncConn, name: str, params: dict[str, Any]) -> list[Row]:
 
 
 # How many rows beyond its limit a claim may lock before it takes claim_jobs_many, whose
-# two steps cost more than locking a few rows (claim_jobs locks up to `limit` in each
-# queue): a worker at --concurrency 10 serving 3 queues keeps claim_jobs; one at 1000
-# serving 5 (locking up to 5,000 rows for 1,000 claimed) or at 50 serving 200 does not.
-# `python -m bench.many_queues`: 50 queues, 2 processes at 1,000, 9,600 -> 12,900 jobs/s
-# and 472 -> 174 MiB of WAL for 150,000 jobs (CHANGELOG).
-CLAIM_EXTRA_LOCKS_MAX = 100
+# steps cost more than locking a few hundred rows (claim_jobs locks up to `limit` in each
+# queue): a worker at --concurrency 10 serving 20 queues keeps claim_jobs (the two-step
+# claim drained 7% slower there); one at 1000 serving 5 (up to 5,000 rows locked for
+# 1,000 claimed) or at 50 serving 200 does not. `python -m bench.many_queues`: 50 queues,
+# 2 processes at 1,000, 9,600 -> 12,900 jobs/s and 472 -> 174 MiB of WAL for 150,000
+# jobs (CHANGELOG).
+CLAIM_EXTRA_LOCKS_MAX = 500
 
 
 def claim_statement(queues: Sequence[str], limit: int) -> str:

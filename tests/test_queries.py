@@ -158,10 +158,36 @@ def either_claim(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 def test_the_claim_over_several_queues_takes_the_two_step_statement_past_a_few_locks():
     many = store.CLAIM_EXTRA_LOCKS_MAX
     assert store.claim_statement(["a"], 1000) == "claim_jobs"
-    assert store.claim_statement(["a", "b", "c"], 10) == "claim_jobs"
+    assert store.claim_statement([f"q{i}" for i in range(20)], 10) == "claim_jobs"
     assert store.claim_statement(["a", "b"], many) == "claim_jobs"
     assert store.claim_statement(["a", "b"], many + 1) == "claim_jobs_many"
     assert store.claim_statement(["a", "b", "c", "d", "e"], 1000) == "claim_jobs_many"
+    assert store.claim_statement([f"q{i}" for i in range(200)], 50) == "claim_jobs_many"
+
+
+@pytest.mark.parametrize("name", ["claim_jobs", "claim_jobs_many"])
+def test_a_claim_beside_one_in_flight_that_holds_the_first_jobs_still_takes_its_limit(
+    conn, dsn, name
+):
+    # The two-step claim's first step cannot tell the rows another claim in flight holds
+    # from free ones: q0's 60 urgent jobs, all held, made it take nothing while 200 free
+    # due jobs waited in q1 and q2 (a review). A claim short of its limit must mean no
+    # free due job is left: the worker then sleeps until its next poll.
+    for queue, priority, n in (("q0", 0, 60), ("q1", 1, 100), ("q2", 1, 100)):
+        for _ in range(n):
+            make_job(conn, queue=queue, priority=priority)
+    params = {"queues": ["q0", "q1", "q2"], "limit": 60, "lease_seconds": LEASE}
+    with psycopg.connect(dsn) as a, psycopg.connect(dsn, autocommit=True) as b:
+        # (claim_jobs_many: claim_jobs would lock 60 of each queue.)
+        held = a.execute(QUERIES["claim_jobs_many"], {**params, "worker_id": "A"}).fetchall()
+        assert {r[1] for r in held} == {"q0"}
+        taken = b.execute(QUERIES[name], {**params, "worker_id": "B"}).fetchall()
+        a.rollback()
+    # The first 60 free ones by (priority, run_at, id): q1's, enqueued before q2's.
+    first_free = conn.execute(
+        "SELECT id FROM pgqueue.jobs WHERE queue <> 'q0' ORDER BY priority, run_at, id LIMIT 60"
+    ).fetchall()
+    assert sorted(r[0] for r in taken) == [r[0] for r in first_free]
 
 
 def _unlocked_queued(dsn: str) -> int:
@@ -402,6 +428,46 @@ def _gated(name: str) -> str:
         f" WHERE pg_advisory_xact_lock_shared({GATE}) IS NOT NULL) AS q(name)"
     )
     return query.replace(plain, gate)
+
+
+@pytest.mark.parametrize("name", ["claim_jobs", "claim_jobs_many"])
+def test_claim_takes_a_job_whose_priority_was_raised_after_its_snapshot(conn, dsn, name):
+    # The two-step claim's second step starts at the first job the first step saw: a job
+    # given a smaller key meanwhile failed that recheck and was left, the claim short
+    # (a review). Its third step takes it, as claim_jobs does.
+    first = make_job(conn, queue="q0")
+    raised = make_job(conn, queue="q0")
+    make_job(conn, queue="q1", priority=3)
+    params = {"queues": ["q0", "q1"], "limit": 10, "worker_id": "B", "lease_seconds": LEASE}
+    result: dict[str, Any] = {}
+    bounded = "-c lock_timeout=20s -c statement_timeout=30s"
+    with (
+        psycopg.connect(dsn, autocommit=True) as gatekeeper,
+        psycopg.connect(dsn, autocommit=True, options=bounded) as claimer,
+    ):
+        gatekeeper.execute("SELECT pg_advisory_lock(%s)", (GATE,))
+        thread = threading.Thread(
+            target=lambda: result.update(rows=claimer.execute(_gated(name), params).fetchall())
+        )
+        thread.start()
+        try:
+            wait_until(
+                lambda: (
+                    scalar(
+                        conn,
+                        "SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted"
+                        " AND locktype = 'advisory'",
+                        (claimer.info.backend_pid,),
+                    )
+                    == 1
+                )
+            )
+            conn.execute("UPDATE pgqueue.jobs SET priority = -5 WHERE id = %s", (raised,))
+        finally:
+            gatekeeper.execute("SELECT pg_advisory_unlock(%s)", (GATE,))
+            thread.join(timeout=60)
+    assert {row[0] for row in result["rows"]} >= {first, raised}
+    assert len(result["rows"]) == 3
 
 
 def test_claim_rescued_job_takes_one_job_however_many_wait(conn, dsn):

@@ -45,15 +45,20 @@ RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts,
           j.cancel_requested_at IS NOT NULL AS cancel_requested, j.attempted_at;
 
 -- name: claim_jobs_many
--- claim_jobs for a worker serving several queues, locking no more rows than it claims.
--- claim_jobs locks up to %(limit)s rows in each queue before the outer LIMIT keeps
--- %(limit)s of them: a worker serving 50 queues at --concurrency 1000 locked up to 50,000
--- rows (a WAL record each) per claim. Here the first step reads each queue's first
--- %(limit)s due jobs without locking them and keeps the %(limit)s first of all, which
--- says how many to take from each queue; the second takes that many from each queue,
--- locked, with SKIP LOCKED (a row another claim holds gives way to the next of the same
--- queue: a claim still gets its share while others run, in an order that is each
--- queue's own, as jobs never had a global one). Both steps scan jobs_claim_idx per queue.
+-- claim_jobs for a worker serving several queues, locking no more rows than it claims
+-- unless other claims hold the ones it meant to take. claim_jobs locks up to %(limit)s
+-- rows in each queue before the outer LIMIT keeps %(limit)s of them: a worker serving 50
+-- queues at --concurrency 1000 locked up to 50,000 rows (a WAL record each) per claim.
+-- Here the first step (seen) reads each queue's first %(limit)s due jobs without locking
+-- them and keeps the %(limit)s first of all, which says how many to take from each queue
+-- and from which job on; the second (picked) takes that many from each queue, from
+-- there, locked, with SKIP LOCKED. The first step cannot tell the rows other claims in
+-- flight hold (or a job changed since the snapshot) from free ones, so the second may
+-- come back short of what the first saw: the third (more) then takes the rest as
+-- claim_jobs does, from every queue with SKIP LOCKED, leaving out the rows picked (this
+-- statement's own locks do not make them skipped). A claim short of its limit thus still
+-- means no free due job was left, which the worker's idle wait relies on (it sleeps to
+-- its next poll). The third step costs nothing when the second was not short (LIMIT 0).
 WITH seen AS MATERIALIZED (
     SELECT q.name, c.priority, c.run_at, c.id
     FROM unnest(%(queues)s::text[]) AS q(name)
@@ -97,6 +102,31 @@ WITH seen AS MATERIALIZED (
     -- Never more: tells the planner so (it cannot see through LIMIT s.n), for the
     -- UPDATE's lookup of each picked id by primary key.
     LIMIT %(limit)s
+), short AS MATERIALIZED (
+    SELECT (SELECT count(*) FROM seen) - (SELECT count(*) FROM picked) AS n
+), more AS MATERIALIZED (
+    SELECT c.id
+    FROM short AS s
+    CROSS JOIN unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.priority, j.run_at
+        FROM pgqueue.jobs AS j
+        WHERE j.queue = q.name AND j.state = 'queued' AND j.run_at <= now()
+          AND NOT j.rescued
+          AND j.id <> ALL (ARRAY(SELECT p.id FROM picked AS p))
+        ORDER BY j.priority, j.run_at, j.id
+        LIMIT s.n
+        FOR NO KEY UPDATE SKIP LOCKED
+    ) AS c
+    WHERE s.n > 0
+      AND NOT EXISTS (
+        SELECT 1 FROM pgqueue.queues AS p WHERE p.name = q.name AND p.paused_at IS NOT NULL)
+    ORDER BY c.priority, c.run_at, c.id
+    LIMIT %(limit)s
+), taken AS (
+    SELECT p.id FROM picked AS p
+    UNION ALL
+    (SELECT m.id FROM more AS m LIMIT (SELECT s.n FROM short AS s))
 )
 UPDATE pgqueue.jobs AS j
 SET state = 'running',
@@ -105,8 +135,8 @@ SET state = 'running',
     leased_by = %(worker_id)s,
     attempted_at = now(),
     lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
-FROM picked
-WHERE j.id = picked.id
+FROM taken
+WHERE j.id = taken.id
 RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, j.run_at,
           j.created_at, j.lease_token, j.lease_expires_at,
           j.cancel_requested_at IS NOT NULL AS cancel_requested, j.attempted_at;
