@@ -500,9 +500,9 @@ class Worker:
         """Take the stop signals back from a handler that took them: ``signal.signal(
         SIGTERM, SIG_IGN)``, a ``loop.add_signal_handler`` or ``remove_signal_handler`` of
         its own, ``signal.set_wakeup_fd``, in an async handler (a plain one's thread may
-        not set them). Without
-        this the worker ignored every SIGTERM from then on, or died of one without
-        releasing its jobs, silently, and a supervisor killed it after its grace."""
+        not set them). Without this the worker ignored every SIGTERM from then on, or
+        died of one without releasing its jobs, silently, and a supervisor killed it
+        after its grace."""
         loop = asyncio.get_running_loop()
         # asyncio's loop learns of every signal through the wake-up fd it set (its
         # self-pipe): a handler's signal.set_wakeup_fd(-1) cut it off from all of them.
@@ -1200,10 +1200,11 @@ class Worker:
         # the leases of jobs with unwritten outcomes must stay alive.
         flushed = self.flushed = await self.completer.flush(FLUSH_TIMEOUT_SECONDS)
         if self._hooks_started and not self._loop_ended:
-            # Once every job has ended or been released (handlers that ignored their
-            # cancellation aside) and the outcomes are written: what the hooks close is
-            # no longer used. Within what is left of the shutdown timeout, at least
-            # SHUTDOWN_HOOKS_MIN_SECONDS (part of STOP_MARGIN_SECONDS).
+            # Once every job has ended or been released and the outcomes are written: no
+            # outcome depends on what the hooks close any more (a released handler may
+            # still run, a plain one's thread or an async one that ignored its
+            # cancellation: the README says so). Within what is left of the shutdown
+            # timeout, at least SHUTDOWN_HOOKS_MIN_SECONDS (part of STOP_MARGIN_SECONDS).
             hooks_seconds = hooks_until - asyncio.get_running_loop().time()
             if self._stop_hooks_seconds is not None:
                 hooks_seconds = self._stop_hooks_seconds
