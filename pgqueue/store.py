@@ -271,7 +271,7 @@ def _fetch(conn: SyncConn, name: str, params: dict[str, Any]) -> list[Row]:
 # queue): a worker at --concurrency 10 serving 20 queues keeps claim_jobs (the two-step
 # claim drained 7% slower there); one at 1000 serving 5 (up to 5,000 rows locked for
 # 1,000 claimed) or at 50 serving 200 does not. `python -m bench.many_queues`: 50 queues,
-# 2 processes at 1,000, 9,600 -> 12,900 jobs/s and 472 -> 174 MiB of WAL for 150,000
+# 2 processes at 1,000, 12,100 -> 15,900 jobs/s and 468 -> 174 MiB of WAL for 150,000
 # jobs (CHANGELOG).
 CLAIM_EXTRA_LOCKS_MAX = 500
 
