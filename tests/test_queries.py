@@ -419,6 +419,22 @@ RACES = {
 }
 
 
+def wait_at_gate(conn: psycopg.Connection[Any], pid: int) -> None:
+    """Until the statement of backend ``pid`` runs (its snapshot taken) and waits at the
+    gate (see _gated)."""
+    wait_until(
+        lambda: (
+            scalar(
+                conn,
+                "SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted"
+                " AND locktype = 'advisory'",
+                (pid,),
+            )
+            == 1
+        )
+    )
+
+
 def _gated(name: str) -> str:
     query = QUERIES[name]
     plain = "FROM unnest(%(queues)s::text[]) AS q(name)"
@@ -451,17 +467,7 @@ def test_claim_takes_a_job_whose_priority_was_raised_after_its_snapshot(conn, ds
         )
         thread.start()
         try:
-            wait_until(
-                lambda: (
-                    scalar(
-                        conn,
-                        "SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted"
-                        " AND locktype = 'advisory'",
-                        (claimer.info.backend_pid,),
-                    )
-                    == 1
-                )
-            )
+            wait_at_gate(conn, claimer.info.backend_pid)
             conn.execute("UPDATE pgqueue.jobs SET priority = -5 WHERE id = %s", (raised,))
         finally:
             gatekeeper.execute("SELECT pg_advisory_unlock(%s)", (GATE,))
@@ -511,18 +517,7 @@ def test_claim_skips_a_job_changed_after_its_snapshot(conn, dsn, name, race):
         thread = threading.Thread(target=run_claim)
         thread.start()
         try:
-            # The claim's statement is running (its snapshot taken) and waits at the gate.
-            wait_until(
-                lambda: (
-                    scalar(
-                        conn,
-                        "SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted"
-                        " AND locktype = 'advisory'",
-                        (claimer_pid,),
-                    )
-                    == 1
-                )
-            )
+            wait_at_gate(conn, claimer_pid)
             statement = RACES[race]
             if statement == "claim" and name != "claim_rescued_job":
                 assert [j.id for j in claim(dsn, ["default"], limit=10, worker_id="A")] == [job_id]
