@@ -68,6 +68,15 @@ async def call_hook(fn: Callable[[], Any]) -> BaseException | None:
     return None
 
 
+def _failure(call: asyncio.Task[BaseException | None]) -> tuple[str, BaseException | None] | None:
+    """What went wrong in a hook's ended task: the error's text and the exception (None
+    for a hook cancelled by its own doing), or None if it returned."""
+    if call.cancelled():
+        return "cancelled", None
+    exc = call.result()
+    return None if exc is None else (describe(exc), exc)
+
+
 class Hooks:
     """Runs a worker's start and stop hooks, and counts those left running: an async
     hook that swallowed its cancellation (a worker process then exits without waiting
@@ -76,7 +85,7 @@ class Hooks:
     def __init__(self) -> None:
         self.left_running = 0
 
-    async def _give_up(self, call: asyncio.Task[Any], seconds: float) -> bool:
+    async def _give_up(self, call: asyncio.Task[BaseException | None], seconds: float) -> bool:
         """finish_within; a task that outlives its cancellations is counted."""
         if await finish_within(call, seconds):
             return True
@@ -105,14 +114,14 @@ class Hooks:
                 log.info("worker.startup_interrupted", hook=name)
                 await self._give_up(call, 0.0)
                 return False
-            exc = None if call.cancelled() else call.result()
-            if call.cancelled() or exc is not None:
+            failure = _failure(call)
+            if failure is not None:
                 log.error(
                     "worker.startup_failed",
                     hook=name,
-                    error="cancelled" if exc is None else describe(exc),
+                    error=failure[0],
                     hint="the worker claimed nothing and exits with status 1",
-                    exc_info=exc,
+                    exc_info=failure[1],
                 )
                 return False
         return True
@@ -138,11 +147,8 @@ class Hooks:
                     " until the process exits",
                 )
                 return
-            exc = None if call.cancelled() else call.result()
-            if call.cancelled() or exc is not None:
+            failure = _failure(call)
+            if failure is not None:
                 log.error(
-                    "worker.shutdown_hook_failed",
-                    hook=name,
-                    error="cancelled" if exc is None else describe(exc),
-                    exc_info=exc,
+                    "worker.shutdown_hook_failed", hook=name, error=failure[0], exc_info=failure[1]
                 )
